@@ -1,0 +1,624 @@
+"""``rlvr_optim.AdamW``: torch's AdamW, with bf16 rounding made visible and controllable.
+
+The class validates and gathers tensors and picks a backend; the arithmetic lives in the
+backends (:mod:`rlvr_optim.reference` is the specification).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Callable, Iterable, Mapping
+
+import torch
+from torch import Tensor
+
+from . import backends, bitmaps, reference
+
+__all__ = ["AdamW"]
+
+ROUNDINGS = ("nearest", "stochastic")
+MASTER_WEIGHTS = (None, "fp32", "remainder")
+TRACK_CHANGES = ("off", "step", "cumulative")
+PARAM_DTYPES = (torch.float32, torch.bfloat16)
+_STATE_DTYPES = {
+    None: None,
+    "float32": "float32",
+    "fp32": "float32",
+    torch.float32: "float32",
+    "bfloat16": "bfloat16",
+    "bf16": "bfloat16",
+    torch.bfloat16: "bfloat16",
+}
+_MOMENT_KEYS = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq")
+_TRACKING_KEYS = ("change_bitmap", "cumulative_bitmap", "change_counts")
+
+
+def _normalize_track_changes(value: Any) -> str:
+    if value is None or value is False:
+        return "off"
+    if value is True:
+        return "step"
+    if value in TRACK_CHANGES:
+        return value
+    raise ValueError(
+        f"track_changes must be one of {TRACK_CHANGES} (or None/False/True), got {value!r}"
+    )
+
+
+def _normalize_options(options: dict[str, Any]) -> dict[str, Any]:
+    """Check and canonicalize rlvr_optim's per-group options (in place, returns it)."""
+    rounding = options["rounding"]
+    if rounding not in ROUNDINGS:
+        raise ValueError(f"rounding must be one of {ROUNDINGS}, got {rounding!r}")
+    master = options["master_weights"]
+    if master not in MASTER_WEIGHTS:
+        raise ValueError(f"master_weights must be one of {MASTER_WEIGHTS}, got {master!r}")
+    if master == "remainder" and rounding != "nearest":
+        raise ValueError(
+            "master_weights='remainder' stores the bf16 half by nearest rounding (ties away "
+            "from zero) so that the int16 remainder rebuilds the exact fp32 value; "
+            "rounding='stochastic' cannot be combined with it (use master_weights='fp32')"
+        )
+    try:
+        options["state_dtype"] = _STATE_DTYPES[options["state_dtype"]]
+    except (KeyError, TypeError):
+        raise ValueError(
+            "state_dtype must be None (the param's dtype), torch.float32 or torch.bfloat16, "
+            f"got {options['state_dtype']!r}"
+        ) from None
+    options["track_changes"] = _normalize_track_changes(options["track_changes"])
+    seed = options["seed"]
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**64:
+        raise ValueError(f"seed must be an int in [0, 2**64), got {seed!r}")
+    return options
+
+
+def _check_hyperparameters(group: Mapping[str, Any]) -> None:
+    """torch.optim.Adam's checks and messages, applied to every group."""
+    lr, eps, betas, weight_decay = group["lr"], group["eps"], group["betas"], group["weight_decay"]
+    if isinstance(lr, Tensor) and lr.numel() != 1:
+        raise ValueError("Tensor lr must be 1-element")
+    if not 0.0 <= lr:
+        raise ValueError(f"Invalid learning rate: {lr}")
+    if not 0.0 <= eps:
+        raise ValueError(f"Invalid epsilon value: {eps}")
+    if not 0.0 <= betas[0] < 1.0:
+        raise ValueError(f"Invalid beta parameter at index 0: {betas[0]}")
+    if not 0.0 <= betas[1] < 1.0:
+        raise ValueError(f"Invalid beta parameter at index 1: {betas[1]}")
+    if not 0.0 <= weight_decay:
+        raise ValueError(f"Invalid weight_decay value: {weight_decay}")
+
+
+class AdamW(torch.optim.AdamW):
+    """Drop-in ``torch.optim.AdamW`` with controllable bf16 rounding and change tracking.
+
+    The positional and keyword arguments of ``torch.optim.AdamW`` keep their meaning and
+    defaults; with none of the options below set, results match ``torch.optim.AdamW``
+    (fp32 math in the order of torch's fused kernel). ``foreach`` and ``fused`` are
+    accepted for compatibility: every backend here is fused. ``differentiable=True`` is
+    not supported.
+
+    Keyword-only options (each may also be set per param group, except ``freeze_masks``
+    and ``backend``):
+        rounding: how a bf16 param is stored: ``"nearest"`` (round to nearest even,
+            default) or ``"stochastic"`` (unbiased; needs bf16 params).
+        master_weights: ``None`` (default), ``"fp32"`` (fp32 copy, bf16 params only) or
+            ``"remainder"`` (int16 remainder beside the bf16 param that rebuilds the exact
+            fp32 value; the bf16 half is rounded to nearest, ties away from zero).
+        state_dtype: dtype of exp_avg / exp_avg_sq: ``None`` (the param's, as torch),
+            ``torch.float32`` or ``torch.bfloat16``.
+        track_changes: ``"off"`` (default), ``"step"`` (per-step change bitmap and
+            counters) or ``"cumulative"`` (also the OR of all steps' bitmaps).
+        seed: seed of the stochastic rounding stream (default 0).
+        freeze_masks: ``{param: mask}``; see :meth:`set_freeze_mask`.
+        backend: ``"auto"`` (default), ``"reference"``, ``"triton"`` or ``"cuda"``.
+
+    Results (device tensors; reading them does not sync until you call ``.tolist()``):
+    :meth:`change_bitmap`, :meth:`cumulative_bitmap`, :meth:`change_counts`; for the
+    whole model :meth:`change_summary` and :meth:`change_log` (these sync once).
+    """
+
+    def __init__(
+        self,
+        params,
+        lr: float | Tensor = 1e-3,
+        betas: tuple[float | Tensor, float | Tensor] = (0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 1e-2,
+        amsgrad: bool = False,
+        *,
+        maximize: bool = False,
+        foreach: bool | None = None,
+        capturable: bool = False,
+        differentiable: bool = False,
+        fused: bool | None = None,
+        rounding: str = "nearest",
+        master_weights: str | None = None,
+        state_dtype: torch.dtype | str | None = None,
+        track_changes: str | bool | None = "off",
+        seed: int = 0,
+        freeze_masks: Mapping[Tensor, Tensor] | None = None,
+        backend: str = "auto",
+    ) -> None:
+        if differentiable:
+            raise ValueError("rlvr_optim.AdamW does not support differentiable=True")
+        backends.check_backend(backend)
+        self._option_defaults = _normalize_options(
+            {
+                "rounding": rounding,
+                "master_weights": master_weights,
+                "state_dtype": state_dtype,
+                "track_changes": track_changes,
+                "seed": seed,
+            }
+        )
+        self.backend = backend
+        super().__init__(
+            params,
+            lr,
+            betas,
+            eps,
+            weight_decay,
+            amsgrad,
+            maximize=maximize,
+            foreach=foreach,
+            capturable=capturable,
+            differentiable=differentiable,
+            fused=fused,
+        )
+        self.defaults.update(self._option_defaults)
+        # Our step unscales and skips on found_inf itself, on the device (GradScaler contract).
+        self._step_supports_amp_scaling = True
+        if freeze_masks:
+            packed = {p: self._packed_freeze_mask(p, m) for p, m in freeze_masks.items()}
+            for p, mask in packed.items():
+                self._set_packed_freeze_mask(p, mask)
+
+    # ---------------------------------------------------------------- groups and state
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        group = dict(param_group)
+        options = {k: group.get(k, v) for k, v in self._option_defaults.items()}
+        group.update(_normalize_options(options))
+        for k, v in self.defaults.items():
+            group.setdefault(k, v)
+        _check_hyperparameters(group)
+        params = group["params"]
+        params = [params] if isinstance(params, Tensor) else list(params)
+        for i, p in enumerate(params):
+            tensor = p[1] if isinstance(p, tuple) else p
+            name = repr(p[0]) if isinstance(p, tuple) else f"param {i} of the new group"
+            if isinstance(tensor, Tensor):
+                self._check_param_options(tensor, group, name)
+        group["params"] = params
+        super().add_param_group(group)
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)
+        option_defaults = getattr(self, "_option_defaults", None) or {
+            k: self.defaults[k] for k in ("rounding", "master_weights", "state_dtype",
+                                          "track_changes", "seed") if k in self.defaults
+        }
+        for group in self.param_groups:
+            for k, v in option_defaults.items():
+                group.setdefault(k, v)
+
+    def _param_name(self, group_index: int, index: int) -> str:
+        group = self.param_groups[group_index]
+        names = group.get("param_names")
+        if names is not None:
+            return repr(names[index])
+        return f"group {group_index} param {index}"
+
+    def _names(self) -> dict[Tensor, str]:
+        out = {}
+        for gi, group in enumerate(self.param_groups):
+            names = group.get("param_names")
+            for i, p in enumerate(group["params"]):
+                out[p] = names[i] if names is not None else f"group{gi}.param{i}"
+        return out
+
+    @staticmethod
+    def _check_param_options(p: Tensor, group: Mapping[str, Any], name: str) -> None:
+        """Errors for a param whose dtype does not fit its group's options."""
+        if torch.is_complex(p):
+            raise ValueError(f"param {name}: complex params are not supported")
+        if p.dtype not in PARAM_DTYPES:
+            raise ValueError(
+                f"param {name} has dtype {p.dtype}; rlvr_optim.AdamW supports float32 and "
+                "bfloat16 params (use torch.optim.AdamW for other dtypes)"
+            )
+        if group["master_weights"] is not None and p.dtype != torch.bfloat16:
+            raise ValueError(
+                f"param {name}: master_weights={group['master_weights']!r} needs a bfloat16 "
+                f"param, this one is {p.dtype}"
+            )
+        if group["rounding"] == "stochastic" and p.dtype != torch.bfloat16:
+            raise ValueError(
+                f"param {name}: rounding='stochastic' rounds the bf16 store of a param, but this "
+                f"param is {p.dtype} and has none; make it bfloat16 or use rounding='nearest'"
+            )
+
+    @staticmethod
+    def _state_dtype(p: Tensor, group: Mapping[str, Any]) -> torch.dtype:
+        name = group["state_dtype"]
+        return p.dtype if name is None else getattr(torch, name)
+
+    def _expected_state(self, p: Tensor, group: Mapping[str, Any]) -> dict[str, tuple]:
+        """Key -> (shape, dtype) of every state tensor the group's options call for."""
+        sd = self._state_dtype(p, group)
+        out = {"exp_avg": (p.shape, sd), "exp_avg_sq": (p.shape, sd)}
+        if group["amsgrad"]:
+            out["max_exp_avg_sq"] = (p.shape, sd)
+        if group["master_weights"] == "fp32":
+            out["master"] = (p.shape, torch.float32)
+        elif group["master_weights"] == "remainder":
+            out["remainder"] = (p.shape, torch.int16)
+        nbytes = torch.Size([bitmaps.bitmap_bytes(p.numel())])
+        if group["track_changes"] != "off":
+            out["change_bitmap"] = (nbytes, torch.uint8)
+            out["change_counts"] = (torch.Size([len(reference.COUNTER_NAMES)]), torch.int64)
+        if group["track_changes"] == "cumulative":
+            out["cumulative_bitmap"] = (nbytes, torch.uint8)
+        return out
+
+    def _check_state(self, p: Tensor, group: Mapping[str, Any], state: Mapping, name: str,
+                     initialized: bool) -> None:
+        """Errors for existing state that does not fit the param or its group's options."""
+        expected = self._expected_state(p, group)
+        optional = set(_TRACKING_KEYS)  # created on demand, dropped when tracking is off
+        for key, value in state.items():
+            if key in ("step", "freeze_mask"):
+                continue
+            if key not in expected:
+                if key in optional:
+                    continue
+                raise ValueError(
+                    f"param {name}: state has {key!r}, which the group's options "
+                    f"(master_weights={group['master_weights']!r}, amsgrad={group['amsgrad']}) "
+                    "do not use; load a state dict saved with the same options"
+                )
+            shape, dtype = expected[key]
+            if not isinstance(value, Tensor) or value.shape != shape:
+                got = tuple(value.shape) if isinstance(value, Tensor) else type(value).__name__
+                raise ValueError(
+                    f"param {name}: state {key!r} has shape {got}, expected {tuple(shape)}"
+                )
+            if value.dtype != dtype and key not in _MOMENT_KEYS:
+                raise ValueError(
+                    f"param {name}: state {key!r} has dtype {value.dtype}, expected {dtype}"
+                )
+        if initialized:
+            for key in ("exp_avg", "exp_avg_sq", "max_exp_avg_sq", "master", "remainder"):
+                if key in expected and key not in state:
+                    raise ValueError(
+                        f"param {name}: state lacks {key!r}, which the group's options need; it "
+                        "was saved with other options (amsgrad / master_weights)"
+                    )
+        if "freeze_mask" in state:
+            mask = state["freeze_mask"]
+            if mask.dtype != torch.uint8 or mask.numel() != bitmaps.bitmap_bytes(p.numel()):
+                raise ValueError(f"param {name}: stored freeze mask does not fit the param")
+
+    def _init_state(self, p: Tensor, group: Mapping[str, Any], state: dict) -> None:
+        """Create missing state tensors and drop tracking state the group no longer wants."""
+        if "step" not in state:
+            on_device = group["capturable"] or group["fused"]
+            state["step"] = torch.zeros((), dtype=torch.float32,
+                                        device=p.device if on_device else "cpu")
+        expected = self._expected_state(p, group)
+        for key, (shape, dtype) in expected.items():
+            if key in state:
+                if key in _MOMENT_KEYS and state[key].dtype != dtype:
+                    state[key] = state[key].to(dtype)
+                continue
+            if key == "master":
+                state[key] = p.detach().float().clone()
+            else:
+                state[key] = torch.zeros(shape, dtype=dtype, device=p.device)
+        for key in _TRACKING_KEYS:
+            if key in state and key not in expected:
+                del state[key]
+
+    # ---------------------------------------------------------------- freeze masks
+
+    def _find(self, p: Tensor) -> tuple[int, int]:
+        for gi, group in enumerate(self.param_groups):
+            for i, q in enumerate(group["params"]):
+                if q is p:
+                    return gi, i
+        raise ValueError("that tensor is not a param of this optimizer")
+
+    def _packed_freeze_mask(self, p: Tensor, mask: Tensor | None) -> Tensor | None:
+        gi, i = self._find(p)
+        name = self._param_name(gi, i)
+        if mask is None:
+            return None
+        if not isinstance(mask, Tensor):
+            raise TypeError(f"freeze mask for param {name} must be a tensor, got {type(mask).__name__}")
+        nbytes = bitmaps.bitmap_bytes(p.numel())
+        if mask.dtype == torch.bool:
+            if mask.numel() != p.numel():
+                raise ValueError(
+                    f"freeze mask for param {name} has {mask.numel()} elements, the param has "
+                    f"{p.numel()} (shape {tuple(p.shape)})"
+                )
+            return bitmaps.pack(mask).to(p.device)
+        if mask.dtype == torch.uint8:
+            if mask.dim() != 1 or mask.numel() != nbytes:
+                raise ValueError(
+                    f"packed freeze mask for param {name} must be a 1-D uint8 tensor of {nbytes} "
+                    f"bytes (ceil({p.numel()} / 8)), got shape {tuple(mask.shape)}"
+                )
+            # Padding bits past numel stay zero, as in every bitmap of this package.
+            return bitmaps.pack(bitmaps.unpack(mask, p.numel())).to(p.device)
+        raise ValueError(
+            f"freeze mask for param {name} must be a bool tensor of the param's shape "
+            f"(True = trained) or a packed uint8 bitmap, got dtype {mask.dtype}"
+        )
+
+    def _set_packed_freeze_mask(self, p: Tensor, packed: Tensor | None) -> None:
+        if packed is None:
+            self.state[p].pop("freeze_mask", None)
+        else:
+            self.state[p]["freeze_mask"] = packed
+
+    def set_freeze_mask(self, param: Tensor, mask: Tensor | None) -> None:
+        """Train only part of ``param``.
+
+        Args:
+            param: a param of this optimizer.
+            mask: bool tensor with the param's element count (True = trained, False =
+                frozen: param, states and master stay bit-identical), or a packed uint8
+                bitmap of ``ceil(numel / 8)`` bytes (:mod:`rlvr_optim.bitmaps` format), or
+                None to train every element again.
+        """
+        self._set_packed_freeze_mask(param, self._packed_freeze_mask(param, mask))
+
+    def freeze_mask(self, param: Tensor) -> Tensor | None:
+        """The packed freeze mask of ``param`` (bit 1 = trained), or None."""
+        return self.state.get(param, {}).get("freeze_mask")
+
+    # ---------------------------------------------------------------- the step
+
+    def _gather(self, group_index: int) -> dict | None:
+        """Validate a group and list its tensors; changes nothing."""
+        group = self.param_groups[group_index]
+        _check_hyperparameters(group)
+        _normalize_options({k: group[k] for k in self._option_defaults})
+        items = []
+        for i, p in enumerate(group["params"]):
+            if p.grad is None:
+                continue
+            name = self._param_name(group_index, i)
+            grad = p.grad
+            if grad.is_sparse:
+                raise RuntimeError(
+                    f"param {name}: rlvr_optim.AdamW does not support sparse gradients, "
+                    "please consider SparseAdam instead"
+                )
+            if torch.is_complex(grad):
+                raise ValueError(f"param {name}: complex gradients are not supported")
+            self._check_param_options(p, group, name)
+            if grad.dtype not in PARAM_DTYPES:
+                raise ValueError(f"param {name}: gradient dtype {grad.dtype} is not supported")
+            state = self.state.get(p, {})
+            self._check_state(p, group, state, name, initialized="step" in state)
+            items.append((i, p))
+        if not items:
+            return None
+        return {"group": group, "index": group_index, "items": items}
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], float] | None = None):
+        """Perform a single optimization step.
+
+        Args:
+            closure (Callable, optional): A closure that reevaluates the model
+                and returns the loss.
+        """
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        grad_scale = getattr(self, "grad_scale", None)
+        found_inf = getattr(self, "found_inf", None)
+        work = [self._gather(gi) for gi in range(len(self.param_groups))]
+        ordinals = self._ordinals()
+        for job in work:
+            if job is not None:
+                self._run(job, ordinals, grad_scale, found_inf)
+        return loss
+
+    def _ordinals(self) -> dict[Tensor, int]:
+        """Stable per-param keys for the stochastic rounding stream: position in the groups."""
+        out = {}
+        for group in self.param_groups:
+            for p in group["params"]:
+                out.setdefault(p, len(out))
+        return out
+
+    def _run(self, job: dict, ordinals: Mapping[Tensor, int], grad_scale, found_inf) -> None:
+        group = job["group"]
+        params = [p for _, p in job["items"]]
+        states = [self.state[p] for p in params]
+        for p, state in zip(params, states):
+            self._init_state(p, group, state)
+            if found_inf is not None and state["step"].device != p.device:
+                # Skipping on found_inf without a host sync needs the step count on the device.
+                state["step"] = state["step"].to(p.device)
+        steps = [s["step"] for s in states]
+        for t in steps:
+            t.add_(1)
+        if found_inf is not None:
+            for t in steps:
+                t.sub_(found_inf.to(device=t.device, dtype=t.dtype).reshape(()))
+        step_vec = torch.stack([t.to(steps[0].device) for t in steps])
+        beta1, beta2 = group["betas"]
+        scalars = reference.step_scalars(
+            step_vec, group["lr"], float(beta1), float(beta2), group["weight_decay"], group["eps"]
+        )
+        sr_keys = None
+        if group["rounding"] == "stochastic":
+            keys = torch.tensor([ordinals[p] for p in params], dtype=torch.int64)
+            sr_keys = reference.stochastic_rounding_keys(
+                group["seed"], step_vec.to(torch.int64), keys.to(step_vec.device)
+            )
+        track = group["track_changes"]
+        master = group["master_weights"]
+        backend = backends.select(self.backend, params[0].device)
+        backend.adamw(
+            params,
+            [p.grad for p in params],
+            [s["exp_avg"] for s in states],
+            [s["exp_avg_sq"] for s in states],
+            scalars=scalars,
+            max_exp_avg_sqs=[s["max_exp_avg_sq"] for s in states] if group["amsgrad"] else None,
+            masters=[s["master"] for s in states] if master == "fp32" else None,
+            remainders=[s["remainder"] for s in states] if master == "remainder" else None,
+            freeze_masks=[s.get("freeze_mask") for s in states],
+            change_bitmaps=[s["change_bitmap"] for s in states] if track != "off" else None,
+            cumulative_bitmaps=(
+                [s["cumulative_bitmap"] for s in states] if track == "cumulative" else None
+            ),
+            counters=[s["change_counts"] for s in states] if track != "off" else None,
+            rounding=group["rounding"],
+            sr_keys=sr_keys,
+            amsgrad=group["amsgrad"],
+            maximize=group["maximize"],
+            grad_scale=grad_scale,
+            found_inf=found_inf,
+        )
+
+    # ---------------------------------------------------------------- state dicts
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Load a state dict of this class or of ``torch.optim.AdamW``.
+
+        Checks shapes and options against the current params first and raises, naming
+        the param, without changing anything. Unlike torch's loader, which casts every
+        floating state to the param's dtype, state keeps the dtype its options call for
+        (fp32 master, int16 remainder, uint8 bitmaps, the group's state dtype).
+        """
+        saved_groups = state_dict["param_groups"]
+        if len(saved_groups) != len(self.param_groups):
+            raise ValueError("loaded state dict has a different number of parameter groups")
+        pairs = []  # (saved id, param, merged group, name)
+        for gi, (group, saved) in enumerate(zip(self.param_groups, saved_groups)):
+            if len(group["params"]) != len(saved["params"]):
+                raise ValueError(
+                    "loaded state dict contains a parameter group that doesn't match the size "
+                    "of optimizer's group"
+                )
+            merged = dict(self.defaults)
+            merged.update({k: v for k, v in saved.items() if k != "params"})
+            _normalize_options({k: merged[k] for k in self._option_defaults})
+            for i, (p, pid) in enumerate(zip(group["params"], saved["params"])):
+                pairs.append((pid, p, merged, self._param_name(gi, i)))
+        saved_state = state_dict["state"]
+        for pid, p, merged, name in pairs:
+            self._check_param_options(p, merged, name)
+            if pid in saved_state:
+                st = saved_state[pid]
+                self._check_state(p, merged, st, name, initialized="step" in st)
+        super().load_state_dict(state_dict)
+        for pid, p, merged, _ in pairs:
+            if pid not in saved_state:
+                continue
+            restored = self.state[p]
+            expected = self._expected_state(p, merged)
+            for key, value in saved_state[pid].items():
+                if not isinstance(value, Tensor):
+                    continue
+                if key == "step":
+                    # Same placement as torch, but never shared with the loaded dict.
+                    restored[key] = restored[key].clone()
+                    continue
+                dtype = expected[key][1] if key in expected else value.dtype
+                restored[key] = value.to(device=p.device, dtype=dtype, copy=True)
+
+    # ---------------------------------------------------------------- results
+
+    def change_bitmap(self, param: Tensor) -> Tensor | None:
+        """Packed bitmap of the last step: bit i = element i's stored bf16 bits changed."""
+        return self.state.get(param, {}).get("change_bitmap")
+
+    def cumulative_bitmap(self, param: Tensor) -> Tensor | None:
+        """OR of all change bitmaps since tracking began (``track_changes="cumulative"``)."""
+        return self.state.get(param, {}).get("cumulative_bitmap")
+
+    def change_counts(self, param: Tensor) -> Tensor | None:
+        """int64 device tensor ``[bf16 changed, fp32 moved, non-finite grads]`` of the last step."""
+        return self.state.get(param, {}).get("change_counts")
+
+    def change_summary(self) -> list[dict[str, Any]]:
+        """One row per tracked param: name, numel and the last step's counters (one sync)."""
+        names = self._names()
+        tracked = [p for p in names if self.change_counts(p) is not None]
+        if not tracked:
+            return []
+        counts = torch.stack([self.change_counts(p).cpu() for p in tracked]).tolist()
+        cumulative = {}
+        with_cumulative = [p for p in tracked if self.cumulative_bitmap(p) is not None]
+        if with_cumulative:
+            totals = torch.stack([bitmaps.popcount(self.cumulative_bitmap(p)).cpu()
+                                  for p in with_cumulative]).tolist()
+            cumulative = dict(zip(with_cumulative, totals))
+        rows = []
+        for p, c in zip(tracked, counts):
+            row = {"name": names[p], "numel": p.numel()}
+            row.update(zip(reference.COUNTER_NAMES, c))
+            if p in cumulative:
+                row["cumulative_changed"] = cumulative[p]
+            rows.append(row)
+        return rows
+
+    def change_log(self, prefix: str = "rlvr_optim/") -> dict[str, float]:
+        """Whole-model statistics of the last step as a flat dict for loggers (one sync).
+
+        Keys: ``changed_fraction`` (share of tracked elements whose bf16 bits changed),
+        ``moved_fraction`` (share whose fp32 value moved), ``filtered_fraction`` (share of
+        the moved ones that bf16 storage did not show), ``nonfinite_grads``, and with
+        cumulative tracking ``cumulative_changed_fraction`` and ``update_sparsity`` (its
+        complement: the paper's share of unchanged weights).
+        """
+        rows = self.change_summary()
+        if not rows:
+            return {}
+        numel = sum(r["numel"] for r in rows)
+        changed = sum(r["bf16_changed"] for r in rows)
+        moved = sum(r["fp32_moved"] for r in rows)
+        out = {
+            "changed_fraction": changed / numel if numel else 0.0,
+            "moved_fraction": moved / numel if numel else 0.0,
+            "filtered_fraction": (moved - changed) / moved if moved else 0.0,
+            "nonfinite_grads": float(sum(r["nonfinite_grads"] for r in rows)),
+        }
+        cum_rows = [r for r in rows if "cumulative_changed" in r]
+        if cum_rows:
+            cum_numel = sum(r["numel"] for r in cum_rows)
+            frac = sum(r["cumulative_changed"] for r in cum_rows) / cum_numel if cum_numel else 0.0
+            out["cumulative_changed_fraction"] = frac
+            out["update_sparsity"] = 1.0 - frac
+        return {prefix + k: v for k, v in out.items()}
+
+
+def format_table(rows: Iterable[Mapping[str, Any]], columns: Iterable[str] | None = None) -> str:
+    """A plain-text table of dict rows (floats with 4 significant digits)."""
+    rows = list(rows)
+    if not rows:
+        return "(no rows)"
+    columns = list(columns) if columns is not None else list(rows[0])
+
+    def cell(v: Any) -> str:
+        if isinstance(v, float):
+            return "nan" if math.isnan(v) else f"{v:.4g}"
+        return str(v)
+
+    cells = [[cell(r.get(c, "")) for c in columns] for r in rows]
+    widths = [max(len(c), *(len(row[j]) for row in cells)) for j, c in enumerate(columns)]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(columns, widths))]
+    lines.append("  ".join("-" * w for w in widths))
+    lines += ["  ".join(v.rjust(w) for v, w in zip(row, widths)) for row in cells]
+    return "\n".join(lines)

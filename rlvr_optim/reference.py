@@ -1,0 +1,472 @@
+"""The numerics specification of rlvr_optim: one AdamW step in plain PyTorch.
+
+Every backend must reproduce this module bit for bit on the same inputs. It runs on
+CPU and CUDA tensors and is written for clarity, not speed.
+
+Per step t (1-based) the host side computes, in float64, rounded once to fp32
+(:func:`step_scalars`)::
+
+    step_size = lr / (1 - beta1**t)      bc2_sqrt = sqrt(1 - beta2**t)
+    lr_wd     = lr * weight_decay        1 - beta1, 1 - beta2
+
+Per element, every operation is one correctly rounded fp32 operation (no fused
+multiply-add), in this order, which is the order of torch's fused AdamW::
+
+    g  = fp32(grad)            (g = g / grad_scale if given; g = -g if maximize)
+    w  = master, or fp32(param), or the fp32 rebuilt from bf16 param + int16 remainder
+    w  = w - lr_wd * w
+    m  = beta1 * m + (1 - beta1) * g
+    v  = beta2 * v + (1 - beta2) * g * g
+    vmax = max(vmax, v)        (amsgrad only; the denominator then uses vmax)
+    w  = w - step_size * m / (sqrt(v) / bc2_sqrt + eps)
+
+The square root is taken in float64 and rounded to fp32: CPU ``torch.sqrt`` in fp32 is
+not correctly rounded, while a float64 result rounded to fp32 is (53 >= 2 * 24 + 2 bits,
+so the double rounding is innocuous for +, -, *, / and sqrt).
+
+Storing. States go back in their own dtype (fp32, or bf16 by round-to-nearest-even).
+A bf16 param is stored by round-to-nearest-even (``rounding="nearest"``) or by
+stochastic rounding (``rounding="stochastic"``). All bf16 conversions are integer bit
+operations on the fp32 pattern, so every backend (the Triton interpreter included, whose
+own casts truncate) gets the same bits:
+
+* nearest-even: ``(bits + 0x7FFF + ((bits >> 16) & 1)) >> 16``;
+* stochastic: ``(bits + r) >> 16`` with ``r`` a uniform 16-bit integer: the magnitude
+  rounds up with probability (discarded low half) / 2**16, so the result is unbiased
+  and is always one of the two bf16 neighbours;
+* NaN becomes the quiet NaN ``(bits >> 16) | 0x0040`` under both; +-Inf stays +-Inf
+  (its low half is zero).
+
+Master weights. ``"fp32"`` keeps an fp32 copy and stores the bf16 param from it.
+``"remainder"`` keeps only an int16 per element beside the bf16 param such that
+``fp32_bits = (param_bits << 16) + remainder`` exactly. That needs the bf16 half rounded
+to nearest with ties *away from zero* (``(bits + 0x8000) >> 16``): the remainder is then
+in [-0x8000, 0x7FFF]. Round-half-even would need +0x8000 for ties that round down, which
+does not fit in an int16. So in the remainder form the bf16 param can differ from the
+nearest-even image of the same fp32 value at exact ties (one bf16 ULP, rare).
+
+Random bits for stochastic rounding come from Philox4x32-10 (Salmon et al., SC'11), the
+generator behind Triton's ``tl.randint``. Per tensor and step the host derives a 64-bit
+key (:func:`stochastic_rounding_keys`) from (seed, step, tensor key); each element then
+draws ``philox(key, (idx_lo, idx_hi, 0, 0))[0] & 0xFFFF`` where ``idx`` is the element's
+index in the whole (global) tensor. That equals ``tl.randint(key, idx)`` and does not
+depend on launch shape, backend or sharding.
+
+Freeze masks (packed bitmaps, bit 1 = trained): a frozen element keeps its param, states
+and master bit for bit, and contributes nothing to bitmaps or counters.
+
+Change tracking. ``change_bitmap`` bit i = the stored bf16 bits of element i differ
+after the step (for fp32 params: their nearest-even bf16 images differ). Counters, per
+tensor, int64: ``[bf16 changed, fp32 moved, non-finite grads]``, where "fp32 moved" compares
+the fp32 bit patterns of w before and after (master, param or rebuilt value) and
+non-finite grads are counted over trained elements after unscaling.
+
+GradScaler: ``grad_scale`` divides the gradient; a nonzero ``found_inf`` skips the whole
+step on the device (nothing is written but the counters), like torch's fused AdamW.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from .bitmaps import pack, unpack
+
+__all__ = [
+    "COUNTER_NAMES",
+    "adamw",
+    "bf16_bits_to_fp32",
+    "bf16_from_bits",
+    "bf16_to_bits",
+    "fp32_bits",
+    "fp32_from_bits",
+    "fp32_to_bf16_bits_nearest",
+    "fp32_to_bf16_bits_stochastic",
+    "philox4x32",
+    "split_remainder",
+    "join_remainder",
+    "step_scalars",
+    "stochastic_rounding_keys",
+    "SCALAR_COLUMNS",
+]
+
+MASK32 = 0xFFFFFFFF
+COUNTER_NAMES = ("bf16_changed", "fp32_moved", "nonfinite_grads")
+SCALAR_COLUMNS = (
+    "step_size",
+    "bc2_sqrt",
+    "lr_wd",
+    "beta1",
+    "one_minus_beta1",
+    "beta2",
+    "one_minus_beta2",
+    "eps",
+)
+
+# Philox4x32 constants (Salmon et al., "Parallel random numbers: as easy as 1, 2, 3").
+PHILOX_ROUND_A = 0xD2511F53
+PHILOX_ROUND_B = 0xCD9E8D57
+PHILOX_KEY_A = 0x9E3779B9
+PHILOX_KEY_B = 0xBB67AE85
+PHILOX_ROUNDS = 10
+# Third counter word of the key derivation, so that a key never equals a raw element draw.
+SR_KEY_TAG = 0x53520001
+
+
+# ---------------------------------------------------------------------------------------
+# Bit patterns. Unsigned 32- and 16-bit patterns are held in int64 tensors.
+# ---------------------------------------------------------------------------------------
+
+
+def fp32_bits(x: Tensor) -> Tensor:
+    """Unsigned bit pattern of an fp32 tensor, as int64."""
+    return x.contiguous().view(torch.int32).to(torch.int64) & MASK32
+
+
+def fp32_from_bits(bits: Tensor) -> Tensor:
+    """fp32 tensor from unsigned 32-bit patterns held in int64."""
+    signed = torch.where(bits >= 2**31, bits - 2**32, bits)
+    return signed.to(torch.int32).view(torch.float32)
+
+
+def bf16_to_bits(x: Tensor) -> Tensor:
+    """Unsigned bit pattern of a bf16 tensor, as int64."""
+    return x.contiguous().view(torch.int16).to(torch.int64) & 0xFFFF
+
+
+def bf16_from_bits(bits: Tensor) -> Tensor:
+    """bf16 tensor from unsigned 16-bit patterns held in int64."""
+    signed = torch.where(bits >= 2**15, bits - 2**16, bits)
+    return signed.to(torch.int16).view(torch.bfloat16)
+
+
+def bf16_bits_to_fp32(bits: Tensor) -> Tensor:
+    """Exact fp32 value of bf16 bit patterns."""
+    return fp32_from_bits(bits << 16)
+
+
+def _is_nan_bits(bits: Tensor) -> Tensor:
+    return (bits & 0x7FFFFFFF) > 0x7F800000
+
+
+def fp32_to_bf16_bits_nearest(bits: Tensor) -> Tensor:
+    """Round fp32 patterns to bf16 patterns, nearest with ties to even; NaN stays NaN."""
+    rounded = (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16
+    return torch.where(_is_nan_bits(bits), (bits >> 16) | 0x0040, rounded)
+
+
+def fp32_to_bf16_bits_stochastic(bits: Tensor, random16: Tensor) -> Tensor:
+    """Round fp32 patterns to bf16 patterns stochastically with 16 random bits each."""
+    rounded = (bits + random16) >> 16
+    return torch.where(_is_nan_bits(bits), (bits >> 16) | 0x0040, rounded)
+
+
+def split_remainder(bits: Tensor) -> tuple[Tensor, Tensor]:
+    """Split fp32 patterns into (bf16 pattern rounded half away from zero, signed remainder).
+
+    ``(hi << 16) + remainder == bits`` exactly, with the remainder in [-0x8000, 0x7FFF].
+    NaN gives a quiet bf16 NaN and remainder 0.
+    """
+    nan = _is_nan_bits(bits)
+    hi = torch.where(nan, (bits >> 16) | 0x0040, (bits + 0x8000) >> 16)
+    remainder = torch.where(nan, torch.zeros_like(bits), bits - (hi << 16))
+    return hi, remainder
+
+
+def join_remainder(hi: Tensor, remainder: Tensor) -> Tensor:
+    """Exact fp32 patterns from bf16 patterns and signed remainders (inverse of split)."""
+    return ((hi << 16) + remainder) & MASK32
+
+
+# ---------------------------------------------------------------------------------------
+# Philox4x32-10, in int64 tensor ops (uint32 values).
+# ---------------------------------------------------------------------------------------
+
+
+def _mulhilo32(a: int, b: Tensor) -> tuple[Tensor, Tensor]:
+    """High and low 32-bit words of a * b for a 32-bit constant a and uint32 values b.
+
+    The product is formed from 16-bit halves of b so that no int64 product overflows.
+    """
+    t = a * (b & 0xFFFF)  # < 2**48
+    u = a * (b >> 16)  # < 2**48
+    lo = (((u & 0xFFFF) << 16) + t) & MASK32
+    hi = (u + (t >> 16)) >> 16
+    return hi, lo
+
+
+def philox4x32(
+    key: tuple[int | Tensor, int | Tensor],
+    counter: tuple[Tensor, Tensor, Tensor, Tensor],
+    rounds: int = PHILOX_ROUNDS,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Philox4x32 with key (k0, k1) on counters (c0, c1, c2, c3), all uint32 in int64.
+
+    Same rounds, constants and word order as Triton's ``tl.philox``: with key
+    ``(seed & 0xFFFFFFFF, seed >> 32)`` and counter ``(offset_lo, offset_hi, 0, 0)`` the first
+    word equals ``tl.randint(seed, offset)``.
+    """
+    k0, k1 = key
+    c0, c1, c2, c3 = counter
+    for _ in range(rounds):
+        hi_b, lo_b = _mulhilo32(PHILOX_ROUND_B, c2)
+        hi_a, lo_a = _mulhilo32(PHILOX_ROUND_A, c0)
+        c0, c1, c2, c3 = hi_b ^ c1 ^ k0, lo_b, hi_a ^ c3 ^ k1, lo_a
+        k0 = (k0 + PHILOX_KEY_A) & MASK32
+        k1 = (k1 + PHILOX_KEY_B) & MASK32
+    return c0, c1, c2, c3
+
+
+def stochastic_rounding_keys(seed: int, steps: Tensor, tensor_keys: Tensor) -> Tensor:
+    """64-bit Philox keys, one per tensor, from (seed, step, tensor key).
+
+    Args:
+        seed: the optimizer's seed, 0 <= seed < 2**64.
+        steps: int64 tensor [n] of 1-based step counts (any device).
+        tensor_keys: int64 tensor [n] of stable per-tensor keys (same device).
+
+    Returns an int64 tensor [n, 2] of (key_lo, key_hi) uint32 words: the key of tensor i
+    is ``philox((seed_lo, seed_hi), (step_lo, step_hi, tensor_key, SR_KEY_TAG))[:2]``.
+    """
+    if not 0 <= seed < 2**64:
+        raise ValueError(f"seed must be in [0, 2**64), got {seed}")
+    steps = steps.to(torch.int64)
+    tensor_keys = tensor_keys.to(device=steps.device, dtype=torch.int64)
+    tag = torch.full_like(steps, SR_KEY_TAG)
+    x0, x1, _, _ = philox4x32(
+        (seed & MASK32, seed >> 32),
+        (steps & MASK32, (steps >> 32) & MASK32, tensor_keys & MASK32, tag),
+    )
+    return torch.stack([x0, x1], dim=1)
+
+
+def _random16(key: Tensor, first_index: int, numel: int, device: torch.device) -> Tensor:
+    """The 16 random bits of elements first_index .. first_index + numel - 1."""
+    index = torch.arange(first_index, first_index + numel, device=device, dtype=torch.int64)
+    zero = torch.zeros_like(index)
+    x0, _, _, _ = philox4x32((key[0], key[1]), (index & MASK32, index >> 32, zero, zero))
+    return x0 & 0xFFFF
+
+
+# ---------------------------------------------------------------------------------------
+# Host-side scalars.
+# ---------------------------------------------------------------------------------------
+
+
+def step_scalars(
+    steps: Tensor,
+    lr: float | Tensor,
+    beta1: float,
+    beta2: float,
+    weight_decay: float,
+    eps: float,
+) -> Tensor:
+    """The per-tensor fp32 scalars of one step, computed in float64 and rounded once.
+
+    Args:
+        steps: tensor [n] of 1-based step counts; the result lives on its device.
+        lr, beta1, beta2, weight_decay, eps: the group's hyperparameters (lr may be a
+            one-element tensor).
+
+    Returns a float32 tensor [n, 8] whose columns are :data:`SCALAR_COLUMNS`.
+    """
+    t = steps.to(torch.float64)
+    lr64 = torch.as_tensor(lr, dtype=torch.float64).to(t.device).reshape(())
+    b1 = torch.tensor(float(beta1), dtype=torch.float64, device=t.device)
+    b2 = torch.tensor(float(beta2), dtype=torch.float64, device=t.device)
+    step_size = lr64 / (1.0 - torch.pow(b1, t))
+    bc2_sqrt = torch.sqrt(1.0 - torch.pow(b2, t))
+    lr_wd = (lr64 * float(weight_decay)).expand_as(t)
+    constants = torch.tensor(
+        [float(beta1), 1.0 - float(beta1), float(beta2), 1.0 - float(beta2), float(eps)],
+        dtype=torch.float64,
+        device=t.device,
+    ).expand(t.numel(), 5)
+    return torch.cat([torch.stack([step_size, bc2_sqrt, lr_wd], dim=1), constants], dim=1).float()
+
+
+# ---------------------------------------------------------------------------------------
+# The step.
+# ---------------------------------------------------------------------------------------
+
+
+def _sqrt_rn(x: Tensor) -> Tensor:
+    return torch.sqrt(x.double()).float()
+
+
+def _write(dst: Tensor, flat: Tensor) -> None:
+    """Copy a flat (row-major) tensor into dst, whatever dst's strides."""
+    dst.copy_(flat.reshape(dst.shape))
+
+
+def _store_state(dst: Tensor, value: Tensor, keep: Tensor) -> None:
+    """Write an fp32 value into a state tensor of dtype fp32 or bf16 (nearest-even)."""
+    if dst.dtype == torch.bfloat16:
+        new_bits = fp32_to_bf16_bits_nearest(fp32_bits(value))
+        _write(dst, bf16_from_bits(torch.where(keep, bf16_to_bits(dst).reshape(-1), new_bits)))
+    else:
+        _write(dst, torch.where(keep, dst.reshape(-1), value))
+
+
+def adamw(
+    params: list[Tensor],
+    grads: list[Tensor],
+    exp_avgs: list[Tensor],
+    exp_avg_sqs: list[Tensor],
+    *,
+    scalars: Tensor,
+    max_exp_avg_sqs: list[Tensor] | None = None,
+    masters: list[Tensor] | None = None,
+    remainders: list[Tensor] | None = None,
+    freeze_masks: list[Tensor | None] | None = None,
+    change_bitmaps: list[Tensor] | None = None,
+    cumulative_bitmaps: list[Tensor] | None = None,
+    counters: list[Tensor] | None = None,
+    rounding: str = "nearest",
+    sr_keys: Tensor | None = None,
+    element_offsets: list[int] | None = None,
+    amsgrad: bool = False,
+    maximize: bool = False,
+    grad_scale: Tensor | None = None,
+    found_inf: Tensor | None = None,
+) -> None:
+    """One AdamW step over a list of tensors, in place; the specification of every backend.
+
+    Args:
+        params: fp32 or bf16 tensors, updated in place.
+        grads: their gradients (same shapes).
+        exp_avgs, exp_avg_sqs: first and second moments, fp32 or bf16, updated in place.
+        scalars: float32 [n, 8] from :func:`step_scalars` (one row per tensor).
+        max_exp_avg_sqs: amsgrad maxima (required iff ``amsgrad``).
+        masters: fp32 master weights (bf16 params only); param = rounded master.
+        remainders: int16 remainders of the compact master form (bf16 params only).
+        freeze_masks: per tensor a packed uint8 bitmap (bit 1 = trained) or None.
+        change_bitmaps: per tensor a uint8 [ceil(numel / 8)] output bitmap, or None list.
+        cumulative_bitmaps: per tensor a uint8 bitmap OR-ed with this step's changes.
+        counters: per tensor an int64 [3] output, see :data:`COUNTER_NAMES`.
+        rounding: ``"nearest"`` or ``"stochastic"`` (bf16 param store).
+        sr_keys: int64 [n, 2] keys from :func:`stochastic_rounding_keys` (stochastic only).
+        element_offsets: global index of each tensor's element 0 (default 0).
+        amsgrad, maximize: as in torch.optim.AdamW.
+        grad_scale: optional one-element tensor dividing the gradients.
+        found_inf: optional one-element tensor; nonzero skips the step.
+    """
+    if rounding not in ("nearest", "stochastic"):
+        raise ValueError(f"rounding must be 'nearest' or 'stochastic', got {rounding!r}")
+    if rounding == "stochastic" and sr_keys is None:
+        raise ValueError("stochastic rounding needs sr_keys")
+    if masters is not None and remainders is not None:
+        raise ValueError("pass masters or remainders, not both")
+    if remainders is not None and rounding != "nearest":
+        raise ValueError("the remainder form stores its bf16 half by nearest rounding only")
+    if amsgrad and max_exp_avg_sqs is None:
+        raise ValueError("amsgrad needs max_exp_avg_sqs")
+
+    for i, param in enumerate(params):
+        _step_one(
+            param,
+            grads[i],
+            exp_avgs[i],
+            exp_avg_sqs[i],
+            max_exp_avg_sqs[i] if amsgrad else None,
+            masters[i] if masters is not None else None,
+            remainders[i] if remainders is not None else None,
+            freeze_masks[i] if freeze_masks is not None else None,
+            change_bitmaps[i] if change_bitmaps is not None else None,
+            cumulative_bitmaps[i] if cumulative_bitmaps is not None else None,
+            counters[i] if counters is not None else None,
+            scalars[i],
+            sr_keys[i] if rounding == "stochastic" else None,
+            element_offsets[i] if element_offsets is not None else 0,
+            maximize,
+            grad_scale,
+            found_inf,
+        )
+
+
+def _step_one(
+    param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, master, remainder, freeze_mask,
+    change_bitmap, cumulative_bitmap, counter, s, sr_key, element_offset, maximize,
+    grad_scale, found_inf,
+) -> None:
+    numel = param.numel()
+    device = param.device
+    step_size, bc2_sqrt, lr_wd, beta1, omb1, beta2, omb2, eps = s.to(device).unbind()
+    bf16_param = param.dtype == torch.bfloat16
+
+    # Which elements keep their old values.
+    train = torch.ones(numel, dtype=torch.bool, device=device)
+    if freeze_mask is not None:
+        train = unpack(freeze_mask, numel)
+    skip = torch.zeros((), dtype=torch.bool, device=device)
+    if found_inf is not None:
+        skip = found_inf.to(device).reshape(()) != 0
+    keep = ~train | skip
+
+    g = grad.reshape(-1).float()
+    if grad_scale is not None:
+        g = g / grad_scale.to(device=device, dtype=torch.float32).reshape(())
+    if maximize:
+        g = -g
+
+    # w before the step, and the stored bf16 pattern before the step.
+    if bf16_param:
+        old_param_bits = bf16_to_bits(param).reshape(-1)
+    else:
+        old_param_bits = fp32_to_bf16_bits_nearest(fp32_bits(param).reshape(-1))
+    if master is not None:
+        w_old = master.reshape(-1).clone()
+    elif remainder is not None:
+        rem_old = remainder.reshape(-1).to(torch.int64)
+        w_old = fp32_from_bits(join_remainder(old_param_bits, rem_old))
+    elif bf16_param:
+        w_old = bf16_bits_to_fp32(old_param_bits)
+    else:
+        w_old = param.reshape(-1).clone()
+
+    w = w_old - lr_wd * w_old
+    m = beta1 * exp_avg.reshape(-1).float() + omb1 * g
+    v = beta2 * exp_avg_sq.reshape(-1).float() + omb2 * g * g
+    if max_exp_avg_sq is not None:
+        vmax = torch.maximum(max_exp_avg_sq.reshape(-1).float(), v)
+        denom = _sqrt_rn(vmax) / bc2_sqrt + eps
+    else:
+        denom = _sqrt_rn(v) / bc2_sqrt + eps
+    w = w - step_size * m / denom
+
+    # New stored param pattern (bf16 pattern, or fp32 pattern for fp32 params).
+    w_bits = fp32_bits(w)
+    if not bf16_param:
+        new_param_bits = fp32_to_bf16_bits_nearest(w_bits)
+    elif remainder is not None:
+        new_param_bits, rem_new = split_remainder(w_bits)
+    elif sr_key is not None:
+        random16 = _random16(sr_key.to(device), element_offset, numel, device)
+        new_param_bits = fp32_to_bf16_bits_stochastic(w_bits, random16)
+    else:
+        new_param_bits = fp32_to_bf16_bits_nearest(w_bits)
+
+    changed = (new_param_bits != old_param_bits) & ~keep
+    moved = (w_bits != fp32_bits(w_old)) & ~keep
+    nonfinite = ~torch.isfinite(g) & train
+
+    # Write back; kept elements get their old values bit for bit.
+    _store_state(exp_avg, m, keep)
+    _store_state(exp_avg_sq, v, keep)
+    if max_exp_avg_sq is not None:
+        _store_state(max_exp_avg_sq, vmax, keep)
+    if master is not None:
+        _write(master, torch.where(keep, w_old, w))
+    if remainder is not None:
+        _write(remainder, torch.where(keep, rem_old, rem_new).to(torch.int16))
+    if bf16_param:
+        _write(param, bf16_from_bits(torch.where(keep, old_param_bits, new_param_bits)))
+    else:
+        _write(param, torch.where(keep, w_old, w))
+
+    if change_bitmap is not None:
+        change_bitmap.copy_(pack(changed))
+    if cumulative_bitmap is not None:
+        cumulative_bitmap.bitwise_or_(pack(changed))
+    if counter is not None:
+        counter.copy_(torch.stack([changed.sum(), moved.sum(), nonfinite.sum()]))
