@@ -194,14 +194,18 @@ class AdamW(torch.optim.AdamW):
         group["params"] = params
         super().add_param_group(group)
 
+    def __getstate__(self) -> dict[str, Any]:
+        state = super().__getstate__()
+        state["backend"] = self.backend
+        state["_option_defaults"] = self._option_defaults
+        return state
+
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
-        option_defaults = getattr(self, "_option_defaults", None) or {
-            k: self.defaults[k] for k in ("rounding", "master_weights", "state_dtype",
-                                          "track_changes", "seed") if k in self.defaults
-        }
+        # load_state_dict passes only state and groups; a torch AdamW dict has none of our
+        # options, so its groups take this optimizer's defaults.
         for group in self.param_groups:
-            for k, v in option_defaults.items():
+            for k, v in self._option_defaults.items():
                 group.setdefault(k, v)
 
     def _param_name(self, group_index: int, index: int) -> str:
