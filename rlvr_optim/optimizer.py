@@ -584,8 +584,10 @@ class AdamW(torch.optim.AdamW):
         Keys: ``changed_fraction`` (share of tracked elements whose bf16 bits changed),
         ``moved_fraction`` (share whose fp32 value moved), ``filtered_fraction`` (share of
         the moved ones that bf16 storage did not show), ``nonfinite_grads``, and with
-        cumulative tracking ``cumulative_changed_fraction`` and ``update_sparsity`` (its
-        complement: the paper's share of unchanged weights).
+        cumulative tracking ``cumulative_changed_fraction`` and its complement
+        ``never_changed_fraction``. The paper's update sparsity compares two checkpoints;
+        a weight that leaves its start bits and returns counts as unchanged there, so the
+        never-changed share is a lower bound on it.
         """
         rows = self.change_summary()
         if not rows:
@@ -604,7 +606,7 @@ class AdamW(torch.optim.AdamW):
             cum_numel = sum(r["numel"] for r in cum_rows)
             frac = sum(r["cumulative_changed"] for r in cum_rows) / cum_numel if cum_numel else 0.0
             out["cumulative_changed_fraction"] = frac
-            out["update_sparsity"] = 1.0 - frac
+            out["never_changed_fraction"] = 1.0 - frac
         return {prefix + k: v for k, v in out.items()}
 
 
