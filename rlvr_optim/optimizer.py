@@ -526,7 +526,12 @@ class AdamW(torch.optim.AdamW):
             if pid in saved_state:
                 st = saved_state[pid]
                 self._check_state(p, merged, st, name, initialized="step" in st)
+        # A dict without freeze masks (torch's, or saved before masks were set) keeps the
+        # masks set on this optimizer; a dict with masks brings its own.
+        masks = {p: m for p in self.state if (m := self.state[p].get("freeze_mask")) is not None}
         super().load_state_dict(state_dict)
+        for p, mask in masks.items():
+            self.state[p].setdefault("freeze_mask", mask)
         for pid, p, merged, _ in pairs:
             if pid not in saved_state:
                 continue

@@ -617,3 +617,14 @@ def test_deepcopy_and_pickle_keep_options_and_backend():
         q.grad = torch.ones_like(q)
         clone.step()
         assert clone.change_counts(q) is not None
+
+
+def test_freeze_masks_set_before_loading_a_maskless_dict_are_kept():
+    params = make_params(torch.bfloat16, 12, sizes=(9,))
+    theirs = torch.optim.AdamW([p.detach().clone().requires_grad_() for p in params])
+    run(theirs, theirs.param_groups[0]["params"], grad_stream(params, 12, 1))
+    ours = AdamW(params)
+    mask = torch.arange(9) % 2 == 0
+    ours.set_freeze_mask(params[0], mask)
+    ours.load_state_dict(theirs.state_dict())
+    assert torch.equal(bitmaps.unpack(ours.freeze_mask(params[0]), 9), mask)
