@@ -629,3 +629,16 @@ def test_freeze_masks_set_before_loading_a_maskless_dict_are_kept():
     ours.set_freeze_mask(params[0], mask)
     ours.load_state_dict(theirs.state_dict())
     assert torch.equal(bitmaps.unpack(ours.freeze_mask(params[0]), 9), mask)
+
+
+def test_bad_param_group_is_refused_and_not_added():
+    opt = AdamW([torch.randn(3, requires_grad=True)])
+    for group, message in (
+        ({"params": [torch.randn(2, requires_grad=True)], "rounding": "up"}, "rounding must be"),
+        ({"params": [torch.randn(2, requires_grad=True)], "lr": -0.5}, "Invalid learning rate"),
+        ({"params": [torch.randn(2, requires_grad=True)], "rounding": "stochastic"},
+         "rounds the bf16 store"),
+    ):
+        with pytest.raises(ValueError, match=message):
+            opt.add_param_group(group)
+    assert len(opt.param_groups) == 1
