@@ -55,6 +55,43 @@ def _demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_bench(subparsers) -> None:
+    from .bench import PRESETS  # noqa: PLC0415
+
+    p = subparsers.add_parser(
+        "bench",
+        help="time optimizer steps beside torch/torchao/optimi anchors (GPU; CPU mode for tests)",
+        description="Time rlvr_optim.AdamW steps beside what users run today, report GB/s "
+        "and the share of the copy bandwidth measured in the same run, and write JSON, a "
+        "markdown table and a PNG under OUT/<device>/.",
+    )
+    p.add_argument("--preset", action="append", choices=sorted(PRESETS),
+                   help="shape preset, repeatable (default: r1-distill-qwen-1.5b and "
+                   "many-small on a GPU, cpu-tiny on a CPU)")
+    p.add_argument("--device", help="cuda or cpu (default: cuda if available)")
+    p.add_argument("--steps", type=_positive_int, default=15, help="timed steps per row (default 15)")
+    p.add_argument("--warmup", type=int, default=3, help="untimed steps first (default 3)")
+    p.add_argument("--out", default="bench/results", help="results folder (default bench/results)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
+    p.set_defaults(func=_bench)
+
+
+def _bench(args: argparse.Namespace) -> int:
+    """Run :func:`rlvr_optim.bench.run`, save and render it, print the markdown table."""
+    import torch  # noqa: PLC0415
+
+    from . import bench  # noqa: PLC0415
+
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    default = ("r1-distill-qwen-1.5b", "many-small") if device.startswith("cuda") else ("cpu-tiny",)
+    result = bench.run(presets=tuple(args.preset or default), device=device, steps=args.steps,
+                       warmup=args.warmup, progress=not args.no_progress)
+    path = bench.save(result, args.out)
+    print(path.with_suffix(".md").read_text())
+    print(f"wrote {path} (+ .md, .png)")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser with every subcommand."""
     parser = argparse.ArgumentParser(
@@ -64,6 +101,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     subparsers = parser.add_subparsers(title="commands", metavar="COMMAND")
     _add_demo(subparsers)
+    _add_bench(subparsers)
     return parser
 
 

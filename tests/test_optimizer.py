@@ -642,3 +642,19 @@ def test_bad_param_group_is_refused_and_not_added():
         with pytest.raises(ValueError, match=message):
             opt.add_param_group(group)
     assert len(opt.param_groups) == 1
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("mode", list(MODES))
+def test_cuda_params_give_the_same_bits_as_cpu(mode, cuda_device):
+    # The reference on the GPU is the same specification: IEEE fp32 ops, sqrt in float64.
+    kwargs = dict(MODES[mode], track_changes="cumulative", lr=1e-3)
+    cpu = make_params(torch.bfloat16, 13)
+    gpu = [p.detach().to(cuda_device).requires_grad_() for p in cpu]
+    grads = grad_stream(cpu, 13, 4)
+    opt_cpu, opt_gpu = AdamW(cpu, **kwargs), AdamW(gpu, **kwargs)
+    run(opt_cpu, cpu, grads)
+    run(opt_gpu, gpu, [[g.to(cuda_device) for g in step] for step in grads])
+    a, b = snapshot(opt_cpu, cpu), snapshot(opt_gpu, gpu)
+    b = {k: ([t.cpu() for t in v] if k == "params" else v.cpu()) for k, v in b.items()}
+    assert_same_snapshot(a, b)
