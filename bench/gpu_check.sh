@@ -2,7 +2,7 @@
 # The one command for a GPU machine without network access (see bench/README.md):
 # install the checkout, run the GPU tests, benchmark the 1.5B and many-small presets,
 # write everything under $OUT (or bench/results), and print a short table last.
-# Budget: under 6 minutes on an H100 (tests 150 s at most, benchmark 240 s at most).
+# Budget: under 6 minutes on an H100 (tests 150 s at most, benchmark 180 s at most).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 out="${OUT:-bench/results}"
@@ -24,7 +24,7 @@ timeout 150 python3 -m pytest -q -m gpu -p no:cacheprovider tests > "$out/gpu_te
 tests_rc=$?
 [ "$tests_rc" -eq 5 ] && echo "no GPU tests collected" >> "$out/gpu_tests.log"
 
-timeout 240 python3 -m rlvr_optim bench --preset r1-distill-qwen-1.5b --preset many-small \
+timeout 180 python3 -m rlvr_optim bench --preset r1-distill-qwen-1.5b --preset many-small \
   --no-progress --out "$out" > "$out/bench.log" 2>&1
 bench_rc=$?
 

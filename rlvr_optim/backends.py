@@ -4,6 +4,7 @@ of :func:`rlvr_optim.reference.adamw`, so the optimizer swaps them freely.
 
 from __future__ import annotations
 
+import importlib
 from types import ModuleType
 
 import torch
@@ -14,15 +15,23 @@ BACKENDS = ("auto", "reference", "triton", "cuda")
 
 # Why a backend cannot be used in this version, shown in the error users see.
 _NOT_YET = {
-    "triton": "the fused Triton kernels are not part of this version of rlvr_optim yet",
     "cuda": "the CUDA extension (csrc/) is not part of this version of rlvr_optim yet",
 }
+
+
+def _triton_module() -> tuple[ModuleType | None, str | None]:
+    try:
+        return importlib.import_module("rlvr_optim.triton_kernels.adamw"), None
+    except ImportError as exc:
+        return None, f"Triton is not importable ({exc}); pip install triton"
 
 
 def unavailable_reason(name: str) -> str | None:
     """Why backend ``name`` cannot run here, or None when it can."""
     if name not in BACKENDS:
         return f"unknown backend {name!r}; choose one of {', '.join(map(repr, BACKENDS))}"
+    if name == "triton":
+        return _triton_module()[1]
     return _NOT_YET.get(name)
 
 
@@ -42,10 +51,15 @@ def check_backend(name: str) -> None:
 def select(name: str, device: torch.device) -> ModuleType:
     """The backend module that runs a step of tensors on ``device``.
 
-    ``auto`` prefers cuda, then triton, on a GPU, and the reference elsewhere; today
-    only the reference exists, so ``auto`` always picks it.
+    ``auto`` picks the Triton kernels for CUDA tensors when Triton is importable, and
+    the reference elsewhere (on a CPU the Triton kernels only run in Triton's interpreter,
+    which is for tests). ``triton`` on CPU tensors needs ``TRITON_INTERPRET=1``.
     """
     check_backend(name)
-    if name in ("auto", "reference"):
+    if name == "reference":
         return reference
-    raise AssertionError(f"backend {name!r} passed check_backend but has no module")
+    if name == "triton" or (name == "auto" and device.type == "cuda"):
+        module, _ = _triton_module()
+        if module is not None:
+            return module
+    return reference

@@ -37,6 +37,12 @@ own casts truncate) gets the same bits:
 * NaN becomes the quiet NaN ``(bits >> 16) | 0x0040`` under both; +-Inf stays +-Inf
   (its low half is zero).
 
+NaN results are canonical: every NaN that the step computes (w, m, v, vmax) is stored as
+the quiet NaN 0x7FC00000 (bf16: 0x7FC0). Which NaN an fp32 operation returns when both
+operands are NaN, or what ``-x`` does to a NaN's sign, differs between CPU vector and
+scalar paths and between CPU and GPU; without this rule no two backends could agree bit
+for bit once a gradient is NaN.
+
 Master weights. ``"fp32"`` keeps an fp32 copy and stores the bf16 param from it.
 ``"remainder"`` keeps only an int16 per element beside the bf16 param such that
 ``fp32_bits = (param_bits << 16) + remainder`` exactly. That needs the bf16 half rounded
@@ -91,6 +97,7 @@ __all__ = [
 ]
 
 MASK32 = 0xFFFFFFFF
+CANONICAL_NAN_BITS = 0x7FC00000
 COUNTER_NAMES = ("bf16_changed", "fp32_moved", "nonfinite_grads")
 SCALAR_COLUMNS = (
     "step_size",
@@ -294,6 +301,11 @@ def _sqrt_rn(x: Tensor) -> Tensor:
     return torch.sqrt(x.double()).float()
 
 
+def _canonical_nan(x: Tensor) -> Tensor:
+    nan = torch.full((), CANONICAL_NAN_BITS, dtype=torch.int32, device=x.device).view(torch.float32)
+    return torch.where(torch.isnan(x), nan, x)
+
+
 def _write(dst: Tensor, flat: Tensor) -> None:
     """Copy a flat (row-major) tensor into dst, whatever dst's strides."""
     dst.copy_(flat.reshape(dst.shape))
@@ -338,13 +350,16 @@ def adamw(
         exp_avgs, exp_avg_sqs: first and second moments, fp32 or bf16, updated in place.
         scalars: float32 [n, 8] from :func:`step_scalars` (one row per tensor).
         max_exp_avg_sqs: amsgrad maxima (required iff ``amsgrad``).
-        masters: fp32 master weights (bf16 params only); param = rounded master.
-        remainders: int16 remainders of the compact master form (bf16 params only).
+        masters: fp32 master weights (bf16 params only; None entries allowed); param =
+            rounded master.
+        remainders: int16 remainders of the compact master form (bf16 params only; None
+            entries allowed).
         freeze_masks: per tensor a packed uint8 bitmap (bit 1 = trained) or None.
         change_bitmaps: per tensor a uint8 [ceil(numel / 8)] output bitmap, or None list.
         cumulative_bitmaps: per tensor a uint8 bitmap OR-ed with this step's changes.
         counters: per tensor an int64 [3] output, see :data:`COUNTER_NAMES`.
-        rounding: ``"nearest"`` or ``"stochastic"`` (bf16 param store).
+        rounding: ``"nearest"`` or ``"stochastic"``: how a bf16 param is stored; fp32
+            params are stored exactly and ignore it.
         sr_keys: int64 [n, 2] keys from :func:`stochastic_rounding_keys` (stochastic only).
         element_offsets: global index of each tensor's element 0 (default 0).
         amsgrad, maximize: as in torch.optim.AdamW.
@@ -361,6 +376,11 @@ def adamw(
         raise ValueError("the remainder form stores its bf16 half by nearest rounding only")
     if amsgrad and max_exp_avg_sqs is None:
         raise ValueError("amsgrad needs max_exp_avg_sqs")
+    for kind, extras in (("masters", masters), ("remainders", remainders)):
+        for i, extra in enumerate(extras or ()):
+            if extra is not None and params[i].dtype != torch.bfloat16:
+                raise ValueError(f"{kind}[{i}] is given for a {params[i].dtype} param; "
+                                 "master weights and remainders need bf16 params")
 
     for i, param in enumerate(params):
         _step_one(
@@ -425,14 +445,14 @@ def _step_one(
         w_old = param.reshape(-1).clone()
 
     w = w_old - lr_wd * w_old
-    m = beta1 * exp_avg.reshape(-1).float() + omb1 * g
-    v = beta2 * exp_avg_sq.reshape(-1).float() + omb2 * g * g
+    m = _canonical_nan(beta1 * exp_avg.reshape(-1).float() + omb1 * g)
+    v = _canonical_nan(beta2 * exp_avg_sq.reshape(-1).float() + omb2 * g * g)
     if max_exp_avg_sq is not None:
-        vmax = torch.maximum(max_exp_avg_sq.reshape(-1).float(), v)
+        vmax = _canonical_nan(torch.maximum(max_exp_avg_sq.reshape(-1).float(), v))
         denom = _sqrt_rn(vmax) / bc2_sqrt + eps
     else:
         denom = _sqrt_rn(v) / bc2_sqrt + eps
-    w = w - step_size * m / denom
+    w = _canonical_nan(w - step_size * m / denom)
 
     # New stored param pattern (bf16 pattern, or fp32 pattern for fp32 params).
     w_bits = fp32_bits(w)

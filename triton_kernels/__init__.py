@@ -1,5 +1,7 @@
 """Triton kernels of rlvr_optim, installed as ``rlvr_optim.triton_kernels``.
 
-The fused AdamW kernel arrives with the Triton backend; until then this package is empty
-and ``backend="triton"`` reports that it is not available.
+``adamw`` holds the fused AdamW step (:func:`rlvr_optim.triton_kernels.adamw.adamw`), with
+the keyword signature of :func:`rlvr_optim.reference.adamw`, equal to it bit for bit. On CPU
+it runs only under Triton's interpreter (``TRITON_INTERPRET=1``, set before triton is
+imported).
 """

@@ -1,0 +1,506 @@
+"""The Triton AdamW kernel against the reference, bit for bit.
+
+Every mode the reference allows (param dtype x state dtype x master form x rounding, with
+amsgrad, maximize, freeze masks, grad_scale, found_inf, non-finite grads and SR element
+offsets), odd sizes and one crossing a block edge, several seeds, three steps. Outputs that
+the kernel only writes (change bitmaps, counters) are poisoned first, so an unwritten byte
+fails. On CPU the kernel runs in Triton's interpreter (conftest.py sets TRITON_INTERPRET=1);
+with a GPU the same tests run there against the reference on the GPU.
+"""
+
+import numpy as np
+import pytest
+import torch
+
+triton = pytest.importorskip("triton")
+
+from rlvr_optim import reference as R  # noqa: E402
+from rlvr_optim.bitmaps import bitmap_bytes  # noqa: E402
+from rlvr_optim.triton_kernels import adamw as TK  # noqa: E402
+
+pytestmark = [
+    # numpy warns about inf / inf and NaN arithmetic inside the interpreter; it is intended.
+    pytest.mark.filterwarnings("ignore::RuntimeWarning"),
+]
+
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+if DEVICE.type == "cuda":  # then these are GPU checks, run by bench/gpu_check.sh (-m gpu)
+    pytestmark.append(pytest.mark.gpu)
+BLOCK = 1024  # small, so that 4099 and BLOCK + 13 span several programs cheaply
+SIZES = [1, 7, 8, 33, 4099, BLOCK + 13]
+SEEDS = [0, 1, 2]
+STEPS = 3
+BETAS = (0.9, 0.999)
+EPS = 1e-8
+
+# (param dtype, master form, rounding): every combination the reference accepts. Rounding
+# is ignored for fp32 params by the reference ("bf16 param store"), and must be here too.
+FORMS = [
+    (torch.float32, None, "nearest"),
+    (torch.float32, None, "stochastic"),
+    (torch.bfloat16, None, "nearest"),
+    (torch.bfloat16, None, "stochastic"),
+    (torch.bfloat16, "fp32", "nearest"),
+    (torch.bfloat16, "fp32", "stochastic"),
+    (torch.bfloat16, "remainder", "nearest"),
+]
+FORM_IDS = ["fp32", "fp32-sr", "bf16", "bf16-sr", "master", "master-sr", "remainder"]
+
+# Options layered on every form; each case uses change + cumulative bitmaps and counters.
+FEATURES = {
+    "plain": {},
+    "amsgrad-freeze-nonfinite-scale": dict(
+        amsgrad=True, freeze=True, nonfinite=True, grad_scale=3.0
+    ),
+    "maximize-skip-offset": dict(
+        maximize=True, freeze=True, nonfinite=True, found_inf=(0.0, 1.0, 0.0),
+        element_offset=2**32 - 600,  # the global index crosses the low Philox counter word
+    ),
+}
+
+
+# ---------------------------------------------------------------------------------------
+# Helpers.
+# ---------------------------------------------------------------------------------------
+
+
+def _bits(t: torch.Tensor) -> torch.Tensor:
+    """Bit patterns of a tensor, as an integer tensor of the same width."""
+    if t.dtype in (torch.bfloat16, torch.float16):
+        return t.view(torch.int16)
+    if t.dtype == torch.float32:
+        return t.view(torch.int32)
+    return t
+
+
+def _assert_same_bits(name: str, expected: torch.Tensor, got: torch.Tensor):
+    """torch.equal on bit patterns (computed NaNs are canonical in the spec, so exact)."""
+    assert got.dtype == expected.dtype and got.shape == expected.shape, name
+    e, g = _bits(expected).reshape(-1), _bits(got).reshape(-1)
+    if not torch.equal(e, g):
+        bad = (e != g).nonzero().reshape(-1)
+        mask = 2 ** (8 * e.element_size()) - 1
+        show = [(i, hex(int(e[i]) & mask), hex(int(g[i]) & mask)) for i in bad[:4].tolist()]
+        raise AssertionError(
+            f"{name}: {bad.numel()} of {e.numel()} differ; (index, reference, triton): {show}"
+        )
+
+
+def _random_bf16_or_fp32(gen, numel, dtype, scale=1.0, nonneg=False):
+    x = torch.randn(numel, generator=gen) * scale
+    if nonneg:
+        x = x.abs()
+    x[torch.rand(numel, generator=gen) < 0.05] = 0.0  # exact zeros
+    return x.to(dtype).to(DEVICE)
+
+
+def _make_state(gen, numel, param_dtype, state_dtype, master, amsgrad, freeze):
+    """Fresh inputs of one tensor; the same values feed the reference and the kernel."""
+    nbytes = bitmap_bytes(numel)
+    state = {
+        "param": _random_bf16_or_fp32(gen, numel, param_dtype),
+        "exp_avg": _random_bf16_or_fp32(gen, numel, state_dtype, 0.05),
+        "exp_avg_sq": _random_bf16_or_fp32(gen, numel, state_dtype, 1e-3, nonneg=True),
+        # Cumulative bitmap starts with arbitrary bits, padding included: the kernel ORs.
+        "cumulative_bitmap": torch.randint(0, 256, (nbytes,), generator=gen, dtype=torch.uint8).to(DEVICE),
+        "change_bitmap": torch.empty(nbytes, dtype=torch.uint8, device=DEVICE),
+        "counters": torch.empty(3, dtype=torch.int64, device=DEVICE),
+    }
+    if amsgrad:
+        # Maxima at or above the old second moment; the new one overtakes some of them.
+        extra = _random_bf16_or_fp32(gen, numel, torch.float32, 1e-5, nonneg=True)
+        state["max_exp_avg_sq"] = (state["exp_avg_sq"].float() + extra).to(state_dtype)
+    if master is not None:
+        # An fp32 master near the param: noise of about a bf16 ULP.
+        p = state["param"].float()
+        noise = torch.randn(numel, generator=gen).to(DEVICE) * p.abs() * 2.0**-8
+        w = p + noise
+        if master == "fp32":
+            state["master"] = w
+        else:
+            # The state a remainder run holds: the split of an fp32 value. (An arbitrary
+            # int16 beside a zero param would rebuild a NaN; rounding_edge_patterns covers
+            # arbitrary pairs.)
+            hi, remainder = R.split_remainder(R.fp32_bits(w))
+            state["param"] = R.bf16_from_bits(hi)
+            state["remainder"] = remainder.to(torch.int16)
+    if freeze:
+        # Padding bits random too: the kernel must ignore them.
+        state["freeze_mask"] = torch.randint(0, 256, (nbytes,), generator=gen, dtype=torch.uint8).to(DEVICE)
+    return state
+
+
+def _clone(state):
+    return {k: v.clone() for k, v in state.items()}
+
+
+def _poison(state, gen):
+    """Garbage in the write-only outputs."""
+    if "change_bitmap" in state:
+        bitmap = state["change_bitmap"]
+        bitmap.copy_(torch.randint(0, 256, bitmap.shape, generator=gen, dtype=torch.uint8))
+    state["counters"].copy_(torch.randint(-(2**40), 2**40, (3,), generator=gen, dtype=torch.int64))
+
+
+def _nonfinite_elements(gen, numel):
+    """About 6% of the elements, which get non-finite grads at some steps."""
+    return torch.rand(numel, generator=gen) < 0.06
+
+
+def _grad(gen, numel, dtype, scale, nonfinite=None):
+    """Fresh grads with exact zeros and, on the ``nonfinite`` elements at about half of the
+    steps, NaN, +inf or -inf drawn afresh each step: kinds mix on one element across steps,
+    which the spec's canonical NaNs keep well defined."""
+    g = torch.randn(numel, generator=gen) * 0.1 * scale
+    g[torch.rand(numel, generator=gen) < 0.03] = 0.0
+    if nonfinite is not None:
+        now = nonfinite & (torch.rand(numel, generator=gen) < 0.5)
+        kind = torch.randint(0, 3, (numel,), generator=gen)
+        g[now & (kind == 0)] = float("nan")
+        g[now & (kind == 1)] = float("inf")
+        g[now & (kind == 2)] = -float("inf")
+    return g.to(dtype).to(DEVICE)
+
+
+def _step(backend, states, grads, *, scalars, amsgrad, master, rounding, sr_keys,
+          element_offsets, maximize, grad_scale, found_inf, **extra):
+    """One call of a backend's adamw over lists built from per-tensor state dicts."""
+    backend(
+        [s["param"] for s in states],
+        grads,
+        [s["exp_avg"] for s in states],
+        [s["exp_avg_sq"] for s in states],
+        scalars=scalars,
+        max_exp_avg_sqs=[s["max_exp_avg_sq"] for s in states] if amsgrad else None,
+        masters=[s.get("master") for s in states] if master == "fp32" else None,
+        remainders=[s.get("remainder") for s in states] if master == "remainder" else None,
+        freeze_masks=[s.get("freeze_mask") for s in states],
+        change_bitmaps=[s.get("change_bitmap") for s in states],
+        cumulative_bitmaps=[s.get("cumulative_bitmap") for s in states],
+        counters=[s.get("counters") for s in states],
+        rounding=rounding,
+        sr_keys=sr_keys,
+        element_offsets=element_offsets,
+        amsgrad=amsgrad,
+        maximize=maximize,
+        grad_scale=grad_scale,
+        found_inf=found_inf,
+        **extra,
+    )
+
+
+def _compare(ref, tri, label):
+    for key in ref:
+        _assert_same_bits(f"{label}: {key}", ref[key], tri[key])
+
+
+# ---------------------------------------------------------------------------------------
+# The matrix: every form x state dtype x feature set x size, several seeds, three steps.
+# ---------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("numel", SIZES)
+@pytest.mark.parametrize("features", list(FEATURES))
+@pytest.mark.parametrize("state_dtype", [torch.float32, torch.bfloat16], ids=["m-fp32", "m-bf16"])
+@pytest.mark.parametrize("form", FORMS, ids=FORM_IDS)
+def test_matches_reference_bit_for_bit(form, state_dtype, features, numel):
+    param_dtype, master, rounding = form
+    f = FEATURES[features]
+    amsgrad = f.get("amsgrad", False)
+    changed_total = 0
+    for seed in SEEDS:
+        gen = torch.Generator().manual_seed(seed * 7919 + numel)
+        lr = [1e-2, 2e-3][seed % 2]
+        weight_decay = [0.1, 0.01][seed % 2]
+        ref = _make_state(gen, numel, param_dtype, state_dtype, master, amsgrad, f.get("freeze"))
+        tri = _clone(ref)
+        scale = f.get("grad_scale")
+        kinds = _nonfinite_elements(gen, numel) if f.get("nonfinite") else None
+        for step in range(1, STEPS + 1):
+            grad = _grad(gen, numel, param_dtype, scale or 1.0, kinds)
+            steps = torch.tensor([step], device=DEVICE)
+            scalars = R.step_scalars(steps, lr, *BETAS, weight_decay, EPS)
+            keys = R.stochastic_rounding_keys(1000 + seed, steps, torch.tensor([17], device=DEVICE))
+            found_inf = f.get("found_inf")
+            kwargs = dict(
+                scalars=scalars, amsgrad=amsgrad, master=master, rounding=rounding,
+                sr_keys=keys if rounding == "stochastic" else None,
+                element_offsets=[f["element_offset"]] if "element_offset" in f else None,
+                maximize=f.get("maximize", False),
+                grad_scale=torch.tensor(scale, device=DEVICE) if scale else None,
+                found_inf=torch.tensor(found_inf[step - 1], device=DEVICE) if found_inf else None,
+            )
+            _poison(ref, gen)
+            _poison(tri, gen)
+            _step(R.adamw, [ref], [grad.clone()], **kwargs)
+            _step(TK.adamw, [tri], [grad.clone()], block_size=BLOCK, **kwargs)
+            _compare(ref, tri, f"seed {seed} step {step}")
+            changed_total += int(ref["counters"][0])
+    if numel >= 33:
+        # The comparison saw bf16 changes, not only untouched tensors.
+        assert changed_total > 0
+
+
+# ---------------------------------------------------------------------------------------
+# Several tensors in one call, mixed dtypes, per-entry None, per-tensor scalars and keys.
+# ---------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("rounding", ["nearest", "stochastic"])
+def test_tensor_list_with_mixed_dtypes_and_missing_entries(rounding):
+    gen = torch.Generator().manual_seed(5)
+    shapes = [(3, 5), (64,), (2, 3, 7), (1,), (0,)]
+    param_dtypes = [torch.bfloat16, torch.float32, torch.bfloat16, torch.bfloat16, torch.bfloat16]
+    ref = []
+    for i, (shape, dtype) in enumerate(zip(shapes, param_dtypes)):
+        numel = int(np.prod(shape))
+        master = "fp32" if dtype == torch.bfloat16 else None
+        s = _make_state(gen, numel, dtype, torch.float32, master, amsgrad=True, freeze=i % 2 == 0)
+        for key in ("param", "exp_avg", "exp_avg_sq", "max_exp_avg_sq", "master"):
+            if key in s:
+                s[key] = s[key].reshape(shape)
+        # Mixed state dtypes: exp_avg_sq in bf16 on some tensors only.
+        if i == 2:
+            s["exp_avg_sq"] = s["exp_avg_sq"].bfloat16()
+            s["max_exp_avg_sq"] = s["max_exp_avg_sq"].bfloat16()
+        if i == 1:
+            del s["change_bitmap"]  # per-entry None for an output
+        ref.append(s)
+    tri = [_clone(s) for s in ref]
+    kinds = [_nonfinite_elements(gen, s["param"].numel()) for s in ref]
+    for step in (1, 2):
+        grads = [_grad(gen, s["param"].numel(), s["param"].dtype, 1.0, k).reshape(s["param"].shape)
+                 for s, k in zip(ref, kinds)]
+        steps = torch.tensor([step, step + 3, step, step + 10, step], device=DEVICE)
+        scalars = R.step_scalars(steps, 5e-3, *BETAS, 0.05, EPS)
+        keys = R.stochastic_rounding_keys(2**63 + 11, steps, torch.arange(5, device=DEVICE) * 3 + 1)
+        kwargs = dict(scalars=scalars, amsgrad=True, master="fp32", rounding=rounding,
+                      sr_keys=keys, element_offsets=[0, 15, 2**40, 7, 0], maximize=False,
+                      grad_scale=None, found_inf=None)
+        for s in ref + tri:
+            _poison(s, gen)
+        _step(R.adamw, ref, [g.clone() for g in grads], **kwargs)
+        _step(TK.adamw, tri, [g.clone() for g in grads], **kwargs)  # default block size
+        for i, (r, t) in enumerate(zip(ref, tri)):
+            _compare(r, t, f"tensor {i} step {step}")
+
+
+# ---------------------------------------------------------------------------------------
+# Rounding edge cases, reached through the kernel: with lr = 0 the step leaves w as it was,
+# so the stored bf16 param is the rounding of the master / the split of the rebuilt value.
+# ---------------------------------------------------------------------------------------
+
+
+def _edge_fp32_patterns() -> np.ndarray:
+    rng = np.random.default_rng(3)
+    exponents = np.array([0, 1, 0x7F, 0x80, 0xFE], dtype=np.uint64) << 23
+    mant_hi = np.array([0, 1, 0x7E, 0x7F], dtype=np.uint64) << 16
+    low = np.array([0, 1, 0x7FFF, 0x8000, 0x8001, 0xFFFF], dtype=np.uint64)
+    sign = np.array([0, 0x80000000], dtype=np.uint64)
+    grid = (sign[:, None, None, None] | exponents[None, :, None, None]
+            | mant_hi[None, None, :, None] | low[None, None, None, :]).reshape(-1)
+    specials = np.array([
+        0x7F800000, 0xFF800000, 0x7F7FFFFF, 0xFF7FFFFF, 0x7F7F8000, 0x7F7F7FFF,
+        0x7FC00000, 0xFFC00000, 0x7F800001, 0xFF800001, 0x7FFFFFFF, 0xFFFFFFFF, 0x7FA12345,
+        0x00008000, 0x00018000, 0x80008000, 0x3F808000, 0x3F818000, 0xBF808000, 0xBF818000,
+    ], dtype=np.uint64)
+    randoms = rng.integers(0, 2**32, size=200, dtype=np.uint64)
+    return np.concatenate([grid, specials, randoms]).astype(np.uint32)
+
+
+@pytest.mark.parametrize("master,rounding", [("fp32", "nearest"), ("fp32", "stochastic"),
+                                             ("remainder", "nearest"), (None, "nearest")])
+def test_rounding_edge_patterns(master, rounding):
+    patterns = _edge_fp32_patterns()
+    numel = patterns.size
+    w = torch.from_numpy(patterns.view(np.float32).copy()).to(DEVICE)
+    gen = torch.Generator().manual_seed(9)
+    if master is None:
+        param_dtype = torch.float32  # fp32 params: the change bit compares nearest-even images
+    else:
+        param_dtype = torch.bfloat16
+    ref = _make_state(gen, numel, param_dtype, torch.float32, master, amsgrad=False, freeze=False)
+    if master == "fp32":
+        ref["master"] = w.clone()
+    elif master == "remainder":
+        # Params and remainders with edge bits: the rebuilt fp32 value, split again.
+        ref["param"] = R.bf16_from_bits(torch.from_numpy(patterns.astype(np.int64) >> 16)).to(DEVICE)
+        edges = torch.tensor([-(2**15), -1, 0, 1, 2**15 - 1, -(2**14)], dtype=torch.int16)
+        ref["remainder"] = edges.repeat(numel // 6 + 1)[:numel].to(DEVICE)
+    else:
+        ref["param"] = w.clone()
+    tri = _clone(ref)
+    grad = _grad(gen, numel, param_dtype, 1.0)
+    steps = torch.tensor([1], device=DEVICE)
+    kwargs = dict(scalars=R.step_scalars(steps, 0.0, *BETAS, 0.0, EPS), amsgrad=False,
+                  master=master, rounding=rounding,
+                  sr_keys=R.stochastic_rounding_keys(4, steps, torch.tensor([2], device=DEVICE)),
+                  element_offsets=None, maximize=False, grad_scale=None, found_inf=None)
+    _poison(ref, gen)
+    _poison(tri, gen)
+    _step(R.adamw, [ref], [grad.clone()], **kwargs)
+    _step(TK.adamw, [tri], [grad.clone()], block_size=BLOCK, **kwargs)
+    _compare(ref, tri, "edge patterns")
+    if master == "fp32":
+        # The edge patterns did reach the param store: the param is now their rounding.
+        assert int(ref["counters"][0]) > numel // 2
+
+
+# ---------------------------------------------------------------------------------------
+# found_inf and grad_scale of other dtypes and values.
+# ---------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("found_inf", [
+    torch.tensor(True), torch.tensor(False), torch.tensor([1], dtype=torch.int32),
+    torch.tensor(float("nan")), torch.tensor(-0.0), torch.tensor(2.0, dtype=torch.float64),
+    torch.tensor(1.0, dtype=torch.bfloat16),
+], ids=["bool-true", "bool-false", "int32-one", "nan", "minus-zero", "fp64-two", "bf16-one"])
+def test_found_inf_values_and_dtypes(found_inf):
+    numel = 300
+    gen = torch.Generator().manual_seed(12)
+    ref = _make_state(gen, numel, torch.bfloat16, torch.float32, None, amsgrad=True, freeze=True)
+    tri = _clone(ref)
+    grad = _grad(gen, numel, torch.bfloat16, 1.0, _nonfinite_elements(gen, numel))
+    steps = torch.tensor([2], device=DEVICE)
+    kwargs = dict(scalars=R.step_scalars(steps, 1e-2, *BETAS, 0.1, EPS), amsgrad=True,
+                  master=None, rounding="nearest", sr_keys=None, element_offsets=None,
+                  maximize=False, grad_scale=torch.tensor(0.5, dtype=torch.float64),
+                  found_inf=found_inf.to(DEVICE))
+    _poison(ref, gen)
+    _poison(tri, gen)
+    before = _clone(ref)
+    _step(R.adamw, [ref], [grad.clone()], **kwargs)
+    _step(TK.adamw, [tri], [grad.clone()], block_size=BLOCK, **kwargs)
+    _compare(ref, tri, "found_inf")
+    skipped = bool(found_inf.to(torch.float64) != 0)
+    if skipped:
+        for key in ("param", "exp_avg", "exp_avg_sq", "max_exp_avg_sq", "cumulative_bitmap"):
+            assert torch.equal(_bits(tri[key]), _bits(before[key])), key
+        assert int(tri["counters"][0]) == int(tri["counters"][1]) == 0
+    else:
+        for key in ("param", "exp_avg", "exp_avg_sq"):
+            assert not torch.equal(_bits(tri[key]), _bits(before[key])), key
+    assert int(tri["counters"][2]) > 0  # non-finite grads are counted on a skipped step too
+
+
+# ---------------------------------------------------------------------------------------
+# Zero-size tensors, errors, and negative controls.
+# ---------------------------------------------------------------------------------------
+
+
+def test_zero_size_tensor_zeroes_counters_and_writes_nothing():
+    gen = torch.Generator().manual_seed(0)
+    tri = _make_state(gen, 0, torch.bfloat16, torch.float32, None, amsgrad=False, freeze=True)
+    _poison(tri, gen)
+    steps = torch.tensor([1], device=DEVICE)
+    _step(TK.adamw, [tri], [torch.empty(0, dtype=torch.bfloat16, device=DEVICE)],
+          scalars=R.step_scalars(steps, 1e-3, *BETAS, 0.0, EPS), amsgrad=False, master=None,
+          rounding="nearest", sr_keys=None, element_offsets=None, maximize=False,
+          grad_scale=None, found_inf=None)
+    assert tri["counters"].tolist() == [0, 0, 0]
+
+
+def _one_tensor_call(**overrides):
+    n = 16
+    p = torch.randn(n, device=DEVICE).bfloat16()
+    steps = torch.tensor([1], device=DEVICE)
+    args = dict(
+        params=[p], grads=[torch.randn(n, device=DEVICE).bfloat16()],
+        exp_avgs=[torch.zeros(n, device=DEVICE)], exp_avg_sqs=[torch.zeros(n, device=DEVICE)],
+        scalars=R.step_scalars(steps, 1e-3, *BETAS, 0.0, EPS),
+    )
+    args.update(overrides)
+    return args
+
+
+@pytest.mark.parametrize("overrides,error,match", [
+    (dict(rounding="up"), ValueError, "rounding"),
+    (dict(rounding="stochastic"), ValueError, "sr_keys"),
+    (dict(masters=[torch.zeros(16)], remainders=[torch.zeros(16, dtype=torch.int16)]),
+     ValueError, "not both"),
+    (dict(remainders=[torch.zeros(16, dtype=torch.int16)], rounding="stochastic",
+          sr_keys=torch.zeros(1, 2, dtype=torch.int64)), ValueError, "nearest"),
+    (dict(amsgrad=True), ValueError, "max_exp_avg_sqs"),
+])
+def test_argument_errors_match_reference(overrides, error, match):
+    for backend in (R.adamw, TK.adamw):
+        args = _one_tensor_call(**overrides)
+        with pytest.raises(error, match=match):
+            backend(args.pop("params"), args.pop("grads"), args.pop("exp_avgs"),
+                    args.pop("exp_avg_sqs"), **args)
+
+
+@pytest.mark.parametrize("overrides,error,match", [
+    (dict(exp_avgs=[torch.zeros(32, device=DEVICE)[::2]]), ValueError, r"exp_avgs\[0\] is not contiguous"),
+    (dict(params=[torch.zeros(4, 4, device=DEVICE).t().contiguous().t()]), ValueError, "contiguous"),
+    (dict(params=[torch.zeros(16, device=DEVICE)], masters=[torch.zeros(16, device=DEVICE)]),
+     ValueError, "bfloat16 params only"),
+    (dict(exp_avgs=[torch.zeros(16, dtype=torch.float16, device=DEVICE)]), TypeError, "float16"),
+    (dict(counters=[torch.zeros(3, dtype=torch.int32, device=DEVICE)]), TypeError, "counters"),
+    (dict(change_bitmaps=[torch.zeros(3, dtype=torch.uint8, device=DEVICE)]), ValueError, "elements"),
+    (dict(block_size=12), ValueError, "power of two"),
+])
+def test_triton_input_errors_name_the_tensor(overrides, error, match):
+    args = _one_tensor_call(**overrides)
+    with pytest.raises(error, match=match):
+        TK.adamw(args.pop("params"), args.pop("grads"), args.pop("exp_avgs"),
+                 args.pop("exp_avg_sqs"), **args)
+
+
+def test_signature_is_the_reference_signature_plus_block_size():
+    import inspect
+
+    ref = inspect.signature(R.adamw).parameters
+    tri = inspect.signature(TK.adamw).parameters
+    assert list(tri)[: len(ref)] == list(ref)
+    assert list(tri)[len(ref):] == ["block_size"]
+    for name, p in ref.items():
+        assert tri[name].kind == p.kind and tri[name].default == p.default, name
+
+
+@pytest.mark.parametrize("wrong", ["key", "offset"])
+def test_negative_control_wrong_random_stream_is_caught(wrong):
+    """The comparison can fail: the kernel with another key, or another element offset,
+    stores different bf16 params than the reference."""
+    numel = 2000
+    gen = torch.Generator().manual_seed(1)
+    ref = _make_state(gen, numel, torch.bfloat16, torch.float32, "fp32", amsgrad=False, freeze=False)
+    tri = _clone(ref)
+    grad = _grad(gen, numel, torch.bfloat16, 1.0)
+    steps = torch.tensor([1], device=DEVICE)
+    keys = R.stochastic_rounding_keys(0, steps, torch.tensor([0], device=DEVICE))
+    kwargs = dict(scalars=R.step_scalars(steps, 1e-3, *BETAS, 0.0, EPS), amsgrad=False,
+                  master="fp32", rounding="stochastic", maximize=False, grad_scale=None,
+                  found_inf=None)
+    _step(R.adamw, [ref], [grad.clone()], sr_keys=keys, element_offsets=[100], **kwargs)
+    if wrong == "key":
+        _step(TK.adamw, [tri], [grad.clone()], sr_keys=keys ^ 1, element_offsets=[100],
+              block_size=BLOCK, **kwargs)
+    else:
+        _step(TK.adamw, [tri], [grad.clone()], sr_keys=keys, element_offsets=[101],
+              block_size=BLOCK, **kwargs)
+    # Same master (the rounding does not feed back), different stored params.
+    _assert_same_bits("master", ref["master"], tri["master"])
+    with pytest.raises(AssertionError, match="param"):
+        _assert_same_bits("param", ref["param"], tri["param"])
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU-without-interpreter error")
+def test_cpu_tensors_without_interpreter_get_a_readable_error():
+    import os
+    import subprocess
+    import sys
+
+    code = (
+        "import torch\n"
+        "from rlvr_optim import reference as R\n"
+        "from rlvr_optim.triton_kernels.adamw import adamw\n"
+        "p = torch.zeros(4)\n"
+        "adamw([p], [p.clone()], [p.clone()], [p.clone()],\n"
+        "      scalars=R.step_scalars(torch.tensor([1]), 1e-3, 0.9, 0.999, 0.0, 1e-8))\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    run = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    assert run.returncode != 0
+    assert "TRITON_INTERPRET=1" in run.stderr and "backend='reference'" in run.stderr

@@ -1,0 +1,521 @@
+"""Fused AdamW step in Triton: one launch per tensor, each input read once, each output
+written once, bit for bit equal to :func:`rlvr_optim.reference.adamw`.
+
+Layout: :func:`_adamw_math` is the per-element arithmetic (registers only, in the order of
+the reference); the ``_*_bf16`` helpers are the integer bf16 conversions; ``adamw_kernel``
+loads, calls them and stores; :func:`adamw` checks inputs and launches. Every mode is a
+``tl.constexpr`` flag, so a launch compiles only the branches it uses.
+
+On CPU the kernel runs under Triton's interpreter (``TRITON_INTERPRET=1``), where fp32
+arithmetic is numpy fp32 (IEEE, no contraction); on a GPU it is launched with
+``enable_fp_fusion=False`` and uses ``tl.div_rn`` / ``tl.sqrt_rn``, so no operation is
+fused or approximated. bf16 tensors are passed as int16 views and converted with integer
+bit operations: the interpreter's own fp32 -> bf16 cast truncates.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+__all__ = ["adamw", "adamw_kernel", "DEFAULT_BLOCK_CPU", "DEFAULT_BLOCK_GPU"]
+
+# Elements per program. Under the interpreter every Triton op is one numpy call, so large
+# blocks amortize the per-op Python cost. On a GPU the feasibility probe (DESIGN.md) reached
+# 86% of the copy bandwidth with 1024-element blocks. 8 warps = 4 elements per thread: ptxas
+# (sm_90a, triton 3.9) reports 48-105 registers across modes and no spills, against 113-193
+# with 4 warps. Not yet tuned on a GPU.
+DEFAULT_BLOCK_CPU = 65536
+DEFAULT_BLOCK_GPU = 1024
+_NUM_WARPS_GPU = 8
+
+
+# ---------------------------------------------------------------------------------------
+# bf16 bit patterns. Patterns are uint32 tensors; a bf16 pattern sits in the low 16 bits.
+# ---------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _is_nan_bits(bits):
+    return (bits & 0x7FFFFFFF) > 0x7F800000
+
+
+@triton.jit
+def _bf16_bits_to_fp32(bits):
+    """Exact fp32 value of bf16 patterns."""
+    return (bits << 16).to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _round_nearest_bf16(bits):
+    """fp32 patterns -> bf16 patterns, nearest with ties to even; NaN -> quiet NaN.
+
+    No uint32 wrap-around: the largest non-NaN pattern, 0xFF800000 (-inf), plus 0x8000 fits.
+    """
+    rounded = (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16
+    return tl.where(_is_nan_bits(bits), (bits >> 16) | 0x0040, rounded)
+
+
+@triton.jit
+def _round_stochastic_bf16(bits, random16):
+    """fp32 patterns -> bf16 patterns, rounding up with probability (low half) / 2**16."""
+    rounded = (bits + random16) >> 16
+    return tl.where(_is_nan_bits(bits), (bits >> 16) | 0x0040, rounded)
+
+
+@triton.jit
+def _split_remainder(bits):
+    """fp32 patterns -> (bf16 pattern rounded half away from zero, int16 remainder).
+
+    ``(hi << 16) + remainder == bits``; the uint32 difference wraps to the two's complement
+    of the signed remainder in [-0x8000, 0x7FFF], so truncating it to int16 is exact.
+    """
+    nan = _is_nan_bits(bits)
+    hi = tl.where(nan, (bits >> 16) | 0x0040, (bits + 0x8000) >> 16)
+    remainder = tl.where(nan, 0, bits - (hi << 16))
+    return hi, remainder.to(tl.int32, bitcast=True).to(tl.int16)
+
+
+@triton.jit
+def _join_remainder(hi, remainder):
+    """Exact fp32 patterns from bf16 patterns and int16 remainders (modulo 2**32)."""
+    return (hi << 16) + remainder.to(tl.int32).to(tl.uint32, bitcast=True)
+
+
+@triton.jit
+def _random16(sr_key_ptr, index):
+    """The 16 random bits of elements ``index`` (int64, global): Philox4x32-10 keyed by
+    (key_lo, key_hi), countered by (index_lo, index_hi, 0, 0), first word, low half."""
+    key_lo = tl.load(sr_key_ptr).to(tl.uint64, bitcast=True)
+    key_hi = tl.load(sr_key_ptr + 1).to(tl.uint64, bitcast=True)
+    seed = key_lo | (key_hi << 32)  # tl.philox splits it back into (lo, hi) key words
+    index_lo = index.to(tl.uint32)
+    index_hi = (index >> 32).to(tl.uint32)
+    zero = index_lo * 0
+    x0, _, _, _ = tl.philox(seed, index_lo, index_hi, zero, zero)
+    return x0 & 0xFFFF
+
+
+# ---------------------------------------------------------------------------------------
+# Loads, stores and packed bitmaps.
+# ---------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _load_bf16_bits(ptr, offs, mask):
+    """bf16 patterns (from an int16 view) as uint32."""
+    return tl.load(ptr + offs, mask=mask, other=0).to(tl.uint16, bitcast=True).to(tl.uint32)
+
+
+@triton.jit
+def _store_bf16_bits(ptr, offs, bits, mask):
+    tl.store(ptr + offs, bits.to(tl.uint16).to(tl.int16, bitcast=True), mask=mask)
+
+
+@triton.jit
+def _load_fp32(ptr, offs, mask, IS_BF16: tl.constexpr):
+    """An fp32 or bf16 (int16 view) tensor, as exact fp32 values."""
+    if IS_BF16:
+        value = _bf16_bits_to_fp32(_load_bf16_bits(ptr, offs, mask))
+    else:
+        value = tl.load(ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    return value
+
+
+@triton.jit
+def _store_state(ptr, offs, value, mask, IS_BF16: tl.constexpr):
+    """Store fp32 values in an fp32 tensor, or a bf16 one (int16 view) by nearest-even."""
+    if IS_BF16:
+        _store_bf16_bits(ptr, offs, _round_nearest_bf16(value.to(tl.uint32, bitcast=True)), mask)
+    else:
+        tl.store(ptr + offs, value, mask=mask)
+
+
+@triton.jit
+def _unpack_bits(bitmap_ptr, byte_offs, byte_mask, BLOCK: tl.constexpr):
+    """The block's BLOCK // 8 bitmap bytes as BLOCK booleans (bit i % 8 of byte i // 8)."""
+    packed = tl.load(bitmap_ptr + byte_offs, mask=byte_mask, other=0).to(tl.int32)
+    bits = (packed[:, None] >> tl.arange(0, 8)[None, :]) & 1
+    return tl.reshape(bits, (BLOCK,)) != 0
+
+
+@triton.jit
+def _pack_bits(bits, BLOCK: tl.constexpr):
+    """BLOCK booleans as BLOCK // 8 bitmap bytes, in registers."""
+    grouped = tl.reshape(bits.to(tl.int32), (BLOCK // 8, 8))
+    return tl.sum(grouped << tl.arange(0, 8)[None, :], axis=1).to(tl.uint8)
+
+
+@triton.jit
+def _negate(x):
+    """IEEE negation as a sign-bit flip (PTX leaves ``neg.f32`` of a NaN unspecified; the
+    spec makes computed NaNs canonical, so a NaN's sign does not reach any output)."""
+    return (x.to(tl.uint32, bitcast=True) ^ 0x80000000).to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _maximum(a, b):
+    """max(a, b), NaN if either is NaN, as ``torch.maximum`` (its payload is made canonical)."""
+    return tl.where((a > b) | (a != a), a, b)
+
+
+@triton.jit
+def _canonical_nan(x):
+    """Any NaN as the quiet NaN 0x7FC00000: the spec stores computed NaNs canonically."""
+    return tl.where(x != x, tl.full(x.shape, 0x7FC00000, tl.uint32).to(tl.float32, bitcast=True), x)
+
+
+# ---------------------------------------------------------------------------------------
+# The per-element step (reference.py, line by line).
+# ---------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _adamw_math(
+    grad, w, m, v, vmax, grad_scale,
+    step_size, bc2_sqrt, lr_wd, beta1, one_minus_beta1, beta2, one_minus_beta2, eps,
+    HAS_GRAD_SCALE: tl.constexpr, MAXIMIZE: tl.constexpr, AMSGRAD: tl.constexpr,
+):
+    """One AdamW step of fp32 registers; returns (g, w, m, v, vmax)."""
+    g = grad
+    if HAS_GRAD_SCALE:
+        g = tl.div_rn(g, grad_scale)
+    if MAXIMIZE:
+        g = _negate(g)
+    w = w - lr_wd * w
+    m = _canonical_nan(beta1 * m + one_minus_beta1 * g)
+    v = _canonical_nan(beta2 * v + one_minus_beta2 * g * g)
+    if AMSGRAD:
+        vmax = _canonical_nan(_maximum(vmax, v))
+        denom = tl.div_rn(tl.sqrt_rn(vmax), bc2_sqrt) + eps
+    else:
+        denom = tl.div_rn(tl.sqrt_rn(v), bc2_sqrt) + eps
+    w = _canonical_nan(w - tl.div_rn(step_size * m, denom))
+    return g, w, m, v, vmax
+
+
+@triton.jit(do_not_specialize=["numel", "element_offset"])
+def adamw_kernel(
+    param_ptr, grad_ptr, exp_avg_ptr, exp_avg_sq_ptr, max_exp_avg_sq_ptr,
+    master_ptr, remainder_ptr, freeze_mask_ptr, change_bitmap_ptr, cumulative_bitmap_ptr,
+    counter_ptr, scalars_ptr, sr_key_ptr, grad_scale_ptr, found_inf_ptr,
+    numel, element_offset,
+    BLOCK: tl.constexpr,
+    PARAM_BF16: tl.constexpr, GRAD_BF16: tl.constexpr, EXP_AVG_BF16: tl.constexpr,
+    EXP_AVG_SQ_BF16: tl.constexpr, MAX_EXP_AVG_SQ_BF16: tl.constexpr,
+    HAS_MASTER: tl.constexpr, HAS_REMAINDER: tl.constexpr, STOCHASTIC: tl.constexpr,
+    AMSGRAD: tl.constexpr, MAXIMIZE: tl.constexpr,
+    HAS_FREEZE_MASK: tl.constexpr, HAS_CHANGE_BITMAP: tl.constexpr,
+    HAS_CUMULATIVE_BITMAP: tl.constexpr, HAS_COUNTERS: tl.constexpr,
+    HAS_GRAD_SCALE: tl.constexpr, HAS_FOUND_INF: tl.constexpr,
+):
+    """One block of BLOCK elements of one tensor (BLOCK % 8 == 0: each bitmap byte
+    belongs to one block). bf16 tensors come as int16 views."""
+    pid = tl.program_id(0).to(tl.int64)
+    numel = tl.cast(numel, tl.int64)
+    offs = pid * BLOCK + tl.arange(0, BLOCK)
+    in_range = offs < numel
+    byte_offs = pid * (BLOCK // 8) + tl.arange(0, BLOCK // 8)
+    byte_in_range = byte_offs * 8 < numel
+
+    # Which elements are trained, and whether this step is applied at all.
+    if HAS_FREEZE_MASK:
+        train = _unpack_bits(freeze_mask_ptr, byte_offs, byte_in_range, BLOCK) & in_range
+    else:
+        train = in_range
+    update = train
+    if HAS_FOUND_INF:
+        # Compared as a block: the interpreter (triton 3.9) tags a scalar comparison with its
+        # operands' dtype, so splatting it to the block would turn it into a float.
+        skip = tl.broadcast_to(tl.load(found_inf_ptr), (BLOCK,)) != 0
+        update = train & ~skip
+
+    step_size = tl.load(scalars_ptr + 0)
+    bc2_sqrt = tl.load(scalars_ptr + 1)
+    lr_wd = tl.load(scalars_ptr + 2)
+    beta1 = tl.load(scalars_ptr + 3)
+    one_minus_beta1 = tl.load(scalars_ptr + 4)
+    beta2 = tl.load(scalars_ptr + 5)
+    one_minus_beta2 = tl.load(scalars_ptr + 6)
+    eps = tl.load(scalars_ptr + 7)
+    grad_scale = 1.0
+    if HAS_GRAD_SCALE:
+        grad_scale = tl.load(grad_scale_ptr)
+
+    # w before the step, and the stored bf16 pattern before the step.
+    grad = _load_fp32(grad_ptr, offs, in_range, GRAD_BF16)
+    if PARAM_BF16:
+        old_param_bits = _load_bf16_bits(param_ptr, offs, in_range)
+    else:
+        param = tl.load(param_ptr + offs, mask=in_range, other=0.0)
+        old_param_bits = _round_nearest_bf16(param.to(tl.uint32, bitcast=True))
+    if HAS_MASTER:
+        w_old = tl.load(master_ptr + offs, mask=in_range, other=0.0)
+    elif HAS_REMAINDER:
+        remainder_old = tl.load(remainder_ptr + offs, mask=in_range, other=0)
+        w_old = _join_remainder(old_param_bits, remainder_old).to(tl.float32, bitcast=True)
+    elif PARAM_BF16:
+        w_old = _bf16_bits_to_fp32(old_param_bits)
+    else:
+        w_old = param
+    m = _load_fp32(exp_avg_ptr, offs, in_range, EXP_AVG_BF16)
+    v = _load_fp32(exp_avg_sq_ptr, offs, in_range, EXP_AVG_SQ_BF16)
+    vmax = v
+    if AMSGRAD:
+        vmax = _load_fp32(max_exp_avg_sq_ptr, offs, in_range, MAX_EXP_AVG_SQ_BF16)
+
+    g, w, m, v, vmax = _adamw_math(
+        grad, w_old, m, v, vmax, grad_scale,
+        step_size, bc2_sqrt, lr_wd, beta1, one_minus_beta1, beta2, one_minus_beta2, eps,
+        HAS_GRAD_SCALE, MAXIMIZE, AMSGRAD,
+    )
+
+    # New stored param pattern.
+    w_bits = w.to(tl.uint32, bitcast=True)
+    if not PARAM_BF16:
+        new_param_bits = _round_nearest_bf16(w_bits)
+    elif HAS_REMAINDER:
+        new_param_bits, remainder_new = _split_remainder(w_bits)
+    elif STOCHASTIC:
+        index = offs + tl.cast(element_offset, tl.int64)
+        new_param_bits = _round_stochastic_bf16(w_bits, _random16(sr_key_ptr, index))
+    else:
+        new_param_bits = _round_nearest_bf16(w_bits)
+
+    # Write back the updated elements only; the others keep their bits.
+    _store_state(exp_avg_ptr, offs, m, update, EXP_AVG_BF16)
+    _store_state(exp_avg_sq_ptr, offs, v, update, EXP_AVG_SQ_BF16)
+    if AMSGRAD:
+        _store_state(max_exp_avg_sq_ptr, offs, vmax, update, MAX_EXP_AVG_SQ_BF16)
+    if HAS_MASTER:
+        tl.store(master_ptr + offs, w, mask=update)
+    if HAS_REMAINDER:
+        tl.store(remainder_ptr + offs, remainder_new, mask=update)
+    if PARAM_BF16:
+        _store_bf16_bits(param_ptr, offs, new_param_bits, update)
+    else:
+        tl.store(param_ptr + offs, w, mask=update)
+
+    changed = (new_param_bits != old_param_bits) & update
+    if HAS_CHANGE_BITMAP or HAS_CUMULATIVE_BITMAP:
+        packed = _pack_bits(changed, BLOCK)
+        if HAS_CHANGE_BITMAP:
+            tl.store(change_bitmap_ptr + byte_offs, packed, mask=byte_in_range)
+        if HAS_CUMULATIVE_BITMAP:
+            cumulative = tl.load(cumulative_bitmap_ptr + byte_offs, mask=byte_in_range, other=0)
+            tl.store(cumulative_bitmap_ptr + byte_offs, cumulative | packed, mask=byte_in_range)
+    if HAS_COUNTERS:
+        moved = (w_bits != w_old.to(tl.uint32, bitcast=True)) & update
+        g_exponent = g.to(tl.uint32, bitcast=True) & 0x7F800000
+        nonfinite = (g_exponent == 0x7F800000) & train
+        # The host zeroes the counters; block sums fit in int32 (BLOCK < 2**31).
+        tl.atomic_add(counter_ptr + 0, tl.sum(changed.to(tl.int32), axis=0).to(tl.int64), sem="relaxed")
+        tl.atomic_add(counter_ptr + 1, tl.sum(moved.to(tl.int32), axis=0).to(tl.int64), sem="relaxed")
+        tl.atomic_add(counter_ptr + 2, tl.sum(nonfinite.to(tl.int32), axis=0).to(tl.int64), sem="relaxed")
+
+
+# ---------------------------------------------------------------------------------------
+# Host side.
+# ---------------------------------------------------------------------------------------
+
+
+def _interpreting() -> bool:
+    from triton.runtime.interpreter import InterpretedFunction
+
+    return isinstance(adamw_kernel, InterpretedFunction)
+
+
+def _check(name: str, t: Tensor, dtypes: tuple, numel: int, device: torch.device) -> None:
+    """One place for the per-tensor checks, with messages that name the tensor."""
+    if not isinstance(t, Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.dtype not in dtypes:
+        allowed = ", ".join(str(d) for d in dtypes)
+        raise TypeError(f"{name} has dtype {t.dtype}; the Triton backend takes {allowed}")
+    if t.numel() != numel:
+        raise ValueError(f"{name} has {t.numel()} elements, expected {numel}")
+    if t.device != device:
+        raise ValueError(f"{name} is on {t.device}, its param on {device}; move it to {device}")
+    if not t.is_contiguous():
+        raise ValueError(
+            f"{name} is not contiguous (shape {tuple(t.shape)}, stride {tuple(t.stride())}); "
+            "the Triton backend needs contiguous tensors: pass t.contiguous() (and copy the "
+            "result back), or use backend='reference'"
+        )
+
+
+def _bits_view(t: Tensor) -> Tensor:
+    """bf16 tensors go to the kernel as int16 views (bit operations only); others as they are."""
+    return t.view(torch.int16) if t.dtype == torch.bfloat16 else t
+
+
+def _one_element(name: str, t: Tensor, device: torch.device, dtype=None) -> Tensor:
+    if not isinstance(t, Tensor) or t.numel() != 1:
+        got = tuple(t.shape) if isinstance(t, Tensor) else type(t).__name__
+        raise ValueError(f"{name} must be a one-element tensor, got {got}")
+    return t.to(device=device, dtype=dtype).reshape(1).contiguous()
+
+
+def _found_inf_operand(found_inf: Tensor, device: torch.device) -> Tensor:
+    """found_inf in a dtype the kernel can compare with zero as the reference does."""
+    t = _one_element("found_inf", found_inf, device)
+    if t.dtype == torch.bool:
+        return t.view(torch.uint8)
+    if t.dtype in (torch.float32, torch.float64, torch.int32, torch.int64, torch.uint8, torch.int8):
+        return t
+    return (t != 0).view(torch.uint8)
+
+
+_BITMAP = (torch.uint8,)
+_FLOATS = (torch.float32, torch.bfloat16)
+
+
+def adamw(
+    params: list[Tensor],
+    grads: list[Tensor],
+    exp_avgs: list[Tensor],
+    exp_avg_sqs: list[Tensor],
+    *,
+    scalars: Tensor,
+    max_exp_avg_sqs: list[Tensor] | None = None,
+    masters: list[Tensor] | None = None,
+    remainders: list[Tensor] | None = None,
+    freeze_masks: list[Tensor | None] | None = None,
+    change_bitmaps: list[Tensor] | None = None,
+    cumulative_bitmaps: list[Tensor] | None = None,
+    counters: list[Tensor] | None = None,
+    rounding: str = "nearest",
+    sr_keys: Tensor | None = None,
+    element_offsets: list[int] | None = None,
+    amsgrad: bool = False,
+    maximize: bool = False,
+    grad_scale: Tensor | None = None,
+    found_inf: Tensor | None = None,
+    block_size: int | None = None,
+) -> None:
+    """One AdamW step over a list of tensors, in place, one fused launch per tensor.
+
+    Arguments and results as :func:`rlvr_optim.reference.adamw`; all tensors contiguous and
+    on one device per param (CPU tensors need ``TRITON_INTERPRET=1``). ``masters`` and
+    ``remainders`` need bf16 params; ``rounding`` only affects bf16 params.
+
+    Args:
+        block_size: elements per program, a power of two >= 8 (default:
+            :data:`DEFAULT_BLOCK_GPU` on a GPU, :data:`DEFAULT_BLOCK_CPU` under the
+            interpreter).
+    """
+    if rounding not in ("nearest", "stochastic"):
+        raise ValueError(f"rounding must be 'nearest' or 'stochastic', got {rounding!r}")
+    if rounding == "stochastic" and sr_keys is None:
+        raise ValueError("stochastic rounding needs sr_keys")
+    if masters is not None and remainders is not None:
+        raise ValueError("pass masters or remainders, not both")
+    if remainders is not None and rounding != "nearest":
+        raise ValueError("the remainder form stores its bf16 half by nearest rounding only")
+    if amsgrad and max_exp_avg_sqs is None:
+        raise ValueError("amsgrad needs max_exp_avg_sqs")
+    if block_size is not None and (block_size < 8 or block_size & (block_size - 1)):
+        raise ValueError(f"block_size must be a power of two >= 8, got {block_size}")
+    if not isinstance(scalars, Tensor) or scalars.dtype != torch.float32 or scalars.dim() != 2 \
+            or scalars.shape[0] < len(params) or scalars.shape[1] != 8:
+        got = (scalars.dtype, tuple(scalars.shape)) if isinstance(scalars, Tensor) else scalars
+        raise ValueError(
+            f"scalars must be a float32 [{len(params)}, 8] tensor from "
+            f"rlvr_optim.reference.step_scalars, got {got}"
+        )
+    if rounding == "stochastic" and (sr_keys.dim() != 2 or sr_keys.shape[0] < len(params)
+                                     or sr_keys.shape[1] != 2 or sr_keys.dtype != torch.int64):
+        raise ValueError(
+            f"sr_keys must be an int64 [{len(params)}, 2] tensor from "
+            f"rlvr_optim.reference.stochastic_rounding_keys, got {sr_keys.dtype} "
+            f"{tuple(sr_keys.shape)}"
+        )
+    interpreting = _interpreting()
+    scale_on: dict[torch.device, Tensor] = {}  # grad_scale / found_inf, once per device
+    skip_on: dict[torch.device, Tensor] = {}
+
+    for i, param in enumerate(params):
+        device = param.device
+        if device.type == "cpu" and not interpreting:
+            raise RuntimeError(
+                "the Triton backend got CPU tensors, but Triton is not in interpreter mode: "
+                "set TRITON_INTERPRET=1 before triton is first imported, move the tensors to "
+                "a GPU, or use backend='reference'"
+            )
+        numel = param.numel()
+        nbytes = (numel + 7) // 8
+        _check(f"params[{i}]", param, _FLOATS, numel, device)
+        _check(f"grads[{i}]", grads[i], (torch.float32, torch.bfloat16, torch.float16), numel, device)
+        _check(f"exp_avgs[{i}]", exp_avgs[i], _FLOATS, numel, device)
+        _check(f"exp_avg_sqs[{i}]", exp_avg_sqs[i], _FLOATS, numel, device)
+        max_exp_avg_sq = max_exp_avg_sqs[i] if amsgrad else None
+        if max_exp_avg_sq is not None:
+            _check(f"max_exp_avg_sqs[{i}]", max_exp_avg_sq, _FLOATS, numel, device)
+        master = masters[i] if masters is not None else None
+        remainder = remainders[i] if remainders is not None else None
+        if (master is not None or remainder is not None) and param.dtype != torch.bfloat16:
+            kind = "masters" if master is not None else "remainders"
+            raise ValueError(
+                f"{kind}[{i}] is given for a {param.dtype} param; master weights and "
+                "remainders are for bfloat16 params only"
+            )
+        if master is not None:
+            _check(f"masters[{i}]", master, (torch.float32,), numel, device)
+        if remainder is not None:
+            _check(f"remainders[{i}]", remainder, (torch.int16,), numel, device)
+        freeze_mask = freeze_masks[i] if freeze_masks is not None else None
+        change_bitmap = change_bitmaps[i] if change_bitmaps is not None else None
+        cumulative_bitmap = cumulative_bitmaps[i] if cumulative_bitmaps is not None else None
+        counter = counters[i] if counters is not None else None
+        for name, bitmap in (("freeze_masks", freeze_mask), ("change_bitmaps", change_bitmap),
+                             ("cumulative_bitmaps", cumulative_bitmap)):
+            if bitmap is not None:
+                _check(f"{name}[{i}]", bitmap, _BITMAP, nbytes, device)
+        if counter is not None:
+            _check(f"counters[{i}]", counter, (torch.int64,), 3, device)
+            counter.zero_()  # the kernel adds block sums with atomics
+        offset = int(element_offsets[i]) if element_offsets is not None else 0
+        if not 0 <= offset <= 2**63 - 1 - numel:
+            raise ValueError(f"element_offsets[{i}] must be >= 0 and fit in int64, got {offset}")
+        if numel == 0:
+            continue
+
+        stochastic = rounding == "stochastic" and param.dtype == torch.bfloat16
+        block = block_size or (DEFAULT_BLOCK_GPU if device.type != "cpu" else DEFAULT_BLOCK_CPU)
+        row = scalars[i].to(device)
+        key = sr_keys[i].to(device) if stochastic else None
+        if grad_scale is not None and device not in scale_on:
+            scale_on[device] = _one_element("grad_scale", grad_scale, device, torch.float32)
+        if found_inf is not None and device not in skip_on:
+            skip_on[device] = _found_inf_operand(found_inf, device)
+        scale, skip = scale_on.get(device), skip_on.get(device)
+
+        adamw_kernel[(triton.cdiv(numel, block),)](
+            _bits_view(param), _bits_view(grads[i]), _bits_view(exp_avgs[i]),
+            _bits_view(exp_avg_sqs[i]),
+            _bits_view(max_exp_avg_sq) if max_exp_avg_sq is not None else None,
+            master, remainder, freeze_mask, change_bitmap, cumulative_bitmap,
+            counter, row, key, scale, skip,
+            numel, offset,
+            BLOCK=block,
+            PARAM_BF16=param.dtype == torch.bfloat16,
+            GRAD_BF16=grads[i].dtype == torch.bfloat16,
+            EXP_AVG_BF16=exp_avgs[i].dtype == torch.bfloat16,
+            EXP_AVG_SQ_BF16=exp_avg_sqs[i].dtype == torch.bfloat16,
+            MAX_EXP_AVG_SQ_BF16=max_exp_avg_sq is not None and max_exp_avg_sq.dtype == torch.bfloat16,
+            HAS_MASTER=master is not None,
+            HAS_REMAINDER=remainder is not None,
+            STOCHASTIC=stochastic,
+            AMSGRAD=max_exp_avg_sq is not None,
+            MAXIMIZE=bool(maximize),
+            HAS_FREEZE_MASK=freeze_mask is not None,
+            HAS_CHANGE_BITMAP=change_bitmap is not None,
+            HAS_CUMULATIVE_BITMAP=cumulative_bitmap is not None,
+            HAS_COUNTERS=counter is not None,
+            HAS_GRAD_SCALE=scale is not None,
+            HAS_FOUND_INF=skip is not None,
+            num_warps=_NUM_WARPS_GPU,
+            enable_fp_fusion=False,
+        )
