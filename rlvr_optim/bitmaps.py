@@ -32,7 +32,6 @@ __all__ = [
 ]
 
 _BYTE_POPCOUNT = torch.tensor([bin(i).count("1") for i in range(256)], dtype=torch.int64)
-_BIT_WEIGHTS = [1 << i for i in range(8)]
 
 
 def bitmap_bytes(numel: int) -> int:
@@ -46,8 +45,9 @@ def pack(bits: Tensor) -> Tensor:
     numel = flat.numel()
     padded = torch.zeros(bitmap_bytes(numel) * 8, dtype=torch.int64, device=bits.device)
     padded[:numel] = flat.to(torch.int64)
-    weights = torch.tensor(_BIT_WEIGHTS, dtype=torch.int64, device=bits.device)
-    return (padded.reshape(-1, 8) * weights).sum(dim=1).to(torch.uint8)
+    # Shifts made on the device: no host copy (a sync on a GPU, refused in graph capture).
+    shifts = torch.arange(8, dtype=torch.int64, device=bits.device)
+    return (padded.reshape(-1, 8) << shifts).sum(dim=1).to(torch.uint8)
 
 
 def unpack(bitmap: Tensor, numel: int | None = None, shape: Iterable[int] | None = None) -> Tensor:

@@ -12,9 +12,9 @@ from typing import Any, Callable, Iterable, Mapping
 import torch
 from torch import Tensor
 
-from . import backends, bitmaps, reference
+from . import backends, bitmaps, distributed, reference
 
-__all__ = ["AdamW"]
+__all__ = ["AdamW", "change_log_from_rows", "format_table"]
 
 ROUNDINGS = ("nearest", "stochastic")
 MASTER_WEIGHTS = (None, "fp32", "remainder")
@@ -78,7 +78,9 @@ def _check_hyperparameters(group: Mapping[str, Any]) -> None:
     lr, eps, betas, weight_decay = group["lr"], group["eps"], group["betas"], group["weight_decay"]
     if isinstance(lr, Tensor) and lr.numel() != 1:
         raise ValueError("Tensor lr must be 1-element")
-    if not 0.0 <= lr:
+    # A device lr is checked once, by torch's constructor: comparing it in every step would
+    # sync the host, which a CUDA graph capture forbids.
+    if not (isinstance(lr, Tensor) and lr.device.type != "cpu") and not 0.0 <= lr:
         raise ValueError(f"Invalid learning rate: {lr}")
     if not 0.0 <= eps:
         raise ValueError(f"Invalid epsilon value: {eps}")
@@ -113,6 +115,11 @@ class AdamW(torch.optim.AdamW):
         seed: seed of the stochastic rounding stream (default 0).
         freeze_masks: ``{param: mask}``; see :meth:`set_freeze_mask`.
         backend: ``"auto"`` (default), ``"reference"``, ``"triton"`` or ``"cuda"``.
+
+    DTensor params (FSDP2 ``fully_shard``: ``Shard(0)`` or ``Replicate()`` on a 1-D mesh)
+    step on their local shards, with stochastic rounding keyed by each element's global
+    index, so N ranks store the bits of one; bitmaps and counters are then per local shard
+    (:mod:`rlvr_optim.distributed` sums them over ranks).
 
     Results (device tensors; reading them does not sync until you call ``.tolist()``):
     :meth:`change_bitmap`, :meth:`cumulative_bitmap`, :meth:`change_counts`; for the
@@ -243,6 +250,7 @@ class AdamW(torch.optim.AdamW):
                 f"param {name}: rounding='stochastic' rounds the bf16 store of a param, but this "
                 f"param is {p.dtype} and has none; make it bfloat16 or use rounding='nearest'"
             )
+        distributed.shard_layout(p, name)  # raises for placements we cannot step
 
     @staticmethod
     def _state_dtype(p: Tensor, group: Mapping[str, Any]) -> torch.dtype:
@@ -259,13 +267,37 @@ class AdamW(torch.optim.AdamW):
             out["master"] = (p.shape, torch.float32)
         elif group["master_weights"] == "remainder":
             out["remainder"] = (p.shape, torch.int16)
-        nbytes = torch.Size([bitmaps.bitmap_bytes(p.numel())])
+        nbytes, ncounters = self._per_shard_shapes(p)
         if group["track_changes"] != "off":
             out["change_bitmap"] = (nbytes, torch.uint8)
-            out["change_counts"] = (torch.Size([len(reference.COUNTER_NAMES)]), torch.int64)
+            out["change_counts"] = (ncounters, torch.int64)
         if group["track_changes"] == "cumulative":
             out["cumulative_bitmap"] = (nbytes, torch.uint8)
         return out
+
+    @staticmethod
+    def _per_shard_shapes(p: Tensor) -> tuple[torch.Size, torch.Size]:
+        """Shapes of a bitmap and of the counters of ``p`` as held in its state.
+
+        Plain tensors: ``[ceil(numel / 8)]`` and ``[3]``. DTensor params hold them per local
+        shard, as DTensors of one slot per rank (see :mod:`rlvr_optim.distributed`).
+        """
+        nbytes = bitmaps.bitmap_bytes(p.numel())
+        ncounters = len(reference.COUNTER_NAMES)
+        layout = distributed.shard_layout(p)
+        if layout is None:
+            return torch.Size([nbytes]), torch.Size([ncounters])
+        return (layout.global_shape(layout.bitmap_slot_bytes, nbytes),
+                layout.global_shape(ncounters, ncounters))
+
+    @staticmethod
+    def _per_shard(p: Tensor, value: Tensor | None, what: str) -> Tensor | None:
+        """The local plain tensor of a per-shard state (``what``: "bitmap" or "counters")."""
+        if value is None or not distributed.is_dtensor(value):
+            return value
+        numel = distributed.local_tensor(p).numel()
+        size = bitmaps.bitmap_bytes(numel) if what == "bitmap" else len(reference.COUNTER_NAMES)
+        return value.to_local()[:size]
 
     def _check_state(self, p: Tensor, group: Mapping[str, Any], state: Mapping, name: str,
                      initialized: bool) -> None:
@@ -302,16 +334,22 @@ class AdamW(torch.optim.AdamW):
                     )
         if "freeze_mask" in state:
             mask = state["freeze_mask"]
-            if mask.dtype != torch.uint8 or mask.numel() != bitmaps.bitmap_bytes(p.numel()):
+            if mask.dtype != torch.uint8 or mask.shape != self._per_shard_shapes(p)[0]:
                 raise ValueError(f"param {name}: stored freeze mask does not fit the param")
 
-    def _init_state(self, p: Tensor, group: Mapping[str, Any], state: dict) -> None:
-        """Create missing state tensors and drop tracking state the group no longer wants."""
+    def _init_state(self, p: Tensor, group: Mapping[str, Any], state: dict,
+                    on_device: bool = False) -> None:
+        """Create missing state tensors and drop tracking state the group no longer wants.
+
+        The step count lives on the param's device with ``capturable`` / ``fused``, or when
+        ``on_device`` (a GradScaler step: skipping on found_inf must not sync the host).
+        """
         if "step" not in state:
-            on_device = group["capturable"] or group["fused"]
+            on_device = on_device or group["capturable"] or group["fused"]
             state["step"] = torch.zeros((), dtype=torch.float32,
                                         device=p.device if on_device else "cpu")
         expected = self._expected_state(p, group)
+        layout = distributed.shard_layout(p)
         for key, (shape, dtype) in expected.items():
             if key in state:
                 if key in _MOMENT_KEYS and state[key].dtype != dtype:
@@ -319,8 +357,18 @@ class AdamW(torch.optim.AdamW):
                 continue
             if key == "master":
                 state[key] = p.detach().float().clone()
-            else:
+            elif layout is None:
                 state[key] = torch.zeros(shape, dtype=dtype, device=p.device)
+            elif key in _TRACKING_KEYS:
+                local = p.to_local()
+                if key == "change_counts":
+                    size = slot = len(reference.COUNTER_NAMES)
+                else:
+                    size = bitmaps.bitmap_bytes(local.numel())
+                    slot = layout.bitmap_slot_bytes
+                state[key] = layout.wrap(torch.zeros(size, dtype=dtype, device=local.device), slot)
+            else:  # element-shaped: a DTensor with the param's placements
+                state[key] = torch.zeros_like(p, dtype=dtype, memory_format=torch.contiguous_format)
         for key in _TRACKING_KEYS:
             if key in state and key not in expected:
                 del state[key]
@@ -341,32 +389,56 @@ class AdamW(torch.optim.AdamW):
             return None
         if not isinstance(mask, Tensor):
             raise TypeError(f"freeze mask for param {name} must be a tensor, got {type(mask).__name__}")
-        nbytes = bitmaps.bitmap_bytes(p.numel())
-        if mask.dtype == torch.bool:
+        layout = distributed.shard_layout(p, name)
+        local = distributed.local_tensor(p)
+        if layout is not None and distributed.is_dtensor(mask):
+            if tuple(mask.placements) != tuple(p.placements) or mask.shape != p.shape:
+                raise ValueError(
+                    f"DTensor freeze mask for param {name} must have the param's shape "
+                    f"{tuple(p.shape)} and placements {tuple(p.placements)}, got "
+                    f"{tuple(mask.shape)} and {tuple(mask.placements)}"
+                )
+            mask = mask.to_local()
+        elif layout is not None and mask.dtype == torch.bool:
             if mask.numel() != p.numel():
                 raise ValueError(
                     f"freeze mask for param {name} has {mask.numel()} elements, the param has "
                     f"{p.numel()} (shape {tuple(p.shape)})"
                 )
-            return bitmaps.pack(mask).to(p.device)
+            # A whole-tensor mask: keep the range of the local shard.
+            start = layout.element_offset
+            mask = mask.reshape(-1)[start : start + local.numel()]
+        numel = local.numel()
+        nbytes = bitmaps.bitmap_bytes(numel)
+        what = "the local shard has" if layout is not None else "the param has"
+        if mask.dtype == torch.bool:
+            if mask.numel() != numel:
+                raise ValueError(
+                    f"freeze mask for param {name} has {mask.numel()} elements, {what} "
+                    f"{numel} (shape {tuple(local.shape)})"
+                )
+            return bitmaps.pack(mask).to(local.device)
         if mask.dtype == torch.uint8:
             if mask.dim() != 1 or mask.numel() != nbytes:
                 raise ValueError(
                     f"packed freeze mask for param {name} must be a 1-D uint8 tensor of {nbytes} "
-                    f"bytes (ceil({p.numel()} / 8)), got shape {tuple(mask.shape)}"
+                    f"bytes (ceil({numel} / 8)), got shape {tuple(mask.shape)}"
                 )
             # Padding bits past numel stay zero, as in every bitmap of this package.
-            return bitmaps.pack(bitmaps.unpack(mask, p.numel())).to(p.device)
+            return bitmaps.pack(bitmaps.unpack(mask, numel)).to(local.device)
         raise ValueError(
             f"freeze mask for param {name} must be a bool tensor of the param's shape "
             f"(True = trained) or a packed uint8 bitmap, got dtype {mask.dtype}"
         )
 
     def _set_packed_freeze_mask(self, p: Tensor, packed: Tensor | None) -> None:
+        layout = distributed.shard_layout(p)
         if packed is None:
             self.state[p].pop("freeze_mask", None)
-        else:
+        elif layout is None:
             self.state[p]["freeze_mask"] = packed
+        else:
+            self.state[p]["freeze_mask"] = layout.wrap(packed, layout.bitmap_slot_bytes)
 
     def set_freeze_mask(self, param: Tensor, mask: Tensor | None) -> None:
         """Train only part of ``param``.
@@ -376,13 +448,16 @@ class AdamW(torch.optim.AdamW):
             mask: bool tensor with the param's element count (True = trained, False =
                 frozen: param, states and master stay bit-identical), or a packed uint8
                 bitmap of ``ceil(numel / 8)`` bytes (:mod:`rlvr_optim.bitmaps` format), or
-                None to train every element again.
+                None to train every element again. For a DTensor param: a bool mask of the
+                whole tensor (plain, or a DTensor with the param's placements), or the
+                packed bitmap of the local shard.
         """
         self._set_packed_freeze_mask(param, self._packed_freeze_mask(param, mask))
 
     def freeze_mask(self, param: Tensor) -> Tensor | None:
-        """The packed freeze mask of ``param`` (bit 1 = trained), or None."""
-        return self.state.get(param, {}).get("freeze_mask")
+        """The packed freeze mask of ``param`` (bit 1 = trained; of the local shard for a
+        DTensor param), or None."""
+        return self._per_shard(param, self.state.get(param, {}).get("freeze_mask"), "bitmap")
 
     # ---------------------------------------------------------------- the step
 
@@ -407,6 +482,14 @@ class AdamW(torch.optim.AdamW):
             self._check_param_options(p, group, name)
             if grad.dtype not in PARAM_DTYPES:
                 raise ValueError(f"param {name}: gradient dtype {grad.dtype} is not supported")
+            if distributed.is_dtensor(p) and (
+                not distributed.is_dtensor(grad) or tuple(grad.placements) != tuple(p.placements)
+            ):
+                got = tuple(grad.placements) if distributed.is_dtensor(grad) else "a plain tensor"
+                raise ValueError(
+                    f"param {name}: the gradient of a DTensor param must be a DTensor with the "
+                    f"param's placements {tuple(p.placements)}, got {got}"
+                )
             state = self.state.get(p, {})
             self._check_state(p, group, state, name, initialized="step" in state)
             items.append((i, p))
@@ -414,6 +497,12 @@ class AdamW(torch.optim.AdamW):
             return None
         return {"group": group, "index": group_index, "items": items}
 
+    # In a torch.compile'd training step the optimizer step is a graph break and runs
+    # eagerly. Traced, the reference's fp32 ops would be left to the compiler, which may
+    # fuse multiply-adds and so change the stored bits (reference.py forbids contraction);
+    # tracing it also took 14 s (eager backend) to 80 s (inductor) for a 4-param model
+    # on 2 CPU cores. The fused backends are kernels of their own either way.
+    @torch.compiler.disable
     @torch.no_grad()
     def step(self, closure: Callable[[], float] | None = None):
         """Perform a single optimization step.
@@ -448,7 +537,7 @@ class AdamW(torch.optim.AdamW):
         params = [p for _, p in job["items"]]
         states = [self.state[p] for p in params]
         for p, state in zip(params, states):
-            self._init_state(p, group, state)
+            self._init_state(p, group, state, on_device=found_inf is not None)
             if found_inf is not None and state["step"].device != p.device:
                 # Skipping on found_inf without a host sync needs the step count on the device.
                 state["step"] = state["step"].to(p.device)
@@ -465,35 +554,56 @@ class AdamW(torch.optim.AdamW):
         )
         sr_keys = None
         if group["rounding"] == "stochastic":
-            keys = torch.tensor([ordinals[p] for p in params], dtype=torch.int64)
+            keys = self._device_keys([ordinals[p] for p in params], step_vec.device)
             sr_keys = reference.stochastic_rounding_keys(
-                group["seed"], step_vec.to(torch.int64), keys.to(step_vec.device)
+                group["seed"], step_vec.to(torch.int64), keys
             )
         track = group["track_changes"]
         master = group["master_weights"]
+        # DTensor params step on their local shards; the backend sees plain tensors and the
+        # global index of each shard's first element (for the stochastic rounding stream).
+        local = distributed.local_tensor
+        layouts = [distributed.shard_layout(p) for p in params]
+
+        def per_shard(key: str, what: str = "bitmap") -> list[Tensor | None]:
+            return [self._per_shard(p, s.get(key), what) for p, s in zip(params, states)]
+
         backend = backends.select(self.backend, params[0].device)
         backend.adamw(
-            params,
-            [p.grad for p in params],
-            [s["exp_avg"] for s in states],
-            [s["exp_avg_sq"] for s in states],
+            [local(p) for p in params],
+            [local(p.grad) for p in params],
+            [local(s["exp_avg"]) for s in states],
+            [local(s["exp_avg_sq"]) for s in states],
             scalars=scalars,
-            max_exp_avg_sqs=[s["max_exp_avg_sq"] for s in states] if group["amsgrad"] else None,
-            masters=[s["master"] for s in states] if master == "fp32" else None,
-            remainders=[s["remainder"] for s in states] if master == "remainder" else None,
-            freeze_masks=[s.get("freeze_mask") for s in states],
-            change_bitmaps=[s["change_bitmap"] for s in states] if track != "off" else None,
-            cumulative_bitmaps=(
-                [s["cumulative_bitmap"] for s in states] if track == "cumulative" else None
+            max_exp_avg_sqs=(
+                [local(s["max_exp_avg_sq"]) for s in states] if group["amsgrad"] else None
             ),
-            counters=[s["change_counts"] for s in states] if track != "off" else None,
+            masters=[local(s["master"]) for s in states] if master == "fp32" else None,
+            remainders=[local(s["remainder"]) for s in states] if master == "remainder" else None,
+            freeze_masks=per_shard("freeze_mask"),
+            change_bitmaps=per_shard("change_bitmap") if track != "off" else None,
+            cumulative_bitmaps=per_shard("cumulative_bitmap") if track == "cumulative" else None,
+            counters=per_shard("change_counts", "counters") if track != "off" else None,
             rounding=group["rounding"],
             sr_keys=sr_keys,
+            element_offsets=[0 if lay is None else lay.element_offset for lay in layouts],
             amsgrad=group["amsgrad"],
             maximize=group["maximize"],
             grad_scale=grad_scale,
             found_inf=found_inf,
         )
+
+    def _device_keys(self, keys: list[int], device: torch.device) -> Tensor:
+        """The int64 tensor of ``keys`` on ``device``, built once per key list.
+
+        Cached because building it copies from host memory, which a CUDA graph capture
+        forbids; the first (warm-up) step builds it, captured steps reuse it.
+        """
+        cache = self.__dict__.setdefault("_device_key_cache", {})
+        index = (tuple(keys), str(device))
+        if index not in cache:
+            cache[index] = torch.tensor(keys, dtype=torch.int64).to(device)
+        return cache[index]
 
     # ---------------------------------------------------------------- state dicts
 
@@ -550,19 +660,30 @@ class AdamW(torch.optim.AdamW):
     # ---------------------------------------------------------------- results
 
     def change_bitmap(self, param: Tensor) -> Tensor | None:
-        """Packed bitmap of the last step: bit i = element i's stored bf16 bits changed."""
-        return self.state.get(param, {}).get("change_bitmap")
+        """Packed bitmap of the last step: bit i = element i's stored bf16 bits changed.
+
+        For a DTensor param: the bitmap of the local shard (a plain tensor).
+        """
+        return self._per_shard(param, self.state.get(param, {}).get("change_bitmap"), "bitmap")
 
     def cumulative_bitmap(self, param: Tensor) -> Tensor | None:
         """OR of all change bitmaps since tracking began (``track_changes="cumulative"``)."""
-        return self.state.get(param, {}).get("cumulative_bitmap")
+        return self._per_shard(param, self.state.get(param, {}).get("cumulative_bitmap"),
+                               "bitmap")
 
     def change_counts(self, param: Tensor) -> Tensor | None:
-        """int64 device tensor ``[bf16 changed, fp32 moved, non-finite grads]`` of the last step."""
-        return self.state.get(param, {}).get("change_counts")
+        """int64 device tensor ``[bf16 changed, fp32 moved, non-finite grads]`` of the last
+        step (of the local shard for a DTensor param; see
+        :func:`rlvr_optim.distributed.all_reduce_change_counts`)."""
+        return self._per_shard(param, self.state.get(param, {}).get("change_counts"),
+                               "counters")
 
     def change_summary(self) -> list[dict[str, Any]]:
-        """One row per tracked param: name, numel and the last step's counters (one sync)."""
+        """One row per tracked param: name, numel and the last step's counters (one sync).
+
+        For DTensor params the rows describe the local shards (``numel`` is the local count);
+        :func:`rlvr_optim.distributed.global_change_summary` sums them over ranks.
+        """
         names = self._names()
         tracked = [p for p in names if self.change_counts(p) is not None]
         if not tracked:
@@ -576,7 +697,7 @@ class AdamW(torch.optim.AdamW):
             cumulative = dict(zip(with_cumulative, totals))
         rows = []
         for p, c in zip(tracked, counts):
-            row = {"name": names[p], "numel": p.numel()}
+            row = {"name": names[p], "numel": distributed.local_tensor(p).numel()}
             row.update(zip(reference.COUNTER_NAMES, c))
             if p in cumulative:
                 row["cumulative_changed"] = cumulative[p]
@@ -594,25 +715,31 @@ class AdamW(torch.optim.AdamW):
         a weight that leaves its start bits and returns counts as unchanged there, so the
         never-changed share is a lower bound on it.
         """
-        rows = self.change_summary()
-        if not rows:
-            return {}
-        numel = sum(r["numel"] for r in rows)
-        changed = sum(r["bf16_changed"] for r in rows)
-        moved = sum(r["fp32_moved"] for r in rows)
-        out = {
-            "changed_fraction": changed / numel if numel else 0.0,
-            "moved_fraction": moved / numel if numel else 0.0,
-            "filtered_fraction": (moved - changed) / moved if moved else 0.0,
-            "nonfinite_grads": float(sum(r["nonfinite_grads"] for r in rows)),
-        }
-        cum_rows = [r for r in rows if "cumulative_changed" in r]
-        if cum_rows:
-            cum_numel = sum(r["numel"] for r in cum_rows)
-            frac = sum(r["cumulative_changed"] for r in cum_rows) / cum_numel if cum_numel else 0.0
-            out["cumulative_changed_fraction"] = frac
-            out["never_changed_fraction"] = 1.0 - frac
-        return {prefix + k: v for k, v in out.items()}
+        return change_log_from_rows(self.change_summary(), prefix)
+
+
+def change_log_from_rows(rows: Iterable[Mapping[str, Any]], prefix: str = "rlvr_optim/"
+                         ) -> dict[str, float]:
+    """The flat dict of :meth:`AdamW.change_log` from ``change_summary``-style rows."""
+    rows = list(rows)
+    if not rows:
+        return {}
+    numel = sum(r["numel"] for r in rows)
+    changed = sum(r["bf16_changed"] for r in rows)
+    moved = sum(r["fp32_moved"] for r in rows)
+    out = {
+        "changed_fraction": changed / numel if numel else 0.0,
+        "moved_fraction": moved / numel if numel else 0.0,
+        "filtered_fraction": (moved - changed) / moved if moved else 0.0,
+        "nonfinite_grads": float(sum(r["nonfinite_grads"] for r in rows)),
+    }
+    cum_rows = [r for r in rows if "cumulative_changed" in r]
+    if cum_rows:
+        cum_numel = sum(r["numel"] for r in cum_rows)
+        frac = sum(r["cumulative_changed"] for r in cum_rows) / cum_numel if cum_numel else 0.0
+        out["cumulative_changed_fraction"] = frac
+        out["never_changed_fraction"] = 1.0 - frac
+    return {prefix + k: v for k, v in out.items()}
 
 
 def format_table(rows: Iterable[Mapping[str, Any]], columns: Iterable[str] | None = None) -> str:

@@ -278,16 +278,22 @@ def step_scalars(
     Returns a float32 tensor [n, 8] whose columns are :data:`SCALAR_COLUMNS`.
     """
     t = steps.to(torch.float64)
-    lr64 = torch.as_tensor(lr, dtype=torch.float64).to(t.device).reshape(())
-    b1 = torch.tensor(float(beta1), dtype=torch.float64, device=t.device)
-    b2 = torch.tensor(float(beta2), dtype=torch.float64, device=t.device)
-    step_size = lr64 / (1.0 - torch.pow(b1, t))
-    bc2_sqrt = torch.sqrt(1.0 - torch.pow(b2, t))
+
+    def const(value: float) -> Tensor:
+        # Made by a fill on the steps' device: a copy from host memory would sync the host
+        # and is refused inside a CUDA graph capture.
+        return torch.full((), float(value), dtype=torch.float64, device=t.device)
+
+    if isinstance(lr, Tensor):
+        lr64 = lr.to(device=t.device, dtype=torch.float64).reshape(())
+    else:
+        lr64 = const(lr)
+    step_size = lr64 / (1.0 - torch.pow(const(beta1), t))
+    bc2_sqrt = torch.sqrt(1.0 - torch.pow(const(beta2), t))
     lr_wd = (lr64 * float(weight_decay)).expand_as(t)
-    constants = torch.tensor(
-        [float(beta1), 1.0 - float(beta1), float(beta2), 1.0 - float(beta2), float(eps)],
-        dtype=torch.float64,
-        device=t.device,
+    constants = torch.stack(
+        [const(beta1), const(1.0 - float(beta1)), const(beta2), const(1.0 - float(beta2)),
+         const(eps)]
     ).expand(t.numel(), 5)
     return torch.cat([torch.stack([step_size, bc2_sqrt, lr_wd], dim=1), constants], dim=1).float()
 
