@@ -1,14 +1,19 @@
 """Build script: a pure-Python install always; the CUDA extension only when it can be built.
 
 The extension ``rlvr_optim._C`` is compiled with nvcc + pybind11 from ``csrc/*.cu`` and
-takes raw device pointers, so it needs no CUDA build of torch. It is built when nvcc is
-found and ``csrc/`` has sources, unless ``RLVR_OPTIM_SKIP_CUDA_BUILD=1``. Without it the
-package still installs and runs (reference and Triton backends).
+takes raw device pointers, so it needs no CUDA build of torch (torch is not imported here).
+It is built when nvcc is found and ``csrc/`` has sources, unless
+``RLVR_OPTIM_SKIP_CUDA_BUILD=1``. Without it the package still installs and runs
+(reference and Triton backends; the CUDA backend then compiles the extension on first use).
+
+``RLVR_OPTIM_CUDA_ARCHS`` (default ``"80;90"``) lists the GPU architectures to build
+machine code for; PTX of the newest one is embedded too, so newer GPUs can load it.
 """
 
 import os
 import shutil
 import subprocess
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from setuptools import Extension, setup
@@ -16,7 +21,11 @@ from setuptools.command.build_ext import build_ext
 
 ROOT = Path(__file__).parent
 CUDA_SOURCES = sorted(str(p.relative_to(ROOT)) for p in (ROOT / "csrc").glob("*.cu"))
-ARCHS = ("80", "90")
+DEFAULT_ARCHS = "80;90"
+# -fmad=false: no multiply-add contraction anywhere (the kernels also use __fmul_rn & co.),
+# so the fp32 arithmetic is the reference's, operation by operation.
+NVCC_FLAGS = ["-O3", "-std=c++17", "-fmad=false", "-Xcompiler", "-fPIC",
+              "-Xcompiler", "-fvisibility=hidden"]
 
 
 def want_cuda() -> bool:
@@ -25,23 +34,40 @@ def want_cuda() -> bool:
     return bool(CUDA_SOURCES) and shutil.which("nvcc") is not None
 
 
+def gencode_flags(archs: str) -> list[str]:
+    """-gencode flags: machine code for each arch, PTX for the last."""
+    names = [a.strip() for a in archs.replace(",", ";").split(";") if a.strip()]
+    if not names or not all(a.isdigit() for a in names):
+        raise ValueError(f"RLVR_OPTIM_CUDA_ARCHS must list compute capabilities like '80;90', got {archs!r}")
+    flags = [f"-gencode=arch=compute_{a},code=sm_{a}" for a in names]
+    flags.append(f"-gencode=arch=compute_{names[-1]},code=compute_{names[-1]}")
+    return flags
+
+
 class NvccBuildExt(build_ext):
-    """Compile each .cu with nvcc into one shared object (no torch headers involved)."""
+    """Compile each .cu with nvcc (in parallel), link one shared object; no torch headers."""
 
     def build_extension(self, ext):
-        import pybind11
         import sysconfig
+
+        import pybind11
 
         out = Path(self.get_ext_fullpath(ext.name))
         out.parent.mkdir(parents=True, exist_ok=True)
-        gencode = [f"-gencode=arch=compute_{a},code=sm_{a}" for a in ARCHS]
-        cmd = [
-            "nvcc", "-O3", "-std=c++17", "-shared", "-Xcompiler", "-fPIC", "-fmad=false",
-            f"-I{pybind11.get_include()}", f"-I{sysconfig.get_paths()['include']}",
-            *gencode, *ext.sources, "-o", str(out),
-        ]
-        print("building rlvr_optim._C:", " ".join(cmd))
-        subprocess.check_call(cmd, cwd=ROOT)
+        tmp = Path(self.build_temp) / "csrc"
+        tmp.mkdir(parents=True, exist_ok=True)
+        archs = os.environ.get("RLVR_OPTIM_CUDA_ARCHS", DEFAULT_ARCHS)
+        flags = [*NVCC_FLAGS, *gencode_flags(archs), f"-I{pybind11.get_include()}",
+                 f"-I{sysconfig.get_paths()['include']}"]
+        objects = [str(tmp / (Path(src).stem + ".o")) for src in ext.sources]
+        compiles = [["nvcc", "-c", *flags, src, "-o", obj] for src, obj in zip(ext.sources, objects)]
+        print(f"building rlvr_optim._C for sm {archs} from {len(compiles)} sources "
+              f"(nvcc {' '.join(flags)})")
+        with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
+            for result in pool.map(lambda cmd: subprocess.run(cmd, cwd=ROOT), compiles):
+                if result.returncode != 0:
+                    raise RuntimeError(f"nvcc failed: {' '.join(result.args)}")
+        subprocess.check_call(["nvcc", "-shared", *objects, "-o", str(out)], cwd=ROOT)
 
 
 ext_modules = [Extension("rlvr_optim._C", CUDA_SOURCES)] if want_cuda() else []

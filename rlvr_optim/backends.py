@@ -13,12 +13,6 @@ from . import reference
 
 BACKENDS = ("auto", "reference", "triton", "cuda")
 
-# Why a backend cannot be used in this version, shown in the error users see.
-_NOT_YET = {
-    "cuda": "the CUDA extension (csrc/) is not part of this version of rlvr_optim yet",
-}
-
-
 def _triton_module() -> tuple[ModuleType | None, str | None]:
     try:
         return importlib.import_module("rlvr_optim.triton_kernels.adamw"), None
@@ -32,7 +26,11 @@ def unavailable_reason(name: str) -> str | None:
         return f"unknown backend {name!r}; choose one of {', '.join(map(repr, BACKENDS))}"
     if name == "triton":
         return _triton_module()[1]
-    return _NOT_YET.get(name)
+    if name == "cuda":
+        from . import cuda_backend  # noqa: PLC0415 - touches no GPU
+
+        return cuda_backend.unavailable_reason()
+    return None
 
 
 def check_backend(name: str) -> None:
@@ -51,13 +49,20 @@ def check_backend(name: str) -> None:
 def select(name: str, device: torch.device) -> ModuleType:
     """The backend module that runs a step of tensors on ``device``.
 
-    ``auto`` picks the Triton kernels for CUDA tensors when Triton is importable, and
-    the reference elsewhere (on a CPU the Triton kernels only run in Triton's interpreter,
-    which is for tests). ``triton`` on CPU tensors needs ``TRITON_INTERPRET=1``.
+    ``auto`` picks, for CUDA tensors, the CUDA extension if it is already built (it does
+    not start a first-use compile), else the Triton kernels when Triton is importable; the
+    reference elsewhere (on a CPU the Triton kernels only run in Triton's interpreter,
+    which is for tests). ``cuda`` compiles the extension on first use if setup.py could
+    not; ``triton`` on CPU tensors needs ``TRITON_INTERPRET=1``.
     """
     check_backend(name)
     if name == "reference":
         return reference
+    if name == "cuda" or (name == "auto" and device.type == "cuda"):
+        from . import cuda_backend  # noqa: PLC0415
+
+        if name == "cuda" or cuda_backend.is_built():
+            return cuda_backend
     if name == "triton" or (name == "auto" and device.type == "cuda"):
         module, _ = _triton_module()
         if module is not None:

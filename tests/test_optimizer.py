@@ -499,7 +499,6 @@ def test_invalid_hyperparameters_use_torch_messages(kwargs, message):
         (dict(seed=-1), "seed must be an int"),
         (dict(master_weights="remainder", rounding="stochastic"), "cannot be combined"),
         (dict(backend="tpu"), "unknown backend 'tpu'; choose one of 'auto', 'reference'"),
-        (dict(backend="cuda"), "backend 'cuda' is not available: .*Available: 'auto', 'reference'"),
         (dict(differentiable=True), "differentiable"),
     ],
 )
@@ -679,3 +678,13 @@ def test_triton_backend_gives_the_reference_bits_through_the_optimizer(mode):
     run(opt_ref, ref, grads)
     run(opt_tri, tri, grads)
     assert_same_snapshot(snapshot(opt_ref, ref), snapshot(opt_tri, tri))
+
+
+def test_unavailable_backend_names_the_reason_and_the_choices(monkeypatch):
+    from rlvr_optim import cuda_backend
+
+    monkeypatch.setattr(cuda_backend, "is_built", lambda: False)
+    monkeypatch.setattr(cuda_backend, "_build_blockers", lambda: ["nvcc is not on PATH"])
+    with pytest.raises(RuntimeError, match="backend 'cuda' is not available: .*nvcc is not on "
+                       "PATH.*Available: 'auto', 'reference'"):
+        AdamW([torch.randn(2, requires_grad=True)], backend="cuda")

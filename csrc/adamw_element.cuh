@@ -1,0 +1,311 @@
+// One AdamW step of one element: rlvr_optim/reference.py written in C++.
+//
+// Everything here is `__host__ __device__` and touches registers only: the kernel
+// (adamw_kernel.cuh) loads, calls adamw_element and stores; the host build
+// (adamw_host.cpp, used by tests/test_csrc.py) runs the same code on the CPU to prove it
+// equal to the reference bit for bit. The algorithm is written out once, in the
+// reference; this file follows it line by line, in the same order.
+//
+// Floating point: every operation is one correctly rounded fp32 operation, never fused.
+// On the device that is __fadd_rn & co. (which nvcc never contracts into an FMA); on the
+// host plain IEEE fp32 arithmetic, compiled with -ffp-contract=off, and the square root
+// taken in double and rounded once, like the reference (53 >= 2 * 24 + 2 bits, so the
+// double rounding is innocuous). bf16 conversions are integer operations on the fp32
+// bit pattern, exactly the reference's formulas.
+#pragma once
+
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+
+#if defined(__CUDACC__)
+#define RLVR_HD __host__ __device__ __forceinline__
+#else
+#define RLVR_HD inline
+#endif
+
+namespace rlvr_optim {
+
+// ---------------------------------------------------------------------------------------
+// fp32 operations, one rounding each.
+// ---------------------------------------------------------------------------------------
+
+RLVR_HD float add_rn(float a, float b) {
+#if defined(__CUDA_ARCH__)
+  return __fadd_rn(a, b);
+#else
+  return a + b;
+#endif
+}
+
+RLVR_HD float sub_rn(float a, float b) {
+#if defined(__CUDA_ARCH__)
+  return __fsub_rn(a, b);
+#else
+  return a - b;
+#endif
+}
+
+RLVR_HD float mul_rn(float a, float b) {
+#if defined(__CUDA_ARCH__)
+  return __fmul_rn(a, b);
+#else
+  return a * b;
+#endif
+}
+
+RLVR_HD float div_rn(float a, float b) {
+#if defined(__CUDA_ARCH__)
+  return __fdiv_rn(a, b);
+#else
+  return a / b;
+#endif
+}
+
+RLVR_HD float sqrt_rn(float a) {
+#if defined(__CUDA_ARCH__)
+  return __fsqrt_rn(a);
+#else
+  return static_cast<float>(std::sqrt(static_cast<double>(a)));
+#endif
+}
+
+// ---------------------------------------------------------------------------------------
+// Bit patterns. A bf16 pattern sits in the low 16 bits of a uint32_t.
+// ---------------------------------------------------------------------------------------
+
+RLVR_HD uint32_t fp32_bits(float x) {
+#if defined(__CUDA_ARCH__)
+  return __float_as_uint(x);
+#else
+  uint32_t bits;
+  std::memcpy(&bits, &x, sizeof bits);
+  return bits;
+#endif
+}
+
+RLVR_HD float fp32_from_bits(uint32_t bits) {
+#if defined(__CUDA_ARCH__)
+  return __uint_as_float(bits);
+#else
+  float x;
+  std::memcpy(&x, &bits, sizeof x);
+  return x;
+#endif
+}
+
+RLVR_HD float bf16_bits_to_fp32(uint32_t bits) { return fp32_from_bits(bits << 16); }
+
+RLVR_HD bool is_nan_bits(uint32_t bits) { return (bits & 0x7FFFFFFFu) > 0x7F800000u; }
+
+RLVR_HD bool is_finite(float x) { return (fp32_bits(x) & 0x7F800000u) != 0x7F800000u; }
+
+// Nearest with ties to even; NaN becomes a quiet NaN. No uint32 wrap-around: the largest
+// non-NaN pattern, 0xFF800000 (-inf), plus 0x8000 fits.
+RLVR_HD uint32_t round_nearest_bf16(uint32_t bits) {
+  if (is_nan_bits(bits)) return (bits >> 16) | 0x0040u;
+  return (bits + 0x7FFFu + ((bits >> 16) & 1u)) >> 16;
+}
+
+// Rounds the magnitude up with probability (discarded low half) / 2**16.
+RLVR_HD uint32_t round_stochastic_bf16(uint32_t bits, uint32_t random16) {
+  if (is_nan_bits(bits)) return (bits >> 16) | 0x0040u;
+  return (bits + random16) >> 16;
+}
+
+// fp32 pattern -> bf16 pattern rounded half away from zero, and the signed remainder in
+// [-0x8000, 0x7FFF] with (hi << 16) + remainder == bits (mod 2**32). NaN: remainder 0.
+RLVR_HD void split_remainder(uint32_t bits, uint32_t& hi, int32_t& remainder) {
+  if (is_nan_bits(bits)) {
+    hi = (bits >> 16) | 0x0040u;
+    remainder = 0;
+  } else {
+    hi = (bits + 0x8000u) >> 16;
+    remainder = static_cast<int32_t>(bits - (hi << 16));
+  }
+}
+
+RLVR_HD uint32_t join_remainder(uint32_t hi, int32_t remainder) {
+  return (hi << 16) + static_cast<uint32_t>(remainder);
+}
+
+// IEEE negation, a sign-bit flip, NaN included (as torch's `-x`; PTX leaves neg.f32 of a
+// NaN unspecified).
+RLVR_HD float negate(float x) { return fp32_from_bits(fp32_bits(x) ^ 0x80000000u); }
+
+// torch.maximum: NaN if either is NaN (which NaN does not matter: see canonical_nan).
+RLVR_HD float maximum(float a, float b) { return (a > b || a != a) ? a : b; }
+
+// Every NaN the step computes is stored as the quiet NaN 0x7FC00000: which NaN an fp32
+// operation returns when both operands are NaN differs between CPU and GPU (and between
+// CPU vector and scalar code), so the spec erases it.
+constexpr uint32_t kCanonicalNanBits = 0x7FC00000u;
+
+RLVR_HD float canonical_nan(float x) {
+  return is_nan_bits(fp32_bits(x)) ? fp32_from_bits(kCanonicalNanBits) : x;
+}
+
+// ---------------------------------------------------------------------------------------
+// Philox4x32-10 (Salmon et al., SC'11): the rounds, constants and word order of the
+// reference's philox4x32 and of Triton's tl.philox.
+// ---------------------------------------------------------------------------------------
+
+constexpr uint32_t kPhiloxRoundA = 0xD2511F53u;
+constexpr uint32_t kPhiloxRoundB = 0xCD9E8D57u;
+constexpr uint32_t kPhiloxKeyA = 0x9E3779B9u;
+constexpr uint32_t kPhiloxKeyB = 0xBB67AE85u;
+constexpr int kPhiloxRounds = 10;
+
+struct Philox4 {
+  uint32_t x0, x1, x2, x3;
+};
+
+RLVR_HD void mulhilo32(uint32_t a, uint32_t b, uint32_t& hi, uint32_t& lo) {
+#if defined(__CUDA_ARCH__)
+  hi = __umulhi(a, b);
+  lo = a * b;
+#else
+  const uint64_t product = static_cast<uint64_t>(a) * b;
+  hi = static_cast<uint32_t>(product >> 32);
+  lo = static_cast<uint32_t>(product);
+#endif
+}
+
+RLVR_HD Philox4 philox4x32_10(Philox4 c, uint32_t k0, uint32_t k1) {
+#if defined(__CUDA_ARCH__)
+#pragma unroll
+#endif
+  for (int round = 0; round < kPhiloxRounds; ++round) {
+    uint32_t hi_b, lo_b, hi_a, lo_a;
+    mulhilo32(kPhiloxRoundB, c.x2, hi_b, lo_b);
+    mulhilo32(kPhiloxRoundA, c.x0, hi_a, lo_a);
+    c = Philox4{hi_b ^ c.x1 ^ k0, lo_b, hi_a ^ c.x3 ^ k1, lo_a};
+    k0 += kPhiloxKeyA;
+    k1 += kPhiloxKeyB;
+  }
+  return c;
+}
+
+// The 16 random bits of the element with global index `index` under key (key_lo, key_hi).
+RLVR_HD uint32_t random16(uint32_t key_lo, uint32_t key_hi, uint64_t index) {
+  const Philox4 counter{static_cast<uint32_t>(index), static_cast<uint32_t>(index >> 32), 0u, 0u};
+  return philox4x32_10(counter, key_lo, key_hi).x0 & 0xFFFFu;
+}
+
+// ---------------------------------------------------------------------------------------
+// The step.
+// ---------------------------------------------------------------------------------------
+
+// One row of reference.step_scalars, in the order of reference.SCALAR_COLUMNS.
+struct StepScalars {
+  float step_size, bc2_sqrt, lr_wd, beta1, one_minus_beta1, beta2, one_minus_beta2, eps;
+};
+
+// Options that hold for a whole launch.
+struct GradOptions {
+  float grad_scale;  // divides the gradient when has_grad_scale
+  bool has_grad_scale;
+  bool maximize;
+};
+
+enum class MasterForm : int { kNone = 0, kFp32 = 1, kRemainder = 2 };
+
+// What one element holds, in registers. The param is its stored bit pattern (bf16 pattern
+// for bf16 params, fp32 pattern for fp32 params); moments are fp32 values (the exact value
+// of a bf16 state, which the caller rounds back to nearest-even when it stores an update).
+struct Element {
+  uint32_t param;
+  float master;        // MasterForm::kFp32 only
+  int32_t remainder;   // MasterForm::kRemainder only, in [-0x8000, 0x7FFF]
+  float exp_avg;
+  float exp_avg_sq;
+  float max_exp_avg_sq;  // amsgrad only
+};
+
+// What the step did to one element (reference: changed, moved, nonfinite).
+struct ElementFlags {
+  bool changed;    // stored bf16 bits differ (fp32 params: their nearest-even images)
+  bool moved;      // fp32 bits of w differ
+  bool nonfinite;  // the unscaled gradient is not finite (trained elements, skipped steps too)
+};
+
+// The arithmetic of torch's fused AdamW, in its order; fp32 registers only. Computed
+// NaNs become canonical where the reference makes them so.
+template <bool kAmsgrad>
+RLVR_HD void adamw_math(float g, const StepScalars& s, float& w, float& m, float& v, float& vmax) {
+  w = sub_rn(w, mul_rn(s.lr_wd, w));
+  m = canonical_nan(add_rn(mul_rn(s.beta1, m), mul_rn(s.one_minus_beta1, g)));
+  v = canonical_nan(add_rn(mul_rn(s.beta2, v), mul_rn(mul_rn(s.one_minus_beta2, g), g)));
+  float denom;
+  if (kAmsgrad) {
+    vmax = canonical_nan(maximum(vmax, v));
+    denom = add_rn(div_rn(sqrt_rn(vmax), s.bc2_sqrt), s.eps);
+  } else {
+    denom = add_rn(div_rn(sqrt_rn(v), s.bc2_sqrt), s.eps);
+  }
+  w = canonical_nan(sub_rn(w, div_rn(mul_rn(s.step_size, m), denom)));
+}
+
+// One element's step, in place. `train` is its freeze-mask bit, `skip` the launch's
+// found_inf; an element that is not updated keeps every field bit for bit. The random bits
+// of stochastic rounding are drawn for global element `index` under (key_lo, key_hi).
+template <bool kParamBf16, MasterForm kMaster, bool kStochastic, bool kAmsgrad>
+RLVR_HD ElementFlags adamw_element(Element& e, float grad, const StepScalars& s,
+                                   const GradOptions& o, bool train, bool skip,
+                                   uint32_t key_lo, uint32_t key_hi, uint64_t index) {
+  static_assert(kParamBf16 || (kMaster == MasterForm::kNone && !kStochastic),
+                "fp32 params have no master, no remainder and no stochastic store");
+  static_assert(!(kStochastic && kMaster == MasterForm::kRemainder),
+                "the remainder form stores its bf16 half by nearest rounding only");
+
+  float g = grad;
+  if (o.has_grad_scale) g = div_rn(g, o.grad_scale);
+  if (o.maximize) g = negate(g);
+
+  // w before the step, and the stored bf16 pattern before the step.
+  const uint32_t old_bf16 = kParamBf16 ? e.param : round_nearest_bf16(e.param);
+  float w_old;
+  if (kMaster == MasterForm::kFp32) {
+    w_old = e.master;
+  } else if (kMaster == MasterForm::kRemainder) {
+    w_old = fp32_from_bits(join_remainder(e.param, e.remainder));
+  } else if (kParamBf16) {
+    w_old = bf16_bits_to_fp32(e.param);
+  } else {
+    w_old = fp32_from_bits(e.param);
+  }
+
+  float w = w_old, m = e.exp_avg, v = e.exp_avg_sq, vmax = e.max_exp_avg_sq;
+  adamw_math<kAmsgrad>(g, s, w, m, v, vmax);
+
+  // The new stored pattern.
+  const uint32_t w_bits = fp32_bits(w);
+  uint32_t new_bf16;
+  int32_t new_remainder = 0;
+  if (!kParamBf16) {
+    new_bf16 = round_nearest_bf16(w_bits);
+  } else if (kMaster == MasterForm::kRemainder) {
+    split_remainder(w_bits, new_bf16, new_remainder);
+  } else if (kStochastic) {
+    new_bf16 = round_stochastic_bf16(w_bits, random16(key_lo, key_hi, index));
+  } else {
+    new_bf16 = round_nearest_bf16(w_bits);
+  }
+
+  const bool update = train && !skip;
+  ElementFlags flags;
+  flags.changed = update && new_bf16 != old_bf16;
+  flags.moved = update && w_bits != fp32_bits(w_old);
+  flags.nonfinite = train && !is_finite(g);
+  if (update) {
+    e.param = kParamBf16 ? new_bf16 : w_bits;
+    if (kMaster == MasterForm::kFp32) e.master = w;
+    if (kMaster == MasterForm::kRemainder) e.remainder = new_remainder;
+    e.exp_avg = m;
+    e.exp_avg_sq = v;
+    if (kAmsgrad) e.max_exp_avg_sq = vmax;
+  }
+  return flags;
+}
+
+}  // namespace rlvr_optim

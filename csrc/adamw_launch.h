@@ -1,0 +1,106 @@
+// What the host and the kernel agree on: the device-side table of tensors, the launch
+// arguments, the kernel variants, and the launchers. No device code here.
+//
+// The table is one int64 device buffer that rlvr_optim/cuda_backend.py builds (and caches
+// between steps) for a group of tensors of one dtype layout:
+//
+//   rows        (num_tensors + 1) x kRowInt64s: one TensorRow per tensor, then a sentinel
+//               row whose first_tile is the group's tile count
+//   workspace   3 x num_tensors: counter sums; zero between launches (the last block of a
+//               launch copies them to the counters and zeroes them again)
+//   ticket      1: blocks that finished; zero between launches
+//
+// so a launch needs no kernel-argument space per tensor and no host value of step or lr
+// (those live in the scalars rows on the device): it can be captured in a CUDA graph.
+#pragma once
+
+#include <cstdint>
+
+namespace rlvr_optim {
+
+// Elements per tile: a tile belongs to one tensor; 256 threads take 8 consecutive elements
+// each (one 16-byte vector of a bf16 tensor, two of an fp32 tensor, one bitmap byte).
+constexpr int kThreads = 256;
+constexpr int kElementsPerThread = 8;
+constexpr int64_t kTileElements = int64_t{kThreads} * kElementsPerThread;
+
+// One tensor. Addresses are device pointers, 0 when absent. Field order = kRowFields.
+struct TensorRow {
+  uint64_t param;              // fp32 or bf16
+  uint64_t grad;               // fp32 or bf16
+  uint64_t exp_avg;            // fp32 or bf16, as exp_avg_sq and max_exp_avg_sq
+  uint64_t exp_avg_sq;
+  uint64_t max_exp_avg_sq;     // amsgrad only
+  uint64_t master;             // fp32 master, or int16 remainder
+  uint64_t freeze_mask;        // packed bits, 1 = trained; 0: every element trained
+  uint64_t change_bitmap;      // packed bits
+  uint64_t cumulative_bitmap;  // packed bits, OR-ed
+  uint64_t counters;           // int64 [3]: bf16 changed, fp32 moved, non-finite grads
+  int64_t numel;
+  int64_t element_offset;      // global index of element 0 (stochastic rounding stream)
+  int64_t scalar_row;          // row of scalars [*, 8] and sr_keys [*, 2]
+  int64_t first_tile;          // tiles of the tensors before this one
+  int64_t flags;               // kRow* bits below
+  int64_t unused;              // pads the row to 128 bytes
+};
+static_assert(sizeof(TensorRow) == 128, "TensorRow is 16 int64 fields");
+constexpr int kRowInt64s = 16;
+constexpr const char* kRowFields[kRowInt64s] = {
+    "param", "grad", "exp_avg", "exp_avg_sq", "max_exp_avg_sq", "master", "freeze_mask",
+    "change_bitmap", "cumulative_bitmap", "counters", "numel", "element_offset",
+    "scalar_row", "first_tile", "flags", "unused"};
+
+// Every element array (param, grad, states, master / remainder) is 16-byte aligned.
+constexpr int64_t kRowVectorAligned = 1;
+// The change and cumulative bitmaps are 4-byte aligned (stored as 32-bit words).
+constexpr int64_t kRowBitmapWordAligned = 2;
+
+constexpr int64_t table_int64s(int64_t num_tensors) {
+  return (num_tensors + 1) * kRowInt64s + 3 * num_tensors + 1;
+}
+
+struct LaunchArgs {
+  const TensorRow* rows;                  // num_tensors + 1
+  int64_t num_tensors;
+  int64_t total_tiles;
+  unsigned long long* counter_workspace;  // null when no tensor has counters
+  unsigned int* ticket;
+  const float* scalars;                   // fp32 [*, 8], reference.step_scalars
+  const int64_t* sr_keys;                 // int64 [*, 2] (key_lo, key_hi); stochastic only
+  const float* grad_scale;                // one fp32, or null
+  const float* found_inf;                 // one fp32, nonzero skips the step; or null
+  bool maximize;
+};
+
+// How the param is stored (the master form and the rounding of the bf16 param).
+enum class StoreMode : int {
+  kNearest = 0,           // bf16 or fp32 param, no master
+  kStochastic = 1,        // bf16 param, no master
+  kMasterNearest = 2,     // bf16 param from an fp32 master
+  kMasterStochastic = 3,
+  kRemainder = 4,         // bf16 param + int16 remainder
+};
+constexpr int kStoreModes = 5;
+
+// A kernel variant: store mode x 5 flag bits. Every variant with an fp32 param and a store
+// mode other than kNearest is absent (the reference has no such mode).
+constexpr int kFlagParamBf16 = 1, kFlagGradBf16 = 2, kFlagStateBf16 = 4, kFlagAmsgrad = 8,
+              kFlagTrack = 16;
+constexpr int kFlagCombinations = 32;
+
+constexpr int variant_code(StoreMode store, int flags) {
+  return static_cast<int>(store) * kFlagCombinations + flags;
+}
+
+using LaunchFn = void (*)(const LaunchArgs& args, int device, void* stream);
+
+// One function per compilation unit (adamw_<unit>.cu): the launcher of a flag combination,
+// or null.
+LaunchFn launcher_fp32_param(int flags);
+LaunchFn launcher_bf16_nearest(int flags);
+LaunchFn launcher_bf16_stochastic(int flags);
+LaunchFn launcher_master_nearest(int flags);
+LaunchFn launcher_master_stochastic(int flags);
+LaunchFn launcher_remainder(int flags);
+
+}  // namespace rlvr_optim

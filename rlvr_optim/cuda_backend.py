@@ -1,0 +1,497 @@
+"""CUDA backend: the ``csrc/`` kernels through the extension ``rlvr_optim._C``.
+
+:func:`adamw` has the keyword-only signature of :func:`rlvr_optim.reference.adamw` and
+gives the same bits. It groups the tensors by dtype layout and runs each group in one
+kernel launch, driven by a table of device addresses and sizes in device memory
+(``csrc/adamw_launch.h``). Tables are cached: a step whose tensors sit where they sat in
+an earlier step reuses its table and launches with no host-to-device copy, so a step can
+be captured in a CUDA graph once it has run outside one (step count and lr reach the
+kernel through the ``scalars`` rows, on the device).
+
+The extension is ``rlvr_optim._C`` when setup.py built it (nvcc found at install time);
+otherwise it is compiled on first use with nvcc (and ninja when present) into a cache
+folder (``$RLVR_OPTIM_CACHE``, default ``~/.cache/rlvr_optim``), for the GPU at hand.
+Nothing here touches CUDA before :func:`adamw` is called with CUDA tensors.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import os
+import shutil
+import subprocess
+import sys
+import sysconfig
+from collections import OrderedDict
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from types import ModuleType
+
+import numpy as np
+import torch
+from torch import Tensor
+
+__all__ = ["adamw", "load_extension", "unavailable_reason"]
+
+# What this file expects of the extension (csrc/adamw_launch.h, csrc/binding.cu).
+ABI_VERSION = 1
+ROW_FIELDS = (
+    "param", "grad", "exp_avg", "exp_avg_sq", "max_exp_avg_sq", "master", "freeze_mask",
+    "change_bitmap", "cumulative_bitmap", "counters", "numel", "element_offset",
+    "scalar_row", "first_tile", "flags", "unused",
+)
+_COL = {name: i for i, name in enumerate(ROW_FIELDS)}
+_NVCC_FLAGS = ["-O3", "-std=c++17", "-fmad=false", "-Xcompiler", "-fPIC",
+               "-Xcompiler", "-fvisibility=hidden"]
+_FLOATS = (torch.float32, torch.bfloat16)
+_MAX_TABLES = 64  # cached tables; those used in a CUDA graph capture are never evicted
+
+_extension: ModuleType | None = None
+
+
+# ---------------------------------------------------------------------------------------
+# The extension: built by setup.py, or compiled here on first use.
+# ---------------------------------------------------------------------------------------
+
+
+def _source_dir() -> Path | None:
+    """csrc/ beside the package (installed as package data) or in the source checkout."""
+    here = Path(__file__).resolve().parent
+    for folder in (here / "csrc", here.parent / "csrc"):
+        if (folder / "binding.cu").is_file():
+            return folder
+    return None
+
+
+def _nvcc() -> str | None:
+    for home in (os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH")):
+        if home and (Path(home) / "bin" / "nvcc").is_file():
+            return str(Path(home) / "bin" / "nvcc")
+    return shutil.which("nvcc")
+
+
+def _cache_root() -> Path:
+    if os.environ.get("RLVR_OPTIM_CACHE"):
+        return Path(os.environ["RLVR_OPTIM_CACHE"])
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "rlvr_optim"
+
+
+def _usable(module: ModuleType) -> bool:
+    return (getattr(module, "ABI_VERSION", None) == ABI_VERSION
+            and tuple(getattr(module, "ROW_FIELDS", ())) == ROW_FIELDS)
+
+
+def _prebuilt() -> ModuleType | None:
+    """The extension built by setup.py, if there is one of this version."""
+    try:
+        from . import _C
+    except ImportError:
+        return None
+    return _C if _usable(_C) else None
+
+
+def _build_blockers() -> list[str]:
+    blockers = []
+    if _source_dir() is None:
+        blockers.append("the csrc/ sources are not installed with the package")
+    if _nvcc() is None:
+        blockers.append("nvcc is not on PATH (nor in $CUDA_HOME/bin)")
+    if importlib.util.find_spec("pybind11") is None:
+        blockers.append("pybind11 is not installed (pip install pybind11)")
+    return blockers
+
+
+def is_built() -> bool:
+    """Whether the extension is loaded or was built at install time (no compile needed)."""
+    return _extension is not None or _prebuilt() is not None
+
+
+def unavailable_reason() -> str | None:
+    """Why ``backend="cuda"`` cannot run here, or None when it can. Touches no GPU."""
+    if is_built():
+        return None
+    blockers = _build_blockers()
+    if not blockers:
+        return None
+    return ("rlvr_optim._C was not built at install time (no nvcc then) and cannot be "
+            f"compiled now: {'; '.join(blockers)}")
+
+
+def _ninja_path(path: Path) -> str:
+    return str(path).replace("$", "$$").replace(" ", "$ ").replace(":", "$:")
+
+
+def _compile(folder: Path, sources: list[Path], archs: list[str]) -> Path:
+    """Compile the extension into folder; returns the shared object."""
+    import pybind11
+
+    nvcc = _nvcc()
+    gencode = [f"-gencode=arch=compute_{a},code=sm_{a}" for a in archs]
+    flags = [*_NVCC_FLAGS, *gencode, f"-I{pybind11.get_include()}",
+             f"-I{sysconfig.get_paths()['include']}"]
+    target = folder / f"_C{sysconfig.get_config_var('EXT_SUFFIX')}"
+    objects = [folder / f"{src.stem}.o" for src in sources]
+    ninja = shutil.which("ninja")
+    if ninja is not None:
+        lines = [
+            "ninja_required_version = 1.3",
+            f"nvcc = {nvcc}",
+            f"flags = {' '.join(flags)}",
+            "rule cu",
+            "  command = $nvcc -c $flags $in -o $out",
+            "  description = nvcc $in",
+            "rule link",
+            "  command = $nvcc -shared $in -o $out",
+        ]
+        lines += [f"build {_ninja_path(o)}: cu {_ninja_path(s)}" for s, o in zip(sources, objects)]
+        lines.append(f"build {_ninja_path(target)}: link {' '.join(_ninja_path(o) for o in objects)}")
+        (folder / "build.ninja").write_text("\n".join(lines) + "\n")
+        subprocess.run([ninja, "-C", str(folder)], check=True)
+    else:
+        commands = [[nvcc, "-c", *flags, str(s), "-o", str(o)] for s, o in zip(sources, objects)]
+        with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
+            for result in pool.map(subprocess.run, commands):
+                if result.returncode != 0:
+                    raise RuntimeError(f"nvcc failed: {' '.join(result.args)}")
+        subprocess.run([nvcc, "-shared", *map(str, objects), "-o", str(target)], check=True)
+    return target
+
+
+def _build_and_import() -> ModuleType:
+    blockers = _build_blockers()
+    if blockers:
+        raise RuntimeError(
+            "backend 'cuda' needs the extension rlvr_optim._C, which was not built at install "
+            f"time and cannot be compiled now: {'; '.join(blockers)}. Reinstall with nvcc on "
+            "PATH (pip install -e . builds it), or use backend='triton' or 'reference'."
+        )
+    archs = os.environ.get("RLVR_OPTIM_CUDA_ARCHS")
+    if archs:
+        arch_list = [a.strip() for a in archs.replace(",", ";").split(";") if a.strip()]
+    else:
+        major, minor = torch.cuda.get_device_capability()
+        arch_list = [f"{major}{minor}"]
+    src = _source_dir()
+    sources = sorted(src.glob("*.cu"))
+    digest = hashlib.sha256()
+    for path in sorted([*sources, *src.glob("*.cuh"), *src.glob("*.h")]):
+        digest.update(path.name.encode() + b"\0" + path.read_bytes())
+    digest.update(repr((arch_list, _NVCC_FLAGS, sys.version_info[:2], _nvcc())).encode())
+    folder = _cache_root() / "cuda_ext" / digest.hexdigest()[:16]
+    folder.mkdir(parents=True, exist_ok=True)
+    import fcntl
+
+    with open(folder / ".lock", "w") as lock:  # one build per folder across processes
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        target = folder / f"_C{sysconfig.get_config_var('EXT_SUFFIX')}"
+        if not target.is_file():
+            print(f"rlvr_optim: compiling the CUDA extension for sm_{', sm_'.join(arch_list)} "
+                  f"into {folder} (first use only; about a minute)", file=sys.stderr, flush=True)
+            _compile(folder, sources, arch_list)
+            print("rlvr_optim: CUDA extension compiled", file=sys.stderr, flush=True)
+        spec = importlib.util.spec_from_file_location("rlvr_optim._C", target)
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+    if not _usable(module):
+        raise RuntimeError(f"{target} does not match this rlvr_optim; delete {folder}")
+    return module
+
+
+def load_extension() -> ModuleType:
+    """rlvr_optim._C, compiling it first if setup.py did not build it."""
+    global _extension
+    if _extension is None:
+        _extension = _prebuilt() or _build_and_import()
+    return _extension
+
+
+# ---------------------------------------------------------------------------------------
+# Checks (on a table's first use only) and operands.
+# ---------------------------------------------------------------------------------------
+
+
+def _check(name: str, t: Tensor, dtypes: tuple, numel: int, device: torch.device) -> None:
+    if not isinstance(t, Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.dtype not in dtypes:
+        allowed = ", ".join(str(d) for d in dtypes)
+        raise TypeError(f"{name} has dtype {t.dtype}; the CUDA backend takes {allowed}")
+    if t.numel() != numel:
+        raise ValueError(f"{name} has {t.numel()} elements, expected {numel}")
+    if t.device != device:
+        raise ValueError(f"{name} is on {t.device}, its param on {device}; move it to {device}")
+    if not t.is_contiguous():
+        raise ValueError(
+            f"{name} is not contiguous (shape {tuple(t.shape)}, stride {tuple(t.stride())}); "
+            "the CUDA backend needs contiguous tensors: pass t.contiguous() (and copy the "
+            "result back), or use backend='reference'"
+        )
+
+
+def _one_element(name: str, t, device: torch.device) -> Tensor:
+    if not isinstance(t, Tensor) or t.numel() != 1:
+        got = tuple(t.shape) if isinstance(t, Tensor) else type(t).__name__
+        raise ValueError(f"{name} must be a one-element tensor, got {got}")
+    return t.to(device).reshape(1)
+
+
+def _found_inf_operand(found_inf: Tensor, device: torch.device) -> Tensor:
+    """found_inf as one fp32 that is nonzero exactly when the reference skips."""
+    t = _one_element("found_inf", found_inf, device)
+    return t if t.dtype == torch.float32 else (t != 0).to(torch.float32)
+
+
+# ---------------------------------------------------------------------------------------
+# Tables.
+# ---------------------------------------------------------------------------------------
+
+
+class _Table:
+    __slots__ = ("buffer", "num_tensors", "total_tiles", "counters", "pinned")
+
+    def __init__(self, buffer: Tensor, num_tensors: int, total_tiles: int, counters: bool):
+        self.buffer = buffer
+        self.num_tensors = num_tensors
+        self.total_tiles = total_tiles
+        self.counters = counters
+        self.pinned = False
+
+
+_tables: OrderedDict[tuple, _Table] = OrderedDict()
+
+
+def _address(t: Tensor | None) -> int:
+    return 0 if t is None else t.data_ptr()
+
+
+def _build_table(ext: ModuleType, columns: dict[str, list[int]], numels: list[int],
+                 device: torch.device) -> _Table:
+    """The device table of one group (layout in csrc/adamw_launch.h)."""
+    count = len(numels)
+    rows = np.zeros((count + 1, len(ROW_FIELDS)), dtype=np.int64)
+    for name, values in columns.items():
+        rows[:count, _COL[name]] = values
+    numel = np.asarray(numels, dtype=np.int64)
+    tiles = -(-numel // ext.TILE_ELEMENTS)
+    first_tile = np.concatenate([[0], np.cumsum(tiles)])
+    rows[:, _COL["first_tile"]] = first_tile
+    element_arrays = rows[:count, [_COL[k] for k in
+                                   ("param", "grad", "exp_avg", "exp_avg_sq", "max_exp_avg_sq", "master")]]
+    bitmaps = rows[:count, [_COL["change_bitmap"], _COL["cumulative_bitmap"]]]
+    rows[:count, _COL["flags"]] = (
+        np.where((element_arrays % 16 == 0).all(axis=1), ext.ROW_VECTOR_ALIGNED, 0)
+        | np.where((bitmaps % 4 == 0).all(axis=1), ext.ROW_BITMAP_WORD_ALIGNED, 0)
+    )
+    buffer = np.zeros(ext.table_int64s(count), dtype=np.int64)  # workspace and ticket zero
+    buffer[: rows.size] = rows.reshape(-1)
+    counters = bool(np.any(rows[:count, _COL["counters"]] != 0))
+    return _Table(torch.from_numpy(buffer).to(device), count, int(first_tile[-1]), counters)
+
+
+def _cached_table(key: tuple, build) -> _Table:
+    table = _tables.get(key)
+    capturing = torch.cuda.is_current_stream_capturing()
+    if table is None:
+        if capturing:
+            raise RuntimeError(
+                "the CUDA backend builds a device table of the tensors' addresses on the first "
+                "step that sees them, which cannot happen during CUDA graph capture: run one "
+                "step with the same tensors before capturing (warm-up), then capture"
+            )
+        table = build()
+        _tables[key] = table
+        while len(_tables) > _MAX_TABLES:
+            victim = next((k for k, t in _tables.items() if not t.pinned), None)
+            if victim is None:
+                break
+            del _tables[victim]
+    _tables.move_to_end(key)
+    if capturing:
+        table.pinned = True  # the graph holds its address
+    return table
+
+
+# ---------------------------------------------------------------------------------------
+# The step.
+# ---------------------------------------------------------------------------------------
+
+
+def adamw(
+    params: list[Tensor],
+    grads: list[Tensor],
+    exp_avgs: list[Tensor],
+    exp_avg_sqs: list[Tensor],
+    *,
+    scalars: Tensor,
+    max_exp_avg_sqs: list[Tensor] | None = None,
+    masters: list[Tensor] | None = None,
+    remainders: list[Tensor] | None = None,
+    freeze_masks: list[Tensor | None] | None = None,
+    change_bitmaps: list[Tensor] | None = None,
+    cumulative_bitmaps: list[Tensor] | None = None,
+    counters: list[Tensor] | None = None,
+    rounding: str = "nearest",
+    sr_keys: Tensor | None = None,
+    element_offsets: list[int] | None = None,
+    amsgrad: bool = False,
+    maximize: bool = False,
+    grad_scale: Tensor | None = None,
+    found_inf: Tensor | None = None,
+) -> None:
+    """One AdamW step over a list of CUDA tensors, in place, one launch per dtype layout.
+
+    Arguments and results as :func:`rlvr_optim.reference.adamw`. Every tensor is
+    contiguous and on its param's GPU; params and states are float32 or bfloat16 (a
+    tensor's exp_avg, exp_avg_sq and max_exp_avg_sq share one dtype), grads float32 or
+    bfloat16; ``masters`` and ``remainders`` need bf16 params.
+    """
+    if rounding not in ("nearest", "stochastic"):
+        raise ValueError(f"rounding must be 'nearest' or 'stochastic', got {rounding!r}")
+    if rounding == "stochastic" and sr_keys is None:
+        raise ValueError("stochastic rounding needs sr_keys")
+    if masters is not None and remainders is not None:
+        raise ValueError("pass masters or remainders, not both")
+    if remainders is not None and rounding != "nearest":
+        raise ValueError("the remainder form stores its bf16 half by nearest rounding only")
+    if amsgrad and max_exp_avg_sqs is None:
+        raise ValueError("amsgrad needs max_exp_avg_sqs")
+    n = len(params)
+    if n == 0:
+        return
+    if not isinstance(scalars, Tensor) or scalars.dtype != torch.float32 or scalars.dim() != 2 \
+            or scalars.shape[0] < n or scalars.shape[1] != 8:
+        got = (scalars.dtype, tuple(scalars.shape)) if isinstance(scalars, Tensor) else scalars
+        raise ValueError(
+            f"scalars must be a float32 [{n}, 8] tensor from rlvr_optim.reference.step_scalars, "
+            f"got {got}"
+        )
+    stochastic = rounding == "stochastic"
+    if stochastic and (not isinstance(sr_keys, Tensor) or sr_keys.dtype != torch.int64
+                       or sr_keys.dim() != 2 or sr_keys.shape[0] < n or sr_keys.shape[1] != 2):
+        got = (sr_keys.dtype, tuple(sr_keys.shape)) if isinstance(sr_keys, Tensor) else sr_keys
+        raise ValueError(
+            f"sr_keys must be an int64 [{n}, 2] tensor from "
+            f"rlvr_optim.reference.stochastic_rounding_keys, got {got}"
+        )
+    for i, p in enumerate(params):
+        if not isinstance(p, Tensor) or p.device.type != "cuda":
+            where = p.device if isinstance(p, Tensor) else type(p).__name__
+            raise ValueError(
+                f"params[{i}] is on {where}: the CUDA backend runs CUDA tensors only; use "
+                "backend='reference' (or 'auto') for CPU tensors"
+            )
+    ext = load_extension()
+
+    optional = {
+        "max_exp_avg_sq": max_exp_avg_sqs if amsgrad else None,
+        "master": masters if masters is not None else remainders,
+        "freeze_mask": freeze_masks,
+        "change_bitmap": change_bitmaps,
+        "cumulative_bitmap": cumulative_bitmaps,
+        "counters": counters,
+    }
+    track = change_bitmaps is not None or cumulative_bitmaps is not None or counters is not None
+    offsets = [int(o) for o in element_offsets] if element_offsets is not None else [0] * n
+
+    # Groups of one device, dtype layout and per-tensor form (an entry of masters,
+    # remainders or max_exp_avg_sqs may be None, as in the reference); one launch each.
+    groups: dict[tuple, list[int]] = {}
+    for i, p in enumerate(params):
+        vmax = optional["max_exp_avg_sq"][i] if amsgrad else None
+        master = optional["master"][i] if optional["master"] is not None else None
+        form = 0 if master is None else (1 if masters is not None else 2)
+        key = (p.device, p.dtype, grads[i].dtype, exp_avgs[i].dtype, exp_avg_sqs[i].dtype,
+               None if vmax is None else vmax.dtype, form)
+        groups.setdefault(key, []).append(i)
+
+    operands: dict[torch.device, tuple] = {}
+    for layout, index in groups.items():
+        device, param_dtype, grad_dtype, state_dtype, _, vmax_dtype, form = layout
+        columns = {
+            "param": [params[i].data_ptr() for i in index],
+            "grad": [grads[i].data_ptr() for i in index],
+            "exp_avg": [exp_avgs[i].data_ptr() for i in index],
+            "exp_avg_sq": [exp_avg_sqs[i].data_ptr() for i in index],
+        }
+        for name, values in optional.items():
+            if values is not None:
+                columns[name] = [_address(values[i]) for i in index]
+        columns["numel"] = [params[i].numel() for i in index]
+        columns["element_offset"] = [offsets[i] for i in index]
+        columns["scalar_row"] = index
+        key = (layout, *((name, tuple(values)) for name, values in columns.items()))
+
+        def build(index=index, columns=columns, device=device):
+            _check_group(index, device, params, grads, exp_avgs, exp_avg_sqs, optional, offsets,
+                         masters is not None)
+            return _build_table(ext, columns, columns["numel"], device)
+
+        table = _cached_table(key, build)
+
+        bf16 = torch.bfloat16
+        if param_dtype != bf16:
+            store = 0  # fp32 params: nearest-even images only, as in the reference
+        elif form == 2:
+            store = 4  # remainder
+        else:
+            store = (2 if form == 1 else 0) + (1 if stochastic else 0)
+        variant = ext.variant(store, param_dtype == bf16, grad_dtype == bf16, state_dtype == bf16,
+                              vmax_dtype is not None, track)
+        if device not in operands:  # on the device; the kernel reads them there
+            operands[device] = (
+                scalars.to(device).contiguous(),
+                sr_keys.to(device).contiguous() if stochastic else None,
+                _one_element("grad_scale", grad_scale, device).to(torch.float32)
+                if grad_scale is not None else None,
+                _found_inf_operand(found_inf, device) if found_inf is not None else None,
+            )
+        scalars_dev, keys_dev, scale, skip = operands[device]
+        ext.launch_adamw(
+            variant, table.buffer.data_ptr(), table.num_tensors, table.total_tiles,
+            table.counters, scalars_dev.data_ptr(), _address(keys_dev), _address(scale),
+            _address(skip), bool(maximize), device.index,
+            torch.cuda.current_stream(device).cuda_stream,
+        )
+
+
+def _check_group(index, device, params, grads, exp_avgs, exp_avg_sqs, optional, offsets,
+                 fp32_masters):
+    """Every check, once per table: dtypes, sizes, devices, contiguity, options."""
+    for i in index:
+        p = params[i]
+        numel = p.numel()
+        nbytes = (numel + 7) // 8
+        _check(f"params[{i}]", p, _FLOATS, numel, device)
+        _check(f"grads[{i}]", grads[i], _FLOATS, numel, device)
+        _check(f"exp_avgs[{i}]", exp_avgs[i], _FLOATS, numel, device)
+        states = [(f"exp_avg_sqs[{i}]", exp_avg_sqs[i])]
+        if optional["max_exp_avg_sq"] is not None and optional["max_exp_avg_sq"][i] is not None:
+            states.append((f"max_exp_avg_sqs[{i}]", optional["max_exp_avg_sq"][i]))
+        for name, state in states:
+            _check(name, state, _FLOATS, numel, device)
+            if state.dtype != exp_avgs[i].dtype:
+                raise TypeError(
+                    f"{name} has dtype {state.dtype} but exp_avgs[{i}] {exp_avgs[i].dtype}: the "
+                    "CUDA backend needs one state dtype per tensor (rlvr_optim.AdamW keeps them "
+                    "equal); cast the states, or use backend='triton' or 'reference'"
+                )
+        master = optional["master"][i] if optional["master"] is not None else None
+        if master is not None:
+            kind = "masters" if fp32_masters else "remainders"
+            if p.dtype != torch.bfloat16:
+                raise ValueError(
+                    f"{kind}[{i}] is given for a {p.dtype} param; master weights and "
+                    "remainders are for bfloat16 params only"
+                )
+            dtype = torch.float32 if fp32_masters else torch.int16
+            _check(f"{kind}[{i}]", master, (dtype,), numel, device)
+        for name in ("freeze_mask", "change_bitmap", "cumulative_bitmap"):
+            bitmap = optional[name][i] if optional[name] is not None else None
+            if bitmap is not None:
+                _check(f"{name}s[{i}]", bitmap, (torch.uint8,), nbytes, device)
+        counter = optional["counters"][i] if optional["counters"] is not None else None
+        if counter is not None:
+            _check(f"counters[{i}]", counter, (torch.int64,), 3, device)
+        if not 0 <= offsets[i] <= 2**63 - 1 - numel:
+            raise ValueError(f"element_offsets[{i}] must be >= 0 and fit in int64, got {offsets[i]}")

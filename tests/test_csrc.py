@@ -1,0 +1,951 @@
+"""csrc/ and the CUDA backend, bit for bit against rlvr_optim.reference.
+
+On any machine (each part skips cleanly when its compiler is missing):
+
+- the per-element header csrc/adamw_element.cuh, compiled for the host through
+  csrc/adamw_host.cpp (g++, or nvcc host code, with -ffp-contract=off) and called with
+  ctypes on CPU tensors, against the reference: every mode the reference allows, odd
+  sizes, several seeds, three steps, NaN/Inf grads, grad_scale and found_inf, rounding
+  edge patterns; Philox4x32-10 against the Random123 known answers and the reference;
+- every csrc/*.cu compiled by nvcc for sm_80 and sm_90: ptxas reports no stack frame and
+  no spill for any kernel instantiation (all 96 variants per arch), and the objects link
+  into rlvr_optim._C, which imports without a GPU and agrees with cuda_backend.py;
+- cuda_backend's argument checks, signature and "cannot build" message.
+
+On a GPU (``@pytest.mark.gpu``): cuda_backend.adamw against the reference on CUDA
+tensors: the same matrix, lists of mixed layouts with misaligned views, many tensors in
+one launch, a tensor of more than 2**31 elements, and a step replayed in a CUDA graph.
+
+Compiled artifacts are cached per source hash under ``$RLVR_OPTIM_CACHE`` (default
+``~/.cache/rlvr_optim``), so only the first run pays for nvcc (about a minute on 2 cores).
+"""
+
+from __future__ import annotations
+
+import ast
+import ctypes
+import hashlib
+import importlib.util
+import inspect
+import os
+import re
+import shutil
+import subprocess
+import sysconfig
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+
+from rlvr_optim import cuda_backend
+from rlvr_optim import reference as R
+from rlvr_optim.bitmaps import popcount
+
+ROOT = Path(__file__).resolve().parent.parent
+CSRC = ROOT / "csrc"
+ARCHS = ("80", "90")
+STORE_MODES = ("nearest", "stochastic", "master_nearest", "master_stochastic", "remainder")
+KERNELS_PER_ARCH = 16 + 16 * 5  # fp32 params: nearest only; bf16 params: every store mode
+
+SIZES = [1, 7, 8, 33, 4099, 2 * 2048 + 13]  # the last spans three tiles of the kernel
+SEEDS = [0, 1, 2]
+STEPS = 3
+BETAS = (0.9, 0.999)
+EPS = 1e-8
+
+# (param dtype, master form, rounding): every combination the reference accepts (rounding
+# only affects bf16 params).
+FORMS = [
+    (torch.float32, None, "nearest"),
+    (torch.float32, None, "stochastic"),
+    (torch.bfloat16, None, "nearest"),
+    (torch.bfloat16, None, "stochastic"),
+    (torch.bfloat16, "fp32", "nearest"),
+    (torch.bfloat16, "fp32", "stochastic"),
+    (torch.bfloat16, "remainder", "nearest"),
+]
+FORM_IDS = ["fp32", "fp32-sr", "bf16", "bf16-sr", "master", "master-sr", "remainder"]
+
+FEATURES = {
+    "plain": {},
+    "amsgrad-freeze-nonfinite-scale": dict(amsgrad=True, freeze=True, nonfinite=True,
+                                           grad_scale=3.0),
+    "maximize-skip-offset-othergrad": dict(
+        maximize=True, freeze=True, nonfinite=True, found_inf=(0.0, 1.0, 0.0),
+        element_offset=2**32 - 600,  # the global index crosses the low Philox counter word
+        other_grad_dtype=True,
+    ),
+    "untracked-amsgrad": dict(amsgrad=True, track=False, nonfinite=True),
+}
+
+
+# ---------------------------------------------------------------------------------------
+# Compiling (cached per source hash).
+# ---------------------------------------------------------------------------------------
+
+
+def _digest(paths, *extra) -> str:
+    h = hashlib.sha256()
+    for path in paths:
+        h.update(Path(path).name.encode() + b"\0" + Path(path).read_bytes())
+    h.update(repr(extra).encode())
+    return h.hexdigest()[:16]
+
+
+def _cache(kind: str) -> Path:
+    folder = cuda_backend._cache_root() / "test_csrc" / kind
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder
+
+
+def _headers() -> list[Path]:
+    return sorted([*CSRC.glob("*.cuh"), *CSRC.glob("*.h")])
+
+
+@pytest.fixture(scope="module")
+def host_lib():
+    """csrc/adamw_host.cpp as a shared library (the per-element header on the CPU)."""
+    source = CSRC / "adamw_host.cpp"
+    cxx = shutil.which("g++") or shutil.which("c++")
+    nvcc = shutil.which("nvcc")
+    if cxx is not None:
+        cmd = [cxx, "-O2", "-std=c++17", "-shared", "-fPIC", "-ffp-contract=off"]
+    elif nvcc is not None:
+        cmd = [nvcc, "-x", "cu", "-O2", "-std=c++17", "-shared", "-Xcompiler", "-fPIC,-ffp-contract=off"]
+    else:
+        pytest.skip("no C++ compiler (g++, c++) or nvcc to build the host library")
+    target = _cache("host") / f"adamw_host-{_digest([source, *_headers()], cmd)}.so"
+    if not target.is_file():
+        partial = target.with_suffix(f".{os.getpid()}.tmp")
+        subprocess.run([*cmd, str(source), "-o", str(partial)], check=True)
+        os.replace(partial, target)
+    lib = ctypes.CDLL(str(target))
+    ptr, i32, i64 = ctypes.c_void_p, ctypes.c_int, ctypes.c_int64
+    lib.rlvr_optim_host_adamw.argtypes = [i64] + [i32] * 7 + [ptr] * 13 + [i64] + [ptr] * 2
+    lib.rlvr_optim_host_adamw.restype = i32
+    lib.rlvr_optim_host_philox.argtypes = [ptr, ptr, ptr, i64]
+    lib.rlvr_optim_host_philox.restype = None
+    return lib
+
+
+@pytest.fixture(scope="module")
+def nvcc_build():
+    """Every csrc/*.cu compiled for ARCHS with the extension's flags and -Xptxas -v."""
+    nvcc = shutil.which("nvcc")
+    if nvcc is None:
+        pytest.skip("nvcc is not installed")
+    units = sorted(CSRC.glob("adamw_*.cu"))
+    include = [f"-I{sysconfig.get_paths()['include']}"]
+    has_binding = importlib.util.find_spec("pybind11") is not None
+    if has_binding:
+        import pybind11
+
+        units.append(CSRC / "binding.cu")
+        include.append(f"-I{pybind11.get_include()}")
+    version = subprocess.run([nvcc, "--version"], capture_output=True, text=True).stdout
+    flags = [*cuda_backend._NVCC_FLAGS, *(f"-gencode=arch=compute_{a},code=sm_{a}" for a in ARCHS),
+             "-Xptxas", "-v"]
+    folder = _cache("nvcc") / _digest([*units, *_headers()], flags, version, has_binding)
+    folder.mkdir(exist_ok=True)
+
+    def compile_unit(unit: Path) -> None:
+        obj, log = folder / f"{unit.stem}.o", folder / f"{unit.stem}.ptxas.txt"
+        if obj.is_file() and log.is_file():
+            return
+        partial = folder / f"{unit.stem}.{os.getpid()}.tmp.o"
+        result = subprocess.run([nvcc, "-c", *flags, *include, str(unit), "-o", str(partial)],
+                                capture_output=True, text=True)
+        if result.returncode != 0:
+            raise AssertionError(f"nvcc failed on {unit.name}:\n{result.stdout}{result.stderr}")
+        log.write_text(result.stdout + result.stderr)
+        os.replace(partial, obj)
+
+    with ThreadPoolExecutor(max_workers=max(1, os.cpu_count() or 1)) as pool:
+        list(pool.map(compile_unit, units))
+    return SimpleNamespace(
+        folder=folder, has_binding=has_binding, nvcc=nvcc,
+        objects=[folder / f"{u.stem}.o" for u in units],
+        logs={u.stem: (folder / f"{u.stem}.ptxas.txt").read_text() for u in units},
+    )
+
+
+# ---------------------------------------------------------------------------------------
+# The ptxas resource report.
+# ---------------------------------------------------------------------------------------
+
+_ENTRY = re.compile(r"Compiling entry function '([^']+)' for '(sm_\d+)'")
+_PROPERTIES = re.compile(r"Function properties for (\S+)")
+_FRAME = re.compile(r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads")
+_USED = re.compile(r"Used (\d+) registers")
+_VARIANT = re.compile(r"StoreModeE(\d)ELi(\d+)E")
+
+
+def _variant_name(mangled: str) -> str:
+    m = _VARIANT.search(mangled)
+    if m is None:
+        return mangled
+    store, flags = int(m.group(1)), int(m.group(2))
+    parts = [STORE_MODES[store], "bf16 param" if flags & 1 else "fp32 param",
+             "bf16 grad" if flags & 2 else "fp32 grad", "bf16 states" if flags & 4 else "fp32 states"]
+    parts += [name for bit, name in ((8, "amsgrad"), (16, "tracking")) if flags & bit]
+    return ", ".join(parts)
+
+
+def parse_ptxas(log: str) -> list[dict]:
+    """One dict per function ptxas reports: name, arch, stack/spill bytes, registers."""
+    functions, current, arch = [], None, None
+    for line in log.splitlines():
+        if m := _ENTRY.search(line):
+            arch = m.group(2)
+            current = {"name": m.group(1), "arch": arch, "entry": True, "registers": None}
+            functions.append(current)
+        elif m := _PROPERTIES.search(line):
+            if current is None or current["name"] != m.group(1) or "stack" in current:
+                current = {"name": m.group(1), "arch": arch, "entry": False, "registers": None}
+                functions.append(current)
+        elif (m := _FRAME.search(line)) and current is not None:
+            current["stack"], current["spill_stores"], current["spill_loads"] = map(int, m.groups())
+        elif (m := _USED.search(line)) and current is not None:
+            current["registers"] = int(m.group(1))
+    return functions
+
+
+def test_parse_ptxas_reads_frames_spills_and_registers():
+    log = (
+        "ptxas info    : Compiling entry function '_ZN10rlvr_optim12adamw_kernelINS_7Variant"
+        "ILNS_9StoreModeE3ELi27EEEEEvNS_10LaunchArgsE' for 'sm_80'\n"
+        "ptxas info    : Function properties for _ZN10rlvr_optim12adamw_kernelINS_7VariantILNS"
+        "_9StoreModeE3ELi27EEEEEvNS_10LaunchArgsE\n"
+        "    8 bytes stack frame, 4 bytes spill stores, 12 bytes spill loads\n"
+        "ptxas info    : Used 128 registers, used 1 barriers, 8 bytes cumulative stack size\n"
+        "ptxas info    : Function properties for helper\n"
+        "    16 bytes stack frame, 0 bytes spill stores, 0 bytes spill loads\n"
+    )
+    kernel, helper = parse_ptxas(log)
+    assert (kernel["arch"], kernel["stack"], kernel["spill_stores"], kernel["spill_loads"],
+            kernel["registers"]) == ("sm_80", 8, 4, 12, 128)
+    assert _variant_name(kernel["name"]) == (
+        "master_stochastic, bf16 param, bf16 grad, fp32 states, amsgrad, tracking")
+    assert (helper["entry"], helper["stack"]) == (False, 16)
+
+
+def test_every_kernel_compiles_for_sm80_and_sm90_without_spills_or_stack(nvcc_build):
+    functions = [f for stem, log in nvcc_build.logs.items() for f in parse_ptxas(log)]
+    kernels = [f for f in functions if f["entry"]]
+    for arch in ARCHS:
+        names = {f["name"] for f in kernels if f["arch"] == f"sm_{arch}"}
+        assert len(names) == KERNELS_PER_ARCH, f"sm_{arch}: {len(names)} kernels in the report"
+    missing = [f["name"] for f in functions if "stack" not in f]
+    assert not missing, f"no stack/spill line for {missing[:3]}"
+    bad = [(f["arch"], _variant_name(f["name"]), f["stack"], f["spill_stores"], f["spill_loads"],
+            f["registers"]) for f in functions
+           if f["stack"] or f["spill_stores"] or f["spill_loads"]]
+    assert not bad, ("local memory in (arch, variant, stack bytes, spill stores, spill loads, "
+                     f"registers): {bad}")
+    # Two blocks of 256 threads per multiprocessor (__launch_bounds__(256, 2)).
+    assert max(f["registers"] for f in kernels) <= 128
+
+
+def test_extension_links_imports_without_gpu_and_matches_backend(nvcc_build):
+    if not nvcc_build.has_binding:
+        pytest.skip("pybind11 is not installed: binding.cu was not compiled")
+    target = nvcc_build.folder / f"_C{sysconfig.get_config_var('EXT_SUFFIX')}"
+    if not target.is_file():
+        partial = nvcc_build.folder / f"_C.{os.getpid()}.tmp.so"
+        subprocess.run([nvcc_build.nvcc, "-shared", *map(str, nvcc_build.objects), "-o",
+                        str(partial)], check=True)
+        os.replace(partial, target)
+    spec = importlib.util.spec_from_file_location("rlvr_optim._C", target)
+    ext = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(ext)
+    assert ext.ABI_VERSION == cuda_backend.ABI_VERSION
+    assert tuple(ext.ROW_FIELDS) == cuda_backend.ROW_FIELDS
+    assert tuple(ext.STORE_MODES) == STORE_MODES
+    assert ext.TILE_ELEMENTS % 256 == 0
+    assert ext.table_int64s(3) == 4 * len(cuda_backend.ROW_FIELDS) + 3 * 3 + 1
+    variants = {ext.variant(store, True, g, s, a, t) for store in range(5)
+                for g in (False, True) for s in (False, True) for a in (False, True)
+                for t in (False, True)}
+    variants |= {ext.variant(0, False, g, s, a, t) for g in (False, True)
+                 for s in (False, True) for a in (False, True) for t in (False, True)}
+    assert len(variants) == KERNELS_PER_ARCH
+    for store in range(1, 5):
+        with pytest.raises(ValueError, match="fp32 params"):
+            ext.variant(store, False, False, False, False, False)
+    with pytest.raises(ValueError, match="store mode"):
+        ext.variant(5, True, False, False, False, False)
+
+    # The table of three tensors, one empty, one misaligned (built on the CPU here).
+    base = 1 << 20
+    columns = {
+        "param": [base, base + 4096, base + 8194], "grad": [base + 16384] * 3,
+        "exp_avg": [base] * 3, "exp_avg_sq": [base] * 3,
+        "change_bitmap": [base, base + 32, base + 65], "numel": [5000, 0, 2049],
+        "element_offset": [0, 0, 7], "scalar_row": [4, 5, 6],
+    }
+    table = cuda_backend._build_table(ext, columns, columns["numel"], torch.device("cpu"))
+    assert (table.num_tensors, table.total_tiles, table.counters) == (3, 3 + 0 + 2, False)
+    rows = table.buffer[: 4 * 16].reshape(4, 16)
+    col = {name: i for i, name in enumerate(ext.ROW_FIELDS)}
+    assert rows[:, col["first_tile"]].tolist() == [0, 3, 3, 5]
+    assert rows[:3, col["flags"]].tolist() == [3, 3, 0]  # 8194 and 65: not aligned
+    assert rows[:3, col["scalar_row"]].tolist() == [4, 5, 6]
+    assert rows[3].tolist()[: col["first_tile"]] == [0] * col["first_tile"]
+    assert not table.buffer[4 * 16:].any()  # workspace and ticket start at zero
+
+
+def test_setup_and_backend_compile_with_the_same_nvcc_flags():
+    tree = ast.parse((ROOT / "setup.py").read_text())
+    assigned = {node.targets[0].id: node.value for node in ast.walk(tree)
+                if isinstance(node, ast.Assign) and isinstance(node.targets[0], ast.Name)}
+    assert ast.literal_eval(assigned["NVCC_FLAGS"]) == cuda_backend._NVCC_FLAGS
+    assert "-fmad=false" in cuda_backend._NVCC_FLAGS
+
+
+# ---------------------------------------------------------------------------------------
+# Philox through the C++ header.
+# ---------------------------------------------------------------------------------------
+
+
+def _host_philox(lib, counters: np.ndarray, keys: np.ndarray) -> np.ndarray:
+    counters = np.ascontiguousarray(counters, dtype=np.uint32).reshape(-1, 4)
+    keys = np.ascontiguousarray(keys, dtype=np.uint32).reshape(-1, 2)
+    out = np.zeros_like(counters)
+    lib.rlvr_optim_host_philox(counters.ctypes.data, keys.ctypes.data, out.ctypes.data,
+                               counters.shape[0])
+    return out
+
+
+def test_philox_known_answers(host_lib):
+    # Random123's kat_vectors for philox4x32_10: (counter, key) -> output.
+    vectors = [
+        ([0, 0, 0, 0], [0, 0], [0x6627E8D5, 0xE169C58D, 0xBC57AC4C, 0x9B00DBD8]),
+        ([0xFFFFFFFF] * 4, [0xFFFFFFFF] * 2, [0x408F276D, 0x41C83B0E, 0xA20BC7C6, 0x6D5451FD]),
+        ([0x243F6A88, 0x85A308D3, 0x13198A2E, 0x03707344], [0xA4093822, 0x299F31D0],
+         [0xD16CFE09, 0x94FDCCEB, 0x5001E420, 0x24126EA1]),
+    ]
+    for counter, key, expected in vectors:
+        assert _host_philox(host_lib, np.array(counter), np.array(key))[0].tolist() == expected
+
+
+def test_philox_matches_reference_on_random_words(host_lib):
+    rng = np.random.default_rng(5)
+    counters = rng.integers(0, 2**32, size=(1000, 4), dtype=np.uint64).astype(np.uint32)
+    keys = rng.integers(0, 2**32, size=(1000, 2), dtype=np.uint64).astype(np.uint32)
+    got = _host_philox(host_lib, counters, keys)
+    c = [torch.from_numpy(counters[:, i].astype(np.int64)) for i in range(4)]
+    k = [torch.from_numpy(keys[:, i].astype(np.int64)) for i in range(2)]
+    expected = torch.stack(R.philox4x32((k[0], k[1]), tuple(c)), dim=1).numpy()
+    np.testing.assert_array_equal(got.astype(np.int64), expected)
+
+
+# ---------------------------------------------------------------------------------------
+# Backends with the reference's signature: the host library, and the CUDA backend.
+# ---------------------------------------------------------------------------------------
+
+
+def _address(t):
+    return None if t is None else t.data_ptr()
+
+
+def _host_backend(lib):
+    """reference.adamw's signature, one csrc/adamw_host.cpp call per tensor (CPU tensors)."""
+
+    def adamw(params, grads, exp_avgs, exp_avg_sqs, *, scalars, max_exp_avg_sqs=None,
+              masters=None, remainders=None, freeze_masks=None, change_bitmaps=None,
+              cumulative_bitmaps=None, counters=None, rounding="nearest", sr_keys=None,
+              element_offsets=None, amsgrad=False, maximize=False, grad_scale=None,
+              found_inf=None):
+        cpu = torch.device("cpu")
+        scale = grad_scale.to(torch.float32).reshape(1) if grad_scale is not None else None
+        skip = cuda_backend._found_inf_operand(found_inf, cpu) if found_inf is not None else None
+        bf16 = torch.bfloat16
+
+        def entry(values, i):
+            return values[i] if values is not None else None
+
+        for i, p in enumerate(params):
+            master, remainder = entry(masters, i), entry(remainders, i)
+            vmax = entry(max_exp_avg_sqs, i) if amsgrad else None
+            row = scalars[i].contiguous()
+            key = sr_keys[i].contiguous() if rounding == "stochastic" else None
+            status = lib.rlvr_optim_host_adamw(
+                p.numel(), p.dtype == bf16, grads[i].dtype == bf16, exp_avgs[i].dtype == bf16,
+                1 if master is not None else (2 if remainder is not None else 0),
+                rounding == "stochastic", vmax is not None, bool(maximize),
+                _address(p), _address(grads[i]), _address(exp_avgs[i]), _address(exp_avg_sqs[i]),
+                _address(vmax), _address(master), _address(remainder),
+                _address(entry(freeze_masks, i)), _address(entry(change_bitmaps, i)),
+                _address(entry(cumulative_bitmaps, i)), _address(entry(counters, i)),
+                _address(row), _address(key), int(element_offsets[i]) if element_offsets else 0,
+                _address(scale), _address(skip),
+            )
+            assert status == 0, "the host library rejected a mode the reference allows"
+
+    return adamw
+
+
+@pytest.fixture(params=["host", pytest.param("cuda", marks=pytest.mark.gpu)])
+def target(request):
+    """Where the code under test runs: the host build of the header, or the CUDA kernels."""
+    if request.param == "host":
+        lib = request.getfixturevalue("host_lib")
+        return SimpleNamespace(adamw=_host_backend(lib), device=torch.device("cpu"))
+    device = request.getfixturevalue("cuda_device")
+    return SimpleNamespace(adamw=cuda_backend.adamw, device=device)
+
+
+# ---------------------------------------------------------------------------------------
+# Inputs and comparisons.
+# ---------------------------------------------------------------------------------------
+
+
+def _bits(t: torch.Tensor) -> torch.Tensor:
+    if t.dtype == torch.bfloat16:
+        return t.view(torch.int16)
+    if t.dtype == torch.float32:
+        return t.view(torch.int32)
+    return t
+
+
+def _assert_same_bits(name, expected, got):
+    """torch.equal on bit patterns (NaN payloads included: the spec makes them canonical)."""
+    assert got.dtype == expected.dtype and got.shape == expected.shape, name
+    e, g = _bits(expected).reshape(-1).cpu(), _bits(got).reshape(-1).cpu()
+    if not torch.equal(e, g):
+        bad = (e != g).nonzero().reshape(-1)
+        mask = 2 ** (8 * e.element_size()) - 1
+        show = [(i, hex(int(e[i]) & mask), hex(int(g[i]) & mask)) for i in bad[:4].tolist()]
+        raise AssertionError(f"{name}: {bad.numel()} of {e.numel()} differ; "
+                             f"(index, reference, got): {show}")
+
+
+def _compare(ref, got, label):
+    for key in ref:
+        _assert_same_bits(f"{label}: {key}", ref[key], got[key])
+
+
+def _values(gen, numel, dtype, device, scale=1.0, nonneg=False):
+    x = torch.randn(numel, generator=gen) * scale
+    if nonneg:
+        x = x.abs()
+    x[torch.rand(numel, generator=gen) < 0.05] = 0.0  # exact zeros
+    return x.to(dtype).to(device)
+
+
+def _random_bytes(gen, count, device):
+    return torch.randint(0, 256, (count,), generator=gen, dtype=torch.uint8).to(device)
+
+
+def _make_state(gen, numel, param_dtype, state_dtype, master, *, amsgrad=False, freeze=False,
+                track=True, device=torch.device("cpu")):
+    """Fresh inputs of one tensor (the same values feed the reference and the target)."""
+    nbytes = (numel + 7) // 8
+    s = {
+        "param": _values(gen, numel, param_dtype, device),
+        "exp_avg": _values(gen, numel, state_dtype, device, 0.05),
+        "exp_avg_sq": _values(gen, numel, state_dtype, device, 1e-3, nonneg=True),
+    }
+    if track:
+        s["change_bitmap"] = torch.zeros(nbytes, dtype=torch.uint8, device=device)
+        s["cumulative_bitmap"] = _random_bytes(gen, nbytes, device)  # padding bits too
+        s["counters"] = torch.zeros(3, dtype=torch.int64, device=device)
+    if amsgrad:
+        extra = _values(gen, numel, torch.float32, device, 1e-5, nonneg=True)
+        s["max_exp_avg_sq"] = (s["exp_avg_sq"].float() + extra).to(state_dtype)
+    if master is not None:
+        p = s["param"].float()
+        w = p + torch.randn(numel, generator=gen).to(device) * p.abs() * 2.0**-8
+        if master == "fp32":
+            s["master"] = w
+        else:  # the state a remainder run holds: the split of an fp32 value
+            hi, remainder = R.split_remainder(R.fp32_bits(w))
+            s["param"] = R.bf16_from_bits(hi)
+            s["remainder"] = remainder.to(torch.int16)
+    if freeze:
+        s["freeze_mask"] = _random_bytes(gen, nbytes, device)  # random padding bits too
+    return s
+
+
+def _clone(state):
+    return {k: v.clone() for k, v in state.items()}
+
+
+def _poison(state, gen):
+    """Garbage in the outputs the step only writes."""
+    if "change_bitmap" in state:
+        b = state["change_bitmap"]
+        b.copy_(torch.randint(0, 256, b.shape, generator=gen, dtype=torch.uint8))
+    if "counters" in state:
+        state["counters"].copy_(torch.randint(-(2**40), 2**40, (3,), generator=gen))
+
+
+def _grad(gen, numel, dtype, device, scale=1.0, nonfinite=False):
+    """Fresh grads with exact zeros and, with nonfinite, NaN / +inf / -inf at random
+    elements of every step (NaNs of both signs meet: the spec makes computed NaNs canonical)."""
+    g = torch.randn(numel, generator=gen) * 0.1 * scale
+    g[torch.rand(numel, generator=gen) < 0.03] = 0.0
+    if nonfinite:
+        u = torch.rand(numel, generator=gen)
+        g[u < 0.02] = float("nan")
+        g[(u >= 0.02) & (u < 0.03)] = -float("nan")
+        g[(u >= 0.03) & (u < 0.04)] = float("inf")
+        g[(u >= 0.04) & (u < 0.05)] = -float("inf")
+    return g.to(dtype).to(device)
+
+
+def _call(adamw, states, grads, **kwargs):
+    """One call of a backend over lists built from per-tensor state dicts."""
+    def listed(key):
+        values = [s.get(key) for s in states]
+        return None if all(v is None for v in values) else values
+
+    adamw(
+        [s["param"] for s in states], grads,
+        [s["exp_avg"] for s in states], [s["exp_avg_sq"] for s in states],
+        max_exp_avg_sqs=listed("max_exp_avg_sq") if kwargs.get("amsgrad") else None,
+        masters=listed("master"), remainders=listed("remainder"),
+        freeze_masks=[s.get("freeze_mask") for s in states],
+        change_bitmaps=listed("change_bitmap"), cumulative_bitmaps=listed("cumulative_bitmap"),
+        counters=listed("counters"), **kwargs,
+    )
+
+
+# ---------------------------------------------------------------------------------------
+# The matrix: every form x state dtype x feature set x size, several seeds, three steps.
+# ---------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("numel", SIZES)
+@pytest.mark.parametrize("features", list(FEATURES))
+@pytest.mark.parametrize("state_dtype", [torch.float32, torch.bfloat16], ids=["m-fp32", "m-bf16"])
+@pytest.mark.parametrize("form", FORMS, ids=FORM_IDS)
+def test_matches_reference_bit_for_bit(target, form, state_dtype, features, numel):
+    param_dtype, master, rounding = form
+    f = FEATURES[features]
+    device = target.device
+    track = f.get("track", True)
+    grad_dtype = param_dtype
+    if f.get("other_grad_dtype"):
+        grad_dtype = torch.float32 if param_dtype == torch.bfloat16 else torch.bfloat16
+    changed_total = 0
+    for seed in SEEDS:
+        gen = torch.Generator().manual_seed(seed * 7919 + numel)
+        lr, weight_decay = [(1e-2, 0.1), (2e-3, 0.01), (5e-3, 0.0)][seed % 3]
+        ref = _make_state(gen, numel, param_dtype, state_dtype, master, amsgrad=f.get("amsgrad", False),
+                          freeze=f.get("freeze", False), track=track, device=device)
+        got = _clone(ref)
+        scale = f.get("grad_scale")
+        for step in range(1, STEPS + 1):
+            grad = _grad(gen, numel, grad_dtype, device, scale or 1.0, f.get("nonfinite", False))
+            steps = torch.tensor([step], device=device)
+            found_inf = f.get("found_inf")
+            kwargs = dict(
+                scalars=R.step_scalars(steps, lr, *BETAS, weight_decay, EPS),
+                rounding=rounding, amsgrad=f.get("amsgrad", False),
+                sr_keys=(R.stochastic_rounding_keys(1000 + seed, steps, torch.tensor([17], device=device))
+                         if rounding == "stochastic" else None),
+                element_offsets=[f["element_offset"]] if "element_offset" in f else None,
+                maximize=f.get("maximize", False),
+                grad_scale=torch.tensor(scale, device=device) if scale else None,
+                found_inf=torch.tensor(found_inf[step - 1], device=device) if found_inf else None,
+            )
+            _poison(ref, gen)
+            _poison(got, gen)
+            _call(R.adamw, [ref], [grad.clone()], **kwargs)
+            _call(target.adamw, [got], [grad.clone()], **kwargs)
+            _compare(ref, got, f"seed {seed} step {step}")
+            if track:
+                changed_total += int(ref["counters"][0])
+    if numel >= 33 and track:
+        assert changed_total > 0  # the comparison saw bf16 changes
+
+
+# ---------------------------------------------------------------------------------------
+# Rounding edges through the whole step: with lr = 0, w stays as it was, so the stored
+# param is the rounding (or split) of edge patterns.
+# ---------------------------------------------------------------------------------------
+
+
+def _edge_fp32_patterns() -> np.ndarray:
+    exponents = np.array([0, 1, 0x7F, 0x80, 0xFE], dtype=np.uint64) << 23
+    high = np.array([0, 1, 0x7E, 0x7F], dtype=np.uint64) << 16
+    low = np.array([0, 1, 0x7FFF, 0x8000, 0x8001, 0xFFFF], dtype=np.uint64)
+    sign = np.array([0, 0x80000000], dtype=np.uint64)
+    grid = (sign[:, None, None, None] | exponents[None, :, None, None]
+            | high[None, None, :, None] | low[None, None, None, :]).reshape(-1)
+    specials = np.array([
+        0x7F800000, 0xFF800000, 0x7F7FFFFF, 0xFF7FFFFF, 0x7F7F8000, 0x7F7F7FFF, 0x7FC00000,
+        0xFFC00000, 0x7F800001, 0xFF800001, 0x7FFFFFFF, 0xFFFFFFFF, 0x7FA12345, 0x00008000,
+        0x00018000, 0x80008000, 0x3F808000, 0x3F818000, 0xBF808000, 0xBF818000,
+    ], dtype=np.uint64)
+    randoms = np.random.default_rng(3).integers(0, 2**32, size=200, dtype=np.uint64)
+    return np.concatenate([grid, specials, randoms]).astype(np.uint32)
+
+
+@pytest.mark.parametrize("master,rounding", [("fp32", "nearest"), ("fp32", "stochastic"),
+                                             ("remainder", "nearest"), (None, "nearest"),
+                                             (None, "stochastic")])
+def test_rounding_edge_patterns(target, master, rounding):
+    device = target.device
+    patterns = _edge_fp32_patterns()
+    numel = patterns.size
+    w = torch.from_numpy(patterns.view(np.float32).copy()).to(device)
+    gen = torch.Generator().manual_seed(9)
+    param_dtype = torch.bfloat16 if master is not None or rounding == "stochastic" else torch.float32
+    ref = _make_state(gen, numel, param_dtype, torch.float32, master, device=device)
+    if master == "fp32":
+        ref["master"] = w.clone()
+    elif master == "remainder":
+        ref["param"] = R.bf16_from_bits(torch.from_numpy(patterns.astype(np.int64) >> 16)).to(device)
+        edges = torch.tensor([-(2**15), -1, 0, 1, 2**15 - 1, -(2**14)], dtype=torch.int16)
+        ref["remainder"] = edges.repeat(numel // 6 + 1)[:numel].to(device)
+    elif param_dtype == torch.float32:
+        ref["param"] = w.clone()  # fp32 params: the change bit compares nearest-even images
+    else:
+        ref["param"] = R.bf16_from_bits(torch.from_numpy(patterns.astype(np.int64) >> 16)).to(device)
+    got = _clone(ref)
+    steps = torch.tensor([1], device=device)
+    kwargs = dict(scalars=R.step_scalars(steps, 0.0, *BETAS, 0.0, EPS), rounding=rounding,
+                  sr_keys=R.stochastic_rounding_keys(4, steps, torch.tensor([2], device=device)))
+    grad = _grad(gen, numel, param_dtype, device)
+    _poison(ref, gen)
+    _poison(got, gen)
+    _call(R.adamw, [ref], [grad.clone()], **kwargs)
+    _call(target.adamw, [got], [grad.clone()], **kwargs)
+    _compare(ref, got, "edge patterns")
+    if master == "fp32":
+        assert int(ref["counters"][0]) > numel // 2  # the edges reached the param store
+
+
+# ---------------------------------------------------------------------------------------
+# found_inf of other dtypes and values; a skipped step.
+# ---------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("found_inf", [
+    torch.tensor(True), torch.tensor(False), torch.tensor([1], dtype=torch.int32),
+    torch.tensor(float("nan")), torch.tensor(-0.0), torch.tensor(1e-300, dtype=torch.float64),
+    torch.tensor(1.0, dtype=torch.bfloat16),
+], ids=["bool-true", "bool-false", "int32-one", "nan", "minus-zero", "fp64-tiny", "bf16-one"])
+def test_found_inf_values_and_dtypes(target, found_inf):
+    device = target.device
+    numel = 300
+    gen = torch.Generator().manual_seed(12)
+    ref = _make_state(gen, numel, torch.bfloat16, torch.float32, None, amsgrad=True, freeze=True,
+                      device=device)
+    got = _clone(ref)
+    grad = _grad(gen, numel, torch.bfloat16, device, 1.0, nonfinite=True)
+    steps = torch.tensor([2], device=device)
+    kwargs = dict(scalars=R.step_scalars(steps, 1e-2, *BETAS, 0.1, EPS), amsgrad=True,
+                  grad_scale=torch.tensor(0.5, dtype=torch.float64), found_inf=found_inf.to(device))
+    _poison(ref, gen)
+    _poison(got, gen)
+    before = _clone(ref)
+    _call(R.adamw, [ref], [grad.clone()], **kwargs)
+    _call(target.adamw, [got], [grad.clone()], **kwargs)
+    _compare(ref, got, "found_inf")
+    skipped = bool(found_inf.to(torch.float64) != 0)
+    if skipped:
+        for key in ("param", "exp_avg", "exp_avg_sq", "max_exp_avg_sq", "cumulative_bitmap"):
+            assert torch.equal(_bits(got[key]), _bits(before[key])), key
+        assert not got["change_bitmap"].any()
+        assert got["counters"][:2].tolist() == [0, 0]
+    else:
+        for key in ("param", "exp_avg", "exp_avg_sq"):
+            assert not torch.equal(_bits(got[key]), _bits(before[key])), key
+    assert int(got["counters"][2]) > 0  # non-finite grads are counted on a skipped step too
+
+
+def test_negative_control_wrong_element_offset_is_caught(host_lib):
+    """The comparison can fail: another element offset draws other random bits."""
+    numel = 2000
+    gen = torch.Generator().manual_seed(1)
+    ref = _make_state(gen, numel, torch.bfloat16, torch.float32, "fp32")
+    got = _clone(ref)
+    grad = _grad(gen, numel, torch.bfloat16, torch.device("cpu"))
+    steps = torch.tensor([1])
+    kwargs = dict(scalars=R.step_scalars(steps, 1e-3, *BETAS, 0.0, EPS), rounding="stochastic",
+                  sr_keys=R.stochastic_rounding_keys(0, steps, torch.tensor([0])))
+    _call(R.adamw, [ref], [grad.clone()], element_offsets=[100], **kwargs)
+    _call(_host_backend(host_lib), [got], [grad.clone()], element_offsets=[101], **kwargs)
+    _assert_same_bits("master", ref["master"], got["master"])
+    with pytest.raises(AssertionError, match="param"):
+        _assert_same_bits("param", ref["param"], got["param"])
+
+
+# ---------------------------------------------------------------------------------------
+# cuda_backend without a GPU: signature, argument errors, extension loading.
+# ---------------------------------------------------------------------------------------
+
+
+def test_signature_is_the_reference_signature():
+    ref = inspect.signature(R.adamw).parameters
+    ours = inspect.signature(cuda_backend.adamw).parameters
+    assert list(ours) == list(ref)
+    for name, p in ref.items():
+        assert ours[name].kind == p.kind and ours[name].default == p.default, name
+
+
+def _one_tensor_call(**overrides):
+    n = 16
+    steps = torch.tensor([1])
+    args = dict(
+        params=[torch.randn(n).bfloat16()], grads=[torch.randn(n).bfloat16()],
+        exp_avgs=[torch.zeros(n)], exp_avg_sqs=[torch.zeros(n)],
+        scalars=R.step_scalars(steps, 1e-3, *BETAS, 0.0, EPS),
+    )
+    args.update(overrides)
+    return args
+
+
+@pytest.mark.parametrize("overrides,error,match", [
+    (dict(rounding="up"), ValueError, "rounding"),
+    (dict(rounding="stochastic"), ValueError, "sr_keys"),
+    (dict(masters=[torch.zeros(16)], remainders=[torch.zeros(16, dtype=torch.int16)]),
+     ValueError, "not both"),
+    (dict(remainders=[torch.zeros(16, dtype=torch.int16)], rounding="stochastic",
+          sr_keys=torch.zeros(1, 2, dtype=torch.int64)), ValueError, "nearest"),
+    (dict(amsgrad=True), ValueError, "max_exp_avg_sqs"),
+])
+def test_argument_errors_match_reference(overrides, error, match):
+    for adamw in (R.adamw, cuda_backend.adamw):
+        args = _one_tensor_call(**overrides)
+        with pytest.raises(error, match=match):
+            adamw(args.pop("params"), args.pop("grads"), args.pop("exp_avgs"),
+                  args.pop("exp_avg_sqs"), **args)
+
+
+def test_cpu_tensors_are_refused_with_a_pointer_to_the_reference():
+    args = _one_tensor_call()
+    with pytest.raises(ValueError, match="CUDA tensors only"):
+        cuda_backend.adamw(args.pop("params"), args.pop("grads"), args.pop("exp_avgs"),
+                           args.pop("exp_avg_sqs"), **args)
+
+
+def test_no_way_to_build_gives_a_clear_error(monkeypatch):
+    monkeypatch.setattr(cuda_backend, "_extension", None)
+    monkeypatch.setattr(cuda_backend, "_prebuilt", lambda: None)
+    monkeypatch.setattr(cuda_backend, "_nvcc", lambda: None)
+    reason = cuda_backend.unavailable_reason()
+    assert reason is not None and "nvcc" in reason
+    with pytest.raises(RuntimeError, match="nvcc is not on PATH.*backend='triton' or 'reference'"):
+        cuda_backend.load_extension()
+
+
+def test_found_inf_operand_skips_exactly_when_the_reference_does():
+    cpu = torch.device("cpu")
+    for value in [torch.tensor(1e-300, dtype=torch.float64), torch.tensor(float("nan")),
+                  torch.tensor(-0.0), torch.tensor(0, dtype=torch.int64), torch.tensor(True),
+                  torch.tensor(2**40, dtype=torch.int64), torch.tensor(0.0, dtype=torch.bfloat16)]:
+        operand = cuda_backend._found_inf_operand(value, cpu)
+        assert operand.dtype == torch.float32 and operand.numel() == 1
+        assert bool(operand[0] != 0) == bool(value.reshape(()) != 0), value
+
+
+# ---------------------------------------------------------------------------------------
+# GPU only: what a single-tensor matrix cannot show.
+# ---------------------------------------------------------------------------------------
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("rounding", ["nearest", "stochastic"])
+def test_cuda_tensor_lists_mixed_layouts_and_misaligned_views(cuda_device, rounding):
+    """Several layouts (one launch each), per-entry None, multi-tile tensors, and tensors
+    that are views at odd offsets of flat buffers (element-wise loads, byte bitmaps)."""
+    gen = torch.Generator().manual_seed(5)
+    sizes = [(3, 5), (2048,), (2049,), (2, 3, 7), (1,), (0,), (6000,), (4096,), (33,)]
+    dtypes = [torch.bfloat16, torch.float32, torch.bfloat16, torch.bfloat16, torch.float32,
+              torch.bfloat16, torch.bfloat16, torch.float32, torch.bfloat16]
+    ref = []
+    for i, (shape, dtype) in enumerate(zip(sizes, dtypes)):
+        numel = int(np.prod(shape))
+        master = "fp32" if dtype == torch.bfloat16 and i % 3 != 2 else None
+        state_dtype = torch.bfloat16 if i % 4 == 1 else torch.float32
+        s = _make_state(gen, numel, dtype, state_dtype, master, amsgrad=True, freeze=i % 2 == 0,
+                        device=cuda_device)
+        if i == 3:
+            del s["change_bitmap"]  # per-entry None for an output
+        if i == 6:
+            del s["counters"]
+        for key in ("param", "exp_avg", "exp_avg_sq", "max_exp_avg_sq", "master"):
+            if key in s:
+                s[key] = s[key].reshape(shape)
+        ref.append(s)
+    # Views at odd element / byte offsets of flat buffers: not 16-byte (4-byte) aligned.
+    for i in (2, 6, 8):
+        for key, value in list(ref[i].items()):
+            if key == "counters":
+                continue
+            flat = torch.empty(value.numel() + 3, dtype=value.dtype, device=cuda_device)
+            view = flat[1: 1 + value.numel()].view(value.shape)
+            view.copy_(value)
+            ref[i][key] = view
+    got = []
+    for s in ref:  # the same layout (views of fresh buffers) for the kernel
+        copy = {}
+        for key, value in s.items():
+            if value.storage_offset():
+                flat = torch.empty(value.numel() + 3, dtype=value.dtype, device=cuda_device)
+                copy[key] = flat[1: 1 + value.numel()].view(value.shape)
+                copy[key].copy_(value)
+            else:
+                copy[key] = value.clone()
+        got.append(copy)
+    n = len(ref)
+    for step in (1, 2, 3):
+        grads = [_grad(gen, s["param"].numel(), torch.bfloat16 if j % 2 else torch.float32,
+                       cuda_device, 1.0, nonfinite=True).reshape(s["param"].shape)
+                 for j, s in enumerate(ref)]
+        steps = torch.arange(n, device=cuda_device) + step
+        kwargs = dict(
+            scalars=R.step_scalars(steps, 5e-3, *BETAS, 0.05, EPS), amsgrad=True,
+            rounding=rounding,
+            sr_keys=R.stochastic_rounding_keys(2**63 + 11, steps, torch.arange(n, device=cuda_device) * 3 + 1),
+            element_offsets=[0, 15, 2**40, 7, 0, 0, 2**33 - 5, 9, 1],
+        )
+        for s in ref + got:
+            _poison(s, gen)
+        _call(R.adamw, ref, [g.clone() for g in grads], **kwargs)
+        _call(cuda_backend.adamw, got, [g.clone() for g in grads], **kwargs)
+        for i, (r, g) in enumerate(zip(ref, got)):
+            _compare(r, g, f"tensor {i} step {step}")
+
+
+@pytest.mark.gpu
+def test_cuda_many_tensors_in_one_launch(cuda_device):
+    """Hundreds of tensors of one layout: blocks walk across tensors, counters add up."""
+    gen = torch.Generator().manual_seed(8)
+    sizes = torch.randint(0, 9000, (300,), generator=gen).tolist() + [2048, 100_000, 0, 1]
+    ref = [_make_state(gen, numel, torch.bfloat16, torch.float32, "fp32", freeze=i % 5 == 0,
+                       device=cuda_device) for i, numel in enumerate(sizes)]
+    got = [_clone(s) for s in ref]
+    n = len(ref)
+    for step in (1, 2):
+        grads = [_grad(gen, s["param"].numel(), torch.bfloat16, cuda_device) for s in ref]
+        steps = torch.full((n,), step, device=cuda_device)
+        kwargs = dict(scalars=R.step_scalars(steps, 1e-2, *BETAS, 0.1, EPS), rounding="stochastic",
+                      sr_keys=R.stochastic_rounding_keys(3, steps, torch.arange(n, device=cuda_device)))
+        for s in ref + got:
+            _poison(s, gen)
+        _call(R.adamw, ref, [g.clone() for g in grads], **kwargs)
+        _call(cuda_backend.adamw, got, [g.clone() for g in grads], **kwargs)
+        for i, (r, g) in enumerate(zip(ref, got)):
+            _compare(r, g, f"tensor {i} step {step}")
+    assert sum(int(s["counters"][0]) for s in ref) > 0
+
+
+@pytest.mark.gpu
+def test_cuda_tensor_over_2_31_elements(cuda_device):
+    """64-bit indexing: windows of a 2**31 + 4101 element tensor (one before and one across
+    element 2**31, one at the end) equal the reference run on copies of those windows with
+    their element offsets. About 18 GB of GPU memory."""
+    numel = 2**31 + 4101
+    gen = torch.Generator(device=cuda_device).manual_seed(2)
+    param = torch.empty(numel, dtype=torch.bfloat16, device=cuda_device).normal_(generator=gen)
+    grad = torch.empty_like(param).normal_(generator=gen)
+    exp_avg = torch.empty_like(param).normal_(0, 0.05, generator=gen)
+    exp_avg_sq = torch.empty_like(param).normal_(0, 1e-3, generator=gen).abs_()
+    bitmap = torch.zeros((numel + 7) // 8, dtype=torch.uint8, device=cuda_device)
+    counters = torch.zeros(3, dtype=torch.int64, device=cuda_device)
+    windows = [(2**31 - 2**20, 2**31 - 2**20 + 4096), (2**31 - 1024, 2**31 + 1024),
+               (numel - 4101, numel)]
+    before = [{"param": param[a:b].clone(), "exp_avg": exp_avg[a:b].clone(),
+               "exp_avg_sq": exp_avg_sq[a:b].clone(),
+               "change_bitmap": torch.zeros((b - a + 7) // 8, dtype=torch.uint8, device=cuda_device),
+               "counters": torch.zeros(3, dtype=torch.int64, device=cuda_device)}
+              for a, b in windows]
+    steps = torch.tensor([4], device=cuda_device)
+    scalars = R.step_scalars(steps, 1e-2, *BETAS, 0.1, EPS)
+    keys = R.stochastic_rounding_keys(77, steps, torch.tensor([3], device=cuda_device))
+    cuda_backend.adamw([param], [grad], [exp_avg], [exp_avg_sq], scalars=scalars,
+                       change_bitmaps=[bitmap], counters=[counters], rounding="stochastic",
+                       sr_keys=keys)
+    for (a, b), window in zip(windows, before):
+        R.adamw([window["param"]], [grad[a:b].clone()], [window["exp_avg"]], [window["exp_avg_sq"]],
+                scalars=scalars, change_bitmaps=[window["change_bitmap"]],
+                counters=[window["counters"]], rounding="stochastic", sr_keys=keys,
+                element_offsets=[a])
+        label = f"window [{a}, {b})"
+        _assert_same_bits(f"{label}: param", window["param"], param[a:b])
+        _assert_same_bits(f"{label}: exp_avg", window["exp_avg"], exp_avg[a:b])
+        _assert_same_bits(f"{label}: exp_avg_sq", window["exp_avg_sq"], exp_avg_sq[a:b])
+        _assert_same_bits(f"{label}: change_bitmap", window["change_bitmap"], bitmap[a // 8: (b + 7) // 8])
+    assert int(counters[0]) == int(popcount(bitmap)) > numel // 4
+
+
+@pytest.mark.gpu
+def test_cuda_graph_replay_is_bit_exact(cuda_device):
+    """A captured step replays with new step scalars, keys and grads from device memory."""
+    gen = torch.Generator().manual_seed(4)
+    sizes = [5000, 7, 2048, 33, 0]
+    ref = [_make_state(gen, numel, torch.bfloat16, torch.float32, "fp32", amsgrad=True,
+                       freeze=i == 1, device=cuda_device) for i, numel in enumerate(sizes)]
+    got = [_clone(s) for s in ref]
+    n = len(sizes)
+    grads = [torch.zeros(numel, dtype=torch.bfloat16, device=cuda_device) for numel in sizes]
+    scalars = torch.zeros(n, 8, device=cuda_device)
+    keys = torch.zeros(n, 2, dtype=torch.int64, device=cuda_device)
+    found_inf = torch.zeros((), device=cuda_device)
+    kwargs = dict(scalars=scalars, sr_keys=keys, rounding="stochastic", amsgrad=True,
+                  found_inf=found_inf)
+
+    def load_inputs(step, skip):
+        steps = torch.full((n,), step, device=cuda_device)
+        scalars.copy_(R.step_scalars(steps, 1e-2, *BETAS, 0.1, EPS))
+        keys.copy_(R.stochastic_rounding_keys(11, steps, torch.arange(n, device=cuda_device)))
+        found_inf.fill_(1.0 if skip else 0.0)
+        for g, numel in zip(grads, sizes):
+            g.copy_(_grad(gen, numel, torch.bfloat16, cuda_device))
+
+    def reference_step():
+        _call(R.adamw, ref, [g.clone() for g in grads], **kwargs)
+
+    load_inputs(1, False)  # warm-up outside the graph: builds the cached table
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        _call(cuda_backend.adamw, got, grads, **kwargs)
+    torch.cuda.current_stream().wait_stream(side)
+    reference_step()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        _call(cuda_backend.adamw, got, grads, **kwargs)
+    for step, skip in ((2, False), (3, True), (4, False)):
+        load_inputs(step, skip)
+        for s in ref + got:
+            _poison(s, gen)
+        graph.replay()
+        reference_step()
+        for i, (r, g) in enumerate(zip(ref, got)):
+            _compare(r, g, f"tensor {i} replay of step {step}")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("form", FORMS, ids=FORM_IDS)
+def test_cuda_equals_triton_backend(cuda_device, form):
+    """The two fused backends give the same bits (each also equals the reference above)."""
+    triton_adamw = pytest.importorskip("rlvr_optim.triton_kernels.adamw").adamw
+    param_dtype, master, rounding = form
+    gen = torch.Generator().manual_seed(21)
+    sizes = [4099, 2048, 1, 6000]
+    cuda = [_make_state(gen, numel, param_dtype, torch.float32, master, amsgrad=True,
+                        freeze=i % 2 == 0, device=cuda_device) for i, numel in enumerate(sizes)]
+    tri = [_clone(s) for s in cuda]
+    n = len(sizes)
+    for step in (1, 2):
+        grads = [_grad(gen, numel, torch.bfloat16, cuda_device, 2.0, nonfinite=True) for numel in sizes]
+        steps = torch.full((n,), step, device=cuda_device)
+        kwargs = dict(scalars=R.step_scalars(steps, 1e-2, *BETAS, 0.1, EPS), amsgrad=True,
+                      rounding=rounding, maximize=step == 2,
+                      sr_keys=R.stochastic_rounding_keys(5, steps, torch.arange(n, device=cuda_device)),
+                      element_offsets=[0, 99, 2**32, 8], grad_scale=torch.tensor(2.0, device=cuda_device))
+        for s in cuda + tri:
+            _poison(s, gen)
+        _call(cuda_backend.adamw, cuda, [g.clone() for g in grads], **kwargs)
+        _call(triton_adamw, tri, [g.clone() for g in grads], **kwargs)
+        for i, (c, t) in enumerate(zip(cuda, tri)):
+            _compare(t, c, f"tensor {i} step {step} (triton first)")
