@@ -542,11 +542,10 @@ class AdamW(torch.optim.AdamW):
                 # Skipping on found_inf without a host sync needs the step count on the device.
                 state["step"] = state["step"].to(p.device)
         steps = [s["step"] for s in states]
-        for t in steps:
-            t.add_(1)
+        torch._foreach_add_(steps, 1)
         if found_inf is not None:
-            for t in steps:
-                t.sub_(found_inf.to(device=t.device, dtype=t.dtype).reshape(()))
+            skipped = found_inf.to(device=steps[0].device, dtype=torch.float32).reshape(())
+            torch._foreach_sub_(steps, skipped)
         step_vec = torch.stack([t.to(steps[0].device) for t in steps])
         beta1, beta2 = group["betas"]
         scalars = reference.step_scalars(

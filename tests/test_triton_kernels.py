@@ -1,11 +1,14 @@
-"""The Triton AdamW kernel against the reference, bit for bit.
+"""The Triton AdamW kernels against the reference, bit for bit, through both launch paths.
 
 Every mode the reference allows (param dtype x state dtype x master form x rounding, with
 amsgrad, maximize, freeze masks, grad_scale, found_inf, non-finite grads and SR element
-offsets), odd sizes and one crossing a block edge, several seeds, three steps. Outputs that
-the kernel only writes (change bitmaps, counters) are poisoned first, so an unwritten byte
-fails. On CPU the kernel runs in Triton's interpreter (conftest.py sets TRITON_INTERPRET=1);
-with a GPU the same tests run there against the reference on the GPU.
+offsets), odd sizes and one crossing a block edge, several seeds, three steps, each step run
+by the reference, by the table launch (one launch per group of tensors of one layout, the
+default) and by the per-tensor launch. Outputs that the kernel only writes (change bitmaps,
+counters) are poisoned first, so an unwritten byte fails. Calls with many tensors of mixed
+layouts check the grouping, the pointer-table cache and per-tensor scalar rows. On CPU the
+kernels run in Triton's interpreter (conftest.py sets TRITON_INTERPRET=1); with a GPU the
+same tests run there against the reference on the GPU.
 """
 
 import numpy as np
@@ -30,6 +33,11 @@ BLOCK = 1024  # small, so that 4099 and BLOCK + 13 span several programs cheaply
 SIZES = [1, 7, 8, 33, 4099, BLOCK + 13]
 SEEDS = [0, 1, 2]
 STEPS = 3
+LAUNCHES = ["table", "per_tensor"]
+# The launch path each seed of the matrix runs: every mode meets both paths, the default
+# one twice. (Running both on every seed would double the file's runtime: the interpreter's
+# cost per program bounds it.)
+SEED_LAUNCH = {0: "table", 1: "per_tensor", 2: "table"}
 BETAS = (0.9, 0.999)
 EPS = 1e-8
 
@@ -54,7 +62,8 @@ FEATURES = {
     ),
     "maximize-skip-offset": dict(
         maximize=True, freeze=True, nonfinite=True, found_inf=(0.0, 1.0, 0.0),
-        element_offset=2**32 - 600,  # the global index crosses the low Philox counter word
+        # Tensor k starts at 2**32 - 600 - 13 k: the larger ones cross the low Philox word.
+        element_offset=2**32 - 600,
     ),
 }
 
@@ -139,7 +148,9 @@ def _poison(state, gen):
     if "change_bitmap" in state:
         bitmap = state["change_bitmap"]
         bitmap.copy_(torch.randint(0, 256, bitmap.shape, generator=gen, dtype=torch.uint8))
-    state["counters"].copy_(torch.randint(-(2**40), 2**40, (3,), generator=gen, dtype=torch.int64))
+    if "counters" in state:
+        counters = state["counters"]
+        counters.copy_(torch.randint(-(2**40), 2**40, (3,), generator=gen, dtype=torch.int64))
 
 
 def _nonfinite_elements(gen, numel):
@@ -194,51 +205,82 @@ def _compare(ref, tri, label):
         _assert_same_bits(f"{label}: {key}", ref[key], tri[key])
 
 
+class _LaunchCounter:
+    """Stands in for a kernel and counts its launches."""
+
+    def __init__(self, kernel):
+        self.kernel = kernel
+        self.launches = 0
+
+    def __getitem__(self, grid):
+        self.launches += 1
+        return self.kernel[grid]
+
+
+@pytest.fixture
+def launches(monkeypatch):
+    """Launch counts of the two kernels, by launch path."""
+    counters = {"table": _LaunchCounter(TK.adamw_table_kernel),
+                "per_tensor": _LaunchCounter(TK.adamw_kernel)}
+    monkeypatch.setattr(TK, "adamw_table_kernel", counters["table"])
+    monkeypatch.setattr(TK, "adamw_kernel", counters["per_tensor"])
+    return counters
+
+
 # ---------------------------------------------------------------------------------------
 # The matrix: every form x state dtype x feature set x size, several seeds, three steps.
 # ---------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("numel", SIZES)
 @pytest.mark.parametrize("features", list(FEATURES))
 @pytest.mark.parametrize("state_dtype", [torch.float32, torch.bfloat16], ids=["m-fp32", "m-bf16"])
 @pytest.mark.parametrize("form", FORMS, ids=FORM_IDS)
-def test_matches_reference_bit_for_bit(form, state_dtype, features, numel):
+def test_matches_reference_bit_for_bit(form, state_dtype, features):
+    """Every size in one call (one group for the table launch), each tensor with its own
+    row of scalars (its own step count) and its own SR key and element offset."""
     param_dtype, master, rounding = form
     f = FEATURES[features]
     amsgrad = f.get("amsgrad", False)
-    changed_total = 0
+    n = len(SIZES)
+    changed = [0] * n
     for seed in SEEDS:
-        gen = torch.Generator().manual_seed(seed * 7919 + numel)
-        lr = [1e-2, 2e-3][seed % 2]
-        weight_decay = [0.1, 0.01][seed % 2]
-        ref = _make_state(gen, numel, param_dtype, state_dtype, master, amsgrad, f.get("freeze"))
-        tri = _clone(ref)
+        launch = SEED_LAUNCH[seed]
+        gen = torch.Generator().manual_seed(seed * 7919 + 1)
+        lr = [1e-2, 2e-3, 5e-3][seed]
+        weight_decay = [0.1, 0.01, 0.0][seed]
+        ref = [_make_state(gen, numel, param_dtype, state_dtype, master, amsgrad, f.get("freeze"))
+               for numel in SIZES]
+        tri = [_clone(s) for s in ref]
         scale = f.get("grad_scale")
-        kinds = _nonfinite_elements(gen, numel) if f.get("nonfinite") else None
+        kinds = [_nonfinite_elements(gen, numel) if f.get("nonfinite") else None for numel in SIZES]
+        offsets = None
+        if "element_offset" in f:
+            offsets = [f["element_offset"] - 13 * k for k in range(n)]
         for step in range(1, STEPS + 1):
-            grad = _grad(gen, numel, param_dtype, scale or 1.0, kinds)
-            steps = torch.tensor([step], device=DEVICE)
+            grads = [_grad(gen, numel, param_dtype, scale or 1.0, k)
+                     for numel, k in zip(SIZES, kinds)]
+            steps = torch.arange(step, step + n, device=DEVICE)
             scalars = R.step_scalars(steps, lr, *BETAS, weight_decay, EPS)
-            keys = R.stochastic_rounding_keys(1000 + seed, steps, torch.tensor([17], device=DEVICE))
+            tensor_keys = torch.arange(n, device=DEVICE) + 17
+            keys = R.stochastic_rounding_keys(1000 + seed, steps, tensor_keys)
             found_inf = f.get("found_inf")
             kwargs = dict(
                 scalars=scalars, amsgrad=amsgrad, master=master, rounding=rounding,
                 sr_keys=keys if rounding == "stochastic" else None,
-                element_offsets=[f["element_offset"]] if "element_offset" in f else None,
-                maximize=f.get("maximize", False),
+                element_offsets=offsets, maximize=f.get("maximize", False),
                 grad_scale=torch.tensor(scale, device=DEVICE) if scale else None,
                 found_inf=torch.tensor(found_inf[step - 1], device=DEVICE) if found_inf else None,
             )
-            _poison(ref, gen)
-            _poison(tri, gen)
-            _step(R.adamw, [ref], [grad.clone()], **kwargs)
-            _step(TK.adamw, [tri], [grad.clone()], block_size=BLOCK, **kwargs)
-            _compare(ref, tri, f"seed {seed} step {step}")
-            changed_total += int(ref["counters"][0])
-    if numel >= 33:
-        # The comparison saw bf16 changes, not only untouched tensors.
-        assert changed_total > 0
+            for s in ref + tri:
+                _poison(s, gen)
+            _step(R.adamw, ref, [g.clone() for g in grads], **kwargs)
+            _step(TK.adamw, tri, [g.clone() for g in grads], block_size=BLOCK, launch=launch,
+                  **kwargs)
+            for k, (r, t) in enumerate(zip(ref, tri)):
+                _compare(r, t, f"{launch}, seed {seed}, step {step}, numel {SIZES[k]}")
+            changed = [c + int(s["counters"][0]) for c, s in zip(changed, ref)]
+    # The comparison saw bf16 changes, not only untouched tensors.
+    assert all(c > 0 for c, numel in zip(changed, SIZES) if numel >= 33), changed
 
 
 # ---------------------------------------------------------------------------------------
@@ -246,8 +288,9 @@ def test_matches_reference_bit_for_bit(form, state_dtype, features, numel):
 # ---------------------------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("launch", LAUNCHES)
 @pytest.mark.parametrize("rounding", ["nearest", "stochastic"])
-def test_tensor_list_with_mixed_dtypes_and_missing_entries(rounding):
+def test_tensor_list_with_mixed_dtypes_and_missing_entries(rounding, launch):
     gen = torch.Generator().manual_seed(5)
     shapes = [(3, 5), (64,), (2, 3, 7), (1,), (0,)]
     param_dtypes = [torch.bfloat16, torch.float32, torch.bfloat16, torch.bfloat16, torch.bfloat16]
@@ -280,9 +323,190 @@ def test_tensor_list_with_mixed_dtypes_and_missing_entries(rounding):
         for s in ref + tri:
             _poison(s, gen)
         _step(R.adamw, ref, [g.clone() for g in grads], **kwargs)
-        _step(TK.adamw, tri, [g.clone() for g in grads], **kwargs)  # default block size
+        _step(TK.adamw, tri, [g.clone() for g in grads], launch=launch, **kwargs)  # default block
         for i, (r, t) in enumerate(zip(ref, tri)):
             _compare(r, t, f"tensor {i} step {step}")
+
+
+# ---------------------------------------------------------------------------------------
+# Many tensors of several layouts in one call: one table launch per layout, the cached
+# pointer tables, per-tensor rows of scalars and keys, element offsets with SR.
+# ---------------------------------------------------------------------------------------
+
+# Layouts: param, grad and state dtypes, and which optional tensors are present.
+BF16, FP32, FP16 = torch.bfloat16, torch.float32, torch.float16
+MIXED_LAYOUTS = {
+    "A": dict(param=BF16, grad=BF16, m=FP32, v=FP32, master=True, freeze=True,
+              change=True, cumulative=True, counters=True),
+    "B": dict(param=BF16, grad=FP32, m=BF16, v=BF16, master=False, freeze=False,
+              change=True, cumulative=False, counters=False),
+    "C": dict(param=FP32, grad=FP16, m=FP32, v=FP32, master=False, freeze=True,
+              change=False, cumulative=True, counters=True),
+    "D": dict(param=BF16, grad=FP16, m=FP32, v=BF16, master=True, freeze=False,
+              change=True, cumulative=False, counters=True),
+}
+# (numel, layout): every odd size, one crossing a block edge, zero-size tensors in a group.
+MIXED_TENSORS = [
+    (0, "A"), (1, "A"), (7, "B"), (8, "C"), (33, "A"), (4099, "D"), (BLOCK + 13, "B"),
+    (5, "C"), (64, "D"), (300, "A"), (1, "B"), (17, "C"), (0, "D"), (2 * BLOCK, "D"),
+]
+MIXED_CALLS = {
+    "master-sr": dict(master="fp32", rounding="stochastic", amsgrad=True, maximize=True,
+                      grad_scale=4.0, found_inf=None),
+    "remainder": dict(master="remainder", rounding="nearest", amsgrad=False, maximize=False,
+                      grad_scale=None, found_inf=0.0),
+}
+
+
+def _make_mixed_states(gen, tensors, master, amsgrad):
+    states = []
+    for numel, name in tensors:
+        lay = MIXED_LAYOUTS[name]
+        s = _make_state(gen, numel, lay["param"], lay["m"], master if lay["master"] else None,
+                        amsgrad, lay["freeze"])
+        s["exp_avg_sq"] = s["exp_avg_sq"].to(lay["v"])
+        if amsgrad:
+            s["max_exp_avg_sq"] = s["max_exp_avg_sq"].to(lay["v"])
+        for key, present in (("change_bitmap", lay["change"]),
+                             ("cumulative_bitmap", lay["cumulative"]),
+                             ("counters", lay["counters"])):
+            if not present:
+                del s[key]
+        states.append(s)
+    return states
+
+
+def _mixed_grads(gen, tensors, kinds, scale):
+    return [_grad(gen, numel, MIXED_LAYOUTS[name]["grad"], scale, k)
+            for (numel, name), k in zip(tensors, kinds)]
+
+
+def _mixed_kwargs(call, step, n, offsets):
+    """Per-tensor step counts (rows of scalars) and keys, on the CPU even for GPU tensors:
+    the backend moves each whole tensor once."""
+    steps = torch.arange(step, step + n)
+    c = MIXED_CALLS[call]
+    return dict(
+        scalars=R.step_scalars(steps, 3e-3, *BETAS, 0.05, EPS),
+        sr_keys=R.stochastic_rounding_keys(2**64 - 5, steps, torch.arange(n) * 7 + 3),
+        element_offsets=offsets, amsgrad=c["amsgrad"], master=c["master"],
+        rounding=c["rounding"], maximize=c["maximize"],
+        grad_scale=torch.tensor(c["grad_scale"], device=DEVICE) if c["grad_scale"] else None,
+        found_inf=(torch.tensor(c["found_inf"], device=DEVICE)
+                   if c["found_inf"] is not None else None),
+    )
+
+
+@pytest.mark.parametrize("call", list(MIXED_CALLS))
+def test_many_tensors_of_mixed_layouts_take_one_launch_per_layout(call, launches):
+    gen = torch.Generator().manual_seed(21)
+    n = len(MIXED_TENSORS)
+    c = MIXED_CALLS[call]
+    ref = _make_mixed_states(gen, MIXED_TENSORS, c["master"], c["amsgrad"])
+    runs = {launch: [_clone(s) for s in ref] for launch in LAUNCHES}
+    kinds = [_nonfinite_elements(gen, numel) for numel, _ in MIXED_TENSORS]
+    # Global indices around 2**32 (the low Philox word wraps inside some tensors) and 2**40.
+    offsets = [2**32 - 40 * k if k % 3 else 2**40 + k for k in range(n)]
+    for step in (1, 2):
+        grads = _mixed_grads(gen, MIXED_TENSORS, kinds, c["grad_scale"] or 1.0)
+        kwargs = _mixed_kwargs(call, step, n, offsets)
+        for s in ref + runs["table"] + runs["per_tensor"]:
+            _poison(s, gen)
+        _step(R.adamw, ref, [g.clone() for g in grads], **kwargs)
+        for launch, states in runs.items():
+            _step(TK.adamw, states, [g.clone() for g in grads], block_size=BLOCK,
+                  launch=launch, **kwargs)
+            for k, (r, t) in enumerate(zip(ref, states)):
+                numel, name = MIXED_TENSORS[k]
+                _compare(r, t, f"{launch}, step {step}, tensor {k} ({numel}, layout {name})")
+    nonempty = [name for numel, name in MIXED_TENSORS if numel > 0]  # zero-size: no work
+    assert launches["table"].launches == 2 * len(set(nonempty)) == 8
+    assert launches["per_tensor"].launches == 2 * len(nonempty)
+
+
+def test_tables_are_reused_and_rebuilt_when_a_tensor_moves():
+    tensors = [(7, "A"), (33, "B"), (BLOCK + 13, "A"), (1, "B")]  # two groups
+    n = len(tensors)
+    gen = torch.Generator().manual_seed(8)
+    ref = _make_mixed_states(gen, tensors, "fp32", amsgrad=True)
+    tri = [_clone(s) for s in ref]
+    # Gradients kept in place between steps, as with zero_grad(set_to_none=False).
+    grads = _mixed_grads(gen, tensors, [None] * n, 4.0)
+    offsets = [5, 2**32 - 100, 2**40, 0]
+    TK.pointer_tables.clear()
+    TK.work_tables.clear()
+
+    def step(number):
+        for g, new in zip(grads, _mixed_grads(gen, tensors, [None] * n, 4.0)):
+            g.copy_(new)
+        kwargs = _mixed_kwargs("master-sr", number, n, offsets)
+        _step(R.adamw, ref, [g.clone() for g in grads], **kwargs)
+        _step(TK.adamw, tri, grads, block_size=BLOCK, **kwargs)
+        for k, (r, t) in enumerate(zip(ref, tri)):
+            _compare(r, t, f"step {number}, tensor {k}")
+        pointers, work = TK.pointer_tables, TK.work_tables
+        return (pointers.builds, pointers.hits), (work.builds, work.hits)
+
+    assert step(1) == ((2, 0), (2, 0))
+    assert step(2) == ((2, 2), (2, 2))  # the same tensors: both groups reuse both tables
+    # New storage for one state of tensor 2 (group A); the old one stays alive, so a stale
+    # table would write there and leave the new tensor behind the reference.
+    old = tri[2]["exp_avg"]
+    tri[2]["exp_avg"] = old.clone()
+    before = old.clone()
+    assert step(3) == ((3, 3), (2, 4))  # group A's pointers rebuilt; same sizes, same work
+    assert torch.equal(_bits(old), _bits(before))
+    # Another element offset for tensor 1 (group B): another SR stream, another table.
+    offsets[1] += 3
+    assert step(4) == ((4, 4), (2, 6))
+    # Fresh gradient tensors (zero_grad(set_to_none=True)): new pointers, same work tables.
+    grads = [g.clone() for g in grads]
+    assert step(5) == ((6, 4), (2, 8))
+
+
+def test_work_table_and_cache_bounds():
+    # (tensor, chunk) per program: 1, 3, 0 and 2 chunks of 8 elements.
+    work = TK._work_table((1, 17, 0, 9), 8)
+    assert work.dtype == torch.int32
+    assert work.tolist() == [[0, 0], [1, 0], [1, 1], [1, 2], [3, 0], [3, 1]]
+
+    cache = TK.TableCache(capacity=2, max_bytes=2**20)
+    built = []
+
+    def table(key):
+        def build():
+            built.append(key)
+            return torch.full((4,), key, dtype=torch.int64)
+        return cache.get(DEVICE, (key,), build)
+
+    first = table(1)
+    assert first.device.type == DEVICE.type and first.tolist() == [1] * 4
+    assert table(1) is first and (cache.builds, cache.hits) == (1, 1)
+    table(2)
+    table(1)
+    table(3)  # over capacity: the least recently used (2) goes
+    assert len(cache) == 2 and built == [1, 2, 3]
+    table(1)
+    table(2)
+    assert built == [1, 2, 3, 2] and (cache.builds, cache.hits) == (4, 3)
+    # A byte budget below one entry keeps only the newest entry.
+    small = TK.TableCache(capacity=8, max_bytes=1)
+    for key in (1, 2, 3):
+        small.get(DEVICE, (key,), lambda: torch.zeros(100, dtype=torch.int64))
+        assert len(small) == 1
+
+
+def test_the_optimizer_steps_through_the_table_launch(launches):
+    from rlvr_optim import AdamW
+
+    gen = torch.Generator().manual_seed(4)
+    params = [torch.nn.Parameter(torch.randn(n, generator=gen).bfloat16().to(DEVICE))
+              for n in (3, 40, 9, 1)]
+    opt = AdamW(params, lr=1e-3, backend="triton")
+    for p in params:
+        p.grad = torch.randn(p.shape, generator=gen).bfloat16().to(DEVICE)
+    opt.step()
+    assert (launches["table"].launches, launches["per_tensor"].launches) == (1, 0)
 
 
 # ---------------------------------------------------------------------------------------
@@ -310,7 +534,8 @@ def _edge_fp32_patterns() -> np.ndarray:
 
 @pytest.mark.parametrize("master,rounding", [("fp32", "nearest"), ("fp32", "stochastic"),
                                              ("remainder", "nearest"), (None, "nearest")])
-def test_rounding_edge_patterns(master, rounding):
+@pytest.mark.parametrize("launch", LAUNCHES)
+def test_rounding_edge_patterns(master, rounding, launch):
     patterns = _edge_fp32_patterns()
     numel = patterns.size
     w = torch.from_numpy(patterns.view(np.float32).copy()).to(DEVICE)
@@ -339,7 +564,7 @@ def test_rounding_edge_patterns(master, rounding):
     _poison(ref, gen)
     _poison(tri, gen)
     _step(R.adamw, [ref], [grad.clone()], **kwargs)
-    _step(TK.adamw, [tri], [grad.clone()], block_size=BLOCK, **kwargs)
+    _step(TK.adamw, [tri], [grad.clone()], block_size=BLOCK, launch=launch, **kwargs)
     _compare(ref, tri, "edge patterns")
     if master == "fp32":
         # The edge patterns did reach the param store: the param is now their rounding.
@@ -356,7 +581,8 @@ def test_rounding_edge_patterns(master, rounding):
     torch.tensor(float("nan")), torch.tensor(-0.0), torch.tensor(2.0, dtype=torch.float64),
     torch.tensor(1.0, dtype=torch.bfloat16),
 ], ids=["bool-true", "bool-false", "int32-one", "nan", "minus-zero", "fp64-two", "bf16-one"])
-def test_found_inf_values_and_dtypes(found_inf):
+@pytest.mark.parametrize("launch", LAUNCHES)
+def test_found_inf_values_and_dtypes(found_inf, launch):
     numel = 300
     gen = torch.Generator().manual_seed(12)
     ref = _make_state(gen, numel, torch.bfloat16, torch.float32, None, amsgrad=True, freeze=True)
@@ -371,7 +597,7 @@ def test_found_inf_values_and_dtypes(found_inf):
     _poison(tri, gen)
     before = _clone(ref)
     _step(R.adamw, [ref], [grad.clone()], **kwargs)
-    _step(TK.adamw, [tri], [grad.clone()], block_size=BLOCK, **kwargs)
+    _step(TK.adamw, [tri], [grad.clone()], block_size=BLOCK, launch=launch, **kwargs)
     _compare(ref, tri, "found_inf")
     skipped = bool(found_inf.to(torch.float64) != 0)
     if skipped:
@@ -389,7 +615,8 @@ def test_found_inf_values_and_dtypes(found_inf):
 # ---------------------------------------------------------------------------------------
 
 
-def test_zero_size_tensor_zeroes_counters_and_writes_nothing():
+@pytest.mark.parametrize("launch", LAUNCHES)
+def test_zero_size_tensor_zeroes_counters_and_writes_nothing(launch, launches):
     gen = torch.Generator().manual_seed(0)
     tri = _make_state(gen, 0, torch.bfloat16, torch.float32, None, amsgrad=False, freeze=True)
     _poison(tri, gen)
@@ -397,8 +624,9 @@ def test_zero_size_tensor_zeroes_counters_and_writes_nothing():
     _step(TK.adamw, [tri], [torch.empty(0, dtype=torch.bfloat16, device=DEVICE)],
           scalars=R.step_scalars(steps, 1e-3, *BETAS, 0.0, EPS), amsgrad=False, master=None,
           rounding="nearest", sr_keys=None, element_offsets=None, maximize=False,
-          grad_scale=None, found_inf=None)
+          grad_scale=None, found_inf=None, launch=launch)
     assert tri["counters"].tolist() == [0, 0, 0]
+    assert launches["table"].launches == launches["per_tensor"].launches == 0
 
 
 def _one_tensor_call(**overrides):
@@ -440,27 +668,32 @@ def test_argument_errors_match_reference(overrides, error, match):
     (dict(counters=[torch.zeros(3, dtype=torch.int32, device=DEVICE)]), TypeError, "counters"),
     (dict(change_bitmaps=[torch.zeros(3, dtype=torch.uint8, device=DEVICE)]), ValueError, "elements"),
     (dict(block_size=12), ValueError, "power of two"),
+    (dict(launch="fused"), ValueError, "launch must be 'table' or 'per_tensor'"),
 ])
 def test_triton_input_errors_name_the_tensor(overrides, error, match):
-    args = _one_tensor_call(**overrides)
-    with pytest.raises(error, match=match):
-        TK.adamw(args.pop("params"), args.pop("grads"), args.pop("exp_avgs"),
-                 args.pop("exp_avg_sqs"), **args)
+    for launch in LAUNCHES:
+        args = dict(_one_tensor_call(**overrides))
+        args.setdefault("launch", launch)
+        with pytest.raises(error, match=match):
+            TK.adamw(args.pop("params"), args.pop("grads"), args.pop("exp_avgs"),
+                     args.pop("exp_avg_sqs"), **args)
 
 
-def test_signature_is_the_reference_signature_plus_block_size():
+def test_signature_is_the_reference_signature_plus_block_size_and_launch():
     import inspect
 
     ref = inspect.signature(R.adamw).parameters
     tri = inspect.signature(TK.adamw).parameters
     assert list(tri)[: len(ref)] == list(ref)
-    assert list(tri)[len(ref):] == ["block_size"]
+    assert list(tri)[len(ref):] == ["block_size", "launch"]
+    assert tri["launch"].default == "table"
     for name, p in ref.items():
         assert tri[name].kind == p.kind and tri[name].default == p.default, name
 
 
+@pytest.mark.parametrize("launch", LAUNCHES)
 @pytest.mark.parametrize("wrong", ["key", "offset"])
-def test_negative_control_wrong_random_stream_is_caught(wrong):
+def test_negative_control_wrong_random_stream_is_caught(wrong, launch):
     """The comparison can fail: the kernel with another key, or another element offset,
     stores different bf16 params than the reference."""
     numel = 2000
@@ -476,10 +709,10 @@ def test_negative_control_wrong_random_stream_is_caught(wrong):
     _step(R.adamw, [ref], [grad.clone()], sr_keys=keys, element_offsets=[100], **kwargs)
     if wrong == "key":
         _step(TK.adamw, [tri], [grad.clone()], sr_keys=keys ^ 1, element_offsets=[100],
-              block_size=BLOCK, **kwargs)
+              block_size=BLOCK, launch=launch, **kwargs)
     else:
         _step(TK.adamw, [tri], [grad.clone()], sr_keys=keys, element_offsets=[101],
-              block_size=BLOCK, **kwargs)
+              block_size=BLOCK, launch=launch, **kwargs)
     # Same master (the rounding does not feed back), different stored params.
     _assert_same_bits("master", ref["master"], tri["master"])
     with pytest.raises(AssertionError, match="param"):

@@ -1,26 +1,45 @@
-"""Fused AdamW step in Triton: one launch per tensor, each input read once, each output
-written once, bit for bit equal to :func:`rlvr_optim.reference.adamw`.
+"""Fused AdamW step in Triton: each input read once, each output written once, bit for bit
+equal to :func:`rlvr_optim.reference.adamw`, in a handful of launches per step.
 
 Layout: :func:`_adamw_math` is the per-element arithmetic (registers only, in the order of
-the reference); the ``_*_bf16`` helpers are the integer bf16 conversions; ``adamw_kernel``
-loads, calls them and stores; :func:`adamw` checks inputs and launches. Every mode is a
-``tl.constexpr`` flag, so a launch compiles only the branches it uses.
+the reference); the ``_*_bf16`` helpers are the integer bf16 conversions; ``_adamw_block``
+loads one block of one tensor, calls them and stores. Two kernels call it:
+``adamw_table_kernel`` (the default) steps a whole group of tensors of one layout in one
+launch, reading each tensor's pointers from a cached device table, because launch overhead
+dominates models with many small tensors (DESIGN.md, "Launch overhead matters");
+``adamw_kernel`` steps one tensor per launch, the simplest form, for debugging.
+:func:`adamw` checks inputs, groups and launches. Every mode is a ``tl.constexpr`` flag, so
+a launch compiles only the branches it uses.
 
-On CPU the kernel runs under Triton's interpreter (``TRITON_INTERPRET=1``), where fp32
+On CPU the kernels run under Triton's interpreter (``TRITON_INTERPRET=1``), where fp32
 arithmetic is numpy fp32 (IEEE, no contraction); on a GPU it is launched with
 ``enable_fp_fusion=False`` and uses ``tl.div_rn`` / ``tl.sqrt_rn``, so no operation is
-fused or approximated. bf16 tensors are passed as int16 views and converted with integer
+fused or approximated. bf16 tensors are read through int16 pointers and converted with integer
 bit operations: the interpreter's own fp32 -> bf16 cast truncates.
 """
 
 from __future__ import annotations
+
+from collections import OrderedDict
+from typing import NamedTuple
 
 import torch
 import triton
 import triton.language as tl
 from torch import Tensor
 
-__all__ = ["adamw", "adamw_kernel", "DEFAULT_BLOCK_CPU", "DEFAULT_BLOCK_GPU"]
+__all__ = [
+    "adamw",
+    "adamw_kernel",
+    "adamw_table_kernel",
+    "pointer_tables",
+    "work_tables",
+    "TableCache",
+    "DEFAULT_BLOCK_CPU",
+    "DEFAULT_BLOCK_GPU",
+    "LAUNCHES",
+    "TABLE_COLUMNS",
+]
 
 # Elements per program. Under the interpreter every Triton op is one numpy call, so large
 # blocks amortize the per-op Python cost. On a GPU the feasibility probe (DESIGN.md) reached
@@ -196,12 +215,13 @@ def _adamw_math(
     return g, w, m, v, vmax
 
 
-@triton.jit(do_not_specialize=["numel", "element_offset"])
-def adamw_kernel(
+@triton.jit
+def _adamw_block(
+    chunk,
     param_ptr, grad_ptr, exp_avg_ptr, exp_avg_sq_ptr, max_exp_avg_sq_ptr,
     master_ptr, remainder_ptr, freeze_mask_ptr, change_bitmap_ptr, cumulative_bitmap_ptr,
-    counter_ptr, scalars_ptr, sr_key_ptr, grad_scale_ptr, found_inf_ptr,
-    numel, element_offset,
+    counter_ptr, numel, element_offset,
+    scalars_row_ptr, sr_key_row_ptr, grad_scale_ptr, found_inf_ptr,
     BLOCK: tl.constexpr,
     PARAM_BF16: tl.constexpr, GRAD_BF16: tl.constexpr, EXP_AVG_BF16: tl.constexpr,
     EXP_AVG_SQ_BF16: tl.constexpr, MAX_EXP_AVG_SQ_BF16: tl.constexpr,
@@ -211,13 +231,12 @@ def adamw_kernel(
     HAS_CUMULATIVE_BITMAP: tl.constexpr, HAS_COUNTERS: tl.constexpr,
     HAS_GRAD_SCALE: tl.constexpr, HAS_FOUND_INF: tl.constexpr,
 ):
-    """One block of BLOCK elements of one tensor (BLOCK % 8 == 0: each bitmap byte
-    belongs to one block). bf16 tensors come as int16 views."""
-    pid = tl.program_id(0).to(tl.int64)
-    numel = tl.cast(numel, tl.int64)
-    offs = pid * BLOCK + tl.arange(0, BLOCK)
+    """Block ``chunk`` (int64) of BLOCK elements of one tensor of ``numel`` (int64) elements
+    whose element 0 has global index ``element_offset``. BLOCK % 8 == 0, so each bitmap
+    byte belongs to one block. bf16 tensors come as int16 pointers."""
+    offs = chunk * BLOCK + tl.arange(0, BLOCK)  # int64: chunk * BLOCK may pass 2**31
     in_range = offs < numel
-    byte_offs = pid * (BLOCK // 8) + tl.arange(0, BLOCK // 8)
+    byte_offs = chunk * (BLOCK // 8) + tl.arange(0, BLOCK // 8)
     byte_in_range = byte_offs * 8 < numel
 
     # Which elements are trained, and whether this step is applied at all.
@@ -232,14 +251,14 @@ def adamw_kernel(
         skip = tl.broadcast_to(tl.load(found_inf_ptr), (BLOCK,)) != 0
         update = train & ~skip
 
-    step_size = tl.load(scalars_ptr + 0)
-    bc2_sqrt = tl.load(scalars_ptr + 1)
-    lr_wd = tl.load(scalars_ptr + 2)
-    beta1 = tl.load(scalars_ptr + 3)
-    one_minus_beta1 = tl.load(scalars_ptr + 4)
-    beta2 = tl.load(scalars_ptr + 5)
-    one_minus_beta2 = tl.load(scalars_ptr + 6)
-    eps = tl.load(scalars_ptr + 7)
+    step_size = tl.load(scalars_row_ptr + 0)
+    bc2_sqrt = tl.load(scalars_row_ptr + 1)
+    lr_wd = tl.load(scalars_row_ptr + 2)
+    beta1 = tl.load(scalars_row_ptr + 3)
+    one_minus_beta1 = tl.load(scalars_row_ptr + 4)
+    beta2 = tl.load(scalars_row_ptr + 5)
+    one_minus_beta2 = tl.load(scalars_row_ptr + 6)
+    eps = tl.load(scalars_row_ptr + 7)
     grad_scale = 1.0
     if HAS_GRAD_SCALE:
         grad_scale = tl.load(grad_scale_ptr)
@@ -279,8 +298,8 @@ def adamw_kernel(
     elif HAS_REMAINDER:
         new_param_bits, remainder_new = _split_remainder(w_bits)
     elif STOCHASTIC:
-        index = offs + tl.cast(element_offset, tl.int64)
-        new_param_bits = _round_stochastic_bf16(w_bits, _random16(sr_key_ptr, index))
+        index = offs + element_offset
+        new_param_bits = _round_stochastic_bf16(w_bits, _random16(sr_key_row_ptr, index))
     else:
         new_param_bits = _round_nearest_bf16(w_bits)
 
@@ -316,6 +335,106 @@ def adamw_kernel(
         tl.atomic_add(counter_ptr + 2, tl.sum(nonfinite.to(tl.int32), axis=0).to(tl.int64), sem="relaxed")
 
 
+@triton.jit(do_not_specialize=["numel", "element_offset"])
+def adamw_kernel(
+    param_ptr, grad_ptr, exp_avg_ptr, exp_avg_sq_ptr, max_exp_avg_sq_ptr,
+    master_ptr, remainder_ptr, freeze_mask_ptr, change_bitmap_ptr, cumulative_bitmap_ptr,
+    counter_ptr, scalars_ptr, sr_key_ptr, grad_scale_ptr, found_inf_ptr,
+    numel, element_offset,
+    BLOCK: tl.constexpr,
+    PARAM_BF16: tl.constexpr, GRAD_BF16: tl.constexpr, EXP_AVG_BF16: tl.constexpr,
+    EXP_AVG_SQ_BF16: tl.constexpr, MAX_EXP_AVG_SQ_BF16: tl.constexpr,
+    HAS_MASTER: tl.constexpr, HAS_REMAINDER: tl.constexpr, STOCHASTIC: tl.constexpr,
+    AMSGRAD: tl.constexpr, MAXIMIZE: tl.constexpr,
+    HAS_FREEZE_MASK: tl.constexpr, HAS_CHANGE_BITMAP: tl.constexpr,
+    HAS_CUMULATIVE_BITMAP: tl.constexpr, HAS_COUNTERS: tl.constexpr,
+    HAS_GRAD_SCALE: tl.constexpr, HAS_FOUND_INF: tl.constexpr,
+):
+    """One tensor: program i steps block i. ``scalars_ptr`` and ``sr_key_ptr`` point at the
+    tensor's row of 8 scalars and its 2 key words."""
+    _adamw_block(
+        tl.program_id(0).to(tl.int64),
+        param_ptr, grad_ptr, exp_avg_ptr, exp_avg_sq_ptr, max_exp_avg_sq_ptr,
+        master_ptr, remainder_ptr, freeze_mask_ptr, change_bitmap_ptr, cumulative_bitmap_ptr,
+        counter_ptr, tl.cast(numel, tl.int64), tl.cast(element_offset, tl.int64),
+        scalars_ptr, sr_key_ptr, grad_scale_ptr, found_inf_ptr,
+        BLOCK,
+        PARAM_BF16, GRAD_BF16, EXP_AVG_BF16, EXP_AVG_SQ_BF16, MAX_EXP_AVG_SQ_BF16,
+        HAS_MASTER, HAS_REMAINDER, STOCHASTIC, AMSGRAD, MAXIMIZE,
+        HAS_FREEZE_MASK, HAS_CHANGE_BITMAP, HAS_CUMULATIVE_BITMAP, HAS_COUNTERS,
+        HAS_GRAD_SCALE, HAS_FOUND_INF,
+    )
+
+
+# Columns of the pointer table: one int64 row per tensor of a group. Absent tensors hold 0
+# (their flag is off, so the kernel never dereferences them). "row" is the tensor's index
+# in the call: its row of ``scalars`` and of ``sr_keys``.
+TABLE_COLUMNS = (
+    "param", "grad", "exp_avg", "exp_avg_sq", "max_exp_avg_sq", "master", "remainder",
+    "freeze_mask", "change_bitmap", "cumulative_bitmap", "counter",
+    "numel", "element_offset", "row",
+)
+_WIDTH = tl.constexpr(len(TABLE_COLUMNS))
+
+
+@triton.jit
+def adamw_table_kernel(
+    table_ptr, work_ptr, scalars_ptr, sr_keys_ptr, grad_scale_ptr, found_inf_ptr,
+    BLOCK: tl.constexpr,
+    PARAM_BF16: tl.constexpr, GRAD_BF16: tl.constexpr, GRAD_FP16: tl.constexpr,
+    EXP_AVG_BF16: tl.constexpr, EXP_AVG_SQ_BF16: tl.constexpr,
+    MAX_EXP_AVG_SQ_BF16: tl.constexpr,
+    HAS_MASTER: tl.constexpr, HAS_REMAINDER: tl.constexpr, STOCHASTIC: tl.constexpr,
+    AMSGRAD: tl.constexpr, MAXIMIZE: tl.constexpr,
+    HAS_FREEZE_MASK: tl.constexpr, HAS_CHANGE_BITMAP: tl.constexpr,
+    HAS_CUMULATIVE_BITMAP: tl.constexpr, HAS_COUNTERS: tl.constexpr,
+    HAS_GRAD_SCALE: tl.constexpr, HAS_FOUND_INF: tl.constexpr,
+):
+    """A group of tensors of one layout: program i steps the block named by work item i,
+    (tensor t, chunk c) in the int32 work table [items, 2]; tensor t's pointers, numel,
+    element offset and call row are row t of the int64 pointer table (``TABLE_COLUMNS``).
+    ``scalars_ptr`` [calls, 8] and ``sr_keys_ptr`` [calls, 2] are the call's whole tensors,
+    so the cached tables do not depend on the per-step scalars."""
+    item = tl.program_id(0).to(tl.int64)
+    t = tl.load(work_ptr + 2 * item).to(tl.int64)
+    chunk = tl.load(work_ptr + 2 * item + 1).to(tl.int64)
+    entry = table_ptr + t * _WIDTH
+    # Inline rather than in a helper: under the interpreter every jit call costs a re-patch.
+    param_ptr = tl.load(entry + 0).to(tl.pointer_type(tl.int16 if PARAM_BF16 else tl.float32))
+    grad_ptr = tl.load(entry + 1).to(
+        tl.pointer_type(tl.int16 if GRAD_BF16 else tl.float16 if GRAD_FP16 else tl.float32))
+    exp_avg_ptr = tl.load(entry + 2).to(
+        tl.pointer_type(tl.int16 if EXP_AVG_BF16 else tl.float32))
+    exp_avg_sq_ptr = tl.load(entry + 3).to(
+        tl.pointer_type(tl.int16 if EXP_AVG_SQ_BF16 else tl.float32))
+    max_exp_avg_sq_ptr = tl.load(entry + 4).to(
+        tl.pointer_type(tl.int16 if MAX_EXP_AVG_SQ_BF16 else tl.float32))
+    master_ptr = tl.load(entry + 5).to(tl.pointer_type(tl.float32))
+    remainder_ptr = tl.load(entry + 6).to(tl.pointer_type(tl.int16))
+    freeze_mask_ptr = tl.load(entry + 7).to(tl.pointer_type(tl.uint8))
+    change_bitmap_ptr = tl.load(entry + 8).to(tl.pointer_type(tl.uint8))
+    cumulative_bitmap_ptr = tl.load(entry + 9).to(tl.pointer_type(tl.uint8))
+    counter_ptr = tl.load(entry + 10).to(tl.pointer_type(tl.int64))
+    numel = tl.load(entry + 11)
+    element_offset = tl.load(entry + 12)
+    row = tl.load(entry + 13)
+    sr_key_row_ptr = sr_keys_ptr
+    if STOCHASTIC:
+        sr_key_row_ptr = sr_keys_ptr + 2 * row
+    _adamw_block(
+        chunk,
+        param_ptr, grad_ptr, exp_avg_ptr, exp_avg_sq_ptr, max_exp_avg_sq_ptr,
+        master_ptr, remainder_ptr, freeze_mask_ptr, change_bitmap_ptr, cumulative_bitmap_ptr,
+        counter_ptr, numel, element_offset,
+        scalars_ptr + 8 * row, sr_key_row_ptr, grad_scale_ptr, found_inf_ptr,
+        BLOCK,
+        PARAM_BF16, GRAD_BF16, EXP_AVG_BF16, EXP_AVG_SQ_BF16, MAX_EXP_AVG_SQ_BF16,
+        HAS_MASTER, HAS_REMAINDER, STOCHASTIC, AMSGRAD, MAXIMIZE,
+        HAS_FREEZE_MASK, HAS_CHANGE_BITMAP, HAS_CUMULATIVE_BITMAP, HAS_COUNTERS,
+        HAS_GRAD_SCALE, HAS_FOUND_INF,
+    )
+
+
 # ---------------------------------------------------------------------------------------
 # Host side.
 # ---------------------------------------------------------------------------------------
@@ -324,7 +443,7 @@ def adamw_kernel(
 def _interpreting() -> bool:
     from triton.runtime.interpreter import InterpretedFunction
 
-    return isinstance(adamw_kernel, InterpretedFunction)
+    return isinstance(_adamw_block, InterpretedFunction)
 
 
 def _check(name: str, t: Tensor, dtypes: tuple, numel: int, device: torch.device) -> None:
@@ -368,8 +487,121 @@ def _found_inf_operand(found_inf: Tensor, device: torch.device) -> Tensor:
     return (t != 0).view(torch.uint8)
 
 
+class _Operands(NamedTuple):
+    """One tensor's operands, in the order of the first columns of ``TABLE_COLUMNS``."""
+
+    param: Tensor
+    grad: Tensor
+    exp_avg: Tensor
+    exp_avg_sq: Tensor
+    max_exp_avg_sq: Tensor | None
+    master: Tensor | None
+    remainder: Tensor | None
+    freeze_mask: Tensor | None
+    change_bitmap: Tensor | None
+    cumulative_bitmap: Tensor | None
+    counter: Tensor | None
+
+
+def _is_bf16(t: Tensor | None) -> bool:
+    return t is not None and t.dtype == torch.bfloat16
+
+
+def _layout(ops: _Operands, rounding: str) -> dict[str, bool]:
+    """The per-tensor compile-time flags: dtypes and which optional tensors are present."""
+    return dict(
+        PARAM_BF16=_is_bf16(ops.param),
+        GRAD_BF16=_is_bf16(ops.grad),
+        EXP_AVG_BF16=_is_bf16(ops.exp_avg),
+        EXP_AVG_SQ_BF16=_is_bf16(ops.exp_avg_sq),
+        MAX_EXP_AVG_SQ_BF16=_is_bf16(ops.max_exp_avg_sq),
+        HAS_MASTER=ops.master is not None,
+        HAS_REMAINDER=ops.remainder is not None,
+        STOCHASTIC=rounding == "stochastic" and _is_bf16(ops.param),
+        HAS_FREEZE_MASK=ops.freeze_mask is not None,
+        HAS_CHANGE_BITMAP=ops.change_bitmap is not None,
+        HAS_CUMULATIVE_BITMAP=ops.cumulative_bitmap is not None,
+        HAS_COUNTERS=ops.counter is not None,
+    )
+
+
+def _work_table(numels: tuple[int, ...], block: int) -> Tensor:
+    """int32 [items, 2]: (tensor t, chunk c) for every BLOCK-element chunk of every tensor."""
+    chunks = torch.tensor([triton.cdiv(n, block) for n in numels], dtype=torch.int64)
+    tensor = torch.repeat_interleave(torch.arange(len(numels)), chunks)
+    first_item = torch.cumsum(chunks, 0) - chunks
+    chunk = torch.arange(tensor.numel()) - first_item[tensor]
+    return torch.stack([tensor, chunk], dim=1).to(torch.int32)
+
+
+def _to_device(t: Tensor, device: torch.device) -> Tensor:
+    """``t`` on ``device``; from the CPU to a GPU without stalling the host: a copy from
+    pinned memory is asynchronous (torch waits for the stream after a pageable one), and
+    torch's pinned allocator keeps the staging buffer until the copy is done."""
+    if t.device == device:
+        return t
+    if t.device.type == "cpu" and device.type == "cuda":
+        return t.pin_memory().to(device, non_blocking=True)
+    return t.to(device)
+
+
+class TableCache:
+    """Device tables built from host values, keyed by those values; least recently used out.
+
+    A key holds everything its table holds, so a hit is always right; a changed value (a
+    tensor with new storage, another element offset) makes a new key. Reusing tables also
+    keeps host-to-device copies out of steady-state steps, so a CUDA graph can capture them.
+    At most ``capacity`` entries and, beyond the newest, ``max_bytes`` of device memory.
+    ``hits`` and ``builds`` count lookups.
+    """
+
+    def __init__(self, capacity: int, max_bytes: int):
+        self.capacity = capacity
+        self.max_bytes = max_bytes
+        self.hits = 0
+        self.builds = 0
+        self._entries: OrderedDict[tuple, Tensor] = OrderedDict()
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def clear(self) -> None:
+        """Drop every entry and reset the counts."""
+        self._entries.clear()
+        self.hits = self.builds = 0
+
+    def get(self, device: torch.device, key: tuple, build) -> Tensor:
+        """The table of ``key`` on ``device``; ``build()`` makes it on the host if absent."""
+        key = (str(device), *key)
+        found = self._entries.get(key)
+        if found is not None:
+            self._entries.move_to_end(key)
+            self.hits += 1
+            return found
+        found = _to_device(build(), device)
+        self._entries[key] = found
+        self.builds += 1
+        held = sum(t.nbytes for t in self._entries.values())
+        while len(self._entries) > 1 and (len(self._entries) > self.capacity
+                                          or held > self.max_bytes):
+            _, evicted = self._entries.popitem(last=False)
+            held -= evicted.nbytes
+        return found
+
+
+# Pointer tables are small (n x 14 x 8 bytes) but change whenever a tensor gets new storage,
+# e.g. gradients set to None between steps; work tables (8 bytes per block of elements:
+# 14 MB for a 1.5B model at 1024-element blocks) depend only on sizes and block, so they
+# are cached apart and outlive moving gradients.
+pointer_tables = TableCache(capacity=64, max_bytes=64 * 2**20)
+"""Int64 [n, len(TABLE_COLUMNS)] pointer tables, keyed by their rows."""
+work_tables = TableCache(capacity=16, max_bytes=256 * 2**20)
+"""Int32 [items, 2] work tables, keyed by block size and the numels of a group."""
+
+
 _BITMAP = (torch.uint8,)
 _FLOATS = (torch.float32, torch.bfloat16)
+LAUNCHES = ("table", "per_tensor")
 
 
 def adamw(
@@ -394,8 +626,9 @@ def adamw(
     grad_scale: Tensor | None = None,
     found_inf: Tensor | None = None,
     block_size: int | None = None,
+    launch: str = "table",
 ) -> None:
-    """One AdamW step over a list of tensors, in place, one fused launch per tensor.
+    """One AdamW step over a list of tensors, in place, in fused launches.
 
     Arguments and results as :func:`rlvr_optim.reference.adamw`; all tensors contiguous and
     on one device per param (CPU tensors need ``TRITON_INTERPRET=1``). ``masters`` and
@@ -405,6 +638,11 @@ def adamw(
         block_size: elements per program, a power of two >= 8 (default:
             :data:`DEFAULT_BLOCK_GPU` on a GPU, :data:`DEFAULT_BLOCK_CPU` under the
             interpreter).
+        launch: ``"table"`` (default): one launch of ``adamw_table_kernel`` per group of
+            tensors with the same device and layout (dtypes, optional tensors), its pointers
+            in a device table cached in :data:`pointer_tables` (work items in
+            :data:`work_tables`); ``"per_tensor"``: one launch
+            of ``adamw_kernel`` per tensor, the simplest form, for debugging.
     """
     if rounding not in ("nearest", "stochastic"):
         raise ValueError(f"rounding must be 'nearest' or 'stochastic', got {rounding!r}")
@@ -418,6 +656,8 @@ def adamw(
         raise ValueError("amsgrad needs max_exp_avg_sqs")
     if block_size is not None and (block_size < 8 or block_size & (block_size - 1)):
         raise ValueError(f"block_size must be a power of two >= 8, got {block_size}")
+    if launch not in LAUNCHES:
+        raise ValueError(f"launch must be 'table' or 'per_tensor', got {launch!r}")
     if not isinstance(scalars, Tensor) or scalars.dtype != torch.float32 or scalars.dim() != 2 \
             or scalars.shape[0] < len(params) or scalars.shape[1] != 8:
         got = (scalars.dtype, tuple(scalars.shape)) if isinstance(scalars, Tensor) else scalars
@@ -433,9 +673,9 @@ def adamw(
             f"{tuple(sr_keys.shape)}"
         )
     interpreting = _interpreting()
-    scale_on: dict[torch.device, Tensor] = {}  # grad_scale / found_inf, once per device
-    skip_on: dict[torch.device, Tensor] = {}
 
+    # Check every tensor before touching any.
+    tensors: list[tuple[int, _Operands, int]] = []  # (call row, operands, element offset)
     for i, param in enumerate(params):
         device = param.device
         if device.type == "cpu" and not interpreting:
@@ -475,47 +715,72 @@ def adamw(
                 _check(f"{name}[{i}]", bitmap, _BITMAP, nbytes, device)
         if counter is not None:
             _check(f"counters[{i}]", counter, (torch.int64,), 3, device)
-            counter.zero_()  # the kernel adds block sums with atomics
         offset = int(element_offsets[i]) if element_offsets is not None else 0
         if not 0 <= offset <= 2**63 - 1 - numel:
             raise ValueError(f"element_offsets[{i}] must be >= 0 and fit in int64, got {offset}")
-        if numel == 0:
+        ops = _Operands(param, grads[i], exp_avgs[i], exp_avg_sqs[i], max_exp_avg_sq, master,
+                        remainder, freeze_mask, change_bitmap, cumulative_bitmap, counter)
+        tensors.append((i, ops, offset))
+
+    # Per-call operands, moved once per device (not once per tensor).
+    per_device: dict[torch.device, dict[str, Tensor | None]] = {}
+    for device in dict.fromkeys(ops.param.device for _, ops, _ in tensors):
+        per_device[device] = dict(
+            scalars=_to_device(scalars, device).contiguous(),
+            sr_keys=_to_device(sr_keys, device).contiguous() if rounding == "stochastic" else None,
+            grad_scale=(_one_element("grad_scale", grad_scale, device, torch.float32)
+                        if grad_scale is not None else None),
+            found_inf=_found_inf_operand(found_inf, device) if found_inf is not None else None,
+        )
+
+    # The kernels add block sums to the counters with atomics; zero them all in one op.
+    zero = [ops.counter for _, ops, _ in tensors if ops.counter is not None]
+    if zero:
+        torch._foreach_zero_(zero)
+
+    call_flags = dict(AMSGRAD=bool(amsgrad), MAXIMIZE=bool(maximize),
+                      HAS_GRAD_SCALE=grad_scale is not None, HAS_FOUND_INF=found_inf is not None)
+
+    def block_on(device: torch.device) -> int:
+        return block_size or (DEFAULT_BLOCK_GPU if device.type != "cpu" else DEFAULT_BLOCK_CPU)
+
+    if launch == "per_tensor":
+        for i, ops, offset in tensors:
+            numel = ops.param.numel()
+            if numel == 0:
+                continue
+            device = ops.param.device
+            on = per_device[device]
+            block = block_on(device)
+            key = on["sr_keys"][i] if rounding == "stochastic" else None
+            adamw_kernel[(triton.cdiv(numel, block),)](
+                *(_bits_view(t) if t is not None else None for t in ops),
+                on["scalars"][i], key, on["grad_scale"], on["found_inf"],
+                numel, offset,
+                BLOCK=block, **_layout(ops, rounding), **call_flags,
+                num_warps=_NUM_WARPS_GPU, enable_fp_fusion=False,
+            )
+        return
+
+    # One launch per group of tensors that share device and layout, in call order.
+    groups: dict[tuple, list[tuple[int, _Operands, int]]] = {}
+    for i, ops, offset in tensors:
+        if ops.param.numel() == 0:
             continue
-
-        stochastic = rounding == "stochastic" and param.dtype == torch.bfloat16
-        block = block_size or (DEFAULT_BLOCK_GPU if device.type != "cpu" else DEFAULT_BLOCK_CPU)
-        row = scalars[i].to(device)
-        key = sr_keys[i].to(device) if stochastic else None
-        if grad_scale is not None and device not in scale_on:
-            scale_on[device] = _one_element("grad_scale", grad_scale, device, torch.float32)
-        if found_inf is not None and device not in skip_on:
-            skip_on[device] = _found_inf_operand(found_inf, device)
-        scale, skip = scale_on.get(device), skip_on.get(device)
-
-        adamw_kernel[(triton.cdiv(numel, block),)](
-            _bits_view(param), _bits_view(grads[i]), _bits_view(exp_avgs[i]),
-            _bits_view(exp_avg_sqs[i]),
-            _bits_view(max_exp_avg_sq) if max_exp_avg_sq is not None else None,
-            master, remainder, freeze_mask, change_bitmap, cumulative_bitmap,
-            counter, row, key, scale, skip,
-            numel, offset,
-            BLOCK=block,
-            PARAM_BF16=param.dtype == torch.bfloat16,
-            GRAD_BF16=grads[i].dtype == torch.bfloat16,
-            EXP_AVG_BF16=exp_avgs[i].dtype == torch.bfloat16,
-            EXP_AVG_SQ_BF16=exp_avg_sqs[i].dtype == torch.bfloat16,
-            MAX_EXP_AVG_SQ_BF16=max_exp_avg_sq is not None and max_exp_avg_sq.dtype == torch.bfloat16,
-            HAS_MASTER=master is not None,
-            HAS_REMAINDER=remainder is not None,
-            STOCHASTIC=stochastic,
-            AMSGRAD=max_exp_avg_sq is not None,
-            MAXIMIZE=bool(maximize),
-            HAS_FREEZE_MASK=freeze_mask is not None,
-            HAS_CHANGE_BITMAP=change_bitmap is not None,
-            HAS_CUMULATIVE_BITMAP=cumulative_bitmap is not None,
-            HAS_COUNTERS=counter is not None,
-            HAS_GRAD_SCALE=scale is not None,
-            HAS_FOUND_INF=skip is not None,
-            num_warps=_NUM_WARPS_GPU,
-            enable_fp_fusion=False,
+        layout = _layout(ops, rounding)
+        layout["GRAD_FP16"] = ops.grad.dtype == torch.float16
+        key = (ops.param.device, tuple(sorted(layout.items())))
+        groups.setdefault(key, []).append((i, ops, offset))
+    for (device, layout), members in groups.items():
+        on = per_device[device]
+        block = block_on(device)
+        rows = tuple(tuple(t.data_ptr() if t is not None else 0 for t in ops)
+                     + (ops.param.numel(), offset, i) for i, ops, offset in members)
+        numels = tuple(ops.param.numel() for _, ops, _ in members)
+        table = pointer_tables.get(device, rows, lambda: torch.tensor(rows, dtype=torch.int64))
+        work = work_tables.get(device, (block, numels), lambda: _work_table(numels, block))
+        adamw_table_kernel[(work.shape[0],)](
+            table, work, on["scalars"], on["sr_keys"], on["grad_scale"], on["found_inf"],
+            BLOCK=block, **dict(layout), **call_flags,
+            num_warps=_NUM_WARPS_GPU, enable_fp_fusion=False,
         )
