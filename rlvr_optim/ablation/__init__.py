@@ -1,0 +1,10 @@
+"""Precision ablations: RLVR vs SFT under each bf16 storage mode, with the paper's measures.
+
+``run_ablation(preset("tiny"), "out")`` or ``rlvr-optim ablate --preset tiny``.
+"""
+
+from .ablate import format_summary, run_ablation, run_for_cli
+from .config import PRESETS, LMAblation, MiniLMAblation, RunSpec, preset
+
+__all__ = ["LMAblation", "MiniLMAblation", "PRESETS", "RunSpec", "format_summary", "preset",
+           "run_ablation", "run_for_cli"]

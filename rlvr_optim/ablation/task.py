@@ -1,0 +1,84 @@
+"""The synthetic task of the LM ablation: fixed-width addition with a verifiable answer.
+
+``"07+45="`` -> ``"052"`` then end-of-sequence. Operands and answer are zero-padded, so every
+prompt and every answer has the same length and batches need no padding.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+__all__ = ["AdditionTask"]
+
+
+class AdditionTask:
+    """``a + b`` with ``digits``-digit operands and its own character tokenizer.
+
+    Tokens: ``0``-``9`` are ids 0-9, then ``+``, ``=``, ``<bos>``, ``<eos>``. A prompt is
+    ``<bos> a + b =`` (``2 * digits + 3`` tokens); the answer is the ``digits + 1`` digits of
+    the sum followed by ``<eos>``.
+
+    Args:
+        digits: digits per operand (default 2).
+    """
+
+    SYMBOLS = ("0", "1", "2", "3", "4", "5", "6", "7", "8", "9", "+", "=", "<bos>", "<eos>")
+
+    def __init__(self, digits: int = 2) -> None:
+        if digits < 1:
+            raise ValueError(f"digits must be at least 1, got {digits}")
+        self.digits = digits
+        self.ids = {s: i for i, s in enumerate(self.SYMBOLS)}
+        self.plus, self.equals = self.ids["+"], self.ids["="]
+        self.bos, self.eos = self.ids["<bos>"], self.ids["<eos>"]
+
+    @property
+    def vocab_size(self) -> int:
+        return len(self.SYMBOLS)
+
+    @property
+    def prompt_length(self) -> int:
+        return 2 * self.digits + 3
+
+    @property
+    def answer_length(self) -> int:
+        return self.digits + 2
+
+    def encode(self, text: str) -> list[int]:
+        """Token ids of ``text`` (digits, ``+``, ``=``, ``<bos>``, ``<eos>``)."""
+        out, i = [], 0
+        while i < len(text):
+            for symbol in ("<bos>", "<eos>"):
+                if text.startswith(symbol, i):
+                    out.append(self.ids[symbol])
+                    i += len(symbol)
+                    break
+            else:
+                if text[i] not in self.ids:
+                    raise ValueError(f"character {text[i]!r} is not in the vocabulary "
+                                     f"{self.SYMBOLS}")
+                out.append(self.ids[text[i]])
+                i += 1
+        return out
+
+    def decode(self, ids) -> str:
+        return "".join(self.SYMBOLS[int(i)] for i in ids)
+
+    def _digits(self, x: Tensor, width: int) -> Tensor:
+        powers = 10 ** torch.arange(width - 1, -1, -1)
+        return (x.unsqueeze(-1) // powers) % 10
+
+    def sample(self, n: int, generator: torch.Generator) -> tuple[Tensor, Tensor]:
+        """``n`` random problems: prompts ``[n, prompt_length]``, answers ``[n, answer_length]``."""
+        a = torch.randint(0, 10**self.digits, (n,), generator=generator)
+        b = torch.randint(0, 10**self.digits, (n,), generator=generator)
+        column = lambda v: torch.full((n, 1), v, dtype=torch.int64)  # noqa: E731
+        prompts = torch.cat([column(self.bos), self._digits(a, self.digits), column(self.plus),
+                             self._digits(b, self.digits), column(self.equals)], dim=1)
+        answers = torch.cat([self._digits(a + b, self.digits + 1), column(self.eos)], dim=1)
+        return prompts, answers
+
+    def reward(self, completions: Tensor, answers: Tensor) -> Tensor:
+        """1.0 where the completion is exactly the answer (digits and ``<eos>``), else 0.0."""
+        return (completions == answers).all(dim=1).float()
