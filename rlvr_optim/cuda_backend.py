@@ -32,6 +32,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from .reference import check_arguments
+
 __all__ = ["adamw", "load_extension", "unavailable_reason"]
 
 # What this file expects of the extension (csrc/adamw_launch.h, csrc/binding.cu).
@@ -346,34 +348,12 @@ def adamw(
     tensor's exp_avg, exp_avg_sq and max_exp_avg_sq share one dtype), grads float32 or
     bfloat16; ``masters`` and ``remainders`` need bf16 params.
     """
-    if rounding not in ("nearest", "stochastic"):
-        raise ValueError(f"rounding must be 'nearest' or 'stochastic', got {rounding!r}")
-    if rounding == "stochastic" and sr_keys is None:
-        raise ValueError("stochastic rounding needs sr_keys")
-    if masters is not None and remainders is not None:
-        raise ValueError("pass masters or remainders, not both")
-    if remainders is not None and rounding != "nearest":
-        raise ValueError("the remainder form stores its bf16 half by nearest rounding only")
-    if amsgrad and max_exp_avg_sqs is None:
-        raise ValueError("amsgrad needs max_exp_avg_sqs")
+    check_arguments(params, scalars=scalars, max_exp_avg_sqs=max_exp_avg_sqs, masters=masters,
+                    remainders=remainders, rounding=rounding, sr_keys=sr_keys, amsgrad=amsgrad)
     n = len(params)
     if n == 0:
         return
-    if not isinstance(scalars, Tensor) or scalars.dtype != torch.float32 or scalars.dim() != 2 \
-            or scalars.shape[0] < n or scalars.shape[1] != 8:
-        got = (scalars.dtype, tuple(scalars.shape)) if isinstance(scalars, Tensor) else scalars
-        raise ValueError(
-            f"scalars must be a float32 [{n}, 8] tensor from rlvr_optim.reference.step_scalars, "
-            f"got {got}"
-        )
     stochastic = rounding == "stochastic"
-    if stochastic and (not isinstance(sr_keys, Tensor) or sr_keys.dtype != torch.int64
-                       or sr_keys.dim() != 2 or sr_keys.shape[0] < n or sr_keys.shape[1] != 2):
-        got = (sr_keys.dtype, tuple(sr_keys.shape)) if isinstance(sr_keys, Tensor) else sr_keys
-        raise ValueError(
-            f"sr_keys must be an int64 [{n}, 2] tensor from "
-            f"rlvr_optim.reference.stochastic_rounding_keys, got {got}"
-        )
     for i, p in enumerate(params):
         if not isinstance(p, Tensor) or p.device.type != "cuda":
             where = p.device if isinstance(p, Tensor) else type(p).__name__
@@ -479,11 +459,6 @@ def _check_group(index, device, params, grads, exp_avgs, exp_avg_sqs, optional, 
         master = optional["master"][i] if optional["master"] is not None else None
         if master is not None:
             kind = "masters" if fp32_masters else "remainders"
-            if p.dtype != torch.bfloat16:
-                raise ValueError(
-                    f"{kind}[{i}] is given for a {p.dtype} param; master weights and "
-                    "remainders are for bfloat16 params only"
-                )
             dtype = torch.float32 if fp32_masters else torch.int16
             _check(f"{kind}[{i}]", master, (dtype,), numel, device)
         for name in ("freeze_mask", "change_bitmap", "cumulative_bitmap"):

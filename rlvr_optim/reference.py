@@ -84,6 +84,7 @@ __all__ = [
     "bf16_bits_to_fp32",
     "bf16_from_bits",
     "bf16_to_bits",
+    "check_arguments",
     "fp32_bits",
     "fp32_from_bits",
     "fp32_to_bf16_bits_nearest",
@@ -326,6 +327,52 @@ def _store_state(dst: Tensor, value: Tensor, keep: Tensor) -> None:
         _write(dst, torch.where(keep, dst.reshape(-1), value))
 
 
+def check_arguments(
+    params: list[Tensor],
+    *,
+    scalars: Tensor,
+    max_exp_avg_sqs: list[Tensor] | None,
+    masters: list[Tensor | None] | None,
+    remainders: list[Tensor | None] | None,
+    rounding: str,
+    sr_keys: Tensor | None,
+    amsgrad: bool,
+) -> None:
+    """The call-level checks every backend's ``adamw`` makes before touching a tensor."""
+    n = len(params)
+    if rounding not in ("nearest", "stochastic"):
+        raise ValueError(f"rounding must be 'nearest' or 'stochastic', got {rounding!r}")
+    if rounding == "stochastic" and sr_keys is None:
+        raise ValueError("stochastic rounding needs sr_keys")
+    if masters is not None and remainders is not None:
+        raise ValueError("pass masters or remainders, not both")
+    if remainders is not None and rounding != "nearest":
+        raise ValueError("the remainder form stores its bf16 half by nearest rounding only")
+    if amsgrad and max_exp_avg_sqs is None:
+        raise ValueError("amsgrad needs max_exp_avg_sqs")
+    for kind, extras in (("masters", masters), ("remainders", remainders)):
+        for i, extra in enumerate(extras or ()):
+            if extra is not None and params[i].dtype != torch.bfloat16:
+                raise ValueError(f"{kind}[{i}] is given for a {params[i].dtype} param; "
+                                 "master weights and remainders need bf16 params")
+    if not isinstance(scalars, Tensor) or scalars.dtype != torch.float32 or scalars.dim() != 2 \
+            or scalars.shape[0] < n or scalars.shape[1] != len(SCALAR_COLUMNS):
+        got = (scalars.dtype, tuple(scalars.shape)) if isinstance(scalars, Tensor) else scalars
+        raise ValueError(
+            f"scalars must be a float32 [{n}, 8] tensor from rlvr_optim.reference.step_scalars, "
+            f"got {got}"
+        )
+    if rounding == "stochastic" and (
+        not isinstance(sr_keys, Tensor) or sr_keys.dtype != torch.int64 or sr_keys.dim() != 2
+        or sr_keys.shape[0] < n or sr_keys.shape[1] != 2
+    ):
+        got = (sr_keys.dtype, tuple(sr_keys.shape)) if isinstance(sr_keys, Tensor) else sr_keys
+        raise ValueError(
+            f"sr_keys must be an int64 [{n}, 2] tensor from "
+            f"rlvr_optim.reference.stochastic_rounding_keys, got {got}"
+        )
+
+
 def adamw(
     params: list[Tensor],
     grads: list[Tensor],
@@ -372,22 +419,8 @@ def adamw(
         grad_scale: optional one-element tensor dividing the gradients.
         found_inf: optional one-element tensor; nonzero skips the step.
     """
-    if rounding not in ("nearest", "stochastic"):
-        raise ValueError(f"rounding must be 'nearest' or 'stochastic', got {rounding!r}")
-    if rounding == "stochastic" and sr_keys is None:
-        raise ValueError("stochastic rounding needs sr_keys")
-    if masters is not None and remainders is not None:
-        raise ValueError("pass masters or remainders, not both")
-    if remainders is not None and rounding != "nearest":
-        raise ValueError("the remainder form stores its bf16 half by nearest rounding only")
-    if amsgrad and max_exp_avg_sqs is None:
-        raise ValueError("amsgrad needs max_exp_avg_sqs")
-    for kind, extras in (("masters", masters), ("remainders", remainders)):
-        for i, extra in enumerate(extras or ()):
-            if extra is not None and params[i].dtype != torch.bfloat16:
-                raise ValueError(f"{kind}[{i}] is given for a {params[i].dtype} param; "
-                                 "master weights and remainders need bf16 params")
-
+    check_arguments(params, scalars=scalars, max_exp_avg_sqs=max_exp_avg_sqs, masters=masters,
+                    remainders=remainders, rounding=rounding, sr_keys=sr_keys, amsgrad=amsgrad)
     for i, param in enumerate(params):
         _step_one(
             param,

@@ -663,7 +663,7 @@ def test_argument_errors_match_reference(overrides, error, match):
     (dict(exp_avgs=[torch.zeros(32, device=DEVICE)[::2]]), ValueError, r"exp_avgs\[0\] is not contiguous"),
     (dict(params=[torch.zeros(4, 4, device=DEVICE).t().contiguous().t()]), ValueError, "contiguous"),
     (dict(params=[torch.zeros(16, device=DEVICE)], masters=[torch.zeros(16, device=DEVICE)]),
-     ValueError, "bfloat16 params only"),
+     ValueError, "need bf16 params"),
     (dict(exp_avgs=[torch.zeros(16, dtype=torch.float16, device=DEVICE)]), TypeError, "float16"),
     (dict(counters=[torch.zeros(3, dtype=torch.int32, device=DEVICE)]), TypeError, "counters"),
     (dict(change_bitmaps=[torch.zeros(3, dtype=torch.uint8, device=DEVICE)]), ValueError, "elements"),

@@ -28,6 +28,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from rlvr_optim.reference import check_arguments
+
 __all__ = [
     "adamw",
     "adamw_kernel",
@@ -644,34 +646,12 @@ def adamw(
             :data:`work_tables`); ``"per_tensor"``: one launch
             of ``adamw_kernel`` per tensor, the simplest form, for debugging.
     """
-    if rounding not in ("nearest", "stochastic"):
-        raise ValueError(f"rounding must be 'nearest' or 'stochastic', got {rounding!r}")
-    if rounding == "stochastic" and sr_keys is None:
-        raise ValueError("stochastic rounding needs sr_keys")
-    if masters is not None and remainders is not None:
-        raise ValueError("pass masters or remainders, not both")
-    if remainders is not None and rounding != "nearest":
-        raise ValueError("the remainder form stores its bf16 half by nearest rounding only")
-    if amsgrad and max_exp_avg_sqs is None:
-        raise ValueError("amsgrad needs max_exp_avg_sqs")
+    check_arguments(params, scalars=scalars, max_exp_avg_sqs=max_exp_avg_sqs, masters=masters,
+                    remainders=remainders, rounding=rounding, sr_keys=sr_keys, amsgrad=amsgrad)
     if block_size is not None and (block_size < 8 or block_size & (block_size - 1)):
         raise ValueError(f"block_size must be a power of two >= 8, got {block_size}")
     if launch not in LAUNCHES:
         raise ValueError(f"launch must be 'table' or 'per_tensor', got {launch!r}")
-    if not isinstance(scalars, Tensor) or scalars.dtype != torch.float32 or scalars.dim() != 2 \
-            or scalars.shape[0] < len(params) or scalars.shape[1] != 8:
-        got = (scalars.dtype, tuple(scalars.shape)) if isinstance(scalars, Tensor) else scalars
-        raise ValueError(
-            f"scalars must be a float32 [{len(params)}, 8] tensor from "
-            f"rlvr_optim.reference.step_scalars, got {got}"
-        )
-    if rounding == "stochastic" and (sr_keys.dim() != 2 or sr_keys.shape[0] < len(params)
-                                     or sr_keys.shape[1] != 2 or sr_keys.dtype != torch.int64):
-        raise ValueError(
-            f"sr_keys must be an int64 [{len(params)}, 2] tensor from "
-            f"rlvr_optim.reference.stochastic_rounding_keys, got {sr_keys.dtype} "
-            f"{tuple(sr_keys.shape)}"
-        )
     interpreting = _interpreting()
 
     # Check every tensor before touching any.
@@ -695,12 +675,6 @@ def adamw(
             _check(f"max_exp_avg_sqs[{i}]", max_exp_avg_sq, _FLOATS, numel, device)
         master = masters[i] if masters is not None else None
         remainder = remainders[i] if remainders is not None else None
-        if (master is not None or remainder is not None) and param.dtype != torch.bfloat16:
-            kind = "masters" if master is not None else "remainders"
-            raise ValueError(
-                f"{kind}[{i}] is given for a {param.dtype} param; master weights and "
-                "remainders are for bfloat16 params only"
-            )
         if master is not None:
             _check(f"masters[{i}]", master, (torch.float32,), numel, device)
         if remainder is not None:
