@@ -111,8 +111,13 @@ def _bench(args: argparse.Namespace) -> int:
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     default = ("r1-distill-qwen-1.5b", "many-small") if device.startswith("cuda") else ("cpu-tiny",)
     chosen = None if args.backends is None else tuple(b for b in args.backends if b != "none")
-    result = bench.run(presets=tuple(args.preset or default), device=device, steps=args.steps,
-                       warmup=args.warmup, backends_to_time=chosen, progress=not args.no_progress)
+    try:
+        result = bench.run(presets=tuple(args.preset or default), device=device,
+                           steps=args.steps, warmup=args.warmup, backends_to_time=chosen,
+                           progress=not args.no_progress)
+    except ValueError as exc:  # a preset or backend that does not fit this machine
+        print(f"rlvr-optim bench: error: {exc}", file=sys.stderr)
+        return 2
     path = bench.save(result, args.out)
     print(path.with_suffix(".md").read_text())
     print(f"wrote {path} (+ .md, .png)")

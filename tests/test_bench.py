@@ -83,3 +83,8 @@ def test_gpu_presets_are_refused_on_cpu_before_any_work():
         bench.run(presets=("r1-distill-qwen-1.5b",), device="cpu", progress=False)
     with pytest.raises(ValueError, match="unknown preset"):
         bench.run(presets=("llama-405b",), device="cpu", progress=False)
+
+
+def test_cli_refuses_a_gpu_preset_on_cpu_with_a_message(capsys):
+    assert main(["bench", "--preset", "many-small", "--device", "cpu", "--no-progress"]) == 2
+    assert "sized for a GPU" in capsys.readouterr().err
