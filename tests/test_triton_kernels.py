@@ -424,6 +424,86 @@ def test_many_tensors_of_mixed_layouts_take_one_launch_per_layout(call, launches
     assert launches["per_tensor"].launches == 2 * len(nonempty)
 
 
+def _at_offset(t: torch.Tensor, offset: int) -> torch.Tensor:
+    """``t``'s values in a view that starts ``offset`` elements into a larger buffer, so its
+    data pointer is not 16-byte aligned when ``offset * element size`` is not (as a param
+    carved out of a flat buffer)."""
+    buf = torch.zeros(t.numel() + offset, dtype=t.dtype, device=t.device)
+    view = buf[offset:].view(t.shape)
+    view.copy_(t)
+    return view
+
+
+def _plant(t: torch.Tensor, gen, patterns) -> None:
+    """Write bit patterns at random places of ``t`` (some of them frozen, some not)."""
+    bits = _bits(t).view(-1)
+    where = torch.randint(0, t.numel(), (len(patterns) * 4,), generator=gen).to(t.device)
+    values = torch.tensor(patterns * 4, dtype=torch.int64).to(bits.dtype).to(t.device)
+    bits[where] = values
+
+
+@pytest.mark.parametrize("launch", LAUNCHES)
+@pytest.mark.parametrize("dtypes", ["bf16-master-sr", "fp32"])
+def test_unaligned_views_and_kept_bits_in_full_blocks(dtypes, launch, launches):
+    """Full blocks take an unmasked path that writes every element, storing back the loaded
+    bits where an element is frozen or the step is skipped; its 16-byte accesses need
+    aligned pointers, so a tensor with any unaligned operand goes to a group of its own.
+    Checked: unaligned views beside aligned tensors, sizes that are whole blocks and ones
+    with a tail, and signaling-NaN and other odd state patterns on frozen elements, which
+    must come back bit for bit (rounding a bf16 NaN on the way back would quiet it)."""
+    bf16 = dtypes == "bf16-master-sr"
+    param_dtype = torch.bfloat16 if bf16 else torch.float32
+    master, rounding = ("fp32", "stochastic") if bf16 else (None, "nearest")
+    numels = [2 * BLOCK, 3 * BLOCK + 5, 2 * BLOCK, BLOCK + 13]
+    # Which operand of tensor k sits at an unaligned address (None: all aligned).
+    shifted = [None, "param", "exp_avg_sq", "freeze_mask"]
+    gen = torch.Generator().manual_seed(33)
+    ref = []
+    for numel in numels:
+        s = _make_state(gen, numel, param_dtype, torch.bfloat16 if bf16 else torch.float32,
+                        master, amsgrad=False, freeze=True)
+        s["exp_avg_sq"] = s["exp_avg_sq"].float()  # states of two dtypes in one tensor
+        if bf16:
+            _plant(s["exp_avg"], gen, [0x7F81, 0xFF81, 0x7FC1, 0x0001, -0x8000])
+        _plant(s["exp_avg_sq"], gen, [0x7F800001, 0x7FC00123, -0x7FFFFFFF, 1])
+        ref.append(s)
+    tri = [_clone(s) for s in ref]
+    for s, key in zip(tri, shifted):
+        if key is not None:
+            s[key] = _at_offset(s[key], 1)
+    assert tri[1]["param"].data_ptr() % 16 and not tri[0]["param"].data_ptr() % 16
+    kinds = [_nonfinite_elements(gen, numel) for numel in numels]
+    frozen_before = None
+    for step, skip in ((1, 0.0), (2, 1.0), (3, 0.0)):
+        grads = [_grad(gen, numel, param_dtype, 1.0, k) for numel, k in zip(numels, kinds)]
+        steps = torch.full((len(numels),), step, device=DEVICE)
+        kwargs = dict(
+            scalars=R.step_scalars(steps, 1e-2, *BETAS, 0.1, EPS), amsgrad=False,
+            master=master, rounding=rounding,
+            sr_keys=R.stochastic_rounding_keys(9, steps, torch.arange(len(numels), device=DEVICE)),
+            element_offsets=None, maximize=False, grad_scale=None,
+            found_inf=torch.tensor(skip, device=DEVICE),
+        )
+        for s in ref + tri:
+            _poison(s, gen)
+        if skip:
+            frozen_before = [_clone(s) for s in tri]
+        _step(R.adamw, ref, [g.clone() for g in grads], **kwargs)
+        _step(TK.adamw, tri, [g.clone() for g in grads], block_size=BLOCK, launch=launch,
+              **kwargs)
+        for k, (r, t) in enumerate(zip(ref, tri)):
+            _compare(r, t, f"{launch}, step {step}, tensor {k} (unaligned: {shifted[k]})")
+        if skip:  # a skipped step leaves every state bit as it was
+            for before, after in zip(frozen_before, tri):
+                for key in ("param", "exp_avg", "exp_avg_sq", "master"):
+                    if key in before:
+                        _assert_same_bits(f"skipped step, {key}", before[key], after[key])
+    if launch == "table":  # aligned tensor 0, and the three unaligned ones: 2 groups a step
+        assert launches["table"].launches == 3 * 2
+    else:
+        assert launches["per_tensor"].launches == 3 * len(numels)
+
+
 def test_tables_are_reused_and_rebuilt_when_a_tensor_moves():
     tensors = [(7, "A"), (33, "B"), (BLOCK + 13, "A"), (1, "B")]  # two groups
     n = len(tensors)
@@ -652,6 +732,8 @@ def _one_tensor_call(**overrides):
     (dict(change_bitmaps=[torch.zeros(3, dtype=torch.uint8, device=DEVICE)]), ValueError, "elements"),
     (dict(block_size=12), ValueError, "power of two"),
     (dict(launch="fused"), ValueError, "launch must be 'table' or 'per_tensor'"),
+    (dict(num_warps=3), ValueError, "num_warps must be a power of two"),
+    (dict(num_warps=64), ValueError, "num_warps must be a power of two"),
 ])
 def test_triton_input_errors_name_the_tensor(overrides, error, match):
     for launch in LAUNCHES:
@@ -662,13 +744,13 @@ def test_triton_input_errors_name_the_tensor(overrides, error, match):
                      args.pop("exp_avg_sqs"), **args)
 
 
-def test_signature_is_the_reference_signature_plus_block_size_and_launch():
+def test_signature_is_the_reference_signature_plus_tuning_and_launch():
     import inspect
 
     ref = inspect.signature(R.adamw).parameters
     tri = inspect.signature(TK.adamw).parameters
     assert list(tri)[: len(ref)] == list(ref)
-    assert list(tri)[len(ref):] == ["block_size", "launch"]
+    assert list(tri)[len(ref):] == ["block_size", "launch", "num_warps"]
     assert tri["launch"].default == "table"
     for name, p in ref.items():
         assert tri[name].kind == p.kind and tri[name].default == p.default, name

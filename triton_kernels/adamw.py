@@ -39,18 +39,21 @@ __all__ = [
     "TableCache",
     "DEFAULT_BLOCK_CPU",
     "DEFAULT_BLOCK_GPU",
+    "DEFAULT_NUM_WARPS_GPU",
     "LAUNCHES",
     "TABLE_COLUMNS",
 ]
 
 # Elements per program. Under the interpreter every Triton op is one numpy call, so large
 # blocks amortize the per-op Python cost. On a GPU the feasibility probe (DESIGN.md) reached
-# 86% of the copy bandwidth with 1024-element blocks. 8 warps = 4 elements per thread: ptxas
-# (sm_90a, triton 3.9) reports 48-105 registers across modes and no spills, against 113-193
-# with 4 warps. Not yet tuned on a GPU.
+# 86% of the copy bandwidth with 1024-element blocks. 8 warps = 4 elements per thread, one
+# 16-byte access per fp32 stream and an 8-byte one per bf16 stream on full blocks; sm_90,
+# triton 3.9, tracking on: 64-83 registers and no stack across modes, against 112-123 and
+# a stack frame at 8 elements per thread (python -m rlvr_optim.triton_kernels.codegen).
+# Not yet tuned on a GPU: `rlvr-optim bench --tune` sweeps block and warps.
 DEFAULT_BLOCK_CPU = 65536
 DEFAULT_BLOCK_GPU = 1024
-_NUM_WARPS_GPU = 8
+DEFAULT_NUM_WARPS_GPU = 8
 
 
 # ---------------------------------------------------------------------------------------
@@ -136,22 +139,41 @@ def _store_bf16_bits(ptr, offs, bits, mask):
 
 
 @triton.jit
-def _load_fp32(ptr, offs, mask, IS_BF16: tl.constexpr):
-    """An fp32 or bf16 (int16 view) tensor, as exact fp32 values."""
-    if IS_BF16:
-        value = _bf16_bits_to_fp32(_load_bf16_bits(ptr, offs, mask))
-    else:
-        value = tl.load(ptr + offs, mask=mask, other=0.0).to(tl.float32)
-    return value
+def _keep(update, new, old, SELECT: tl.constexpr):
+    """``new`` where the element is updated, else ``old`` (its loaded bits, unchanged)."""
+    if SELECT:
+        new = tl.where(update, new, old)
+    return new
 
 
 @triton.jit
-def _store_state(ptr, offs, value, mask, IS_BF16: tl.constexpr):
-    """Store fp32 values in an fp32 tensor, or a bf16 one (int16 view) by nearest-even."""
+def _load_state(ptr, offs, mask, IS_BF16: tl.constexpr):
+    """A state as loaded: fp32 values, or bf16 patterns (from an int16 view) as uint32."""
     if IS_BF16:
-        _store_bf16_bits(ptr, offs, _round_nearest_bf16(value.to(tl.uint32, bitcast=True)), mask)
+        raw = _load_bf16_bits(ptr, offs, mask)
     else:
-        tl.store(ptr + offs, value, mask=mask)
+        raw = tl.load(ptr + offs, mask=mask, other=0.0)
+    return raw
+
+
+@triton.jit
+def _state_value(raw, IS_BF16: tl.constexpr):
+    """The exact fp32 value of a state as loaded by :func:`_load_state`."""
+    if IS_BF16:
+        raw = _bf16_bits_to_fp32(raw)
+    return raw
+
+
+@triton.jit
+def _store_state(ptr, offs, value, raw, update, mask, IS_BF16: tl.constexpr, SELECT: tl.constexpr):
+    """Store fp32 ``value`` in an fp32 tensor, or a bf16 one (int16 view) by nearest-even;
+    where ``update`` is false (only looked at when ``SELECT``) store ``raw``, the state as
+    loaded, bit for bit (selected as bits: rounding a loaded bf16 NaN would quiet it)."""
+    if IS_BF16:
+        bits = _keep(update, _round_nearest_bf16(value.to(tl.uint32, bitcast=True)), raw, SELECT)
+        _store_bf16_bits(ptr, offs, bits, mask)
+    else:
+        tl.store(ptr + offs, _keep(update, value, raw, SELECT), mask=mask)
 
 
 @triton.jit
@@ -224,7 +246,7 @@ def _adamw_block(
     master_ptr, remainder_ptr, freeze_mask_ptr, change_bitmap_ptr, cumulative_bitmap_ptr,
     counter_ptr, numel, element_offset,
     scalars_row_ptr, sr_key_row_ptr, grad_scale_ptr, found_inf_ptr,
-    BLOCK: tl.constexpr,
+    BLOCK: tl.constexpr, FULL: tl.constexpr,
     PARAM_BF16: tl.constexpr, GRAD_BF16: tl.constexpr, EXP_AVG_BF16: tl.constexpr,
     EXP_AVG_SQ_BF16: tl.constexpr, MAX_EXP_AVG_SQ_BF16: tl.constexpr,
     HAS_MASTER: tl.constexpr, HAS_REMAINDER: tl.constexpr, STOCHASTIC: tl.constexpr,
@@ -235,11 +257,23 @@ def _adamw_block(
 ):
     """Block ``chunk`` (int64) of BLOCK elements of one tensor of ``numel`` (int64) elements
     whose element 0 has global index ``element_offset``. BLOCK % 8 == 0, so each bitmap
-    byte belongs to one block. bf16 tensors come as int16 pointers."""
+    byte belongs to one block. bf16 tensors come as int16 pointers.
+
+    ``FULL``: the caller knows all BLOCK elements are in range. The masks are then constant
+    true, which the compiler drops, so loads and stores can be 16-byte vectors; a mask made
+    from a runtime ``numel`` would keep them one element wide. Elements not updated (frozen,
+    or the step skipped by ``found_inf``) are written back with the bits they were loaded
+    with rather than masked out of the store, for the same reason.
+    """
     offs = chunk * BLOCK + tl.arange(0, BLOCK)  # int64: chunk * BLOCK may pass 2**31
-    in_range = offs < numel
     byte_offs = chunk * (BLOCK // 8) + tl.arange(0, BLOCK // 8)
-    byte_in_range = byte_offs * 8 < numel
+    if FULL:
+        in_range = tl.full((BLOCK,), 1, tl.int1)
+        byte_in_range = tl.full((BLOCK // 8,), 1, tl.int1)
+    else:
+        in_range = offs < numel
+        byte_in_range = byte_offs * 8 < numel
+    SELECT: tl.constexpr = HAS_FREEZE_MASK or HAS_FOUND_INF
 
     # Which elements are trained, and whether this step is applied at all.
     if HAS_FREEZE_MASK:
@@ -265,8 +299,11 @@ def _adamw_block(
     if HAS_GRAD_SCALE:
         grad_scale = tl.load(grad_scale_ptr)
 
-    # w before the step, and the stored bf16 pattern before the step.
-    grad = _load_fp32(grad_ptr, offs, in_range, GRAD_BF16)
+    # Raw loads: fp32 values, or bf16 patterns as uint32.
+    if GRAD_BF16:
+        grad = _bf16_bits_to_fp32(_load_bf16_bits(grad_ptr, offs, in_range))
+    else:
+        grad = tl.load(grad_ptr + offs, mask=in_range, other=0.0).to(tl.float32)
     if PARAM_BF16:
         old_param_bits = _load_bf16_bits(param_ptr, offs, in_range)
     else:
@@ -281,14 +318,16 @@ def _adamw_block(
         w_old = _bf16_bits_to_fp32(old_param_bits)
     else:
         w_old = param
-    m = _load_fp32(exp_avg_ptr, offs, in_range, EXP_AVG_BF16)
-    v = _load_fp32(exp_avg_sq_ptr, offs, in_range, EXP_AVG_SQ_BF16)
-    vmax = v
+    m_old = _load_state(exp_avg_ptr, offs, in_range, EXP_AVG_BF16)
+    v_old = _load_state(exp_avg_sq_ptr, offs, in_range, EXP_AVG_SQ_BF16)
+    vmax_old = v_old
     if AMSGRAD:
-        vmax = _load_fp32(max_exp_avg_sq_ptr, offs, in_range, MAX_EXP_AVG_SQ_BF16)
+        vmax_old = _load_state(max_exp_avg_sq_ptr, offs, in_range, MAX_EXP_AVG_SQ_BF16)
 
     g, w, m, v, vmax = _adamw_math(
-        grad, w_old, m, v, vmax, grad_scale,
+        grad, w_old,
+        _state_value(m_old, EXP_AVG_BF16), _state_value(v_old, EXP_AVG_SQ_BF16),
+        _state_value(vmax_old, MAX_EXP_AVG_SQ_BF16), grad_scale,
         step_size, bc2_sqrt, lr_wd, beta1, one_minus_beta1, beta2, one_minus_beta2, eps,
         HAS_GRAD_SCALE, MAXIMIZE, AMSGRAD,
     )
@@ -304,22 +343,27 @@ def _adamw_block(
         new_param_bits = _round_stochastic_bf16(w_bits, _random16(sr_key_row_ptr, index))
     else:
         new_param_bits = _round_nearest_bf16(w_bits)
+    new_param_bits = _keep(update, new_param_bits, old_param_bits, SELECT)
 
-    # Write back the updated elements only; the others keep their bits.
-    _store_state(exp_avg_ptr, offs, m, update, EXP_AVG_BF16)
-    _store_state(exp_avg_sq_ptr, offs, v, update, EXP_AVG_SQ_BF16)
+    # Write back; elements not updated keep their bits.
+    _store_state(exp_avg_ptr, offs, m, m_old, update, in_range, EXP_AVG_BF16, SELECT)
+    _store_state(exp_avg_sq_ptr, offs, v, v_old, update, in_range, EXP_AVG_SQ_BF16, SELECT)
     if AMSGRAD:
-        _store_state(max_exp_avg_sq_ptr, offs, vmax, update, MAX_EXP_AVG_SQ_BF16)
+        _store_state(max_exp_avg_sq_ptr, offs, vmax, vmax_old, update, in_range,
+                     MAX_EXP_AVG_SQ_BF16, SELECT)
     if HAS_MASTER:
-        tl.store(master_ptr + offs, w, mask=update)
+        tl.store(master_ptr + offs, _keep(update, w, w_old, SELECT), mask=in_range)
     if HAS_REMAINDER:
-        tl.store(remainder_ptr + offs, remainder_new, mask=update)
+        tl.store(remainder_ptr + offs, _keep(update, remainder_new, remainder_old, SELECT),
+                 mask=in_range)
     if PARAM_BF16:
-        _store_bf16_bits(param_ptr, offs, new_param_bits, update)
+        _store_bf16_bits(param_ptr, offs, new_param_bits, in_range)
     else:
-        tl.store(param_ptr + offs, w, mask=update)
+        tl.store(param_ptr + offs, _keep(update, w, param, SELECT), mask=in_range)
 
-    changed = (new_param_bits != old_param_bits) & update
+    # Not updated elements kept their pattern, so ``changed`` is 0 there; out-of-range ones
+    # are masked explicitly (their loads are zeros, which a step need not keep at zero).
+    changed = (new_param_bits != old_param_bits) & in_range
     if HAS_CHANGE_BITMAP or HAS_CUMULATIVE_BITMAP:
         packed = _pack_bits(changed, BLOCK)
         if HAS_CHANGE_BITMAP:
@@ -354,18 +398,35 @@ def adamw_kernel(
 ):
     """One tensor: program i steps block i. ``scalars_ptr`` and ``sr_key_ptr`` point at the
     tensor's row of 8 scalars and its 2 key words."""
-    _adamw_block(
-        tl.program_id(0).to(tl.int64),
-        param_ptr, grad_ptr, exp_avg_ptr, exp_avg_sq_ptr, max_exp_avg_sq_ptr,
-        master_ptr, remainder_ptr, freeze_mask_ptr, change_bitmap_ptr, cumulative_bitmap_ptr,
-        counter_ptr, tl.cast(numel, tl.int64), tl.cast(element_offset, tl.int64),
-        scalars_ptr, sr_key_ptr, grad_scale_ptr, found_inf_ptr,
-        BLOCK,
-        PARAM_BF16, GRAD_BF16, EXP_AVG_BF16, EXP_AVG_SQ_BF16, MAX_EXP_AVG_SQ_BF16,
-        HAS_MASTER, HAS_REMAINDER, STOCHASTIC, AMSGRAD, MAXIMIZE,
-        HAS_FREEZE_MASK, HAS_CHANGE_BITMAP, HAS_CUMULATIVE_BITMAP, HAS_COUNTERS,
-        HAS_GRAD_SCALE, HAS_FOUND_INF,
-    )
+    chunk = tl.program_id(0).to(tl.int64)
+    numel = tl.cast(numel, tl.int64)
+    element_offset = tl.cast(element_offset, tl.int64)
+    if (chunk + 1) * BLOCK <= numel:
+        _adamw_block(
+            chunk,
+            param_ptr, grad_ptr, exp_avg_ptr, exp_avg_sq_ptr, max_exp_avg_sq_ptr,
+            master_ptr, remainder_ptr, freeze_mask_ptr, change_bitmap_ptr, cumulative_bitmap_ptr,
+            counter_ptr, numel, element_offset,
+            scalars_ptr, sr_key_ptr, grad_scale_ptr, found_inf_ptr,
+            BLOCK, True,
+            PARAM_BF16, GRAD_BF16, EXP_AVG_BF16, EXP_AVG_SQ_BF16, MAX_EXP_AVG_SQ_BF16,
+            HAS_MASTER, HAS_REMAINDER, STOCHASTIC, AMSGRAD, MAXIMIZE,
+            HAS_FREEZE_MASK, HAS_CHANGE_BITMAP, HAS_CUMULATIVE_BITMAP, HAS_COUNTERS,
+            HAS_GRAD_SCALE, HAS_FOUND_INF,
+        )
+    else:
+        _adamw_block(
+            chunk,
+            param_ptr, grad_ptr, exp_avg_ptr, exp_avg_sq_ptr, max_exp_avg_sq_ptr,
+            master_ptr, remainder_ptr, freeze_mask_ptr, change_bitmap_ptr, cumulative_bitmap_ptr,
+            counter_ptr, numel, element_offset,
+            scalars_ptr, sr_key_ptr, grad_scale_ptr, found_inf_ptr,
+            BLOCK, False,
+            PARAM_BF16, GRAD_BF16, EXP_AVG_BF16, EXP_AVG_SQ_BF16, MAX_EXP_AVG_SQ_BF16,
+            HAS_MASTER, HAS_REMAINDER, STOCHASTIC, AMSGRAD, MAXIMIZE,
+            HAS_FREEZE_MASK, HAS_CHANGE_BITMAP, HAS_CUMULATIVE_BITMAP, HAS_COUNTERS,
+            HAS_GRAD_SCALE, HAS_FOUND_INF,
+        )
 
 
 # Columns of the pointer table: one int64 row per tensor of a group. Absent tensors hold 0
@@ -380,9 +441,20 @@ _WIDTH = tl.constexpr(len(TABLE_COLUMNS))
 
 
 @triton.jit
+def _table_pointer(entry, column, dtype: tl.constexpr, ALIGNED: tl.constexpr):
+    """Column ``column`` of a pointer-table row as a pointer to ``dtype``; ``ALIGNED``: the
+    host checked that it is a multiple of 16 bytes, which lets full blocks use 16-byte
+    vector accesses (a pointer read from memory tells the compiler nothing)."""
+    pointer = tl.load(entry + column).to(tl.pointer_type(dtype))
+    if ALIGNED:
+        pointer = tl.multiple_of(pointer, 16)
+    return pointer
+
+
+@triton.jit
 def adamw_table_kernel(
     table_ptr, work_ptr, scalars_ptr, sr_keys_ptr, grad_scale_ptr, found_inf_ptr,
-    BLOCK: tl.constexpr,
+    BLOCK: tl.constexpr, ALIGNED: tl.constexpr,
     PARAM_BF16: tl.constexpr, GRAD_BF16: tl.constexpr, GRAD_FP16: tl.constexpr,
     EXP_AVG_BF16: tl.constexpr, EXP_AVG_SQ_BF16: tl.constexpr,
     MAX_EXP_AVG_SQ_BF16: tl.constexpr,
@@ -396,26 +468,25 @@ def adamw_table_kernel(
     (tensor t, chunk c) in the int32 work table [items, 2]; tensor t's pointers, numel,
     element offset and call row are row t of the int64 pointer table (``TABLE_COLUMNS``).
     ``scalars_ptr`` [calls, 8] and ``sr_keys_ptr`` [calls, 2] are the call's whole tensors,
-    so the cached tables do not depend on the per-step scalars."""
+    so the cached tables do not depend on the per-step scalars. ``ALIGNED``: every pointer
+    of the group is a multiple of 16 bytes."""
     item = tl.program_id(0).to(tl.int64)
     t = tl.load(work_ptr + 2 * item).to(tl.int64)
     chunk = tl.load(work_ptr + 2 * item + 1).to(tl.int64)
     entry = table_ptr + t * _WIDTH
-    # Inline rather than in a helper: under the interpreter every jit call costs a re-patch.
-    param_ptr = tl.load(entry + 0).to(tl.pointer_type(tl.int16 if PARAM_BF16 else tl.float32))
-    grad_ptr = tl.load(entry + 1).to(
-        tl.pointer_type(tl.int16 if GRAD_BF16 else tl.float16 if GRAD_FP16 else tl.float32))
-    exp_avg_ptr = tl.load(entry + 2).to(
-        tl.pointer_type(tl.int16 if EXP_AVG_BF16 else tl.float32))
-    exp_avg_sq_ptr = tl.load(entry + 3).to(
-        tl.pointer_type(tl.int16 if EXP_AVG_SQ_BF16 else tl.float32))
-    max_exp_avg_sq_ptr = tl.load(entry + 4).to(
-        tl.pointer_type(tl.int16 if MAX_EXP_AVG_SQ_BF16 else tl.float32))
-    master_ptr = tl.load(entry + 5).to(tl.pointer_type(tl.float32))
-    remainder_ptr = tl.load(entry + 6).to(tl.pointer_type(tl.int16))
-    freeze_mask_ptr = tl.load(entry + 7).to(tl.pointer_type(tl.uint8))
-    change_bitmap_ptr = tl.load(entry + 8).to(tl.pointer_type(tl.uint8))
-    cumulative_bitmap_ptr = tl.load(entry + 9).to(tl.pointer_type(tl.uint8))
+    param_ptr = _table_pointer(entry, 0, tl.int16 if PARAM_BF16 else tl.float32, ALIGNED)
+    grad_ptr = _table_pointer(
+        entry, 1, tl.int16 if GRAD_BF16 else tl.float16 if GRAD_FP16 else tl.float32, ALIGNED)
+    exp_avg_ptr = _table_pointer(entry, 2, tl.int16 if EXP_AVG_BF16 else tl.float32, ALIGNED)
+    exp_avg_sq_ptr = _table_pointer(
+        entry, 3, tl.int16 if EXP_AVG_SQ_BF16 else tl.float32, ALIGNED)
+    max_exp_avg_sq_ptr = _table_pointer(
+        entry, 4, tl.int16 if MAX_EXP_AVG_SQ_BF16 else tl.float32, ALIGNED)
+    master_ptr = _table_pointer(entry, 5, tl.float32, ALIGNED)
+    remainder_ptr = _table_pointer(entry, 6, tl.int16, ALIGNED)
+    freeze_mask_ptr = _table_pointer(entry, 7, tl.uint8, ALIGNED)
+    change_bitmap_ptr = _table_pointer(entry, 8, tl.uint8, ALIGNED)
+    cumulative_bitmap_ptr = _table_pointer(entry, 9, tl.uint8, ALIGNED)
     counter_ptr = tl.load(entry + 10).to(tl.pointer_type(tl.int64))
     numel = tl.load(entry + 11)
     element_offset = tl.load(entry + 12)
@@ -423,18 +494,33 @@ def adamw_table_kernel(
     sr_key_row_ptr = sr_keys_ptr
     if STOCHASTIC:
         sr_key_row_ptr = sr_keys_ptr + 2 * row
-    _adamw_block(
-        chunk,
-        param_ptr, grad_ptr, exp_avg_ptr, exp_avg_sq_ptr, max_exp_avg_sq_ptr,
-        master_ptr, remainder_ptr, freeze_mask_ptr, change_bitmap_ptr, cumulative_bitmap_ptr,
-        counter_ptr, numel, element_offset,
-        scalars_ptr + 8 * row, sr_key_row_ptr, grad_scale_ptr, found_inf_ptr,
-        BLOCK,
-        PARAM_BF16, GRAD_BF16, EXP_AVG_BF16, EXP_AVG_SQ_BF16, MAX_EXP_AVG_SQ_BF16,
-        HAS_MASTER, HAS_REMAINDER, STOCHASTIC, AMSGRAD, MAXIMIZE,
-        HAS_FREEZE_MASK, HAS_CHANGE_BITMAP, HAS_CUMULATIVE_BITMAP, HAS_COUNTERS,
-        HAS_GRAD_SCALE, HAS_FOUND_INF,
-    )
+    # Full blocks (all but at most one per tensor) take the unmasked, vectorized path.
+    if (chunk + 1) * BLOCK <= numel:
+        _adamw_block(
+            chunk,
+            param_ptr, grad_ptr, exp_avg_ptr, exp_avg_sq_ptr, max_exp_avg_sq_ptr,
+            master_ptr, remainder_ptr, freeze_mask_ptr, change_bitmap_ptr, cumulative_bitmap_ptr,
+            counter_ptr, numel, element_offset,
+            scalars_ptr + 8 * row, sr_key_row_ptr, grad_scale_ptr, found_inf_ptr,
+            BLOCK, True,
+            PARAM_BF16, GRAD_BF16, EXP_AVG_BF16, EXP_AVG_SQ_BF16, MAX_EXP_AVG_SQ_BF16,
+            HAS_MASTER, HAS_REMAINDER, STOCHASTIC, AMSGRAD, MAXIMIZE,
+            HAS_FREEZE_MASK, HAS_CHANGE_BITMAP, HAS_CUMULATIVE_BITMAP, HAS_COUNTERS,
+            HAS_GRAD_SCALE, HAS_FOUND_INF,
+        )
+    else:
+        _adamw_block(
+            chunk,
+            param_ptr, grad_ptr, exp_avg_ptr, exp_avg_sq_ptr, max_exp_avg_sq_ptr,
+            master_ptr, remainder_ptr, freeze_mask_ptr, change_bitmap_ptr, cumulative_bitmap_ptr,
+            counter_ptr, numel, element_offset,
+            scalars_ptr + 8 * row, sr_key_row_ptr, grad_scale_ptr, found_inf_ptr,
+            BLOCK, False,
+            PARAM_BF16, GRAD_BF16, EXP_AVG_BF16, EXP_AVG_SQ_BF16, MAX_EXP_AVG_SQ_BF16,
+            HAS_MASTER, HAS_REMAINDER, STOCHASTIC, AMSGRAD, MAXIMIZE,
+            HAS_FREEZE_MASK, HAS_CHANGE_BITMAP, HAS_CUMULATIVE_BITMAP, HAS_COUNTERS,
+            HAS_GRAD_SCALE, HAS_FOUND_INF,
+        )
 
 
 # ---------------------------------------------------------------------------------------
@@ -629,6 +715,7 @@ def adamw(
     found_inf: Tensor | None = None,
     block_size: int | None = None,
     launch: str = "table",
+    num_warps: int | None = None,
 ) -> None:
     """One AdamW step over a list of tensors, in place, in fused launches.
 
@@ -645,11 +732,17 @@ def adamw(
             in a device table cached in :data:`pointer_tables` (work items in
             :data:`work_tables`); ``"per_tensor"``: one launch
             of ``adamw_kernel`` per tensor, the simplest form, for debugging.
+        num_warps: warps per program on a GPU, a power of two from 1 to 32 (default
+            :data:`DEFAULT_NUM_WARPS_GPU`); the benchmark's tuning sweep varies it with
+            ``block_size``.
     """
     check_arguments(params, scalars=scalars, max_exp_avg_sqs=max_exp_avg_sqs, masters=masters,
                     remainders=remainders, rounding=rounding, sr_keys=sr_keys, amsgrad=amsgrad)
     if block_size is not None and (block_size < 8 or block_size & (block_size - 1)):
         raise ValueError(f"block_size must be a power of two >= 8, got {block_size}")
+    if num_warps is not None and (not 1 <= num_warps <= 32 or num_warps & (num_warps - 1)):
+        raise ValueError(f"num_warps must be a power of two from 1 to 32, got {num_warps}")
+    warps = num_warps or DEFAULT_NUM_WARPS_GPU
     if launch not in LAUNCHES:
         raise ValueError(f"launch must be 'table' or 'per_tensor', got {launch!r}")
     interpreting = _interpreting()
@@ -732,7 +825,7 @@ def adamw(
                 on["scalars"][i], key, on["grad_scale"], on["found_inf"],
                 numel, offset,
                 BLOCK=block, **_layout(ops, rounding), **call_flags,
-                num_warps=_NUM_WARPS_GPU, enable_fp_fusion=False,
+                num_warps=warps, enable_fp_fusion=False,
             )
         return
 
@@ -743,6 +836,7 @@ def adamw(
             continue
         layout = _layout(ops, rounding)
         layout["GRAD_FP16"] = ops.grad.dtype == torch.float16
+        layout["ALIGNED"] = all(t.data_ptr() % 16 == 0 for t in ops if t is not None)
         key = (ops.param.device, tuple(sorted(layout.items())))
         groups.setdefault(key, []).append((i, ops, offset))
     for (device, layout), members in groups.items():
@@ -756,5 +850,5 @@ def adamw(
         adamw_table_kernel[(work.shape[0],)](
             table, work, on["scalars"], on["sr_keys"], on["grad_scale"], on["found_inf"],
             BLOCK=block, **dict(layout), **call_flags,
-            num_warps=_NUM_WARPS_GPU, enable_fp_fusion=False,
+            num_warps=warps, enable_fp_fusion=False,
         )
