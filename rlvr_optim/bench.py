@@ -223,11 +223,12 @@ def _optimi_kahan(shapes, device):
     return params, opt, opt.step
 
 
-def _ours(shapes, device, backend, options, freeze, track):
+def _ours(shapes, device, backend, options, freeze, track, capturable=False):
     from .optimizer import AdamW  # noqa: PLC0415 - keep import light for the CLI
 
     params = _make(shapes, torch.bfloat16, device)
-    opt = AdamW(params, lr=1e-4, backend=backend, track_changes=track, **options)
+    opt = AdamW(params, lr=1e-4, backend=backend, track_changes=track, capturable=capturable,
+                **options)
     if freeze:
         for i, p in enumerate(params):
             opt.set_freeze_mask(p, torch.arange(p.numel(), device=device).reshape(p.shape) % 2 == i % 2)
@@ -259,6 +260,34 @@ _COMPARE = {
     "remainder": ("optimi AdamW Kahan (Triton)",),
     "freeze mask": ("torch fused",),
 }
+
+
+# The Triton launch configurations ``--tune`` times (elements per program, warps), default
+# mode with per-step tracking. 4 elements per thread gives 16-byte fp32 and 8-byte bf16
+# accesses, 8 per thread 16-byte ones for both at more registers (codegen.py reports them).
+TUNE_GRID = ((512, 4), (1024, 4), (1024, 8), (2048, 8), (2048, 16), (4096, 16))
+
+
+def _tuned(build: Callable, block: int, warps: int) -> Callable:
+    """``build`` with the Triton backend's default block and warps set to ``block`` and
+    ``warps`` around each step (and restored after), so a row times that configuration."""
+    from .triton_kernels import adamw as triton_adamw  # noqa: PLC0415
+
+    def configured(fn):
+        def call():
+            saved = triton_adamw.DEFAULT_BLOCK_GPU, triton_adamw.DEFAULT_NUM_WARPS_GPU
+            triton_adamw.DEFAULT_BLOCK_GPU, triton_adamw.DEFAULT_NUM_WARPS_GPU = block, warps
+            try:
+                return fn()
+            finally:
+                triton_adamw.DEFAULT_BLOCK_GPU, triton_adamw.DEFAULT_NUM_WARPS_GPU = saved
+        return call
+
+    def wrapped():
+        params, opt, step = build()
+        return params, opt, configured(step)
+
+    return wrapped
 
 
 def _our_bytes(mode: str, track: str) -> float:
@@ -349,6 +378,26 @@ def _environment(device: torch.device) -> dict:
     return env
 
 
+def _interpreter_on() -> bool:
+    return os.environ.get("TRITON_INTERPRET") == "1" and backends.unavailable_reason("triton") is None
+
+
+def _why_not_timed(backend: str, device: torch.device, chosen: tuple[str, ...]) -> str | None:
+    """Why ``backend`` gets no rows in this run, or None when it is timed."""
+    reason = backends.unavailable_reason(backend)
+    if reason is not None:
+        return reason
+    if backend == "cuda" and device.type != "cuda":
+        return "needs a CUDA device"
+    if backend == "triton" and device.type != "cuda" and not _interpreter_on():
+        return "on a CPU only under Triton's interpreter (TRITON_INTERPRET=1)"
+    if backend not in chosen:
+        if backend == "reference" and device.type == "cuda":
+            return "not timed on a GPU: the reference is the specification, not a fast path"
+        return "not selected (--backend)"
+    return None
+
+
 def run(
     presets=("r1-distill-qwen-1.5b", "many-small"),
     device: str | torch.device | None = None,
@@ -358,6 +407,8 @@ def run(
     tracks: tuple[str, ...] = ("off", "step"),
     anchors: tuple[str, ...] | None = None,
     progress: bool = True,
+    graph: bool = True,
+    tune: bool = False,
 ) -> dict:
     """Run the benchmark and return its results (JSON-ready).
 
@@ -365,11 +416,17 @@ def run(
         presets: keys of :data:`PRESETS` (default: the 1.5B shapes and the many-small set).
         device: default: CUDA if available, else CPU (then only tiny presets make sense).
         steps, warmup: timed and untimed steps per row (default 15 and 3).
-        backends_to_time: our backends to time (default: the fused backends available;
-            the reference backend is the specification and is timed only on a CPU).
+        backends_to_time: our backends to time (default on a GPU: the fused backends
+            available; on a CPU: the reference, and Triton when its interpreter is on, which
+            keeps the harness working; the reference is the specification and is not timed
+            on a GPU).
         tracks: change-tracking settings for our rows (default off and per step).
         anchors: names of :data:`ANCHORS` to run (default all; graph rows need CUDA).
         progress: tqdm progress bar on stderr.
+        graph: also time our default mode (tracking per step) replayed from a CUDA graph,
+            per timed backend (rows marked unavailable without CUDA).
+        tune: also time the Triton backend's default mode (tracking per step) at every
+            (block, warps) of :data:`TUNE_GRID` (group "tune").
     """
     from tqdm import tqdm  # noqa: PLC0415
 
@@ -377,12 +434,18 @@ def run(
     unknown = [p for p in presets if p not in PRESETS]
     if unknown:
         raise ValueError(f"unknown preset(s) {unknown}; choose from {sorted(PRESETS)}")
+    unknown = [a for a in (anchors or ()) if a not in ANCHORS]
+    if unknown:
+        raise ValueError(f"unknown anchor(s) {unknown}; choose from {sorted(ANCHORS)}")
     too_big = [p for p in presets if device.type == "cpu" and p != "cpu-tiny"]
     if too_big:
         raise ValueError(f"preset(s) {too_big} are sized for a GPU; on a CPU use 'cpu-tiny'")
     if backends_to_time is None:
-        fast = [b for b in ("cuda", "triton") if backends.unavailable_reason(b) is None]
-        backends_to_time = tuple(fast) if device.type == "cuda" else ("reference",)
+        if device.type == "cuda":
+            backends_to_time = tuple(b for b in ("cuda", "triton")
+                                     if backends.unavailable_reason(b) is None)
+        else:  # the reference, and Triton's kernels where its interpreter runs them
+            backends_to_time = ("reference",) + (("triton",) if _interpreter_on() else ())
     anchor_names = anchors if anchors is not None else tuple(ANCHORS)
     timer = _Timer(device)
     copy_bytes = (1 << 30) if device.type == "cuda" else (1 << 26)
@@ -403,9 +466,7 @@ def run(
             plan.append((Row(name, "anchor", preset, variant, bytes_per_element=nbytes),
                          (lambda b=build, s=shapes: b(s, device)), numel))
         for backend in ("cuda", "triton", "reference"):
-            reason = backends.unavailable_reason(backend)
-            if reason is None and backend not in backends_to_time:
-                reason = "not timed on this device (the reference is the specification)"
+            reason = _why_not_timed(backend, device, backends_to_time)
             if reason is not None:  # one row says why the backend has no numbers
                 row = Row(f"rlvr_optim {backend} (all modes)", "ours", preset,
                           status="unavailable", reason=reason)
@@ -417,6 +478,19 @@ def run(
                     row = Row(name, "ours", preset, bytes_per_element=_our_bytes(mode, track))
                     plan.append((row, (lambda s=shapes, b=backend, o=options, f=freeze, t=track:
                                        _ours(s, device, b, o, f, t)), numel))
+            if graph:
+                row = Row(f"rlvr_optim {backend} default, tracking step (CUDA graph)", "ours",
+                          preset, "graph", bytes_per_element=_our_bytes("default", "step"))
+                plan.append((row, (lambda s=shapes, b=backend:
+                                   _ours(s, device, b, {}, False, "step", capturable=True)),
+                             numel))
+            if tune and backend == "triton":
+                for block, warps in TUNE_GRID:
+                    row = Row(f"rlvr_optim triton default, tracking step [BLOCK {block}, "
+                              f"{warps} warps]", "tune", preset,
+                              bytes_per_element=_our_bytes("default", "step"))
+                    build = (lambda s=shapes: _ours(s, device, "triton", {}, False, "step"))
+                    plan.append((row, _tuned(build, block, warps), numel))
     bar = tqdm(total=len(plan), desc="bench", disable=not progress, unit="row")
     for row, build, numel in plan:
         bar.set_postfix_str(f"{row.preset}: {row.name}"[:60])
@@ -440,10 +514,11 @@ def run(
 def _add_speedups(rows: list[Row]) -> None:
     timed = {(r.preset, r.name): r.ms_median for r in rows if r.ms_median}
     for r in rows:
-        if r.group != "ours" or not r.ms_median:
+        if r.group not in ("ours", "tune") or not r.ms_median:
             continue
         mode = next(m for m in OUR_MODES if f" {m}, tracking" in r.name)
-        for anchor in _COMPARE[mode]:
+        compare = ("torch fused (CUDA graph)",) if r.variant == "graph" else _COMPARE[mode]
+        for anchor in compare:
             if (r.preset, anchor) in timed:
                 r.speedup[anchor] = timed[(r.preset, anchor)] / r.ms_median
 

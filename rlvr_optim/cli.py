@@ -79,7 +79,7 @@ def _demo(args: argparse.Namespace) -> int:
 
 
 def _add_bench(subparsers) -> None:
-    from .bench import PRESETS  # noqa: PLC0415
+    from .bench import ANCHORS, PRESETS, TUNE_GRID  # noqa: PLC0415
 
     p = subparsers.add_parser(
         "bench",
@@ -98,6 +98,15 @@ def _add_bench(subparsers) -> None:
     p.add_argument("--backend", action="append", dest="backends", metavar="NAME",
                    help="our backend to time, repeatable (default: the fused backends available; "
                    "'none' times the anchors only)")
+    p.add_argument("--anchor", action="append", dest="anchors", metavar="NAME",
+                   choices=[*ANCHORS, "none"],
+                   help="anchor to time, repeatable (default: all; 'none': no anchors). "
+                   f"Names: {', '.join(ANCHORS)}")
+    p.add_argument("--tune", action="store_true",
+                   help="also time the Triton backend's default mode at each (block, warps) of "
+                   + ", ".join(f"{b}/{w}" for b, w in TUNE_GRID))
+    p.add_argument("--no-graph", action="store_true",
+                   help="skip the CUDA-graph rows of our backends")
     p.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
     p.set_defaults(func=_bench)
 
@@ -111,10 +120,12 @@ def _bench(args: argparse.Namespace) -> int:
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     default = ("r1-distill-qwen-1.5b", "many-small") if device.startswith("cuda") else ("cpu-tiny",)
     chosen = None if args.backends is None else tuple(b for b in args.backends if b != "none")
+    anchors = None if args.anchors is None else tuple(a for a in args.anchors if a != "none")
     try:
         result = bench.run(presets=tuple(args.preset or default), device=device,
                            steps=args.steps, warmup=args.warmup, backends_to_time=chosen,
-                           progress=not args.no_progress)
+                           anchors=anchors, progress=not args.no_progress,
+                           graph=not args.no_graph, tune=args.tune)
     except ValueError as exc:  # a preset or backend that does not fit this machine
         print(f"rlvr-optim bench: error: {exc}", file=sys.stderr)
         return 2

@@ -63,6 +63,43 @@ def test_cpu_result_schema_and_every_anchor_accounted_for(result):
     # bf16 moments 2 + 2, fp32 master 4, bitmap 1/8, plus the per-tensor counters.
     assert 8 + 1 / 8 < ours["state_bytes_per_param"] < 8.5
     assert "torch fused fp32 master + bf16 cast" in ours["speedup"]
+    # Triton runs here under its interpreter (conftest): its rows keep the harness honest
+    # for a second backend. The CUDA extension needs a GPU, whether built or not.
+    assert by_name["rlvr_optim triton default, tracking step"]["status"] == "ok"
+    cuda = by_name["rlvr_optim cuda (all modes)"]
+    assert cuda["status"] == "unavailable" and cuda["ms_median"] is None
+    for backend in ("reference", "triton"):
+        graph = by_name[f"rlvr_optim {backend} default, tracking step (CUDA graph)"]
+        assert graph["variant"] == "graph" and graph["status"] == "unavailable"
+
+
+def test_tune_rows_time_each_triton_configuration_and_restore_the_default():
+    from rlvr_optim.triton_kernels import adamw as triton_adamw
+
+    before = triton_adamw.DEFAULT_BLOCK_GPU, triton_adamw.DEFAULT_NUM_WARPS_GPU
+    result = bench.run(presets=("cpu-tiny",), device="cpu", steps=1, warmup=0, progress=False,
+                       backends_to_time=("triton",), anchors=("torch fused",), graph=False,
+                       tune=True, tracks=("step",))
+    tune = [r for r in result["rows"] if r["group"] == "tune"]
+    assert [r["name"] for r in tune] == [
+        f"rlvr_optim triton default, tracking step [BLOCK {b}, {w} warps]"
+        for b, w in bench.TUNE_GRID]
+    assert all(r["status"] == "ok" and "torch fused" in r["speedup"] for r in tune), tune
+    assert (triton_adamw.DEFAULT_BLOCK_GPU, triton_adamw.DEFAULT_NUM_WARPS_GPU) == before
+    with pytest.raises(ValueError, match="unknown anchor"):
+        bench.run(presets=("cpu-tiny",), device="cpu", anchors=("torch slow",), progress=False)
+
+
+def test_tuned_step_sees_its_configuration():
+    from rlvr_optim.triton_kernels import adamw as triton_adamw
+
+    seen = []
+    step = bench._tuned(lambda: (None, None, lambda: seen.append(
+        (triton_adamw.DEFAULT_BLOCK_GPU, triton_adamw.DEFAULT_NUM_WARPS_GPU))), 2048, 16)
+    before = triton_adamw.DEFAULT_BLOCK_GPU, triton_adamw.DEFAULT_NUM_WARPS_GPU
+    step()[2]()
+    assert seen == [(2048, 16)]
+    assert (triton_adamw.DEFAULT_BLOCK_GPU, triton_adamw.DEFAULT_NUM_WARPS_GPU) == before
 
 
 def test_save_render_and_cli(result, tmp_path, capsys):
@@ -72,10 +109,16 @@ def test_save_render_and_cli(result, tmp_path, capsys):
     assert "not performance results" in md and "| torch fused |" in md
     assert path.with_suffix(".png").read_bytes()[:4] == b"\x89PNG"
     assert main(["bench", "--preset", "cpu-tiny", "--steps", "1", "--warmup", "0",
-                 "--no-progress", "--out", str(tmp_path / "cli")]) == 0
+                 "--backend", "reference", "--anchor", "torch fused", "--anchor",
+                 "torch foreach", "--no-graph", "--no-progress", "--out", str(tmp_path / "cli")]) == 0
     printed = capsys.readouterr().out
     assert "torch fused" in printed and "not performance results" in printed
-    assert list((tmp_path / "cli").glob("*/*.json"))
+    saved = json.loads(next((tmp_path / "cli").glob("*/*.json")).read_text())
+    names = {r["name"] for r in saved["rows"]}
+    assert {"torch fused", "torch foreach"} <= names and "torch fused (CUDA graph)" not in names
+    assert not any("CUDA graph" in n for n in names)  # --no-graph
+    assert "not selected" in next(r["reason"] for r in saved["rows"]
+                                  if r["name"] == "rlvr_optim triton (all modes)")
 
 
 def test_gpu_presets_are_refused_on_cpu_before_any_work():
