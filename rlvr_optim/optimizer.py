@@ -7,7 +7,8 @@ backends (:mod:`rlvr_optim.reference` is the specification).
 from __future__ import annotations
 
 import math
-from typing import Any, Callable, Iterable, Mapping
+import operator
+from typing import Any, Callable, Iterable, Mapping, NamedTuple
 
 import torch
 from torch import Tensor
@@ -20,6 +21,7 @@ ROUNDINGS = ("nearest", "stochastic")
 MASTER_WEIGHTS = (None, "fp32", "remainder")
 TRACK_CHANGES = ("off", "step", "cumulative")
 PARAM_DTYPES = (torch.float32, torch.bfloat16)
+_PARAM_DTYPE_SET = frozenset(PARAM_DTYPES)
 _STATE_DTYPES = {
     None: None,
     "float32": "float32",
@@ -90,6 +92,31 @@ def _check_hyperparameters(group: Mapping[str, Any]) -> None:
         raise ValueError(f"Invalid beta parameter at index 1: {betas[1]}")
     if not 0.0 <= weight_decay:
         raise ValueError(f"Invalid weight_decay value: {weight_decay}")
+
+
+class _Plan(NamedTuple):
+    """One group's checked params and the operand lists of its steps (see
+    ``AdamW._make_plan``)."""
+
+    options: tuple
+    params: list[Tensor]
+    states: list[dict]
+    plain: bool  # no DTensor params
+    step_buffer: Tensor | None  # the group's step counts, when they are views of it
+    steps_on_device: bool
+    backend: Any
+    local_params: list[Tensor]
+    exp_avgs: list[Tensor]
+    exp_avg_sqs: list[Tensor]
+    max_exp_avg_sqs: list[Tensor] | None
+    masters: list[Tensor] | None
+    remainders: list[Tensor] | None
+    freeze_masks: list[Tensor | None]
+    change_bitmaps: list[Tensor] | None
+    cumulative_bitmaps: list[Tensor] | None
+    counters: list[Tensor] | None
+    element_offsets: list[int]
+    keys: Tensor | None
 
 
 class AdamW(torch.optim.AdamW):
@@ -200,6 +227,7 @@ class AdamW(torch.optim.AdamW):
                 self._check_param_options(tensor, group, name)
         group["params"] = params
         super().add_param_group(group)
+        self._forget_plans()
 
     def __getstate__(self) -> dict[str, Any]:
         state = super().__getstate__()
@@ -209,6 +237,7 @@ class AdamW(torch.optim.AdamW):
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
+        self._forget_plans()
         # load_state_dict passes only state and groups; a torch AdamW dict has none of our
         # options, so its groups take this optimizer's defaults.
         for group in self.param_groups:
@@ -432,6 +461,7 @@ class AdamW(torch.optim.AdamW):
         )
 
     def _set_packed_freeze_mask(self, p: Tensor, packed: Tensor | None) -> None:
+        self._forget_plans()
         layout = distributed.shard_layout(p)
         if packed is None:
             self.state[p].pop("freeze_mask", None)
@@ -461,11 +491,41 @@ class AdamW(torch.optim.AdamW):
 
     # ---------------------------------------------------------------- the step
 
-    def _gather(self, group_index: int) -> dict | None:
-        """Validate a group and list its tensors; changes nothing."""
+    def _forget_plans(self) -> None:
+        """Drop the cached step plans: the next step checks everything again."""
+        self.__dict__.pop("_plans", None)
+
+    def _options_key(self, group: Mapping[str, Any]) -> tuple:
+        """What a plan depends on besides its params and their state: the group's options
+        (checked and canonical) and the identity and size of ``self.state``."""
+        options = _normalize_options({k: group[k] for k in self._option_defaults})
+        return (*options.values(), group["amsgrad"], group["capturable"], group["fused"],
+                self.backend, id(self.state), len(self.state))
+
+    def _cached_plan(self, group_index: int, options: tuple, on_device: bool) -> _Plan | None:
+        """The group's plan if it still holds: same options, same params with gradients, in
+        the same order, and every gradient a dense float32/bfloat16 tensor (anything else
+        goes through the full checks, which name the param)."""
+        plan = self.__dict__.get("_plans", {}).get(group_index)
+        if plan is None or plan.options != options or (on_device and not plan.steps_on_device):
+            return None
+        with_grad = [p for p in self.param_groups[group_index]["params"] if p.grad is not None]
+        if len(with_grad) != len(plan.params) or not all(map(operator.is_, with_grad, plan.params)):
+            return None
+        grads = [p.grad for p in with_grad]
+        if not {g.dtype for g in grads} <= _PARAM_DTYPE_SET or any(g.is_sparse for g in grads):
+            return None
+        return plan
+
+    def _gather(self, group_index: int, on_device: bool = False) -> dict | None:
+        """Validate a group and list its tensors; changes nothing. A group whose cached plan
+        still holds skips the per-param checks (they passed when the plan was made)."""
         group = self.param_groups[group_index]
         _check_hyperparameters(group)
-        _normalize_options({k: group[k] for k in self._option_defaults})
+        options = self._options_key(group)
+        plan = self._cached_plan(group_index, options, on_device)
+        if plan is not None:
+            return {"group": group, "index": group_index, "plan": plan, "options": options}
         items = []
         for i, p in enumerate(group["params"]):
             if p.grad is None:
@@ -495,7 +555,7 @@ class AdamW(torch.optim.AdamW):
             items.append((i, p))
         if not items:
             return None
-        return {"group": group, "index": group_index, "items": items}
+        return {"group": group, "index": group_index, "items": items, "options": options}
 
     # In a torch.compile'd training step the optimizer step is a graph break and runs
     # eagerly. Traced, the reference's fp32 ops would be left to the compiler, which may
@@ -517,11 +577,12 @@ class AdamW(torch.optim.AdamW):
                 loss = closure()
         grad_scale = getattr(self, "grad_scale", None)
         found_inf = getattr(self, "found_inf", None)
-        work = [self._gather(gi) for gi in range(len(self.param_groups))]
-        ordinals = self._ordinals()
+        on_device = found_inf is not None
+        work = [self._gather(gi, on_device) for gi in range(len(self.param_groups))]
         for job in work:
             if job is not None:
-                self._run(job, ordinals, grad_scale, found_inf)
+                plan = job.get("plan") or self._make_plan(job, on_device)
+                self._launch(job["group"], plan, grad_scale, found_inf)
         return loss
 
     def _ordinals(self) -> dict[Tensor, int]:
@@ -532,48 +593,57 @@ class AdamW(torch.optim.AdamW):
                 out.setdefault(p, len(out))
         return out
 
-    def _run(self, job: dict, ordinals: Mapping[Tensor, int], grad_scale, found_inf) -> None:
+    def _make_plan(self, job: dict, on_device: bool) -> _Plan:
+        """Create missing state for a checked group and gather the step's operand lists.
+
+        Kept (``self._plans``) for groups of plain tensors, whose next steps then cost a
+        pass over the gradients: with thousands of small tensors the per-param checks,
+        not the kernel, were the step time. Anything that changes state through this class
+        (``load_state_dict``, ``set_freeze_mask``, ``add_param_group``) or a group's options
+        drops the plans; tensors assigned into ``self.state`` by hand are not seen, so
+        call ``load_state_dict`` (or :meth:`_forget_plans`) after such surgery.
+
+        The step counts of such a group become views of one buffer, so a step adds 1 to
+        all of them in one op (per-tensor ``step`` values and state dicts are unchanged).
+        """
         group = job["group"]
         params = [p for _, p in job["items"]]
         states = [self.state[p] for p in params]
         for p, state in zip(params, states):
-            self._init_state(p, group, state, on_device=found_inf is not None)
-            if found_inf is not None and state["step"].device != p.device:
+            self._init_state(p, group, state, on_device=on_device)
+            if on_device and state["step"].device != p.device:
                 # Skipping on found_inf without a host sync needs the step count on the device.
                 state["step"] = state["step"].to(p.device)
-        steps = [s["step"] for s in states]
-        torch._foreach_add_(steps, 1)
-        if found_inf is not None:
-            skipped = found_inf.to(device=steps[0].device, dtype=torch.float32).reshape(())
-            torch._foreach_sub_(steps, skipped)
-        step_vec = torch.stack([t.to(steps[0].device) for t in steps])
-        beta1, beta2 = group["betas"]
-        scalars = reference.step_scalars(
-            step_vec, group["lr"], float(beta1), float(beta2), group["weight_decay"], group["eps"]
-        )
-        sr_keys = None
-        if group["rounding"] == "stochastic":
-            keys = self._device_keys([ordinals[p] for p in params], step_vec.device)
-            sr_keys = reference.stochastic_rounding_keys(
-                group["seed"], step_vec.to(torch.int64), keys
-            )
-        track = group["track_changes"]
-        master = group["master_weights"]
-        # DTensor params step on their local shards; the backend sees plain tensors and the
-        # global index of each shard's first element (for the stochastic rounding stream).
-        local = distributed.local_tensor
         layouts = [distributed.shard_layout(p) for p in params]
+        plain = all(layout is None for layout in layouts)
+        steps = [s["step"] for s in states]
+        step_buffer = None
+        if plain and len({(t.device, t.dtype) for t in steps}) == 1 and all(t.dim() == 0 for t in steps):
+            step_buffer = torch.stack(steps)
+            for i, state in enumerate(states):
+                state["step"] = step_buffer[i]
+        local = distributed.local_tensor
 
         def per_shard(key: str, what: str = "bitmap") -> list[Tensor | None]:
             return [self._per_shard(p, s.get(key), what) for p, s in zip(params, states)]
 
-        backend = backends.select(self.backend, params[0].device)
-        backend.adamw(
-            [local(p) for p in params],
-            [local(p.grad) for p in params],
-            [local(s["exp_avg"]) for s in states],
-            [local(s["exp_avg_sq"]) for s in states],
-            scalars=scalars,
+        track = group["track_changes"]
+        master = group["master_weights"]
+        keys = None
+        if group["rounding"] == "stochastic":
+            ordinals = self._ordinals()
+            keys = self._device_keys([ordinals[p] for p in params], steps[0].device)
+        plan = _Plan(
+            options=job["options"],
+            params=params,
+            states=states,
+            plain=plain,
+            step_buffer=step_buffer,
+            steps_on_device=all(s["step"].device == p.device for p, s in zip(params, states)),
+            backend=backends.select(self.backend, params[0].device),
+            local_params=[local(p) for p in params],
+            exp_avgs=[local(s["exp_avg"]) for s in states],
+            exp_avg_sqs=[local(s["exp_avg_sq"]) for s in states],
             max_exp_avg_sqs=(
                 [local(s["max_exp_avg_sq"]) for s in states] if group["amsgrad"] else None
             ),
@@ -583,9 +653,56 @@ class AdamW(torch.optim.AdamW):
             change_bitmaps=per_shard("change_bitmap") if track != "off" else None,
             cumulative_bitmaps=per_shard("cumulative_bitmap") if track == "cumulative" else None,
             counters=per_shard("change_counts", "counters") if track != "off" else None,
+            element_offsets=[0 if lay is None else lay.element_offset for lay in layouts],
+            keys=keys,
+        )
+        if plain:
+            self.__dict__.setdefault("_plans", {})[job["index"]] = plan
+        return plan
+
+    def _launch(self, group: Mapping[str, Any], plan: _Plan, grad_scale, found_inf) -> None:
+        """Advance the step counts and run the backend over the plan's tensors."""
+        if plan.step_buffer is not None:
+            plan.step_buffer.add_(1)
+            step_vec = plan.step_buffer
+            if found_inf is not None:
+                step_vec.sub_(found_inf.to(device=step_vec.device, dtype=torch.float32).reshape(()))
+        else:
+            steps = [s["step"] for s in plan.states]
+            torch._foreach_add_(steps, 1)
+            if found_inf is not None:
+                skipped = found_inf.to(device=steps[0].device, dtype=torch.float32).reshape(())
+                torch._foreach_sub_(steps, skipped)
+            step_vec = torch.stack([t.to(steps[0].device) for t in steps])
+        beta1, beta2 = group["betas"]
+        scalars = reference.step_scalars(
+            step_vec, group["lr"], float(beta1), float(beta2), group["weight_decay"], group["eps"]
+        )
+        sr_keys = None
+        if plan.keys is not None:
+            sr_keys = reference.stochastic_rounding_keys(
+                group["seed"], step_vec.to(torch.int64), plan.keys
+            )
+        if plan.plain:
+            grads = [p.grad for p in plan.params]
+        else:
+            grads = [distributed.local_tensor(p.grad) for p in plan.params]
+        plan.backend.adamw(
+            plan.local_params,
+            grads,
+            plan.exp_avgs,
+            plan.exp_avg_sqs,
+            scalars=scalars,
+            max_exp_avg_sqs=plan.max_exp_avg_sqs,
+            masters=plan.masters,
+            remainders=plan.remainders,
+            freeze_masks=plan.freeze_masks,
+            change_bitmaps=plan.change_bitmaps,
+            cumulative_bitmaps=plan.cumulative_bitmaps,
+            counters=plan.counters,
             rounding=group["rounding"],
             sr_keys=sr_keys,
-            element_offsets=[0 if lay is None else lay.element_offset for lay in layouts],
+            element_offsets=plan.element_offsets,
             amsgrad=group["amsgrad"],
             maximize=group["maximize"],
             grad_scale=grad_scale,
@@ -655,6 +772,7 @@ class AdamW(torch.optim.AdamW):
                     continue
                 dtype = expected[key][1] if key in expected else value.dtype
                 restored[key] = value.to(device=p.device, dtype=dtype, copy=True)
+        self._forget_plans()
 
     # ---------------------------------------------------------------- results
 

@@ -20,6 +20,7 @@ bit operations: the interpreter's own fp32 -> bf16 cast truncates.
 
 from __future__ import annotations
 
+import operator
 from collections import OrderedDict
 from typing import NamedTuple
 
@@ -689,6 +690,9 @@ work_tables = TableCache(capacity=16, max_bytes=256 * 2**20)
 
 _BITMAP = (torch.uint8,)
 _FLOATS = (torch.float32, torch.bfloat16)
+_FLOAT_SET = frozenset(_FLOATS)
+_GRAD_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+_GRAD_SET = frozenset(_GRAD_DTYPES)
 LAUNCHES = ("table", "per_tensor")
 
 
@@ -746,9 +750,85 @@ def adamw(
     if launch not in LAUNCHES:
         raise ValueError(f"launch must be 'table' or 'per_tensor', got {launch!r}")
     interpreting = _interpreting()
+    statics = (params, exp_avgs, exp_avg_sqs, max_exp_avg_sqs if amsgrad else None, masters,
+               remainders, freeze_masks, change_bitmaps, cumulative_bitmaps, counters)
+    offsets = [0] * len(params) if element_offsets is None else element_offsets
+    checked = None
+    if launch == "table":
+        checked = _checked_calls.find(statics, offsets, rounding)
+    if checked is None or not _grads_fit(checked, grads):
+        tensors = _check_all(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, masters,
+                             remainders, freeze_masks, change_bitmaps, cumulative_bitmaps,
+                             counters, element_offsets, amsgrad, interpreting)
+        checked = _Checked.of(statics, offsets, rounding, tensors)
+        if launch == "table":
+            _checked_calls.add(checked)
 
-    # Check every tensor before touching any.
-    tensors: list[tuple[int, _Operands, int]] = []  # (call row, operands, element offset)
+    # Per-call operands, moved once per device (not once per tensor).
+    per_device: dict[torch.device, dict[str, Tensor | None]] = {}
+    for device in checked.devices:
+        per_device[device] = dict(
+            scalars=_to_device(scalars, device).contiguous(),
+            sr_keys=_to_device(sr_keys, device).contiguous() if rounding == "stochastic" else None,
+            grad_scale=(_one_element("grad_scale", grad_scale, device, torch.float32)
+                        if grad_scale is not None else None),
+            found_inf=_found_inf_operand(found_inf, device) if found_inf is not None else None,
+        )
+
+    # The kernels add block sums to the counters with atomics; zero them all in one op.
+    if checked.counters:
+        torch._foreach_zero_(checked.counters)
+
+    call_flags = dict(AMSGRAD=bool(amsgrad), MAXIMIZE=bool(maximize),
+                      HAS_GRAD_SCALE=grad_scale is not None, HAS_FOUND_INF=found_inf is not None)
+
+    def block_on(device: torch.device) -> int:
+        return block_size or (DEFAULT_BLOCK_GPU if device.type != "cpu" else DEFAULT_BLOCK_CPU)
+
+    if launch == "per_tensor":
+        for i, ops, offset in checked.tensors:
+            numel = ops.param.numel()
+            if numel == 0:
+                continue
+            device = ops.param.device
+            on = per_device[device]
+            block = block_on(device)
+            key = on["sr_keys"][i] if rounding == "stochastic" else None
+            adamw_kernel[(triton.cdiv(numel, block),)](
+                _bits_view(ops.param), _bits_view(grads[i]),
+                *(_bits_view(t) if t is not None else None for t in ops[2:]),
+                on["scalars"][i], key, on["grad_scale"], on["found_inf"],
+                numel, offset,
+                BLOCK=block, **_layout(ops, rounding), **call_flags,
+                num_warps=warps, enable_fp_fusion=False,
+            )
+        return
+
+    # One launch per group of tensors that share device and layout, in call order. Layouts
+    # depend on the grads' dtypes and alignment too, so the grouping is redone when those
+    # change; the pointer tables are keyed by the group's rows without the grads (computed
+    # once per checked call) and the grad pointers.
+    grad_ptrs = [g.data_ptr() for g in grads]
+    for (device, layout), members, static_rows, numels in checked.groups(grads, grad_ptrs):
+        on = per_device[device]
+        block = block_on(device)
+        member_grads = tuple(grad_ptrs[i] for i in members)
+        table = pointer_tables.get(
+            device, (static_rows, member_grads),
+            lambda: _pointer_table(static_rows.value, member_grads))
+        work = work_tables.get(device, (block, numels), lambda: _work_table(numels, block))
+        adamw_table_kernel[(work.shape[0],)](
+            table, work, on["scalars"], on["sr_keys"], on["grad_scale"], on["found_inf"],
+            BLOCK=block, **dict(layout), **call_flags,
+            num_warps=warps, enable_fp_fusion=False,
+        )
+
+
+def _check_all(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, masters, remainders,
+               freeze_masks, change_bitmaps, cumulative_bitmaps, counters, element_offsets,
+               amsgrad, interpreting) -> list[tuple[int, _Operands, int]]:
+    """Check every tensor before touching any; (call row, operands, element offset) each."""
+    tensors: list[tuple[int, _Operands, int]] = []
     for i, param in enumerate(params):
         device = param.device
         if device.type == "cpu" and not interpreting:
@@ -760,7 +840,7 @@ def adamw(
         numel = param.numel()
         nbytes = (numel + 7) // 8
         _check(f"params[{i}]", param, _FLOATS, numel, device)
-        _check(f"grads[{i}]", grads[i], (torch.float32, torch.bfloat16, torch.float16), numel, device)
+        _check(f"grads[{i}]", grads[i], _GRAD_DTYPES, numel, device)
         _check(f"exp_avgs[{i}]", exp_avgs[i], _FLOATS, numel, device)
         _check(f"exp_avg_sqs[{i}]", exp_avg_sqs[i], _FLOATS, numel, device)
         max_exp_avg_sq = max_exp_avg_sqs[i] if amsgrad else None
@@ -788,67 +868,147 @@ def adamw(
         ops = _Operands(param, grads[i], exp_avgs[i], exp_avg_sqs[i], max_exp_avg_sq, master,
                         remainder, freeze_mask, change_bitmap, cumulative_bitmap, counter)
         tensors.append((i, ops, offset))
+    return tensors
 
-    # Per-call operands, moved once per device (not once per tensor).
-    per_device: dict[torch.device, dict[str, Tensor | None]] = {}
-    for device in dict.fromkeys(ops.param.device for _, ops, _ in tensors):
-        per_device[device] = dict(
-            scalars=_to_device(scalars, device).contiguous(),
-            sr_keys=_to_device(sr_keys, device).contiguous() if rounding == "stochastic" else None,
-            grad_scale=(_one_element("grad_scale", grad_scale, device, torch.float32)
-                        if grad_scale is not None else None),
-            found_inf=_found_inf_operand(found_inf, device) if found_inf is not None else None,
-        )
 
-    # The kernels add block sums to the counters with atomics; zero them all in one op.
-    zero = [ops.counter for _, ops, _ in tensors if ops.counter is not None]
-    if zero:
-        torch._foreach_zero_(zero)
+class _Frozen:
+    """A tuple with its hash computed once: a cache key hashed in every step."""
 
-    call_flags = dict(AMSGRAD=bool(amsgrad), MAXIMIZE=bool(maximize),
-                      HAS_GRAD_SCALE=grad_scale is not None, HAS_FOUND_INF=found_inf is not None)
+    __slots__ = ("value", "_hash")
 
-    def block_on(device: torch.device) -> int:
-        return block_size or (DEFAULT_BLOCK_GPU if device.type != "cpu" else DEFAULT_BLOCK_CPU)
+    def __init__(self, value: tuple):
+        self.value = value
+        self._hash = hash(value)
 
-    if launch == "per_tensor":
+    def __hash__(self) -> int:
+        return self._hash
+
+    def __eq__(self, other) -> bool:
+        return self is other or (isinstance(other, _Frozen) and self._hash == other._hash
+                                 and self.value == other.value)
+
+
+def _pointer_table(static_rows: tuple, grad_ptrs: tuple) -> Tensor:
+    """Int64 [n, len(TABLE_COLUMNS)] rows: the static rows with the grad column filled in."""
+    table = torch.tensor(static_rows, dtype=torch.int64).reshape(len(static_rows), _WIDTH.value)
+    table[:, 1] = torch.tensor(grad_ptrs, dtype=torch.int64)
+    return table
+
+
+class _Checked:
+    """A call whose tensors other than the gradients passed the checks, kept (by
+    :data:`_checked_calls`) so that a step with the same tensors checks only what can
+    change between steps: the gradients, and the params' storage (a param whose ``.data``
+    is swapped keeps its identity). Holds references to the tensors it describes."""
+
+    def __init__(self, statics, offsets, rounding, tensors, devices, static_layouts,
+                 static_rows, static_aligned, param_ptrs, numels, device_indices):
+        self.statics = statics  # the 10 operand lists other than grads, as tuples (or None)
+        self.offsets = offsets
+        self.rounding = rounding
+        self.tensors = tensors  # [(call row, _Operands, element offset)], slow-path form
+        self.devices = devices
+        self.static_layouts = static_layouts  # per tensor: layout flags without the grad's
+        self.static_rows = static_rows  # per tensor: its table row, grad column 0
+        self.static_aligned = static_aligned  # per tensor: all non-grad pointers 16-aligned
+        self.param_ptrs = param_ptrs
+        self.numels = numels
+        self.device_indices = device_indices
+        self.counters = [ops.counter for _, ops, _ in tensors if ops.counter is not None]
+        self._grouping = None  # (grad dtypes, grad alignment) -> groups, the last seen
+
+    @classmethod
+    def of(cls, statics, offsets, rounding, tensors) -> "_Checked":
+        layouts, rows, aligned = [], [], []
         for i, ops, offset in tensors:
-            numel = ops.param.numel()
-            if numel == 0:
-                continue
-            device = ops.param.device
-            on = per_device[device]
-            block = block_on(device)
-            key = on["sr_keys"][i] if rounding == "stochastic" else None
-            adamw_kernel[(triton.cdiv(numel, block),)](
-                *(_bits_view(t) if t is not None else None for t in ops),
-                on["scalars"][i], key, on["grad_scale"], on["found_inf"],
-                numel, offset,
-                BLOCK=block, **_layout(ops, rounding), **call_flags,
-                num_warps=warps, enable_fp_fusion=False,
-            )
-        return
-
-    # One launch per group of tensors that share device and layout, in call order.
-    groups: dict[tuple, list[tuple[int, _Operands, int]]] = {}
-    for i, ops, offset in tensors:
-        if ops.param.numel() == 0:
-            continue
-        layout = _layout(ops, rounding)
-        layout["GRAD_FP16"] = ops.grad.dtype == torch.float16
-        layout["ALIGNED"] = all(t.data_ptr() % 16 == 0 for t in ops if t is not None)
-        key = (ops.param.device, tuple(sorted(layout.items())))
-        groups.setdefault(key, []).append((i, ops, offset))
-    for (device, layout), members in groups.items():
-        on = per_device[device]
-        block = block_on(device)
-        rows = tuple(tuple(t.data_ptr() if t is not None else 0 for t in ops)
-                     + (ops.param.numel(), offset, i) for i, ops, offset in members)
-        numels = tuple(ops.param.numel() for _, ops, _ in members)
-        table = pointer_tables.get(device, rows, lambda: torch.tensor(rows, dtype=torch.int64))
-        work = work_tables.get(device, (block, numels), lambda: _work_table(numels, block))
-        adamw_table_kernel[(work.shape[0],)](
-            table, work, on["scalars"], on["sr_keys"], on["grad_scale"], on["found_inf"],
-            BLOCK=block, **dict(layout), **call_flags,
-            num_warps=warps, enable_fp_fusion=False,
+            layouts.append(tuple(sorted(_layout(ops, rounding).items())))
+            others = [t for k, t in enumerate(ops) if k != 1 and t is not None]
+            aligned.append(all(t.data_ptr() % 16 == 0 for t in others))
+            rows.append(tuple(t.data_ptr() if t is not None and k != 1 else 0
+                              for k, t in enumerate(ops)) + (ops.param.numel(), offset, i))
+        params = statics[0]
+        return cls(
+            statics=tuple(None if x is None else tuple(x) for x in statics),
+            offsets=list(offsets), rounding=rounding, tensors=tensors,
+            devices=list(dict.fromkeys(p.device for p in params)),
+            static_layouts=layouts, static_rows=rows, static_aligned=aligned,
+            param_ptrs=[p.data_ptr() for p in params], numels=[p.numel() for p in params],
+            device_indices=[p.get_device() for p in params],
         )
+
+    def matches(self, statics, offsets, rounding) -> bool:
+        """The same tensors (by identity) at the same addresses, offsets and rounding."""
+        if rounding != self.rounding or offsets != self.offsets:
+            return False
+        for mine, theirs in zip(self.statics, statics):
+            if (mine is None) != (theirs is None):
+                return False
+            if mine is not None and (len(mine) != len(theirs)
+                                     or not all(map(operator.is_, mine, theirs))):
+                return False
+        params = statics[0]
+        return ([p.data_ptr() for p in params] == self.param_ptrs
+                and [p.numel() for p in params] == self.numels
+                and {p.dtype for p in params} <= _FLOAT_SET)
+
+    def groups(self, grads, grad_ptrs):
+        """[((device, layout), member rows, static rows (frozen), numels)] of this step."""
+        dtypes = [g.dtype for g in grads]
+        aligned = [p % 16 == 0 for p in grad_ptrs]
+        signature = (dtypes, aligned)
+        if self._grouping is None or self._grouping[0] != signature:
+            by_key: dict[tuple, list[int]] = {}
+            for k, (i, ops, _) in enumerate(self.tensors):
+                if self.numels[k] == 0:
+                    continue
+                layout = self.static_layouts[k] + (
+                    ("ALIGNED", self.static_aligned[k] and aligned[k]),
+                    ("GRAD_BF16", dtypes[k] == torch.bfloat16),
+                    ("GRAD_FP16", dtypes[k] == torch.float16))
+                by_key.setdefault((ops.param.device, tuple(sorted(layout))), []).append(k)
+            groups = [(key, members, _Frozen(tuple(self.static_rows[k] for k in members)),
+                       tuple(self.numels[k] for k in members))
+                      for key, members in by_key.items()]
+            self._grouping = (signature, groups)
+        return self._grouping[1]
+
+
+class _CheckedCalls:
+    """The last few checked calls (most recent first)."""
+
+    def __init__(self, capacity: int = 4):
+        self.capacity = capacity
+        self._entries: list[_Checked] = []
+
+    def clear(self) -> None:
+        self._entries.clear()
+
+    def find(self, statics, offsets, rounding) -> _Checked | None:
+        for k, entry in enumerate(self._entries):
+            if entry.matches(statics, offsets, rounding):
+                if k:
+                    self._entries.insert(0, self._entries.pop(k))
+                return entry
+        return None
+
+    def add(self, entry: _Checked) -> None:
+        self._entries.insert(0, entry)
+        del self._entries[self.capacity:]
+
+
+_checked_calls = _CheckedCalls()
+"""Checked calls of the table launch; see :class:`_Checked`."""
+
+
+def _grads_fit(checked: _Checked, grads: list[Tensor]) -> bool:
+    """Whether ``grads`` pass the checks of the slow path, in bulk: tensors of an accepted
+    dtype, each with its param's element count, device and contiguous. False sends the
+    call through the per-tensor checks, which raise naming the tensor."""
+    try:
+        return (len(grads) == len(checked.numels)
+                and {g.dtype for g in grads} <= _GRAD_SET
+                and [g.numel() for g in grads] == checked.numels
+                and [g.get_device() for g in grads] == checked.device_indices
+                and all(g.is_contiguous() for g in grads))
+    except (AttributeError, TypeError):
+        return False
