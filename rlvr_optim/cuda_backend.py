@@ -32,6 +32,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from ._checked import CheckedCalls, Frozen, freeze_lists, same_lists, same_storage
 from .reference import check_arguments
 
 __all__ = ["adamw", "load_extension", "unavailable_reason"]
@@ -209,7 +210,7 @@ def load_extension() -> ModuleType:
 
 
 # ---------------------------------------------------------------------------------------
-# Checks (on a table's first use only) and operands.
+# Checks (on a call's first use only: see _Checked) and operands.
 # ---------------------------------------------------------------------------------------
 
 
@@ -354,60 +355,31 @@ def adamw(
     if n == 0:
         return
     stochastic = rounding == "stochastic"
-    for i, p in enumerate(params):
-        if not isinstance(p, Tensor) or p.device.type != "cuda":
-            where = p.device if isinstance(p, Tensor) else type(p).__name__
-            raise ValueError(
-                f"params[{i}] is on {where}: the CUDA backend runs CUDA tensors only; use "
-                "backend='reference' (or 'auto') for CPU tensors"
-            )
-    ext = load_extension()
-
-    optional = {
-        "max_exp_avg_sq": max_exp_avg_sqs if amsgrad else None,
-        "master": masters if masters is not None else remainders,
-        "freeze_mask": freeze_masks,
-        "change_bitmap": change_bitmaps,
-        "cumulative_bitmap": cumulative_bitmaps,
-        "counters": counters,
-    }
-    track = change_bitmaps is not None or cumulative_bitmaps is not None or counters is not None
     offsets = [int(o) for o in element_offsets] if element_offsets is not None else [0] * n
-
-    # Groups of one device, dtype layout and per-tensor form (an entry of masters,
-    # remainders or max_exp_avg_sqs may be None, as in the reference); one launch each.
-    groups: dict[tuple, list[int]] = {}
-    for i, p in enumerate(params):
-        vmax = optional["max_exp_avg_sq"][i] if amsgrad else None
-        master = optional["master"][i] if optional["master"] is not None else None
-        form = 0 if master is None else (1 if masters is not None else 2)
-        key = (p.device, p.dtype, grads[i].dtype, exp_avgs[i].dtype, exp_avg_sqs[i].dtype,
-               None if vmax is None else vmax.dtype, form)
-        groups.setdefault(key, []).append(i)
+    statics = (params, exp_avgs, exp_avg_sqs, max_exp_avg_sqs if amsgrad else None, masters,
+               remainders, freeze_masks, change_bitmaps, cumulative_bitmaps, counters)
+    checked = _checked_calls.find(statics, offsets)
+    if checked is None or not checked.grads_fit(grads):
+        _require_cuda(params)
+        checked = _Checked.of(statics, offsets, grads, amsgrad)
+        _checked_calls.add(checked)
+    ext = load_extension()
+    track = change_bitmaps is not None or cumulative_bitmaps is not None or counters is not None
 
     operands: dict[torch.device, tuple] = {}
-    for layout, index in groups.items():
+    grad_ptrs = [g.data_ptr() for g in grads]
+    for layout, index, static in checked.groups:
         device, param_dtype, grad_dtype, state_dtype, _, vmax_dtype, form = layout
-        columns = {
-            "param": [params[i].data_ptr() for i in index],
-            "grad": [grads[i].data_ptr() for i in index],
-            "exp_avg": [exp_avgs[i].data_ptr() for i in index],
-            "exp_avg_sq": [exp_avg_sqs[i].data_ptr() for i in index],
-        }
-        for name, values in optional.items():
-            if values is not None:
-                columns[name] = [_address(values[i]) for i in index]
-        columns["numel"] = [params[i].numel() for i in index]
-        columns["element_offset"] = [offsets[i] for i in index]
-        columns["scalar_row"] = index
-        key = (layout, *((name, tuple(values)) for name, values in columns.items()))
+        member_grads = tuple(grad_ptrs[i] for i in index)
 
-        def build(index=index, columns=columns, device=device):
-            _check_group(index, device, params, grads, exp_avgs, exp_avg_sqs, optional, offsets,
-                         masters is not None)
+        def build(static=static, member_grads=member_grads, device=device):
+            columns = dict(static.value[1])
+            columns["grad"] = list(member_grads)
             return _build_table(ext, columns, columns["numel"], device)
 
-        table = _cached_table(key, build)
+        # Keyed by the group's columns without the grads (hashed once per checked call)
+        # and the grad addresses, which may change between steps.
+        table = _cached_table((static, member_grads), build)
 
         bf16 = torch.bfloat16
         if param_dtype != bf16:
@@ -430,9 +402,100 @@ def adamw(
         ext.launch_adamw(
             variant, table.buffer.data_ptr(), table.num_tensors, table.total_tiles,
             table.counters, scalars_dev.data_ptr(), _address(keys_dev), _address(scale),
-            _address(skip), bool(maximize), device.index,
-            torch.cuda.current_stream(device).cuda_stream,
+            _address(skip), bool(maximize), device.index, _stream(device),
         )
+
+
+def _require_cuda(params: list[Tensor]) -> None:
+    for i, p in enumerate(params):
+        if not isinstance(p, Tensor) or p.device.type != "cuda":
+            where = p.device if isinstance(p, Tensor) else type(p).__name__
+            raise ValueError(
+                f"params[{i}] is on {where}: the CUDA backend runs CUDA tensors only; use "
+                "backend='reference' (or 'auto') for CPU tensors"
+            )
+
+
+def _stream(device: torch.device) -> int:
+    return torch.cuda.current_stream(device).cuda_stream
+
+
+class _Checked:
+    """A call whose tensors passed every check, kept (by :data:`_checked_calls`) so that a
+    step with the same tensors at the same addresses checks only the gradients, in bulk.
+    ``groups``: (layout, call rows, Frozen((layout, columns without the grads))) per launch.
+    Holds references to the tensors it describes."""
+
+    def __init__(self, statics, offsets, groups, param_ptrs, numels, grad_dtypes, device_indices):
+        self.statics = statics
+        self.offsets = offsets
+        self.groups = groups
+        self.param_ptrs = param_ptrs
+        self.numels = numels
+        self.grad_dtypes = grad_dtypes
+        self.device_indices = device_indices
+
+    @classmethod
+    def of(cls, statics, offsets, grads, amsgrad) -> "_Checked":
+        (params, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, masters, remainders, freeze_masks,
+         change_bitmaps, cumulative_bitmaps, counters) = statics
+        optional = {
+            "max_exp_avg_sq": max_exp_avg_sqs,
+            "master": masters if masters is not None else remainders,
+            "freeze_mask": freeze_masks,
+            "change_bitmap": change_bitmaps,
+            "cumulative_bitmap": cumulative_bitmaps,
+            "counters": counters,
+        }
+        # Groups of one device, dtype layout and per-tensor form (an entry of masters,
+        # remainders or max_exp_avg_sqs may be None, as in the reference); one launch each.
+        by_layout: dict[tuple, list[int]] = {}
+        for i, p in enumerate(params):
+            vmax = max_exp_avg_sqs[i] if amsgrad else None
+            master = optional["master"][i] if optional["master"] is not None else None
+            form = 0 if master is None else (1 if masters is not None else 2)
+            key = (p.device, p.dtype, grads[i].dtype, exp_avgs[i].dtype, exp_avg_sqs[i].dtype,
+                   None if vmax is None else vmax.dtype, form)
+            by_layout.setdefault(key, []).append(i)
+        groups = []
+        for layout, index in by_layout.items():
+            _check_group(index, layout[0], params, grads, exp_avgs, exp_avg_sqs, optional,
+                         offsets, masters is not None)
+            columns = {
+                "param": [params[i].data_ptr() for i in index],
+                "exp_avg": [exp_avgs[i].data_ptr() for i in index],
+                "exp_avg_sq": [exp_avg_sqs[i].data_ptr() for i in index],
+            }
+            for name, values in optional.items():
+                if values is not None:
+                    columns[name] = [_address(values[i]) for i in index]
+            columns["numel"] = [params[i].numel() for i in index]
+            columns["element_offset"] = [offsets[i] for i in index]
+            columns["scalar_row"] = list(index)
+            static = Frozen((layout, tuple((k, tuple(v)) for k, v in columns.items())))
+            groups.append((layout, index, static))
+        return cls(freeze_lists(statics), list(offsets), groups,
+                   [p.data_ptr() for p in params], [p.numel() for p in params],
+                   [g.dtype for g in grads], [p.get_device() for p in params])
+
+    def matches(self, statics, offsets) -> bool:
+        return (offsets == self.offsets and same_lists(self.statics, statics)
+                and same_storage(statics[0], self.param_ptrs, self.numels))
+
+    def grads_fit(self, grads) -> bool:
+        """The checks of ``_check_group`` on the grads, in bulk, with the dtypes the groups
+        were made for. False sends the call through the full checks, which name the tensor."""
+        try:
+            return (len(grads) == len(self.numels)
+                    and [g.dtype for g in grads] == self.grad_dtypes
+                    and [g.numel() for g in grads] == self.numels
+                    and [g.get_device() for g in grads] == self.device_indices
+                    and all(g.is_contiguous() for g in grads))
+        except (AttributeError, TypeError):
+            return False
+
+
+_checked_calls = CheckedCalls()
 
 
 def _check_group(index, device, params, grads, exp_avgs, exp_avg_sqs, optional, offsets,

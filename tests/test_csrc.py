@@ -249,7 +249,9 @@ def test_every_kernel_compiles_for_sm80_and_sm90_without_spills_or_stack(nvcc_bu
     assert max(f["registers"] for f in kernels) <= 128
 
 
-def test_extension_links_imports_without_gpu_and_matches_backend(nvcc_build):
+@pytest.fixture(scope="module")
+def linked_ext(nvcc_build):
+    """The objects of nvcc_build linked into the extension module, imported (no GPU needed)."""
     if not nvcc_build.has_binding:
         pytest.skip("pybind11 is not installed: binding.cu was not compiled")
     target = nvcc_build.folder / f"_C{sysconfig.get_config_var('EXT_SUFFIX')}"
@@ -261,6 +263,11 @@ def test_extension_links_imports_without_gpu_and_matches_backend(nvcc_build):
     spec = importlib.util.spec_from_file_location("rlvr_optim._C", target)
     ext = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(ext)
+    return ext
+
+
+def test_extension_links_imports_without_gpu_and_matches_backend(linked_ext):
+    ext = linked_ext
     assert ext.ABI_VERSION == cuda_backend.ABI_VERSION
     assert tuple(ext.ROW_FIELDS) == cuda_backend.ROW_FIELDS
     assert tuple(ext.STORE_MODES) == STORE_MODES
@@ -295,6 +302,83 @@ def test_extension_links_imports_without_gpu_and_matches_backend(nvcc_build):
     assert rows[:3, col["scalar_row"]].tolist() == [4, 5, 6]
     assert rows[3].tolist()[: col["first_tile"]] == [0] * col["first_tile"]
     assert not table.buffer[4 * 16:].any()  # workspace and ticket start at zero
+
+
+class _RecordingExtension:
+    """The linked extension with ``launch_adamw`` recording its arguments instead of
+    launching: the host path of cuda_backend.adamw runs on CPU tensors."""
+
+    def __init__(self, ext):
+        self._ext = ext
+        self.launches = []
+
+    def __getattr__(self, name):
+        return getattr(self._ext, name)
+
+    def launch_adamw(self, variant, table, num_tensors, total_tiles, counters, *rest):
+        self.launches.append((table, num_tensors, total_tiles, counters))
+
+
+def test_host_path_checks_once_and_follows_moved_tensors(linked_ext, monkeypatch):
+    """cuda_backend.adamw on CPU tensors with the launch recorded: a repeated call reuses
+    its checks and its table; new grad storage, a param whose ``.data`` was swapped and a
+    tensor replaced in a list each get a table with the new address; a bad grad after
+    cached calls is named."""
+    recorder = _RecordingExtension(linked_ext)
+    monkeypatch.setattr(cuda_backend, "load_extension", lambda: recorder)
+    monkeypatch.setattr(cuda_backend, "_require_cuda", lambda params: None)
+    monkeypatch.setattr(cuda_backend, "_stream", lambda device: 0)
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)
+    cuda_backend._tables.clear()
+    cuda_backend._checked_calls.clear()
+    col = {name: i for i, name in enumerate(cuda_backend.ROW_FIELDS)}
+    sizes = [3000, 17, 5]
+    params = [torch.zeros(n, dtype=torch.bfloat16) for n in sizes]
+    params[2] = params[2].float()  # a second layout: two launches
+    exp_avgs = [torch.zeros(n, dtype=p.dtype) for n, p in zip(sizes, params)]
+    exp_avg_sqs = [torch.zeros(n, dtype=p.dtype) for n, p in zip(sizes, params)]
+    scalars = R.step_scalars(torch.ones(3), 1e-3, 0.9, 0.999, 0.0, 1e-8)
+
+    def call(grads):
+        recorder.launches.clear()
+        cuda_backend.adamw(params, grads, exp_avgs, exp_avg_sqs, scalars=scalars)
+        rows = []
+        for table, count, _, _ in recorder.launches:
+            buffer = next(t.buffer for t in cuda_backend._tables.values()
+                          if t.buffer.data_ptr() == table)
+            rows.append(buffer[: count * len(col)].reshape(count, len(col)))
+        return rows
+
+    def addresses(rows, name):
+        return sorted(int(v) for r in rows for v in r[:, col[name]])
+
+    grads = [torch.zeros(n, dtype=p.dtype) for n, p in zip(sizes, params)]
+    rows = call(grads)
+    assert len(rows) == 2 and len(cuda_backend._tables) == 2
+    assert addresses(rows, "grad") == sorted(g.data_ptr() for g in grads)
+    assert addresses(rows, "param") == sorted(p.data_ptr() for p in params)
+    call(grads)
+    assert len(cuda_backend._tables) == 2 and len(cuda_backend._checked_calls) == 1  # reused
+    # New gradient storage: new tables (both groups), same checked call.
+    grads = [g.clone() for g in grads]
+    rows = call(grads)
+    assert addresses(rows, "grad") == sorted(g.data_ptr() for g in grads)
+    assert len(cuda_backend._tables) == 4 and len(cuda_backend._checked_calls) == 1
+    # A param's storage swapped under the same object: a new check and a new table.
+    params[0].data = params[0].data.clone()
+    rows = call(grads)
+    assert params[0].data_ptr() in addresses(rows, "param")
+    # A state replaced in the same list object.
+    exp_avgs[1] = exp_avgs[1].clone()
+    rows = call(grads)
+    assert exp_avgs[1].data_ptr() in addresses(rows, "exp_avg")
+    # Bad grads after cached calls: the full checks run and name the tensor.
+    with pytest.raises(ValueError, match=r"grads\[1\] has 16 elements, expected 17"):
+        call([grads[0], grads[1][:16], grads[2]])
+    with pytest.raises(ValueError, match=r"grads\[0\] is not contiguous"):
+        call([torch.zeros(6000, dtype=torch.bfloat16)[::2], grads[1], grads[2]])
+    cuda_backend._tables.clear()
+    cuda_backend._checked_calls.clear()
 
 
 def test_setup_and_backend_compile_with_the_same_nvcc_flags():

@@ -20,7 +20,6 @@ bit operations: the interpreter's own fp32 -> bf16 cast truncates.
 
 from __future__ import annotations
 
-import operator
 from collections import OrderedDict
 from typing import NamedTuple
 
@@ -29,6 +28,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from rlvr_optim._checked import CheckedCalls, Frozen, freeze_lists, same_lists, same_storage
 from rlvr_optim.reference import check_arguments
 
 __all__ = [
@@ -871,23 +871,6 @@ def _check_all(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, masters, r
     return tensors
 
 
-class _Frozen:
-    """A tuple with its hash computed once: a cache key hashed in every step."""
-
-    __slots__ = ("value", "_hash")
-
-    def __init__(self, value: tuple):
-        self.value = value
-        self._hash = hash(value)
-
-    def __hash__(self) -> int:
-        return self._hash
-
-    def __eq__(self, other) -> bool:
-        return self is other or (isinstance(other, _Frozen) and self._hash == other._hash
-                                 and self.value == other.value)
-
-
 def _pointer_table(static_rows: tuple, grad_ptrs: tuple) -> Tensor:
     """Int64 [n, len(TABLE_COLUMNS)] rows: the static rows with the grad column filled in."""
     table = torch.tensor(static_rows, dtype=torch.int64).reshape(len(static_rows), _WIDTH.value)
@@ -928,7 +911,7 @@ class _Checked:
                               for k, t in enumerate(ops)) + (ops.param.numel(), offset, i))
         params = statics[0]
         return cls(
-            statics=tuple(None if x is None else tuple(x) for x in statics),
+            statics=freeze_lists(statics),
             offsets=list(offsets), rounding=rounding, tensors=tensors,
             devices=list(dict.fromkeys(p.device for p in params)),
             static_layouts=layouts, static_rows=rows, static_aligned=aligned,
@@ -938,18 +921,10 @@ class _Checked:
 
     def matches(self, statics, offsets, rounding) -> bool:
         """The same tensors (by identity) at the same addresses, offsets and rounding."""
-        if rounding != self.rounding or offsets != self.offsets:
-            return False
-        for mine, theirs in zip(self.statics, statics):
-            if (mine is None) != (theirs is None):
-                return False
-            if mine is not None and (len(mine) != len(theirs)
-                                     or not all(map(operator.is_, mine, theirs))):
-                return False
-        params = statics[0]
-        return ([p.data_ptr() for p in params] == self.param_ptrs
-                and [p.numel() for p in params] == self.numels
-                and {p.dtype for p in params} <= _FLOAT_SET)
+        return (rounding == self.rounding and offsets == self.offsets
+                and same_lists(self.statics, statics)
+                and same_storage(statics[0], self.param_ptrs, self.numels)
+                and {p.dtype for p in statics[0]} <= _FLOAT_SET)
 
     def groups(self, grads, grad_ptrs):
         """[((device, layout), member rows, static rows (frozen), numels)] of this step."""
@@ -966,37 +941,14 @@ class _Checked:
                     ("GRAD_BF16", dtypes[k] == torch.bfloat16),
                     ("GRAD_FP16", dtypes[k] == torch.float16))
                 by_key.setdefault((ops.param.device, tuple(sorted(layout))), []).append(k)
-            groups = [(key, members, _Frozen(tuple(self.static_rows[k] for k in members)),
+            groups = [(key, members, Frozen(tuple(self.static_rows[k] for k in members)),
                        tuple(self.numels[k] for k in members))
                       for key, members in by_key.items()]
             self._grouping = (signature, groups)
         return self._grouping[1]
 
 
-class _CheckedCalls:
-    """The last few checked calls (most recent first)."""
-
-    def __init__(self, capacity: int = 4):
-        self.capacity = capacity
-        self._entries: list[_Checked] = []
-
-    def clear(self) -> None:
-        self._entries.clear()
-
-    def find(self, statics, offsets, rounding) -> _Checked | None:
-        for k, entry in enumerate(self._entries):
-            if entry.matches(statics, offsets, rounding):
-                if k:
-                    self._entries.insert(0, self._entries.pop(k))
-                return entry
-        return None
-
-    def add(self, entry: _Checked) -> None:
-        self._entries.insert(0, entry)
-        del self._entries[self.capacity:]
-
-
-_checked_calls = _CheckedCalls()
+_checked_calls = CheckedCalls()
 """Checked calls of the table launch; see :class:`_Checked`."""
 
 
