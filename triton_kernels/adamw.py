@@ -140,11 +140,11 @@ def _store_bf16_bits(ptr, offs, bits, mask):
 
 
 @triton.jit
-def _keep(update, new, old, SELECT: tl.constexpr):
-    """``new`` where the element is updated, else ``old`` (its loaded bits, unchanged)."""
-    if SELECT:
-        new = tl.where(update, new, old)
-    return new
+def _keep(update, new, old):
+    """``new`` where the element is updated, else ``old`` (its loaded bits, unchanged).
+    Without a freeze mask or found_inf, ``update`` on a full block is a constant true mask
+    and the select folds away (the PTX has no more selects than before it)."""
+    return tl.where(update, new, old)
 
 
 @triton.jit
@@ -166,15 +166,14 @@ def _state_value(raw, IS_BF16: tl.constexpr):
 
 
 @triton.jit
-def _store_state(ptr, offs, value, raw, update, mask, IS_BF16: tl.constexpr, SELECT: tl.constexpr):
+def _store_state(ptr, offs, value, raw, update, mask, IS_BF16: tl.constexpr):
     """Store fp32 ``value`` in an fp32 tensor, or a bf16 one (int16 view) by nearest-even;
-    where ``update`` is false (only looked at when ``SELECT``) store ``raw``, the state as
-    loaded, bit for bit (selected as bits: rounding a loaded bf16 NaN would quiet it)."""
+    where ``update`` is false store ``raw``, the state as loaded, bit for bit (selected as bits: rounding a loaded bf16 NaN would quiet it)."""
     if IS_BF16:
-        bits = _keep(update, _round_nearest_bf16(value.to(tl.uint32, bitcast=True)), raw, SELECT)
+        bits = _keep(update, _round_nearest_bf16(value.to(tl.uint32, bitcast=True)), raw)
         _store_bf16_bits(ptr, offs, bits, mask)
     else:
-        tl.store(ptr + offs, _keep(update, value, raw, SELECT), mask=mask)
+        tl.store(ptr + offs, _keep(update, value, raw), mask=mask)
 
 
 @triton.jit
@@ -274,7 +273,6 @@ def _adamw_block(
     else:
         in_range = offs < numel
         byte_in_range = byte_offs * 8 < numel
-    SELECT: tl.constexpr = HAS_FREEZE_MASK or HAS_FOUND_INF
 
     # Which elements are trained, and whether this step is applied at all.
     if HAS_FREEZE_MASK:
@@ -344,23 +342,23 @@ def _adamw_block(
         new_param_bits = _round_stochastic_bf16(w_bits, _random16(sr_key_row_ptr, index))
     else:
         new_param_bits = _round_nearest_bf16(w_bits)
-    new_param_bits = _keep(update, new_param_bits, old_param_bits, SELECT)
+    new_param_bits = _keep(update, new_param_bits, old_param_bits)
 
     # Write back; elements not updated keep their bits.
-    _store_state(exp_avg_ptr, offs, m, m_old, update, in_range, EXP_AVG_BF16, SELECT)
-    _store_state(exp_avg_sq_ptr, offs, v, v_old, update, in_range, EXP_AVG_SQ_BF16, SELECT)
+    _store_state(exp_avg_ptr, offs, m, m_old, update, in_range, EXP_AVG_BF16)
+    _store_state(exp_avg_sq_ptr, offs, v, v_old, update, in_range, EXP_AVG_SQ_BF16)
     if AMSGRAD:
         _store_state(max_exp_avg_sq_ptr, offs, vmax, vmax_old, update, in_range,
-                     MAX_EXP_AVG_SQ_BF16, SELECT)
+                     MAX_EXP_AVG_SQ_BF16)
     if HAS_MASTER:
-        tl.store(master_ptr + offs, _keep(update, w, w_old, SELECT), mask=in_range)
+        tl.store(master_ptr + offs, _keep(update, w, w_old), mask=in_range)
     if HAS_REMAINDER:
-        tl.store(remainder_ptr + offs, _keep(update, remainder_new, remainder_old, SELECT),
+        tl.store(remainder_ptr + offs, _keep(update, remainder_new, remainder_old),
                  mask=in_range)
     if PARAM_BF16:
         _store_bf16_bits(param_ptr, offs, new_param_bits, in_range)
     else:
-        tl.store(param_ptr + offs, _keep(update, w, param, SELECT), mask=in_range)
+        tl.store(param_ptr + offs, _keep(update, w, param), mask=in_range)
 
     # Not updated elements kept their pattern, so ``changed`` is 0 there; out-of-range ones
     # are masked explicitly (their loads are zeros, which a step need not keep at zero).
@@ -726,6 +724,11 @@ def adamw(
     Arguments and results as :func:`rlvr_optim.reference.adamw`; all tensors contiguous and
     on one device per param (CPU tensors need ``TRITON_INTERPRET=1``). ``masters`` and
     ``remainders`` need bf16 params; ``rounding`` only affects bf16 params.
+
+    Every tensor is checked before any is touched. The table launch remembers the last few
+    calls whose tensors passed (:class:`_Checked`): a call with the same tensors (by
+    identity), the params at the same addresses and the same element offsets checks only
+    the gradients, in bulk, and reuses its grouping and pointer rows.
 
     Args:
         block_size: elements per program, a power of two >= 8 (default:
