@@ -61,7 +61,7 @@ echo "GPU tests $([ $tests_ok -eq 0 ] && echo passed || echo FAILED), bench exit
 
 if [ "${TUNE:-0}" = 1 ]; then
   timeout 45 python3 -m rlvr_optim bench --preset flat --backend triton --anchor "torch fused" \
-    --tune --no-graph --no-progress --out "$out/tune" > "$out/tune.log" 2>&1
+    --mode none --tune --no-graph --no-progress --out "$out/tune" > "$out/tune.log" 2>&1
   echo "tune exit $?"; grep -E "^\| rlvr_optim triton default, tracking step|^\| torch fused \|" "$out/tune.log"
 fi
 if [ "${PROFILE:-0}" = 1 ]; then

@@ -409,6 +409,7 @@ def run(
     progress: bool = True,
     graph: bool = True,
     tune: bool = False,
+    modes: tuple[str, ...] | None = None,
 ) -> dict:
     """Run the benchmark and return its results (JSON-ready).
 
@@ -427,6 +428,8 @@ def run(
             per timed backend (rows marked unavailable without CUDA).
         tune: also time the Triton backend's default mode (tracking per step) at every
             (block, warps) of :data:`TUNE_GRID` (group "tune").
+        modes: names of :data:`OUR_MODES` to time (default all; ``()`` for none, e.g. a
+            tuning run).
     """
     from tqdm import tqdm  # noqa: PLC0415
 
@@ -437,6 +440,10 @@ def run(
     unknown = [a for a in (anchors or ()) if a not in ANCHORS]
     if unknown:
         raise ValueError(f"unknown anchor(s) {unknown}; choose from {sorted(ANCHORS)}")
+    unknown = [m for m in (modes or ()) if m not in OUR_MODES]
+    if unknown:
+        raise ValueError(f"unknown mode(s) {unknown}; choose from {list(OUR_MODES)}")
+    chosen_modes = tuple(OUR_MODES) if modes is None else tuple(modes)
     too_big = [p for p in presets if device.type == "cpu" and p != "cpu-tiny"]
     if too_big:
         raise ValueError(f"preset(s) {too_big} are sized for a GPU; on a CPU use 'cpu-tiny'")
@@ -473,6 +480,8 @@ def run(
                 plan.append((row, None, numel))
                 continue
             for mode, (options, freeze) in OUR_MODES.items():
+                if mode not in chosen_modes:
+                    continue
                 for track in tracks:
                     name = f"rlvr_optim {backend} {mode}, tracking {track}"
                     row = Row(name, "ours", preset, bytes_per_element=_our_bytes(mode, track))

@@ -79,7 +79,7 @@ def _demo(args: argparse.Namespace) -> int:
 
 
 def _add_bench(subparsers) -> None:
-    from .bench import ANCHORS, PRESETS, TUNE_GRID  # noqa: PLC0415
+    from .bench import ANCHORS, OUR_MODES, PRESETS, TUNE_GRID  # noqa: PLC0415
 
     p = subparsers.add_parser(
         "bench",
@@ -102,6 +102,12 @@ def _add_bench(subparsers) -> None:
                    choices=[*ANCHORS, "none"],
                    help="anchor to time, repeatable (default: all; 'none': no anchors). "
                    f"Names: {', '.join(ANCHORS)}")
+    p.add_argument("--mode", action="append", dest="modes", metavar="NAME",
+                   choices=[*OUR_MODES, "none"],
+                   help="our mode to time, repeatable (default: all; 'none': no mode rows, "
+                   f"e.g. with --tune). Names: {', '.join(OUR_MODES)}")
+    p.add_argument("--track", action="append", dest="tracks", choices=["off", "step", "cumulative"],
+                   help="change tracking of our rows, repeatable (default: off and step)")
     p.add_argument("--tune", action="store_true",
                    help="also time the Triton backend's default mode at each (block, warps) of "
                    + ", ".join(f"{b}/{w}" for b, w in TUNE_GRID))
@@ -121,11 +127,13 @@ def _bench(args: argparse.Namespace) -> int:
     default = ("r1-distill-qwen-1.5b", "many-small") if device.startswith("cuda") else ("cpu-tiny",)
     chosen = None if args.backends is None else tuple(b for b in args.backends if b != "none")
     anchors = None if args.anchors is None else tuple(a for a in args.anchors if a != "none")
+    modes = None if args.modes is None else tuple(m for m in args.modes if m != "none")
     try:
         result = bench.run(presets=tuple(args.preset or default), device=device,
                            steps=args.steps, warmup=args.warmup, backends_to_time=chosen,
                            anchors=anchors, progress=not args.no_progress,
-                           graph=not args.no_graph, tune=args.tune)
+                           graph=not args.no_graph, tune=args.tune, modes=modes,
+                           tracks=tuple(args.tracks or ("off", "step")))
     except ValueError as exc:  # a preset or backend that does not fit this machine
         print(f"rlvr-optim bench: error: {exc}", file=sys.stderr)
         return 2

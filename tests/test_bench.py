@@ -79,7 +79,8 @@ def test_tune_rows_time_each_triton_configuration_and_restore_the_default():
     before = triton_adamw.DEFAULT_BLOCK_GPU, triton_adamw.DEFAULT_NUM_WARPS_GPU
     result = bench.run(presets=("cpu-tiny",), device="cpu", steps=1, warmup=0, progress=False,
                        backends_to_time=("triton",), anchors=("torch fused",), graph=False,
-                       tune=True, tracks=("step",))
+                       tune=True, tracks=("step",), modes=())
+    assert not [r for r in result["rows"] if r["group"] == "ours" and r["status"] == "ok"]
     tune = [r for r in result["rows"] if r["group"] == "tune"]
     assert [r["name"] for r in tune] == [
         f"rlvr_optim triton default, tracking step [BLOCK {b}, {w} warps]"
@@ -88,6 +89,8 @@ def test_tune_rows_time_each_triton_configuration_and_restore_the_default():
     assert (triton_adamw.DEFAULT_BLOCK_GPU, triton_adamw.DEFAULT_NUM_WARPS_GPU) == before
     with pytest.raises(ValueError, match="unknown anchor"):
         bench.run(presets=("cpu-tiny",), device="cpu", anchors=("torch slow",), progress=False)
+    with pytest.raises(ValueError, match="unknown mode"):
+        bench.run(presets=("cpu-tiny",), device="cpu", modes=("fast",), progress=False)
 
 
 def test_tuned_step_sees_its_configuration():
