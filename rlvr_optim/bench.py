@@ -262,25 +262,31 @@ _COMPARE = {
 }
 
 
-# The Triton launch configurations ``--tune`` times (elements per program, warps), default
-# mode with per-step tracking. 4 elements per thread gives 16-byte fp32 and 8-byte bf16
-# accesses, 8 per thread 16-byte ones for both at more registers (codegen.py reports them).
-TUNE_GRID = ((512, 4), (1024, 4), (1024, 8), (2048, 8), (2048, 16), (4096, 16))
+# The Triton launch configurations ``--tune`` times (elements per block, warps, blocks per
+# program), default mode with per-step tracking. 4 elements per thread gives 16-byte fp32
+# and 8-byte bf16 accesses, 8 per thread 16-byte ones for both at more registers
+# (codegen.py reports them); more blocks per program cut per-program work and atomics.
+TUNE_GRID = ((1024, 4, 1), (1024, 8, 1), (2048, 8, 1), (2048, 16, 1), (1024, 8, 4),
+             (1024, 8, 16), (2048, 8, 8))
+_TUNED = ("DEFAULT_BLOCK_GPU", "DEFAULT_NUM_WARPS_GPU", "DEFAULT_CHUNKS_GPU")
 
 
-def _tuned(build: Callable, block: int, warps: int) -> Callable:
-    """``build`` with the Triton backend's default block and warps set to ``block`` and
-    ``warps`` around each step (and restored after), so a row times that configuration."""
+def _tuned(build: Callable, block: int, warps: int, chunks: int = 1) -> Callable:
+    """``build`` with the Triton backend's default block, warps and blocks per program set
+    to ``block``, ``warps`` and ``chunks`` around each step (and restored after), so a row
+    times that configuration."""
     from .triton_kernels import adamw as triton_adamw  # noqa: PLC0415
 
     def configured(fn):
         def call():
-            saved = triton_adamw.DEFAULT_BLOCK_GPU, triton_adamw.DEFAULT_NUM_WARPS_GPU
-            triton_adamw.DEFAULT_BLOCK_GPU, triton_adamw.DEFAULT_NUM_WARPS_GPU = block, warps
+            saved = [getattr(triton_adamw, name) for name in _TUNED]
+            for name, value in zip(_TUNED, (block, warps, chunks)):
+                setattr(triton_adamw, name, value)
             try:
                 return fn()
             finally:
-                triton_adamw.DEFAULT_BLOCK_GPU, triton_adamw.DEFAULT_NUM_WARPS_GPU = saved
+                for name, value in zip(_TUNED, saved):
+                    setattr(triton_adamw, name, value)
         return call
 
     def wrapped():
@@ -427,7 +433,7 @@ def run(
         graph: also time our default mode (tracking per step) replayed from a CUDA graph,
             per timed backend (rows marked unavailable without CUDA).
         tune: also time the Triton backend's default mode (tracking per step) at every
-            (block, warps) of :data:`TUNE_GRID` (group "tune").
+            (block, warps, blocks per program) of :data:`TUNE_GRID` (group "tune").
         modes: names of :data:`OUR_MODES` to time (default all; ``()`` for none, e.g. a
             tuning run).
     """
@@ -494,12 +500,12 @@ def run(
                                    _ours(s, device, b, {}, False, "step", capturable=True)),
                              numel))
             if tune and backend == "triton":
-                for block, warps in TUNE_GRID:
+                for block, warps, chunks in TUNE_GRID:
                     row = Row(f"rlvr_optim triton default, tracking step [BLOCK {block}, "
-                              f"{warps} warps]", "tune", preset,
+                              f"{warps} warps, {chunks} per program]", "tune", preset,
                               bytes_per_element=_our_bytes("default", "step"))
                     build = (lambda s=shapes: _ours(s, device, "triton", {}, False, "step"))
-                    plan.append((row, _tuned(build, block, warps), numel))
+                    plan.append((row, _tuned(build, block, warps, chunks), numel))
     bar = tqdm(total=len(plan), desc="bench", disable=not progress, unit="row")
     for row, build, numel in plan:
         bar.set_postfix_str(f"{row.preset}: {row.name}"[:60])

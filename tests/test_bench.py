@@ -76,17 +76,19 @@ def test_cpu_result_schema_and_every_anchor_accounted_for(result):
 def test_tune_rows_time_each_triton_configuration_and_restore_the_default():
     from rlvr_optim.triton_kernels import adamw as triton_adamw
 
-    before = triton_adamw.DEFAULT_BLOCK_GPU, triton_adamw.DEFAULT_NUM_WARPS_GPU
+    before = (triton_adamw.DEFAULT_BLOCK_GPU, triton_adamw.DEFAULT_NUM_WARPS_GPU,
+              triton_adamw.DEFAULT_CHUNKS_GPU)
     result = bench.run(presets=("cpu-tiny",), device="cpu", steps=1, warmup=0, progress=False,
                        backends_to_time=("triton",), anchors=("torch fused",), graph=False,
                        tune=True, tracks=("step",), modes=())
     assert not [r for r in result["rows"] if r["group"] == "ours" and r["status"] == "ok"]
     tune = [r for r in result["rows"] if r["group"] == "tune"]
     assert [r["name"] for r in tune] == [
-        f"rlvr_optim triton default, tracking step [BLOCK {b}, {w} warps]"
-        for b, w in bench.TUNE_GRID]
+        f"rlvr_optim triton default, tracking step [BLOCK {b}, {w} warps, {c} per program]"
+        for b, w, c in bench.TUNE_GRID]
     assert all(r["status"] == "ok" and "torch fused" in r["speedup"] for r in tune), tune
-    assert (triton_adamw.DEFAULT_BLOCK_GPU, triton_adamw.DEFAULT_NUM_WARPS_GPU) == before
+    assert (triton_adamw.DEFAULT_BLOCK_GPU, triton_adamw.DEFAULT_NUM_WARPS_GPU,
+            triton_adamw.DEFAULT_CHUNKS_GPU) == before
     with pytest.raises(ValueError, match="unknown anchor"):
         bench.run(presets=("cpu-tiny",), device="cpu", anchors=("torch slow",), progress=False)
     with pytest.raises(ValueError, match="unknown mode"):
@@ -96,13 +98,16 @@ def test_tune_rows_time_each_triton_configuration_and_restore_the_default():
 def test_tuned_step_sees_its_configuration():
     from rlvr_optim.triton_kernels import adamw as triton_adamw
 
+    def now():
+        return (triton_adamw.DEFAULT_BLOCK_GPU, triton_adamw.DEFAULT_NUM_WARPS_GPU,
+                triton_adamw.DEFAULT_CHUNKS_GPU)
+
     seen = []
-    step = bench._tuned(lambda: (None, None, lambda: seen.append(
-        (triton_adamw.DEFAULT_BLOCK_GPU, triton_adamw.DEFAULT_NUM_WARPS_GPU))), 2048, 16)
-    before = triton_adamw.DEFAULT_BLOCK_GPU, triton_adamw.DEFAULT_NUM_WARPS_GPU
+    step = bench._tuned(lambda: (None, None, lambda: seen.append(now())), 2048, 16, 4)
+    before = now()
     step()[2]()
-    assert seen == [(2048, 16)]
-    assert (triton_adamw.DEFAULT_BLOCK_GPU, triton_adamw.DEFAULT_NUM_WARPS_GPU) == before
+    assert seen == [(2048, 16, 4)]
+    assert now() == before
 
 
 def test_save_render_and_cli(result, tmp_path, capsys):

@@ -21,7 +21,7 @@ if not os.path.isdir(os.path.join(os.path.dirname(triton.__file__), "backends", 
 from rlvr_optim.triton_kernels import codegen  # noqa: E402
 
 # 65536 registers per SM; at most 128 per thread keeps at least two 256-thread programs
-# resident (the default has 8 warps). Today's kernels use 64-83 (triton 3.9).
+# resident (the default has 8 warps). Today's kernels use 72-80 (triton 3.9).
 MAX_REGISTERS = 128
 
 

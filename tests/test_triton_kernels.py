@@ -424,6 +424,34 @@ def test_many_tensors_of_mixed_layouts_take_one_launch_per_layout(call, launches
     assert launches["per_tensor"].launches == 2 * len(nonempty)
 
 
+@pytest.mark.parametrize("chunks", [2, 3, 8])
+def test_programs_of_several_blocks_match_the_reference(chunks, launches):
+    """The table launch with several consecutive blocks per program (a tensor's last run
+    shorter, runs past a tensor's end skipped) and its counts added once per program."""
+    gen = torch.Generator().manual_seed(31)
+    n = len(MIXED_TENSORS)
+    c = MIXED_CALLS["master-sr"]
+    ref = _make_mixed_states(gen, MIXED_TENSORS, c["master"], c["amsgrad"])
+    tri = [_clone(s) for s in ref]
+    kinds = [_nonfinite_elements(gen, numel) for numel, _ in MIXED_TENSORS]
+    offsets = [2**32 - 40 * k for k in range(n)]
+    for step in (1, 2):
+        grads = _mixed_grads(gen, MIXED_TENSORS, kinds, c["grad_scale"])
+        kwargs = _mixed_kwargs("master-sr", step, n, offsets)
+        for s in ref + tri:
+            _poison(s, gen)
+        _step(R.adamw, ref, [g.clone() for g in grads], **kwargs)
+        _step(TK.adamw, tri, [g.clone() for g in grads], block_size=BLOCK,
+              chunks_per_program=chunks, **kwargs)
+        for k, (r, t) in enumerate(zip(ref, tri)):
+            numel, name = MIXED_TENSORS[k]
+            _compare(r, t, f"{chunks} blocks per program, step {step}, tensor {k} ({numel}, {name})")
+    work = TK._work_table((4099, 1, 2 * BLOCK), BLOCK, chunks)
+    per_tensor = [-(-5 // chunks), 1, -(-2 // chunks)]
+    assert work[:, 0].tolist() == [t for t, count in enumerate(per_tensor) for _ in range(count)]
+    assert work[:, 1].tolist() == [c * chunks for count in per_tensor for c in range(count)]
+
+
 def _at_offset(t: torch.Tensor, offset: int) -> torch.Tensor:
     """``t``'s values in a view that starts ``offset`` elements into a larger buffer, so its
     data pointer is not 16-byte aligned when ``offset * element size`` is not (as a param
@@ -734,6 +762,7 @@ def _one_tensor_call(**overrides):
     (dict(launch="fused"), ValueError, "launch must be 'table' or 'per_tensor'"),
     (dict(num_warps=3), ValueError, "num_warps must be a power of two"),
     (dict(num_warps=64), ValueError, "num_warps must be a power of two"),
+    (dict(chunks_per_program=0), ValueError, "chunks_per_program must be from 1"),
 ])
 def test_triton_input_errors_name_the_tensor(overrides, error, match):
     for launch in LAUNCHES:
@@ -750,7 +779,7 @@ def test_signature_is_the_reference_signature_plus_tuning_and_launch():
     ref = inspect.signature(R.adamw).parameters
     tri = inspect.signature(TK.adamw).parameters
     assert list(tri)[: len(ref)] == list(ref)
-    assert list(tri)[len(ref):] == ["block_size", "launch", "num_warps"]
+    assert list(tri)[len(ref):] == ["block_size", "launch", "num_warps", "chunks_per_program"]
     assert tri["launch"].default == "table"
     for name, p in ref.items():
         assert tri[name].kind == p.kind and tri[name].default == p.default, name

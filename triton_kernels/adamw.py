@@ -41,6 +41,8 @@ __all__ = [
     "DEFAULT_BLOCK_CPU",
     "DEFAULT_BLOCK_GPU",
     "DEFAULT_NUM_WARPS_GPU",
+    "DEFAULT_CHUNKS_GPU",
+    "DEFAULT_CHUNKS_CPU",
     "LAUNCHES",
     "TABLE_COLUMNS",
 ]
@@ -49,12 +51,18 @@ __all__ = [
 # blocks amortize the per-op Python cost. On a GPU the feasibility probe (DESIGN.md) reached
 # 86% of the copy bandwidth with 1024-element blocks. 8 warps = 4 elements per thread, one
 # 16-byte access per fp32 stream and an 8-byte one per bf16 stream on full blocks; sm_90,
-# triton 3.9, tracking on: 64-83 registers and no stack across modes, against 112-123 and
-# a stack frame at 8 elements per thread (python -m rlvr_optim.triton_kernels.codegen).
-# Not yet tuned on a GPU: `rlvr-optim bench --tune` sweeps block and warps.
+# triton 3.9, tracking on: 72-80 registers and no stack across modes (python -m
+# rlvr_optim.triton_kernels.codegen), against over 110 and a stack frame at 8 elements per
+# thread. Not yet tuned on a GPU: `rlvr-optim bench --tune` sweeps block, warps and blocks
+# per program.
 DEFAULT_BLOCK_CPU = 65536
 DEFAULT_BLOCK_GPU = 1024
 DEFAULT_NUM_WARPS_GPU = 8
+# Blocks per program of the table launch. One keeps the probe's configuration; more cut
+# the per-program work (table and scalar loads) and the counter atomics, which all blocks
+# of a tensor aim at the same three addresses. Not yet tuned on a GPU (--tune sweeps it).
+DEFAULT_CHUNKS_GPU = 1
+DEFAULT_CHUNKS_CPU = 1
 
 
 # ---------------------------------------------------------------------------------------
@@ -370,14 +378,29 @@ def _adamw_block(
         if HAS_CUMULATIVE_BITMAP:
             cumulative = tl.load(cumulative_bitmap_ptr + byte_offs, mask=byte_in_range, other=0)
             tl.store(cumulative_bitmap_ptr + byte_offs, cumulative | packed, mask=byte_in_range)
+    # The block's counts (int64 scalars; zeros without counters), added to the counters by
+    # the caller: once per program, however many blocks it steps.
+    n_changed = tl.zeros((), tl.int64)
+    n_moved = tl.zeros((), tl.int64)
+    n_nonfinite = tl.zeros((), tl.int64)
     if HAS_COUNTERS:
         moved = (w_bits != w_old.to(tl.uint32, bitcast=True)) & update
         g_exponent = g.to(tl.uint32, bitcast=True) & 0x7F800000
         nonfinite = (g_exponent == 0x7F800000) & train
-        # The host zeroes the counters; block sums fit in int32 (BLOCK < 2**31).
-        tl.atomic_add(counter_ptr + 0, tl.sum(changed.to(tl.int32), axis=0).to(tl.int64), sem="relaxed")
-        tl.atomic_add(counter_ptr + 1, tl.sum(moved.to(tl.int32), axis=0).to(tl.int64), sem="relaxed")
-        tl.atomic_add(counter_ptr + 2, tl.sum(nonfinite.to(tl.int32), axis=0).to(tl.int64), sem="relaxed")
+        # Block sums fit in int32 (BLOCK < 2**31).
+        n_changed = tl.sum(changed.to(tl.int32), axis=0).to(tl.int64)
+        n_moved = tl.sum(moved.to(tl.int32), axis=0).to(tl.int64)
+        n_nonfinite = tl.sum(nonfinite.to(tl.int32), axis=0).to(tl.int64)
+    return n_changed, n_moved, n_nonfinite
+
+
+@triton.jit
+def _add_counts(counter_ptr, n_changed, n_moved, n_nonfinite, HAS_COUNTERS: tl.constexpr):
+    """Add a program's counts to a tensor's counters (the host zeroed them)."""
+    if HAS_COUNTERS:
+        tl.atomic_add(counter_ptr + 0, n_changed, sem="relaxed")
+        tl.atomic_add(counter_ptr + 1, n_moved, sem="relaxed")
+        tl.atomic_add(counter_ptr + 2, n_nonfinite, sem="relaxed")
 
 
 @triton.jit(do_not_specialize=["numel", "element_offset"])
@@ -401,7 +424,7 @@ def adamw_kernel(
     numel = tl.cast(numel, tl.int64)
     element_offset = tl.cast(element_offset, tl.int64)
     if (chunk + 1) * BLOCK <= numel:
-        _adamw_block(
+        counts = _adamw_block(
             chunk,
             param_ptr, grad_ptr, exp_avg_ptr, exp_avg_sq_ptr, max_exp_avg_sq_ptr,
             master_ptr, remainder_ptr, freeze_mask_ptr, change_bitmap_ptr, cumulative_bitmap_ptr,
@@ -414,7 +437,7 @@ def adamw_kernel(
             HAS_GRAD_SCALE, HAS_FOUND_INF,
         )
     else:
-        _adamw_block(
+        counts = _adamw_block(
             chunk,
             param_ptr, grad_ptr, exp_avg_ptr, exp_avg_sq_ptr, max_exp_avg_sq_ptr,
             master_ptr, remainder_ptr, freeze_mask_ptr, change_bitmap_ptr, cumulative_bitmap_ptr,
@@ -426,6 +449,7 @@ def adamw_kernel(
             HAS_FREEZE_MASK, HAS_CHANGE_BITMAP, HAS_CUMULATIVE_BITMAP, HAS_COUNTERS,
             HAS_GRAD_SCALE, HAS_FOUND_INF,
         )
+    _add_counts(counter_ptr, counts[0], counts[1], counts[2], HAS_COUNTERS)
 
 
 # Columns of the pointer table: one int64 row per tensor of a group. Absent tensors hold 0
@@ -453,7 +477,7 @@ def _table_pointer(entry, column, dtype: tl.constexpr, ALIGNED: tl.constexpr):
 @triton.jit
 def adamw_table_kernel(
     table_ptr, work_ptr, scalars_ptr, sr_keys_ptr, grad_scale_ptr, found_inf_ptr,
-    BLOCK: tl.constexpr, ALIGNED: tl.constexpr,
+    BLOCK: tl.constexpr, CHUNKS: tl.constexpr, ALIGNED: tl.constexpr,
     PARAM_BF16: tl.constexpr, GRAD_BF16: tl.constexpr, GRAD_FP16: tl.constexpr,
     EXP_AVG_BF16: tl.constexpr, EXP_AVG_SQ_BF16: tl.constexpr,
     MAX_EXP_AVG_SQ_BF16: tl.constexpr,
@@ -463,15 +487,15 @@ def adamw_table_kernel(
     HAS_CUMULATIVE_BITMAP: tl.constexpr, HAS_COUNTERS: tl.constexpr,
     HAS_GRAD_SCALE: tl.constexpr, HAS_FOUND_INF: tl.constexpr,
 ):
-    """A group of tensors of one layout: program i steps the block named by work item i,
-    (tensor t, chunk c) in the int32 work table [items, 2]; tensor t's pointers, numel,
+    """A group of tensors of one layout: program i steps the CHUNKS blocks from work item i,
+    (tensor t, first chunk c) in the int32 work table [items, 2]; tensor t's pointers, numel,
     element offset and call row are row t of the int64 pointer table (``TABLE_COLUMNS``).
     ``scalars_ptr`` [calls, 8] and ``sr_keys_ptr`` [calls, 2] are the call's whole tensors,
     so the cached tables do not depend on the per-step scalars. ``ALIGNED``: every pointer
     of the group is a multiple of 16 bytes."""
     item = tl.program_id(0).to(tl.int64)
     t = tl.load(work_ptr + 2 * item).to(tl.int64)
-    chunk = tl.load(work_ptr + 2 * item + 1).to(tl.int64)
+    first = tl.load(work_ptr + 2 * item + 1).to(tl.int64)
     entry = table_ptr + t * _WIDTH
     param_ptr = _table_pointer(entry, 0, tl.int16 if PARAM_BF16 else tl.float32, ALIGNED)
     grad_ptr = _table_pointer(
@@ -493,33 +517,50 @@ def adamw_table_kernel(
     sr_key_row_ptr = sr_keys_ptr
     if STOCHASTIC:
         sr_key_row_ptr = sr_keys_ptr + 2 * row
-    # Full blocks (all but at most one per tensor) take the unmasked, vectorized path.
-    if (chunk + 1) * BLOCK <= numel:
-        _adamw_block(
-            chunk,
-            param_ptr, grad_ptr, exp_avg_ptr, exp_avg_sq_ptr, max_exp_avg_sq_ptr,
-            master_ptr, remainder_ptr, freeze_mask_ptr, change_bitmap_ptr, cumulative_bitmap_ptr,
-            counter_ptr, numel, element_offset,
-            scalars_ptr + 8 * row, sr_key_row_ptr, grad_scale_ptr, found_inf_ptr,
-            BLOCK, True,
-            PARAM_BF16, GRAD_BF16, EXP_AVG_BF16, EXP_AVG_SQ_BF16, MAX_EXP_AVG_SQ_BF16,
-            HAS_MASTER, HAS_REMAINDER, STOCHASTIC, AMSGRAD, MAXIMIZE,
-            HAS_FREEZE_MASK, HAS_CHANGE_BITMAP, HAS_CUMULATIVE_BITMAP, HAS_COUNTERS,
-            HAS_GRAD_SCALE, HAS_FOUND_INF,
-        )
-    else:
-        _adamw_block(
-            chunk,
-            param_ptr, grad_ptr, exp_avg_ptr, exp_avg_sq_ptr, max_exp_avg_sq_ptr,
-            master_ptr, remainder_ptr, freeze_mask_ptr, change_bitmap_ptr, cumulative_bitmap_ptr,
-            counter_ptr, numel, element_offset,
-            scalars_ptr + 8 * row, sr_key_row_ptr, grad_scale_ptr, found_inf_ptr,
-            BLOCK, False,
-            PARAM_BF16, GRAD_BF16, EXP_AVG_BF16, EXP_AVG_SQ_BF16, MAX_EXP_AVG_SQ_BF16,
-            HAS_MASTER, HAS_REMAINDER, STOCHASTIC, AMSGRAD, MAXIMIZE,
-            HAS_FREEZE_MASK, HAS_CHANGE_BITMAP, HAS_CUMULATIVE_BITMAP, HAS_COUNTERS,
-            HAS_GRAD_SCALE, HAS_FOUND_INF,
-        )
+    # Work item: chunks first .. first + CHUNKS - 1 of tensor t (those past its end are
+    # skipped). Full blocks (all but at most one per tensor) take the unmasked, vectorized
+    # path. Counts accumulate over the item's blocks and reach the counters in one atomic
+    # each: with one block per program, every block of a large tensor would hit the same
+    # three addresses.
+    scalars_row_ptr = scalars_ptr + 8 * row
+    n_changed = tl.zeros((), tl.int64)
+    n_moved = tl.zeros((), tl.int64)
+    n_nonfinite = tl.zeros((), tl.int64)
+    for k in range(CHUNKS):
+        chunk = first + k
+        if (chunk + 1) * BLOCK <= numel:
+            counts = _adamw_block(
+                chunk,
+                param_ptr, grad_ptr, exp_avg_ptr, exp_avg_sq_ptr, max_exp_avg_sq_ptr,
+                master_ptr, remainder_ptr, freeze_mask_ptr, change_bitmap_ptr,
+                cumulative_bitmap_ptr, counter_ptr, numel, element_offset,
+                scalars_row_ptr, sr_key_row_ptr, grad_scale_ptr, found_inf_ptr,
+                BLOCK, True,
+                PARAM_BF16, GRAD_BF16, EXP_AVG_BF16, EXP_AVG_SQ_BF16, MAX_EXP_AVG_SQ_BF16,
+                HAS_MASTER, HAS_REMAINDER, STOCHASTIC, AMSGRAD, MAXIMIZE,
+                HAS_FREEZE_MASK, HAS_CHANGE_BITMAP, HAS_CUMULATIVE_BITMAP, HAS_COUNTERS,
+                HAS_GRAD_SCALE, HAS_FOUND_INF,
+            )
+            n_changed += counts[0]
+            n_moved += counts[1]
+            n_nonfinite += counts[2]
+        elif chunk * BLOCK < numel:
+            counts = _adamw_block(
+                chunk,
+                param_ptr, grad_ptr, exp_avg_ptr, exp_avg_sq_ptr, max_exp_avg_sq_ptr,
+                master_ptr, remainder_ptr, freeze_mask_ptr, change_bitmap_ptr,
+                cumulative_bitmap_ptr, counter_ptr, numel, element_offset,
+                scalars_row_ptr, sr_key_row_ptr, grad_scale_ptr, found_inf_ptr,
+                BLOCK, False,
+                PARAM_BF16, GRAD_BF16, EXP_AVG_BF16, EXP_AVG_SQ_BF16, MAX_EXP_AVG_SQ_BF16,
+                HAS_MASTER, HAS_REMAINDER, STOCHASTIC, AMSGRAD, MAXIMIZE,
+                HAS_FREEZE_MASK, HAS_CHANGE_BITMAP, HAS_CUMULATIVE_BITMAP, HAS_COUNTERS,
+                HAS_GRAD_SCALE, HAS_FOUND_INF,
+            )
+            n_changed += counts[0]
+            n_moved += counts[1]
+            n_nonfinite += counts[2]
+    _add_counts(counter_ptr, n_changed, n_moved, n_nonfinite, HAS_COUNTERS)
 
 
 # ---------------------------------------------------------------------------------------
@@ -612,13 +653,15 @@ def _layout(ops: _Operands, rounding: str) -> dict[str, bool]:
     )
 
 
-def _work_table(numels: tuple[int, ...], block: int) -> Tensor:
-    """int32 [items, 2]: (tensor t, chunk c) for every BLOCK-element chunk of every tensor."""
-    chunks = torch.tensor([triton.cdiv(n, block) for n in numels], dtype=torch.int64)
-    tensor = torch.repeat_interleave(torch.arange(len(numels)), chunks)
-    first_item = torch.cumsum(chunks, 0) - chunks
-    chunk = torch.arange(tensor.numel()) - first_item[tensor]
-    return torch.stack([tensor, chunk], dim=1).to(torch.int32)
+def _work_table(numels: tuple[int, ...], block: int, chunks_per_item: int = 1) -> Tensor:
+    """int32 [items, 2]: (tensor t, first chunk c) for every run of ``chunks_per_item``
+    BLOCK-element chunks of every tensor (a tensor's last run may be shorter)."""
+    items = torch.tensor([triton.cdiv(triton.cdiv(n, block), chunks_per_item) for n in numels],
+                         dtype=torch.int64)
+    tensor = torch.repeat_interleave(torch.arange(len(numels)), items)
+    first_item = torch.cumsum(items, 0) - items
+    first = (torch.arange(tensor.numel()) - first_item[tensor]) * chunks_per_item
+    return torch.stack([tensor, first], dim=1).to(torch.int32)
 
 
 def _to_device(t: Tensor, device: torch.device) -> Tensor:
@@ -718,6 +761,7 @@ def adamw(
     block_size: int | None = None,
     launch: str = "table",
     num_warps: int | None = None,
+    chunks_per_program: int | None = None,
 ) -> None:
     """One AdamW step over a list of tensors, in place, in fused launches.
 
@@ -742,6 +786,10 @@ def adamw(
         num_warps: warps per program on a GPU, a power of two from 1 to 32 (default
             :data:`DEFAULT_NUM_WARPS_GPU`); the benchmark's tuning sweep varies it with
             ``block_size``.
+        chunks_per_program: consecutive blocks of one tensor each program of the table
+            launch steps, adding its counts to the counters once (default
+            :data:`DEFAULT_CHUNKS_GPU` on a GPU, :data:`DEFAULT_CHUNKS_CPU` under the
+            interpreter); the per-tensor launch always steps one.
     """
     check_arguments(params, scalars=scalars, max_exp_avg_sqs=max_exp_avg_sqs, masters=masters,
                     remainders=remainders, rounding=rounding, sr_keys=sr_keys, amsgrad=amsgrad)
@@ -750,6 +798,8 @@ def adamw(
     if num_warps is not None and (not 1 <= num_warps <= 32 or num_warps & (num_warps - 1)):
         raise ValueError(f"num_warps must be a power of two from 1 to 32, got {num_warps}")
     warps = num_warps or DEFAULT_NUM_WARPS_GPU
+    if chunks_per_program is not None and not 1 <= chunks_per_program <= 4096:
+        raise ValueError(f"chunks_per_program must be from 1 to 4096, got {chunks_per_program}")
     if launch not in LAUNCHES:
         raise ValueError(f"launch must be 'table' or 'per_tensor', got {launch!r}")
     interpreting = _interpreting()
@@ -788,6 +838,10 @@ def adamw(
     def block_on(device: torch.device) -> int:
         return block_size or (DEFAULT_BLOCK_GPU if device.type != "cpu" else DEFAULT_BLOCK_CPU)
 
+    def chunks_on(device: torch.device) -> int:
+        return chunks_per_program or (DEFAULT_CHUNKS_GPU if device.type != "cpu"
+                                      else DEFAULT_CHUNKS_CPU)
+
     if launch == "per_tensor":
         for i, ops, offset in checked.tensors:
             numel = ops.param.numel()
@@ -814,15 +868,16 @@ def adamw(
     grad_ptrs = [g.data_ptr() for g in grads]
     for (device, layout), members, static_rows, numels in checked.groups(grads, grad_ptrs):
         on = per_device[device]
-        block = block_on(device)
+        block, chunks = block_on(device), chunks_on(device)
         member_grads = tuple(grad_ptrs[i] for i in members)
         table = pointer_tables.get(
             device, (static_rows, member_grads),
             lambda: _pointer_table(static_rows.value, member_grads))
-        work = work_tables.get(device, (block, numels), lambda: _work_table(numels, block))
+        work = work_tables.get(device, (block, chunks, numels),
+                               lambda: _work_table(numels, block, chunks))
         adamw_table_kernel[(work.shape[0],)](
             table, work, on["scalars"], on["sr_keys"], on["grad_scale"], on["found_inf"],
-            BLOCK=block, **dict(layout), **call_flags,
+            BLOCK=block, CHUNKS=chunks, **dict(layout), **call_flags,
             num_warps=warps, enable_fp_fusion=False,
         )
 

@@ -54,7 +54,7 @@ def streams(flags: dict) -> tuple[int, int]:
     return 4 + extra, 3 + extra
 
 
-def compile_table_kernel(flags: dict, block: int, warps: int, arch: int = 90):
+def compile_table_kernel(flags: dict, block: int, warps: int, arch: int = 90, chunks: int = 1):
     """The compiled table kernel for ``flags`` (others off; ``ALIGNED`` on unless given)."""
     if os.environ.get("TRITON_INTERPRET") == "1":
         raise RuntimeError("codegen needs compiled kernels: run it without TRITON_INTERPRET=1")
@@ -71,6 +71,7 @@ def compile_table_kernel(flags: dict, block: int, warps: int, arch: int = 90):
     constexprs["ALIGNED"] = True
     constexprs.update(flags)
     constexprs["BLOCK"] = block
+    constexprs["CHUNKS"] = chunks
     signature = dict(_POINTERS, **{name: "constexpr" for name in constexprs})
     # The launcher marks 16-byte-aligned pointer arguments so; do the same.
     attrs = {(i,): [["tt.divisibility", 16]] for i in range(len(_POINTERS))}
@@ -86,13 +87,13 @@ def _cuobjdump() -> str | None:
     return path if os.access(path, os.X_OK) else None
 
 
-def summary(flags: dict, block: int, warps: int, arch: int = 90) -> dict:
+def summary(flags: dict, block: int, warps: int, arch: int = 90, chunks: int = 1) -> dict:
     """Global loads and stores by PTX instruction (``ld.global.v4.b32``: 16 bytes), and the
     cubin's registers, stack and shared memory (None without Triton's cuobjdump)."""
-    kernel = compile_table_kernel(flags, block, warps, arch)
+    kernel = compile_table_kernel(flags, block, warps, arch, chunks)
     ptx = kernel.asm["ptx"]
     out = dict(
-        block=block, warps=warps, arch=arch,
+        block=block, warps=warps, arch=arch, chunks=chunks,
         loads=dict(Counter(re.findall(r"\bld\.global[.\w]*", ptx))),
         stores=dict(Counter(re.findall(r"\bst\.global[.\w]*", ptx))),
         local=len(re.findall(r"\b(?:ld|st)\.local", ptx)),
@@ -122,6 +123,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--block", type=int, default=None)
     parser.add_argument("--warps", type=int, default=None)
     parser.add_argument("--arch", type=int, default=90, help="compute capability, e.g. 80 or 90")
+    parser.add_argument("--chunks", type=int, default=None, help="blocks per program")
     parser.add_argument("--mode", action="append", choices=sorted(MODES),
                         help="layouts to compile (default: all)")
     parser.add_argument("--unaligned", action="store_true", help="ALIGNED off")
@@ -131,18 +133,20 @@ def main(argv: list[str] | None = None) -> int:
 
     block = args.block or K.DEFAULT_BLOCK_GPU
     warps = args.warps or K.DEFAULT_NUM_WARPS_GPU
+    chunks = args.chunks or K.DEFAULT_CHUNKS_GPU
     results = {}
     for mode in args.mode or list(MODES):
         flags = dict(MODES[mode], **TRACKING)
         if args.unaligned:
             flags["ALIGNED"] = False
-        results[mode] = summary(flags, block, warps, args.arch)
+        results[mode] = summary(flags, block, warps, args.arch, chunks)
         results[mode]["streams"] = streams(flags)
     if args.json:
         json.dump(results, sys.stdout)
         print()
         return 0
-    print(f"adamw_table_kernel, BLOCK={block}, {warps} warps, sm_{args.arch}, tracking on")
+    print(f"adamw_table_kernel, BLOCK={block}, {warps} warps, {chunks} block(s) per program, "
+          f"sm_{args.arch}, tracking on")
     print(f"{'mode':10} {'regs':>5} {'stack':>5} {'vector ld':>9} {'vector st':>9}  streams r/w")
     for mode, r in results.items():
         reads, writes = r["streams"]
