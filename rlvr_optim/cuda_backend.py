@@ -347,7 +347,10 @@ def adamw(
     Arguments and results as :func:`rlvr_optim.reference.adamw`. Every tensor is
     contiguous and on its param's GPU; params and states are float32 or bfloat16 (a
     tensor's exp_avg, exp_avg_sq and max_exp_avg_sq share one dtype), grads float32 or
-    bfloat16; ``masters`` and ``remainders`` need bf16 params.
+    bfloat16; ``masters`` and ``remainders`` need bf16 params. A call with the tensors of a
+    recent checked call (:class:`_Checked`) checks only the grads; tensors other than params
+    and grads are recognized by identity alone, so give a state new storage as a new
+    tensor object, never by assigning its ``.data`` between calls.
     """
     check_arguments(params, scalars=scalars, max_exp_avg_sqs=max_exp_avg_sqs, masters=masters,
                     remainders=remainders, rounding=rounding, sr_keys=sr_keys, amsgrad=amsgrad)

@@ -772,7 +772,9 @@ def adamw(
     Every tensor is checked before any is touched. The table launch remembers the last few
     calls whose tensors passed (:class:`_Checked`): a call with the same tensors (by
     identity), the params at the same addresses and the same element offsets checks only
-    the gradients, in bulk, and reuses its grouping and pointer rows.
+    the gradients, in bulk, and reuses its grouping and pointer rows. Tensors other than
+    params and grads are recognized by identity alone: give a state new storage as a new
+    tensor object, never by assigning its ``.data`` between calls.
 
     Args:
         block_size: elements per program, a power of two >= 8 (default:
