@@ -7,7 +7,7 @@
 # most (8 shards side by side: compiling the Triton variants is the long part, and it runs
 # on the CPU cores), benchmark 130 s at most.
 # Optional, each with its own time box, after the short table:
-#   TUNE=1     Triton block/warps sweep on the flat preset (45 s at most)
+#   TUNE=1     Triton block/warps/blocks-per-program sweep on the flat preset (75 s at most)
 #   PROFILE=1  ncu speed of light of torch fused and our default, SR and fp32-master
 #              steps on each backend (bench/profile_step.py; 60 s at most)
 set -uo pipefail
@@ -63,7 +63,7 @@ fi
 echo "GPU tests $([ $tests_ok -eq 0 ] && echo passed || echo FAILED), bench exit $bench_rc, $((SECONDS - start)) s"
 
 if [ "${TUNE:-0}" = 1 ]; then
-  timeout 45 python3 -m rlvr_optim bench --preset flat --backend triton --anchor "torch fused" \
+  timeout 75 python3 -m rlvr_optim bench --preset flat --backend triton --anchor "torch fused" \
     --mode none --tune --no-graph --no-progress --out "$out/tune" > "$out/tune.log" 2>&1
   echo "tune exit $?"; grep -E "^\| rlvr_optim triton default, tracking step|^\| torch fused \|" "$out/tune.log"
 fi
