@@ -1,11 +1,17 @@
 """Host-side caching shared by the fused backends: a step over thousands of small tensors
 must not pay per-tensor checks and per-tensor cache keys every time (the many-small preset
 of the benchmark), so each backend keeps the calls whose tensors it has checked and, when
-the next call passes the same tensors, checks only what can change between steps."""
+the next call passes the same tensors, checks only what can change between steps.
+
+A kept call holds no reference to its tensors (that would keep a model's states alive
+after its optimizer is gone): it remembers their ``id`` and a weak reference to each, and
+leaves the cache as soon as one of them is freed, so an id it holds always names the
+object it was taken from.
+"""
 
 from __future__ import annotations
 
-import operator
+import weakref
 from typing import Sequence
 
 from torch import Tensor
@@ -28,28 +34,30 @@ class Frozen:
                                  and self.value == other.value)
 
 
-def freeze_lists(lists: Sequence[Sequence | None]) -> tuple:
-    """Tuples of the given lists (None stays None): what a checked call remembers."""
-    return tuple(None if x is None else tuple(x) for x in lists)
+def _ids(lists: Sequence[Sequence | None]) -> tuple:
+    return tuple(None if x is None else list(map(id, x)) for x in lists)
 
 
-def same_lists(mine: tuple, theirs: Sequence[Sequence | None]) -> bool:
-    """Whether ``theirs`` holds, list by list, the very objects of ``mine`` (by identity:
-    a tensor replaced in a list, even by an equal one, is a different call)."""
-    if len(mine) != len(theirs):
-        return False
-    for a, b in zip(mine, theirs):
-        if (a is None) != (b is None):
+class CheckedCall:
+    """Base of a backend's kept call: the identities of the operand lists it was checked
+    with (every list but the grads), and the params' storage."""
+
+    def __init__(self, statics: Sequence[Sequence | None]):
+        self.ids = _ids(statics)
+        params = statics[0]
+        self.param_ptrs = [p.data_ptr() for p in params]
+        self.numels = [p.numel() for p in params]
+        self._refs: list[weakref.ref] = []
+
+    def same_tensors(self, statics: Sequence[Sequence | None]) -> bool:
+        """The very tensor objects (a tensor replaced in a list, even by an equal one, is a
+        different call), the params still at their addresses and sizes (an object whose
+        ``.data`` was swapped, as FSDP1's flat params are, keeps its identity)."""
+        if _ids(statics) != self.ids:
             return False
-        if a is not None and (len(a) != len(b) or not all(map(operator.is_, a, b))):
-            return False
-    return True
-
-
-def same_storage(params: Sequence[Tensor], ptrs: list[int], numels: list[int]) -> bool:
-    """Whether every param still has the address and size it had: an object whose ``.data``
-    was swapped (FSDP1's flat params) keeps its identity but not its storage."""
-    return [p.data_ptr() for p in params] == ptrs and [p.numel() for p in params] == numels
+        params = statics[0]
+        return [p.data_ptr() for p in params] == self.param_ptrs and \
+            [p.numel() for p in params] == self.numels
 
 
 class CheckedCalls:
@@ -57,7 +65,7 @@ class CheckedCalls:
 
     def __init__(self, capacity: int = 4):
         self.capacity = capacity
-        self._entries: list = []
+        self._entries: list[CheckedCall] = []
 
     def __len__(self) -> int:
         return len(self._entries)
@@ -73,6 +81,19 @@ class CheckedCalls:
                 return entry
         return None
 
-    def add(self, entry) -> None:
-        self._entries.insert(0, entry)
-        del self._entries[self.capacity:]
+    def add(self, entry: CheckedCall, statics: Sequence[Sequence | None]) -> None:
+        """Keep ``entry`` until it is pushed out or a tensor of ``statics`` is freed."""
+        entries = self._entries
+
+        def forget(_ref, entry=entry):
+            if entry in entries:
+                entries.remove(entry)
+
+        seen = set()
+        for tensors in statics:
+            for t in tensors or ():
+                if isinstance(t, Tensor) and id(t) not in seen:
+                    seen.add(id(t))
+                    entry._refs.append(weakref.ref(t, forget))
+        entries.insert(0, entry)
+        del entries[self.capacity:]

@@ -32,7 +32,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from ._checked import CheckedCalls, Frozen, freeze_lists, same_lists, same_storage
+from ._checked import CheckedCall, CheckedCalls, Frozen
 from .reference import check_arguments
 
 __all__ = ["adamw", "load_extension", "unavailable_reason"]
@@ -365,7 +365,7 @@ def adamw(
     if checked is None or not checked.grads_fit(grads):
         _require_cuda(params)
         checked = _Checked.of(statics, offsets, grads, amsgrad)
-        _checked_calls.add(checked)
+        _checked_calls.add(checked, statics)
     ext = load_extension()
     track = change_bitmaps is not None or cumulative_bitmaps is not None or counters is not None
 
@@ -423,20 +423,18 @@ def _stream(device: torch.device) -> int:
     return torch.cuda.current_stream(device).cuda_stream
 
 
-class _Checked:
-    """A call whose tensors passed every check, kept (by :data:`_checked_calls`) so that a
-    step with the same tensors at the same addresses checks only the gradients, in bulk.
-    ``groups``: (layout, call rows, Frozen((layout, columns without the grads))) per launch.
-    Holds references to the tensors it describes."""
+class _Checked(CheckedCall):
+    """A call whose tensors passed every check, kept (by :data:`_checked_calls`, without
+    references to the tensors) so that a step with the same tensors at the same addresses
+    checks only the gradients, in bulk. ``groups``: (layout, call rows, Frozen((layout,
+    columns without the grads))) per launch."""
 
-    def __init__(self, statics, offsets, groups, param_ptrs, numels, grad_dtypes, device_indices):
-        self.statics = statics
+    def __init__(self, statics, offsets, groups, grad_dtypes):
+        super().__init__(statics)
         self.offsets = offsets
         self.groups = groups
-        self.param_ptrs = param_ptrs
-        self.numels = numels
         self.grad_dtypes = grad_dtypes
-        self.device_indices = device_indices
+        self.device_indices = [p.get_device() for p in statics[0]]
 
     @classmethod
     def of(cls, statics, offsets, grads, amsgrad) -> "_Checked":
@@ -477,13 +475,10 @@ class _Checked:
             columns["scalar_row"] = list(index)
             static = Frozen((layout, tuple((k, tuple(v)) for k, v in columns.items())))
             groups.append((layout, index, static))
-        return cls(freeze_lists(statics), list(offsets), groups,
-                   [p.data_ptr() for p in params], [p.numel() for p in params],
-                   [g.dtype for g in grads], [p.get_device() for p in params])
+        return cls(statics, list(offsets), groups, [g.dtype for g in grads])
 
     def matches(self, statics, offsets) -> bool:
-        return (offsets == self.offsets and same_lists(self.statics, statics)
-                and same_storage(statics[0], self.param_ptrs, self.numels))
+        return offsets == self.offsets and self.same_tensors(statics)
 
     def grads_fit(self, grads) -> bool:
         """The checks of ``_check_group`` on the grads, in bulk, with the dtypes the groups

@@ -502,10 +502,12 @@ class AdamW(torch.optim.AdamW):
         return (*options.values(), group["amsgrad"], group["capturable"], group["fused"],
                 self.backend, id(self.state), len(self.state))
 
-    def _cached_plan(self, group_index: int, options: tuple, on_device: bool) -> _Plan | None:
-        """The group's plan if it still holds: same options, same params with gradients, in
-        the same order, and every gradient a dense float32/bfloat16 tensor (anything else
-        goes through the full checks, which name the param)."""
+    def _cached_plan(self, group_index: int, options: tuple,
+                     on_device: bool) -> tuple[_Plan, list[Tensor]] | None:
+        """The group's plan and this step's grads if the plan still holds: same options,
+        same params with gradients, in the same order, and every gradient a dense
+        float32/bfloat16 tensor (anything else goes through the full checks, which name
+        the param)."""
         plan = self.__dict__.get("_plans", {}).get(group_index)
         if plan is None or plan.options != options or (on_device and not plan.steps_on_device):
             return None
@@ -515,7 +517,7 @@ class AdamW(torch.optim.AdamW):
         grads = [p.grad for p in with_grad]
         if not {g.dtype for g in grads} <= _PARAM_DTYPE_SET or any(g.is_sparse for g in grads):
             return None
-        return plan
+        return plan, grads
 
     def _gather(self, group_index: int, on_device: bool = False) -> dict | None:
         """Validate a group and list its tensors; changes nothing. A group whose cached plan
@@ -523,9 +525,10 @@ class AdamW(torch.optim.AdamW):
         group = self.param_groups[group_index]
         _check_hyperparameters(group)
         options = self._options_key(group)
-        plan = self._cached_plan(group_index, options, on_device)
-        if plan is not None:
-            return {"group": group, "index": group_index, "plan": plan, "options": options}
+        cached = self._cached_plan(group_index, options, on_device)
+        if cached is not None:
+            return {"group": group, "index": group_index, "plan": cached[0],
+                    "grads": cached[1], "options": options}
         items = []
         for i, p in enumerate(group["params"]):
             if p.grad is None:
@@ -582,7 +585,7 @@ class AdamW(torch.optim.AdamW):
         for job in work:
             if job is not None:
                 plan = job.get("plan") or self._make_plan(job, on_device)
-                self._launch(job["group"], plan, grad_scale, found_inf)
+                self._launch(job["group"], plan, job.get("grads"), grad_scale, found_inf)
         return loss
 
     def _ordinals(self) -> dict[Tensor, int]:
@@ -660,8 +663,10 @@ class AdamW(torch.optim.AdamW):
             self.__dict__.setdefault("_plans", {})[job["index"]] = plan
         return plan
 
-    def _launch(self, group: Mapping[str, Any], plan: _Plan, grad_scale, found_inf) -> None:
-        """Advance the step counts and run the backend over the plan's tensors."""
+    def _launch(self, group: Mapping[str, Any], plan: _Plan, grads: list[Tensor] | None,
+                grad_scale, found_inf) -> None:
+        """Advance the step counts and run the backend over the plan's tensors (``grads``:
+        the plain grads when the caller has them already)."""
         if plan.step_buffer is not None:
             plan.step_buffer.add_(1)
             step_vec = plan.step_buffer
@@ -683,9 +688,7 @@ class AdamW(torch.optim.AdamW):
             sr_keys = reference.stochastic_rounding_keys(
                 group["seed"], step_vec.to(torch.int64), plan.keys
             )
-        if plan.plain:
-            grads = [p.grad for p in plan.params]
-        else:
+        if grads is None:
             grads = [distributed.local_tensor(p.grad) for p in plan.params]
         plan.backend.adamw(
             plan.local_params,

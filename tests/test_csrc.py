@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import ast
 import ctypes
+import gc
 import hashlib
 import importlib.util
 import inspect
@@ -32,6 +33,7 @@ import re
 import shutil
 import subprocess
 import sysconfig
+import weakref
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from types import SimpleNamespace
@@ -377,8 +379,12 @@ def test_host_path_checks_once_and_follows_moved_tensors(linked_ext, monkeypatch
         call([grads[0], grads[1][:16], grads[2]])
     with pytest.raises(ValueError, match=r"grads\[0\] is not contiguous"):
         call([torch.zeros(6000, dtype=torch.bfloat16)[::2], grads[1], grads[2]])
+    # Kept calls hold no tensor: dropping the tensors frees them and empties the cache.
+    watched = weakref.ref(exp_avgs[0])
+    del params, exp_avgs, exp_avg_sqs, grads, call
+    gc.collect()
+    assert watched() is None and len(cuda_backend._checked_calls) == 0
     cuda_backend._tables.clear()
-    cuda_backend._checked_calls.clear()
 
 
 def test_setup_and_backend_compile_with_the_same_nvcc_flags():

@@ -194,3 +194,35 @@ def test_triton_sees_a_list_changed_in_place_and_names_a_bad_grad():
         TK.adamw(params, [grads[0], grads[1][:23]], exp_avgs, exp_avg_sqs, scalars=scalars)
     with pytest.raises(TypeError, match=r"grads\[0\] has dtype torch.int32"):
         TK.adamw(params, [grads[0].int(), grads[1]], exp_avgs, exp_avg_sqs, scalars=scalars)
+
+
+@triton_only
+def test_triton_follows_a_grad_dtype_change_and_keeps_no_tensor_alive():
+    """The kept call describes the tensors without their grads (a grad of another dtype
+    next step gets the kernel for that dtype) and holds no reference to any tensor: once
+    the caller drops them, they are freed and the call leaves the cache."""
+    pytest.importorskip("triton")
+    import gc
+    import weakref
+
+    from rlvr_optim.triton_kernels import adamw as TK
+
+    TK._checked_calls.clear()
+    g = torch.Generator().manual_seed(6)
+    params = [torch.randn(n, generator=g).bfloat16() for n in (40, 9)]
+    states = _states(params)
+    ref_params, ref_states = [p.clone() for p in params], copy.deepcopy(states)
+    for step, dtype in ((1, torch.bfloat16), (2, torch.float32), (3, torch.bfloat16)):
+        grads = [torch.randn(p.numel(), generator=g).to(dtype) for p in params]
+        _call(TK, params, grads, states, steps=step)
+        _call(R, ref_params, grads, ref_states, steps=step)
+        for p, q in zip(params, ref_params):
+            assert torch.equal(p.view(torch.int16), q.view(torch.int16)), f"step {step} {dtype}"
+        for s, r in zip(states, ref_states):
+            for key in s:
+                assert torch.equal(s[key], r[key]), (step, key)
+    assert len(TK._checked_calls) == 1
+    watched = weakref.ref(states[0]["m"])
+    del params, states, s, p
+    gc.collect()
+    assert watched() is None and len(TK._checked_calls) == 0

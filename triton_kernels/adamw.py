@@ -28,7 +28,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from rlvr_optim._checked import CheckedCalls, Frozen, freeze_lists, same_lists, same_storage
+from rlvr_optim._checked import CheckedCall, CheckedCalls, Frozen
 from rlvr_optim.reference import check_arguments
 
 __all__ = [
@@ -176,7 +176,8 @@ def _state_value(raw, IS_BF16: tl.constexpr):
 @triton.jit
 def _store_state(ptr, offs, value, raw, update, mask, IS_BF16: tl.constexpr):
     """Store fp32 ``value`` in an fp32 tensor, or a bf16 one (int16 view) by nearest-even;
-    where ``update`` is false store ``raw``, the state as loaded, bit for bit (selected as bits: rounding a loaded bf16 NaN would quiet it)."""
+    where ``update`` is false store ``raw``, the state as loaded, bit for bit (selected as
+    bits: rounding a loaded bf16 NaN would quiet it)."""
     if IS_BF16:
         bits = _keep(update, _round_nearest_bf16(value.to(tl.uint32, bitcast=True)), raw)
         _store_bf16_bits(ptr, offs, bits, mask)
@@ -636,10 +637,10 @@ def _is_bf16(t: Tensor | None) -> bool:
 
 
 def _layout(ops: _Operands, rounding: str) -> dict[str, bool]:
-    """The per-tensor compile-time flags: dtypes and which optional tensors are present."""
+    """The per-tensor compile-time flags but the grad's (:func:`_grad_flags`): dtypes and
+    which optional tensors are present."""
     return dict(
         PARAM_BF16=_is_bf16(ops.param),
-        GRAD_BF16=_is_bf16(ops.grad),
         EXP_AVG_BF16=_is_bf16(ops.exp_avg),
         EXP_AVG_SQ_BF16=_is_bf16(ops.exp_avg_sq),
         MAX_EXP_AVG_SQ_BF16=_is_bf16(ops.max_exp_avg_sq),
@@ -651,6 +652,11 @@ def _layout(ops: _Operands, rounding: str) -> dict[str, bool]:
         HAS_CUMULATIVE_BITMAP=ops.cumulative_bitmap is not None,
         HAS_COUNTERS=ops.counter is not None,
     )
+
+
+def _grad_flags(dtype: torch.dtype) -> dict[str, bool]:
+    """The table kernel's compile-time flags of a grad dtype."""
+    return dict(GRAD_BF16=dtype == torch.bfloat16, GRAD_FP16=dtype == torch.float16)
 
 
 def _work_table(numels: tuple[int, ...], block: int, chunks_per_item: int = 1) -> Tensor:
@@ -811,13 +817,14 @@ def adamw(
     checked = None
     if launch == "table":
         checked = _checked_calls.find(statics, offsets, rounding)
+    tensors = None
     if checked is None or not _grads_fit(checked, grads):
         tensors = _check_all(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, masters,
                              remainders, freeze_masks, change_bitmaps, cumulative_bitmaps,
                              counters, element_offsets, amsgrad, interpreting)
-        checked = _Checked.of(statics, offsets, rounding, tensors)
+        checked = _Checked(statics, offsets, rounding, tensors)
         if launch == "table":
-            _checked_calls.add(checked)
+            _checked_calls.add(checked, statics)
 
     # Per-call operands, moved once per device (not once per tensor).
     per_device: dict[torch.device, dict[str, Tensor | None]] = {}
@@ -831,8 +838,9 @@ def adamw(
         )
 
     # The kernels add block sums to the counters with atomics; zero them all in one op.
-    if checked.counters:
-        torch._foreach_zero_(checked.counters)
+    zero = [c for c in counters if c is not None] if counters is not None else []
+    if zero:
+        torch._foreach_zero_(zero)
 
     call_flags = dict(AMSGRAD=bool(amsgrad), MAXIMIZE=bool(maximize),
                       HAS_GRAD_SCALE=grad_scale is not None, HAS_FOUND_INF=found_inf is not None)
@@ -845,7 +853,7 @@ def adamw(
                                       else DEFAULT_CHUNKS_CPU)
 
     if launch == "per_tensor":
-        for i, ops, offset in checked.tensors:
+        for i, ops, offset in tensors:  # checked above: this launch is not cached
             numel = ops.param.numel()
             if numel == 0:
                 continue
@@ -858,8 +866,8 @@ def adamw(
                 *(_bits_view(t) if t is not None else None for t in ops[2:]),
                 on["scalars"][i], key, on["grad_scale"], on["found_inf"],
                 numel, offset,
-                BLOCK=block, **_layout(ops, rounding), **call_flags,
-                num_warps=warps, enable_fp_fusion=False,
+                BLOCK=block, **_layout(ops, rounding), GRAD_BF16=_is_bf16(grads[i]),
+                **call_flags, num_warps=warps, enable_fp_fusion=False,
             )
         return
 
@@ -938,52 +946,35 @@ def _pointer_table(static_rows: tuple, grad_ptrs: tuple) -> Tensor:
     return table
 
 
-class _Checked:
+class _Checked(CheckedCall):
     """A call whose tensors other than the gradients passed the checks, kept (by
-    :data:`_checked_calls`) so that a step with the same tensors checks only what can
-    change between steps: the gradients, and the params' storage (a param whose ``.data``
-    is swapped keeps its identity). Holds references to the tensors it describes."""
+    :data:`_checked_calls`, without references to the tensors) so that a step with the
+    same tensors checks only what can change between steps: the gradients, and the params'
+    storage. Layouts and rows here leave the grads out; :meth:`groups` adds them per step."""
 
-    def __init__(self, statics, offsets, rounding, tensors, devices, static_layouts,
-                 static_rows, static_aligned, param_ptrs, numels, device_indices):
-        self.statics = statics  # the 10 operand lists other than grads, as tuples (or None)
-        self.offsets = offsets
+    def __init__(self, statics, offsets, rounding, tensors):
+        super().__init__(statics)
+        self.offsets = list(offsets)
         self.rounding = rounding
-        self.tensors = tensors  # [(call row, _Operands, element offset)], slow-path form
-        self.devices = devices
-        self.static_layouts = static_layouts  # per tensor: layout flags without the grad's
-        self.static_rows = static_rows  # per tensor: its table row, grad column 0
-        self.static_aligned = static_aligned  # per tensor: all non-grad pointers 16-aligned
-        self.param_ptrs = param_ptrs
-        self.numels = numels
-        self.device_indices = device_indices
-        self.counters = [ops.counter for _, ops, _ in tensors if ops.counter is not None]
+        self.param_devices = [p.device for p in statics[0]]
+        self.devices = list(dict.fromkeys(self.param_devices))
+        self.device_indices = [p.get_device() for p in statics[0]]
+        self.static_layouts = []  # per tensor: its layout flags but the grad's
+        self.static_rows = []  # per tensor: its pointer-table row, grad column 0
+        self.static_aligned = []  # per tensor: every pointer but the grad's 16-byte aligned
+        for i, ops, offset in tensors:
+            self.static_layouts.append(tuple(sorted(_layout(ops, rounding).items())))
+            others = [t for k, t in enumerate(ops) if k != 1 and t is not None]
+            self.static_aligned.append(all(t.data_ptr() % 16 == 0 for t in others))
+            self.static_rows.append(tuple(t.data_ptr() if t is not None and k != 1 else 0
+                                          for k, t in enumerate(ops))
+                                    + (ops.param.numel(), offset, i))
         self._grouping = None  # (grad dtypes, grad alignment) -> groups, the last seen
 
-    @classmethod
-    def of(cls, statics, offsets, rounding, tensors) -> "_Checked":
-        layouts, rows, aligned = [], [], []
-        for i, ops, offset in tensors:
-            layouts.append(tuple(sorted(_layout(ops, rounding).items())))
-            others = [t for k, t in enumerate(ops) if k != 1 and t is not None]
-            aligned.append(all(t.data_ptr() % 16 == 0 for t in others))
-            rows.append(tuple(t.data_ptr() if t is not None and k != 1 else 0
-                              for k, t in enumerate(ops)) + (ops.param.numel(), offset, i))
-        params = statics[0]
-        return cls(
-            statics=freeze_lists(statics),
-            offsets=list(offsets), rounding=rounding, tensors=tensors,
-            devices=list(dict.fromkeys(p.device for p in params)),
-            static_layouts=layouts, static_rows=rows, static_aligned=aligned,
-            param_ptrs=[p.data_ptr() for p in params], numels=[p.numel() for p in params],
-            device_indices=[p.get_device() for p in params],
-        )
-
     def matches(self, statics, offsets, rounding) -> bool:
-        """The same tensors (by identity) at the same addresses, offsets and rounding."""
+        """The same tensors at the same addresses, offsets and rounding."""
         return (rounding == self.rounding and offsets == self.offsets
-                and same_lists(self.statics, statics)
-                and same_storage(statics[0], self.param_ptrs, self.numels)
+                and self.same_tensors(statics)
                 and {p.dtype for p in statics[0]} <= _FLOAT_SET)
 
     def groups(self, grads, grad_ptrs):
@@ -993,14 +984,13 @@ class _Checked:
         signature = (dtypes, aligned)
         if self._grouping is None or self._grouping[0] != signature:
             by_key: dict[tuple, list[int]] = {}
-            for k, (i, ops, _) in enumerate(self.tensors):
+            for k, device in enumerate(self.param_devices):
                 if self.numels[k] == 0:
                     continue
                 layout = self.static_layouts[k] + (
                     ("ALIGNED", self.static_aligned[k] and aligned[k]),
-                    ("GRAD_BF16", dtypes[k] == torch.bfloat16),
-                    ("GRAD_FP16", dtypes[k] == torch.float16))
-                by_key.setdefault((ops.param.device, tuple(sorted(layout))), []).append(k)
+                    *_grad_flags(dtypes[k]).items())
+                by_key.setdefault((device, tuple(sorted(layout))), []).append(k)
             groups = [(key, members, Frozen(tuple(self.static_rows[k] for k in members)),
                        tuple(self.numels[k] for k in members))
                       for key, members in by_key.items()]
