@@ -4,11 +4,14 @@ Every row times optimizer steps after warm-up (device events on a GPU) and repor
 median with min and max, the effective bandwidth from the bytes-per-element model of
 DESIGN.md, and its share of the device-to-device copy bandwidth measured in the same run.
 Rows without a number say why (``missing``: not installed; ``unavailable``: no such backend
-in this version; ``error``: it raised). ``run`` writes JSON; ``render`` turns JSON into a
-markdown table and a PNG plot, separately, so results can be re-rendered.
+in this version; ``error``: it raised). ``run`` returns the result and can stream it to a
+JSONL file as it goes (the run's environment first, then one line per finished row), so a
+run that is cut short keeps what it measured; ``load`` reads such a file, complete or cut
+off, and ``render`` turns a result file into a markdown table and a PNG plot, separately,
+so results can be re-rendered.
 
 On a CPU the same code runs tiny shapes so that the test suite keeps the harness working.
-CPU timings are marked as such and are not performance results.
+CPU timings are marked as such in every output and are not performance results.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ import os
 import platform
 import statistics
 import subprocess
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,8 +31,10 @@ from typing import Callable
 import torch
 
 from . import backends
+from .errors import InputError
 
-__all__ = ["PRESETS", "bytes_per_element", "render", "run"]
+__all__ = ["PRESETS", "bytes_per_element", "environment", "load", "render", "render_short",
+           "resolve_device", "run"]
 
 # DeepSeek-R1-Distill-Qwen-1.5B (Qwen2 architecture, untied lm_head): 28 layers of
 # q/k/v (with bias), o, gate/up/down and two norms, plus embeddings, final norm and head.
@@ -61,6 +67,15 @@ OUR_MODES: dict[str, tuple[dict, bool]] = {
     "remainder": ({"master_weights": "remainder"}, False),
     "freeze mask": ({}, True),
 }
+
+# Where ``rlvr-optim bench`` writes results without --out: a folder of the current
+# directory, named for the tool, never the package's own bench/results (which holds
+# committed device runs only).
+DEFAULT_OUT = "rlvr-optim-bench"
+
+# Our backends, in the order their rows appear. Each gets rows where it runs, else one
+# row saying why not (the reference only on a CPU: on a GPU it is the spec, not a path).
+BACKENDS_TIMED = ("cuda", "triton", "reference")
 
 
 def bytes_per_element(
@@ -351,7 +366,32 @@ def _time_row(row: Row, build: Callable, device, timer, steps, warmup, numel) ->
     row.state_bytes_per_param = state_bytes / numel
 
 
-def _environment(device: torch.device) -> dict:
+# nvidia-smi fields recorded with a GPU run: the clocks it ran at and its limits, since a
+# throttled or capped GPU explains a share of the copy bandwidth that looks wrong.
+_GPU_QUERY = ("driver_version", "clocks.sm", "clocks.mem", "clocks.max.sm", "clocks.max.mem",
+              "power.limit", "temperature.gpu")
+
+
+def _gpu_query(device: torch.device) -> dict:
+    """``_GPU_QUERY`` of ``device`` from nvidia-smi (matched by UUID), or {} without it."""
+    command = ["nvidia-smi", f"--query-gpu=uuid,{','.join(_GPU_QUERY)}",
+               "--format=csv,noheader,nounits"]
+    try:
+        lines = subprocess.run(command, capture_output=True, text=True, check=True,
+                               timeout=20).stdout.strip().splitlines()
+    except (OSError, subprocess.SubprocessError):
+        return {}
+    uuid = str(getattr(torch.cuda.get_device_properties(device), "uuid", ""))
+    rows = [[v.strip() for v in line.split(",")] for line in lines]
+    mine = next((r for r in rows if uuid and r[0].endswith(uuid)), rows[0] if rows else None)
+    if mine is None or len(mine) != len(_GPU_QUERY) + 1:
+        return {}
+    return dict(zip(_GPU_QUERY, mine[1:]))
+
+
+def environment(device: str | torch.device) -> dict:
+    """What a result needs to be read later: date, device, its clocks (GPU), versions, commit."""
+    device = torch.device(device)
     env = {
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
@@ -374,13 +414,9 @@ def _environment(device: torch.device) -> dict:
     except (OSError, subprocess.CalledProcessError):
         env["commit"] = None
     if device.type == "cuda":
-        try:
-            env["driver"] = subprocess.run(
-                ["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
-                capture_output=True, text=True, check=True,
-            ).stdout.strip()
-        except (OSError, subprocess.CalledProcessError):
-            env["driver"] = None
+        gpu = _gpu_query(device)
+        env["driver"] = gpu.pop("driver_version", None)
+        env["gpu"] = gpu
     return env
 
 
@@ -404,6 +440,31 @@ def _why_not_timed(backend: str, device: torch.device, chosen: tuple[str, ...]) 
     return None
 
 
+def resolve_device(device: str | torch.device | None) -> torch.device:
+    """The device of a run: ``device``, or by default CUDA when torch finds a GPU, else the CPU.
+
+    Raises :class:`~rlvr_optim.errors.InputError` for a device this machine lacks.
+    """
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    fix = "use --device cuda on a machine with a CUDA GPU, or --device cpu (the cpu-tiny preset)"
+    try:
+        resolved = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise InputError(f"--device {str(device)!r} is not a device name torch knows; {fix}") from None
+    if resolved.type not in ("cuda", "cpu"):
+        raise InputError(f"--device {str(device)!r}: the benchmark runs on cuda or cpu only; {fix}")
+    if resolved.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise InputError(f"--device {str(device)!r} needs a CUDA GPU, and torch "
+                             f"{torch.__version__} finds none on this machine; {fix}")
+        if resolved.index is not None and resolved.index >= count:
+            raise InputError(f"--device {str(device)!r}: this machine has {count} CUDA "
+                             f"device(s), cuda:0 to cuda:{count - 1}; pick one of those")
+    return resolved
+
+
 def run(
     presets=("r1-distill-qwen-1.5b", "many-small"),
     device: str | torch.device | None = None,
@@ -416,8 +477,13 @@ def run(
     graph: bool = True,
     tune: bool = False,
     modes: tuple[str, ...] | None = None,
+    jsonl: str | os.PathLike | None = None,
+    echo: bool = False,
 ) -> dict:
     """Run the benchmark and return its results (JSON-ready).
+
+    Every argument is checked before anything is measured or written; bad ones raise
+    :class:`~rlvr_optim.errors.InputError`.
 
     Args:
         presets: keys of :data:`PRESETS` (default: the 1.5B shapes and the many-small set).
@@ -436,23 +502,32 @@ def run(
             (block, warps, blocks per program) of :data:`TUNE_GRID` (group "tune").
         modes: names of :data:`OUR_MODES` to time (default all; ``()`` for none, e.g. a
             tuning run).
+        jsonl: a file to append the run to as it goes (default None: none): first a header
+            line (environment, copy bandwidth, steps, warm-up, the CPU flag, rows planned),
+            then one line per finished row (the :class:`Row` fields), each flushed, so a
+            run cut short leaves its finished rows complete (:func:`load` reads the file).
+            Timed anchors of earlier runs in the file count for this run's speed-ups.
+        echo: print a header and one short line per finished row on stdout.
     """
     from tqdm import tqdm  # noqa: PLC0415
 
-    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = resolve_device(device)
     unknown = [p for p in presets if p not in PRESETS]
     if unknown:
-        raise ValueError(f"unknown preset(s) {unknown}; choose from {sorted(PRESETS)}")
+        raise InputError(f"unknown preset(s) {unknown}; choose from {sorted(PRESETS)}")
     unknown = [a for a in (anchors or ()) if a not in ANCHORS]
     if unknown:
-        raise ValueError(f"unknown anchor(s) {unknown}; choose from {sorted(ANCHORS)}")
+        raise InputError(f"unknown anchor(s) {unknown}; choose from {sorted(ANCHORS)}")
     unknown = [m for m in (modes or ()) if m not in OUR_MODES]
     if unknown:
-        raise ValueError(f"unknown mode(s) {unknown}; choose from {list(OUR_MODES)}")
+        raise InputError(f"unknown mode(s) {unknown}; choose from {list(OUR_MODES)}")
     chosen_modes = tuple(OUR_MODES) if modes is None else tuple(modes)
     too_big = [p for p in presets if device.type == "cpu" and p != "cpu-tiny"]
     if too_big:
-        raise ValueError(f"preset(s) {too_big} are sized for a GPU; on a CPU use 'cpu-tiny'")
+        raise InputError(f"preset(s) {too_big} are sized for a GPU; on a CPU use 'cpu-tiny'")
+    earlier = []
+    if jsonl is not None and Path(jsonl).is_file() and Path(jsonl).stat().st_size > 0:
+        earlier = load(jsonl)["rows"]  # refuses a file that is not a result before we append
     if backends_to_time is None:
         if device.type == "cuda":
             backends_to_time = tuple(b for b in ("cuda", "triton")
@@ -461,15 +536,6 @@ def run(
             backends_to_time = ("reference",) + (("triton",) if _interpreter_on() else ())
     anchor_names = anchors if anchors is not None else tuple(ANCHORS)
     timer = _Timer(device)
-    copy_bytes = (1 << 30) if device.type == "cuda" else (1 << 26)
-    result = {
-        "environment": _environment(device),
-        "copy_gbps": copy_bandwidth(device, copy_bytes),
-        "steps": steps,
-        "warmup": warmup,
-        "cpu_timings_are_not_performance_results": device.type == "cpu",
-        "rows": [],
-    }
     plan = []
     for preset in presets:
         shapes = PRESETS[preset]()
@@ -478,7 +544,7 @@ def run(
             build, nbytes, variant = ANCHORS[name]
             plan.append((Row(name, "anchor", preset, variant, bytes_per_element=nbytes),
                          (lambda b=build, s=shapes: b(s, device)), numel))
-        for backend in ("cuda", "triton", "reference"):
+        for backend in BACKENDS_TIMED:
             reason = _why_not_timed(backend, device, backends_to_time)
             if reason is not None:  # one row says why the backend has no numbers
                 row = Row(f"rlvr_optim {backend} (all modes)", "ours", preset,
@@ -506,36 +572,187 @@ def run(
                               bytes_per_element=_our_bytes("default", "step"))
                     build = (lambda s=shapes: _ours(s, device, "triton", {}, False, "step"))
                     plan.append((row, _tuned(build, block, warps, chunks), numel))
+    copy_bytes = (1 << 30) if device.type == "cuda" else (1 << 26)
+    header = {
+        "environment": environment(device),
+        "copy_gbps": copy_bandwidth(device, copy_bytes),
+        "steps": steps,
+        "warmup": warmup,
+        "cpu_timings_are_not_performance_results": device.type == "cpu",
+        "planned_rows": len(plan),
+    }
+    cpu = header["cpu_timings_are_not_performance_results"]
+    timed = _timed_medians(earlier)
+    rows = []
+    sink = open(jsonl, "a", encoding="utf-8") if jsonl is not None else None  # noqa: SIM115
     bar = tqdm(total=len(plan), desc="bench", disable=not progress, unit="row")
-    for row, build, numel in plan:
-        bar.set_postfix_str(f"{row.preset}: {row.name}"[:60])
-        if row.status == "ok":
-            if row.variant == "graph" and device.type != "cuda":
-                row.status, row.reason = "unavailable", "CUDA graphs need a GPU"
-            else:
-                _measure(row, build, device, timer, steps, warmup, numel)
-        if row.ms:
-            row.ms_median, row.ms_min, row.ms_max = statistics.median(row.ms), min(row.ms), max(row.ms)
-            row.gbps = row.bytes_per_element * numel / (row.ms_median * 1e-3) / 1e9
-            row.share_of_copy = row.gbps / result["copy_gbps"]
-        result["rows"].append(row)
-        bar.update(1)
-    bar.close()
-    _add_speedups(result["rows"])
-    result["rows"] = [vars(r) for r in result["rows"]]
-    return result
+    try:
+        _append_line(sink, header)
+        if echo:
+            _echo(bar, f"bench on {header['environment']['device']} ({device}): copy bandwidth "
+                       f"{header['copy_gbps']:.0f} GB/s, {len(plan)} rows")
+            if cpu:
+                _echo(bar, _CPU_NOTE)
+        for index, (row, build, numel) in enumerate(plan, 1):
+            bar.set_postfix_str(f"{row.preset}: {row.name}"[:60])
+            if row.status == "ok":
+                if row.variant == "graph" and device.type != "cuda":
+                    row.status, row.reason = "unavailable", "CUDA graphs need a GPU"
+                else:
+                    _measure(row, build, device, timer, steps, warmup, numel)
+            if row.ms:
+                row.ms_median, row.ms_min, row.ms_max = statistics.median(row.ms), min(row.ms), max(row.ms)
+                row.gbps = row.bytes_per_element * numel / (row.ms_median * 1e-3) / 1e9
+                row.share_of_copy = row.gbps / header["copy_gbps"]
+            record = vars(row)
+            record["speedup"] = _speedups(record, timed)  # anchors come first in the plan
+            if record["ms_median"]:
+                timed[(row.preset, row.name)] = row.ms_median
+            _append_line(sink, record)
+            rows.append(record)
+            if echo:
+                _echo(bar, f"[{index}/{len(plan)}] {row_line(record, cpu)}")
+            bar.update(1)
+    finally:
+        bar.close()
+        if sink is not None:
+            sink.close()
+    return {**header, "rows": rows}
 
 
-def _add_speedups(rows: list[Row]) -> None:
-    timed = {(r.preset, r.name): r.ms_median for r in rows if r.ms_median}
-    for r in rows:
-        if r.group not in ("ours", "tune") or not r.ms_median:
+_CPU_NOTE = ("CPU run: these timings only keep the harness working; they are not "
+             "performance results.")
+
+
+def _append_line(sink, record: dict) -> None:
+    """One JSON line, written in one call and flushed, so a kill leaves whole lines."""
+    if sink is not None:
+        sink.write(json.dumps(record) + "\n")
+        sink.flush()
+
+
+def _echo(bar, line: str) -> None:
+    bar.write(line, file=sys.stdout)  # above the progress bar, which is on stderr
+    sys.stdout.flush()
+
+
+def row_line(row: dict, cpu: bool) -> str:
+    """One short line for a finished row: time and share of the copy bandwidth, with the
+    speed-up over the anchors it replaces on a GPU, or why there is no number."""
+    where = f"{row['preset']}: {row['name']}"
+    if row["ms_median"] is None:
+        return f"{where}: {row['status']}: {row['reason']}"[:200]
+    line = f"{where}: {row['ms_median']:.3f} ms, {100 * row['share_of_copy']:.1f}% of copy"
+    if cpu:
+        return line + " (CPU timing, not a performance result)"
+    return line + "".join(f", {v:.2f}x vs {k}" for k, v in row["speedup"].items())
+
+
+def _timed_medians(rows: list[dict]) -> dict[tuple[str, str], float]:
+    return {(r["preset"], r["name"]): r["ms_median"] for r in rows if r["ms_median"]}
+
+
+def _speedups(row: dict, timed: dict[tuple[str, str], float]) -> dict[str, float]:
+    """Speed-up of one of our rows over each anchor it replaces that ``timed`` holds."""
+    if row["group"] not in ("ours", "tune") or not row["ms_median"]:
+        return {}
+    mode = next((m for m in OUR_MODES if f" {m}, tracking" in row["name"]), None)
+    if mode is None:
+        return {}
+    compare = ("torch fused (CUDA graph)",) if row["variant"] == "graph" else _COMPARE[mode]
+    return {anchor: timed[(row["preset"], anchor)] / row["ms_median"]
+            for anchor in compare if (row["preset"], anchor) in timed}
+
+
+# ---------------------------------------------------------------------- reading results
+
+
+def load(path: str | os.PathLike) -> dict:
+    """A result from a file: the JSON that :func:`save` writes, or a ``.jsonl`` file that
+    :func:`run` streamed (one run or several appended, complete or cut off).
+
+    From JSONL: the first run's environment, copy bandwidth, steps and warm-up at the top;
+    ``runs``, each run's header with ``rows_found`` (fewer than ``planned_rows``: that run
+    was cut off); and the rows merged over the runs, one per (preset, name): the last
+    timed one, else the last. A backend's "(all modes)" row, which says why a run did not
+    time it, is dropped where another run did. Speed-ups are recomputed over all rows, so
+    a row is compared with an anchor measured in an earlier run. A last line cut off in
+    the middle is skipped (``cut_off_line`` is True). Raises
+    :class:`~rlvr_optim.errors.InputError` for a file that is not a result.
+    """
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise InputError(f"cannot read benchmark result {path}: {exc.strerror or exc}") from None
+    if path.suffix != ".jsonl":
+        try:
+            result = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise InputError(f"{path} is not JSON ({exc}); pass a result that "
+                             "rlvr-optim bench wrote (.json, or .jsonl with --jsonl)") from None
+        if not isinstance(result, dict) or not {"environment", "rows"} <= result.keys():
+            raise InputError(f"{path} is JSON but not a benchmark result (no environment "
+                             "and rows); pass a file that rlvr-optim bench wrote")
+        return result
+    lines = text.split("\n")
+    runs, rows, cut_off = [], [], False
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
             continue
-        mode = next(m for m in OUR_MODES if f" {m}, tracking" in r.name)
-        compare = ("torch fused (CUDA graph)",) if r.variant == "graph" else _COMPARE[mode]
-        for anchor in compare:
-            if (r.preset, anchor) in timed:
-                r.speedup[anchor] = timed[(r.preset, anchor)] / r.ms_median
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            if number == len(lines):  # no newline after it: the writer was stopped mid-line
+                cut_off = True
+                break
+            raise InputError(f"{path}, line {number}: not JSON; only the last line of a "
+                             "run that was stopped may be incomplete") from None
+        if isinstance(record, dict) and "environment" in record:
+            runs.append({**record, "rows_found": 0})
+            continue
+        if not runs:
+            raise InputError(f"{path} does not start with a run's header (the environment "
+                             "line); pass a file written by rlvr-optim bench --jsonl")
+        try:
+            rows.append(vars(Row(**record)))
+        except TypeError:
+            raise InputError(f"{path}, line {number}: not a benchmark row (its keys must be "
+                             "the fields of rlvr_optim.bench.Row)") from None
+        runs[-1]["rows_found"] += 1
+    if not runs:
+        raise InputError(f"{path} holds no benchmark run; was it written by rlvr-optim "
+                         "bench --jsonl?")
+    rows = _merge_rows(rows)
+    timed = _timed_medians(rows)
+    for row in rows:
+        row["speedup"] = _speedups(row, timed)
+    first = runs[0]
+    return {
+        "environment": first["environment"],
+        "copy_gbps": first["copy_gbps"],
+        "steps": first["steps"],
+        "warmup": first["warmup"],
+        "cpu_timings_are_not_performance_results": any(
+            r["cpu_timings_are_not_performance_results"] for r in runs),
+        "runs": runs,
+        "cut_off_line": cut_off,
+        "rows": rows,
+    }
+
+
+def _merge_rows(rows: list[dict]) -> list[dict]:
+    """One row per (preset, name), in order of first appearance (see :func:`load`)."""
+    merged: dict[tuple[str, str], dict] = {}
+    for row in rows:
+        key = (row["preset"], row["name"])
+        if key not in merged or row["ms_median"] is not None or merged[key]["ms_median"] is None:
+            merged[key] = row
+    has_rows = {(r["preset"], r["name"].split(" ")[1]) for r in merged.values()
+                if r["name"].startswith("rlvr_optim ") and not r["name"].endswith("(all modes)")}
+    return [r for r in merged.values()
+            if not (r["name"].endswith("(all modes)")
+                    and (r["preset"], r["name"].split(" ")[1]) in has_rows)]
 
 
 # ---------------------------------------------------------------------- rendering
@@ -545,63 +762,103 @@ def _fmt(v, spec):
     return "—" if v is None else format(v, spec)
 
 
-def render_markdown(result: dict) -> str:
-    """A markdown table of a result (one section per preset)."""
+def _result(source: dict | str | os.PathLike) -> dict:
+    return source if isinstance(source, dict) else load(source)
+
+
+def _runs_summary(result: dict) -> list[str]:
+    """Sentences on how the rows were measured: timing, copy bandwidth, cut-off runs."""
+    runs = result.get("runs") or [result]
+    timing = "; ".join(f"median of {s} steps after {w} warm-up steps"
+                       for s, w in dict.fromkeys((r["steps"], r["warmup"]) for r in runs))
+    copies = ", ".join(f"{r['copy_gbps']:.0f}" for r in runs)
+    where = ("in this run" if len(runs) == 1 else
+             f"in each of its {len(runs)} runs (a row's share is of its own run's)")
+    lines = [f"{timing[0].upper()}{timing[1:]}; copy bandwidth {copies} GB/s (read + write) "
+             f"measured {where}."]
+    stopped = [f"run {i} stopped after {r['rows_found']} of {r['planned_rows']} rows"
+               for i, r in enumerate(runs, 1)
+               if "rows_found" in r and r["rows_found"] < r["planned_rows"]]
+    if stopped:
+        lines.append("Cut off: " + "; ".join(stopped) + ".")
+    return lines
+
+
+def render_markdown(result: dict | str | os.PathLike) -> str:
+    """A markdown table of a result or result file (one section per preset)."""
+    result = _result(result)
     env = result["environment"]
+    cpu = result.get("cpu_timings_are_not_performance_results", False)
+    gpu = env.get("gpu") or {}
+    clocks = (f" GPU at start: SM {gpu.get('clocks.sm')} of {gpu.get('clocks.max.sm')} MHz, "
+              f"memory {gpu.get('clocks.mem')} of {gpu.get('clocks.max.mem')} MHz, power limit "
+              f"{gpu.get('power.limit')} W, {gpu.get('temperature.gpu')} °C." if gpu else "")
     lines = [
-        f"# rlvr_optim step benchmark — {env['device']}",
+        f"# rlvr_optim step benchmark — {env['device']}{' (CPU timings)' if cpu else ''}",
         "",
         f"{env['date']}, commit {env.get('commit')}, torch {env['torch']}, triton "
-        f"{env.get('triton')}, CUDA {env.get('cuda')}, driver {env.get('driver')}. "
-        f"Median of {result['steps']} steps after {result['warmup']} warm-up steps; "
-        f"copy bandwidth {result['copy_gbps']:.0f} GB/s (read + write) measured in this run.",
+        f"{env.get('triton')}, CUDA {env.get('cuda')}, driver {env.get('driver')}.{clocks} "
+        + " ".join(_runs_summary(result)),
         "",
     ]
-    if result.get("cpu_timings_are_not_performance_results"):
-        lines += ["**CPU run: these timings only keep the harness working; they are not "
-                  "performance results.**", ""]
+    if cpu:
+        lines += [f"**{_CPU_NOTE}** Speed-ups are not shown for a CPU run.", ""]
+    columns = ["row", "variant", "ms (min–max)", "B/elem", "GB/s", "share of copy BW",
+               *([] if cpu else ["speed-up"]), "step peak extra", "state B/param", "status"]
     for preset in dict.fromkeys(r["preset"] for r in result["rows"]):
-        lines += [f"## {preset}", "",
-                  "| row | variant | ms (min–max) | B/elem | GB/s | share of copy BW | "
-                  "speed-up | step peak extra | state B/param | status |",
-                  "|---|---|---|---|---|---|---|---|---|---|"]
+        lines += [f"## {preset}", "", "| " + " | ".join(columns) + " |",
+                  "|" + "---|" * len(columns)]
         for r in (r for r in result["rows"] if r["preset"] == preset):
             spread = (f"{r['ms_median']:.3f} ({r['ms_min']:.3f}–{r['ms_max']:.3f})"
                       if r["ms_median"] is not None else "—")
-            speed = ", ".join(f"{v:.2f}x vs {k}" for k, v in r["speedup"].items()) or "—"
             extra = (f"{r['step_peak_extra_bytes'] / 2**20:.1f} MiB"
                      if r["step_peak_extra_bytes"] is not None else "—")
             status = r["status"] if r["status"] == "ok" else f"{r['status']}: {r['reason']}"
-            share = _fmt(None if r["share_of_copy"] is None else 100 * r["share_of_copy"], ".0f")
-            lines.append(
-                f"| {r['name']} | {r['variant']} | {spread} | {_fmt(r['bytes_per_element'], '.3g')} | "
-                f"{_fmt(r['gbps'], '.0f')} | {share}{'%' if r['share_of_copy'] is not None else ''} | "
-                f"{speed} | {extra} | {_fmt(r['state_bytes_per_param'], '.2f')} | {status} |")
+            share = ("—" if r["share_of_copy"] is None else f"{100 * r['share_of_copy']:.0f}%")
+            cells = [r["name"], r["variant"], spread, _fmt(r["bytes_per_element"], ".3g"),
+                     _fmt(r["gbps"], ".0f"), share]
+            if not cpu:
+                cells.append(", ".join(f"{v:.2f}x vs {k}" for k, v in r["speedup"].items()) or "—")
+            cells += [extra, _fmt(r["state_bytes_per_param"], ".2f"), status]
+            lines.append("| " + " | ".join(cells) + " |")
         lines.append("")
     return "\n".join(lines)
 
 
-def render_short(result: dict) -> str:
-    """A compact plain-text table of the timed rows (what gpu_check.sh prints last)."""
-    lines = [f"{result['environment']['device']}: copy {result['copy_gbps']:.0f} GB/s"]
+def render_short(result: dict | str | os.PathLike) -> str:
+    """A compact plain-text table of a result or result file (what gpu_check.sh prints
+    last): per row the median time, its share of the copy bandwidth and, on a GPU, its
+    speed-up over each anchor it replaces; rows without a number say why."""
+    result = _result(result)
+    cpu = result.get("cpu_timings_are_not_performance_results", False)
+    runs = result.get("runs") or [result]
+    copies = ", ".join(f"{r['copy_gbps']:.0f}" for r in runs)
+    lines = [f"{result['environment']['device']}: copy {copies} GB/s"]
+    if cpu:
+        lines.append(_CPU_NOTE)
+    lines += _runs_summary(result)[1:]  # the cut-off runs, if any
+    lines.append(f"{'preset':20} {'row':52} {'ms':>9}    {'copy':>6}"
+                 + ("" if cpu else "  speed-up over the anchor replaced"))
     for r in result["rows"]:
         if r["ms_median"] is None:
             if r["status"] != "unavailable":
-                lines.append(f"{r['preset'][:20]:20} {r['name'][:52]:52} {r['status']}")
+                lines.append(f"{r['preset'][:20]:20} {r['name'][:52]:52} {r['status']}: "
+                             f"{r['reason'][:60]}")
             continue
-        speed = " ".join(f"{v:.2f}x" for v in r["speedup"].values())
+        speed = "" if cpu else "  " + ", ".join(f"{v:.2f}x {k}" for k, v in r["speedup"].items())
         lines.append(f"{r['preset'][:20]:20} {r['name'][:52]:52} {r['ms_median']:9.3f} ms "
-                     f"{100 * r['share_of_copy']:5.1f}% {speed}")
+                     f"{100 * r['share_of_copy']:5.1f}%{speed}".rstrip())
     return "\n".join(lines)
 
 
-def render_plot(result: dict, path: str | os.PathLike) -> None:
+def render_plot(result: dict | str | os.PathLike, path: str | os.PathLike) -> None:
     """A PNG with, per preset, time and share of copy bandwidth of every timed row."""
     import matplotlib  # noqa: PLC0415
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt  # noqa: PLC0415
 
+    result = _result(result)
     presets = list(dict.fromkeys(r["preset"] for r in result["rows"]))
     fig, axes = plt.subplots(len(presets), 2, figsize=(14, 1 + 0.35 * len(result["rows"])),
                              squeeze=False)
@@ -617,20 +874,29 @@ def render_plot(result: dict, path: str | os.PathLike) -> None:
         ax_s.set_xlabel("% of copy bandwidth")
         ax_s.set_yticks([])
         ax_s.invert_yaxis()
-    fig.suptitle(f"{result['environment']['device']} ({result['environment']['date']})")
+    title = f"{result['environment']['device']} ({result['environment']['date']})"
+    if result.get("cpu_timings_are_not_performance_results"):
+        title += "\nCPU timings: they keep the harness working and are not performance results"
+    fig.suptitle(title)
     fig.tight_layout()
     fig.savefig(path, dpi=90)
     plt.close(fig)
 
 
-def render(json_path: str | os.PathLike) -> tuple[Path, Path]:
-    """Write ``<stem>.md`` and ``<stem>.png`` beside a result JSON; returns their paths."""
-    json_path = Path(json_path)
-    result = json.loads(json_path.read_text())
-    md, png = json_path.with_suffix(".md"), json_path.with_suffix(".png")
+def render(path: str | os.PathLike) -> tuple[Path, ...]:
+    """Render a result file beside itself: ``<stem>.md`` and ``<stem>.png``, and for a
+    ``.jsonl`` file (complete or cut off) first ``<stem>.json``, the merged result of
+    :func:`load`. Returns the paths written."""
+    path = Path(path)
+    result = load(path)
+    written = []
+    if path.suffix == ".jsonl":
+        written.append(path.with_suffix(".json"))
+        written[-1].write_text(json.dumps(result, indent=1) + "\n")
+    md, png = path.with_suffix(".md"), path.with_suffix(".png")
     md.write_text(render_markdown(result) + "\n")
     render_plot(result, png)
-    return md, png
+    return (*written, md, png)
 
 
 def save(result: dict, out_dir: str | os.PathLike) -> Path:

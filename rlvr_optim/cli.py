@@ -79,22 +79,30 @@ def _demo(args: argparse.Namespace) -> int:
 
 
 def _add_bench(subparsers) -> None:
-    from .bench import ANCHORS, OUR_MODES, PRESETS, TUNE_GRID  # noqa: PLC0415
+    from .bench import ANCHORS, DEFAULT_OUT, OUR_MODES, PRESETS, TUNE_GRID  # noqa: PLC0415
 
     p = subparsers.add_parser(
         "bench",
         help="time optimizer steps beside torch/torchao/optimi anchors (GPU; CPU mode for tests)",
         description="Time rlvr_optim.AdamW steps beside what users run today, report GB/s "
-        "and the share of the copy bandwidth measured in the same run, and write JSON, a "
-        "markdown table and a PNG under OUT/<device>/.",
+        "and the share of the copy bandwidth measured in the same run, print one line per "
+        "finished row, and write JSON, a markdown table and a PNG under OUT/<device>/. "
+        "--jsonl streams the run to a file as it goes, so a run cut short keeps its rows. "
+        "CPU timings only keep the harness working: every output marks them so.",
     )
     p.add_argument("--preset", action="append", choices=sorted(PRESETS),
                    help="shape preset, repeatable (default: r1-distill-qwen-1.5b and "
                    "many-small on a GPU, cpu-tiny on a CPU)")
-    p.add_argument("--device", help="cuda or cpu (default: cuda if available)")
+    p.add_argument("--device", help="cuda (or cuda:N) or cpu (default: cuda if available)")
     p.add_argument("--steps", type=_positive_int, default=15, help="timed steps per row (default 15)")
     p.add_argument("--warmup", type=int, default=3, help="untimed steps first (default 3)")
-    p.add_argument("--out", default="bench/results", help="results folder (default bench/results)")
+    p.add_argument("--out", metavar="DIR",
+                   help=f"results folder (default ./{DEFAULT_OUT} in the current directory; "
+                   "with --jsonl and no --out only the JSONL file is written)")
+    p.add_argument("--jsonl", metavar="PATH",
+                   help="append the run to PATH as it goes: the environment first, then one "
+                   "JSON object per finished row, flushed after each "
+                   "(rlvr_optim.bench.render(PATH) renders it, complete or cut off)")
     p.add_argument("--backend", action="append", dest="backends", metavar="NAME",
                    help="our backend to time, repeatable (default: the fused backends available; "
                    "'none' times the anchors only)")
@@ -118,26 +126,30 @@ def _add_bench(subparsers) -> None:
 
 
 def _bench(args: argparse.Namespace) -> int:
-    """Run :func:`rlvr_optim.bench.run`, save and render it, print the markdown table."""
-    import torch  # noqa: PLC0415
-
+    """Run :func:`rlvr_optim.bench.run` (one line per row on stdout, rows streamed to
+    ``--jsonl``), then save and render it under ``--out`` and print the markdown table."""
     from . import bench  # noqa: PLC0415
+    from .errors import InputError  # noqa: PLC0415
 
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    default = ("r1-distill-qwen-1.5b", "many-small") if device.startswith("cuda") else ("cpu-tiny",)
     chosen = None if args.backends is None else tuple(b for b in args.backends if b != "none")
     anchors = None if args.anchors is None else tuple(a for a in args.anchors if a != "none")
     modes = None if args.modes is None else tuple(m for m in args.modes if m != "none")
     try:
+        device = bench.resolve_device(args.device)
+        default = ("r1-distill-qwen-1.5b", "many-small") if device.type == "cuda" else ("cpu-tiny",)
         result = bench.run(presets=tuple(args.preset or default), device=device,
                            steps=args.steps, warmup=args.warmup, backends_to_time=chosen,
                            anchors=anchors, progress=not args.no_progress,
                            graph=not args.no_graph, tune=args.tune, modes=modes,
-                           tracks=tuple(args.tracks or ("off", "step")))
-    except ValueError as exc:  # a preset or backend that does not fit this machine
+                           tracks=tuple(args.tracks or ("off", "step")), jsonl=args.jsonl,
+                           echo=True)
+    except InputError as exc:  # a device, preset or file that does not fit; nothing written
         print(f"rlvr-optim bench: error: {exc}", file=sys.stderr)
         return 2
-    path = bench.save(result, args.out)
+    if args.out is None and args.jsonl is not None:
+        print(f"appended {len(result['rows'])} rows to {args.jsonl}")
+        return 0
+    path = bench.save(result, args.out or bench.DEFAULT_OUT)
     print(path.with_suffix(".md").read_text())
     print(f"wrote {path} (+ .md, .png)")
     return 0
