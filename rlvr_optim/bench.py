@@ -424,8 +424,9 @@ def _interpreter_on() -> bool:
     return os.environ.get("TRITON_INTERPRET") == "1" and backends.unavailable_reason("triton") is None
 
 
-def _why_not_timed(backend: str, device: torch.device, chosen: tuple[str, ...]) -> str | None:
-    """Why ``backend`` gets no rows in this run, or None when it is timed."""
+def why_not_timed(backend: str, device: torch.device, chosen: tuple[str, ...]) -> str | None:
+    """Why ``backend`` does not run on ``device`` in a run that chose the backends
+    ``chosen``, or None when it runs (here: gets rows; in :mod:`rlvr_optim.smoke`: is checked)."""
     reason = backends.unavailable_reason(backend)
     if reason is not None:
         return reason
@@ -545,7 +546,7 @@ def run(
             plan.append((Row(name, "anchor", preset, variant, bytes_per_element=nbytes),
                          (lambda b=build, s=shapes: b(s, device)), numel))
         for backend in BACKENDS_TIMED:
-            reason = _why_not_timed(backend, device, backends_to_time)
+            reason = why_not_timed(backend, device, backends_to_time)
             if reason is not None:  # one row says why the backend has no numbers
                 row = Row(f"rlvr_optim {backend} (all modes)", "ours", preset,
                           status="unavailable", reason=reason)
