@@ -1,75 +1,253 @@
 #!/usr/bin/env bash
-# The one command for a GPU machine without network access (see bench/README.md):
-# install the checkout, run the GPU tests, benchmark the 1.5B and many-small presets,
-# write everything under $OUT (or bench/results), and print a short table last.
+# The one command for a GPU machine without network access (see bench/README.md). It works
+# against one deadline, most valuable first, and a run cut short keeps what it measured
+# (rows stream to rows.jsonl as they finish):
+#   1  environment to run.log; install; the CUDA extension starts building in the background
+#   2  meanwhile, on the idle GPU: copy bandwidth and the anchors on the 1.5B preset
+#   3  smoke check: each fused backend x mode bit for bit against the reference on the GPU
+#   4  our headline rows on the 1.5B preset: default mode, tracking off and step
+#   5  the remaining modes and the CUDA-graph rows, then the many-small preset
+#   6  the GPU test suite with the time left (-v: a kill still shows what passed)
+#   7  TUNE=1 / PROFILE=1, only when asked and at least 90 s remain
+# and last the short table, rendered from rows.jsonl.
 #
-# Budget: under 6 minutes on an H100: install and CUDA build ~45 s, GPU tests 150 s at
-# most (8 shards side by side: compiling the Triton variants is the long part, and it runs
-# on the CPU cores), benchmark 130 s at most.
-# Optional, each with its own time box, after the short table:
-#   TUNE=1     Triton block/warps/blocks-per-program sweep on the flat preset (75 s at most)
-#   PROFILE=1  ncu speed of light of torch fused and our default, SR and fp32-master
-#              steps on each backend (bench/profile_step.py; 60 s at most)
+# Settings (environment): OUT (required) the results folder; DEADLINE seconds from start
+# (default 330: one run may last 10 minutes, the whole GPU lease is about 15); DEVICE cuda
+# (default) or cpu: every phase on the CPU with the cpu-tiny preset, the GPU-only parts
+# report that they were skipped (tests/test_gpu_check.py runs it so); PYTHON (default
+# python3). Each phase's timeout is its cap or what is left of the deadline, less 15 s
+# kept for the table. A failed extension build goes on without the CUDA rows and says why.
+# At most 6 files under $OUT: run.log, rows.jsonl, env.json, tests.log, and with TUNE=1 /
+# PROFILE=1 tune.jsonl / ncu.log; other logs go to a scratch folder and are summarized.
 set -uo pipefail
 cd "$(dirname "$0")/.."
-out="${OUT:-bench/results}"
-mkdir -p "$out"
+: "${OUT:?set OUT to the folder for the results (at most 6 files are written there)}"
+device="${DEVICE:-cuda}"
+py="${PYTHON:-python3}"
+case "$device" in
+  cuda) big=r1-distill-qwen-1.5b; steps=15; warmup=3 ;;
+  cpu) big=cpu-tiny; steps=1; warmup=0; export TRITON_INTERPRET=1 ;;  # Triton on a CPU
+  *) echo "gpu_check.sh: DEVICE must be cuda or cpu, got '$device'" >&2; exit 2 ;;
+esac
+mkdir -p "$OUT"
+scratch=$(mktemp -d)
 export PYTHONUNBUFFERED=1
-start=$SECONDS
+t0=$SECONDS
+deadline=$((t0 + ${DEADLINE:-330}))
+reserve=15   # seconds kept for the short table at the end
+rows="$OUT/rows.jsonl"
 
-# Optional anchors (torchao, torch-optimi) travel as wheels in .whl/ (bench/README.md).
-if compgen -G ".whl/*.whl" > /dev/null; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
-    --target /tmp/site .whl/*.whl && export PYTHONPATH="/tmp/site${PYTHONPATH:+:$PYTHONPATH}"
-fi
-# Build the extension for this GPU only (CI compiles every arch): half the nvcc time.
-cap=$(nvidia-smi --query-gpu=compute_cap --format=csv,noheader 2>/dev/null | head -n 1 | tr -d ' .')
-[ -n "$cap" ] && export RLVR_OPTIM_CUDA_ARCHS="${RLVR_OPTIM_CUDA_ARCHS:-$cap}"
-python3 -m pip install -q --no-build-isolation --no-deps -e . > "$out/install.log" 2>&1 \
-  || { cat "$out/install.log"; exit 1; }
-nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee "$out/gpu.txt"
-echo "installed in $((SECONDS - start)) s"
+left() { echo $((deadline - SECONDS)); }
+budget() {  # budget CAP: seconds the next phase may take
+  local b=$(($(left) - reserve))
+  ((b > $1)) && b=$1
+  ((b < 0)) && b=0
+  echo "$b"
+}
+phase() { echo "== phase $1 at $((SECONDS - t0)) s, $(left) s left"; }
+skipped() { echo "   skipped: $*"; }
+run_for() {  # run_for SECONDS CMD...: CMD under a timeout that says when it fired
+  local limit=$1 rc
+  shift
+  timeout -s INT -k 5 "$limit" "$@"
+  rc=$?
+  ((rc == 124)) && echo "   stopped by its ${limit} s timeout"
+  return "$rc"
+}
+bench() {  # bench CAP JSONL ARGS...: one benchmark run appended to JSONL
+  local limit jsonl=$2
+  limit=$(budget "$1")
+  shift 2
+  ((limit >= 10)) || { skipped "$(left) s left"; return 0; }
+  run_for "$limit" "$py" -m rlvr_optim bench --device "$device" --jsonl "$jsonl" \
+    --no-progress --steps "$steps" --warmup "$warmup" "$@" || failed+=("bench $*")
+}
 
-# GPU tests only (-m gpu): the CPU suite runs in CI. Eight shards (tests/conftest.py
-# --shard) run side by side; exit 5 means a shard collected nothing. One log per shard,
-# concatenated into gpu_tests.log.
-shards=8
-for i in $(seq 0 $((shards - 1))); do
-  timeout 150 python3 -m pytest -q -m gpu -p no:cacheprovider --shard "$i/$shards" tests \
-    > "$out/gpu_tests.$i.log" 2>&1 &
-done
-tests_ok=0
-for job in $(jobs -p); do
-  wait "$job"; rc=$?
-  [ "$rc" -eq 0 ] || [ "$rc" -eq 5 ] || tests_ok=1
-done
-for i in $(seq 0 $((shards - 1))); do
-  echo "== shard $i/$shards"; cat "$out/gpu_tests.$i.log"; rm -f "$out/gpu_tests.$i.log"
-done > "$out/gpu_tests.log"
-grep -hE "^== shard|(passed|failed|skipped|errors?|no tests ran).* in [0-9.]+s|^(FAILED|ERROR) " \
-  "$out/gpu_tests.log" | head -n 60
-echo "GPU tests done at $((SECONDS - start)) s"
+main() {
+  failed=()
+  phase "1: environment, install, CUDA extension build"
+  echo "   $(date -u +%FT%TZ), commit $(git rev-parse --short HEAD 2>/dev/null), DEVICE=$device," \
+    "DEADLINE=${DEADLINE:-330} s, $("$py" --version 2>&1)"
+  "$py" -c 'from importlib.metadata import version
+for name in ("torch", "triton", "torchao", "torch-optimi"):
+    try:
+        print(f"   {name} {version(name)}")
+    except Exception:
+        print(f"   {name} not installed")'
+  if [ "$device" = cuda ]; then
+    nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.max.sm,clocks.mem,clocks.max.mem,power.limit,compute_cap \
+      --format=csv
+  fi
+  # Optional anchors (torchao, torch-optimi) travel as wheels in .whl/ (bench/README.md).
+  if compgen -G ".whl/*.whl" > /dev/null; then
+    "$py" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+      --target /tmp/site .whl/*.whl && export PYTHONPATH="/tmp/site${PYTHONPATH:+:$PYTHONPATH}"
+  fi
+  # Installed without the extension, so the package imports at once; -I: this checkout's
+  # own folder must not count as installed.
+  installed=$("$py" -I -c 'import importlib.util as u; s = u.find_spec("rlvr_optim"); print(s.origin if s else "")')
+  if [ "$installed" = "$PWD/rlvr_optim/__init__.py" ]; then
+    echo "   rlvr_optim is installed from this checkout already"
+  elif ! RLVR_OPTIM_SKIP_CUDA_BUILD=1 "$py" -m pip install -q --no-build-isolation --no-deps -e . \
+    > "$scratch/install.log" 2>&1; then
+    tail -n 20 "$scratch/install.log"
+    echo "   pip install failed; going on from the checkout (python -m finds it in this folder)"
+  fi
+  build_pid=""
+  if [ "$device" = cuda ]; then
+    # For this GPU's architecture only (CI compiles sm_80 and sm_90): half the nvcc time.
+    # setup.py builds the extension the install would have built, in place, replacing any
+    # stale one from an earlier run.
+    cap=$(nvidia-smi --query-gpu=compute_cap --format=csv,noheader 2>/dev/null | head -n 1 | tr -d ' .')
+    rm -f rlvr_optim/_C*.so
+    build_limit=$(budget 150)
+    (
+      RLVR_OPTIM_CUDA_ARCHS="${RLVR_OPTIM_CUDA_ARCHS:-$cap}" timeout -k 5 "$build_limit" \
+        "$py" setup.py build_ext --inplace --force > "$scratch/build.log" 2>&1
+      echo $? > "$scratch/build.rc"
+    ) &
+    build_pid=$!
+    echo "   extension build started (sm_${RLVR_OPTIM_CUDA_ARCHS:-$cap}, at most $build_limit s)"
+  else
+    skipped "the CUDA extension build (GPU only)"
+  fi
 
-timeout 130 python3 -m rlvr_optim bench --preset r1-distill-qwen-1.5b --preset many-small \
-  --no-progress --out "$out" > "$out/bench.log" 2>&1
-bench_rc=$?
+  phase "2: copy bandwidth and anchors, $big"
+  bench 90 "$rows" --preset "$big" --backend none --mode none --no-graph \
+    --anchor "torch fused" --anchor "torch foreach" --anchor "torch fused + clone/compare/count" \
+    --anchor "torch fused + 1-byte snapshot diff" --anchor "torch fused fp32 master + bf16 cast" \
+    --anchor "torchao _AdamW bf16 SR" --anchor "optimi AdamW Kahan (Triton)"
 
-latest=$(ls -t "$out"/*/*.json 2>/dev/null | head -n 1)
-if [ -n "$latest" ]; then
-  python3 -c "import json, sys; from rlvr_optim import bench; print(bench.render_short(json.load(open(sys.argv[1]))))" "$latest"
-else
-  tail -n 30 "$out/bench.log"
-fi
-echo "GPU tests $([ $tests_ok -eq 0 ] && echo passed || echo FAILED), bench exit $bench_rc, $((SECONDS - start)) s"
+  phase "3: smoke check, every fused backend x mode against the reference"
+  fused=(triton)
+  build_ok=0
+  if [ -n "$build_pid" ]; then
+    wait "$build_pid"
+    build_rc=$(cat "$scratch/build.rc" 2>/dev/null || echo "?")
+    if [ "$build_rc" = 0 ] && compgen -G "rlvr_optim/_C*.so" > /dev/null; then
+      build_ok=1
+      fused=(cuda triton)
+      echo "   CUDA extension built at $((SECONDS - t0)) s"
+    else
+      tail -n 15 "$scratch/build.log" | sed 's/^/   build: /'
+      echo "   CUDA extension build FAILED (exit $build_rc$([ "$build_rc" = 124 ] && echo ", timed out")):" \
+        "no cuda rows in this run; the Triton rows and the anchors go on"
+      rm -f rlvr_optim/_C*.so  # so nothing compiles it on first use in a timed phase
+    fi
+  fi
+  backend_args=()
+  for b in "${fused[@]}"; do backend_args+=(--backend "$b"); done
+  limit=$(budget 60)
+  if ((limit >= 10)); then
+    run_for "$limit" "$py" -m rlvr_optim.smoke --device "$device" "${backend_args[@]}" \
+      || failed+=("smoke check")
+  else
+    skipped "$(left) s left"
+  fi
 
-if [ "${TUNE:-0}" = 1 ]; then
-  timeout 75 python3 -m rlvr_optim bench --preset flat --backend triton --anchor "torch fused" \
-    --mode none --tune --no-graph --no-progress --out "$out/tune" > "$out/tune.log" 2>&1
-  echo "tune exit $?"; grep -E "^\| rlvr_optim triton default, tracking step|^\| torch fused \|" "$out/tune.log"
-fi
-if [ "${PROFILE:-0}" = 1 ]; then
-  timeout 60 ncu --clock-control none --section SpeedOfLight --kernel-name 'regex:adamw|Adam' \
-    python3 bench/profile_step.py > "$out/ncu.log" 2>&1
-  echo "ncu exit $?"; grep -E "adamw|Memory Throughput|Compute \(SM\) Throughput|Duration" "$out/ncu.log" | head -n 40
-fi
-[ "$bench_rc" -eq 0 ] && [ "$tests_ok" -eq 0 ]
+  phase "4: headline rows, $big, default mode, tracking off and step (${fused[*]})"
+  bench 90 "$rows" --preset "$big" "${backend_args[@]}" --mode default --track off --track step \
+    --anchor none --no-graph
+
+  phase "5: remaining modes and CUDA-graph rows ($big), then many-small"
+  bench 120 "$rows" --preset "$big" "${backend_args[@]}" --mode "sr + fp32 states" \
+    --mode "fp32 master" --mode remainder --mode "freeze mask" --anchor "torch fused (CUDA graph)"
+  if [ "$device" = cuda ]; then
+    bench 60 "$rows" --preset many-small "${backend_args[@]}" --mode default \
+      --anchor "torch fused" --anchor "torch foreach" --anchor "torch fused (CUDA graph)"
+  else
+    skipped "the many-small preset (sized for a GPU)"
+  fi
+
+  phase "6: GPU test suite"
+  extras=0  # seconds kept for what TUNE / PROFILE asked for
+  [ "${TUNE:-0}" = 1 ] && extras=$((extras + 90))
+  [ "${PROFILE:-0}" = 1 ] && extras=$((extras + 90))
+  if [ "$device" != cuda ]; then
+    skipped "the GPU tests (pytest -m gpu) need a GPU; the CPU suite runs in CI"
+  else
+    limit=$(($(budget 600) - extras))
+    if ((limit < 20)); then
+      skipped "$(left) s left"
+    else
+      # Eight shards side by side (tests/conftest.py --shard): compiling the Triton variants,
+      # on the CPU cores, dominates otherwise. Exit 5: a shard collected nothing.
+      shards=8
+      for i in $(seq 0 $((shards - 1))); do
+        timeout -s TERM -k 5 "$limit" "$py" -m pytest -v -m gpu -p no:cacheprovider \
+          --shard "$i/$shards" tests > "$scratch/tests.$i.log" 2>&1 &
+      done
+      tests_ok=1
+      for job in $(jobs -p); do
+        wait "$job"
+        rc=$?
+        ((rc == 0 || rc == 5)) || tests_ok=0
+      done
+      for i in $(seq 0 $((shards - 1))); do
+        echo "== shard $i/$shards"
+        cat "$scratch/tests.$i.log"
+      done > "$OUT/tests.log"
+      echo "   $(grep -c ' PASSED' "$OUT/tests.log") passed, $(grep -c ' FAILED' "$OUT/tests.log")" \
+        "failed, $(grep -c ' SKIPPED' "$OUT/tests.log") skipped (tests.log; ${limit} s allowed)"
+      grep -hE "^(FAILED|ERROR) " "$OUT/tests.log" | head -n 30
+      ((tests_ok)) || failed+=("GPU tests")
+    fi
+  fi
+
+  phase "7: TUNE / PROFILE"
+  if [ "${TUNE:-0}" != 1 ] && [ "${PROFILE:-0}" != 1 ]; then
+    skipped "not asked (TUNE=1, PROFILE=1)"
+  elif [ "$device" != cuda ]; then
+    skipped "TUNE and PROFILE time GPU kernels"
+  fi
+  if [ "${TUNE:-0}" = 1 ] && [ "$device" = cuda ]; then
+    if (($(left) - reserve >= 90)); then
+      bench 75 "$OUT/tune.jsonl" --preset flat --backend triton --anchor "torch fused" \
+        --mode none --tune --no-graph
+    else
+      skipped "TUNE: $(left) s left, it needs 90"
+    fi
+  fi
+  if [ "${PROFILE:-0}" = 1 ] && [ "$device" = cuda ]; then
+    if ((build_ok == 0)); then
+      skipped "PROFILE: without the extension, profile_step.py would compile it on first use"
+    elif (($(left) - reserve >= 90)); then
+      run_for "$(budget 60)" ncu --clock-control none --section SpeedOfLight \
+        --kernel-name 'regex:adamw|Adam' "$py" bench/profile_step.py > "$OUT/ncu.log" 2>&1
+      echo "   ncu exit $?"
+      grep -E "adamw|Memory Throughput|Compute \(SM\) Throughput|Duration" "$OUT/ncu.log" | head -n 40
+    else
+      skipped "PROFILE: $(left) s left, it needs 90"
+    fi
+  fi
+
+  echo "== short table at $((SECONDS - t0)) s (from rows.jsonl; environment in env.json)"
+  "$py" - "$rows" "$OUT/env.json" "$device" <<'PY'
+import json
+import sys
+from pathlib import Path
+
+from rlvr_optim import bench
+
+rows, env, device = sys.argv[1:]
+if Path(rows).is_file() and Path(rows).stat().st_size:
+    result = bench.load(rows)
+    first = result["runs"][0]
+    keys = ("copy_gbps", "cpu_timings_are_not_performance_results")
+    Path(env).write_text(json.dumps({**first["environment"], **{k: first[k] for k in keys}},
+                                    indent=1) + "\n")
+    print(bench.render_short(result))
+else:
+    Path(env).write_text(json.dumps(bench.environment(device), indent=1) + "\n")
+    print("no rows were measured")
+PY
+  rm -rf "$scratch"
+  if ((${#failed[@]})); then
+    echo "FAILED: ${failed[*]} ($((SECONDS - t0)) s)"
+    return 1
+  fi
+  echo "done in $((SECONDS - t0)) s"
+}
+
+main 2>&1 | tee "$OUT/run.log"
+exit "${PIPESTATUS[0]}"

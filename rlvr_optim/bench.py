@@ -407,8 +407,10 @@ def environment(device: str | torch.device) -> dict:
     except ImportError:
         env["triton"] = None
     try:
+        # The abbreviated hash, "-dirty" when tracked files differ from it: numbers of
+        # uncommitted code must not be credited to the commit.
         env["commit"] = subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+            ["git", "describe", "--always", "--dirty", "--exclude=*"], capture_output=True, text=True,
             cwd=Path(__file__).resolve().parent, check=True,
         ).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
