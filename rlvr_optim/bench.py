@@ -101,7 +101,7 @@ class Row:
     """One benchmark row."""
 
     name: str
-    group: str  # "ours" or "anchor"
+    group: str  # "ours", "anchor" or "tune"
     preset: str
     variant: str = "eager"  # or "graph"
     status: str = "ok"  # ok | missing | unavailable | error
@@ -854,6 +854,14 @@ def render_short(result: dict | str | os.PathLike) -> str:
     return "\n".join(lines)
 
 
+def plot_title(result: dict) -> str:
+    """The PNG's title: device and date, and on a CPU that the timings are no results."""
+    title = f"{result['environment']['device']} ({result['environment']['date']})"
+    if result.get("cpu_timings_are_not_performance_results"):
+        title += "\nCPU timings: they keep the harness working and are not performance results"
+    return title
+
+
 def render_plot(result: dict | str | os.PathLike, path: str | os.PathLike) -> None:
     """A PNG with, per preset, time and share of copy bandwidth of every timed row."""
     import matplotlib  # noqa: PLC0415
@@ -877,10 +885,7 @@ def render_plot(result: dict | str | os.PathLike, path: str | os.PathLike) -> No
         ax_s.set_xlabel("% of copy bandwidth")
         ax_s.set_yticks([])
         ax_s.invert_yaxis()
-    title = f"{result['environment']['device']} ({result['environment']['date']})"
-    if result.get("cpu_timings_are_not_performance_results"):
-        title += "\nCPU timings: they keep the harness working and are not performance results"
-    fig.suptitle(title)
+    fig.suptitle(plot_title(result))
     fig.tight_layout()
     fig.savefig(path, dpi=90)
     plt.close(fig)

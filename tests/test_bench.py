@@ -1,12 +1,17 @@
 """The benchmark harness in its CPU mode: schema, bytes model, every anchor accounted for."""
 
 import json
+import os
+import subprocess
+import sys
+import time
 
 import pytest
 import torch
 
 from rlvr_optim import bench
 from rlvr_optim.cli import main
+from rlvr_optim.errors import InputError
 
 
 @pytest.fixture(scope="module")
@@ -110,23 +115,179 @@ def test_tuned_step_sees_its_configuration():
     assert now() == before
 
 
-def test_save_render_and_cli(result, tmp_path, capsys):
+def test_save_render_and_cli(result, tmp_path, capsys, monkeypatch):
     path = bench.save(result, tmp_path)
     assert json.loads(path.read_text())["rows"] == json.loads(json.dumps(result["rows"]))
     md = path.with_suffix(".md").read_text()
     assert "not performance results" in md and "| torch fused |" in md
+    # A CPU run shows no speed-up column: it would read as a performance claim.
+    assert "speed-up" not in md.split("## cpu-tiny")[1]
+    assert "not performance results" in bench.plot_title(result)
+    assert "not performance results" in bench.render_short(result)
     assert path.with_suffix(".png").read_bytes()[:4] == b"\x89PNG"
+    monkeypatch.chdir(tmp_path)  # the default --out is a folder of the current directory
     assert main(["bench", "--preset", "cpu-tiny", "--steps", "1", "--warmup", "0",
                  "--backend", "reference", "--anchor", "torch fused", "--anchor",
-                 "torch foreach", "--no-graph", "--no-progress", "--out", str(tmp_path / "cli")]) == 0
+                 "torch foreach", "--no-graph", "--no-progress"]) == 0
     printed = capsys.readouterr().out
     assert "torch fused" in printed and "not performance results" in printed
-    saved = json.loads(next((tmp_path / "cli").glob("*/*.json")).read_text())
+    # One line per finished row even without the progress bar.
+    assert "] cpu-tiny: torch foreach: " in printed and "(CPU timing, not a performance result)" in printed
+    saved = json.loads(next((tmp_path / bench.DEFAULT_OUT).glob("*/*.json")).read_text())
     names = {r["name"] for r in saved["rows"]}
     assert {"torch fused", "torch foreach"} <= names and "torch fused (CUDA graph)" not in names
     assert not any("CUDA graph" in n for n in names)  # --no-graph
     assert "not selected" in next(r["reason"] for r in saved["rows"]
                                   if r["name"] == "rlvr_optim triton (all modes)")
+
+
+def _quick_run(**kwargs):
+    """A CPU run of the reference's default mode beside two anchors (about a second)."""
+    options = dict(presets=("cpu-tiny",), device="cpu", steps=1, warmup=0, progress=False,
+                   backends_to_time=("reference",), anchors=("torch fused", "torch foreach"),
+                   graph=False, modes=("default",), tracks=("off", "step"))
+    return bench.run(**{**options, **kwargs})
+
+
+def test_jsonl_run_stopped_after_its_first_rows_keeps_them_complete_and_renderable(
+        tmp_path, monkeypatch):
+    measured = []
+    real = bench._measure
+
+    def stop_at_the_third(row, *args):
+        if len(measured) == 2:
+            raise KeyboardInterrupt  # as a timeout's SIGINT would, in the middle of a row
+        real(row, *args)
+        measured.append(row.name)
+
+    monkeypatch.setattr(bench, "_measure", stop_at_the_third)
+    path = tmp_path / "rows.jsonl"
+    with pytest.raises(KeyboardInterrupt):
+        _quick_run(jsonl=path)
+    lines = path.read_text().splitlines()
+    header, rows = json.loads(lines[0]), [json.loads(line) for line in lines[1:]]
+    assert header["environment"]["device_type"] == "cpu" and header["copy_gbps"] > 0
+    assert header["planned_rows"] > 3
+    # Every row before the interruption (in the third timed row), complete: the Row
+    # fields, timings included; the rows that say why a backend was not timed are rows too.
+    assert [r["name"] for r in rows] == ["torch fused", "torch foreach",
+                                         "rlvr_optim cuda (all modes)",
+                                         "rlvr_optim triton (all modes)"]
+    assert [r["name"] for r in rows if r["ms"]] == measured == ["torch fused", "torch foreach"]
+    assert all(set(r) == set(vars(bench.Row("", "", ""))) for r in rows)
+    loaded = bench.load(path)
+    assert loaded["runs"][0]["rows_found"] == len(rows) < header["planned_rows"]
+    short = bench.render_short(path)
+    assert "Cut off: run 1 stopped after 4 of" in short
+    assert [line[21:73].strip() for line in short.splitlines()  # the name column
+            if line.startswith("cpu-tiny")] == ["torch fused", "torch foreach"]
+    written = bench.render(path)
+    assert [p.suffix for p in written] == [".json", ".md", ".png"]
+    md = written[1].read_text()
+    assert f"run 1 stopped after {len(rows)} of {header['planned_rows']} rows" in md
+    assert "| torch foreach |" in md and "not performance results" in md
+    assert json.loads(written[0].read_text())["rows"] == loaded["rows"]
+
+
+def test_jsonl_killed_mid_run_in_a_subprocess_leaves_whole_rows(tmp_path):
+    path = tmp_path / "rows.jsonl"
+    command = [sys.executable, "-m", "rlvr_optim", "bench", "--device", "cpu", "--steps", "2",
+               "--warmup", "1", "--backend", "triton", "--anchor", "none", "--no-graph",
+               "--no-progress", "--jsonl", str(path)]
+    env = {**os.environ, "TRITON_INTERPRET": "1"}  # interpreted kernels: rows of ~1 s
+    process = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL,
+                               stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline and process.poll() is None:
+            if path.is_file() and path.read_text().count("\n") >= 4:  # header + 3 rows
+                break
+            time.sleep(0.05)
+        assert process.poll() is None, "the run ended before it could be stopped"
+        process.kill()  # SIGKILL: no handler runs, only what was flushed survives
+    finally:
+        process.kill()
+        process.wait()
+    result = bench.load(path)
+    (run,) = result["runs"]
+    assert 3 <= run["rows_found"] < run["planned_rows"]
+    timed = [r for r in result["rows"] if r["status"] == "ok"]
+    assert timed and all(len(r["ms"]) == 2 and r["ms_median"] > 0 for r in timed)
+    assert "rlvr_optim triton default, tracking off" in bench.render_short(path)
+
+
+def test_load_skips_a_line_cut_mid_write_and_refuses_other_damage(tmp_path):
+    path = tmp_path / "rows.jsonl"
+    _quick_run(jsonl=path)
+    whole = path.read_text()
+    path.write_text(whole + whole.splitlines()[-1][:25])  # killed while writing a row
+    loaded = bench.load(path)
+    assert loaded["cut_off_line"] is True
+    assert [r["name"] for r in loaded["rows"]] == [r["name"] for r in bench.load(
+        tmp_path.joinpath("rows.jsonl"))["rows"]]
+    lines = whole.splitlines()
+    path.write_text("\n".join([lines[0], lines[1][:25], *lines[2:]]) + "\n")
+    with pytest.raises(InputError, match="line 2: not JSON"):
+        bench.load(path)
+    path.write_text("\n".join(lines[1:]) + "\n")
+    with pytest.raises(InputError, match="does not start with a run's header"):
+        bench.load(path)
+    other = tmp_path / "other.json"
+    other.write_text('{"loss": 1}')
+    with pytest.raises(InputError, match="not a benchmark result"):
+        bench.render(other)
+
+
+def test_runs_appended_to_one_jsonl_merge_and_compare_with_earlier_anchors(tmp_path, capsys):
+    path = tmp_path / "rows.jsonl"
+    _quick_run(jsonl=path, backends_to_time=(), modes=())  # anchors only
+    second = _quick_run(jsonl=path, anchors=(), echo=True)  # our rows only
+    # The second run found the first run's anchor in the file for its speed-ups.
+    ours = next(r for r in second["rows"] if r["name"] == "rlvr_optim reference default, tracking off")
+    assert set(ours["speedup"]) == {"torch fused"}
+    assert "] cpu-tiny: rlvr_optim reference default, tracking off: " in capsys.readouterr().out
+    loaded = bench.load(path)
+    assert len(loaded["runs"]) == 2
+    names = [r["name"] for r in loaded["rows"]]
+    assert names.count("rlvr_optim cuda (all modes)") == 1  # one placeholder per backend
+    # The first run's "not selected" row for the reference is gone: the second timed it.
+    assert "rlvr_optim reference (all modes)" not in names
+    assert "rlvr_optim reference default, tracking step" in names and "torch fused" in names
+    merged = next(r for r in loaded["rows"] if r["name"] == ours["name"])
+    assert merged["speedup"]["torch fused"] == pytest.approx(ours["speedup"]["torch fused"])
+    assert "in each of its 2 runs" in bench.render_markdown(path)
+
+
+def test_a_device_this_machine_lacks_is_refused_before_anything_is_written(
+        tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 0)
+    out, rows = tmp_path / "out", tmp_path / "rows.jsonl"
+    for device, says in (("cuda", "needs a CUDA GPU"), ("cuda:1", "needs a CUDA GPU"),
+                         ("tpu", "not a device name torch knows"),
+                         ("mps", "runs on cuda or cpu only")):
+        assert main(["bench", "--device", device, "--no-progress", "--out", str(out),
+                     "--jsonl", str(rows)]) == 2
+        err = capsys.readouterr().err
+        assert f"--device {device!r}" in err and says in err and "--device cpu" in err
+        assert err.count("\n") == 1
+        with pytest.raises(InputError, match=says):
+            bench.run(presets=("cpu-tiny",), device=device, progress=False)
+    assert not out.exists() and not rows.exists()
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    with pytest.raises(InputError, match=r"1 CUDA device\(s\), cuda:0 to cuda:0"):
+        bench.resolve_device("cuda:1")
+
+
+def test_jsonl_without_out_writes_only_the_jsonl(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert main(["bench", "--device", "cpu", "--steps", "1", "--warmup", "0", "--backend",
+                 "none", "--anchor", "torch fused", "--no-graph", "--no-progress",
+                 "--jsonl", "rows.jsonl"]) == 0
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["rows.jsonl"]
+    assert "appended 4 rows to rows.jsonl" in capsys.readouterr().out
+    assert [r["name"] for r in bench.load("rows.jsonl")["rows"]][0] == "torch fused"
 
 
 def test_gpu_presets_are_refused_on_cpu_before_any_work():
