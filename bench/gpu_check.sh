@@ -46,6 +46,7 @@ budget() {  # budget CAP: seconds the next phase may take
 }
 phase() { echo "== phase $1 at $((SECONDS - t0)) s, $(left) s left"; }
 skipped() { echo "   skipped: $*"; }
+out_of_time() { skipped "$(left) s left, $reserve s of them kept for the short table"; }
 run_for() {  # run_for SECONDS CMD...: CMD under a timeout that says when it fired
   local limit=$1 rc
   shift
@@ -58,7 +59,7 @@ bench() {  # bench CAP JSONL ARGS...: one benchmark run appended to JSONL
   local limit jsonl=$2
   limit=$(budget "$1")
   shift 2
-  ((limit >= 10)) || { skipped "$(left) s left"; return 0; }
+  ((limit >= 10)) || { out_of_time; return 0; }
   run_for "$limit" "$py" -m rlvr_optim bench --device "$device" --jsonl "$jsonl" \
     --no-progress --steps "$steps" --warmup "$warmup" "$@" || failed+=("bench $*")
 }
@@ -142,7 +143,7 @@ for name in ("torch", "triton", "torchao", "torch-optimi"):
     run_for "$limit" "$py" -m rlvr_optim.smoke --device "$device" "${backend_args[@]}" \
       || failed+=("smoke check")
   else
-    skipped "$(left) s left"
+    out_of_time
   fi
 
   phase "4: headline rows, $big, default mode, tracking off and step (${fused[*]})"
@@ -168,7 +169,7 @@ for name in ("torch", "triton", "torchao", "torch-optimi"):
   else
     limit=$(($(budget 600) - extras))
     if ((limit < 20)); then
-      skipped "$(left) s left"
+      out_of_time
     else
       # Eight shards side by side (tests/conftest.py --shard): compiling the Triton variants,
       # on the CPU cores, dominates otherwise. Exit 5: a shard collected nothing.
