@@ -97,14 +97,18 @@ for name in ("torch", "triton", "torchao", "torch-optimi"):
   build_pid=""
   if [ "$device" = cuda ]; then
     # For this GPU's architecture only (CI compiles sm_80 and sm_90): half the nvcc time.
-    # setup.py builds the extension the install would have built, in place, replacing any
-    # stale one from an earlier run.
+    # setup.py builds what the install would have built, in the scratch folder; the
+    # finished file is then renamed into the package, so no process that looks for the
+    # extension meanwhile loads half of one. A stale one from an earlier run goes first.
     cap=$(nvidia-smi --query-gpu=compute_cap --format=csv,noheader 2>/dev/null | head -n 1 | tr -d ' .')
     rm -f rlvr_optim/_C*.so
     build_limit=$(budget 150)
     (
       RLVR_OPTIM_CUDA_ARCHS="${RLVR_OPTIM_CUDA_ARCHS:-$cap}" timeout -k 5 "$build_limit" \
-        "$py" setup.py build_ext --inplace --force > "$scratch/build.log" 2>&1
+        "$py" setup.py build_ext --force --build-lib "$scratch/lib" --build-temp "$scratch/temp" \
+        > "$scratch/build.log" 2>&1 \
+        && built=$(compgen -G "$scratch/lib/rlvr_optim/_C*.so") \
+        && cp "$built" rlvr_optim/.C.partial.so && mv rlvr_optim/.C.partial.so "rlvr_optim/${built##*/}"
       echo $? > "$scratch/build.rc"
     ) &
     build_pid=$!

@@ -300,3 +300,42 @@ def test_gpu_presets_are_refused_on_cpu_before_any_work():
 def test_cli_refuses_a_gpu_preset_on_cpu_with_a_message(capsys):
     assert main(["bench", "--preset", "many-small", "--device", "cpu", "--no-progress"]) == 2
     assert "sized for a GPU" in capsys.readouterr().err
+
+
+def _gpu_like_rows(path):
+    """A JSONL as a GPU run would stream it (made-up numbers: this tests rendering only)."""
+    header = {"environment": {"date": "2026-12-01T10:00:00+00:00", "device": "NVIDIA H200",
+                              "device_type": "cuda", "torch": "2.11", "cuda": "12.8",
+                              "triton": "3.6", "commit": "abc1234", "driver": "570",
+                              "gpu": {"clocks.sm": "1980", "clocks.max.sm": "1980"}},
+              "copy_gbps": 4000.0, "steps": 15, "warmup": 3,
+              "cpu_timings_are_not_performance_results": False, "planned_rows": 2}
+    rows = [bench.Row("torch fused", "anchor", "r1-distill-qwen-1.5b", ms_median=12.0,
+                      ms_min=11.0, ms_max=13.0, ms=[12.0], share_of_copy=0.5, gbps=2000.0),
+            bench.Row("rlvr_optim cuda default, tracking step", "ours", "r1-distill-qwen-1.5b",
+                      ms_median=10.0, ms_min=9.0, ms_max=11.0, ms=[10.0], share_of_copy=0.6,
+                      gbps=2400.0)]
+    path.write_text("\n".join(json.dumps(r) for r in [header, *map(vars, rows)]) + "\n")
+
+
+def test_gpu_results_render_with_speed_ups_and_no_cpu_note(tmp_path):
+    path = tmp_path / "rows.jsonl"
+    _gpu_like_rows(path)
+    short = bench.render_short(path)
+    assert "1.20x torch fused" in short and "not performance results" not in short
+    md = bench.render_markdown(path)
+    assert "| speed-up |" in md and "1.20x vs torch fused" in md and "SM 1980 of 1980 MHz" in md
+    assert "not performance results" not in bench.plot_title(bench.load(path))
+
+
+def test_gpu_clocks_are_read_for_the_device_in_use(monkeypatch):
+    class Done:
+        stdout = ("GPU-aaaa, 570.1, 1500, 2619, 1980, 2619, 700.00, 40\n"
+                  "GPU-bbbb, 570.1, 1980, 2619, 1980, 2619, 700.00, 35\n")
+
+    monkeypatch.setattr(bench.subprocess, "run", lambda *a, **k: Done())
+    monkeypatch.setattr(torch.cuda, "get_device_properties",
+                        lambda d: type("Props", (), {"uuid": "bbbb"})())
+    gpu = bench._gpu_query(torch.device("cuda", 1))
+    assert gpu["driver_version"] == "570.1" and gpu["clocks.sm"] == "1980"
+    assert gpu["temperature.gpu"] == "35"
