@@ -15,8 +15,9 @@
 # (default 330: one run may last 10 minutes, the whole GPU lease is about 15); DEVICE cuda
 # (default) or cpu: every phase on the CPU with the cpu-tiny preset, the GPU-only parts
 # report that they were skipped (tests/test_gpu_check.py runs it so); PYTHON (default
-# python3). Each phase's timeout is its cap or what is left of the deadline, less 15 s
-# kept for the table. A failed extension build goes on without the CUDA rows and says why.
+# python3); RLVR_OPTIM_COMMIT, the commit measured, where the tree has no .git. Each
+# phase's timeout is its cap or what is left of the deadline, less 15 s kept for the
+# table. A failed extension build goes on without the CUDA rows and says why.
 # At most 6 files under $OUT: run.log, rows.jsonl, env.json, tests.log, and with TUNE=1 /
 # PROFILE=1 tune.jsonl / ncu.log; other logs go to a scratch folder and are summarized.
 set -uo pipefail
@@ -67,7 +68,8 @@ bench() {  # bench CAP JSONL ARGS...: one benchmark run appended to JSONL
 main() {
   failed=()
   phase "1: environment, install, CUDA extension build"
-  echo "   $(date -u +%FT%TZ), commit $(git rev-parse --short HEAD 2>/dev/null), DEVICE=$device," \
+  commit=$(git describe --always --dirty --exclude='*' 2>/dev/null || echo "${RLVR_OPTIM_COMMIT:-unknown}")
+  echo "   $(date -u +%FT%TZ), commit $commit, DEVICE=$device," \
     "DEADLINE=${DEADLINE:-330} s, $("$py" --version 2>&1)"
   "$py" -c 'from importlib.metadata import version
 for name in ("torch", "triton", "torchao", "torch-optimi"):

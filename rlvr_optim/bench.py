@@ -414,7 +414,8 @@ def environment(device: str | torch.device) -> dict:
             cwd=Path(__file__).resolve().parent, check=True,
         ).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
-        env["commit"] = None
+        # A copied tree without its .git (as a GPU machine may get) names it this way.
+        env["commit"] = os.environ.get("RLVR_OPTIM_COMMIT")
     if device.type == "cuda":
         gpu = _gpu_query(device)
         env["driver"] = gpu.pop("driver_version", None)

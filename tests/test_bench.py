@@ -339,3 +339,17 @@ def test_gpu_clocks_are_read_for_the_device_in_use(monkeypatch):
     gpu = bench._gpu_query(torch.device("cuda", 1))
     assert gpu["driver_version"] == "570.1" and gpu["clocks.sm"] == "1980"
     assert gpu["temperature.gpu"] == "35"
+
+
+def test_commit_is_marked_dirty_or_taken_from_the_environment_without_git(monkeypatch):
+    commit = bench.environment("cpu")["commit"]
+    dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"],
+                           capture_output=True, text=True, check=True).stdout != ""
+    assert commit.endswith("-dirty") == dirty
+
+    def no_git(*args, **kwargs):
+        raise OSError("git: not found")
+
+    monkeypatch.setattr(bench.subprocess, "run", no_git)
+    monkeypatch.setenv("RLVR_OPTIM_COMMIT", "0123abc")
+    assert bench.environment("cpu")["commit"] == "0123abc"
