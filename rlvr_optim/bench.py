@@ -529,9 +529,16 @@ def run(
     too_big = [p for p in presets if device.type == "cpu" and p != "cpu-tiny"]
     if too_big:
         raise InputError(f"preset(s) {too_big} are sized for a GPU; on a CPU use 'cpu-tiny'")
+    unknown = [b for b in (backends_to_time or ()) if b not in BACKENDS_TIMED]
+    if unknown:
+        raise InputError(f"unknown backend(s) {unknown}; choose from {list(BACKENDS_TIMED)} "
+                         "(--backend none: anchors only)")
     earlier = []
-    if jsonl is not None and Path(jsonl).is_file() and Path(jsonl).stat().st_size > 0:
-        earlier = load(jsonl)["rows"]  # refuses a file that is not a result before we append
+    if jsonl is not None:
+        if Path(jsonl).is_dir() or not Path(jsonl).parent.is_dir():
+            raise InputError(f"--jsonl {str(jsonl)!r} must be a file in an existing folder")
+        if Path(jsonl).is_file() and Path(jsonl).stat().st_size > 0:
+            earlier = load(jsonl)["rows"]  # refuses a file that is not a result before we append
     if backends_to_time is None:
         if device.type == "cuda":
             backends_to_time = tuple(b for b in ("cuda", "triton")

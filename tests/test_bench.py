@@ -98,6 +98,8 @@ def test_tune_rows_time_each_triton_configuration_and_restore_the_default():
         bench.run(presets=("cpu-tiny",), device="cpu", anchors=("torch slow",), progress=False)
     with pytest.raises(ValueError, match="unknown mode"):
         bench.run(presets=("cpu-tiny",), device="cpu", modes=("fast",), progress=False)
+    with pytest.raises(InputError, match=r"unknown backend\(s\) \['cudnn'\]"):
+        bench.run(presets=("cpu-tiny",), device="cpu", backends_to_time=("cudnn",), progress=False)
 
 
 def test_tuned_step_sees_its_configuration():
@@ -274,6 +276,10 @@ def test_a_device_this_machine_lacks_is_refused_before_anything_is_written(
         with pytest.raises(InputError, match=says):
             bench.run(presets=("cpu-tiny",), device=device, progress=False)
     assert not out.exists() and not rows.exists()
+    with pytest.raises(InputError, match="must be a file in an existing folder"):
+        bench.run(presets=("cpu-tiny",), device="cpu", jsonl=tmp_path, progress=False)
+    with pytest.raises(InputError, match="must be a file in an existing folder"):
+        bench.run(presets=("cpu-tiny",), device="cpu", jsonl=out / "rows.jsonl", progress=False)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
     with pytest.raises(InputError, match=r"1 CUDA device\(s\), cuda:0 to cuda:0"):
