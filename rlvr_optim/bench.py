@@ -33,8 +33,9 @@ import torch
 from . import backends
 from .errors import InputError
 
-__all__ = ["PRESETS", "bytes_per_element", "environment", "load", "render", "render_short",
-           "resolve_device", "run"]
+__all__ = ["BACKENDS_TIMED", "DEFAULT_OUT", "OUR_MODES", "PRESETS", "bytes_per_element",
+           "environment", "load", "plot_title", "render", "render_markdown", "render_short",
+           "resolve_device", "row_line", "run", "save", "why_not_timed"]
 
 # DeepSeek-R1-Distill-Qwen-1.5B (Qwen2 architecture, untied lm_head): 28 layers of
 # q/k/v (with bias), o, gate/up/down and two norms, plus embeddings, final norm and head.
