@@ -272,6 +272,11 @@ class AdamW(torch.optim.AdamW):
         _check_hyperparameters(group)
         _check_differentiable(group)
         params = group["params"]
+        if isinstance(params, set):  # torch's error: a set would be listed here in any order
+            raise TypeError(
+                "optimizer parameters need to be organized in ordered collections, but the "
+                "ordering of tensors in sets will change between runs. Please use a list instead."
+            )
         params = [params] if isinstance(params, Tensor) else list(params)
         for i, p in enumerate(params):
             tensor = p[1] if isinstance(p, tuple) else p
@@ -902,8 +907,16 @@ class AdamW(torch.optim.AdamW):
         Checks shapes and options against the current params first and raises, naming
         the param, without changing anything. Unlike torch's loader, which casts every
         floating state to the param's dtype, state keeps the dtype its options call for
-        (fp32 master, int16 remainder, uint8 bitmaps, the group's state dtype).
+        (fp32 master, int16 remainder, uint8 bitmaps, the group's state dtype). Hooks
+        registered with ``register_load_state_dict_pre_hook`` run before the checks (the
+        dict they return is the one checked and loaded), ``..._post_hook`` after the state
+        has its final dtypes.
         """
+        state_dict = state_dict.copy()  # shallow, as torch's loader does before its hooks
+        for pre_hook in self._optimizer_load_state_dict_pre_hooks.values():
+            result = pre_hook(self, state_dict)
+            if result is not None:
+                state_dict = result
         saved_groups = state_dict["param_groups"]
         if len(saved_groups) != len(self.param_groups):
             raise ValueError("loaded state dict has a different number of parameter groups")
@@ -917,6 +930,7 @@ class AdamW(torch.optim.AdamW):
             merged = dict(self.defaults)
             merged.update({k: v for k, v in saved.items() if k != "params"})
             _normalize_options({k: merged[k] for k in self._option_defaults})
+            _check_differentiable(merged)
             for i, (p, pid) in enumerate(zip(group["params"], saved["params"])):
                 pairs.append((pid, p, merged, self._param_name(gi, i)))
         saved_state = state_dict["state"]
@@ -928,7 +942,16 @@ class AdamW(torch.optim.AdamW):
         # A dict without freeze masks (torch's, or saved before masks were set) keeps the
         # masks set on this optimizer; a dict with masks brings its own.
         masks = {p: m for p in self.state if (m := self.state[p].get("freeze_mask")) is not None}
-        super().load_state_dict(state_dict)
+        # The hooks run here, around our checks and casts, so torch's loader must not run them.
+        hooks = (self._optimizer_load_state_dict_pre_hooks,
+                 self._optimizer_load_state_dict_post_hooks)
+        self._optimizer_load_state_dict_pre_hooks = type(hooks[0])()
+        self._optimizer_load_state_dict_post_hooks = type(hooks[1])()
+        try:
+            super().load_state_dict(state_dict)
+        finally:
+            (self._optimizer_load_state_dict_pre_hooks,
+             self._optimizer_load_state_dict_post_hooks) = hooks
         for p, mask in masks.items():
             self.state[p].setdefault("freeze_mask", mask)
         for pid, p, merged, _ in pairs:
@@ -946,6 +969,8 @@ class AdamW(torch.optim.AdamW):
                 dtype = expected[key][1] if key in expected else value.dtype
                 restored[key] = value.to(device=p.device, dtype=dtype, copy=True)
         self._forget_plans()
+        for post_hook in self._optimizer_load_state_dict_post_hooks.values():
+            post_hook(self)
 
     # ---------------------------------------------------------------- results
 
