@@ -570,8 +570,9 @@ class AdamW(torch.optim.AdamW):
 
         Args:
             param: a param of this optimizer.
-            mask: bool tensor with the param's element count (True = trained, False =
-                frozen: param, states and master stay bit-identical), or a packed uint8
+            mask: bool tensor of the param's shape, or flat with its element count (True =
+                trained, False = frozen: param, states and master stay bit-identical; a mask
+                of another shape is refused), or a packed uint8
                 bitmap of ``ceil(numel / 8)`` bytes (:mod:`rlvr_optim.bitmaps` format), or
                 None to train every element again. For a DTensor param: a bool mask of the
                 whole tensor (plain, or a DTensor with the param's placements), or the
