@@ -499,16 +499,6 @@ def test_invalid_hyperparameters_use_torch_messages(kwargs, message):
         (dict(seed=-1), "seed must be an int"),
         (dict(master_weights="remainder", rounding="stochastic"), "cannot be combined"),
         (dict(backend="tpu"), "unknown backend 'tpu'; choose one of 'auto', 'reference'"),
-        (dict(differentiable=True, track_changes="step"),
-         "differentiable=True cannot be combined with track_changes='step'"),
-        (dict(differentiable=True, rounding="stochastic"),
-         "differentiable=True cannot be combined with rounding='stochastic'"),
-        (dict(differentiable=True, master_weights="fp32"),
-         "differentiable=True cannot be combined with master_weights='fp32'"),
-        (dict(differentiable=True, state_dtype=torch.float32),
-         "differentiable=True cannot be combined with state_dtype='float32'"),
-        (dict(differentiable=True, backend="reference"),
-         "differentiable=True cannot be combined with backend='reference'"),
     ],
 )
 def test_invalid_options(kwargs, message):
