@@ -202,6 +202,10 @@ class AdamW(torch.optim.AdamW):
     whole model :meth:`change_summary` and :meth:`change_log` (these sync once).
     """
 
+    # Our step unscales and skips on found_inf itself (GradScaler's contract). A class
+    # attribute, unlike torch's, so that deep copies and unpickled optimizers keep it.
+    _step_supports_amp_scaling = True
+
     def __init__(
         self,
         params,
@@ -254,8 +258,6 @@ class AdamW(torch.optim.AdamW):
             fused=fused,
         )
         self.defaults.update(self._option_defaults)
-        # Our step unscales and skips on found_inf itself, on the device (GradScaler contract).
-        self._step_supports_amp_scaling = True
         if freeze_masks:
             packed = {p: self._packed_freeze_mask(p, m) for p, m in freeze_masks.items()}
             for p, mask in packed.items():

@@ -17,6 +17,7 @@ two share.
 """
 
 import copy
+import io
 import pickle
 
 import pytest
@@ -118,11 +119,13 @@ def test_every_dtype_matches_torch_for_loop_adamw(dtype, kwargs):
     assert any(not torch.equal(p.detach(), q) for p, q in zip(ours, make_params(dtype, 1)))
 
 
-@pytest.mark.parametrize("dtype", TORCH_CODE_DTYPES)
-@pytest.mark.parametrize("impl", [dict(foreach=True), dict(fused=True)])
+@pytest.mark.parametrize(
+    "dtype, impl",
+    [(d, dict(foreach=True)) for d in TORCH_CODE_DTYPES]
+    # torch's fused AdamW refuses complex params (test_fused_refuses_complex_params_...).
+    + [(d, dict(fused=True)) for d in TORCH_CODE_DTYPES if not d.is_complex],
+)
 def test_foreach_and_fused_reach_torch_code_for_other_dtypes(dtype, impl):
-    if dtype.is_complex and impl.get("fused"):
-        pytest.skip("torch's fused AdamW refuses complex params (tested with the errors)")
     ours = make_params(dtype, 2)
     theirs = twins(ours)
     grads = grads_for(ours, 2, 3)
@@ -608,6 +611,9 @@ def test_copies_continue_like_the_original(dtype, how):
     run(opt, params, grads[:1])
     clone = copy.deepcopy(opt) if how == "deepcopy" else pickle.loads(pickle.dumps(opt))
     clone_params = clone.param_groups[0]["params"]
+    public = {k for k in dir(opt) if not k.startswith("_")}
+    assert public == {k for k in dir(clone) if not k.startswith("_")}
+    assert clone._step_supports_amp_scaling  # what GradScaler asks before handing us its scale
     run(opt, params, grads[1:])
     run(clone, clone_params, grads[1:])
     for a, b in zip(params, clone_params):
@@ -635,3 +641,25 @@ def test_gradscaler_on_float64_params_unscales_and_skips_like_torch():
     for a, b in zip(ours, theirs):
         assert torch.equal(a.detach(), b.detach())
         assert opt.state[a]["step"].item() == ref.state[b]["step"].item() == 2
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float64])
+def test_state_dict_survives_weights_only_load_and_old_float_steps(dtype):
+    params = make_params(dtype, 18)
+    grads = grads_for(params, 18, 3)
+    opt = AdamW(params, lr=torch.tensor(1e-2))  # a tensor lr, as torch allows
+    run(opt, params, grads[:2])
+    buffer = io.BytesIO()
+    torch.save(opt.state_dict(), buffer)
+    buffer.seek(0)
+    saved = torch.load(buffer, weights_only=True)
+    for st in saved["state"].values():
+        st["step"] = float(st["step"])  # how torch < 1.12 saved it
+    resumed = twins(params)
+    opt2 = AdamW(resumed, lr=torch.tensor(1e-2))
+    opt2.load_state_dict(saved)
+    assert all(torch.is_tensor(opt2.state[p]["step"]) for p in resumed)
+    run(opt, params, grads[2:])
+    run(opt2, resumed, grads[2:])
+    for a, b in zip(params, resumed):
+        assert torch.equal(a.detach(), b.detach())
