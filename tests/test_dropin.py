@@ -134,6 +134,19 @@ def test_foreach_and_fused_reach_torch_code_for_other_dtypes(dtype, impl):
     assert_matches_torch(ours, theirs, dtype)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, *TORCH_CODE_DTYPES])
+def test_non_contiguous_params_match_torch(dtype):
+    ours = [torch.randn(6, 4, 2, dtype=dtype)[..., 0].requires_grad_(),
+            torch.randn(4, 6, dtype=dtype).t().requires_grad_()]
+    assert not any(p.is_contiguous() for p in ours)
+    theirs = [p.detach().clone().requires_grad_() for p in ours]
+    grads = grads_for(ours, 19, 3)
+    opt = AdamW(ours, lr=1e-2, track_changes="step")
+    run(opt, ours, grads)
+    run(torch.optim.AdamW(theirs, lr=1e-2, foreach=False), theirs, grads)
+    assert_matches_torch(ours, theirs, dtype)
+
+
 def test_one_group_of_mixed_dtypes_steps_each_like_torch():
     params = [make_params(d, 3, shapes=((40,),))[0] for d in ALL_DTYPES]
     theirs = twins(params)
@@ -512,6 +525,7 @@ def test_state_dict_round_trip_resumes_exactly(dtype):
     opt = AdamW(params, lr=1e-2, amsgrad=True)
     run(opt, params, grads[:2])
     saved = copy.deepcopy(opt.state_dict())
+    untouched = copy.deepcopy(saved)
     resumed = twins(params)
     opt2 = AdamW(resumed, lr=1e-2, amsgrad=True)
     opt2.load_state_dict(saved)
@@ -521,6 +535,15 @@ def test_state_dict_round_trip_resumes_exactly(dtype):
     for a, b in zip(resumed, straight):
         assert torch.equal(a.detach(), b.detach())
     assert_same_state(opt2, resumed, opt3, straight)
+    # Loading shares no tensor with the dict: the steps after it left the dict as it was.
+    for pid, st in untouched["state"].items():
+        for key, value in st.items():
+            assert torch.equal(saved["state"][pid][key], value), key
+    # Equal params give equal state dicts.
+    theirs = opt3.state_dict()
+    for pid, st in opt2.state_dict()["state"].items():
+        for key, value in st.items():
+            assert torch.equal(theirs["state"][pid][key], value), key
 
 
 @pytest.mark.parametrize("dtype", TORCH_CODE_DTYPES)
