@@ -686,3 +686,42 @@ def test_state_dict_survives_weights_only_load_and_old_float_steps(dtype):
     run(opt2, resumed, grads[2:])
     for a, b in zip(params, resumed):
         assert torch.equal(a.detach(), b.detach())
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float64])
+def test_state_dict_of_an_older_version_without_newer_keys_loads_as_in_torch(dtype):
+    params = make_params(dtype, 20)
+    opt = AdamW(params, lr=1e-2, maximize=True)
+    ref = torch.optim.AdamW(twins(params), lr=1e-2, maximize=True)
+    run(opt, params, grads_for(params, 20, 1))
+    saved = opt.state_dict()
+    for group in saved["param_groups"]:
+        for key in ("maximize", "foreach", "differentiable", "fused", "capturable",
+                    "decoupled_weight_decay", "rounding", "track_changes"):
+            del group[key]
+    ref.load_state_dict(copy.deepcopy(saved))
+    opt.load_state_dict(saved)
+    ours, theirs = opt.param_groups[0], ref.param_groups[0]
+    assert {k: ours[k] for k in theirs if k != "params"} == \
+        {k: v for k, v in theirs.items() if k != "params"}
+    assert ours["rounding"] == "nearest" and ours["track_changes"] == "off"
+    before = [p.detach().clone() for p in params]
+    run(opt, params, grads_for(params, 21, 1))
+    assert all(not torch.equal(p.detach(), b) for p, b in zip(params, before))
+
+
+def test_float64_default_dtype_gives_torch_float64_step_counts():
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        ours = [torch.randn(5, requires_grad=True)]
+        theirs = twins(ours)
+        grads = grads_for(ours, 22, 2)
+        opt = AdamW(ours)
+        ref = torch.optim.AdamW(theirs, foreach=False)
+        run(opt, ours, grads)
+        run(ref, theirs, grads)
+    finally:
+        torch.set_default_dtype(previous)
+    assert opt.state[ours[0]]["step"].dtype == ref.state[theirs[0]]["step"].dtype == torch.float64
+    assert_matches_torch(ours, theirs, torch.float64)
