@@ -725,3 +725,30 @@ def test_float64_default_dtype_gives_torch_float64_step_counts():
         torch.set_default_dtype(previous)
     assert opt.state[ours[0]]["step"].dtype == ref.state[theirs[0]]["step"].dtype == torch.float64
     assert_matches_torch(ours, theirs, torch.float64)
+
+
+@pytest.mark.parametrize("fused", [False, True])
+def test_grad_scale_and_found_inf_on_float16_params(fused):
+    params = make_params(torch.float16, 23)
+    plain = twins(params)
+    grads = grads_for(params, 23, 2)
+    # eps=1e-3: torch's default 1e-8 is 0 in float16.
+    run(AdamW(plain, lr=1e-2, eps=1e-3, fused=fused), plain, grads)
+    opt = AdamW(params, lr=1e-2, eps=1e-3, fused=fused, track_changes="step")
+    for step in grads:  # scaled by 8 (exact), unscaled inside the step
+        for p, g in zip(params, step):
+            p.grad = g * 8
+        opt.grad_scale, opt.found_inf = torch.tensor(8.0), torch.tensor(0.0)
+        opt.step()
+    for p, q in zip(params, plain):
+        assert torch.equal(p.detach(), q.detach())
+    before = [p.detach().clone() for p in params]
+    for p in params:
+        p.grad = torch.full_like(p, float("inf"))
+    opt.found_inf = torch.tensor(1.0)
+    opt.step()
+    for p, b in zip(params, before):
+        assert torch.equal(p.detach(), b)
+        assert opt.state[p]["step"].item() == 2
+        assert opt.change_counts(p).tolist() == [0, 0, p.numel()]
+        assert not bitmaps.unpack(opt.change_bitmap(p), p.numel()).any()
