@@ -12,6 +12,8 @@ from typing import Any, Callable, Iterable, Mapping, NamedTuple
 
 import torch
 from torch import Tensor
+from torch.optim.adamw import adamw as torch_adamw
+from torch.optim.optimizer import _device_dtype_check_for_fused
 
 from . import backends, bitmaps, distributed, reference
 
@@ -33,6 +35,11 @@ _STATE_DTYPES = {
 }
 _MOMENT_KEYS = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq")
 _TRACKING_KEYS = ("change_bitmap", "cumulative_bitmap", "change_counts")
+# What a differentiable group must leave at the default: torch's AdamW code steps it, and
+# autograd through a bf16 rounding mode, a master copy or a bitmap is not defined.
+_TORCH_ONLY_DEFAULTS = {"rounding": "nearest", "master_weights": None, "state_dtype": None,
+                        "track_changes": "off"}
+_BITS_DTYPES = {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
 
 
 def _normalize_track_changes(value: Any) -> str:
@@ -73,6 +80,34 @@ def _normalize_options(options: dict[str, Any]) -> dict[str, Any]:
     if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**64:
         raise ValueError(f"seed must be an int in [0, 2**64), got {seed!r}")
     return options
+
+
+def _follows_torch(p: Tensor, group: Mapping[str, Any]) -> bool:
+    """Whether ``p`` is stepped by torch's own AdamW code: no bf16 mode concerns its dtype
+    (float16, float64, complex), or its group asks for autograd through the step."""
+    return group["differentiable"] or p.dtype not in _PARAM_DTYPE_SET
+
+
+def _check_differentiable(group: Mapping[str, Any]) -> None:
+    """Errors for a ``differentiable=True`` group that sets an option torch's code lacks."""
+    if not group["differentiable"]:
+        return
+    for key, default in _TORCH_ONLY_DEFAULTS.items():
+        if group[key] != default:
+            raise ValueError(
+                f"differentiable=True cannot be combined with {key}={group[key]!r}: such a group "
+                f"is stepped by torch's AdamW code, which has no {key}; leave it at "
+                f"{default!r}, or put the params that need it in a group without differentiable"
+            )
+
+
+def _stored_bits(t: Tensor) -> Tensor:
+    """The bit patterns of ``t`` as integers of its element size (a complex element: its real
+    and imaginary parts along a last dimension of 2)."""
+    t = distributed.local_tensor(t)
+    if t.is_complex():
+        t = torch.view_as_real(t)
+    return t.view(_BITS_DTYPES[t.element_size()])
 
 
 def _check_hyperparameters(group: Mapping[str, Any]) -> None:
@@ -124,9 +159,17 @@ class AdamW(torch.optim.AdamW):
 
     The positional and keyword arguments of ``torch.optim.AdamW`` keep their meaning and
     defaults; with none of the options below set, results match ``torch.optim.AdamW``
-    (fp32 math in the order of torch's fused kernel). ``foreach`` and ``fused`` are
-    accepted for compatibility: every backend here is fused. ``differentiable=True`` is
-    not supported.
+    (fp32 math in the order of torch's fused kernel). float32 and bfloat16 params go
+    through this package's fused backends, for which ``foreach`` and ``fused`` change
+    nothing. Params that no bf16 mode concerns (float16, float64, complex) and every param
+    of a ``differentiable=True`` group are stepped by torch's own AdamW code with the
+    group's options (``foreach``, ``fused``, ``capturable``, ...), so they behave as under
+    ``torch.optim.AdamW``, autograd included; their states have torch's keys and dtypes.
+    For them ``rounding="stochastic"``, ``master_weights`` (both need a bf16 store),
+    ``state_dtype`` and freeze masks raise; a differentiable group also refuses
+    ``track_changes`` and a ``backend`` other than ``"auto"``. With a ``GradScaler`` and
+    without ``fused=True`` their step reads ``found_inf`` on the host (one sync), as the
+    scaler itself does for torch's for-loop AdamW.
 
     Keyword-only options (each may also be set per param group, except ``freeze_masks``
     and ``backend``):
@@ -138,10 +181,16 @@ class AdamW(torch.optim.AdamW):
         state_dtype: dtype of exp_avg / exp_avg_sq: ``None`` (the param's, as torch),
             ``torch.float32`` or ``torch.bfloat16``.
         track_changes: ``"off"`` (default), ``"step"`` (per-step change bitmap and
-            counters) or ``"cumulative"`` (also the OR of all steps' bitmaps).
+            counters) or ``"cumulative"`` (also the OR of all steps' bitmaps). For float16,
+            float64 and complex params a bit says that the stored value changed: its own
+            bits (either part of a complex element) differ after the step, so ``bf16
+            changed`` and ``fp32 moved`` both count those elements. They are found by
+            comparing against a copy taken before the step (one copy of each such param
+            per step), not inside a kernel.
         seed: seed of the stochastic rounding stream (default 0).
         freeze_masks: ``{param: mask}``; see :meth:`set_freeze_mask`.
-        backend: ``"auto"`` (default), ``"reference"``, ``"triton"`` or ``"cuda"``.
+        backend: ``"auto"`` (default), ``"reference"``, ``"triton"`` or ``"cuda"``; it
+            steps the float32 and bfloat16 params.
 
     DTensor params (FSDP2 ``fully_shard``: ``Shard(0)`` or ``Replicate()`` on a 1-D mesh)
     step on their local shards, with stochastic rounding keyed by each element's global
@@ -152,6 +201,10 @@ class AdamW(torch.optim.AdamW):
     :meth:`change_bitmap`, :meth:`cumulative_bitmap`, :meth:`change_counts`; for the
     whole model :meth:`change_summary` and :meth:`change_log` (these sync once).
     """
+
+    # Our step unscales and skips on found_inf itself (GradScaler's contract). A class
+    # attribute, unlike torch's, so that deep copies and unpickled optimizers keep it.
+    _step_supports_amp_scaling = True
 
     def __init__(
         self,
@@ -175,9 +228,12 @@ class AdamW(torch.optim.AdamW):
         freeze_masks: Mapping[Tensor, Tensor] | None = None,
         backend: str = "auto",
     ) -> None:
-        if differentiable:
-            raise ValueError("rlvr_optim.AdamW does not support differentiable=True")
         backends.check_backend(backend)
+        if differentiable and backend != "auto":
+            raise ValueError(
+                f"differentiable=True cannot be combined with backend={backend!r}: torch's "
+                "AdamW code steps every param then; leave backend='auto'"
+            )
         self._option_defaults = _normalize_options(
             {
                 "rounding": rounding,
@@ -202,8 +258,6 @@ class AdamW(torch.optim.AdamW):
             fused=fused,
         )
         self.defaults.update(self._option_defaults)
-        # Our step unscales and skips on found_inf itself, on the device (GradScaler contract).
-        self._step_supports_amp_scaling = True
         if freeze_masks:
             packed = {p: self._packed_freeze_mask(p, m) for p, m in freeze_masks.items()}
             for p, mask in packed.items():
@@ -218,11 +272,17 @@ class AdamW(torch.optim.AdamW):
         for k, v in self.defaults.items():
             group.setdefault(k, v)
         _check_hyperparameters(group)
+        _check_differentiable(group)
         params = group["params"]
+        if isinstance(params, set):  # torch's error: a set would be listed here in any order
+            raise TypeError(
+                "optimizer parameters need to be organized in ordered collections, but the "
+                "ordering of tensors in sets will change between runs. Please use a list instead."
+            )
         params = [params] if isinstance(params, Tensor) else list(params)
         for i, p in enumerate(params):
             tensor = p[1] if isinstance(p, tuple) else p
-            name = repr(p[0]) if isinstance(p, tuple) else f"param {i} of the new group"
+            name = repr(p[0]) if isinstance(p, tuple) else f"{i} of the new group"
             if isinstance(tensor, Tensor):
                 self._check_param_options(tensor, group, name)
         group["params"] = params
@@ -262,13 +322,6 @@ class AdamW(torch.optim.AdamW):
     @staticmethod
     def _check_param_options(p: Tensor, group: Mapping[str, Any], name: str) -> None:
         """Errors for a param whose dtype does not fit its group's options."""
-        if torch.is_complex(p):
-            raise ValueError(f"param {name}: complex params are not supported")
-        if p.dtype not in PARAM_DTYPES:
-            raise ValueError(
-                f"param {name} has dtype {p.dtype}; rlvr_optim.AdamW supports float32 and "
-                "bfloat16 params (use torch.optim.AdamW for other dtypes)"
-            )
         if group["master_weights"] is not None and p.dtype != torch.bfloat16:
             raise ValueError(
                 f"param {name}: master_weights={group['master_weights']!r} needs a bfloat16 "
@@ -278,6 +331,12 @@ class AdamW(torch.optim.AdamW):
             raise ValueError(
                 f"param {name}: rounding='stochastic' rounds the bf16 store of a param, but this "
                 f"param is {p.dtype} and has none; make it bfloat16 or use rounding='nearest'"
+            )
+        if group["state_dtype"] is not None and _follows_torch(p, group):
+            raise ValueError(
+                f"param {name}: state_dtype={group['state_dtype']!r} applies to float32 and "
+                f"bfloat16 params; this {p.dtype} param is stepped by torch's AdamW code, whose "
+                "states keep the param's dtype; put it in a param group with state_dtype=None"
             )
         distributed.shard_layout(p, name)  # raises for placements we cannot step
 
@@ -362,6 +421,8 @@ class AdamW(torch.optim.AdamW):
                         "was saved with other options (amsgrad / master_weights)"
                     )
         if "freeze_mask" in state:
+            if _follows_torch(p, group):
+                raise ValueError(self._no_freeze_mask_message(p, group, name))
             mask = state["freeze_mask"]
             if mask.dtype != torch.uint8 or mask.shape != self._per_shard_shapes(p)[0]:
                 raise ValueError(f"param {name}: stored freeze mask does not fit the param")
@@ -373,10 +434,17 @@ class AdamW(torch.optim.AdamW):
         The step count lives on the param's device with ``capturable`` / ``fused``, or when
         ``on_device`` (a GradScaler step: skipping on found_inf must not sync the host).
         """
+        torch_code = _follows_torch(p, group)
         if "step" not in state:
+            if group["fused"]:
+                # torch's own check and message (unsupported device such as meta, complex).
+                _device_dtype_check_for_fused(p)
             on_device = on_device or group["capturable"] or group["fused"]
-            state["step"] = torch.zeros((), dtype=torch.float32,
-                                        device=p.device if on_device else "cpu")
+            # torch's code keeps a float64 count when that is the default dtype.
+            dtype = torch.float32
+            if torch_code and not group["fused"] and torch.get_default_dtype() == torch.float64:
+                dtype = torch.float64
+            state["step"] = torch.zeros((), dtype=dtype, device=p.device if on_device else "cpu")
         expected = self._expected_state(p, group)
         layout = distributed.shard_layout(p)
         for key, (shape, dtype) in expected.items():
@@ -384,7 +452,9 @@ class AdamW(torch.optim.AdamW):
                 if key in _MOMENT_KEYS and state[key].dtype != dtype:
                     state[key] = state[key].to(dtype)
                 continue
-            if key == "master":
+            if torch_code and key in _MOMENT_KEYS:  # torch's layout: strides of the param
+                state[key] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            elif key == "master":
                 state[key] = p.detach().float().clone()
             elif layout is None:
                 state[key] = torch.zeros(shape, dtype=dtype, device=p.device)
@@ -411,6 +481,29 @@ class AdamW(torch.optim.AdamW):
                     return gi, i
         raise ValueError("that tensor is not a param of this optimizer")
 
+    @staticmethod
+    def _no_freeze_mask_message(p: Tensor, group: Mapping[str, Any], name: str) -> str:
+        why = ("its group has differentiable=True" if group["differentiable"]
+               else f"it is {p.dtype}")
+        return (
+            f"param {name} cannot have a freeze mask: {why}, so torch's AdamW code steps it, "
+            "and only the float32 and bfloat16 params of non-differentiable groups are stepped "
+            "by rlvr_optim's kernels, which apply freeze masks"
+        )
+
+    @staticmethod
+    def _check_mask_shape(mask: Tensor, shape: torch.Size, name: str) -> None:
+        """A bool mask has the param's shape, or is flat with its element count."""
+        numel = math.prod(shape)
+        if mask.shape == shape or (mask.dim() == 1 and mask.numel() == numel):
+            return
+        if mask.numel() == numel:
+            raise ValueError(
+                f"freeze mask for param {name} has shape {tuple(mask.shape)}, the param has shape "
+                f"{tuple(shape)}; pass a mask of the param's shape, or a flat one of "
+                f"{numel} elements"
+            )
+
     def _packed_freeze_mask(self, p: Tensor, mask: Tensor | None) -> Tensor | None:
         gi, i = self._find(p)
         name = self._param_name(gi, i)
@@ -418,6 +511,8 @@ class AdamW(torch.optim.AdamW):
             return None
         if not isinstance(mask, Tensor):
             raise TypeError(f"freeze mask for param {name} must be a tensor, got {type(mask).__name__}")
+        if _follows_torch(p, self.param_groups[gi]):
+            raise ValueError(self._no_freeze_mask_message(p, self.param_groups[gi], name))
         layout = distributed.shard_layout(p, name)
         local = distributed.local_tensor(p)
         if layout is not None and distributed.is_dtensor(mask):
@@ -429,6 +524,7 @@ class AdamW(torch.optim.AdamW):
                 )
             mask = mask.to_local()
         elif layout is not None and mask.dtype == torch.bool:
+            self._check_mask_shape(mask, p.shape, name)
             if mask.numel() != p.numel():
                 raise ValueError(
                     f"freeze mask for param {name} has {mask.numel()} elements, the param has "
@@ -441,6 +537,7 @@ class AdamW(torch.optim.AdamW):
         nbytes = bitmaps.bitmap_bytes(numel)
         what = "the local shard has" if layout is not None else "the param has"
         if mask.dtype == torch.bool:
+            self._check_mask_shape(mask, local.shape, name)
             if mask.numel() != numel:
                 raise ValueError(
                     f"freeze mask for param {name} has {mask.numel()} elements, {what} "
@@ -475,8 +572,9 @@ class AdamW(torch.optim.AdamW):
 
         Args:
             param: a param of this optimizer.
-            mask: bool tensor with the param's element count (True = trained, False =
-                frozen: param, states and master stay bit-identical), or a packed uint8
+            mask: bool tensor of the param's shape, or flat with its element count (True =
+                trained, False = frozen: param, states and master stay bit-identical; a mask
+                of another shape is refused), or a packed uint8
                 bitmap of ``ceil(numel / 8)`` bytes (:mod:`rlvr_optim.bitmaps` format), or
                 None to train every element again. For a DTensor param: a bool mask of the
                 whole tensor (plain, or a DTensor with the param's placements), or the
@@ -500,14 +598,16 @@ class AdamW(torch.optim.AdamW):
         (checked and canonical) and the identity and size of ``self.state``."""
         options = _normalize_options({k: group[k] for k in self._option_defaults})
         return (*options.values(), group["amsgrad"], group["capturable"], group["fused"],
-                self.backend, id(self.state), len(self.state))
+                group["differentiable"], self.backend, id(self.state), len(self.state))
 
     def _cached_plan(self, group_index: int, options: tuple,
                      on_device: bool) -> tuple[_Plan, list[Tensor]] | None:
         """The group's plan and this step's grads if the plan still holds: same options,
         same params with gradients, in the same order, and every gradient a dense
         float32/bfloat16 tensor (anything else goes through the full checks, which name
-        the param)."""
+        the param). A plan holds only params of the fused backends, so a group that also
+        has params for torch's code (float16, float64, complex) with gradients takes the
+        full checks in every step."""
         plan = self.__dict__.get("_plans", {}).get(group_index)
         if plan is None or plan.options != options or (on_device and not plan.steps_on_device):
             return None
@@ -529,7 +629,8 @@ class AdamW(torch.optim.AdamW):
         if cached is not None:
             return {"group": group, "index": group_index, "plan": cached[0],
                     "grads": cached[1], "options": options}
-        items = []
+        _check_differentiable(group)
+        items, torch_items = [], []
         for i, p in enumerate(group["params"]):
             if p.grad is None:
                 continue
@@ -540,10 +641,14 @@ class AdamW(torch.optim.AdamW):
                     f"param {name}: rlvr_optim.AdamW does not support sparse gradients, "
                     "please consider SparseAdam instead"
                 )
-            if torch.is_complex(grad):
-                raise ValueError(f"param {name}: complex gradients are not supported")
             self._check_param_options(p, group, name)
-            if grad.dtype not in PARAM_DTYPES:
+            torch_code = _follows_torch(p, group)
+            if torch_code and grad.dtype != p.dtype:
+                raise ValueError(
+                    f"param {name}: gradient dtype {grad.dtype} differs from the param's "
+                    f"{p.dtype}, which torch's AdamW code (stepping this param) needs"
+                )
+            if not torch_code and grad.dtype not in PARAM_DTYPES:
                 raise ValueError(f"param {name}: gradient dtype {grad.dtype} is not supported")
             if distributed.is_dtensor(p) and (
                 not distributed.is_dtensor(grad) or tuple(grad.placements) != tuple(p.placements)
@@ -555,10 +660,15 @@ class AdamW(torch.optim.AdamW):
                 )
             state = self.state.get(p, {})
             self._check_state(p, group, state, name, initialized="step" in state)
-            items.append((i, p))
-        if not items:
+            if group["differentiable"] and getattr(state.get("step"), "requires_grad", False):
+                raise RuntimeError(
+                    "`requires_grad` is not supported for `step` in differentiable mode"
+                )
+            (torch_items if torch_code else items).append((i, p))
+        if not items and not torch_items:
             return None
-        return {"group": group, "index": group_index, "items": items, "options": options}
+        return {"group": group, "index": group_index, "items": items,
+                "torch_items": torch_items, "options": options}
 
     # In a torch.compile'd training step the optimizer step is a graph break and runs
     # eagerly. Traced, the reference's fp32 ops would be left to the compiler, which may
@@ -583,10 +693,78 @@ class AdamW(torch.optim.AdamW):
         on_device = found_inf is not None
         work = [self._gather(gi, on_device) for gi in range(len(self.param_groups))]
         for job in work:
-            if job is not None:
+            if job is None:
+                continue
+            if "plan" in job or job["items"]:
                 plan = job.get("plan") or self._make_plan(job, on_device)
                 self._launch(job["group"], plan, job.get("grads"), grad_scale, found_inf)
+            if job.get("torch_items"):
+                self._torch_step(job["group"], [p for _, p in job["torch_items"]],
+                                 grad_scale, found_inf)
         return loss
+
+    def _torch_step(self, group: Mapping[str, Any], params: list[Tensor], grad_scale,
+                    found_inf) -> None:
+        """Step checked params that follow torch (see :func:`_follows_torch`) with torch's
+        functional AdamW and the group's options; then fill their tracking state, if any,
+        by comparing their stored bits with a copy taken before the step."""
+        states = [self.state[p] for p in params]
+        for p, state in zip(params, states):
+            self._init_state(p, group, state)
+        grads = [p.grad for p in params]
+        skip = False
+        if not group["fused"] and (grad_scale is not None or found_inf is not None):
+            # torch's for-loop and foreach code take no GradScaler tensors: unscale here, and
+            # skip on found_inf read on the host, which is what GradScaler does for them.
+            if grad_scale is not None:
+                grads = [g / grad_scale.to(g.device) for g in grads]
+            skip = found_inf is not None and bool(found_inf.item())
+            grad_scale = found_inf = None
+        track = group["track_changes"]
+        before = [_stored_bits(p).clone() for p in params] if track != "off" else None
+        if not skip:
+            beta1, beta2 = group["betas"]
+            # torch's step runs with autograd on exactly when its defaults ask for it.
+            with torch.set_grad_enabled(self.defaults["differentiable"]):
+                torch_adamw(
+                    params, grads,
+                    [s["exp_avg"] for s in states],
+                    [s["exp_avg_sq"] for s in states],
+                    [s["max_exp_avg_sq"] for s in states] if group["amsgrad"] else [],
+                    [s["step"] for s in states],
+                    foreach=group["foreach"],
+                    capturable=group["capturable"],
+                    differentiable=group["differentiable"],
+                    fused=group["fused"],
+                    grad_scale=grad_scale,
+                    found_inf=found_inf,
+                    has_complex=any(map(torch.is_complex, params)),
+                    amsgrad=group["amsgrad"],
+                    beta1=beta1,
+                    beta2=beta2,
+                    lr=group["lr"],
+                    weight_decay=group["weight_decay"],
+                    eps=group["eps"],
+                    maximize=group["maximize"],
+                )
+        if before is None:
+            return
+        for p, state, old, grad in zip(params, states, before, grads):
+            changed = _stored_bits(p) != old
+            if p.is_complex():
+                changed = changed.any(-1)
+            changed = changed.reshape(-1)
+            grad = distributed.local_tensor(grad)
+            if grad_scale is not None:  # fused: torch's kernel unscaled it
+                grad = grad / grad_scale.to(grad.device)
+            count = changed.sum()
+            nonfinite = (~torch.isfinite(grad)).sum()
+            bits = bitmaps.pack(changed)
+            self._per_shard(p, state["change_bitmap"], "bitmap").copy_(bits)
+            if track == "cumulative":
+                self._per_shard(p, state["cumulative_bitmap"], "bitmap").bitwise_or_(bits)
+            self._per_shard(p, state["change_counts"], "counters").copy_(
+                torch.stack([count, count, nonfinite]))
 
     def _ordinals(self) -> dict[Tensor, int]:
         """Stable per-param keys for the stochastic rounding stream: position in the groups."""
@@ -732,8 +910,16 @@ class AdamW(torch.optim.AdamW):
         Checks shapes and options against the current params first and raises, naming
         the param, without changing anything. Unlike torch's loader, which casts every
         floating state to the param's dtype, state keeps the dtype its options call for
-        (fp32 master, int16 remainder, uint8 bitmaps, the group's state dtype).
+        (fp32 master, int16 remainder, uint8 bitmaps, the group's state dtype). Hooks
+        registered with ``register_load_state_dict_pre_hook`` run before the checks (the
+        dict they return is the one checked and loaded), ``..._post_hook`` after the state
+        has its final dtypes.
         """
+        state_dict = state_dict.copy()  # shallow, as torch's loader does before its hooks
+        for pre_hook in self._optimizer_load_state_dict_pre_hooks.values():
+            result = pre_hook(self, state_dict)
+            if result is not None:
+                state_dict = result
         saved_groups = state_dict["param_groups"]
         if len(saved_groups) != len(self.param_groups):
             raise ValueError("loaded state dict has a different number of parameter groups")
@@ -747,6 +933,7 @@ class AdamW(torch.optim.AdamW):
             merged = dict(self.defaults)
             merged.update({k: v for k, v in saved.items() if k != "params"})
             _normalize_options({k: merged[k] for k in self._option_defaults})
+            _check_differentiable(merged)
             for i, (p, pid) in enumerate(zip(group["params"], saved["params"])):
                 pairs.append((pid, p, merged, self._param_name(gi, i)))
         saved_state = state_dict["state"]
@@ -758,7 +945,16 @@ class AdamW(torch.optim.AdamW):
         # A dict without freeze masks (torch's, or saved before masks were set) keeps the
         # masks set on this optimizer; a dict with masks brings its own.
         masks = {p: m for p in self.state if (m := self.state[p].get("freeze_mask")) is not None}
-        super().load_state_dict(state_dict)
+        # The hooks run here, around our checks and casts, so torch's loader must not run them.
+        hooks = (self._optimizer_load_state_dict_pre_hooks,
+                 self._optimizer_load_state_dict_post_hooks)
+        self._optimizer_load_state_dict_pre_hooks = type(hooks[0])()
+        self._optimizer_load_state_dict_post_hooks = type(hooks[1])()
+        try:
+            super().load_state_dict(state_dict)
+        finally:
+            (self._optimizer_load_state_dict_pre_hooks,
+             self._optimizer_load_state_dict_post_hooks) = hooks
         for p, mask in masks.items():
             self.state[p].setdefault("freeze_mask", mask)
         for pid, p, merged, _ in pairs:
@@ -776,6 +972,8 @@ class AdamW(torch.optim.AdamW):
                 dtype = expected[key][1] if key in expected else value.dtype
                 restored[key] = value.to(device=p.device, dtype=dtype, copy=True)
         self._forget_plans()
+        for post_hook in self._optimizer_load_state_dict_post_hooks.values():
+            post_hook(self)
 
     # ---------------------------------------------------------------- results
 

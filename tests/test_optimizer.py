@@ -499,7 +499,6 @@ def test_invalid_hyperparameters_use_torch_messages(kwargs, message):
         (dict(seed=-1), "seed must be an int"),
         (dict(master_weights="remainder", rounding="stochastic"), "cannot be combined"),
         (dict(backend="tpu"), "unknown backend 'tpu'; choose one of 'auto', 'reference'"),
-        (dict(differentiable=True), "differentiable"),
     ],
 )
 def test_invalid_options(kwargs, message):
@@ -513,16 +512,16 @@ def test_invalid_options(kwargs, message):
         (torch.float32, dict(rounding="stochastic"), "rounding='stochastic' rounds the bf16 store"),
         (torch.float32, dict(master_weights="remainder"), "needs a bfloat16 param"),
         (torch.float32, dict(master_weights="fp32"), "needs a bfloat16 param"),
-        (torch.float16, dict(), "supports float32 and bfloat16"),
-        (torch.int32, dict(), "supports float32 and bfloat16"),
-        (torch.complex64, dict(), "complex"),
+        (torch.float16, dict(rounding="stochastic"), "rounds the bf16 store"),
+        (torch.float64, dict(master_weights="fp32"), "needs a bfloat16 param"),
+        (torch.complex64, dict(master_weights="remainder"), "needs a bfloat16 param"),
+        (torch.float16, dict(state_dtype=torch.float32), "stepped by torch's AdamW code"),
     ],
 )
 def test_param_that_does_not_fit_the_options_is_named(dtype, kwargs, message):
     model = torch.nn.Module()
     model.ok = torch.nn.Parameter(torch.randn(3, dtype=torch.bfloat16))
-    model.bad = torch.nn.Parameter(torch.zeros(3).to(dtype), requires_grad=dtype.is_floating_point
-                                   or dtype.is_complex)
+    model.bad = torch.nn.Parameter(torch.zeros(3).to(dtype))
     with pytest.raises(ValueError, match=message) as info:
         AdamW(model.named_parameters(), **kwargs)
     assert "'bad'" in str(info.value)
@@ -559,6 +558,7 @@ def test_bad_gradient_raises_before_anything_changes(make_bad, error, message):
     "mask, message",
     [
         (torch.ones(7, dtype=torch.bool), "has 7 elements, the param has 6"),
+        (torch.ones(2, 3, dtype=torch.bool), r"has shape \(2, 3\), the param has shape \(6,\)"),
         (torch.ones(6, dtype=torch.float32), "must be a bool tensor"),
         (torch.ones(2, dtype=torch.uint8), "1-D uint8 tensor of 1 bytes"),
         ([True] * 6, "must be a tensor"),
@@ -574,6 +574,19 @@ def test_bad_freeze_mask_is_refused(mask, message):
         AdamW([good, other], freeze_masks={other: torch.ones(5, dtype=torch.bool), good: mask})
     with pytest.raises(ValueError, match="not a param of this optimizer"):
         opt.set_freeze_mask(torch.zeros(6), None)
+
+
+def test_bool_freeze_mask_has_the_param_shape_or_is_flat():
+    p = torch.randn(2, 3, dtype=torch.bfloat16, requires_grad=True)
+    opt = AdamW([p])
+    keep = torch.tensor([[True, False, True], [False, True, True]])
+    opt.set_freeze_mask(p, keep)
+    packed = opt.freeze_mask(p)
+    opt.set_freeze_mask(p, keep.reshape(-1))  # flat, the param's element order
+    assert torch.equal(opt.freeze_mask(p), packed)
+    with pytest.raises(ValueError, match=r"has shape \(3, 2\), the param has shape \(2, 3\)"):
+        opt.set_freeze_mask(p, keep.reshape(3, 2))
+    assert torch.equal(opt.freeze_mask(p), packed)
 
 
 def test_mismatched_state_dict_is_refused_without_changes():
@@ -635,7 +648,7 @@ def test_bad_param_group_is_refused_and_not_added():
         ({"params": [torch.randn(2, requires_grad=True)], "rounding": "up"}, "rounding must be"),
         ({"params": [torch.randn(2, requires_grad=True)], "lr": -0.5}, "Invalid learning rate"),
         ({"params": [torch.randn(2, requires_grad=True)], "rounding": "stochastic"},
-         "rounds the bf16 store"),
+         "^param 0 of the new group: rounding='stochastic' rounds the bf16 store"),
     ):
         with pytest.raises(ValueError, match=message):
             opt.add_param_group(group)
