@@ -79,8 +79,8 @@ def _check_device(option: str, text: str | None) -> None:
     try:
         device = torch.device(text)
     except RuntimeError:
-        raise InputError(f"{option} {text!r} is not a device name; use cpu, cuda or cuda:N") \
-            from None
+        message = f"{option} {text!r} is not a device name; use cpu, cuda or cuda:N"
+        raise InputError(message) from None
     if device.type == "cuda":
         count = torch.cuda.device_count() if torch.cuda.is_available() else 0
         if count == 0:

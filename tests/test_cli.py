@@ -223,11 +223,31 @@ def test_patch_apply_names_a_damaged_patch_file(pair, tmp_path, capsys, damage):
 @NO_CUDA
 @pytest.mark.parametrize("device, reason", [("cuda", "no CUDA device"),
                                             ("tpu", "not a device name")])
-def test_bench_refuses_a_device_this_machine_lacks(tmp_path, capsys, device, reason):
+@pytest.mark.parametrize("command", ["bench", "ablate"])
+def test_bench_and_ablate_refuse_a_device_this_machine_lacks(tmp_path, capsys, device, reason,
+                                                              command):
     out = tmp_path / "results"
-    status = main(["bench", "--device", device, "--out", str(out), "--no-progress"])
-    _refused(capsys, status, "bench", "--device", reason)
+    status = main([command, "--device", device, "--out", str(out), "--no-progress"])
+    _refused(capsys, status, command, "--device", reason)
     assert not out.exists()
+
+
+def test_a_gpu_index_past_the_last_gpu_is_refused(pair, tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    status = main(["sparsity", *map(str, pair), "--geometry", "--device", "cuda:2",
+                   "--no-progress"])
+    _refused(capsys, status, "sparsity", "--device cuda:2", "2 CUDA device(s), cuda:0 to cuda:1")
+
+
+def test_outputs_that_cannot_be_written_are_refused_before_any_work(pair, tmp_path, capsys):
+    missing = tmp_path / "no such folder" / "p.safetensors"
+    status = main(["patch", "make", *map(str, pair), "-o", str(missing), "--sequence", "1"])
+    _refused(capsys, status, "patch make", f"-o {missing}", "does not exist")
+    status = main(["sparsity", *map(str, pair), "--out", str(pair[0]), "--no-progress"])
+    captured = capsys.readouterr()
+    assert status == 2 and f"--out {pair[0]} is a file" in captured.err
+    assert captured.out == ""  # refused before the tables
 
 
 @NO_CUDA
