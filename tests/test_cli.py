@@ -244,6 +244,8 @@ def test_outputs_that_cannot_be_written_are_refused_before_any_work(pair, tmp_pa
     missing = tmp_path / "no such folder" / "p.safetensors"
     status = main(["patch", "make", *map(str, pair), "-o", str(missing), "--sequence", "1"])
     _refused(capsys, status, "patch make", f"-o {missing}", "does not exist")
+    status = main(["demo", "--quick", "--json", str(missing), "--no-progress"])
+    _refused(capsys, status, "demo", f"--json {missing}", "does not exist")
     status = main(["sparsity", *map(str, pair), "--out", str(pair[0]), "--no-progress"])
     captured = capsys.readouterr()
     assert status == 2 and f"--out {pair[0]} is a file" in captured.err
