@@ -3,11 +3,22 @@
 See README.md for the modes and ``rlvr_optim.reference`` for the exact numerics.
 """
 
-from . import bitmaps, distributed, reference
+import importlib
+
+from . import bitmaps, distributed, patch, reference
 from .optimizer import AdamW, format_table
-from . import integrations, patch  # noqa: E402 - they build on AdamW
 
 __all__ = [
     "AdamW", "bitmaps", "distributed", "format_table", "integrations", "patch", "reference",
 ]
 __version__ = "0.1.0"
+
+# Imported on first use: ``integrations`` imports transformers (seconds), which neither
+# ``import rlvr_optim`` nor the command line's ``--help`` should wait for.
+_LAZY_SUBMODULES = ("integrations",)
+
+
+def __getattr__(name: str):
+    if name in _LAZY_SUBMODULES:
+        return importlib.import_module(f".{name}", __name__)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

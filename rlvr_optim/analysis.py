@@ -25,6 +25,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import pickle
 import sys
 import zlib
 from typing import Any, Callable, Iterable, Mapping, Sequence
@@ -35,6 +36,7 @@ from torch import Tensor
 from tqdm import tqdm
 
 from . import bitmaps
+from .errors import InputError
 
 __all__ = [
     "ABSOLUTE_TOLERANCE",
@@ -50,10 +52,12 @@ __all__ = [
     "layer_index",
     "load_pyplot",
     "load_masks",
+    "load_state_dict",
     "low_magnitude_mask",
     "markdown_table",
     "module_key",
     "open_checkpoint",
+    "open_safetensors",
     "overlap",
     "pack_mask",
     "parse_rank",
@@ -97,6 +101,8 @@ class Checkpoint:
             ``*.index.json``) or ``pytorch_model*.bin`` files.
 
     Only floating-point tensors are listed by :meth:`names`; :meth:`get` returns a CPU tensor.
+    A path that is not a checkpoint, or a weight file that cannot be read, raises
+    :class:`~rlvr_optim.errors.InputError` naming the file.
     """
 
     def __init__(self, source: Any) -> None:
@@ -113,17 +119,16 @@ class Checkpoint:
             return
         path = os.fspath(source)
         files = _checkpoint_files(path)
+        folder = path if os.path.isdir(path) else None
         if files[0].endswith(".safetensors"):
-            self._open_safetensors(files)
+            self._open_safetensors(files, folder)
         else:
-            self._open_torch(files)
+            self._open_torch(files, folder)
 
-    def _open_safetensors(self, files: list[str]) -> None:
-        from safetensors import safe_open
-
+    def _open_safetensors(self, files: list[str], folder: str | None) -> None:
         owner: dict[str, Any] = {}
         for file in files:
-            handle = safe_open(file, framework="pt")
+            handle = open_safetensors(file, folder=folder)
             self._handles.append(handle)
             for name in handle.keys():
                 sl = handle.get_slice(name)
@@ -132,13 +137,10 @@ class Checkpoint:
                     self._shapes[name] = tuple(sl.get_shape())
         self._getter = lambda name: owner[name].get_tensor(name)
 
-    def _open_torch(self, files: list[str]) -> None:
+    def _open_torch(self, files: list[str], folder: str | None) -> None:
         tensors: dict[str, Tensor] = {}
         for file in files:
-            loaded = torch.load(file, map_location="cpu", mmap=True, weights_only=True)
-            if not isinstance(loaded, Mapping):
-                raise ValueError(f"{file} holds a {type(loaded).__name__}, not a state dict")
-            for k, v in loaded.items():
+            for k, v in _load_torch_file(file, folder).items():
                 if isinstance(v, Tensor) and v.dtype in _FLOAT_DTYPES:
                     tensors[k] = v
         self._shapes = {k: tuple(v.shape) for k, v in tensors.items()}
@@ -170,6 +172,73 @@ def open_checkpoint(source: Any) -> Checkpoint:
     return source if isinstance(source, Checkpoint) else Checkpoint(source)
 
 
+def load_state_dict(source: str | os.PathLike) -> dict[str, Tensor]:
+    """Every tensor (any dtype) of a checkpoint file or folder, as :class:`Checkpoint` finds them.
+
+    For whole-checkpoint work such as :func:`rlvr_optim.patch.make_patch`; safetensors
+    tensors are read into memory, torch files are memory-mapped. Errors as in
+    :class:`Checkpoint`.
+    """
+    path = os.fspath(source)
+    folder = path if os.path.isdir(path) else None
+    tensors: dict[str, Tensor] = {}
+    for file in _checkpoint_files(path):
+        if file.endswith(".safetensors"):
+            handle = open_safetensors(file, folder=folder)
+            tensors.update((k, handle.get_tensor(k)) for k in handle.keys())
+        else:
+            tensors.update((k, v) for k, v in _load_torch_file(file, folder).items()
+                           if isinstance(v, Tensor))
+    return tensors
+
+
+def open_safetensors(path: str | os.PathLike, *, folder: str | None = None):
+    """``safetensors.safe_open(path, framework="pt")``, with errors that name the file.
+
+    Args:
+        path: a ``.safetensors`` file.
+        folder: the checkpoint folder the file was found in (default None), named in the
+            message, since a stray file there is read as part of the checkpoint.
+
+    Raises :class:`~rlvr_optim.errors.InputError` when ``path`` is missing, a folder, or
+    not a safetensors file (empty, truncated, another format).
+    """
+    from safetensors import SafetensorError, safe_open
+
+    path = os.fspath(path)
+    if os.path.isdir(path):
+        raise InputError(f"{path} is a folder; expected a .safetensors file")
+    if not os.path.isfile(path):
+        raise InputError(f"no file at {path}")
+    try:
+        return safe_open(path, framework="pt")
+    except (SafetensorError, OSError) as exc:
+        raise InputError(f"{path} is not a readable safetensors file ({exc}); "
+                         f"{_bad_file_hint(folder)}") from None
+
+
+def _load_torch_file(file: str, folder: str | None) -> Mapping[str, Any]:
+    """The state dict in a torch ``.bin``/``.pt``/``.pth`` file, memory-mapped."""
+    try:
+        loaded = torch.load(file, map_location="cpu", mmap=True, weights_only=True)
+    except (RuntimeError, EOFError, pickle.UnpicklingError) as exc:
+        # torch's messages run over several lines (the weights_only one over a dozen).
+        first = (str(exc).strip() or type(exc).__name__).splitlines()[0]
+        raise InputError(f"{file} is not a readable torch state dict ({first}); "
+                         f"{_bad_file_hint(folder)}") from None
+    if not isinstance(loaded, Mapping):
+        raise InputError(f"{file} holds a {type(loaded).__name__}, not a state dict (a dict "
+                         f"of name -> tensor); {_bad_file_hint(folder)}")
+    return loaded
+
+
+def _bad_file_hint(folder: str | None) -> str:
+    if folder is None:
+        return "save or download it again"
+    return (f"every weight file in {folder} is read as part of the checkpoint: move this one "
+            "out if it does not belong, or pass the weights file itself")
+
+
 def _describe(source: Any) -> str:
     if isinstance(source, (str, os.PathLike)):
         return os.fspath(source)
@@ -181,26 +250,43 @@ def _checkpoint_files(path: str) -> list[str]:
     if os.path.isfile(path):
         if path.endswith((".safetensors", ".bin", ".pt", ".pth")):
             return [path]
-        raise ValueError(f"{path}: expected a .safetensors, .bin, .pt or .pth file")
+        raise InputError(f"{path}: expected a .safetensors, .bin, .pt or .pth file, or an HF "
+                         "model folder")
     if not os.path.isdir(path):
-        raise FileNotFoundError(f"no checkpoint file or folder at {path}")
-    for index, suffix in (("model.safetensors.index.json", ".safetensors"),
-                          ("pytorch_model.bin.index.json", ".bin")):
+        raise InputError(f"no checkpoint file or folder at {path}")
+    for index in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):
         index_path = os.path.join(path, index)
         if os.path.isfile(index_path):
-            with open(index_path, encoding="utf-8") as f:
-                weight_map = json.load(f)["weight_map"]
-            return [os.path.join(path, f) for f in dict.fromkeys(weight_map.values())]
+            return _indexed_files(path, index_path)
     entries = sorted(os.listdir(path))
     for suffix in (".safetensors", ".bin", ".pt", ".pth"):
         found = [os.path.join(path, e) for e in entries
                  if e.endswith(suffix) and not e.startswith("training_args")]
         if found:
             return found
-    raise FileNotFoundError(
+    raise InputError(
         f"{path} holds no .safetensors, .bin, .pt or .pth weight files (expected an HF model "
         "folder, a safetensors file or a state dict)"
     )
+
+
+def _indexed_files(folder: str, index_path: str) -> list[str]:
+    """The shard files an HF ``*.index.json`` lists, each checked to exist."""
+    try:
+        with open(index_path, encoding="utf-8") as f:
+            weight_map = json.load(f)["weight_map"]
+        names = list(dict.fromkeys(weight_map.values()))
+    except (ValueError, KeyError, TypeError, AttributeError) as exc:
+        raise InputError(f"{index_path} is not an HF weight index (a JSON object with a "
+                         f"'weight_map' of tensor name -> file): {exc!r}") from None
+    if not names:
+        raise InputError(f"{index_path} lists no weight files")
+    files = [os.path.join(folder, n) for n in names]
+    missing = [f for f in files if not os.path.isfile(f)]
+    if missing:
+        raise InputError(f"{index_path} lists {len(missing)} shard file(s) that {folder} lacks, "
+                         f"e.g. {os.path.basename(missing[0])}")
+    return files
 
 
 def _common_tensors(base: Checkpoint, tuned: Checkpoint) -> tuple[list[str], list[dict]]:
@@ -219,6 +305,38 @@ def _common_tensors(base: Checkpoint, tuned: Checkpoint) -> tuple[list[str], lis
     skipped += [{"name": n, "reason": "only in tuned"} for n in tuned.names()
                 if n not in base_names]
     return names, skipped
+
+
+def _comparable_tensors(base: Checkpoint, tuned: Checkpoint) -> tuple[list[str], list[dict]]:
+    """:func:`_common_tensors`, refusing (InputError) a pair with no tensor to compare.
+
+    Measures over nothing would read as "100% unchanged".
+    """
+    names, skipped = _common_tensors(base, tuned)
+    if names:
+        return names, skipped
+    for ckpt in (base, tuned):
+        if not ckpt.names():
+            raise InputError(f"{ckpt.description} holds no floating-point tensors: nothing "
+                             "to compare")
+    reshaped = [s for s in skipped if s["reason"].startswith("shape")]
+    if reshaped:
+        raise InputError(f"every tensor that {base.description} and {tuned.description} share "
+                         f"differs in shape ({len(reshaped)}, e.g. {reshaped[0]['name']}: "
+                         f"{reshaped[0]['reason']}): compare checkpoints of one model")
+    raise InputError(f"{base.description} and {tuned.description} have no tensor name in "
+                     f"common (e.g. {base.names()[0]!r} and {tuned.names()[0]!r}): compare "
+                     "checkpoints of one model")
+
+
+def _skipped_warning(skipped: Sequence[Mapping], compared: int) -> str | None:
+    """One line on the tensors left out of a comparison (None when none were)."""
+    if not skipped:
+        return None
+    examples = "; ".join(f"{s['name']}: {s['reason']}" for s in skipped[:3])
+    more = "; ..." if len(skipped) > 3 else ""
+    return (f"{len(skipped)} tensors skipped, not in both checkpoints with one shape "
+            f"({examples}{more}); the figures cover the {compared} compared")
 
 
 def _progress(items: Sequence, enabled: bool, desc: str) -> Iterable:
@@ -338,10 +456,14 @@ def update_sparsity(base: Any, tuned: Any, *, atol: float = ABSOLUTE_TOLERANCE,
     unchanged_atol``), ``modules`` and ``layers`` (the same counts grouped by module type
     and block index, ``layer`` None for tensors outside the blocks), ``overall`` (one row),
     each row with ``sparsity = unchanged / numel`` and ``sparsity_atol``; ``skipped``
-    (tensors missing on one side or of different shapes) and ``atol``.
+    (tensors missing on one side or of different shapes), ``warning`` (a line that counts
+    and names the skipped tensors, None when there are none) and ``atol``.
+
+    Raises :class:`~rlvr_optim.errors.InputError` when no tensor can be compared (no name
+    in common, or every shared tensor of another shape).
     """
     base, tuned = open_checkpoint(base), open_checkpoint(tuned)
-    names, skipped = _common_tensors(base, tuned)
+    names, skipped = _comparable_tensors(base, tuned)
     rows = []
     for name in _progress(names, progress, "sparsity"):
         w0, w1 = base.get(name).reshape(-1), tuned.get(name).reshape(-1)
@@ -365,11 +487,8 @@ def update_sparsity(base: Any, tuned: Any, *, atol: float = ABSOLUTE_TOLERANCE,
         for r in group:
             r["sparsity"] = r["unchanged"] / r["numel"] if r["numel"] else 1.0
             r["sparsity_atol"] = r["unchanged_atol"] / r["numel"] if r["numel"] else 1.0
-    return {"tensors": rows, "modules": modules, "layers": layers,
-            "overall": overall[0] if overall else {"tensors": 0, "numel": 0, "unchanged": 0,
-                                                   "unchanged_atol": 0, "sparsity": 1.0,
-                                                   "sparsity_atol": 1.0},
-            "skipped": skipped, "atol": atol}
+    return {"tensors": rows, "modules": modules, "layers": layers, "overall": overall[0],
+            "skipped": skipped, "warning": _skipped_warning(skipped, len(rows)), "atol": atol}
 
 
 def _rename(rows: list[dict], key: str) -> list[dict]:
@@ -560,10 +679,11 @@ def geometry(base: Any, tuned: Any, *, alpha: float = 0.2, rank: int | float = 0
     ``angle_left``, ``angle_right`` = the largest principal angle in degrees) and
     ``overall``: overlaps summed over matrices with their random baselines (``changed``: the
     bitwise update mask, baseline its density; ``top``: top-``alpha`` of ``|delta|``,
-    baseline ``alpha``), and the mean drift and angles.
+    baseline ``alpha``), and the mean drift and angles. Raises
+    :class:`~rlvr_optim.errors.InputError` as :func:`update_sparsity` does.
     """
     base, tuned = open_checkpoint(base), open_checkpoint(tuned)
-    names, _ = _common_tensors(base, tuned)
+    names, _ = _comparable_tensors(base, tuned)
     names = [n for n in names if len(base.shape(n)) == 2 and min(base.shape(n)) >= 2]
     rows = []
     for name in _progress(names, progress, "geometry"):
@@ -631,13 +751,18 @@ def update_jaccard(base: Any, tuned_a: Any, tuned_b: Any, *,
     """Jaccard of the bitwise update masks of two runs from the same base, with baselines.
 
     Returns ``modules`` (per module type) and ``overall`` rows with ``jaccard``,
-    ``baseline`` (independent Bernoulli), ``density_a``, ``density_b``.
+    ``baseline`` (independent Bernoulli), ``density_a``, ``density_b``. Raises
+    :class:`~rlvr_optim.errors.InputError` when no tensor is in all three with one shape.
     """
     base, tuned_a, tuned_b = map(open_checkpoint, (base, tuned_a, tuned_b))
-    names, _ = _common_tensors(base, tuned_a)
-    in_b = set(_common_tensors(base, tuned_b)[0])
+    names, _ = _comparable_tensors(base, tuned_a)
+    in_b = set(_comparable_tensors(base, tuned_b)[0])
+    names = [n for n in names if n in in_b]
+    if not names:
+        raise InputError(f"no tensor of {base.description} is in both {tuned_a.description} "
+                         f"and {tuned_b.description} with its shape: nothing to compare")
     rows = []
-    for name in _progress([n for n in names if n in in_b], progress, "jaccard"):
+    for name in _progress(names, progress, "jaccard"):
         w0 = base.get(name)
         a = ~unchanged_bitwise(w0, tuned_a.get(name))
         b = ~unchanged_bitwise(w0, tuned_b.get(name))
@@ -653,8 +778,7 @@ def update_jaccard(base: Any, tuned_a: Any, tuned_b: Any, *,
 
     modules = [finish(g, "module") for g in summarize(rows, lambda r: r["module"], counts)]
     overall = summarize(rows, lambda r: "all", counts)
-    return {"modules": modules,
-            "overall": finish(overall[0], "tensors") if overall else {}}
+    return {"modules": modules, "overall": finish(overall[0], "tensors")}
 
 
 # --------------------------------------------------------------------------- freeze masks
@@ -806,7 +930,10 @@ _SPARSITY_FORMATS = {"sparsity": ".2%", "sparsity_atol": ".2%"}
 
 
 def format_sparsity(result: Mapping[str, Any], max_layers: int = 64) -> str:
-    """Terminal tables of :func:`update_sparsity`'s result: overall, module types, layers."""
+    """Terminal tables of :func:`update_sparsity`'s result: overall, module types, layers.
+
+    The warning about skipped tensors, if any, comes first, so it is read before the figures.
+    """
     from .optimizer import format_table
 
     def pct(rows: Iterable[Mapping], key: str) -> list[dict]:
@@ -814,15 +941,13 @@ def format_sparsity(result: Mapping[str, Any], max_layers: int = 64) -> str:
                  "unchanged (bf16 bits)": f"{r['sparsity']:.2%}",
                  f"|delta| <= {result['atol']:g}": f"{r['sparsity_atol']:.2%}"} for r in rows]
 
-    parts = ["update sparsity (share of weights unchanged)",
-             format_table(pct([result["overall"]], "tensors")), "",
-             "by module type", format_table(pct(result["modules"], "module")), ""]
+    parts = [f"warning: {result['warning']}", ""] if result["warning"] else []
+    parts += ["update sparsity (share of weights unchanged)",
+              format_table(pct([result["overall"]], "tensors")), "",
+              "by module type", format_table(pct(result["modules"], "module")), ""]
     layers = result["layers"]
     parts += ["by layer" + (f" (first {max_layers})" if len(layers) > max_layers else ""),
               format_table(pct(layers[:max_layers], "layer"))]
-    if result["skipped"]:
-        parts += ["", f"skipped {len(result['skipped'])} tensors (e.g. "
-                      f"{result['skipped'][0]['name']}: {result['skipped'][0]['reason']})"]
     return "\n".join(parts)
 
 
@@ -832,8 +957,10 @@ def write_sparsity_report(directory: str | os.PathLike, result: Mapping[str, Any
                           title: str = "Update sparsity") -> list[str]:
     """Write ``sparsity.md``, ``sparsity.json`` and PNG plots into ``directory``.
 
-    Plots need matplotlib (``pip install rlvr_optim[ablation]``); without it they are
-    skipped and the markdown says so. Returns the paths written.
+    A warning about skipped tensors heads the markdown; the JSON holds ``result`` whole
+    (``sparsity.warning``, ``sparsity.skipped``). Plots need matplotlib (``pip install
+    rlvr_optim[ablation]``); without it they are skipped and the markdown says so. Returns
+    the paths written.
     """
     os.makedirs(directory, exist_ok=True)
     directory = os.fspath(directory)
@@ -843,15 +970,18 @@ def write_sparsity_report(directory: str | os.PathLike, result: Mapping[str, Any
     md = [f"# {title}", "",
           "A weight is unchanged when its bf16 bits are identical (the paper's Def. 2.1 with "
           "eta = 1e-3 is the same test); the absolute-tolerance column counts "
-          f"|delta| <= {atol:g}.",
-          "", "## Overall", "", markdown_table([result["overall"]], ["tensors"] + cols,
-                                               ["tensors"] + heads, _SPARSITY_FORMATS),
-          "", "## By module type", "",
-          markdown_table(result["modules"], ["module"] + cols, ["module"] + heads,
-                         _SPARSITY_FORMATS),
-          "", "## By layer", "",
-          markdown_table(result["layers"], ["layer"] + cols, ["layer"] + heads,
-                         _SPARSITY_FORMATS)]
+          f"|delta| <= {atol:g}."]
+    if result["warning"]:
+        md += ["", f"**Warning:** {result['warning']} (all of them are listed in "
+                   "sparsity.json, `sparsity.skipped`)."]
+    md += ["", "## Overall", "", markdown_table([result["overall"]], ["tensors"] + cols,
+                                                ["tensors"] + heads, _SPARSITY_FORMATS),
+           "", "## By module type", "",
+           markdown_table(result["modules"], ["module"] + cols, ["module"] + heads,
+                          _SPARSITY_FORMATS),
+           "", "## By layer", "",
+           markdown_table(result["layers"], ["layer"] + cols, ["layer"] + heads,
+                          _SPARSITY_FORMATS)]
     payload: dict[str, Any] = {"sparsity": result}
     if geometry_result is not None:
         md += ["", "## Geometry", "", _geometry_markdown(geometry_result)]
@@ -921,6 +1051,8 @@ def _sparsity_plots(directory: str, result: Mapping[str, Any],
     plt = load_pyplot()
     if plt is None:
         return None
+    from matplotlib.ticker import MaxNLocator
+
     paths = []
     layers = [r for r in result["layers"] if r["layer"] is not None]
     if layers:
@@ -930,6 +1062,8 @@ def _sparsity_plots(directory: str, result: Mapping[str, Any],
         ax.plot(xs, [100 * r["sparsity_atol"] for r in layers], "s--",
                 label=f"|delta| <= {result['atol']:g}")
         ax.set_xlabel("layer")
+        # Layers are whole numbers; the default locator puts ticks at 0.5 for a few layers.
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_ylabel("unchanged weights (%)")
         ax.set_ylim(0, 100)
         ax.legend()

@@ -2,25 +2,109 @@
 
 Each subcommand is a pair: ``_add_<name>(subparsers)`` declares its options and
 ``_<name>(args) -> exit status`` runs it; :func:`build_parser` lists the pairs.
+
+Bad input ends in one line on stderr, ``rlvr-optim <command>: error: ...``, and exit status
+2: option values are checked by argparse types, everything else raises
+:class:`~rlvr_optim.errors.InputError`, which :func:`main` alone catches. Commands check
+their inputs before they write, so a refused command leaves its ``--out``/``-o`` as it was.
+Modules that take long to import (triton, transformers, matplotlib) are imported by the
+commands that use them, so ``--help`` costs about an ``import torch``.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
+import os
 import sys
 from typing import Sequence
 
 from .demo import format_rows, run_demo
+from .errors import InputError
 
 __all__ = ["build_parser", "main"]
 
 
+# argparse names a type function in its message when it raises ValueError ("invalid
+# _positive_int value"); an ArgumentTypeError's text is shown as written instead.
+
+
 def _positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    if not (text.strip().isdigit() and int(text) >= 1):
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}")
+    return int(text)
+
+
+def _non_negative_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not 0.0 <= value < math.inf:
+        raise argparse.ArgumentTypeError(f"must be a number >= 0, got {text!r}")
     return value
+
+
+def _share(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not 0.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError(f"must be a number in [0, 1], got {text!r}")
+    return value
+
+
+def _rank(text: str) -> int | float:
+    from .analysis import parse_rank  # noqa: PLC0415
+
+    try:
+        value = parse_rank(text)
+    except ValueError:
+        value = None
+    if value is None or (isinstance(value, float) and not 0.0 < value <= 1.0):
+        raise argparse.ArgumentTypeError(
+            f"must be a positive integer or a fraction in (0, 1] of the smaller dimension, "
+            f"got {text!r}")
+    return value
+
+
+def _check_device(option: str, text: str | None) -> None:
+    """Refuse a device that torch does not know or this machine lacks (None: not given)."""
+    if text is None:
+        return
+    import torch  # noqa: PLC0415
+
+    try:
+        device = torch.device(text)
+    except RuntimeError:
+        message = f"{option} {text!r} is not a device name; use cpu, cuda or cuda:N"
+        raise InputError(message) from None
+    if device.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise InputError(f"{option} {text}: this machine has no CUDA device (or torch "
+                             f"{torch.__version__} was built without CUDA); use {option} cpu")
+        if device.index is not None and device.index >= count:
+            raise InputError(f"{option} {text}: this machine has {count} CUDA device(s), "
+                             f"cuda:0 to cuda:{count - 1}")
+    elif device.type != "cpu":
+        raise InputError(f"{option} {text}: only cpu and cuda devices are supported")
+
+
+def _check_output_file(option: str, path: str) -> None:
+    """Refuse an output file that cannot be written, before any work is done."""
+    folder = os.path.dirname(os.path.abspath(path))
+    if os.path.isdir(path):
+        raise InputError(f"{option} {path} is a folder; give a file name")
+    if not os.path.isdir(folder):
+        raise InputError(f"{option} {path}: folder {folder} does not exist; create it first")
+
+
+def _check_output_folder(option: str, path: str) -> None:
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise InputError(f"{option} {path} is a file; give a folder (it is created if missing)")
 
 
 def _add_demo(subparsers) -> None:
@@ -46,7 +130,7 @@ def _add_demo(subparsers) -> None:
                    help="--quick: optimizer steps per mode (default 40)")
     p.add_argument("--hidden", type=_positive_int,
                    help="--quick: hidden width of the MLP (default 64)")
-    p.add_argument("--lr", type=float,
+    p.add_argument("--lr", type=_non_negative_float,
                    help="--quick: learning rate (default 1e-4; at 1e-3 nearly every weight of "
                    "this toy changes)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
@@ -61,13 +145,14 @@ def _demo(args: argparse.Namespace) -> int:
                                           ("--lr", args.lr), ("--json", args.json))
                  if value is not None]
         if given:
-            print(f"rlvr-optim demo: error: {', '.join(given)} apply to --quick only (for the "
-                  "ablation's settings use rlvr-optim ablate)", file=sys.stderr)
-            return 2
+            raise InputError(f"{', '.join(given)} apply to --quick only (for the ablation's "
+                             "settings use rlvr-optim ablate)")
         from .ablation import preset, run_for_cli  # noqa: PLC0415
 
         return run_for_cli(preset("tiny", seed=args.seed), args.out, resume=args.resume,
                            progress=not args.no_progress)
+    if args.json is not None:
+        _check_output_file("--json", args.json)
     rows = run_demo(steps=args.steps or 40, seed=args.seed, hidden=args.hidden or 64,
                     progress=not args.no_progress, lr=1e-4 if args.lr is None else args.lr)
     print(format_rows(rows))
@@ -128,24 +213,20 @@ def _add_bench(subparsers) -> None:
 def _bench(args: argparse.Namespace) -> int:
     """Run :func:`rlvr_optim.bench.run` (one line per row on stdout, rows streamed to
     ``--jsonl``), then save and render it under ``--out`` and print the markdown table."""
+    _check_device("--device", args.device)
     from . import bench  # noqa: PLC0415
-    from .errors import InputError  # noqa: PLC0415
 
     chosen = None if args.backends is None else tuple(b for b in args.backends if b != "none")
     anchors = None if args.anchors is None else tuple(a for a in args.anchors if a != "none")
     modes = None if args.modes is None else tuple(m for m in args.modes if m != "none")
-    try:
-        device = bench.resolve_device(args.device)
-        default = ("r1-distill-qwen-1.5b", "many-small") if device.type == "cuda" else ("cpu-tiny",)
-        result = bench.run(presets=tuple(args.preset or default), device=device,
-                           steps=args.steps, warmup=args.warmup, backends_to_time=chosen,
-                           anchors=anchors, progress=not args.no_progress,
-                           graph=not args.no_graph, tune=args.tune, modes=modes,
-                           tracks=tuple(args.tracks or ("off", "step")), jsonl=args.jsonl,
-                           echo=True)
-    except InputError as exc:  # a device, preset or file that does not fit; nothing written
-        print(f"rlvr-optim bench: error: {exc}", file=sys.stderr)
-        return 2
+    device = bench.resolve_device(args.device)
+    default = ("r1-distill-qwen-1.5b", "many-small") if device.type == "cuda" else ("cpu-tiny",)
+    result = bench.run(presets=tuple(args.preset or default), device=device,
+                       steps=args.steps, warmup=args.warmup, backends_to_time=chosen,
+                       anchors=anchors, progress=not args.no_progress,
+                       graph=not args.no_graph, tune=args.tune, modes=modes,
+                       tracks=tuple(args.tracks or ("off", "step")), jsonl=args.jsonl,
+                       echo=True)
     if args.out is None and args.jsonl is not None:
         print(f"appended {len(result['rows'])} rows to {args.jsonl}")
         return 0
@@ -167,14 +248,15 @@ def _add_patch(subparsers) -> None:
                                 required=True)
     make = commands.add_parser(
         "make",
-        help="patch from two safetensors checkpoints (or a base + change bitmaps)",
+        help="patch from two checkpoints (or a base + change bitmaps)",
         description="Write the patch that turns BASE into NEW and print its size against a "
-        "full checkpoint. With --bitmaps (a file from rlvr_optim.bitmaps.save_bitmaps, e.g. "
-        "the optimizer's change bitmaps of the step) the changed elements come from the "
-        "bitmaps, checked against BASE.",
+        "full checkpoint. BASE and NEW are what sparsity reads: HF model folders, safetensors "
+        "files or torch state dicts. With --bitmaps (a file from "
+        "rlvr_optim.bitmaps.save_bitmaps, e.g. the optimizer's change bitmaps of the step) "
+        "the changed elements come from the bitmaps, checked against BASE.",
     )
-    make.add_argument("base", help="safetensors weights before the step")
-    make.add_argument("new", help="safetensors weights after the step")
+    make.add_argument("base", help="checkpoint before the step")
+    make.add_argument("new", help="checkpoint after the step")
     make.add_argument("-o", "--output", required=True, help="patch file to write")
     make.add_argument("--sequence", type=int, required=True,
                       help="step number recorded in the patch")
@@ -194,45 +276,43 @@ def _add_patch(subparsers) -> None:
 
 
 def _patch(args: argparse.Namespace) -> int:
-    """Run ``patch make`` / ``patch apply``; errors in the inputs exit with status 1."""
-    from safetensors import SafetensorError, safe_open  # noqa: PLC0415
-    from safetensors.torch import load_file, save_file  # noqa: PLC0415
+    """Run ``patch make`` / ``patch apply``."""
+    from safetensors.torch import save_file  # noqa: PLC0415
 
-    from . import bitmaps, patch  # noqa: PLC0415
+    from . import analysis, bitmaps, patch  # noqa: PLC0415
 
-    try:
-        if args.patch_action == "make":
-            base, new = load_file(args.base), load_file(args.new)
-            changed = None
-            if args.bitmaps is not None:
+    _check_output_file("-o", args.output)
+    if args.patch_action == "make":
+        base, new = analysis.load_state_dict(args.base), analysis.load_state_dict(args.new)
+        changed = None
+        if args.bitmaps is not None:
+            analysis.open_safetensors(args.bitmaps)  # a missing or unreadable file, named
+            try:
                 changed, numels, _ = bitmaps.load_bitmaps(args.bitmaps)
-                for name, n in numels.items():
-                    if name in new and new[name].numel() != n:
-                        raise ValueError(f"bitmap {name!r} is for {n} elements, the tensor has "
-                                         f"{new[name].numel()}")
-            made = patch.make_patch(new, base=base, changed=changed, sequence=args.sequence)
-            size = made.save(args.output)
-            print(f"sequence {made.sequence}: {made.changed} of {made.numel} elements changed "
-                  f"({made.changed / max(made.numel, 1):.2%}); patch {size} bytes, full "
-                  f"checkpoint {made.full_bytes} bytes ({size / max(made.full_bytes, 1):.2%})")
-            return 0
-        with safe_open(args.weights, framework="pt") as f:
-            metadata = f.metadata()
-        weights = load_file(args.weights)
-        patches = [patch.load_patch(path) for path in args.patches]
-        checksum = patch.apply_patches(weights, patches)
-        save_file(weights, args.output, metadata=metadata)
-        print(f"applied {len(patches)} patches (sequence {patches[0].sequence}.."
-              f"{patches[-1].sequence}); wrote {args.output} (checksum {checksum[:12]})")
+            except (ValueError, KeyError) as exc:  # not a bitmaps file, or sizes missing
+                raise InputError(f"--bitmaps {args.bitmaps}: {exc}") from None
+            for name, n in numels.items():
+                if name in new and new[name].numel() != n:
+                    raise InputError(f"--bitmaps {args.bitmaps}: bitmap {name!r} is for {n} "
+                                     f"elements, the tensor has {new[name].numel()}")
+        made = patch.make_patch(new, base=base, changed=changed, sequence=args.sequence)
+        size = made.save(args.output)
+        print(f"sequence {made.sequence}: {made.changed} of {made.numel} elements changed "
+              f"({made.changed / max(made.numel, 1):.2%}); patch {size} bytes, full "
+              f"checkpoint {made.full_bytes} bytes ({size / max(made.full_bytes, 1):.2%})")
         return 0
-    except (ValueError, TypeError, OSError, SafetensorError) as e:
-        print(f"rlvr-optim patch {args.patch_action}: error: {e}", file=sys.stderr)
-        return 1
+    handle = analysis.open_safetensors(args.weights)
+    metadata = handle.metadata()
+    weights = {name: handle.get_tensor(name) for name in handle.keys()}
+    patches = [patch.load_patch(path) for path in args.patches]
+    checksum = patch.apply_patches(weights, patches)
+    save_file(weights, args.output, metadata=metadata)
+    print(f"applied {len(patches)} patches (sequence {patches[0].sequence}.."
+          f"{patches[-1].sequence}); wrote {args.output} (checksum {checksum[:12]})")
+    return 0
 
 
 def _add_sparsity(subparsers) -> None:
-    from .analysis import parse_rank  # noqa: PLC0415
-
     p = subparsers.add_parser(
         "sparsity",
         help="update sparsity of TUNED against BASE (per tensor, module type, layer), and more",
@@ -245,15 +325,15 @@ def _add_sparsity(subparsers) -> None:
     )
     p.add_argument("base", help="checkpoint before training")
     p.add_argument("tuned", help="checkpoint after training")
-    p.add_argument("--atol", type=float, default=1e-5,
+    p.add_argument("--atol", type=_non_negative_float, default=1e-5,
                    help="tolerance of the absolute variant (default 1e-5)")
     p.add_argument("--geometry", action="store_true",
                    help="also masks, overlap vs random, spectrum drift, principal angles")
-    p.add_argument("--alpha", type=float, default=0.2,
+    p.add_argument("--alpha", type=_share, default=0.2,
                    help="share of each matrix in the principal / low-magnitude masks (default 0.2)")
-    p.add_argument("--rank", type=parse_rank, default=0.05,
+    p.add_argument("--rank", type=_rank, default=0.05,
                    help="SVD rank k: an int, or a fraction of the smaller dimension (default 0.05)")
-    p.add_argument("--device", help="where to run the SVDs (default cpu)")
+    p.add_argument("--device", help="where to run --geometry's SVDs (default cpu)")
     p.add_argument("--compare", metavar="OTHER",
                    help="another tuned checkpoint of BASE: Jaccard of the two update masks")
     p.add_argument("--out", metavar="DIR",
@@ -267,45 +347,46 @@ def _sparsity(args: argparse.Namespace) -> int:
     from . import analysis  # noqa: PLC0415
     from .optimizer import format_table  # noqa: PLC0415
 
+    _check_device("--device", args.device)
+    if args.out is not None:
+        _check_output_folder("--out", args.out)
+    if args.device is not None and not args.geometry:
+        print(f"rlvr-optim sparsity: warning: --device {args.device} is where --geometry runs "
+              "its SVDs; without --geometry everything runs on the CPU", file=sys.stderr)
     progress = not args.no_progress
-    try:
-        result = analysis.update_sparsity(args.base, args.tuned, atol=args.atol,
+    result = analysis.update_sparsity(args.base, args.tuned, atol=args.atol, progress=progress)
+    print(analysis.format_sparsity(result))
+    geometry = jaccard = None
+    if args.geometry:
+        geometry = analysis.geometry(args.base, args.tuned, alpha=args.alpha, rank=args.rank,
+                                     device=args.device, progress=progress)
+        o = geometry["overall"]
+        if geometry["matrices"]:
+            print(f"\ngeometry over {o['matrices']} matrices (alpha {args.alpha:g}, rank "
+                  f"{args.rank}); overlap = |update & mask| / |mask|")
+            print(format_table([
+                {"update mask": update, "random baseline": f"{o[update + '_baseline']:.2%}",
+                 "& principal": f"{o[update + '_in_principal']:.2%}",
+                 "& low-magnitude": f"{o[update + '_in_low_magnitude']:.2%}"}
+                for update in ("changed", "top")]))
+            print(f"spectrum drift {o['spectrum_drift']:.3g}; largest principal angle "
+                  f"{o['angle_left']:.3g} deg (left), {o['angle_right']:.3g} deg (right)")
+    if args.compare is not None:
+        jaccard = analysis.update_jaccard(args.base, args.tuned, args.compare,
                                           progress=progress)
-        print(analysis.format_sparsity(result))
-        geometry = jaccard = None
-        if args.geometry:
-            geometry = analysis.geometry(args.base, args.tuned, alpha=args.alpha, rank=args.rank,
-                                         device=args.device, progress=progress)
-            o = geometry["overall"]
-            if geometry["matrices"]:
-                print(f"\ngeometry over {o['matrices']} matrices (alpha {args.alpha:g}, rank "
-                      f"{args.rank}); overlap = |update & mask| / |mask|")
-                print(format_table([
-                    {"update mask": update, "random baseline": f"{o[update + '_baseline']:.2%}",
-                     "& principal": f"{o[update + '_in_principal']:.2%}",
-                     "& low-magnitude": f"{o[update + '_in_low_magnitude']:.2%}"}
-                    for update in ("changed", "top")]))
-                print(f"spectrum drift {o['spectrum_drift']:.3g}; largest principal angle "
-                      f"{o['angle_left']:.3g} deg (left), {o['angle_right']:.3g} deg (right)")
-        if args.compare is not None:
-            jaccard = analysis.update_jaccard(args.base, args.tuned, args.compare,
-                                              progress=progress)
-            o = jaccard["overall"]
-            print(f"\nJaccard of the update masks: {o['jaccard']:.4f} (independent baseline "
-                  f"{o['baseline']:.4f})")
-        if args.out is not None:
-            paths = analysis.write_sparsity_report(args.out, result, geometry, jaccard,
-                                                   title=f"Update sparsity: {args.tuned} vs "
-                                                   f"{args.base}")
-            print(f"\nwrote {', '.join(paths)}")
-    except (OSError, ValueError, KeyError) as e:
-        print(f"rlvr-optim sparsity: error: {e}", file=sys.stderr)
-        return 1
+        o = jaccard["overall"]
+        print(f"\nJaccard of the update masks: {o['jaccard']:.4f} (independent baseline "
+              f"{o['baseline']:.4f})")
+    if args.out is not None:
+        paths = analysis.write_sparsity_report(args.out, result, geometry, jaccard,
+                                               title=f"Update sparsity: {args.tuned} vs "
+                                               f"{args.base}")
+        print(f"\nwrote {', '.join(paths)}")
     return 0
 
 
 def _add_masks(subparsers) -> None:
-    from .analysis import MASK_KINDS, parse_rank  # noqa: PLC0415
+    from .analysis import MASK_KINDS  # noqa: PLC0415
 
     p = subparsers.add_parser(
         "masks",
@@ -319,9 +400,9 @@ def _add_masks(subparsers) -> None:
     p.add_argument("--out", required=True, metavar="DIR", help="folder for the mask files")
     p.add_argument("--kind", action="append", choices=MASK_KINDS,
                    help="mask kind, repeatable (default: all)")
-    p.add_argument("--alpha", type=float, default=0.2,
+    p.add_argument("--alpha", type=_share, default=0.2,
                    help="share of each matrix in the principal / low-magnitude masks (default 0.2)")
-    p.add_argument("--rank", type=parse_rank, default=0.05,
+    p.add_argument("--rank", type=_rank, default=0.05,
                    help="SVD rank k: an int, or a fraction of the smaller dimension (default 0.05)")
     p.add_argument("--random-like", default="principal",
                    choices=[k for k in MASK_KINDS if k != "random"],
@@ -337,17 +418,15 @@ def _masks(args: argparse.Namespace) -> int:
     from . import analysis, bitmaps  # noqa: PLC0415
     from .optimizer import format_table  # noqa: PLC0415
 
+    _check_device("--device", args.device)
+    _check_output_folder("--out", args.out)
     kinds = tuple(dict.fromkeys(args.kind)) if args.kind else analysis.MASK_KINDS
-    try:
-        masks = analysis.build_masks(args.base, kinds, alpha=args.alpha, rank=args.rank,
-                                     random_like=args.random_like, seed=args.seed,
-                                     device=args.device, progress=not args.no_progress)
-        meta = {"alpha": str(args.alpha), "rank": str(args.rank), "seed": str(args.seed),
-                "random_like": args.random_like, "base": str(args.base)}
-        paths = analysis.save_masks(args.out, masks, meta)
-    except (OSError, ValueError, KeyError) as e:
-        print(f"rlvr-optim masks: error: {e}", file=sys.stderr)
-        return 1
+    masks = analysis.build_masks(args.base, kinds, alpha=args.alpha, rank=args.rank,
+                                 random_like=args.random_like, seed=args.seed,
+                                 device=args.device, progress=not args.no_progress)
+    meta = {"alpha": str(args.alpha), "rank": str(args.rank), "seed": str(args.seed),
+            "random_like": args.random_like, "base": str(args.base)}
+    paths = analysis.save_masks(args.out, masks, meta)
     rows = []
     for kind, path in zip(kinds, paths):
         numel = sum(masks[kind]["numels"].values())
@@ -377,7 +456,8 @@ def _add_ablate(subparsers) -> None:
     p.add_argument("--resume", action="store_true",
                    help="continue from OUT/checkpoints (same preset and options)")
     p.add_argument("--steps", type=_positive_int, help="steps per run (default: the preset's)")
-    p.add_argument("--lr", type=float, help="main learning rate (default: the preset's)")
+    p.add_argument("--lr", type=_non_negative_float,
+                   help="main learning rate (default: the preset's)")
     p.add_argument("--seed", type=int, help="seed (default: the preset's)")
     p.add_argument("--device", help="cpu or cuda (default: the preset's)")
     p.add_argument("--checkpoint-every", type=_positive_int,
@@ -390,6 +470,7 @@ def _add_ablate(subparsers) -> None:
 
 def _ablate(args: argparse.Namespace) -> int:
     """Run :func:`rlvr_optim.ablation.run_ablation` on a preset with the given overrides."""
+    _check_device("--device", args.device)
     from .ablation import preset, run_for_cli  # noqa: PLC0415
 
     overrides = {k: v for k, v in (("steps", args.steps), ("lr", args.lr), ("seed", args.seed),
@@ -407,7 +488,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="AdamW for RL post-training that shows what bf16 rounding does to each "
         "update.",
     )
-    subparsers = parser.add_subparsers(title="commands", metavar="COMMAND")
+    subparsers = parser.add_subparsers(title="commands", metavar="COMMAND", dest="command")
     _add_demo(subparsers)
     _add_patch(subparsers)
     _add_bench(subparsers)
@@ -418,7 +499,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Run the command line; returns the exit status (2, after the help, without a command).
+    """Run the command line; returns the exit status.
+
+    Status 2 for bad input, with one line on stderr: an option value argparse refuses, an
+    :class:`~rlvr_optim.errors.InputError` from the command, or no command at all (after the
+    help). Any other exception is a bug and propagates with its traceback.
 
     Args:
         argv: arguments without the program name (default None: ``sys.argv[1:]``).
@@ -428,4 +513,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not hasattr(args, "func"):
         parser.print_help(sys.stderr)
         return 2
-    return args.func(args)
+    try:
+        return args.func(args)
+    except InputError as exc:
+        command = " ".join(filter(None, (args.command, getattr(args, "patch_action", None))))
+        print(f"rlvr-optim {command}: error: {exc}", file=sys.stderr)
+        return 2

@@ -16,7 +16,7 @@ from tqdm import tqdm
 
 from .optimizer import AdamW, format_table
 
-__all__ = ["COLUMNS", "MODES", "format_rows", "run_demo"]
+__all__ = ["COLUMNS", "LEGEND", "MODES", "format_rows", "run_demo"]
 
 # name -> (param dtype, rlvr_optim.AdamW options beyond the shared ones)
 MODES: dict[str, tuple[torch.dtype, dict[str, Any]]] = {
@@ -42,6 +42,22 @@ COLUMNS = (
     "never changed (diffs)",
     "bf16 unchanged vs start",
 )
+
+# Printed under the table, one line per column after "mode"; all shares are of every weight
+# and bias, except "filtered/step".
+LEGEND = {
+    "final loss": "mean squared error on a held-out batch after the last step",
+    "changed/step": "share of weights whose bf16 bits changed in a step (mean over steps)",
+    "filtered/step": "of the weights whose value moved in a step, the share bf16 storage "
+                     "did not show (mean over steps)",
+    "cumulative changed": "share whose bf16 bits changed in at least one step (cumulative "
+                          "bitmap)",
+    "never changed (bitmaps)": "its complement: share never changed, by the optimizer's bitmaps",
+    "never changed (diffs)": "the same share measured outside the optimizer, by diffing the "
+                             "weights around every step",
+    "bf16 unchanged vs start": "share whose last bf16 bits equal the first (the paper's "
+                               "measure, two checkpoints); at least the never-changed share",
+}
 
 IN_FEATURES = 32
 OUT_FEATURES = 8
@@ -172,5 +188,12 @@ def run_demo(
 
 
 def format_rows(rows: list[dict]) -> str:
-    """The demo's rows as a plain-text table in :data:`COLUMNS` order."""
-    return format_table(rows, COLUMNS)
+    """The demo's rows as a plain-text table in :data:`COLUMNS` order, with its legend.
+
+    Shares are printed as percents (the rows hold fractions), the loss as a number.
+    """
+    shares = COLUMNS[2:]
+    shown = [{c: f"{r[c]:.2%}" if c in shares else r[c] for c in COLUMNS} for r in rows]
+    width = max(len(c) for c in LEGEND)
+    legend = [f"  {c.ljust(width)}  {LEGEND[c]}" for c in COLUMNS[1:]]
+    return "\n".join([format_table(shown, COLUMNS), "", *legend])

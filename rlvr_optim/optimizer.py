@@ -675,7 +675,10 @@ class AdamW(torch.optim.AdamW):
     # fuse multiply-adds and so change the stored bits (reference.py forbids contraction);
     # tracing it also took 14 s (eager backend) to 80 s (inductor) for a 4-param model
     # on 2 CPU cores. The fused backends are kernels of their own either way.
-    @torch.compiler.disable
+    # torch._disable_dynamo is torch.compiler.disable imported at the first call: applied
+    # here, torch.compiler.disable imports torch._dynamo (and triton) with the class, which
+    # made `import rlvr_optim` and `rlvr-optim --help` take seconds longer.
+    @torch._disable_dynamo
     @torch.no_grad()
     def step(self, closure: Callable[[], float] | None = None):
         """Perform a single optimization step.

@@ -36,6 +36,7 @@ import torch
 from torch import Tensor
 
 from . import bitmaps, distributed
+from .errors import InputError
 
 __all__ = [
     "FORMAT",
@@ -56,8 +57,12 @@ _INDICES, _VALUES = "::indices", "::values"
 _MAX_VARINT_BYTES = 10  # 64-bit numbers
 
 
-class PatchError(ValueError):
-    """A patch that does not fit the weights it is applied to, or is corrupt."""
+class PatchError(InputError):
+    """A patch that does not fit the weights it is applied to, or is corrupt.
+
+    An :class:`~rlvr_optim.errors.InputError` (so a ``ValueError``): the command line
+    reports it as one line.
+    """
 
 
 # ------------------------------------------------------------------------ checksums
@@ -221,14 +226,34 @@ def _dtype(name: str) -> torch.dtype:
 
 
 def load_patch(path: str | os.PathLike) -> Patch:
-    """Read a patch written by :meth:`Patch.save` (decodes the indices)."""
-    from safetensors import safe_open
+    """Read a patch written by :meth:`Patch.save` (decodes the indices).
 
-    with safe_open(os.fspath(path), framework="pt") as f:
-        meta = dict(f.metadata() or {})
-        if meta.get("format") != FORMAT:
-            raise PatchError(f"{path} is not an rlvr_optim patch (format={meta.get('format')!r})")
-        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    A missing, truncated or corrupt file raises :class:`PatchError` naming it.
+    """
+    from safetensors import SafetensorError, safe_open
+
+    if not os.path.isfile(path):
+        raise PatchError(f"no patch file at {path}")
+    try:
+        with safe_open(os.fspath(path), framework="pt") as f:
+            meta = dict(f.metadata() or {})
+            if meta.get("format") != FORMAT:
+                raise PatchError(f"{path} is not an rlvr_optim patch "
+                                 f"(format={meta.get('format')!r})")
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+    except (SafetensorError, OSError) as exc:
+        raise PatchError(f"{path} is not a readable patch file ({exc}); it may be truncated: "
+                         "copy or make it again") from None
+    try:
+        return _patch_from(meta, tensors)
+    except PatchError as exc:
+        raise PatchError(f"{path}: {exc}") from None
+    except (KeyError, ValueError) as exc:  # metadata missing or not numbers
+        raise PatchError(f"{path}: corrupt patch metadata ({exc!r})") from None
+
+
+def _patch_from(meta: dict[str, str], tensors: dict[str, Tensor]) -> Patch:
+    """The :class:`Patch` that a patch file's metadata and tensors describe, checked."""
     patch = Patch(int(meta["sequence"]), meta["base_checksum"], meta["checksum"])
     for key, value in meta.items():
         if key.startswith("numel::"):
@@ -241,12 +266,15 @@ def load_patch(path: str | os.PathLike) -> Patch:
             try:
                 data, values = tensors[name + _INDICES], tensors[name + _VALUES]
             except KeyError:
-                raise PatchError(f"{path}: tensor {name!r} lacks its indices or values") from None
-            indices = decode_indices(data, int(value))
+                raise PatchError(f"tensor {name!r} lacks its indices or values") from None
+            try:
+                indices = decode_indices(data, int(value))
+            except PatchError as exc:
+                raise PatchError(f"indices of {name!r}: {exc}") from None
             if values.numel() != indices.numel() or values.dtype != patch.dtypes[name]:
-                raise PatchError(f"{path}: values of {name!r} do not match its indices/dtype")
+                raise PatchError(f"values of {name!r} do not match its indices/dtype")
             if indices.numel() and int(indices[-1]) >= patch.numels[name]:
-                raise PatchError(f"{path}: an index of {name!r} is past its {patch.numels[name]} "
+                raise PatchError(f"an index of {name!r} is past its {patch.numels[name]} "
                                  "elements")
             patch.indices[name], patch.values[name] = indices, values
     return patch
@@ -280,7 +308,8 @@ def make_patch(
         base_checksum: :func:`weights_checksum` of the base, when ``base`` is not given
             (the previous patch's ``checksum`` in a chain, so the base is not hashed again).
 
-    The new weights are hashed once (the patch's ``checksum``).
+    The new weights are hashed once (the patch's ``checksum``). Weights or bitmaps that do
+    not fit each other raise :class:`~rlvr_optim.errors.InputError`.
     """
     if base is None and changed is None:
         raise ValueError("make_patch needs the base weights or the change bitmaps (or both)")
@@ -289,18 +318,19 @@ def make_patch(
                          "patch's checksum, or weights_checksum(base))")
     if base is not None:
         if set(base) != set(new):
-            raise ValueError(f"base and new weights differ in names: "
-                             f"{sorted(set(base) ^ set(new))[:5]}")
+            raise InputError(f"base and new weights differ in names: "
+                             f"{sorted(set(base) ^ set(new))[:5]}; a patch joins two "
+                             "checkpoints of one model")
         for name, t in new.items():
             if base[name].shape != t.shape or base[name].dtype != t.dtype:
-                raise ValueError(f"tensor {name!r}: base is {tuple(base[name].shape)} "
+                raise InputError(f"tensor {name!r}: base is {tuple(base[name].shape)} "
                                  f"{base[name].dtype}, new is {tuple(t.shape)} {t.dtype}")
         computed = weights_checksum(base)
         if base_checksum is not None and base_checksum != computed:
-            raise ValueError("base_checksum does not match the base weights")
+            raise InputError("base_checksum does not match the base weights")
         base_checksum = computed
     if changed is not None and set(changed) - set(new):
-        raise ValueError(f"bitmaps for unknown tensors: {sorted(set(changed) - set(new))[:5]}")
+        raise InputError(f"bitmaps for unknown tensors: {sorted(set(changed) - set(new))[:5]}")
     patch = Patch(int(sequence), base_checksum, weights_checksum(new))
     for name, t in new.items():
         patch.numels[name], patch.dtypes[name] = t.numel(), t.dtype
@@ -313,7 +343,7 @@ def make_patch(
         else:
             mask = torch.zeros(t.numel(), dtype=torch.bool)
         if diff is not None and changed is not None and bool((diff & ~mask).any()):
-            raise ValueError(
+            raise InputError(
                 f"tensor {name!r}: {int((diff & ~mask).sum())} elements differ from the base "
                 "but their change bits are 0; these bitmaps do not describe this base -> new"
             )

@@ -419,10 +419,50 @@ def test_cli_sparsity_prints_tables_and_writes_consistent_files(tmp_path, capsys
     assert 0.0 <= data["jaccard"]["overall"]["jaccard"] < 1.0
 
 
+def test_cli_sparsity_warns_first_about_skipped_tensors_and_records_them(tmp_path, capsys):
+    state = _state(3)
+    tuned, _ = _change(state, 4, 2)
+    tuned["lm_head.weight"] = torch.zeros(11, 16).bfloat16()
+    del tuned["model.layers.1.input_layernorm.weight"]
+    tuned["extra.bias"] = torch.zeros(3)
+    save_file(state, str(tmp_path / "base.safetensors"))
+    save_file(tuned, str(tmp_path / "tuned.safetensors"))
+    out = tmp_path / "report"
+    assert cli.main(["sparsity", str(tmp_path / "base.safetensors"),
+                     str(tmp_path / "tuned.safetensors"), "--out", str(out),
+                     "--no-progress"]) == 0
+    printed = capsys.readouterr().out
+    warning = printed.splitlines()[0]
+    assert warning.startswith("warning: 3 tensors skipped")
+    for reason in ("model.layers.1.input_layernorm.weight: only in base",
+                   "lm_head.weight: shape (10, 16) vs (11, 16)", "extra.bias: only in tuned"):
+        assert reason in warning
+    assert f"the {len(state) - 2} compared" in warning
+    data = json.loads((out / "sparsity.json").read_text())
+    assert f"warning: {data['sparsity']['warning']}" == warning
+    assert len(data["sparsity"]["skipped"]) == 3
+    md = (out / "sparsity.md").read_text()
+    assert md.index("**Warning:** 3 tensors skipped") < md.index("## Overall")
+    assert analysis.update_sparsity(state, state)["warning"] is None
+
+
+def test_per_layer_plot_has_whole_layer_ticks(tmp_path, monkeypatch):
+    plt = analysis.load_pyplot()
+    if plt is None:
+        pytest.skip("matplotlib is not installed")
+    figures = []
+    monkeypatch.setattr(plt, "close", figures.append)  # keep the figures to inspect them
+    state = _state(5)
+    analysis.write_sparsity_report(tmp_path, analysis.update_sparsity(state, _change(state, 6, 3)[0]))
+    ticks = figures[0].axes[0].get_xticks()
+    # Two layers: matplotlib's default locator would tick 0.0, 0.2, ..., 1.0.
+    assert len(ticks) >= 2 and all(float(t).is_integer() for t in ticks), ticks
+
+
 def test_cli_sparsity_reports_a_missing_checkpoint(tmp_path, capsys):
     status = cli.main(["sparsity", str(tmp_path / "nope"), str(tmp_path / "nope2"),
                        "--no-progress"])
-    assert status == 1
+    assert status == 2
     assert "no checkpoint file or folder" in capsys.readouterr().err
 
 

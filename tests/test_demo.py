@@ -73,6 +73,16 @@ def test_modes_differ_as_the_numerics_predict(rows):
     )
 
 
+def test_table_prints_shares_as_percents_and_a_legend_of_every_column(rows):
+    text = demo.format_rows(list(rows.values()))
+    nearest = next(line for line in text.splitlines() if line.strip().startswith("bf16 nearest"))
+    assert f"{rows['bf16 nearest']['final loss']:.4g}" in nearest
+    for column in FRACTIONS:
+        assert f"{rows['bf16 nearest'][column]:.2%}" in nearest, column
+    legend = text.split("\n\n", 1)[1].splitlines()
+    assert [line.split("  ")[1] for line in legend] == [c for c in demo.COLUMNS[1:]]
+
+
 def test_cli_demo_prints_table_and_writes_json(tmp_path, capsys):
     path = tmp_path / "demo.json"
     status = cli.main(["demo", "--quick", "--steps", "3", "--hidden", "8", "--no-progress",

@@ -220,10 +220,10 @@ def test_cli_make_and_apply(chain, tmp_path, capsys):
 
     refused = tmp_path / "refused.safetensors"
     assert main(["patch", "apply", str(base), str(tmp_path / "p2.safetensors"),
-                 str(tmp_path / "p1.safetensors"), "-o", str(refused)]) == 1
+                 str(tmp_path / "p1.safetensors"), "-o", str(refused)]) == 2
     assert "out of order" in capsys.readouterr().err
     assert main(["patch", "apply", str(final), str(tmp_path / "p1.safetensors"),
-                 "-o", str(refused)]) == 1
+                 "-o", str(refused)]) == 2
     assert "applies to weights" in capsys.readouterr().err
     assert not refused.exists()
 
