@@ -31,7 +31,7 @@ from typing import Callable
 import torch
 
 from . import backends
-from .errors import InputError
+from .errors import InputError, check_device
 
 __all__ = ["BACKENDS_TIMED", "DEFAULT_OUT", "OUR_MODES", "PRESETS", "bytes_per_element",
            "environment", "load", "plot_title", "render", "render_markdown", "render_short",
@@ -452,22 +452,7 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
     """
     if device is None:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    fix = "use --device cuda on a machine with a CUDA GPU, or --device cpu (the cpu-tiny preset)"
-    try:
-        resolved = torch.device(device)
-    except (RuntimeError, TypeError):
-        raise InputError(f"--device {str(device)!r} is not a device name torch knows; {fix}") from None
-    if resolved.type not in ("cuda", "cpu"):
-        raise InputError(f"--device {str(device)!r}: the benchmark runs on cuda or cpu only; {fix}")
-    if resolved.type == "cuda":
-        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
-        if count == 0:
-            raise InputError(f"--device {str(device)!r} needs a CUDA GPU, and torch "
-                             f"{torch.__version__} finds none on this machine; {fix}")
-        if resolved.index is not None and resolved.index >= count:
-            raise InputError(f"--device {str(device)!r}: this machine has {count} CUDA "
-                             f"device(s), cuda:0 to cuda:{count - 1}; pick one of those")
-    return resolved
+    return check_device("--device", device)
 
 
 def run(

@@ -21,7 +21,7 @@ import sys
 from typing import Sequence
 
 from .demo import format_rows, run_demo
-from .errors import InputError
+from .errors import InputError, check_device
 
 __all__ = ["build_parser", "main"]
 
@@ -68,29 +68,6 @@ def _rank(text: str) -> int | float:
             f"must be a positive integer or a fraction in (0, 1] of the smaller dimension, "
             f"got {text!r}")
     return value
-
-
-def _check_device(option: str, text: str | None) -> None:
-    """Refuse a device that torch does not know or this machine lacks (None: not given)."""
-    if text is None:
-        return
-    import torch  # noqa: PLC0415
-
-    try:
-        device = torch.device(text)
-    except RuntimeError:
-        message = f"{option} {text!r} is not a device name; use cpu, cuda or cuda:N"
-        raise InputError(message) from None
-    if device.type == "cuda":
-        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
-        if count == 0:
-            raise InputError(f"{option} {text}: this machine has no CUDA device (or torch "
-                             f"{torch.__version__} was built without CUDA); use {option} cpu")
-        if device.index is not None and device.index >= count:
-            raise InputError(f"{option} {text}: this machine has {count} CUDA device(s), "
-                             f"cuda:0 to cuda:{count - 1}")
-    elif device.type != "cpu":
-        raise InputError(f"{option} {text}: only cpu and cuda devices are supported")
 
 
 def _check_output_file(option: str, path: str) -> None:
@@ -213,7 +190,7 @@ def _add_bench(subparsers) -> None:
 def _bench(args: argparse.Namespace) -> int:
     """Run :func:`rlvr_optim.bench.run` (one line per row on stdout, rows streamed to
     ``--jsonl``), then save and render it under ``--out`` and print the markdown table."""
-    _check_device("--device", args.device)
+    check_device("--device", args.device)
     from . import bench  # noqa: PLC0415
 
     chosen = None if args.backends is None else tuple(b for b in args.backends if b != "none")
@@ -347,7 +324,7 @@ def _sparsity(args: argparse.Namespace) -> int:
     from . import analysis  # noqa: PLC0415
     from .optimizer import format_table  # noqa: PLC0415
 
-    _check_device("--device", args.device)
+    check_device("--device", args.device)
     if args.out is not None:
         _check_output_folder("--out", args.out)
     if args.device is not None and not args.geometry:
@@ -418,7 +395,7 @@ def _masks(args: argparse.Namespace) -> int:
     from . import analysis, bitmaps  # noqa: PLC0415
     from .optimizer import format_table  # noqa: PLC0415
 
-    _check_device("--device", args.device)
+    check_device("--device", args.device)
     _check_output_folder("--out", args.out)
     kinds = tuple(dict.fromkeys(args.kind)) if args.kind else analysis.MASK_KINDS
     masks = analysis.build_masks(args.base, kinds, alpha=args.alpha, rank=args.rank,
@@ -470,7 +447,7 @@ def _add_ablate(subparsers) -> None:
 
 def _ablate(args: argparse.Namespace) -> int:
     """Run :func:`rlvr_optim.ablation.run_ablation` on a preset with the given overrides."""
-    _check_device("--device", args.device)
+    check_device("--device", args.device)
     from .ablation import preset, run_for_cli  # noqa: PLC0415
 
     overrides = {k: v for k, v in (("steps", args.steps), ("lr", args.lr), ("seed", args.seed),
