@@ -253,7 +253,6 @@ def _add_sparsity(subparsers) -> None:
 def _sparsity(args: argparse.Namespace) -> int:
     """Run :mod:`rlvr_optim.analysis` on two checkpoints; print tables, optionally write files."""
     from . import analysis  # noqa: PLC0415
-    from .optimizer import format_table  # noqa: PLC0415
 
     progress = not args.no_progress
     try:
@@ -264,17 +263,7 @@ def _sparsity(args: argparse.Namespace) -> int:
         if args.geometry:
             geometry = analysis.geometry(args.base, args.tuned, alpha=args.alpha, rank=args.rank,
                                          device=args.device, progress=progress)
-            o = geometry["overall"]
-            if geometry["matrices"]:
-                print(f"\ngeometry over {o['matrices']} matrices (alpha {args.alpha:g}, rank "
-                      f"{args.rank}); overlap = |update & mask| / |mask|")
-                print(format_table([
-                    {"update mask": update, "random baseline": f"{o[update + '_baseline']:.2%}",
-                     "& principal": f"{o[update + '_in_principal']:.2%}",
-                     "& low-magnitude": f"{o[update + '_in_low_magnitude']:.2%}"}
-                    for update in ("changed", "top")]))
-                print(f"spectrum drift {o['spectrum_drift']:.3g}; largest principal angle "
-                      f"{o['angle_left']:.3g} deg (left), {o['angle_right']:.3g} deg (right)")
+            print("\n" + analysis.format_geometry(geometry))
         if args.compare is not None:
             jaccard = analysis.update_jaccard(args.base, args.tuned, args.compare,
                                               progress=progress)
