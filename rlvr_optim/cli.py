@@ -354,7 +354,8 @@ def _add_ablate(subparsers) -> None:
     p.add_argument("--resume", action="store_true",
                    help="continue from OUT/checkpoints (same preset and options)")
     p.add_argument("--steps", type=_positive_int, help="steps per run (default: the preset's)")
-    p.add_argument("--lr", type=float, help="main learning rate (default: the preset's)")
+    p.add_argument("--lr", type=float,
+                   help="learning rate of the minilm preset (the LM presets set one per arm)")
     p.add_argument("--seed", type=int, help="seed (default: the preset's)")
     p.add_argument("--device", help="cpu or cuda (default: the preset's)")
     p.add_argument("--checkpoint-every", type=_positive_int,
