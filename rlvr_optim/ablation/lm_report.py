@@ -20,14 +20,11 @@ import torch
 from .. import analysis
 from ..optimizer import format_table
 from .config import MASTER, NEAREST, LMAblation
+from .report import PAPER_TABLE1
 from .task import AdditionTask
 
-__all__ = ["PAPER_TABLE1", "at_matched", "format_lm_summary", "spread", "verdict",
+__all__ = ["at_matched", "format_lm_summary", "spread", "verdict",
            "write_lm_report"]
-
-# "The Path Not Taken" (arXiv 2511.08567), Table 1: share of bf16 weights bit-identical
-# between public checkpoint pairs.
-PAPER_TABLE1 = {"rl": (0.36, 0.92), "sft": (0.006, 0.188)}
 
 SPREAD_NOTE = "mean ± std over seeds (sample standard deviation, n - 1)"
 
@@ -157,9 +154,10 @@ def format_lm_summary(summary: Mapping[str, Any], config: LMAblation) -> str:
     return format_table(rows) + "\n" + "\n".join(legend)
 
 
-def _environment(device: str) -> dict[str, str]:
+def _environment(device: str, threads: int | None) -> dict[str, str]:
     env = {"python": platform.python_version(), "torch": torch.__version__,
-           "machine": platform.machine(), "cpu_threads": str(torch.get_num_threads())}
+           "machine": platform.machine(),
+           "torch threads in the runs": str(threads or torch.get_num_threads())}
     if device.startswith("cuda") and torch.cuda.is_available():
         env["gpu"] = torch.cuda.get_device_name()
     return env
@@ -268,7 +266,7 @@ def write_lm_report(out: str, config: LMAblation, results: Sequence[dict], *,
            "`loss`, `reward`, `clip_fraction`; every "
            f"{config.log_every} steps (`curve_step`) `curve_kl`, `curve_unchanged`, "
            "`curve_accuracy`, `curve_reversed`.", ""]
-    env = _environment(config.device)
+    env = _environment(config.device, config.threads)
     train = sum(runs[0]["cohort_wall_s"] for runs in _cohorts(results).values())
     md += ["## Environment", "", ", ".join(f"{k} {v}" for k, v in env.items())
            + f"; wall time of this invocation {wall_s:.1f} s (warm-up {warmup['wall_s']:.1f} s, "
