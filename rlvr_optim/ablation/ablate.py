@@ -30,12 +30,15 @@ def run_ablation(config: LMAblation | MiniLMAblation, out: str, *, resume: bool 
         out: output folder; checkpoints go to ``<out>/checkpoints``.
         resume: continue from the checkpoints in ``out`` (finished runs are not rerun).
             Without it every run starts from scratch and overwrites them.
-        progress: a tqdm bar over all training steps on stderr (default True).
-        stop_after: stop after this many training steps, as an interruption would (the
-            last checkpoints stay; ``resume=True`` continues). None: run to the end.
+        progress: a tqdm bar over all training iterations on stderr (default True).
+        stop_after: stop after this many training iterations, as an interruption would (the
+            last checkpoints stay; ``resume=True`` continues). None: run to the end. An
+            iteration is a warm-up step, then (LM presets) one RL rollout or as many SFT steps
+            (``updates`` optimizer steps), or (minilm) one step.
 
     Returns ``{"interrupted", "wall_s", "warmup", "results", "files"}``; ``results`` holds one
-    dict per run (``name, kind, mode, lr, seed, sparsity, accuracy, geometry, series, ...``).
+    dict per run (``name, kind, mode, lr, seed, sparsity, accuracy, geometry, series, ...``;
+    LM runs also ``arm, label, data, kl_coef, freeze, master_geometry``).
     """
     t0 = time.perf_counter()
     if config.device.startswith("cuda") and not torch.cuda.is_available():

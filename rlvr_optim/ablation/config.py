@@ -150,7 +150,7 @@ class LMAblation:
     layers: int = 2
     heads: int = 2
     intermediate: int = 96
-    warmup_steps: int = 600
+    warmup_steps: int = 470
     warmup_lr: float = 1e-2
     warmup_batch: int = 64
     warmup_reversed: float = 0.1
@@ -253,7 +253,7 @@ PRESETS: dict[str, Any] = {
     "tiny": LMAblation(),
     # The same without the freezing arms and the KL-weighted RL arm, for slower CPUs.
     "tiny-headline": LMAblation(name="tiny-headline", arms=HEADLINE_ARMS[:1] + HEADLINE_ARMS[2:]),
-    # One GPU (H100/H200): the same design on a 6.4M-parameter model with 4x the batch.
+    # One GPU (H100/H200): the same design on a 6.8M-parameter model with 4x the batch.
     # Sized by scaling, not run yet: no GPU was available when it was defined.
     "gpu": LMAblation(
         name="gpu", hidden=256, layers=8, heads=8, intermediate=768,
