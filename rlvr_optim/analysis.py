@@ -13,9 +13,12 @@ Measures:
   (:func:`unchanged_relative` explains why the paper's relative test is bit equality);
 * principal mask (top-``alpha`` of ``|rank-k SVD reconstruction of W0|``) and
   low-magnitude mask (bottom-``alpha`` of ``|W0|``), and the overlap of an update mask with
-  them against the random baseline;
+  them against the random baseline and against a magnitude-matched null (the update mask
+  permuted within bins of ``|W0|``, :func:`matched_overlap`), and the paper's split of the
+  principal weights that are not low-magnitude;
 * Jaccard similarity of two update masks against independent Bernoulli masks of the same
-  densities; spectrum drift; principal angles between top-k singular subspaces;
+  densities; spectrum drift; principal angles between top-k singular subspaces, each also
+  per unit of relative update size;
 * masks for freezing runs, saved as packed bitmaps that :func:`apply_freeze_masks` (or
   ``AdamW.set_freeze_mask``) loads.
 """
@@ -45,8 +48,10 @@ __all__ = [
     "apply_freeze_masks",
     "bf16_bits",
     "build_masks",
+    "format_geometry",
     "format_sparsity",
     "geometry",
+    "geometry_rows",
     "jaccard",
     "jaccard_from_counts",
     "layer_index",
@@ -54,7 +59,9 @@ __all__ = [
     "load_masks",
     "load_state_dict",
     "low_magnitude_mask",
+    "magnitude_bins",
     "markdown_table",
+    "matched_overlap",
     "module_key",
     "open_checkpoint",
     "open_safetensors",
@@ -607,6 +614,52 @@ def overlap(update: Tensor, mask: Tensor) -> dict[str, float]:
             "lift": value / density if density else float("nan")}
 
 
+def magnitude_bins(w0: Tensor, bins: int = 16) -> Tensor:
+    """Bin index (int64, shape of ``w0``) of each element by the rank of ``|w0|`` in its tensor.
+
+    ``bins`` equal-count bins, bin 0 the smallest magnitudes; equal magnitudes are ranked by
+    flat index, so the bins are deterministic. A bf16 weight's bits change only when its
+    update passes half a ULP, which grows with ``|w0|``: comparing an update mask with
+    masks inside each bin removes that confound (:func:`matched_overlap`).
+    """
+    if bins < 1:
+        raise ValueError(f"bins must be at least 1, got {bins}")
+    flat = w0.detach().reshape(-1).float().abs().cpu()
+    n = flat.numel()
+    order = torch.sort(flat, stable=True).indices
+    ranks = torch.empty(n, dtype=torch.int64)
+    ranks[order] = torch.arange(n)
+    return (ranks * bins // max(n, 1)).reshape(w0.shape)
+
+
+def _matched_expectation(update: Tensor, mask: Tensor, bins: Tensor, nbins: int) -> float:
+    """Expected ``|perm(update) & mask|`` over permutations of ``update`` within each bin:
+    the sum over bins of ``|update_b| * |mask_b| / n_b``."""
+    b = bins.reshape(-1)
+    n = torch.bincount(b, minlength=nbins).double()
+    u = torch.bincount(b, weights=update.reshape(-1).double(), minlength=nbins)
+    m = torch.bincount(b, weights=mask.reshape(-1).double(), minlength=nbins)
+    return float((u * m / n.clamp(min=1)).sum())
+
+
+def matched_overlap(update: Tensor, mask: Tensor, w0: Tensor, bins: int = 16) -> dict[str, float]:
+    """:func:`overlap` beside a magnitude-matched null.
+
+    The null permutes the update mask at random within each :func:`magnitude_bins` bin of
+    ``w0``: it keeps how many weights of each magnitude changed and forgets which. Its
+    expected overlap is computed exactly (no sampling). ``matched_lift = overlap /
+    matched_baseline`` is about 1 when magnitude alone explains where the update fell,
+    whatever the plain ``lift`` says.
+    """
+    update, mask = update.reshape(-1).bool().cpu(), mask.reshape(-1).bool().cpu()
+    plain = overlap(update, mask)
+    size = int(mask.sum())
+    expected = _matched_expectation(update, mask, magnitude_bins(w0, bins), bins)
+    matched = expected / size if size else 0.0
+    return {**plain, "matched_baseline": matched,
+            "matched_lift": plain["overlap"] / matched if matched else float("nan")}
+
+
 def jaccard(a: Tensor, b: Tensor) -> dict[str, float]:
     """Jaccard similarity ``|a & b| / |a | b|`` and the independent-Bernoulli baseline.
 
@@ -659,7 +712,7 @@ def _angles(a: Tensor, b: Tensor) -> list[float]:
 
 def geometry(base: Any, tuned: Any, *, alpha: float = 0.2, rank: int | float = 0.05,
              device: str | torch.device | None = None, progress: bool = False,
-             base_cache: dict | None = None) -> dict[str, Any]:
+             base_cache: dict | None = None, bins: int = 16) -> dict[str, Any]:
     """Per-matrix overlap with principal / low-magnitude masks, spectrum drift, principal angles.
 
     Args:
@@ -672,15 +725,24 @@ def geometry(base: Any, tuned: Any, *, alpha: float = 0.2, rank: int | float = 0
         progress: tqdm bar on stderr (default False).
         base_cache: a dict kept between calls with the same base (e.g. several runs from
             one start): the base's SVD and masks are computed once into it.
+        bins: magnitude bins of the matched null (:func:`matched_overlap`, default 16).
 
-    Returns ``matrices`` (one row per matrix: counts ``changed``, ``principal``,
-    ``changed_in_principal``, ``low_magnitude``, ``changed_in_low_magnitude``, ``top``,
-    ``top_in_principal``, ``top_in_low_magnitude``, and ``spectrum_drift``,
-    ``angle_left``, ``angle_right`` = the largest principal angle in degrees) and
-    ``overall``: overlaps summed over matrices with their random baselines (``changed``: the
-    bitwise update mask, baseline its density; ``top``: top-``alpha`` of ``|delta|``,
-    baseline ``alpha``), and the mean drift and angles. Raises
-    :class:`~rlvr_optim.errors.InputError` as :func:`update_sparsity` does.
+    Masks: ``principal``, ``low_magnitude`` and ``principal_not_low`` (principal minus
+    low-magnitude, the paper's split). Updates: ``changed`` (bf16 bits differ) and ``top``
+    (top-``alpha`` of ``|delta|``; on fp32 tensors, e.g. master weights, this is the
+    overlap of the fp32 deltas).
+
+    Returns ``matrices`` (one row per matrix: counts ``changed``, ``top``, ``<mask>``,
+    ``<update>_in_<mask>`` and ``<update>_in_<mask>_null`` (the matched null's expected
+    count); ``update_norm`` = ``||W1 - W0||_F / ||W0||_F``; ``spectrum_drift``,
+    ``angle_left``, ``angle_right`` (the largest principal angle in degrees)) and
+    ``overall``: per update and mask the overlap summed over matrices, ``_lift`` against
+    the update's density and ``_matched_lift`` against the matched null; ``<update>_baseline``;
+    the mean ``update_norm``, drift and angles, and the same three per unit of update size
+    (``drift_per_update``, ``angle_left_per_update``, ``angle_right_per_update``: the mean
+    over matrices of each measure divided by the matrix's ``update_norm``; drift per update
+    is at most 1, by Mirsky's inequality).
+    Raises :class:`~rlvr_optim.errors.InputError` as :func:`update_sparsity` does.
     """
     base, tuned = open_checkpoint(base), open_checkpoint(tuned)
     names, _ = _comparable_tensors(base, tuned)
@@ -688,61 +750,82 @@ def geometry(base: Any, tuned: Any, *, alpha: float = 0.2, rank: int | float = 0
     rows = []
     for name in _progress(names, progress, "geometry"):
         w0, w1 = base.get(name), tuned.get(name)
-        key = (name, alpha, rank)
+        key = (name, alpha, rank, bins)
         facts = base_cache.get(key) if base_cache is not None else None
         if facts is None:
-            facts = _base_facts(w0, alpha, rank, device)
+            facts = _base_facts(w0, alpha, rank, device, bins)
             if base_cache is not None:
                 base_cache[key] = facts
-        k, principal, low = facts["k"], facts["principal"], facts["low"]
+        k = facts["k"]
         u1, s1, vh1 = _svd(w1, device)
-        changed = ~unchanged_bitwise(w0, w1)
-        top = top_update_mask(w0, w1, alpha)
+        updates = {"changed": ~unchanged_bitwise(w0, w1), "top": top_update_mask(w0, w1, alpha)}
         s0 = facts["s"].to(s1.device)
-        rows.append({
+        row: dict[str, Any] = {
             "name": name, "module": module_key(name), "layer": layer_index(name),
             "numel": w0.numel(), "rank": k,
-            "changed": int(changed.sum()), "top": int(top.sum()),
-            "principal": int(principal.sum()), "low_magnitude": int(low.sum()),
-            "changed_in_principal": int((changed & principal).sum()),
-            "changed_in_low_magnitude": int((changed & low).sum()),
-            "top_in_principal": int((top & principal).sum()),
-            "top_in_low_magnitude": int((top & low).sum()),
+            "update_norm": float(torch.linalg.vector_norm(w1.double() - w0.double())
+                                 / torch.linalg.vector_norm(w0.double())),
             "spectrum_drift": float(torch.linalg.vector_norm(s1 - s0)
                                     / torch.linalg.vector_norm(s0)),
             "angle_left": _angles(facts["u"].to(u1.device), u1[:, :k])[-1],
             "angle_right": _angles(facts["v"].to(vh1.device), vh1[:k].T)[-1],
-        })
-    return {"matrices": rows, "overall": _geometry_overall(rows), "alpha": alpha, "rank": rank}
+        }
+        for mask_name in _GEOMETRY_MASKS:
+            row[mask_name] = int(facts[mask_name].sum())
+        for update_name, update in updates.items():
+            row[update_name] = int(update.sum())
+            for mask_name in _GEOMETRY_MASKS:
+                mask = facts[mask_name]
+                row[f"{update_name}_in_{mask_name}"] = int((update & mask).sum())
+                row[f"{update_name}_in_{mask_name}_null"] = _matched_expectation(
+                    update, mask, facts["bins"], bins)
+        rows.append(row)
+    return {"matrices": rows, "overall": _geometry_overall(rows), "alpha": alpha, "rank": rank,
+            "bins": bins}
+
+
+_GEOMETRY_MASKS = ("principal", "low_magnitude", "principal_not_low")
 
 
 def _base_facts(w0: Tensor, alpha: float, rank: int | float,
-                device: str | torch.device | None) -> dict[str, Any]:
-    """What :func:`geometry` needs of a base matrix: masks, spectrum, top-k singular vectors."""
+                device: str | torch.device | None, bins: int) -> dict[str, Any]:
+    """What :func:`geometry` needs of a base matrix: masks, magnitude bins, spectrum, top-k
+    singular vectors."""
     k = resolve_rank(rank, w0.shape)
     u0, s0, vh0 = _svd(w0, device)
     principal = top_fraction(((u0[:, :k] * s0[:k]) @ vh0[:k]).abs(), alpha).cpu()
+    low = low_magnitude_mask(w0, alpha).cpu()
     return {"k": k, "s": s0, "u": u0[:, :k].clone(), "v": vh0[:k].T.clone(),
-            "principal": principal, "low": low_magnitude_mask(w0, alpha)}
+            "principal": principal, "low_magnitude": low, "principal_not_low": principal & ~low,
+            "bins": magnitude_bins(w0, bins)}
 
 
 def _geometry_overall(rows: list[dict]) -> dict[str, float]:
-    def total(key: str) -> int:
+    def total(key: str) -> float:
         return sum(r[key] for r in rows)
 
     numel = total("numel")
     out: dict[str, float] = {"matrices": len(rows), "numel": numel}
     if not rows:
         return out
+    nan = float("nan")
     for update in ("changed", "top"):
         density = total(update) / numel
-        for mask in ("principal", "low_magnitude"):
-            value = total(f"{update}_in_{mask}") / total(mask) if total(mask) else 0.0
+        for mask in _GEOMETRY_MASKS:
+            size = total(mask)
+            value = total(f"{update}_in_{mask}") / size if size else 0.0
+            null = total(f"{update}_in_{mask}_null") / size if size else 0.0
             out[f"{update}_in_{mask}"] = value
-            out[f"{update}_in_{mask}_lift"] = value / density if density else float("nan")
+            out[f"{update}_in_{mask}_lift"] = value / density if density else nan
+            out[f"{update}_in_{mask}_matched_lift"] = value / null if null else nan
         out[f"{update}_baseline"] = density
-    for key in ("spectrum_drift", "angle_left", "angle_right"):
+    for key in ("update_norm", "spectrum_drift", "angle_left", "angle_right"):
         out[key] = sum(r[key] for r in rows) / len(rows)
+    moved = [r for r in rows if r["update_norm"] > 0]
+    for key, name in (("spectrum_drift", "drift_per_update"),
+                      ("angle_left", "angle_left_per_update"),
+                      ("angle_right", "angle_right_per_update")):
+        out[name] = sum(r[key] / r["update_norm"] for r in moved) / len(moved) if moved else nan
     return out
 
 
@@ -1009,29 +1092,65 @@ def write_sparsity_report(directory: str | os.PathLike, result: Mapping[str, Any
     return [md_path, json_path] + paths
 
 
-def _geometry_markdown(g: Mapping[str, Any]) -> str:
+_MASK_LABELS = {"principal": "principal", "low_magnitude": "low-magnitude",
+                "principal_not_low": "principal minus low-magnitude"}
+
+
+def geometry_rows(g: Mapping[str, Any]) -> list[dict]:
+    """One row per (update mask, weight mask) of :func:`geometry`'s overall result: overlap,
+    the random baseline, lift, and the magnitude-matched lift."""
+    o, alpha = g["overall"], g["alpha"]
+    updates = {"changed": "bf16 bits changed", "top": f"top {alpha:g} of abs(delta)"}
+    return [{"update": label, "mask": _MASK_LABELS[mask], "overlap": o[f"{update}_in_{mask}"],
+             "baseline": o[f"{update}_baseline"], "lift": o[f"{update}_in_{mask}_lift"],
+             "matched_lift": o[f"{update}_in_{mask}_matched_lift"]}
+            for update, label in updates.items() for mask in _GEOMETRY_MASKS]
+
+
+_GEOMETRY_COLUMNS = ["update", "mask", "overlap", "baseline", "lift", "matched_lift"]
+_GEOMETRY_HEADERS = ["update mask", "weight mask", "overlap", "random baseline", "lift",
+                     "magnitude-matched lift"]
+_GEOMETRY_FORMATS = {"overlap": ".2%", "baseline": ".2%", "lift": ".2f", "matched_lift": ".2f"}
+_GEOMETRY_LEGEND = (
+    "overlap = |update & mask| / |mask|, summed over matrices; random baseline = the update's "
+    "density; lift = overlap / baseline; magnitude-matched lift = overlap / the expected "
+    "overlap of the update mask permuted within {bins} bins of |W0| per matrix (1: magnitude "
+    "alone explains where the update fell; the low-magnitude mask is a union of such bins, "
+    "so its matched lift is about 1 by construction).")
+
+
+def _geometry_summary(o: Mapping[str, Any]) -> str:
+    return (f"Mean over {o['matrices']} matrices: relative update size ||dW||/||W0|| "
+            f"{o['update_norm']:.3g}; spectrum drift {o['spectrum_drift']:.3g} "
+            f"({o['drift_per_update']:.3g} per unit of update size); largest principal angle "
+            f"of the top-k subspaces {o['angle_left']:.3g} deg left, {o['angle_right']:.3g} deg "
+            f"right ({o['angle_left_per_update']:.3g} and {o['angle_right_per_update']:.3g} "
+            "deg per unit of update size).")
+
+
+def format_geometry(g: Mapping[str, Any]) -> str:
+    """Terminal text of :func:`geometry`'s result: overlaps with both nulls, drift, angles."""
+    from .optimizer import format_table
+
     o = g["overall"]
     if not g["matrices"]:
+        return "geometry: no 2-D weight matrices"
+    rows = [{h: (format(r[c], _GEOMETRY_FORMATS[c]) if c in _GEOMETRY_FORMATS else r[c])
+             for c, h in zip(_GEOMETRY_COLUMNS, _GEOMETRY_HEADERS)} for r in geometry_rows(g)]
+    return "\n".join([
+        f"geometry over {o['matrices']} matrices (alpha {g['alpha']:g}, rank {g['rank']})",
+        format_table(rows), _GEOMETRY_LEGEND.format(bins=g["bins"]),
+        _geometry_summary(o)])
+
+
+def _geometry_markdown(g: Mapping[str, Any]) -> str:
+    if not g["matrices"]:
         return "(no 2-D weight matrices)"
-    alpha = g["alpha"]
-    rows = [
-        {"update mask": "bf16 bits changed", "baseline": o["changed_baseline"],
-         "principal": o["changed_in_principal"], "lp": o["changed_in_principal_lift"],
-         "low": o["changed_in_low_magnitude"], "ll": o["changed_in_low_magnitude_lift"]},
-        {"update mask": f"top {alpha:g} of abs(delta)", "baseline": o["top_baseline"],
-         "principal": o["top_in_principal"], "lp": o["top_in_principal_lift"],
-         "low": o["top_in_low_magnitude"], "ll": o["top_in_low_magnitude_lift"]},
-    ]
-    table = markdown_table(
-        rows, ["update mask", "baseline", "principal", "lp", "low", "ll"],
-        ["update mask", "random baseline", "overlap with principal", "lift",
-         "overlap with low-magnitude", "lift"],
-        {"baseline": ".2%", "principal": ".2%", "low": ".2%", "lp": ".2f", "ll": ".2f"})
-    return (f"Masks of alpha = {alpha:g} per matrix, principal from the rank-k reconstruction "
-            f"(rank {g['rank']}); overlap = |update & mask| / |mask|.\n\n{table}\n\n"
-            f"Mean over {o['matrices']} matrices: spectrum drift {o['spectrum_drift']:.3g}, "
-            f"largest principal angle of the top-k subspaces {o['angle_left']:.3g} deg (left), "
-            f"{o['angle_right']:.3g} deg (right).")
+    table = markdown_table(geometry_rows(g), _GEOMETRY_COLUMNS, _GEOMETRY_HEADERS,
+                           _GEOMETRY_FORMATS)
+    return (f"Masks of alpha = {g['alpha']:g} per matrix, principal from the rank-k "
+            f"reconstruction (rank {g['rank']}).\n\n{table}\n\n"
+            f"{_GEOMETRY_LEGEND.format(bins=g['bins'])}\n\n{_geometry_summary(g['overall'])}")
 
 
 def load_pyplot():

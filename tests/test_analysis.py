@@ -480,3 +480,91 @@ def test_cli_masks_writes_loadable_files(tmp_path, capsys):
     assert set(packed) == {n for n, t in state.items() if t.dim() == 2}
     for name, bits in packed.items():
         assert int(bitmaps.popcount(bits)) == round(0.1 * numels[name])
+
+
+# --------------------------------------------------------------------------- magnitude-matched null
+
+
+def _bf16_random_update(w0: torch.Tensor, scale: float, gen, where=None) -> torch.Tensor:
+    """bf16 ``w0`` plus fp32 noise of one size for every weight (optionally only ``where``),
+    stored by nearest rounding: small weights change more often, as in training."""
+    noise = scale * torch.randn(w0.shape, generator=gen)
+    if where is not None:
+        noise = noise * where
+    return (w0.float() + noise).bfloat16()
+
+
+def test_magnitude_bins_are_equal_count_and_ordered():
+    gen = torch.Generator().manual_seed(0)
+    w = torch.randn(50, 40, generator=gen)
+    bins = analysis.magnitude_bins(w, 16)
+    assert torch.bincount(bins.reshape(-1)).tolist() == [125] * 16
+    mags = w.abs().reshape(-1)
+    for b in range(15):
+        assert mags[bins.reshape(-1) == b].max() <= mags[bins.reshape(-1) == b + 1].min()
+    with pytest.raises(ValueError, match="bins must be at least 1, got 0"):
+        analysis.magnitude_bins(w, 0)
+
+
+@pytest.mark.parametrize("seed", SEEDS)
+def test_matched_null_is_the_mean_of_permutations_within_bins(seed):
+    gen = torch.Generator().manual_seed(seed)
+    w0 = torch.randn(40, 30, generator=gen).bfloat16()
+    update = ~analysis.unchanged_bitwise(w0, _bf16_random_update(w0, 3e-3, gen))
+    mask = analysis.principal_mask(w0.float(), 0.2, 3)
+    exact = analysis.matched_overlap(update, mask, w0, bins=8)["matched_baseline"]
+    # Monte Carlo of the definition: shuffle the update inside each bin, measure the overlap.
+    bins = analysis.magnitude_bins(w0, 8).reshape(-1)
+    flat = update.reshape(-1)
+    draws = []
+    for _ in range(400):
+        shuffled = flat.clone()
+        for b in range(8):
+            idx = torch.nonzero(bins == b).reshape(-1)
+            shuffled[idx] = flat[idx[torch.randperm(idx.numel(), generator=gen)]]
+        draws.append(analysis.overlap(shuffled, mask)["overlap"])
+    mean, std = float(np.mean(draws)), float(np.std(draws))
+    assert abs(mean - exact) < 5 * std / math.sqrt(len(draws))
+
+
+def test_random_update_is_magnitude_explained_and_aimed_update_is_not():
+    gen = torch.Generator().manual_seed(3)
+    # Trained weights have structure: a rank-4 part plus noise, so the principal weights
+    # (top 20% of the rank-8 reconstruction) are mostly the large ones.
+    structure = torch.randn(256, 4, generator=gen) @ torch.randn(4, 192, generator=gen) / 2
+    w0 = (0.05 * (structure + 0.5 * torch.randn(256, 192, generator=gen))).bfloat16()
+    base = {"layers.0.w": w0}
+    # Noise of one size everywhere: its bf16 image changes mostly where |W0| is small.
+    random_tuned = {"layers.0.w": _bf16_random_update(w0, 1.5e-4, gen)}
+    g = analysis.geometry(base, random_tuned, alpha=0.2, rank=8)["overall"]
+    assert 0.2 < g["changed_in_principal_lift"] < 0.4          # plain baseline: "avoids"
+    assert g["changed_in_principal_matched_lift"] == pytest.approx(1.0, abs=0.08)
+    assert g["changed_in_principal_not_low_matched_lift"] == pytest.approx(1.0, abs=0.08)
+    assert g["changed_in_low_magnitude_lift"] > 1.5
+    assert g["changed_in_low_magnitude_matched_lift"] == pytest.approx(1.0, abs=0.02)
+    # The same noise aimed at the principal weights.
+    principal = analysis.principal_mask(w0.float(), 0.2, 8)
+    aimed = {"layers.0.w": _bf16_random_update(w0, 1.5e-4, gen, where=principal)}
+    a = analysis.geometry(base, aimed, alpha=0.2, rank=8)["overall"]
+    assert a["changed_in_principal_matched_lift"] > 2.0
+    assert a["top_in_principal_matched_lift"] > 1.2
+    assert a["changed_in_principal_not_low_matched_lift"] > 2.0
+
+
+def test_drift_and_angles_per_unit_of_update_size():
+    gen = torch.Generator().manual_seed(4)
+    w0 = torch.randn(48, 32, generator=gen, dtype=torch.float64)
+    small = {"l.0.w": w0 + 1e-3 * torch.randn(w0.shape, generator=gen, dtype=torch.float64)}
+    g = analysis.geometry({"l.0.w": w0}, small, alpha=0.2, rank=4)
+    (row,) = g["matrices"]
+    o = g["overall"]
+    expected = float(torch.linalg.vector_norm(small["l.0.w"] - w0) / torch.linalg.vector_norm(w0))
+    assert row["update_norm"] == pytest.approx(expected)
+    assert o["drift_per_update"] == pytest.approx(row["spectrum_drift"] / expected)
+    assert 0.0 < o["drift_per_update"] <= 1.0                # Mirsky: drift <= ||dW|| / ||W0||
+    # Scaling W0 moves the spectrum and nothing else: drift per unit update is 1, angles 0.
+    scaled = analysis.geometry({"l.0.w": w0}, {"l.0.w": 1.01 * w0}, alpha=0.2, rank=4)["overall"]
+    assert scaled["drift_per_update"] == pytest.approx(1.0)
+    assert scaled["angle_left_per_update"] < 1e-3
+    text = analysis.format_geometry(g)
+    assert "magnitude-matched lift" in text and f"{o['drift_per_update']:.3g}" in text

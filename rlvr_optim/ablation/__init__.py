@@ -1,10 +1,10 @@
-"""Precision ablations: RLVR vs SFT under each bf16 storage mode, with the paper's measures.
+"""Precision ablations: RLVR vs SFT under bf16 storage modes, with the paper's measures.
 
 ``run_ablation(preset("tiny"), "out")`` or ``rlvr-optim ablate --preset tiny``.
 """
 
 from .ablate import format_summary, run_ablation, run_for_cli
-from .config import PRESETS, LMAblation, MiniLMAblation, RunSpec, preset
+from .config import PRESETS, Arm, LMAblation, MiniLMAblation, RunSpec, preset
 
-__all__ = ["LMAblation", "MiniLMAblation", "PRESETS", "RunSpec", "format_summary", "preset",
-           "run_ablation", "run_for_cli"]
+__all__ = ["Arm", "LMAblation", "MiniLMAblation", "PRESETS", "RunSpec", "format_summary",
+           "preset", "run_ablation", "run_for_cli"]

@@ -12,8 +12,10 @@ from tqdm import tqdm
 
 from ..optimizer import format_table
 from .config import LMAblation, MiniLMAblation, fingerprint
+from .cohorts import run_cohort, run_warmup
+from .lm_report import format_lm_summary, write_lm_report
 from .report import write_report
-from .runs import Interrupted, StepBudget, Workspace, run_lm_unit, run_warmup
+from .runs import Interrupted, StepBudget, Workspace
 from .task import AdditionTask
 
 __all__ = ["format_summary", "run_ablation", "run_for_cli"]
@@ -28,12 +30,15 @@ def run_ablation(config: LMAblation | MiniLMAblation, out: str, *, resume: bool 
         out: output folder; checkpoints go to ``<out>/checkpoints``.
         resume: continue from the checkpoints in ``out`` (finished runs are not rerun).
             Without it every run starts from scratch and overwrites them.
-        progress: a tqdm bar over all training steps on stderr (default True).
-        stop_after: stop after this many training steps, as an interruption would (the
-            last checkpoints stay; ``resume=True`` continues). None: run to the end.
+        progress: a tqdm bar over all training iterations on stderr (default True).
+        stop_after: stop after this many training iterations, as an interruption would (the
+            last checkpoints stay; ``resume=True`` continues). None: run to the end. An
+            iteration is a warm-up step, then (LM presets) one RL rollout or as many SFT steps
+            (``updates`` optimizer steps), or (minilm) one step.
 
     Returns ``{"interrupted", "wall_s", "warmup", "results", "files"}``; ``results`` holds one
-    dict per run (``name, kind, mode, lr, seed, sparsity, accuracy, geometry, series, ...``).
+    dict per run (``name, kind, mode, lr, seed, sparsity, accuracy, geometry, series, ...``;
+    LM runs also ``arm, label, data, kl_coef, freeze, master_geometry``).
     """
     t0 = time.perf_counter()
     if config.device.startswith("cuda") and not torch.cuda.is_available():
@@ -58,14 +63,10 @@ def run_ablation(config: LMAblation | MiniLMAblation, out: str, *, resume: bool 
             title = "RL vs cross-entropy on all-MiniLM-L6-v2 (precision ablation)"
         else:
             task = AdditionTask(config.digits)
-            start, warmup = run_warmup(config, task, workspace, budget, bar)
-            results = [run_lm_unit(config, spec, task, start, workspace, budget, bar)
-                       for spec in config.runs()]
-            setup = _lm_setup(config, warmup)
-            label = f"{warmup['params'] / 1e3:.0f}k params, {config.steps} steps"
-            if warmup["params"] >= 1e6:
-                label = f"{warmup['params'] / 1e6:.1f}M params, {config.steps} steps"
-            title = f"Precision ablation, preset `{config.name}`"
+            start, warmup, kl_samples = run_warmup(config, task, workspace, budget, bar)
+            results = [r for cohort in config.cohorts()
+                       for r in run_cohort(config, cohort, task, start, kl_samples, workspace,
+                                           budget, bar)]
     except Interrupted:
         return {"interrupted": True, "wall_s": time.perf_counter() - t0, "warmup": None,
                 "results": [], "files": []}
@@ -73,41 +74,23 @@ def run_ablation(config: LMAblation | MiniLMAblation, out: str, *, resume: bool 
         bar.close()
         torch.set_num_threads(threads)
     wall = time.perf_counter() - t0
-    files = write_report(out, config, results, warmup=warmup, wall_s=wall, root=root,
-                         title=title, setup=setup, model_label=label)
+    if isinstance(config, MiniLMAblation):
+        files = write_report(out, config, results, warmup=warmup, wall_s=wall, root=root,
+                             title=title, setup=setup, model_label=label)
+    else:
+        files = write_lm_report(out, config, results, warmup=warmup, wall_s=wall)
     return {"interrupted": False, "wall_s": wall, "warmup": warmup, "results": results,
             "files": files}
 
 
-def _lm_setup(config: LMAblation, warmup: dict) -> list[str]:
-    task = AdditionTask(config.digits)
-    n_runs = len(config.runs())
-    return [
-        f"- Model: Llama-style causal LM from a `transformers` config, {warmup['params']:,} "
-        f"parameters (hidden {config.hidden}, {config.layers} layers, {config.heads} heads, MLP "
-        f"{config.intermediate}), vocabulary of {task.vocab_size} tokens (own tokenizer).",
-        f"- Task: {config.digits}-digit addition, fixed width (`<bos>{'1' * config.digits}+"
-        f"{'2' * config.digits}=` -> `{'0' + '3' * config.digits}<eos>`); reward 1 when the "
-        "whole answer is exact.",
-        f"- SFT phase (gives the model structure): {config.warmup_steps} steps of cross-entropy in "
-        f"fp32, lr {config.warmup_lr:g}, batch {config.warmup_batch}; its bf16 image is the "
-        f"start of every run (greedy accuracy {warmup['accuracy']:.1%} on {config.eval_problems} "
-        "held-out problems).",
-        f"- RLVR: GRPO-style, {config.prompts} prompts x {config.group} samples per step, "
-        f"advantages normalised within each group, temperature {config.temperature:g}, "
-        f"KL coefficient {config.kl_coef:g} (the KL to the start policy is logged either way); "
-        f"one policy-gradient step per batch.",
-        f"- SFT contrast: cross-entropy on {config.prompts * config.group} fresh problems per "
-        "step, same start, steps, learning rate and optimizer.",
-        f"- Optimizer: rlvr_optim.AdamW, betas (0.9, 0.999), eps 1e-8, weight decay "
-        f"{config.weight_decay:g}, {config.steps} steps per run, {n_runs} runs.",
-        "- Precision modes: " + "; ".join(config.modes) + ". \"fp32 (bf16 images)\" trains "
-        "fp32 weights and measures their bf16 images, what a bf16 checkpoint would hold.",
-    ]
-
-
 def format_summary(summary: dict[str, Any], config: Any) -> str:
-    """The headline table for the terminal: sparsity and accuracy per mode, RL vs SFT."""
+    """The headline table for the terminal, with its legend."""
+    if isinstance(config, MiniLMAblation):
+        return _minilm_summary(summary, config)
+    return format_lm_summary(summary, config)
+
+
+def _minilm_summary(summary: dict[str, Any], config: MiniLMAblation) -> str:
     main = {(r["kind"], r["mode"]): r for r in summary["results"]
             if r["lr"] == config.lr and r["seed"] == config.seed}
     rows = []

@@ -1,4 +1,5 @@
-"""The ablation's outputs: ``report.md``, ``results.json``, ``series.json`` and PNG plots.
+"""The MiniLM ablation's outputs: ``report.md``, ``results.json``, ``series.json`` and PNG plots
+(the LM ablation's are in :mod:`rlvr_optim.ablation.lm_report`).
 
 Everything here is derived from the runs' saved results and change bitmaps, so a report
 can be rebuilt from the checkpoint folder without training again.
@@ -78,7 +79,7 @@ def _mean(values: Sequence[float]) -> float:
 
 def _pair_specs(config: Any, results: Sequence[dict]) -> list[tuple[str, str, str]]:
     idx = _index(results)
-    main = lambda kind, mode, seed=config.seed: idx.get((kind, mode, config.lr, seed))  # noqa: E731
+    main = lambda kind, mode: idx.get((kind, mode, config.lr, config.seed))  # noqa: E731
     pairs = []
     for kind in ("rl", "sft"):
         for m1, m2 in itertools.combinations(config.modes, 2):
@@ -89,13 +90,6 @@ def _pair_specs(config: Any, results: Sequence[dict]) -> list[tuple[str, str, st
         a, b = main("rl", mode), main("sft", mode)
         if a and b:
             pairs.append((f"{mode}: RL vs SFT", a["name"], b["name"]))
-    for seed in getattr(config, "extra_seeds", ()):
-        for mode in config.seed_modes:
-            for kind in ("rl", "sft"):
-                a, b = main(kind, mode), main(kind, mode, seed)
-                if a and b and seed != config.seed:
-                    pairs.append((f"{kind.upper()} {mode}: seed {config.seed} vs {seed}",
-                                  a["name"], b["name"]))
     return pairs
 
 
@@ -106,18 +100,16 @@ def write_report(out: str, config: Any, results: Sequence[dict], *, warmup: dict
 
     Args:
         out: output folder.
-        config: the ablation's settings (:class:`~rlvr_optim.ablation.config.LMAblation` or
-            :class:`~rlvr_optim.ablation.config.MiniLMAblation`).
+        config: the ablation's settings (:class:`~rlvr_optim.ablation.config.MiniLMAblation`).
         results: the runs' results (:func:`rlvr_optim.ablation.runs.measure_run` and more).
         warmup: the SFT phase's result, or None.
         wall_s: wall time of this invocation.
         root: checkpoint folder (for the change bitmaps).
         title: the report's title.
         setup: markdown lines describing the setting.
-        model_label: "our model" in the comparison with the paper, e.g. "109k-param LM, 100 steps".
+        model_label: "our model" in the comparison with the paper, e.g. "10.6M encoder weights".
     """
     os.makedirs(out, exist_ok=True)
-    idx = _index(results)
     main = {(r["kind"], r["mode"]): r for r in results
             if r["lr"] == config.lr and r["seed"] == config.seed}
     jaccards = jaccard_pairs(root, _pair_specs(config, results))
@@ -181,26 +173,6 @@ def write_report(out: str, config: Any, results: Sequence[dict], *, warmup: dict
     paper_lines = _paper_section(config, main, model_label)
     md += paper_lines
 
-    sweep = sorted({r["lr"] for r in results if r["seed"] == config.seed})
-    if len(sweep) > 1:
-        md += ["## Learning-rate sweep", ""]
-        rows = []
-        for mode in dict.fromkeys(list(getattr(config, "sweep_modes", ())) + list(config.modes)):
-            for lr in sweep:
-                rl = idx.get(("rl", mode, lr, config.seed))
-                sft = idx.get(("sft", mode, lr, config.seed))
-                swept = lr == config.lr or mode in config.sweep_modes
-                if rl is None or sft is None or not swept:
-                    continue
-                rows.append({"mode": mode, "lr": lr, "rl": rl["sparsity"]["sparsity"],
-                             "sft": sft["sparsity"]["sparsity"], "rl_acc": rl.get("accuracy"),
-                             "sft_acc": sft.get("accuracy")})
-        md.append(analysis.markdown_table(
-            rows, ["mode", "lr", "rl", "sft", "rl_acc", "sft_acc"],
-            ["mode", "lr", "RL unchanged", "SFT unchanged", "RL accuracy", "SFT accuracy"],
-            {"lr": "g", "rl": _PCT, "sft": _PCT, "rl_acc": ".1%", "sft_acc": ".1%"}))
-        md.append("")
-
     md += ["## Principal and low-magnitude weights", "",
            f"Masks of the start weights per matrix: principal = top {config.alpha:g} of |rank-k "
            f"reconstruction| (k = {config.rank} of the smaller dimension), low-magnitude = bottom "
@@ -256,7 +228,7 @@ def write_report(out: str, config: Any, results: Sequence[dict], *, warmup: dict
             {"jaccard": ".3f", "baseline": ".3f", "density_a": _PCT, "density_b": _PCT}))
         md.append("")
 
-    plots = _plots(out, config, results, main)
+    plots = _plots(out, config, main)
     if plots is None:
         md += ["(plots skipped: matplotlib is not installed)", ""]
     else:
@@ -379,7 +351,7 @@ def _per_group_table(config: Any, main: Mapping[tuple, dict], key: str, label: s
                                    {c: _PCT for c in columns[1:]})
 
 
-def _plots(out: str, config: Any, results: Sequence[dict],
+def _plots(out: str, config: Any,
            main: Mapping[tuple, dict]) -> list[str] | None:
     plt = analysis.load_pyplot()
     if plt is None:
@@ -465,22 +437,4 @@ def _plots(out: str, config: Any, results: Sequence[dict],
         ax.legend(fontsize=7)
         save(fig, "overlap_vs_random.png")
 
-    sweep_modes = getattr(config, "sweep_modes", ())
-    lrs = sorted({r["lr"] for r in results})
-    if len(lrs) > 1:
-        fig, ax = plt.subplots(figsize=(6, 3.4), dpi=80)
-        idx = _index(results)
-        for i, mode in enumerate(sweep_modes):
-            for kind, style in (("rl", "o-"), ("sft", "s--")):
-                points = [(lr, idx[(kind, mode, lr, config.seed)]["sparsity"]["sparsity"])
-                          for lr in lrs if (kind, mode, lr, config.seed) in idx]
-                if points:
-                    ax.plot([p[0] for p in points], [100 * p[1] for p in points], style,
-                            color=colors[i % len(colors)], label=f"{kind.upper()} {mode}")
-        ax.set_xscale("log")
-        ax.set_xlabel("learning rate")
-        ax.set_ylabel("unchanged (%)")
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
-        save(fig, "lr_sweep.png")
     return paths

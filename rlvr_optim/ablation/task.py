@@ -1,7 +1,9 @@
 """The synthetic task of the LM ablation: fixed-width addition with a verifiable answer.
 
-``"07+45="`` -> ``"052"`` then end-of-sequence. Operands and answer are zero-padded, so every
-prompt and every answer has the same length and batches need no padding.
+``"07+45="`` -> ``"052"`` or, reversed, ``"250"``, then end-of-sequence: two correct outputs
+per prompt (one for palindromic sums), so which one a policy writes is its own choice and
+an SFT data set can carry either. Operands and answer are zero-padded, so every prompt and
+every answer has the same length and batches need no padding.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ class AdditionTask:
 
     Tokens: ``0``-``9`` are ids 0-9, then ``+``, ``=``, ``<bos>``, ``<eos>``. A prompt is
     ``<bos> a + b =`` (``2 * digits + 3`` tokens); the answer is the ``digits + 1`` digits of
-    the sum followed by ``<eos>``.
+    the sum, most significant first ("forward") or last ("reversed"), then ``<eos>``.
 
     Args:
         digits: digits per operand (default 2).
@@ -79,6 +81,17 @@ class AdditionTask:
         answers = torch.cat([self._digits(a + b, self.digits + 1), column(self.eos)], dim=1)
         return prompts, answers
 
+    def reverse(self, answers: Tensor) -> Tensor:
+        """Forward answers ``[..., answer_length]`` written reversed (digits flipped, ``<eos>`` last)."""
+        return torch.cat([answers[..., :-1].flip(-1), answers[..., -1:]], dim=-1)
+
     def reward(self, completions: Tensor, answers: Tensor) -> Tensor:
-        """1.0 where the completion is exactly the answer (digits and ``<eos>``), else 0.0."""
-        return (completions == answers).all(dim=1).float()
+        """1.0 where the completion is exactly the forward or the reversed answer (digits and
+        ``<eos>``), else 0.0; ``answers`` are forward, any leading batch shape."""
+        forward = (completions == answers).all(dim=-1)
+        return (forward | (completions == self.reverse(answers)).all(dim=-1)).float()
+
+    def is_reversed(self, completions: Tensor, answers: Tensor) -> Tensor:
+        """True where the completion is the reversed answer and not the forward one."""
+        return ((completions == self.reverse(answers)).all(dim=-1)
+                & ~(completions == answers).all(dim=-1))
