@@ -370,5 +370,7 @@ def test_minilm_package_ships_the_weights():
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message without a GPU")
 def test_cli_gpu_preset_without_a_gpu_says_so(tmp_path, capsys):
-    assert cli.main(["ablate", "--preset", "gpu", "--out", str(tmp_path), "--no-progress"]) == 1
-    assert "--device cpu" in capsys.readouterr().err
+    assert cli.main(["ablate", "--preset", "gpu", "--out", str(tmp_path), "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert "--device cpu" in err and err.count("\n") == 1
+    assert os.listdir(tmp_path) == []

@@ -10,6 +10,7 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
+from ..errors import InputError
 from ..optimizer import format_table
 from .config import LMAblation, MiniLMAblation, fingerprint
 from .cohorts import run_cohort, run_warmup
@@ -42,7 +43,7 @@ def run_ablation(config: LMAblation | MiniLMAblation, out: str, *, resume: bool 
     """
     t0 = time.perf_counter()
     if config.device.startswith("cuda") and not torch.cuda.is_available():
-        raise RuntimeError(f"preset {config.name!r} runs on {config.device!r}, and torch sees no "
+        raise InputError(f"preset {config.name!r} runs on {config.device!r}, and torch sees no "
                            "CUDA device here; pass device='cpu' (--device cpu) to run it on the "
                            "CPU, slowly")
     root = os.path.join(out, "checkpoints")
@@ -109,14 +110,15 @@ def _minilm_summary(summary: dict[str, Any], config: MiniLMAblation) -> str:
 def run_for_cli(config: Any, out: str, *, resume: bool = False, progress: bool = True,
                 stop_after: int | None = None) -> int:
     """Run an ablation for the command line: print the headline table and where the report
-    went; returns the exit status (1, with the message on stderr, for a missing dependency
-    or a bad setting)."""
+    went; returns the exit status. A missing optional dependency or a setting this machine
+    cannot run raises :class:`~rlvr_optim.errors.InputError` (the command line prints it as one
+    line and exits 2)."""
     try:
         summary = run_ablation(config, out, resume=resume, progress=progress,
                                stop_after=stop_after)
-    except (ImportError, ValueError, RuntimeError) as e:
-        print(f"rlvr-optim ablate: error: {e}", file=sys.stderr)
-        return 1
+    except ImportError as e:
+        raise InputError(f"{e}; pip install -e \".[ablation]\" (or \".[minilm]\" for the "
+                         "minilm preset)") from None
     if summary["interrupted"]:
         print(f"stopped after {stop_after} training steps; checkpoints are in "
               f"{os.path.join(out, 'checkpoints')}, continue with --resume")
