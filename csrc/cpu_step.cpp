@@ -69,38 +69,28 @@ T* address(int64_t value) {
   return reinterpret_cast<T*>(static_cast<uintptr_t>(value));
 }
 
-// The 8 flags (bytes 0 or 1) at p as the bits of one byte, flag q at bit q: a multiply
-// gathers the low bit of each byte into the top byte (no carries, the partial products
-// land on distinct bits).
-uint32_t pack8(const uint8_t* p) {
-  uint64_t x;
-  std::memcpy(&x, p, sizeof x);
-  return static_cast<uint32_t>((x * 0x0102040810204080ull) >> 56);
-}
-
-// The number of set flags among the 8 bytes at p: the multiply sums the bytes into the
-// top byte (at most 8, no carry out).
-int64_t count8(const uint8_t* p) {
-  uint64_t x;
-  std::memcpy(&x, p, sizeof x);
-  return static_cast<int64_t>((x * 0x0101010101010101ull) >> 56);
-}
-
 // Packs one block's change flags into the bitmaps and adds its counts; flags past n are 0.
 // Not inlined: in step_span it kept gcc 12 from vectorizing the element loop.
-[[gnu::noinline]] void publish(const int64_t* row, int64_t b, int64_t n, const uint8_t* changed,
-                               const uint8_t* moved, const uint8_t* nonfinite, Counts& counts) {
+[[gnu::noinline]] void publish(const int64_t* row, int64_t b, int64_t n, const uint32_t* changed,
+                               const uint32_t* moved, const uint32_t* nonfinite, Counts& counts) {
   uint8_t* change_bitmap = address<uint8_t>(row[kChangeBitmap]);
   uint8_t* cumulative_bitmap = address<uint8_t>(row[kCumulativeBitmap]);
   for (int64_t k = 0; k < n; k += 8) {
-    const uint32_t byte = pack8(changed + k);
+    uint32_t byte = 0;
+    for (int q = 0; q < 8; ++q) byte |= changed[k + q] << q;
     const int64_t at = (b + k) >> 3;
     if (change_bitmap != nullptr) change_bitmap[at] = static_cast<uint8_t>(byte);
     if (cumulative_bitmap != nullptr) cumulative_bitmap[at] |= static_cast<uint8_t>(byte);
-    counts.changed += count8(changed + k);
-    counts.moved += count8(moved + k);
-    counts.nonfinite += count8(nonfinite + k);
   }
+  uint32_t c = 0, m = 0, f = 0;  // at most kBlock each
+  for (int64_t j = 0; j < n; ++j) {
+    c += changed[j];
+    m += moved[j];
+    f += nonfinite[j];
+  }
+  counts.changed += c;
+  counts.moved += m;
+  counts.nonfinite += f;
 }
 
 // Elements [begin, end) of one row; begin is a multiple of 8.
@@ -135,16 +125,18 @@ void step_span(const int64_t* row, const CpuStep& a, int64_t begin, int64_t end,
   }
   const uint64_t offset = static_cast<uint64_t>(row[kElementOffset]);
 
-  alignas(64) uint8_t train[kBlock];
-  alignas(64) uint8_t changed[kBlock];
-  alignas(64) uint8_t moved[kBlock];
-  alignas(64) uint8_t nonfinite[kBlock];
+  // 32-bit flags, the width of the arithmetic: byte flags cost the loop a narrowing and
+  // widening shuffle per vector.
+  alignas(64) uint32_t train[kBlock];
+  alignas(64) uint32_t changed[kBlock];
+  alignas(64) uint32_t moved[kBlock];
+  alignas(64) uint32_t nonfinite[kBlock];
   for (int64_t b = begin; b < end; b += kBlock) {
     const int64_t n = std::min(kBlock, end - b);
     if (freeze_mask != nullptr) {
       for (int64_t j = 0; j < n; ++j) train[j] = (freeze_mask[(b + j) >> 3] >> ((b + j) & 7)) & 1u;
     } else {
-      std::memset(train, 1, static_cast<size_t>(n));
+      std::fill_n(train, n, 1u);
     }
     // Every output is stored unconditionally (a kept element gets its own bits back), so
     // the loop has no branches and vectorizes. ivdep: element i touches index i of each

@@ -7,8 +7,9 @@ Rows without a number say why (``missing``: not installed; ``unavailable``: no s
 in this version; ``error``: it raised). ``run`` writes JSON; ``render`` turns JSON into a
 markdown table and a PNG plot, separately, so results can be re-rendered.
 
-On a CPU the same code runs tiny shapes so that the test suite keeps the harness working.
-CPU timings are marked as such and are not performance results.
+On a CPU the same code runs the ``cpu-tiny`` shapes so that the test suite keeps the harness
+working (those timings are marked as not being performance results), and the ``cpu-10m``
+preset, which times the CPU backend against torch's fused CPU AdamW (CPU rows).
 """
 
 from __future__ import annotations
@@ -51,7 +52,12 @@ PRESETS: dict[str, Callable[[], list[tuple[int, ...]]]] = {
     **{f"sweep-{label}": (lambda n=n: [(n,)]) for label, n in (
         ("1e6", 10**6), ("1e7", 10**7), ("1e8", 10**8), ("1e9", 10**9), ("2e9", 2 * 10**9))},
     "cpu-tiny": lambda: [(33, 7), (4099,), (1,), (64, 64)],  # the test suite's CPU mode
+    # The CPU backend's speed preset: 10.0e6 elements in 20 tensors (a small model's mix of
+    # matrices and vectors).
+    "cpu-10m": lambda: [(2048, 1024)] * 4 + [(1024, 512)] * 3 + [(1024,)] * 6 + [(64, 80)] * 7,
 }
+# Presets sized for a CPU; the others are refused there.
+CPU_PRESETS = ("cpu-tiny", "cpu-10m")
 
 # Our modes: name -> (AdamW options, uses a freeze mask).
 OUR_MODES: dict[str, tuple[dict, bool]] = {
@@ -60,6 +66,8 @@ OUR_MODES: dict[str, tuple[dict, bool]] = {
     "fp32 master": ({"master_weights": "fp32"}, False),
     "remainder": ({"master_weights": "remainder"}, False),
     "freeze mask": ({}, True),
+    # fp32 params (and their fp32 states): "param_dtype" is the benchmark's, not an option.
+    "fp32 params": ({"param_dtype": torch.float32}, False),
 }
 
 
@@ -226,7 +234,8 @@ def _optimi_kahan(shapes, device):
 def _ours(shapes, device, backend, options, freeze, track, capturable=False):
     from .optimizer import AdamW  # noqa: PLC0415 - keep import light for the CLI
 
-    params = _make(shapes, torch.bfloat16, device)
+    options = dict(options)
+    params = _make(shapes, options.pop("param_dtype", torch.bfloat16), device)
     opt = AdamW(params, lr=1e-4, backend=backend, track_changes=track, capturable=capturable,
                 **options)
     if freeze:
@@ -239,6 +248,8 @@ ANCHORS: dict[str, tuple[Callable, float, str]] = {
     # name: (builder, bytes/element, variant)
     "torch fused": (_torch_fused, bytes_per_element(), "eager"),
     "torch foreach": (lambda s, d: _torch_fused(s, d, fused=False), bytes_per_element(), "eager"),
+    "torch fused, fp32 params": (lambda s, d: _torch_fused(s, d, dtype=torch.float32),
+                                 bytes_per_element(param=4, grad=4, state=4), "eager"),
     "torch fused + clone/compare/count": (_torch_with_change_mask, bytes_per_element(), "eager"),
     "torch fused + 1-byte snapshot diff": (_snapshot_diff, bytes_per_element(), "eager"),
     "torchao _AdamW bf16 SR": (_torchao_sr, bytes_per_element(), "eager"),
@@ -259,6 +270,7 @@ _COMPARE = {
     "fp32 master": ("torch fused fp32 master + bf16 cast",),
     "remainder": ("optimi AdamW Kahan (Triton)",),
     "freeze mask": ("torch fused",),
+    "fp32 params": ("torch fused, fp32 params",),
 }
 
 
@@ -298,6 +310,8 @@ def _tuned(build: Callable, block: int, warps: int, chunks: int = 1) -> Callable
 
 def _our_bytes(mode: str, track: str) -> float:
     options, freeze = OUR_MODES[mode]
+    if options.get("param_dtype") == torch.float32:
+        return bytes_per_element(param=4, grad=4, state=4, track=track, freeze=freeze)
     state = 4 if options.get("state_dtype") == torch.float32 else 2
     master = 4 if options.get("master_weights") == "fp32" else 0
     return bytes_per_element(state=state, master=master, track=track, freeze=freeze,
@@ -395,6 +409,8 @@ def _why_not_timed(backend: str, device: torch.device, chosen: tuple[str, ...]) 
         return reason
     if backend == "cuda" and device.type != "cuda":
         return "needs a CUDA device"
+    if backend == "cpu" and device.type != "cpu":
+        return "runs CPU tensors only"
     if backend == "triton" and device.type != "cuda" and not _interpreter_on():
         return "on a CPU only under Triton's interpreter (TRITON_INTERPRET=1)"
     if backend not in chosen:
@@ -450,15 +466,17 @@ def run(
     if unknown:
         raise ValueError(f"unknown mode(s) {unknown}; choose from {list(OUR_MODES)}")
     chosen_modes = tuple(OUR_MODES) if modes is None else tuple(modes)
-    too_big = [p for p in presets if device.type == "cpu" and p != "cpu-tiny"]
+    too_big = [p for p in presets if device.type == "cpu" and p not in CPU_PRESETS]
     if too_big:
-        raise ValueError(f"preset(s) {too_big} are sized for a GPU; on a CPU use 'cpu-tiny'")
+        raise ValueError(f"preset(s) {too_big} are sized for a GPU; on a CPU use "
+                         f"{' or '.join(map(repr, CPU_PRESETS))}")
     if backends_to_time is None:
         if device.type == "cuda":
             backends_to_time = tuple(b for b in ("cuda", "triton")
                                      if backends.unavailable_reason(b) is None)
-        else:  # the reference, and Triton's kernels where its interpreter runs them
-            backends_to_time = ("reference",) + (("triton",) if _interpreter_on() else ())
+        else:  # the CPU backend, the reference, and Triton's kernels under its interpreter
+            backends_to_time = (("cpu",) if backends.unavailable_reason("cpu") is None else ()) \
+                + ("reference",) + (("triton",) if _interpreter_on() else ())
     anchor_names = anchors if anchors is not None else tuple(ANCHORS)
     timer = _Timer(device)
     copy_bytes = (1 << 30) if device.type == "cuda" else (1 << 26)
@@ -467,7 +485,8 @@ def run(
         "copy_gbps": copy_bandwidth(device, copy_bytes),
         "steps": steps,
         "warmup": warmup,
-        "cpu_timings_are_not_performance_results": device.type == "cpu",
+        "cpu_timings_are_not_performance_results": device.type == "cpu"
+        and set(presets) <= {"cpu-tiny"},
         "rows": [],
     }
     plan = []
@@ -478,7 +497,7 @@ def run(
             build, nbytes, variant = ANCHORS[name]
             plan.append((Row(name, "anchor", preset, variant, bytes_per_element=nbytes),
                          (lambda b=build, s=shapes: b(s, device)), numel))
-        for backend in ("cuda", "triton", "reference"):
+        for backend in ("cuda", "triton", "cpu", "reference"):
             reason = _why_not_timed(backend, device, backends_to_time)
             if reason is not None:  # one row says why the backend has no numbers
                 row = Row(f"rlvr_optim {backend} (all modes)", "ours", preset,
