@@ -141,7 +141,7 @@ class AdamW(torch.optim.AdamW):
             counters) or ``"cumulative"`` (also the OR of all steps' bitmaps).
         seed: seed of the stochastic rounding stream (default 0).
         freeze_masks: ``{param: mask}``; see :meth:`set_freeze_mask`.
-        backend: ``"auto"`` (default), ``"reference"``, ``"triton"`` or ``"cuda"``.
+        backend: ``"auto"`` (default), ``"reference"``, ``"cpu"``, ``"triton"`` or ``"cuda"``.
 
     DTensor params (FSDP2 ``fully_shard``: ``Shard(0)`` or ``Replicate()`` on a 1-D mesh)
     step on their local shards, with stochastic rounding keyed by each element's global
