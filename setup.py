@@ -1,4 +1,4 @@
-"""Build script: a pure-Python install always; the CUDA extension only when it can be built.
+"""Build script: a pure-Python install always; the CUDA and CPU extensions when they can be built.
 
 The extension ``rlvr_optim._C`` is compiled with nvcc + pybind11 from ``csrc/*.cu`` and
 takes raw device pointers, so it needs no CUDA build of torch (torch is not imported here).
@@ -8,11 +8,18 @@ It is built when nvcc is found and ``csrc/`` has sources, unless
 
 ``RLVR_OPTIM_CUDA_ARCHS`` (default ``"80;90"``) lists the GPU architectures to build
 machine code for; PTX of the newest one is embedded too, so newer GPUs can load it.
+
+The CPU extension ``rlvr_optim._cpu`` (``csrc/cpu_*.cpp``, the backend ``cpu``) is built with
+the C++ compiler ($CXX, g++ or c++) whenever one is found, a CPU-only machine included,
+unless ``RLVR_OPTIM_SKIP_CPU_BUILD=1``. A failed build warns and the install goes on: the
+backend then compiles it on first use, or ``auto`` runs the reference.
 """
 
+import importlib.util
 import os
 import shutil
 import subprocess
+import warnings
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -26,6 +33,23 @@ DEFAULT_ARCHS = "80;90"
 # so the fp32 arithmetic is the reference's, operation by operation.
 NVCC_FLAGS = ["-O3", "-std=c++17", "-fmad=false", "-Xcompiler", "-fPIC",
               "-Xcompiler", "-fvisibility=hidden"]
+
+
+def _load_cpu_build():
+    """rlvr_optim/_cpu_build.py, loaded by path: importing the package would import torch."""
+    spec = importlib.util.spec_from_file_location("_cpu_build", ROOT / "rlvr_optim" / "_cpu_build.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+CPU_BUILD = _load_cpu_build()
+
+
+def want_cpu() -> bool:
+    if os.environ.get("RLVR_OPTIM_SKIP_CPU_BUILD", "0") == "1":
+        return False
+    return CPU_BUILD.compiler() is not None
 
 
 def want_cuda() -> bool:
@@ -45,9 +69,13 @@ def gencode_flags(archs: str) -> list[str]:
 
 
 class NvccBuildExt(build_ext):
-    """Compile each .cu with nvcc (in parallel), link one shared object; no torch headers."""
+    """Compile each .cu with nvcc (in parallel), link one shared object; no torch headers.
+    The CPU extension goes through rlvr_optim/_cpu_build.py."""
 
     def build_extension(self, ext):
+        if ext.name == "rlvr_optim._cpu":
+            self.build_cpu(ext)
+            return
         import sysconfig
 
         import pybind11
@@ -69,6 +97,23 @@ class NvccBuildExt(build_ext):
                     raise RuntimeError(f"nvcc failed: {' '.join(result.args)}")
         subprocess.check_call(["nvcc", "-shared", *objects, "-o", str(out)], cwd=ROOT)
 
+    def build_cpu(self, ext):
+        """The CPU extension, or a warning: it must never break an install."""
+        out = Path(self.get_ext_fullpath(ext.name))
+        out.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            import pybind11
+
+            print(f"building rlvr_optim._cpu ({CPU_BUILD.compiler()} "
+                  f"{' '.join(CPU_BUILD.CXX_FLAGS)})")
+            CPU_BUILD.build(ROOT / "csrc", Path(self.build_temp).resolve() / "cpu", out.resolve(),
+                            pybind11.get_include())
+        except Exception as exc:  # noqa: BLE001 - any failure leaves a pure-Python install
+            warnings.warn(f"rlvr_optim._cpu was not built ({exc}); the CPU backend will be "
+                          "compiled on first use, or backend='auto' runs the reference")
+
 
 ext_modules = [Extension("rlvr_optim._C", CUDA_SOURCES)] if want_cuda() else []
+if want_cpu():
+    ext_modules.append(Extension("rlvr_optim._cpu", [f"csrc/{name}" for name in CPU_BUILD.SOURCES[:2]]))
 setup(ext_modules=ext_modules, cmdclass={"build_ext": NvccBuildExt})

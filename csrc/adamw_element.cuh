@@ -65,6 +65,11 @@ RLVR_HD float div_rn(float a, float b) {
 RLVR_HD float sqrt_rn(float a) {
 #if defined(__CUDA_ARCH__)
   return __fsqrt_rn(a);
+#elif defined(RLVR_CPU_ISA)
+  // The CPU backend (csrc/cpu_step.cpp): the IEEE fp32 square root instruction, which is
+  // correctly rounded, so it equals the double root rounded once (same bits) at half the
+  // vector width's cost.
+  return std::sqrt(a);
 #else
   return static_cast<float>(std::sqrt(static_cast<double>(a)));
 #endif

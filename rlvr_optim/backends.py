@@ -11,7 +11,7 @@ import torch
 
 from . import reference
 
-BACKENDS = ("auto", "reference", "triton", "cuda")
+BACKENDS = ("auto", "reference", "cpu", "triton", "cuda")
 
 def _triton_module() -> tuple[ModuleType | None, str | None]:
     try:
@@ -30,6 +30,10 @@ def unavailable_reason(name: str) -> str | None:
         from . import cuda_backend  # noqa: PLC0415 - touches no GPU
 
         return cuda_backend.unavailable_reason()
+    if name == "cpu":
+        from . import cpu_backend  # noqa: PLC0415
+
+        return cpu_backend.unavailable_reason()
     return None
 
 
@@ -50,13 +54,20 @@ def select(name: str, device: torch.device) -> ModuleType:
     """The backend module that runs a step of tensors on ``device``.
 
     ``auto`` picks, for CUDA tensors, the CUDA extension if it is already built (it does
-    not start a first-use compile), else the Triton kernels when Triton is importable; the
-    reference elsewhere (on a CPU the Triton kernels only run in Triton's interpreter,
-    which is for tests). ``cuda`` compiles the extension on first use if setup.py could
-    not; ``triton`` on CPU tensors needs ``TRITON_INTERPRET=1``.
+    not start a first-use compile), else the Triton kernels when Triton is importable; for
+    CPU tensors the CPU extension (compiled on first use if setup.py could not), else the
+    reference, with a warning once (on a CPU the Triton kernels only run in Triton's
+    interpreter, which is for tests). ``cuda`` and ``cpu`` compile their extension on first
+    use if setup.py could not; ``triton`` on CPU tensors needs ``TRITON_INTERPRET=1``.
     """
     check_backend(name)
     if name == "reference":
+        return reference
+    if name == "cpu" or (name == "auto" and device.type == "cpu"):
+        from . import cpu_backend  # noqa: PLC0415
+
+        if name == "cpu" or cpu_backend.auto_ready():
+            return cpu_backend
         return reference
     if name == "cuda" or (name == "auto" and device.type == "cuda"):
         from . import cuda_backend  # noqa: PLC0415

@@ -10,8 +10,10 @@ run that is cut short keeps what it measured; ``load`` reads such a file, comple
 off, and ``render`` turns a result file into a markdown table and a PNG plot, separately,
 so results can be re-rendered.
 
-On a CPU the same code runs tiny shapes so that the test suite keeps the harness working.
-CPU timings are marked as such in every output and are not performance results.
+On a CPU the same code runs the ``cpu-tiny`` shapes so that the test suite keeps the harness
+working (those timings are marked in every output as not being performance results), and
+the ``cpu-10m`` preset, which times the CPU backend against torch's fused CPU AdamW (marked
+as CPU rows: results for the CPU backend only, saying nothing about GPU speed).
 """
 
 from __future__ import annotations
@@ -58,7 +60,12 @@ PRESETS: dict[str, Callable[[], list[tuple[int, ...]]]] = {
     **{f"sweep-{label}": (lambda n=n: [(n,)]) for label, n in (
         ("1e6", 10**6), ("1e7", 10**7), ("1e8", 10**8), ("1e9", 10**9), ("2e9", 2 * 10**9))},
     "cpu-tiny": lambda: [(33, 7), (4099,), (1,), (64, 64)],  # the test suite's CPU mode
+    # The CPU backend's speed preset: 10.0e6 elements in 20 tensors (a small model's mix of
+    # matrices and vectors).
+    "cpu-10m": lambda: [(2048, 1024)] * 4 + [(1024, 512)] * 3 + [(1024,)] * 6 + [(64, 80)] * 7,
 }
+# Presets sized for a CPU; the others are refused there.
+CPU_PRESETS = ("cpu-tiny", "cpu-10m")
 
 # Our modes: name -> (AdamW options, uses a freeze mask).
 OUR_MODES: dict[str, tuple[dict, bool]] = {
@@ -67,6 +74,8 @@ OUR_MODES: dict[str, tuple[dict, bool]] = {
     "fp32 master": ({"master_weights": "fp32"}, False),
     "remainder": ({"master_weights": "remainder"}, False),
     "freeze mask": ({}, True),
+    # fp32 params (and their fp32 states): "param_dtype" is the benchmark's, not an option.
+    "fp32 params": ({"param_dtype": torch.float32}, False),
 }
 
 # Where ``rlvr-optim bench`` writes results without --out: a folder of the current
@@ -76,7 +85,7 @@ DEFAULT_OUT = "rlvr-optim-bench"
 
 # Our backends, in the order their rows appear. Each gets rows where it runs, else one
 # row saying why not (the reference only on a CPU: on a GPU it is the spec, not a path).
-BACKENDS_TIMED = ("cuda", "triton", "reference")
+BACKENDS_TIMED = ("cuda", "triton", "cpu", "reference")
 
 
 def bytes_per_element(
@@ -242,7 +251,8 @@ def _optimi_kahan(shapes, device):
 def _ours(shapes, device, backend, options, freeze, track, capturable=False):
     from .optimizer import AdamW  # noqa: PLC0415 - keep import light for the CLI
 
-    params = _make(shapes, torch.bfloat16, device)
+    options = dict(options)
+    params = _make(shapes, options.pop("param_dtype", torch.bfloat16), device)
     opt = AdamW(params, lr=1e-4, backend=backend, track_changes=track, capturable=capturable,
                 **options)
     if freeze:
@@ -255,6 +265,8 @@ ANCHORS: dict[str, tuple[Callable, float, str]] = {
     # name: (builder, bytes/element, variant)
     "torch fused": (_torch_fused, bytes_per_element(), "eager"),
     "torch foreach": (lambda s, d: _torch_fused(s, d, fused=False), bytes_per_element(), "eager"),
+    "torch fused, fp32 params": (lambda s, d: _torch_fused(s, d, dtype=torch.float32),
+                                 bytes_per_element(param=4, grad=4, state=4), "eager"),
     "torch fused + clone/compare/count": (_torch_with_change_mask, bytes_per_element(), "eager"),
     "torch fused + 1-byte snapshot diff": (_snapshot_diff, bytes_per_element(), "eager"),
     "torchao _AdamW bf16 SR": (_torchao_sr, bytes_per_element(), "eager"),
@@ -275,6 +287,7 @@ _COMPARE = {
     "fp32 master": ("torch fused fp32 master + bf16 cast",),
     "remainder": ("optimi AdamW Kahan (Triton)",),
     "freeze mask": ("torch fused",),
+    "fp32 params": ("torch fused, fp32 params",),
 }
 
 
@@ -314,6 +327,8 @@ def _tuned(build: Callable, block: int, warps: int, chunks: int = 1) -> Callable
 
 def _our_bytes(mode: str, track: str) -> float:
     options, freeze = OUR_MODES[mode]
+    if options.get("param_dtype") == torch.float32:
+        return bytes_per_element(param=4, grad=4, state=4, track=track, freeze=freeze)
     state = 4 if options.get("state_dtype") == torch.float32 else 2
     master = 4 if options.get("master_weights") == "fp32" else 0
     return bytes_per_element(state=state, master=master, track=track, freeze=freeze,
@@ -436,6 +451,8 @@ def why_not_timed(backend: str, device: torch.device, chosen: tuple[str, ...]) -
         return reason
     if backend == "cuda" and device.type != "cuda":
         return "needs a CUDA device"
+    if backend == "cpu" and device.type != "cpu":
+        return "runs CPU tensors only"
     if backend == "triton" and device.type != "cuda" and not _interpreter_on():
         return "on a CPU only under Triton's interpreter (TRITON_INTERPRET=1)"
     if backend not in chosen:
@@ -512,9 +529,10 @@ def run(
     if unknown:
         raise InputError(f"unknown mode(s) {unknown}; choose from {list(OUR_MODES)}")
     chosen_modes = tuple(OUR_MODES) if modes is None else tuple(modes)
-    too_big = [p for p in presets if device.type == "cpu" and p != "cpu-tiny"]
+    too_big = [p for p in presets if device.type == "cpu" and p not in CPU_PRESETS]
     if too_big:
-        raise InputError(f"preset(s) {too_big} are sized for a GPU; on a CPU use 'cpu-tiny'")
+        raise InputError(f"preset(s) {too_big} are sized for a GPU; on a CPU use "
+                         f"{' or '.join(map(repr, CPU_PRESETS))}")
     unknown = [b for b in (backends_to_time or ()) if b not in BACKENDS_TIMED]
     if unknown:
         raise InputError(f"unknown backend(s) {unknown}; choose from {list(BACKENDS_TIMED)} "
@@ -529,8 +547,9 @@ def run(
         if device.type == "cuda":
             backends_to_time = tuple(b for b in ("cuda", "triton")
                                      if backends.unavailable_reason(b) is None)
-        else:  # the reference, and Triton's kernels where its interpreter runs them
-            backends_to_time = ("reference",) + (("triton",) if _interpreter_on() else ())
+        else:  # the CPU backend, the reference, and Triton's kernels under its interpreter
+            backends_to_time = (("cpu",) if backends.unavailable_reason("cpu") is None else ()) \
+                + ("reference",) + (("triton",) if _interpreter_on() else ())
     anchor_names = anchors if anchors is not None else tuple(ANCHORS)
     timer = _Timer(device)
     plan = []
@@ -575,7 +594,10 @@ def run(
         "copy_gbps": copy_bandwidth(device, copy_bytes),
         "steps": steps,
         "warmup": warmup,
-        "cpu_timings_are_not_performance_results": device.type == "cpu",
+        # cpu-tiny timings only keep the harness working; cpu-10m rows are CPU results.
+        "cpu_timings_are_not_performance_results": device.type == "cpu"
+        and set(presets) <= {"cpu-tiny"},
+        "cpu_rows": device.type == "cpu",
         "planned_rows": len(plan),
     }
     cpu = header["cpu_timings_are_not_performance_results"]
@@ -588,8 +610,8 @@ def run(
         if echo:
             _echo(bar, f"bench on {header['environment']['device']} ({device}): copy bandwidth "
                        f"{header['copy_gbps']:.0f} GB/s, {len(plan)} rows")
-            if cpu:
-                _echo(bar, _CPU_NOTE)
+            if cpu or header["cpu_rows"]:
+                _echo(bar, _CPU_NOTE if cpu else _CPU_ROWS_NOTE)
         for index, (row, build, numel) in enumerate(plan, 1):
             bar.set_postfix_str(f"{row.preset}: {row.name}"[:60])
             if row.status == "ok":
@@ -619,6 +641,8 @@ def run(
 
 _CPU_NOTE = ("CPU run: these timings only keep the harness working; they are not "
              "performance results.")
+_CPU_ROWS_NOTE = ("CPU rows: the CPU backend beside torch's CPU AdamW on this machine's "
+                  "cores; they say nothing about GPU speed.")
 
 
 def _append_line(sink, record: dict) -> None:
@@ -732,6 +756,7 @@ def load(path: str | os.PathLike) -> dict:
         "warmup": first["warmup"],
         "cpu_timings_are_not_performance_results": any(
             r["cpu_timings_are_not_performance_results"] for r in runs),
+        "cpu_rows": any(r.get("cpu_rows", False) for r in runs),
         "runs": runs,
         "cut_off_line": cut_off,
         "rows": rows,
@@ -791,7 +816,8 @@ def render_markdown(result: dict | str | os.PathLike) -> str:
               f"memory {gpu.get('clocks.mem')} of {gpu.get('clocks.max.mem')} MHz, power limit "
               f"{gpu.get('power.limit')} W, {gpu.get('temperature.gpu')} °C." if gpu else "")
     lines = [
-        f"# rlvr_optim step benchmark — {env['device']}{' (CPU timings)' if cpu else ''}",
+        f"# rlvr_optim step benchmark — {env['device']}"
+        f"{' (CPU timings)' if result.get('cpu_rows') or cpu else ''}",
         "",
         f"{env['date']}, commit {env.get('commit')}, torch {env['torch']}, triton "
         f"{env.get('triton')}, CUDA {env.get('cuda')}, driver {env.get('driver')}.{clocks} "
@@ -800,6 +826,8 @@ def render_markdown(result: dict | str | os.PathLike) -> str:
     ]
     if cpu:
         lines += [f"**{_CPU_NOTE}** Speed-ups are not shown for a CPU run.", ""]
+    elif result.get("cpu_rows"):
+        lines += [f"**{_CPU_ROWS_NOTE}**", ""]
     columns = ["row", "variant", "ms (min–max)", "B/elem", "GB/s", "share of copy BW",
                *([] if cpu else ["speed-up"]), "step peak extra", "state B/param", "status"]
     for preset in dict.fromkeys(r["preset"] for r in result["rows"]):
@@ -833,6 +861,8 @@ def render_short(result: dict | str | os.PathLike) -> str:
     lines = [f"{result['environment']['device']}: copy {copies} GB/s"]
     if cpu:
         lines.append(_CPU_NOTE)
+    elif result.get("cpu_rows"):
+        lines.append(_CPU_ROWS_NOTE)
     lines += _runs_summary(result)[1:]  # the cut-off runs, if any
     lines.append(f"{'preset':20} {'row':52} {'ms':>9}    {'copy':>6}"
                  + ("" if cpu else "  speed-up over the anchor replaced"))
@@ -853,6 +883,8 @@ def plot_title(result: dict) -> str:
     title = f"{result['environment']['device']} ({result['environment']['date']})"
     if result.get("cpu_timings_are_not_performance_results"):
         title += "\nCPU timings: they keep the harness working and are not performance results"
+    elif result.get("cpu_rows"):
+        title += "\nCPU rows: the CPU backend beside torch's CPU AdamW, not GPU speed"
     return title
 
 

@@ -189,8 +189,8 @@ class AdamW(torch.optim.AdamW):
             per step), not inside a kernel.
         seed: seed of the stochastic rounding stream (default 0).
         freeze_masks: ``{param: mask}``; see :meth:`set_freeze_mask`.
-        backend: ``"auto"`` (default), ``"reference"``, ``"triton"`` or ``"cuda"``; it
-            steps the float32 and bfloat16 params.
+        backend: ``"auto"`` (default), ``"reference"``, ``"cpu"``, ``"triton"`` or ``"cuda"``;
+            it steps the float32 and bfloat16 params.
 
     DTensor params (FSDP2 ``fully_shard``: ``Shard(0)`` or ``Replicate()`` on a 1-D mesh)
     step on their local shards, with stochastic rounding keyed by each element's global

@@ -8,6 +8,10 @@ from rlvr_optim import backends, reference
 
 def _backend_functions():
     out = [pytest.param(reference.adamw, id="reference")]
+    if backends.unavailable_reason("cpu") is None:
+        from rlvr_optim import cpu_backend
+
+        out.append(pytest.param(cpu_backend.adamw, id="cpu"))
     if backends.unavailable_reason("triton") is None:
         from rlvr_optim.triton_kernels import adamw as triton_adamw
 

@@ -41,7 +41,7 @@ def _step_both(cached, opt, fresh, opt_fresh, seed, skip=()):
     assert_same_snapshot(snapshot(opt_fresh, fresh), snapshot(opt, cached))
 
 
-BACKENDS = ["reference", pytest.param("triton", marks=pytest.mark.skipif(
+BACKENDS = ["reference", "cpu", pytest.param("triton", marks=pytest.mark.skipif(
     torch.cuda.is_available(), reason="CPU tensors: the interpreter path"))]
 
 

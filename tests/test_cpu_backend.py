@@ -1,0 +1,369 @@
+"""The CPU backend (rlvr_optim.cpu_backend, the extension rlvr_optim._cpu): bit for bit the
+reference in every mode, dtype and odd size, with every instruction set built here;
+``auto`` picks it for CPU tensors, and falls back to the reference, saying so once, when
+the extension cannot be built."""
+
+import inspect
+import warnings
+
+import pytest
+import torch
+
+from rlvr_optim import AdamW, backends, cpu_backend
+from rlvr_optim import reference as R
+
+SIZES = [1, 7, 8, 33, 4099, 3 * (1 << 15) + 13]  # the last spans four OpenMP work items
+SEEDS = [0, 1]
+STEPS = 3
+BETAS = (0.9, 0.999)
+EPS = 1e-8
+
+# (param dtype, master form, rounding): every combination the reference accepts.
+FORMS = [
+    (torch.float32, None, "nearest"),
+    (torch.float32, None, "stochastic"),
+    (torch.bfloat16, None, "nearest"),
+    (torch.bfloat16, None, "stochastic"),
+    (torch.bfloat16, "fp32", "nearest"),
+    (torch.bfloat16, "fp32", "stochastic"),
+    (torch.bfloat16, "remainder", "nearest"),
+]
+FORM_IDS = ["fp32", "fp32-sr", "bf16", "bf16-sr", "master", "master-sr", "remainder"]
+
+FEATURES = {
+    "plain": {},
+    "amsgrad-freeze-nonfinite-scale": dict(amsgrad=True, freeze=True, nonfinite=True,
+                                           grad_scale=3.0),
+    "maximize-skip-offset-othergrad": dict(
+        maximize=True, freeze=True, nonfinite=True, found_inf=(0.0, 1.0, 0.0),
+        element_offset=2**32 - 603,  # not a multiple of 8; crosses the low Philox word
+        other_grad_dtype=True,
+    ),
+    "untracked-amsgrad": dict(amsgrad=True, track=False, nonfinite=True),
+}
+
+
+@pytest.fixture(scope="module")
+def ext():
+    reason = cpu_backend.unavailable_reason()
+    if reason is not None:
+        pytest.skip(reason)
+    return cpu_backend.load_extension()
+
+
+@pytest.fixture(params=["avx2", "generic"])
+def isa(request, ext, monkeypatch):
+    """Runs the backend with one instruction set's build (the best one is the default)."""
+    if request.param not in ext.ISAS:
+        pytest.skip(f"{request.param} is not built or not supported by this CPU")
+    step = ext.step
+
+    class Pinned:
+        ISAS = (request.param,)
+
+        def __getattr__(self, name):
+            return getattr(ext, name)
+
+        @staticmethod
+        def step(_isa, *args):
+            return step(request.param, *args)
+
+    monkeypatch.setattr(cpu_backend, "_extension", Pinned())
+    return request.param
+
+
+def _bits(t):
+    if t.dtype == torch.bfloat16:
+        return t.view(torch.int16)
+    if t.dtype == torch.float32:
+        return t.view(torch.int32)
+    return t
+
+
+def _assert_same_bits(name, expected, got):
+    assert got.dtype == expected.dtype and got.shape == expected.shape, name
+    e, g = _bits(expected).reshape(-1), _bits(got).reshape(-1)
+    if not torch.equal(e, g):
+        bad = (e != g).nonzero().reshape(-1)
+        show = [(i, int(e[i]), int(g[i])) for i in bad[:4].tolist()]
+        raise AssertionError(f"{name}: {bad.numel()} of {e.numel()} differ; "
+                             f"(index, reference, got): {show}")
+
+
+def _values(gen, numel, dtype, scale=1.0, nonneg=False):
+    x = torch.randn(numel, generator=gen) * scale
+    if nonneg:
+        x = x.abs()
+    x[torch.rand(numel, generator=gen) < 0.05] = 0.0
+    return x.to(dtype)
+
+
+def _bytes(gen, count):
+    return torch.randint(0, 256, (count,), generator=gen, dtype=torch.uint8)
+
+
+def _make_state(gen, numel, param_dtype, state_dtype, master, *, amsgrad, freeze, track):
+    nbytes = (numel + 7) // 8
+    s = {
+        "param": _values(gen, numel, param_dtype),
+        "exp_avg": _values(gen, numel, state_dtype, 0.05),
+        "exp_avg_sq": _values(gen, numel, state_dtype, 1e-3, nonneg=True),
+    }
+    if track:
+        s["change_bitmap"] = torch.zeros(nbytes, dtype=torch.uint8)
+        s["cumulative_bitmap"] = _bytes(gen, nbytes)  # padding bits too
+        s["counters"] = torch.zeros(3, dtype=torch.int64)
+    if amsgrad:
+        extra = _values(gen, numel, torch.float32, 1e-5, nonneg=True)
+        s["max_exp_avg_sq"] = (s["exp_avg_sq"].float() + extra).to(state_dtype)
+    if master is not None:
+        p = s["param"].float()
+        w = p + torch.randn(numel, generator=gen) * p.abs() * 2.0**-8
+        if master == "fp32":
+            s["master"] = w
+        else:
+            hi, remainder = R.split_remainder(R.fp32_bits(w))
+            s["param"] = R.bf16_from_bits(hi)
+            s["remainder"] = remainder.to(torch.int16)
+    if freeze:
+        s["freeze_mask"] = _bytes(gen, nbytes)
+    return s
+
+
+def _poison(state, gen):
+    """Garbage in the outputs the step only writes."""
+    if "change_bitmap" in state:
+        state["change_bitmap"].copy_(_bytes(gen, state["change_bitmap"].numel()))
+    if "counters" in state:
+        state["counters"].copy_(torch.randint(-(2**40), 2**40, (3,), generator=gen))
+
+
+def _grad(gen, numel, dtype, scale=1.0, nonfinite=False):
+    g = torch.randn(numel, generator=gen) * 0.1 * scale
+    g[torch.rand(numel, generator=gen) < 0.03] = 0.0
+    if nonfinite:
+        u = torch.rand(numel, generator=gen)
+        g[u < 0.02] = float("nan")
+        g[(u >= 0.02) & (u < 0.03)] = -float("nan")
+        g[(u >= 0.03) & (u < 0.04)] = float("inf")
+        g[(u >= 0.04) & (u < 0.05)] = -float("inf")
+    return g.to(dtype)
+
+
+def _call(adamw, states, grads, **kwargs):
+    def listed(key):
+        values = [s.get(key) for s in states]
+        return None if all(v is None for v in values) else values
+
+    adamw(
+        [s["param"] for s in states], grads,
+        [s["exp_avg"] for s in states], [s["exp_avg_sq"] for s in states],
+        max_exp_avg_sqs=listed("max_exp_avg_sq") if kwargs.get("amsgrad") else None,
+        masters=listed("master"), remainders=listed("remainder"),
+        freeze_masks=[s.get("freeze_mask") for s in states],
+        change_bitmaps=listed("change_bitmap"), cumulative_bitmaps=listed("cumulative_bitmap"),
+        counters=listed("counters"), **kwargs,
+    )
+
+
+def _compare(ref, got, label):
+    for key in ref:
+        _assert_same_bits(f"{label}: {key}", ref[key], got[key])
+
+
+@pytest.mark.parametrize("numel", SIZES)
+@pytest.mark.parametrize("features", list(FEATURES))
+@pytest.mark.parametrize("state_dtype", [torch.float32, torch.bfloat16], ids=["m-fp32", "m-bf16"])
+@pytest.mark.parametrize("form", FORMS, ids=FORM_IDS)
+def test_matches_reference_bit_for_bit(isa, form, state_dtype, features, numel):
+    param_dtype, master, rounding = form
+    f = FEATURES[features]
+    track = f.get("track", True)
+    grad_dtype = param_dtype
+    if f.get("other_grad_dtype"):
+        grad_dtype = torch.float32 if param_dtype == torch.bfloat16 else torch.bfloat16
+    changed_total = 0
+    for seed in SEEDS:
+        gen = torch.Generator().manual_seed(seed * 7919 + numel)
+        lr, weight_decay = [(1e-2, 0.1), (2e-3, 0.01)][seed % 2]
+        ref = _make_state(gen, numel, param_dtype, state_dtype, master,
+                          amsgrad=f.get("amsgrad", False), freeze=f.get("freeze", False),
+                          track=track)
+        got = {k: v.clone() for k, v in ref.items()}
+        scale = f.get("grad_scale")
+        for step in range(1, STEPS + 1):
+            grad = _grad(gen, numel, grad_dtype, scale or 1.0, f.get("nonfinite", False))
+            steps = torch.tensor([step])
+            found_inf = f.get("found_inf")
+            kwargs = dict(
+                scalars=R.step_scalars(steps, lr, *BETAS, weight_decay, EPS),
+                rounding=rounding, amsgrad=f.get("amsgrad", False),
+                sr_keys=(R.stochastic_rounding_keys(1000 + seed, steps, torch.tensor([17]))
+                         if rounding == "stochastic" else None),
+                element_offsets=[f["element_offset"]] if "element_offset" in f else None,
+                maximize=f.get("maximize", False),
+                grad_scale=torch.tensor(scale) if scale else None,
+                found_inf=torch.tensor(found_inf[step - 1]) if found_inf else None,
+            )
+            _poison(ref, gen)
+            _poison(got, gen)
+            _call(R.adamw, [ref], [grad.clone()], **kwargs)
+            _call(cpu_backend.adamw, [got], [grad.clone()], **kwargs)
+            _compare(ref, got, f"{isa} seed {seed} step {step}")
+            if track:
+                changed_total += int(ref["counters"][0])
+    if numel >= 33 and track:
+        assert changed_total > 0  # the comparison saw bf16 changes
+
+
+def test_many_tensors_of_mixed_layouts_in_one_call(isa):
+    """One call over tensors of every dtype layout, missing entries, views the loop cannot
+    take (stepped by the reference) and grads of other dtypes; several steps."""
+    gen = torch.Generator().manual_seed(5)
+    specs = [  # (numel, param, state, grad, master)
+        (4099, torch.bfloat16, torch.bfloat16, torch.bfloat16, "fp32"),
+        (33, torch.bfloat16, torch.float32, torch.float32, None),
+        (1, torch.float32, torch.float32, torch.bfloat16, None),
+        (70000, torch.float32, torch.bfloat16, torch.float32, None),
+        (8, torch.bfloat16, torch.float32, torch.float16, "fp32"),
+        (515, torch.bfloat16, torch.bfloat16, torch.float64, None),
+    ]
+    ref = []
+    for numel, param, state, _, master in specs:
+        ref.append(_make_state(gen, numel, param, state, master, amsgrad=True, freeze=True,
+                               track=True))
+    ref[1]["max_exp_avg_sq"] = None  # amsgrad with a missing entry: plain Adam for it
+    ref[2].pop("freeze_mask")
+    # A param that is a transposed (not contiguous) view goes through the reference.
+    ref[5]["param"] = ref[5]["param"][:510].reshape(30, 17).t()
+    for key in ("exp_avg", "exp_avg_sq", "max_exp_avg_sq"):
+        ref[5][key] = ref[5][key][:510].reshape(17, 30)
+    ref[5]["change_bitmap"] = ref[5]["change_bitmap"][:64]
+    ref[5]["cumulative_bitmap"] = ref[5]["cumulative_bitmap"][:64]
+    ref[5]["freeze_mask"] = ref[5]["freeze_mask"][:64]
+    got = [{k: (v.clone() if v is not None and not k == "param" else v) for k, v in s.items()}
+           for s in ref]
+    for s_ref, s_got in zip(ref, got):
+        s_got["param"] = s_ref["param"].clone() if s_ref["param"].is_contiguous() else \
+            s_ref["param"].t().clone().t()
+    n = len(specs)
+    offsets = [0, 5, 2**33 + 3, 11, 1, 0]
+    for step in range(1, STEPS + 1):
+        steps = torch.full((n,), step)
+        grads = [_grad(gen, s["param"].numel(), g, nonfinite=True).reshape(s["param"].shape)
+                 for s, (_, _, _, g, _) in zip(ref, specs)]
+        kwargs = dict(scalars=R.step_scalars(steps, 1e-2, *BETAS, 0.1, EPS), amsgrad=True,
+                      rounding="stochastic",
+                      sr_keys=R.stochastic_rounding_keys(3, steps, torch.arange(n)),
+                      element_offsets=offsets)
+        for states in (ref, got):
+            for s in states:
+                _poison(s, gen)
+        _call(R.adamw, ref, [g.clone() for g in grads], **kwargs)
+        _call(cpu_backend.adamw, got, [g.clone() for g in grads], **kwargs)
+        for i, (s_ref, s_got) in enumerate(zip(ref, got)):
+            _compare({k: v for k, v in s_ref.items() if v is not None}, s_got,
+                     f"{isa} step {step} tensor {i}")
+
+
+def test_negative_control_wrong_element_offset_is_caught(ext):
+    """The comparison can fail: another element offset draws other random bits."""
+    numel = 2000
+    gen = torch.Generator().manual_seed(1)
+    ref = _make_state(gen, numel, torch.bfloat16, torch.float32, "fp32", amsgrad=False,
+                      freeze=False, track=True)
+    got = {k: v.clone() for k, v in ref.items()}
+    grad = _grad(gen, numel, torch.bfloat16)
+    steps = torch.tensor([1])
+    kwargs = dict(scalars=R.step_scalars(steps, 1e-2, *BETAS, 0.0, EPS), rounding="stochastic",
+                  sr_keys=R.stochastic_rounding_keys(4, steps, torch.tensor([2])))
+    _call(R.adamw, [ref], [grad.clone()], element_offsets=[0], **kwargs)
+    _call(cpu_backend.adamw, [got], [grad.clone()], element_offsets=[8], **kwargs)
+    with pytest.raises(AssertionError, match="param"):
+        _compare(ref, got, "offset")
+
+
+def test_signature_is_the_reference_signature():
+    assert inspect.signature(cpu_backend.adamw) == inspect.signature(R.adamw)
+
+
+def test_repeated_calls_check_once_and_follow_new_grads(ext, monkeypatch):
+    """A step with the tensors of the last call reuses its checks and table; new grad
+    objects (other addresses, other dtype) are read, never a stale address."""
+    gen = torch.Generator().manual_seed(2)
+    ref = _make_state(gen, 100, torch.bfloat16, torch.float32, None, amsgrad=False,
+                      freeze=False, track=True)
+    got = {k: v.clone() for k, v in ref.items()}
+    built = []
+    monkeypatch.setattr(cpu_backend._Checked, "of",
+                        classmethod(lambda cls, *a: built.append(1) or _of(cls, *a)))
+    for step, dtype in ((1, torch.bfloat16), (2, torch.bfloat16), (3, torch.float32)):
+        grad = _grad(gen, 100, dtype)
+        steps = torch.tensor([step])
+        kwargs = dict(scalars=R.step_scalars(steps, 1e-2, *BETAS, 0.0, EPS))
+        _call(R.adamw, [ref], [grad.clone()], **kwargs)
+        _call(cpu_backend.adamw, [got], [grad.clone()], **kwargs)
+        _compare(ref, got, f"step {step}")
+    assert len(built) == 2  # the first call, and the grad dtype change
+
+
+_of = cpu_backend._Checked.of.__func__
+
+
+@pytest.mark.parametrize("overrides, error, match", [
+    (dict(params=[torch.zeros(8, dtype=torch.float16)]), TypeError, r"params\[0\].*float16"),
+    (dict(exp_avgs=[torch.zeros(9)]), ValueError, r"exp_avgs\[0\] has 9 elements"),
+    (dict(counters=[torch.zeros(3, dtype=torch.int32)]), TypeError, r"counters\[0\]"),
+    (dict(grads=[torch.zeros(8, dtype=torch.int64)]), TypeError, r"grads\[0\].*floating"),
+    (dict(element_offsets=[-1]), ValueError, r"element_offsets\[0\].*-1"),
+])
+def test_bad_inputs_name_the_tensor_and_touch_nothing(ext, overrides, error, match):
+    args = dict(params=[torch.randn(8)], grads=[torch.randn(8)], exp_avgs=[torch.zeros(8)],
+                exp_avg_sqs=[torch.zeros(8)],
+                scalars=R.step_scalars(torch.tensor([1]), 1e-3, *BETAS, 0.0, EPS))
+    args.update(overrides)
+    before = [t.clone() for t in args["params"]]
+    with pytest.raises(error, match=match):
+        cpu_backend.adamw(args.pop("params"), args.pop("grads"), args.pop("exp_avgs"),
+                          args.pop("exp_avg_sqs"), **args)
+    assert all(torch.equal(a, b) for a, b in zip(before, overrides.get("params", before)))
+
+
+def test_auto_picks_the_cpu_backend_for_cpu_tensors(ext):
+    assert "cpu" in backends.BACKENDS
+    assert backends.select("auto", torch.device("cpu")) is cpu_backend
+    assert backends.select("cpu", torch.device("cpu")) is cpu_backend
+    p = torch.nn.Parameter(torch.randn(40).bfloat16())
+    p.grad = torch.randn(40).bfloat16()
+    opt = AdamW([p], lr=1e-2)
+    calls = []
+    original = cpu_backend.adamw
+
+    def recording(*args, **kwargs):
+        calls.append(1)
+        return original(*args, **kwargs)
+
+    cpu_backend.adamw = recording
+    try:
+        opt.step()
+    finally:
+        cpu_backend.adamw = original
+    assert calls == [1]
+
+
+def test_auto_falls_back_to_the_reference_with_one_warning(monkeypatch):
+    """No prebuilt module and no compiler: ``auto`` warns once and runs the reference;
+    ``cpu`` itself says why it is unavailable."""
+    monkeypatch.setattr(cpu_backend, "_extension", None)
+    monkeypatch.setattr(cpu_backend, "_failure", None)
+    monkeypatch.setattr(cpu_backend, "_warned", False)
+    monkeypatch.setattr(cpu_backend, "_prebuilt", lambda: None)
+    monkeypatch.setattr(cpu_backend._cpu_build, "compiler", lambda: None)
+    with pytest.warns(RuntimeWarning, match="runs the reference"):
+        assert backends.select("auto", torch.device("cpu")) is R
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert backends.select("auto", torch.device("cpu")) is R  # said once only
+    assert "no C++ compiler" in backends.unavailable_reason("cpu")
+    with pytest.raises(RuntimeError, match="backend 'cpu' is not available.*C\\+\\+ compiler"):
+        backends.check_backend("cpu")
