@@ -37,8 +37,10 @@ def _final_tensors(backend: str, mode: str, device: torch.device) -> dict[str, T
     from .optimizer import AdamW  # noqa: PLC0415 - keep importing this module light
 
     options, freeze = OUR_MODES[mode]
+    options = dict(options)
+    dtype = options.pop("param_dtype", torch.bfloat16)  # the benchmark's, not an AdamW option
     gen = torch.Generator(device=device).manual_seed(0)
-    params = [(torch.randn(s, generator=gen, device=device) * 0.02).bfloat16().requires_grad_()
+    params = [(torch.randn(s, generator=gen, device=device) * 0.02).to(dtype).requires_grad_()
               for s in SHAPES]
     # lr 1e-3 moves weights of magnitude 0.02 by about half a bf16 ULP: some bits change,
     # some do not, so the change bitmaps are tested with both values.
@@ -48,7 +50,7 @@ def _final_tensors(backend: str, mode: str, device: torch.device) -> dict[str, T
             opt.set_freeze_mask(p, torch.arange(p.numel(), device=device).reshape(p.shape) % 3 != i)
     for _ in range(STEPS):
         for p in params:
-            p.grad = (torch.randn(p.shape, generator=gen, device=device) * 1e-3).bfloat16()
+            p.grad = (torch.randn(p.shape, generator=gen, device=device) * 1e-3).to(dtype)
         opt.step()
     tensors = {}
     for i, p in enumerate(params):

@@ -174,13 +174,14 @@ def test_jsonl_run_stopped_after_its_first_rows_keeps_them_complete_and_renderab
     # fields, timings included; the rows that say why a backend was not timed are rows too.
     assert [r["name"] for r in rows] == ["torch fused", "torch foreach",
                                          "rlvr_optim cuda (all modes)",
-                                         "rlvr_optim triton (all modes)"]
+                                         "rlvr_optim triton (all modes)",
+                                         "rlvr_optim cpu (all modes)"]
     assert [r["name"] for r in rows if r["ms"]] == measured == ["torch fused", "torch foreach"]
     assert all(set(r) == set(vars(bench.Row("", "", ""))) for r in rows)
     loaded = bench.load(path)
     assert loaded["runs"][0]["rows_found"] == len(rows) < header["planned_rows"]
     short = bench.render_short(path)
-    assert "Cut off: run 1 stopped after 4 of" in short
+    assert "Cut off: run 1 stopped after 5 of" in short
     assert [line[21:73].strip() for line in short.splitlines()  # the name column
             if line.startswith("cpu-tiny")] == ["torch fused", "torch foreach"]
     written = bench.render(path)
@@ -292,7 +293,7 @@ def test_jsonl_without_out_writes_only_the_jsonl(tmp_path, capsys, monkeypatch):
                  "none", "--anchor", "torch fused", "--no-graph", "--no-progress",
                  "--jsonl", "rows.jsonl"]) == 0
     assert sorted(p.name for p in tmp_path.iterdir()) == ["rows.jsonl"]
-    assert "appended 4 rows to rows.jsonl" in capsys.readouterr().out
+    assert "appended 5 rows to rows.jsonl" in capsys.readouterr().out
     assert [r["name"] for r in bench.load("rows.jsonl")["rows"]][0] == "torch fused"
 
 
