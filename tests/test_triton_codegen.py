@@ -79,3 +79,51 @@ def test_codegen_refuses_the_interpreter(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     with pytest.raises(RuntimeError, match="without TRITON_INTERPRET"):
         codegen.compile_table_kernel(codegen.MODES["bf16"], 1024, 8)
+
+
+# ---------------------------------------------------------------------------------------
+# The static budget (codegen.static_rows): how the SASS is read.
+# ---------------------------------------------------------------------------------------
+
+
+def _sass(*texts):
+    return [(16 * i, text) for i, text in enumerate(texts)]
+
+
+def test_steady_state_loop_is_the_largest_innermost_loop():
+    sass = _sass(
+        "S2R R0, SR_TID.X",                # 0x00
+        "LDG.E.64 R2, desc[UR4][R4.64]",   # 0x10: outer loop head (a work item)
+        "IADD3 R6, R6, 0x1, RZ",           # 0x20: inner loop head (a full chunk)
+        "LDG.E.128 R8, desc[UR4][R4.64]",  # 0x30
+        "FADD R8, R8, R9",                 # 0x40
+        "STG.E.128 desc[UR4][R4.64], R8",  # 0x50
+        "@P0 BRA 0x20",                    # 0x60: back to the inner head
+        "STG.E.U8 desc[UR4][R4.64], R8",   # 0x70: the tail
+        "@P1 BRA 0x10",                    # 0x80: back to the outer head
+        "EXIT",                            # 0x90
+        "BRA 0xa0",                        # 0xa0: the end-of-kernel self loop
+    )
+    assert codegen.steady_state_loop(sass) == [text for _, text in sass[2:7]]
+
+
+def test_steady_state_loop_refuses_a_kernel_without_a_loop():
+    """Negative control: forward branches and the end-of-kernel self loop are no loop."""
+    sass = _sass("ISETP.GE.AND P0, PT, R0, 0x4, PT", "@P0 BRA 0x30", "FADD R1, R1, R2",
+                 "EXIT", "BRA 0x40")
+    with pytest.raises(ValueError, match="no loop"):
+        codegen.steady_state_loop(sass)
+
+
+@pytest.mark.parametrize("text, width", [
+    ("LDG.E.128 R8, desc[UR4][R2.64]", 16),
+    ("@!P0 STG.E.64 desc[UR4][R2.64+0x8], R6", 8),
+    ("LDG.E R3, desc[UR4][R8.64]", 4),
+    ("LDG.E.EF.64 R4, desc[UR4][R2.64]", 8),
+    ("STG.E.U16 desc[UR4][R10.64], R41", 2),
+    ("@P6 STG.E.U8 desc[UR4][R6.64], R5", 1),
+    ("REDG.E.ADD.64.STRONG.GPU desc[UR4][R10.64], R2", None),
+    ("LDS.U8 R3, [R2]", None),
+])
+def test_access_bytes(text, width):
+    assert codegen.access_bytes(text) == width
