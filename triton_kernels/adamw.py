@@ -129,17 +129,40 @@ def _join_remainder(hi, remainder):
 
 
 @triton.jit
-def _random16(sr_key_ptr, index):
-    """The 16 random bits of elements ``index`` (int64, global): Philox4x32-10 keyed by
-    (key_lo, key_hi), countered by (index_lo, index_hi, 0, 0), first word, low half."""
+def _random16(sr_key_ptr, index_base, offs, row_offs, SR_ROW_CALLS: tl.constexpr):
+    """The 16 random bits of the elements at global indices ``index_base`` (int64) +
+    ``offs`` ([2, BLOCK // 8, 4], :func:`_chunk_offsets`): element i takes the 16-bit half
+    i & 7 of Philox4x32-10 keyed by (key_lo, key_hi), countered by (c_lo, c_hi, 0, 0) for
+    c = i >> 3 (word (i & 7) >> 1, low half when i is even; reference.py).
+
+    ``SR_ROW_CALLS``: ``index_base`` is a multiple of 8, so row r (``row_offs``) is exactly
+    the call for counter ``index_base // 8 + r`` and each element's half is fixed by its
+    position: one call per 8 elements, the selects resolved at compile time. Otherwise
+    (a shard starting inside a group of 8) each element makes its own call and picks its
+    half at run time.
+    """
     key_lo = tl.load(sr_key_ptr).to(tl.uint64, bitcast=True)
     key_hi = tl.load(sr_key_ptr + 1).to(tl.uint64, bitcast=True)
     seed = key_lo | (key_hi << 32)  # tl.philox splits it back into (lo, hi) key words
-    index_lo = index.to(tl.uint32)
-    index_hi = (index >> 32).to(tl.uint32)
-    zero = index_lo * 0
-    x0, _, _, _ = tl.philox(seed, index_lo, index_hi, zero, zero)
-    return x0 & 0xFFFF
+    if SR_ROW_CALLS:
+        counter = (index_base >> 3) + row_offs
+        position = _bit_positions()  # i & 7 of each element of a row
+    else:
+        index = index_base + offs
+        counter = index >> 3
+        position = (index & 7).to(tl.int32)
+    counter_lo = counter.to(tl.uint32)
+    counter_hi = (counter >> 32).to(tl.uint32)
+    zero = counter_lo * 0
+    x0, x1, x2, x3 = tl.philox(seed, counter_lo, counter_hi, zero, zero)
+    if SR_ROW_CALLS:
+        x0 = x0[None, :, None]
+        x1 = x1[None, :, None]
+        x2 = x2[None, :, None]
+        x3 = x3[None, :, None]
+    word = tl.where(position < 4, tl.where(position < 2, x0, x1),
+                    tl.where(position < 6, x2, x3))
+    return (word >> (16 * (position & 1)).to(tl.uint32)) & 0xFFFF
 
 
 # ---------------------------------------------------------------------------------------
@@ -161,8 +184,8 @@ def _store_bf16_bits(ptr, offs, bits, mask):
 @triton.jit
 def _keep(update, new, old):
     """``new`` where the element is updated, else ``old`` (its loaded bits, unchanged).
-    Without a freeze mask or found_inf, ``update`` on a full block is a constant true mask
-    and the select folds away (the PTX has no more selects than before it)."""
+    Without a freeze mask or found_inf, ``update`` on a full chunk is a constant true mask
+    and the select folds away."""
     return tl.where(update, new, old)
 
 
@@ -305,7 +328,8 @@ def _adamw_chunk(
     AMSGRAD: tl.constexpr, MAXIMIZE: tl.constexpr,
     HAS_FREEZE_MASK: tl.constexpr, HAS_CHANGE_BITMAP: tl.constexpr,
     HAS_CUMULATIVE_BITMAP: tl.constexpr, HAS_COUNTERS: tl.constexpr,
-    HAS_GRAD_SCALE: tl.constexpr, HAS_FOUND_INF: tl.constexpr, HW_BF16: tl.constexpr,
+    HAS_GRAD_SCALE: tl.constexpr, HAS_FOUND_INF: tl.constexpr, SR_ROW_CALLS: tl.constexpr,
+    HW_BF16: tl.constexpr,
 ):
     """One chunk of a work item: the elements at int32 ``offs`` ([2, BLOCK // 8, 4], see
     :func:`_chunk_offsets`) and the bitmap bytes at ``row_offs`` ([BLOCK // 8]) from the
@@ -379,7 +403,7 @@ def _adamw_chunk(
     elif HAS_REMAINDER:
         new_param_bits, remainder_new = _split_remainder(w_bits)
     elif STOCHASTIC:
-        random16 = _random16(sr_key_ptr, index_base + offs)
+        random16 = _random16(sr_key_ptr, index_base, offs, row_offs, SR_ROW_CALLS)
         new_param_bits = _round_stochastic_bf16(w_bits, random16)
     else:
         new_param_bits = _round_computed_bf16(w, HW_BF16)
@@ -458,7 +482,8 @@ def adamw_table_kernel(
     AMSGRAD: tl.constexpr, MAXIMIZE: tl.constexpr,
     HAS_FREEZE_MASK: tl.constexpr, HAS_CHANGE_BITMAP: tl.constexpr,
     HAS_CUMULATIVE_BITMAP: tl.constexpr, HAS_COUNTERS: tl.constexpr,
-    HAS_GRAD_SCALE: tl.constexpr, HAS_FOUND_INF: tl.constexpr, HW_BF16: tl.constexpr,
+    HAS_GRAD_SCALE: tl.constexpr, HAS_FOUND_INF: tl.constexpr, SR_ROW_CALLS: tl.constexpr,
+    HW_BF16: tl.constexpr,
 ):
     """A group of tensors of one layout, stepped by persistent programs: program p takes
     work items p, p + programs, ... of the int32 work table [n_items, 2]. Item (t, k) is
@@ -469,7 +494,8 @@ def adamw_table_kernel(
     it; counts add up in registers over the item and reach the counters in one atomic each.
     ``scalars_ptr`` [calls, 8] and ``sr_keys_ptr`` [calls, 2] are the call's whole tensors,
     so the cached tables do not depend on the per-step scalars. ``ALIGNED``: every pointer
-    of the group is a multiple of 16 bytes. ``HW_BF16``: compiled for a GPU, where computed
+    of the group is a multiple of 16 bytes. ``SR_ROW_CALLS``: every tensor's element offset
+is a multiple of 8 (one Philox call per row, :func:`_random16`). ``HW_BF16``: compiled for a GPU, where computed
     values round to bf16 by the hardware conversion (:func:`_round_computed_bf16`). Offsets inside an item are int32 over the
     item's int64 base, so ITEM < 2**31."""
     offs = _chunk_offsets(BLOCK)
@@ -535,7 +561,7 @@ def adamw_table_kernel(
                 PARAM_BF16, GRAD_BF16, EXP_AVG_BF16, EXP_AVG_SQ_BF16, MAX_EXP_AVG_SQ_BF16,
                 HAS_MASTER, HAS_REMAINDER, STOCHASTIC, AMSGRAD, MAXIMIZE,
                 HAS_FREEZE_MASK, HAS_CHANGE_BITMAP, HAS_CUMULATIVE_BITMAP, HAS_COUNTERS,
-                HAS_GRAD_SCALE, HAS_FOUND_INF, HW_BF16,
+                HAS_GRAD_SCALE, HAS_FOUND_INF, SR_ROW_CALLS, HW_BF16,
             )
             n_changed += counts[0]
             n_moved += counts[1]
@@ -551,7 +577,7 @@ def adamw_table_kernel(
                 PARAM_BF16, GRAD_BF16, EXP_AVG_BF16, EXP_AVG_SQ_BF16, MAX_EXP_AVG_SQ_BF16,
                 HAS_MASTER, HAS_REMAINDER, STOCHASTIC, AMSGRAD, MAXIMIZE,
                 HAS_FREEZE_MASK, HAS_CHANGE_BITMAP, HAS_CUMULATIVE_BITMAP, HAS_COUNTERS,
-                HAS_GRAD_SCALE, HAS_FOUND_INF, HW_BF16,
+                HAS_GRAD_SCALE, HAS_FOUND_INF, SR_ROW_CALLS, HW_BF16,
             )
             n_changed += counts[0]
             n_moved += counts[1]
@@ -636,9 +662,11 @@ def _is_bf16(t: Tensor | None) -> bool:
     return t is not None and t.dtype == torch.bfloat16
 
 
-def _layout(ops: _Operands, rounding: str) -> dict[str, bool]:
-    """The per-tensor compile-time flags but the grad's (:func:`_grad_flags`): dtypes and
-    which optional tensors are present."""
+def _layout(ops: _Operands, rounding: str, offset: int) -> dict[str, bool]:
+    """The per-tensor compile-time flags but the grad's (:func:`_grad_flags`): dtypes,
+    which optional tensors are present, and whether stochastic rounding can draw one Philox
+    call per row (always true without it, so such tensors are not split off)."""
+    stochastic = rounding == "stochastic" and _is_bf16(ops.param)
     return dict(
         PARAM_BF16=_is_bf16(ops.param),
         EXP_AVG_BF16=_is_bf16(ops.exp_avg),
@@ -646,7 +674,8 @@ def _layout(ops: _Operands, rounding: str) -> dict[str, bool]:
         MAX_EXP_AVG_SQ_BF16=_is_bf16(ops.max_exp_avg_sq),
         HAS_MASTER=ops.master is not None,
         HAS_REMAINDER=ops.remainder is not None,
-        STOCHASTIC=rounding == "stochastic" and _is_bf16(ops.param),
+        STOCHASTIC=stochastic,
+        SR_ROW_CALLS=not stochastic or offset % 8 == 0,
         HAS_FREEZE_MASK=ops.freeze_mask is not None,
         HAS_CHANGE_BITMAP=ops.change_bitmap is not None,
         HAS_CUMULATIVE_BITMAP=ops.cumulative_bitmap is not None,
@@ -845,7 +874,7 @@ def adamw(
             found_inf=_found_inf_operand(found_inf, device) if found_inf is not None else None,
         )
 
-    # The kernels add block sums to the counters with atomics; zero them all in one op.
+    # The kernel adds item sums to the counters with atomics; zero them all in one op.
     zero = [c for c in counters if c is not None] if counters is not None else []
     if zero:
         torch._foreach_zero_(zero)
@@ -946,7 +975,7 @@ class _Checked(CheckedCall):
         self.static_rows = []  # per tensor: its pointer-table row, grad column 0
         self.static_aligned = []  # per tensor: every pointer but the grad's 16-byte aligned
         for i, ops, offset in tensors:
-            self.static_layouts.append(tuple(sorted(_layout(ops, rounding).items())))
+            self.static_layouts.append(tuple(sorted(_layout(ops, rounding, offset).items())))
             others = [t for k, t in enumerate(ops) if k != 1 and t is not None]
             self.static_aligned.append(all(t.data_ptr() % 16 == 0 for t in others))
             self.static_rows.append(tuple(t.data_ptr() if t is not None and k != 1 else 0

@@ -31,13 +31,14 @@ _FLAGS = (
     "ALIGNED", "PARAM_BF16", "GRAD_BF16", "GRAD_FP16", "EXP_AVG_BF16", "EXP_AVG_SQ_BF16",
     "MAX_EXP_AVG_SQ_BF16", "HAS_MASTER", "HAS_REMAINDER", "STOCHASTIC", "AMSGRAD", "MAXIMIZE",
     "HAS_FREEZE_MASK", "HAS_CHANGE_BITMAP", "HAS_CUMULATIVE_BITMAP", "HAS_COUNTERS",
-    "HAS_GRAD_SCALE", "HAS_FOUND_INF",
+    "HAS_GRAD_SCALE", "HAS_FOUND_INF", "SR_ROW_CALLS", "HW_BF16",
 )
 
 
 def compile_table_kernel(flags: dict, block: int | None = None, warps: int | None = None,
                          arch: int = 90, item: int | None = None, stages: int | None = None):
-    """The compiled table kernel for ``flags`` (others off; ``ALIGNED`` on unless given), at
+    """The compiled table kernel for ``flags`` (others off; ``ALIGNED``, ``SR_ROW_CALLS``
+    and ``HW_BF16`` on unless given), at
     the GPU launch defaults of :mod:`.adamw` where ``block``, ``warps``, ``item`` (elements
     per work item) or ``stages`` (pipeline stages of the chunk loop) are None."""
     if os.environ.get("TRITON_INTERPRET") == "1":
@@ -53,11 +54,12 @@ def compile_table_kernel(flags: dict, block: int | None = None, warps: int | Non
         raise ValueError(f"unknown flags {sorted(unknown)}; known: {', '.join(_FLAGS)}")
     constexprs = {name: False for name in _FLAGS}
     constexprs["ALIGNED"] = True
+    constexprs["SR_ROW_CALLS"] = True  # element offsets that are multiples of 8
+    constexprs["HW_BF16"] = True  # compiled for a GPU
     constexprs.update(flags)
     constexprs["BLOCK"] = block or K.DEFAULT_BLOCK_GPU
     constexprs["ITEM"] = item or K.DEFAULT_ITEM_GPU
     constexprs["STAGES"] = stages or K.DEFAULT_STAGES_GPU
-    constexprs["HW_BF16"] = True
     signature = dict(_ARGUMENTS, **{name: "constexpr" for name in constexprs})
     # The launcher marks 16-byte-aligned pointer arguments so; do the same.
     attrs = {(i,): [["tt.divisibility", 16]] for i, kind in enumerate(_ARGUMENTS.values())
@@ -135,8 +137,8 @@ def sass_instructions(cubin: bytes) -> list[tuple[int, str]]:
             if not text.strip().startswith("NOP")]
 
 
-def steady_state_loop(instructions: list[tuple[int, str]]) -> list[str]:
-    """The instructions of the innermost loop with the most instructions: the body a
+def steady_state_loop(instructions: list[tuple[int, str]]) -> list[tuple[int, str]]:
+    """The (address, text) instructions of the innermost loop with the most instructions: the body a
     persistent kernel runs once per full chunk (software pipelining leaves its prologue and
     epilogue outside it). A loop is the address range from a backward branch's target to
     the branch; the branch that ends a kernel (``BRA`` to itself) is not one."""
@@ -149,9 +151,27 @@ def steady_state_loop(instructions: list[tuple[int, str]]) -> list[str]:
                  if not any((a, b) != (c, d) and a <= c and d <= b for c, d in loops)]
     if not innermost:
         raise ValueError("the kernel's SASS has no loop: it has no steady state to count")
-    bodies = [[text for address, text in instructions if a <= address <= b]
+    bodies = [[(address, text) for address, text in instructions if a <= address <= b]
               for a, b in innermost]
     return max(bodies, key=len)
+
+
+def hot_path(body: list[tuple[int, str]]) -> list[tuple[int, str]]:
+    """A loop body (address, text) without its slow-path call stubs: the instructions
+    between a predicated forward branch and its target, where that range calls a
+    subroutine. ``tl.div_rn`` and ``tl.sqrt_rn`` compile to a fast path guarded by ``FCHK``
+    (or a range test) and such a stub, which calls the IEEE slow path for denormal, huge or
+    special operands only; every other element jumps over it. What remains is what a chunk
+    issues on ordinary data (predicated-off instructions included: they still issue)."""
+    cold = set()
+    for address, text in body:
+        target = _BRANCH_TARGET.search(text) if text.startswith("@") else None
+        if target is None or int(target.group(1), 16) <= address:
+            continue
+        stub = [(a, t) for a, t in body if address < a < int(target.group(1), 16)]
+        if any(t.startswith("CALL") for _, t in stub):
+            cold.update(a for a, _ in stub)
+    return [(a, t) for a, t in body if a not in cold]
 
 
 def access_bytes(text: str) -> int | None:
@@ -195,7 +215,7 @@ def kernel_row(flags: dict, arch: int = 90, **shape) -> dict:
     kernel = compile_table_kernel(flags, arch=arch, **shape)
     per_thread = ((shape.get("block") or K.DEFAULT_BLOCK_GPU)
                   // (32 * (shape.get("warps") or K.DEFAULT_NUM_WARPS_GPU)))
-    loop = steady_state_loop(sass_instructions(kernel.asm["cubin"]))
+    loop = [text for _, text in hot_path(steady_state_loop(sass_instructions(kernel.asm["cubin"])))]
     widths = [w for w in map(access_bytes, loop) if w is not None]
     return dict(
         registers=resource_usage(kernel.asm["cubin"])["registers"],
@@ -213,8 +233,9 @@ def static_rows(arch: int = 90, modes=None, tracking=None, **shape) -> list[dict
     defaults (``shape``: other block, warps, item or stages): ``{"backend": "triton", "mode", "tracking", "registers", "spill_bytes",
     "instructions_per_element", "narrowest_access_bytes"}`` (:func:`kernel_row`).
     Instructions per element are the SASS instructions of the steady-state loop
-    (:func:`steady_state_loop`: one full chunk) over the elements one thread steps in it;
-    they count the loop as written, cold branches (the division slow-path calls) included.
+    (:func:`steady_state_loop`: one full chunk) on its :func:`hot_path` (the division and
+    square-root slow-path calls left out, as bench/static_report.py does for CUDA) over the
+    elements one thread steps in it.
     """
     unknown = set(modes or ()) - set(STATIC_MODES) | set(tracking or ()) - set(STATIC_TRACKING)
     if unknown:
