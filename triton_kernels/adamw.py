@@ -495,9 +495,10 @@ def adamw_table_kernel(
     ``scalars_ptr`` [calls, 8] and ``sr_keys_ptr`` [calls, 2] are the call's whole tensors,
     so the cached tables do not depend on the per-step scalars. ``ALIGNED``: every pointer
     of the group is a multiple of 16 bytes. ``SR_ROW_CALLS``: every tensor's element offset
-is a multiple of 8 (one Philox call per row, :func:`_random16`). ``HW_BF16``: compiled for a GPU, where computed
-    values round to bf16 by the hardware conversion (:func:`_round_computed_bf16`). Offsets inside an item are int32 over the
-    item's int64 base, so ITEM < 2**31."""
+    is a multiple of 8 (one Philox call per row, :func:`_random16`). ``HW_BF16``: compiled
+    for a GPU, where computed values round to bf16 by the hardware conversion
+    (:func:`_round_computed_bf16`). Offsets inside an item are int32 over the item's int64
+    base, so ITEM < 2**31."""
     offs = _chunk_offsets(BLOCK)
     rows = tl.arange(0, BLOCK // 8)
     grad_scale = 1.0
@@ -694,7 +695,8 @@ def _work_table(numels: tuple[int, ...], item: int) -> Tensor:
     counts = torch.tensor([triton.cdiv(n, item) for n in numels], dtype=torch.int64)
     tensor = torch.repeat_interleave(torch.arange(len(numels)), counts)
     first = torch.cumsum(counts, 0) - counts
-    return torch.stack([tensor, torch.arange(tensor.numel()) - first[tensor]], dim=1).to(torch.int32)
+    k = torch.arange(tensor.numel()) - first[tensor]
+    return torch.stack([tensor, k], dim=1).to(torch.int32)
 
 
 def _to_device(t: Tensor, device: torch.device) -> Tensor:

@@ -230,8 +230,9 @@ def static_rows(arch: int = 90, modes=None, tracking=None, **shape) -> list[dict
 
     One dict per (mode, tracking) of :data:`STATIC_MODES` x :data:`STATIC_TRACKING`
     (``modes`` / ``tracking``: subsets of their names, default all), at the GPU launch
-    defaults (``shape``: other block, warps, item or stages): ``{"backend": "triton", "mode", "tracking", "registers", "spill_bytes",
-    "instructions_per_element", "narrowest_access_bytes"}`` (:func:`kernel_row`).
+    defaults (``shape``: other block, warps, item or stages): ``{"backend": "triton",
+    "mode", "tracking", "registers", "spill_bytes", "instructions_per_element",
+    "narrowest_access_bytes"}`` (:func:`kernel_row`).
     Instructions per element are the SASS instructions of the steady-state loop
     (:func:`steady_state_loop`: one full chunk) on its :func:`hot_path` (the division and
     square-root slow-path calls left out, as bench/static_report.py does for CUDA) over the
