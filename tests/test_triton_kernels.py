@@ -545,7 +545,8 @@ def test_tables_are_reused_and_rebuilt_when_a_tensor_moves():
     tri = [_clone(s) for s in ref]
     # Gradients kept in place between steps, as with zero_grad(set_to_none=False).
     grads = _mixed_grads(gen, tensors, [None] * n, 4.0)
-    offsets = [5, 2**32 - 100, 2**40, 0]
+    # Multiples of 8: with SR an offset inside a group of 8 would split its tensor off.
+    offsets = [8, 2**32 - 96, 2**40, 0]
     TK.pointer_tables.clear()
     TK.work_tables.clear()
 
@@ -570,7 +571,7 @@ def test_tables_are_reused_and_rebuilt_when_a_tensor_moves():
     assert step(3) == ((3, 3), (2, 4))  # group A's pointers rebuilt; same sizes, same work
     assert torch.equal(_bits(old), _bits(before))
     # Another element offset for tensor 1 (group B): another SR stream, another table.
-    offsets[1] += 3
+    offsets[1] += 8
     assert step(4) == ((4, 4), (2, 6))
     # Fresh gradient tensors (zero_grad(set_to_none=True)): new pointers, same work tables.
     grads = [g.clone() for g in grads]
