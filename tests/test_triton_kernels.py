@@ -1,10 +1,11 @@
-"""The Triton AdamW kernels against the reference, bit for bit, through both launch paths.
+"""The Triton AdamW kernel against the reference, bit for bit, in several launch shapes.
 
 Every mode the reference allows (param dtype x state dtype x master form x rounding, with
 amsgrad, maximize, freeze masks, grad_scale, found_inf, non-finite grads and SR element
-offsets), odd sizes and one crossing a block edge, several seeds, three steps, each step run
-by the reference, by the table launch (one launch per group of tensors of one layout, the
-default) and by the per-tensor launch. Outputs that the kernel only writes (change bitmaps,
+offsets), odd sizes, one crossing a chunk edge and one crossing work items, several seeds,
+three steps, each step run by the reference and by the table launch (one launch of
+persistent programs per group of tensors of one layout) with one work item per tensor or
+with short items walked by fewer programs than items. Outputs that the kernel only writes (change bitmaps,
 counters) are poisoned first, so an unwritten byte fails. Calls with many tensors of mixed
 layouts check the grouping, the pointer-table cache and per-tensor scalar rows. On CPU the
 kernels run in Triton's interpreter (conftest.py sets TRITON_INTERPRET=1); with a GPU the
@@ -29,15 +30,21 @@ pytestmark = [
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 if DEVICE.type == "cuda":  # then these are GPU checks, run by bench/gpu_check.sh (-m gpu)
     pytestmark.append(pytest.mark.gpu)
-BLOCK = 1024  # small, so that 4099 and BLOCK + 13 span several programs cheaply
+BLOCK = 1024  # small, so that 4099 and BLOCK + 13 span several chunks cheaply
 SIZES = [1, 7, 8, 33, 4099, BLOCK + 13]
 SEEDS = [0, 1, 2]
 STEPS = 3
-LAUNCHES = ["table", "per_tensor"]
-# The launch path each seed of the matrix runs: every mode meets both paths, the default
-# one twice. (Running both on every seed would double the file's runtime: the interpreter's
-# cost per program bounds it.)
-SEED_LAUNCH = {0: "table", 1: "per_tensor", 2: "table"}
+# Launch shapes: chunk size, elements per work item, programs. "one-item": each tensor one
+# item (a chunk loop, then a masked tail); "items": items of two chunks (4099 elements are
+# three items, the last with a tail), walked by two persistent programs.
+SHAPES = {
+    "one-item": dict(block_size=BLOCK, item_size=8 * BLOCK),
+    "items": dict(block_size=BLOCK, item_size=2 * BLOCK, num_programs=2),
+}
+# The launch shape each seed of the matrix runs: every mode meets both, the default one
+# twice. (Running both on every seed would double the file's runtime: the interpreter's
+# cost per chunk bounds it.)
+SEED_SHAPE = {0: "one-item", 1: "items", 2: "one-item"}
 BETAS = (0.9, 0.999)
 EPS = 1e-8
 
@@ -219,12 +226,10 @@ class _LaunchCounter:
 
 @pytest.fixture
 def launches(monkeypatch):
-    """Launch counts of the two kernels, by launch path."""
-    counters = {"table": _LaunchCounter(TK.adamw_table_kernel),
-                "per_tensor": _LaunchCounter(TK.adamw_kernel)}
-    monkeypatch.setattr(TK, "adamw_table_kernel", counters["table"])
-    monkeypatch.setattr(TK, "adamw_kernel", counters["per_tensor"])
-    return counters
+    """Launch count of the table kernel."""
+    counter = _LaunchCounter(TK.adamw_table_kernel)
+    monkeypatch.setattr(TK, "adamw_table_kernel", counter)
+    return counter
 
 
 # ---------------------------------------------------------------------------------------
@@ -244,7 +249,7 @@ def test_matches_reference_bit_for_bit(form, state_dtype, features):
     n = len(SIZES)
     changed = [0] * n
     for seed in SEEDS:
-        launch = SEED_LAUNCH[seed]
+        shape = SEED_SHAPE[seed]
         gen = torch.Generator().manual_seed(seed * 7919 + 1)
         lr = [1e-2, 2e-3, 5e-3][seed]
         weight_decay = [0.1, 0.01, 0.0][seed]
@@ -274,10 +279,9 @@ def test_matches_reference_bit_for_bit(form, state_dtype, features):
             for s in ref + tri:
                 _poison(s, gen)
             _step(R.adamw, ref, [g.clone() for g in grads], **kwargs)
-            _step(TK.adamw, tri, [g.clone() for g in grads], block_size=BLOCK, launch=launch,
-                  **kwargs)
+            _step(TK.adamw, tri, [g.clone() for g in grads], **SHAPES[shape], **kwargs)
             for k, (r, t) in enumerate(zip(ref, tri)):
-                _compare(r, t, f"{launch}, seed {seed}, step {step}, numel {SIZES[k]}")
+                _compare(r, t, f"{shape}, seed {seed}, step {step}, numel {SIZES[k]}")
             changed = [c + int(s["counters"][0]) for c, s in zip(changed, ref)]
     # The comparison saw bf16 changes, not only untouched tensors.
     assert all(c > 0 for c, numel in zip(changed, SIZES) if numel >= 33), changed
@@ -288,9 +292,9 @@ def test_matches_reference_bit_for_bit(form, state_dtype, features):
 # ---------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("launch", LAUNCHES)
+@pytest.mark.parametrize("launch_shape", list(SHAPES))
 @pytest.mark.parametrize("rounding", ["nearest", "stochastic"])
-def test_tensor_list_with_mixed_dtypes_and_missing_entries(rounding, launch):
+def test_tensor_list_with_mixed_dtypes_and_missing_entries(rounding, launch_shape):
     gen = torch.Generator().manual_seed(5)
     shapes = [(3, 5), (64,), (2, 3, 7), (1,), (0,)]
     param_dtypes = [torch.bfloat16, torch.float32, torch.bfloat16, torch.bfloat16, torch.bfloat16]
@@ -323,7 +327,7 @@ def test_tensor_list_with_mixed_dtypes_and_missing_entries(rounding, launch):
         for s in ref + tri:
             _poison(s, gen)
         _step(R.adamw, ref, [g.clone() for g in grads], **kwargs)
-        _step(TK.adamw, tri, [g.clone() for g in grads], launch=launch, **kwargs)  # default block
+        _step(TK.adamw, tri, [g.clone() for g in grads], **SHAPES[launch_shape], **kwargs)
         for i, (r, t) in enumerate(zip(ref, tri)):
             _compare(r, t, f"tensor {i} step {step}")
 
@@ -403,31 +407,35 @@ def test_many_tensors_of_mixed_layouts_take_one_launch_per_layout(call, launches
     n = len(MIXED_TENSORS)
     c = MIXED_CALLS[call]
     ref = _make_mixed_states(gen, MIXED_TENSORS, c["master"], c["amsgrad"])
-    runs = {launch: [_clone(s) for s in ref] for launch in LAUNCHES}
+    runs = {shape: [_clone(s) for s in ref] for shape in SHAPES}
     kinds = [_nonfinite_elements(gen, numel) for numel, _ in MIXED_TENSORS]
     # Global indices around 2**32 (the low Philox word wraps inside some tensors) and 2**40.
     offsets = [2**32 - 40 * k if k % 3 else 2**40 + k for k in range(n)]
     for step in (1, 2):
         grads = _mixed_grads(gen, MIXED_TENSORS, kinds, c["grad_scale"] or 1.0)
         kwargs = _mixed_kwargs(call, step, n, offsets)
-        for s in ref + runs["table"] + runs["per_tensor"]:
+        for s in ref + [s for states in runs.values() for s in states]:
             _poison(s, gen)
         _step(R.adamw, ref, [g.clone() for g in grads], **kwargs)
-        for launch, states in runs.items():
-            _step(TK.adamw, states, [g.clone() for g in grads], block_size=BLOCK,
-                  launch=launch, **kwargs)
+        for shape, states in runs.items():
+            _step(TK.adamw, states, [g.clone() for g in grads], **SHAPES[shape], **kwargs)
             for k, (r, t) in enumerate(zip(ref, states)):
                 numel, name = MIXED_TENSORS[k]
-                _compare(r, t, f"{launch}, step {step}, tensor {k} ({numel}, layout {name})")
-    nonempty = [name for numel, name in MIXED_TENSORS if numel > 0]  # zero-size: no work
-    assert launches["table"].launches == 2 * len(set(nonempty)) == 8
-    assert launches["per_tensor"].launches == 2 * len(nonempty)
+                _compare(r, t, f"{shape}, step {step}, tensor {k} ({numel}, layout {name})")
+    # One launch per layout with work (zero-size tensors have none); with SR, tensors whose
+    # element offset is not a multiple of 8 draw Philox per element: a layout of their own.
+    stochastic = c["rounding"] == "stochastic"
+    groups = {(name, not (stochastic and MIXED_LAYOUTS[name]["param"] == BF16) or off % 8 == 0)
+              for (numel, name), off in zip(MIXED_TENSORS, offsets) if numel > 0}
+    assert len(groups) == (6 if stochastic else 4)  # tensors 6 and 9 split off with SR
+    assert launches.launches == 2 * len(SHAPES) * len(groups)
 
 
-@pytest.mark.parametrize("chunks", [2, 3, 8])
-def test_programs_of_several_blocks_match_the_reference(chunks, launches):
-    """The table launch with several consecutive blocks per program (a tensor's last run
-    shorter, runs past a tensor's end skipped) and its counts added once per program."""
+@pytest.mark.parametrize("chunks, programs", [(1, 1), (3, 2), (4, 64)])
+def test_persistent_programs_over_work_items_match_the_reference(chunks, programs):
+    """Work items of ``chunks`` chunks (a tensor's last item shorter), walked by
+    ``programs`` persistent programs (more than there are items: the launch starts one per
+    item), counts added once per item."""
     gen = torch.Generator().manual_seed(31)
     n = len(MIXED_TENSORS)
     c = MIXED_CALLS["master-sr"]
@@ -442,14 +450,15 @@ def test_programs_of_several_blocks_match_the_reference(chunks, launches):
             _poison(s, gen)
         _step(R.adamw, ref, [g.clone() for g in grads], **kwargs)
         _step(TK.adamw, tri, [g.clone() for g in grads], block_size=BLOCK,
-              chunks_per_program=chunks, **kwargs)
+              item_size=chunks * BLOCK, num_programs=programs, **kwargs)
         for k, (r, t) in enumerate(zip(ref, tri)):
             numel, name = MIXED_TENSORS[k]
-            _compare(r, t, f"{chunks} blocks per program, step {step}, tensor {k} ({numel}, {name})")
-    work = TK._work_table((4099, 1, 2 * BLOCK), BLOCK, chunks)
+            _compare(r, t, f"{chunks} chunks per item, {programs} programs, step {step}, "
+                           f"tensor {k} ({numel}, {name})")
+    work = TK._work_table((4099, 1, 2 * BLOCK), chunks * BLOCK)
     per_tensor = [-(-5 // chunks), 1, -(-2 // chunks)]
     assert work[:, 0].tolist() == [t for t, count in enumerate(per_tensor) for _ in range(count)]
-    assert work[:, 1].tolist() == [c * chunks for count in per_tensor for c in range(count)]
+    assert work[:, 1].tolist() == [k for count in per_tensor for k in range(count)]
 
 
 def _at_offset(t: torch.Tensor, offset: int) -> torch.Tensor:
@@ -470,10 +479,10 @@ def _plant(t: torch.Tensor, gen, patterns) -> None:
     bits[where] = values
 
 
-@pytest.mark.parametrize("launch", LAUNCHES)
+@pytest.mark.parametrize("shape", list(SHAPES))
 @pytest.mark.parametrize("dtypes", ["bf16-master-sr", "fp32"])
-def test_unaligned_views_and_kept_bits_in_full_blocks(dtypes, launch, launches):
-    """Full blocks take an unmasked path that writes every element, storing back the loaded
+def test_unaligned_views_and_kept_bits_in_full_chunks(dtypes, shape, launches):
+    """Full chunks take an unmasked path that writes every element, storing back the loaded
     bits where an element is frozen or the step is skipped; its 16-byte accesses need
     aligned pointers, so a tensor with any unaligned operand goes to a group of its own.
     Checked: unaligned views beside aligned tensors, sizes that are whole blocks and ones
@@ -517,19 +526,15 @@ def test_unaligned_views_and_kept_bits_in_full_blocks(dtypes, launch, launches):
         if skip:
             frozen_before = [_clone(s) for s in tri]
         _step(R.adamw, ref, [g.clone() for g in grads], **kwargs)
-        _step(TK.adamw, tri, [g.clone() for g in grads], block_size=BLOCK, launch=launch,
-              **kwargs)
+        _step(TK.adamw, tri, [g.clone() for g in grads], **SHAPES[shape], **kwargs)
         for k, (r, t) in enumerate(zip(ref, tri)):
-            _compare(r, t, f"{launch}, step {step}, tensor {k} (unaligned: {shifted[k]})")
+            _compare(r, t, f"{shape}, step {step}, tensor {k} (unaligned: {shifted[k]})")
         if skip:  # a skipped step leaves every state bit as it was
             for before, after in zip(frozen_before, tri):
                 for key in ("param", "exp_avg", "exp_avg_sq", "master"):
                     if key in before:
                         _assert_same_bits(f"skipped step, {key}", before[key], after[key])
-    if launch == "table":  # aligned tensor 0, and the three unaligned ones: 2 groups a step
-        assert launches["table"].launches == 3 * 2
-    else:
-        assert launches["per_tensor"].launches == 3 * len(numels)
+    assert launches.launches == 3 * 2  # aligned tensor 0, and the three unaligned ones
 
 
 def test_tables_are_reused_and_rebuilt_when_a_tensor_moves():
@@ -540,7 +545,8 @@ def test_tables_are_reused_and_rebuilt_when_a_tensor_moves():
     tri = [_clone(s) for s in ref]
     # Gradients kept in place between steps, as with zero_grad(set_to_none=False).
     grads = _mixed_grads(gen, tensors, [None] * n, 4.0)
-    offsets = [5, 2**32 - 100, 2**40, 0]
+    # Multiples of 8: with SR an offset inside a group of 8 would split its tensor off.
+    offsets = [8, 2**32 - 96, 2**40, 0]
     TK.pointer_tables.clear()
     TK.work_tables.clear()
 
@@ -565,7 +571,7 @@ def test_tables_are_reused_and_rebuilt_when_a_tensor_moves():
     assert step(3) == ((3, 3), (2, 4))  # group A's pointers rebuilt; same sizes, same work
     assert torch.equal(_bits(old), _bits(before))
     # Another element offset for tensor 1 (group B): another SR stream, another table.
-    offsets[1] += 3
+    offsets[1] += 8
     assert step(4) == ((4, 4), (2, 6))
     # Fresh gradient tensors (zero_grad(set_to_none=True)): new pointers, same work tables.
     grads = [g.clone() for g in grads]
@@ -573,7 +579,7 @@ def test_tables_are_reused_and_rebuilt_when_a_tensor_moves():
 
 
 def test_work_table_and_cache_bounds():
-    # (tensor, chunk) per program: 1, 3, 0 and 2 chunks of 8 elements.
+    # (tensor, item) per work item: 1, 3, 0 and 2 items of 8 elements.
     work = TK._work_table((1, 17, 0, 9), 8)
     assert work.dtype == torch.int32
     assert work.tolist() == [[0, 0], [1, 0], [1, 1], [1, 2], [3, 0], [3, 1]]
@@ -614,7 +620,7 @@ def test_the_optimizer_steps_through_the_table_launch(launches):
     for p in params:
         p.grad = torch.randn(p.shape, generator=gen).bfloat16().to(DEVICE)
     opt.step()
-    assert (launches["table"].launches, launches["per_tensor"].launches) == (1, 0)
+    assert launches.launches == 1
 
 
 # ---------------------------------------------------------------------------------------
@@ -642,8 +648,8 @@ def _edge_fp32_patterns() -> np.ndarray:
 
 @pytest.mark.parametrize("master,rounding", [("fp32", "nearest"), ("fp32", "stochastic"),
                                              ("remainder", "nearest"), (None, "nearest")])
-@pytest.mark.parametrize("launch", LAUNCHES)
-def test_rounding_edge_patterns(master, rounding, launch):
+@pytest.mark.parametrize("shape", list(SHAPES))
+def test_rounding_edge_patterns(master, rounding, shape):
     patterns = _edge_fp32_patterns()
     numel = patterns.size
     w = torch.from_numpy(patterns.view(np.float32).copy()).to(DEVICE)
@@ -672,7 +678,7 @@ def test_rounding_edge_patterns(master, rounding, launch):
     _poison(ref, gen)
     _poison(tri, gen)
     _step(R.adamw, [ref], [grad.clone()], **kwargs)
-    _step(TK.adamw, [tri], [grad.clone()], block_size=BLOCK, launch=launch, **kwargs)
+    _step(TK.adamw, [tri], [grad.clone()], **SHAPES[shape], **kwargs)
     _compare(ref, tri, "edge patterns")
     if master == "fp32":
         # The edge patterns did reach the param store: the param is now their rounding.
@@ -689,8 +695,7 @@ def test_rounding_edge_patterns(master, rounding, launch):
     torch.tensor(float("nan")), torch.tensor(-0.0), torch.tensor(2.0, dtype=torch.float64),
     torch.tensor(1.0, dtype=torch.bfloat16),
 ], ids=["bool-true", "bool-false", "int32-one", "nan", "minus-zero", "fp64-two", "bf16-one"])
-@pytest.mark.parametrize("launch", LAUNCHES)
-def test_found_inf_values_and_dtypes(found_inf, launch):
+def test_found_inf_values_and_dtypes(found_inf):
     numel = 300
     gen = torch.Generator().manual_seed(12)
     ref = _make_state(gen, numel, torch.bfloat16, torch.float32, None, amsgrad=True, freeze=True)
@@ -705,7 +710,7 @@ def test_found_inf_values_and_dtypes(found_inf, launch):
     _poison(tri, gen)
     before = _clone(ref)
     _step(R.adamw, [ref], [grad.clone()], **kwargs)
-    _step(TK.adamw, [tri], [grad.clone()], block_size=BLOCK, launch=launch, **kwargs)
+    _step(TK.adamw, [tri], [grad.clone()], block_size=BLOCK, **kwargs)
     _compare(ref, tri, "found_inf")
     skipped = bool(found_inf.to(torch.float64) != 0)
     if skipped:
@@ -723,8 +728,7 @@ def test_found_inf_values_and_dtypes(found_inf, launch):
 # ---------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("launch", LAUNCHES)
-def test_zero_size_tensor_zeroes_counters_and_writes_nothing(launch, launches):
+def test_zero_size_tensor_zeroes_counters_and_writes_nothing(launches):
     gen = torch.Generator().manual_seed(0)
     tri = _make_state(gen, 0, torch.bfloat16, torch.float32, None, amsgrad=False, freeze=True)
     _poison(tri, gen)
@@ -732,9 +736,9 @@ def test_zero_size_tensor_zeroes_counters_and_writes_nothing(launch, launches):
     _step(TK.adamw, [tri], [torch.empty(0, dtype=torch.bfloat16, device=DEVICE)],
           scalars=R.step_scalars(steps, 1e-3, *BETAS, 0.0, EPS), amsgrad=False, master=None,
           rounding="nearest", sr_keys=None, element_offsets=None, maximize=False,
-          grad_scale=None, found_inf=None, launch=launch)
+          grad_scale=None, found_inf=None)
     assert tri["counters"].tolist() == [0, 0, 0]
-    assert launches["table"].launches == launches["per_tensor"].launches == 0
+    assert launches.launches == 0
 
 
 def _one_tensor_call(**overrides):
@@ -759,35 +763,41 @@ def _one_tensor_call(**overrides):
     (dict(counters=[torch.zeros(3, dtype=torch.int32, device=DEVICE)]), TypeError, "counters"),
     (dict(change_bitmaps=[torch.zeros(3, dtype=torch.uint8, device=DEVICE)]), ValueError, "elements"),
     (dict(block_size=12), ValueError, "power of two"),
-    (dict(launch="fused"), ValueError, "launch must be 'table' or 'per_tensor'"),
     (dict(num_warps=3), ValueError, "num_warps must be a power of two"),
     (dict(num_warps=64), ValueError, "num_warps must be a power of two"),
-    (dict(chunks_per_program=0), ValueError, "chunks_per_program must be from 1"),
+    (dict(item_size=0), ValueError, "item_size must be from 1"),
+    (dict(item_size=2**31), ValueError, "item_size must be from 1"),
+    (dict(block_size=16, item_size=24), ValueError, r"multiple of block_size \(16\), got 24"),
+    (dict(num_programs=0), ValueError, "num_programs must be at least 1"),
 ])
-def test_triton_input_errors_name_the_tensor(overrides, error, match):
-    for launch in LAUNCHES:
-        args = dict(_one_tensor_call(**overrides))
-        args.setdefault("launch", launch)
-        with pytest.raises(error, match=match):
-            TK.adamw(args.pop("params"), args.pop("grads"), args.pop("exp_avgs"),
-                     args.pop("exp_avg_sqs"), **args)
+def test_triton_input_errors_name_the_value_and_touch_nothing(overrides, error, match):
+    args = dict(_one_tensor_call(**overrides))
+    counters = torch.full((3,), 7, dtype=torch.int64, device=DEVICE)
+    args.setdefault("counters", [counters])
+    params = args.pop("params")
+    before = [_bits(p).clone() for p in params]
+    with pytest.raises(error, match=match):
+        TK.adamw(params, args.pop("grads"), args.pop("exp_avgs"), args.pop("exp_avg_sqs"),
+                 **args)
+    assert all(torch.equal(_bits(p), b) for p, b in zip(params, before))
+    if args["counters"][0] is counters:
+        assert counters.tolist() == [7, 7, 7]
 
 
-def test_signature_is_the_reference_signature_plus_tuning_and_launch():
+def test_signature_is_the_reference_signature_plus_the_launch_shape():
     import inspect
 
     ref = inspect.signature(R.adamw).parameters
     tri = inspect.signature(TK.adamw).parameters
     assert list(tri)[: len(ref)] == list(ref)
-    assert list(tri)[len(ref):] == ["block_size", "launch", "num_warps", "chunks_per_program"]
-    assert tri["launch"].default == "table"
+    assert list(tri)[len(ref):] == ["block_size", "item_size", "num_warps", "num_programs"]
     for name, p in ref.items():
         assert tri[name].kind == p.kind and tri[name].default == p.default, name
 
 
-@pytest.mark.parametrize("launch", LAUNCHES)
+@pytest.mark.parametrize("shape", list(SHAPES))
 @pytest.mark.parametrize("wrong", ["key", "offset"])
-def test_negative_control_wrong_random_stream_is_caught(wrong, launch):
+def test_negative_control_wrong_random_stream_is_caught(wrong, shape):
     """The comparison can fail: the kernel with another key, or another element offset,
     stores different bf16 params than the reference."""
     numel = 2000
@@ -803,10 +813,10 @@ def test_negative_control_wrong_random_stream_is_caught(wrong, launch):
     _step(R.adamw, [ref], [grad.clone()], sr_keys=keys, element_offsets=[100], **kwargs)
     if wrong == "key":
         _step(TK.adamw, [tri], [grad.clone()], sr_keys=keys ^ 1, element_offsets=[100],
-              block_size=BLOCK, launch=launch, **kwargs)
+              **SHAPES[shape], **kwargs)
     else:
         _step(TK.adamw, [tri], [grad.clone()], sr_keys=keys, element_offsets=[101],
-              block_size=BLOCK, launch=launch, **kwargs)
+              **SHAPES[shape], **kwargs)
     # Same master (the rounding does not feed back), different stored params.
     _assert_same_bits("master", ref["master"], tri["master"])
     with pytest.raises(AssertionError, match="param"):

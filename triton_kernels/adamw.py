@@ -1,15 +1,14 @@
 """Fused AdamW step in Triton: each input read once, each output written once, bit for bit
 equal to :func:`rlvr_optim.reference.adamw`, in a handful of launches per step.
 
-Layout: :func:`_adamw_math` is the per-element arithmetic (registers only, in the order of
-the reference); the ``_*_bf16`` helpers are the integer bf16 conversions; ``_adamw_block``
-loads one block of one tensor, calls them and stores. Two kernels call it:
-``adamw_table_kernel`` (the default) steps a whole group of tensors of one layout in one
-launch, reading each tensor's pointers from a cached device table, because launch overhead
-dominates models with many small tensors (DESIGN.md, "Launch overhead matters");
-``adamw_kernel`` steps one tensor per launch, the simplest form, for debugging.
-:func:`adamw` checks inputs, groups and launches. Every mode is a ``tl.constexpr`` flag, so
-a launch compiles only the branches it uses.
+Layout: :func:`_adamw_element` is the per-element arithmetic (registers only, in the order
+of the reference); the ``_*_bf16`` helpers are the bf16 conversions; :func:`_adamw_chunk`
+loads one chunk of a work item, calls them and stores; ``adamw_table_kernel`` steps a whole
+group of tensors of one layout in one launch of persistent programs, reading each tensor's
+pointers from a cached device table once per work item (a long run of one tensor), because
+launch overhead dominates models with many small tensors and per-chunk overhead dominates
+large ones. :func:`adamw` checks inputs, groups and launches. Every mode is a
+``tl.constexpr`` flag, so a launch compiles only the branches it uses.
 
 On CPU the kernels run under Triton's interpreter (``TRITON_INTERPRET=1``), where fp32
 arithmetic is numpy fp32 (IEEE, no contraction); on a GPU it is launched with
@@ -33,36 +32,33 @@ from rlvr_optim.reference import check_arguments
 
 __all__ = [
     "adamw",
-    "adamw_kernel",
     "adamw_table_kernel",
     "pointer_tables",
     "work_tables",
     "TableCache",
     "DEFAULT_BLOCK_CPU",
+    "DEFAULT_ITEM_CPU",
     "DEFAULT_BLOCK_GPU",
     "DEFAULT_NUM_WARPS_GPU",
-    "DEFAULT_CHUNKS_GPU",
-    "DEFAULT_CHUNKS_CPU",
-    "LAUNCHES",
+    "DEFAULT_ITEM_GPU",
+    "DEFAULT_STAGES_GPU",
+    "DEFAULT_PROGRAMS_PER_SM",
     "TABLE_COLUMNS",
 ]
 
-# Elements per program. Under the interpreter every Triton op is one numpy call, so large
-# blocks amortize the per-op Python cost. On a GPU the feasibility probe (DESIGN.md) reached
-# 86% of the copy bandwidth with 1024-element blocks. 8 warps = 4 elements per thread, one
-# 16-byte access per fp32 stream and an 8-byte one per bf16 stream on full blocks; sm_90,
-# triton 3.9, tracking on: 72-80 registers and no stack across modes (python -m
-# rlvr_optim.triton_kernels.codegen), against over 110 and a stack frame at 8 elements per
-# thread. Not yet tuned on a GPU: `rlvr-optim bench --tune` sweeps block, warps and blocks
-# per program.
+# Launch shape. Under the interpreter every Triton op is one numpy call, so large chunks
+# amortize the per-op Python cost. On a GPU: 8 elements per thread (a bitmap byte is one
+# thread's), chunks of 1024 elements at 4 warps as in the feasibility probe (DESIGN.md),
+# work items of 64 chunks so the table row and scalars are read once per 65536 elements,
+# two pipeline stages, four programs per SM. None of these is tuned on a GPU yet;
+# ``python -m rlvr_optim.triton_kernels.codegen --static`` prints what they compile to.
 DEFAULT_BLOCK_CPU = 65536
+DEFAULT_ITEM_CPU = 2**20
 DEFAULT_BLOCK_GPU = 1024
-DEFAULT_NUM_WARPS_GPU = 8
-# Blocks per program of the table launch. One keeps the probe's configuration; more cut
-# the per-program work (table and scalar loads) and the counter atomics, which all blocks
-# of a tensor aim at the same three addresses. Not yet tuned on a GPU (--tune sweeps it).
-DEFAULT_CHUNKS_GPU = 1
-DEFAULT_CHUNKS_CPU = 1
+DEFAULT_NUM_WARPS_GPU = 4
+DEFAULT_ITEM_GPU = 65536
+DEFAULT_STAGES_GPU = 2
+DEFAULT_PROGRAMS_PER_SM = 4
 
 
 # ---------------------------------------------------------------------------------------
@@ -92,6 +88,21 @@ def _round_nearest_bf16(bits):
 
 
 @triton.jit
+def _round_computed_bf16(x, HW_BF16: tl.constexpr):
+    """A computed fp32 value (a NaN among them is canonical) -> its bf16 pattern, nearest
+    with ties to even, as :func:`_round_nearest_bf16`. ``HW_BF16`` (compiled for a GPU): by
+    the hardware conversion (``cvt.rn.bf16x2.f32``, one instruction per two values), its
+    NaNs set to the spec's 0x7FC0; the interpreter's cast truncates, so there the integer
+    formula."""
+    if HW_BF16:
+        hw = x.to(tl.bfloat16).to(tl.uint16, bitcast=True).to(tl.uint32)
+        bits = tl.where(x != x, 0x7FC0, hw)
+    else:
+        bits = _round_nearest_bf16(x.to(tl.uint32, bitcast=True))
+    return bits
+
+
+@triton.jit
 def _round_stochastic_bf16(bits, random16):
     """fp32 patterns -> bf16 patterns, rounding up with probability (low half) / 2**16."""
     rounded = (bits + random16) >> 16
@@ -118,17 +129,40 @@ def _join_remainder(hi, remainder):
 
 
 @triton.jit
-def _random16(sr_key_ptr, index):
-    """The 16 random bits of elements ``index`` (int64, global): Philox4x32-10 keyed by
-    (key_lo, key_hi), countered by (index_lo, index_hi, 0, 0), first word, low half."""
+def _random16(sr_key_ptr, index_base, offs, row_offs, SR_ROW_CALLS: tl.constexpr):
+    """The 16 random bits of the elements at global indices ``index_base`` (int64) +
+    ``offs`` ([2, BLOCK // 8, 4], :func:`_chunk_offsets`): element i takes the 16-bit half
+    i & 7 of Philox4x32-10 keyed by (key_lo, key_hi), countered by (c_lo, c_hi, 0, 0) for
+    c = i >> 3 (word (i & 7) >> 1, low half when i is even; reference.py).
+
+    ``SR_ROW_CALLS``: ``index_base`` is a multiple of 8, so row r (``row_offs``) is exactly
+    the call for counter ``index_base // 8 + r`` and each element's half is fixed by its
+    position: one call per 8 elements, the selects resolved at compile time. Otherwise
+    (a shard starting inside a group of 8) each element makes its own call and picks its
+    half at run time.
+    """
     key_lo = tl.load(sr_key_ptr).to(tl.uint64, bitcast=True)
     key_hi = tl.load(sr_key_ptr + 1).to(tl.uint64, bitcast=True)
     seed = key_lo | (key_hi << 32)  # tl.philox splits it back into (lo, hi) key words
-    index_lo = index.to(tl.uint32)
-    index_hi = (index >> 32).to(tl.uint32)
-    zero = index_lo * 0
-    x0, _, _, _ = tl.philox(seed, index_lo, index_hi, zero, zero)
-    return x0 & 0xFFFF
+    if SR_ROW_CALLS:
+        counter = (index_base >> 3) + row_offs
+        position = _bit_positions()  # i & 7 of each element of a row
+    else:
+        index = index_base + offs
+        counter = index >> 3
+        position = (index & 7).to(tl.int32)
+    counter_lo = counter.to(tl.uint32)
+    counter_hi = (counter >> 32).to(tl.uint32)
+    zero = counter_lo * 0
+    x0, x1, x2, x3 = tl.philox(seed, counter_lo, counter_hi, zero, zero)
+    if SR_ROW_CALLS:
+        x0 = x0[None, :, None]
+        x1 = x1[None, :, None]
+        x2 = x2[None, :, None]
+        x3 = x3[None, :, None]
+    word = tl.where(position < 4, tl.where(position < 2, x0, x1),
+                    tl.where(position < 6, x2, x3))
+    return (word >> (16 * (position & 1)).to(tl.uint32)) & 0xFFFF
 
 
 # ---------------------------------------------------------------------------------------
@@ -150,8 +184,8 @@ def _store_bf16_bits(ptr, offs, bits, mask):
 @triton.jit
 def _keep(update, new, old):
     """``new`` where the element is updated, else ``old`` (its loaded bits, unchanged).
-    Without a freeze mask or found_inf, ``update`` on a full block is a constant true mask
-    and the select folds away (the PTX has no more selects than before it)."""
+    Without a freeze mask or found_inf, ``update`` on a full chunk is a constant true mask
+    and the select folds away."""
     return tl.where(update, new, old)
 
 
@@ -174,30 +208,62 @@ def _state_value(raw, IS_BF16: tl.constexpr):
 
 
 @triton.jit
-def _store_state(ptr, offs, value, raw, update, mask, IS_BF16: tl.constexpr):
+def _store_state(ptr, offs, value, raw, update, mask, IS_BF16: tl.constexpr,
+                 HW_BF16: tl.constexpr):
     """Store fp32 ``value`` in an fp32 tensor, or a bf16 one (int16 view) by nearest-even;
     where ``update`` is false store ``raw``, the state as loaded, bit for bit (selected as
     bits: rounding a loaded bf16 NaN would quiet it)."""
     if IS_BF16:
-        bits = _keep(update, _round_nearest_bf16(value.to(tl.uint32, bitcast=True)), raw)
+        bits = _keep(update, _round_computed_bf16(value, HW_BF16), raw)
         _store_bf16_bits(ptr, offs, bits, mask)
     else:
         tl.store(ptr + offs, _keep(update, value, raw), mask=mask)
 
 
 @triton.jit
-def _unpack_bits(bitmap_ptr, byte_offs, byte_mask, BLOCK: tl.constexpr):
-    """The block's BLOCK // 8 bitmap bytes as BLOCK booleans (bit i % 8 of byte i // 8)."""
-    packed = tl.load(bitmap_ptr + byte_offs, mask=byte_mask, other=0).to(tl.int32)
-    bits = (packed[:, None] >> tl.arange(0, 8)[None, :]) & 1
-    return tl.reshape(bits, (BLOCK,)) != 0
+def _chunk_offsets(BLOCK: tl.constexpr):
+    """Element offsets of a chunk as [2, BLOCK // 8, 4]: element 8 r + 4 h + c sits at
+    [h, r, c]. The compiler gives each thread whole rows (a half of 4 elements is one
+    8- or 16-byte access for every dtype, and both halves are the thread's), so a row's
+    bitmap byte is one thread's and packing it needs no other thread."""
+    h = tl.arange(0, 2)[:, None, None]
+    r = tl.arange(0, BLOCK // 8)[None, :, None]
+    c = tl.arange(0, 4)[None, None, :]
+    return 8 * r + 4 * h + c
 
 
 @triton.jit
-def _pack_bits(bits, BLOCK: tl.constexpr):
-    """BLOCK booleans as BLOCK // 8 bitmap bytes, in registers."""
-    grouped = tl.reshape(bits.to(tl.int32), (BLOCK // 8, 8))
-    return tl.sum(grouped << tl.arange(0, 8)[None, :], axis=1).to(tl.uint8)
+def _bit_positions():
+    """Bit of each [h, c] position of a row in its bitmap byte, as [2, 1, 4]."""
+    return 4 * tl.arange(0, 2)[:, None, None] + tl.arange(0, 4)[None, None, :]
+
+
+@triton.jit
+def _unpack_bits(packed):
+    """Bitmap bytes, one per row ([BLOCK // 8]), as the rows' booleans ([2, BLOCK // 8, 4]):
+    bit i % 8 of byte i // 8."""
+    return ((packed.to(tl.int32)[None, :, None] >> _bit_positions()) & 1) != 0
+
+
+@triton.jit
+def _pack_bits(bits):
+    """Booleans [2, BLOCK // 8, 4] as the rows' bitmap bytes (int32 [BLOCK // 8], < 256)."""
+    shifted = bits.to(tl.int32) << _bit_positions()
+    return tl.sum(tl.sum(shifted, axis=2), axis=0)
+
+
+@triton.jit
+def _row_count(bits):
+    """How many of each row's booleans are set: [2, BLOCK // 8, 4] -> int32 [BLOCK // 8]."""
+    return tl.sum(tl.sum(bits.to(tl.int32), axis=2), axis=0)
+
+
+@triton.jit
+def _popcount8(byte):
+    """Set bits of int32 values below 256 (a packed row's changes), by halves of halves."""
+    pairs = byte - ((byte >> 1) & 0x55)
+    nibbles = (pairs & 0x33) + ((pairs >> 2) & 0x33)
+    return (nibbles + (nibbles >> 4)) & 0x0F
 
 
 @triton.jit
@@ -225,7 +291,7 @@ def _canonical_nan(x):
 
 
 @triton.jit
-def _adamw_math(
+def _adamw_element(
     grad, w, m, v, vmax, grad_scale,
     step_size, bc2_sqrt, lr_wd, beta1, one_minus_beta1, beta2, one_minus_beta2, eps,
     HAS_GRAD_SCALE: tl.constexpr, MAXIMIZE: tl.constexpr, AMSGRAD: tl.constexpr,
@@ -249,65 +315,43 @@ def _adamw_math(
 
 
 @triton.jit
-def _adamw_block(
-    chunk,
+def _adamw_chunk(
+    offs, row_offs, limit, index_base,
     param_ptr, grad_ptr, exp_avg_ptr, exp_avg_sq_ptr, max_exp_avg_sq_ptr,
     master_ptr, remainder_ptr, freeze_mask_ptr, change_bitmap_ptr, cumulative_bitmap_ptr,
-    counter_ptr, numel, element_offset,
-    scalars_row_ptr, sr_key_row_ptr, grad_scale_ptr, found_inf_ptr,
-    BLOCK: tl.constexpr, FULL: tl.constexpr,
+    skip, sr_key_ptr, grad_scale,
+    step_size, bc2_sqrt, lr_wd, beta1, one_minus_beta1, beta2, one_minus_beta2, eps,
+    FULL: tl.constexpr,
     PARAM_BF16: tl.constexpr, GRAD_BF16: tl.constexpr, EXP_AVG_BF16: tl.constexpr,
     EXP_AVG_SQ_BF16: tl.constexpr, MAX_EXP_AVG_SQ_BF16: tl.constexpr,
     HAS_MASTER: tl.constexpr, HAS_REMAINDER: tl.constexpr, STOCHASTIC: tl.constexpr,
     AMSGRAD: tl.constexpr, MAXIMIZE: tl.constexpr,
     HAS_FREEZE_MASK: tl.constexpr, HAS_CHANGE_BITMAP: tl.constexpr,
     HAS_CUMULATIVE_BITMAP: tl.constexpr, HAS_COUNTERS: tl.constexpr,
-    HAS_GRAD_SCALE: tl.constexpr, HAS_FOUND_INF: tl.constexpr,
+    HAS_GRAD_SCALE: tl.constexpr, HAS_FOUND_INF: tl.constexpr, SR_ROW_CALLS: tl.constexpr,
+    HW_BF16: tl.constexpr,
 ):
-    """Block ``chunk`` (int64) of BLOCK elements of one tensor of ``numel`` (int64) elements
-    whose element 0 has global index ``element_offset``. BLOCK % 8 == 0, so each bitmap
-    byte belongs to one block. bf16 tensors come as int16 pointers.
+    """One chunk of a work item: the elements at int32 ``offs`` ([2, BLOCK // 8, 4], see
+    :func:`_chunk_offsets`) and the bitmap bytes at ``row_offs`` ([BLOCK // 8]) from the
+    item's pointers, of which the first ``limit`` are in the tensor; ``index_base`` (int64)
+    is the global index of the item's element 0. bf16 tensors come as int16 pointers.
+    Returns the chunk's per-row counts ([BLOCK // 8] int32): bf16 changes, fp32 moves,
+    non-finite grads.
 
-    ``FULL``: the caller knows all BLOCK elements are in range. The masks are then constant
-    true, which the compiler drops, so loads and stores can be 16-byte vectors; a mask made
-    from a runtime ``numel`` would keep them one element wide. Elements not updated (frozen,
-    or the step skipped by ``found_inf``) are written back with the bits they were loaded
-    with rather than masked out of the store, for the same reason.
+    ``FULL``: the caller knows all elements are in range. The masks are then constant true,
+    which the compiler drops, so loads and stores can be vectors; a mask made from a
+    runtime limit would keep them one element wide. Elements not updated (frozen, or the
+    step skipped by ``found_inf``) are written back with the bits they were loaded with
+    rather than masked out of the store, for the same reason.
     """
-    offs = chunk * BLOCK + tl.arange(0, BLOCK)  # int64: chunk * BLOCK may pass 2**31
-    byte_offs = chunk * (BLOCK // 8) + tl.arange(0, BLOCK // 8)
     if FULL:
-        in_range = tl.full((BLOCK,), 1, tl.int1)
-        byte_in_range = tl.full((BLOCK // 8,), 1, tl.int1)
+        in_range = tl.full(offs.shape, 1, tl.int1)
+        row_in_range = tl.full(row_offs.shape, 1, tl.int1)
     else:
-        in_range = offs < numel
-        byte_in_range = byte_offs * 8 < numel
+        in_range = offs < limit
+        row_in_range = row_offs * 8 < limit
 
-    # Which elements are trained, and whether this step is applied at all.
-    if HAS_FREEZE_MASK:
-        train = _unpack_bits(freeze_mask_ptr, byte_offs, byte_in_range, BLOCK) & in_range
-    else:
-        train = in_range
-    update = train
-    if HAS_FOUND_INF:
-        # Compared as a block: the interpreter (triton 3.9) tags a scalar comparison with its
-        # operands' dtype, so splatting it to the block would turn it into a float.
-        skip = tl.broadcast_to(tl.load(found_inf_ptr), (BLOCK,)) != 0
-        update = train & ~skip
-
-    step_size = tl.load(scalars_row_ptr + 0)
-    bc2_sqrt = tl.load(scalars_row_ptr + 1)
-    lr_wd = tl.load(scalars_row_ptr + 2)
-    beta1 = tl.load(scalars_row_ptr + 3)
-    one_minus_beta1 = tl.load(scalars_row_ptr + 4)
-    beta2 = tl.load(scalars_row_ptr + 5)
-    one_minus_beta2 = tl.load(scalars_row_ptr + 6)
-    eps = tl.load(scalars_row_ptr + 7)
-    grad_scale = 1.0
-    if HAS_GRAD_SCALE:
-        grad_scale = tl.load(grad_scale_ptr)
-
-    # Raw loads: fp32 values, or bf16 patterns as uint32.
+    # Raw loads, all issued before any arithmetic: fp32 values, or bf16 patterns as uint32.
     if GRAD_BF16:
         grad = _bf16_bits_to_fp32(_load_bf16_bits(grad_ptr, offs, in_range))
     else:
@@ -331,8 +375,20 @@ def _adamw_block(
     vmax_old = v_old
     if AMSGRAD:
         vmax_old = _load_state(max_exp_avg_sq_ptr, offs, in_range, MAX_EXP_AVG_SQ_BF16)
+    if HAS_CUMULATIVE_BITMAP:
+        cumulative = tl.load(cumulative_bitmap_ptr + row_offs, mask=row_in_range, other=0)
 
-    g, w, m, v, vmax = _adamw_math(
+    # Which elements are trained, and whether this step is applied at all.
+    if HAS_FREEZE_MASK:
+        train = _unpack_bits(tl.load(freeze_mask_ptr + row_offs, mask=row_in_range, other=0))
+        train = train & in_range
+    else:
+        train = in_range
+    update = train
+    if HAS_FOUND_INF:
+        update = train & ~skip
+
+    g, w, m, v, vmax = _adamw_element(
         grad, w_old,
         _state_value(m_old, EXP_AVG_BF16), _state_value(v_old, EXP_AVG_SQ_BF16),
         _state_value(vmax_old, MAX_EXP_AVG_SQ_BF16), grad_scale,
@@ -343,22 +399,22 @@ def _adamw_block(
     # New stored param pattern.
     w_bits = w.to(tl.uint32, bitcast=True)
     if not PARAM_BF16:
-        new_param_bits = _round_nearest_bf16(w_bits)
+        new_param_bits = _round_computed_bf16(w, HW_BF16)
     elif HAS_REMAINDER:
         new_param_bits, remainder_new = _split_remainder(w_bits)
     elif STOCHASTIC:
-        index = offs + element_offset
-        new_param_bits = _round_stochastic_bf16(w_bits, _random16(sr_key_row_ptr, index))
+        random16 = _random16(sr_key_ptr, index_base, offs, row_offs, SR_ROW_CALLS)
+        new_param_bits = _round_stochastic_bf16(w_bits, random16)
     else:
-        new_param_bits = _round_nearest_bf16(w_bits)
+        new_param_bits = _round_computed_bf16(w, HW_BF16)
     new_param_bits = _keep(update, new_param_bits, old_param_bits)
 
     # Write back; elements not updated keep their bits.
-    _store_state(exp_avg_ptr, offs, m, m_old, update, in_range, EXP_AVG_BF16)
-    _store_state(exp_avg_sq_ptr, offs, v, v_old, update, in_range, EXP_AVG_SQ_BF16)
+    _store_state(exp_avg_ptr, offs, m, m_old, update, in_range, EXP_AVG_BF16, HW_BF16)
+    _store_state(exp_avg_sq_ptr, offs, v, v_old, update, in_range, EXP_AVG_SQ_BF16, HW_BF16)
     if AMSGRAD:
         _store_state(max_exp_avg_sq_ptr, offs, vmax, vmax_old, update, in_range,
-                     MAX_EXP_AVG_SQ_BF16)
+                     MAX_EXP_AVG_SQ_BF16, HW_BF16)
     if HAS_MASTER:
         tl.store(master_ptr + offs, _keep(update, w, w_old), mask=in_range)
     if HAS_REMAINDER:
@@ -372,85 +428,25 @@ def _adamw_block(
     # Not updated elements kept their pattern, so ``changed`` is 0 there; out-of-range ones
     # are masked explicitly (their loads are zeros, which a step need not keep at zero).
     changed = (new_param_bits != old_param_bits) & in_range
-    if HAS_CHANGE_BITMAP or HAS_CUMULATIVE_BITMAP:
-        packed = _pack_bits(changed, BLOCK)
+    n_changed = tl.zeros(row_offs.shape, tl.int32)
+    n_moved = tl.zeros(row_offs.shape, tl.int32)
+    n_nonfinite = tl.zeros(row_offs.shape, tl.int32)
+    if HAS_CHANGE_BITMAP or HAS_CUMULATIVE_BITMAP or HAS_COUNTERS:
+        packed = _pack_bits(changed)
         if HAS_CHANGE_BITMAP:
-            tl.store(change_bitmap_ptr + byte_offs, packed, mask=byte_in_range)
+            tl.store(change_bitmap_ptr + row_offs, packed.to(tl.uint8), mask=row_in_range)
         if HAS_CUMULATIVE_BITMAP:
-            cumulative = tl.load(cumulative_bitmap_ptr + byte_offs, mask=byte_in_range, other=0)
-            tl.store(cumulative_bitmap_ptr + byte_offs, cumulative | packed, mask=byte_in_range)
-    # The block's counts (int64 scalars; zeros without counters), added to the counters by
-    # the caller: once per program, however many blocks it steps.
-    n_changed = tl.zeros((), tl.int64)
-    n_moved = tl.zeros((), tl.int64)
-    n_nonfinite = tl.zeros((), tl.int64)
+            tl.store(cumulative_bitmap_ptr + row_offs, cumulative | packed.to(tl.uint8),
+                     mask=row_in_range)
+        if HAS_COUNTERS:
+            n_changed = _popcount8(packed)
     if HAS_COUNTERS:
         moved = (w_bits != w_old.to(tl.uint32, bitcast=True)) & update
         g_exponent = g.to(tl.uint32, bitcast=True) & 0x7F800000
         nonfinite = (g_exponent == 0x7F800000) & train
-        # Block sums fit in int32 (BLOCK < 2**31).
-        n_changed = tl.sum(changed.to(tl.int32), axis=0).to(tl.int64)
-        n_moved = tl.sum(moved.to(tl.int32), axis=0).to(tl.int64)
-        n_nonfinite = tl.sum(nonfinite.to(tl.int32), axis=0).to(tl.int64)
+        n_moved = _row_count(moved)
+        n_nonfinite = _row_count(nonfinite)
     return n_changed, n_moved, n_nonfinite
-
-
-@triton.jit
-def _add_counts(counter_ptr, n_changed, n_moved, n_nonfinite, HAS_COUNTERS: tl.constexpr):
-    """Add a program's counts to a tensor's counters (the host zeroed them)."""
-    if HAS_COUNTERS:
-        tl.atomic_add(counter_ptr + 0, n_changed, sem="relaxed")
-        tl.atomic_add(counter_ptr + 1, n_moved, sem="relaxed")
-        tl.atomic_add(counter_ptr + 2, n_nonfinite, sem="relaxed")
-
-
-@triton.jit(do_not_specialize=["numel", "element_offset"])
-def adamw_kernel(
-    param_ptr, grad_ptr, exp_avg_ptr, exp_avg_sq_ptr, max_exp_avg_sq_ptr,
-    master_ptr, remainder_ptr, freeze_mask_ptr, change_bitmap_ptr, cumulative_bitmap_ptr,
-    counter_ptr, scalars_ptr, sr_key_ptr, grad_scale_ptr, found_inf_ptr,
-    numel, element_offset,
-    BLOCK: tl.constexpr,
-    PARAM_BF16: tl.constexpr, GRAD_BF16: tl.constexpr, EXP_AVG_BF16: tl.constexpr,
-    EXP_AVG_SQ_BF16: tl.constexpr, MAX_EXP_AVG_SQ_BF16: tl.constexpr,
-    HAS_MASTER: tl.constexpr, HAS_REMAINDER: tl.constexpr, STOCHASTIC: tl.constexpr,
-    AMSGRAD: tl.constexpr, MAXIMIZE: tl.constexpr,
-    HAS_FREEZE_MASK: tl.constexpr, HAS_CHANGE_BITMAP: tl.constexpr,
-    HAS_CUMULATIVE_BITMAP: tl.constexpr, HAS_COUNTERS: tl.constexpr,
-    HAS_GRAD_SCALE: tl.constexpr, HAS_FOUND_INF: tl.constexpr,
-):
-    """One tensor: program i steps block i. ``scalars_ptr`` and ``sr_key_ptr`` point at the
-    tensor's row of 8 scalars and its 2 key words."""
-    chunk = tl.program_id(0).to(tl.int64)
-    numel = tl.cast(numel, tl.int64)
-    element_offset = tl.cast(element_offset, tl.int64)
-    if (chunk + 1) * BLOCK <= numel:
-        counts = _adamw_block(
-            chunk,
-            param_ptr, grad_ptr, exp_avg_ptr, exp_avg_sq_ptr, max_exp_avg_sq_ptr,
-            master_ptr, remainder_ptr, freeze_mask_ptr, change_bitmap_ptr, cumulative_bitmap_ptr,
-            counter_ptr, numel, element_offset,
-            scalars_ptr, sr_key_ptr, grad_scale_ptr, found_inf_ptr,
-            BLOCK, True,
-            PARAM_BF16, GRAD_BF16, EXP_AVG_BF16, EXP_AVG_SQ_BF16, MAX_EXP_AVG_SQ_BF16,
-            HAS_MASTER, HAS_REMAINDER, STOCHASTIC, AMSGRAD, MAXIMIZE,
-            HAS_FREEZE_MASK, HAS_CHANGE_BITMAP, HAS_CUMULATIVE_BITMAP, HAS_COUNTERS,
-            HAS_GRAD_SCALE, HAS_FOUND_INF,
-        )
-    else:
-        counts = _adamw_block(
-            chunk,
-            param_ptr, grad_ptr, exp_avg_ptr, exp_avg_sq_ptr, max_exp_avg_sq_ptr,
-            master_ptr, remainder_ptr, freeze_mask_ptr, change_bitmap_ptr, cumulative_bitmap_ptr,
-            counter_ptr, numel, element_offset,
-            scalars_ptr, sr_key_ptr, grad_scale_ptr, found_inf_ptr,
-            BLOCK, False,
-            PARAM_BF16, GRAD_BF16, EXP_AVG_BF16, EXP_AVG_SQ_BF16, MAX_EXP_AVG_SQ_BF16,
-            HAS_MASTER, HAS_REMAINDER, STOCHASTIC, AMSGRAD, MAXIMIZE,
-            HAS_FREEZE_MASK, HAS_CHANGE_BITMAP, HAS_CUMULATIVE_BITMAP, HAS_COUNTERS,
-            HAS_GRAD_SCALE, HAS_FOUND_INF,
-        )
-    _add_counts(counter_ptr, counts[0], counts[1], counts[2], HAS_COUNTERS)
 
 
 # Columns of the pointer table: one int64 row per tensor of a group. Absent tensors hold 0
@@ -467,8 +463,8 @@ _WIDTH = tl.constexpr(len(TABLE_COLUMNS))
 @triton.jit
 def _table_pointer(entry, column, dtype: tl.constexpr, ALIGNED: tl.constexpr):
     """Column ``column`` of a pointer-table row as a pointer to ``dtype``; ``ALIGNED``: the
-    host checked that it is a multiple of 16 bytes, which lets full blocks use 16-byte
-    vector accesses (a pointer read from memory tells the compiler nothing)."""
+    host checked that it is a multiple of 16 bytes, which lets full chunks use vector
+    accesses (a pointer read from memory tells the compiler nothing)."""
     pointer = tl.load(entry + column).to(tl.pointer_type(dtype))
     if ALIGNED:
         pointer = tl.multiple_of(pointer, 16)
@@ -477,8 +473,8 @@ def _table_pointer(entry, column, dtype: tl.constexpr, ALIGNED: tl.constexpr):
 
 @triton.jit
 def adamw_table_kernel(
-    table_ptr, work_ptr, scalars_ptr, sr_keys_ptr, grad_scale_ptr, found_inf_ptr,
-    BLOCK: tl.constexpr, CHUNKS: tl.constexpr, ALIGNED: tl.constexpr,
+    table_ptr, work_ptr, n_items, scalars_ptr, sr_keys_ptr, grad_scale_ptr, found_inf_ptr,
+    BLOCK: tl.constexpr, ITEM: tl.constexpr, STAGES: tl.constexpr, ALIGNED: tl.constexpr,
     PARAM_BF16: tl.constexpr, GRAD_BF16: tl.constexpr, GRAD_FP16: tl.constexpr,
     EXP_AVG_BF16: tl.constexpr, EXP_AVG_SQ_BF16: tl.constexpr,
     MAX_EXP_AVG_SQ_BF16: tl.constexpr,
@@ -486,82 +482,113 @@ def adamw_table_kernel(
     AMSGRAD: tl.constexpr, MAXIMIZE: tl.constexpr,
     HAS_FREEZE_MASK: tl.constexpr, HAS_CHANGE_BITMAP: tl.constexpr,
     HAS_CUMULATIVE_BITMAP: tl.constexpr, HAS_COUNTERS: tl.constexpr,
-    HAS_GRAD_SCALE: tl.constexpr, HAS_FOUND_INF: tl.constexpr,
+    HAS_GRAD_SCALE: tl.constexpr, HAS_FOUND_INF: tl.constexpr, SR_ROW_CALLS: tl.constexpr,
+    HW_BF16: tl.constexpr,
 ):
-    """A group of tensors of one layout: program i steps the CHUNKS blocks from work item i,
-    (tensor t, first chunk c) in the int32 work table [items, 2]; tensor t's pointers, numel,
-    element offset and call row are row t of the int64 pointer table (``TABLE_COLUMNS``).
+    """A group of tensors of one layout, stepped by persistent programs: program p takes
+    work items p, p + programs, ... of the int32 work table [n_items, 2]. Item (t, k) is
+    elements k * ITEM .. (k + 1) * ITEM - 1 of tensor t, whose pointers, numel, element
+    offset and call row are row t of the int64 pointer table (``TABLE_COLUMNS``), read once
+    per item. The item's full BLOCK-element chunks run in a loop pipelined over ``STAGES``
+    (``tl.range``), its last partial chunk (only a tensor's last item has one) masked after
+    it; counts add up in registers over the item and reach the counters in one atomic each.
     ``scalars_ptr`` [calls, 8] and ``sr_keys_ptr`` [calls, 2] are the call's whole tensors,
     so the cached tables do not depend on the per-step scalars. ``ALIGNED``: every pointer
-    of the group is a multiple of 16 bytes."""
-    item = tl.program_id(0).to(tl.int64)
-    t = tl.load(work_ptr + 2 * item).to(tl.int64)
-    first = tl.load(work_ptr + 2 * item + 1).to(tl.int64)
-    entry = table_ptr + t * _WIDTH
-    param_ptr = _table_pointer(entry, 0, tl.int16 if PARAM_BF16 else tl.float32, ALIGNED)
-    grad_ptr = _table_pointer(
-        entry, 1, tl.int16 if GRAD_BF16 else tl.float16 if GRAD_FP16 else tl.float32, ALIGNED)
-    exp_avg_ptr = _table_pointer(entry, 2, tl.int16 if EXP_AVG_BF16 else tl.float32, ALIGNED)
-    exp_avg_sq_ptr = _table_pointer(
-        entry, 3, tl.int16 if EXP_AVG_SQ_BF16 else tl.float32, ALIGNED)
-    max_exp_avg_sq_ptr = _table_pointer(
-        entry, 4, tl.int16 if MAX_EXP_AVG_SQ_BF16 else tl.float32, ALIGNED)
-    master_ptr = _table_pointer(entry, 5, tl.float32, ALIGNED)
-    remainder_ptr = _table_pointer(entry, 6, tl.int16, ALIGNED)
-    freeze_mask_ptr = _table_pointer(entry, 7, tl.uint8, ALIGNED)
-    change_bitmap_ptr = _table_pointer(entry, 8, tl.uint8, ALIGNED)
-    cumulative_bitmap_ptr = _table_pointer(entry, 9, tl.uint8, ALIGNED)
-    counter_ptr = tl.load(entry + 10).to(tl.pointer_type(tl.int64))
-    numel = tl.load(entry + 11)
-    element_offset = tl.load(entry + 12)
-    row = tl.load(entry + 13)
-    sr_key_row_ptr = sr_keys_ptr
-    if STOCHASTIC:
-        sr_key_row_ptr = sr_keys_ptr + 2 * row
-    # Work item: chunks first .. first + CHUNKS - 1 of tensor t (those past its end are
-    # skipped). Full blocks (all but at most one per tensor) take the unmasked, vectorized
-    # path. Counts accumulate over the item's blocks and reach the counters in one atomic
-    # each: with one block per program, every block of a large tensor would hit the same
-    # three addresses.
-    scalars_row_ptr = scalars_ptr + 8 * row
-    n_changed = tl.zeros((), tl.int64)
-    n_moved = tl.zeros((), tl.int64)
-    n_nonfinite = tl.zeros((), tl.int64)
-    for k in range(CHUNKS):
-        chunk = first + k
-        if (chunk + 1) * BLOCK <= numel:
-            counts = _adamw_block(
-                chunk,
+    of the group is a multiple of 16 bytes. ``SR_ROW_CALLS``: every tensor's element offset
+    is a multiple of 8 (one Philox call per row, :func:`_random16`). ``HW_BF16``: compiled
+    for a GPU, where computed values round to bf16 by the hardware conversion
+    (:func:`_round_computed_bf16`). Offsets inside an item are int32 over the item's int64
+    base, so ITEM < 2**31."""
+    offs = _chunk_offsets(BLOCK)
+    rows = tl.arange(0, BLOCK // 8)
+    grad_scale = 1.0
+    if HAS_GRAD_SCALE:
+        grad_scale = tl.load(grad_scale_ptr)
+    skip = tl.zeros(offs.shape, tl.int1)
+    if HAS_FOUND_INF:
+        # Compared as a tensor: the interpreter (triton 3.9) tags a scalar comparison with
+        # its operands' dtype, so splatting it would turn it into a float.
+        skip = tl.broadcast_to(tl.load(found_inf_ptr), offs.shape) != 0
+    for item in range(tl.program_id(0), n_items, tl.num_programs(0)):
+        t = tl.load(work_ptr + 2 * item).to(tl.int64)
+        start = tl.load(work_ptr + 2 * item + 1).to(tl.int64) * ITEM
+        entry = table_ptr + t * _WIDTH
+        # Each pointer moved to the item's element 0 (bitmaps: its byte; ITEM % 8 == 0).
+        param_ptr = _table_pointer(
+            entry, 0, tl.int16 if PARAM_BF16 else tl.float32, ALIGNED) + start
+        grad_ptr = _table_pointer(
+            entry, 1, tl.int16 if GRAD_BF16 else tl.float16 if GRAD_FP16 else tl.float32,
+            ALIGNED) + start
+        exp_avg_ptr = _table_pointer(
+            entry, 2, tl.int16 if EXP_AVG_BF16 else tl.float32, ALIGNED) + start
+        exp_avg_sq_ptr = _table_pointer(
+            entry, 3, tl.int16 if EXP_AVG_SQ_BF16 else tl.float32, ALIGNED) + start
+        max_exp_avg_sq_ptr = _table_pointer(
+            entry, 4, tl.int16 if MAX_EXP_AVG_SQ_BF16 else tl.float32, ALIGNED) + start
+        master_ptr = _table_pointer(entry, 5, tl.float32, ALIGNED) + start
+        remainder_ptr = _table_pointer(entry, 6, tl.int16, ALIGNED) + start
+        freeze_mask_ptr = _table_pointer(entry, 7, tl.uint8, ALIGNED) + start // 8
+        change_bitmap_ptr = _table_pointer(entry, 8, tl.uint8, ALIGNED) + start // 8
+        cumulative_bitmap_ptr = _table_pointer(entry, 9, tl.uint8, ALIGNED) + start // 8
+        counter_ptr = tl.load(entry + 10).to(tl.pointer_type(tl.int64))
+        length = tl.minimum(tl.load(entry + 11) - start, ITEM).to(tl.int32)
+        index_base = tl.load(entry + 12) + start
+        row = tl.load(entry + 13)
+        sr_key_ptr = sr_keys_ptr  # None without stochastic rounding
+        if STOCHASTIC:
+            sr_key_ptr = sr_keys_ptr + 2 * row
+        scalars_row_ptr = scalars_ptr + 8 * row
+        step_size = tl.load(scalars_row_ptr + 0)
+        bc2_sqrt = tl.load(scalars_row_ptr + 1)
+        lr_wd = tl.load(scalars_row_ptr + 2)
+        beta1 = tl.load(scalars_row_ptr + 3)
+        one_minus_beta1 = tl.load(scalars_row_ptr + 4)
+        beta2 = tl.load(scalars_row_ptr + 5)
+        one_minus_beta2 = tl.load(scalars_row_ptr + 6)
+        eps = tl.load(scalars_row_ptr + 7)
+
+        n_changed = tl.zeros(rows.shape, tl.int32)
+        n_moved = tl.zeros(rows.shape, tl.int32)
+        n_nonfinite = tl.zeros(rows.shape, tl.int32)
+        full = length // BLOCK
+        for chunk in tl.range(0, full, num_stages=STAGES):
+            counts = _adamw_chunk(
+                chunk * BLOCK + offs, chunk * (BLOCK // 8) + rows, length, index_base,
                 param_ptr, grad_ptr, exp_avg_ptr, exp_avg_sq_ptr, max_exp_avg_sq_ptr,
                 master_ptr, remainder_ptr, freeze_mask_ptr, change_bitmap_ptr,
-                cumulative_bitmap_ptr, counter_ptr, numel, element_offset,
-                scalars_row_ptr, sr_key_row_ptr, grad_scale_ptr, found_inf_ptr,
-                BLOCK, True,
+                cumulative_bitmap_ptr, skip, sr_key_ptr, grad_scale,
+                step_size, bc2_sqrt, lr_wd, beta1, one_minus_beta1, beta2, one_minus_beta2,
+                eps, True,
                 PARAM_BF16, GRAD_BF16, EXP_AVG_BF16, EXP_AVG_SQ_BF16, MAX_EXP_AVG_SQ_BF16,
                 HAS_MASTER, HAS_REMAINDER, STOCHASTIC, AMSGRAD, MAXIMIZE,
                 HAS_FREEZE_MASK, HAS_CHANGE_BITMAP, HAS_CUMULATIVE_BITMAP, HAS_COUNTERS,
-                HAS_GRAD_SCALE, HAS_FOUND_INF,
+                HAS_GRAD_SCALE, HAS_FOUND_INF, SR_ROW_CALLS, HW_BF16,
             )
             n_changed += counts[0]
             n_moved += counts[1]
             n_nonfinite += counts[2]
-        elif chunk * BLOCK < numel:
-            counts = _adamw_block(
-                chunk,
+        if full * BLOCK < length:
+            counts = _adamw_chunk(
+                full * BLOCK + offs, full * (BLOCK // 8) + rows, length, index_base,
                 param_ptr, grad_ptr, exp_avg_ptr, exp_avg_sq_ptr, max_exp_avg_sq_ptr,
                 master_ptr, remainder_ptr, freeze_mask_ptr, change_bitmap_ptr,
-                cumulative_bitmap_ptr, counter_ptr, numel, element_offset,
-                scalars_row_ptr, sr_key_row_ptr, grad_scale_ptr, found_inf_ptr,
-                BLOCK, False,
+                cumulative_bitmap_ptr, skip, sr_key_ptr, grad_scale,
+                step_size, bc2_sqrt, lr_wd, beta1, one_minus_beta1, beta2, one_minus_beta2,
+                eps, False,
                 PARAM_BF16, GRAD_BF16, EXP_AVG_BF16, EXP_AVG_SQ_BF16, MAX_EXP_AVG_SQ_BF16,
                 HAS_MASTER, HAS_REMAINDER, STOCHASTIC, AMSGRAD, MAXIMIZE,
                 HAS_FREEZE_MASK, HAS_CHANGE_BITMAP, HAS_CUMULATIVE_BITMAP, HAS_COUNTERS,
-                HAS_GRAD_SCALE, HAS_FOUND_INF,
+                HAS_GRAD_SCALE, HAS_FOUND_INF, SR_ROW_CALLS, HW_BF16,
             )
             n_changed += counts[0]
             n_moved += counts[1]
             n_nonfinite += counts[2]
-    _add_counts(counter_ptr, n_changed, n_moved, n_nonfinite, HAS_COUNTERS)
+        if HAS_COUNTERS:
+            # Item sums fit in int32 (ITEM < 2**31); the host zeroed the counters.
+            tl.atomic_add(counter_ptr + 0, tl.sum(n_changed, axis=0).to(tl.int64), sem="relaxed")
+            tl.atomic_add(counter_ptr + 1, tl.sum(n_moved, axis=0).to(tl.int64), sem="relaxed")
+            tl.atomic_add(counter_ptr + 2, tl.sum(n_nonfinite, axis=0).to(tl.int64),
+                          sem="relaxed")
 
 
 # ---------------------------------------------------------------------------------------
@@ -572,7 +599,7 @@ def adamw_table_kernel(
 def _interpreting() -> bool:
     from triton.runtime.interpreter import InterpretedFunction
 
-    return isinstance(_adamw_block, InterpretedFunction)
+    return isinstance(_adamw_chunk, InterpretedFunction)
 
 
 def _check(name: str, t: Tensor, dtypes: tuple, numel: int, device: torch.device) -> None:
@@ -636,9 +663,11 @@ def _is_bf16(t: Tensor | None) -> bool:
     return t is not None and t.dtype == torch.bfloat16
 
 
-def _layout(ops: _Operands, rounding: str) -> dict[str, bool]:
-    """The per-tensor compile-time flags but the grad's (:func:`_grad_flags`): dtypes and
-    which optional tensors are present."""
+def _layout(ops: _Operands, rounding: str, offset: int) -> dict[str, bool]:
+    """The per-tensor compile-time flags but the grad's (:func:`_grad_flags`): dtypes,
+    which optional tensors are present, and whether stochastic rounding can draw one Philox
+    call per row (always true without it, so such tensors are not split off)."""
+    stochastic = rounding == "stochastic" and _is_bf16(ops.param)
     return dict(
         PARAM_BF16=_is_bf16(ops.param),
         EXP_AVG_BF16=_is_bf16(ops.exp_avg),
@@ -646,7 +675,8 @@ def _layout(ops: _Operands, rounding: str) -> dict[str, bool]:
         MAX_EXP_AVG_SQ_BF16=_is_bf16(ops.max_exp_avg_sq),
         HAS_MASTER=ops.master is not None,
         HAS_REMAINDER=ops.remainder is not None,
-        STOCHASTIC=rounding == "stochastic" and _is_bf16(ops.param),
+        STOCHASTIC=stochastic,
+        SR_ROW_CALLS=not stochastic or offset % 8 == 0,
         HAS_FREEZE_MASK=ops.freeze_mask is not None,
         HAS_CHANGE_BITMAP=ops.change_bitmap is not None,
         HAS_CUMULATIVE_BITMAP=ops.cumulative_bitmap is not None,
@@ -659,15 +689,14 @@ def _grad_flags(dtype: torch.dtype) -> dict[str, bool]:
     return dict(GRAD_BF16=dtype == torch.bfloat16, GRAD_FP16=dtype == torch.float16)
 
 
-def _work_table(numels: tuple[int, ...], block: int, chunks_per_item: int = 1) -> Tensor:
-    """int32 [items, 2]: (tensor t, first chunk c) for every run of ``chunks_per_item``
-    BLOCK-element chunks of every tensor (a tensor's last run may be shorter)."""
-    items = torch.tensor([triton.cdiv(triton.cdiv(n, block), chunks_per_item) for n in numels],
-                         dtype=torch.int64)
-    tensor = torch.repeat_interleave(torch.arange(len(numels)), items)
-    first_item = torch.cumsum(items, 0) - items
-    first = (torch.arange(tensor.numel()) - first_item[tensor]) * chunks_per_item
-    return torch.stack([tensor, first], dim=1).to(torch.int32)
+def _work_table(numels: tuple[int, ...], item: int) -> Tensor:
+    """int32 [items, 2]: (tensor t, item k) for every run of ``item`` elements of every
+    tensor, elements k * item .. (k + 1) * item - 1 (a tensor's last run may be shorter)."""
+    counts = torch.tensor([triton.cdiv(n, item) for n in numels], dtype=torch.int64)
+    tensor = torch.repeat_interleave(torch.arange(len(numels)), counts)
+    first = torch.cumsum(counts, 0) - counts
+    k = torch.arange(tensor.numel()) - first[tensor]
+    return torch.stack([tensor, k], dim=1).to(torch.int32)
 
 
 def _to_device(t: Tensor, device: torch.device) -> Tensor:
@@ -726,13 +755,12 @@ class TableCache:
 
 
 # Pointer tables are small (n x 14 x 8 bytes) but change whenever a tensor gets new storage,
-# e.g. gradients set to None between steps; work tables (8 bytes per block of elements:
-# 14 MB for a 1.5B model at 1024-element blocks) depend only on sizes and block, so they
-# are cached apart and outlive moving gradients.
+# e.g. gradients set to None between steps; work tables (8 bytes per work item) depend only
+# on sizes and the item length, so they are cached apart and outlive moving gradients.
 pointer_tables = TableCache(capacity=64, max_bytes=64 * 2**20)
 """Int64 [n, len(TABLE_COLUMNS)] pointer tables, keyed by their rows."""
 work_tables = TableCache(capacity=16, max_bytes=256 * 2**20)
-"""Int32 [items, 2] work tables, keyed by block size and the numels of a group."""
+"""Int32 [items, 2] work tables, keyed by the item length and the numels of a group."""
 
 
 _BITMAP = (torch.uint8,)
@@ -740,7 +768,6 @@ _FLOATS = (torch.float32, torch.bfloat16)
 _FLOAT_SET = frozenset(_FLOATS)
 _GRAD_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 _GRAD_SET = frozenset(_GRAD_DTYPES)
-LAUNCHES = ("table", "per_tensor")
 
 
 def adamw(
@@ -765,9 +792,9 @@ def adamw(
     grad_scale: Tensor | None = None,
     found_inf: Tensor | None = None,
     block_size: int | None = None,
-    launch: str = "table",
+    item_size: int | None = None,
     num_warps: int | None = None,
-    chunks_per_program: int | None = None,
+    num_programs: int | None = None,
 ) -> None:
     """One AdamW step over a list of tensors, in place, in fused launches.
 
@@ -775,29 +802,29 @@ def adamw(
     on one device per param (CPU tensors need ``TRITON_INTERPRET=1``). ``masters`` and
     ``remainders`` need bf16 params; ``rounding`` only affects bf16 params.
 
-    Every tensor is checked before any is touched. The table launch remembers the last few
-    calls whose tensors passed (:class:`_Checked`): a call with the same tensors (by
-    identity), the params at the same addresses and the same element offsets checks only
-    the gradients, in bulk, and reuses its grouping and pointer rows. Tensors other than
-    params and grads are recognized by identity alone: give a state new storage as a new
-    tensor object, never by assigning its ``.data`` between calls.
+    Every tensor is checked before any is touched. The last few calls whose tensors passed
+    are remembered (:class:`_Checked`): a call with the same tensors (by identity), the
+    params at the same addresses and the same element offsets checks only the gradients,
+    in bulk, and reuses its grouping and pointer rows. Tensors other than params and grads
+    are recognized by identity alone: give a state new storage as a new tensor object,
+    never by assigning its ``.data`` between calls.
+
+    One launch of ``adamw_table_kernel`` per group of tensors with the same device and
+    layout (dtypes, optional tensors), its pointers in a device table cached in
+    :data:`pointer_tables`, its work items in :data:`work_tables`.
 
     Args:
-        block_size: elements per program, a power of two >= 8 (default:
+        block_size: elements per chunk, a power of two >= 8 (default:
             :data:`DEFAULT_BLOCK_GPU` on a GPU, :data:`DEFAULT_BLOCK_CPU` under the
             interpreter).
-        launch: ``"table"`` (default): one launch of ``adamw_table_kernel`` per group of
-            tensors with the same device and layout (dtypes, optional tensors), its pointers
-            in a device table cached in :data:`pointer_tables` (work items in
-            :data:`work_tables`); ``"per_tensor"``: one launch
-            of ``adamw_kernel`` per tensor, the simplest form, for debugging.
+        item_size: elements per work item, a multiple of the chunk size below 2**31
+            (default: :data:`DEFAULT_ITEM_GPU` on a GPU, :data:`DEFAULT_ITEM_CPU` under the
+            interpreter, each at least one chunk).
         num_warps: warps per program on a GPU, a power of two from 1 to 32 (default
-            :data:`DEFAULT_NUM_WARPS_GPU`); the benchmark's tuning sweep varies it with
-            ``block_size``.
-        chunks_per_program: consecutive blocks of one tensor each program of the table
-            launch steps, adding its counts to the counters once (default
-            :data:`DEFAULT_CHUNKS_GPU` on a GPU, :data:`DEFAULT_CHUNKS_CPU` under the
-            interpreter); the per-tensor launch always steps one.
+            :data:`DEFAULT_NUM_WARPS_GPU`).
+        num_programs: persistent programs per launch, at least 1 (default:
+            :data:`DEFAULT_PROGRAMS_PER_SM` per SM on a GPU, one per work item under the
+            interpreter); a launch never starts more programs than it has work items.
     """
     check_arguments(params, scalars=scalars, max_exp_avg_sqs=max_exp_avg_sqs, masters=masters,
                     remainders=remainders, rounding=rounding, sr_keys=sr_keys, amsgrad=amsgrad)
@@ -806,25 +833,37 @@ def adamw(
     if num_warps is not None and (not 1 <= num_warps <= 32 or num_warps & (num_warps - 1)):
         raise ValueError(f"num_warps must be a power of two from 1 to 32, got {num_warps}")
     warps = num_warps or DEFAULT_NUM_WARPS_GPU
-    if chunks_per_program is not None and not 1 <= chunks_per_program <= 4096:
-        raise ValueError(f"chunks_per_program must be from 1 to 4096, got {chunks_per_program}")
-    if launch not in LAUNCHES:
-        raise ValueError(f"launch must be 'table' or 'per_tensor', got {launch!r}")
+    if item_size is not None and not 0 < item_size < 2**31:
+        raise ValueError(f"item_size must be from 1 to 2**31 - 1, got {item_size}")
+    if num_programs is not None and num_programs < 1:
+        raise ValueError(f"num_programs must be at least 1, got {num_programs}")
     interpreting = _interpreting()
     statics = (params, exp_avgs, exp_avg_sqs, max_exp_avg_sqs if amsgrad else None, masters,
                remainders, freeze_masks, change_bitmaps, cumulative_bitmaps, counters)
     offsets = [0] * len(params) if element_offsets is None else element_offsets
-    checked = None
-    if launch == "table":
-        checked = _checked_calls.find(statics, offsets, rounding)
+    checked = _checked_calls.find(statics, offsets, rounding)
     tensors = None
     if checked is None or not _grads_fit(checked, grads):
         tensors = _check_all(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, masters,
                              remainders, freeze_masks, change_bitmaps, cumulative_bitmaps,
                              counters, element_offsets, amsgrad, interpreting)
         checked = _Checked(statics, offsets, rounding, tensors)
-        if launch == "table":
-            _checked_calls.add(checked, statics)
+        _checked_calls.add(checked, statics)
+
+    def shape_on(device: torch.device) -> tuple[int, int, int]:
+        """(chunk, item, most programs) of a launch on ``device``."""
+        gpu = device.type != "cpu"
+        block = block_size or (DEFAULT_BLOCK_GPU if gpu else DEFAULT_BLOCK_CPU)
+        item = item_size or max(block, DEFAULT_ITEM_GPU if gpu else DEFAULT_ITEM_CPU)
+        if item % block:
+            raise ValueError(f"item_size must be a multiple of block_size ({block}), got {item}")
+        programs = num_programs or (
+            DEFAULT_PROGRAMS_PER_SM * torch.cuda.get_device_properties(device).multi_processor_count
+            if gpu else 2**31 - 1)
+        return block, item, programs
+
+    # Launch shapes, checked before anything is touched.
+    shapes = {device: shape_on(device) for device in checked.devices}
 
     # Per-call operands, moved once per device (not once per tensor).
     per_device: dict[torch.device, dict[str, Tensor | None]] = {}
@@ -837,39 +876,13 @@ def adamw(
             found_inf=_found_inf_operand(found_inf, device) if found_inf is not None else None,
         )
 
-    # The kernels add block sums to the counters with atomics; zero them all in one op.
+    # The kernel adds item sums to the counters with atomics; zero them all in one op.
     zero = [c for c in counters if c is not None] if counters is not None else []
     if zero:
         torch._foreach_zero_(zero)
 
     call_flags = dict(AMSGRAD=bool(amsgrad), MAXIMIZE=bool(maximize),
                       HAS_GRAD_SCALE=grad_scale is not None, HAS_FOUND_INF=found_inf is not None)
-
-    def block_on(device: torch.device) -> int:
-        return block_size or (DEFAULT_BLOCK_GPU if device.type != "cpu" else DEFAULT_BLOCK_CPU)
-
-    def chunks_on(device: torch.device) -> int:
-        return chunks_per_program or (DEFAULT_CHUNKS_GPU if device.type != "cpu"
-                                      else DEFAULT_CHUNKS_CPU)
-
-    if launch == "per_tensor":
-        for i, ops, offset in tensors:  # checked above: this launch is not cached
-            numel = ops.param.numel()
-            if numel == 0:
-                continue
-            device = ops.param.device
-            on = per_device[device]
-            block = block_on(device)
-            key = on["sr_keys"][i] if rounding == "stochastic" else None
-            adamw_kernel[(triton.cdiv(numel, block),)](
-                _bits_view(ops.param), _bits_view(grads[i]),
-                *(_bits_view(t) if t is not None else None for t in ops[2:]),
-                on["scalars"][i], key, on["grad_scale"], on["found_inf"],
-                numel, offset,
-                BLOCK=block, **_layout(ops, rounding), GRAD_BF16=_is_bf16(grads[i]),
-                **call_flags, num_warps=warps, enable_fp_fusion=False,
-            )
-        return
 
     # One launch per group of tensors that share device and layout, in call order. Layouts
     # depend on the grads' dtypes and alignment too, so the grouping is redone when those
@@ -878,16 +891,17 @@ def adamw(
     grad_ptrs = [g.data_ptr() for g in grads]
     for (device, layout), members, static_rows, numels in checked.groups(grads, grad_ptrs):
         on = per_device[device]
-        block, chunks = block_on(device), chunks_on(device)
+        block, item, programs = shapes[device]
         member_grads = tuple(grad_ptrs[i] for i in members)
         table = pointer_tables.get(
             device, (static_rows, member_grads),
             lambda: _pointer_table(static_rows.value, member_grads))
-        work = work_tables.get(device, (block, chunks, numels),
-                               lambda: _work_table(numels, block, chunks))
-        adamw_table_kernel[(work.shape[0],)](
-            table, work, on["scalars"], on["sr_keys"], on["grad_scale"], on["found_inf"],
-            BLOCK=block, CHUNKS=chunks, **dict(layout), **call_flags,
+        work = work_tables.get(device, (item, numels), lambda: _work_table(numels, item))
+        items = work.shape[0]
+        adamw_table_kernel[(min(items, programs),)](
+            table, work, items, on["scalars"], on["sr_keys"], on["grad_scale"], on["found_inf"],
+            BLOCK=block, ITEM=item, STAGES=DEFAULT_STAGES_GPU, HW_BF16=not interpreting,
+            **dict(layout), **call_flags,
             num_warps=warps, enable_fp_fusion=False,
         )
 
@@ -963,7 +977,7 @@ class _Checked(CheckedCall):
         self.static_rows = []  # per tensor: its pointer-table row, grad column 0
         self.static_aligned = []  # per tensor: every pointer but the grad's 16-byte aligned
         for i, ops, offset in tensors:
-            self.static_layouts.append(tuple(sorted(_layout(ops, rounding).items())))
+            self.static_layouts.append(tuple(sorted(_layout(ops, rounding, offset).items())))
             others = [t for k, t in enumerate(ops) if k != 1 and t is not None]
             self.static_aligned.append(all(t.data_ptr() % 16 == 0 for t in others))
             self.static_rows.append(tuple(t.data_ptr() if t is not None and k != 1 else 0
