@@ -291,25 +291,32 @@ _COMPARE = {
 }
 
 
-# The Triton launch configurations ``--tune`` times (elements per block, warps, blocks per
-# program), default mode with per-step tracking. 4 elements per thread gives 16-byte fp32
-# and 8-byte bf16 accesses, 8 per thread 16-byte ones for both at more registers
-# (codegen.py reports them); more blocks per program cut per-program work and atomics.
-TUNE_GRID = ((1024, 4, 1), (1024, 8, 1), (2048, 8, 1), (2048, 16, 1), (1024, 8, 4),
-             (1024, 8, 16), (2048, 8, 8))
-_TUNED = ("DEFAULT_BLOCK_GPU", "DEFAULT_NUM_WARPS_GPU", "DEFAULT_CHUNKS_GPU")
+# The Triton launch configurations ``--tune`` times (elements per chunk, warps, pipeline
+# stages, persistent programs per SM), default mode with per-step tracking. Every entry keeps
+# 8 consecutive elements per thread (chunk = 256 x warps), so a bitmap byte is one thread's;
+# what each compiles to: ``python -m rlvr_optim.triton_kernels.codegen``. Only a GPU run
+# can pick among them.
+TUNE_GRID = ((1024, 4, 2, 4), (1024, 4, 1, 4), (1024, 4, 3, 4), (1024, 4, 2, 2),
+             (1024, 4, 2, 8), (2048, 8, 2, 2), (2048, 8, 2, 4), (512, 2, 2, 8))
+_TUNED = ("DEFAULT_BLOCK_GPU", "DEFAULT_NUM_WARPS_GPU", "DEFAULT_STAGES_GPU",
+          "DEFAULT_PROGRAMS_PER_SM")
 
 
-def _tuned(build: Callable, block: int, warps: int, chunks: int = 1) -> Callable:
-    """``build`` with the Triton backend's default block, warps and blocks per program set
-    to ``block``, ``warps`` and ``chunks`` around each step (and restored after), so a row
-    times that configuration."""
+def tune_label(config: tuple[int, ...]) -> str:
+    """How a :data:`TUNE_GRID` entry is named in its row."""
+    block, warps, stages, programs = config
+    return f"[BLOCK {block}, {warps} warps, {stages} stages, {programs} per SM]"
+
+
+def _tuned(build: Callable, *config: int) -> Callable:
+    """``build`` with the Triton backend's GPU launch defaults (:data:`_TUNED`) set to
+    ``config`` around each step (and restored after), so a row times that configuration."""
     from .triton_kernels import adamw as triton_adamw  # noqa: PLC0415
 
     def configured(fn):
         def call():
             saved = [getattr(triton_adamw, name) for name in _TUNED]
-            for name, value in zip(_TUNED, (block, warps, chunks)):
+            for name, value in zip(_TUNED, config):
                 setattr(triton_adamw, name, value)
             try:
                 return fn()
@@ -506,7 +513,7 @@ def run(
         graph: also time our default mode (tracking per step) replayed from a CUDA graph,
             per timed backend (rows marked unavailable without CUDA).
         tune: also time the Triton backend's default mode (tracking per step) at every
-            (block, warps, blocks per program) of :data:`TUNE_GRID` (group "tune").
+            (chunk, warps, stages, programs per SM) of :data:`TUNE_GRID` (group "tune").
         modes: names of :data:`OUR_MODES` to time (default all; ``()`` for none, e.g. a
             tuning run).
         jsonl: a file to append the run to as it goes (default None: none): first a header
@@ -582,12 +589,11 @@ def run(
                                    _ours(s, device, b, {}, False, "step", capturable=True)),
                              numel))
             if tune and backend == "triton":
-                for block, warps, chunks in TUNE_GRID:
-                    row = Row(f"rlvr_optim triton default, tracking step [BLOCK {block}, "
-                              f"{warps} warps, {chunks} per program]", "tune", preset,
-                              bytes_per_element=_our_bytes("default", "step"))
+                for config in TUNE_GRID:
+                    row = Row(f"rlvr_optim triton default, tracking step {tune_label(config)}",
+                              "tune", preset, bytes_per_element=_our_bytes("default", "step"))
                     build = (lambda s=shapes: _ours(s, device, "triton", {}, False, "step"))
-                    plan.append((row, _tuned(build, block, warps, chunks), numel))
+                    plan.append((row, _tuned(build, *config), numel))
     copy_bytes = (1 << 30) if device.type == "cuda" else (1 << 26)
     header = {
         "environment": environment(device),

@@ -81,19 +81,17 @@ def test_cpu_result_schema_and_every_anchor_accounted_for(result):
 def test_tune_rows_time_each_triton_configuration_and_restore_the_default():
     from rlvr_optim.triton_kernels import adamw as triton_adamw
 
-    before = (triton_adamw.DEFAULT_BLOCK_GPU, triton_adamw.DEFAULT_NUM_WARPS_GPU,
-              triton_adamw.DEFAULT_CHUNKS_GPU)
+    before = [getattr(triton_adamw, name) for name in bench._TUNED]
     result = bench.run(presets=("cpu-tiny",), device="cpu", steps=1, warmup=0, progress=False,
                        backends_to_time=("triton",), anchors=("torch fused",), graph=False,
                        tune=True, tracks=("step",), modes=())
     assert not [r for r in result["rows"] if r["group"] == "ours" and r["status"] == "ok"]
     tune = [r for r in result["rows"] if r["group"] == "tune"]
     assert [r["name"] for r in tune] == [
-        f"rlvr_optim triton default, tracking step [BLOCK {b}, {w} warps, {c} per program]"
-        for b, w, c in bench.TUNE_GRID]
+        f"rlvr_optim triton default, tracking step {bench.tune_label(c)}"
+        for c in bench.TUNE_GRID]
     assert all(r["status"] == "ok" and "torch fused" in r["speedup"] for r in tune), tune
-    assert (triton_adamw.DEFAULT_BLOCK_GPU, triton_adamw.DEFAULT_NUM_WARPS_GPU,
-            triton_adamw.DEFAULT_CHUNKS_GPU) == before
+    assert [getattr(triton_adamw, name) for name in bench._TUNED] == before
     with pytest.raises(ValueError, match="unknown anchor"):
         bench.run(presets=("cpu-tiny",), device="cpu", anchors=("torch slow",), progress=False)
     with pytest.raises(ValueError, match="unknown mode"):
@@ -106,14 +104,13 @@ def test_tuned_step_sees_its_configuration():
     from rlvr_optim.triton_kernels import adamw as triton_adamw
 
     def now():
-        return (triton_adamw.DEFAULT_BLOCK_GPU, triton_adamw.DEFAULT_NUM_WARPS_GPU,
-                triton_adamw.DEFAULT_CHUNKS_GPU)
+        return tuple(getattr(triton_adamw, name) for name in bench._TUNED)
 
     seen = []
-    step = bench._tuned(lambda: (None, None, lambda: seen.append(now())), 2048, 16, 4)
+    step = bench._tuned(lambda: (None, None, lambda: seen.append(now())), 2048, 8, 3, 2)
     before = now()
     step()[2]()
-    assert seen == [(2048, 16, 4)]
+    assert seen == [(2048, 8, 3, 2)]
     assert now() == before
 
 
