@@ -52,11 +52,16 @@ does not fit in an int16. So in the remainder form the bf16 param can differ fro
 nearest-even image of the same fp32 value at exact ties (one bf16 ULP, rare).
 
 Random bits for stochastic rounding come from Philox4x32-10 (Salmon et al., SC'11), the
-generator behind Triton's ``tl.randint``. Per tensor and step the host derives a 64-bit
-key (:func:`stochastic_rounding_keys`) from (seed, step, tensor key); each element then
-draws ``philox(key, (idx_lo, idx_hi, 0, 0))[0] & 0xFFFF`` where ``idx`` is the element's
-index in the whole (global) tensor. That equals ``tl.randint(key, idx)`` and does not
-depend on launch shape, backend or sharding.
+generator behind Triton's ``tl.randint4x``. Per tensor and step the host derives a 64-bit
+key (:func:`stochastic_rounding_keys`) from (seed, step, tensor key). One Philox call serves
+8 consecutive elements: element ``idx`` (its index in the whole, global tensor) takes the
+16-bit half ``idx & 7`` of the 128-bit output for the counter ``idx >> 3``::
+
+    words = philox(key, (c_lo, c_hi, 0, 0))   with c = idx >> 3   (= tl.randint4x(key, c))
+    r16   = (words[(idx & 7) >> 1] >> (16 * (idx & 1))) & 0xFFFF   (low half when idx is even)
+
+The draw is a pure function of (key, idx), so it does not depend on launch shape, backend
+or sharding; a shard may start at any index, not only at a multiple of 8.
 
 Freeze masks (packed bitmaps, bit 1 = trained): a frozen element keeps its param, states
 and master bit for bit, and contributes nothing to bitmaps or counters.
@@ -249,11 +254,20 @@ def stochastic_rounding_keys(seed: int, steps: Tensor, tensor_keys: Tensor) -> T
 
 
 def _random16(key: Tensor, first_index: int, numel: int, device: torch.device) -> Tensor:
-    """The 16 random bits of elements first_index .. first_index + numel - 1."""
+    """The 16 random bits of elements first_index .. first_index + numel - 1.
+
+    One Philox call per 8 consecutive global indices; see the module docstring.
+    """
     index = torch.arange(first_index, first_index + numel, device=device, dtype=torch.int64)
-    zero = torch.zeros_like(index)
-    x0, _, _, _ = philox4x32((key[0], key[1]), (index & MASK32, index >> 32, zero, zero))
-    return x0 & 0xFFFF
+    first_call = first_index >> 3
+    # Each call that any of these elements needs, once, and each element picks its half.
+    call = torch.arange(first_call, ((first_index + numel + 7) >> 3), device=device,
+                        dtype=torch.int64)
+    zero = torch.zeros_like(call)
+    words = torch.stack(philox4x32((key[0], key[1]), (call & MASK32, call >> 32, zero, zero)),
+                        dim=1)
+    word = words[(index >> 3) - first_call, (index & 7) >> 1]
+    return (word >> (16 * (index & 1))) & 0xFFFF
 
 
 # ---------------------------------------------------------------------------------------

@@ -2,8 +2,8 @@
 
 bf16 conversions against torch's own cast and direct integer formulas, the remainder
 split, Philox4x32-10 against Triton's ``tl.randint4x`` (run by the interpreter on CPU) and
-the Random123 known-answer vectors, the stochastic-rounding key derivation and the host
-scalars.
+the Random123 known-answer vectors, the per-element stochastic-rounding draw (8 elements per
+Philox call) and its statistics, the stochastic-rounding key derivation and the host scalars.
 """
 
 import math
@@ -417,15 +417,102 @@ def test_triton_uses_both_seed_and_offset_words():
     assert torch.equal(d, _reference_randint(7, offsets + 2**32))
 
 
-def test_random16_is_triton_randint():
-    # The per-element SR draw of the reference is tl.randint(key, global index) & 0xFFFF.
-    for key_lo, key_hi, first in [(0x1234, 0xABCDEF01, 0), (MASK32, 0x80000000, 2**32 - 10)]:
-        key = torch.tensor([key_lo, key_hi], dtype=torch.int64)
-        r16 = R._random16(key, first, 37, torch.device("cpu"))
-        index = torch.arange(first, first + 37, dtype=torch.int64)
-        _, t1 = _triton_randint(key_lo | key_hi << 32, index)
-        assert torch.equal(r16, t1 & 0xFFFF)
-        assert int(r16.min()) >= 0 and int(r16.max()) <= 0xFFFF
+def _triton_random16(key_lo: int, key_hi: int, index: torch.Tensor) -> torch.Tensor:
+    """The spec's per-element draw built from tl.randint4x: half (i & 7) of call i >> 3."""
+    words, _ = _triton_randint(key_lo | key_hi << 32, index >> 3)
+    rows = torch.arange(index.numel())
+    word = words[rows, (index & 7) >> 1]
+    return (word >> (16 * (index & 1))) & 0xFFFF
+
+
+@pytest.mark.parametrize(
+    "key_lo,key_hi,first,numel",
+    [
+        (0x1234, 0xABCDEF01, 0, 37),
+        (MASK32, 0x80000000, 2**32 - 10, 37),  # index crosses 2**32
+        (7, 0, 2**35 - 13, 29),  # counter crosses 2**32: its high word is used
+        (0, 1, 3, 1),  # one element, not at a multiple of 8
+    ],
+)
+def test_random16_is_triton_randint4x_halves(key_lo, key_hi, first, numel):
+    key = torch.tensor([key_lo, key_hi], dtype=torch.int64)
+    r16 = R._random16(key, first, numel, torch.device("cpu"))
+    index = torch.arange(first, first + numel, dtype=torch.int64)
+    assert torch.equal(r16, _triton_random16(key_lo, key_hi, index))
+    assert int(r16.min()) >= 0 and int(r16.max()) <= 0xFFFF
+
+
+def test_random16_element_to_bits_mapping_known_answer():
+    # Random123's first known answer (key 0, counter 0) serves elements 0..7: element i takes
+    # word i >> 1, low half for even i. Element 8 starts the next call (counter 1).
+    words = RANDOM123_KAT[0][2]
+    expected = [(words[i >> 1] >> (16 * (i & 1))) & 0xFFFF for i in range(8)]
+    assert expected == [0xE8D5, 0x6627, 0xC58D, 0xE169, 0xAC4C, 0xBC57, 0xDBD8, 0x9B00]
+    key = torch.tensor([0, 0], dtype=torch.int64)
+    r16 = R._random16(key, 0, 16, torch.device("cpu"))
+    assert r16[:8].tolist() == expected
+    one = tuple(torch.tensor([w]) for w in (1, 0, 0, 0))
+    call1 = [int(w[0]) for w in R.philox4x32((0, 0), one)]
+    assert r16[8:].tolist() == [(call1[i >> 1] >> (16 * (i & 1))) & 0xFFFF for i in range(8)]
+    # Control: the old one-call-per-element draw (word 0 of counter i) is a different stream.
+    assert r16[1:8].tolist() != [int(R.philox4x32((0, 0), tuple(
+        torch.tensor([w]) for w in (i, 0, 0, 0)))[0][0]) & 0xFFFF for i in range(1, 8)]
+
+
+@pytest.mark.parametrize("base", [0, 2**32 - 21, 2**40 + 5])
+def test_random16_shard_offset_invariance(base):
+    # A shard starting anywhere (not only at multiples of 8) draws the bits of the same
+    # global indices as the whole tensor.
+    key = torch.tensor([0x9E3779B9, 0x7F4A7C15], dtype=torch.int64)
+    cpu = torch.device("cpu")
+    whole = R._random16(key, base, 1000, cpu)
+    for start, length in [(0, 1000), (1, 7), (3, 8), (7, 9), (8, 16), (13, 500), (993, 7),
+                          (999, 1), (500, 0)]:
+        shard = R._random16(key, base + start, length, cpu)
+        assert torch.equal(shard, whole[start:start + length]), (start, length)
+    # Control: a different key gives a different stream over the same indices.
+    other = R._random16(key + torch.tensor([1, 0]), base, 1000, cpu)
+    assert (other != whole).float().mean() > 0.99
+
+
+def _sr_statistics_failures(rounded: torch.Tensor, value_bits: int) -> list[str]:
+    """What is wrong with bf16 patterns from rounding one fp32 value at many indices.
+
+    Checks, at 5 sigma: both neighbours only; the share rounded up is (low half) / 2**16
+    (unbiased); within each group of 8 elements (one Philox call) the up/down choices are
+    independent: the number of groups whose 8 choices agree is binomial.
+    """
+    floor, ceil = value_bits >> 16, (value_bits >> 16) + 1
+    if not bool(((rounded == floor) | (rounded == ceil)).all()):
+        return ["not a neighbour"]
+    failures = []
+    up = (rounded == ceil).double()
+    n = up.numel()
+    p = (value_bits & 0xFFFF) / 65536
+    if abs(up.mean().item() - p) > 5 * math.sqrt(p * (1 - p) / n):
+        failures.append(f"share rounded up {up.mean().item():.5f}, expected {p:.5f}")
+    groups = up.reshape(-1, 8).sum(dim=1)
+    agree = ((groups == 0) | (groups == 8)).double()
+    q = p**8 + (1 - p) ** 8
+    if abs(agree.mean().item() - q) > 5 * math.sqrt(q * (1 - q) / agree.numel()):
+        failures.append(f"{agree.mean().item():.5f} of groups of 8 agree, expected {q:.5f}")
+    return failures
+
+
+@pytest.mark.parametrize("value_bits", [0x3F808000, 0xBF813000, 0x4049C001])
+def test_sr_statistics_with_negative_controls(value_bits):
+    n = 2**17
+    key = torch.tensor([0x2468ACE0, 0x13579BDF], dtype=torch.int64)
+    bits = torch.full((n,), value_bits, dtype=torch.int64)
+    r16 = R._random16(key, 5, n, torch.device("cpu"))  # starts off a multiple of 8
+    assert _sr_statistics_failures(R.fp32_to_bf16_bits_stochastic(bits, r16), value_bits) == []
+    # Negative controls, each caught by one of the checks: nearest rounding is biased, and
+    # one draw shared by the 8 elements of a call makes the groups agree far too often.
+    nearest = R.fp32_to_bf16_bits_nearest(bits)
+    assert _sr_statistics_failures(nearest, value_bits) != []
+    shared = r16.reshape(-1, 8)[:, :1].expand(-1, 8).reshape(-1)
+    failures = _sr_statistics_failures(R.fp32_to_bf16_bits_stochastic(bits, shared), value_bits)
+    assert any("groups of 8" in f for f in failures), failures
 
 
 # ---------------------------------------------------------------------------------------
