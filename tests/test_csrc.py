@@ -77,7 +77,9 @@ FEATURES = {
                                            grad_scale=3.0),
     "maximize-skip-offset-othergrad": dict(
         maximize=True, freeze=True, nonfinite=True, found_inf=(0.0, 1.0, 0.0),
-        element_offset=2**32 - 600,  # the global index crosses the low Philox counter word
+        # Not a multiple of 8, so a thread's 8 elements span two Philox calls, and the
+        # counter (index >> 3) crosses 2**32: its high word matters.
+        element_offset=2**35 - 603,
         other_grad_dtype=True,
     ),
     "untracked-amsgrad": dict(amsgrad=True, track=False, nonfinite=True),
@@ -130,6 +132,9 @@ def host_lib():
     lib.rlvr_optim_host_adamw.restype = i32
     lib.rlvr_optim_host_philox.argtypes = [ptr, ptr, ptr, i64]
     lib.rlvr_optim_host_philox.restype = None
+    u32, u64 = ctypes.c_uint32, ctypes.c_uint64
+    lib.rlvr_optim_host_random16.argtypes = [u32, u32, u64, ptr, i64]
+    lib.rlvr_optim_host_random16.restype = None
     return lib
 
 
@@ -430,6 +435,19 @@ def test_philox_matches_reference_on_random_words(host_lib):
     k = [torch.from_numpy(keys[:, i].astype(np.int64)) for i in range(2)]
     expected = torch.stack(R.philox4x32((k[0], k[1]), tuple(c)), dim=1).numpy()
     np.testing.assert_array_equal(got.astype(np.int64), expected)
+
+
+@pytest.mark.parametrize("first,numel", [(0, 64), (5, 40), (2**35 - 13, 30), (2**40 + 7, 1)])
+def test_random16_matches_reference(host_lib, first, numel):
+    # One Philox call per 8 global indices, each index its own 16-bit half, from any first
+    # index (a shard need not start at a multiple of 8).
+    key = (0x8BADF00D, 0x0DDBA11)
+    out = np.zeros(numel, dtype=np.uint32)
+    host_lib.rlvr_optim_host_random16(key[0], key[1], first, out.ctypes.data, numel)
+    expected = R._random16(torch.tensor(key), first, numel, torch.device("cpu"))
+    np.testing.assert_array_equal(out.astype(np.int64), expected.numpy())
+    # Control: the low and high halves of one call differ (the mapping is not one half).
+    assert numel == 1 or len(set(out.tolist())) > numel // 2
 
 
 # ---------------------------------------------------------------------------------------
