@@ -174,6 +174,7 @@ class LoopPath:
     instructions: int  # on the path, NOPs excluded
     accesses: list[tuple[int, bool]]  # (bytes, is a load) of each global access on the path
     span: tuple[int, int]
+    code: list[Instruction]  # the path's instructions
 
 
 def steady_state_path(code: list[Instruction]) -> LoopPath:
@@ -198,16 +199,16 @@ def steady_state_path(code: list[Instruction]) -> LoopPath:
     # best[i]: (global bytes, -instructions, accesses) of the best path from the head to the
     # start of block i; blocks come in address order and only forward edges are followed.
     best: list[tuple | None] = [None] * len(blocks)
-    best[0] = (0, 0, [])
+    best[0] = (0, 0, [], [])
     result = None
     for i, block in enumerate(blocks):
         if best[i] is None or cold(block):
             continue
-        nbytes, neg, accesses = best[i]
+        nbytes, neg, accesses, taken = best[i]
         here = [(ins.global_bytes(), ins.base in ("LDG", "LD"))
                 for ins in block if ins.global_bytes()]
         state = (nbytes + sum(b for b, _ in here), neg - sum(1 for ins in block if ins.base != "NOP"),
-                 accesses + here)
+                 accesses + here, taken + [ins for ins in block if ins.base != "NOP"])
         last = block[-1]
         successors = []
         if last.base == "BRA" and last.target is not None:
@@ -225,7 +226,8 @@ def steady_state_path(code: list[Instruction]) -> LoopPath:
                 best[j] = state
     if result is None:
         raise ValueError("the steady-state loop has no path from its head to its back edge")
-    return LoopPath(instructions=-result[1], accesses=result[2], span=(head, tail))
+    return LoopPath(instructions=-result[1], accesses=result[2], span=(head, tail),
+                    code=result[3])
 
 
 def vector_loads_per_8(mode: str) -> int:

@@ -104,7 +104,13 @@ RLVR_HD float bf16_bits_to_fp32(uint32_t bits) { return fp32_from_bits(bits << 1
 
 RLVR_HD bool is_nan_bits(uint32_t bits) { return (bits & 0x7FFFFFFFu) > 0x7F800000u; }
 
-RLVR_HD bool is_finite(float x) { return (fp32_bits(x) & 0x7F800000u) != 0x7F800000u; }
+RLVR_HD bool is_finite(float x) {
+#if defined(__CUDA_ARCH__)
+  return fabsf(x) < INFINITY;  // one compare (false for NaN)
+#else
+  return (fp32_bits(x) & 0x7F800000u) != 0x7F800000u;
+#endif
+}
 
 // Nearest with ties to even; NaN becomes a quiet NaN. No uint32 wrap-around: the largest
 // non-NaN pattern, 0xFF800000 (-inf), plus 0x8000 fits.
@@ -125,6 +131,21 @@ RLVR_HD uint32_t round_nearest_bf16_computed(float x) {
   return x != x ? 0x7FC0u : bits;
 #else
   return round_nearest_bf16(fp32_bits(x));
+#endif
+}
+
+// Two computed values at once, `lo` in the low half: the kernel's bf16 state stores. On the
+// GPU one cvt.rn.bf16x2.f32; the same bits as two round_nearest_bf16_computed calls.
+RLVR_HD uint32_t round_nearest_bf16x2_computed(float lo, float hi) {
+#if defined(__CUDA_ARCH__)
+  const __nv_bfloat162 pair = __floats2bfloat162_rn(lo, hi);
+  uint32_t bits = static_cast<uint32_t>(__bfloat16_as_ushort(pair.x)) |
+                  (static_cast<uint32_t>(__bfloat16_as_ushort(pair.y)) << 16);
+  if (lo != lo) bits = (bits & 0xFFFF0000u) | 0x7FC0u;
+  if (hi != hi) bits = (bits & 0x0000FFFFu) | 0x7FC00000u;
+  return bits;
+#else
+  return round_nearest_bf16_computed(lo) | (round_nearest_bf16_computed(hi) << 16);
 #endif
 }
 
@@ -163,7 +184,11 @@ RLVR_HD float maximum(float a, float b) { return (a > b || a != a) ? a : b; }
 constexpr uint32_t kCanonicalNanBits = 0x7FC00000u;
 
 RLVR_HD float canonical_nan(float x) {
+#if defined(__CUDA_ARCH__)
+  return x != x ? fp32_from_bits(kCanonicalNanBits) : x;  // one compare, one select
+#else
   return is_nan_bits(fp32_bits(x)) ? fp32_from_bits(kCanonicalNanBits) : x;
+#endif
 }
 
 // ---------------------------------------------------------------------------------------

@@ -8,7 +8,7 @@ On any machine (each part skips cleanly when its compiler is missing):
   sizes, several seeds, three steps, NaN/Inf grads, grad_scale and found_inf, rounding
   edge patterns; Philox4x32-10 against the Random123 known answers and the reference;
 - every csrc/*.cu compiled by nvcc for sm_80 and sm_90: ptxas reports no stack frame and
-  no spill for any kernel instantiation (all 96 variants per arch), and the objects link
+  no spill for any kernel instantiation (all 192 variants per arch), and the objects link
   into rlvr_optim._C, which imports without a GPU and agrees with cuda_backend.py;
 - cuda_backend's argument checks, signature and "cannot build" message.
 
@@ -50,7 +50,9 @@ ROOT = Path(__file__).resolve().parent.parent
 CSRC = ROOT / "csrc"
 ARCHS = ("80", "90")
 STORE_MODES = ("nearest", "stochastic", "master_nearest", "master_stochastic", "remainder")
-KERNELS_PER_ARCH = 16 + 16 * 5  # fp32 params: nearest only; bf16 params: every store mode
+# fp32 params: nearest only; bf16 params: every store mode; x 32 combinations of the other
+# flags (grad, state dtypes, amsgrad, tracking, grad_scale).
+KERNELS_PER_ARCH = 32 + 32 * 5
 
 SIZES = [1, 7, 8, 33, 4099, 2 * 2048 + 13]  # the last spans three tiles of the kernel
 SEEDS = [0, 1, 2]
@@ -252,8 +254,16 @@ def test_every_kernel_compiles_for_sm80_and_sm90_without_spills_or_stack(nvcc_bu
            if f["stack"] or f["spill_stores"] or f["spill_loads"]]
     assert not bad, ("local memory in (arch, variant, stack bytes, spill stores, spill loads, "
                      f"registers): {bad}")
-    # Two blocks of 256 threads per multiprocessor (__launch_bounds__(256, 2)).
-    assert max(f["registers"] for f in kernels) <= 128
+    # __launch_bounds__(256, Variant::kMinBlocks): two blocks of 256 threads per
+    # multiprocessor (at most 128 registers), one for amsgrad and the fp32 master forms.
+    def register_limit(name):
+        m = _VARIANT.search(name)
+        one_block = int(m.group(2)) & 8 or int(m.group(1)) in (2, 3)
+        return 255 if one_block else 128
+
+    over = [(f["arch"], _variant_name(f["name"]), f["registers"]) for f in kernels
+            if f["registers"] > register_limit(f["name"])]
+    assert not over, f"more registers than the launch bounds allow: {over}"
 
 
 @pytest.fixture(scope="module")
@@ -280,24 +290,28 @@ def test_extension_links_imports_without_gpu_and_matches_backend(linked_ext):
     assert tuple(ext.STORE_MODES) == STORE_MODES
     assert ext.TILE_ELEMENTS % 256 == 0
     assert ext.table_int64s(3) == 4 * len(cuda_backend.ROW_FIELDS) + 3 * 3 + 1
-    variants = {ext.variant(store, True, g, s, a, t) for store in range(5)
-                for g in (False, True) for s in (False, True) for a in (False, True)
-                for t in (False, True)}
-    variants |= {ext.variant(0, False, g, s, a, t) for g in (False, True)
-                 for s in (False, True) for a in (False, True) for t in (False, True)}
+    flags = [(g, s, a, t, c) for g in (False, True) for s in (False, True)
+             for a in (False, True) for t in (False, True) for c in (False, True)]
+    variants = {ext.variant(store, True, *f) for store in range(5) for f in flags}
+    variants |= {ext.variant(0, False, *f) for f in flags}
     assert len(variants) == KERNELS_PER_ARCH
     for store in range(1, 5):
         with pytest.raises(ValueError, match="fp32 params"):
-            ext.variant(store, False, False, False, False, False)
+            ext.variant(store, False, False, False, False, False, False)
     with pytest.raises(ValueError, match="store mode"):
-        ext.variant(5, True, False, False, False, False)
+        ext.variant(5, True, False, False, False, False, False)
+    # A grad_scale variant launched without a grad_scale is refused before any launch.
+    scaled = ext.variant(0, True, True, True, False, False, True)
+    with pytest.raises(ValueError, match="divides by grad_scale"):
+        ext.launch_adamw(scaled, 1 << 20, 1, 1, False, 1 << 20, 0, 0, 0, False, 0, 0)
 
     # The table of three tensors, one empty, one misaligned (built on the CPU here).
     base = 1 << 20
     columns = {
         "param": [base, base + 4096, base + 8194], "grad": [base + 16384] * 3,
         "exp_avg": [base] * 3, "exp_avg_sq": [base] * 3,
-        "change_bitmap": [base, base + 32, base + 65], "numel": [5000, 0, 2049],
+        "change_bitmap": [base, base + 32, base + 65], "freeze_mask": [0, base + 4, base],
+        "numel": [5000, 0, 2049],
         "element_offset": [0, 0, 7], "scalar_row": [4, 5, 6],
     }
     table = cuda_backend._build_table(ext, columns, columns["numel"], torch.device("cpu"))
@@ -305,7 +319,8 @@ def test_extension_links_imports_without_gpu_and_matches_backend(linked_ext):
     rows = table.buffer[: 4 * 16].reshape(4, 16)
     col = {name: i for i, name in enumerate(ext.ROW_FIELDS)}
     assert rows[:, col["first_tile"]].tolist() == [0, 3, 3, 5]
-    assert rows[:3, col["flags"]].tolist() == [3, 3, 0]  # 8194 and 65: not aligned
+    # 8194 and 65: not aligned; a freeze mask at +4 is not 8-byte aligned (no vector path).
+    assert rows[:3, col["flags"]].tolist() == [3, 1, 0]
     assert rows[:3, col["scalar_row"]].tolist() == [4, 5, 6]
     assert rows[3].tolist()[: col["first_tile"]] == [0] * col["first_tile"]
     assert not table.buffer[4 * 16:].any()  # workspace and ticket start at zero
@@ -904,6 +919,19 @@ def test_cuda_tensor_lists_mixed_layouts_and_misaligned_views(cuda_device, round
         _call(cuda_backend.adamw, got, [g.clone() for g in grads], **kwargs)
         for i, (r, g) in enumerate(zip(ref, got)):
             _compare(r, g, f"tensor {i} step {step}")
+
+
+@pytest.mark.gpu
+def test_hardware_bf16_rounding_equals_spec_on_all_fp32_patterns(cuda_device):
+    # The kernels round computed values with cvt.rn.bf16(x2).f32 and set NaN lanes to
+    # 0x7FC0; the spec is the integer formula. Seconds on a GPU.
+    ext = cuda_backend.load_extension()
+    index = cuda_device.index if cuda_device.index is not None else torch.cuda.current_device()
+    mismatches, first = ext.bf16_rounding_check(index)
+    assert mismatches == 0, f"{mismatches} patterns differ, first {first:#010x}"
+    # Negative control: against truncation the same comparison fails.
+    control, _ = ext.bf16_rounding_check(index, control=True)
+    assert control > 2**30
 
 
 @pytest.mark.gpu

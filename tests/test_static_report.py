@@ -29,12 +29,9 @@ sys.modules["static_report"] = S  # dataclasses look their module up there
 _spec.loader.exec_module(S)
 
 BUDGET = {"default": 90, "stochastic": 105, "stochastic-fp32-states": 105}
-# (backend, mode) over budget today, with the number the report gives (issue #12).
-OVER_BUDGET = {
-    ("cuda", "default"): 113.2,
-    ("cuda", "stochastic"): 165.9,
-    ("cuda", "stochastic-fp32-states"): 150.4,
-}
+# (backend, mode) over budget today, with the number the report gives (issue #12); none of
+# the CUDA rows is. The Triton rows skip until triton_kernels.codegen.static_rows exists.
+OVER_BUDGET: dict[tuple[str, str], float] = {}
 
 
 # ---------------------------------------------------------------------------------------
