@@ -14,7 +14,8 @@ On any machine (each part skips cleanly when its compiler is missing):
 
 On a GPU (``@pytest.mark.gpu``): cuda_backend.adamw against the reference on CUDA
 tensors: the same matrix, lists of mixed layouts with misaligned views, many tensors in
-one launch, a tensor of more than 2**31 elements, and a step replayed in a CUDA graph.
+one launch, a tensor of more than 2**31 elements, and a step replayed in a CUDA graph;
+the kernels' hardware bf16 rounding against the spec on all 2**32 fp32 patterns.
 
 Compiled artifacts are cached per source hash under ``$RLVR_OPTIM_CACHE`` (default
 ``~/.cache/rlvr_optim``), so only the first run pays for nvcc (about a minute on 2 cores).
@@ -245,7 +246,8 @@ def test_every_kernel_compiles_for_sm80_and_sm90_without_spills_or_stack(nvcc_bu
     functions = [f for stem, log in nvcc_build.logs.items() for f in parse_ptxas(log)]
     kernels = [f for f in functions if f["entry"]]
     for arch in ARCHS:
-        names = {f["name"] for f in kernels if f["arch"] == f"sm_{arch}"}
+        names = {f["name"] for f in kernels  # binding.cu adds the rounding check's kernel
+                 if f["arch"] == f"sm_{arch}" and "adamw_kernel" in f["name"]}
         assert len(names) == KERNELS_PER_ARCH, f"sm_{arch}: {len(names)} kernels in the report"
     missing = [f["name"] for f in functions if "stack" not in f]
     assert not missing, f"no stack/spill line for {missing[:3]}"
@@ -255,14 +257,13 @@ def test_every_kernel_compiles_for_sm80_and_sm90_without_spills_or_stack(nvcc_bu
     assert not bad, ("local memory in (arch, variant, stack bytes, spill stores, spill loads, "
                      f"registers): {bad}")
     # __launch_bounds__(256, Variant::kMinBlocks): two blocks of 256 threads per
-    # multiprocessor (at most 128 registers), one for amsgrad and the fp32 master forms.
-    def register_limit(name):
-        m = _VARIANT.search(name)
-        one_block = int(m.group(2)) & 8 or int(m.group(1)) in (2, 3)
+    # multiprocessor (at most 128 registers), one for amsgrad, fp32 master and remainder.
+    def register_limit(variant):
+        one_block = int(variant.group(2)) & 8 or int(variant.group(1)) in (2, 3, 4)
         return 255 if one_block else 128
 
     over = [(f["arch"], _variant_name(f["name"]), f["registers"]) for f in kernels
-            if f["registers"] > register_limit(f["name"])]
+            if (v := _VARIANT.search(f["name"])) and f["registers"] > register_limit(v)]
     assert not over, f"more registers than the launch bounds allow: {over}"
 
 
