@@ -11,12 +11,18 @@
 // host plain IEEE fp32 arithmetic, compiled with -ffp-contract=off, and the square root
 // taken in double and rounded once, like the reference (53 >= 2 * 24 + 2 bits, so the
 // double rounding is innocuous). bf16 conversions are integer operations on the fp32
-// bit pattern, exactly the reference's formulas.
+// bit pattern, exactly the reference's formulas, except that on the GPU a computed value
+// is rounded to nearest by the hardware conversion, which gives the same bits on every
+// value the step computes (round_nearest_bf16_computed).
 #pragma once
 
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+
+#if defined(__CUDACC__)
+#include <cuda_bf16.h>
+#endif
 
 #if defined(__CUDACC__)
 #define RLVR_HD __host__ __device__ __forceinline__
@@ -103,13 +109,49 @@ RLVR_HD float bf16_bits_to_fp32(uint32_t bits) { return fp32_from_bits(bits << 1
 
 RLVR_HD bool is_nan_bits(uint32_t bits) { return (bits & 0x7FFFFFFFu) > 0x7F800000u; }
 
-RLVR_HD bool is_finite(float x) { return (fp32_bits(x) & 0x7F800000u) != 0x7F800000u; }
+RLVR_HD bool is_finite(float x) {
+#if defined(__CUDA_ARCH__)
+  return fabsf(x) < INFINITY;  // one compare (false for NaN)
+#else
+  return (fp32_bits(x) & 0x7F800000u) != 0x7F800000u;
+#endif
+}
 
 // Nearest with ties to even; NaN becomes a quiet NaN. No uint32 wrap-around: the largest
 // non-NaN pattern, 0xFF800000 (-inf), plus 0x8000 fits.
 RLVR_HD uint32_t round_nearest_bf16(uint32_t bits) {
   if (is_nan_bits(bits)) return (bits >> 16) | 0x0040u;
   return (bits + 0x7FFFu + ((bits >> 16) & 1u)) >> 16;
+}
+
+// The bf16 pattern of a value the step computed, in which every NaN is the canonical
+// 0x7FC00000 (canonical_nan): on the GPU one hardware conversion (cvt.rn.bf16.f32) with NaN
+// lanes set to 0x7FC0, elsewhere the integer formula; the two agree on every non-NaN
+// pattern and on the canonical NaN (tests/test_csrc.py checks all 2**32 patterns on a GPU),
+// but not on other NaNs, whose spec image keeps their sign and payload: a stored pattern
+// (an fp32 param before the step) goes through round_nearest_bf16.
+RLVR_HD uint32_t round_nearest_bf16_computed(float x) {
+#if defined(__CUDA_ARCH__)
+  const uint32_t bits = static_cast<uint32_t>(__bfloat16_as_ushort(__float2bfloat16_rn(x)));
+  return x != x ? 0x7FC0u : bits;
+#else
+  return round_nearest_bf16(fp32_bits(x));
+#endif
+}
+
+// Two computed values at once, `lo` in the low half: the kernel's bf16 state stores. On the
+// GPU one cvt.rn.bf16x2.f32; the same bits as two round_nearest_bf16_computed calls.
+RLVR_HD uint32_t round_nearest_bf16x2_computed(float lo, float hi) {
+#if defined(__CUDA_ARCH__)
+  const __nv_bfloat162 pair = __floats2bfloat162_rn(lo, hi);
+  uint32_t bits = static_cast<uint32_t>(__bfloat16_as_ushort(pair.x)) |
+                  (static_cast<uint32_t>(__bfloat16_as_ushort(pair.y)) << 16);
+  if (lo != lo) bits = (bits & 0xFFFF0000u) | 0x7FC0u;
+  if (hi != hi) bits = (bits & 0x0000FFFFu) | 0x7FC00000u;
+  return bits;
+#else
+  return round_nearest_bf16_computed(lo) | (round_nearest_bf16_computed(hi) << 16);
+#endif
 }
 
 // Rounds the magnitude up with probability (discarded low half) / 2**16.
@@ -147,7 +189,11 @@ RLVR_HD float maximum(float a, float b) { return (a > b || a != a) ? a : b; }
 constexpr uint32_t kCanonicalNanBits = 0x7FC00000u;
 
 RLVR_HD float canonical_nan(float x) {
+#if defined(__CUDA_ARCH__)
+  return x != x ? fp32_from_bits(kCanonicalNanBits) : x;  // one compare, one select
+#else
   return is_nan_bits(fp32_bits(x)) ? fp32_from_bits(kCanonicalNanBits) : x;
+#endif
 }
 
 // ---------------------------------------------------------------------------------------
@@ -191,10 +237,25 @@ RLVR_HD Philox4 philox4x32_10(Philox4 c, uint32_t k0, uint32_t k1) {
   return c;
 }
 
+// Stochastic rounding draws one Philox call per 8 consecutive global indices: the call
+// with counter c = index >> 3 serves indices 8c .. 8c + 7, and index i takes the 16-bit
+// half (i & 7) of its 128 bits (word (i & 7) >> 1, low half when i is even).
+RLVR_HD Philox4 philox_for_8(uint32_t key_lo, uint32_t key_hi, uint64_t counter) {
+  return philox4x32_10(Philox4{static_cast<uint32_t>(counter), static_cast<uint32_t>(counter >> 32),
+                               0u, 0u},
+                       key_lo, key_hi);
+}
+
+// Half `half` (0..7) of a call's output.
+RLVR_HD uint32_t random16_of(const Philox4& r, unsigned half) {
+  const unsigned word_index = (half >> 1) & 3u;
+  const uint32_t word = word_index == 0 ? r.x0 : word_index == 1 ? r.x1 : word_index == 2 ? r.x2 : r.x3;
+  return (half & 1u) ? word >> 16 : word & 0xFFFFu;
+}
+
 // The 16 random bits of the element with global index `index` under key (key_lo, key_hi).
 RLVR_HD uint32_t random16(uint32_t key_lo, uint32_t key_hi, uint64_t index) {
-  const Philox4 counter{static_cast<uint32_t>(index), static_cast<uint32_t>(index >> 32), 0u, 0u};
-  return philox4x32_10(counter, key_lo, key_hi).x0 & 0xFFFFu;
+  return random16_of(philox_for_8(key_lo, key_hi, index >> 3), static_cast<unsigned>(index & 7));
 }
 
 // ---------------------------------------------------------------------------------------
@@ -251,13 +312,13 @@ RLVR_HD void adamw_math(float g, const StepScalars& s, float& w, float& m, float
   w = canonical_nan(sub_rn(w, div_rn(mul_rn(s.step_size, m), denom)));
 }
 
-// One element's step, in place. `train` is its freeze-mask bit, `skip` the launch's
-// found_inf; an element that is not updated keeps every field bit for bit. The random bits
-// of stochastic rounding are drawn for global element `index` under (key_lo, key_hi).
+// One element's step, in place, given its 16 random bits of stochastic rounding (ignored
+// unless kStochastic; see random16). `train` is its freeze-mask bit, `skip` the launch's
+// found_inf; an element that is not updated keeps every field bit for bit.
 template <bool kParamBf16, MasterForm kMaster, bool kStochastic, bool kAmsgrad>
-RLVR_HD ElementFlags adamw_element(Element& e, float grad, const StepScalars& s,
-                                   const GradOptions& o, bool train, bool skip,
-                                   uint32_t key_lo, uint32_t key_hi, uint64_t index) {
+RLVR_HD ElementFlags adamw_element_drawn(Element& e, float grad, const StepScalars& s,
+                                         const GradOptions& o, bool train, bool skip,
+                                         uint32_t random_bits) {
   static_assert(kParamBf16 || (kMaster == MasterForm::kNone && !kStochastic),
                 "fp32 params have no master, no remainder and no stochastic store");
   static_assert(!(kStochastic && kMaster == MasterForm::kRemainder),
@@ -288,13 +349,13 @@ RLVR_HD ElementFlags adamw_element(Element& e, float grad, const StepScalars& s,
   uint32_t new_bf16;
   int32_t new_remainder = 0;
   if (!kParamBf16) {
-    new_bf16 = round_nearest_bf16(w_bits);
+    new_bf16 = round_nearest_bf16_computed(w);
   } else if (kMaster == MasterForm::kRemainder) {
     split_remainder(w_bits, new_bf16, new_remainder);
   } else if (kStochastic) {
-    new_bf16 = round_stochastic_bf16(w_bits, random16(key_lo, key_hi, index));
+    new_bf16 = round_stochastic_bf16(w_bits, random_bits);
   } else {
-    new_bf16 = round_nearest_bf16(w_bits);
+    new_bf16 = round_nearest_bf16_computed(w);
   }
 
   const bool update = train && !skip;
@@ -311,6 +372,15 @@ RLVR_HD ElementFlags adamw_element(Element& e, float grad, const StepScalars& s,
     if (kAmsgrad) e.max_exp_avg_sq = vmax;
   }
   return flags;
+}
+
+// The same, drawing the random bits for global element `index` under (key_lo, key_hi).
+template <bool kParamBf16, MasterForm kMaster, bool kStochastic, bool kAmsgrad>
+RLVR_HD ElementFlags adamw_element(Element& e, float grad, const StepScalars& s,
+                                   const GradOptions& o, bool train, bool skip,
+                                   uint32_t key_lo, uint32_t key_hi, uint64_t index) {
+  return adamw_element_drawn<kParamBf16, kMaster, kStochastic, kAmsgrad>(
+      e, grad, s, o, train, skip, kStochastic ? random16(key_lo, key_hi, index) : 0u);
 }
 
 }  // namespace rlvr_optim

@@ -187,4 +187,10 @@ void rlvr_optim_host_philox(const uint32_t* counters, const uint32_t* keys, uint
   }
 }
 
+// The stochastic-rounding bits of global elements first .. first + n - 1 under one key.
+void rlvr_optim_host_random16(uint32_t key_lo, uint32_t key_hi, uint64_t first, uint32_t* out,
+                              int64_t n) {
+  for (int64_t i = 0; i < n; ++i) out[i] = rlvr_optim::random16(key_lo, key_hi, first + i);
+}
+
 }  // extern "C"

@@ -1,20 +1,30 @@
-// The multi-tensor AdamW kernel: loads, calls adamw_element (adamw_element.cuh) for each
-// element, stores, packs change bits and counts. One launch covers a group of tensors of
-// one dtype layout, described by a table in device memory (adamw_launch.h).
+// The multi-tensor AdamW kernel: loads, calls adamw_element_drawn (adamw_element.cuh) for
+// each element, stores, packs change bits and counts. One launch covers a group of tensors
+// of one dtype layout, described by a table in device memory (adamw_launch.h).
 //
 // Work split. The group's tensors are cut into tiles of kTileElements (a tile never spans
 // two tensors); block b of the grid takes a contiguous run of tiles, finds its first
-// tensor by binary search over the rows' first_tile, then walks forward. The grid is as
-// many blocks as fit on the device at once, so each block runs to the end of its run.
+// tensor by binary search over the rows' first_tile, then walks forward, holding the
+// current tensor's row in registers. The grid is as many blocks as fit on the device at
+// once, so each block runs to the end of its run.
 //
-// Per tile, thread (warp w, lane l) owns 8 consecutive elements starting at
-// w * 256 + 8 * l: one 16-byte load or store per bf16 array, two per fp32 array, and
-// exactly one byte of the change bitmap. Four lanes' bytes are OR-ed into one 32-bit word
-// by two xor-shuffles (the layout of a little-endian 32-bit ballot) and stored by the
-// first lane of the four. Counts accumulate per thread and go to a per-tensor workspace
-// with one warp reduction and one atomic per warp and tensor; the last block of the
-// launch copies them to the counters (the reference overwrites them) and zeroes the
-// workspace, so the launch needs no separate zeroing of the counters.
+// Per tile, thread i owns the 8 consecutive elements starting at 8 * i: one 16-byte load
+// or store per bf16 array, two per fp32 array, and exactly one byte of the change bitmap.
+// A tensor's full tiles take the vector path when its arrays are 16-byte aligned, its
+// bitmaps 8-byte aligned and (stochastic rounding) its element offset a multiple of 8, so
+// that a thread's 8 elements share one Philox call; its last, partial tile and every tile
+// of a tensor that is not so aligned take the element-wise path. On the vector path the
+// bytes of 8 lanes are gathered by three xor-shuffles into the 64-bit word a little-endian
+// ballot would give, stored by the first lane of the eight. Counts accumulate per thread
+// over a tensor and go to a per-tensor workspace with one warp reduction and one atomic
+// per warp and tensor; the last block of the launch copies them to the counters (the
+// reference overwrites them) and zeroes the workspace, so the launch needs no separate
+// zeroing of the counters.
+//
+// Mode flags are template parameters (Variant); found_inf selects, once per launch, an
+// instantiation in which every store is dead; maximize flips the gradient's sign bits
+// (exact: IEEE division and the later operations are symmetric in the sign, and computed
+// NaNs are canonical).
 //
 // Indices are int64 throughout: tensors may have more than 2**31 elements.
 #pragma once
@@ -42,6 +52,7 @@ struct Variant {
   static constexpr bool kStateBf16 = (kFlags & kFlagStateBf16) != 0;
   static constexpr bool kAmsgrad = (kFlags & kFlagAmsgrad) != 0;
   static constexpr bool kTrack = (kFlags & kFlagTrack) != 0;  // bitmaps or counters
+  static constexpr bool kGradScale = (kFlags & kFlagGradScale) != 0;
   static constexpr MasterForm kMaster =
       (kStore == StoreMode::kMasterNearest || kStore == StoreMode::kMasterStochastic)
           ? MasterForm::kFp32
@@ -49,79 +60,80 @@ struct Variant {
   static constexpr bool kStochastic =
       kStore == StoreMode::kStochastic || kStore == StoreMode::kMasterStochastic;
   static constexpr bool kValid = kParamBf16 || kStore == StoreMode::kNearest;
+  // Resident blocks per SM that __launch_bounds__ asks for: 2 (at most 128 registers) where
+  // the element loop fits them; amsgrad and master forms carry 8 more words per element
+  // and spilled at 128 (ptxas, sm_90), so they get one 256-thread block and up to 255.
+  static constexpr int kMinBlocks = (kAmsgrad || kMaster != MasterForm::kNone) ? 1 : 2;
 };
 
 // ---------------------------------------------------------------------------------------
-// 8 consecutive elements as bit patterns: one 16-byte vector (2-byte types) or two (4-byte
-// types) when `vector`, else element by element, the first n only.
+// 8 consecutive elements as bit patterns (bf16 patterns in the low half of each word).
+// The vector forms are ld/st.global.cs.v4 (streaming: each byte is touched once per step).
 // ---------------------------------------------------------------------------------------
 
-template <bool kTwoBytes, bool kReadOnly = false>
-__device__ __forceinline__ void load8(const void* base, int64_t first, bool vector, int n,
-                                      uint32_t (&out)[8]) {
-  if (kTwoBytes) {
-    const uint16_t* p = static_cast<const uint16_t*>(base) + first;
-    if (vector) {
-      const uint4* q = reinterpret_cast<const uint4*>(p);
-      const uint4 a = kReadOnly ? __ldg(q) : *q;
-      const uint32_t words[4] = {a.x, a.y, a.z, a.w};
-#pragma unroll
-      for (int k = 0; k < 4; ++k) {
-        out[2 * k] = words[k] & 0xFFFFu;
-        out[2 * k + 1] = words[k] >> 16;
-      }
-    } else {
-#pragma unroll
-      for (int k = 0; k < 8; ++k) out[k] = k < n ? (kReadOnly ? __ldg(p + k) : p[k]) : 0u;
-    }
-  } else {
-    const uint32_t* p = static_cast<const uint32_t*>(base) + first;
-    if (vector) {
-      const uint4* q = reinterpret_cast<const uint4*>(p);
-      const uint4 a = kReadOnly ? __ldg(q) : q[0];
-      const uint4 b = kReadOnly ? __ldg(q + 1) : q[1];
-      out[0] = a.x; out[1] = a.y; out[2] = a.z; out[3] = a.w;
-      out[4] = b.x; out[5] = b.y; out[6] = b.z; out[7] = b.w;
-    } else {
-#pragma unroll
-      for (int k = 0; k < 8; ++k) out[k] = k < n ? (kReadOnly ? __ldg(p + k) : p[k]) : 0u;
-    }
-  }
-}
-
-// Stores all 8 when `vector` (elements not in `update` hold their loaded bits), else the
-// elements in `update` only.
+// `flip` is XOR-ed into every loaded word (the gradient's sign bits under maximize).
 template <bool kTwoBytes>
-__device__ __forceinline__ void store8(void* base, int64_t first, bool vector, uint32_t update,
-                                       const uint32_t (&in)[8]) {
+__device__ __forceinline__ void load8_vector(const void* base, int64_t first, uint32_t (&out)[8],
+                                             uint32_t flip = 0) {
   if (kTwoBytes) {
-    uint16_t* p = static_cast<uint16_t*>(base) + first;
-    if (vector) {
-      *reinterpret_cast<uint4*>(p) =
-          make_uint4(in[0] | (in[1] << 16), in[2] | (in[3] << 16), in[4] | (in[5] << 16),
-                     in[6] | (in[7] << 16));
-    } else {
+    const uint4 a = __ldcs(reinterpret_cast<const uint4*>(static_cast<const uint16_t*>(base) + first));
+    const uint32_t words[4] = {a.x ^ flip, a.y ^ flip, a.z ^ flip, a.w ^ flip};
 #pragma unroll
-      for (int k = 0; k < 8; ++k) {
-        if ((update >> k) & 1u) p[k] = static_cast<uint16_t>(in[k]);
-      }
+    for (int k = 0; k < 4; ++k) {
+      out[2 * k] = words[k] & 0xFFFFu;
+      out[2 * k + 1] = words[k] >> 16;
     }
   } else {
-    uint32_t* p = static_cast<uint32_t*>(base) + first;
-    if (vector) {
-      uint4* q = reinterpret_cast<uint4*>(p);
-      q[0] = make_uint4(in[0], in[1], in[2], in[3]);
-      q[1] = make_uint4(in[4], in[5], in[6], in[7]);
-    } else {
+    const uint4* q = reinterpret_cast<const uint4*>(static_cast<const uint32_t*>(base) + first);
+    const uint4 a = __ldcs(q), b = __ldcs(q + 1);
+    out[0] = a.x ^ flip; out[1] = a.y ^ flip; out[2] = a.z ^ flip; out[3] = a.w ^ flip;
+    out[4] = b.x ^ flip; out[5] = b.y ^ flip; out[6] = b.z ^ flip; out[7] = b.w ^ flip;
+  }
+}
+
+template <bool kTwoBytes>
+__device__ __forceinline__ void store8_vector(void* base, int64_t first, const uint32_t (&in)[8]) {
+  if (kTwoBytes) {
+    __stcs(reinterpret_cast<uint4*>(static_cast<uint16_t*>(base) + first),
+           make_uint4(in[0] | (in[1] << 16), in[2] | (in[3] << 16), in[4] | (in[5] << 16),
+                      in[6] | (in[7] << 16)));
+  } else {
+    uint4* q = reinterpret_cast<uint4*>(static_cast<uint32_t*>(base) + first);
+    __stcs(q, make_uint4(in[0], in[1], in[2], in[3]));
+    __stcs(q + 1, make_uint4(in[4], in[5], in[6], in[7]));
+  }
+}
+
+// The first n of 8 elements (the others read as 0), and the elements in `update` only.
+template <bool kTwoBytes>
+__device__ __forceinline__ void load8_elements(const void* base, int64_t first, int n,
+                                               uint32_t (&out)[8]) {
 #pragma unroll
-      for (int k = 0; k < 8; ++k) {
-        if ((update >> k) & 1u) p[k] = in[k];
+  for (int k = 0; k < 8; ++k) {
+    if (kTwoBytes) {
+      out[k] = k < n ? static_cast<const uint16_t*>(base)[first + k] : 0u;
+    } else {
+      out[k] = k < n ? static_cast<const uint32_t*>(base)[first + k] : 0u;
+    }
+  }
+}
+
+template <bool kTwoBytes>
+__device__ __forceinline__ void store8_elements(void* base, int64_t first, uint32_t update,
+                                                const uint32_t (&in)[8]) {
+#pragma unroll
+  for (int k = 0; k < 8; ++k) {
+    if ((update >> k) & 1u) {
+      if (kTwoBytes) {
+        static_cast<uint16_t*>(base)[first + k] = static_cast<uint16_t>(in[k]);
+      } else {
+        static_cast<uint32_t*>(base)[first + k] = in[k];
       }
     }
   }
 }
 
-// fp32 value of a stored fp32 or bf16 pattern, and the pattern that stores a value.
+// fp32 value of a stored fp32 or bf16 pattern, and the pattern that stores a computed value.
 template <bool kBf16>
 __device__ __forceinline__ float stored_value(uint32_t bits) {
   return kBf16 ? bf16_bits_to_fp32(bits) : fp32_from_bits(bits);
@@ -129,11 +141,11 @@ __device__ __forceinline__ float stored_value(uint32_t bits) {
 
 template <bool kBf16>
 __device__ __forceinline__ uint32_t stored_bits(float x) {
-  return kBf16 ? round_nearest_bf16(fp32_bits(x)) : fp32_bits(x);
+  return kBf16 ? round_nearest_bf16_computed(x) : fp32_bits(x);
 }
 
 // ---------------------------------------------------------------------------------------
-// The tensor a block is working on, read from its table row.
+// The tensor a block is working on, read from its table row into registers.
 // ---------------------------------------------------------------------------------------
 
 struct TensorContext {
@@ -150,8 +162,7 @@ struct TensorContext {
   int64_t element_offset;
   int64_t first_tile;
   int64_t end_tile;
-  bool vector_aligned;
-  bool bitmap_word_aligned;
+  int64_t full_tiles;  // tiles that take the vector path
   StepScalars scalars;
   uint32_t key_lo, key_hi;
 };
@@ -160,37 +171,37 @@ __device__ __forceinline__ int64_t first_tile_of(const TensorRow* rows, int64_t 
   return __ldg(&rows[t].first_tile);
 }
 
-// Thread 0 reads row t into the block's shared TensorContext: shared memory rather than
-// registers, which the 8 elements per thread need (48 words of data in the widest mode).
+// Every thread reads the row (one address per warp: a broadcast); only the fields the
+// variant uses stay live.
 template <class V>
-__device__ __forceinline__ void load_tensor(const LaunchArgs& a, int64_t t, TensorContext& c) {
-  __syncthreads();  // no thread reads the previous tensor any more
-  if (threadIdx.x == 0) {
-    const TensorRow* row = a.rows + t;
-    c.param = reinterpret_cast<void*>(__ldg(&row->param));
-    c.grad = reinterpret_cast<const void*>(__ldg(&row->grad));
-    c.exp_avg = reinterpret_cast<void*>(__ldg(&row->exp_avg));
-    c.exp_avg_sq = reinterpret_cast<void*>(__ldg(&row->exp_avg_sq));
-    c.max_exp_avg_sq = reinterpret_cast<void*>(__ldg(&row->max_exp_avg_sq));
-    c.master = reinterpret_cast<void*>(__ldg(&row->master));
-    c.freeze_mask = reinterpret_cast<const uint8_t*>(__ldg(&row->freeze_mask));
-    c.change_bitmap = reinterpret_cast<uint8_t*>(__ldg(&row->change_bitmap));
-    c.cumulative_bitmap = reinterpret_cast<uint8_t*>(__ldg(&row->cumulative_bitmap));
-    c.numel = __ldg(&row->numel);
-    c.element_offset = __ldg(&row->element_offset);
-    c.first_tile = __ldg(&row->first_tile);
-    c.end_tile = first_tile_of(a.rows, t + 1);
-    const int64_t flags = __ldg(&row->flags);
-    c.vector_aligned = (flags & kRowVectorAligned) != 0;
-    c.bitmap_word_aligned = (flags & kRowBitmapWordAligned) != 0;
-    const int64_t scalar_row = __ldg(&row->scalar_row);
-    const float* s = a.scalars + 8 * scalar_row;
-    c.scalars = StepScalars{__ldg(s), __ldg(s + 1), __ldg(s + 2), __ldg(s + 3),
-                            __ldg(s + 4), __ldg(s + 5), __ldg(s + 6), __ldg(s + 7)};
-    c.key_lo = V::kStochastic ? static_cast<uint32_t>(__ldg(a.sr_keys + 2 * scalar_row)) : 0u;
-    c.key_hi = V::kStochastic ? static_cast<uint32_t>(__ldg(a.sr_keys + 2 * scalar_row + 1)) : 0u;
-  }
-  __syncthreads();
+__device__ __forceinline__ TensorContext load_tensor(const LaunchArgs& a, int64_t t) {
+  const TensorRow* row = a.rows + t;
+  TensorContext c;
+  c.param = reinterpret_cast<void*>(__ldg(&row->param));
+  c.grad = reinterpret_cast<const void*>(__ldg(&row->grad));
+  c.exp_avg = reinterpret_cast<void*>(__ldg(&row->exp_avg));
+  c.exp_avg_sq = reinterpret_cast<void*>(__ldg(&row->exp_avg_sq));
+  c.max_exp_avg_sq = V::kAmsgrad ? reinterpret_cast<void*>(__ldg(&row->max_exp_avg_sq)) : nullptr;
+  c.master = V::kMaster != MasterForm::kNone ? reinterpret_cast<void*>(__ldg(&row->master)) : nullptr;
+  c.freeze_mask = reinterpret_cast<const uint8_t*>(__ldg(&row->freeze_mask));
+  c.change_bitmap = V::kTrack ? reinterpret_cast<uint8_t*>(__ldg(&row->change_bitmap)) : nullptr;
+  c.cumulative_bitmap =
+      V::kTrack ? reinterpret_cast<uint8_t*>(__ldg(&row->cumulative_bitmap)) : nullptr;
+  c.numel = __ldg(&row->numel);
+  c.element_offset = __ldg(&row->element_offset);
+  c.first_tile = __ldg(&row->first_tile);
+  c.end_tile = first_tile_of(a.rows, t + 1);
+  const int64_t flags = __ldg(&row->flags);
+  const bool vector = (flags & kRowVectorAligned) != 0 && (flags & kRowBitmapAligned) != 0 &&
+                      (!V::kStochastic || (c.element_offset & 7) == 0);
+  c.full_tiles = vector ? c.numel / kTileElements : 0;
+  const int64_t scalar_row = __ldg(&row->scalar_row);
+  const float* s = a.scalars + 8 * scalar_row;
+  c.scalars = StepScalars{__ldg(s), __ldg(s + 1), __ldg(s + 2), __ldg(s + 3),
+                          __ldg(s + 4), __ldg(s + 5), __ldg(s + 6), __ldg(s + 7)};
+  c.key_lo = V::kStochastic ? static_cast<uint32_t>(__ldg(a.sr_keys + 2 * scalar_row)) : 0u;
+  c.key_hi = V::kStochastic ? static_cast<uint32_t>(__ldg(a.sr_keys + 2 * scalar_row + 1)) : 0u;
+  return c;
 }
 
 // The tensor of tile `tile`: the last row whose first_tile <= tile (which skips empty
@@ -252,136 +263,272 @@ __device__ __forceinline__ void publish_counters(const LaunchArgs& a) {
 }
 
 // ---------------------------------------------------------------------------------------
-// One tile of one tensor. All threads of the block call it (the bitmap words need every
-// lane of a warp).
+// One thread's 8 elements.
 // ---------------------------------------------------------------------------------------
 
-template <class V>
-__device__ __forceinline__ void process_tile(const TensorContext& c, int64_t local_tile,
-                                             const GradOptions& options, bool skip,
-                                             Counts& counts) {
-  const int lane = threadIdx.x & 31;
-  const int64_t first = local_tile * kTileElements + (threadIdx.x >> 5) * (32 * kElementsPerThread)
-                        + lane * kElementsPerThread;
-  const int64_t left = c.numel - first;
-  const int n = left >= kElementsPerThread ? kElementsPerThread : (left > 0 ? static_cast<int>(left) : 0);
-  const bool vector = n == kElementsPerThread && c.vector_aligned;
+// What the thread's 8 elements hold, as loaded (bit patterns).
+struct Elements8 {
+  uint32_t param[8], grad[8], exp_avg[8], exp_avg_sq[8], max_exp_avg_sq[8], master[8];
+};
 
-  // Every load first, so that they are all in flight together.
-  uint32_t param[8], grad[8], exp_avg[8], exp_avg_sq[8], max_exp_avg_sq[8] = {}, master[8] = {};
-  load8<V::kParamBf16>(c.param, first, vector, n, param);
-  load8<V::kGradBf16, true>(c.grad, first, vector, n, grad);
-  load8<V::kStateBf16>(c.exp_avg, first, vector, n, exp_avg);
-  load8<V::kStateBf16>(c.exp_avg_sq, first, vector, n, exp_avg_sq);
-  if (V::kAmsgrad) load8<V::kStateBf16>(c.max_exp_avg_sq, first, vector, n, max_exp_avg_sq);
-  if (V::kMaster != MasterForm::kNone) {
-    load8<V::kMaster == MasterForm::kRemainder>(c.master, first, vector, n, master);
-  }
-  uint32_t train = n == kElementsPerThread ? 0xFFu : (1u << n) - 1u;
-  if (c.freeze_mask != nullptr && n > 0) train &= c.freeze_mask[first >> 3];
+// The states after the step, as fp32 values: updated, or the stored value kept.
+struct States8 {
+  float exp_avg[8], exp_avg_sq[8], max_exp_avg_sq[8];
+};
 
-  uint32_t changed = 0, moved = 0, nonfinite = 0;
+// Steps the 8 elements: param and master patterns in place, states into `out` (elements
+// not in `train`, or all under kSkip, keep what they hold). Returns the change bits and
+// the move and non-finite bits. random16(k) gives element k's stochastic-rounding bits.
+template <class V, bool kSkip, class Random>
+__device__ __forceinline__ uint32_t step8(const TensorContext& c, Elements8& x, States8& out,
+                                          uint32_t train, const GradOptions& options,
+                                          uint32_t& moved, uint32_t& nonfinite,
+                                          const Random& random16) {
+  uint32_t changed = 0;
+  moved = 0;
+  nonfinite = 0;
 #pragma unroll
   for (int k = 0; k < 8; ++k) {
     Element e;
-    e.param = param[k];
-    e.master = fp32_from_bits(master[k]);
-    e.remainder = static_cast<int32_t>(static_cast<int16_t>(master[k]));
-    e.exp_avg = stored_value<V::kStateBf16>(exp_avg[k]);
-    e.exp_avg_sq = stored_value<V::kStateBf16>(exp_avg_sq[k]);
-    e.max_exp_avg_sq = V::kAmsgrad ? stored_value<V::kStateBf16>(max_exp_avg_sq[k]) : 0.0f;
-    const bool train_k = (train >> k) & 1u;
+    e.param = x.param[k];
+    e.master = fp32_from_bits(x.master[k]);
+    e.remainder = static_cast<int32_t>(static_cast<int16_t>(x.master[k]));
+    e.exp_avg = stored_value<V::kStateBf16>(x.exp_avg[k]);
+    e.exp_avg_sq = stored_value<V::kStateBf16>(x.exp_avg_sq[k]);
+    e.max_exp_avg_sq = V::kAmsgrad ? stored_value<V::kStateBf16>(x.max_exp_avg_sq[k]) : 0.0f;
     const ElementFlags f =
-        adamw_element<V::kParamBf16, V::kMaster, V::kStochastic, V::kAmsgrad>(
-            e, stored_value<V::kGradBf16>(grad[k]), c.scalars, options, train_k, skip,
-            c.key_lo, c.key_hi, static_cast<uint64_t>(c.element_offset + first + k));
-    if (train_k && !skip) {
-      param[k] = e.param;
-      if (V::kMaster == MasterForm::kFp32) master[k] = fp32_bits(e.master);
-      if (V::kMaster == MasterForm::kRemainder) master[k] = static_cast<uint32_t>(e.remainder) & 0xFFFFu;
-      exp_avg[k] = stored_bits<V::kStateBf16>(e.exp_avg);
-      exp_avg_sq[k] = stored_bits<V::kStateBf16>(e.exp_avg_sq);
-      if (V::kAmsgrad) max_exp_avg_sq[k] = stored_bits<V::kStateBf16>(e.max_exp_avg_sq);
-    }
+        adamw_element_drawn<V::kParamBf16, V::kMaster, V::kStochastic, V::kAmsgrad>(
+            e, stored_value<V::kGradBf16>(x.grad[k]), c.scalars, options, (train >> k) & 1u,
+            kSkip, V::kStochastic ? random16(k) : 0u);
+    // e holds its old fields where it was not updated.
+    x.param[k] = e.param;
+    if (V::kMaster == MasterForm::kFp32) x.master[k] = fp32_bits(e.master);
+    if (V::kMaster == MasterForm::kRemainder) x.master[k] = static_cast<uint32_t>(e.remainder) & 0xFFFFu;
+    out.exp_avg[k] = e.exp_avg;
+    out.exp_avg_sq[k] = e.exp_avg_sq;
+    out.max_exp_avg_sq[k] = e.max_exp_avg_sq;
     changed |= static_cast<uint32_t>(f.changed) << k;
     moved |= static_cast<uint32_t>(f.moved) << k;
     nonfinite |= static_cast<uint32_t>(f.nonfinite) << k;
   }
+  return changed;
+}
 
-  const uint32_t update = skip ? 0u : train;
-  if (update != 0) {
-    store8<V::kParamBf16>(c.param, first, vector, update, param);
-    store8<V::kStateBf16>(c.exp_avg, first, vector, update, exp_avg);
-    store8<V::kStateBf16>(c.exp_avg_sq, first, vector, update, exp_avg_sq);
-    if (V::kAmsgrad) store8<V::kStateBf16>(c.max_exp_avg_sq, first, vector, update, max_exp_avg_sq);
+// Patterns of the states after the step, for the vector store of one state array: bf16 by
+// hardware pairs (cvt.rn.bf16x2), where an element that was not updated gets its loaded
+// bits back (a kept bf16 NaN keeps its payload, which the conversion would not).
+template <bool kBf16>
+__device__ __forceinline__ void state_patterns(const float (&value)[8], uint32_t update,
+                                               uint32_t (&bits)[8]) {
+  if (kBf16) {
+#pragma unroll
+    for (int j = 0; j < 4; ++j) {
+      const uint32_t pair = round_nearest_bf16x2_computed(value[2 * j], value[2 * j + 1]);
+      const uint32_t lo = (update >> (2 * j)) & 1u ? pair & 0xFFFFu : bits[2 * j];
+      const uint32_t hi = (update >> (2 * j + 1)) & 1u ? pair >> 16 : bits[2 * j + 1];
+      bits[2 * j] = lo;
+      bits[2 * j + 1] = hi;
+    }
+  } else {
+#pragma unroll
+    for (int k = 0; k < 8; ++k) bits[k] = fp32_bits(value[k]);
+  }
+}
+
+// The sign bits of the gradient words that maximize flips (bf16 grads: two per word).
+template <class V>
+__device__ __forceinline__ uint32_t grad_sign_flip(bool maximize) {
+  return maximize ? (V::kGradBf16 ? 0x80008000u : 0x80000000u) : 0u;
+}
+
+// step8 and the state patterns of the vector path.
+template <class V, bool kSkip, class Random>
+__device__ __forceinline__ uint32_t vector_math(const TensorContext& c, Elements8& x,
+                                                uint32_t train, const GradOptions& options,
+                                                uint32_t& moved, uint32_t& nonfinite,
+                                                const Random& random16) {
+  States8 states;
+  const uint32_t changed = step8<V, kSkip>(c, x, states, train, options, moved, nonfinite, random16);
+  if (!kSkip) {
+    state_patterns<V::kStateBf16>(states.exp_avg, train, x.exp_avg);
+    state_patterns<V::kStateBf16>(states.exp_avg_sq, train, x.exp_avg_sq);
+    if (V::kAmsgrad) state_patterns<V::kStateBf16>(states.max_exp_avg_sq, train, x.max_exp_avg_sq);
+  }
+  return changed;
+}
+
+// A full tile of a vector-aligned tensor: every element present, 16-byte accesses, the
+// bitmap written 8 bytes at a time. All threads of the block call it.
+template <class V, bool kSkip>
+__device__ __forceinline__ void vector_tile(const TensorContext& c, int64_t first,
+                                            const GradOptions& options, uint32_t grad_flip,
+                                            Counts& counts) {
+  const int lane = threadIdx.x & 31;
+  Elements8 x = {};  // what a variant does not load (or kSkip) reads as 0
+  load8_vector<V::kGradBf16>(c.grad, first, x.grad, grad_flip);
+  if (!kSkip) {
+    load8_vector<V::kParamBf16>(c.param, first, x.param);
+    load8_vector<V::kStateBf16>(c.exp_avg, first, x.exp_avg);
+    load8_vector<V::kStateBf16>(c.exp_avg_sq, first, x.exp_avg_sq);
+    if (V::kAmsgrad) load8_vector<V::kStateBf16>(c.max_exp_avg_sq, first, x.max_exp_avg_sq);
     if (V::kMaster != MasterForm::kNone) {
-      store8<V::kMaster == MasterForm::kRemainder>(c.master, first, vector, update, master);
+      load8_vector<V::kMaster == MasterForm::kRemainder>(c.master, first, x.master);
     }
   }
+  // The freeze-mask byte of this thread, from the 8 bytes of its group of 8 lanes.
+  uint32_t train = 0xFFu;
+  if (c.freeze_mask != nullptr) {
+    const uint2 word = __ldcs(reinterpret_cast<const uint2*>(c.freeze_mask + ((first >> 3) & ~int64_t{7})));
+    train = ((lane & 4) ? word.y : word.x) >> (8 * (lane & 3)) & 0xFFu;
+  }
 
+  Philox4 draw{};
+  if (V::kStochastic && !kSkip) {
+    draw = philox_for_8(c.key_lo, c.key_hi, static_cast<uint64_t>(c.element_offset + first) >> 3);
+  }
+  uint32_t moved, nonfinite;
+  const auto draw16 = [&](int k) { return random16_of(draw, k); };
+  // Every element trained (no freeze mask, or a byte of ones) is the common case: an
+  // instantiation with the constant mask has no per-element selects.
+  const uint32_t changed =
+      train == 0xFFu ? vector_math<V, kSkip>(c, x, 0xFFu, options, moved, nonfinite, draw16)
+                     : vector_math<V, kSkip>(c, x, train, options, moved, nonfinite, draw16);
+  if (!kSkip) {
+    store8_vector<V::kParamBf16>(c.param, first, x.param);
+    store8_vector<V::kStateBf16>(c.exp_avg, first, x.exp_avg);
+    store8_vector<V::kStateBf16>(c.exp_avg_sq, first, x.exp_avg_sq);
+    if (V::kAmsgrad) store8_vector<V::kStateBf16>(c.max_exp_avg_sq, first, x.max_exp_avg_sq);
+    if (V::kMaster != MasterForm::kNone) {
+      store8_vector<V::kMaster == MasterForm::kRemainder>(c.master, first, x.master);
+    }
+  }
   if (V::kTrack) {
     counts.changed += __popc(changed);
     counts.moved += __popc(moved);
     counts.nonfinite += __popc(nonfinite);
     if (c.change_bitmap != nullptr || c.cumulative_bitmap != nullptr) {
-      // This lane's byte at its place in the word of lanes 4q .. 4q + 3.
+      // Lanes 8q .. 8q + 7 hold bytes 8q .. 8q + 7 of the tile's bitmap.
       uint32_t word = changed << (8 * (lane & 3));
       word |= __shfl_xor_sync(kFullWarp, word, 1);
       word |= __shfl_xor_sync(kFullWarp, word, 2);
-      const int64_t byte = first >> 3;
-      const int64_t word_byte = byte & ~int64_t{3};
-      const int64_t bitmap_bytes = (c.numel + 7) >> 3;
-      if (c.bitmap_word_aligned && word_byte + 4 <= bitmap_bytes) {
-        if ((lane & 3) == 0) {
-          if (c.change_bitmap != nullptr) {
-            *reinterpret_cast<uint32_t*>(c.change_bitmap + word_byte) = word;
-          }
-          if (c.cumulative_bitmap != nullptr && word != 0) {
-            uint32_t* cumulative = reinterpret_cast<uint32_t*>(c.cumulative_bitmap + word_byte);
-            *cumulative |= word;
-          }
+      const uint32_t next = __shfl_xor_sync(kFullWarp, word, 4);
+      if ((lane & 7) == 0) {
+        const int64_t byte = first >> 3;
+        if (c.change_bitmap != nullptr) {
+          __stcs(reinterpret_cast<uint2*>(c.change_bitmap + byte), make_uint2(word, next));
         }
-      } else if (n > 0) {
-        if (c.change_bitmap != nullptr) c.change_bitmap[byte] = static_cast<uint8_t>(changed);
-        if (c.cumulative_bitmap != nullptr && changed != 0) {
-          c.cumulative_bitmap[byte] |= static_cast<uint8_t>(changed);
+        if (c.cumulative_bitmap != nullptr && (word | next) != 0) {
+          uint2* cumulative = reinterpret_cast<uint2*>(c.cumulative_bitmap + byte);
+          const uint2 old = __ldcs(cumulative);
+          __stcs(cumulative, make_uint2(old.x | word, old.y | next));
         }
       }
     }
   }
 }
 
+// Any tile, element by element: partial tiles and tensors that are not vector-aligned.
+template <class V, bool kSkip>
+__device__ __forceinline__ void element_tile(const TensorContext& c, int64_t first,
+                                             const GradOptions& options, uint32_t grad_flip,
+                                             Counts& counts) {
+  const int64_t left = c.numel - first;
+  const int n = left >= 8 ? 8 : (left > 0 ? static_cast<int>(left) : 0);
+  if (n == 0) return;
+  Elements8 x = {};
+  load8_elements<V::kGradBf16>(c.grad, first, n, x.grad);
+  if (!kSkip) {
+    load8_elements<V::kParamBf16>(c.param, first, n, x.param);
+    load8_elements<V::kStateBf16>(c.exp_avg, first, n, x.exp_avg);
+    load8_elements<V::kStateBf16>(c.exp_avg_sq, first, n, x.exp_avg_sq);
+    if (V::kAmsgrad) load8_elements<V::kStateBf16>(c.max_exp_avg_sq, first, n, x.max_exp_avg_sq);
+    if (V::kMaster != MasterForm::kNone) {
+      load8_elements<V::kMaster == MasterForm::kRemainder>(c.master, first, n, x.master);
+    }
+  }
+  uint32_t train = (1u << n) - 1u;
+  if (c.freeze_mask != nullptr) train &= c.freeze_mask[first >> 3];
+#pragma unroll
+  for (int k = 0; k < 8; ++k) x.grad[k] ^= V::kGradBf16 ? (grad_flip & 0xFFFFu) : grad_flip;
+
+  uint32_t moved, nonfinite;
+  States8 states;
+  const uint64_t index = static_cast<uint64_t>(c.element_offset + first);
+  const uint32_t changed = step8<V, kSkip>(
+      c, x, states, train, options, moved, nonfinite,
+      [&](int k) { return random16(c.key_lo, c.key_hi, index + k); });
+  if (!kSkip) {  // only updated elements are stored
+#pragma unroll
+    for (int k = 0; k < 8; ++k) {
+      x.exp_avg[k] = stored_bits<V::kStateBf16>(states.exp_avg[k]);
+      x.exp_avg_sq[k] = stored_bits<V::kStateBf16>(states.exp_avg_sq[k]);
+      x.max_exp_avg_sq[k] = stored_bits<V::kStateBf16>(states.max_exp_avg_sq[k]);
+    }
+    store8_elements<V::kParamBf16>(c.param, first, train, x.param);
+    store8_elements<V::kStateBf16>(c.exp_avg, first, train, x.exp_avg);
+    store8_elements<V::kStateBf16>(c.exp_avg_sq, first, train, x.exp_avg_sq);
+    if (V::kAmsgrad) store8_elements<V::kStateBf16>(c.max_exp_avg_sq, first, train, x.max_exp_avg_sq);
+    if (V::kMaster != MasterForm::kNone) {
+      store8_elements<V::kMaster == MasterForm::kRemainder>(c.master, first, train, x.master);
+    }
+  }
+  if (V::kTrack) {
+    counts.changed += __popc(changed);
+    counts.moved += __popc(moved);
+    counts.nonfinite += __popc(nonfinite);
+    if (c.change_bitmap != nullptr) c.change_bitmap[first >> 3] = static_cast<uint8_t>(changed);
+    if (c.cumulative_bitmap != nullptr && changed != 0) {
+      c.cumulative_bitmap[first >> 3] |= static_cast<uint8_t>(changed);
+    }
+  }
+}
+
+// Tiles [tile, end) of the launch, tensor by tensor.
+template <class V, bool kSkip>
+__device__ __forceinline__ void walk(const LaunchArgs& a, int64_t tile, int64_t end,
+                                     const GradOptions& options, uint32_t grad_flip) {
+  const bool count = V::kTrack && a.counter_workspace != nullptr;
+  int64_t t = find_tensor(a.rows, a.num_tensors, tile);
+  while (true) {  // the same for the whole block
+    const TensorContext c = load_tensor<V>(a, t);
+    const int64_t last = end < c.end_tile ? end : c.end_tile;
+    const int64_t vector_end = c.first_tile + c.full_tiles < last ? c.first_tile + c.full_tiles : last;
+    const int64_t thread_first = int64_t{threadIdx.x} * kElementsPerThread;
+    Counts counts{0, 0, 0};
+    for (; tile < vector_end; ++tile) {
+      vector_tile<V, kSkip>(c, (tile - c.first_tile) * kTileElements + thread_first, options,
+                            grad_flip, counts);
+    }
+    for (; tile < last; ++tile) {
+      element_tile<V, kSkip>(c, (tile - c.first_tile) * kTileElements + thread_first, options,
+                             grad_flip, counts);
+    }
+    if (count) flush_counts(counts, a.counter_workspace + 3 * t);
+    if (tile >= end) break;
+    do {
+      ++t;
+    } while (tile >= first_tile_of(a.rows, t + 1));
+  }
+}
+
 template <class V>
-__global__ void __launch_bounds__(kThreads, 2) adamw_kernel(const LaunchArgs a) {
+__global__ void __launch_bounds__(kThreads, V::kMinBlocks) adamw_kernel(const LaunchArgs a) {
   // This block's run of tiles.
   const int64_t blocks = gridDim.x, b = blockIdx.x;
   const int64_t per_block = a.total_tiles / blocks, extra = a.total_tiles % blocks;
-  int64_t tile = b * per_block + (b < extra ? b : extra);
+  const int64_t tile = b * per_block + (b < extra ? b : extra);
   const int64_t end = tile + per_block + (b < extra ? 1 : 0);
 
-  GradOptions options{1.0f, a.grad_scale != nullptr, a.maximize};
-  if (a.grad_scale != nullptr) options.grad_scale = *a.grad_scale;
-  const bool skip = a.found_inf != nullptr && *a.found_inf != 0.0f;
-  const bool count = V::kTrack && a.counter_workspace != nullptr;
-
-  __shared__ TensorContext c;
-  Counts counts{0, 0, 0};
+  const GradOptions options{V::kGradScale ? *a.grad_scale : 1.0f, V::kGradScale, false};
+  const uint32_t grad_flip = grad_sign_flip<V>(a.maximize);
   if (tile < end) {  // the same for the whole block
-    int64_t t = find_tensor(a.rows, a.num_tensors, tile);
-    load_tensor<V>(a, t, c);
-    for (; tile < end; ++tile) {
-      if (tile >= c.end_tile) {  // the same for the whole block
-        if (count) flush_counts(counts, a.counter_workspace + 3 * t);
-        do {
-          ++t;
-        } while (tile >= first_tile_of(a.rows, t + 1));
-        load_tensor<V>(a, t, c);
-      }
-      process_tile<V>(c, tile - c.first_tile, options, skip, counts);
+    if (a.found_inf != nullptr && *a.found_inf != 0.0f) {
+      walk<V, true>(a, tile, end, options, grad_flip);
+    } else {
+      walk<V, false>(a, tile, end, options, grad_flip);
     }
-    if (count) flush_counts(counts, a.counter_workspace + 3 * t);
   }
-  if (count) publish_counters(a);
+  if (V::kTrack && a.counter_workspace != nullptr) publish_counters(a);
 }
 
 // ---------------------------------------------------------------------------------------
@@ -429,7 +576,7 @@ constexpr LaunchFn launcher_entry() {
 
 template <StoreMode kStore, int kParamBf16Flag, int... kRest>
 LaunchFn pick_launcher(int flags, std::integer_sequence<int, kRest...>) {
-  // Entries for the 16 combinations of the other four flags, this param dtype only.
+  // Entries for the 32 combinations of the other five flags, this param dtype only.
   static constexpr LaunchFn table[] = {launcher_entry<kStore, (kRest << 1) | kParamBf16Flag>()...};
   if (flags < 0 || flags >= kFlagCombinations || (flags & kFlagParamBf16) != kParamBf16Flag) {
     return nullptr;

@@ -52,8 +52,9 @@ constexpr const char* kRowFields[kRowInt64s] = {
 
 // Every element array (param, grad, states, master / remainder) is 16-byte aligned.
 constexpr int64_t kRowVectorAligned = 1;
-// The change and cumulative bitmaps are 4-byte aligned (stored as 32-bit words).
-constexpr int64_t kRowBitmapWordAligned = 2;
+// The freeze mask and the change and cumulative bitmaps are 8-byte aligned (accessed as
+// 64-bit words on the vector path).
+constexpr int64_t kRowBitmapAligned = 2;
 
 constexpr int64_t table_int64s(int64_t num_tensors) {
   return (num_tensors + 1) * kRowInt64s + 3 * num_tensors + 1;
@@ -82,11 +83,11 @@ enum class StoreMode : int {
 };
 constexpr int kStoreModes = 5;
 
-// A kernel variant: store mode x 5 flag bits. Every variant with an fp32 param and a store
+// A kernel variant: store mode x 6 flag bits. Every variant with an fp32 param and a store
 // mode other than kNearest is absent (the reference has no such mode).
 constexpr int kFlagParamBf16 = 1, kFlagGradBf16 = 2, kFlagStateBf16 = 4, kFlagAmsgrad = 8,
-              kFlagTrack = 16;
-constexpr int kFlagCombinations = 32;
+              kFlagTrack = 16, kFlagGradScale = 32;
+constexpr int kFlagCombinations = 64;
 
 constexpr int variant_code(StoreMode store, int flags) {
   return static_cast<int>(store) * kFlagCombinations + flags;

@@ -8,6 +8,7 @@
 #include <stdexcept>
 #include <string>
 
+#include "adamw_element.cuh"
 #include "adamw_launch.h"
 
 namespace py = pybind11;
@@ -17,7 +18,7 @@ namespace {
 
 // Bumped whenever the table layout or launch_adamw's arguments change, so that a stale
 // build is never used with a newer cuda_backend.py.
-constexpr int kAbiVersion = 1;
+constexpr int kAbiVersion = 2;
 
 LaunchFn find_launcher(int variant) {
   if (variant < 0 || variant >= kStoreModes * kFlagCombinations) return nullptr;
@@ -40,13 +41,13 @@ LaunchFn find_launcher(int variant) {
 }
 
 int variant_of(int store, bool param_bf16, bool grad_bf16, bool state_bf16, bool amsgrad,
-               bool track) {
+               bool track, bool grad_scale) {
   if (store < 0 || store >= kStoreModes) {
     throw py::value_error("store mode must be in [0, " + std::to_string(kStoreModes) + ")");
   }
   const int flags = (param_bf16 ? kFlagParamBf16 : 0) | (grad_bf16 ? kFlagGradBf16 : 0) |
                     (state_bf16 ? kFlagStateBf16 : 0) | (amsgrad ? kFlagAmsgrad : 0) |
-                    (track ? kFlagTrack : 0);
+                    (track ? kFlagTrack : 0) | (grad_scale ? kFlagGradScale : 0);
   const int variant = variant_code(static_cast<StoreMode>(store), flags);
   if (find_launcher(variant) == nullptr) {
     throw py::value_error("no kernel for this combination: fp32 params are stored by nearest "
@@ -67,6 +68,9 @@ void launch_adamw(int variant, uintptr_t table, int64_t num_tensors, int64_t tot
   if (launch == nullptr) throw py::value_error("unknown kernel variant " + std::to_string(variant));
   if (table == 0 || scalars == 0 || num_tensors < 1 || total_tiles < 0) {
     throw py::value_error("launch_adamw needs a table, scalars and at least one tensor");
+  }
+  if ((variant % kFlagCombinations & kFlagGradScale) != 0 && grad_scale == 0) {
+    throw py::value_error("this kernel variant divides by grad_scale: pass its address");
   }
   if (((variant / kFlagCombinations) == static_cast<int>(StoreMode::kStochastic) ||
        (variant / kFlagCombinations) == static_cast<int>(StoreMode::kMasterStochastic)) &&
@@ -94,6 +98,57 @@ void launch_adamw(int variant, uintptr_t table, int64_t num_tensors, int64_t tot
   launch(args, device, reinterpret_cast<void*>(stream));
 }
 
+// The GPU check of the hardware bf16 rounding (round_nearest_bf16_computed and its x2
+// form) against the spec's integer formula on every fp32 pattern: a NaN pattern must give
+// 0x7FC0 (the image of the canonical NaN, the only NaN the step rounds), any other pattern
+// round_nearest_bf16's bits. With `control` the expected bits are those of truncation
+// instead, which must disagree: the check can fail.
+__global__ void bf16_rounding_check_kernel(unsigned long long* mismatches, unsigned* first_bad,
+                                           bool control) {
+  unsigned long long bad = 0;
+  const uint64_t stride = uint64_t{gridDim.x} * blockDim.x;
+  for (uint64_t i = uint64_t{blockIdx.x} * blockDim.x + threadIdx.x; i < (uint64_t{1} << 32);
+       i += stride) {
+    const uint32_t bits = static_cast<uint32_t>(i), other = ~bits;
+    const uint32_t expected = control ? bits >> 16
+                              : is_nan_bits(bits) ? 0x7FC0u : round_nearest_bf16(bits);
+    const uint32_t expected_other = control ? other >> 16
+                                    : is_nan_bits(other) ? 0x7FC0u : round_nearest_bf16(other);
+    const uint32_t pair = round_nearest_bf16x2_computed(fp32_from_bits(bits), fp32_from_bits(other));
+    if (round_nearest_bf16_computed(fp32_from_bits(bits)) != expected ||
+        pair != (expected | (expected_other << 16))) {
+      ++bad;
+      atomicMin(first_bad, bits);
+    }
+  }
+  if (bad != 0) atomicAdd(mismatches, bad);
+}
+
+py::tuple bf16_rounding_check(int device, bool control) {
+  auto check = [](cudaError_t status, const char* what) {
+    if (status != cudaSuccess) {
+      throw std::runtime_error(std::string("rlvr_optim._C: ") + what + ": " +
+                               cudaGetErrorString(status));
+    }
+  };
+  check(cudaSetDevice(device), "cudaSetDevice");
+  unsigned long long* mismatches = nullptr;
+  unsigned* first_bad = nullptr;
+  check(cudaMalloc(&mismatches, sizeof *mismatches), "cudaMalloc");
+  check(cudaMalloc(&first_bad, sizeof *first_bad), "cudaMalloc");
+  check(cudaMemset(mismatches, 0, sizeof *mismatches), "cudaMemset");
+  check(cudaMemset(first_bad, 0xFF, sizeof *first_bad), "cudaMemset");
+  bf16_rounding_check_kernel<<<1024, 256>>>(mismatches, first_bad, control);
+  check(cudaGetLastError(), "launching the rounding check");
+  unsigned long long count = 0;
+  unsigned first = 0;
+  check(cudaMemcpy(&count, mismatches, sizeof count, cudaMemcpyDeviceToHost), "cudaMemcpy");
+  check(cudaMemcpy(&first, first_bad, sizeof first, cudaMemcpyDeviceToHost), "cudaMemcpy");
+  cudaFree(mismatches);
+  cudaFree(first_bad);
+  return py::make_tuple(count, first);
+}
+
 }  // namespace
 }  // namespace rlvr_optim
 
@@ -105,7 +160,7 @@ PYBIND11_MODULE(_C, m) {
   for (int i = 0; i < kRowInt64s; ++i) fields[i] = py::str(kRowFields[i]);
   m.attr("ROW_FIELDS") = fields;
   m.attr("ROW_VECTOR_ALIGNED") = kRowVectorAligned;
-  m.attr("ROW_BITMAP_WORD_ALIGNED") = kRowBitmapWordAligned;
+  m.attr("ROW_BITMAP_ALIGNED") = kRowBitmapAligned;
   m.attr("TILE_ELEMENTS") = kTileElements;
   m.attr("STORE_MODES") = py::make_tuple("nearest", "stochastic", "master_nearest",
                                          "master_stochastic", "remainder");
@@ -113,8 +168,12 @@ PYBIND11_MODULE(_C, m) {
         py::arg("num_tensors"),
         "Length of the int64 table of num_tensors tensors: rows, counter workspace, ticket.");
   m.def("variant", &variant_of, py::arg("store"), py::arg("param_bf16"), py::arg("grad_bf16"),
-        py::arg("state_bf16"), py::arg("amsgrad"), py::arg("track"),
-        "The kernel variant of a store mode (index into STORE_MODES) and dtype flags.");
+        py::arg("state_bf16"), py::arg("amsgrad"), py::arg("track"), py::arg("grad_scale"),
+        "The kernel variant of a store mode (index into STORE_MODES), dtype and mode flags.");
+  m.def("bf16_rounding_check", &bf16_rounding_check, py::arg("device"), py::arg("control") = false,
+        "GPU check of the kernels' hardware bf16 rounding against the spec on all 2**32 fp32 "
+        "patterns: (mismatches, first mismatching pattern). control=True compares with "
+        "truncation instead, which must mismatch.");
   m.def("launch_adamw", &launch_adamw, py::arg("variant"), py::arg("table"),
         py::arg("num_tensors"), py::arg("total_tiles"), py::arg("counters"), py::arg("scalars"),
         py::arg("sr_keys"), py::arg("grad_scale"), py::arg("found_inf"), py::arg("maximize"),

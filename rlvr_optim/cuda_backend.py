@@ -38,7 +38,7 @@ from .reference import check_arguments
 __all__ = ["adamw", "load_extension", "unavailable_reason"]
 
 # What this file expects of the extension (csrc/adamw_launch.h, csrc/binding.cu).
-ABI_VERSION = 1
+ABI_VERSION = 2
 ROW_FIELDS = (
     "param", "grad", "exp_avg", "exp_avg_sq", "max_exp_avg_sq", "master", "freeze_mask",
     "change_bitmap", "cumulative_bitmap", "counters", "numel", "element_offset",
@@ -281,10 +281,10 @@ def _build_table(ext: ModuleType, columns: dict[str, list[int]], numels: list[in
     rows[:, _COL["first_tile"]] = first_tile
     element_arrays = rows[:count, [_COL[k] for k in
                                    ("param", "grad", "exp_avg", "exp_avg_sq", "max_exp_avg_sq", "master")]]
-    bitmaps = rows[:count, [_COL["change_bitmap"], _COL["cumulative_bitmap"]]]
+    bitmaps = rows[:count, [_COL[k] for k in ("freeze_mask", "change_bitmap", "cumulative_bitmap")]]
     rows[:count, _COL["flags"]] = (
         np.where((element_arrays % 16 == 0).all(axis=1), ext.ROW_VECTOR_ALIGNED, 0)
-        | np.where((bitmaps % 4 == 0).all(axis=1), ext.ROW_BITMAP_WORD_ALIGNED, 0)
+        | np.where((bitmaps % 8 == 0).all(axis=1), ext.ROW_BITMAP_ALIGNED, 0)
     )
     buffer = np.zeros(ext.table_int64s(count), dtype=np.int64)  # workspace and ticket zero
     buffer[: rows.size] = rows.reshape(-1)
@@ -392,7 +392,7 @@ def adamw(
         else:
             store = (2 if form == 1 else 0) + (1 if stochastic else 0)
         variant = ext.variant(store, param_dtype == bf16, grad_dtype == bf16, state_dtype == bf16,
-                              vmax_dtype is not None, track)
+                              vmax_dtype is not None, track, grad_scale is not None)
         if device not in operands:  # on the device; the kernel reads them there
             operands[device] = (
                 scalars.to(device).contiguous(),
