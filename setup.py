@@ -111,6 +111,19 @@ class NvccBuildExt(build_ext):
         except Exception as exc:  # noqa: BLE001 - any failure leaves a pure-Python install
             warnings.warn(f"rlvr_optim._cpu was not built ({exc}); the CPU backend will be "
                           "compiled on first use, or backend='auto' runs the reference")
+            self._not_built = [*getattr(self, "_not_built", []), ext.name]
+
+    def _built_only(self):
+        return [e for e in self.extensions if e.name not in getattr(self, "_not_built", [])]
+
+    # An extension that was not built has no file to copy or to list in the wheel.
+    def copy_extensions_to_source(self):
+        self.extensions = self._built_only()
+        super().copy_extensions_to_source()
+
+    def get_outputs(self):
+        self.extensions = self._built_only()
+        return super().get_outputs()
 
 
 ext_modules = [Extension("rlvr_optim._C", CUDA_SOURCES)] if want_cuda() else []

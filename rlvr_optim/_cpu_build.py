@@ -72,6 +72,8 @@ def build(src: Path, build_dir: Path, target: Path, pybind11_include: str) -> No
     cxx = compiler()
     if cxx is None:
         raise RuntimeError("no C++ compiler ($CXX, g++ or c++ on PATH)")
+    # ninja -C runs in build_dir: relative paths would name files there.
+    src, build_dir, target = Path(src).resolve(), Path(build_dir).resolve(), Path(target).resolve()
     build_dir.mkdir(parents=True, exist_ok=True)
     compiles, link = commands(cxx, src, build_dir, target, pybind11_include)
     ninja = shutil.which("ninja")
@@ -86,7 +88,7 @@ def build(src: Path, build_dir: Path, target: Path, pybind11_include: str) -> No
         result = subprocess.run([ninja, "-C", str(build_dir)], capture_output=True, text=True)
         if result.returncode != 0:
             raise RuntimeError("compiling rlvr_optim._cpu failed (ninja -C "
-                               f"{build_dir}):\n{result.stdout[-3000:]}")
+                               f"{build_dir}):\n{(result.stdout + result.stderr)[-3000:]}")
         return
     running = [subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
                for cmd in compiles]
