@@ -86,12 +86,12 @@ for name in ("torch", "triton", "torchao", "torch-optimi"):
     "$py" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
       --target /tmp/site .whl/*.whl && export PYTHONPATH="/tmp/site${PYTHONPATH:+:$PYTHONPATH}"
   fi
-  # Installed without the extension, so the package imports at once; -I: this checkout's
-  # own folder must not count as installed.
+  # Installed without the extensions, so the package imports at once (the CPU backend's is
+  # no use on a GPU machine); -I: this checkout's own folder must not count as installed.
   installed=$("$py" -I -c 'import importlib.util as u; s = u.find_spec("rlvr_optim"); print(s.origin if s else "")')
   if [ "$installed" = "$PWD/rlvr_optim/__init__.py" ]; then
     echo "   rlvr_optim is installed from this checkout already"
-  elif ! RLVR_OPTIM_SKIP_CUDA_BUILD=1 "$py" -m pip install -q --no-build-isolation --no-deps -e . \
+  elif ! RLVR_OPTIM_SKIP_CUDA_BUILD=1 RLVR_OPTIM_SKIP_CPU_BUILD=1 "$py" -m pip install -q --no-build-isolation --no-deps -e . \
     > "$scratch/install.log" 2>&1; then
     tail -n 20 "$scratch/install.log"
     echo "   pip install failed; going on from the checkout (python -m finds it in this folder)"
@@ -106,7 +106,7 @@ for name in ("torch", "triton", "torchao", "torch-optimi"):
     rm -f rlvr_optim/_C*.so
     build_limit=$(budget 150)
     (
-      RLVR_OPTIM_CUDA_ARCHS="${RLVR_OPTIM_CUDA_ARCHS:-$cap}" timeout -k 5 "$build_limit" \
+      RLVR_OPTIM_SKIP_CPU_BUILD=1 RLVR_OPTIM_CUDA_ARCHS="${RLVR_OPTIM_CUDA_ARCHS:-$cap}" timeout -k 5 "$build_limit" \
         "$py" setup.py build_ext --force --build-lib "$scratch/lib" --build-temp "$scratch/temp" \
         > "$scratch/build.log" 2>&1 \
         && built=$(compgen -G "$scratch/lib/rlvr_optim/_C*.so") \
