@@ -33,6 +33,7 @@ import torch
 from torch import Tensor
 
 from ._checked import CheckedCall, CheckedCalls, Frozen
+from ._cpu_build import _ninja_path
 from .reference import check_arguments
 
 __all__ = ["adamw", "load_extension", "unavailable_reason"]
@@ -119,10 +120,6 @@ def unavailable_reason() -> str | None:
         return None
     return ("rlvr_optim._C was not built at install time (no nvcc then) and cannot be "
             f"compiled now: {'; '.join(blockers)}")
-
-
-def _ninja_path(path: Path) -> str:
-    return str(path).replace("$", "$$").replace(" ", "$ ").replace(":", "$:")
 
 
 def _compile(folder: Path, sources: list[Path], archs: list[str]) -> Path:
