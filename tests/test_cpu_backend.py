@@ -216,6 +216,46 @@ def test_matches_reference_bit_for_bit(isa, form, state_dtype, features, numel):
         assert changed_total > 0  # the comparison saw bf16 changes
 
 
+def _random_patterns(gen, t, share):
+    """``t`` with a ``share`` of its elements replaced by uniformly random bit patterns:
+    NaNs of every sign and payload, infinities, subnormals and huge values among them."""
+    bits = _bits(t).clone()
+    width = 16 if t.dtype == torch.bfloat16 else 32
+    lo, hi = -(2 ** (width - 1)), 2 ** (width - 1)
+    pick = torch.rand(t.numel(), generator=gen) < share
+    noise = torch.randint(lo, hi, (t.numel(),), generator=gen, dtype=torch.int64)
+    bits[pick] = noise[pick].to(bits.dtype)
+    return bits.view(t.dtype)
+
+
+# The default layouts (every stream bf16, or every stream fp32; nearest rounding, no
+# freeze mask, no amsgrad, no grad_scale or maximize) have a loop of their own on AVX2;
+# sizes around its 16- and 8-element groups and the spec loop that finishes a tensor.
+@pytest.mark.parametrize("numel", [15, 16, 17, 31, 4099, 3 * (1 << 15) + 13])
+@pytest.mark.parametrize("track", [True, False], ids=["track", "untracked"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
+def test_default_layouts_match_reference_on_every_bit_pattern(isa, dtype, track, numel):
+    gen = torch.Generator().manual_seed(numel * 31 + (dtype == torch.float32))
+    ref = _make_state(gen, numel, dtype, dtype, None, amsgrad=False, freeze=False, track=track)
+    for key in ("param", "exp_avg", "exp_avg_sq"):
+        ref[key] = _random_patterns(gen, ref[key], 0.1)
+    got = {k: v.clone() for k, v in ref.items()}
+    for step, found_inf in enumerate([None, 0.0, 1.0, None], start=1):
+        grad = _random_patterns(gen, _grad(gen, numel, dtype), 0.1)
+        grad[[3, 11]] = torch.tensor([float("inf"), float("nan")], dtype=dtype)
+        steps = torch.tensor([step])
+        kwargs = dict(scalars=R.step_scalars(steps, [1e-2, 1.0][step % 2], *BETAS, 0.1, EPS),
+                      found_inf=None if found_inf is None else torch.tensor(found_inf))
+        _poison(ref, gen)
+        _poison(got, gen)
+        _call(R.adamw, [ref], [grad.clone()], **kwargs)
+        _call(cpu_backend.adamw, [got], [grad.clone()], **kwargs)
+        _compare(ref, got, f"{isa} step {step}")
+        if track and numel >= 16 and found_inf != 1.0:
+            assert int(ref["counters"][0]) > 0  # the comparison saw bf16 changes
+            assert int(ref["counters"][2]) >= 2  # and non-finite gradients
+
+
 def test_many_tensors_of_mixed_layouts_in_one_call(isa):
     """One call over tensors of every dtype layout, missing entries, views the loop cannot
     take (stepped by the reference) and grads of other dtypes; several steps."""
