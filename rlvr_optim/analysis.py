@@ -1165,6 +1165,22 @@ def load_pyplot():
     return plt
 
 
+class FigureFolder:
+    """Saves figures into one folder (tight layout, then closed) and keeps their paths, in
+    the order saved: the reports' plotting functions share it."""
+
+    def __init__(self, plt, out: str):
+        self._plt, self._out = plt, out
+        self.paths: list[str] = []
+
+    def save(self, fig, name: str) -> None:
+        fig.tight_layout()
+        path = os.path.join(self._out, name)
+        fig.savefig(path)
+        self._plt.close(fig)
+        self.paths.append(path)
+
+
 def _sparsity_plots(directory: str, result: Mapping[str, Any],
                     geometry_result: Mapping[str, Any] | None) -> list[str] | None:
     plt = load_pyplot()

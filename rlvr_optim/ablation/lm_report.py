@@ -546,14 +546,8 @@ def _plots(out: str, config: LMAblation, arms: Mapping[str, list[dict]],
     if plt is None:
         return None
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
-    paths = []
-
-    def save(fig, name: str) -> None:
-        fig.tight_layout()
-        path = os.path.join(out, name)
-        fig.savefig(path)
-        plt.close(fig)
-        paths.append(path)
+    folder = analysis.FigureFolder(plt, out)
+    save = folder.save
 
     def mean_curve(runs: list[dict], key: str, start: float) -> tuple[list, list, list]:
         xs = [0] + runs[0]["series"]["curve_step"]
@@ -629,4 +623,4 @@ def _plots(out: str, config: LMAblation, arms: Mapping[str, list[dict]],
         ax.grid(alpha=0.3)
         ax.legend(fontsize=6)
         save(fig, "accuracy.png")
-    return paths
+    return folder.paths

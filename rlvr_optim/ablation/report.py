@@ -357,14 +357,8 @@ def _plots(out: str, config: Any,
     if plt is None:
         return None
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
-    paths = []
-
-    def save(fig, name: str) -> None:
-        fig.tight_layout()
-        path = os.path.join(out, name)
-        fig.savefig(path)
-        plt.close(fig)
-        paths.append(path)
+    folder = analysis.FigureFolder(plt, out)
+    save = folder.save
 
     fig, axes = plt.subplots(1, 3, figsize=(13, 3.4), dpi=80)
     for i, mode in enumerate(config.modes):
@@ -437,4 +431,4 @@ def _plots(out: str, config: Any,
         ax.legend(fontsize=7)
         save(fig, "overlap_vs_random.png")
 
-    return paths
+    return folder.paths
