@@ -11,6 +11,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <type_traits>
 #include <utility>
 #include <vector>
 
@@ -290,13 +291,9 @@ struct FastTrack {
 // (0-3, 8-11) and (4-7, 12-15); packing the two halves back (packus) restores memory
 // order, so no lane crosses. Returns the first element it did not step.
 template <bool kTrack>
-int64_t fast_span_bf16(const int64_t* row, const Fast& k, int64_t begin, int64_t end,
-                       FastTrack& out) {
+int64_t fast_span_bf16(uint16_t* param, const uint16_t* grad, uint16_t* exp_avg, uint16_t* exp_avg_sq,
+                       const Fast& k, int64_t begin, int64_t end, FastTrack& out) {
   FastTrack t = out;  // a local: stores through the uint8_t bitmaps may alias `out`
-  uint16_t* param = address<uint16_t>(row[kParam]);
-  const uint16_t* grad = address<const uint16_t>(row[kGrad]);
-  uint16_t* exp_avg = address<uint16_t>(row[kExpAvg]);
-  uint16_t* exp_avg_sq = address<uint16_t>(row[kExpAvgSq]);
   const __m256i zero = _mm256_setzero_si256();
   const __m256i exponent16 = _mm256_set1_epi16(0x7F80);
   __m256i same_w = zero, nonfinite = zero;  // minus the counts, per lane
@@ -356,13 +353,9 @@ int64_t fast_span_bf16(const int64_t* row, const Fast& k, int64_t begin, int64_t
 
 // fp32 param, grad and states, 8 elements a group, in memory order.
 template <bool kTrack>
-int64_t fast_span_fp32(const int64_t* row, const Fast& k, int64_t begin, int64_t end,
-                       FastTrack& out) {
+int64_t fast_span_fp32(float* param, const float* grad, float* exp_avg, float* exp_avg_sq,
+                       const Fast& k, int64_t begin, int64_t end, FastTrack& out) {
   FastTrack t = out;  // a local: stores through the uint8_t bitmaps may alias `out`
-  float* param = address<float>(row[kParam]);
-  const float* grad = address<const float>(row[kGrad]);
-  float* exp_avg = address<float>(row[kExpAvg]);
-  float* exp_avg_sq = address<float>(row[kExpAvgSq]);
   __m256i same_bf16 = _mm256_setzero_si256(), same_w = same_bf16, nonfinite = same_bf16;
   int64_t i = begin;
   for (; i + 8 <= end; i += 8) {
@@ -409,8 +402,16 @@ void fast_then_spec(const int64_t* row, const CpuStep& a, int64_t begin, int64_t
     const float* r = a.scalars + 8 * row[kScalarRow];
     const Fast k(spec::StepScalars{r[0], r[1], r[2], r[3], r[4], r[5], r[6], r[7]});
     FastTrack t{address<uint8_t>(row[kChangeBitmap]), address<uint8_t>(row[kCumulativeBitmap])};
-    done = kBf16 ? fast_span_bf16<kTrack>(row, k, begin, end, t)
-                 : fast_span_fp32<kTrack>(row, k, begin, end, t);
+    using T = std::conditional_t<kBf16, uint16_t, float>;
+    T* param = address<T>(row[kParam]);
+    const T* grad = address<const T>(row[kGrad]);
+    T* exp_avg = address<T>(row[kExpAvg]);
+    T* exp_avg_sq = address<T>(row[kExpAvgSq]);
+    if constexpr (kBf16) {
+      done = fast_span_bf16<kTrack>(param, grad, exp_avg, exp_avg_sq, k, begin, end, t);
+    } else {
+      done = fast_span_fp32<kTrack>(param, grad, exp_avg, exp_avg_sq, k, begin, end, t);
+    }
     counts.changed += t.changed;
     counts.moved += t.moved;
     counts.nonfinite += t.nonfinite;
