@@ -12,35 +12,11 @@ import torch
 from rlvr_optim import AdamW, backends, cpu_backend
 from rlvr_optim import reference as R
 
+from adamw_cases import BETAS, EPS, FEATURES, FORM_IDS, FORMS
+
 SIZES = [1, 7, 8, 33, 4099, 3 * (1 << 15) + 13]  # the last spans four OpenMP work items
 SEEDS = [0, 1]
 STEPS = 3
-BETAS = (0.9, 0.999)
-EPS = 1e-8
-
-# (param dtype, master form, rounding): every combination the reference accepts.
-FORMS = [
-    (torch.float32, None, "nearest"),
-    (torch.float32, None, "stochastic"),
-    (torch.bfloat16, None, "nearest"),
-    (torch.bfloat16, None, "stochastic"),
-    (torch.bfloat16, "fp32", "nearest"),
-    (torch.bfloat16, "fp32", "stochastic"),
-    (torch.bfloat16, "remainder", "nearest"),
-]
-FORM_IDS = ["fp32", "fp32-sr", "bf16", "bf16-sr", "master", "master-sr", "remainder"]
-
-FEATURES = {
-    "plain": {},
-    "amsgrad-freeze-nonfinite-scale": dict(amsgrad=True, freeze=True, nonfinite=True,
-                                           grad_scale=3.0),
-    "maximize-skip-offset-othergrad": dict(
-        maximize=True, freeze=True, nonfinite=True, found_inf=(0.0, 1.0, 0.0),
-        element_offset=2**32 - 603,  # not a multiple of 8; crosses the low Philox word
-        other_grad_dtype=True,
-    ),
-    "untracked-amsgrad": dict(amsgrad=True, track=False, nonfinite=True),
-}
 
 
 @pytest.fixture(scope="module")

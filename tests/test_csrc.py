@@ -47,6 +47,8 @@ from rlvr_optim import cuda_backend
 from rlvr_optim import reference as R
 from rlvr_optim.bitmaps import popcount
 
+from adamw_cases import BETAS, EPS, FEATURES, FORM_IDS, FORMS
+
 ROOT = Path(__file__).resolve().parent.parent
 CSRC = ROOT / "csrc"
 ARCHS = ("80", "90")
@@ -58,35 +60,6 @@ KERNELS_PER_ARCH = 32 + 32 * 5
 SIZES = [1, 7, 8, 33, 4099, 2 * 2048 + 13]  # the last spans three tiles of the kernel
 SEEDS = [0, 1, 2]
 STEPS = 3
-BETAS = (0.9, 0.999)
-EPS = 1e-8
-
-# (param dtype, master form, rounding): every combination the reference accepts (rounding
-# only affects bf16 params).
-FORMS = [
-    (torch.float32, None, "nearest"),
-    (torch.float32, None, "stochastic"),
-    (torch.bfloat16, None, "nearest"),
-    (torch.bfloat16, None, "stochastic"),
-    (torch.bfloat16, "fp32", "nearest"),
-    (torch.bfloat16, "fp32", "stochastic"),
-    (torch.bfloat16, "remainder", "nearest"),
-]
-FORM_IDS = ["fp32", "fp32-sr", "bf16", "bf16-sr", "master", "master-sr", "remainder"]
-
-FEATURES = {
-    "plain": {},
-    "amsgrad-freeze-nonfinite-scale": dict(amsgrad=True, freeze=True, nonfinite=True,
-                                           grad_scale=3.0),
-    "maximize-skip-offset-othergrad": dict(
-        maximize=True, freeze=True, nonfinite=True, found_inf=(0.0, 1.0, 0.0),
-        # Not a multiple of 8, so a thread's 8 elements span two Philox calls, and the
-        # counter (index >> 3) crosses 2**32: its high word matters.
-        element_offset=2**35 - 603,
-        other_grad_dtype=True,
-    ),
-    "untracked-amsgrad": dict(amsgrad=True, track=False, nonfinite=True),
-}
 
 
 # ---------------------------------------------------------------------------------------
