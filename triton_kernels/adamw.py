@@ -288,14 +288,8 @@ def _word_bytes(words, rows):
 
 
 @triton.jit
-def _row_count(bits):
-    """How many of each row's booleans are set: [2, BLOCK // 8, 4] -> int32 [BLOCK // 8]."""
-    return tl.sum(tl.sum(bits.to(tl.int32), axis=2), axis=0)
-
-
-@triton.jit
 def _popcount8(byte, HW_POPC: tl.constexpr):
-    """Set bits of int32 values below 256 (a packed row's changes). ``HW_POPC`` (compiled
+    """Set bits of int32 values below 256 (a packed row's booleans). ``HW_POPC`` (compiled
     for a GPU): the hardware's ``popc``, one instruction (the interpreter has no libdevice);
     else by halves of halves."""
     if HW_POPC:
@@ -513,8 +507,9 @@ def _adamw_chunk(
         moved = (w_bits != w_old.to(tl.uint32, bitcast=True)) & update
         g_exponent = g.to(tl.uint32, bitcast=True) & 0x7F800000
         nonfinite = (g_exponent == 0x7F800000) & train
-        n_moved = _row_count(moved)
-        n_nonfinite = _row_count(nonfinite)
+        # Each count is the popcount of its rows' packed bits: one popc per row on a GPU.
+        n_moved = _popcount8(_pack_bits(moved), HW_BF16)
+        n_nonfinite = _popcount8(_pack_bits(nonfinite), HW_BF16)
     return n_changed, n_moved, n_nonfinite
 
 
