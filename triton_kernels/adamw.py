@@ -261,10 +261,10 @@ def _pack_words(packed):
     Rows are one thread each: the 8 bytes of a word come from 8 threads of a warp, whose
     butterfly reductions leave every one of them with the sum (disjoint bits: the sum is
     their OR). Four bytes combine in 32 bits, then the two halves, a little cheaper on
-    sm_90 than one 64-bit reduction over 8 (bench/static_report.py). Broadcasting the word back to its rows keeps
-    it where the reduction left it, so the store needs no layout change through shared
-    memory; a word's 8 threads then store the same 8 bytes at one address, one 32-byte
-    sector per warp as the byte stores were."""
+    sm_90 than one 64-bit reduction over 8 (bench/static_report.py). Broadcasting the word
+    back to its rows keeps it where the reduction left it, so the store needs no layout
+    change through shared memory; a word's 8 threads then store the same 8 bytes at one
+    address, one 32-byte sector per warp as the byte stores were."""
     n: tl.constexpr = packed.shape[0]
     quads = tl.reshape(packed.to(tl.uint32), [n // 4, 4])
     halves = tl.sum(quads << (8 * tl.arange(0, 4)).to(tl.uint32)[None, :], axis=1)
@@ -433,8 +433,8 @@ def _adamw_chunk(
     # Which elements are trained, and whether this step is applied at all.
     if HAS_FREEZE_MASK:
         if WORDS:
-            words = tl.load(_as_words(freeze_mask_ptr) + word_offs)
-            train = _unpack_bits(_word_bytes(words, rows))
+            mask_words = tl.load(_as_words(freeze_mask_ptr) + word_offs)
+            train = _unpack_bits(_word_bytes(mask_words, rows))
         else:
             train = _unpack_bits(tl.load(freeze_mask_ptr + row_offs, mask=row_in_range, other=0))
         train = train & in_range
