@@ -183,17 +183,8 @@ def test_static_budget_sm90_tracking_step(budget_rows, backend, mode):
     assert row["instructions_per_element"] <= BUDGET[mode], row
 
 
-# The Triton kernel stores each thread's change-bitmap byte on its own: packing 8 threads'
-# bytes into one 8-byte store with shuffles cost +2.8 instr/elem and +22 registers (sm_90
-# codegen, 2026-12-01), so it was not kept. Strict: the mark must go when the store widens.
-NARROW_ACCESS = {("triton", m): "the change bitmap is stored one byte per thread"
-                 for m in BUDGET}
-
-
 @pytest.mark.parametrize("backend,mode", [
-    pytest.param(b, m, id=f"{b}-{m}", marks=[pytest.mark.xfail(
-        strict=True, reason=f"{NARROW_ACCESS[(b, m)]}, issue #12")] if (b, m) in NARROW_ACCESS
-        else []) for b in ("cuda", "triton") for m in BUDGET])
+    pytest.param(b, m, id=f"{b}-{m}") for b in ("cuda", "triton") for m in BUDGET])
 def test_no_global_access_narrower_than_8_bytes_sm90_tracking_step(budget_rows, backend, mode):
     row = _budget_row(budget_rows, backend, mode)
     assert row["narrowest_access_bytes"] >= 8, row

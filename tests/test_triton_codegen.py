@@ -1,10 +1,10 @@
 """The Triton table kernel's code, checked without a GPU: cross-compiled for sm_90 and
 sm_80 (Triton bundles LLVM, ptxas and cuobjdump) and read from its SASS. Every layout has a
 steady-state chunk loop with no spills, full chunks move every element stream 8 or 16 bytes
-at a time, computed values round to bf16 by the hardware conversion, and the counts respond
-to the code they count. The instruction budget itself
-(DESIGN.md) is held by tests/test_static_report.py over the same rows; speed is measured
-only by the benchmark.
+at a time and the bitmaps 8, computed values round to bf16 by the hardware conversion, and
+the counts respond to the code they count. The instruction budget itself (DESIGN.md) is
+held by tests/test_static_report.py over the same rows; speed is measured only by the
+benchmark.
 
 The compiles run in a subprocess: this test process has ``TRITON_INTERPRET=1`` on a CPU
 machine (conftest), under which the kernels are interpreted functions.
@@ -53,12 +53,23 @@ def test_static_rows_cover_every_layout_the_default_included(sm90_rows):
 
 
 def test_full_chunks_move_every_element_stream_8_or_16_bytes_at_once(sm90_rows):
-    """Without tracking the loop touches element streams only; with it, the change bitmap
-    is one byte per thread (8 elements), stored as such."""
+    """Element streams move 8 or 16 bytes per thread, and so does the change bitmap with
+    tracking: a word of 64 elements' bits, which 8 threads' bytes make."""
     for row in sm90_rows:
-        want = 8 if row["tracking"] == "off" else 1
-        assert row["narrowest_access_bytes"] == want or (
-            want == 8 and row["narrowest_access_bytes"] == 16), row
+        assert row["narrowest_access_bytes"] in (8, 16), row
+
+
+def test_freeze_mask_and_cumulative_bitmap_move_words_too():
+    """The other bitmaps of a full chunk are words as well; the negative control: chunks
+    of 32 elements hold no whole word, so their bitmaps move a byte per thread."""
+    rows = _compiled(
+        "flags = dict(codegen.STATIC_MODES['default'], HAS_CHANGE_BITMAP=True,"
+        " HAS_COUNTERS=True, HAS_FREEZE_MASK=True, HAS_CUMULATIVE_BITMAP=True)\n"
+        "print(json.dumps([codegen.kernel_row(flags, 90),"
+        " codegen.kernel_row(flags, 90, block=32, warps=1)]))")
+    words, bytes_ = rows
+    assert words["narrowest_access_bytes"] == 8 and words["spill_bytes"] == 0, words
+    assert bytes_["narrowest_access_bytes"] == 1, bytes_
 
 
 def test_counts_respond_to_the_code_they_count(sm90_rows):
@@ -94,10 +105,12 @@ def test_computed_values_round_with_the_hardware_conversion(hardware):
 
 
 def test_sm80_compiles_the_same_loop_with_vector_accesses():
-    """sm_80 (A100) builds the same chunk loop. Its ptxas spills a few bytes in some layouts
-    (codegen --arch 80 prints them), which only sm_90's budget rules out."""
+    """sm_80 (A100) builds the same chunk loop, bitmap words included. Its ptxas spills a
+    few bytes in some layouts (codegen --arch 80 prints them), which only sm_90's budget
+    rules out."""
     rows = _compiled("print(json.dumps(codegen.static_rows(80, modes=['default', 'master'], "
-                     "tracking=['off'])))")
+                     "tracking=['off', 'step'])))")
+    assert len(rows) == 4
     for row in rows:
         assert row["instructions_per_element"] > 0 and row["narrowest_access_bytes"] >= 8, row
 

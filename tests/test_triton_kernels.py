@@ -537,6 +537,71 @@ def test_unaligned_views_and_kept_bits_in_full_chunks(dtypes, shape, launches):
     assert launches.launches == 3 * 2  # aligned tensor 0, and the three unaligned ones
 
 
+# ---------------------------------------------------------------------------------------
+# Bitmaps as 8-byte words: full chunks of an aligned tensor move the bitmaps a word (64
+# elements) at a time, tail chunks and chunks below 64 elements a byte at a time.
+# ---------------------------------------------------------------------------------------
+
+# name -> (chunk, elements per work item, sizes): sizes around a word and a chunk edge, a
+# last word shared by a full chunk and nothing else (64), tails of one element, work
+# items crossed (1025 and 65537 end in an item of one element).
+WORD_SHAPES = {
+    "chunk-32": (32, 256, [57, 64, 65, 1023]),
+    "chunk-64": (64, 512, [57, 64, 65, 1023, 1025]),
+    "chunk-1024": (BLOCK, 16 * BLOCK, [1023, 1025, 65537]),
+}
+
+
+def _guarded(t: torch.Tensor, gen, guard: int = 16):
+    """``t``'s values at the start of a larger buffer (so as aligned as any allocation),
+    and the buffer, whose last ``guard`` random bytes no store may touch."""
+    buf = torch.randint(0, 256, (t.numel() + guard,), generator=gen, dtype=torch.uint8).to(t.device)
+    buf[:t.numel()].copy_(t)
+    return buf[:t.numel()], buf
+
+
+@pytest.mark.parametrize("rounding", ["nearest", "stochastic"])
+@pytest.mark.parametrize("shape", list(WORD_SHAPES))
+def test_bitmap_words_at_tensor_edges(shape, rounding):
+    """Change and cumulative bitmaps and freeze masks (padding bits random) of tensors
+    around word and chunk edges, each followed by guard bytes no store may touch; non-finite
+    grads, grad_scale, two steps; SR element offsets that are not multiples of 8 on every
+    other tensor."""
+    block, item, sizes = WORD_SHAPES[shape]
+    gen = torch.Generator().manual_seed(41)
+    n = len(sizes)
+    ref = [_make_state(gen, numel, torch.bfloat16, torch.bfloat16, None, amsgrad=False,
+                       freeze=True) for numel in sizes]
+    tri = [_clone(s) for s in ref]
+    buffers = []
+    for s in tri:
+        for key in ("change_bitmap", "cumulative_bitmap", "freeze_mask"):
+            s[key], buf = _guarded(s[key], gen)
+            buffers.append((key, buf, buf[s[key].numel():].clone()))
+    assert all(s["change_bitmap"].data_ptr() % 16 == 0 for s in tri)  # the word path's case
+    kinds = [_nonfinite_elements(gen, numel) for numel in sizes]
+    offsets = [0 if k % 2 == 0 else 2**32 - 8 * k - 3 for k in range(n)]
+    for step in (1, 2):
+        grads = [_grad(gen, numel, torch.bfloat16, 2.0, k) for numel, k in zip(sizes, kinds)]
+        steps = torch.full((n,), step, device=DEVICE)
+        kwargs = dict(
+            scalars=R.step_scalars(steps, 1e-2, *BETAS, 0.1, EPS), amsgrad=False, master=None,
+            rounding=rounding, element_offsets=offsets, maximize=False,
+            sr_keys=R.stochastic_rounding_keys(3, steps, torch.arange(n, device=DEVICE)),
+            grad_scale=torch.tensor(2.0, device=DEVICE), found_inf=None,
+        )
+        for s in ref + tri:
+            _poison(s, gen)
+        _step(R.adamw, ref, [g.clone() for g in grads], **kwargs)
+        _step(TK.adamw, tri, [g.clone() for g in grads], block_size=block, item_size=item,
+              **kwargs)
+        for k, (r, t) in enumerate(zip(ref, tri)):
+            _compare(r, t, f"{shape}, step {step}, numel {sizes[k]}")
+        for key, buf, guard in buffers:
+            assert torch.equal(buf[-guard.numel():], guard), f"{key}: a byte past its end moved"
+    assert all(int(s["counters"][0]) > 0 for s in ref)  # bf16 changes were compared
+
+
 def test_tables_are_reused_and_rebuilt_when_a_tensor_moves():
     tensors = [(7, "A"), (33, "B"), (BLOCK + 13, "A"), (1, "B")]  # two groups
     n = len(tensors)

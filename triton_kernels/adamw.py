@@ -89,17 +89,16 @@ def _round_nearest_bf16(bits):
 
 @triton.jit
 def _round_computed_bf16(x, HW_BF16: tl.constexpr):
-    """A computed fp32 value (a NaN among them is canonical) -> its bf16 pattern, nearest
-    with ties to even, as :func:`_round_nearest_bf16`. ``HW_BF16`` (compiled for a GPU): by
-    the hardware conversion (``cvt.rn.bf16x2.f32``, one instruction per two values), its
-    NaNs set to the spec's 0x7FC0; the interpreter's cast truncates, so there the integer
-    formula."""
+    """A computed fp32 value -> its bf16 pattern, nearest with ties to even as
+    :func:`_round_nearest_bf16`, any NaN as the spec's canonical 0x7FC0 (so the value need
+    not be canonical). ``HW_BF16`` (compiled for a GPU): by the hardware conversion
+    (``cvt.rn.bf16x2.f32``, one instruction per two values); the interpreter's cast
+    truncates, so there the integer formula."""
     if HW_BF16:
-        hw = x.to(tl.bfloat16).to(tl.uint16, bitcast=True).to(tl.uint32)
-        bits = tl.where(x != x, 0x7FC0, hw)
+        bits = x.to(tl.bfloat16).to(tl.uint16, bitcast=True).to(tl.uint32)
     else:
         bits = _round_nearest_bf16(x.to(tl.uint32, bitcast=True))
-    return bits
+    return tl.where(x != x, 0x7FC0, bits)
 
 
 @triton.jit
@@ -210,14 +209,15 @@ def _state_value(raw, IS_BF16: tl.constexpr):
 @triton.jit
 def _store_state(ptr, offs, value, raw, update, mask, IS_BF16: tl.constexpr,
                  HW_BF16: tl.constexpr):
-    """Store fp32 ``value`` in an fp32 tensor, or a bf16 one (int16 view) by nearest-even;
-    where ``update`` is false store ``raw``, the state as loaded, bit for bit (selected as
-    bits: rounding a loaded bf16 NaN would quiet it)."""
+    """Store fp32 ``value`` in an fp32 tensor, or a bf16 one (int16 view) by nearest-even,
+    a NaN as the canonical one of the dtype; where ``update`` is false store ``raw``, the
+    state as loaded, bit for bit (selected as bits: rounding a loaded bf16 NaN would quiet
+    it)."""
     if IS_BF16:
         bits = _keep(update, _round_computed_bf16(value, HW_BF16), raw)
         _store_bf16_bits(ptr, offs, bits, mask)
     else:
-        tl.store(ptr + offs, _keep(update, value, raw), mask=mask)
+        tl.store(ptr + offs, _keep(update, _canonical_nan(value), raw), mask=mask)
 
 
 @triton.jit
@@ -253,14 +253,47 @@ def _pack_bits(bits):
 
 
 @triton.jit
-def _row_count(bits):
-    """How many of each row's booleans are set: [2, BLOCK // 8, 4] -> int32 [BLOCK // 8]."""
-    return tl.sum(tl.sum(bits.to(tl.int32), axis=2), axis=0)
+def _pack_words(packed):
+    """The rows' bitmap bytes (int32 [R], < 256, R a multiple of 8) as the 8-byte bitmap
+    words they make (uint64 [R]): row r gets word r // 8, byte j of which is row
+    8 (r // 8) + j, so every row of a word holds all of it.
+
+    Rows are one thread each: the 8 bytes of a word come from 8 threads of a warp, whose
+    butterfly reductions leave every one of them with the sum (disjoint bits: the sum is
+    their OR). Four bytes combine in 32 bits, then the two halves, a little cheaper on
+    sm_90 than one 64-bit reduction over 8 (bench/static_report.py). Broadcasting the word
+    back to its rows keeps it where the reduction left it, so the store needs no layout
+    change through shared memory; a word's 8 threads then store the same 8 bytes at one
+    address, one 32-byte sector per warp as the byte stores were."""
+    n: tl.constexpr = packed.shape[0]
+    quads = tl.reshape(packed.to(tl.uint32), [n // 4, 4])
+    halves = tl.sum(quads << (8 * tl.arange(0, 4)).to(tl.uint32)[None, :], axis=1)
+    pairs = tl.reshape(halves, [n // 8, 2]).to(tl.uint64)
+    words = tl.sum(pairs << (32 * tl.arange(0, 2)).to(tl.uint64)[None, :], axis=1)
+    return tl.reshape(tl.broadcast_to(words[:, None], [n // 8, 8]), [n])
 
 
 @triton.jit
-def _popcount8(byte):
-    """Set bits of int32 values below 256 (a packed row's changes), by halves of halves."""
+def _as_words(bitmap_ptr):
+    """A bitmap's byte pointer as a pointer to its 8-byte words (the caller knows it is a
+    multiple of 8 bytes)."""
+    return bitmap_ptr.to(tl.pointer_type(tl.uint64))
+
+
+@triton.jit
+def _word_bytes(words, rows):
+    """Each row's byte (int32 [R]) of the bitmap words its rows hold (uint64 [R], as
+    :func:`_pack_words` returns them); ``rows``: the rows' indices, from a multiple of 8."""
+    return ((words >> (8 * (rows % 8)).to(tl.uint64)) & 0xFF).to(tl.int32)
+
+
+@triton.jit
+def _popcount8(byte, HW_POPC: tl.constexpr):
+    """Set bits of int32 values below 256 (a packed row's booleans). ``HW_POPC`` (compiled
+    for a GPU): the hardware's ``popc``, one instruction (the interpreter has no libdevice);
+    else by halves of halves."""
+    if HW_POPC:
+        return tl.extra.cuda.libdevice.popc(byte)
     pairs = byte - ((byte >> 1) & 0x55)
     nibbles = (pairs & 0x33) + ((pairs >> 2) & 0x33)
     return (nibbles + (nibbles >> 4)) & 0x0F
@@ -275,7 +308,8 @@ def _negate(x):
 
 @triton.jit
 def _maximum(a, b):
-    """max(a, b), NaN if either is NaN, as ``torch.maximum`` (its payload is made canonical)."""
+    """max(a, b), NaN if either is NaN, as ``torch.maximum`` (its payload: see
+    :func:`_adamw_element`)."""
     return tl.where((a > b) | (a != a), a, b)
 
 
@@ -296,17 +330,23 @@ def _adamw_element(
     step_size, bc2_sqrt, lr_wd, beta1, one_minus_beta1, beta2, one_minus_beta2, eps,
     HAS_GRAD_SCALE: tl.constexpr, MAXIMIZE: tl.constexpr, AMSGRAD: tl.constexpr,
 ):
-    """One AdamW step of fp32 registers; returns (g, w, m, v, vmax)."""
+    """One AdamW step of fp32 registers; returns (g, w, m, v, vmax).
+
+    The reference makes every computed NaN canonical where it is computed; here only ``w``
+    is (its bits are compared and stored as they are). A NaN in ``m``, ``v`` or ``vmax``
+    reaches ``w`` as a NaN whatever its payload, and their stores make it canonical
+    (:func:`_store_state`), where the bf16 rounding tests for NaN anyway: the same bits,
+    one select per element and state fewer with bf16 states."""
     g = grad
     if HAS_GRAD_SCALE:
         g = tl.div_rn(g, grad_scale)
     if MAXIMIZE:
         g = _negate(g)
     w = w - lr_wd * w
-    m = _canonical_nan(beta1 * m + one_minus_beta1 * g)
-    v = _canonical_nan(beta2 * v + one_minus_beta2 * g * g)
+    m = beta1 * m + one_minus_beta1 * g
+    v = beta2 * v + one_minus_beta2 * g * g
     if AMSGRAD:
-        vmax = _canonical_nan(_maximum(vmax, v))
+        vmax = _maximum(vmax, v)
         denom = tl.div_rn(tl.sqrt_rn(vmax), bc2_sqrt) + eps
     else:
         denom = tl.div_rn(tl.sqrt_rn(v), bc2_sqrt) + eps
@@ -316,7 +356,7 @@ def _adamw_element(
 
 @triton.jit
 def _adamw_chunk(
-    offs, row_offs, limit, index_base,
+    first, limit, index_base,
     param_ptr, grad_ptr, exp_avg_ptr, exp_avg_sq_ptr, max_exp_avg_sq_ptr,
     master_ptr, remainder_ptr, freeze_mask_ptr, change_bitmap_ptr, cumulative_bitmap_ptr,
     skip, sr_key_ptr, grad_scale,
@@ -329,21 +369,30 @@ def _adamw_chunk(
     HAS_FREEZE_MASK: tl.constexpr, HAS_CHANGE_BITMAP: tl.constexpr,
     HAS_CUMULATIVE_BITMAP: tl.constexpr, HAS_COUNTERS: tl.constexpr,
     HAS_GRAD_SCALE: tl.constexpr, HAS_FOUND_INF: tl.constexpr, SR_ROW_CALLS: tl.constexpr,
-    HW_BF16: tl.constexpr,
+    HW_BF16: tl.constexpr, BLOCK: tl.constexpr, ALIGNED: tl.constexpr,
 ):
-    """One chunk of a work item: the elements at int32 ``offs`` ([2, BLOCK // 8, 4], see
-    :func:`_chunk_offsets`) and the bitmap bytes at ``row_offs`` ([BLOCK // 8]) from the
-    item's pointers, of which the first ``limit`` are in the tensor; ``index_base`` (int64)
-    is the global index of the item's element 0. bf16 tensors come as int16 pointers.
-    Returns the chunk's per-row counts ([BLOCK // 8] int32): bf16 changes, fp32 moves,
-    non-finite grads.
+    """One chunk of a work item: its ``BLOCK`` elements from element ``first`` (int32, a
+    multiple of ``BLOCK``) of the item's pointers, of which the first ``limit`` are in the
+    tensor, placed as :func:`_chunk_offsets` says (a row of 8 per bitmap byte);
+    ``index_base`` (int64) is the global index of the item's element 0. bf16 tensors come
+    as int16 pointers. Returns the chunk's per-row counts ([BLOCK // 8] int32): bf16
+    changes, fp32 moves, non-finite grads.
 
     ``FULL``: the caller knows all elements are in range. The masks are then constant true,
     which the compiler drops, so loads and stores can be vectors; a mask made from a
     runtime limit would keep them one element wide. Elements not updated (frozen, or the
     step skipped by ``found_inf``) are written back with the bits they were loaded with
-    rather than masked out of the store, for the same reason.
+    rather than masked out of the store, for the same reason. A full chunk of an
+    ``ALIGNED`` group (every pointer a multiple of 16 bytes, the item's bitmaps then of 8)
+    moves its bitmaps as 8-byte words (:func:`_pack_words`); a tail chunk moves bytes, so
+    a bitmap's last byte is written alone and no byte beyond it is touched.
     """
+    offs = first + _chunk_offsets(BLOCK)
+    rows = tl.arange(0, BLOCK // 8)
+    row_offs = first // 8 + rows
+    WORDS: tl.constexpr = FULL and ALIGNED and BLOCK >= 64
+    if WORDS:
+        word_offs = row_offs // 8  # each row's word: :func:`_pack_words`
     if FULL:
         in_range = tl.full(offs.shape, 1, tl.int1)
         row_in_range = tl.full(row_offs.shape, 1, tl.int1)
@@ -376,11 +425,18 @@ def _adamw_chunk(
     if AMSGRAD:
         vmax_old = _load_state(max_exp_avg_sq_ptr, offs, in_range, MAX_EXP_AVG_SQ_BF16)
     if HAS_CUMULATIVE_BITMAP:
-        cumulative = tl.load(cumulative_bitmap_ptr + row_offs, mask=row_in_range, other=0)
+        if WORDS:
+            cumulative = tl.load(_as_words(cumulative_bitmap_ptr) + word_offs)
+        else:
+            cumulative = tl.load(cumulative_bitmap_ptr + row_offs, mask=row_in_range, other=0)
 
     # Which elements are trained, and whether this step is applied at all.
     if HAS_FREEZE_MASK:
-        train = _unpack_bits(tl.load(freeze_mask_ptr + row_offs, mask=row_in_range, other=0))
+        if WORDS:
+            mask_words = tl.load(_as_words(freeze_mask_ptr) + word_offs)
+            train = _unpack_bits(_word_bytes(mask_words, rows))
+        else:
+            train = _unpack_bits(tl.load(freeze_mask_ptr + row_offs, mask=row_in_range, other=0))
         train = train & in_range
     else:
         train = in_range
@@ -433,19 +489,27 @@ def _adamw_chunk(
     n_nonfinite = tl.zeros(row_offs.shape, tl.int32)
     if HAS_CHANGE_BITMAP or HAS_CUMULATIVE_BITMAP or HAS_COUNTERS:
         packed = _pack_bits(changed)
-        if HAS_CHANGE_BITMAP:
-            tl.store(change_bitmap_ptr + row_offs, packed.to(tl.uint8), mask=row_in_range)
-        if HAS_CUMULATIVE_BITMAP:
-            tl.store(cumulative_bitmap_ptr + row_offs, cumulative | packed.to(tl.uint8),
-                     mask=row_in_range)
+        if WORDS and (HAS_CHANGE_BITMAP or HAS_CUMULATIVE_BITMAP):
+            words = _pack_words(packed)
+            if HAS_CHANGE_BITMAP:
+                tl.store(_as_words(change_bitmap_ptr) + word_offs, words)
+            if HAS_CUMULATIVE_BITMAP:
+                tl.store(_as_words(cumulative_bitmap_ptr) + word_offs, cumulative | words)
+        else:
+            if HAS_CHANGE_BITMAP:
+                tl.store(change_bitmap_ptr + row_offs, packed.to(tl.uint8), mask=row_in_range)
+            if HAS_CUMULATIVE_BITMAP:
+                tl.store(cumulative_bitmap_ptr + row_offs, cumulative | packed.to(tl.uint8),
+                         mask=row_in_range)
         if HAS_COUNTERS:
-            n_changed = _popcount8(packed)
+            n_changed = _popcount8(packed, HW_BF16)
     if HAS_COUNTERS:
         moved = (w_bits != w_old.to(tl.uint32, bitcast=True)) & update
         g_exponent = g.to(tl.uint32, bitcast=True) & 0x7F800000
         nonfinite = (g_exponent == 0x7F800000) & train
-        n_moved = _row_count(moved)
-        n_nonfinite = _row_count(nonfinite)
+        # Each count is the popcount of its rows' packed bits: one popc per row on a GPU.
+        n_moved = _popcount8(_pack_bits(moved), HW_BF16)
+        n_nonfinite = _popcount8(_pack_bits(nonfinite), HW_BF16)
     return n_changed, n_moved, n_nonfinite
 
 
@@ -494,11 +558,12 @@ def adamw_table_kernel(
     it; counts add up in registers over the item and reach the counters in one atomic each.
     ``scalars_ptr`` [calls, 8] and ``sr_keys_ptr`` [calls, 2] are the call's whole tensors,
     so the cached tables do not depend on the per-step scalars. ``ALIGNED``: every pointer
-    of the group is a multiple of 16 bytes. ``SR_ROW_CALLS``: every tensor's element offset
-    is a multiple of 8 (one Philox call per row, :func:`_random16`). ``HW_BF16``: compiled
-    for a GPU, where computed values round to bf16 by the hardware conversion
-    (:func:`_round_computed_bf16`). Offsets inside an item are int32 over the item's int64
-    base, so ITEM < 2**31."""
+    of the group is a multiple of 16 bytes (full chunks then move bitmaps as 8-byte words).
+    ``SR_ROW_CALLS``: every tensor's element offset is a multiple of 8 (one Philox call per
+    row, :func:`_random16`). ``HW_BF16``: compiled for a GPU, where computed values round
+    to bf16 by the hardware conversion (:func:`_round_computed_bf16`) and set bits are
+    counted by ``popc``. Offsets inside an item are int32 over the item's int64 base, so
+    ITEM < 2**31."""
     offs = _chunk_offsets(BLOCK)
     rows = tl.arange(0, BLOCK // 8)
     grad_scale = 1.0
@@ -553,7 +618,7 @@ def adamw_table_kernel(
         full = length // BLOCK
         for chunk in tl.range(0, full, num_stages=STAGES):
             counts = _adamw_chunk(
-                chunk * BLOCK + offs, chunk * (BLOCK // 8) + rows, length, index_base,
+                chunk * BLOCK, length, index_base,
                 param_ptr, grad_ptr, exp_avg_ptr, exp_avg_sq_ptr, max_exp_avg_sq_ptr,
                 master_ptr, remainder_ptr, freeze_mask_ptr, change_bitmap_ptr,
                 cumulative_bitmap_ptr, skip, sr_key_ptr, grad_scale,
@@ -562,14 +627,14 @@ def adamw_table_kernel(
                 PARAM_BF16, GRAD_BF16, EXP_AVG_BF16, EXP_AVG_SQ_BF16, MAX_EXP_AVG_SQ_BF16,
                 HAS_MASTER, HAS_REMAINDER, STOCHASTIC, AMSGRAD, MAXIMIZE,
                 HAS_FREEZE_MASK, HAS_CHANGE_BITMAP, HAS_CUMULATIVE_BITMAP, HAS_COUNTERS,
-                HAS_GRAD_SCALE, HAS_FOUND_INF, SR_ROW_CALLS, HW_BF16,
+                HAS_GRAD_SCALE, HAS_FOUND_INF, SR_ROW_CALLS, HW_BF16, BLOCK, ALIGNED,
             )
             n_changed += counts[0]
             n_moved += counts[1]
             n_nonfinite += counts[2]
         if full * BLOCK < length:
             counts = _adamw_chunk(
-                full * BLOCK + offs, full * (BLOCK // 8) + rows, length, index_base,
+                full * BLOCK, length, index_base,
                 param_ptr, grad_ptr, exp_avg_ptr, exp_avg_sq_ptr, max_exp_avg_sq_ptr,
                 master_ptr, remainder_ptr, freeze_mask_ptr, change_bitmap_ptr,
                 cumulative_bitmap_ptr, skip, sr_key_ptr, grad_scale,
@@ -578,7 +643,7 @@ def adamw_table_kernel(
                 PARAM_BF16, GRAD_BF16, EXP_AVG_BF16, EXP_AVG_SQ_BF16, MAX_EXP_AVG_SQ_BF16,
                 HAS_MASTER, HAS_REMAINDER, STOCHASTIC, AMSGRAD, MAXIMIZE,
                 HAS_FREEZE_MASK, HAS_CHANGE_BITMAP, HAS_CUMULATIVE_BITMAP, HAS_COUNTERS,
-                HAS_GRAD_SCALE, HAS_FOUND_INF, SR_ROW_CALLS, HW_BF16,
+                HAS_GRAD_SCALE, HAS_FOUND_INF, SR_ROW_CALLS, HW_BF16, BLOCK, ALIGNED,
             )
             n_changed += counts[0]
             n_moved += counts[1]
