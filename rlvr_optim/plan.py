@@ -29,7 +29,9 @@ What the planner sees and what it does not (so that no step is silently wrong):
 - a param whose ``.data`` was reassigned (new address): its call is checked again;
 - a grad with new storage or another dtype (``zero_grad(set_to_none=True)`` and new
   grads, a grad cast in place of the old one): its launches are rebuilt after the grads
-  pass the checks;
+  pass the checks. Grads in a plain list are checked in bulk (size, device, contiguity)
+  in every call; the optimizer's :class:`Gradients` only when their addresses or dtypes
+  change, because torch checks the shape and device of an assigned ``.grad``;
 - tensors other than params and grads are recognized by identity alone: give a state new
   storage as a new tensor object, never by assigning its ``.data`` between calls.
   :class:`rlvr_optim.AdamW` makes new operand lists whenever its state changes through it
@@ -200,11 +202,12 @@ class Planner:
 
     def _grads_fit(self, call: _Call, grads, pointers, dtypes) -> bool:
         """The checks of ``check`` on the grads, in bulk; False sends the call through
-        ``check``, which names the tensor. Skipped while the grads keep the addresses and
-        dtypes of the latest step (checked then): a grad there is trusted to keep its
-        checked size, device and contiguity."""
+        ``check``, which names the tensor. :class:`Gradients` at the addresses and dtypes
+        of the latest step (checked then) skip them: they are the ``.grad`` s of the
+        checked params, whose shape and device torch checks when a grad is assigned."""
         last = call.last
-        if last is not None and last[0] == pointers and last[1] == dtypes:
+        if (isinstance(grads, Gradients) and last is not None and last[0] == pointers
+                and last[1] == dtypes):
             return True
         try:
             return (len(grads) == len(call.numels)
