@@ -198,6 +198,10 @@ class Planner:
             keys.append(self._static_key(tuple(ops), offsets[i], options))
         call = _Call(statics, list(offsets), options, keys)
         self.calls.add(call, statics)
+        # No launch reaches a tensor without elements; its counters get their value here.
+        for numel, counter in zip(call.numels, statics[-1] or ()):
+            if counter is not None and numel == 0:
+                counter.zero_()
         return call
 
     def _grads_fit(self, call: _Call, grads, pointers, dtypes) -> bool:
@@ -300,7 +304,7 @@ class ScalarRows:
         else:
             lr64 = torch.full((), float(lr), dtype=torch.float64, device=out.device)
         b1, b2 = self._betas
-        out[:, 0].copy_(lr64 / torch.pow(b1, t).rsub_(1.0))
-        out[:, 1].copy_(torch.pow(b2, t).rsub_(1.0).sqrt_())
+        out[:, 0].copy_(lr64 / (1.0 - torch.pow(b1, t)))
+        out[:, 1].copy_((1.0 - torch.pow(b2, t)).sqrt_())
         out[:, 2].copy_(lr64 * float(weight_decay))
         return out
