@@ -890,16 +890,12 @@ def adamw(
 
 
 def _check_call(statics, grads, offsets, options) -> None:
-    """Every per-tensor check (planner callback); then the counters of tensors without
-    elements, which no launch reaches, get their value, zero."""
+    """Every per-tensor check (planner callback)."""
     (params, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, masters, remainders, freeze_masks,
      change_bitmaps, cumulative_bitmaps, counters) = statics
     _check_all(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, masters, remainders,
                freeze_masks, change_bitmaps, cumulative_bitmaps, counters, offsets,
                max_exp_avg_sqs is not None, _interpreting())
-    for p, c in zip(params, counters or ()):
-        if c is not None and p.numel() == 0:
-            c.zero_()
 
 
 def _check_all(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, masters, remainders,
