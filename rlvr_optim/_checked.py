@@ -19,23 +19,6 @@ from typing import Sequence
 from torch import Tensor
 
 
-class Frozen:
-    """A tuple with its hash computed once: a cache key looked up in every step."""
-
-    __slots__ = ("value", "_hash")
-
-    def __init__(self, value: tuple):
-        self.value = value
-        self._hash = hash(value)
-
-    def __hash__(self) -> int:
-        return self._hash
-
-    def __eq__(self, other) -> bool:
-        return self is other or (isinstance(other, Frozen) and self._hash == other._hash
-                                 and self.value == other.value)
-
-
 class OperandList(list):
     """A list of a call's operands that cannot change once built, so that a kept call can
     recognize it by identity (the optimizer builds new ones whenever its state changes)."""

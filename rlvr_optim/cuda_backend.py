@@ -209,7 +209,7 @@ def load_extension() -> ModuleType:
 
 
 # ---------------------------------------------------------------------------------------
-# Checks (on a call's first use only: see _Checked) and operands.
+# Checks (on a call's first use only: see rlvr_optim.plan) and operands.
 # ---------------------------------------------------------------------------------------
 
 
