@@ -10,7 +10,7 @@ as :class:`Group` s, one launch each:
   for the stochastic rounding stream);
 - per group: the device, the backend's launch key (dtypes, which optional tensors are
   present, alignment) and the call rows of its tensors, in call order. Tensors without
-  elements are in no group.
+  elements are in no group; the planner sets their counters (0) itself.
 
 Each backend encodes a group into the device table its kernel reads (Triton: int64 rows of
 ``TABLE_COLUMNS`` plus a work table; CUDA: the 128-byte ``TensorRow`` of
@@ -108,6 +108,7 @@ class _Call(CheckedCall):
         self.devices = [p.device for p in params]
         self.device_indices = [p.get_device() for p in params]
         self.static_keys = static_keys
+        self.empty = [i for i, numel in enumerate(self.numels) if numel == 0]
         n = len(params)
         columns = {}
         for name, tensors in zip(_STATIC, statics):
@@ -186,6 +187,12 @@ class Planner:
             launches = last[2]
         else:
             launches = self._launches_for(call, pointers, dtypes)
+        if call.empty and statics[-1] is not None:
+            # No launch reaches a tensor without elements; its counters get their value, 0,
+            # here (one op, in steps that have such tensors).
+            counters = [c for c in map(statics[-1].__getitem__, call.empty) if c is not None]
+            if counters:
+                torch._foreach_zero_(counters)
         if not launches.pinned and self._capturing(call.devices[0]):
             self._pinned.append(launches)
             launches.pinned = True
@@ -198,10 +205,6 @@ class Planner:
             keys.append(self._static_key(tuple(ops), offsets[i], options))
         call = _Call(statics, list(offsets), options, keys)
         self.calls.add(call, statics)
-        # No launch reaches a tensor without elements; its counters get their value here.
-        for numel, counter in zip(call.numels, statics[-1] or ()):
-            if counter is not None and numel == 0:
-                counter.zero_()
         return call
 
     def _grads_fit(self, call: _Call, grads, pointers, dtypes) -> bool:
