@@ -279,35 +279,43 @@ class ScalarRows:
     """The per-tensor scalar rows of :func:`rlvr_optim.reference.step_scalars`, bit for bit,
     in a handful of tensor ops per step into one kept buffer.
 
-    The columns that depend on the hyperparameters alone (betas, eps) are written when they
-    change; each step computes the bias corrections from the device step counts and
-    ``lr``, so no value comes from host memory (the step is capturable in a CUDA graph),
-    and an ``lr`` changed between steps takes effect in the next step.
+    The columns that depend on the hyperparameters alone (lr * weight_decay for a float lr,
+    betas, eps) are written when those change; each step computes the bias corrections
+    from the device step counts and ``lr`` (9 ops), so no value comes from host memory (the
+    step is capturable in a CUDA graph), and an ``lr`` changed between steps takes effect
+    in the next step. A tensor ``lr`` (changed in place by a scheduler) is read every step.
     """
 
     def __init__(self, steps: Tensor):
         self.out = torch.empty(steps.numel(), 8, dtype=torch.float32, device=steps.device)
         self._constants = None  # (beta1, beta2, eps) written into columns 3..7
         self._betas = None  # 0-d float64 beta1, beta2 on the device
+        self._lr = None  # (lr, weight_decay) of column 2, and the 0-d float64 lr
 
     def __call__(self, steps: Tensor, lr: float | Tensor, beta1: float, beta2: float,
                  weight_decay: float, eps: float) -> Tensor:
         out = self.out
+        device = out.device
         constants = (float(beta1), float(beta2), float(eps))
         if self._constants != constants:
             b1, b2, e = constants
             values = torch.tensor([b1, 1.0 - b1, b2, 1.0 - b2, e], dtype=torch.float64)
-            out[:, 3:].copy_(values.float().to(out.device).expand(out.shape[0], 5))
-            self._betas = (torch.full((), b1, dtype=torch.float64, device=out.device),
-                           torch.full((), b2, dtype=torch.float64, device=out.device))
+            out[:, 3:].copy_(values.float().to(device).expand(out.shape[0], 5))
+            self._betas = (torch.full((), b1, dtype=torch.float64, device=device),
+                           torch.full((), b2, dtype=torch.float64, device=device))
             self._constants = constants
-        t = steps.to(torch.float64)
         if isinstance(lr, Tensor):
-            lr64 = lr.to(device=out.device, dtype=torch.float64).reshape(())
+            lr64 = lr.to(device=device, dtype=torch.float64).reshape(())
+            out[:, 2].copy_(lr64 * float(weight_decay))
+            self._lr = None
+        elif self._lr is not None and self._lr[0] == (float(lr), float(weight_decay)):
+            lr64 = self._lr[1]
         else:
-            lr64 = torch.full((), float(lr), dtype=torch.float64, device=out.device)
+            lr64 = torch.full((), float(lr), dtype=torch.float64, device=device)
+            out[:, 2].copy_(lr64 * float(weight_decay))
+            self._lr = ((float(lr), float(weight_decay)), lr64)
         b1, b2 = self._betas
+        t = steps.to(torch.float64)
         out[:, 0].copy_(lr64 / (1.0 - torch.pow(b1, t)))
         out[:, 1].copy_((1.0 - torch.pow(b2, t)).sqrt_())
-        out[:, 2].copy_(lr64 * float(weight_decay))
         return out
