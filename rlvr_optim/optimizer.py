@@ -130,6 +130,20 @@ def _check_hyperparameters(group: Mapping[str, Any]) -> None:
         raise ValueError(f"Invalid weight_decay value: {weight_decay}")
 
 
+def _sr_keys_function(device: torch.device) -> Callable:
+    """How a step derives its stochastic rounding keys on ``device``: on a GPU with Triton
+    in one launch (the reference's ~270 tensor ops were one launch each), else by the
+    reference's tensor ops; the same bits either way."""
+    if device.type == "cuda":
+        try:
+            from .triton_kernels.sr_keys import stochastic_rounding_keys  # noqa: PLC0415
+        except ImportError:
+            pass
+        else:
+            return stochastic_rounding_keys
+    return reference.stochastic_rounding_keys
+
+
 class _Plan(NamedTuple):
     """One group's checked params and the operand lists of its steps (see
     ``AdamW._make_plan``)."""
@@ -155,6 +169,7 @@ class _Plan(NamedTuple):
     keys: Tensor | None
     whole_group: bool  # every param of the group is in the plan
     scalar_rows: ScalarRows | None  # with a step buffer: the scalars of its steps
+    sr_keys: Callable  # stochastic_rounding_keys(seed, steps, tensor keys) on their device
 
 
 class AdamW(torch.optim.AdamW):
@@ -859,6 +874,7 @@ class AdamW(torch.optim.AdamW):
             keys=keys,
             whole_group=len(params) == len(group["params"]),
             scalar_rows=ScalarRows(step_buffer) if step_buffer is not None else None,
+            sr_keys=_sr_keys_function(steps[0].device),
         )
         if plain:
             self.__dict__.setdefault("_plans", {})[job["index"]] = plan
@@ -887,9 +903,7 @@ class AdamW(torch.optim.AdamW):
         )
         sr_keys = None
         if plan.keys is not None:
-            sr_keys = reference.stochastic_rounding_keys(
-                group["seed"], step_vec.to(torch.int64), plan.keys
-            )
+            sr_keys = plan.sr_keys(group["seed"], step_vec, plan.keys)
         if grads is None:
             grads = [distributed.local_tensor(p.grad) for p in plan.params]
         plan.backend.adamw(

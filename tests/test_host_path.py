@@ -329,3 +329,23 @@ def test_cuda_host_path_launches_what_a_fresh_planner_builds(recorded_cuda):
     opt.set_freeze_mask(params[2], torch.arange(64) % 2 == 0)
     rows = step_and_compare()
     assert opt.freeze_mask(params[2]).data_ptr() in addresses(rows, "freeze_mask")
+
+
+@cpu_only
+def test_sr_keys_in_one_launch_equal_the_reference():
+    """The GPU step derives its keys in one Triton launch (checked here under the
+    interpreter): the same bits as the reference's tensor ops, for seeds and steps that
+    use both 32-bit words."""
+    pytest.importorskip("triton")
+    from rlvr_optim.optimizer import _sr_keys_function
+    from rlvr_optim.triton_kernels.sr_keys import stochastic_rounding_keys
+
+    assert _sr_keys_function(torch.device("cpu")) is R.stochastic_rounding_keys
+    steps = torch.cat([torch.tensor([1.0, 2.0, 2.0**31 + 3, 2.0**33]),
+                       torch.arange(5.0, 2000.0)])  # more than one block of 1024
+    keys = torch.cat([torch.tensor([0, 2**31, 2**32 - 1, 5]), torch.arange(1995)])
+    for seed in (0, 1, 2**32 + 7, 2**64 - 1):
+        want = R.stochastic_rounding_keys(seed, steps.to(torch.int64), keys)
+        assert torch.equal(stochastic_rounding_keys(seed, steps, keys), want), seed
+    with pytest.raises(ValueError, match="seed must be in"):
+        stochastic_rounding_keys(2**64, steps, keys)
