@@ -839,12 +839,16 @@ class AdamW(torch.optim.AdamW):
                 state["step"] = step_buffer[i]
         local = distributed.local_tensor
 
-        def per_shard(key: str, what: str = "bitmap") -> OperandList:
-            return OperandList(self._per_shard(p, s.get(key), what)
-                               for p, s in zip(params, states))
+        # A kept plan's lists cannot change, so the backends recognize its calls by their
+        # identity; a plan made for one step (DTensor params) passes plain lists, which the
+        # backends recognize by their tensors from one step to the next.
+        operands = OperandList if plain else list
 
-        def local_states(key: str) -> OperandList:
-            return OperandList(local(s[key]) for s in states)
+        def per_shard(key: str, what: str = "bitmap") -> list:
+            return operands(self._per_shard(p, s.get(key), what) for p, s in zip(params, states))
+
+        def local_states(key: str) -> list:
+            return operands(local(s[key]) for s in states)
 
         track = group["track_changes"]
         master = group["master_weights"]
@@ -860,7 +864,7 @@ class AdamW(torch.optim.AdamW):
             step_buffer=step_buffer,
             steps_on_device=all(s["step"].device == p.device for p, s in zip(params, states)),
             backend=backends.select(self.backend, params[0].device),
-            local_params=OperandList(map(local, params)),
+            local_params=operands(map(local, params)),
             exp_avgs=local_states("exp_avg"),
             exp_avg_sqs=local_states("exp_avg_sq"),
             max_exp_avg_sqs=local_states("max_exp_avg_sq") if group["amsgrad"] else None,
