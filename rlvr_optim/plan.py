@@ -125,7 +125,9 @@ class _Call(CheckedCall):
         self.launches: dict[tuple, list] = {}
 
     def matches(self, statics, offsets, options) -> bool:
-        return options == self.options and offsets == self.offsets and self.same_tensors(statics)
+        return (options == self.options
+                and (offsets == self.offsets or list(offsets) == self.offsets)
+                and self.same_tensors(statics))
 
 
 class Planner:
