@@ -11,8 +11,9 @@ time on a GPU comes from ``rlvr-optim bench`` (many-small rows).
     python bench/host_overhead.py [--tensors 4000] [--numel 4096] [--track step] [--steps 30]
                                   [--json]
 
-The floor and the backends are timed in turns within each round, so that load from other
-processes on the machine reaches them alike; medians over the rounds. ``--json`` prints one
+The floor and the backends are timed in turns within each round (each going first in turn),
+so that load from other processes on the machine reaches them alike; medians over the
+rounds. ``--json`` prints one
 JSON object ``{"floor_ms", "reference_ms", "triton_ms", "cuda_ms"}`` after the table (null
 for a backend that cannot run here). The ``cuda`` row needs the extension module
 (``rlvr_optim._C``, or one linked by the tests in the cache folder); it only reads the
@@ -126,9 +127,10 @@ def main() -> None:
         opt.step()  # first step: checks, state, tables
         steps[backend] = opt.step
     times = {name: [] for name in steps}
-    for _ in range(args.steps):
-        for name, step in steps.items():
-            times[name].append(_timed(step))
+    names = list(steps)
+    for k in range(args.steps):
+        for name in names[k % len(names):] + names[:k % len(names)]:  # each goes first in turn
+            times[name].append(_timed(steps[name]))
     # The median: a step that triggers Python's cyclic garbage collector takes tens of ms
     # more here, whatever the optimizer does; the max shows it.
     medians = {name: statistics.median(t) for name, t in times.items()}
