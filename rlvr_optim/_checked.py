@@ -6,7 +6,9 @@ the next call passes the same tensors, checks only what can change between steps
 A kept call holds no reference to its tensors (that would keep a model's states alive
 after its optimizer is gone): it remembers their ``id`` and a weak reference to each, and
 leaves the cache as soon as one of them is freed, so an id it holds always names the
-object it was taken from.
+object it was taken from. A call made of :class:`OperandList` s (lists that cannot change,
+as the optimizer passes) is recognized by the lists' identity: one comparison per list
+instead of one per tensor.
 """
 
 from __future__ import annotations
@@ -17,25 +19,25 @@ from typing import Sequence
 from torch import Tensor
 
 
-class Frozen:
-    """A tuple with its hash computed once: a cache key looked up in every step."""
+class OperandList(list):
+    """A list of a call's operands that cannot change once built, so that a kept call can
+    recognize it by identity (the optimizer builds new ones whenever its state changes)."""
 
-    __slots__ = ("value", "_hash")
+    __slots__ = ("__weakref__",)
 
-    def __init__(self, value: tuple):
-        self.value = value
-        self._hash = hash(value)
+    def _refuse(self, *args, **kwargs):
+        raise TypeError("an OperandList cannot change once built; build a new one")
 
-    def __hash__(self) -> int:
-        return self._hash
-
-    def __eq__(self, other) -> bool:
-        return self is other or (isinstance(other, Frozen) and self._hash == other._hash
-                                 and self.value == other.value)
+    __setitem__ = __delitem__ = __iadd__ = __imul__ = _refuse
+    append = extend = insert = pop = remove = clear = sort = reverse = _refuse
 
 
 def _ids(lists: Sequence[Sequence | None]) -> tuple:
     return tuple(None if x is None else list(map(id, x)) for x in lists)
+
+
+def _frozen(lists: Sequence[Sequence | None]) -> bool:
+    return all(x is None or type(x) is OperandList for x in lists)
 
 
 class CheckedCall:
@@ -43,21 +45,33 @@ class CheckedCall:
     with (every list but the grads), and the params' storage."""
 
     def __init__(self, statics: Sequence[Sequence | None]):
-        self.ids = _ids(statics)
+        self.lists = (tuple(None if x is None else weakref.ref(x) for x in statics)
+                      if _frozen(statics) else None)
+        self.ids = _ids(statics) if self.lists is None else None
         params = statics[0]
-        self.param_ptrs = [p.data_ptr() for p in params]
-        self.numels = [p.numel() for p in params]
+        self.param_ptrs = list(map(Tensor.data_ptr, params))
+        self.numels = list(map(Tensor.numel, params))
         self._refs: list[weakref.ref] = []
 
     def same_tensors(self, statics: Sequence[Sequence | None]) -> bool:
         """The very tensor objects (a tensor replaced in a list, even by an equal one, is a
-        different call), the params still at their addresses and sizes (an object whose
-        ``.data`` was swapped, as FSDP1's flat params are, keeps its identity)."""
-        if _ids(statics) != self.ids:
+        different call), the params still at their addresses (an object whose ``.data``
+        was swapped, as FSDP1's flat params are, keeps its identity) and, for lists that
+        are not :class:`OperandList` s, their sizes. An OperandList call skips that pass
+        over the params: with thousands of tensors it cost as much as reading the grads,
+        and a new ``.data`` that keeps the address (a view of the old storage from its
+        first element) is all it misses."""
+        if self.lists is not None:
+            if len(statics) != len(self.lists) or not all(
+                    (ref is None and x is None) or (ref is not None and ref() is x)
+                    for ref, x in zip(self.lists, statics)):
+                return False
+        elif _ids(statics) != self.ids:
             return False
         params = statics[0]
-        return [p.data_ptr() for p in params] == self.param_ptrs and \
-            [p.numel() for p in params] == self.numels
+        if list(map(Tensor.data_ptr, params)) != self.param_ptrs:
+            return False
+        return self.lists is not None or list(map(Tensor.numel, params)) == self.numels
 
 
 class CheckedCalls:
@@ -69,6 +83,9 @@ class CheckedCalls:
 
     def __len__(self) -> int:
         return len(self._entries)
+
+    def __getitem__(self, k: int) -> CheckedCall:
+        return self._entries[k]
 
     def clear(self) -> None:
         self._entries.clear()
@@ -91,6 +108,8 @@ class CheckedCalls:
 
         seen = set()
         for tensors in statics:
+            if type(tensors) is OperandList:
+                entry._refs.append(weakref.ref(tensors, forget))
             for t in tensors or ():
                 if isinstance(t, Tensor) and id(t) not in seen:
                     seen.add(id(t))

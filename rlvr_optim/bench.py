@@ -53,9 +53,19 @@ def _qwen_1_5b_shapes() -> list[tuple[int, ...]]:
     return [(_VOCAB, _HIDDEN)] + layer * _LAYERS + [(_HIDDEN,), (_VOCAB, _HIDDEN)]
 
 
+def _mixed_shapes() -> list[tuple[int, ...]]:
+    """A few large tensors among thousands of small ones, the host-bound part of a deep
+    model: embedding and head (32768 x 2048) and two (8192, 2048) matrices, then 100 layers
+    of 30 vectors of 2048 (biases, norm weights, per-channel scales): 3004 tensors,
+    1.74e8 elements."""
+    return ([(32768, 2048), (8192, 2048)] + [(2048,)] * (30 * 100)
+            + [(8192, 2048), (32768, 2048)])
+
+
 PRESETS: dict[str, Callable[[], list[tuple[int, ...]]]] = {
     "r1-distill-qwen-1.5b": _qwen_1_5b_shapes,  # 339 tensors, 1.78e9 elements
     "many-small": lambda: [(4096,)] * 4000,  # launch-bound
+    "mixed": _mixed_shapes,  # launch-bound in count, a few large tensors in bytes
     "flat": lambda: [(1 << 28,)],
     **{f"sweep-{label}": (lambda n=n: [(n,)]) for label, n in (
         ("1e6", 10**6), ("1e7", 10**7), ("1e8", 10**8), ("1e9", 10**9), ("2e9", 2 * 10**9))},

@@ -1,12 +1,15 @@
 """CUDA backend: the ``csrc/`` kernels through the extension ``rlvr_optim._C``.
 
 :func:`adamw` has the keyword-only signature of :func:`rlvr_optim.reference.adamw` and
-gives the same bits. It groups the tensors by dtype layout and runs each group in one
-kernel launch, driven by a table of device addresses and sizes in device memory
-(``csrc/adamw_launch.h``). Tables are cached: a step whose tensors sit where they sat in
-an earlier step reuses its table and launches with no host-to-device copy, so a step can
-be captured in a CUDA graph once it has run outside one (step count and lr reach the
-kernel through the ``scalars`` rows, on the device).
+gives the same bits. The step is planned by
+:data:`planner` (:class:`rlvr_optim.plan.Planner`, shared with the Triton backend): tensors
+grouped by dtype layout, one kernel launch per group, driven by a table of device
+addresses and sizes in device memory (the ``TensorRow`` s of ``csrc/adamw_launch.h``,
+encoded here from the planner's description). Tables are kept: a step whose tensors sit
+where they sat in an earlier step reuses its table and launches with no host-to-device
+copy, so a step can be captured in a CUDA graph once it has run outside one (step count
+and lr reach the kernel through the ``scalars`` rows, on the device; the kernel publishes
+the counters itself).
 
 The extension is ``rlvr_optim._C`` when setup.py built it (nvcc found at install time);
 otherwise it is compiled on first use with nvcc (and ninja when present) into a cache
@@ -23,17 +26,17 @@ import shutil
 import subprocess
 import sys
 import sysconfig
-from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from types import ModuleType
+from typing import NamedTuple
 
 import numpy as np
 import torch
 from torch import Tensor
 
-from ._checked import CheckedCall, CheckedCalls, Frozen
 from ._cpu_build import _ninja_path
+from .plan import Planner
 from .reference import check_arguments
 
 __all__ = ["adamw", "load_extension", "unavailable_reason"]
@@ -49,7 +52,6 @@ _COL = {name: i for i, name in enumerate(ROW_FIELDS)}
 _NVCC_FLAGS = ["-O3", "-std=c++17", "-fmad=false", "-Xcompiler", "-fPIC",
                "-Xcompiler", "-fvisibility=hidden"]
 _FLOATS = (torch.float32, torch.bfloat16)
-_MAX_TABLES = 64  # cached tables; those used in a CUDA graph capture are never evicted
 
 _extension: ModuleType | None = None
 
@@ -207,7 +209,7 @@ def load_extension() -> ModuleType:
 
 
 # ---------------------------------------------------------------------------------------
-# Checks (on a call's first use only: see _Checked) and operands.
+# Checks (on a call's first use only: see rlvr_optim.plan) and operands.
 # ---------------------------------------------------------------------------------------
 
 
@@ -248,17 +250,13 @@ def _found_inf_operand(found_inf: Tensor, device: torch.device) -> Tensor:
 
 
 class _Table:
-    __slots__ = ("buffer", "num_tensors", "total_tiles", "counters", "pinned")
+    __slots__ = ("buffer", "num_tensors", "total_tiles", "counters")
 
     def __init__(self, buffer: Tensor, num_tensors: int, total_tiles: int, counters: bool):
         self.buffer = buffer
         self.num_tensors = num_tensors
         self.total_tiles = total_tiles
         self.counters = counters
-        self.pinned = False
-
-
-_tables: OrderedDict[tuple, _Table] = OrderedDict()
 
 
 def _address(t: Tensor | None) -> int:
@@ -289,27 +287,42 @@ def _build_table(ext: ModuleType, columns: dict[str, list[int]], numels: list[in
     return _Table(torch.from_numpy(buffer).to(device), count, int(first_tile[-1]), counters)
 
 
-def _cached_table(key: tuple, build) -> _Table:
-    table = _tables.get(key)
-    capturing = torch.cuda.is_current_stream_capturing()
-    if table is None:
-        if capturing:
-            raise RuntimeError(
-                "the CUDA backend builds a device table of the tensors' addresses on the first "
-                "step that sees them, which cannot happen during CUDA graph capture: run one "
-                "step with the same tensors before capturing (warm-up), then capture"
-            )
-        table = build()
-        _tables[key] = table
-        while len(_tables) > _MAX_TABLES:
-            victim = next((k for k, t in _tables.items() if not t.pinned), None)
-            if victim is None:
-                break
-            del _tables[victim]
-    _tables.move_to_end(key)
-    if capturing:
-        table.pinned = True  # the graph holds its address
-    return table
+class _Launch(NamedTuple):
+    layout: tuple  # (param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq dtypes, master form)
+    device: torch.device
+    table: _Table
+
+
+def _encode(group, options: tuple) -> _Launch:
+    """A planner group as a ``TensorRow`` table (planner callback): the planner's columns
+    under the names of ``ROW_FIELDS`` (one "master" column holds the fp32 master or the
+    remainder, whichever the tensor has)."""
+    c = group.columns
+    columns = {name: c[name] for name in ("param", "grad", "exp_avg", "exp_avg_sq",
+                                          "max_exp_avg_sq", "freeze_mask", "change_bitmap",
+                                          "cumulative_bitmap", "numel", "element_offset")}
+    columns["master"] = np.where(c["master"] != 0, c["master"], c["remainder"])
+    columns["counters"] = c["counter"]
+    columns["scalar_row"] = c["row"]
+    table = _build_table(load_extension(), columns, c["numel"], group.device)
+    return _Launch(group.key, group.device, table)
+
+
+def _static_key(ops: tuple, offset: int, options: tuple) -> tuple:
+    """A tensor's layout but its grad's dtype (planner callback)."""
+    param, _, exp_avg, exp_avg_sq, vmax, master, remainder = ops[:7]
+    form = 1 if master is not None else 2 if remainder is not None else 0
+    return (param.dtype, exp_avg.dtype, exp_avg_sq.dtype,
+            None if vmax is None else vmax.dtype, form)
+
+
+def _group_key(static: tuple, grad_dtype: torch.dtype, grad_address: int) -> tuple:
+    """The launch layout (planner callback); alignment is per row, in the table's flags."""
+    return (static[0], grad_dtype, *static[1:])
+
+
+def _capturing(device: torch.device) -> bool:
+    return device.type == "cuda" and torch.cuda.is_current_stream_capturing()
 
 
 # ---------------------------------------------------------------------------------------
@@ -345,7 +358,7 @@ def adamw(
     contiguous and on its param's GPU; params and states are float32 or bfloat16 (a
     tensor's exp_avg, exp_avg_sq and max_exp_avg_sq share one dtype), grads float32 or
     bfloat16; ``masters`` and ``remainders`` need bf16 params. A call with the tensors of a
-    recent checked call (:class:`_Checked`) checks only the grads; tensors other than params
+    recent one reuses its checks and tables (:data:`planner`); tensors other than params
     and grads are recognized by identity alone, so give a state new storage as a new
     tensor object, never by assigning its ``.data`` between calls.
     """
@@ -355,33 +368,18 @@ def adamw(
     if n == 0:
         return
     stochastic = rounding == "stochastic"
-    offsets = [int(o) for o in element_offsets] if element_offsets is not None else [0] * n
+    offsets = element_offsets if element_offsets is not None else [0] * n
     statics = (params, exp_avgs, exp_avg_sqs, max_exp_avg_sqs if amsgrad else None, masters,
                remainders, freeze_masks, change_bitmaps, cumulative_bitmaps, counters)
-    checked = _checked_calls.find(statics, offsets)
-    if checked is None or not checked.grads_fit(grads):
-        _require_cuda(params)
-        checked = _Checked.of(statics, offsets, grads, amsgrad)
-        _checked_calls.add(checked, statics)
+    launches = planner.launches(statics, grads, offsets, ())
     ext = load_extension()
     track = change_bitmaps is not None or cumulative_bitmaps is not None or counters is not None
 
     operands: dict[torch.device, tuple] = {}
-    grad_ptrs = [g.data_ptr() for g in grads]
-    for layout, index, static in checked.groups:
-        device, param_dtype, grad_dtype, state_dtype, _, vmax_dtype, form = layout
-        member_grads = tuple(grad_ptrs[i] for i in index)
-
-        def build(static=static, member_grads=member_grads, device=device):
-            columns = dict(static.value[1])
-            columns["grad"] = list(member_grads)
-            return _build_table(ext, columns, columns["numel"], device)
-
-        # Keyed by the group's columns without the grads (hashed once per checked call)
-        # and the grad addresses, which may change between steps.
-        table = _cached_table((static, member_grads), build)
-
-        bf16 = torch.bfloat16
+    bf16 = torch.bfloat16
+    for launch in launches:
+        param_dtype, grad_dtype, state_dtype, _, vmax_dtype, form = launch.layout
+        device = launch.device
         if param_dtype != bf16:
             store = 0  # fp32 params: nearest-even images only, as in the reference
         elif form == 2:
@@ -399,6 +397,7 @@ def adamw(
                 _found_inf_operand(found_inf, device) if found_inf is not None else None,
             )
         scalars_dev, keys_dev, scale, skip = operands[device]
+        table = launch.table
         ext.launch_adamw(
             variant, table.buffer.data_ptr(), table.num_tensors, table.total_tiles,
             table.counters, scalars_dev.data_ptr(), _address(keys_dev), _address(scale),
@@ -420,84 +419,26 @@ def _stream(device: torch.device) -> int:
     return torch.cuda.current_stream(device).cuda_stream
 
 
-class _Checked(CheckedCall):
-    """A call whose tensors passed every check, kept (by :data:`_checked_calls`, without
-    references to the tensors) so that a step with the same tensors at the same addresses
-    checks only the gradients, in bulk. ``groups``: (layout, call rows, Frozen((layout,
-    columns without the grads))) per launch."""
-
-    def __init__(self, statics, offsets, groups, grad_dtypes):
-        super().__init__(statics)
-        self.offsets = offsets
-        self.groups = groups
-        self.grad_dtypes = grad_dtypes
-        self.device_indices = [p.get_device() for p in statics[0]]
-
-    @classmethod
-    def of(cls, statics, offsets, grads, amsgrad) -> "_Checked":
-        (params, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, masters, remainders, freeze_masks,
-         change_bitmaps, cumulative_bitmaps, counters) = statics
-        optional = {
-            "max_exp_avg_sq": max_exp_avg_sqs,
-            "master": masters if masters is not None else remainders,
-            "freeze_mask": freeze_masks,
-            "change_bitmap": change_bitmaps,
-            "cumulative_bitmap": cumulative_bitmaps,
-            "counters": counters,
-        }
-        # Groups of one device, dtype layout and per-tensor form (an entry of masters,
-        # remainders or max_exp_avg_sqs may be None, as in the reference); one launch each.
-        by_layout: dict[tuple, list[int]] = {}
-        for i, p in enumerate(params):
-            vmax = max_exp_avg_sqs[i] if amsgrad else None
-            master = optional["master"][i] if optional["master"] is not None else None
-            form = 0 if master is None else (1 if masters is not None else 2)
-            key = (p.device, p.dtype, grads[i].dtype, exp_avgs[i].dtype, exp_avg_sqs[i].dtype,
-                   None if vmax is None else vmax.dtype, form)
-            by_layout.setdefault(key, []).append(i)
-        groups = []
-        for layout, index in by_layout.items():
-            _check_group(index, layout[0], params, grads, exp_avgs, exp_avg_sqs, optional,
-                         offsets, masters is not None)
-            columns = {
-                "param": [params[i].data_ptr() for i in index],
-                "exp_avg": [exp_avgs[i].data_ptr() for i in index],
-                "exp_avg_sq": [exp_avg_sqs[i].data_ptr() for i in index],
-            }
-            for name, values in optional.items():
-                if values is not None:
-                    columns[name] = [_address(values[i]) for i in index]
-            columns["numel"] = [params[i].numel() for i in index]
-            columns["element_offset"] = [offsets[i] for i in index]
-            columns["scalar_row"] = list(index)
-            static = Frozen((layout, tuple((k, tuple(v)) for k, v in columns.items())))
-            groups.append((layout, index, static))
-        return cls(statics, list(offsets), groups, [g.dtype for g in grads])
-
-    def matches(self, statics, offsets) -> bool:
-        return offsets == self.offsets and self.same_tensors(statics)
-
-    def grads_fit(self, grads) -> bool:
-        """The checks of ``_check_group`` on the grads, in bulk, with the dtypes the groups
-        were made for. False sends the call through the full checks, which name the tensor."""
-        try:
-            return (len(grads) == len(self.numels)
-                    and [g.dtype for g in grads] == self.grad_dtypes
-                    and [g.numel() for g in grads] == self.numels
-                    and [g.get_device() for g in grads] == self.device_indices
-                    and all(g.is_contiguous() for g in grads))
-        except (AttributeError, TypeError):
-            return False
+def _check_call(statics, grads, offsets, options) -> None:
+    """Every check (planner callback): CUDA tensors, dtypes, sizes, devices, contiguity."""
+    (params, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, masters, remainders, freeze_masks,
+     change_bitmaps, cumulative_bitmaps, counters) = statics
+    _require_cuda(params)
+    optional = {
+        "max_exp_avg_sq": max_exp_avg_sqs,
+        "master": masters if masters is not None else remainders,
+        "freeze_mask": freeze_masks,
+        "change_bitmap": change_bitmaps,
+        "cumulative_bitmap": cumulative_bitmaps,
+        "counters": counters,
+    }
+    _check_tensors(params, grads, exp_avgs, exp_avg_sqs, optional, offsets, masters is not None)
 
 
-_checked_calls = CheckedCalls()
-
-
-def _check_group(index, device, params, grads, exp_avgs, exp_avg_sqs, optional, offsets,
-                 fp32_masters):
-    """Every check, once per table: dtypes, sizes, devices, contiguity, options."""
-    for i in index:
-        p = params[i]
+def _check_tensors(params, grads, exp_avgs, exp_avg_sqs, optional, offsets, fp32_masters):
+    """Every per-tensor check: dtypes, sizes, devices, contiguity, options."""
+    for i, p in enumerate(params):
+        device = p.device
         numel = p.numel()
         nbytes = (numel + 7) // 8
         _check(f"params[{i}]", p, _FLOATS, numel, device)
@@ -528,3 +469,7 @@ def _check_group(index, device, params, grads, exp_avgs, exp_avg_sqs, optional, 
             _check(f"counters[{i}]", counter, (torch.int64,), 3, device)
         if not 0 <= offsets[i] <= 2**63 - 1 - numel:
             raise ValueError(f"element_offsets[{i}] must be >= 0 and fit in int64, got {offsets[i]}")
+
+
+planner = Planner(_check_call, _static_key, _group_key, _encode, frozenset(_FLOATS), _capturing)
+"""The CUDA backend's kept calls and tables (:class:`rlvr_optim.plan.Planner`)."""

@@ -16,6 +16,7 @@ from torch.optim.adamw import adamw as torch_adamw
 from torch.optim.optimizer import _device_dtype_check_for_fused
 
 from . import backends, bitmaps, distributed, reference
+from .plan import OperandList, ScalarRows, read_gradients
 
 __all__ = ["AdamW", "change_log_from_rows", "format_table"]
 
@@ -129,6 +130,20 @@ def _check_hyperparameters(group: Mapping[str, Any]) -> None:
         raise ValueError(f"Invalid weight_decay value: {weight_decay}")
 
 
+def _sr_keys_function(device: torch.device) -> Callable:
+    """How a step derives its stochastic rounding keys on ``device``: on a GPU with Triton
+    in one launch (the reference's ~270 tensor ops were one launch each), else by the
+    reference's tensor ops; the same bits either way."""
+    if device.type == "cuda":
+        try:
+            from .triton_kernels.sr_keys import stochastic_rounding_keys  # noqa: PLC0415
+        except ImportError:
+            pass
+        else:
+            return stochastic_rounding_keys
+    return reference.stochastic_rounding_keys
+
+
 class _Plan(NamedTuple):
     """One group's checked params and the operand lists of its steps (see
     ``AdamW._make_plan``)."""
@@ -152,6 +167,9 @@ class _Plan(NamedTuple):
     counters: list[Tensor] | None
     element_offsets: list[int]
     keys: Tensor | None
+    whole_group: bool  # every param of the group is in the plan
+    scalar_rows: ScalarRows | None  # with a step buffer: the scalars of its steps
+    sr_keys: Callable  # stochastic_rounding_keys(seed, steps, tensor keys) on their device
 
 
 class AdamW(torch.optim.AdamW):
@@ -607,11 +625,24 @@ class AdamW(torch.optim.AdamW):
         float32/bfloat16 tensor (anything else goes through the full checks, which name
         the param). A plan holds only params of the fused backends, so a group that also
         has params for torch's code (float16, float64, complex) with gradients takes the
-        full checks in every step."""
+        full checks in every step.
+
+        A plan of the whole group costs one pass over the grads: they are read with their
+        data pointers and dtypes (:func:`rlvr_optim.plan.read_gradients`, which fails on a
+        missing or sparse grad), and the backend reuses that reading."""
         plan = self.__dict__.get("_plans", {}).get(group_index)
         if plan is None or plan.options != options or (on_device and not plan.steps_on_device):
             return None
-        with_grad = [p for p in self.param_groups[group_index]["params"] if p.grad is not None]
+        group_params = self.param_groups[group_index]["params"]
+        if plan.whole_group:
+            if len(group_params) != len(plan.params) or \
+                    not all(map(operator.is_, group_params, plan.params)):
+                return None
+            grads = read_gradients(plan.params)
+            if grads is None or not set(grads.dtypes) <= _PARAM_DTYPE_SET:
+                return None
+            return plan, grads
+        with_grad = [p for p in group_params if p.grad is not None]
         if len(with_grad) != len(plan.params) or not all(map(operator.is_, with_grad, plan.params)):
             return None
         grads = [p.grad for p in with_grad]
@@ -808,8 +839,16 @@ class AdamW(torch.optim.AdamW):
                 state["step"] = step_buffer[i]
         local = distributed.local_tensor
 
-        def per_shard(key: str, what: str = "bitmap") -> list[Tensor | None]:
-            return [self._per_shard(p, s.get(key), what) for p, s in zip(params, states)]
+        # A kept plan's lists cannot change, so the backends recognize its calls by their
+        # identity; a plan made for one step (DTensor params) passes plain lists, which the
+        # backends recognize by their tensors from one step to the next.
+        operands = OperandList if plain else list
+
+        def per_shard(key: str, what: str = "bitmap") -> list:
+            return operands(self._per_shard(p, s.get(key), what) for p, s in zip(params, states))
+
+        def local_states(key: str) -> list:
+            return operands(local(s[key]) for s in states)
 
         track = group["track_changes"]
         master = group["master_weights"]
@@ -825,20 +864,21 @@ class AdamW(torch.optim.AdamW):
             step_buffer=step_buffer,
             steps_on_device=all(s["step"].device == p.device for p, s in zip(params, states)),
             backend=backends.select(self.backend, params[0].device),
-            local_params=[local(p) for p in params],
-            exp_avgs=[local(s["exp_avg"]) for s in states],
-            exp_avg_sqs=[local(s["exp_avg_sq"]) for s in states],
-            max_exp_avg_sqs=(
-                [local(s["max_exp_avg_sq"]) for s in states] if group["amsgrad"] else None
-            ),
-            masters=[local(s["master"]) for s in states] if master == "fp32" else None,
-            remainders=[local(s["remainder"]) for s in states] if master == "remainder" else None,
+            local_params=operands(map(local, params)),
+            exp_avgs=local_states("exp_avg"),
+            exp_avg_sqs=local_states("exp_avg_sq"),
+            max_exp_avg_sqs=local_states("max_exp_avg_sq") if group["amsgrad"] else None,
+            masters=local_states("master") if master == "fp32" else None,
+            remainders=local_states("remainder") if master == "remainder" else None,
             freeze_masks=per_shard("freeze_mask"),
             change_bitmaps=per_shard("change_bitmap") if track != "off" else None,
             cumulative_bitmaps=per_shard("cumulative_bitmap") if track == "cumulative" else None,
             counters=per_shard("change_counts", "counters") if track != "off" else None,
             element_offsets=[0 if lay is None else lay.element_offset for lay in layouts],
             keys=keys,
+            whole_group=len(params) == len(group["params"]),
+            scalar_rows=ScalarRows(step_buffer) if step_buffer is not None else None,
+            sr_keys=_sr_keys_function(steps[0].device),
         )
         if plain:
             self.__dict__.setdefault("_plans", {})[job["index"]] = plan
@@ -861,14 +901,13 @@ class AdamW(torch.optim.AdamW):
                 torch._foreach_sub_(steps, skipped)
             step_vec = torch.stack([t.to(steps[0].device) for t in steps])
         beta1, beta2 = group["betas"]
-        scalars = reference.step_scalars(
+        step_scalars = plan.scalar_rows or reference.step_scalars
+        scalars = step_scalars(
             step_vec, group["lr"], float(beta1), float(beta2), group["weight_decay"], group["eps"]
         )
         sr_keys = None
         if plan.keys is not None:
-            sr_keys = reference.stochastic_rounding_keys(
-                group["seed"], step_vec.to(torch.int64), plan.keys
-            )
+            sr_keys = plan.sr_keys(group["seed"], step_vec, plan.keys)
         if grads is None:
             grads = [distributed.local_tensor(p.grad) for p in plan.params]
         plan.backend.adamw(

@@ -5,6 +5,7 @@ import os
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -35,6 +36,50 @@ def test_presets_have_the_documented_shapes():
     assert len(shapes) == 339
     assert sum(torch.Size(s).numel() for s in shapes) == pytest.approx(1.78e9, rel=0.005)
     assert bench.PRESETS["many-small"]() == [(4096,)] * 4000
+    mixed = bench.PRESETS["mixed"]()
+    large = [s for s in mixed if len(s) == 2]
+    assert len(large) == 4 and len(mixed) - len(large) == 3000  # 100 layers x 30 vectors
+    assert sum(torch.Size(s).numel() for s in mixed) == pytest.approx(1.74e8, rel=0.005)
+
+
+def test_the_launch_bound_presets_plan_eager_and_graph_rows(monkeypatch):
+    """many-small and mixed get our default mode and torch fused, eager and replayed from
+    a CUDA graph; on a CPU (the presets are refused there) the plan is checked with the
+    CPU limit lifted, and the graph rows say why they have no numbers."""
+    monkeypatch.setattr(bench, "CPU_PRESETS", ("many-small", "mixed"))
+    monkeypatch.setitem(bench.PRESETS, "many-small", lambda: [(16,)] * 3)
+    monkeypatch.setitem(bench.PRESETS, "mixed", lambda: [(64, 8), (16,), (16,), (8,)])
+    result = bench.run(presets=("many-small", "mixed"), device="cpu", steps=1, warmup=0,
+                       progress=False, backends_to_time=("reference",),
+                       anchors=("torch fused", "torch fused (CUDA graph)"),
+                       modes=("default",), tracks=("step",))
+    for preset in ("many-small", "mixed"):
+        rows = {r["name"]: r for r in result["rows"] if r["preset"] == preset}
+        eager = [rows["torch fused"], rows["rlvr_optim reference default, tracking step"]]
+        assert all(r["status"] == "ok" and r["ms_median"] > 0 for r in eager)
+        for name in ("torch fused (CUDA graph)",
+                     "rlvr_optim reference default, tracking step (CUDA graph)"):
+            assert rows[name]["variant"] == "graph"
+            assert rows[name]["status"] == "unavailable"
+            assert rows[name]["reason"] == "CUDA graphs need a GPU"
+
+
+def test_host_overhead_prints_one_json_object_of_positive_medians():
+    script = Path(__file__).resolve().parents[1] / "bench" / "host_overhead.py"
+    out = subprocess.run([sys.executable, str(script), "--tensors", "40", "--numel", "64",
+                          "--steps", "3", "--json"],
+                         capture_output=True, text=True, check=True, timeout=600).stdout
+    lines = out.strip().splitlines()
+    medians = json.loads(lines[-1])
+    assert set(medians) == {"floor_ms", "reference_ms", "triton_ms", "cuda_ms"}
+    timed = ["floor_ms", "reference_ms", "triton_ms"]
+    if medians["cuda_ms"] is None:  # only without an extension module to read
+        assert any(line.startswith("cuda") and "no extension" in line for line in lines)
+    else:
+        timed.append("cuda_ms")
+    for key in timed:
+        assert isinstance(medians[key], float) and medians[key] > 0, key
+    assert any(line.startswith("triton") and "x floor" in line for line in lines)
 
 
 def test_cpu_result_schema_and_every_anchor_accounted_for(result):

@@ -324,9 +324,8 @@ def test_host_path_checks_once_and_follows_moved_tensors(linked_ext, monkeypatch
     monkeypatch.setattr(cuda_backend, "load_extension", lambda: recorder)
     monkeypatch.setattr(cuda_backend, "_require_cuda", lambda params: None)
     monkeypatch.setattr(cuda_backend, "_stream", lambda device: 0)
-    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)
-    cuda_backend._tables.clear()
-    cuda_backend._checked_calls.clear()
+    planner = cuda_backend.planner
+    planner.clear()
     col = {name: i for i, name in enumerate(cuda_backend.ROW_FIELDS)}
     sizes = [3000, 17, 5]
     params = [torch.zeros(n, dtype=torch.bfloat16) for n in sizes]
@@ -338,28 +337,26 @@ def test_host_path_checks_once_and_follows_moved_tensors(linked_ext, monkeypatch
     def call(grads):
         recorder.launches.clear()
         cuda_backend.adamw(params, grads, exp_avgs, exp_avg_sqs, scalars=scalars)
-        rows = []
-        for table, count, _, _ in recorder.launches:
-            buffer = next(t.buffer for t in cuda_backend._tables.values()
-                          if t.buffer.data_ptr() == table)
-            rows.append(buffer[: count * len(col)].reshape(count, len(col)))
-        return rows
+        buffers = {launch.table.buffer.data_ptr(): launch.table.buffer
+                   for launch in planner.calls[0].last[2]}
+        return [buffers[table][: count * len(col)].reshape(count, len(col))
+                for table, count, _, _ in recorder.launches]
 
     def addresses(rows, name):
         return sorted(int(v) for r in rows for v in r[:, col[name]])
 
     grads = [torch.zeros(n, dtype=p.dtype) for n, p in zip(sizes, params)]
     rows = call(grads)
-    assert len(rows) == 2 and len(cuda_backend._tables) == 2
+    assert len(rows) == 2 and planner.builds == 1
     assert addresses(rows, "grad") == sorted(g.data_ptr() for g in grads)
     assert addresses(rows, "param") == sorted(p.data_ptr() for p in params)
     call(grads)
-    assert len(cuda_backend._tables) == 2 and len(cuda_backend._checked_calls) == 1  # reused
+    assert planner.builds == 1 and len(planner.calls) == 1  # reused
     # New gradient storage: new tables (both groups), same checked call.
     grads = [g.clone() for g in grads]
     rows = call(grads)
     assert addresses(rows, "grad") == sorted(g.data_ptr() for g in grads)
-    assert len(cuda_backend._tables) == 4 and len(cuda_backend._checked_calls) == 1
+    assert planner.builds == 2 and len(planner.calls) == 1
     # A param's storage swapped under the same object: a new check and a new table.
     params[0].data = params[0].data.clone()
     rows = call(grads)
@@ -377,8 +374,7 @@ def test_host_path_checks_once_and_follows_moved_tensors(linked_ext, monkeypatch
     watched = weakref.ref(exp_avgs[0])
     del params, exp_avgs, exp_avg_sqs, grads, call
     gc.collect()
-    assert watched() is None and len(cuda_backend._checked_calls) == 0
-    cuda_backend._tables.clear()
+    assert watched() is None and len(planner.calls) == 0
 
 
 def test_setup_and_backend_compile_with_the_same_nvcc_flags():

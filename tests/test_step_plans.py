@@ -207,7 +207,7 @@ def test_triton_follows_a_grad_dtype_change_and_keeps_no_tensor_alive():
 
     from rlvr_optim.triton_kernels import adamw as TK
 
-    TK._checked_calls.clear()
+    TK.planner.clear()
     g = torch.Generator().manual_seed(6)
     params = [torch.randn(n, generator=g).bfloat16() for n in (40, 9)]
     states = _states(params)
@@ -221,8 +221,8 @@ def test_triton_follows_a_grad_dtype_change_and_keeps_no_tensor_alive():
         for s, r in zip(states, ref_states):
             for key in s:
                 assert torch.equal(s[key], r[key]), (step, key)
-    assert len(TK._checked_calls) == 1
+    assert len(TK.planner.calls) == 1
     watched = weakref.ref(states[0]["m"])
     del params, states, s, p
     gc.collect()
-    assert watched() is None and len(TK._checked_calls) == 0
+    assert watched() is None and len(TK.planner.calls) == 0

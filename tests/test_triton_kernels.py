@@ -612,8 +612,7 @@ def test_tables_are_reused_and_rebuilt_when_a_tensor_moves():
     grads = _mixed_grads(gen, tensors, [None] * n, 4.0)
     # Multiples of 8: with SR an offset inside a group of 8 would split its tensor off.
     offsets = [8, 2**32 - 96, 2**40, 0]
-    TK.pointer_tables.clear()
-    TK.work_tables.clear()
+    TK.planner.clear()
 
     def step(number):
         for g, new in zip(grads, _mixed_grads(gen, tensors, [None] * n, 4.0)):
@@ -623,56 +622,31 @@ def test_tables_are_reused_and_rebuilt_when_a_tensor_moves():
         _step(TK.adamw, tri, grads, block_size=BLOCK, **kwargs)
         for k, (r, t) in enumerate(zip(ref, tri)):
             _compare(r, t, f"step {number}, tensor {k}")
-        pointers, work = TK.pointer_tables, TK.work_tables
-        return (pointers.builds, pointers.hits), (work.builds, work.hits)
+        return TK.planner.builds, len(TK.planner.calls[0].last[2])
 
-    assert step(1) == ((2, 0), (2, 0))
-    assert step(2) == ((2, 2), (2, 2))  # the same tensors: both groups reuse both tables
+    assert step(1) == (1, 2)  # one call, two launches
+    assert step(2) == (1, 2)  # the same tensors: both launches reused
     # New storage for one state of tensor 2 (group A); the old one stays alive, so a stale
     # table would write there and leave the new tensor behind the reference.
     old = tri[2]["exp_avg"]
     tri[2]["exp_avg"] = old.clone()
     before = old.clone()
-    assert step(3) == ((3, 3), (2, 4))  # group A's pointers rebuilt; same sizes, same work
+    assert step(3) == (2, 2)
     assert torch.equal(_bits(old), _bits(before))
-    # Another element offset for tensor 1 (group B): another SR stream, another table.
+    # Another element offset for tensor 1 (group B): another SR stream, other tables.
     offsets[1] += 8
-    assert step(4) == ((4, 4), (2, 6))
-    # Fresh gradient tensors (zero_grad(set_to_none=True)): new pointers, same work tables.
+    assert step(4) == (3, 2)
+    # Fresh gradient tensors (zero_grad(set_to_none=True)): new pointers, new tables.
     grads = [g.clone() for g in grads]
-    assert step(5) == ((6, 4), (2, 8))
+    assert step(5) == (4, 2)
+    assert step(6) == (4, 2)
 
 
-def test_work_table_and_cache_bounds():
+def test_work_table():
     # (tensor, item) per work item: 1, 3, 0 and 2 items of 8 elements.
     work = TK._work_table((1, 17, 0, 9), 8)
     assert work.dtype == torch.int32
     assert work.tolist() == [[0, 0], [1, 0], [1, 1], [1, 2], [3, 0], [3, 1]]
-
-    cache = TK.TableCache(capacity=2, max_bytes=2**20)
-    built = []
-
-    def table(key):
-        def build():
-            built.append(key)
-            return torch.full((4,), key, dtype=torch.int64)
-        return cache.get(DEVICE, (key,), build)
-
-    first = table(1)
-    assert first.device.type == DEVICE.type and first.tolist() == [1] * 4
-    assert table(1) is first and (cache.builds, cache.hits) == (1, 1)
-    table(2)
-    table(1)
-    table(3)  # over capacity: the least recently used (2) goes
-    assert len(cache) == 2 and built == [1, 2, 3]
-    table(1)
-    table(2)
-    assert built == [1, 2, 3, 2] and (cache.builds, cache.hits) == (4, 3)
-    # A byte budget below one entry keeps only the newest entry.
-    small = TK.TableCache(capacity=8, max_bytes=1)
-    for key in (1, 2, 3):
-        small.get(DEVICE, (key,), lambda: torch.zeros(100, dtype=torch.int64))
-        assert len(small) == 1
 
 
 def test_the_optimizer_steps_through_the_table_launch(launches):

@@ -19,23 +19,21 @@ bit operations: the interpreter's own fp32 -> bf16 cast truncates.
 
 from __future__ import annotations
 
-from collections import OrderedDict
 from typing import NamedTuple
 
+import numpy as np
 import torch
 import triton
 import triton.language as tl
 from torch import Tensor
 
-from rlvr_optim._checked import CheckedCall, CheckedCalls, Frozen
+from rlvr_optim.plan import Planner
 from rlvr_optim.reference import check_arguments
 
 __all__ = [
     "adamw",
     "adamw_table_kernel",
-    "pointer_tables",
-    "work_tables",
-    "TableCache",
+    "planner",
     "DEFAULT_BLOCK_CPU",
     "DEFAULT_ITEM_CPU",
     "DEFAULT_BLOCK_GPU",
@@ -513,15 +511,20 @@ def _adamw_chunk(
     return n_changed, n_moved, n_nonfinite
 
 
-# Columns of the pointer table: one int64 row per tensor of a group. Absent tensors hold 0
-# (their flag is off, so the kernel never dereferences them). "row" is the tensor's index
-# in the call: its row of ``scalars`` and of ``sr_keys``.
+# Columns of the pointer table: one int64 row per tensor of a group, from the planner's
+# description (rlvr_optim.plan). Absent tensors hold 0 (their flag is off, so the kernel
+# never dereferences them). "row" is the tensor's index in the call: its row of ``scalars``
+# and of ``sr_keys``. The last four are the counter workspace, zero between launches: the
+# items of a tensor add their counts there, and the last one to finish moves them to the
+# counters, so the host never zeroes counters before a step.
 TABLE_COLUMNS = (
     "param", "grad", "exp_avg", "exp_avg_sq", "max_exp_avg_sq", "master", "remainder",
     "freeze_mask", "change_bitmap", "cumulative_bitmap", "counter",
     "numel", "element_offset", "row",
+    "changed_sum", "moved_sum", "nonfinite_sum", "items_done",
 )
 _WIDTH = tl.constexpr(len(TABLE_COLUMNS))
+_WORKSPACE = TABLE_COLUMNS.index("changed_sum")
 
 
 @triton.jit
@@ -555,7 +558,8 @@ def adamw_table_kernel(
     offset and call row are row t of the int64 pointer table (``TABLE_COLUMNS``), read once
     per item. The item's full BLOCK-element chunks run in a loop pipelined over ``STAGES``
     (``tl.range``), its last partial chunk (only a tensor's last item has one) masked after
-    it; counts add up in registers over the item and reach the counters in one atomic each.
+    it; counts add up in registers over the item and reach the counters through the table's
+    workspace columns, published by the tensor's last item.
     ``scalars_ptr`` [calls, 8] and ``sr_keys_ptr`` [calls, 2] are the call's whole tensors,
     so the cached tables do not depend on the per-step scalars. ``ALIGNED``: every pointer
     of the group is a multiple of 16 bytes (full chunks then move bitmaps as 8-byte words).
@@ -649,11 +653,18 @@ def adamw_table_kernel(
             n_moved += counts[1]
             n_nonfinite += counts[2]
         if HAS_COUNTERS:
-            # Item sums fit in int32 (ITEM < 2**31); the host zeroed the counters.
-            tl.atomic_add(counter_ptr + 0, tl.sum(n_changed, axis=0).to(tl.int64), sem="relaxed")
-            tl.atomic_add(counter_ptr + 1, tl.sum(n_moved, axis=0).to(tl.int64), sem="relaxed")
-            tl.atomic_add(counter_ptr + 2, tl.sum(n_nonfinite, axis=0).to(tl.int64),
-                          sem="relaxed")
+            # Item sums fit in int32 (ITEM < 2**31). The item that finishes its tensor last
+            # (by the ticket in column 17) publishes the sums of columns 14..16 and leaves
+            # them and the ticket zero for the next launch.
+            tl.atomic_add(entry + 14, tl.sum(n_changed, axis=0).to(tl.int64), sem="relaxed")
+            tl.atomic_add(entry + 15, tl.sum(n_moved, axis=0).to(tl.int64), sem="relaxed")
+            tl.atomic_add(entry + 16, tl.sum(n_nonfinite, axis=0).to(tl.int64), sem="relaxed")
+            done = tl.atomic_add(entry + 17, 1, sem="acq_rel")
+            if done == tl.cdiv(tl.load(entry + 11), ITEM) - 1:
+                tl.store(counter_ptr + 0, tl.atomic_xchg(entry + 14, 0, sem="relaxed"))
+                tl.store(counter_ptr + 1, tl.atomic_xchg(entry + 15, 0, sem="relaxed"))
+                tl.store(counter_ptr + 2, tl.atomic_xchg(entry + 16, 0, sem="relaxed"))
+                tl.atomic_xchg(entry + 17, 0, sem="relaxed")
 
 
 # ---------------------------------------------------------------------------------------
@@ -662,9 +673,17 @@ def adamw_table_kernel(
 
 
 def _interpreting() -> bool:
-    from triton.runtime.interpreter import InterpretedFunction
+    """Whether the kernels run under Triton's interpreter (fixed when they were decorated;
+    the import below cost 0.3 ms per step, so it is done once)."""
+    global _INTERPRETING
+    if _INTERPRETING is None:
+        from triton.runtime.interpreter import InterpretedFunction
 
-    return isinstance(_adamw_chunk, InterpretedFunction)
+        _INTERPRETING = isinstance(_adamw_chunk, InterpretedFunction)
+    return _INTERPRETING
+
+
+_INTERPRETING: bool | None = None
 
 
 def _check(name: str, t: Tensor, dtypes: tuple, numel: int, device: torch.device) -> None:
@@ -684,11 +703,6 @@ def _check(name: str, t: Tensor, dtypes: tuple, numel: int, device: torch.device
             "the Triton backend needs contiguous tensors: pass t.contiguous() (and copy the "
             "result back), or use backend='reference'"
         )
-
-
-def _bits_view(t: Tensor) -> Tensor:
-    """bf16 tensors go to the kernel as int16 views (bit operations only); others as they are."""
-    return t.view(torch.int16) if t.dtype == torch.bfloat16 else t
 
 
 def _one_element(name: str, t: Tensor, device: torch.device, dtype=None) -> Tensor:
@@ -754,6 +768,22 @@ def _grad_flags(dtype: torch.dtype) -> dict[str, bool]:
     return dict(GRAD_BF16=dtype == torch.bfloat16, GRAD_FP16=dtype == torch.float16)
 
 
+def _static_key(ops: tuple, offset: int, options: tuple) -> tuple:
+    """A tensor's launch flags but the grad's, and whether its other pointers are 16-byte
+    aligned (planner callback; ``ops`` in the order of :data:`rlvr_optim.plan.OPERANDS`)."""
+    ops = _Operands(*ops)
+    layout = tuple(sorted(_layout(ops, options[0], offset).items()))
+    aligned = all(t.data_ptr() % 16 == 0 for t in ops if t is not None)
+    return layout, aligned
+
+
+def _group_key(static: tuple, grad_dtype: torch.dtype, grad_address: int) -> tuple:
+    """The launch flags of a tensor with this grad (planner callback)."""
+    layout, aligned = static
+    return tuple(sorted((*layout, ("ALIGNED", aligned and grad_address % 16 == 0),
+                         *_grad_flags(grad_dtype).items())))
+
+
 def _work_table(numels: tuple[int, ...], item: int) -> Tensor:
     """int32 [items, 2]: (tensor t, item k) for every run of ``item`` elements of every
     tensor, elements k * item .. (k + 1) * item - 1 (a tensor's last run may be shorter)."""
@@ -775,57 +805,42 @@ def _to_device(t: Tensor, device: torch.device) -> Tensor:
     return t.to(device)
 
 
-class TableCache:
-    """Device tables built from host values, keyed by those values; least recently used out.
+class _Launch(NamedTuple):
+    """One launch of ``adamw_table_kernel``: its layout flags and device tables."""
 
-    A key holds everything its table holds, so a hit is always right; a changed value (a
-    tensor with new storage, another element offset) makes a new key. Reusing tables also
-    keeps host-to-device copies out of steady-state steps, so a CUDA graph can capture them.
-    At most ``capacity`` entries and, beyond the newest, ``max_bytes`` of device memory.
-    ``hits`` and ``builds`` count lookups.
-    """
-
-    def __init__(self, capacity: int, max_bytes: int):
-        self.capacity = capacity
-        self.max_bytes = max_bytes
-        self.hits = 0
-        self.builds = 0
-        self._entries: OrderedDict[tuple, Tensor] = OrderedDict()
-
-    def __len__(self) -> int:
-        return len(self._entries)
-
-    def clear(self) -> None:
-        """Drop every entry and reset the counts."""
-        self._entries.clear()
-        self.hits = self.builds = 0
-
-    def get(self, device: torch.device, key: tuple, build) -> Tensor:
-        """The table of ``key`` on ``device``; ``build()`` makes it on the host if absent."""
-        key = (str(device), *key)
-        found = self._entries.get(key)
-        if found is not None:
-            self._entries.move_to_end(key)
-            self.hits += 1
-            return found
-        found = _to_device(build(), device)
-        self._entries[key] = found
-        self.builds += 1
-        held = sum(t.nbytes for t in self._entries.values())
-        while len(self._entries) > 1 and (len(self._entries) > self.capacity
-                                          or held > self.max_bytes):
-            _, evicted = self._entries.popitem(last=False)
-            held -= evicted.nbytes
-        return found
+    flags: dict
+    table: Tensor  # int64 [tensors, _WIDTH], TABLE_COLUMNS
+    work: Tensor  # int32 [items, 2]
+    block: int
+    item: int
 
 
-# Pointer tables are small (n x 14 x 8 bytes) but change whenever a tensor gets new storage,
-# e.g. gradients set to None between steps; work tables (8 bytes per work item) depend only
-# on sizes and the item length, so they are cached apart and outlive moving gradients.
-pointer_tables = TableCache(capacity=64, max_bytes=64 * 2**20)
-"""Int64 [n, len(TABLE_COLUMNS)] pointer tables, keyed by their rows."""
-work_tables = TableCache(capacity=16, max_bytes=256 * 2**20)
-"""Int32 [items, 2] work tables, keyed by the item length and the numels of a group."""
+def _shape(device: torch.device, block_size: int | None, item_size: int | None
+           ) -> tuple[int, int]:
+    """(chunk, item) of a launch on ``device``."""
+    gpu = device.type != "cpu"
+    block = block_size or (DEFAULT_BLOCK_GPU if gpu else DEFAULT_BLOCK_CPU)
+    item = item_size or max(block, DEFAULT_ITEM_GPU if gpu else DEFAULT_ITEM_CPU)
+    if item % block:
+        raise ValueError(f"item_size must be a multiple of block_size ({block}), got {item}")
+    return block, item
+
+
+def _encode(group, options: tuple) -> _Launch:
+    """The device tables of a planner group (planner callback): its columns as int64 rows
+    of ``TABLE_COLUMNS``, the counter workspace zero, and its work items."""
+    _, block_size, item_size = options
+    block, item = _shape(group.device, block_size, item_size)
+    rows = np.zeros((len(group.rows), _WIDTH.value), dtype=np.int64)
+    for k, name in enumerate(TABLE_COLUMNS[:_WORKSPACE]):
+        rows[:, k] = group.columns[name]
+    numels = tuple(group.columns["numel"].tolist())
+    return _Launch(dict(group.key), _to_device(torch.from_numpy(rows), group.device),
+                   _to_device(_work_table(numels, item), group.device), block, item)
+
+
+def _capturing(device: torch.device) -> bool:
+    return device.type == "cuda" and torch.cuda.is_current_stream_capturing()
 
 
 _BITMAP = (torch.uint8,)
@@ -867,16 +882,16 @@ def adamw(
     on one device per param (CPU tensors need ``TRITON_INTERPRET=1``). ``masters`` and
     ``remainders`` need bf16 params; ``rounding`` only affects bf16 params.
 
-    Every tensor is checked before any is touched. The last few calls whose tensors passed
-    are remembered (:class:`_Checked`): a call with the same tensors (by identity), the
-    params at the same addresses and the same element offsets checks only the gradients,
-    in bulk, and reuses its grouping and pointer rows. Tensors other than params and grads
-    are recognized by identity alone: give a state new storage as a new tensor object,
-    never by assigning its ``.data`` between calls.
+    Every tensor is checked before any is touched. The tables are planned and kept by
+    :data:`planner` (:class:`rlvr_optim.plan.Planner`): a call with the tensors of a recent
+    one, the params and grads at the same addresses, reuses its launches; new grad
+    addresses or dtypes check the grads and rebuild the tables. Tensors other than params
+    and grads are recognized by identity alone: give a state new storage as a new tensor
+    object, never by assigning its ``.data`` between calls.
 
     One launch of ``adamw_table_kernel`` per group of tensors with the same device and
-    layout (dtypes, optional tensors), its pointers in a device table cached in
-    :data:`pointer_tables`, its work items in :data:`work_tables`.
+    layout (dtypes, optional tensors, alignment): its int64 table of ``TABLE_COLUMNS``
+    rows, its work items, and no other host work; the kernel writes the counters itself.
 
     Args:
         block_size: elements per chunk, a power of two >= 8 (default:
@@ -893,6 +908,8 @@ def adamw(
     """
     check_arguments(params, scalars=scalars, max_exp_avg_sqs=max_exp_avg_sqs, masters=masters,
                     remainders=remainders, rounding=rounding, sr_keys=sr_keys, amsgrad=amsgrad)
+    if not params:
+        return
     if block_size is not None and (block_size < 8 or block_size & (block_size - 1)):
         raise ValueError(f"block_size must be a power of two >= 8, got {block_size}")
     if num_warps is not None and (not 1 <= num_warps <= 32 or num_warps & (num_warps - 1)):
@@ -902,80 +919,62 @@ def adamw(
         raise ValueError(f"item_size must be from 1 to 2**31 - 1, got {item_size}")
     if num_programs is not None and num_programs < 1:
         raise ValueError(f"num_programs must be at least 1, got {num_programs}")
-    interpreting = _interpreting()
     statics = (params, exp_avgs, exp_avg_sqs, max_exp_avg_sqs if amsgrad else None, masters,
                remainders, freeze_masks, change_bitmaps, cumulative_bitmaps, counters)
     offsets = [0] * len(params) if element_offsets is None else element_offsets
-    checked = _checked_calls.find(statics, offsets, rounding)
-    tensors = None
-    if checked is None or not _grads_fit(checked, grads):
-        tensors = _check_all(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, masters,
-                             remainders, freeze_masks, change_bitmaps, cumulative_bitmaps,
-                             counters, element_offsets, amsgrad, interpreting)
-        checked = _Checked(statics, offsets, rounding, tensors)
-        _checked_calls.add(checked, statics)
-
-    def shape_on(device: torch.device) -> tuple[int, int, int]:
-        """(chunk, item, most programs) of a launch on ``device``."""
-        gpu = device.type != "cpu"
-        block = block_size or (DEFAULT_BLOCK_GPU if gpu else DEFAULT_BLOCK_CPU)
-        item = item_size or max(block, DEFAULT_ITEM_GPU if gpu else DEFAULT_ITEM_CPU)
-        if item % block:
-            raise ValueError(f"item_size must be a multiple of block_size ({block}), got {item}")
-        programs = num_programs or (
-            DEFAULT_PROGRAMS_PER_SM * torch.cuda.get_device_properties(device).multi_processor_count
-            if gpu else 2**31 - 1)
-        return block, item, programs
-
-    # Launch shapes, checked before anything is touched.
-    shapes = {device: shape_on(device) for device in checked.devices}
-
-    # Per-call operands, moved once per device (not once per tensor).
-    per_device: dict[torch.device, dict[str, Tensor | None]] = {}
-    for device in checked.devices:
-        per_device[device] = dict(
-            scalars=_to_device(scalars, device).contiguous(),
-            sr_keys=_to_device(sr_keys, device).contiguous() if rounding == "stochastic" else None,
-            grad_scale=(_one_element("grad_scale", grad_scale, device, torch.float32)
-                        if grad_scale is not None else None),
-            found_inf=_found_inf_operand(found_inf, device) if found_inf is not None else None,
-        )
-
-    # The kernel adds item sums to the counters with atomics; zero them all in one op.
-    zero = [c for c in counters if c is not None] if counters is not None else []
-    if zero:
-        torch._foreach_zero_(zero)
-
+    launches = planner.launches(statics, grads, offsets, (rounding, block_size, item_size))
+    if not launches:
+        return
+    interpreting = _interpreting()
     call_flags = dict(AMSGRAD=bool(amsgrad), MAXIMIZE=bool(maximize),
                       HAS_GRAD_SCALE=grad_scale is not None, HAS_FOUND_INF=found_inf is not None)
+    # Per-call operands, moved once per device (not once per tensor).
+    per_device: dict[torch.device, tuple] = {}
+    for launch in launches:
+        device = launch.table.device
+        if device not in per_device:
+            programs = num_programs or (
+                DEFAULT_PROGRAMS_PER_SM
+                * torch.cuda.get_device_properties(device).multi_processor_count
+                if device.type != "cpu" else 2**31 - 1)
+            per_device[device] = (
+                programs,
+                _to_device(scalars, device).contiguous(),
+                _to_device(sr_keys, device).contiguous() if rounding == "stochastic" else None,
+                (_one_element("grad_scale", grad_scale, device, torch.float32)
+                 if grad_scale is not None else None),
+                _found_inf_operand(found_inf, device) if found_inf is not None else None,
+            )
+    for launch in launches:
+        programs, *operands = per_device[launch.table.device]
+        items = launch.work.shape[0]
+        try:
+            adamw_table_kernel[(min(items, programs),)](
+                launch.table, launch.work, items, *operands,
+                BLOCK=launch.block, ITEM=launch.item, STAGES=DEFAULT_STAGES_GPU,
+                HW_BF16=not interpreting, **launch.flags, **call_flags,
+                num_warps=warps, enable_fp_fusion=False,
+            )
+        except BaseException:
+            # A kernel stopped part way (the interpreter runs it on the host) may leave its
+            # counter sums in the table; the next launch must start from zero.
+            launch.table[:, _WORKSPACE:].zero_()
+            raise
 
-    # One launch per group of tensors that share device and layout, in call order. Layouts
-    # depend on the grads' dtypes and alignment too, so the grouping is redone when those
-    # change; the pointer tables are keyed by the group's rows without the grads (computed
-    # once per checked call) and the grad pointers.
-    grad_ptrs = [g.data_ptr() for g in grads]
-    for (device, layout), members, static_rows, numels in checked.groups(grads, grad_ptrs):
-        on = per_device[device]
-        block, item, programs = shapes[device]
-        member_grads = tuple(grad_ptrs[i] for i in members)
-        table = pointer_tables.get(
-            device, (static_rows, member_grads),
-            lambda: _pointer_table(static_rows.value, member_grads))
-        work = work_tables.get(device, (item, numels), lambda: _work_table(numels, item))
-        items = work.shape[0]
-        adamw_table_kernel[(min(items, programs),)](
-            table, work, items, on["scalars"], on["sr_keys"], on["grad_scale"], on["found_inf"],
-            BLOCK=block, ITEM=item, STAGES=DEFAULT_STAGES_GPU, HW_BF16=not interpreting,
-            **dict(layout), **call_flags,
-            num_warps=warps, enable_fp_fusion=False,
-        )
+
+def _check_call(statics, grads, offsets, options) -> None:
+    """Every per-tensor check (planner callback)."""
+    (params, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, masters, remainders, freeze_masks,
+     change_bitmaps, cumulative_bitmaps, counters) = statics
+    _check_all(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, masters, remainders,
+               freeze_masks, change_bitmaps, cumulative_bitmaps, counters, offsets,
+               max_exp_avg_sqs is not None, _interpreting())
 
 
 def _check_all(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, masters, remainders,
                freeze_masks, change_bitmaps, cumulative_bitmaps, counters, element_offsets,
-               amsgrad, interpreting) -> list[tuple[int, _Operands, int]]:
-    """Check every tensor before touching any; (call row, operands, element offset) each."""
-    tensors: list[tuple[int, _Operands, int]] = []
+               amsgrad, interpreting) -> None:
+    """Check every tensor before touching any."""
     for i, param in enumerate(params):
         device = param.device
         if device.type == "cpu" and not interpreting:
@@ -1012,84 +1011,7 @@ def _check_all(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, masters, r
         offset = int(element_offsets[i]) if element_offsets is not None else 0
         if not 0 <= offset <= 2**63 - 1 - numel:
             raise ValueError(f"element_offsets[{i}] must be >= 0 and fit in int64, got {offset}")
-        ops = _Operands(param, grads[i], exp_avgs[i], exp_avg_sqs[i], max_exp_avg_sq, master,
-                        remainder, freeze_mask, change_bitmap, cumulative_bitmap, counter)
-        tensors.append((i, ops, offset))
-    return tensors
 
 
-def _pointer_table(static_rows: tuple, grad_ptrs: tuple) -> Tensor:
-    """Int64 [n, len(TABLE_COLUMNS)] rows: the static rows with the grad column filled in."""
-    table = torch.tensor(static_rows, dtype=torch.int64).reshape(len(static_rows), _WIDTH.value)
-    table[:, 1] = torch.tensor(grad_ptrs, dtype=torch.int64)
-    return table
-
-
-class _Checked(CheckedCall):
-    """A call whose tensors other than the gradients passed the checks, kept (by
-    :data:`_checked_calls`, without references to the tensors) so that a step with the
-    same tensors checks only what can change between steps: the gradients, and the params'
-    storage. Layouts and rows here leave the grads out; :meth:`groups` adds them per step."""
-
-    def __init__(self, statics, offsets, rounding, tensors):
-        super().__init__(statics)
-        self.offsets = list(offsets)
-        self.rounding = rounding
-        self.param_devices = [p.device for p in statics[0]]
-        self.devices = list(dict.fromkeys(self.param_devices))
-        self.device_indices = [p.get_device() for p in statics[0]]
-        self.static_layouts = []  # per tensor: its layout flags but the grad's
-        self.static_rows = []  # per tensor: its pointer-table row, grad column 0
-        self.static_aligned = []  # per tensor: every pointer but the grad's 16-byte aligned
-        for i, ops, offset in tensors:
-            self.static_layouts.append(tuple(sorted(_layout(ops, rounding, offset).items())))
-            others = [t for k, t in enumerate(ops) if k != 1 and t is not None]
-            self.static_aligned.append(all(t.data_ptr() % 16 == 0 for t in others))
-            self.static_rows.append(tuple(t.data_ptr() if t is not None and k != 1 else 0
-                                          for k, t in enumerate(ops))
-                                    + (ops.param.numel(), offset, i))
-        self._grouping = None  # (grad dtypes, grad alignment) -> groups, the last seen
-
-    def matches(self, statics, offsets, rounding) -> bool:
-        """The same tensors at the same addresses, offsets and rounding."""
-        return (rounding == self.rounding and offsets == self.offsets
-                and self.same_tensors(statics)
-                and {p.dtype for p in statics[0]} <= _FLOAT_SET)
-
-    def groups(self, grads, grad_ptrs):
-        """[((device, layout), member rows, static rows (frozen), numels)] of this step."""
-        dtypes = [g.dtype for g in grads]
-        aligned = [p % 16 == 0 for p in grad_ptrs]
-        signature = (dtypes, aligned)
-        if self._grouping is None or self._grouping[0] != signature:
-            by_key: dict[tuple, list[int]] = {}
-            for k, device in enumerate(self.param_devices):
-                if self.numels[k] == 0:
-                    continue
-                layout = self.static_layouts[k] + (
-                    ("ALIGNED", self.static_aligned[k] and aligned[k]),
-                    *_grad_flags(dtypes[k]).items())
-                by_key.setdefault((device, tuple(sorted(layout))), []).append(k)
-            groups = [(key, members, Frozen(tuple(self.static_rows[k] for k in members)),
-                       tuple(self.numels[k] for k in members))
-                      for key, members in by_key.items()]
-            self._grouping = (signature, groups)
-        return self._grouping[1]
-
-
-_checked_calls = CheckedCalls()
-"""Checked calls of the table launch; see :class:`_Checked`."""
-
-
-def _grads_fit(checked: _Checked, grads: list[Tensor]) -> bool:
-    """Whether ``grads`` pass the checks of the slow path, in bulk: tensors of an accepted
-    dtype, each with its param's element count, device and contiguous. False sends the
-    call through the per-tensor checks, which raise naming the tensor."""
-    try:
-        return (len(grads) == len(checked.numels)
-                and {g.dtype for g in grads} <= _GRAD_SET
-                and [g.numel() for g in grads] == checked.numels
-                and [g.get_device() for g in grads] == checked.device_indices
-                and all(g.is_contiguous() for g in grads))
-    except (AttributeError, TypeError):
-        return False
+planner = Planner(_check_call, _static_key, _group_key, _encode, _GRAD_SET, _capturing)
+"""The Triton backend's kept calls and launches (:class:`rlvr_optim.plan.Planner`)."""

@@ -1,0 +1,323 @@
+"""The step planner of the fused backends: one description of a step, built once and reused.
+
+Both fused backends (``triton_kernels/adamw.py`` and :mod:`rlvr_optim.cuda_backend`) hand a
+call's operand lists to one :class:`Planner`, which checks them once and describes the step
+as :class:`Group` s, one launch each:
+
+- per tensor (a *call row* ``i``: its index in the call's lists, which is also its row of
+  ``scalars`` and ``sr_keys``): the address of every operand of :data:`OPERANDS` (0 when
+  absent), its element count and the global index of its element 0 (``element_offset``,
+  for the stochastic rounding stream);
+- per group: the device, the backend's launch key (dtypes, which optional tensors are
+  present, alignment) and the call rows of its tensors, in call order. Tensors without
+  elements are in no group; the planner sets their counters (0) itself.
+
+Each backend encodes a group into the device table its kernel reads (Triton: int64 rows of
+``TABLE_COLUMNS`` plus a work table; CUDA: the 128-byte ``TensorRow`` of
+``csrc/adamw_launch.h``) and the planner keeps the encoded launches, so a steady-state
+step is one pass over the grads: their addresses and dtypes are compared with those the
+launches were built for (and the params' addresses with the checked ones), then the
+kept launches run. A table is rebuilt only when an address, the tensors or an option
+changed; a table used inside a CUDA graph capture is kept for the life of the process,
+because the graph holds its address.
+
+What the planner sees and what it does not (so that no step is silently wrong):
+
+- the operand lists by identity: a tensor replaced in a list makes another call. The
+  optimizer passes :class:`OperandList` s (lists that cannot change), so recognizing its
+  call costs one comparison per list; other lists are compared tensor by tensor;
+- a param whose ``.data`` was reassigned (new address): its call is checked again;
+- a grad with new storage or another dtype (``zero_grad(set_to_none=True)`` and new
+  grads, a grad cast in place of the old one): its launches are rebuilt after the grads
+  pass the checks. Grads in a plain list are checked in bulk (size, device, contiguity)
+  in every call; the optimizer's :class:`Gradients` only when their addresses or dtypes
+  change, because torch checks the shape and device of an assigned ``.grad``;
+- tensors other than params and grads are recognized by identity alone: give a state new
+  storage as a new tensor object, never by assigning its ``.data`` between calls.
+  :class:`rlvr_optim.AdamW` makes new operand lists whenever its state changes through it
+  (``load_state_dict``, ``set_freeze_mask``, ``add_param_group``, an option).
+"""
+
+from __future__ import annotations
+
+from operator import attrgetter
+from typing import Any, Callable, NamedTuple, Sequence
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from ._checked import CheckedCall, CheckedCalls, OperandList
+
+__all__ = ["OPERANDS", "Gradients", "Group", "OperandList", "Planner", "ScalarRows",
+           "read_gradients"]
+
+OPERANDS = (
+    "param", "grad", "exp_avg", "exp_avg_sq", "max_exp_avg_sq", "master", "remainder",
+    "freeze_mask", "change_bitmap", "cumulative_bitmap", "counter",
+)
+"""A tensor's operands, in the order of a call's lists (``statics`` puts the grads apart)."""
+_STATIC = tuple(name for name in OPERANDS if name != "grad")
+
+_GRAD = attrgetter("grad")
+_DTYPE = attrgetter("dtype")
+_MAX_GRAD_SIGNATURES = 4  # grad layouts kept per checked call (e.g. two alternating buffers)
+
+
+class Gradients(list):
+    """Grads with their data pointers and dtypes, read once per step.
+
+    The optimizer reads them to know that its plan still holds (a missing or sparse grad
+    has no data pointer); a backend given this list reads ``pointers`` and ``dtypes`` here
+    instead of reading every grad again.
+    """
+
+    __slots__ = ("pointers", "dtypes")
+
+
+def read_gradients(params: Sequence[Tensor]) -> Gradients | None:
+    """The params' grads as :class:`Gradients`, or None when one has no storage (None,
+    sparse): the caller then takes its full checks, which name the param."""
+    grads = Gradients(map(_GRAD, params))
+    try:
+        grads.pointers = list(map(Tensor.data_ptr, grads))
+    except (TypeError, RuntimeError):
+        return None
+    grads.dtypes = list(map(_DTYPE, grads))
+    return grads
+
+
+class Group(NamedTuple):
+    """One launch: tensors of one device and launch key, described by their columns."""
+
+    key: Any
+    device: torch.device
+    rows: tuple[int, ...]
+    columns: dict[str, np.ndarray]  # OPERANDS addresses, "numel", "element_offset", "row"
+
+
+class _Call(CheckedCall):
+    """A checked call: its static columns (every operand but the grad) and the launches
+    built for the grads seen with it, by (grad addresses, grad dtypes)."""
+
+    def __init__(self, statics, offsets, options, static_keys):
+        super().__init__(statics)
+        self.offsets = offsets
+        self.options = options
+        params = statics[0]
+        self.devices = [p.device for p in params]
+        self.device_indices = [p.get_device() for p in params]
+        self.static_keys = static_keys
+        self.empty = [i for i, numel in enumerate(self.numels) if numel == 0]
+        n = len(params)
+        columns = {}
+        for name, tensors in zip(_STATIC, statics):
+            if tensors is None:
+                columns[name] = np.zeros(n, dtype=np.int64)
+            else:
+                columns[name] = np.array([0 if t is None else t.data_ptr() for t in tensors],
+                                         dtype=np.int64)
+        columns["numel"] = np.array(self.numels, dtype=np.int64)
+        columns["element_offset"] = np.array(offsets, dtype=np.int64)
+        columns["row"] = np.arange(n, dtype=np.int64)
+        self.columns = columns
+        self.last = None  # (pointers, dtypes, launches) of the latest step
+        self.launches: dict[tuple, list] = {}
+
+    def matches(self, statics, offsets, options) -> bool:
+        return (options == self.options
+                and (offsets == self.offsets or list(offsets) == self.offsets)
+                and self.same_tensors(statics))
+
+
+class Planner:
+    """A backend's kept step descriptions and the launches encoded from them.
+
+    Args:
+        check: ``check(statics, grads, offsets, options)`` makes every per-tensor check of
+            the backend and raises naming the tensor; called before anything is kept.
+        static_key: ``static_key(operands, offset, options)``: the part of a tensor's
+            launch key that does not depend on its grad (``operands``: a tuple in the order
+            of :data:`OPERANDS`, the grad None), computed once per checked call.
+        group_key: ``group_key(static, grad_dtype, grad_address)``: the launch key.
+        encode: ``encode(group, options)``: the backend's launch of a :class:`Group`,
+            built on the host and copied to the device once.
+        grad_dtypes: the grad dtypes the backend takes (a grad of another dtype sends the
+            call through ``check``, which names it).
+        capturing: ``capturing(device)``: whether a CUDA graph is being captured on it.
+    """
+
+    def __init__(self, check: Callable, static_key: Callable, group_key: Callable,
+                 encode: Callable, grad_dtypes: frozenset, capturing: Callable,
+                 capacity: int = 4):
+        self._check = check
+        self._static_key = static_key
+        self._group_key = group_key
+        self._encode = encode
+        self._grad_dtypes = grad_dtypes
+        self._capturing = capturing
+        self.calls = CheckedCalls(capacity)
+        self.builds = 0  # launches lists encoded, for tests
+        self._pinned: list = []  # launches used in a CUDA graph capture
+
+    def clear(self) -> None:
+        self.calls.clear()
+        self.builds = 0
+
+    def launches(self, statics: tuple, grads: Sequence[Tensor], offsets: list[int],
+                 options: tuple) -> list:
+        """The encoded launches of this call (see the module docstring), in call order."""
+        call = self.calls.find(statics, offsets, options)
+        if isinstance(grads, Gradients):
+            pointers, dtypes = grads.pointers, grads.dtypes
+        else:
+            try:
+                pointers = list(map(Tensor.data_ptr, grads))
+                dtypes = list(map(_DTYPE, grads))
+            except (TypeError, RuntimeError, AttributeError):
+                pointers = dtypes = None
+        if call is None or pointers is None or not self._grads_fit(call, grads, pointers,
+                                                                   dtypes):
+            self._check(statics, grads, offsets, options)
+            if call is None:
+                call = self._new_call(statics, offsets, options)
+            if pointers is None:  # the checks passed, so every grad has storage now
+                pointers = list(map(Tensor.data_ptr, grads))
+                dtypes = list(map(_DTYPE, grads))
+        last = call.last
+        if last is not None and last[0] == pointers and last[1] == dtypes:
+            launches = last[2]
+        else:
+            launches = self._launches_for(call, pointers, dtypes)
+        if call.empty and statics[-1] is not None:
+            # No launch reaches a tensor without elements; its counters get their value, 0,
+            # here (one op, in steps that have such tensors).
+            counters = [c for c in map(statics[-1].__getitem__, call.empty) if c is not None]
+            if counters:
+                torch._foreach_zero_(counters)
+        if not launches.pinned and self._capturing(call.devices[0]):
+            self._pinned.append(launches)
+            launches.pinned = True
+        return launches
+
+    def _new_call(self, statics, offsets, options) -> _Call:
+        keys = []
+        for i, param in enumerate(statics[0]):
+            ops = [param, None] + [None if x is None else x[i] for x in statics[1:]]
+            keys.append(self._static_key(tuple(ops), offsets[i], options))
+        call = _Call(statics, list(offsets), options, keys)
+        self.calls.add(call, statics)
+        return call
+
+    def _grads_fit(self, call: _Call, grads, pointers, dtypes) -> bool:
+        """The checks of ``check`` on the grads, in bulk; False sends the call through
+        ``check``, which names the tensor. :class:`Gradients` at the addresses and dtypes
+        of the latest step (checked then) skip them: they are the ``.grad`` s of the
+        checked params, whose shape and device torch checks when a grad is assigned."""
+        last = call.last
+        if (isinstance(grads, Gradients) and last is not None and last[0] == pointers
+                and last[1] == dtypes):
+            return True
+        try:
+            return (len(grads) == len(call.numels)
+                    and set(dtypes) <= self._grad_dtypes
+                    and list(map(Tensor.numel, grads)) == call.numels
+                    and list(map(Tensor.get_device, grads)) == call.device_indices
+                    and all(map(Tensor.is_contiguous, grads)))
+        except (AttributeError, TypeError):
+            return False
+
+    def _launches_for(self, call: _Call, pointers: list[int], dtypes: list) -> list:
+        signature = (tuple(pointers), tuple(dtypes))
+        launches = call.launches.get(signature)
+        if launches is None:
+            device = call.devices[0]
+            if self._capturing(device):
+                raise RuntimeError(
+                    "the fused backends build a device table of the tensors' addresses on the "
+                    "first step that sees them, which cannot happen during CUDA graph capture: "
+                    "run one step with the same tensors before capturing (warm-up), then capture"
+                )
+            launches = _Launches(self._encode(group, call.options)
+                                 for group in self._groups(call, pointers, dtypes))
+            self.builds += 1
+            kept = call.launches
+            kept[signature] = launches
+            for old in [k for k, v in kept.items() if not v.pinned]:
+                if len(kept) <= _MAX_GRAD_SIGNATURES:
+                    break
+                del kept[old]
+        call.last = (pointers, dtypes, launches)
+        return launches
+
+    def _groups(self, call: _Call, pointers: list[int], dtypes: list) -> list[Group]:
+        by_key: dict[tuple, list[int]] = {}
+        for i, numel in enumerate(call.numels):
+            if numel:
+                key = (call.devices[i], self._group_key(call.static_keys[i], dtypes[i],
+                                                        pointers[i]))
+                by_key.setdefault(key, []).append(i)
+        grad = np.array(pointers, dtype=np.int64)
+        groups = []
+        for (device, key), rows in by_key.items():
+            index = np.array(rows, dtype=np.int64)
+            columns = {name: values[index] for name, values in call.columns.items()}
+            columns["grad"] = grad[index]
+            groups.append(Group(key, device, tuple(rows), columns))
+        return groups
+
+
+class _Launches(list):
+    """A call's encoded launches; ``pinned`` once a CUDA graph captured them."""
+
+    __slots__ = ("pinned",)
+
+    def __init__(self, launches):
+        super().__init__(launches)
+        self.pinned = False
+
+
+class ScalarRows:
+    """The per-tensor scalar rows of :func:`rlvr_optim.reference.step_scalars`, bit for bit,
+    in a handful of tensor ops per step into one kept buffer.
+
+    The columns that depend on the hyperparameters alone (lr * weight_decay for a float lr,
+    betas, eps) are written when those change; each step computes the bias corrections
+    from the device step counts and ``lr`` (9 ops), so no value comes from host memory (the
+    step is capturable in a CUDA graph), and an ``lr`` changed between steps takes effect
+    in the next step. A tensor ``lr`` (changed in place by a scheduler) is read every step.
+    """
+
+    def __init__(self, steps: Tensor):
+        self.out = torch.empty(steps.numel(), 8, dtype=torch.float32, device=steps.device)
+        self._constants = None  # (beta1, beta2, eps) written into columns 3..7
+        self._betas = None  # 0-d float64 beta1, beta2 on the device
+        self._lr = None  # (lr, weight_decay) of column 2, and the 0-d float64 lr
+
+    def __call__(self, steps: Tensor, lr: float | Tensor, beta1: float, beta2: float,
+                 weight_decay: float, eps: float) -> Tensor:
+        out = self.out
+        device = out.device
+        constants = (float(beta1), float(beta2), float(eps))
+        if self._constants != constants:
+            b1, b2, e = constants
+            values = torch.tensor([b1, 1.0 - b1, b2, 1.0 - b2, e], dtype=torch.float64)
+            out[:, 3:].copy_(values.float().to(device).expand(out.shape[0], 5))
+            self._betas = (torch.full((), b1, dtype=torch.float64, device=device),
+                           torch.full((), b2, dtype=torch.float64, device=device))
+            self._constants = constants
+        if isinstance(lr, Tensor):
+            lr64 = lr.to(device=device, dtype=torch.float64).reshape(())
+            out[:, 2].copy_(lr64 * float(weight_decay))
+            self._lr = None
+        elif self._lr is not None and self._lr[0] == (float(lr), float(weight_decay)):
+            lr64 = self._lr[1]
+        else:
+            lr64 = torch.full((), float(lr), dtype=torch.float64, device=device)
+            out[:, 2].copy_(lr64 * float(weight_decay))
+            self._lr = ((float(lr), float(weight_decay)), lr64)
+        b1, b2 = self._betas
+        t = steps.to(torch.float64)
+        out[:, 0].copy_(lr64 / (1.0 - torch.pow(b1, t)))
+        out[:, 1].copy_((1.0 - torch.pow(b2, t)).sqrt_())
+        return out

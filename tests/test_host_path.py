@@ -1,0 +1,351 @@
+"""The steady-state host path (rlvr_optim/plan.py): a step reuses the optimizer's plan and
+the backend's kept launches, and every change between steps is still seen.
+
+Each scenario steps an optimizer whose caches are kept against an uncached twin (a
+reference-backend optimizer that drops its plans before every step, i.e. one freshly
+built from its state) on the same inputs and compares every bit of params and states.
+The CUDA backend's host path runs with its launch recorded (no GPU): there the table a
+cached step launches must equal the one a fresh planner builds.
+"""
+
+import copy
+
+import pytest
+import torch
+
+from rlvr_optim import AdamW, cuda_backend
+from rlvr_optim import reference as R
+from rlvr_optim.plan import OperandList, ScalarRows, read_gradients
+
+from test_optimizer import assert_same_snapshot, snapshot
+
+SIZES = (5, 33, 64, 9)
+cpu_only = pytest.mark.skipif(torch.cuda.is_available(), reason="CPU tensors: interpreter path")
+
+
+def _model(seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [(torch.randn(n, generator=g) * 0.1).bfloat16().requires_grad_() for n in SIZES]
+
+
+def _grads(params, seed, dtype=None):
+    g = torch.Generator().manual_seed(seed)
+    return [(torch.randn(p.shape, generator=g) * 1e-2).to(dtype or p.dtype) for p in params]
+
+
+def _planner(backend):
+    if backend == "triton":
+        from rlvr_optim.triton_kernels import adamw as TK
+
+        return TK.planner
+    return None
+
+
+class _Twins:
+    """``opt`` (the backend under test, caches kept) and ``fresh`` (reference, no plan)."""
+
+    def __init__(self, backend, **kwargs):
+        self.params, self.fresh_params = _model(), _model()
+        self.opt = AdamW(self.params, lr=1e-2, backend=backend, **kwargs)
+        self.fresh = AdamW(self.fresh_params, lr=1e-2, backend="reference", **kwargs)
+        self.planner = _planner(backend)
+        self.seed = 0
+
+    def both(self, change):
+        change(self.opt, self.params)
+        change(self.fresh, self.fresh_params)
+
+    def step(self, grads=None):
+        """One step of both on the same new grads (fresh tensors, as after
+        ``zero_grad(set_to_none=True)``); returns the planner's build count."""
+        self.seed += 1
+        grads = grads or _grads(self.params, self.seed)
+        for p, q, g in zip(self.params, self.fresh_params, grads):
+            p.grad = g.clone()
+            q.grad = g.clone()
+        self.opt.step()
+        self.fresh._forget_plans()
+        self.fresh.step()
+        assert_same_snapshot(snapshot(self.fresh, self.fresh_params),
+                             snapshot(self.opt, self.params))
+        return self.planner.builds if self.planner is not None else None
+
+    def steady(self):
+        """A step, then one with the grads kept in place, which reuses everything."""
+        self.step()
+        plan = self.opt._plans[0]
+        builds = self.planner.builds if self.planner is not None else None
+        for p, q, g in zip(self.params, self.fresh_params, _grads(self.params, 99)):
+            p.grad.copy_(g)
+            q.grad.copy_(g)
+        self.opt.step()
+        self.fresh._forget_plans()
+        self.fresh.step()
+        assert_same_snapshot(snapshot(self.fresh, self.fresh_params),
+                             snapshot(self.opt, self.params))
+        assert self.opt._plans[0] is plan
+        if self.planner is not None:
+            assert self.planner.builds == builds
+
+
+BACKENDS = ["reference", pytest.param("triton", marks=cpu_only)]
+
+
+@pytest.fixture(params=BACKENDS)
+def twins(request):
+    if request.param == "triton":
+        pytest.importorskip("triton")
+    return lambda **kwargs: _Twins(request.param, **kwargs)
+
+
+def test_reassigned_param_data_is_stepped_and_the_old_storage_left(twins):
+    t = twins(track_changes="step")
+    t.step()  # the first step creates the state, so the second makes the plan it keeps
+    t.steady()
+    old = t.params[1].data
+    kept = old.clone()
+    t.both(lambda o, ps: setattr(ps[1], "data", ps[1].data.clone()))
+    t.step()
+    assert torch.equal(old.view(torch.int16), kept.view(torch.int16))
+    t.steady()
+
+
+def test_replaced_grads_and_a_grad_of_another_dtype(twins):
+    t = twins(rounding="stochastic", track_changes="step")
+    t.step()
+    t.steady()
+    t.both(lambda o, ps: o.zero_grad(set_to_none=True))
+    t.step()  # new grad tensors
+    # An fp32 grad for a bf16 param (torch refuses it unless grad_dtype is cleared).
+    t.both(lambda o, ps: setattr(ps[2], "grad_dtype", None))
+    grads = _grads(t.params, 50)
+    grads[2] = grads[2].float()
+    before = t.planner.builds if t.planner is not None else None
+    t.step(grads)
+    if t.planner is not None:
+        assert t.planner.builds > before  # another layout: another launch
+    grads = _grads(t.params, 51)
+    t.step(grads)  # back to bf16
+
+
+def test_loaded_state_dict_and_new_freeze_mask(twins):
+    t = twins(track_changes="cumulative", master_weights="fp32")
+    t.step()
+    t.steady()
+    saved = copy.deepcopy(t.opt.state_dict())
+    t.step()
+    t.both(lambda o, ps: o.load_state_dict(saved))
+    t.step()
+    t.both(lambda o, ps: o.set_freeze_mask(ps[2], torch.arange(64) % 3 != 0))
+    t.step()
+    t.steady()
+
+
+def test_add_param_group_and_option_changes(twins):
+    t = twins(track_changes="step")
+    t.step()
+    t.steady()
+    # lr and betas: read every step, no rebuild needed (steady() checks the plan is kept).
+    t.both(lambda o, ps: o.param_groups[0].update(lr=3e-3, betas=(0.8, 0.99)))
+    t.steady()
+    # An option the plan depends on: a new plan, same bits as a fresh optimizer.
+    t.both(lambda o, ps: o.param_groups[0].update(track_changes="cumulative",
+                                                          rounding="stochastic"))
+    t.step()
+    assert "cumulative_bitmap" in t.opt.state[t.params[0]]
+    extra = [torch.full((17,), 0.5, dtype=torch.bfloat16, requires_grad=True) for _ in range(2)]
+    t.opt.add_param_group({"params": [extra[0]], "lr": 1e-3})
+    t.fresh.add_param_group({"params": [extra[1]], "lr": 1e-3})
+    t.params.append(extra[0])
+    t.fresh_params.append(extra[1])
+    t.step()
+    t.step()
+
+
+def test_a_missing_grad_then_back(twins):
+    t = twins(track_changes="step")
+    t.step()
+    t.steady()
+    grads = _grads(t.params, 70)
+    for p, q, g in zip(t.params, t.fresh_params, grads):
+        p.grad, q.grad = g.clone(), g.clone()
+    t.params[1].grad = t.fresh_params[1].grad = None
+    t.opt.step()
+    t.fresh._forget_plans()
+    t.fresh.step()
+    assert_same_snapshot(snapshot(t.fresh, t.fresh_params), snapshot(t.opt, t.params))
+    t.steady()
+
+
+# ---------------------------------------------------------------------------------------
+# The pieces.
+# ---------------------------------------------------------------------------------------
+
+
+def test_scalar_rows_equal_the_reference_bit_for_bit():
+    steps = torch.tensor([1.0, 2.0, 7.0, 1000.0, 123456.0])
+    rows = ScalarRows(steps)
+    configs = ((1e-3, (0.9, 0.999), 0.01, 1e-8), (1e-3, (0.9, 0.999), 0.1, 1e-8),
+               (3e-4, (0.8, 0.95), 0.1, 1e-6), (torch.tensor(2e-5), (0.9, 0.9999), 0.0, 1e-12),
+               (3e-4, (0.8, 0.95), 0.1, 1e-6))
+    for lr, betas, wd, eps in configs:
+        for _ in range(2):  # the second call keeps the columns written by the first
+            got = rows(steps, lr, *betas, wd, eps)
+            want = R.step_scalars(steps, lr, *betas, wd, eps)
+            assert torch.equal(got.view(torch.int32), want.view(torch.int32))
+            steps += 1
+
+
+def test_read_gradients_and_operand_lists():
+    params = _model()
+    for p, g in zip(params, _grads(params, 1)):
+        p.grad = g
+    grads = read_gradients(params)
+    assert list(grads) == [p.grad for p in params]
+    assert grads.pointers == [p.grad.data_ptr() for p in params]
+    assert grads.dtypes == [torch.bfloat16] * len(params)
+    params[1].grad = None
+    assert read_gradients(params) is None
+    params[1].grad = torch.zeros(33, dtype=torch.bfloat16).to_sparse()
+    assert read_gradients(params) is None  # no storage: the optimizer's full checks name it
+    frozen = OperandList(params)
+    with pytest.raises(TypeError, match="cannot change"):
+        frozen[0] = params[1]
+    with pytest.raises(TypeError, match="cannot change"):
+        frozen.append(params[0])
+
+
+@cpu_only
+def test_triton_counters_need_no_zeroing_across_work_items():
+    """Counters reach their value through the table's workspace: no launch zeroes them,
+    a tensor split over several work items sums all of them, and the workspace is zero
+    again after each launch (stale counters would otherwise add up step after step)."""
+    pytest.importorskip("triton")
+    from rlvr_optim.triton_kernels import adamw as TK
+
+    sizes = (4099, 7, 130)
+    g = torch.Generator().manual_seed(5)
+
+    def state():
+        return ([torch.randn(n, generator=torch.Generator().manual_seed(n)).bfloat16()
+                 for n in sizes], [torch.zeros(n) for n in sizes],
+                [torch.zeros(n) for n in sizes],
+                [torch.full((3,), 12345, dtype=torch.int64) for _ in sizes])
+
+    ref, tri = state(), state()
+    for step in (1, 2, 3):
+        grads = [torch.randn(n, generator=g).bfloat16() for n in sizes]
+        grads[1][3] = float("inf")
+        scalars = R.step_scalars(torch.full((3,), float(step)), 1e-2, 0.9, 0.999, 0.01, 1e-8)
+        R.adamw(ref[0], grads, ref[1], ref[2], scalars=scalars, counters=ref[3])
+        TK.adamw(tri[0], grads, tri[1], tri[2], scalars=scalars, counters=tri[3],
+                 block_size=32, item_size=256)  # 4099 elements: 17 work items
+        assert [c.tolist() for c in tri[3]] == [c.tolist() for c in ref[3]], step
+        launch = TK.planner.calls[0].last[2][0]
+        assert not launch.table[:, TK._WORKSPACE:].any()
+
+
+# ---------------------------------------------------------------------------------------
+# The CUDA backend's host path, launch recorded.
+# ---------------------------------------------------------------------------------------
+
+
+class _Recorder:
+    def __init__(self, ext):
+        self._ext = ext
+        self.tables = []
+
+    def __getattr__(self, name):
+        return getattr(self._ext, name)
+
+    def launch_adamw(self, variant, table, num_tensors, *rest):
+        self.tables.append((table, num_tensors))
+
+
+@pytest.fixture
+def recorded_cuda(monkeypatch):
+    ext = cuda_backend._prebuilt()
+    if ext is None:
+        pytest.skip("no prebuilt rlvr_optim._C of this ABI to read the table layout from")
+    recorder = _Recorder(ext)
+    monkeypatch.setattr(cuda_backend, "load_extension", lambda: recorder)
+    monkeypatch.setattr(cuda_backend, "_require_cuda", lambda params: None)
+    monkeypatch.setattr(cuda_backend, "_stream", lambda device: 0)
+    cuda_backend.planner.clear()
+    yield recorder
+    cuda_backend.planner.clear()
+
+
+def _launched_rows(recorder):
+    """The rows of every table launched since the last call (sorted by their params)."""
+    width = len(cuda_backend.ROW_FIELDS)
+    buffers = {launch.table.buffer.data_ptr(): launch.table.buffer
+               for call in cuda_backend.planner.calls._entries
+               for kept in call.launches.values() for launch in kept}
+    rows = [buffers[t][: n * width].reshape(n, width) for t, n in recorder.tables]
+    recorder.tables.clear()
+    return sorted((r.tolist() for r in rows), key=lambda r: r[0][0])
+
+
+def test_cuda_host_path_launches_what_a_fresh_planner_builds(recorded_cuda):
+    params = _model()
+    params[3] = params[3].detach().float().requires_grad_()  # a second layout
+    opt = AdamW(params, lr=1e-2, backend="cuda", track_changes="step")
+    col = cuda_backend.ROW_FIELDS.index
+
+    def step_and_compare(grads=None):
+        for p, g in zip(params, grads or _grads(params, 3)):
+            p.grad = g
+        opt.step()
+        cached = _launched_rows(recorded_cuda)
+        cuda_backend.planner.clear()
+        opt._forget_plans()
+        opt.step()
+        assert cached == _launched_rows(recorded_cuda)
+        return cached
+
+    def addresses(rows, name):
+        return {r[col(name)] for table in rows for r in table}
+
+    rows = step_and_compare()
+    assert len(rows) == 2
+    builds = cuda_backend.planner.builds
+    opt.step()  # same grads: the kept launches, no build
+    assert _launched_rows(recorded_cuda) == rows and cuda_backend.planner.builds == builds
+    params[0].data = params[0].data.clone()
+    assert params[0].data_ptr() in addresses(step_and_compare(), "param")
+    opt.zero_grad(set_to_none=True)
+    grads = _grads(params, 4)
+    rows = step_and_compare(grads)
+    assert {g.data_ptr() for g in grads} == addresses(rows, "grad")
+    params[1].grad_dtype = None
+    grads = _grads(params, 5)
+    grads[1] = grads[1].float()
+    step_and_compare(grads)
+    saved = copy.deepcopy(opt.state_dict())
+    opt.load_state_dict(saved)
+    rows = step_and_compare()
+    assert opt.state[params[2]]["exp_avg"].data_ptr() in addresses(rows, "exp_avg")
+    opt.set_freeze_mask(params[2], torch.arange(64) % 2 == 0)
+    rows = step_and_compare()
+    assert opt.freeze_mask(params[2]).data_ptr() in addresses(rows, "freeze_mask")
+
+
+@cpu_only
+def test_sr_keys_in_one_launch_equal_the_reference():
+    """The GPU step derives its keys in one Triton launch (checked here under the
+    interpreter): the same bits as the reference's tensor ops, for seeds and steps that
+    use both 32-bit words."""
+    pytest.importorskip("triton")
+    from rlvr_optim.optimizer import _sr_keys_function
+    from rlvr_optim.triton_kernels.sr_keys import stochastic_rounding_keys
+
+    assert _sr_keys_function(torch.device("cpu")) is R.stochastic_rounding_keys
+    steps = torch.cat([torch.tensor([1.0, 2.0, 2.0**31 + 3, 2.0**33]),
+                       torch.arange(5.0, 2000.0)])  # more than one block of 1024
+    keys = torch.cat([torch.tensor([0, 2**31, 2**32 - 1, 5]), torch.arange(1995)])
+    for seed in (0, 1, 2**32 + 7, 2**64 - 1):
+        want = R.stochastic_rounding_keys(seed, steps.to(torch.int64), keys)
+        assert torch.equal(stochastic_rounding_keys(seed, steps, keys), want), seed
+    with pytest.raises(ValueError, match="seed must be in"):
+        stochastic_rounding_keys(2**64, steps, keys)
