@@ -1,7 +1,7 @@
-"""The bit-exactness matrix that tests/test_csrc.py (the CUDA extension and its header on
-the host) and tests/test_cpu_backend.py (the CPU extension) both run against the
-reference: the same forms and option sets, so both compiled backends meet the same cases.
-Not a test module; the tests import it from their own folder."""
+"""The bit-exactness cases that tests/test_csrc.py (the CUDA extension and its header on
+the host), tests/test_cpu_backend.py (the CPU extension) and, for its forms,
+tests/test_triton_kernels.py run against the reference, so that every compiled backend
+meets the same cases. Not a test module; the tests import it from their own folder."""
 
 import torch
 

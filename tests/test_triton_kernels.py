@@ -21,6 +21,7 @@ triton = pytest.importorskip("triton")
 from rlvr_optim import reference as R  # noqa: E402
 from rlvr_optim.bitmaps import bitmap_bytes  # noqa: E402
 from rlvr_optim.triton_kernels import adamw as TK  # noqa: E402
+from adamw_cases import BETAS, EPS, FORM_IDS, FORMS  # noqa: E402
 
 pytestmark = [
     # numpy warns about inf / inf and NaN arithmetic inside the interpreter; it is intended.
@@ -45,21 +46,9 @@ SHAPES = {
 # twice. (Running both on every seed would double the file's runtime: the interpreter's
 # cost per chunk bounds it.)
 SEED_SHAPE = {0: "one-item", 1: "items", 2: "one-item"}
-BETAS = (0.9, 0.999)
-EPS = 1e-8
 
-# (param dtype, master form, rounding): every combination the reference accepts. Rounding
-# is ignored for fp32 params by the reference ("bf16 param store"), and must be here too.
-FORMS = [
-    (torch.float32, None, "nearest"),
-    (torch.float32, None, "stochastic"),
-    (torch.bfloat16, None, "nearest"),
-    (torch.bfloat16, None, "stochastic"),
-    (torch.bfloat16, "fp32", "nearest"),
-    (torch.bfloat16, "fp32", "stochastic"),
-    (torch.bfloat16, "remainder", "nearest"),
-]
-FORM_IDS = ["fp32", "fp32-sr", "bf16", "bf16-sr", "master", "master-sr", "remainder"]
+# FORMS (param dtype, master form, rounding) come from adamw_cases. Rounding is ignored for
+# fp32 params by the reference ("bf16 param store"), and must be here too.
 
 # Options layered on every form; each case uses change + cumulative bitmaps and counters.
 FEATURES = {
