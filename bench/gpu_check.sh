@@ -6,7 +6,7 @@
 #   2  meanwhile, on the idle GPU: copy bandwidth and the anchors on the 1.5B preset
 #   3  smoke check: each fused backend x mode bit for bit against the reference on the GPU
 #   4  our headline rows on the 1.5B preset: default mode, tracking off and step
-#   5  the remaining modes and the CUDA-graph rows, then the many-small preset
+#   5  the remaining modes and the CUDA-graph rows, then the many-small and mixed presets
 #   6  the GPU test suite with the time left (-v: a kill still shows what passed)
 #   7  TUNE=1 / PROFILE=1, only when asked and at least 90 s remain
 # and last the short table, rendered from rows.jsonl.
@@ -156,14 +156,16 @@ for name in ("torch", "triton", "torchao", "torch-optimi"):
   bench 90 "$rows" --preset "$big" "${backend_args[@]}" --mode default --track off --track step \
     --anchor none --no-graph
 
-  phase "5: remaining modes and CUDA-graph rows ($big), then many-small"
+  phase "5: remaining modes and CUDA-graph rows ($big), then many-small and mixed"
   bench 120 "$rows" --preset "$big" "${backend_args[@]}" --mode "sr + fp32 states" \
     --mode "fp32 master" --mode remainder --mode "freeze mask" --anchor "torch fused (CUDA graph)"
   if [ "$device" = cuda ]; then
     bench 60 "$rows" --preset many-small "${backend_args[@]}" --mode default \
       --anchor "torch fused" --anchor "torch foreach" --anchor "torch fused (CUDA graph)"
+    bench 45 "$rows" --preset mixed "${backend_args[@]}" --mode default --track step \
+      --anchor "torch fused" --anchor "torch fused (CUDA graph)"
   else
-    skipped "the many-small preset (sized for a GPU)"
+    skipped "the many-small and mixed presets (sized for a GPU)"
   fi
 
   phase "6: GPU test suite"
