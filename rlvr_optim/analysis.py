@@ -1167,17 +1167,25 @@ def load_pyplot():
 
 class FigureFolder:
     """Saves figures into one folder (tight layout, then closed) and keeps their paths, in
-    the order saved: the reports' plotting functions share it."""
+    the order saved: the reports' plotting functions share it. ``plt`` and ``colors``
+    (matplotlib's colour cycle) are there for drawing."""
 
     def __init__(self, plt, out: str):
-        self._plt, self._out = plt, out
+        self.plt, self._out = plt, out
+        self.colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
         self.paths: list[str] = []
+
+    @classmethod
+    def open(cls, out: str) -> "FigureFolder | None":
+        """A folder to save into, or None when matplotlib is missing."""
+        plt = load_pyplot()
+        return None if plt is None else cls(plt, out)
 
     def save(self, fig, name: str) -> None:
         fig.tight_layout()
         path = os.path.join(self._out, name)
         fig.savefig(path)
-        self._plt.close(fig)
+        self.plt.close(fig)
         self.paths.append(path)
 
 

@@ -542,12 +542,10 @@ def _paper_section(config: LMAblation, arms: Mapping[str, list[dict]]) -> list[s
 
 def _plots(out: str, config: LMAblation, arms: Mapping[str, list[dict]],
            start_curve_acc: float) -> list[str] | None:
-    plt = analysis.load_pyplot()
-    if plt is None:
+    folder = analysis.FigureFolder.open(out)
+    if folder is None:
         return None
-    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
-    folder = analysis.FigureFolder(plt, out)
-    save = folder.save
+    plt, colors, save = folder.plt, folder.colors, folder.save
 
     def mean_curve(runs: list[dict], key: str, start: float) -> tuple[list, list, list]:
         xs = [0] + runs[0]["series"]["curve_step"]

@@ -353,12 +353,10 @@ def _per_group_table(config: Any, main: Mapping[tuple, dict], key: str, label: s
 
 def _plots(out: str, config: Any,
            main: Mapping[tuple, dict]) -> list[str] | None:
-    plt = analysis.load_pyplot()
-    if plt is None:
+    folder = analysis.FigureFolder.open(out)
+    if folder is None:
         return None
-    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
-    folder = analysis.FigureFolder(plt, out)
-    save = folder.save
+    plt, colors, save = folder.plt, folder.colors, folder.save
 
     fig, axes = plt.subplots(1, 3, figsize=(13, 3.4), dpi=80)
     for i, mode in enumerate(config.modes):
