@@ -34,3 +34,43 @@ FEATURES = {
     ),
     "untracked-amsgrad": dict(amsgrad=True, track=False, nonfinite=True),
 }
+
+
+def poison(state, gen):
+    """Garbage in the outputs the step only writes."""
+    if "change_bitmap" in state:
+        b = state["change_bitmap"]
+        b.copy_(torch.randint(0, 256, b.shape, generator=gen, dtype=torch.uint8))
+    if "counters" in state:
+        state["counters"].copy_(torch.randint(-(2**40), 2**40, (3,), generator=gen))
+
+
+def grad(gen, numel, dtype, device="cpu", scale=1.0, nonfinite=False):
+    """Fresh grads with exact zeros and, with nonfinite, NaN / +inf / -inf at random
+    elements of every step (NaNs of both signs meet: the spec makes computed NaNs canonical)."""
+    g = torch.randn(numel, generator=gen) * 0.1 * scale
+    g[torch.rand(numel, generator=gen) < 0.03] = 0.0
+    if nonfinite:
+        u = torch.rand(numel, generator=gen)
+        g[u < 0.02] = float("nan")
+        g[(u >= 0.02) & (u < 0.03)] = -float("nan")
+        g[(u >= 0.03) & (u < 0.04)] = float("inf")
+        g[(u >= 0.04) & (u < 0.05)] = -float("inf")
+    return g.to(dtype).to(device)
+
+
+def call(adamw, states, grads, **kwargs):
+    """One call of a backend over lists built from per-tensor state dicts."""
+    def listed(key):
+        values = [s.get(key) for s in states]
+        return None if all(v is None for v in values) else values
+
+    adamw(
+        [s["param"] for s in states], grads,
+        [s["exp_avg"] for s in states], [s["exp_avg_sq"] for s in states],
+        max_exp_avg_sqs=listed("max_exp_avg_sq") if kwargs.get("amsgrad") else None,
+        masters=listed("master"), remainders=listed("remainder"),
+        freeze_masks=[s.get("freeze_mask") for s in states],
+        change_bitmaps=listed("change_bitmap"), cumulative_bitmaps=listed("cumulative_bitmap"),
+        counters=listed("counters"), **kwargs,
+    )

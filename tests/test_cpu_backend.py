@@ -13,6 +13,9 @@ from rlvr_optim import AdamW, backends, cpu_backend
 from rlvr_optim import reference as R
 
 from adamw_cases import BETAS, EPS, FEATURES, FORM_IDS, FORMS
+from adamw_cases import call as _call
+from adamw_cases import grad as _grad
+from adamw_cases import poison as _poison
 
 SIZES = [1, 7, 8, 33, 4099, 3 * (1 << 15) + 13]  # the last spans four OpenMP work items
 SEEDS = [0, 1]
@@ -106,42 +109,6 @@ def _make_state(gen, numel, param_dtype, state_dtype, master, *, amsgrad, freeze
     return s
 
 
-def _poison(state, gen):
-    """Garbage in the outputs the step only writes."""
-    if "change_bitmap" in state:
-        state["change_bitmap"].copy_(_bytes(gen, state["change_bitmap"].numel()))
-    if "counters" in state:
-        state["counters"].copy_(torch.randint(-(2**40), 2**40, (3,), generator=gen))
-
-
-def _grad(gen, numel, dtype, scale=1.0, nonfinite=False):
-    g = torch.randn(numel, generator=gen) * 0.1 * scale
-    g[torch.rand(numel, generator=gen) < 0.03] = 0.0
-    if nonfinite:
-        u = torch.rand(numel, generator=gen)
-        g[u < 0.02] = float("nan")
-        g[(u >= 0.02) & (u < 0.03)] = -float("nan")
-        g[(u >= 0.03) & (u < 0.04)] = float("inf")
-        g[(u >= 0.04) & (u < 0.05)] = -float("inf")
-    return g.to(dtype)
-
-
-def _call(adamw, states, grads, **kwargs):
-    def listed(key):
-        values = [s.get(key) for s in states]
-        return None if all(v is None for v in values) else values
-
-    adamw(
-        [s["param"] for s in states], grads,
-        [s["exp_avg"] for s in states], [s["exp_avg_sq"] for s in states],
-        max_exp_avg_sqs=listed("max_exp_avg_sq") if kwargs.get("amsgrad") else None,
-        masters=listed("master"), remainders=listed("remainder"),
-        freeze_masks=[s.get("freeze_mask") for s in states],
-        change_bitmaps=listed("change_bitmap"), cumulative_bitmaps=listed("cumulative_bitmap"),
-        counters=listed("counters"), **kwargs,
-    )
-
-
 def _compare(ref, got, label):
     for key in ref:
         _assert_same_bits(f"{label}: {key}", ref[key], got[key])
@@ -168,7 +135,7 @@ def test_matches_reference_bit_for_bit(isa, form, state_dtype, features, numel):
         got = {k: v.clone() for k, v in ref.items()}
         scale = f.get("grad_scale")
         for step in range(1, STEPS + 1):
-            grad = _grad(gen, numel, grad_dtype, scale or 1.0, f.get("nonfinite", False))
+            grad = _grad(gen, numel, grad_dtype, "cpu", scale or 1.0, f.get("nonfinite", False))
             steps = torch.tensor([step])
             found_inf = f.get("found_inf")
             kwargs = dict(
