@@ -74,3 +74,30 @@ def call(adamw, states, grads, **kwargs):
         change_bitmaps=listed("change_bitmap"), cumulative_bitmaps=listed("cumulative_bitmap"),
         counters=listed("counters"), **kwargs,
     )
+
+
+def bits(t):
+    """A float tensor's bit patterns (bf16 as int16, fp32 as int32); other tensors as they are."""
+    if t.dtype == torch.bfloat16:
+        return t.view(torch.int16)
+    if t.dtype == torch.float32:
+        return t.view(torch.int32)
+    return t
+
+
+def assert_same_bits(name, expected, got):
+    """torch.equal on bit patterns (NaN payloads included: the spec makes them canonical)."""
+    assert got.dtype == expected.dtype and got.shape == expected.shape, name
+    e, g = bits(expected).reshape(-1).cpu(), bits(got).reshape(-1).cpu()
+    if not torch.equal(e, g):
+        bad = (e != g).nonzero().reshape(-1)
+        mask = 2 ** (8 * e.element_size()) - 1
+        show = [(i, hex(int(e[i]) & mask), hex(int(g[i]) & mask)) for i in bad[:4].tolist()]
+        raise AssertionError(f"{name}: {bad.numel()} of {e.numel()} differ; "
+                             f"(index, reference, got): {show}")
+
+
+def compare(ref, got, label):
+    """Every tensor of the state dict ``ref`` bit for bit against the same key of ``got``."""
+    for key in ref:
+        assert_same_bits(f"{label}: {key}", ref[key], got[key])

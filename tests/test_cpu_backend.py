@@ -13,6 +13,9 @@ from rlvr_optim import AdamW, backends, cpu_backend
 from rlvr_optim import reference as R
 
 from adamw_cases import BETAS, EPS, FEATURES, FORM_IDS, FORMS
+from adamw_cases import assert_same_bits as _assert_same_bits
+from adamw_cases import bits as _bits
+from adamw_cases import compare as _compare
 from adamw_cases import call as _call
 from adamw_cases import grad as _grad
 from adamw_cases import poison as _poison
@@ -49,24 +52,6 @@ def isa(request, ext, monkeypatch):
 
     monkeypatch.setattr(cpu_backend, "_extension", Pinned())
     return request.param
-
-
-def _bits(t):
-    if t.dtype == torch.bfloat16:
-        return t.view(torch.int16)
-    if t.dtype == torch.float32:
-        return t.view(torch.int32)
-    return t
-
-
-def _assert_same_bits(name, expected, got):
-    assert got.dtype == expected.dtype and got.shape == expected.shape, name
-    e, g = _bits(expected).reshape(-1), _bits(got).reshape(-1)
-    if not torch.equal(e, g):
-        bad = (e != g).nonzero().reshape(-1)
-        show = [(i, int(e[i]), int(g[i])) for i in bad[:4].tolist()]
-        raise AssertionError(f"{name}: {bad.numel()} of {e.numel()} differ; "
-                             f"(index, reference, got): {show}")
 
 
 def _values(gen, numel, dtype, scale=1.0, nonneg=False):
@@ -107,11 +92,6 @@ def _make_state(gen, numel, param_dtype, state_dtype, master, *, amsgrad, freeze
     if freeze:
         s["freeze_mask"] = _bytes(gen, nbytes)
     return s
-
-
-def _compare(ref, got, label):
-    for key in ref:
-        _assert_same_bits(f"{label}: {key}", ref[key], got[key])
 
 
 @pytest.mark.parametrize("numel", SIZES)

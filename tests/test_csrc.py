@@ -48,6 +48,9 @@ from rlvr_optim import reference as R
 from rlvr_optim.bitmaps import popcount
 
 from adamw_cases import BETAS, EPS, FEATURES, FORM_IDS, FORMS
+from adamw_cases import assert_same_bits as _assert_same_bits
+from adamw_cases import bits as _bits
+from adamw_cases import compare as _compare
 from adamw_cases import call as _call
 from adamw_cases import grad as _grad
 from adamw_cases import poison as _poison
@@ -497,31 +500,6 @@ def target(request):
 # ---------------------------------------------------------------------------------------
 # Inputs and comparisons.
 # ---------------------------------------------------------------------------------------
-
-
-def _bits(t: torch.Tensor) -> torch.Tensor:
-    if t.dtype == torch.bfloat16:
-        return t.view(torch.int16)
-    if t.dtype == torch.float32:
-        return t.view(torch.int32)
-    return t
-
-
-def _assert_same_bits(name, expected, got):
-    """torch.equal on bit patterns (NaN payloads included: the spec makes them canonical)."""
-    assert got.dtype == expected.dtype and got.shape == expected.shape, name
-    e, g = _bits(expected).reshape(-1).cpu(), _bits(got).reshape(-1).cpu()
-    if not torch.equal(e, g):
-        bad = (e != g).nonzero().reshape(-1)
-        mask = 2 ** (8 * e.element_size()) - 1
-        show = [(i, hex(int(e[i]) & mask), hex(int(g[i]) & mask)) for i in bad[:4].tolist()]
-        raise AssertionError(f"{name}: {bad.numel()} of {e.numel()} differ; "
-                             f"(index, reference, got): {show}")
-
-
-def _compare(ref, got, label):
-    for key in ref:
-        _assert_same_bits(f"{label}: {key}", ref[key], got[key])
 
 
 def _values(gen, numel, dtype, device, scale=1.0, nonneg=False):
