@@ -200,8 +200,8 @@ void step_span(const int64_t* row, const CpuStep& a, int64_t begin, int64_t end,
 // fp32; nearest rounding, no amsgrad or master, no grad_scale or maximize, no freeze mask,
 // no skipped step. The spec loop above, auto-vectorized, spends about 15 instructions per
 // element on these (gcc 12: widening shuffles, a NaN test in every rounding, selects for
-// kept elements); this one about 7, which is what lets a CPU step run as fast as torch's
-// fused one. It computes what adamw_element computes, operation for operation: the same
+// kept elements); this one 4 to 8 (csrc/README.md), so that the step is bound by memory
+// rather than by instructions. It computes what adamw_element computes, operation for operation: the same
 // fp32 operations in the same order, NaNs canonical (so rounding a computed value needs no
 // NaN test), flags from the same comparisons. Everything else runs the spec loop, and so
 // do a tensor's last elements that do not fill a group.
