@@ -200,11 +200,19 @@ void step_span(const int64_t* row, const CpuStep& a, int64_t begin, int64_t end,
 // fp32; nearest rounding, no amsgrad or master, no grad_scale or maximize, no freeze mask,
 // no skipped step. The spec loop above, auto-vectorized, spends about 15 instructions per
 // element on these (gcc 12: widening shuffles, a NaN test in every rounding, selects for
-// kept elements); this one 4 to 8 (csrc/README.md), so that the step is bound by memory
-// rather than by instructions. It computes what adamw_element computes, operation for operation: the same
-// fp32 operations in the same order, NaNs canonical (so rounding a computed value needs no
-// NaN test), flags from the same comparisons. Everything else runs the spec loop, and so
-// do a tensor's last elements that do not fill a group.
+// kept elements); this one 3 to 7 (csrc/README.md), so that the step is bound by memory
+// rather than by instructions. It computes what adamw_element computes, operation for
+// operation: the same fp32 operations in the same order, flags from the same comparisons.
+// Everything else runs the spec loop, and so do a tensor's last elements that do not fill
+// a group.
+//
+// NaNs are rare, and one test per group of 16 finds every group that needs them: a NaN
+// anywhere in the element's arithmetic (a stored param, m or v, a gradient) reaches the
+// new param, and so does a non-finite gradient (an infinite g makes m infinite or NaN and
+// v infinite or NaN, and then step_size * m / denom is inf / inf or NaN, whatever the
+// scalars). So a group whose new params hold no NaN has no NaN among its new m and v (no
+// canonical NaN to write), no stored NaN param (its bf16 image needs no NaN case) and no
+// non-finite gradient (nothing to count). Only the other groups canonicalize and count.
 // ---------------------------------------------------------------------------------------
 
 // Its helpers are forced inline: gcc 12 kept math() a call, its vectors passed in memory.
@@ -227,14 +235,19 @@ struct Fast {
     return _mm256_blendv_ps(x, canonical_nan, _mm256_cmp_ps(x, x, _CMP_UNORD_Q));
   }
 
-  // adamw_math<false>, eight lanes.
+  // adamw_math<false>, eight lanes, NaNs as the arithmetic leaves them (canonicalize()).
   [[gnu::always_inline]] void math(__m256 g, __m256& w, __m256& m, __m256& v) const {
     w = _mm256_sub_ps(w, _mm256_mul_ps(lr_wd, w));
-    m = canonical(_mm256_add_ps(_mm256_mul_ps(beta1, m), _mm256_mul_ps(one_minus_beta1, g)));
-    v = canonical(_mm256_add_ps(_mm256_mul_ps(beta2, v),
-                                _mm256_mul_ps(_mm256_mul_ps(one_minus_beta2, g), g)));
+    m = _mm256_add_ps(_mm256_mul_ps(beta1, m), _mm256_mul_ps(one_minus_beta1, g));
+    v = _mm256_add_ps(_mm256_mul_ps(beta2, v), _mm256_mul_ps(_mm256_mul_ps(one_minus_beta2, g), g));
     const __m256 denom = _mm256_add_ps(_mm256_div_ps(_mm256_sqrt_ps(v), bc2_sqrt), eps);
-    w = canonical(_mm256_sub_ps(w, _mm256_div_ps(_mm256_mul_ps(step_size, m), denom)));
+    w = _mm256_sub_ps(w, _mm256_div_ps(_mm256_mul_ps(step_size, m), denom));
+  }
+
+  // Whether lane k of a or b is a NaN: bit k (a) or bit 8 + k (b); nonzero in rare groups.
+  [[gnu::always_inline]] static uint32_t nan_lanes(__m256 a, __m256 b) {
+    return static_cast<uint32_t>(_mm256_movemask_ps(_mm256_cmp_ps(a, a, _CMP_UNORD_Q))) |
+           static_cast<uint32_t>(_mm256_movemask_ps(_mm256_cmp_ps(b, b, _CMP_UNORD_Q))) << 8;
   }
 
   // round_nearest_bf16 of a computed (canonical-NaN) value, in the low half of each lane.
@@ -260,29 +273,32 @@ struct Fast {
   return _mm_cvtsi128_si32(_mm_add_epi32(d, _mm_shuffle_epi32(d, 0xB1)));
 }
 
-[[gnu::always_inline]] inline int64_t lane_sum16(__m256i x) {
-  return lane_sum32(_mm256_madd_epi16(x, _mm256_set1_epi16(1)));
+// Non-finite fp32 patterns among 8 lanes.
+[[gnu::always_inline]] inline int nonfinite_lanes(__m256 x, __m256i exponent) {
+  const __m256i e = _mm256_and_si256(_mm256_castps_si256(x), exponent);
+  return __builtin_popcount(
+      static_cast<unsigned>(_mm256_movemask_ps(_mm256_castsi256_ps(_mm256_cmpeq_epi32(e, exponent)))));
 }
 
-// A span's tracking outputs. Counts are kept as lanes of vectors that subtract each
-// comparison's all-ones lanes (one instruction per count and group) and are summed once.
-// A span has at most kSpan elements, so no 16-bit lane reaches 2**15.
-static_assert(kSpan / 16 < (1 << 15), "a 16-bit count lane could overflow");
-
+// A span's tracking outputs. `moved` is kept as lanes of a vector that subtracts each
+// comparison's all-ones lanes (one instruction per group) and is summed once; a span has
+// at most kSpan elements, so no lane reaches 2**31.
 struct FastTrack {
   uint8_t* change_bitmap;
   uint8_t* cumulative_bitmap;
   int64_t changed = 0, moved = 0, nonfinite = 0;
 
-  // `changed` bits of elements at + 0 .. at + 8 * bytes - 1 (bit k = element at + k).
-  [[gnu::always_inline]] void publish(int64_t at, uint32_t changed_bits, int bytes) {
-    if (change_bitmap != nullptr) std::memcpy(change_bitmap + (at >> 3), &changed_bits, bytes);
+  // `changed` bits of elements at + 0 .. at + 15 (bit k = element at + k).
+  [[gnu::always_inline]] void publish(int64_t at, uint32_t changed_bits) {
+    const uint16_t bits = static_cast<uint16_t>(changed_bits);
+    if (change_bitmap != nullptr) std::memcpy(change_bitmap + (at >> 3), &bits, 2);
     if (cumulative_bitmap != nullptr) {
-      uint32_t old = 0;
-      std::memcpy(&old, cumulative_bitmap + (at >> 3), bytes);
-      old |= changed_bits;
-      std::memcpy(cumulative_bitmap + (at >> 3), &old, bytes);
+      uint16_t old = 0;
+      std::memcpy(&old, cumulative_bitmap + (at >> 3), 2);
+      old = static_cast<uint16_t>(old | bits);
+      std::memcpy(cumulative_bitmap + (at >> 3), &old, 2);
     }
+    changed += __builtin_popcount(changed_bits);
   }
 };
 
@@ -295,8 +311,7 @@ int64_t fast_span_bf16(uint16_t* param, const uint16_t* grad, uint16_t* exp_avg,
                        const Fast& k, int64_t begin, int64_t end, FastTrack& out) {
   FastTrack t = out;  // a local: stores through the uint8_t bitmaps may alias `out`
   const __m256i zero = _mm256_setzero_si256();
-  const __m256i exponent16 = _mm256_set1_epi16(0x7F80);
-  __m256i same_w = zero, nonfinite = zero;  // minus the counts, per lane
+  __m256i same_w = zero;  // minus the count, per lane
   int64_t i = begin;
   for (; i + 16 <= end; i += 16) {
     const __m256i p = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(param + i));
@@ -304,18 +319,25 @@ int64_t fast_span_bf16(uint16_t* param, const uint16_t* grad, uint16_t* exp_avg,
     const __m256i m = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(exp_avg + i));
     const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(exp_avg_sq + i));
     __m256 out[2][3];
-    __m256 w_old[2];
+    __m256 w_old[2], g32[2];
     for (int h = 0; h < 2; ++h) {
       const auto widen = [&](__m256i x) {
         return _mm256_castsi256_ps(h == 0 ? _mm256_unpacklo_epi16(zero, x)
                                           : _mm256_unpackhi_epi16(zero, x));
       };
       w_old[h] = widen(p);
+      g32[h] = widen(g);
       __m256 w = w_old[h], mh = widen(m), vh = widen(v);
-      k.math(widen(g), w, mh, vh);
+      k.math(g32[h], w, mh, vh);
       out[h][0] = w;
       out[h][1] = mh;
       out[h][2] = vh;
+    }
+    if (__builtin_expect(Fast::nan_lanes(out[0][0], out[1][0]) != 0, 0)) {
+      for (auto& half : out) {
+        for (__m256& x : half) x = k.canonical(x);
+      }
+      if (kTrack) t.nonfinite += nonfinite_lanes(g32[0], k.exponent) + nonfinite_lanes(g32[1], k.exponent);
     }
     const __m256i new_p =
         _mm256_packus_epi32(k.round_computed(out[0][0]), k.round_computed(out[1][0]));
@@ -332,68 +354,64 @@ int64_t fast_span_bf16(uint16_t* param, const uint16_t* grad, uint16_t* exp_avg,
       const __m256i same = _mm256_cmpeq_epi16(new_p, p);
       const uint32_t same_bits =
           static_cast<uint32_t>(_mm256_movemask_epi8(_mm256_packs_epi16(same, same)));
-      const uint32_t changed = ~((same_bits & 0xFFu) | ((same_bits >> 8) & 0xFF00u)) & 0xFFFFu;
-      t.changed += __builtin_popcount(changed);
-      t.publish(i, changed, 2);
+      t.publish(i, ~((same_bits & 0xFFu) | ((same_bits >> 8) & 0xFF00u)) & 0xFFFFu);
       for (int h = 0; h < 2; ++h) {
         same_w = _mm256_add_epi32(same_w, _mm256_cmpeq_epi32(_mm256_castps_si256(out[h][0]),
                                                              _mm256_castps_si256(w_old[h])));
       }
-      nonfinite = _mm256_add_epi16(
-          nonfinite, _mm256_cmpeq_epi16(_mm256_and_si256(g, exponent16), exponent16));
     }
   }
-  if (kTrack) {
-    t.moved += (i - begin) + lane_sum32(same_w);
-    t.nonfinite -= lane_sum16(nonfinite);
-  }
+  if (kTrack) t.moved += (i - begin) + lane_sum32(same_w);
   out = t;
   return i;
 }
 
-// fp32 param, grad and states, 8 elements a group, in memory order.
+// fp32 param, grad and states, 16 elements a group (two vectors), in memory order.
 template <bool kTrack>
 int64_t fast_span_fp32(float* param, const float* grad, float* exp_avg, float* exp_avg_sq,
                        const Fast& k, int64_t begin, int64_t end, FastTrack& out) {
   FastTrack t = out;  // a local: stores through the uint8_t bitmaps may alias `out`
-  __m256i same_bf16 = _mm256_setzero_si256(), same_w = same_bf16, nonfinite = same_bf16;
+  __m256i same_w = _mm256_setzero_si256();  // minus the count, per lane
   int64_t i = begin;
-  // Two groups of 8 an iteration, so that the change bits go out as one 16-bit word.
   for (; i + 16 <= end; i += 16) {
-    uint32_t changed = 0;
+    __m256 w_old[2], g[2], w[2], m[2], v[2];
     for (int h = 0; h < 2; ++h) {
       const int64_t j = i + 8 * h;
-      const __m256 w_old = _mm256_loadu_ps(param + j);
-      const __m256 g = _mm256_loadu_ps(grad + j);
-      __m256 w = w_old, m = _mm256_loadu_ps(exp_avg + j), v = _mm256_loadu_ps(exp_avg_sq + j);
-      k.math(g, w, m, v);
-      _mm256_storeu_ps(param + j, w);
-      _mm256_storeu_ps(exp_avg + j, m);
-      _mm256_storeu_ps(exp_avg_sq + j, v);
-      if (kTrack) {
-        // A stored NaN keeps its sign and payload in its bf16 image: the formula with a
-        // NaN test, only for a group that holds one (rare).
-        const __m256i old_bits = _mm256_castps_si256(w_old);
-        const __m256i old_bf16 =
-            _mm256_movemask_ps(_mm256_cmp_ps(w_old, w_old, _CMP_UNORD_Q)) == 0
-                ? k.round_computed(w_old)
-                : k.round_stored(old_bits);
-        const __m256i same = _mm256_cmpeq_epi32(old_bf16, k.round_computed(w));
-        same_bf16 = _mm256_add_epi32(same_bf16, same);
-        changed |= (~static_cast<uint32_t>(_mm256_movemask_ps(_mm256_castsi256_ps(same))) & 0xFFu)
-                   << (8 * h);
-        same_w = _mm256_add_epi32(same_w, _mm256_cmpeq_epi32(_mm256_castps_si256(w), old_bits));
-        const __m256i e = _mm256_and_si256(_mm256_castps_si256(g), k.exponent);
-        nonfinite = _mm256_add_epi32(nonfinite, _mm256_cmpeq_epi32(e, k.exponent));
+      w_old[h] = w[h] = _mm256_loadu_ps(param + j);
+      g[h] = _mm256_loadu_ps(grad + j);
+      m[h] = _mm256_loadu_ps(exp_avg + j);
+      v[h] = _mm256_loadu_ps(exp_avg_sq + j);
+      k.math(g[h], w[h], m[h], v[h]);
+    }
+    const bool rare = __builtin_expect(Fast::nan_lanes(w[0], w[1]) != 0, 0);
+    if (rare) {
+      for (int h = 0; h < 2; ++h) {
+        w[h] = k.canonical(w[h]);
+        m[h] = k.canonical(m[h]);
+        v[h] = k.canonical(v[h]);
       }
     }
-    if (kTrack) t.publish(i, changed, 2);
+    for (int h = 0; h < 2; ++h) {
+      const int64_t j = i + 8 * h;
+      _mm256_storeu_ps(param + j, w[h]);
+      _mm256_storeu_ps(exp_avg + j, m[h]);
+      _mm256_storeu_ps(exp_avg_sq + j, v[h]);
+    }
+    if (kTrack) {
+      uint32_t same_bits = 0;
+      for (int h = 0; h < 2; ++h) {
+        // Only a rare group can hold a stored NaN, whose bf16 image keeps sign and payload.
+        const __m256i old_bits = _mm256_castps_si256(w_old[h]);
+        const __m256i old_bf16 = rare ? k.round_stored(old_bits) : k.round_computed(w_old[h]);
+        const __m256i same = _mm256_cmpeq_epi32(old_bf16, k.round_computed(w[h]));
+        same_bits |= static_cast<uint32_t>(_mm256_movemask_ps(_mm256_castsi256_ps(same))) << (8 * h);
+        same_w = _mm256_add_epi32(same_w, _mm256_cmpeq_epi32(_mm256_castps_si256(w[h]), old_bits));
+      }
+      if (rare) t.nonfinite += nonfinite_lanes(g[0], k.exponent) + nonfinite_lanes(g[1], k.exponent);
+      t.publish(i, ~same_bits & 0xFFFFu);
+    }
   }
-  if (kTrack) {
-    t.changed += (i - begin) + lane_sum32(same_bf16);
-    t.moved += (i - begin) + lane_sum32(same_w);
-    t.nonfinite -= lane_sum32(nonfinite);
-  }
+  if (kTrack) t.moved += (i - begin) + lane_sum32(same_w);
   out = t;
   return i;
 }
