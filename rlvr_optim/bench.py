@@ -386,6 +386,56 @@ def _measure(row: Row, build: Callable, device, timer, steps, warmup, numel) -> 
         torch.cuda.empty_cache()
 
 
+def _interleaved(entries: list, device, steps: int, warmup: int) -> None:
+    """Time the rows of ``entries`` ((row, build, numel), on a CPU) step by step in turn.
+
+    A CPU shared with other work (a VM's neighbours, its own housekeeping) drifts by tens
+    of percent over seconds, more than the differences the CPU rows are there to show;
+    timed one after another, two rows would each see a different machine. Here every row
+    is built first, then each round times one step of every row, its order rotated from
+    round to round, so each row's k-th time is taken within the same round as every other
+    row's. Rows that fail to build are reported as :func:`_measure` does."""
+    ready = []
+    for row, build, numel in entries:
+        try:
+            params, opt, step = build()
+            for _ in range(warmup):
+                step()
+        except ImportError as exc:
+            row.status, row.reason = "missing", f"not installed ({exc.name or exc})"
+            continue
+        except Exception as exc:  # a failing row is reported, not fatal
+            row.status, row.reason = "error", f"{type(exc).__name__}: {exc}"[:300]
+            continue
+        row.ms = []
+        ready.append((row, opt, step, numel))
+    failed = set()
+    for r in range(steps):
+        for k in range(len(ready)):
+            row, opt, step, numel = ready[(k + r) % len(ready)]
+            if id(row) in failed:
+                continue
+            try:
+                t0 = time.perf_counter()
+                step()
+                row.ms.append((time.perf_counter() - t0) * 1e3)
+            except Exception as exc:
+                row.status, row.reason = "error", f"{type(exc).__name__}: {exc}"[:300]
+                row.ms = []
+                failed.add(id(row))
+    for row, opt, _, numel in ready:
+        if id(row) not in failed:
+            row.state_bytes_per_param = _state_bytes(opt) / numel
+
+
+def _state_bytes(opt) -> int:
+    return sum(
+        v.numel() * v.element_size()
+        for st in opt.state.values() for v in st.values()
+        if isinstance(v, torch.Tensor) and v.dim() > 0
+    )
+
+
 def _time_row(row: Row, build: Callable, device, timer, steps, warmup, numel) -> None:
     params, opt, step = build()
     if row.variant == "graph":
@@ -399,12 +449,7 @@ def _time_row(row: Row, build: Callable, device, timer, steps, warmup, numel) ->
         torch.cuda.synchronize(device)
         row.step_peak_extra_bytes = torch.cuda.max_memory_allocated(device) - resident
     row.ms = timer(step, steps, warmup)
-    state_bytes = sum(
-        v.numel() * v.element_size()
-        for st in opt.state.values() for v in st.values()
-        if isinstance(v, torch.Tensor) and v.dim() > 0
-    )
-    row.state_bytes_per_param = state_bytes / numel
+    row.state_bytes_per_param = _state_bytes(opt) / numel
 
 
 # nvidia-smi fields recorded with a GPU run: the clocks it ran at and its limits, since a
@@ -520,7 +565,9 @@ def run(
     Args:
         presets: keys of :data:`PRESETS` (default: the 1.5B shapes and the many-small set).
         device: default: CUDA if available, else CPU (then only tiny presets make sense).
-        steps, warmup: timed and untimed steps per row (default 15 and 3).
+        steps, warmup: timed and untimed steps per row (default 15 and 3). On a CPU, the
+            rows of each preset but ``cpu-tiny`` are timed in turn, a step of each per round
+            (:func:`_interleaved`), and so stream to ``jsonl`` when the preset is done.
         backends_to_time: our backends to time (default on a GPU: the fused backends
             available; on a CPU: the reference, and Triton when its interpreter is on, which
             keeps the harness working; the reference is the specification and is not timed
@@ -623,6 +670,9 @@ def run(
         and set(presets) <= {"cpu-tiny"},
         "cpu_rows": device.type == "cpu",
         "planned_rows": len(plan),
+        # Presets whose rows were timed in turn, a step of each per round (_interleaved):
+        # the CPU results (cpu-tiny rows only keep the harness working, streamed row by row).
+        "interleaved_presets": [p for p in presets if device.type == "cpu" and p != "cpu-tiny"],
     }
     cpu = header["cpu_timings_are_not_performance_results"]
     timed = _timed_medians(earlier)
@@ -636,13 +686,21 @@ def run(
                        f"{header['copy_gbps']:.0f} GB/s, {len(plan)} rows")
             if cpu or header["cpu_rows"]:
                 _echo(bar, _CPU_NOTE if cpu else _CPU_ROWS_NOTE)
+        if device.type != "cuda":
+            for row, _, _ in plan:
+                if row.status == "ok" and row.variant == "graph":
+                    row.status, row.reason = "unavailable", "CUDA graphs need a GPU"
+        pretimed = set()
         for index, (row, build, numel) in enumerate(plan, 1):
             bar.set_postfix_str(f"{row.preset}: {row.name}"[:60])
-            if row.status == "ok":
-                if row.variant == "graph" and device.type != "cuda":
-                    row.status, row.reason = "unavailable", "CUDA graphs need a GPU"
-                else:
-                    _measure(row, build, device, timer, steps, warmup, numel)
+            if row.preset in header["interleaved_presets"] and row.status == "ok" \
+                    and id(row) not in pretimed:
+                # this row's preset: every timed row of it, interleaved, before the first
+                batch = [e for e in plan if e[0].preset == row.preset and e[0].status == "ok"]
+                _interleaved(batch, device, steps, warmup)
+                pretimed.update(id(e[0]) for e in batch)
+            elif row.status == "ok" and id(row) not in pretimed:
+                _measure(row, build, device, timer, steps, warmup, numel)
             if row.ms:
                 row.ms_median, row.ms_min, row.ms_max = statistics.median(row.ms), min(row.ms), max(row.ms)
                 row.gbps = row.bytes_per_element * numel / (row.ms_median * 1e-3) / 1e9

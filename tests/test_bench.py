@@ -402,3 +402,55 @@ def test_commit_is_marked_dirty_or_taken_from_the_environment_without_git(monkey
     monkeypatch.setattr(bench.subprocess, "run", no_git)
     monkeypatch.setenv("RLVR_OPTIM_COMMIT", "0123abc")
     assert bench.environment("cpu")["commit"] == "0123abc"
+
+
+def test_cpu_rows_of_a_preset_are_timed_in_turn_with_the_order_rotated():
+    calls = []
+
+    def builder(name, fail_build=False, fail_at=None):
+        def build():
+            if fail_build:
+                raise RuntimeError("no such row")
+            count = [0]
+
+            def step():
+                count[0] += 1
+                if fail_at is not None and count[0] == fail_at:
+                    raise ValueError("step failed")
+                calls.append(name)
+
+            opt = torch.optim.SGD([torch.zeros(3, requires_grad=True)], lr=0.1)
+            opt.state[0] = {"buf": torch.zeros(6)}  # 24 bytes over numel 3: 8 B/param
+            return [], opt, step
+        return build
+
+    rows = [bench.Row(n, "ours", "p") for n in "abcd"]
+    builds = [builder("a"), builder("b", fail_build=True), builder("c", fail_at=3), builder("d")]
+    bench._interleaved([(r, b, 3) for r, b in zip(rows, builds)], torch.device("cpu"),
+                       steps=4, warmup=1)
+    a, b, c, d = rows
+    # warm-up steps of each row first, then one step of every timed row per round, the
+    # first row of round k being row k of the order; c's third step (its 2nd timed) fails
+    assert calls[:3] == ["a", "c", "d"]
+    assert calls[3:] == ["a", "c", "d", "d", "a", "d", "a", "a", "d"]
+    assert len(a.ms) == len(d.ms) == 4 and all(t >= 0 for t in a.ms)
+    assert a.state_bytes_per_param == d.state_bytes_per_param == 8
+    assert (b.status, b.reason) == ("error", "RuntimeError: no such row") and not b.ms
+    assert (c.status, c.reason) == ("error", "ValueError: step failed") and not c.ms
+
+
+def test_a_cpu_results_preset_is_timed_interleaved_and_cpu_tiny_row_by_row(monkeypatch):
+    monkeypatch.setitem(bench.PRESETS, "cpu-10m", lambda: [(64, 8), (33,)])  # small stand-in
+    timed_alone = []
+    real = bench._measure
+    monkeypatch.setattr(bench, "_measure", lambda row, *a: (timed_alone.append(row.preset),
+                                                          real(row, *a)))
+    result = _quick_run(presets=("cpu-tiny", "cpu-10m"), steps=3)
+    assert result["interleaved_presets"] == ["cpu-10m"]
+    assert set(timed_alone) == {"cpu-tiny"}
+    timed = [r for r in result["rows"] if r["preset"] == "cpu-10m" and r["status"] == "ok"]
+    assert [r["name"] for r in timed] == ["torch fused", "torch foreach",
+                                          "rlvr_optim reference default, tracking off",
+                                          "rlvr_optim reference default, tracking step"]
+    assert all(len(r["ms"]) == 3 and r["ms_median"] > 0 and r["state_bytes_per_param"] > 0
+               for r in timed)
