@@ -1,6 +1,7 @@
 // rlvr_optim._cpu: the pybind11 face of the CPU step. It takes raw host addresses and
 // sizes (Python ints), so it builds with a C++17 compiler and pybind11 alone, without
-// torch's headers; rlvr_optim/cpu_backend.py turns tensors into those ints.
+// torch's headers; rlvr_optim/cpu_backend.py turns tensors into those ints. Beside it, the
+// fused backends' one-pass reader of a step's grads (read_gradients), on Python objects.
 #include <pybind11/pybind11.h>
 
 #include <cstdint>
@@ -82,6 +83,41 @@ void step(const std::string& isa, uintptr_t rows, int64_t num_tensors, uintptr_t
   }
 }
 
+// rlvr_optim.plan.read_gradients in one pass instead of three: (grads, their data
+// pointers, their dtypes) of `params`, read as `p.grad`, `data_ptr(g)` and `g.dtype` (with
+// `data_ptr` torch.Tensor.data_ptr, passed in so that this file needs no torch headers),
+// or None when a grad has no storage (None, or sparse: data_ptr raises TypeError or
+// RuntimeError). With thousands of tensors the separate passes cost more than the reads:
+// each went to memory again for the grad objects the previous pass had just touched.
+py::object read_gradients(py::handle params, py::handle data_ptr) {
+  static PyObject* const grad_name = PyUnicode_InternFromString("grad");
+  static PyObject* const dtype_name = PyUnicode_InternFromString("dtype");
+  py::object seq = py::reinterpret_steal<py::object>(
+      PySequence_Fast(params.ptr(), "read_gradients: params must be a sequence"));
+  if (!seq) throw py::error_already_set();
+  const Py_ssize_t n = PySequence_Fast_GET_SIZE(seq.ptr());
+  PyObject** items = PySequence_Fast_ITEMS(seq.ptr());
+  py::list grads(n), pointers(n), dtypes(n);  // empty slots until filled (safe to free)
+  for (Py_ssize_t i = 0; i < n; ++i) {
+    PyObject* grad = PyObject_GetAttr(items[i], grad_name);
+    if (grad == nullptr) throw py::error_already_set();
+    PyList_SET_ITEM(grads.ptr(), i, grad);
+    PyObject* pointer = PyObject_CallOneArg(data_ptr.ptr(), grad);
+    if (pointer == nullptr) {
+      if (PyErr_ExceptionMatches(PyExc_TypeError) || PyErr_ExceptionMatches(PyExc_RuntimeError)) {
+        PyErr_Clear();
+        return py::none();
+      }
+      throw py::error_already_set();
+    }
+    PyList_SET_ITEM(pointers.ptr(), i, pointer);
+    PyObject* dtype = PyObject_GetAttr(grad, dtype_name);
+    if (dtype == nullptr) throw py::error_already_set();
+    PyList_SET_ITEM(dtypes.ptr(), i, dtype);
+  }
+  return py::make_tuple(grads, pointers, dtypes);
+}
+
 }  // namespace
 }  // namespace cpu
 }  // namespace rlvr_optim
@@ -112,4 +148,7 @@ PYBIND11_MODULE(_cpu, m) {
         "One AdamW step of a table of host tensors (rows: num_tensors x len(ROW_FIELDS) "
         "int64s) with the instruction set `isa` (one of ISAS) on `threads` OpenMP threads. "
         "Addresses are ints, 0 for absent.");
+  m.def("read_gradients", &read_gradients, py::arg("params"), py::arg("data_ptr"),
+        "(grads, data pointers, dtypes) of params in one pass, or None when a grad has no "
+        "storage; data_ptr is torch.Tensor.data_ptr.");
 }

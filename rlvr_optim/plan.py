@@ -77,7 +77,19 @@ class Gradients(list):
 
 def read_gradients(params: Sequence[Tensor]) -> Gradients | None:
     """The params' grads as :class:`Gradients`, or None when one has no storage (None,
-    sparse): the caller then takes its full checks, which name the param."""
+    sparse): the caller then takes its full checks, which name the param.
+
+    Read in one pass by ``rlvr_optim._cpu.read_gradients`` where the CPU extension is
+    built (it is not compiled for this), else in three ``map`` passes here; the same reads
+    and results either way."""
+    reader = _native_reader()
+    if reader:
+        read = reader(params, Tensor.data_ptr)
+        if read is None:
+            return None
+        grads = Gradients(read[0])
+        grads.pointers, grads.dtypes = read[1], read[2]
+        return grads
     grads = Gradients(map(_GRAD, params))
     try:
         grads.pointers = list(map(Tensor.data_ptr, grads))
@@ -85,6 +97,21 @@ def read_gradients(params: Sequence[Tensor]) -> Gradients | None:
         return None
     grads.dtypes = list(map(_DTYPE, grads))
     return grads
+
+
+_reader: Callable | bool | None = None  # _native_reader's answer, once known
+
+
+def _native_reader() -> Callable | bool:
+    """``rlvr_optim._cpu.read_gradients`` if that module is loaded or was built at install
+    time (never compiled here), else False."""
+    global _reader
+    if _reader is None:
+        from . import cpu_backend  # noqa: PLC0415 - imports the extension's loader
+
+        module = cpu_backend._extension or cpu_backend._prebuilt()
+        _reader = getattr(module, "read_gradients", None) or False
+    return _reader
 
 
 class Group(NamedTuple):

@@ -9,13 +9,14 @@ cached step launches must equal the one a fresh planner builds.
 """
 
 import copy
+import operator
 
 import pytest
 import torch
 
 from rlvr_optim import AdamW, cuda_backend
 from rlvr_optim import reference as R
-from rlvr_optim.plan import OperandList, ScalarRows, read_gradients
+from rlvr_optim.plan import Gradients, OperandList, ScalarRows, read_gradients
 
 from test_optimizer import assert_same_snapshot, snapshot
 
@@ -196,14 +197,38 @@ def test_scalar_rows_equal_the_reference_bit_for_bit():
             steps += 1
 
 
-def test_read_gradients_and_operand_lists():
+@pytest.fixture(params=["one pass", "three passes"])
+def reader(request, monkeypatch):
+    """read_gradients by the CPU extension's one-pass reader, or by its Python passes."""
+    from rlvr_optim import cpu_backend, plan
+
+    if request.param == "one pass":
+        if cpu_backend.unavailable_reason() is not None:
+            pytest.skip("the CPU extension is not built")
+        native = cpu_backend.load_extension().read_gradients
+        monkeypatch.setattr(plan, "_reader", None)  # found again, as a first step would
+        assert plan._native_reader() is not False
+        assert plan._native_reader().__name__ == native.__name__
+    else:
+        monkeypatch.setattr(plan, "_reader", False)
+    return request.param
+
+
+def test_read_gradients_and_operand_lists(reader):
     params = _model()
     for p, g in zip(params, _grads(params, 1)):
         p.grad = g
+    params[2].grad_dtype = None  # allows a grad of another dtype: read as it is
+    params[2].grad = torch.ones(params[2].shape)
     grads = read_gradients(params)
+    assert type(grads) is Gradients
     assert list(grads) == [p.grad for p in params]
+    assert all(map(operator.is_, grads, [p.grad for p in params]))
     assert grads.pointers == [p.grad.data_ptr() for p in params]
-    assert grads.dtypes == [torch.bfloat16] * len(params)
+    assert grads.dtypes == [torch.bfloat16] * 2 + [torch.float32] + [torch.bfloat16] * (len(params) - 3)
+    assert read_gradients([]) == [] and read_gradients(params[:0]).pointers == []
+    with pytest.raises(AttributeError):
+        read_gradients([params[0], 5])
     params[1].grad = None
     assert read_gradients(params) is None
     params[1].grad = torch.zeros(33, dtype=torch.bfloat16).to_sparse()
