@@ -89,13 +89,37 @@ class _Twins:
             assert self.planner.builds == builds
 
 
-BACKENDS = ["reference", pytest.param("triton", marks=cpu_only)]
+@pytest.fixture(params=["one pass", "three passes"])
+def reader(request, monkeypatch):
+    """read_gradients by the CPU extension's one-pass reader, or by its Python passes."""
+    from rlvr_optim import cpu_backend, plan
+
+    if request.param == "one pass":
+        if cpu_backend.unavailable_reason() is not None:
+            pytest.skip("the CPU extension is not built")
+        native = cpu_backend.load_extension().read_gradients
+        monkeypatch.setattr(plan, "_reader", None)  # found again, as a first step would
+        assert plan._native_reader() is not False
+        assert plan._native_reader().__name__ == native.__name__
+    else:
+        monkeypatch.setattr(plan, "_reader", False)
+    return request.param
+
+
+BACKENDS = ["reference", "cpu", pytest.param("triton", marks=cpu_only)]
 
 
 @pytest.fixture(params=BACKENDS)
-def twins(request):
+def twins(request, reader):
+    """Per backend, with the grads (and the params' addresses) read in one pass by the CPU
+    extension or in Python passes (the ``reader`` fixture)."""
     if request.param == "triton":
         pytest.importorskip("triton")
+    if request.param == "cpu":
+        from rlvr_optim import cpu_backend
+
+        if cpu_backend.unavailable_reason() is not None:
+            pytest.skip("the CPU extension is not built")
     return lambda **kwargs: _Twins(request.param, **kwargs)
 
 
@@ -195,23 +219,6 @@ def test_scalar_rows_equal_the_reference_bit_for_bit():
             want = R.step_scalars(steps, lr, *betas, wd, eps)
             assert torch.equal(got.view(torch.int32), want.view(torch.int32))
             steps += 1
-
-
-@pytest.fixture(params=["one pass", "three passes"])
-def reader(request, monkeypatch):
-    """read_gradients by the CPU extension's one-pass reader, or by its Python passes."""
-    from rlvr_optim import cpu_backend, plan
-
-    if request.param == "one pass":
-        if cpu_backend.unavailable_reason() is not None:
-            pytest.skip("the CPU extension is not built")
-        native = cpu_backend.load_extension().read_gradients
-        monkeypatch.setattr(plan, "_reader", None)  # found again, as a first step would
-        assert plan._native_reader() is not False
-        assert plan._native_reader().__name__ == native.__name__
-    else:
-        monkeypatch.setattr(plan, "_reader", False)
-    return request.param
 
 
 def test_read_gradients_and_operand_lists(reader):
