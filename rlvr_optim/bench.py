@@ -398,7 +398,7 @@ def _interleaved(entries: list, device, steps: int, warmup: int) -> None:
     ready = []
     for row, build, numel in entries:
         try:
-            params, opt, step = build()
+            _, opt, step = build()  # opt keeps the params alive
             for _ in range(warmup):
                 step()
         except ImportError as exc:
@@ -412,7 +412,7 @@ def _interleaved(entries: list, device, steps: int, warmup: int) -> None:
     failed = set()
     for r in range(steps):
         for k in range(len(ready)):
-            row, opt, step, numel = ready[(k + r) % len(ready)]
+            row, _, step, _ = ready[(k + r) % len(ready)]
             if id(row) in failed:
                 continue
             try:
