@@ -170,6 +170,8 @@ class _Plan(NamedTuple):
     whole_group: bool  # every param of the group is in the plan
     scalar_rows: ScalarRows | None  # with a step buffer: the scalars of its steps
     sr_keys: Callable  # stochastic_rounding_keys(seed, steps, tensor keys) on their device
+    # [Gradients.key] of the latest grads whose dtypes passed (a dtype change changes it)
+    grads_seen: list
 
 
 class AdamW(torch.optim.AdamW):
@@ -639,8 +641,12 @@ class AdamW(torch.optim.AdamW):
                     not all(map(operator.is_, group_params, plan.params)):
                 return None
             grads = read_gradients(plan.params)
-            if grads is None or not set(grads.dtypes) <= _PARAM_DTYPE_SET:
+            if grads is None:
                 return None
+            if grads.key is None or grads.key != plan.grads_seen[0]:
+                if not set(grads.dtypes) <= _PARAM_DTYPE_SET:
+                    return None
+                plan.grads_seen[0] = grads.key
             return plan, grads
         with_grad = [p for p in group_params if p.grad is not None]
         if len(with_grad) != len(plan.params) or not all(map(operator.is_, with_grad, plan.params)):
@@ -879,6 +885,7 @@ class AdamW(torch.optim.AdamW):
             whole_group=len(params) == len(group["params"]),
             scalar_rows=ScalarRows(step_buffer) if step_buffer is not None else None,
             sr_keys=_sr_keys_function(steps[0].device),
+            grads_seen=[None],
         )
         if plain:
             self.__dict__.setdefault("_plans", {})[job["index"]] = plan

@@ -65,14 +65,35 @@ _MAX_GRAD_SIGNATURES = 4  # grad layouts kept per checked call (e.g. two alterna
 
 
 class Gradients(list):
-    """Grads with their data pointers and dtypes, read once per step.
+    """Grads read once per step, with what a steady-state step compares: their data
+    pointers and dtypes.
 
     The optimizer reads them to know that its plan still holds (a missing or sparse grad
-    has no data pointer); a backend given this list reads ``pointers`` and ``dtypes`` here
-    instead of reading every grad again.
+    has no data pointer); a backend given this list reads the grads' addresses and dtypes
+    here instead of reading every grad again. Read by the CPU extension, they come as
+    ``key``: bytes, compared whole with those of the previous step, and ``pointers`` and
+    ``dtypes`` are read from the grads only when asked for (a step that builds its
+    launches). Read in Python, ``key`` is None and the lists are read at once.
     """
 
-    __slots__ = ("pointers", "dtypes")
+    __slots__ = ("key", "_pointers", "_dtypes")
+
+    def __init__(self, grads, key: bytes | None = None):
+        super().__init__(grads)
+        self.key = key
+        self._pointers = self._dtypes = None
+
+    @property
+    def pointers(self) -> list[int]:
+        if self._pointers is None:
+            self._pointers = list(map(Tensor.data_ptr, self))
+        return self._pointers
+
+    @property
+    def dtypes(self) -> list[torch.dtype]:
+        if self._dtypes is None:
+            self._dtypes = list(map(_DTYPE, self))
+        return self._dtypes
 
 
 def read_gradients(params: Sequence[Tensor]) -> Gradients | None:
@@ -80,22 +101,18 @@ def read_gradients(params: Sequence[Tensor]) -> Gradients | None:
     sparse): the caller then takes its full checks, which name the param.
 
     Read in one pass by ``rlvr_optim._cpu.read_gradients`` where the CPU extension is
-    built (it is not compiled for this), else in three ``map`` passes here; the same reads
-    and results either way."""
+    built (it is not compiled for this), else in three ``map`` passes here; the same
+    grads, addresses and dtypes either way."""
     reader = _native_reader()
     if reader:
         read = reader(params, Tensor.data_ptr)
-        if read is None:
-            return None
-        grads = Gradients(read[0])
-        grads.pointers, grads.dtypes = read[1], read[2]
-        return grads
+        return None if read is None else Gradients(read[0], read[1])
     grads = Gradients(map(_GRAD, params))
     try:
-        grads.pointers = list(map(Tensor.data_ptr, grads))
+        grads._pointers = list(map(Tensor.data_ptr, grads))
     except (TypeError, RuntimeError):
         return None
-    grads.dtypes = list(map(_DTYPE, grads))
+    grads._dtypes = list(map(_DTYPE, grads))
     return grads
 
 
@@ -149,6 +166,7 @@ class _Call(CheckedCall):
         columns["row"] = np.arange(n, dtype=np.int64)
         self.columns = columns
         self.last = None  # (pointers, dtypes, launches) of the latest step
+        self.last_key = None  # its Gradients.key, when it had one
         self.launches: dict[tuple, list] = {}
 
     def matches(self, statics, offsets, options) -> bool:
@@ -195,6 +213,30 @@ class Planner:
                  options: tuple) -> list:
         """The encoded launches of this call (see the module docstring), in call order."""
         call = self.calls.find(statics, offsets, options)
+        key = grads.key if isinstance(grads, Gradients) else None
+        if key is not None and call is not None and call.last is not None \
+                and call.last_key == key:
+            # The grads of the latest step, at its addresses and with its dtypes (their keys
+            # compared whole): its launches, as below, without the lists.
+            launches = call.last[2]
+        else:
+            launches, call = self._launches_slow(call, statics, grads, offsets, options)
+            call.last_key = key
+        if call.empty and statics[-1] is not None:
+            # No launch reaches a tensor without elements; its counters get their value, 0,
+            # here (one op, in steps that have such tensors).
+            counters = [c for c in map(statics[-1].__getitem__, call.empty) if c is not None]
+            if counters:
+                torch._foreach_zero_(counters)
+        if not launches.pinned and self._capturing(call.devices[0]):
+            self._pinned.append(launches)
+            launches.pinned = True
+        return launches
+
+    def _launches_slow(self, call: _Call | None, statics: tuple, grads: Sequence[Tensor],
+                       offsets: list[int], options: tuple) -> tuple[list, _Call]:
+        """``launches`` by the lists of grad addresses and dtypes, checking the grads (and
+        the call, when it is new) unless they are those of the latest step."""
         if isinstance(grads, Gradients):
             pointers, dtypes = grads.pointers, grads.dtypes
         else:
@@ -213,19 +255,8 @@ class Planner:
                 dtypes = list(map(_DTYPE, grads))
         last = call.last
         if last is not None and last[0] == pointers and last[1] == dtypes:
-            launches = last[2]
-        else:
-            launches = self._launches_for(call, pointers, dtypes)
-        if call.empty and statics[-1] is not None:
-            # No launch reaches a tensor without elements; its counters get their value, 0,
-            # here (one op, in steps that have such tensors).
-            counters = [c for c in map(statics[-1].__getitem__, call.empty) if c is not None]
-            if counters:
-                torch._foreach_zero_(counters)
-        if not launches.pinned and self._capturing(call.devices[0]):
-            self._pinned.append(launches)
-            launches.pinned = True
-        return launches
+            return last[2], call
+        return self._launches_for(call, pointers, dtypes), call
 
     def _new_call(self, statics, offsets, options) -> _Call:
         keys = []

@@ -11,6 +11,7 @@ cached step launches must equal the one a fresh planner builds.
 import copy
 import operator
 
+import numpy as np
 import pytest
 import torch
 
@@ -70,6 +71,14 @@ class _Twins:
         assert_same_snapshot(snapshot(self.fresh, self.fresh_params),
                              snapshot(self.opt, self.params))
         return self.planner.builds if self.planner is not None else None
+
+    def step_held(self):
+        """One step of both on the grads they hold."""
+        self.opt.step()
+        self.fresh._forget_plans()
+        self.fresh.step()
+        assert_same_snapshot(snapshot(self.fresh, self.fresh_params),
+                             snapshot(self.opt, self.params))
 
     def steady(self):
         """A step, then one with the grads kept in place, which reuses everything."""
@@ -153,6 +162,38 @@ def test_replaced_grads_and_a_grad_of_another_dtype(twins):
     t.step(grads)  # back to bf16
 
 
+def test_a_grad_of_another_dtype_at_the_same_address(twins):
+    # The grad's address is the one the kept launches were built for, its dtype is not: the
+    # step must see the dtype (the one-pass reader's key holds both) and not read bf16 as
+    # fp32. The bf16 grad is a view of the fp32 grad's storage from its first element.
+    t = twins(track_changes="step")
+    t.step()
+    t.steady()
+    values = _grads(t.params, 80)[2]
+
+    def fp32_grad(o, ps):
+        ps[2].grad_dtype = None
+        ps[2].grad = values.float()
+
+    t.both(fp32_grad)
+    t.step_held()
+    t.step_held()  # the same grads again: the kept launches, by the key
+    before = t.planner.builds if t.planner is not None else None
+
+    def bf16_view(o, ps):
+        storage = ps[2].grad
+        view = storage.view(torch.bfloat16)[: storage.numel()]
+        view.copy_(values * 3)
+        assert view.data_ptr() == storage.data_ptr()
+        ps[2].grad = view
+
+    t.both(bf16_view)
+    t.step_held()
+    if t.planner is not None:
+        assert t.planner.builds > before  # another layout at the same address
+    t.step_held()
+
+
 def test_loaded_state_dict_and_new_freeze_mask(twins):
     t = twins(track_changes="cumulative", master_weights="fp32")
     t.step()
@@ -231,6 +272,12 @@ def test_read_gradients_and_operand_lists(reader):
     assert type(grads) is Gradients
     assert list(grads) == [p.grad for p in params]
     assert all(map(operator.is_, grads, [p.grad for p in params]))
+    if reader == "one pass":  # (address, dtype object's address) per grad, uint64s
+        key = np.frombuffer(grads.key, dtype=np.uint64).reshape(-1, 2)
+        assert key[:, 0].tolist() == [p.grad.data_ptr() for p in params]
+        assert key[:, 1].tolist() == [id(p.grad.dtype) for p in params]
+    else:
+        assert grads.key is None
     assert grads.pointers == [p.grad.data_ptr() for p in params]
     assert grads.dtypes == [torch.bfloat16] * 2 + [torch.float32] + [torch.bfloat16] * (len(params) - 3)
     assert read_gradients([]) == [] and read_gradients(params[:0]).pointers == []
