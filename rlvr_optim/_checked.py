@@ -16,7 +16,14 @@ from __future__ import annotations
 import weakref
 from typing import Sequence
 
+import torch
 from torch import Tensor
+
+# torch's C++ loop `all(t.data_ptr() == p for t, p in zip(tensors, ptrs))` over the given
+# indices, which its CUDA graph trees run on their hot path; CUDA builds of torch have it
+# (the CPU wheels do not). Where present, the params' addresses are compared by it instead
+# of a Python pass over the params, which costs as much as reading the grads.
+_pointers_equal = getattr(torch._C, "_tensors_data_ptrs_at_indices_equal", None)
 
 
 class OperandList(list):
@@ -51,7 +58,18 @@ class CheckedCall:
         params = statics[0]
         self.param_ptrs = list(map(Tensor.data_ptr, params))
         self.numels = list(map(Tensor.numel, params))
+        self._indices = list(range(len(params)))  # for _pointers_equal
         self._refs: list[weakref.ref] = []
+
+    def _params_in_place(self, params: Sequence[Tensor]) -> bool:
+        """Every param of ``params`` (of the checked length) still at the address it was
+        checked with; False, not an error, for a param without storage or a non-tensor."""
+        try:
+            if _pointers_equal is not None and isinstance(params, list):
+                return _pointers_equal(params, self.param_ptrs, self._indices)
+            return list(map(Tensor.data_ptr, params)) == self.param_ptrs
+        except (RuntimeError, TypeError, IndexError):  # not a tensor, no storage
+            return False
 
     def same_tensors(self, statics: Sequence[Sequence | None]) -> bool:
         """The very tensor objects (a tensor replaced in a list, even by an equal one, is a
@@ -69,7 +87,7 @@ class CheckedCall:
         elif _ids(statics) != self.ids:
             return False
         params = statics[0]
-        if list(map(Tensor.data_ptr, params)) != self.param_ptrs:
+        if len(params) != len(self.param_ptrs) or not self._params_in_place(params):
             return False
         return self.lists is not None or list(map(Tensor.numel, params)) == self.numels
 

@@ -115,6 +115,24 @@ def reader(request, monkeypatch):
     return request.param
 
 
+@pytest.fixture(params=["torch's loop", "python pass"])
+def param_check(request, monkeypatch):
+    """The params' addresses compared by torch's C++ loop (CUDA builds of torch; on a CPU
+    wheel a stand-in with its contract) or by a Python pass."""
+    from rlvr_optim import _checked
+
+    if request.param == "python pass":
+        monkeypatch.setattr(_checked, "_pointers_equal", None)
+    elif _checked._pointers_equal is None:
+        def stand_in(tensors, ptrs, indices):
+            if not all(isinstance(tensors[i], torch.Tensor) for i in indices):
+                raise TypeError("not a tensor")  # as pybind11's cast to at::Tensor
+            return all(tensors[i].data_ptr() == ptrs[i] for i in indices)
+
+        monkeypatch.setattr(_checked, "_pointers_equal", stand_in)
+    return request.param
+
+
 BACKENDS = ["reference", "cpu", pytest.param("triton", marks=cpu_only)]
 
 
@@ -132,7 +150,7 @@ def twins(request, reader):
     return lambda **kwargs: _Twins(request.param, **kwargs)
 
 
-def test_reassigned_param_data_is_stepped_and_the_old_storage_left(twins):
+def test_reassigned_param_data_is_stepped_and_the_old_storage_left(twins, param_check):
     t = twins(track_changes="step")
     t.step()  # the first step creates the state, so the second makes the plan it keeps
     t.steady()
@@ -260,6 +278,24 @@ def test_scalar_rows_equal_the_reference_bit_for_bit():
             want = R.step_scalars(steps, lr, *betas, wd, eps)
             assert torch.equal(got.view(torch.int32), want.view(torch.int32))
             steps += 1
+
+
+def test_a_checked_call_sees_each_param_address(param_check):
+    from rlvr_optim._checked import CheckedCall
+
+    params = _model()
+    frozen = OperandList(params)
+    for statics in ((frozen, None), (list(params), None)):
+        call = CheckedCall(statics)
+        assert call.same_tensors(statics)
+        kept = params[3].data
+        params[3].data = kept.clone()  # same object, new storage
+        assert not call.same_tensors(statics)
+        params[3].data = kept
+        assert call.same_tensors(statics)
+    call = CheckedCall((frozen, None))
+    assert not call.same_tensors((OperandList(params[:2]), None))  # another list
+    assert not call._params_in_place(params[:3] + [5] + params[4:])  # no error
 
 
 def test_read_gradients_and_operand_lists(reader):
