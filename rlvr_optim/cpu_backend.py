@@ -32,7 +32,7 @@ from .reference import check_arguments
 __all__ = ["adamw", "auto_ready", "is_built", "load_extension", "unavailable_reason"]
 
 # What this file expects of the extension (csrc/cpu_step.h, csrc/cpu_binding.cpp).
-ABI_VERSION = 2
+ABI_VERSION = 3
 ROW_FIELDS = (
     "param", "grad", "exp_avg", "exp_avg_sq", "max_exp_avg_sq", "master", "freeze_mask",
     "change_bitmap", "cumulative_bitmap", "counters", "numel", "element_offset",

@@ -7,7 +7,6 @@ backends (:mod:`rlvr_optim.reference` is the specification).
 from __future__ import annotations
 
 import math
-import operator
 from typing import Any, Callable, Iterable, Mapping, NamedTuple
 
 import torch
@@ -16,7 +15,7 @@ from torch.optim.adamw import adamw as torch_adamw
 from torch.optim.optimizer import _device_dtype_check_for_fused
 
 from . import backends, bitmaps, distributed, reference
-from .plan import OperandList, ScalarRows, read_gradients
+from .plan import OperandList, ScalarRows, read_gradients, same_items
 
 __all__ = ["AdamW", "change_log_from_rows", "format_table"]
 
@@ -637,8 +636,7 @@ class AdamW(torch.optim.AdamW):
             return None
         group_params = self.param_groups[group_index]["params"]
         if plan.whole_group:
-            if len(group_params) != len(plan.params) or \
-                    not all(map(operator.is_, group_params, plan.params)):
+            if not same_items(group_params, plan.params):
                 return None
             grads = read_gradients(plan.params)
             if grads is None:
@@ -649,7 +647,7 @@ class AdamW(torch.optim.AdamW):
                 plan.grads_seen[0] = grads.key
             return plan, grads
         with_grad = [p for p in group_params if p.grad is not None]
-        if len(with_grad) != len(plan.params) or not all(map(operator.is_, with_grad, plan.params)):
+        if not same_items(with_grad, plan.params):
             return None
         grads = [p.grad for p in with_grad]
         if not {g.dtype for g in grads} <= _PARAM_DTYPE_SET or any(g.is_sparse for g in grads):

@@ -40,6 +40,7 @@ What the planner sees and what it does not (so that no step is silently wrong):
 
 from __future__ import annotations
 
+import operator
 from operator import attrgetter
 from typing import Any, Callable, NamedTuple, Sequence
 
@@ -47,10 +48,10 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from ._checked import CheckedCall, CheckedCalls, OperandList
+from ._checked import CheckedCall, CheckedCalls, OperandList, extension_function
 
 __all__ = ["OPERANDS", "Gradients", "Group", "OperandList", "Planner", "ScalarRows",
-           "read_gradients"]
+           "read_gradients", "same_items"]
 
 OPERANDS = (
     "param", "grad", "exp_avg", "exp_avg_sq", "max_exp_avg_sq", "master", "remainder",
@@ -117,18 +118,27 @@ def read_gradients(params: Sequence[Tensor]) -> Gradients | None:
 
 
 _reader: Callable | bool | None = None  # _native_reader's answer, once known
+_same: Callable | bool | None = None  # same_items's native function, once known
 
 
 def _native_reader() -> Callable | bool:
-    """``rlvr_optim._cpu.read_gradients`` if that module is loaded or was built at install
-    time (never compiled here), else False."""
+    """``rlvr_optim._cpu.read_gradients`` where available, else False."""
     global _reader
     if _reader is None:
-        from . import cpu_backend  # noqa: PLC0415 - imports the extension's loader
-
-        module = cpu_backend._extension or cpu_backend._prebuilt()
-        _reader = getattr(module, "read_gradients", None) or False
+        _reader = extension_function("read_gradients")
     return _reader
+
+
+def same_items(a: Sequence, b: Sequence) -> bool:
+    """Whether ``a`` and ``b`` hold the very same objects in the same order: one memcmp of
+    their item pointers by ``rlvr_optim._cpu.same_items`` where the CPU extension is built,
+    else an ``is`` per item here."""
+    global _same
+    if _same is None:
+        _same = extension_function("same_items")
+    if _same:
+        return _same(a, b)
+    return len(a) == len(b) and all(map(operator.is_, a, b))
 
 
 class Group(NamedTuple):

@@ -100,7 +100,7 @@ class _Twins:
 
 @pytest.fixture(params=["one pass", "three passes"])
 def reader(request, monkeypatch):
-    """read_gradients by the CPU extension's one-pass reader, or by its Python passes."""
+    """read_gradients (and same_items) by the CPU extension, or by their Python passes."""
     from rlvr_optim import cpu_backend, plan
 
     if request.param == "one pass":
@@ -108,19 +108,29 @@ def reader(request, monkeypatch):
             pytest.skip("the CPU extension is not built")
         native = cpu_backend.load_extension().read_gradients
         monkeypatch.setattr(plan, "_reader", None)  # found again, as a first step would
+        monkeypatch.setattr(plan, "_same", None)
         assert plan._native_reader() is not False
         assert plan._native_reader().__name__ == native.__name__
-    else:
+    else:  # and the params' identity by an `is` per param
         monkeypatch.setattr(plan, "_reader", False)
+        monkeypatch.setattr(plan, "_same", False)
     return request.param
 
 
-@pytest.fixture(params=["torch's loop", "python pass"])
+@pytest.fixture(params=["one pass", "torch's loop", "python pass"])
 def param_check(request, monkeypatch):
-    """The params' addresses compared by torch's C++ loop (CUDA builds of torch; on a CPU
-    wheel a stand-in with its contract) or by a Python pass."""
-    from rlvr_optim import _checked
+    """The params' addresses compared by the CPU extension's one pass (addresses_equal),
+    by torch's C++ loop (CUDA builds of torch; on a CPU wheel a stand-in with its contract)
+    or by a Python pass."""
+    from rlvr_optim import _checked, cpu_backend
 
+    if request.param == "one pass":
+        if cpu_backend.unavailable_reason() is not None:
+            pytest.skip("the CPU extension is not built")
+        monkeypatch.setattr(_checked, "_address_check", None)  # found again
+        assert _checked._native_address_check() is cpu_backend.load_extension().addresses_equal
+        return request.param
+    monkeypatch.setattr(_checked, "_address_check", False)
     if request.param == "python pass":
         monkeypatch.setattr(_checked, "_pointers_equal", None)
     elif _checked._pointers_equal is None:
@@ -328,6 +338,104 @@ def test_read_gradients_and_operand_lists(reader):
         frozen[0] = params[1]
     with pytest.raises(TypeError, match="cannot change"):
         frozen.append(params[0])
+
+
+def _extension():
+    from rlvr_optim import cpu_backend
+
+    if cpu_backend.unavailable_reason() is not None:
+        pytest.skip("the CPU extension is not built")
+    return cpu_backend.load_extension()
+
+
+def _key(grads):
+    return np.frombuffer(grads[1], dtype=np.uint64).reshape(-1, 2).tolist()
+
+
+def test_the_one_pass_reader_reads_attributes_as_getattr_does():
+    """The reader calls the grad and dtype getters directly for the last type it saw; a
+    type changed since, one with its own __getattribute__ and a grad that is no tensor
+    must still read as getattr reads them."""
+    ext = _extension()
+    data_ptr = torch.Tensor.data_ptr
+
+    class Param(torch.nn.Parameter):
+        pass
+
+    params = [Param(torch.zeros(n, dtype=torch.bfloat16)) for n in SIZES]
+    for p, g in zip(params, _grads(params, 3)):
+        p.grad = g
+    grads, key = ext.read_gradients(params, data_ptr)
+    assert all(map(operator.is_, grads, [p.grad for p in params]))
+    assert _key((grads, key)) == [[p.grad.data_ptr(), id(p.grad.dtype)] for p in params]
+    assert ext.read_gradients(params, data_ptr)[1] == key  # again, by the kept getters
+
+    other = _grads(params, 4, torch.float32)
+    Param.grad = property(lambda self: other[SIZES.index(self.numel())])  # modifies the type
+    grads, key = ext.read_gradients(params, data_ptr)
+    assert all(map(operator.is_, grads, other))
+    assert _key((grads, key)) == [[g.data_ptr(), id(torch.float32)] for g in other]
+    del Param.grad  # back to the tensor's own grad
+    grads, _ = ext.read_gradients(params, data_ptr)
+    assert all(map(operator.is_, grads, [p.grad for p in params]))
+
+    class Odd(torch.nn.Parameter):
+        def __getattribute__(self, name):
+            return other[0] if name == "grad" else super().__getattribute__(name)
+
+    odd = Odd(torch.zeros(5, dtype=torch.bfloat16))
+    grads, key = ext.read_gradients([params[0], odd, params[1]], data_ptr)
+    assert grads[1] is other[0] and _key((grads, key))[1] == [other[0].data_ptr(), id(torch.float32)]
+
+    class Bf16View(torch.Tensor):  # a tensor type whose dtype attribute says otherwise
+        @property
+        def dtype(self):
+            return torch.float16
+
+    viewed = torch.zeros(5).as_subclass(Bf16View)
+    params[0].grad = None
+    Param.grad = property(lambda self: viewed)
+    try:
+        assert _key(ext.read_gradients(params[:1], data_ptr)) == [[viewed.data_ptr(), id(torch.float16)]]
+        Param.grad = property(lambda self: 7)  # no tensor: no storage, not a crash
+        assert ext.read_gradients(params[:1], data_ptr) is None
+        Param.grad = property(lambda self: params.clear() or viewed)  # changes the list
+        with pytest.raises(ValueError, match="changed size"):
+            ext.read_gradients(params, data_ptr)
+    finally:
+        del Param.grad
+
+
+def test_addresses_equal_and_same_items(monkeypatch):
+    from rlvr_optim import plan
+
+    ext = _extension()
+    data_ptr = torch.Tensor.data_ptr
+    params = _model()
+    key = np.array([p.data_ptr() for p in params], dtype=np.uint64).tobytes()
+    assert ext.addresses_equal(params, key, data_ptr)
+    assert ext.addresses_equal(tuple(params), key, data_ptr)
+    assert not ext.addresses_equal(params[:-1], key, data_ptr)  # another length
+    assert not ext.addresses_equal(params[:-1] + [params[0]], key, data_ptr)  # the last differs
+    assert not ext.addresses_equal(params[:2] + [5] + params[3:], key, data_ptr)  # no tensor
+    sparse = torch.zeros(3).to_sparse()
+    assert not ext.addresses_equal(params[:-1] + [sparse], key, data_ptr)  # no storage
+    params[0].data = params[0].data.clone()
+    assert not ext.addresses_equal(params, key, data_ptr)
+    assert ext.addresses_equal([], b"", data_ptr)
+
+    copy_ = list(params)
+    assert ext.same_items(params, copy_) and ext.same_items(tuple(params), copy_)
+    assert ext.same_items([], ())
+    assert not ext.same_items(params, copy_[:-1])
+    copy_[-1] = params[-1].detach()  # an equal tensor, another object
+    assert not ext.same_items(params, copy_)
+    with pytest.raises(TypeError):
+        ext.same_items(params, 5)
+    for native in (None, False):  # plan.same_items: the extension's, or its `is` per item
+        monkeypatch.setattr(plan, "_same", native)
+        assert plan.same_items(params, list(params)) and plan.same_items([], ())
+        assert not plan.same_items(params, copy_) and not plan.same_items(params, params[:-1])
 
 
 @cpu_only
