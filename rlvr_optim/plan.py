@@ -347,19 +347,30 @@ class _Launches(list):
 
 class ScalarRows:
     """The per-tensor scalar rows of :func:`rlvr_optim.reference.step_scalars`, bit for bit,
-    in a handful of tensor ops per step into one kept buffer.
+    in five tensor ops per step into kept buffers.
 
     The columns that depend on the hyperparameters alone (lr * weight_decay for a float lr,
     betas, eps) are written when those change; each step computes the bias corrections
-    from the device step counts and ``lr`` (9 ops), so no value comes from host memory (the
-    step is capturable in a CUDA graph), and an ``lr`` changed between steps takes effect
-    in the next step. A tensor ``lr`` (changed in place by a scheduler) is read every step.
+    from the device step counts and ``lr``, so no value comes from host memory (the step is
+    capturable in a CUDA graph), and an ``lr`` changed between steps takes effect in the
+    next step. A tensor ``lr`` (changed in place by a scheduler) is read every step.
+
+    The five ops: the steps into a float64 buffer; ``beta ** t`` for both betas in one
+    broadcast pow; ``1 - that``; the two columns written by ``div`` and ``sqrt`` straight
+    into the float32 rows. Each computes in float64 and rounds once to float32 (out= takes
+    the inputs' float64 as its computation type), as the reference's ops then ``.float()``
+    do. It was nine ops with a temporary each; on a CPU most of what is left is the pow
+    over every row.
     """
 
     def __init__(self, steps: Tensor):
-        self.out = torch.empty(steps.numel(), 8, dtype=torch.float32, device=steps.device)
+        n, device = steps.numel(), steps.device
+        self.out = torch.empty(n, 8, dtype=torch.float32, device=device)
+        self._t = torch.empty(n, dtype=torch.float64, device=device)
+        self._powers = torch.empty(2, n, dtype=torch.float64, device=device)
+        self._one = torch.ones((), dtype=torch.float64, device=device)
         self._constants = None  # (beta1, beta2, eps) written into columns 3..7
-        self._betas = None  # 0-d float64 beta1, beta2 on the device
+        self._betas = None  # float64 [[beta1], [beta2]] on the device
         self._lr = None  # (lr, weight_decay) of column 2, and the 0-d float64 lr
 
     def __call__(self, steps: Tensor, lr: float | Tensor, beta1: float, beta2: float,
@@ -371,8 +382,8 @@ class ScalarRows:
             b1, b2, e = constants
             values = torch.tensor([b1, 1.0 - b1, b2, 1.0 - b2, e], dtype=torch.float64)
             out[:, 3:].copy_(values.float().to(device).expand(out.shape[0], 5))
-            self._betas = (torch.full((), b1, dtype=torch.float64, device=device),
-                           torch.full((), b2, dtype=torch.float64, device=device))
+            self._betas = torch.stack([torch.full((1,), b, dtype=torch.float64, device=device)
+                                       for b in (b1, b2)])
             self._constants = constants
         if isinstance(lr, Tensor):
             lr64 = lr.to(device=device, dtype=torch.float64).reshape(())
@@ -384,8 +395,9 @@ class ScalarRows:
             lr64 = torch.full((), float(lr), dtype=torch.float64, device=device)
             out[:, 2].copy_(lr64 * float(weight_decay))
             self._lr = ((float(lr), float(weight_decay)), lr64)
-        b1, b2 = self._betas
-        t = steps.to(torch.float64)
-        out[:, 0].copy_(lr64 / (1.0 - torch.pow(b1, t)))
-        out[:, 1].copy_((1.0 - torch.pow(b2, t)).sqrt_())
+        powers = self._powers
+        torch.pow(self._betas, self._t.copy_(steps), out=powers)
+        torch.sub(self._one, powers, out=powers)  # 1 - beta ** t
+        torch.div(lr64, powers[0], out=out[:, 0])
+        torch.sqrt(powers[1], out=out[:, 1])
         return out

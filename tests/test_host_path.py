@@ -277,7 +277,12 @@ def test_a_missing_grad_then_back(twins):
 
 
 def test_scalar_rows_equal_the_reference_bit_for_bit():
-    steps = torch.tensor([1.0, 2.0, 7.0, 1000.0, 123456.0])
+    """Every step count to 20000 and random ones to 2**24: a column computed in float32
+    rather than float64 before its one rounding (a sqrt of the float32 1 - beta2 ** t)
+    differs from the reference in about a tenth of these rows for beta2 = 0.999."""
+    g = torch.Generator().manual_seed(0)
+    steps = torch.cat([torch.arange(1, 20001, dtype=torch.float32),
+                       torch.randint(1, 2**24, (20000,), generator=g).float()])
     rows = ScalarRows(steps)
     configs = ((1e-3, (0.9, 0.999), 0.01, 1e-8), (1e-3, (0.9, 0.999), 0.1, 1e-8),
                (3e-4, (0.8, 0.95), 0.1, 1e-6), (torch.tensor(2e-5), (0.9, 0.9999), 0.0, 1e-12),
