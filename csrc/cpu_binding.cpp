@@ -201,7 +201,8 @@ class Items {
 };
 
 GetsetSite& grad_site() {
-  static GetsetSite* const site = new GetsetSite("grad");  // never freed: read at exit
+  // Leaked on purpose: no destructor may run once Python is finalized.
+  static GetsetSite* const site = new GetsetSite("grad");
   return *site;
 }
 

@@ -392,12 +392,12 @@ def test_the_one_pass_reader_reads_attributes_as_getattr_does():
     grads, key = ext.read_gradients([params[0], odd, params[1]], data_ptr)
     assert grads[1] is other[0] and _key((grads, key))[1] == [other[0].data_ptr(), id(torch.float32)]
 
-    class Bf16View(torch.Tensor):  # a tensor type whose dtype attribute says otherwise
+    class OtherDtype(torch.Tensor):  # a tensor type whose dtype attribute says otherwise
         @property
         def dtype(self):
             return torch.float16
 
-    viewed = torch.zeros(5).as_subclass(Bf16View)
+    viewed = torch.zeros(5).as_subclass(OtherDtype)
     params[0].grad = None
     Param.grad = property(lambda self: viewed)
     try:
