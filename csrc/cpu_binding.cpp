@@ -85,15 +85,21 @@ void step(const std::string& isa, uintptr_t rows, int64_t num_tensors, uintptr_t
   }
 }
 
-// None for the error that data_ptr raises on a tensor without storage (TypeError or
+// Clears the error that data_ptr raises on a tensor without storage (TypeError or
 // RuntimeError: None, or sparse), which the caller's full checks then name; any other error
 // propagates.
-py::object no_storage() {
+void clear_no_storage_error() {
   if (PyErr_ExceptionMatches(PyExc_TypeError) || PyErr_ExceptionMatches(PyExc_RuntimeError)) {
     PyErr_Clear();
-    return py::none();
+    return;
   }
   throw py::error_already_set();
+}
+
+// None, for read_gradients, after clear_no_storage_error.
+py::object no_storage() {
+  clear_no_storage_error();
+  return py::none();
 }
 
 // One attribute read, `getattr(obj, name)`, made at the cost of a call through a pointer
@@ -258,12 +264,8 @@ bool addresses_equal(py::handle tensors, py::bytes key, py::handle data_ptr) {
   for (Py_ssize_t i = 0; i < n; ++i) {
     uint64_t address = 0;
     if (!read_address(address_of, items[i].ptr(), &address)) {
-      if (PyErr_ExceptionMatches(PyExc_TypeError) ||
-          PyErr_ExceptionMatches(PyExc_RuntimeError)) {
-        PyErr_Clear();
-        return false;
-      }
-      throw py::error_already_set();
+      clear_no_storage_error();
+      return false;
     }
     uint64_t expected;
     std::memcpy(&expected, bytes + i * sizeof(uint64_t), sizeof(uint64_t));

@@ -40,8 +40,7 @@ What the planner sees and what it does not (so that no step is silently wrong):
 
 from __future__ import annotations
 
-import operator
-from operator import attrgetter
+from operator import attrgetter, is_
 from typing import Any, Callable, NamedTuple, Sequence
 
 import numpy as np
@@ -138,7 +137,7 @@ def same_items(a: Sequence, b: Sequence) -> bool:
         _same = extension_function("same_items")
     if _same:
         return _same(a, b)
-    return len(a) == len(b) and all(map(operator.is_, a, b))
+    return len(a) == len(b) and all(map(is_, a, b))
 
 
 class Group(NamedTuple):
@@ -382,8 +381,7 @@ class ScalarRows:
             b1, b2, e = constants
             values = torch.tensor([b1, 1.0 - b1, b2, 1.0 - b2, e], dtype=torch.float64)
             out[:, 3:].copy_(values.float().to(device).expand(out.shape[0], 5))
-            self._betas = torch.stack([torch.full((1,), b, dtype=torch.float64, device=device)
-                                       for b in (b1, b2)])
+            self._betas = values[[0, 2]].view(2, 1).to(device)
             self._constants = constants
         if isinstance(lr, Tensor):
             lr64 = lr.to(device=device, dtype=torch.float64).reshape(())
