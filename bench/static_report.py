@@ -18,8 +18,9 @@ Triton: the rows of ``rlvr_optim.triton_kernels.codegen.static_rows(arch)`` when
 function exists; otherwise one row per (mode, tracking) with null numbers and an
 ``"unavailable"`` reason.
 
-The steady-state loop is the backward branch whose span holds the most 16-byte global
-accesses (the innermost of equals). Its path is found on the control-flow graph of that
+The steady-state loop is an innermost backward branch among those whose span holds 16-byte
+global accesses (of several such, the one holding the most; a loop around it also holds
+the loads a software-pipelined loop issues before its first iteration). Its path is found on the control-flow graph of that
 span: blocks holding a call (the out-of-line slow paths of IEEE division and square root)
 or a barrier (a change of tensor) are off it; of the remaining paths from the loop head to
 the back edge it takes the one moving the most global bytes, then the one with the fewest
@@ -186,9 +187,14 @@ def steady_state_path(code: list[Instruction]) -> LoopPath:
         return sum(1 for ins in code
                    if span[0] <= ins.address <= span[1] and ins.global_bytes() >= 16)
 
-    if not loops or max(map(vectors, loops)) == 0:
+    vectored = [span for span in loops if vectors(span) > 0]
+    if not vectored:
         raise ValueError("no loop with 16-byte global accesses in this kernel")
-    head, tail = max(loops, key=lambda s: (vectors(s), -(s[1] - s[0])))
+    # Innermost: a loop around the steady-state one also holds the loads before it (a
+    # software-pipelined loop's prologue), so it can hold more vectors without being it.
+    innermost = [s for s in vectored
+                 if not any(o != s and s[0] <= o[0] and o[1] <= s[1] for o in vectored)]
+    head, tail = max(innermost, key=lambda s: (vectors(s), -(s[1] - s[0])))
     body = [ins for ins in code if head <= ins.address <= tail]
     blocks = _blocks(body)
     index = {b[0].address: i for i, b in enumerate(blocks)}

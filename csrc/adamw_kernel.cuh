@@ -13,13 +13,15 @@
 // A tensor's full tiles take the vector path when its arrays are 16-byte aligned, its
 // bitmaps 8-byte aligned and (stochastic rounding) its element offset a multiple of 8, so
 // that a thread's 8 elements share one Philox call; its last, partial tile and every tile
-// of a tensor that is not so aligned take the element-wise path. On the vector path the
-// bytes of 8 lanes are gathered by three xor-shuffles into the 64-bit word a little-endian
-// ballot would give, stored by the first lane of the eight. Counts accumulate per thread
-// over a tensor and go to a per-tensor workspace with one warp reduction and one atomic
-// per warp and tensor; the last block of the launch copies them to the counters (the
-// reference overwrites them) and zeroes the workspace, so the launch needs no separate
-// zeroing of the counters.
+// of a tensor that is not so aligned take the element-wise path. The vector path is
+// software pipelined in registers: a thread issues the next tile's loads before this
+// tile's math, so that its loads are in flight while it computes (Variant::kPipelined says
+// where the second set of buffers fits). On the vector path the bytes of 8 lanes are
+// gathered by three xor-shuffles into the 64-bit word a little-endian ballot would give,
+// stored by the first lane of the eight. Counts accumulate per thread over a tensor and go
+// to a per-tensor workspace with one warp reduction and one atomic per warp and tensor;
+// the last block of the launch copies them to the counters (the reference overwrites
+// them) and zeroes the workspace, so the launch needs no separate zeroing of the counters.
 //
 // Mode flags are template parameters (Variant); found_inf selects, once per launch, an
 // instantiation in which every store is dead; maximize flips the gradient's sign bits
@@ -64,6 +66,10 @@ struct Variant {
   // the element loop fits them; amsgrad and master forms carry 8 more words per element
   // and spilled at 128 (ptxas, sm_90), so they get one 256-thread block and up to 255.
   static constexpr int kMinBlocks = (kAmsgrad || kMaster != MasterForm::kNone) ? 1 : 2;
+  // walk issues the next full tile's loads before this tile's math (a second set of load
+  // buffers) where that fits: at 128 registers, stochastic rounding's Philox words and
+  // the buffers spilled (ptxas, sm_90), so those variants load each tile before its math.
+  static constexpr bool kPipelined = kMinBlocks == 1 || !kStochastic;
 };
 
 // ---------------------------------------------------------------------------------------
@@ -71,23 +77,33 @@ struct Variant {
 // The vector forms are ld/st.global.cs.v4 (streaming: each byte is touched once per step).
 // ---------------------------------------------------------------------------------------
 
-// `flip` is XOR-ed into every loaded word (the gradient's sign bits under maximize).
-template <bool kTwoBytes>
-__device__ __forceinline__ void load8_vector(const void* base, int64_t first, uint32_t (&out)[8],
-                                             uint32_t flip = 0) {
-  if (kTwoBytes) {
-    const uint4 a = __ldcs(reinterpret_cast<const uint4*>(static_cast<const uint16_t*>(base) + first));
-    const uint32_t words[4] = {a.x ^ flip, a.y ^ flip, a.z ^ flip, a.w ^ flip};
+// One thread's 8 elements as 16-byte vectors: one of a 2-byte array, two of a 4-byte one.
+template <int kVectors>
+__device__ __forceinline__ void load_vectors(const void* base, int64_t first,
+                                             uint4 (&out)[kVectors]) {
+  const uint4* q = reinterpret_cast<const uint4*>(static_cast<const char*>(base) +
+                                                  first * (kVectors == 1 ? 2 : 4));
+#pragma unroll
+  for (int k = 0; k < kVectors; ++k) out[k] = __ldcs(q + k);
+}
+
+// 8 bit patterns from loaded vectors (bf16 patterns in the low half of each word), `flip`
+// XOR-ed into every word (the gradient's sign bits under maximize).
+template <int kVectors>
+__device__ __forceinline__ void unpack8(const uint4 (&in)[kVectors], uint32_t (&out)[8],
+                                        uint32_t flip = 0) {
+#pragma unroll
+  for (int v = 0; v < kVectors; ++v) {
+    const uint32_t words[4] = {in[v].x ^ flip, in[v].y ^ flip, in[v].z ^ flip, in[v].w ^ flip};
 #pragma unroll
     for (int k = 0; k < 4; ++k) {
-      out[2 * k] = words[k] & 0xFFFFu;
-      out[2 * k + 1] = words[k] >> 16;
+      if (kVectors == 1) {
+        out[2 * k] = words[k] & 0xFFFFu;
+        out[2 * k + 1] = words[k] >> 16;
+      } else {
+        out[4 * v + k] = words[k];
+      }
     }
-  } else {
-    const uint4* q = reinterpret_cast<const uint4*>(static_cast<const uint32_t*>(base) + first);
-    const uint4 a = __ldcs(q), b = __ldcs(q + 1);
-    out[0] = a.x ^ flip; out[1] = a.y ^ flip; out[2] = a.z ^ flip; out[3] = a.w ^ flip;
-    out[4] = b.x ^ flip; out[5] = b.y ^ flip; out[6] = b.z ^ flip; out[7] = b.w ^ flip;
   }
 }
 
@@ -373,30 +389,53 @@ __device__ __forceinline__ uint32_t vector_math(const TensorContext& c, Elements
   return changed;
 }
 
-// A full tile of a vector-aligned tensor: every element present, 16-byte accesses, the
-// bitmap written 8 bytes at a time. All threads of the block call it.
+// A full tile's loads on the vector path, as they arrive: 16-byte vectors of one thread's
+// 8 elements (one per bf16 array, two per fp32 array) and the freeze-mask word of its group
+// of 8 lanes. walk issues the next tile's loads before this tile's math.
+template <class V>
+struct Loaded8 {
+  static constexpr int kGrad = V::kGradBf16 ? 1 : 2, kParam = V::kParamBf16 ? 1 : 2,
+                       kState = V::kStateBf16 ? 1 : 2,
+                       kMaster = V::kMaster == MasterForm::kRemainder ? 1 : 2;
+  uint4 grad[kGrad], param[kParam], exp_avg[kState], exp_avg_sq[kState],
+      max_exp_avg_sq[V::kAmsgrad ? kState : 1],
+      master[V::kMaster != MasterForm::kNone ? kMaster : 1];
+  uint2 mask;
+};
+
+template <class V, bool kSkip>
+__device__ __forceinline__ void vector_loads(const TensorContext& c, int64_t first, Loaded8<V>& l) {
+  load_vectors(c.grad, first, l.grad);
+  if (!kSkip) {
+    load_vectors(c.param, first, l.param);
+    load_vectors(c.exp_avg, first, l.exp_avg);
+    load_vectors(c.exp_avg_sq, first, l.exp_avg_sq);
+    if (V::kAmsgrad) load_vectors(c.max_exp_avg_sq, first, l.max_exp_avg_sq);
+    if (V::kMaster != MasterForm::kNone) load_vectors(c.master, first, l.master);
+  }
+  l.mask = c.freeze_mask != nullptr
+               ? __ldcs(reinterpret_cast<const uint2*>(c.freeze_mask + ((first >> 3) & ~int64_t{7})))
+               : make_uint2(~0u, ~0u);
+}
+
+// A full tile of a vector-aligned tensor from its loads: every element present, 16-byte
+// stores, the bitmap written 8 bytes at a time. All threads of the block call it.
 template <class V, bool kSkip>
 __device__ __forceinline__ void vector_tile(const TensorContext& c, int64_t first,
-                                            const GradOptions& options, uint32_t grad_flip,
-                                            Counts& counts) {
+                                            const Loaded8<V>& l, const GradOptions& options,
+                                            uint32_t grad_flip, Counts& counts) {
   const int lane = threadIdx.x & 31;
   Elements8 x = {};  // what a variant does not load (or kSkip) reads as 0
-  load8_vector<V::kGradBf16>(c.grad, first, x.grad, grad_flip);
+  unpack8(l.grad, x.grad, grad_flip);
   if (!kSkip) {
-    load8_vector<V::kParamBf16>(c.param, first, x.param);
-    load8_vector<V::kStateBf16>(c.exp_avg, first, x.exp_avg);
-    load8_vector<V::kStateBf16>(c.exp_avg_sq, first, x.exp_avg_sq);
-    if (V::kAmsgrad) load8_vector<V::kStateBf16>(c.max_exp_avg_sq, first, x.max_exp_avg_sq);
-    if (V::kMaster != MasterForm::kNone) {
-      load8_vector<V::kMaster == MasterForm::kRemainder>(c.master, first, x.master);
-    }
+    unpack8(l.param, x.param);
+    unpack8(l.exp_avg, x.exp_avg);
+    unpack8(l.exp_avg_sq, x.exp_avg_sq);
+    if (V::kAmsgrad) unpack8(l.max_exp_avg_sq, x.max_exp_avg_sq);
+    if (V::kMaster != MasterForm::kNone) unpack8(l.master, x.master);
   }
   // The freeze-mask byte of this thread, from the 8 bytes of its group of 8 lanes.
-  uint32_t train = 0xFFu;
-  if (c.freeze_mask != nullptr) {
-    const uint2 word = __ldcs(reinterpret_cast<const uint2*>(c.freeze_mask + ((first >> 3) & ~int64_t{7})));
-    train = ((lane & 4) ? word.y : word.x) >> (8 * (lane & 3)) & 0xFFu;
-  }
+  const uint32_t train = ((lane & 4) ? l.mask.y : l.mask.x) >> (8 * (lane & 3)) & 0xFFu;
 
   Philox4 draw{};
   if (V::kStochastic && !kSkip) {
@@ -499,21 +538,40 @@ __device__ __forceinline__ void element_tile(const TensorContext& c, int64_t fir
   }
 }
 
-// Tiles [tile, end) of the launch, tensor by tensor.
+// Tiles [tile, end) of the launch, tensor by tensor from tensor t (that of `tile`).
 template <class V, bool kSkip>
-__device__ __forceinline__ void walk(const LaunchArgs& a, int64_t tile, int64_t end,
+__device__ __forceinline__ void walk(const LaunchArgs& a, int64_t t, int64_t tile, int64_t end,
                                      const GradOptions& options, uint32_t grad_flip) {
   const bool count = V::kTrack && a.counter_workspace != nullptr;
-  int64_t t = find_tensor(a.rows, a.num_tensors, tile);
   while (true) {  // the same for the whole block
     const TensorContext c = load_tensor<V>(a, t);
     const int64_t last = end < c.end_tile ? end : c.end_tile;
     const int64_t vector_end = c.first_tile + c.full_tiles < last ? c.first_tile + c.full_tiles : last;
     const int64_t thread_first = int64_t{threadIdx.x} * kElementsPerThread;
     Counts counts{0, 0, 0};
-    for (; tile < vector_end; ++tile) {
-      vector_tile<V, kSkip>(c, (tile - c.first_tile) * kTileElements + thread_first, options,
-                            grad_flip, counts);
+    if (!V::kPipelined) {
+      for (; tile < vector_end; ++tile) {
+        const int64_t first = (tile - c.first_tile) * kTileElements + thread_first;
+        Loaded8<V> now;
+        vector_loads<V, kSkip>(c, first, now);
+        vector_tile<V, kSkip>(c, first, now, options, grad_flip, counts);
+      }
+    } else if (tile < vector_end) {
+      // Software pipelined: the next tile's loads are issued before this tile's math, into
+      // the other of two buffers (unrolled by two, so that no buffer is copied).
+      Loaded8<V> even, odd;
+      int64_t first = (tile - c.first_tile) * kTileElements + thread_first;
+      vector_loads<V, kSkip>(c, first, even);
+      while (true) {
+        if (tile + 1 < vector_end) vector_loads<V, kSkip>(c, first + kTileElements, odd);
+        vector_tile<V, kSkip>(c, first, even, options, grad_flip, counts);
+        first += kTileElements;
+        if (++tile == vector_end) break;
+        if (tile + 1 < vector_end) vector_loads<V, kSkip>(c, first + kTileElements, even);
+        vector_tile<V, kSkip>(c, first, odd, options, grad_flip, counts);
+        first += kTileElements;
+        if (++tile == vector_end) break;
+      }
     }
     for (; tile < last; ++tile) {
       element_tile<V, kSkip>(c, (tile - c.first_tile) * kTileElements + thread_first, options,
@@ -538,10 +596,11 @@ __global__ void __launch_bounds__(kThreads, V::kMinBlocks) adamw_kernel(const La
   const GradOptions options{V::kGradScale ? *a.grad_scale : 1.0f, V::kGradScale, false};
   const uint32_t grad_flip = grad_sign_flip<V>(a.maximize);
   if (tile < end) {  // the same for the whole block
+    const int64_t t = find_tensor(a.rows, a.num_tensors, tile);
     if (a.found_inf != nullptr && *a.found_inf != 0.0f) {
-      walk<V, true>(a, tile, end, options, grad_flip);
+      walk<V, true>(a, t, tile, end, options, grad_flip);
     } else {
-      walk<V, false>(a, tile, end, options, grad_flip);
+      walk<V, false>(a, t, tile, end, options, grad_flip);
     }
   }
   if (V::kTrack && a.counter_workspace != nullptr) publish_counters(a);

@@ -869,6 +869,42 @@ def test_cuda_many_tensors_in_one_launch(cuda_device):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("state_dtype", [torch.bfloat16, torch.float32], ids=["bf16-states", "fp32-states"])
+@pytest.mark.parametrize("form", FORMS, ids=FORM_IDS)
+def test_cuda_every_full_tile_count_and_runs_that_split_tensors(cuda_device, form, state_dtype):
+    """The vector path's pipelined loop (two load buffers, the loop unrolled by two): tensors
+    of 1 to 9 full tiles with and without a partial one, so that a run ends on either buffer
+    and on a tile with or without a next one, and enough tiles that the blocks' runs start
+    and end inside tensors. No amsgrad, so the two-blocks-per-SM variants run."""
+    param_dtype, master, rounding = form
+    gen = torch.Generator().manual_seed(31)
+    tile = 2048
+    sizes = [k * tile + r for k in range(1, 10) for r in (0, 5)] + [600 * tile + 7, 100_000, 4099]
+    ref = [_make_state(gen, numel, param_dtype, state_dtype, master, freeze=i % 3 == 0,
+                       device=cuda_device) for i, numel in enumerate(sizes)]
+    got = [_clone(s) for s in ref]
+    n = len(ref)
+    for step in (1, 2, 3, 4):
+        grads = [_grad(gen, numel, torch.bfloat16 if param_dtype == torch.bfloat16 else torch.float32,
+                       cuda_device, 1.0, nonfinite=True) for numel in sizes]
+        steps = torch.full((n,), step, device=cuda_device)
+        kwargs = dict(scalars=R.step_scalars(steps, 1e-2, *BETAS, 0.1, EPS), rounding=rounding,
+                      sr_keys=R.stochastic_rounding_keys(9, steps, torch.arange(n, device=cuda_device)),
+                      maximize=step == 3)
+        if step == 2:
+            kwargs["grad_scale"] = torch.tensor(4.0, device=cuda_device)
+        if step == 4:  # a skipped step: every store dead, non-finite grads still counted
+            kwargs["found_inf"] = torch.tensor(1.0, device=cuda_device)
+        for s in ref + got:
+            _poison(s, gen)
+        _call(R.adamw, ref, [g.clone() for g in grads], **kwargs)
+        _call(cuda_backend.adamw, got, [g.clone() for g in grads], **kwargs)
+        for i, (r, g) in enumerate(zip(ref, got)):
+            _compare(r, g, f"tensor {i} ({sizes[i]} elements) step {step}")
+    assert sum(int(s["counters"][0]) for s in ref) > 0
+
+
+@pytest.mark.gpu
 def test_cuda_tensor_over_2_31_elements(cuda_device):
     """64-bit indexing: windows of a 2**31 + 4101 element tensor (one before and one across
     element 2**31, one at the end) equal the reference run on copies of those windows with

@@ -95,6 +95,29 @@ def test_steady_state_path_takes_vector_fast_path_and_counts_optional_stores():
     assert path.accesses == [(16, True), (8, False), (16, False)]
 
 
+# A software-pipelined loop: the first tile's loads before it, the next tile's at its head,
+# inside a loop over tensors; the outer loop holds more vector accesses, the inner one is
+# the steady state.
+PIPELINED = [
+    "S2R R0, SR_TID.X",                         # 0x00 next tensor
+    "LDG.E.128 R8, desc[UR4][R6.64]",           # 0x10 prologue: the first tile's loads
+    "LDG.E.128 R12, desc[UR4][R6.64+0x10]",     # 0x20
+    "LDG.E.128 R16, desc[UR4][R6.64+0x800]",    # 0x30 loop head: the next tile's loads
+    "FADD R1, R8, R12",                         # 0x40
+    "STG.E.128 desc[UR4][R6.64], R8",           # 0x50
+    "@P0 BRA 0x30",                             # 0x60 back edge
+    "@P1 BRA 0x0",                              # 0x70 tensor loop's back edge
+    "EXIT",                                     # 0x80
+]
+
+
+def test_steady_state_path_of_a_pipelined_loop_is_the_inner_loop():
+    path = S.steady_state_path(S.parse_sass(_sass(PIPELINED)))
+    assert path.span == (0x30, 0x60)
+    assert path.instructions == 4
+    assert path.accesses == [(16, True), (16, False)]
+
+
 def test_steady_state_path_without_vector_loop_is_an_error():
     with pytest.raises(ValueError, match="no loop with 16-byte global accesses"):
         S.steady_state_path(S.parse_sass(_sass(["LDG.E.128 R8, desc[UR4][R6.64]", "EXIT"])))
