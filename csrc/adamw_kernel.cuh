@@ -67,9 +67,11 @@ struct Variant {
   // and spilled at 128 (ptxas, sm_90), so they get one 256-thread block and up to 255.
   static constexpr int kMinBlocks = (kAmsgrad || kMaster != MasterForm::kNone) ? 1 : 2;
   // walk issues the next full tile's loads before this tile's math (a second set of load
-  // buffers) where that fits: at 128 registers, stochastic rounding's Philox words and
-  // the buffers spilled (ptxas, sm_90), so those variants load each tile before its math.
-  static constexpr bool kPipelined = kMinBlocks == 1 || !kStochastic;
+  // buffers) where that fits. At 128 registers, stochastic rounding with fp32 states or
+  // with a grad scale spilled that way (ptxas, sm_80 and sm_90), so those variants load
+  // each tile before its math.
+  static constexpr bool kPipelined =
+      kMinBlocks == 1 || !kStochastic || (kStateBf16 && !kGradScale);
 };
 
 // ---------------------------------------------------------------------------------------
@@ -403,6 +405,17 @@ struct Loaded8 {
   uint2 mask;
 };
 
+// The Philox output of a thread's 8 elements on the vector path (stochastic rounding; {}
+// otherwise): one call, as their global indices share index >> 3.
+template <class V, bool kSkip>
+__device__ __forceinline__ Philox4 draw_for(const TensorContext& c, int64_t first) {
+  Philox4 draw{};
+  if (V::kStochastic && !kSkip) {
+    draw = philox_for_8(c.key_lo, c.key_hi, static_cast<uint64_t>(c.element_offset + first) >> 3);
+  }
+  return draw;
+}
+
 template <class V, bool kSkip>
 __device__ __forceinline__ void vector_loads(const TensorContext& c, int64_t first, Loaded8<V>& l) {
   load_vectors(c.grad, first, l.grad);
@@ -422,8 +435,9 @@ __device__ __forceinline__ void vector_loads(const TensorContext& c, int64_t fir
 // stores, the bitmap written 8 bytes at a time. All threads of the block call it.
 template <class V, bool kSkip>
 __device__ __forceinline__ void vector_tile(const TensorContext& c, int64_t first,
-                                            const Loaded8<V>& l, const GradOptions& options,
-                                            uint32_t grad_flip, Counts& counts) {
+                                            const Loaded8<V>& l, const Philox4& draw,
+                                            const GradOptions& options, uint32_t grad_flip,
+                                            Counts& counts) {
   const int lane = threadIdx.x & 31;
   Elements8 x = {};  // what a variant does not load (or kSkip) reads as 0
   unpack8(l.grad, x.grad, grad_flip);
@@ -437,10 +451,6 @@ __device__ __forceinline__ void vector_tile(const TensorContext& c, int64_t firs
   // The freeze-mask byte of this thread, from the 8 bytes of its group of 8 lanes.
   const uint32_t train = ((lane & 4) ? l.mask.y : l.mask.x) >> (8 * (lane & 3)) & 0xFFu;
 
-  Philox4 draw{};
-  if (V::kStochastic && !kSkip) {
-    draw = philox_for_8(c.key_lo, c.key_hi, static_cast<uint64_t>(c.element_offset + first) >> 3);
-  }
   uint32_t moved, nonfinite;
   const auto draw16 = [&](int k) { return random16_of(draw, k); };
   // Every element trained (no freeze mask, or a byte of ones) is the common case: an
@@ -554,21 +564,25 @@ __device__ __forceinline__ void walk(const LaunchArgs& a, int64_t t, int64_t til
         const int64_t first = (tile - c.first_tile) * kTileElements + thread_first;
         Loaded8<V> now;
         vector_loads<V, kSkip>(c, first, now);
-        vector_tile<V, kSkip>(c, first, now, options, grad_flip, counts);
+        vector_tile<V, kSkip>(c, first, now, draw_for<V, kSkip>(c, first), options, grad_flip,
+                              counts);
       }
     } else if (tile < vector_end) {
       // Software pipelined: the next tile's loads are issued before this tile's math, into
-      // the other of two buffers (unrolled by two, so that no buffer is copied).
+      // the other of two buffers (unrolled by two, so that no buffer is copied), and after
+      // this tile's Philox call, whose temporaries are then dead.
       Loaded8<V> even, odd;
       int64_t first = (tile - c.first_tile) * kTileElements + thread_first;
       vector_loads<V, kSkip>(c, first, even);
       while (true) {
+        Philox4 draw = draw_for<V, kSkip>(c, first);
         if (tile + 1 < vector_end) vector_loads<V, kSkip>(c, first + kTileElements, odd);
-        vector_tile<V, kSkip>(c, first, even, options, grad_flip, counts);
+        vector_tile<V, kSkip>(c, first, even, draw, options, grad_flip, counts);
         first += kTileElements;
         if (++tile == vector_end) break;
+        draw = draw_for<V, kSkip>(c, first);
         if (tile + 1 < vector_end) vector_loads<V, kSkip>(c, first + kTileElements, even);
-        vector_tile<V, kSkip>(c, first, odd, options, grad_flip, counts);
+        vector_tile<V, kSkip>(c, first, odd, draw, options, grad_flip, counts);
         first += kTileElements;
         if (++tile == vector_end) break;
       }
