@@ -27,25 +27,20 @@ from torch import Tensor
 # over the params, which costs about half as much as reading the grads.
 _pointers_equal = getattr(torch._C, "_tensors_data_ptrs_at_indices_equal", None)
 
-_address_check: Callable | bool | None = None  # _native_address_check's answer, once known
+# extension_function's answers by name, once known (a test may set or drop one).
+EXTENSION_FUNCTIONS: dict[str, Callable | bool] = {}
 
 
 def extension_function(name: str) -> Callable | bool:
     """``rlvr_optim._cpu.<name>`` if that module is loaded or was built at install time
-    (never compiled here), else False."""
-    from . import cpu_backend  # noqa: PLC0415 - imports the extension's loader
+    (never compiled here), else False; looked up once per name."""
+    found = EXTENSION_FUNCTIONS.get(name)
+    if found is None:
+        from . import cpu_backend  # noqa: PLC0415 - imports the extension's loader
 
-    module = cpu_backend._extension or cpu_backend._prebuilt()
-    return getattr(module, name, None) or False
-
-
-def _native_address_check() -> Callable | bool:
-    """``rlvr_optim._cpu.addresses_equal`` where available, else False: the params' check
-    in one C pass that calls the address getter directly and compares with a byte key."""
-    global _address_check
-    if _address_check is None:
-        _address_check = extension_function("addresses_equal")
-    return _address_check
+        module = cpu_backend._extension or cpu_backend._prebuilt()
+        found = EXTENSION_FUNCTIONS[name] = getattr(module, name, None) or False
+    return found
 
 
 class OperandList(list):
@@ -87,7 +82,7 @@ class CheckedCall:
     def _params_in_place(self, params: Sequence[Tensor]) -> bool:
         """Every param of ``params`` (of the checked length) still at the address it was
         checked with; False, not an error, for a param without storage or a non-tensor."""
-        check = _address_check if _address_check is not None else _native_address_check()
+        check = extension_function("addresses_equal")  # one C pass against a byte key
         if check:
             return check(params, self.param_key, Tensor.data_ptr)
         try:

@@ -103,7 +103,7 @@ def read_gradients(params: Sequence[Tensor]) -> Gradients | None:
     Read in one pass by ``rlvr_optim._cpu.read_gradients`` where the CPU extension is
     built (it is not compiled for this), else in three ``map`` passes here; the same
     grads, addresses and dtypes either way."""
-    reader = _native_reader()
+    reader = extension_function("read_gradients")
     if reader:
         read = reader(params, Tensor.data_ptr)
         return None if read is None else Gradients(read[0], read[1])
@@ -116,27 +116,13 @@ def read_gradients(params: Sequence[Tensor]) -> Gradients | None:
     return grads
 
 
-_reader: Callable | bool | None = None  # _native_reader's answer, once known
-_same: Callable | bool | None = None  # same_items's native function, once known
-
-
-def _native_reader() -> Callable | bool:
-    """``rlvr_optim._cpu.read_gradients`` where available, else False."""
-    global _reader
-    if _reader is None:
-        _reader = extension_function("read_gradients")
-    return _reader
-
-
 def same_items(a: Sequence, b: Sequence) -> bool:
     """Whether ``a`` and ``b`` hold the very same objects in the same order: one memcmp of
     their item pointers by ``rlvr_optim._cpu.same_items`` where the CPU extension is built,
     else an ``is`` per item here."""
-    global _same
-    if _same is None:
-        _same = extension_function("same_items")
-    if _same:
-        return _same(a, b)
+    native = extension_function("same_items")
+    if native:
+        return native(a, b)
     return len(a) == len(b) and all(map(is_, a, b))
 
 

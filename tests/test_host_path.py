@@ -101,19 +101,19 @@ class _Twins:
 @pytest.fixture(params=["one pass", "three passes"])
 def reader(request, monkeypatch):
     """read_gradients (and same_items) by the CPU extension, or by their Python passes."""
-    from rlvr_optim import cpu_backend, plan
+    from rlvr_optim import _checked, cpu_backend, plan
 
     if request.param == "one pass":
         if cpu_backend.unavailable_reason() is not None:
             pytest.skip("the CPU extension is not built")
         native = cpu_backend.load_extension().read_gradients
-        monkeypatch.setattr(plan, "_reader", None)  # found again, as a first step would
-        monkeypatch.setattr(plan, "_same", None)
-        assert plan._native_reader() is not False
-        assert plan._native_reader().__name__ == native.__name__
+        for name in ("read_gradients", "same_items"):  # found again, as a first step would
+            monkeypatch.delitem(_checked.EXTENSION_FUNCTIONS, name, raising=False)
+        assert plan.extension_function("read_gradients") is not False
+        assert plan.extension_function("read_gradients").__name__ == native.__name__
     else:  # and the params' identity by an `is` per param
-        monkeypatch.setattr(plan, "_reader", False)
-        monkeypatch.setattr(plan, "_same", False)
+        monkeypatch.setitem(_checked.EXTENSION_FUNCTIONS, "read_gradients", False)
+        monkeypatch.setitem(_checked.EXTENSION_FUNCTIONS, "same_items", False)
     return request.param
 
 
@@ -127,10 +127,11 @@ def param_check(request, monkeypatch):
     if request.param == "one pass":
         if cpu_backend.unavailable_reason() is not None:
             pytest.skip("the CPU extension is not built")
-        monkeypatch.setattr(_checked, "_address_check", None)  # found again
-        assert _checked._native_address_check() is cpu_backend.load_extension().addresses_equal
+        monkeypatch.delitem(_checked.EXTENSION_FUNCTIONS, "addresses_equal", raising=False)
+        assert _checked.extension_function("addresses_equal") is \
+            cpu_backend.load_extension().addresses_equal  # found again
         return request.param
-    monkeypatch.setattr(_checked, "_address_check", False)
+    monkeypatch.setitem(_checked.EXTENSION_FUNCTIONS, "addresses_equal", False)
     if request.param == "python pass":
         monkeypatch.setattr(_checked, "_pointers_equal", None)
     elif _checked._pointers_equal is None:
@@ -412,7 +413,7 @@ def test_the_one_pass_reader_reads_attributes_as_getattr_does():
 
 
 def test_addresses_equal_and_same_items(monkeypatch):
-    from rlvr_optim import plan
+    from rlvr_optim import _checked, plan
 
     ext = _extension()
     data_ptr = torch.Tensor.data_ptr
@@ -438,7 +439,7 @@ def test_addresses_equal_and_same_items(monkeypatch):
     with pytest.raises(TypeError):
         ext.same_items(params, 5)
     for native in (None, False):  # plan.same_items: the extension's, or its `is` per item
-        monkeypatch.setattr(plan, "_same", native)
+        monkeypatch.setitem(_checked.EXTENSION_FUNCTIONS, "same_items", native)
         assert plan.same_items(params, list(params)) and plan.same_items([], ())
         assert not plan.same_items(params, copy_) and not plan.same_items(params, params[:-1])
 
