@@ -19,14 +19,15 @@ function exists; otherwise one row per (mode, tracking) with null numbers and an
 ``"unavailable"`` reason.
 
 The steady-state loop is an innermost backward branch among those whose span holds 16-byte
-global accesses (of several such, the one holding the most; a loop around it also holds
-the loads a software-pipelined loop issues before its first iteration). Its path is found on the control-flow graph of that
-span: blocks holding a call (the out-of-line slow paths of IEEE division and square root)
-or a barrier (a change of tensor) are off it; of the remaining paths from the loop head to
-the back edge it takes the one moving the most global bytes, then the one with the fewest
-instructions (so a vector access beats eight element-wise ones, and an optional bitmap or
-freeze-mask access is counted, not skipped). Elements per iteration follow from the
-16-byte loads on the path and the layout's 16-byte loads per 8 elements.
+global accesses (of several such, the one holding the most; a loop around it also holds the
+loads a software-pipelined loop issues before its first iteration). Its path is found on
+the control-flow graph of that span: blocks holding a call (the out-of-line slow paths of
+IEEE division and square root) or a barrier (a change of tensor) are off it; of the
+remaining paths from the loop head to the back edge it takes the one moving the most global
+bytes, then the one with the fewest instructions (so a vector access beats eight
+element-wise ones, and an optional bitmap or freeze-mask access is counted, not skipped).
+Elements per iteration follow from the 16-byte loads on the path and the layout's 16-byte
+loads per 8 elements.
 """
 
 from __future__ import annotations
