@@ -13,9 +13,12 @@ time on a GPU comes from ``rlvr-optim bench`` (many-small rows).
 
 The floor and the backends are timed in turns within each round (each going first in turn),
 so that load from other processes on the machine reaches them alike; medians over the
-rounds. ``--json`` prints one
-JSON object ``{"floor_ms", "reference_ms", "triton_ms", "cuda_ms"}`` after the table (null
-for a backend that cannot run here). The ``cuda`` row needs the extension module
+rounds. They all read one set of params and grads: with a set each, reading the grads of
+the set built first took 1.3-1.6x as long as reading those of the next one (measured in one
+process on the 2-core VM, whichever backend owned it), which decided their ratios to the
+floor more than their own work. ``--json`` prints one JSON object ``{"floor_ms",
+"reference_ms", "triton_ms", "cuda_ms"}`` after the table (null for a backend that cannot
+run here). The ``cuda`` row needs the extension module
 (``rlvr_optim._C``, or one linked by the tests in the cache folder); it only reads the
 module's constants and table layout.
 """
@@ -116,14 +119,14 @@ def main() -> None:
     torch.set_num_threads(1)
     from rlvr_optim import AdamW
 
-    floor_params = _model(args)
-    steps = {"floor": lambda: [p.grad.data_ptr() for p in floor_params]}
+    params = _model(args)  # one set for all: see the docstring
+    steps = {"floor": lambda: [p.grad.data_ptr() for p in params]}
     missing = []
     for backend in args.backend or BACKENDS:
         if not _stub(backend):
             missing.append(backend)
             continue
-        opt = AdamW(_model(args), lr=1e-4, backend=backend, track_changes=args.track)
+        opt = AdamW(params, lr=1e-4, backend=backend, track_changes=args.track)
         opt.step()  # first step: checks, state, tables
         steps[backend] = opt.step
     times = {name: [] for name in steps}
