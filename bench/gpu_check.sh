@@ -2,7 +2,8 @@
 # The one command for a GPU machine without network access (see bench/README.md). It works
 # against one deadline, most valuable first, and a run cut short keeps what it measured
 # (rows stream to rows.jsonl as they finish):
-#   1  environment to run.log; install; the CUDA extension starts building in the background
+#   1  environment to run.log; install; the CUDA and CPU extensions start building in the
+#      background
 #   2  meanwhile, on the idle GPU: copy bandwidth and the anchors on the 1.5B preset
 #   3  smoke check: each fused backend x mode bit for bit against the reference on the GPU
 #   4  our headline rows on the 1.5B preset: default mode, tracking off and step
@@ -86,8 +87,8 @@ for name in ("torch", "triton", "torchao", "torch-optimi"):
     "$py" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
       --target /tmp/site .whl/*.whl && export PYTHONPATH="/tmp/site${PYTHONPATH:+:$PYTHONPATH}"
   fi
-  # Installed without the extensions, so the package imports at once (the CPU backend's is
-  # no use on a GPU machine); -I: this checkout's own folder must not count as installed.
+  # Installed without the extensions, so the package imports at once; both are built below
+  # in the background. -I: this checkout's own folder must not count as installed.
   installed=$("$py" -I -c 'import importlib.util as u; s = u.find_spec("rlvr_optim"); print(s.origin if s else "")')
   if [ "$installed" = "$PWD/rlvr_optim/__init__.py" ]; then
     echo "   rlvr_optim is installed from this checkout already"
@@ -97,6 +98,7 @@ for name in ("torch", "triton", "torchao", "torch-optimi"):
     echo "   pip install failed; going on from the checkout (python -m finds it in this folder)"
   fi
   build_pid=""
+  cpu_build_pid=""
   if [ "$device" = cuda ]; then
     # For this GPU's architecture only (CI compiles sm_80 and sm_90): half the nvcc time.
     # setup.py builds what the install would have built, in the scratch folder; the
@@ -115,8 +117,23 @@ for name in ("torch", "triton", "torchao", "torch-optimi"):
     ) &
     build_pid=$!
     echo "   extension build started (sm_${RLVR_OPTIM_CUDA_ARCHS:-$cap}, at most $build_limit s)"
+    # The CPU extension is the host path of every fused step, GPU steps too (one pass that
+    # reads the grads, one that compares the params' addresses: rlvr_optim/plan.py), and a
+    # pip install with a C++ compiler builds it; without it the Python passes run and the
+    # many-small rows time host work no user has. Its own job: a failure costs no CUDA row.
+    rm -f rlvr_optim/_cpu*.so
+    (
+      RLVR_OPTIM_SKIP_CUDA_BUILD=1 timeout -k 5 "$build_limit" \
+        "$py" setup.py build_ext --force --build-lib "$scratch/cpu_lib" --build-temp "$scratch/cpu_temp" \
+        > "$scratch/cpu_build.log" 2>&1 \
+        && built=$(compgen -G "$scratch/cpu_lib/rlvr_optim/_cpu*.so") \
+        && cp "$built" rlvr_optim/.cpu.partial.so && mv rlvr_optim/.cpu.partial.so "rlvr_optim/${built##*/}"
+      echo $? > "$scratch/cpu_build.rc"
+    ) &
+    cpu_build_pid=$!
   else
     skipped "the CUDA extension build (GPU only)"
+    skipped "the CPU extension build (GPU only; the installed one, if any, is used)"
   fi
 
   phase "2: copy bandwidth and anchors, $big"
@@ -140,6 +157,15 @@ for name in ("torch", "triton", "torchao", "torch-optimi"):
       echo "   CUDA extension build FAILED (exit $build_rc$([ "$build_rc" = 124 ] && echo ", timed out")):" \
         "no cuda rows in this run; the Triton rows and the anchors go on"
       rm -f rlvr_optim/_C*.so  # so nothing compiles it on first use in a timed phase
+    fi
+  fi
+  if [ -n "$cpu_build_pid" ]; then
+    wait "$cpu_build_pid"
+    if [ "$(cat "$scratch/cpu_build.rc" 2>/dev/null)" = 0 ]; then
+      echo "   CPU extension (the steps' host path) built at $((SECONDS - t0)) s"
+    else
+      tail -n 8 "$scratch/cpu_build.log" | sed 's/^/   cpu build: /'
+      echo "   CPU extension build FAILED: the host path runs in Python (env.json: host_path)"
     fi
   fi
   backend_args=()

@@ -33,6 +33,7 @@ from typing import Callable
 import torch
 
 from . import backends
+from ._checked import extension_function
 from .errors import InputError, check_device
 
 __all__ = ["BACKENDS_TIMED", "DEFAULT_OUT", "OUR_MODES", "PRESETS", "bytes_per_element",
@@ -485,6 +486,10 @@ def environment(device: str | torch.device) -> dict:
         "torch": torch.__version__,
         "cuda": torch.version.cuda,
         "python": platform.python_version(),
+        # How a steady-state step reads its grads and checks its params (rlvr_optim/plan.py):
+        # one C pass each with the CPU extension, Python passes without; with thousands of
+        # tensors that is most of an eager step's host time.
+        "host_path": "cpu extension" if extension_function("read_gradients") else "python",
     }
     try:
         import triton

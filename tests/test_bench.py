@@ -82,9 +82,24 @@ def test_host_overhead_prints_one_json_object_of_positive_medians():
     assert any(line.startswith("triton") and "x floor" in line for line in lines)
 
 
+@pytest.mark.parametrize("native", [True, False])
+def test_environment_names_the_host_path_the_steps_took(native, monkeypatch):
+    from rlvr_optim import _checked, cpu_backend
+
+    if native:
+        if cpu_backend.unavailable_reason() is not None:
+            pytest.skip("the CPU extension is not built")
+        cpu_backend.load_extension()
+        monkeypatch.delitem(_checked.EXTENSION_FUNCTIONS, "read_gradients", raising=False)
+    else:
+        monkeypatch.setitem(_checked.EXTENSION_FUNCTIONS, "read_gradients", False)
+    expected = "cpu extension" if native else "python"
+    assert bench.environment("cpu")["host_path"] == expected
+
+
 def test_cpu_result_schema_and_every_anchor_accounted_for(result):
     env = result["environment"]
-    for key in ("date", "device", "torch", "triton", "commit", "python"):
+    for key in ("date", "device", "torch", "triton", "commit", "python", "host_path"):
         assert key in env
     assert result["cpu_timings_are_not_performance_results"] is True
     assert result["copy_gbps"] > 0

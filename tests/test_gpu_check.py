@@ -48,7 +48,8 @@ def test_cpu_run_goes_through_every_phase_in_order(full_run):
     assert done.stdout.index("== phase 7") < done.stdout.index("== short table")
     assert (out / "run.log").read_text() == done.stdout  # everything printed is logged
     # The GPU-only parts say that they were skipped.
-    for what in ("the CUDA extension build (GPU only)", "the many-small and mixed presets",
+    for what in ("the CUDA extension build (GPU only)", "the CPU extension build (GPU only",
+                 "the many-small and mixed presets",
                  "the GPU tests (pytest -m gpu) need a GPU", "not asked (TUNE=1, PROFILE=1)"):
         assert f"skipped: {what}" in done.stdout
     # The smoke check ran on the CPU: Triton under its interpreter against the reference.
