@@ -49,6 +49,22 @@ budget() {  # budget CAP: seconds the next phase may take
 phase() { echo "== phase $1 at $((SECONDS - t0)) s, $(left) s left"; }
 skipped() { echo "   skipped: $*"; }
 out_of_time() { skipped "$(left) s left, $reserve s of them kept for the short table"; }
+start_build() {  # start_build NAME ENV...: rlvr_optim.NAME built by setup.py in the background
+  # (within $build_limit s) in the scratch folder, then renamed into rlvr_optim/, so no
+  # process that looks for the module meanwhile loads half of one; a stale one goes first.
+  # Its log and exit status: $scratch/NAME.log and NAME.rc.
+  local name=$1 dir="$scratch/build$1"
+  shift
+  rm -f "rlvr_optim/$name"*.so
+  (
+    env "$@" timeout -k 5 "$build_limit" "$py" setup.py build_ext --force \
+      --build-lib "$dir/lib" --build-temp "$dir/temp" > "$scratch/$name.log" 2>&1 \
+      && built=$(compgen -G "$dir/lib/rlvr_optim/$name*.so") \
+      && cp "$built" "rlvr_optim/.$name.partial.so" \
+      && mv "rlvr_optim/.$name.partial.so" "rlvr_optim/${built##*/}"
+    echo $? > "$scratch/$name.rc"
+  ) &
+}
 run_for() {  # run_for SECONDS CMD...: CMD under a timeout that says when it fired
   local limit=$1 rc
   shift
@@ -101,35 +117,16 @@ for name in ("torch", "triton", "torchao", "torch-optimi"):
   cpu_build_pid=""
   if [ "$device" = cuda ]; then
     # For this GPU's architecture only (CI compiles sm_80 and sm_90): half the nvcc time.
-    # setup.py builds what the install would have built, in the scratch folder; the
-    # finished file is then renamed into the package, so no process that looks for the
-    # extension meanwhile loads half of one. A stale one from an earlier run goes first.
     cap=$(nvidia-smi --query-gpu=compute_cap --format=csv,noheader 2>/dev/null | head -n 1 | tr -d ' .')
-    rm -f rlvr_optim/_C*.so
     build_limit=$(budget 150)
-    (
-      RLVR_OPTIM_SKIP_CPU_BUILD=1 RLVR_OPTIM_CUDA_ARCHS="${RLVR_OPTIM_CUDA_ARCHS:-$cap}" timeout -k 5 "$build_limit" \
-        "$py" setup.py build_ext --force --build-lib "$scratch/lib" --build-temp "$scratch/temp" \
-        > "$scratch/build.log" 2>&1 \
-        && built=$(compgen -G "$scratch/lib/rlvr_optim/_C*.so") \
-        && cp "$built" rlvr_optim/.C.partial.so && mv rlvr_optim/.C.partial.so "rlvr_optim/${built##*/}"
-      echo $? > "$scratch/build.rc"
-    ) &
+    start_build _C RLVR_OPTIM_SKIP_CPU_BUILD=1 RLVR_OPTIM_CUDA_ARCHS="${RLVR_OPTIM_CUDA_ARCHS:-$cap}"
     build_pid=$!
     echo "   extension build started (sm_${RLVR_OPTIM_CUDA_ARCHS:-$cap}, at most $build_limit s)"
     # The CPU extension is the host path of every fused step, GPU steps too (one pass that
     # reads the grads, one that compares the params' addresses: rlvr_optim/plan.py), and a
     # pip install with a C++ compiler builds it; without it the Python passes run and the
     # many-small rows time host work no user has. Its own job: a failure costs no CUDA row.
-    rm -f rlvr_optim/_cpu*.so
-    (
-      RLVR_OPTIM_SKIP_CUDA_BUILD=1 timeout -k 5 "$build_limit" \
-        "$py" setup.py build_ext --force --build-lib "$scratch/cpu_lib" --build-temp "$scratch/cpu_temp" \
-        > "$scratch/cpu_build.log" 2>&1 \
-        && built=$(compgen -G "$scratch/cpu_lib/rlvr_optim/_cpu*.so") \
-        && cp "$built" rlvr_optim/.cpu.partial.so && mv rlvr_optim/.cpu.partial.so "rlvr_optim/${built##*/}"
-      echo $? > "$scratch/cpu_build.rc"
-    ) &
+    start_build _cpu RLVR_OPTIM_SKIP_CUDA_BUILD=1
     cpu_build_pid=$!
   else
     skipped "the CUDA extension build (GPU only)"
@@ -147,13 +144,13 @@ for name in ("torch", "triton", "torchao", "torch-optimi"):
   build_ok=0
   if [ -n "$build_pid" ]; then
     wait "$build_pid"
-    build_rc=$(cat "$scratch/build.rc" 2>/dev/null || echo "?")
+    build_rc=$(cat "$scratch/_C.rc" 2>/dev/null || echo "?")
     if [ "$build_rc" = 0 ] && compgen -G "rlvr_optim/_C*.so" > /dev/null; then
       build_ok=1
       fused=(cuda triton)
       echo "   CUDA extension built at $((SECONDS - t0)) s"
     else
-      tail -n 15 "$scratch/build.log" | sed 's/^/   build: /'
+      tail -n 15 "$scratch/_C.log" | sed 's/^/   build: /'
       echo "   CUDA extension build FAILED (exit $build_rc$([ "$build_rc" = 124 ] && echo ", timed out")):" \
         "no cuda rows in this run; the Triton rows and the anchors go on"
       rm -f rlvr_optim/_C*.so  # so nothing compiles it on first use in a timed phase
@@ -161,10 +158,10 @@ for name in ("torch", "triton", "torchao", "torch-optimi"):
   fi
   if [ -n "$cpu_build_pid" ]; then
     wait "$cpu_build_pid"
-    if [ "$(cat "$scratch/cpu_build.rc" 2>/dev/null)" = 0 ]; then
+    if [ "$(cat "$scratch/_cpu.rc" 2>/dev/null)" = 0 ]; then
       echo "   CPU extension (the steps' host path) built at $((SECONDS - t0)) s"
     else
-      tail -n 8 "$scratch/cpu_build.log" | sed 's/^/   cpu build: /'
+      tail -n 8 "$scratch/_cpu.log" | sed 's/^/   cpu build: /'
       echo "   CPU extension build FAILED: the host path runs in Python (env.json: host_path)"
     fi
   fi
