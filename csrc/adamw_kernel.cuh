@@ -3,8 +3,9 @@
 // of one dtype layout, described by a table in device memory (adamw_launch.h).
 //
 // Work split. The group's tensors are cut into tiles of kTileElements (a tile never spans
-// two tensors); block b of the grid takes a contiguous run of tiles, finds its first
-// tensor by binary search over the rows' first_tile, then walks forward, holding the
+// two tensors); block b of the grid takes a contiguous run of tiles, reads its first
+// tensor from the table's tile -> tensor section (one load, where a binary search over the
+// rows' first_tile took a dependent load per halving), then walks forward, holding the
 // current tensor's row in registers. The grid is as many blocks as fit on the device at
 // once, so each block runs to the end of its run.
 //
@@ -28,7 +29,8 @@
 // (exact: IEEE division and the later operations are symmetric in the sign, and computed
 // NaNs are canonical).
 //
-// Indices are int64 throughout: tensors may have more than 2**31 elements.
+// Element indices are int64: tensors may have more than 2**31 elements. Tile indices within
+// a launch are 32-bit (Tile), which keeps the loop bounds in single registers.
 #pragma once
 
 #include <cuda_runtime.h>
@@ -166,6 +168,11 @@ __device__ __forceinline__ uint32_t stored_bits(float x) {
 // The tensor a block is working on, read from its table row into registers.
 // ---------------------------------------------------------------------------------------
 
+// A tile index within a launch: 32 bits (the host refuses a launch of 2**32 tiles, 2**43
+// elements, or more), which keeps the loop bounds in single registers; element indices
+// stay 64-bit.
+using Tile = uint32_t;
+
 struct TensorContext {
   void* param;
   const void* grad;
@@ -178,15 +185,15 @@ struct TensorContext {
   uint8_t* cumulative_bitmap;
   int64_t numel;
   int64_t element_offset;
-  int64_t first_tile;
-  int64_t end_tile;
-  int64_t full_tiles;  // tiles that take the vector path
+  Tile first_tile;
+  Tile end_tile;
+  Tile full_tiles;  // tiles that take the vector path
   StepScalars scalars;
   uint32_t key_lo, key_hi;
 };
 
-__device__ __forceinline__ int64_t first_tile_of(const TensorRow* rows, int64_t t) {
-  return __ldg(&rows[t].first_tile);
+__device__ __forceinline__ Tile first_tile_of(const TensorRow* rows, int64_t t) {
+  return static_cast<Tile>(__ldg(&rows[t].first_tile));
 }
 
 // Every thread reads the row (one address per warp: a broadcast); only the fields the
@@ -207,12 +214,12 @@ __device__ __forceinline__ TensorContext load_tensor(const LaunchArgs& a, int64_
       V::kTrack ? reinterpret_cast<uint8_t*>(__ldg(&row->cumulative_bitmap)) : nullptr;
   c.numel = __ldg(&row->numel);
   c.element_offset = __ldg(&row->element_offset);
-  c.first_tile = __ldg(&row->first_tile);
+  c.first_tile = first_tile_of(a.rows, t);
   c.end_tile = first_tile_of(a.rows, t + 1);
   const int64_t flags = __ldg(&row->flags);
   const bool vector = (flags & kRowVectorAligned) != 0 && (flags & kRowBitmapAligned) != 0 &&
                       (!V::kStochastic || (c.element_offset & 7) == 0);
-  c.full_tiles = vector ? c.numel / kTileElements : 0;
+  c.full_tiles = vector ? static_cast<Tile>(c.numel / kTileElements) : 0u;
   const int64_t scalar_row = __ldg(&row->scalar_row);
   const float* s = a.scalars + 8 * scalar_row;
   c.scalars = StepScalars{__ldg(s), __ldg(s + 1), __ldg(s + 2), __ldg(s + 3),
@@ -220,22 +227,6 @@ __device__ __forceinline__ TensorContext load_tensor(const LaunchArgs& a, int64_
   c.key_lo = V::kStochastic ? static_cast<uint32_t>(__ldg(a.sr_keys + 2 * scalar_row)) : 0u;
   c.key_hi = V::kStochastic ? static_cast<uint32_t>(__ldg(a.sr_keys + 2 * scalar_row + 1)) : 0u;
   return c;
-}
-
-// The tensor of tile `tile`: the last row whose first_tile <= tile (which skips empty
-// tensors, whose first_tile equals the next one's).
-__device__ __forceinline__ int64_t find_tensor(const TensorRow* rows, int64_t num_tensors,
-                                               int64_t tile) {
-  int64_t lo = 0, hi = num_tensors;
-  while (hi - lo > 1) {
-    const int64_t mid = lo + (hi - lo) / 2;
-    if (first_tile_of(rows, mid) <= tile) {
-      lo = mid;
-    } else {
-      hi = mid;
-    }
-  }
-  return lo;
 }
 
 // ---------------------------------------------------------------------------------------
@@ -548,20 +539,29 @@ __device__ __forceinline__ void element_tile(const TensorContext& c, int64_t fir
   }
 }
 
-// Tiles [tile, end) of the launch, tensor by tensor from tensor t (that of `tile`).
+// The end of this block's run of tiles, read at tensor boundaries only. It lives in shared
+// memory, read through a volatile access so that it is not kept in a register across the
+// steady-state loop: at the 128-register cap of two blocks per SM, that register was
+// spilled to local memory (stochastic rounding with bf16 states and tracking, sm_80).
+__shared__ Tile shared_block_end;
+__device__ __forceinline__ Tile block_end() {
+  return *const_cast<const volatile Tile*>(&shared_block_end);
+}
+
+// Tiles [tile, block_end()) of the launch, tensor by tensor from tensor t (that of `tile`).
 template <class V, bool kSkip>
-__device__ __forceinline__ void walk(const LaunchArgs& a, int64_t t, int64_t tile, int64_t end,
+__device__ __forceinline__ void walk(const LaunchArgs& a, int64_t t, Tile tile,
                                      const GradOptions& options, uint32_t grad_flip) {
   const bool count = V::kTrack && a.counter_workspace != nullptr;
   while (true) {  // the same for the whole block
     const TensorContext c = load_tensor<V>(a, t);
-    const int64_t last = end < c.end_tile ? end : c.end_tile;
-    const int64_t vector_end = c.first_tile + c.full_tiles < last ? c.first_tile + c.full_tiles : last;
+    const Tile last = block_end() < c.end_tile ? block_end() : c.end_tile;
+    const Tile vector_end = c.first_tile + c.full_tiles < last ? c.first_tile + c.full_tiles : last;
     const int64_t thread_first = int64_t{threadIdx.x} * kElementsPerThread;
     Counts counts{0, 0, 0};
     if (!V::kPipelined) {
       for (; tile < vector_end; ++tile) {
-        const int64_t first = (tile - c.first_tile) * kTileElements + thread_first;
+        const int64_t first = int64_t{tile - c.first_tile} * kTileElements + thread_first;
         Loaded8<V> now;
         vector_loads<V, kSkip>(c, first, now);
         vector_tile<V, kSkip>(c, first, now, draw_for<V, kSkip>(c, first), options, grad_flip,
@@ -572,7 +572,7 @@ __device__ __forceinline__ void walk(const LaunchArgs& a, int64_t t, int64_t til
       // the other of two buffers (unrolled by two, so that no buffer is copied), and after
       // this tile's Philox call, whose temporaries are then dead.
       Loaded8<V> even, odd;
-      int64_t first = (tile - c.first_tile) * kTileElements + thread_first;
+      int64_t first = int64_t{tile - c.first_tile} * kTileElements + thread_first;
       vector_loads<V, kSkip>(c, first, even);
       while (true) {
         Philox4 draw = draw_for<V, kSkip>(c, first);
@@ -588,11 +588,11 @@ __device__ __forceinline__ void walk(const LaunchArgs& a, int64_t t, int64_t til
       }
     }
     for (; tile < last; ++tile) {
-      element_tile<V, kSkip>(c, (tile - c.first_tile) * kTileElements + thread_first, options,
-                             grad_flip, counts);
+      element_tile<V, kSkip>(c, int64_t{tile - c.first_tile} * kTileElements + thread_first,
+                             options, grad_flip, counts);
     }
     if (count) flush_counts(counts, a.counter_workspace + 3 * t);
-    if (tile >= end) break;
+    if (tile >= block_end()) break;
     do {
       ++t;
     } while (tile >= first_tile_of(a.rows, t + 1));
@@ -601,20 +601,22 @@ __device__ __forceinline__ void walk(const LaunchArgs& a, int64_t t, int64_t til
 
 template <class V>
 __global__ void __launch_bounds__(kThreads, V::kMinBlocks) adamw_kernel(const LaunchArgs a) {
-  // This block's run of tiles.
-  const int64_t blocks = gridDim.x, b = blockIdx.x;
-  const int64_t per_block = a.total_tiles / blocks, extra = a.total_tiles % blocks;
-  const int64_t tile = b * per_block + (b < extra ? b : extra);
-  const int64_t end = tile + per_block + (b < extra ? 1 : 0);
+  // This block's run of tiles (launch() splits them; the first extra_tiles blocks take one
+  // more), and its first tensor from the table's tile -> tensor section.
+  const Tile b = blockIdx.x, per_block = a.tiles_per_block, extra = a.extra_tiles;
+  const Tile tile = b * per_block + (b < extra ? b : extra);
+  const Tile end = tile + per_block + (b < extra ? 1u : 0u);
+  if (threadIdx.x == 0) shared_block_end = end;
+  __syncthreads();
 
   const GradOptions options{V::kGradScale ? *a.grad_scale : 1.0f, V::kGradScale, false};
   const uint32_t grad_flip = grad_sign_flip<V>(a.maximize);
   if (tile < end) {  // the same for the whole block
-    const int64_t t = find_tensor(a.rows, a.num_tensors, tile);
+    const int64_t t = __ldg(a.tile_tensor + tile);
     if (a.found_inf != nullptr && *a.found_inf != 0.0f) {
-      walk<V, true>(a, t, tile, end, options, grad_flip);
+      walk<V, true>(a, t, tile, options, grad_flip);
     } else {
-      walk<V, false>(a, t, tile, end, options, grad_flip);
+      walk<V, false>(a, t, tile, options, grad_flip);
     }
   }
   if (V::kTrack && a.counter_workspace != nullptr) publish_counters(a);
@@ -649,7 +651,11 @@ void launch(const LaunchArgs& a, int device, void* stream) {
   }
   int64_t grid = a.total_tiles < 1 ? 1 : a.total_tiles;
   if (grid > blocks) grid = blocks;
-  adamw_kernel<V><<<static_cast<unsigned>(grid), kThreads, 0, static_cast<cudaStream_t>(stream)>>>(a);
+  LaunchArgs args = a;
+  args.tiles_per_block = static_cast<uint32_t>(a.total_tiles / grid);
+  args.extra_tiles = static_cast<uint32_t>(a.total_tiles % grid);
+  const auto on = static_cast<cudaStream_t>(stream);
+  adamw_kernel<V><<<static_cast<unsigned>(grid), kThreads, 0, on>>>(args);
   check_cuda(cudaGetLastError(), "launching the AdamW kernel");
 }
 

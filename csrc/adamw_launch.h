@@ -9,6 +9,8 @@
 //   workspace   3 x num_tensors: counter sums; zero between launches (the last block of a
 //               launch copies them to the counters and zeroes them again)
 //   ticket      1: blocks that finished; zero between launches
+//   tile tensor ceil(total_tiles / 2): int32 per tile, the row of the tensor that tile
+//               belongs to (a block reads its first tensor there; no search)
 //
 // so a launch needs no kernel-argument space per tensor and no host value of step or lr
 // (those live in the scalars rows on the device): it can be captured in a CUDA graph.
@@ -56,14 +58,27 @@ constexpr int64_t kRowVectorAligned = 1;
 // 64-bit words on the vector path).
 constexpr int64_t kRowBitmapAligned = 2;
 
-constexpr int64_t table_int64s(int64_t num_tensors) {
-  return (num_tensors + 1) * kRowInt64s + 3 * num_tensors + 1;
+// Where the sections start, in int64s from the table's base.
+constexpr int64_t workspace_offset(int64_t num_tensors) {
+  return (num_tensors + 1) * kRowInt64s;
+}
+constexpr int64_t ticket_offset(int64_t num_tensors) {
+  return workspace_offset(num_tensors) + 3 * num_tensors;
+}
+constexpr int64_t tile_tensor_offset(int64_t num_tensors) {
+  return ticket_offset(num_tensors) + 1;
+}
+
+constexpr int64_t table_int64s(int64_t num_tensors, int64_t total_tiles) {
+  return tile_tensor_offset(num_tensors) + (total_tiles + 1) / 2;
 }
 
 struct LaunchArgs {
   const TensorRow* rows;                  // num_tensors + 1
+  const int32_t* tile_tensor;             // total_tiles: the row of each tile's tensor
   int64_t num_tensors;
-  int64_t total_tiles;
+  int64_t total_tiles;                    // below 2**32
+  uint32_t tiles_per_block, extra_tiles;  // set by launch(): the grid's split of the tiles
   unsigned long long* counter_workspace;  // null when no tensor has counters
   unsigned int* ticket;
   const float* scalars;                   // fp32 [*, 8], reference.step_scalars

@@ -18,7 +18,7 @@ namespace {
 
 // Bumped whenever the table layout or launch_adamw's arguments change, so that a stale
 // build is never used with a newer cuda_backend.py.
-constexpr int kAbiVersion = 2;
+constexpr int kAbiVersion = 3;
 
 LaunchFn find_launcher(int variant) {
   if (variant < 0 || variant >= kStoreModes * kFlagCombinations) return nullptr;
@@ -69,6 +69,11 @@ void launch_adamw(int variant, uintptr_t table, int64_t num_tensors, int64_t tot
   if (table == 0 || scalars == 0 || num_tensors < 1 || total_tiles < 0) {
     throw py::value_error("launch_adamw needs a table, scalars and at least one tensor");
   }
+  if (total_tiles > int64_t{UINT32_MAX}) {  // tile indices are 32-bit in the kernel
+    throw py::value_error("launch_adamw takes fewer than 2**32 tiles (" +
+                          std::to_string(kTileElements) + " elements each) per launch, got " +
+                          std::to_string(total_tiles));
+  }
   if ((variant % kFlagCombinations & kFlagGradScale) != 0 && grad_scale == 0) {
     throw py::value_error("this kernel variant divides by grad_scale: pass its address");
   }
@@ -82,9 +87,10 @@ void launch_adamw(int variant, uintptr_t table, int64_t num_tensors, int64_t tot
   args.rows = reinterpret_cast<const TensorRow*>(base);
   args.num_tensors = num_tensors;
   args.total_tiles = total_tiles;
-  int64_t* workspace = base + (num_tensors + 1) * kRowInt64s;
+  int64_t* workspace = base + workspace_offset(num_tensors);
   args.counter_workspace = counters ? reinterpret_cast<unsigned long long*>(workspace) : nullptr;
-  args.ticket = reinterpret_cast<unsigned int*>(workspace + 3 * num_tensors);
+  args.ticket = reinterpret_cast<unsigned int*>(base + ticket_offset(num_tensors));
+  args.tile_tensor = reinterpret_cast<const int32_t*>(base + tile_tensor_offset(num_tensors));
   args.scalars = address<const float>(scalars);
   args.sr_keys = address<const int64_t>(sr_keys);
   args.grad_scale = address<const float>(grad_scale);
@@ -164,9 +170,17 @@ PYBIND11_MODULE(_C, m) {
   m.attr("TILE_ELEMENTS") = kTileElements;
   m.attr("STORE_MODES") = py::make_tuple("nearest", "stochastic", "master_nearest",
                                          "master_stochastic", "remainder");
-  m.def("table_int64s", [](int64_t num_tensors) { return table_int64s(num_tensors); },
+  m.def("table_int64s",
+        [](int64_t num_tensors, int64_t total_tiles) {
+          return table_int64s(num_tensors, total_tiles);
+        },
+        py::arg("num_tensors"), py::arg("total_tiles"),
+        "Length of the int64 table of num_tensors tensors cut into total_tiles tiles: rows, "
+        "counter workspace, ticket, then the int32 tensor row of each tile.");
+  m.def("tile_tensor_offset",
+        [](int64_t num_tensors) { return tile_tensor_offset(num_tensors); },
         py::arg("num_tensors"),
-        "Length of the int64 table of num_tensors tensors: rows, counter workspace, ticket.");
+        "Where the table's int32 tile -> tensor section starts, in int64s from its base.");
   m.def("variant", &variant_of, py::arg("store"), py::arg("param_bf16"), py::arg("grad_bf16"),
         py::arg("state_bf16"), py::arg("amsgrad"), py::arg("track"), py::arg("grad_scale"),
         "The kernel variant of a store mode (index into STORE_MODES), dtype and mode flags.");
@@ -179,6 +193,6 @@ PYBIND11_MODULE(_C, m) {
         py::arg("sr_keys"), py::arg("grad_scale"), py::arg("found_inf"), py::arg("maximize"),
         py::arg("device"), py::arg("stream"),
         "One AdamW step of a table of tensors on `stream` (a cudaStream_t as int). Addresses "
-        "are ints, 0 for absent; the table holds table_int64s(num_tensors) int64s whose "
-        "workspace and ticket are zero (they are zero again after the launch).");
+        "are ints, 0 for absent; the table holds table_int64s(num_tensors, total_tiles) "
+        "int64s whose workspace and ticket are zero (they are zero again after the launch).");
 }

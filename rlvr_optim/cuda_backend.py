@@ -42,7 +42,7 @@ from .reference import check_arguments
 __all__ = ["adamw", "load_extension", "unavailable_reason"]
 
 # What this file expects of the extension (csrc/adamw_launch.h, csrc/binding.cu).
-ABI_VERSION = 2
+ABI_VERSION = 3
 ROW_FIELDS = (
     "param", "grad", "exp_avg", "exp_avg_sq", "max_exp_avg_sq", "master", "freeze_mask",
     "change_bitmap", "cumulative_bitmap", "counters", "numel", "element_offset",
@@ -281,10 +281,15 @@ def _build_table(ext: ModuleType, columns: dict[str, list[int]], numels: list[in
         np.where((element_arrays % 16 == 0).all(axis=1), ext.ROW_VECTOR_ALIGNED, 0)
         | np.where((bitmaps % 8 == 0).all(axis=1), ext.ROW_BITMAP_ALIGNED, 0)
     )
-    buffer = np.zeros(ext.table_int64s(count), dtype=np.int64)  # workspace and ticket zero
+    total_tiles = int(first_tile[-1])
+    buffer = np.zeros(ext.table_int64s(count, total_tiles), dtype=np.int64)  # workspace, ticket 0
     buffer[: rows.size] = rows.reshape(-1)
+    # Each tile's tensor row, where a block looks up its first tensor (empty tensors own none).
+    start = 2 * ext.tile_tensor_offset(count)
+    buffer.view(np.int32)[start: start + total_tiles] = np.repeat(
+        np.arange(count, dtype=np.int32), tiles)
     counters = bool(np.any(rows[:count, _COL["counters"]] != 0))
-    return _Table(torch.from_numpy(buffer).to(device), count, int(first_tile[-1]), counters)
+    return _Table(torch.from_numpy(buffer).to(device), count, total_tiles, counters)
 
 
 class _Launch(NamedTuple):

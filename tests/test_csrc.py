@@ -269,7 +269,11 @@ def test_extension_links_imports_without_gpu_and_matches_backend(linked_ext):
     assert tuple(ext.ROW_FIELDS) == cuda_backend.ROW_FIELDS
     assert tuple(ext.STORE_MODES) == STORE_MODES
     assert ext.TILE_ELEMENTS % 256 == 0
-    assert ext.table_int64s(3) == 4 * len(cuda_backend.ROW_FIELDS) + 3 * 3 + 1
+    # rows + sentinel, workspace, ticket, then one int32 per tile (5 tiles: 3 int64s)
+    assert ext.tile_tensor_offset(3) == 4 * len(cuda_backend.ROW_FIELDS) + 3 * 3 + 1
+    assert ext.table_int64s(3, 5) == ext.tile_tensor_offset(3) + 3
+    assert ext.table_int64s(3, 6) == ext.tile_tensor_offset(3) + 3
+    assert ext.table_int64s(3, 0) == ext.tile_tensor_offset(3)
     flags = [(g, s, a, t, c) for g in (False, True) for s in (False, True)
              for a in (False, True) for t in (False, True) for c in (False, True)]
     variants = {ext.variant(store, True, *f) for store in range(5) for f in flags}
@@ -284,6 +288,10 @@ def test_extension_links_imports_without_gpu_and_matches_backend(linked_ext):
     scaled = ext.variant(0, True, True, True, False, False, True)
     with pytest.raises(ValueError, match="divides by grad_scale"):
         ext.launch_adamw(scaled, 1 << 20, 1, 1, False, 1 << 20, 0, 0, 0, False, 0, 0)
+    # Tile indices are 32-bit in the kernel: a launch of 2**32 tiles is refused.
+    plain = ext.variant(0, True, True, True, False, False, False)
+    with pytest.raises(ValueError, match=r"fewer than 2\*\*32 tiles .* got 4294967296"):
+        ext.launch_adamw(plain, 1 << 20, 1, 1 << 32, False, 1 << 20, 0, 0, 0, False, 0, 0)
 
     # The table of three tensors, one empty, one misaligned (built on the CPU here).
     base = 1 << 20
@@ -303,7 +311,34 @@ def test_extension_links_imports_without_gpu_and_matches_backend(linked_ext):
     assert rows[:3, col["flags"]].tolist() == [3, 1, 0]
     assert rows[:3, col["scalar_row"]].tolist() == [4, 5, 6]
     assert rows[3].tolist()[: col["first_tile"]] == [0] * col["first_tile"]
-    assert not table.buffer[4 * 16:].any()  # workspace and ticket start at zero
+    start = ext.tile_tensor_offset(3)
+    assert not table.buffer[4 * 16: start].any()  # workspace and ticket start at zero
+    assert len(table.buffer) == ext.table_int64s(3, 5)
+    # Each tile's tensor; the empty tensor 1 owns no tile.
+    assert table.buffer[start:].view(torch.int32)[:5].tolist() == [0, 0, 0, 2, 2]
+
+
+def test_tile_tensor_section_is_what_the_binary_search_found(linked_ext):
+    """The tile -> tensor section against the search it replaced (the last row whose
+    first_tile <= tile), on random groups with empty tensors, one tensor and odd sizes."""
+    ext, tile = linked_ext, linked_ext.TILE_ELEMENTS
+    rng = np.random.default_rng(7)
+    groups = [[1], [0, 1], [tile], [tile + 1, 0, 0, 3]]
+    groups += [rng.choice([0, 1, tile - 1, tile, 5 * tile + 3, 40000], size=n).tolist()
+               for n in (2, 9, 57, 300)]
+    for numels in groups:
+        n = len(numels)
+        columns = {"param": [1 << 20] * n, "numel": numels}
+        table = cuda_backend._build_table(ext, columns, numels, torch.device("cpu"))
+        width = len(cuda_backend.ROW_FIELDS)
+        rows = table.buffer[: (n + 1) * width].reshape(n + 1, width)
+        first = rows[:, cuda_backend.ROW_FIELDS.index("first_tile")].numpy()
+        start = ext.tile_tensor_offset(n)
+        got = table.buffer[start:].view(torch.int32)[: table.total_tiles].numpy()
+        want = np.searchsorted(first[:n], np.arange(table.total_tiles), side="right") - 1
+        assert got.tolist() == want.tolist(), numels
+        assert all(numels[t] > 0 for t in got)
+        assert len(table.buffer) == ext.table_int64s(n, table.total_tiles)
 
 
 class _RecordingExtension:
