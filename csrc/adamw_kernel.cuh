@@ -5,9 +5,10 @@
 // Work split. The group's tensors are cut into tiles of kTileElements (a tile never spans
 // two tensors); block b of the grid takes a contiguous run of tiles, reads its first
 // tensor from the table's tile -> tensor section (one load, where a binary search over the
-// rows' first_tile took a dependent load per halving), then walks forward, holding the
-// current tensor's row in registers. The grid is as many blocks as fit on the device at
-// once, so each block runs to the end of its run.
+// rows' first_tile took a dependent load per halving), then walks forward over the rows'
+// first_tile (past empty tensors), holding the current tensor's row in registers. (The
+// next tensor read from the section instead spilled at the 128-register cap.) The grid is
+// as many blocks as fit on the device at once, so each block runs to the end of its run.
 //
 // Per tile, thread i owns the 8 consecutive elements starting at 8 * i: one 16-byte load
 // or store per bf16 array, two per fp32 array, and exactly one byte of the change bitmap.
@@ -168,9 +169,7 @@ __device__ __forceinline__ uint32_t stored_bits(float x) {
 // The tensor a block is working on, read from its table row into registers.
 // ---------------------------------------------------------------------------------------
 
-// A tile index within a launch: 32 bits (the host refuses a launch of 2**32 tiles, 2**43
-// elements, or more), which keeps the loop bounds in single registers; element indices
-// stay 64-bit.
+// A tile index within a launch (the host refuses a launch of 2**32 tiles, 2**43 elements).
 using Tile = uint32_t;
 
 struct TensorContext {
