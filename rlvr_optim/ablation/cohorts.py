@@ -24,10 +24,10 @@ from collections import defaultdict
 from typing import Any
 
 import torch
-from safetensors.torch import save_file
+from safetensors.torch import save
 from torch import Tensor
 
-from .. import analysis, bitmaps
+from .. import analysis, bitmaps, files
 from ..demo import MODES
 from ..optimizer import AdamW
 from .config import Arm, LMAblation
@@ -492,12 +492,12 @@ def _measure(config: LMAblation, task: AdditionTask, shape: LMShape, start: Star
         folder = workspace.folder(run_name)
         final = {n: t[a].cpu().contiguous() for n, t in detached.items()}
         finals.append(final)
-        save_file(final, os.path.join(folder, "final.safetensors"))
+        files.write_bytes(os.path.join(folder, "final.safetensors"), save(final))
         geometry = analysis.geometry(start.weights, final, **kw)
         master_geometry = None
         if has_master:
             master = {n: opt.state[p]["master"][a].cpu().contiguous() for n, p in params.items()}
-            save_file(master, os.path.join(folder, "master.safetensors"))
+            files.write_bytes(os.path.join(folder, "master.safetensors"), save(master))
             master_geometry = analysis.geometry(start.weights, master, **kw)["overall"]
         sparsity = analysis.update_sparsity(start.weights, final)
         frozen = frozen_changed = 0

@@ -524,8 +524,8 @@ def _setup(config: LMAblation, starts: Sequence[Any]) -> list[str]:
         f"- RL: GRPO-style. A rollout: {config.prompts} prompts x {config.group} samples at "
         f"temperature {config.temperature:g}, advantages normalised within each prompt's group; "
         f"{config.updates} optimizer steps per rollout, over {config.minibatches} minibatches "
-        f"of {per_step} samples, {config.updates // config.minibatches} epochs (the "
-        "PPO defaults of OpenAI baselines: 4 epochs over minibatches), ratio to the rollout "
+        f"of {per_step} samples, {config.updates // config.minibatches} epochs (OpenAI "
+        "baselines' PPO2 defaults are 4 epochs over 4 minibatches), ratio to the rollout "
         f"policy clipped at 1 ± {config.clip:g}; {config.steps // config.updates} rollouts, "
         f"{config.steps} optimizer steps per run. No KL term.",
         "- RL no-signal: the same, with each rollout's rewards permuted across its samples "
@@ -846,15 +846,18 @@ def write_lm_report(out: str, config: LMAblation, results: Sequence[dict], *,
     md += ["## Files", "",
            "- `results.json`: settings, environment, the starts, every run's measures (one "
            "entry per run: kind, mode, lr, seed, start, accuracies, rewards, KL, clipped share, "
-           "sparsity, geometry on bf16 and fp32 master weights) and every claim's test.",
+           "sparsity, geometry on bf16 and fp32 master weights; per-module sparsity stays in "
+           "the checkpoint folder's cohort results) and every claim's test.",
            "- `series.json`: every run's series: per rollout (or per `updates` SFT steps) "
            "`loss`, and for the sampling kinds `reward`, `clip_fraction`; every "
            f"{config.log_every} steps (`curve_step`) the `curve_*` measures; `curve_start` in "
            "results.json holds their values at step 0.", "",
            "## Environment", "",
            ", ".join(f"{k} {v}" for k, v in env.items())
-           + f"; wall time of this invocation {wall_s:.1f} s (training and curves "
-             f"{train:.1f} s). Runs from these starts round differently on another CPU (fp32 "
+           + f"; the runs' training and curves took {train:.1f} s in all; "
+           + (f"this invocation took {wall_s:.1f} s." if wall_s >= train else
+              f"this invocation rendered the report from the finished runs in {wall_s:.1f} s.")
+           + " Runs from these starts round differently on another CPU (fp32 "
              "matmuls and reductions reassociate with the kernel's vector width): expect "
              "agreement within the spread there, bit equality only on this kind of CPU.", ""]
     md_path = os.path.join(out, "report.md")
@@ -865,7 +868,8 @@ def write_lm_report(out: str, config: LMAblation, results: Sequence[dict], *,
                            "made_with": s.made.get("made_with")} for s in starts],
                "matched_targets": matched_targets(head) if head.rl else None,
                "claims": [c.as_dict() for c in claim_rows],
-               "runs": [{k: v for k, v in r.items() if k != "series"} for r in results]}
+               "runs": [{k: v for k, v in r.items() if k not in ("series", "modules")}
+                        for r in results]}
     res_path = os.path.join(out, "results.json")
     files.write_json(res_path, _finite(summary), indent=1)
     series = {r["name"]: r["series"] for r in results}
