@@ -498,7 +498,15 @@ def _environment(config: LMAblation) -> dict[str, str]:
     return env
 
 
-def _setup(config: LMAblation, starts: Sequence[Any]) -> list[str]:
+def _range(results: Sequence[dict], key: str, spec: str) -> str:
+    values = sorted({r[key] for r in results})
+    if not values:
+        return "-"
+    low, high = format(values[0], spec), format(values[-1], spec)
+    return low if low == high else f"{low} to {high}"
+
+
+def _setup(config: LMAblation, starts: Sequence[Any], results: Sequence[dict]) -> list[str]:
     task = AdditionTask(config.digits)
     d = config.digits
     spec = config.start_spec(config.starts[0])
@@ -517,10 +525,11 @@ def _setup(config: LMAblation, starts: Sequence[Any]) -> list[str]:
         f"- Starts ({len(starts)}): warm-ups of {spec.steps} fp32 cross-entropy steps (lr "
         f"{spec.lr:g}, linear ramp over 5%, cosine decay to 0, batch {spec.batch}), "
         f"{spec.reversed:.0%} of answers reversed and each answer digit replaced by a random "
-        f"digit with probability {spec.noise:g}, so the start is a calibrated but unsure "
-        "policy (greedy almost always right, a sample at temperature 1 right about 55-60% of "
-        "the time: the gap RLVR closes first). Their bf16 images are committed files (table "
-        "below).",
+        f"digit with probability {spec.noise:g}. Their bf16 images: greedy accuracy "
+        f"{_range(results, 'accuracy_start', '.1%')}, sampled accuracy "
+        f"{_range(results, 'sampled_accuracy_start', '.1%')} at temperature "
+        f"{config.temperature:g}, of which {_range(results, 'sampled_reversed_start', '.1%')} "
+        "in the reversed format (where each start comes from: the table below).",
         f"- RL: GRPO-style. A rollout: {config.prompts} prompts x {config.group} samples at "
         f"temperature {config.temperature:g}, advantages normalised within each prompt's group; "
         f"{config.updates} optimizer steps per rollout, over {config.minibatches} minibatches "
@@ -823,7 +832,7 @@ def write_lm_report(out: str, config: LMAblation, results: Sequence[dict], *,
     head = Headline(arms)
     claim_rows = claims(config, arms)
     md: list[str] = [f"# Precision ablation, preset `{config.name}`", ""]
-    md += _setup(config, starts) + [""]
+    md += _setup(config, starts, results) + [""]
     md += ["## Starts", ""] + _start_table(starts, results)
     if head.rl:
         md += _learning_section(config, head, claim_rows)
