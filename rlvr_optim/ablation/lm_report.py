@@ -928,6 +928,10 @@ def format_lm_summary(summary: Mapping[str, Any], config: LMAblation) -> str:
         for c in claims(config, arms):
             if c.group == "premise" and "held-out" in c.claim:
                 lines.append(f"{c.claim}: {c.test.describe()} -> {c.verdict}")
+        if len(config.seeds) < 3:
+            lines.append(f"(with {len(config.seeds)} seeds a start's own test has "
+                         f"{len(config.seeds) - 1} degree of freedom and little power; "
+                         "rlvr-optim ablate --preset tiny runs 5 seeds per start)")
     starts = sorted({r["start"] for r in summary["results"]})
     lines += [
         "",
