@@ -37,9 +37,9 @@ from .starts import (STARTS_DIR, correct_probability, greedy_accuracy, load_star
                      save_start, start_shape)
 from .task import AdditionTask
 
-__all__ = ["CURVE_GEOMETRY", "Start", "curve_geometry", "fixed_sample_kl", "freeze_masks", "lm_shape",
-           "no_signal_rewards", "rft_weights", "run_cohort", "group_advantages", "load_starts",
-           "sampling_loss",
+__all__ = ["CURVE_GEOMETRY", "Start", "curve_geometry", "fixed_sample_kl", "freeze_masks",
+           "group_advantages", "lm_shape", "load_starts", "no_signal_rewards", "rft_weights",
+           "run_cohort", "sampling_loss",
            "unchanged_fraction"]
 
 
@@ -188,7 +188,8 @@ def _start_logp(start: Start, shape: LMShape, p_len: int, temperature: float,
                         temperature)[0]
 
 
-def freeze_masks(config: LMAblation, start: Start, runs: list[tuple[Arm, int]]) -> dict[str, Tensor]:
+def freeze_masks(config: LMAblation, start: Start,
+                 runs: list[tuple[Arm, int]]) -> dict[str, Tensor]:
     """Stacked trained-masks ``{name: bool [A, ...]}`` of a cohort (True = trained).
 
     Masks come from the start weights (:func:`rlvr_optim.analysis.build_masks`, packed
@@ -272,7 +273,8 @@ def curve_geometry(config: LMAblation, start: Start, bf16: dict[str, Tensor],
             inter_m += float((top & f["principal"]).sum())
             null_m += _matched_null(top, f["principal"], f["bins"], config.bins)
         u1, s1, _ = torch.linalg.svd(spectral.double(), full_matrices=False)
-        drifts.append(float(torch.linalg.vector_norm(s1 - f["s"]) / torch.linalg.vector_norm(f["s"])))
+        drifts.append(float(torch.linalg.vector_norm(s1 - f["s"])
+                            / torch.linalg.vector_norm(f["s"])))
         cosines = torch.linalg.svdvals(f["u"].T @ u1[:, :f["k"]]).clamp(-1.0, 1.0)
         angles.append(float(torch.rad2deg(torch.arccos(cosines.min()))))
     return {"curve_matched_lift": inter / null if null else None,

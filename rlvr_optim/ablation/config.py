@@ -1,4 +1,4 @@
-"""Settings of the ablations and their presets (``tiny``, ``tiny-headline``, ``gpu``, ``minilm``)."""
+"""Settings of the ablations and their presets: ``tiny``, ``tiny-headline``, ``gpu``, ``minilm``."""
 
 from __future__ import annotations
 

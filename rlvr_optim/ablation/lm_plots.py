@@ -100,8 +100,10 @@ def _learning(plt, out: str, config: LMAblation, head: Any, paths: list[str]) ->
                 continue
             rewards = list(zip(*[r["series"]["reward"] for r in mine]))
             window = 2
-            smooth = [[sum(run[max(0, j - window + 1):j + 1]) / len(run[max(0, j - window + 1):j + 1])
-                       for run in zip(*rewards)] for j in range(len(rewards))]
+            smooth = []
+            for j in range(len(rewards)):
+                recent = rewards[max(0, j - window + 1):j + 1]
+                smooth.append([sum(run) / len(run) for run in zip(*recent)])
             med, lo, hi = _median_band(smooth)
             xs = [(j + 1) * config.updates for j in range(len(rewards))]
             ax.plot(xs, med, "-", color=COLORS[name], label=name, lw=1.8)

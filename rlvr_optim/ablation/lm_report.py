@@ -422,14 +422,15 @@ def claims(config: LMAblation, arms: Mapping[str, list[dict]]) -> list[Claim]:
     frozen = head.frozen
     for other in ("non_principal", "random"):
         if "principal" in frozen and other in frozen:
+            what = ("their complement" if other == "non_principal"
+                    else "a random set of that size")
             out.append(_claim(paper, "Freezing: RL with the principal weights frozen gains "
-                              f"more held-out sampled accuracy than with "
-                              f"{'their complement' if other == 'non_principal' else 'a random set of that size'}"
-                              " frozen", "principal frozen", _by_key(frozen["principal"], _gain),
+                              f"more held-out sampled accuracy than with {what} frozen",
+                              "principal frozen", _by_key(frozen["principal"], _gain),
                               f"{other.replace('_', '-')} frozen", _by_key(frozen[other], _gain),
                               ">", "+.3f",
-                              note="the complement is four times the principal mask: sizes "
-                              "differ" if other == "non_principal" else "same sizes"))
+                              note=("the complement is four times the principal mask: sizes "
+                                    "differ" if other == "non_principal" else "same sizes")))
     ours = "beyond the paper"
     if head.null:
         out.append(_claim(ours, "RL's sparsity is not what its noise does alone: RL leaves "

@@ -335,7 +335,7 @@ def committed_spec(seed: int) -> StartSpec:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Make start checkpoints: ``python -m rlvr_optim.ablation.starts [--seeds 0 1 2] [--out DIR]``."""
+    """Make start checkpoints (``python -m rlvr_optim.ablation.starts --help``)."""
     parser = argparse.ArgumentParser(prog=COMMAND, description=__doc__.split("\n\n")[0])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2],
                         help="start seeds (default 0 1 2)")

@@ -112,7 +112,8 @@ class AdditionTask:
         return prompts, answers
 
     def reverse(self, answers: Tensor) -> Tensor:
-        """Forward answers ``[..., answer_length]`` written reversed (digits flipped, ``<eos>`` last)."""
+        """Forward answers ``[..., answer_length]`` written reversed (digits flipped, ``<eos>``
+        last)."""
         return torch.cat([answers[..., :-1].flip(-1), answers[..., -1:]], dim=-1)
 
     def reward(self, completions: Tensor, answers: Tensor) -> Tensor:
