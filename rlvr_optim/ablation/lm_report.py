@@ -560,7 +560,9 @@ def _setup(config: LMAblation, starts: Sequence[Any], results: Sequence[dict]) -
         f"answer token on {config.kl_samples} fixed samples of each start.",
         f"- Statistics: {SPREAD_NOTE}; tests are two-sided t tests (paired by start and seed "
         "unless said otherwise, t quantiles for 95% intervals), a verdict needs p < 0.05 "
-        "(Holm-adjusted p beside it).",
+        "(Holm-adjusted p beside it). Pooled tests count every start-and-seed pair as one "
+        "observation: pairing removes each start's level, not a difference that depends on "
+        "the start, so the per-start rows are the stricter reading where they exist.",
     ]
     return lines
 
