@@ -5,8 +5,12 @@ Each subcommand is a pair: ``_add_<name>(subparsers)`` declares its options and
 
 Bad input ends in one line on stderr, ``rlvr-optim <command>: error: ...``, and exit status
 2: option values are checked by argparse types, everything else raises
-:class:`~rlvr_optim.errors.InputError`, which :func:`main` alone catches. Commands check
-their inputs before they write, so a refused command leaves its ``--out``/``-o`` as it was.
+:class:`~rlvr_optim.errors.InputError`, which :func:`main` alone catches, with the OS errors
+of reading and writing files (a full disk, a read-only folder, a symlink loop). Commands
+check their inputs before they write and write every output through
+:mod:`rlvr_optim.files` (a temporary file beside it, renamed when complete), so a refused
+or failed command, or one stopped by Ctrl-C (exit 130) or SIGTERM (exit 143), leaves its
+``--out``/``-o`` as it was.
 Modules that take long to import (triton, transformers, matplotlib) are imported by the
 commands that use them, so ``--help`` costs about an ``import torch``.
 """
@@ -14,16 +18,25 @@ commands that use them, so ``--help`` costs about an ``import torch``.
 from __future__ import annotations
 
 import argparse
-import json
+import errno
 import math
 import os
 import sys
 from typing import Sequence
 
+from . import files
 from .demo import format_rows, run_demo
 from .errors import InputError, check_device
 
 __all__ = ["build_parser", "main"]
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with bad input reported as one line (argparse prints its usage block
+    first); every subcommand's parser is of this class too."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
 # argparse names a type function in its message when it raises ValueError ("invalid
@@ -33,6 +46,12 @@ __all__ = ["build_parser", "main"]
 def _positive_int(text: str) -> int:
     if not (text.strip().isdigit() and int(text) >= 1):
         raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}")
+    return int(text)
+
+
+def _non_negative_int(text: str) -> int:
+    if not text.strip().isdigit():
+        raise argparse.ArgumentTypeError(f"must be an integer >= 0, got {text!r}")
     return int(text)
 
 
@@ -76,12 +95,36 @@ def _check_output_file(option: str, path: str) -> None:
     if os.path.isdir(path):
         raise InputError(f"{option} {path} is a folder; give a file name")
     if not os.path.isdir(folder):
+        _check_reachable(option, path, folder)
         raise InputError(f"{option} {path}: folder {folder} does not exist; create it first")
 
 
 def _check_output_folder(option: str, path: str) -> None:
+    """Refuse an output folder that is a file or cannot be reached, before any work (a
+    missing folder is created, with its parents)."""
+    _check_reachable(option, path, os.path.abspath(path))
     if os.path.exists(path) and not os.path.isdir(path):
         raise InputError(f"{option} {path} is a file; give a folder (it is created if missing)")
+
+
+def _check_reachable(option: str, path: str, target: str) -> None:
+    """Raise InputError if ``target``, or the nearest of its parents that exists, exists in
+    name only (a symbolic link loop, a dangling link) or is a file where a folder must be."""
+    while not os.path.lexists(target) and os.path.dirname(target) != target:
+        missing, target = target, os.path.dirname(target)
+        if os.path.lexists(target) and not os.path.isdir(target):
+            if os.path.exists(target):
+                raise InputError(f"{option} {path}: {target} is a file, so {missing} cannot "
+                                 "be made; give another path")
+            break
+    if os.path.lexists(target) and not os.path.exists(target):
+        try:
+            os.stat(target)
+        except FileNotFoundError:
+            raise InputError(f"{option} {path}: {target} is a symbolic link to nothing "
+                             f"({os.readlink(target)})") from None
+        except OSError as exc:
+            raise InputError(f"{option} {path}: {target}: {exc.strerror}") from None
 
 
 def _add_demo(subparsers) -> None:
@@ -126,6 +169,7 @@ def _demo(args: argparse.Namespace) -> int:
         if given:
             raise InputError(f"{', '.join(given)} apply to --quick only (for the ablation's "
                              "settings use rlvr-optim ablate)")
+        _check_output_folder("--out", args.out)
         from .ablation import preset, run_for_cli  # noqa: PLC0415
 
         return run_for_cli(preset("tiny", seed=args.seed), args.out, resume=args.resume,
@@ -136,9 +180,7 @@ def _demo(args: argparse.Namespace) -> int:
                     progress=not args.no_progress, lr=1e-4 if args.lr is None else args.lr)
     print(format_rows(rows))
     if args.json is not None:
-        with open(args.json, "w", encoding="utf-8") as f:
-            json.dump(rows, f, indent=2)
-            f.write("\n")
+        files.write_json(args.json, rows, indent=2)
     return 0
 
 
@@ -159,7 +201,8 @@ def _add_bench(subparsers) -> None:
                    "many-small on a GPU, cpu-tiny on a CPU)")
     p.add_argument("--device", help="cuda (or cuda:N) or cpu (default: cuda if available)")
     p.add_argument("--steps", type=_positive_int, default=15, help="timed steps per row (default 15)")
-    p.add_argument("--warmup", type=int, default=3, help="untimed steps first (default 3)")
+    p.add_argument("--warmup", type=_non_negative_int, default=3,
+                   help="untimed steps first (default 3)")
     p.add_argument("--out", metavar="DIR",
                    help=f"results folder (default ./{DEFAULT_OUT} in the current directory; "
                    "with --jsonl and no --out only the JSONL file is written)")
@@ -193,6 +236,8 @@ def _bench(args: argparse.Namespace) -> int:
     """Run :func:`rlvr_optim.bench.run` (one line per row on stdout, rows streamed to
     ``--jsonl``), then save and render it under ``--out`` and print the markdown table."""
     check_device("--device", args.device)
+    if args.out is not None:
+        _check_output_folder("--out", args.out)
     from . import bench  # noqa: PLC0415
 
     chosen = None if args.backends is None else tuple(b for b in args.backends if b != "none")
@@ -328,6 +373,9 @@ def _sparsity(args: argparse.Namespace) -> int:
     check_device("--device", args.device)
     if args.out is not None:
         _check_output_folder("--out", args.out)
+        inputs = [args.base, args.tuned] + ([args.compare] if args.compare else [])
+        files.refuse_folder_over_inputs("--out", args.out, analysis.SPARSITY_REPORT_FILES,
+                                        inputs)
     if args.device is not None and not args.geometry:
         print(f"rlvr-optim sparsity: warning: --device {args.device} is where --geometry runs "
               "its SVDs; without --geometry everything runs on the CPU", file=sys.stderr)
@@ -389,9 +437,14 @@ def _masks(args: argparse.Namespace) -> int:
     check_device("--device", args.device)
     _check_output_folder("--out", args.out)
     kinds = tuple(dict.fromkeys(args.kind)) if args.kind else analysis.MASK_KINDS
+    files.refuse_folder_over_inputs("--out", args.out, [f"{k}.safetensors" for k in kinds],
+                                    [args.base])
     masks = analysis.build_masks(args.base, kinds, alpha=args.alpha, rank=args.rank,
                                  random_like=args.random_like, seed=args.seed,
                                  device=args.device, progress=not args.no_progress)
+    if not masks[kinds[0]]["numels"]:
+        raise InputError(f"{args.base} holds no weight matrix (a 2-D tensor of at least 2 x 2), "
+                         "and masks are built per matrix; nothing written")
     meta = {"alpha": str(args.alpha), "rank": str(args.rank), "seed": str(args.seed),
             "random_like": args.random_like, "base": str(args.base)}
     paths = analysis.save_masks(args.out, masks, meta)
@@ -440,19 +493,27 @@ def _add_ablate(subparsers) -> None:
 def _ablate(args: argparse.Namespace) -> int:
     """Run :func:`rlvr_optim.ablation.run_ablation` on a preset with the given overrides."""
     check_device("--device", args.device)
+    out = args.out or f"ablation-{args.preset}"
+    _check_output_folder("--out", out)
     from .ablation import preset, run_for_cli  # noqa: PLC0415
 
     overrides = {k: v for k, v in (("steps", args.steps), ("lr", args.lr), ("seed", args.seed),
                                    ("device", args.device),
                                    ("checkpoint_every", args.checkpoint_every)) if v is not None}
-    config = preset(args.preset, **overrides)
-    return run_for_cli(config, args.out or f"ablation-{args.preset}", resume=args.resume,
-                       progress=not args.no_progress, stop_after=args.stop_after)
+    try:
+        config = preset(args.preset, **overrides)
+    except InputError:
+        raise
+    except ValueError as exc:  # a setting the preset's own checks refuse
+        given = " ".join(f"--{k.replace('_', '-')} {v}" for k, v in overrides.items())
+        raise InputError(f"{given or '--preset ' + args.preset}: {exc}") from None
+    return run_for_cli(config, out, resume=args.resume, progress=not args.no_progress,
+                       stop_after=args.stop_after)
 
 
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser with every subcommand."""
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="rlvr-optim",
         description="AdamW for RL post-training that shows what bf16 rounding does to each "
         "update.",
@@ -471,8 +532,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; returns the exit status.
 
     Status 2 for bad input, with one line on stderr: an option value argparse refuses, an
-    :class:`~rlvr_optim.errors.InputError` from the command, or no command at all (after the
-    help). Any other exception is a bug and propagates with its traceback.
+    :class:`~rlvr_optim.errors.InputError` from the command, an ``OSError`` reading or
+    writing a file (the line names the file and the reason), or no command at all (after
+    the help). Ctrl-C ends with status 130 and SIGTERM with 143, after the temporary
+    files of :mod:`rlvr_optim.files` are removed. Any other exception is a bug and
+    propagates with its traceback.
 
     Args:
         argv: arguments without the program name (default None: ``sys.argv[1:]``).
@@ -482,9 +546,29 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not hasattr(args, "func"):
         parser.print_help(sys.stderr)
         return 2
+    command = "rlvr-optim " + " ".join(
+        filter(None, (args.command, getattr(args, "patch_action", None))))
     try:
-        return args.func(args)
+        with files.raise_on_sigterm():
+            return args.func(args)
     except InputError as exc:
-        command = " ".join(filter(None, (args.command, getattr(args, "patch_action", None))))
-        print(f"rlvr-optim {command}: error: {exc}", file=sys.stderr)
+        print(f"{command}: error: {exc}", file=sys.stderr)
         return 2
+    except OSError as exc:
+        print(f"{command}: error: {_os_error_line(exc)}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"{command}: interrupted; no output was left half-written", file=sys.stderr)
+        return 130
+    except files.Terminated:
+        print(f"{command}: terminated; no output was left half-written", file=sys.stderr)
+        return 143
+
+
+def _os_error_line(exc: OSError) -> str:
+    """One line for an OS error: the file it names (both, for a rename) and the reason."""
+    reason = exc.strerror or (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        reason += "; free some space or write elsewhere (nothing was left half-written)"
+    names = [os.fspath(n) for n in (exc.filename, exc.filename2) if n is not None]
+    return f"{' -> '.join(names)}: {reason}" if names else reason
