@@ -4,10 +4,12 @@ Every file and folder the package writes goes through this module (git and sqlit
 same): the new content is written to a temporary name in the destination folder, flushed
 and fsynced, then renamed over the target, so a reader sees the old file or the new one,
 never a part. A failure, Ctrl-C or SIGTERM (see :func:`raise_on_sigterm`) removes the
-temporary file and leaves the target as it was.
+temporary file and leaves the target as it was. A set of files (a report) is built in a
+temporary folder and added at the end (:func:`atomic_files`); an ``OSError`` met on a
+temporary name names the target instead, so a one-line message can say which output failed.
 
 Before any work starts, a command checks that no output is one of its inputs
-(:func:`refuse_output_over_inputs`) and takes the output folder's lock
+(:func:`refuse_output_over_inputs`, :func:`refuse_folder_over_inputs`) and takes the output folder's lock
 (:func:`folder_lock`) when it writes there over a long time.
 """
 
