@@ -182,9 +182,10 @@ class Workspace:
             if os.path.isfile(os.path.join(self.root, name, "result.json")):
                 found.append(f"{name} (finished)")
             elif os.path.isfile(self.checkpoint_path(name)):
-                try:
-                    step = load_checkpoint(self.checkpoint_path(name)).get("step")
-                except (InputError, AttributeError):
+                try:  # the step from the header alone: no tensor is read
+                    meta = analysis.open_safetensors(self.checkpoint_path(name)).metadata()
+                    step = json.loads((meta or {}).get("tree", "{}")).get("step", "?")
+                except (InputError, ValueError, AttributeError):
                     step = "?"
                 found.append(f"{name} at step {step}")
         return found
