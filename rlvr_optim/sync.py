@@ -26,17 +26,20 @@ not), its shape and dtype. An *anchor* holds every element of every tensor inste
 **Integrity, at the cost of the delta.** A delta names its *chain* (the tracker: random per
 tracker, or given) and its *sequence* (1, 2, ... per ``collect()``/``anchor()``); it
 applies to weights at sequence ``sequence - 1`` of the same chain, which
-:func:`apply_delta` records per tensor. Every payload carries a checksum per tensor: the sum
+:func:`apply_delta` records per tensor. A delta file carries a checksum per tensor: the sum
 (two 32-bit lanes, each mod 2^32) of a hash of (flat index, value bits) over its entries.
-The hash is a bijective mix of an odd-weighted sum of the index and bit words, so a changed
-index or value always changes the sum; the receiver recomputes it from what arrived, which
-costs what the delta costs. The same sum over *all* elements of a tensor is its state
-checksum: anchors carry it (their payload is the whole tensor), the tracker's first delta
-carries it for the weights the tracker started from, and a receiver keeps it up to date
-from the old and new values of the changed elements only. A delta for another chain, out
-of order, repeated, truncated or with a flipped byte is refused with one
+The hash is a bijective mix (MurmurHash3's finalizer) of an odd-weighted sum of the index
+and bit words, so one changed index or value always changes the sum; the receiver
+recomputes it from what arrived, which costs what the delta costs, and a digest of the
+header covers the rest of the file. The same sum over *all* elements of a tensor is its
+state checksum: anchors carry it (their payload is the whole tensor), the tracker's first
+delta carries it for the weights the tracker started from, and a receiver keeps it up to
+date from the old and new values of the changed elements only. A delta for another chain,
+out of order, repeated, truncated or with a flipped byte is refused with one
 :class:`DeltaError`, and the weights stay as they were. A tensor changed in place by other
-code since the last delta (its version counter moved) is refused too.
+code since the last delta (its version counter moved) is refused too. (``collect()`` does
+not hash: the checksums are computed on the delta's device when it is written, or by
+:meth:`Delta.checksums`.)
 
 **Sharded training.** Under FSDP2 each rank's tracker emits its shard's delta (a *part*
 ``(rank, world)``) with global indices; :func:`merge_deltas` joins the parts of one
@@ -317,7 +320,9 @@ class Delta:
             absent for a whole tensor of an anchor.
         values: name -> 1-D new values of the changed elements (all elements for a whole
             tensor of an anchor).
-        sums: name -> checksum of that tensor's (index, value) entries.
+        sums: name -> checksum of that tensor's (index, value) entries; computed when
+            first needed (:meth:`checksums`: writing a file; a receiver computes them from
+            what arrived anyway), so that ``collect()`` stays a compaction and a gather.
         base_sums: name -> state checksum of the weights the delta applies to, or None.
         result_sums: name -> state checksum of the weights it produces, or None.
         part: ``(rank, world)`` for one rank's shard of a sharded model, else None.
@@ -365,6 +370,17 @@ class Delta:
         return sum(math.prod(s) * torch.empty(0, dtype=self.dtypes[n]).element_size()
                    for n, s in self.shapes.items())
 
+    def checksums(self) -> dict[str, int]:
+        """The payload checksum of every tensor sent (computing, on the delta's devices,
+        those not known yet); an anchor's are also its result's state checksums."""
+        missing = [n for n in self.values if n not in self.sums]
+        if missing:
+            pairs = [(_all_indices(self, n), self.values[n]) for n in missing]
+            self.sums.update(zip(missing, _sum_of_entries(pairs)))
+            if self.anchor and self.part is None:
+                self.result_sums = dict(self.sums)
+        return self.sums
+
     def to(self, device: str | torch.device) -> Delta:
         """The delta with its indices and values on ``device`` (a new Delta)."""
         fields = {k: getattr(self, k) for k in self.__dataclass_fields__}
@@ -391,7 +407,7 @@ class Delta:
             "anchor": self.anchor,
             "part": list(self.part) if self.part is not None else None,
             "tensors": {n: [list(s), _dtype_name(self.dtypes[n])] for n, s in self.shapes.items()},
-            "sums": {n: _text(s) for n, s in self.sums.items()},
+            "sums": {n: _text(s) for n, s in self.checksums().items()},
             "base": None if self.base_sums is None else {n: _text(s) for n, s in self.base_sums.items()},
             "result": None if self.result_sums is None else {n: _text(s) for n, s in self.result_sums.items()},
         }
@@ -690,8 +706,8 @@ def _first_bad_index(indices: Tensor, numel: int | None) -> str | None:
 
 
 def _decode_trl(meta: Mapping[str, str], get, keys: set[str], kind: str, sequence: int) -> Delta:
-    """A file written by TRL: no chain and no sums (they are computed here from the data,
-    which then only guards against later changes); shapes known for anchors only."""
+    """A file written by TRL: no chain and no payload checksums; shapes known for anchors
+    only."""
     delta = Delta(sequence=sequence, anchor=kind == TRL_ANCHOR, label=meta.get("base_model_id", ""),
                   sha256=meta.get("checksum_sha256", ""),
                   anchor_sequence=_int(meta, "anchor_step", 0))
@@ -715,8 +731,6 @@ def _decode_trl(meta: Mapping[str, str], get, keys: set[str], kind: str, sequenc
                                                values, None)
             delta.indices[name], delta.values[name] = indices, values
             delta.dtypes[name] = values.dtype
-    pairs = [(_all_indices(delta, n), delta.values[n]) for n in delta.values]
-    delta.sums = dict(zip(delta.values, _sum_of_entries(pairs)))
     return delta
 
 
@@ -898,18 +912,21 @@ class DeltaTracker:
         delta = self._new_delta(anchor=False)
         emitting = [s for s in self._slots if s.emits]
         found = _compact([s.window for s in emitting])
-        pairs = []
         for slot, local_indices in zip(emitting, found):
             if local_indices.numel() == 0:
                 continue
-            values = synced_values(torch.take(distributed.local_tensor(slot.param),
-                                              local_indices))
-            indices = (local_indices + slot.offset).to(_index_dtype(slot.param.numel()))
+            local = distributed.local_tensor(slot.param).detach()
+            if local.is_contiguous():
+                values = local.reshape(-1).index_select(0, local_indices)
+            else:  # take() reads the elements in place; reshape() would copy the tensor
+                values = torch.take(local, local_indices.to(torch.int64))
+            values = synced_values(values)
+            indices = local_indices.to(_index_dtype(slot.param.numel()))
+            if slot.offset:
+                indices = indices + slot.offset
             delta.indices[slot.name], delta.values[slot.name] = indices, values
-            pairs.append((indices, values))
         for slot in self._slots:
             slot.window.zero_()
-        delta.sums = dict(zip(delta.values, _sum_of_entries(pairs)))
         if delta.sequence == 1:
             delta.base_sums = self._start_checksums()
         return delta
@@ -927,7 +944,6 @@ class DeltaTracker:
         its state checksums), and clear the window: the next :meth:`collect` holds what
         changes after it. Under FSDP2 each rank's anchor holds its shard."""
         delta = self._new_delta(anchor=True)
-        pairs = []
         for slot in self._slots:
             slot.window.zero_()
             if not slot.emits:
@@ -938,20 +954,21 @@ class DeltaTracker:
                     slot.offset, slot.offset + values.numel(), device=values.device,
                     dtype=_index_dtype(slot.param.numel()))
             delta.values[slot.name] = values
-            pairs.append((_all_indices(delta, slot.name), values))
-        delta.sums = dict(zip(delta.values, _sum_of_entries(pairs)))
-        if self.part is None:
-            delta.result_sums = dict(delta.sums)
         return delta
 
 
+# Row v: the 8 bits of byte value v, least significant first (the bitmap's bit order).
+_BYTE_BITS = {torch.device("cpu"): (torch.arange(256).unsqueeze(1) >> torch.arange(8)) & 1 == 1}
+
+
 def _compact(windows: list[Tensor]) -> list[Tensor]:
-    """Ascending int64 element indices of the set bits of each bitmap, on its device.
+    """Ascending element indices (int32; int64 past 2^31) of the set bits of each bitmap,
+    on its device.
 
     Windows of one device are compacted together, a batch of up to ``_WINDOW_BATCH`` bytes
-    at a time: one ``nonzero`` over their bytes, the set bytes expanded to bits (one byte
-    per bit of a set byte), a ``nonzero`` over those, then one split: three host syncs per
-    batch however many tensors, and temporaries of about 32 bytes per changed element.
+    at a time: one ``nonzero`` over their bytes, the set bytes expanded to bits (a table
+    row per byte), a ``nonzero`` over those, then one split: three host syncs per batch
+    however many tensors, and temporaries of about 20 bytes per changed element.
     """
     out: list[Tensor | None] = [None] * len(windows)
     batches: list[list[int]] = []
@@ -968,16 +985,23 @@ def _compact(windows: list[Tensor]) -> list[Tensor]:
     for batch in batches:
         device = windows[batch[0]].device
         flat = torch.cat([windows[k] for k in batch]) if len(batch) > 1 else windows[batch[0]]
-        set_bytes = torch.nonzero(flat).reshape(-1)
-        shifts = torch.arange(8, dtype=torch.uint8, device=device)
-        where = torch.nonzero((flat[set_bytes].unsqueeze(1) >> shifts) & 1)
-        positions = set_bytes[where[:, 0]] * 8 + where[:, 1]
+        wide = flat.numel() * 8 >= _INT32_LIMIT
+        index_dtype = torch.int64 if wide else torch.int32
+        set_bytes = torch.nonzero(flat).reshape(-1).to(index_dtype)
+        table = _BYTE_BITS.setdefault(device, _BYTE_BITS[torch.device("cpu")].to(device))
+        bits = table.index_select(0, flat.index_select(0, set_bytes).to(index_dtype))
+        where = torch.nonzero(bits.reshape(-1)).reshape(-1).to(index_dtype)
+        del bits
+        positions = set_bytes.mul_(8).index_select(0, where >> 3).add_(where & 7)
+        del set_bytes, where
         starts = [0]
         for k in batch:
             starts.append(starts[-1] + windows[k].numel() * 8)
-        bounds = torch.searchsorted(positions, torch.tensor(starts, device=device)).tolist()
+        bounds = torch.searchsorted(positions, torch.tensor(starts, dtype=index_dtype,
+                                                            device=device)).tolist()
         for j, k in enumerate(batch):
-            out[k] = positions[bounds[j]:bounds[j + 1]] - starts[j]
+            piece = positions[bounds[j]:bounds[j + 1]]
+            out[k] = piece - starts[j] if starts[j] else piece
     return out
 
 
@@ -1014,9 +1038,6 @@ def merge_deltas(parts: Sequence[Delta]) -> Delta:
         bad = _first_bad_index(indices, math.prod(first.shapes[name]))
         if bad is not None:
             raise DeltaError(f"the parts' indices of {name!r} overlap or are out of order: {bad}")
-        total = 0
-        for p in pieces:
-            total = _add(total, p.sums[name])
         if merged.anchor:
             if values.numel() != math.prod(first.shapes[name]):
                 raise DeltaError(f"the parts of anchor tensor {name!r} hold {values.numel()} of "
@@ -1024,9 +1045,6 @@ def merge_deltas(parts: Sequence[Delta]) -> Delta:
             merged.values[name] = values
         else:
             merged.indices[name], merged.values[name] = indices, values
-        merged.sums[name] = total
-    if merged.anchor:
-        merged.result_sums = dict(merged.sums)
     if all(p.base_sums is not None for p in parts):
         merged.base_sums = {}
         for name in first.shapes:
@@ -1150,15 +1168,14 @@ def _plan(tensors: dict[str, Tensor], delta: Delta) -> _Plan:
                 raise DeltaError(f"anchor tensor {name!r} holds {values.numel()} values, the "
                                  f"tensor has {t.numel()}")
             writes[name] = (None, values.to(t.device))
-    if set(delta.sums) != set(delta.values):
-        raise DeltaError("the delta lacks the checksums of some of its tensors")
-    arrived = _sum_of_entries([(_entry_indices(w), w[1]) for w in writes.values()])
-    for name, got in zip(writes, arrived):
-        if got != delta.sums[name]:
+    arrived = dict(zip(writes, _sum_of_entries([(_entry_indices(w), w[1])
+                                                 for w in writes.values()])))
+    for name, got in arrived.items():
+        if name in delta.sums and got != delta.sums[name]:
             raise DeltaError(f"tensor {name!r}: its indices and values hash to {_text(got)}, the "
                              f"delta says {_text(delta.sums[name])}; the delta is corrupt")
     current = _current_checksums(tensors, names, delta)
-    checksums = _after(tensors, delta, writes, current)
+    checksums = _after(tensors, delta, writes, current, arrived)
     if delta.result_sums is not None:
         for name in names:
             want = delta.result_sums.get(name)
@@ -1231,17 +1248,17 @@ def _current_checksums(tensors: dict[str, Tensor], names: list[str],
 
 
 def _after(tensors: dict[str, Tensor], delta: Delta, writes: dict,
-           current: dict[str, int | None]) -> dict[str, int | None]:
+           current: dict[str, int | None], arrived: dict[str, int]) -> dict[str, int | None]:
     """State checksums after the writes: from the old and new values of the changed
     elements (O(delta)); an anchor's payload sums are its state checksums."""
     if delta.anchor and delta.part is None:
-        return dict(delta.sums)
+        return dict(arrived)
     changed = [n for n in writes if current.get(n) is not None]
     old = _sum_of_entries([(writes[n][0], torch.take(tensors[n], writes[n][0]))
                            for n in changed])
     out = dict(current)
     for name, old_sum in zip(changed, old):
-        out[name] = _add(_add(current[name], old_sum, -1), delta.sums[name])
+        out[name] = _add(_add(current[name], old_sum, -1), arrived[name])
     return out
 
 
