@@ -759,7 +759,7 @@ class _Slot:
 
     name: str
     param: Tensor
-    window: Tensor  # uint8 bitmap of the local shard, on its device
+    window: Tensor  # uint8 bitmap of the local shard: a slice of its device's buffer
     seen: float | Tensor  # the step count at the last look (a device tensor on device steps)
     offset: int  # global flat index of the local shard's element 0
     emits: bool  # False for the copies of a replicated DTensor on ranks other than 0
@@ -807,6 +807,18 @@ class DeltaTracker:
             if any(s.name == name for s in self._slots):
                 raise ValueError(f"param name {name!r} is given twice")
             self._slots.append(self._slot(name, p))
+        # One buffer per device holds every window, so that collect() compacts them in place
+        # (a concatenation would copy them: a 16th of the bf16 weights).
+        self._buffers: dict[torch.device, tuple[Tensor, list[_Slot]]] = {}
+        by_device: dict[torch.device, list[_Slot]] = {}
+        for slot in self._slots:
+            by_device.setdefault(slot.window.device, []).append(slot)
+        for device, slots in by_device.items():
+            sizes = [bitmaps.bitmap_bytes(distributed.local_tensor(s.param).numel()) for s in slots]
+            buffer = torch.zeros(sum(sizes), dtype=torch.uint8, device=device)
+            for slot, window in zip(slots, buffer.split(sizes)):
+                slot.window = window
+            self._buffers[device] = (buffer, slots)
         if len(self._parts) > 1:
             raise ValueError(f"tracked DTensor params lie on meshes of different ranks/sizes: "
                              f"{sorted(self._parts)}")
@@ -818,6 +830,7 @@ class DeltaTracker:
         self.chain = chain if chain is not None else self._new_chain()
         self.sequence = 0
         self.anchor_sequence = 0
+        self._blind: set[str] = set()  # params stepped without a change bitmap
         self._start_sums = [_device_state_sum(self._synced_local(s).reshape(-1), s.offset)
                             if s.emits else None for s in self._slots]
         self._hook = optimizer.register_step_post_hook(self._after_step)
@@ -835,8 +848,7 @@ class DeltaTracker:
             seen = float(step)
         return _Slot(
             name=name, param=p,
-            window=torch.zeros(bitmaps.bitmap_bytes(local.numel()), dtype=torch.uint8,
-                               device=local.device),
+            window=torch.zeros(0, dtype=torch.uint8, device=local.device),  # set below
             seen=seen,
             offset=0 if layout is None else layout.element_offset,
             emits=layout is None or layout.sharded or layout.rank == 0,
@@ -864,8 +876,11 @@ class DeltaTracker:
     def _after_step(self, optimizer, args, kwargs) -> None:
         for slot in self._slots:
             step = optimizer.state.get(slot.param, {}).get("step")
-            bitmap = optimizer.change_bitmap(slot.param) if step is not None else None
-            if bitmap is None:
+            if step is None:
+                continue
+            bitmap = optimizer.change_bitmap(slot.param)
+            if bitmap is None:  # its group's track_changes was set to "off"
+                self._blind.add(slot.name)
                 continue
             if isinstance(step, Tensor) and step.device.type != "cpu":
                 # A device step count (capturable, fused, GradScaler): compare on the device.
@@ -909,11 +924,17 @@ class DeltaTracker:
         delta also carries the state checksums of the weights the tracker started from,
         so that a receiver holding them can start without an anchor.
         """
+        if self._blind:
+            raise RuntimeError(
+                f"param {sorted(self._blind)[0]!r} was stepped while its group had "
+                "track_changes='off', so this tracker cannot know what changed; turn tracking "
+                "back on and send an anchor() (the next collect() then works again)")
         delta = self._new_delta(anchor=False)
-        emitting = [s for s in self._slots if s.emits]
-        found = _compact([s.window for s in emitting])
-        for slot, local_indices in zip(emitting, found):
-            if local_indices.numel() == 0:
+        found = []
+        for buffer, slots in self._buffers.values():
+            found += zip(slots, _compact(buffer, [s.window.numel() for s in slots]))
+        for slot, local_indices in found:
+            if local_indices.numel() == 0 or not slot.emits:
                 continue
             local = distributed.local_tensor(slot.param).detach()
             if local.is_contiguous():
@@ -925,8 +946,8 @@ class DeltaTracker:
             if slot.offset:
                 indices = indices + slot.offset
             delta.indices[slot.name], delta.values[slot.name] = indices, values
-        for slot in self._slots:
-            slot.window.zero_()
+        for buffer, _ in self._buffers.values():
+            buffer.zero_()
         if delta.sequence == 1:
             delta.base_sums = self._start_checksums()
         return delta
@@ -944,8 +965,10 @@ class DeltaTracker:
         its state checksums), and clear the window: the next :meth:`collect` holds what
         changes after it. Under FSDP2 each rank's anchor holds its shard."""
         delta = self._new_delta(anchor=True)
+        self._blind.clear()
+        for buffer, _ in self._buffers.values():
+            buffer.zero_()
         for slot in self._slots:
-            slot.window.zero_()
             if not slot.emits:
                 continue
             values = self._synced_local(slot).reshape(-1).clone()
@@ -961,34 +984,32 @@ class DeltaTracker:
 _BYTE_BITS = {torch.device("cpu"): (torch.arange(256).unsqueeze(1) >> torch.arange(8)) & 1 == 1}
 
 
-def _compact(windows: list[Tensor]) -> list[Tensor]:
-    """Ascending element indices (int32; int64 past 2^31) of the set bits of each bitmap,
-    on its device.
+def _compact(buffer: Tensor, sizes: list[int]) -> list[Tensor]:
+    """Ascending element indices (int32; int64 past 2^31) of the set bits of each bitmap
+    lying in ``buffer`` one after another (``sizes`` bytes each), on its device.
 
-    Windows of one device are compacted together, a batch of up to ``_WINDOW_BATCH`` bytes
-    at a time: one ``nonzero`` over their bytes, the set bytes expanded to bits (a table
-    row per byte), a ``nonzero`` over those, then one split: three host syncs per batch
-    however many tensors, and temporaries of about 20 bytes per changed element.
+    The bitmaps are compacted in place, a batch of up to ``_WINDOW_BATCH`` bytes at a time:
+    one ``nonzero`` over their bytes, the set bytes expanded to bits (a table row per byte),
+    a ``nonzero`` over those, then one split: three host syncs per batch however many
+    tensors, and temporaries of about 20 bytes per changed element.
     """
-    out: list[Tensor | None] = [None] * len(windows)
-    batches: list[list[int]] = []
-    size = 0
-    for k, window in enumerate(windows):
-        last = batches[-1] if batches else None
-        if (last is None or size + window.numel() > _WINDOW_BATCH
-                or windows[last[0]].device != window.device):
-            batches.append([k])
-            size = window.numel()
-        else:
-            last.append(k)
-            size += window.numel()
+    batches: list[list[int]] = []  # window numbers
+    total = 0
+    for k, size in enumerate(sizes):
+        if not batches or total + size > _WINDOW_BATCH:
+            batches.append([])
+            total = 0
+        batches[-1].append(k)
+        total += size
+    out: list[Tensor] = []
+    first = 0  # byte of the batch's first window in the buffer
+    table = _BYTE_BITS.setdefault(buffer.device,
+                                  _BYTE_BITS[torch.device("cpu")].to(buffer.device))
     for batch in batches:
-        device = windows[batch[0]].device
-        flat = torch.cat([windows[k] for k in batch]) if len(batch) > 1 else windows[batch[0]]
-        wide = flat.numel() * 8 >= _INT32_LIMIT
-        index_dtype = torch.int64 if wide else torch.int32
+        flat = buffer[first:first + sum(sizes[k] for k in batch)]
+        first += flat.numel()
+        index_dtype = torch.int64 if flat.numel() * 8 >= _INT32_LIMIT else torch.int32
         set_bytes = torch.nonzero(flat).reshape(-1).to(index_dtype)
-        table = _BYTE_BITS.setdefault(device, _BYTE_BITS[torch.device("cpu")].to(device))
         bits = table.index_select(0, flat.index_select(0, set_bytes).to(index_dtype))
         where = torch.nonzero(bits.reshape(-1)).reshape(-1).to(index_dtype)
         del bits
@@ -996,12 +1017,12 @@ def _compact(windows: list[Tensor]) -> list[Tensor]:
         del set_bytes, where
         starts = [0]
         for k in batch:
-            starts.append(starts[-1] + windows[k].numel() * 8)
+            starts.append(starts[-1] + sizes[k] * 8)
         bounds = torch.searchsorted(positions, torch.tensor(starts, dtype=index_dtype,
-                                                            device=device)).tolist()
-        for j, k in enumerate(batch):
+                                                            device=buffer.device)).tolist()
+        for j in range(len(batch)):
             piece = positions[bounds[j]:bounds[j + 1]]
-            out[k] = piece - starts[j] if starts[j] else piece
+            out.append(piece - starts[j] if starts[j] else piece)
     return out
 
 

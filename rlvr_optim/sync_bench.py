@@ -304,6 +304,7 @@ def run(models=tuple(MODELS), steps: int = 48, warmup_steps: int = 300,
     """Run the benchmark on CPU; returns ``{"environment", "settings", "rows", "runs"}``."""
     s = _Settings(steps=steps, warmup_steps=warmup_steps)
     torch.set_num_threads(1)
+    machine = _machine()
     task = AdditionTask(s.digits)
     runs, counted = [], []
     for model in models:
@@ -321,7 +322,7 @@ def run(models=tuple(MODELS), steps: int = 48, warmup_steps: int = 300,
                 "mode": "bf16 params, fp32 master weights, nearest rounding",
                 "snapshot_detector": "verl-style: bf16 snapshot, compare, gather, update in place",
                 "models": {m: MODELS[m] for m in models}}
-    return {"environment": _machine(), "settings": settings,
+    return {"environment": machine, "settings": settings,
             "cpu_timings_are_not_performance_results": True,
             "rows": _rows(runs, counted), "runs": runs}
 
