@@ -55,10 +55,12 @@ __all__ = ["MODELS", "run", "main"]
 INTERVALS = (1, 4, 16)
 LRS = (1e-6, 1e-5)  # the paper's RL lr, and 10x
 # The tiny ablation preset's model (rlvr_optim.ablation.config.LMAblation defaults) and a
-# wider one of the same architecture, so that per-tensor overheads do not decide the rows.
+# wider one of the same architecture, so that per-tensor overheads do not decide the rows;
+# with their warm-up lr (the wide model learnt nothing in 300 steps at 3e-3, 13% of answers
+# right at 1e-3; the tiny one's is the preset's).
 MODELS = {
-    "ablation-tiny": dict(hidden=32, layers=2, heads=2, intermediate=96),
-    "ablation-wide": dict(hidden=256, layers=2, heads=4, intermediate=1024),
+    "ablation-tiny": dict(hidden=32, layers=2, heads=2, intermediate=96, warmup_lr=1e-2),
+    "ablation-wide": dict(hidden=256, layers=2, heads=4, intermediate=1024, warmup_lr=1e-3),
 }
 
 
@@ -66,7 +68,6 @@ MODELS = {
 class _Settings:
     steps: int = 48
     warmup_steps: int = 300
-    warmup_lr: float = 1e-2
     prompts: int = 8
     group: int = 8
     digits: int = 2
@@ -140,19 +141,19 @@ class _Snapshot:
 
 
 def _shape(model: str, task: AdditionTask) -> LMShape:
-    sizes = MODELS[model]
+    sizes = {k: v for k, v in MODELS[model].items() if k != "warmup_lr"}
     return LMShape(vocab=task.vocab_size, max_length=task.prompt_length + task.answer_length,
                    **sizes)
 
 
-def _warmup(shape: LMShape, task: AdditionTask, s: _Settings) -> dict[str, Tensor]:
+def _warmup(shape: LMShape, task: AdditionTask, s: _Settings, lr: float) -> dict[str, Tensor]:
     """fp32 cross-entropy training on addition (cosine lr to 0), as the ablation's warm-up."""
     weights = {n: t.unsqueeze(0).requires_grad_() for n, t in init_weights(shape, s.seed).items()}
-    opt = torch.optim.AdamW(weights.values(), lr=s.warmup_lr, weight_decay=0.0)
+    opt = torch.optim.AdamW(weights.values(), lr=lr, weight_decay=0.0)
     gen = torch.Generator().manual_seed(s.seed + 1)
     for step in range(s.warmup_steps):
         for group in opt.param_groups:
-            group["lr"] = s.warmup_lr * 0.5 * (1 + math.cos(math.pi * step / s.warmup_steps))
+            group["lr"] = lr * 0.5 * (1 + math.cos(math.pi * step / s.warmup_steps))
         prompts, answers = task.sample(64, gen)
         ids = torch.cat([prompts, answers], dim=1)[None]
         logits = forward(weights, ids[:, :, :-1], shape)[:, :, task.prompt_length - 1:]
@@ -259,7 +260,8 @@ def _rows(runs: list[dict], counted: list[dict]) -> list[dict]:
             same_run = [a["changed"] for a in syncs] == [b["changed"] for b in extra]
             rows.append({
                 "model": run["model"], "params": run["numel"], "tensors": run["tensors"],
-                "lr": run["lr"], "sync_every": k, "syncs": len(syncs),
+                "lr": run["lr"], "mean_reward": statistics.mean(run["mean_reward"]),
+                "sync_every": k, "syncs": len(syncs),
                 "changed_fraction": _median([x["changed"] / run["numel"] for x in syncs]),
                 "full_bf16_bytes": run["full_bf16_bytes"],
                 "payload_bytes": _median([x["payload_bytes"] for x in syncs]),
@@ -309,7 +311,7 @@ def run(models=tuple(MODELS), steps: int = 48, warmup_steps: int = 300,
     runs, counted = [], []
     for model in models:
         shape = _shape(model, task)
-        start = _warmup(shape, task, s)
+        start = _warmup(shape, task, s, MODELS[model]["warmup_lr"])
         for lr in LRS:
             if progress:
                 print(f"{model} lr {lr:g}: {steps} steps, timed run", flush=True)
@@ -349,21 +351,24 @@ def markdown(result: dict[str, Any]) -> str:
         f"Model: the ablation's LM, {result['settings']['mode']}; "
         f"{result['settings']['steps']} GRPO-style steps after a cross-entropy warm-up; the "
         "same run feeds our trackers and the snapshot detectors. Medians over the syncs "
-        "(time: median [min, max]). \"payload\": int32 index + bf16 value per changed element; "
+        "(time: median [min, max]). \"reward\": the run's mean reward (share of right answers). "
+        "\"payload\": int32 index + bf16 value per changed element; "
         "\"sent\": the delta file (TRL's sparse safetensors: the payload and a header of names, "
         "shapes and checksums) against the full bf16 model. "
         "\"held\": memory a detector keeps between syncs (our window bitmap; the snapshot). "
         "\"peak\": the most bytes the tensors made by one build (the delta included) held at "
         "once.",
         "",
-        "| model | params | lr | sync every | changed | payload | sent | full bf16 | sent / full | "
+        "| model | params | lr | reward | sync every | changed | payload | sent | full bf16 | "
+        "sent / full | "
         "build ours ms | build snapshot ms | held ours | held snapshot | peak ours | "
         "peak snapshot | checked |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in result["rows"]:
         lines.append(
-            f"| {r['model']} | {r['params']:,} | {r['lr']:g} | {r['sync_every']} | "
+            f"| {r['model']} | {r['params']:,} | {r['lr']:g} | {r['mean_reward']:.2f} | "
+            f"{r['sync_every']} | "
             f"{r['changed_fraction']:.3%} | {_size(r['payload_bytes'])} | "
             f"{_size(r['file_bytes'])} | "
             f"{_size(r['full_bf16_bytes'])} | {r['file_to_full']:.2%} | "
