@@ -167,13 +167,9 @@ def _hashes(indices: Tensor, bits: Tensor) -> Tensor:
     return torch.stack(lanes, dim=1)
 
 
-def _segment_sums(hashes: Tensor, segments: Tensor, count: int) -> Tensor:
-    """``[count, 2]`` lane sums mod 2^32 of the hashes in each segment (no overflow below
-    2^47 elements: the 16-bit halves are summed apart)."""
-    low = torch.zeros(count, 2, dtype=torch.int64, device=hashes.device)
-    high = torch.zeros(count, 2, dtype=torch.int64, device=hashes.device)
-    low.index_add_(0, segments, hashes & 0xFFFF)
-    high.index_add_(0, segments, hashes >> 16)
+def _fold(low: Tensor, high: Tensor) -> Tensor:
+    """Lane sums mod 2^32 from the sums of the hashes' low and high 16-bit halves, which
+    are summed apart so that int64 cannot overflow below 2^47 elements."""
     return (low + ((high & 0xFFFF) << 16)) & _M32
 
 
@@ -192,6 +188,10 @@ def _text(checksum: int) -> str:
     return f"{checksum:016x}"
 
 
+def _texts(checksums: Mapping[str, int] | None) -> dict[str, str] | None:
+    return None if checksums is None else {n: _text(c) for n, c in checksums.items()}
+
+
 def _sum_of_entries(pairs: list[tuple[Tensor, Tensor]]) -> list[int]:
     """Checksum of each (flat indices, values) pair, computed on their devices (one sync).
 
@@ -200,58 +200,51 @@ def _sum_of_entries(pairs: list[tuple[Tensor, Tensor]]) -> list[int]:
     """
     if not pairs:
         return []
-    halves = {}  # device -> (low, high) sums of 16-bit halves, [len(pairs), 2] each
+    halves: dict[torch.device, Tensor] = {}  # [2, pairs, 2]: sums of low and high halves
     pending: dict[torch.device, list[tuple[int, Tensor, Tensor]]] = {}
-    sizes: dict[torch.device, int] = {}
+    pending_size: dict[torch.device, int] = {}
 
-    def flush(device):
-        pieces = pending.pop(device, [])
-        sizes[device] = 0
-        if not pieces:
-            return
-        low, high = halves.setdefault(device, (
-            torch.zeros(len(pairs), 2, dtype=torch.int64, device=device),
-            torch.zeros(len(pairs), 2, dtype=torch.int64, device=device)))
+    def flush(device: torch.device) -> None:
+        pieces = pending.pop(device)
+        pending_size[device] = 0
         indices = torch.cat([i.to(torch.int64) for _, i, _ in pieces])
         bits = torch.cat([_value_bits(v) for _, _, v in pieces])
         counts = torch.tensor([i.numel() for _, i, _ in pieces], device=device)
         rows = torch.tensor([k for k, _, _ in pieces], device=device)
         segments = torch.repeat_interleave(rows, counts, output_size=indices.numel())
         hashes = _hashes(indices, bits)
-        low.index_add_(0, segments, hashes & 0xFFFF)
-        high.index_add_(0, segments, hashes >> 16)
+        halves[device][0].index_add_(0, segments, hashes & 0xFFFF)
+        halves[device][1].index_add_(0, segments, hashes >> 16)
 
     for k, (indices, values) in enumerate(pairs):
         device = indices.device
-        halves.setdefault(device, (
-            torch.zeros(len(pairs), 2, dtype=torch.int64, device=device),
-            torch.zeros(len(pairs), 2, dtype=torch.int64, device=device)))
+        if device not in halves:
+            halves[device] = torch.zeros(2, len(pairs), 2, dtype=torch.int64, device=device)
         indices, values = indices.reshape(-1), values.reshape(-1)
         for start in range(0, indices.numel(), _CHUNK):
             piece = (k, indices[start:start + _CHUNK], values[start:start + _CHUNK])
             pending.setdefault(device, []).append(piece)
-            sizes[device] = sizes.get(device, 0) + piece[1].numel()
-            if sizes[device] >= _CHUNK:
+            pending_size[device] = pending_size.get(device, 0) + piece[1].numel()
+            if pending_size[device] >= _CHUNK:
                 flush(device)
     for device in list(pending):
         flush(device)
-    total = None
-    for device, (low, high) in halves.items():
-        sums = ((low + ((high & 0xFFFF) << 16)) & _M32).cpu()
-        total = sums if total is None else (total + sums) & _M32
+    total = sum(_fold(low, high).cpu() for low, high in halves.values()) & _M32
     return [_to_int(pair) for pair in total.tolist()]
 
 
 def _device_state_sum(flat: Tensor, offset: int = 0) -> Tensor:
     """``[2]`` lane sums over every element of a flat tensor whose element 0 has global
     index ``offset``; on its device, in chunks, no host sync."""
-    total = torch.zeros(2, dtype=torch.int64, device=flat.device)
+    low = torch.zeros(2, dtype=torch.int64, device=flat.device)
+    high = torch.zeros(2, dtype=torch.int64, device=flat.device)
     for start in range(0, flat.numel(), _CHUNK):
         part = flat[start:start + _CHUNK]
         index = torch.arange(offset + start, offset + start + part.numel(), device=flat.device)
         hashes = _hashes(index, _value_bits(part))
-        total += _segment_sums(hashes, torch.zeros_like(index), 1)[0]
-    return total & _M32
+        low += (hashes & 0xFFFF).sum(0)
+        high += (hashes >> 16).sum(0)
+    return _fold(low, high)
 
 
 def synced_values(t: Tensor) -> Tensor:
@@ -408,8 +401,8 @@ class Delta:
             "part": list(self.part) if self.part is not None else None,
             "tensors": {n: [list(s), _dtype_name(self.dtypes[n])] for n, s in self.shapes.items()},
             "sums": {n: _text(s) for n, s in self.checksums().items()},
-            "base": None if self.base_sums is None else {n: _text(s) for n, s in self.base_sums.items()},
-            "result": None if self.result_sums is None else {n: _text(s) for n, s in self.result_sums.items()},
+            "base": _texts(self.base_sums),
+            "result": _texts(self.result_sums),
         }
         meta = {_KEY: json.dumps(ours, sort_keys=True, separators=(",", ":")),
                 "version": "1", "model_version": str(self.sequence),
@@ -791,7 +784,8 @@ class DeltaTracker:
         while not hasattr(optimizer, "change_bitmap") and hasattr(optimizer, "optimizer"):
             optimizer = optimizer.optimizer
         if not hasattr(optimizer, "change_bitmap"):
-            raise TypeError(f"DeltaTracker needs an rlvr_optim.AdamW, got {type(optimizer).__name__}")
+            raise TypeError("DeltaTracker needs an rlvr_optim.AdamW, got "
+                            f"{type(optimizer).__name__}")
         self.optimizer = optimizer
         self.label = label
         groups = {id(p): g for g in optimizer.param_groups for p in g["params"]}

@@ -43,7 +43,8 @@ MODES = {
 
 def _bits(t):
     t = sync.synced_values(t)
-    return t.view({1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}[t.element_size()])
+    return t.view({1: torch.uint8, 2: torch.int16, 4: torch.int32,
+                   8: torch.int64}[t.element_size()])
 
 
 def _equal(received, params):
@@ -64,7 +65,8 @@ def _skipped(step):
 
 def _grads(params, step, g):
     for k, (n, p) in enumerate(params.items()):
-        p.grad = None if n in _skipped(step) else (torch.randn(p.shape, generator=g) * (1 + k)).to(p.dtype)
+        grad = (torch.randn(p.shape, generator=g) * (1 + k)).to(p.dtype)
+        p.grad = None if n in _skipped(step) else grad
 
 
 def _optimizer(mode, params, **options):
@@ -447,7 +449,8 @@ def test_files_written_by_trl_are_read_and_checked_by_their_sha256():
     import hashlib
 
     g = torch.Generator().manual_seed(0)
-    weights = {"a": torch.randn(6, 4, generator=g).bfloat16(), "b": torch.randn(9, generator=g).bfloat16()}
+    weights = {"a": torch.randn(6, 4, generator=g).bfloat16(),
+               "b": torch.randn(9, generator=g).bfloat16()}
     anchor = save({n: t.clone() for n, t in weights.items()},
                   metadata={"format": "anchor_checkpoint", "version": "1", "model_version": "4"})
     after = {n: t.clone() for n, t in weights.items()}
@@ -456,7 +459,8 @@ def test_files_written_by_trl_are_read_and_checked_by_their_sha256():
     for name in sorted(after):
         digest.update(after[name].view(torch.uint8).numpy().tobytes())
     meta = {"format": "sparse_weight_patch", "version": "1", "model_version": "5",
-            "prev_model_version": "4", "changed_params": '["a"]', "checksum_sha256": digest.hexdigest()}
+            "prev_model_version": "4", "changed_params": '["a"]',
+            "checksum_sha256": digest.hexdigest()}
     tensors = {"a.indices": torch.tensor([1, 5], dtype=torch.int32),
                "a.values": torch.tensor([2.0, -3.0], dtype=torch.bfloat16)}
     receiver = {n: torch.zeros_like(t) for n, t in weights.items()}
@@ -484,7 +488,8 @@ def test_int64_indices_from_2_31_elements():
     assert sync._index_dtype(2**31 - 1) == torch.int32
     assert sync._index_dtype(2**31) == torch.int64
     delta = Delta(sequence=1, chain="c", shapes={"w": (10,)}, dtypes={"w": torch.bfloat16},
-                  indices={"w": torch.tensor([2, 7])}, values={"w": torch.tensor([1.0, 2.0]).bfloat16()},
+                  indices={"w": torch.tensor([2, 7])},
+                  values={"w": torch.tensor([1.0, 2.0]).bfloat16()},
                   base_sums=sync.state_checksums({"w": torch.zeros(10, dtype=torch.bfloat16)}))
     delta.sums = {"w": sync._sum_of_entries([(delta.indices["w"], delta.values["w"])])[0]}
     back = Delta.from_bytes(delta.to_bytes())
@@ -537,7 +542,8 @@ def test_trl_grpo_example_syncs_a_fake_engine(tmp_path):
 @pytest.mark.parametrize("capturable", [False, True])
 def test_receivers_stay_bit_identical_on_cuda(cuda_device, capturable):
     """CPU step counts (read on the host) and device step counts (compared on the device)."""
-    params = {n: torch.nn.Parameter(p.detach().to(cuda_device)) for n, p in _params("stochastic").items()}
+    params = {n: torch.nn.Parameter(p.detach().to(cuda_device))
+              for n, p in _params("stochastic").items()}
     opt = _optimizer("stochastic", params, capturable=capturable)
     trackers = {k: DeltaTracker(opt, params.items()) for k in INTERVALS}
     receivers = {k: _receiver(params) for k in INTERVALS}
