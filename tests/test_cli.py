@@ -11,7 +11,6 @@ import sys
 
 import pytest
 import torch
-from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from rlvr_optim import analysis

@@ -19,7 +19,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from rlvr_optim import AdamW, bitmaps, sync
+from rlvr_optim import AdamW, sync
 from rlvr_optim.cli import main
 from rlvr_optim.patch import DeltaError, apply_patches, load_patch, make_patch
 from rlvr_optim.sync import Delta

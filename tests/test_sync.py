@@ -25,7 +25,7 @@ from safetensors import safe_open
 from safetensors.torch import save, save_file
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from rlvr_optim import AdamW, bitmaps, sync
+from rlvr_optim import AdamW, sync
 from rlvr_optim.sync import Delta, DeltaError, DeltaTracker, apply_delta, merge_deltas
 
 STEPS = 50
