@@ -264,8 +264,9 @@ def _add_patch(subparsers) -> None:
     p = subparsers.add_parser(
         "patch",
         help="make and apply sparse weight patches (changed indices + new values)",
-        description="Sparse weight sync: a patch holds one step's changed elements (gap-encoded "
-        "indices and new values) with checksums of the weights before and after, so it "
+        description="Sparse weight patches between checkpoints, in the delta format of "
+        "rlvr_optim.sync (TRL's sparse safetensors: per changed tensor <name>.indices and "
+        "<name>.values) with the state checksums of the weights before and after, so a patch "
         "applies only to its own base, in order.",
     )
     commands = p.add_subparsers(title="patch commands", metavar="ACTION", dest="patch_action",
@@ -277,36 +278,40 @@ def _add_patch(subparsers) -> None:
         "full checkpoint. BASE and NEW are what sparsity reads: HF model folders, safetensors "
         "files or torch state dicts. With --bitmaps (a file from "
         "rlvr_optim.bitmaps.save_bitmaps, e.g. the optimizer's change bitmaps of the step) "
-        "the changed elements come from the bitmaps, checked against BASE.",
+        "the changed elements come from the bitmaps, checked against BASE. The same inputs "
+        "give the same bytes.",
     )
     make.add_argument("base", help="checkpoint before the step")
     make.add_argument("new", help="checkpoint after the step")
-    make.add_argument("-o", "--output", required=True, help="patch file to write")
+    make.add_argument("-o", "--output", required=True,
+                      help="patch file to write (not one of the inputs)")
     make.add_argument("--sequence", type=int, required=True,
                       help="step number recorded in the patch")
     make.add_argument("--bitmaps", help="safetensors change bitmaps of the step (optional)")
     make.set_defaults(func=_patch)
     apply = commands.add_parser(
         "apply",
-        help="apply patches in order to a safetensors checkpoint",
-        description="Apply PATCH files in the order given to WEIGHTS and write the result to "
-        "OUTPUT. A patch made for other weights, out of order or corrupt is refused and "
-        "nothing is written.",
+        help="apply patches in order to a checkpoint",
+        description="Apply PATCH files in the order given to WEIGHTS (an HF model folder, a "
+        "safetensors file or a torch state dict, as patch make reads) and write the result "
+        "to OUTPUT as one safetensors file. A patch made for other weights, out of order or "
+        "corrupt is refused and nothing is written.",
     )
-    apply.add_argument("weights", help="safetensors weights the first patch was made from")
+    apply.add_argument("weights", help="checkpoint the first patch was made from")
     apply.add_argument("patches", nargs="+", metavar="PATCH", help="patch files, in order")
-    apply.add_argument("-o", "--output", required=True, help="safetensors file to write")
+    apply.add_argument("-o", "--output", required=True,
+                       help="safetensors file to write (not one of the inputs)")
     apply.set_defaults(func=_patch)
 
 
 def _patch(args: argparse.Namespace) -> int:
     """Run ``patch make`` / ``patch apply``."""
-    from safetensors.torch import save_file  # noqa: PLC0415
-
-    from . import analysis, bitmaps, patch  # noqa: PLC0415
+    from . import analysis, bitmaps, files, patch, sync  # noqa: PLC0415
 
     _check_output_file("-o", args.output)
     if args.patch_action == "make":
+        inputs = [args.base, args.new] + ([args.bitmaps] if args.bitmaps else [])
+        files.refuse_output_over_inputs("-o", args.output, inputs)
         base, new = analysis.load_state_dict(args.base), analysis.load_state_dict(args.new)
         changed = None
         if args.bitmaps is not None:
@@ -320,20 +325,35 @@ def _patch(args: argparse.Namespace) -> int:
                     raise InputError(f"--bitmaps {args.bitmaps}: bitmap {name!r} is for {n} "
                                      f"elements, the tensor has {new[name].numel()}")
         made = patch.make_patch(new, base=base, changed=changed, sequence=args.sequence)
-        size = made.save(args.output)
+        size = _written("-o", args.output, lambda: made.save(args.output))
         print(f"sequence {made.sequence}: {made.changed} of {made.numel} elements changed "
               f"({made.changed / max(made.numel, 1):.2%}); patch {size} bytes, full "
               f"checkpoint {made.full_bytes} bytes ({size / max(made.full_bytes, 1):.2%})")
         return 0
-    handle = analysis.open_safetensors(args.weights)
-    metadata = handle.metadata()
-    weights = {name: handle.get_tensor(name) for name in handle.keys()}
+    files.refuse_output_over_inputs("-o", args.output, [args.weights, *args.patches])
+    weights = analysis.load_state_dict(args.weights)
+    metadata = {"format": "pt"}
+    if os.path.isfile(args.weights) and args.weights.endswith(".safetensors"):
+        metadata = analysis.open_safetensors(args.weights).metadata() or metadata
     patches = [patch.load_patch(path) for path in args.patches]
-    checksum = patch.apply_patches(weights, patches)
-    save_file(weights, args.output, metadata=metadata)
+    for path, made in zip(args.patches, patches):  # in memory; nothing is written on error
+        try:
+            sync.apply_delta(weights, made)
+        except sync.DeltaError as exc:
+            raise InputError(f"{path}: {exc}") from None
+    _written("-o", args.output, lambda: sync.write_safetensors(args.output, weights, metadata))
     print(f"applied {len(patches)} patches (sequence {patches[0].sequence}.."
-          f"{patches[-1].sequence}); wrote {args.output} (checksum {checksum[:12]})")
+          f"{patches[-1].sequence}); wrote {args.output}")
     return 0
+
+
+def _written(option: str, path: str, write):
+    """Run ``write()``; an OS error (full disk, read-only folder) becomes one line."""
+    try:
+        return write()
+    except OSError as exc:
+        raise InputError(f"{option} {path}: cannot write ({exc.strerror or exc}); nothing "
+                         "was written there") from None
 
 
 def _add_sparsity(subparsers) -> None:

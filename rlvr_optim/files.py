@@ -19,6 +19,7 @@ import contextlib
 import errno
 import json
 import os
+import secrets
 import shutil
 import signal
 import tempfile
@@ -32,6 +33,7 @@ __all__ = [
     "atomic_files",
     "atomic_folder",
     "atomic_write",
+    "atomic_write_unnamed",
     "folder_lock",
     "raise_on_sigterm",
     "refuse_folder_over_inputs",
@@ -137,6 +139,55 @@ def atomic_write(path: PathLike, mode: str = "wb", encoding: str | None = None) 
         with contextlib.suppress(OSError):
             os.unlink(temp)
         _name_target(exc, temp, path)
+        raise
+    _fsync_folder(folder)
+
+
+@contextlib.contextmanager
+def atomic_write_unnamed(path: PathLike) -> Iterator[IO[bytes]]:
+    """:func:`atomic_write` (binary) for large outputs: nothing is left behind if the
+    process is killed.
+
+    The data go to a file without a name (Linux ``O_TMPFILE``) in the target's folder; it
+    gets a name only when it is complete and fsynced, and is then renamed over ``path``. A
+    process killed mid-write, even by SIGKILL, leaves no temporary file: the kernel frees
+    a file that has no name when it is closed. (Between the link and the rename, a few
+    system calls, the complete file has a temporary name beside the target.) Where the file
+    system cannot make unnamed files, this is :func:`atomic_write`.
+    """
+    path = os.fspath(path)
+    folder = os.path.dirname(os.path.abspath(path))
+    fd = None
+    unnamed = getattr(os, "O_TMPFILE", None)
+    if unnamed is not None:
+        try:
+            fd = os.open(folder, unnamed | os.O_RDWR, 0o666)
+        except OSError as exc:
+            # EISDIR: a kernel without O_TMPFILE; EOPNOTSUPP: a file system without it.
+            if exc.errno not in (errno.EISDIR, errno.EOPNOTSUPP, errno.EINVAL):
+                raise
+    if fd is None:
+        with atomic_write(path, "wb") as f:
+            yield f
+        return
+    temp = os.path.join(folder, f"{_TEMP_PREFIX}{os.path.basename(path)}."
+                                f"{secrets.token_hex(4)}.tmp")
+    with os.fdopen(fd, "w+b") as f:
+        yield f
+        f.flush()
+        os.fsync(f.fileno())
+        try:
+            os.link(f"/proc/self/fd/{f.fileno()}", temp)
+        except OSError:  # no /proc: copy the finished file into a named temporary one
+            f.seek(0)
+            with atomic_write(path, "wb") as named:
+                shutil.copyfileobj(f, named)
+            return
+    try:
+        os.replace(temp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(temp)
         raise
     _fsync_folder(folder)
 

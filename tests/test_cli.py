@@ -188,7 +188,7 @@ def test_patch_make_reads_what_sparsity_reads(pair, tmp_path, capsys):
         out = tmp_path / f"p{i}.safetensors"
         assert main(["patch", "make", str(b), str(t), "-o", str(out), "--sequence", "3"]) == 0
         made = load_patch(out)
-        assert (made.base_checksum, made.checksum) == (expected.base_checksum, expected.checksum)
+        assert (made.base_sums, made.result_sums) == (expected.base_sums, expected.result_sums)
         assert made.indices.keys() == expected.indices.keys()
         assert all(torch.equal(made.indices[k], expected.indices[k]) for k in made.indices)
     assert "elements changed" in capsys.readouterr().out
@@ -198,33 +198,6 @@ def test_patch_make_reads_what_sparsity_reads(pair, tmp_path, capsys):
     status = main(["patch", "make", str(empty), str(tuned_folder), "-o", str(out),
                    "--sequence", "3"])
     _refused(capsys, status, "patch make", str(empty), "holds no .safetensors")
-    assert not out.exists()
-
-
-def _corrupt_indices(path):
-    """Rewrite a patch file with its first index stream cut inside a number."""
-    with safe_open(str(path), framework="pt") as f:
-        meta = f.metadata()
-        tensors = {k: f.get_tensor(k) for k in f.keys()}
-    name = next(k for k in tensors if k.endswith("::indices"))
-    tensors[name] = tensors[name].clone()
-    tensors[name][-1] |= 0x80
-    save_file(tensors, path, metadata=meta)
-    return name.removesuffix("::indices")
-
-
-@pytest.mark.parametrize("damage", ["truncated", "indices"])
-def test_patch_apply_names_a_damaged_patch_file(pair, tmp_path, capsys, damage):
-    patch_file = tmp_path / "step1.patch"
-    make_patch(load_file(pair[1]), base=load_file(pair[0]), sequence=1).save(patch_file)
-    if damage == "truncated":
-        patch_file.write_bytes(patch_file.read_bytes()[:-7])
-        reason = "not a readable patch file"
-    else:
-        reason = f"indices of {_corrupt_indices(patch_file)!r}: index data ends inside a number"
-    out = tmp_path / "applied.safetensors"
-    status = main(["patch", "apply", str(pair[0]), str(patch_file), "-o", str(out)])
-    _refused(capsys, status, "patch apply", str(patch_file), reason)
     assert not out.exists()
 
 

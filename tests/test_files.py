@@ -306,3 +306,43 @@ def test_refuse_folder_over_inputs(tmp_path):
     # A folder that merely holds an input is fine when no file of that name is written.
     files.refuse_folder_over_inputs("--out", tmp_path, ["random.safetensors"], [base, hf])
     files.refuse_folder_over_inputs("--out", hf / "masks", ["principal.safetensors"], [hf])
+
+
+def test_unnamed_write_has_no_name_until_complete(tmp_path):
+    target = tmp_path / "weights.safetensors"
+    target.write_bytes(b"old")
+    with files.atomic_write_unnamed(target) as f:
+        f.write(b"new " * 1000)
+        assert _listing(tmp_path) == ["weights.safetensors"]  # nothing named yet
+        assert target.read_bytes() == b"old"
+    assert target.read_bytes() == b"new " * 1000
+    assert _listing(tmp_path) == ["weights.safetensors"]
+    with pytest.raises(OSError):
+        with files.atomic_write_unnamed(target) as f:
+            f.write(b"half")
+            raise OSError("no space left on device")
+    assert target.read_bytes() == b"new " * 1000
+    assert _listing(tmp_path) == ["weights.safetensors"]
+    with files.atomic_write_unnamed(tmp_path / "fresh.bin") as f:
+        f.write(b"x")
+    assert (tmp_path / "fresh.bin").read_bytes() == b"x"
+
+
+def test_sigkill_during_an_unnamed_write_leaves_nothing(tmp_path):
+    target = tmp_path / "big.bin"
+    target.write_bytes(b"old")
+    code = textwrap.dedent(f"""
+        import time
+        from rlvr_optim import files
+        with files.atomic_write_unnamed({str(target)!r}) as f:
+            f.write(b"x" * (8 << 20))
+            f.flush()
+            print("writing", flush=True)
+            time.sleep(30)
+    """)
+    writer = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    assert writer.stdout.readline().strip() == "writing"
+    writer.kill()
+    writer.wait(timeout=30)
+    assert target.read_bytes() == b"old"
+    assert _listing(tmp_path) == ["big.bin"]
