@@ -27,7 +27,7 @@ from rlvr_optim.ablation import Arm, preset, run_ablation  # noqa: E402
 from rlvr_optim.ablation import cohorts, lm, lm_report, starts, stats  # noqa: E402
 from rlvr_optim.ablation.config import MASTER, NEAREST, STOCHASTIC  # noqa: E402
 from rlvr_optim.ablation.minilm import TOPICS, TopicTask, minilm_path  # noqa: E402
-from rlvr_optim.ablation.runs import derive_seed  # noqa: E402
+from rlvr_optim.ablation.runs import derive_seed, load_checkpoint  # noqa: E402
 from rlvr_optim.ablation.task import AdditionTask  # noqa: E402
 from rlvr_optim.errors import InputError  # noqa: E402
 
@@ -579,11 +579,14 @@ def test_resume_after_interruptions_ends_bit_identical(short, tmp_path):
     # must replay exactly.
     first = run_ablation(config, out, progress=False, stop_after=10)
     assert first["interrupted"] and not os.path.exists(os.path.join(out, "report.md"))
+    assert first["saved"] == []           # no checkpoint yet: a resume starts over
     second = run_ablation(config, out, resume=True, progress=False,
                           stop_after=2 * config.warmup_steps + 1)
     assert second["interrupted"]
     cohort = os.path.join(out, "checkpoints", "cohort-sample-bf16-fp32-master-lr0.001-start0")
-    assert any(name.startswith("checkpoint") for name in os.listdir(cohort))
+    ckpt = load_checkpoint(os.path.join(cohort, "checkpoint.safetensors"))
+    assert ckpt["step"] == 1 and len(ckpt["series"]["loss"]) == 1
+    assert "cohort-sample-bf16-fp32-master-lr0.001-start0 at step 1" in second["saved"]
     final = run_ablation(config, out, resume=True, progress=False)
     assert not final["interrupted"]
     names = [r["name"] for r in _runs(reference)]
@@ -603,7 +606,7 @@ def test_resume_refuses_checkpoints_of_other_settings(short, tmp_path):
     config, _, _ = short
     out = str(tmp_path / "other")
     run_ablation(config, out, progress=False, stop_after=3)
-    with pytest.raises(ValueError, match="other settings"):
+    with pytest.raises(InputError, match="other settings"):
         run_ablation(preset("tiny", **{**SHORT, "clip": 0.3}), out, resume=True, progress=False)
 
 
@@ -669,7 +672,8 @@ def test_cli_ablate_stops_and_leaves_a_checkpoint(tmp_path, capsys):
     assert status == 0
     assert "continue with --resume" in capsys.readouterr().out
     cohort = out / "checkpoints" / "cohort-sample-bf16-fp32-master-lr2e-05-start0"
-    assert any(name.startswith("checkpoint") for name in os.listdir(cohort))
+    ckpt = load_checkpoint(cohort / "checkpoint.safetensors")   # after both rollouts
+    assert ckpt["step"] == 2 and len(ckpt["series"]["loss"]) == 2
     assert not (out / "checkpoints" / "starts").exists()      # the committed starts served
 
 

@@ -24,7 +24,6 @@ from collections import defaultdict
 from typing import Any
 
 import torch
-from safetensors.torch import save
 from torch import Tensor
 
 from .. import analysis, bitmaps, files
@@ -494,12 +493,12 @@ def _measure(config: LMAblation, task: AdditionTask, shape: LMShape, start: Star
         folder = workspace.folder(run_name)
         final = {n: t[a].cpu().contiguous() for n, t in detached.items()}
         finals.append(final)
-        files.write_bytes(os.path.join(folder, "final.safetensors"), save(final))
+        files.write_safetensors(os.path.join(folder, "final.safetensors"), final)
         geometry = analysis.geometry(start.weights, final, **kw)
         master_geometry = None
         if has_master:
             master = {n: opt.state[p]["master"][a].cpu().contiguous() for n, p in params.items()}
-            files.write_bytes(os.path.join(folder, "master.safetensors"), save(master))
+            files.write_safetensors(os.path.join(folder, "master.safetensors"), master)
             master_geometry = analysis.geometry(start.weights, master, **kw)["overall"]
         sparsity = analysis.update_sparsity(start.weights, final)
         frozen = frozen_changed = 0

@@ -48,8 +48,7 @@ def _save(plt, fig, out: str, name: str, paths: list[str], layout: bool = True) 
     if layout:
         fig.tight_layout()
     path = os.path.join(out, name)
-    with files.atomic_write(path) as f:
-        fig.savefig(f, format="png")
+    files.write_figure(path, fig)
     plt.close(fig)
     paths.append(path)
 

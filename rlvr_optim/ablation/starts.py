@@ -252,12 +252,10 @@ def _cpu_capability() -> str:
 def save_start(folder: str, spec: StartSpec, weights: dict[str, Tensor], samples: Tensor,
                info: dict[str, Any]) -> None:
     """Write a start's two files into ``folder`` and add (or replace) its entry in
-    ``starts.json``; every file is written atomically."""
-    os.makedirs(folder, exist_ok=True)
+    ``starts.json``: the three files together (:func:`rlvr_optim.files.atomic_files`). The
+    files are serialized in memory first, so the manifest's SHA-256 is of the bytes written."""
     blobs = {f"{spec.name}.safetensors": save(weights, {"format": "pt"}),
              f"{spec.name}-kl-samples.safetensors": save({"samples": samples})}
-    for name, blob in blobs.items():
-        files.write_bytes(os.path.join(folder, name), blob)
     manifest = _read_manifest(folder)
     manifest["starts"] = [s for s in manifest["starts"] if s["name"] != spec.name]
     manifest["starts"].append({
@@ -268,7 +266,10 @@ def save_start(folder: str, spec: StartSpec, weights: dict[str, Tensor], samples
                       "cpu_capability": _cpu_capability(), "machine": platform.machine()},
     })
     manifest["starts"].sort(key=lambda s: s["name"])
-    files.write_json(os.path.join(folder, MANIFEST), manifest, indent=1)
+    with files.atomic_files(folder) as temp:
+        for name, blob in blobs.items():
+            files.write_bytes(os.path.join(temp, name), blob)
+        files.write_json(os.path.join(temp, MANIFEST), manifest, indent=1)
 
 
 def _read_manifest(folder: str) -> dict[str, Any]:
