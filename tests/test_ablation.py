@@ -587,6 +587,7 @@ def test_resume_after_interruptions_ends_bit_identical(short, tmp_path):
     ckpt = load_checkpoint(os.path.join(cohort, "checkpoint.safetensors"))
     assert ckpt["step"] == 1 and len(ckpt["series"]["loss"]) == 1
     assert "cohort-sample-bf16-fp32-master-lr0.001-start0 at step 1" in second["saved"]
+    assert {"start-0 (finished)", "start-1 (finished)"} <= set(second["saved"])
     final = run_ablation(config, out, resume=True, progress=False)
     assert not final["interrupted"]
     names = [r["name"] for r in _runs(reference)]

@@ -76,6 +76,9 @@ def load_starts(config: LMAblation, workspace: Workspace, budget: StepBudget,
             weights, samples, info = make_start(spec, workspace, budget, bar,
                                                 device=config.device)
             save_start(folder, spec, weights, samples, info)
+            # The warm-up's checkpoint goes: a resume reads the start from ``folder``, and
+            # Workspace.saved() reports it finished.
+            workspace.save_result(spec.name, {"name": spec.name, **info})
             found = load_start(folder, spec)
             source = f"trained by this ablation ({folder})"
         weights, samples, entry = found
