@@ -13,10 +13,7 @@ from __future__ import annotations
 
 import json
 import os
-import socket
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -25,6 +22,7 @@ from safetensors import safe_open
 from safetensors.torch import save, save_file
 from torch.utils._python_dispatch import TorchDispatchMode
 
+import gloo_ranks
 from rlvr_optim import AdamW, sync
 from rlvr_optim.sync import Delta, DeltaError, DeltaTracker, apply_delta, merge_deltas
 
@@ -605,37 +603,10 @@ def _worker(rank: str, world: str, port: str, out: str) -> int:
     return 0
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def ranks(tmp_path_factory):
     out = tmp_path_factory.mktemp("sync_ranks")
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(Path(__file__).parents[1]))
-    port = _free_port()
-    logs = [open(out / f"rank{r}.log", "w") for r in range(WORLD)]
-    procs = [subprocess.Popen([sys.executable, __file__, str(r), str(WORLD), str(port), str(out)],
-                              env=env, stdout=logs[r], stderr=subprocess.STDOUT)
-             for r in range(WORLD)]
-    deadline = time.monotonic() + TIMEOUT_S
-    try:
-        for proc in procs:
-            proc.wait(timeout=max(1.0, deadline - time.monotonic()))
-    except subprocess.TimeoutExpired:
-        pass
-    finally:
-        for proc in procs:
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait()
-        for log in logs:
-            log.close()
-    if any(proc.returncode != 0 for proc in procs):
-        text = "\n".join((out / f"rank{r}.log").read_text()[-3000:] for r in range(WORLD))
-        pytest.fail(f"2-rank run failed or timed out ({TIMEOUT_S} s):\n{text}")
+    gloo_ranks.launch(__file__, WORLD, out, TIMEOUT_S)
     from safetensors.torch import load_file
 
     return [{"parts": [Delta.load(out / f"delta{k}-rank{r}.safetensors") for r in range(WORLD)],
