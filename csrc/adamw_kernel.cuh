@@ -215,8 +215,8 @@ __device__ __forceinline__ TensorContext load_tensor(const LaunchArgs& a, int64_
   c.element_offset = __ldg(&row->element_offset);
   c.first_tile = first_tile_of(a.rows, t);
   c.end_tile = first_tile_of(a.rows, t + 1);
-  const int64_t flags = __ldg(&row->flags);
-  const bool vector = (flags & kRowVectorAligned) != 0 && (flags & kRowBitmapAligned) != 0 &&
+  const int64_t layout = __ldg(&row->layout);
+  const bool vector = (layout & kLayoutVectorAligned) != 0 && (layout & kLayoutBitmapAligned) != 0 &&
                       (!V::kStochastic || (c.element_offset & 7) == 0);
   c.full_tiles = vector ? static_cast<Tile>(c.numel / kTileElements) : 0u;
   const int64_t scalar_row = __ldg(&row->scalar_row);
@@ -235,15 +235,16 @@ __device__ __forceinline__ TensorContext load_tensor(const LaunchArgs& a, int64_
 struct Counts {
   uint32_t changed, moved, nonfinite;  // this thread's, for the current tensor
 };
+static_assert(kCounters == 3, "Counts holds the counters of step_table.h, in their order");
 
 // One warp reduction and one atomic per warp and count. All 32 lanes call it.
 __device__ __forceinline__ void flush_counts(Counts& counts, unsigned long long* workspace) {
-  const uint32_t sums[3] = {__reduce_add_sync(kFullWarp, counts.changed),
+  const uint32_t sums[kCounters] = {__reduce_add_sync(kFullWarp, counts.changed),
                             __reduce_add_sync(kFullWarp, counts.moved),
                             __reduce_add_sync(kFullWarp, counts.nonfinite)};
   if ((threadIdx.x & 31) == 0) {
 #pragma unroll
-    for (int i = 0; i < 3; ++i) {
+    for (int i = 0; i < kCounters; ++i) {
       if (sums[i] != 0) atomicAdd(workspace + i, static_cast<unsigned long long>(sums[i]));
     }
   }
@@ -267,7 +268,7 @@ __device__ __forceinline__ void publish_counters(const LaunchArgs& a) {
   // which with thousands of tensors (3 entries each) was tens of microseconds in this one
   // block at the end of the launch.
   constexpr int kPublishBatch = 8;
-  const int64_t entries = 3 * a.num_tensors;
+  const int64_t entries = kCounters * a.num_tensors;
   for (int64_t base = 0; base < entries; base += int64_t{kPublishBatch} * blockDim.x) {
     unsigned long long total[kPublishBatch];
     int64_t* counters[kPublishBatch];
@@ -275,12 +276,12 @@ __device__ __forceinline__ void publish_counters(const LaunchArgs& a) {
     for (int k = 0; k < kPublishBatch; ++k) {
       const int64_t i = base + int64_t{k} * blockDim.x + threadIdx.x;
       total[k] = i < entries ? atomicExch(a.counter_workspace + i, 0ull) : 0ull;
-      counters[k] = i < entries ? reinterpret_cast<int64_t*>(a.rows[i / 3].counters) : nullptr;
+      counters[k] = i < entries ? reinterpret_cast<int64_t*>(a.rows[i / kCounters].counters) : nullptr;
     }
 #pragma unroll
     for (int k = 0; k < kPublishBatch; ++k) {
       const int64_t i = base + int64_t{k} * blockDim.x + threadIdx.x;
-      if (counters[k] != nullptr) counters[k][i % 3] = static_cast<int64_t>(total[k]);
+      if (counters[k] != nullptr) counters[k][i % kCounters] = static_cast<int64_t>(total[k]);
     }
   }
   if (threadIdx.x == 0) atomicExch(a.ticket, 0u);
@@ -590,7 +591,7 @@ __device__ __forceinline__ void walk(const LaunchArgs& a, int64_t t, Tile tile,
       element_tile<V, kSkip>(c, int64_t{tile - c.first_tile} * kTileElements + thread_first,
                              options, grad_flip, counts);
     }
-    if (count) flush_counts(counts, a.counter_workspace + 3 * t);
+    if (count) flush_counts(counts, a.counter_workspace + kCounters * t);
     if (tile >= block_end()) break;
     do {
       ++t;

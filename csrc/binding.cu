@@ -18,7 +18,7 @@ namespace {
 
 // Bumped whenever the table layout or launch_adamw's arguments change, so that a stale
 // build is never used with a newer cuda_backend.py.
-constexpr int kAbiVersion = 3;
+constexpr int kAbiVersion = 4;
 
 LaunchFn find_launcher(int variant) {
   if (variant < 0 || variant >= kStoreModes * kFlagCombinations) return nullptr;
@@ -165,8 +165,11 @@ PYBIND11_MODULE(_C, m) {
   py::tuple fields(kRowInt64s);
   for (int i = 0; i < kRowInt64s; ++i) fields[i] = py::str(kRowFields[i]);
   m.attr("ROW_FIELDS") = fields;
-  m.attr("ROW_VECTOR_ALIGNED") = kRowVectorAligned;
-  m.attr("ROW_BITMAP_ALIGNED") = kRowBitmapAligned;
+  py::tuple counters(kCounters);
+  for (int i = 0; i < kCounters; ++i) counters[i] = py::str(kCounterNames[i]);
+  m.attr("COUNTER_NAMES") = counters;
+  m.attr("LAYOUT_VECTOR_ALIGNED") = kLayoutVectorAligned;
+  m.attr("LAYOUT_BITMAP_ALIGNED") = kLayoutBitmapAligned;
   m.attr("TILE_ELEMENTS") = kTileElements;
   m.attr("STORE_MODES") = py::make_tuple("nearest", "stochastic", "master_nearest",
                                          "master_stochastic", "remainder");

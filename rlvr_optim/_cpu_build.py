@@ -16,7 +16,7 @@ import subprocess
 import sysconfig
 from pathlib import Path
 
-SOURCES = ("cpu_step.cpp", "cpu_binding.cpp", "cpu_step.h", "adamw_element.cuh")
+SOURCES = ("cpu_step.cpp", "cpu_binding.cpp", "cpu_step.h", "step_table.h", "adamw_element.cuh")
 # -ffp-contract=off: no fused multiply-add, each fp32 operation rounds once (the spec).
 # -fno-math-errno: sqrt becomes an instruction (vectorizable); no value changes.
 CXX_FLAGS = ("-O3", "-std=c++17", "-fPIC", "-fvisibility=hidden", "-ffp-contract=off",

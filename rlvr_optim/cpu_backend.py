@@ -26,22 +26,17 @@ from torch import Tensor
 
 from . import _cpu_build, reference
 from ._checked import CheckedCall, CheckedCalls
+from .checks import FLOATS, Policy, check_tensors
 from .cuda_backend import _cache_root
+from .operands import Operands, call_operands
 from .reference import check_arguments
+from .table import COUNTER_NAMES, LAYOUT_BITS, ROW, ROW_FIELDS
 
 __all__ = ["adamw", "auto_ready", "is_built", "load_extension", "unavailable_reason"]
 
-# What this file expects of the extension (csrc/cpu_step.h, csrc/cpu_binding.cpp).
-ABI_VERSION = 3
-ROW_FIELDS = (
-    "param", "grad", "exp_avg", "exp_avg_sq", "max_exp_avg_sq", "master", "freeze_mask",
-    "change_bitmap", "cumulative_bitmap", "counters", "numel", "element_offset",
-    "scalar_row", "layout",
-)
-_COL = {name: i for i, name in enumerate(ROW_FIELDS)}
-LAYOUT_BITS = {"param_bf16": 1, "grad_bf16": 2, "state_bf16": 4, "amsgrad": 8, "master_fp32": 16,
-               "remainder": 32, "stochastic": 64, "track": 128}
-_FLOATS = (torch.float32, torch.bfloat16)
+# What this file expects of the extension (csrc/cpu_step.h, csrc/cpu_binding.cpp); the row
+# layout is csrc/step_table.h's (rlvr_optim.table).
+ABI_VERSION = 4
 
 _extension: ModuleType | None = None
 _failure: str | None = None  # why the first-use build failed in this process
@@ -65,6 +60,7 @@ def _source_dir() -> Path | None:
 def _usable(module: ModuleType) -> bool:
     return (getattr(module, "ABI_VERSION", None) == ABI_VERSION
             and tuple(getattr(module, "ROW_FIELDS", ())) == ROW_FIELDS
+            and tuple(getattr(module, "COUNTER_NAMES", ())) == COUNTER_NAMES
             and dict(getattr(module, "LAYOUT_BITS", {})) == LAYOUT_BITS)
 
 
@@ -182,17 +178,13 @@ def auto_ready() -> bool:
 # ---------------------------------------------------------------------------------------
 
 
-def _check(name: str, t: Tensor, dtypes: tuple | None, numel: int) -> None:
-    if not isinstance(t, Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-    if dtypes is not None and t.dtype not in dtypes:
-        allowed = ", ".join(str(d) for d in dtypes)
-        raise TypeError(f"{name} has dtype {t.dtype}; the CPU backend takes {allowed}")
-    if t.numel() != numel:
-        raise ValueError(f"{name} has {t.numel()} elements, expected {numel}")
-    if t.device.type != "cpu":
-        raise ValueError(f"{name} is on {t.device}: the CPU backend runs CPU tensors only; use "
-                         "backend='auto', which picks a GPU backend for GPU tensors")
+def _check_device(i: int, param: Tensor) -> None:
+    if param.device.type != "cpu":
+        raise ValueError(f"params[{i}] is on {param.device}: the CPU backend runs CPU tensors "
+                         "only; use backend='auto', which picks a GPU backend for GPU tensors")
+
+
+_POLICY = Policy("CPU", _check_device, strict=False)
 
 
 def _one_element(name: str, t) -> Tensor:
@@ -204,10 +196,6 @@ def _one_element(name: str, t) -> Tensor:
 
 def _address(t: Tensor | None) -> int:
     return 0 if t is None else t.data_ptr()
-
-
-def _entry(values, i):
-    return values[i] if values is not None else None
 
 
 # ---------------------------------------------------------------------------------------
@@ -248,19 +236,20 @@ def adamw(
     recognized by identity alone, so give a state new storage as a new tensor object,
     never by assigning its ``.data`` between calls.
     """
-    check_arguments(params, scalars=scalars, max_exp_avg_sqs=max_exp_avg_sqs, masters=masters,
-                    remainders=remainders, rounding=rounding, sr_keys=sr_keys, amsgrad=amsgrad)
+    ops = call_operands(params, exp_avgs, exp_avg_sqs, max_exp_avg_sqs=max_exp_avg_sqs,
+                        masters=masters, remainders=remainders, freeze_masks=freeze_masks,
+                        change_bitmaps=change_bitmaps, cumulative_bitmaps=cumulative_bitmaps,
+                        counters=counters, amsgrad=amsgrad)
+    check_arguments(ops, scalars=scalars, rounding=rounding, sr_keys=sr_keys, amsgrad=amsgrad)
     n = len(params)
     if n == 0:
         return
     stochastic = rounding == "stochastic"
     offsets = [int(o) for o in element_offsets] if element_offsets is not None else [0] * n
-    statics = (params, exp_avgs, exp_avg_sqs, max_exp_avg_sqs if amsgrad else None, masters,
-               remainders, freeze_masks, change_bitmaps, cumulative_bitmaps, counters)
-    checked = _checked_calls.find(statics, offsets, stochastic)
+    checked = _checked_calls.find(ops, offsets, stochastic)
     if checked is None or not checked.grads_fit(grads):
-        checked = _Checked.of(statics, offsets, grads, amsgrad, stochastic)
-        _checked_calls.add(checked, statics)
+        checked = _Checked.of(ops, offsets, grads, stochastic)
+        _checked_calls.add(checked, ops)
     ext = load_extension()
 
     scale = _one_element("grad_scale", grad_scale).to(torch.float32) \
@@ -278,44 +267,21 @@ def adamw(
         staged = [grads[i] if fit else grads[i].contiguous().float()
                   for i, fit in zip(checked.fast, checked.grad_fits)]
         rows = checked.rows
-        rows[:, _COL["grad"]] = [g.data_ptr() for g in staged]
+        rows[:, ROW["grad"]] = [g.data_ptr() for g in staged]
         ext.step(ext.ISAS[0], rows.ctypes.data, len(checked.fast), scalars_cpu.data_ptr(),
                  _address(keys_cpu), _address(scale), _address(skip), bool(maximize),
                  torch.get_num_threads())
-    if checked.slow:
-        _reference_subset(checked.slow, params, grads, exp_avgs, exp_avg_sqs, scalars_cpu,
-                          max_exp_avg_sqs, masters, remainders, freeze_masks, change_bitmaps,
-                          cumulative_bitmaps, counters, rounding, keys_cpu, offsets, amsgrad,
-                          maximize, grad_scale, found_inf)
-
-
-def _reference_subset(index, params, grads, exp_avgs, exp_avg_sqs, scalars, max_exp_avg_sqs,
-                      masters, remainders, freeze_masks, change_bitmaps, cumulative_bitmaps,
-                      counters, rounding, sr_keys, offsets, amsgrad, maximize, grad_scale,
-                      found_inf):
-    """The tensors ``index`` of the call, stepped by the reference."""
-
-    def pick(values):
-        return None if values is None else [values[i] for i in index]
-
-    rows = torch.tensor(index, dtype=torch.int64)
-    reference.adamw(
-        pick(params), pick(grads), pick(exp_avgs), pick(exp_avg_sqs), scalars=scalars[rows],
-        max_exp_avg_sqs=pick(max_exp_avg_sqs) if amsgrad else None, masters=pick(masters),
-        remainders=pick(remainders), freeze_masks=pick(freeze_masks),
-        change_bitmaps=pick(change_bitmaps), cumulative_bitmaps=pick(cumulative_bitmaps),
-        counters=pick(counters), rounding=rounding,
-        sr_keys=sr_keys[rows] if sr_keys is not None else None,
-        element_offsets=pick(offsets), amsgrad=amsgrad, maximize=maximize,
-        grad_scale=grad_scale, found_inf=found_inf,
-    )
+    for i in checked.slow:  # the reference steps what the loops cannot read
+        reference.step_tensor(ops.at(i), grads[i], reference.TensorStep(
+            scalars_cpu[i], keys_cpu[i] if stochastic else None, offsets[i], maximize,
+            grad_scale, found_inf))
 
 
 class _Checked(CheckedCall):
     """A call whose tensors passed every check, kept (by :data:`_checked_calls`, without
     references to the tensors) so that a step with the same tensors at the same addresses
     checks only the gradients, in bulk. ``fast``: the tensors the compiled loop steps, with
-    their table ``rows`` (grad column filled per call); ``slow``: those the reference steps;
+    their table ``rows`` (grad field filled per call); ``slow``: those the reference steps;
     ``grad_fits``: per fast tensor, whether its grad is read as it is."""
 
     def __init__(self, statics, offsets, stochastic, fast, slow, rows, grads):
@@ -330,60 +296,23 @@ class _Checked(CheckedCall):
         self.grad_fits = [_grad_fits(grads[i]) for i in fast]
 
     @classmethod
-    def of(cls, statics, offsets, grads, amsgrad, stochastic) -> "_Checked":
-        (params, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, masters, remainders, freeze_masks,
-         change_bitmaps, cumulative_bitmaps, counters) = statics
-        fast, slow = [], []
-        lines = []
-        for i, p in enumerate(params):
-            numel = p.numel()
-            nbytes = (numel + 7) // 8
-            _check(f"params[{i}]", p, _FLOATS, numel)
-            _check(f"grads[{i}]", grads[i], None, numel)
-            if not (grads[i].is_floating_point() and not grads[i].is_complex()):
-                raise TypeError(f"grads[{i}] has dtype {grads[i].dtype}; a gradient must be a "
-                                "real floating-point tensor")
-            states = [("exp_avgs", exp_avgs[i]), ("exp_avg_sqs", exp_avg_sqs[i])]
-            vmax = max_exp_avg_sqs[i] if amsgrad else None
-            if vmax is not None:
-                states.append(("max_exp_avg_sqs", vmax))
-            for name, state in states:
-                _check(f"{name}[{i}]", state, None, numel)
-            master, remainder = _entry(masters, i), _entry(remainders, i)
-            if master is not None:
-                _check(f"masters[{i}]", master, (torch.float32,), numel)
-            if remainder is not None:
-                _check(f"remainders[{i}]", remainder, (torch.int16,), numel)
-            bitmaps = {name: _entry(values, i) for name, values in (
-                ("freeze_mask", freeze_masks), ("change_bitmap", change_bitmaps),
-                ("cumulative_bitmap", cumulative_bitmaps))}
-            for name, bitmap in bitmaps.items():
-                if bitmap is not None:
-                    _check(f"{name}s[{i}]", bitmap, (torch.uint8,), nbytes)
-            counter = _entry(counters, i)
-            if counter is not None:
-                _check(f"counters[{i}]", counter, (torch.int64,), 3)
-            if not 0 <= offsets[i] <= 2**63 - 1 - numel:
-                raise ValueError(
-                    f"element_offsets[{i}] must be >= 0 and fit in int64, got {offsets[i]}")
-            state_dtypes = {s.dtype for _, s in states}
-            arrays = [p, *(s for _, s in states), master, remainder, *bitmaps.values(), counter]
-            if len(state_dtypes) != 1 or not state_dtypes <= set(_FLOATS) or not all(
-                    t is None or t.is_contiguous() for t in arrays):
-                slow.append(i)
-                continue
-            layout = _layout(p.dtype, grads[i], exp_avgs[i].dtype, vmax is not None,
-                             master is not None, remainder is not None, stochastic,
-                             counter is not None or bitmaps["change_bitmap"] is not None
-                             or bitmaps["cumulative_bitmap"] is not None)
-            lines.append([p.data_ptr(), 0, exp_avgs[i].data_ptr(), exp_avg_sqs[i].data_ptr(),
-                          _address(vmax), _address(master if master is not None else remainder),
-                          _address(bitmaps["freeze_mask"]), _address(bitmaps["change_bitmap"]),
-                          _address(bitmaps["cumulative_bitmap"]), _address(counter), numel,
-                          offsets[i], i, layout])
-            fast.append(i)
-        rows = np.array(lines, dtype=np.int64).reshape(len(fast), len(ROW_FIELDS))
-        return cls(statics, list(offsets), stochastic, fast, slow, rows, grads)
+    def of(cls, ops: Operands, offsets, grads, stochastic) -> "_Checked":
+        slow = check_tensors(ops, grads, offsets, _POLICY)
+        fast = sorted(set(range(ops.count)) - set(slow))
+        rows = np.zeros((len(fast), len(ROW_FIELDS)), dtype=np.int64)
+        for k, i in enumerate(fast):
+            t = ops.at(i)
+            row = rows[k]
+            for name in ("param", "exp_avg", "exp_avg_sq", "max_exp_avg_sq", "freeze_mask",
+                         "change_bitmap", "cumulative_bitmap"):
+                row[ROW[name]] = _address(getattr(t, name))
+            row[ROW["master"]] = _address(t.master if t.master is not None else t.remainder)
+            row[ROW["counters"]] = _address(t.counter)
+            row[ROW["numel"]] = t.param.numel()
+            row[ROW["element_offset"]] = offsets[i]
+            row[ROW["scalar_row"]] = i
+            row[ROW["layout"]] = _layout(t, grads[i], stochastic)
+        return cls(ops, list(offsets), stochastic, fast, slow, rows, grads)
 
     def matches(self, statics, offsets, stochastic) -> bool:
         return offsets == self.offsets and stochastic == self.stochastic \
@@ -404,19 +333,20 @@ class _Checked(CheckedCall):
 
 def _grad_fits(grad: Tensor) -> bool:
     """Whether the loop reads this grad as it is (else a contiguous float32 copy)."""
-    return grad.dtype in _FLOATS and grad.is_contiguous()
+    return grad.dtype in FLOATS and grad.is_contiguous()
 
 
-def _layout(param_dtype, grad, state_dtype, amsgrad, fp32_master, remainder, stochastic,
-            track) -> int:
-    """The layout code of a row (csrc/cpu_step.h)."""
+def _layout(t: Operands, grad: Tensor, stochastic: bool) -> int:
+    """The layout code of a tensor's row (csrc/step_table.h)."""
     bf16 = torch.bfloat16
+    bf16_param = t.param.dtype == bf16
     on = {
-        "param_bf16": param_dtype == bf16, "grad_bf16": grad.dtype == bf16 and _grad_fits(grad),
-        "state_bf16": state_dtype == bf16, "amsgrad": amsgrad, "master_fp32": fp32_master,
-        "remainder": remainder,
+        "param_bf16": bf16_param, "grad_bf16": grad.dtype == bf16 and _grad_fits(grad),
+        "state_bf16": t.exp_avg.dtype == bf16, "amsgrad": t.max_exp_avg_sq is not None,
+        "master_fp32": t.master is not None, "remainder": t.remainder is not None,
         # fp32 params are stored exactly and ignore rounding, as in the reference
-        "stochastic": stochastic and param_dtype == bf16, "track": track,
+        "stochastic": stochastic and bf16_param,
+        "track": any(x is not None for x in (t.change_bitmap, t.cumulative_bitmap, t.counter)),
     }
     return sum(LAYOUT_BITS[name] for name, value in on.items() if value)
 

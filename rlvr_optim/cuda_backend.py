@@ -36,23 +36,19 @@ import torch
 from torch import Tensor
 
 from ._cpu_build import _ninja_path
+from .checks import FLOATS, Policy, check_tensors
+from .operands import Operands, call_operands
 from .plan import Planner
 from .reference import check_arguments
+from .table import COUNTER_NAMES, ROW, ROW_FIELDS
 
 __all__ = ["adamw", "load_extension", "unavailable_reason"]
 
-# What this file expects of the extension (csrc/adamw_launch.h, csrc/binding.cu).
-ABI_VERSION = 3
-ROW_FIELDS = (
-    "param", "grad", "exp_avg", "exp_avg_sq", "max_exp_avg_sq", "master", "freeze_mask",
-    "change_bitmap", "cumulative_bitmap", "counters", "numel", "element_offset",
-    "scalar_row", "first_tile", "flags", "unused",
-)
-_COL = {name: i for i, name in enumerate(ROW_FIELDS)}
+# What this file expects of the extension (csrc/adamw_launch.h, csrc/binding.cu); the row
+# layout is csrc/step_table.h's (rlvr_optim.table).
+ABI_VERSION = 4
 _NVCC_FLAGS = ["-O3", "-std=c++17", "-fmad=false", "-Xcompiler", "-fPIC",
                "-Xcompiler", "-fvisibility=hidden"]
-_FLOATS = (torch.float32, torch.bfloat16)
-
 _extension: ModuleType | None = None
 
 
@@ -85,7 +81,8 @@ def _cache_root() -> Path:
 
 def _usable(module: ModuleType) -> bool:
     return (getattr(module, "ABI_VERSION", None) == ABI_VERSION
-            and tuple(getattr(module, "ROW_FIELDS", ())) == ROW_FIELDS)
+            and tuple(getattr(module, "ROW_FIELDS", ())) == ROW_FIELDS
+            and tuple(getattr(module, "COUNTER_NAMES", ())) == COUNTER_NAMES)
 
 
 def _prebuilt() -> ModuleType | None:
@@ -213,22 +210,15 @@ def load_extension() -> ModuleType:
 # ---------------------------------------------------------------------------------------
 
 
-def _check(name: str, t: Tensor, dtypes: tuple, numel: int, device: torch.device) -> None:
-    if not isinstance(t, Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-    if t.dtype not in dtypes:
-        allowed = ", ".join(str(d) for d in dtypes)
-        raise TypeError(f"{name} has dtype {t.dtype}; the CUDA backend takes {allowed}")
-    if t.numel() != numel:
-        raise ValueError(f"{name} has {t.numel()} elements, expected {numel}")
-    if t.device != device:
-        raise ValueError(f"{name} is on {t.device}, its param on {device}; move it to {device}")
-    if not t.is_contiguous():
+def _check_device(i: int, param: Tensor) -> None:
+    if param.device.type != "cuda":
         raise ValueError(
-            f"{name} is not contiguous (shape {tuple(t.shape)}, stride {tuple(t.stride())}); "
-            "the CUDA backend needs contiguous tensors: pass t.contiguous() (and copy the "
-            "result back), or use backend='reference'"
+            f"params[{i}] is on {param.device}: the CUDA backend runs CUDA tensors only; use "
+            "backend='reference' (or 'auto') for CPU tensors"
         )
+
+
+_POLICY = Policy("CUDA", _check_device, strict=True)
 
 
 def _one_element(name: str, t, device: torch.device) -> Tensor:
@@ -263,23 +253,27 @@ def _address(t: Tensor | None) -> int:
     return 0 if t is None else t.data_ptr()
 
 
-def _build_table(ext: ModuleType, columns: dict[str, list[int]], numels: list[int],
+def _build_table(ext: ModuleType, columns: dict[str, np.ndarray], numels: np.ndarray,
                  device: torch.device) -> _Table:
-    """The device table of one group (layout in csrc/adamw_launch.h)."""
+    """The device table of one group (layout in csrc/adamw_launch.h): the planner's
+    columns as rows of csrc/step_table.h, a sentinel row, the counter workspace and
+    ticket (zero), and each tile's tensor row."""
     count = len(numels)
     rows = np.zeros((count + 1, len(ROW_FIELDS)), dtype=np.int64)
     for name, values in columns.items():
-        rows[:count, _COL[name]] = values
+        if name in ROW:
+            rows[:count, ROW[name]] = values
     numel = np.asarray(numels, dtype=np.int64)
     tiles = -(-numel // ext.TILE_ELEMENTS)
     first_tile = np.concatenate([[0], np.cumsum(tiles)])
-    rows[:, _COL["first_tile"]] = first_tile
-    element_arrays = rows[:count, [_COL[k] for k in
-                                   ("param", "grad", "exp_avg", "exp_avg_sq", "max_exp_avg_sq", "master")]]
-    bitmaps = rows[:count, [_COL[k] for k in ("freeze_mask", "change_bitmap", "cumulative_bitmap")]]
-    rows[:count, _COL["flags"]] = (
-        np.where((element_arrays % 16 == 0).all(axis=1), ext.ROW_VECTOR_ALIGNED, 0)
-        | np.where((bitmaps % 8 == 0).all(axis=1), ext.ROW_BITMAP_ALIGNED, 0)
+    rows[:, ROW["first_tile"]] = first_tile
+    element_arrays = rows[:count, [ROW[k] for k in ("param", "grad", "exp_avg", "exp_avg_sq",
+                                                     "max_exp_avg_sq", "master")]]
+    bitmaps = rows[:count, [ROW[k] for k in ("freeze_mask", "change_bitmap",
+                                              "cumulative_bitmap")]]
+    rows[:count, ROW["layout"]] = (
+        np.where((element_arrays % 16 == 0).all(axis=1), ext.LAYOUT_VECTOR_ALIGNED, 0)
+        | np.where((bitmaps % 8 == 0).all(axis=1), ext.LAYOUT_BITMAP_ALIGNED, 0)
     )
     total_tiles = int(first_tile[-1])
     buffer = np.zeros(ext.table_int64s(count, total_tiles), dtype=np.int64)  # workspace, ticket 0
@@ -288,7 +282,7 @@ def _build_table(ext: ModuleType, columns: dict[str, list[int]], numels: list[in
     start = 2 * ext.tile_tensor_offset(count)
     buffer.view(np.int32)[start: start + total_tiles] = np.repeat(
         np.arange(count, dtype=np.int32), tiles)
-    counters = bool(np.any(rows[:count, _COL["counters"]] != 0))
+    counters = bool(np.any(rows[:count, ROW["counters"]] != 0))
     return _Table(torch.from_numpy(buffer).to(device), count, total_tiles, counters)
 
 
@@ -299,30 +293,20 @@ class _Launch(NamedTuple):
 
 
 def _encode(group, options: tuple) -> _Launch:
-    """A planner group as a ``TensorRow`` table (planner callback): the planner's columns
-    under the names of ``ROW_FIELDS`` (one "master" column holds the fp32 master or the
-    remainder, whichever the tensor has)."""
-    c = group.columns
-    columns = {name: c[name] for name in ("param", "grad", "exp_avg", "exp_avg_sq",
-                                          "max_exp_avg_sq", "freeze_mask", "change_bitmap",
-                                          "cumulative_bitmap", "numel", "element_offset")}
-    columns["master"] = np.where(c["master"] != 0, c["master"], c["remainder"])
-    columns["counters"] = c["counter"]
-    columns["scalar_row"] = c["row"]
-    table = _build_table(load_extension(), columns, c["numel"], group.device)
+    """A planner group as a table of ``TensorRow`` s (planner callback)."""
+    table = _build_table(load_extension(), group.columns, group.columns["numel"], group.device)
     return _Launch(group.key, group.device, table)
 
 
-def _static_key(ops: tuple, offset: int, options: tuple) -> tuple:
+def _static_key(ops: Operands, offset: int, options: tuple) -> tuple:
     """A tensor's layout but its grad's dtype (planner callback)."""
-    param, _, exp_avg, exp_avg_sq, vmax, master, remainder = ops[:7]
-    form = 1 if master is not None else 2 if remainder is not None else 0
-    return (param.dtype, exp_avg.dtype, exp_avg_sq.dtype,
-            None if vmax is None else vmax.dtype, form)
+    form = 1 if ops.master is not None else 2 if ops.remainder is not None else 0
+    return (ops.param.dtype, ops.exp_avg.dtype, ops.exp_avg_sq.dtype,
+            None if ops.max_exp_avg_sq is None else ops.max_exp_avg_sq.dtype, form)
 
 
 def _group_key(static: tuple, grad_dtype: torch.dtype, grad_address: int) -> tuple:
-    """The launch layout (planner callback); alignment is per row, in the table's flags."""
+    """The launch layout (planner callback); alignment is per row, in its layout field."""
     return (static[0], grad_dtype, *static[1:])
 
 
@@ -367,16 +351,17 @@ def adamw(
     and grads are recognized by identity alone, so give a state new storage as a new
     tensor object, never by assigning its ``.data`` between calls.
     """
-    check_arguments(params, scalars=scalars, max_exp_avg_sqs=max_exp_avg_sqs, masters=masters,
-                    remainders=remainders, rounding=rounding, sr_keys=sr_keys, amsgrad=amsgrad)
+    ops = call_operands(params, exp_avgs, exp_avg_sqs, max_exp_avg_sqs=max_exp_avg_sqs,
+                        masters=masters, remainders=remainders, freeze_masks=freeze_masks,
+                        change_bitmaps=change_bitmaps, cumulative_bitmaps=cumulative_bitmaps,
+                        counters=counters, amsgrad=amsgrad)
+    check_arguments(ops, scalars=scalars, rounding=rounding, sr_keys=sr_keys, amsgrad=amsgrad)
     n = len(params)
     if n == 0:
         return
     stochastic = rounding == "stochastic"
     offsets = element_offsets if element_offsets is not None else [0] * n
-    statics = (params, exp_avgs, exp_avg_sqs, max_exp_avg_sqs if amsgrad else None, masters,
-               remainders, freeze_masks, change_bitmaps, cumulative_bitmaps, counters)
-    launches = planner.launches(statics, grads, offsets, ())
+    launches = planner.launches(ops, grads, offsets, ())
     ext = load_extension()
     track = change_bitmaps is not None or cumulative_bitmaps is not None or counters is not None
 
@@ -410,71 +395,14 @@ def adamw(
         )
 
 
-def _require_cuda(params: list[Tensor]) -> None:
-    for i, p in enumerate(params):
-        if not isinstance(p, Tensor) or p.device.type != "cuda":
-            where = p.device if isinstance(p, Tensor) else type(p).__name__
-            raise ValueError(
-                f"params[{i}] is on {where}: the CUDA backend runs CUDA tensors only; use "
-                "backend='reference' (or 'auto') for CPU tensors"
-            )
-
-
 def _stream(device: torch.device) -> int:
     return torch.cuda.current_stream(device).cuda_stream
 
 
-def _check_call(statics, grads, offsets, options) -> None:
+def _check_call(statics: Operands, grads, offsets, options) -> None:
     """Every check (planner callback): CUDA tensors, dtypes, sizes, devices, contiguity."""
-    (params, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, masters, remainders, freeze_masks,
-     change_bitmaps, cumulative_bitmaps, counters) = statics
-    _require_cuda(params)
-    optional = {
-        "max_exp_avg_sq": max_exp_avg_sqs,
-        "master": masters if masters is not None else remainders,
-        "freeze_mask": freeze_masks,
-        "change_bitmap": change_bitmaps,
-        "cumulative_bitmap": cumulative_bitmaps,
-        "counters": counters,
-    }
-    _check_tensors(params, grads, exp_avgs, exp_avg_sqs, optional, offsets, masters is not None)
+    check_tensors(statics, grads, offsets, _POLICY)
 
 
-def _check_tensors(params, grads, exp_avgs, exp_avg_sqs, optional, offsets, fp32_masters):
-    """Every per-tensor check: dtypes, sizes, devices, contiguity, options."""
-    for i, p in enumerate(params):
-        device = p.device
-        numel = p.numel()
-        nbytes = (numel + 7) // 8
-        _check(f"params[{i}]", p, _FLOATS, numel, device)
-        _check(f"grads[{i}]", grads[i], _FLOATS, numel, device)
-        _check(f"exp_avgs[{i}]", exp_avgs[i], _FLOATS, numel, device)
-        states = [(f"exp_avg_sqs[{i}]", exp_avg_sqs[i])]
-        if optional["max_exp_avg_sq"] is not None and optional["max_exp_avg_sq"][i] is not None:
-            states.append((f"max_exp_avg_sqs[{i}]", optional["max_exp_avg_sq"][i]))
-        for name, state in states:
-            _check(name, state, _FLOATS, numel, device)
-            if state.dtype != exp_avgs[i].dtype:
-                raise TypeError(
-                    f"{name} has dtype {state.dtype} but exp_avgs[{i}] {exp_avgs[i].dtype}: the "
-                    "CUDA backend needs one state dtype per tensor (rlvr_optim.AdamW keeps them "
-                    "equal); cast the states, or use backend='triton' or 'reference'"
-                )
-        master = optional["master"][i] if optional["master"] is not None else None
-        if master is not None:
-            kind = "masters" if fp32_masters else "remainders"
-            dtype = torch.float32 if fp32_masters else torch.int16
-            _check(f"{kind}[{i}]", master, (dtype,), numel, device)
-        for name in ("freeze_mask", "change_bitmap", "cumulative_bitmap"):
-            bitmap = optional[name][i] if optional[name] is not None else None
-            if bitmap is not None:
-                _check(f"{name}s[{i}]", bitmap, (torch.uint8,), nbytes, device)
-        counter = optional["counters"][i] if optional["counters"] is not None else None
-        if counter is not None:
-            _check(f"counters[{i}]", counter, (torch.int64,), 3, device)
-        if not 0 <= offsets[i] <= 2**63 - 1 - numel:
-            raise ValueError(f"element_offsets[{i}] must be >= 0 and fit in int64, got {offsets[i]}")
-
-
-planner = Planner(_check_call, _static_key, _group_key, _encode, frozenset(_FLOATS), _capturing)
+planner = Planner(_check_call, _static_key, _group_key, _encode, frozenset(FLOATS), _capturing)
 """The CUDA backend's kept calls and tables (:class:`rlvr_optim.plan.Planner`)."""

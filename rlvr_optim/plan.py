@@ -48,16 +48,10 @@ import torch
 from torch import Tensor
 
 from ._checked import CheckedCall, CheckedCalls, OperandList, extension_function
+from .operands import Operands
 
-__all__ = ["OPERANDS", "Gradients", "Group", "OperandList", "Planner", "ScalarRows",
-           "read_gradients", "same_items"]
-
-OPERANDS = (
-    "param", "grad", "exp_avg", "exp_avg_sq", "max_exp_avg_sq", "master", "remainder",
-    "freeze_mask", "change_bitmap", "cumulative_bitmap", "counter",
-)
-"""A tensor's operands, in the order of a call's lists (``statics`` puts the grads apart)."""
-_STATIC = tuple(name for name in OPERANDS if name != "grad")
+__all__ = ["Gradients", "Group", "OperandList", "Planner", "ScalarRows", "read_gradients",
+           "same_items"]
 
 _GRAD = attrgetter("grad")
 _DTYPE = attrgetter("dtype")
@@ -132,33 +126,40 @@ class Group(NamedTuple):
     key: Any
     device: torch.device
     rows: tuple[int, ...]
-    columns: dict[str, np.ndarray]  # OPERANDS addresses, "numel", "element_offset", "row"
+    columns: dict[str, np.ndarray]  # fields of rlvr_optim.table.ROW_FIELDS and "remainder"
+
+
+def _addresses(tensors, n: int) -> np.ndarray:
+    if tensors is None:
+        return np.zeros(n, dtype=np.int64)
+    return np.array([0 if t is None else t.data_ptr() for t in tensors], dtype=np.int64)
 
 
 class _Call(CheckedCall):
-    """A checked call: its static columns (every operand but the grad) and the launches
-    built for the grads seen with it, by (grad addresses, grad dtypes)."""
+    """A checked call: its static columns (every operand but the grad, under the names of
+    the table's fields: one "master" field holds the fp32 master or the remainder, whichever
+    the tensor has; "remainder" apart as well) and the launches built for the grads seen
+    with it, by (grad addresses, grad dtypes)."""
 
-    def __init__(self, statics, offsets, options, static_keys):
+    def __init__(self, statics: Operands, offsets, options, static_keys):
         super().__init__(statics)
         self.offsets = offsets
         self.options = options
-        params = statics[0]
+        params = statics.param
         self.devices = [p.device for p in params]
         self.device_indices = [p.get_device() for p in params]
         self.static_keys = static_keys
         self.empty = [i for i, numel in enumerate(self.numels) if numel == 0]
         n = len(params)
-        columns = {}
-        for name, tensors in zip(_STATIC, statics):
-            if tensors is None:
-                columns[name] = np.zeros(n, dtype=np.int64)
-            else:
-                columns[name] = np.array([0 if t is None else t.data_ptr() for t in tensors],
-                                         dtype=np.int64)
+        columns = {name: _addresses(getattr(statics, name), n) for name in (
+            "param", "exp_avg", "exp_avg_sq", "max_exp_avg_sq", "remainder", "freeze_mask",
+            "change_bitmap", "cumulative_bitmap")}
+        masters = _addresses(statics.master, n)
+        columns["master"] = np.where(masters != 0, masters, columns["remainder"])
+        columns["counters"] = _addresses(statics.counter, n)
         columns["numel"] = np.array(self.numels, dtype=np.int64)
         columns["element_offset"] = np.array(offsets, dtype=np.int64)
-        columns["row"] = np.arange(n, dtype=np.int64)
+        columns["scalar_row"] = np.arange(n, dtype=np.int64)
         self.columns = columns
         self.last = None  # (pointers, dtypes, launches) of the latest step
         self.last_key = None  # its Gradients.key, when it had one
@@ -175,10 +176,11 @@ class Planner:
 
     Args:
         check: ``check(statics, grads, offsets, options)`` makes every per-tensor check of
-            the backend and raises naming the tensor; called before anything is kept.
+            the backend and raises naming the tensor (``statics``: the call's
+            :class:`rlvr_optim.operands.Operands`); called before anything is kept.
         static_key: ``static_key(operands, offset, options)``: the part of a tensor's
-            launch key that does not depend on its grad (``operands``: a tuple in the order
-            of :data:`OPERANDS`, the grad None), computed once per checked call.
+            launch key that does not depend on its grad (``operands``: its
+            :class:`rlvr_optim.operands.Operands`), computed once per checked call.
         group_key: ``group_key(static, grad_dtype, grad_address)``: the launch key.
         encode: ``encode(group, options)``: the backend's launch of a :class:`Group`,
             built on the host and copied to the device once.
@@ -217,10 +219,10 @@ class Planner:
         else:
             launches, call = self._launches_slow(call, statics, grads, offsets, options)
             call.last_key = key
-        if call.empty and statics[-1] is not None:
+        if call.empty and statics.counter is not None:
             # No launch reaches a tensor without elements; its counters get their value, 0,
             # here (one op, in steps that have such tensors).
-            counters = [c for c in map(statics[-1].__getitem__, call.empty) if c is not None]
+            counters = [c for c in map(statics.counter.__getitem__, call.empty) if c is not None]
             if counters:
                 torch._foreach_zero_(counters)
         if not launches.pinned and self._capturing(call.devices[0]):
@@ -253,11 +255,9 @@ class Planner:
             return last[2], call
         return self._launches_for(call, pointers, dtypes), call
 
-    def _new_call(self, statics, offsets, options) -> _Call:
-        keys = []
-        for i, param in enumerate(statics[0]):
-            ops = [param, None] + [None if x is None else x[i] for x in statics[1:]]
-            keys.append(self._static_key(tuple(ops), offsets[i], options))
+    def _new_call(self, statics: Operands, offsets, options) -> _Call:
+        keys = [self._static_key(statics.at(i), offsets[i], options)
+                for i in range(statics.count)]
         call = _Call(statics, list(offsets), options, keys)
         self.calls.add(call, statics)
         return call

@@ -471,7 +471,7 @@ def test_triton_counters_need_no_zeroing_across_work_items():
                  block_size=32, item_size=256)  # 4099 elements: 17 work items
         assert [c.tolist() for c in tri[3]] == [c.tolist() for c in ref[3]], step
         launch = TK.planner.calls[0].last[2][0]
-        assert not launch.table[:, TK._WORKSPACE:].any()
+        assert not launch.workspace.any()
 
 
 # ---------------------------------------------------------------------------------------
@@ -498,7 +498,8 @@ def recorded_cuda(monkeypatch):
         pytest.skip("no prebuilt rlvr_optim._C of this ABI to read the table layout from")
     recorder = _Recorder(ext)
     monkeypatch.setattr(cuda_backend, "load_extension", lambda: recorder)
-    monkeypatch.setattr(cuda_backend, "_require_cuda", lambda params: None)
+    monkeypatch.setattr(cuda_backend, "_POLICY", cuda_backend._POLICY._replace(
+        check_device=lambda i, param: None))
     monkeypatch.setattr(cuda_backend, "_stream", lambda device: 0)
     cuda_backend.planner.clear()
     yield recorder

@@ -295,10 +295,10 @@ def test_tensor_list_with_mixed_dtypes_and_missing_entries(rounding, launch_shap
         for key in ("param", "exp_avg", "exp_avg_sq", "max_exp_avg_sq", "master"):
             if key in s:
                 s[key] = s[key].reshape(shape)
-        # Mixed state dtypes: exp_avg_sq in bf16 on some tensors only.
+        # Mixed state dtypes across tensors: bf16 states on some tensors only.
         if i == 2:
-            s["exp_avg_sq"] = s["exp_avg_sq"].bfloat16()
-            s["max_exp_avg_sq"] = s["max_exp_avg_sq"].bfloat16()
+            for key in ("exp_avg", "exp_avg_sq", "max_exp_avg_sq"):
+                s[key] = s[key].bfloat16()
         if i == 1:
             del s["change_bitmap"]  # per-entry None for an output
         ref.append(s)
@@ -327,15 +327,15 @@ def test_tensor_list_with_mixed_dtypes_and_missing_entries(rounding, launch_shap
 # ---------------------------------------------------------------------------------------
 
 # Layouts: param, grad and state dtypes, and which optional tensors are present.
-BF16, FP32, FP16 = torch.bfloat16, torch.float32, torch.float16
+BF16, FP32 = torch.bfloat16, torch.float32
 MIXED_LAYOUTS = {
     "A": dict(param=BF16, grad=BF16, m=FP32, v=FP32, master=True, freeze=True,
               change=True, cumulative=True, counters=True),
     "B": dict(param=BF16, grad=FP32, m=BF16, v=BF16, master=False, freeze=False,
               change=True, cumulative=False, counters=False),
-    "C": dict(param=FP32, grad=FP16, m=FP32, v=FP32, master=False, freeze=True,
+    "C": dict(param=FP32, grad=BF16, m=FP32, v=FP32, master=False, freeze=True,
               change=False, cumulative=True, counters=True),
-    "D": dict(param=BF16, grad=FP16, m=FP32, v=BF16, master=True, freeze=False,
+    "D": dict(param=BF16, grad=FP32, m=BF16, v=BF16, master=True, freeze=False,
               change=True, cumulative=False, counters=True),
 }
 # (numel, layout): every odd size, one crossing a block edge, zero-size tensors in a group.
@@ -788,6 +788,10 @@ def _one_tensor_call(**overrides):
     (dict(params=[torch.zeros(16, device=DEVICE)], masters=[torch.zeros(16, device=DEVICE)]),
      ValueError, "need bf16 params"),
     (dict(exp_avgs=[torch.zeros(16, dtype=torch.float16, device=DEVICE)]), TypeError, "float16"),
+    (dict(grads=[torch.zeros(16, dtype=torch.float16, device=DEVICE)]), TypeError,
+     r"grads\[0\] has dtype torch.float16; the Triton backend takes"),
+    (dict(exp_avg_sqs=[torch.zeros(16, dtype=torch.bfloat16, device=DEVICE)]), TypeError,
+     "one state dtype per tensor"),
     (dict(counters=[torch.zeros(3, dtype=torch.int32, device=DEVICE)]), TypeError, "counters"),
     (dict(change_bitmaps=[torch.zeros(3, dtype=torch.uint8, device=DEVICE)]), ValueError, "elements"),
     (dict(block_size=12), ValueError, "power of two"),
