@@ -270,7 +270,7 @@ RLVR_HD uint32_t random16(uint32_t key_lo, uint32_t key_hi, uint64_t index) {
 
 // One row of reference.step_scalars, in the order of reference.SCALAR_COLUMNS.
 struct StepScalars {
-  float step_size, bc2_sqrt, lr_wd, beta1, one_minus_beta1, beta2, one_minus_beta2, eps;
+  float step_size, bc2_sqrt, decay, beta1, one_minus_beta1, beta2, one_minus_beta2, eps;
 };
 
 // Options that hold for a whole launch.
@@ -342,7 +342,7 @@ RLVR_HD float unscaled_grad(float grad, const GradOptions& o) {
 // registers only. Computed NaNs become canonical where the reference makes them so.
 template <bool kAmsgrad>
 RLVR_HD void adamw_math(float g, const StepScalars& s, float& w, float& m, float& v, float& vmax) {
-  w = sub_rn(w, mul_rn(s.lr_wd, w));
+  w = mul_rn(w, s.decay);
   m = canonical_nan(add_rn(mul_rn(s.beta1, m), mul_rn(s.one_minus_beta1, g)));
   v = canonical_nan(add_rn(mul_rn(s.beta2, v), mul_rn(mul_rn(s.one_minus_beta2, g), g)));
   float denom;
@@ -361,11 +361,11 @@ RLVR_HD void adamw_math(float g, const StepScalars& s, float& w, float& m, float
 // order, NaNs as the arithmetic leaves them (the caller makes them canonical where it
 // stores them).
 struct StepScalars8 {
-  __m256 step_size, bc2_sqrt, lr_wd, beta1, one_minus_beta1, beta2, one_minus_beta2, eps;
+  __m256 step_size, bc2_sqrt, decay, beta1, one_minus_beta1, beta2, one_minus_beta2, eps;
 
   explicit StepScalars8(const StepScalars& s)
       : step_size(_mm256_set1_ps(s.step_size)), bc2_sqrt(_mm256_set1_ps(s.bc2_sqrt)),
-        lr_wd(_mm256_set1_ps(s.lr_wd)), beta1(_mm256_set1_ps(s.beta1)),
+        decay(_mm256_set1_ps(s.decay)), beta1(_mm256_set1_ps(s.beta1)),
         one_minus_beta1(_mm256_set1_ps(s.one_minus_beta1)), beta2(_mm256_set1_ps(s.beta2)),
         one_minus_beta2(_mm256_set1_ps(s.one_minus_beta2)), eps(_mm256_set1_ps(s.eps)) {}
 };
@@ -373,7 +373,7 @@ struct StepScalars8 {
 // Forced inline: gcc 12 kept it a call, its vectors passed in memory.
 [[gnu::always_inline]] inline void adamw_math(__m256 g, const StepScalars8& s, __m256& w,
                                               __m256& m, __m256& v) {
-  w = _mm256_sub_ps(w, _mm256_mul_ps(s.lr_wd, w));
+  w = _mm256_mul_ps(w, s.decay);
   m = _mm256_add_ps(_mm256_mul_ps(s.beta1, m), _mm256_mul_ps(s.one_minus_beta1, g));
   v = _mm256_add_ps(_mm256_mul_ps(s.beta2, v),
                     _mm256_mul_ps(_mm256_mul_ps(s.one_minus_beta2, g), g));

@@ -334,7 +334,7 @@ class ScalarRows:
     """The per-tensor scalar rows of :func:`rlvr_optim.reference.step_scalars`, bit for bit,
     in five tensor ops per step into kept buffers.
 
-    The columns that depend on the hyperparameters alone (lr * weight_decay for a float lr,
+    The columns that depend on the hyperparameters alone (1 - lr * weight_decay for a float lr,
     betas, eps) are written when those change; each step computes the bias corrections
     from the device step counts and ``lr``, so no value comes from host memory (the step is
     capturable in a CUDA graph), and an ``lr`` changed between steps takes effect in the
@@ -371,13 +371,13 @@ class ScalarRows:
             self._constants = constants
         if isinstance(lr, Tensor):
             lr64 = lr.to(device=device, dtype=torch.float64).reshape(())
-            out[:, 2].copy_(lr64 * float(weight_decay))
+            out[:, 2].copy_(1.0 - lr64 * float(weight_decay))
             self._lr = None
         elif self._lr is not None and self._lr[0] == (float(lr), float(weight_decay)):
             lr64 = self._lr[1]
         else:
             lr64 = torch.full((), float(lr), dtype=torch.float64, device=device)
-            out[:, 2].copy_(lr64 * float(weight_decay))
+            out[:, 2].copy_(1.0 - lr64 * float(weight_decay))
             self._lr = ((float(lr), float(weight_decay)), lr64)
         powers = self._powers
         torch.pow(self._betas, self._t.copy_(steps), out=powers)

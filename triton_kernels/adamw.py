@@ -351,7 +351,7 @@ class _Scalars(NamedTuple):
 
     step_size: tl.tensor
     bc2_sqrt: tl.tensor
-    lr_wd: tl.tensor
+    decay: tl.tensor
     beta1: tl.tensor
     one_minus_beta1: tl.tensor
     beta2: tl.tensor
@@ -441,7 +441,7 @@ def _adamw_math(g, w, m, v, vmax, s, AMSGRAD: tl.constexpr):
     reaches ``w`` as a NaN whatever its payload, and their stores make it canonical
     (:func:`_store_state`), where the bf16 rounding tests for NaN anyway: the same bits,
     one select per element and state fewer with bf16 states."""
-    w = w - s.lr_wd * w
+    w = w * s.decay
     m = s.beta1 * m + s.one_minus_beta1 * g
     v = s.beta2 * v + s.one_minus_beta2 * g * g
     if AMSGRAD:
