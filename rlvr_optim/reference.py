@@ -15,7 +15,7 @@ as its for-loop, foreach and CPU fused code apply it, see below)::
 
     g  = fp32(grad)            (g = g / grad_scale if given; g = -g if maximize)
     w  = master, or fp32(param), or the fp32 rebuilt from bf16 param + int16 remainder
-    w  = w * decay
+    w  = w * decay             (AdamW; Adam: g = g + weight_decay * w instead)
     m  = beta1 * m + (1 - beta1) * g
     v  = beta2 * v + (1 - beta2) * g * g
     vmax = max(vmax, v)        (amsgrad only; the denominator then uses vmax)
@@ -89,13 +89,13 @@ step on the device (nothing is written but the counters), like torch's fused Ada
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import Callable, NamedTuple
 
 import torch
 from torch import Tensor
 
 from .bitmaps import pack, unpack
-from .operands import Operands, call_operands
+from .operands import Operands, StepInputs, call_operands
 from .table import COUNTER_NAMES
 
 __all__ = [
@@ -300,6 +300,8 @@ def step_scalars(
     beta2: float,
     weight_decay: float,
     eps: float,
+    *,
+    decoupled_weight_decay: bool = True,
 ) -> Tensor:
     """The per-tensor fp32 scalars of one step, computed in float64 and rounded once.
 
@@ -307,6 +309,8 @@ def step_scalars(
         steps: tensor [n] of 1-based step counts; the result lives on its device.
         lr, beta1, beta2, weight_decay, eps: the group's hyperparameters (lr may be a
             one-element tensor).
+        decoupled_weight_decay: True (AdamW): the ``decay`` column is ``1 - lr *
+            weight_decay``; False (Adam's L2 term): it is ``weight_decay``.
 
     Returns a float32 tensor [n, 8] whose columns are :data:`SCALAR_COLUMNS`.
     """
@@ -323,7 +327,10 @@ def step_scalars(
         lr64 = const(lr)
     step_size = lr64 / (1.0 - torch.pow(const(beta1), t))
     bc2_sqrt = torch.sqrt(1.0 - torch.pow(const(beta2), t))
-    decay = (1.0 - lr64 * float(weight_decay)).expand_as(t)
+    if decoupled_weight_decay:
+        decay = (1.0 - lr64 * float(weight_decay)).expand_as(t)
+    else:
+        decay = const(weight_decay).expand_as(t)
     constants = torch.stack(
         [const(beta1), const(1.0 - float(beta1)), const(beta2), const(1.0 - float(beta2)),
          const(eps)]
@@ -407,12 +414,17 @@ def unscaled_grad(grad: Tensor, grad_scale: Tensor | None, maximize: bool) -> Te
 
 
 def adamw_math(g: Tensor, w: Tensor, m: Tensor, v: Tensor, vmax: Tensor | None,
-               s: Tensor) -> Moments:
-    """Stage 2, the optimizer's math: one AdamW step of fp32 values, each operation one
-    correctly rounded fp32 operation, in the order of torch's fused AdamW; computed NaNs
-    canonical. ``s``: the tensor's row of :func:`step_scalars`; ``vmax`` only with amsgrad."""
+               s: Tensor, decoupled: bool = True) -> Moments:
+    """Stage 2, the optimizer's math: one Adam step of fp32 values, each operation one
+    correctly rounded fp32 operation, in the order of torch's fused Adam; computed NaNs
+    canonical. ``s``: the tensor's row of :func:`step_scalars`; ``vmax`` only with amsgrad.
+    ``decoupled`` (AdamW): the weight decays by the ``decay`` column; else (Adam's L2 term)
+    ``decay`` times the weight is added to the gradient."""
     step_size, bc2_sqrt, decay, beta1, omb1, beta2, omb2, eps = s.unbind()
-    w = w * decay
+    if decoupled:
+        w = w * decay
+    else:
+        g = g + decay * w
     m = _canonical_nan(beta1 * m + omb1 * g)
     v = _canonical_nan(beta2 * v + omb2 * g * g)
     if vmax is not None:
@@ -477,6 +489,7 @@ class TensorStep(NamedTuple):
     sr_key: Tensor | None  # its row of stochastic_rounding_keys (stochastic rounding only)
     element_offset: int
     maximize: bool
+    decoupled_weight_decay: bool
     grad_scale: Tensor | None
     found_inf: Tensor | None
 
@@ -497,7 +510,8 @@ def step_tensor(t: Operands, grad: Tensor, x: TensorStep) -> None:
     before = load_weight(t.param, t.master, t.remainder)
     vmax = None if t.max_exp_avg_sq is None else t.max_exp_avg_sq.reshape(-1).float()
     after = adamw_math(g, before.value, t.exp_avg.reshape(-1).float(),
-                       t.exp_avg_sq.reshape(-1).float(), vmax, x.scalars.to(device))
+                       t.exp_avg_sq.reshape(-1).float(), vmax, x.scalars.to(device),
+                       x.decoupled_weight_decay)
     random16 = None
     if x.sr_key is not None and t.param.dtype == torch.bfloat16 and t.remainder is None:
         random16 = _random16(x.sr_key.to(device), x.element_offset, numel, device)
@@ -570,10 +584,11 @@ def adamw(
     element_offsets: list[int] | None = None,
     amsgrad: bool = False,
     maximize: bool = False,
+    decoupled_weight_decay: bool = True,
     grad_scale: Tensor | None = None,
     found_inf: Tensor | None = None,
 ) -> None:
-    """One AdamW step over a list of tensors, in place; the specification of every backend.
+    """One Adam step over a list of tensors, in place; the specification of every backend.
 
     Args:
         params: fp32 or bf16 tensors, updated in place.
@@ -594,6 +609,9 @@ def adamw(
         sr_keys: int64 [n, 2] keys from :func:`stochastic_rounding_keys` (stochastic only).
         element_offsets: global index of each tensor's element 0 (default 0).
         amsgrad, maximize: as in torch.optim.AdamW.
+        decoupled_weight_decay: True (AdamW): the weight decays by the scalars' ``decay``
+            column; False (torch's Adam with a nonzero weight decay): ``decay`` times the
+            weight is added to the gradient (see :func:`step_scalars`).
         grad_scale: optional one-element tensor dividing the gradients.
         found_inf: optional one-element tensor; nonzero skips the step.
     """
@@ -603,9 +621,31 @@ def adamw(
                         counters=counters, amsgrad=amsgrad)
     check_arguments(ops, scalars=scalars, rounding=rounding, sr_keys=sr_keys, amsgrad=amsgrad)
     check_master_params(ops)
-    stochastic = rounding == "stochastic"
+    keys = sr_keys if rounding == "stochastic" else None
+    run(ops, grads, element_offsets,
+        StepInputs(scalars, keys, maximize, decoupled_weight_decay, grad_scale, found_inf))
+
+
+def run(ops: Operands, grads, element_offsets, x: StepInputs) -> None:
+    """The step of a checked call, tensor by tensor."""
     for i in range(ops.count):
         step_tensor(ops.at(i), grads[i], TensorStep(
-            scalars[i], sr_keys[i] if stochastic else None,
+            x.scalars[i], x.sr_keys[i] if x.sr_keys is not None else None,
             element_offsets[i] if element_offsets is not None else 0,
-            maximize, grad_scale, found_inf))
+            x.maximize, x.decoupled_weight_decay, x.grad_scale, x.found_inf))
+
+
+def prepare(ops: Operands, *, element_offsets=None, rounding: str = "nearest",
+            amsgrad: bool = False) -> Callable:
+    """``adamw`` over ``ops`` as a call ``(grads, StepInputs)``, checked once (the
+    optimizer's kept plan calls it every step; every backend has ``prepare``)."""
+    if amsgrad and ops.max_exp_avg_sq is None:
+        raise ValueError("amsgrad needs max_exp_avg_sqs")
+    check_master_params(ops)
+
+    def call(grads, x: StepInputs) -> None:
+        if rounding != "stochastic":
+            x = x._replace(sr_keys=None)
+        run(ops, grads, element_offsets, x)
+
+    return call
