@@ -85,3 +85,43 @@ def test_decay_of_one_leaves_infinities_and_signed_zeros_as_torch_does():
     theirs.grad = grad
     torch.optim.AdamW([theirs], lr=LR, weight_decay=0.0, foreach=False).step()
     assert torch.equal(ours.view(torch.int32), theirs.detach().view(torch.int32))
+
+
+# torch's Adam (``decoupled_weight_decay=False``): the weight decay an L2 term in the
+# gradient, ``g + weight_decay * w``. Measured here (3119 elements, 100 steps, decay 1e-2):
+# 2.4e-7 from the for-loop and foreach paths, 1.2e-7 from the CPU fused one.
+
+
+def _adam_torch_run(p0, grads, weight_decay, path):
+    p = torch.nn.Parameter(p0.clone())
+    opt = torch.optim.Adam([p], lr=LR, betas=BETAS, eps=EPS, weight_decay=weight_decay,
+                           **PATHS[path])
+    for g in grads:
+        p.grad = g.clone()
+        opt.step()
+    return p.detach()
+
+
+def _adam_reference_run(p0, grads, weight_decay, decoupled=False):
+    w, m, v = p0.clone(), torch.zeros(NUMEL), torch.zeros(NUMEL)
+    for t, g in enumerate(grads, 1):
+        scalars = R.step_scalars(torch.tensor([t]), LR, *BETAS, weight_decay, EPS,
+                                 decoupled_weight_decay=decoupled)
+        R.adamw([w], [g], [m], [v], scalars=scalars, decoupled_weight_decay=decoupled)
+    return w
+
+
+@pytest.mark.parametrize("path", list(PATHS))
+def test_adam_l2_reference_stays_within_the_bound_of_each_torch_adam_path(path):
+    p0, grads = _inputs()
+    theirs = _adam_torch_run(p0, grads, 1e-2, path)
+    gap = (_adam_reference_run(p0, grads, 1e-2) - theirs).abs().max().item()
+    assert gap <= BOUND, f"{path}: {gap:.3g}"
+
+
+def test_decoupled_decay_breaks_the_adam_bound():
+    """Negative control: AdamW's decay in place of the L2 term is outside the bound."""
+    p0, grads = _inputs()
+    theirs = _adam_torch_run(p0, grads, 1e-2, "for-loop")
+    gap = (_adam_reference_run(p0, grads, 1e-2, decoupled=True) - theirs).abs().max().item()
+    assert gap > 10 * BOUND, f"{gap:.3g}"
