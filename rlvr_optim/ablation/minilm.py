@@ -19,9 +19,9 @@ from collections import defaultdict
 from typing import Any
 
 import torch
-from safetensors.torch import save_file
 from torch import Tensor, nn
 
+from .. import files
 from ..demo import MODES
 from ..optimizer import AdamW
 from .config import MiniLMAblation, RunSpec
@@ -276,8 +276,8 @@ def _run_one(config: MiniLMAblation, spec: RunSpec, base: nn.Module, tokenizer, 
            step_fn, save, load)
     final = {_short(n): p.detach().cpu().clone() for n, p in measured}
     folder = workspace.folder(spec.name)
-    save_file({n: t.contiguous() for n, t in final.items()},
-              os.path.join(folder, "final.safetensors"))
+    files.write_safetensors(os.path.join(folder, "final.safetensors"),
+                            {n: t.contiguous() for n, t in final.items()})
     result = measure_run(config, spec, start, final, state, folder, workspace.base_cache)
     result["accuracy"] = accuracy(model.eval())
     workspace.save_result(spec.name, result)
