@@ -863,3 +863,16 @@ def test_adam_gives_the_reference_bits_through_every_backend(mode, backend):
     other = make_params(torch.bfloat16, 15)
     run(AdamW(other, backend="reference", **kwargs), other, grads)
     assert any(not torch.equal(a.detach(), b.detach()) for a, b in zip(ref, other))
+
+
+def test_torch_loading_a_master_state_dict_drops_the_precision_as_the_readme_says():
+    """What the README warns of: without the hand-over, torch keeps ``master`` as an unused
+    key cast to the bf16 param's dtype."""
+    params = make_params(torch.bfloat16, 9, sizes=(33,))
+    opt = AdamW(params, lr=1e-2, master_weights="fp32")
+    run(opt, params, grad_stream(params, 9, 2))
+    theirs = [p.detach().clone().requires_grad_() for p in params]
+    ref = torch.optim.AdamW(theirs, lr=1e-2)
+    ref.load_state_dict(opt.state_dict())
+    assert ref.state[theirs[0]]["master"].dtype == torch.bfloat16
+    assert not torch.equal(ref.state[theirs[0]]["master"].float(), opt.state[params[0]]["master"])
