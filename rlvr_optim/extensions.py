@@ -28,6 +28,7 @@ import shutil
 import subprocess
 import sys
 import sysconfig
+import tempfile
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from types import ModuleType
@@ -141,6 +142,17 @@ def _ninja_path(path) -> str:
     return str(path).replace("$", "$$").replace(" ", "$ ").replace(":", "$:")
 
 
+def _write_text(path: Path, text: str) -> None:
+    """rlvr_optim.files.write_text; setup.py, which loads this file alone (no package), writes
+    into the build folder setuptools gives it."""
+    try:
+        from . import files  # noqa: PLC0415
+    except ImportError:
+        path.write_text(text)
+        return
+    files.write_text(path, text)
+
+
 def run_build(compiles: list[list[str]], link: list[str], build_dir: Path, what: str) -> None:
     """Run independent compile commands, then the link: with ninja when it is on PATH
     (``build_dir/build.ninja``), else the compiles started together. Raises RuntimeError
@@ -154,7 +166,7 @@ def run_build(compiles: list[list[str]], link: list[str], build_dir: Path, what:
             inputs = [c for c in cmd[:-2] if c.endswith((".cpp", ".cu", ".o"))]  # before -o
             lines += [f"build {_ninja_path(out)}: run {' '.join(map(_ninja_path, inputs))}",
                       f"  cmd = {' '.join(cmd)}"]
-        (build_dir / "build.ninja").write_text("\n".join(lines) + "\n")
+        _write_text(build_dir / "build.ninja", "\n".join(lines) + "\n")
         result = subprocess.run([ninja, "-C", str(build_dir)], capture_output=True, text=True)
         if result.returncode != 0:
             raise RuntimeError(f"compiling {what} failed (ninja -C {build_dir}):\n"
@@ -295,9 +307,9 @@ class Extension:
                 f"rlvr_optim.{self.name} was not built at install time and cannot be compiled "
                 f"now: {'; '.join(blockers)}. {self.hint}"
             )
-        import fcntl  # noqa: PLC0415 - POSIX only, needed only here
-
         import pybind11  # noqa: PLC0415
+
+        from . import files  # noqa: PLC0415 - setup.py loads this file alone, without it
 
         src = _source_dir(self.required)
         digest = hashlib.sha256()
@@ -305,16 +317,22 @@ class Extension:
             digest.update(path.name.encode() + b"\0" + path.read_bytes())
         digest.update(repr((self.key(), sys.version_info[:2])).encode())
         folder = cache_root() / f"{self.name.strip('_').lower()}_ext" / digest.hexdigest()[:16]
-        folder.mkdir(parents=True, exist_ok=True)
         target = folder / module_file(self.name)
-        with open(folder / ".lock", "w") as lock:  # one build per folder across processes
-            fcntl.flock(lock, fcntl.LOCK_EX)
+        with files.folder_lock(folder, wait=True):  # one build per folder across processes
             if not target.is_file():
                 print(f"rlvr_optim: compiling rlvr_optim.{self.name} into {folder} (first use "
                       "only; about a minute)", file=sys.stderr, flush=True)
-                partial = folder / f"partial-{target.name}"
-                self.build(src, folder, partial, pybind11.get_include())
-                partial.replace(target)  # a killed build leaves no half-written module
+                # Objects and the linked module in a build folder of their own, removed
+                # whatever happens; the module reaches the cache through files.atomic_write
+                # (temp beside, fsync, rename): a killed build leaves no half-written module.
+                build_dir = Path(tempfile.mkdtemp(prefix=".build-", dir=folder))
+                try:
+                    built = build_dir / target.name
+                    self.build(src, build_dir, built, pybind11.get_include())
+                    with open(built, "rb") as f, files.atomic_write(target) as out:
+                        shutil.copyfileobj(f, out)
+                finally:
+                    shutil.rmtree(build_dir, ignore_errors=True)
                 print(f"rlvr_optim: rlvr_optim.{self.name} compiled", file=sys.stderr,
                       flush=True)
             spec = importlib.util.spec_from_file_location(f"rlvr_optim.{self.name}", target)
