@@ -319,17 +319,17 @@ def test_auto_picks_the_cpu_backend_for_cpu_tensors(ext):
     p.grad = torch.randn(40).bfloat16()
     opt = AdamW([p], lr=1e-2)
     calls = []
-    original = cpu_backend.adamw
+    original = cpu_backend._run  # what the optimizer's kept plan calls (cpu_backend.prepare)
 
     def recording(*args, **kwargs):
         calls.append(1)
         return original(*args, **kwargs)
 
-    cpu_backend.adamw = recording
+    cpu_backend._run = recording
     try:
         opt.step()
     finally:
-        cpu_backend.adamw = original
+        cpu_backend._run = original
     assert calls == [1]
 
 

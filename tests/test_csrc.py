@@ -238,7 +238,7 @@ def linked_ext(nvcc_build):
 
 def test_extension_links_imports_without_gpu_and_matches_backend(linked_ext):
     ext = linked_ext
-    assert ext.ABI_VERSION == cuda_backend.ABI_VERSION
+    assert ext.ABI_VERSION == extensions.CUDA.abi_version
     assert tuple(ext.ROW_FIELDS) == ROW_FIELDS
     assert tuple(ext.COUNTER_NAMES) == COUNTER_NAMES
     assert tuple(ext.STORE_MODES) == STORE_MODES
@@ -695,9 +695,10 @@ def test_cpu_tensors_are_refused_with_a_pointer_to_the_reference():
 
 
 def test_no_way_to_build_gives_a_clear_error(monkeypatch):
-    monkeypatch.setattr(cuda_backend, "_extension", None)
-    monkeypatch.setattr(cuda_backend, "_prebuilt", lambda: None)
-    monkeypatch.setattr(cuda_backend, "_nvcc", lambda: None)
+    monkeypatch.setattr(extensions.CUDA, "module", None)
+    monkeypatch.setattr(extensions.CUDA, "failure", None)
+    monkeypatch.setattr(extensions.CUDA, "prebuilt", lambda: None)
+    monkeypatch.setattr(extensions, "nvcc", lambda: None)
     reason = cuda_backend.unavailable_reason()
     assert reason is not None and "nvcc" in reason
     with pytest.raises(RuntimeError, match="nvcc is not on PATH.*backend='triton' or 'reference'"):
