@@ -154,6 +154,7 @@ class RoundingAdam:
     def _forget_plans(self) -> None:
         """Drop the kept step plans: the next step checks everything again."""
         self.__dict__.pop("_plans", None)
+        self.__dict__.pop("_checked_options", None)
 
     # ---------------------------------------------------------------- the step
 

@@ -18,8 +18,9 @@ from torch import Tensor
 
 from . import backends, distributed, reference
 from .operands import Operands, StepInputs
-from .options import (PARAM_DTYPE_SET, PARAM_DTYPES, check_differentiable, check_hyperparameters,
-                      check_param_options, follows_torch, normalize_group)
+from .options import (OPTION_NAMES, PARAM_DTYPE_SET, PARAM_DTYPES, check_differentiable,
+                      check_hyperparameters, check_param_options, follows_torch,
+                      normalize_group)
 from ._checked import Addresses
 from .plan import OperandList, ScalarRows, read_gradients, same_items
 from .state import check_state, init_state, per_shard
@@ -76,6 +77,32 @@ def options_key(opt, group: dict[str, Any]) -> tuple:
             group["differentiable"], opt.backend, id(opt.state), len(opt.state))
 
 
+# The group entries a step checks (torch's hyperparameter checks, rlvr_optim's options).
+_CHECKED_KEYS = ("lr", "betas", "eps", "weight_decay", *OPTION_NAMES, "amsgrad", "capturable",
+                 "fused", "differentiable")
+
+
+def checked_options(opt, group_index: int) -> tuple:
+    """:func:`check_hyperparameters` and :func:`options_key` of a group, skipped when the
+    group's entries are the values that last passed (kept per group index beside the
+    plans: with hundreds of groups, normalizing every group's options in every step was a
+    fifth of the host work). A tensor ``lr`` is checked in every step: it may change in
+    place."""
+    group = opt.param_groups[group_index]
+    raw = tuple(group[k] for k in _CHECKED_KEYS)
+    kept = opt.__dict__.setdefault("_checked_options", {}).get(group_index)
+    if kept is not None and kept[0] == raw and kept[1] == (opt.backend, id(opt.state),
+                                                           len(opt.state)) \
+            and not isinstance(raw[0], Tensor):
+        return kept[2]
+    check_hyperparameters(group)
+    options = options_key(opt, group)
+    # The entries as normalized (what the next step reads when nothing changed).
+    opt._checked_options[group_index] = (tuple(group[k] for k in _CHECKED_KEYS),
+                                         (opt.backend, id(opt.state), len(opt.state)), options)
+    return options
+
+
 def _cached(opt, group_index: int, options: tuple, on_device: bool):
     """The group's plan and this step's grads if the plan still holds: same options, same
     params with gradients, in the same order, at the same addresses (a param whose
@@ -122,8 +149,7 @@ def gather(opt, group_index: int, on_device: bool = False) -> dict | None:
     """Validate a group and list its tensors; changes nothing. A group whose kept plan
     still holds skips the per-param checks (they passed when the plan was made)."""
     group = opt.param_groups[group_index]
-    check_hyperparameters(group)
-    options = options_key(opt, group)
+    options = checked_options(opt, group_index)
     cached = _cached(opt, group_index, options, on_device)
     if cached is not None:
         return {"group": group, "index": group_index, "plan": cached[0],
@@ -261,6 +287,29 @@ def make(opt, job: dict, on_device: bool) -> GroupPlan:
     return plan
 
 
+# Groups of at most this many host tensors share their scalar rows (see _scalar_memo).
+_MEMO_TENSORS = 64
+_scalar_memos: dict = {}
+
+
+def _scalar_memo(plan: GroupPlan, steps: Tensor, hyper: tuple, decoupled: bool) -> dict | None:
+    """Scalar rows already computed in this step for groups of the same step counts and
+    hyperparameters (host tensors, a float lr): the rows are a function of those alone, so
+    500 groups of one param with a few distinct learning rates compute a few rows per step
+    instead of 500 (each is five tensor ops). None where that does not apply: device step
+    counts (a step never reads them on the host), a tensor lr, large groups."""
+    if steps.device.type != "cpu" or steps.numel() > _MEMO_TENSORS \
+            or isinstance(hyper[0], Tensor):
+        return None
+    key = (tuple(steps.tolist()), decoupled)
+    memo = _scalar_memos.get(key)
+    if memo is None:
+        if len(_scalar_memos) > 256:
+            _scalar_memos.clear()
+        memo = _scalar_memos[key] = {}
+    return memo
+
+
 def launch(group: Mapping[str, Any], plan: GroupPlan, grads: list[Tensor] | None,
            grad_scale, found_inf) -> None:
     """Advance the step counts and run the backend over the plan's tensors (``grads``: the
@@ -282,8 +331,15 @@ def launch(group: Mapping[str, Any], plan: GroupPlan, grads: list[Tensor] | None
     # factor is 1 without weight decay, which leaves the weight as it is.
     decoupled = group["decoupled_weight_decay"] or group["weight_decay"] == 0
     step_scalars = plan.scalar_rows or reference.step_scalars
-    scalars = step_scalars(step_vec, group["lr"], float(beta1), float(beta2),
-                           group["weight_decay"], group["eps"], decoupled_weight_decay=decoupled)
+    hyper = (group["lr"], float(beta1), float(beta2), group["weight_decay"], group["eps"])
+    memo = _scalar_memo(plan, step_vec, hyper, decoupled)
+    # repr: -0.0 and 0.0 (equal as keys) give other bits.
+    hyper_key = tuple(map(repr, hyper)) if memo is not None else None
+    scalars = memo.get(hyper_key) if memo is not None else None
+    if scalars is None:
+        scalars = step_scalars(step_vec, *hyper, decoupled_weight_decay=decoupled)
+        if memo is not None:
+            memo[hyper_key] = scalars.clone()
     sr_keys = None
     if plan.keys is not None:
         sr_keys = plan.sr_keys(group["seed"], step_vec, plan.keys)
