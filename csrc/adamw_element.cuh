@@ -1,10 +1,11 @@
 // One AdamW step of one element: rlvr_optim/reference.py written in C++.
 //
-// Everything here is `__host__ __device__` and touches registers only: the kernel
-// (adamw_kernel.cuh) loads, calls adamw_element and stores; the host build
-// (adamw_host.cpp, used by tests/test_csrc.py) runs the same code on the CPU to prove it
-// equal to the reference bit for bit. The algorithm is written out once, in the
-// reference; this file follows it line by line, in the same order.
+// Everything here is `__host__ __device__` and touches registers only: the CUDA kernel
+// (adamw_kernel.cuh) loads, calls adamw_element and stores; the CPU step (cpu_step.cpp)
+// runs the same code on the host, which is how the tests prove it equal to the reference
+// bit for bit on a machine without a GPU. The algorithm is written out once, in the
+// reference; this file follows it line by line, in the same order and the same three
+// stages: load_weight, the optimizer's math (adamw_math) and store_and_flag.
 //
 // Floating point: every operation is one correctly rounded fp32 operation, never fused.
 // On the device that is __fadd_rn & co. (which nvcc never contracts into an FMA); on the
@@ -24,8 +25,12 @@
 #include <cuda_bf16.h>
 #endif
 
+// Forced inline on the host too: the CPU step's loops vectorize only when every stage is
+// inlined into them (gcc 12 left store_and_flag a call in two layouts otherwise).
 #if defined(__CUDACC__)
 #define RLVR_HD __host__ __device__ __forceinline__
+#elif defined(__GNUC__)
+#define RLVR_HD inline __attribute__((always_inline))
 #else
 #define RLVR_HD inline
 #endif
@@ -259,12 +264,13 @@ RLVR_HD uint32_t random16(uint32_t key_lo, uint32_t key_hi, uint64_t index) {
 }
 
 // ---------------------------------------------------------------------------------------
-// The step.
+// The step of one element, in the reference's three stages: load_weight, the optimizer's
+// math (adamw_math), store_and_flag (its storage format in store_weight).
 // ---------------------------------------------------------------------------------------
 
 // One row of reference.step_scalars, in the order of reference.SCALAR_COLUMNS.
 struct StepScalars {
-  float step_size, bc2_sqrt, lr_wd, beta1, one_minus_beta1, beta2, one_minus_beta2, eps;
+  float step_size, bc2_sqrt, decay, beta1, one_minus_beta1, beta2, one_minus_beta2, eps;
 };
 
 // Options that hold for a whole launch.
@@ -272,6 +278,7 @@ struct GradOptions {
   float grad_scale;  // divides the gradient when has_grad_scale
   bool has_grad_scale;
   bool maximize;
+  bool l2_decay;  // torch's Adam: the weight decay is an L2 term in the gradient
 };
 
 enum class MasterForm : int { kNone = 0, kFp32 = 1, kRemainder = 2 };
@@ -295,11 +302,56 @@ struct ElementFlags {
   bool nonfinite;  // the unscaled gradient is not finite (trained elements, skipped steps too)
 };
 
-// The arithmetic of torch's fused AdamW, in its order; fp32 registers only. Computed
-// NaNs become canonical where the reference makes them so.
+// A param's weight before the step (reference.Weight).
+struct Weight {
+  uint32_t image;  // the stored bf16 pattern (fp32 params: their nearest-even image)
+  float w;         // the fp32 weight
+};
+
+// The math's results: the new weight and states, fp32 (reference.Moments).
+struct Moments {
+  float w, m, v, vmax;  // vmax: amsgrad only
+};
+
+// Stage 1: the fp32 weight before the step (from the master, the param and its
+// remainder, or the param) and the stored bf16 pattern it is compared with after it.
+template <bool kParamBf16, MasterForm kMaster>
+RLVR_HD Weight load_weight(const Element& e) {
+  Weight before;
+  before.image = kParamBf16 ? e.param : round_nearest_bf16(e.param);
+  if (kMaster == MasterForm::kFp32) {
+    before.w = e.master;
+  } else if (kMaster == MasterForm::kRemainder) {
+    before.w = fp32_from_bits(join_remainder(e.param, e.remainder));
+  } else if (kParamBf16) {
+    before.w = bf16_bits_to_fp32(e.param);
+  } else {
+    before.w = fp32_from_bits(e.param);
+  }
+  return before;
+}
+
+// The fp32 gradient the math sees (reference.unscaled_grad).
+RLVR_HD float unscaled_grad(float grad, const GradOptions& o) {
+  float g = grad;
+  if (o.has_grad_scale) g = div_rn(g, o.grad_scale);
+  if (o.maximize) g = negate(g);
+  return g;
+}
+
+// Stage 2, the optimizer's math: the arithmetic of torch's fused Adam, in its order; fp32
+// registers only. Computed NaNs become canonical where the reference makes them so.
+// `l2_decay` (torch's Adam; a constant in every instantiation but the CPU step's general
+// loop): s.decay times the weight is added to the gradient, else (AdamW) the weight decays
+// by the factor s.decay.
 template <bool kAmsgrad>
-RLVR_HD void adamw_math(float g, const StepScalars& s, float& w, float& m, float& v, float& vmax) {
-  w = sub_rn(w, mul_rn(s.lr_wd, w));
+RLVR_HD void adamw_math(float g, const StepScalars& s, bool l2_decay, float& w, float& m,
+                        float& v, float& vmax) {
+  if (l2_decay) {
+    g = add_rn(g, mul_rn(s.decay, w));
+  } else {
+    w = mul_rn(w, s.decay);
+  }
   m = canonical_nan(add_rn(mul_rn(s.beta1, m), mul_rn(s.one_minus_beta1, g)));
   v = canonical_nan(add_rn(mul_rn(s.beta2, v), mul_rn(mul_rn(s.one_minus_beta2, g), g)));
   float denom;
@@ -312,9 +364,83 @@ RLVR_HD void adamw_math(float g, const StepScalars& s, float& w, float& m, float
   w = canonical_nan(sub_rn(w, div_rn(mul_rn(s.step_size, m), denom)));
 }
 
+#if defined(RLVR_CPU_ISA) && defined(__AVX2__) && !defined(__CUDACC__)
+// adamw_math<false> of AdamW on eight lanes, for the CPU backend's AVX2 loops
+// (csrc/cpu_step.cpp, which includes <immintrin.h> before this header): the same fp32
+// operations in the same order, NaNs as the arithmetic leaves them (the caller makes them
+// canonical where it stores them).
+struct StepScalars8 {
+  __m256 step_size, bc2_sqrt, decay, beta1, one_minus_beta1, beta2, one_minus_beta2, eps;
+
+  explicit StepScalars8(const StepScalars& s)
+      : step_size(_mm256_set1_ps(s.step_size)), bc2_sqrt(_mm256_set1_ps(s.bc2_sqrt)),
+        decay(_mm256_set1_ps(s.decay)), beta1(_mm256_set1_ps(s.beta1)),
+        one_minus_beta1(_mm256_set1_ps(s.one_minus_beta1)), beta2(_mm256_set1_ps(s.beta2)),
+        one_minus_beta2(_mm256_set1_ps(s.one_minus_beta2)), eps(_mm256_set1_ps(s.eps)) {}
+};
+
+// Forced inline: gcc 12 kept it a call, its vectors passed in memory.
+[[gnu::always_inline]] inline void adamw_math(__m256 g, const StepScalars8& s, __m256& w,
+                                              __m256& m, __m256& v) {
+  w = _mm256_mul_ps(w, s.decay);
+  m = _mm256_add_ps(_mm256_mul_ps(s.beta1, m), _mm256_mul_ps(s.one_minus_beta1, g));
+  v = _mm256_add_ps(_mm256_mul_ps(s.beta2, v),
+                    _mm256_mul_ps(_mm256_mul_ps(s.one_minus_beta2, g), g));
+  const __m256 denom = _mm256_add_ps(_mm256_div_ps(_mm256_sqrt_ps(v), s.bc2_sqrt), s.eps);
+  w = _mm256_sub_ps(w, _mm256_div_ps(_mm256_mul_ps(s.step_size, m), denom));
+}
+#endif
+
+// The stored form of a new weight (reference.store_weight): its bf16 image and, in the
+// remainder form, the remainder. fp32 params store w itself; their image is the
+// nearest-even bf16. The one place that knows a storage format.
+struct StoredWeight {
+  uint32_t image;
+  int32_t remainder;  // MasterForm::kRemainder only
+};
+
+template <bool kParamBf16, MasterForm kMaster, bool kStochastic>
+RLVR_HD StoredWeight store_weight(float w, uint32_t random_bits) {
+  const uint32_t w_bits = fp32_bits(w);
+  StoredWeight out{0u, 0};
+  if (!kParamBf16) {
+    out.image = round_nearest_bf16_computed(w);
+  } else if (kMaster == MasterForm::kRemainder) {
+    split_remainder(w_bits, out.image, out.remainder);
+  } else if (kStochastic) {
+    out.image = round_stochastic_bf16(w_bits, random_bits);
+  } else {
+    out.image = round_nearest_bf16_computed(w);
+  }
+  return out;
+}
+
+// Stage 3: the element's new fields (an element that is not updated keeps every field bit
+// for bit) and its flags.
+template <bool kParamBf16, MasterForm kMaster, bool kStochastic, bool kAmsgrad>
+RLVR_HD ElementFlags store_and_flag(Element& e, Weight before, Moments after, float g,
+                                    bool train, bool skip, uint32_t random_bits) {
+  const uint32_t w_bits = fp32_bits(after.w);
+  StoredWeight stored = store_weight<kParamBf16, kMaster, kStochastic>(after.w, random_bits);
+  const bool update = train && !skip;
+  ElementFlags flags;
+  flags.changed = update && stored.image != before.image;
+  flags.moved = update && w_bits != fp32_bits(before.w);
+  flags.nonfinite = train && !is_finite(g);
+  if (update) {
+    e.param = kParamBf16 ? stored.image : w_bits;
+    if (kMaster == MasterForm::kFp32) e.master = after.w;
+    if (kMaster == MasterForm::kRemainder) e.remainder = stored.remainder;
+    e.exp_avg = after.m;
+    e.exp_avg_sq = after.v;
+    if (kAmsgrad) e.max_exp_avg_sq = after.vmax;
+  }
+  return flags;
+}
+
 // One element's step, in place, given its 16 random bits of stochastic rounding (ignored
 // unless kStochastic; see random16). `train` is its freeze-mask bit, `skip` the launch's
-// found_inf; an element that is not updated keeps every field bit for bit.
+// found_inf.
 template <bool kParamBf16, MasterForm kMaster, bool kStochastic, bool kAmsgrad>
 RLVR_HD ElementFlags adamw_element_drawn(Element& e, float grad, const StepScalars& s,
                                          const GradOptions& o, bool train, bool skip,
@@ -323,55 +449,12 @@ RLVR_HD ElementFlags adamw_element_drawn(Element& e, float grad, const StepScala
                 "fp32 params have no master, no remainder and no stochastic store");
   static_assert(!(kStochastic && kMaster == MasterForm::kRemainder),
                 "the remainder form stores its bf16 half by nearest rounding only");
-
-  float g = grad;
-  if (o.has_grad_scale) g = div_rn(g, o.grad_scale);
-  if (o.maximize) g = negate(g);
-
-  // w before the step, and the stored bf16 pattern before the step.
-  const uint32_t old_bf16 = kParamBf16 ? e.param : round_nearest_bf16(e.param);
-  float w_old;
-  if (kMaster == MasterForm::kFp32) {
-    w_old = e.master;
-  } else if (kMaster == MasterForm::kRemainder) {
-    w_old = fp32_from_bits(join_remainder(e.param, e.remainder));
-  } else if (kParamBf16) {
-    w_old = bf16_bits_to_fp32(e.param);
-  } else {
-    w_old = fp32_from_bits(e.param);
-  }
-
-  float w = w_old, m = e.exp_avg, v = e.exp_avg_sq, vmax = e.max_exp_avg_sq;
-  adamw_math<kAmsgrad>(g, s, w, m, v, vmax);
-
-  // The new stored pattern.
-  const uint32_t w_bits = fp32_bits(w);
-  uint32_t new_bf16;
-  int32_t new_remainder = 0;
-  if (!kParamBf16) {
-    new_bf16 = round_nearest_bf16_computed(w);
-  } else if (kMaster == MasterForm::kRemainder) {
-    split_remainder(w_bits, new_bf16, new_remainder);
-  } else if (kStochastic) {
-    new_bf16 = round_stochastic_bf16(w_bits, random_bits);
-  } else {
-    new_bf16 = round_nearest_bf16_computed(w);
-  }
-
-  const bool update = train && !skip;
-  ElementFlags flags;
-  flags.changed = update && new_bf16 != old_bf16;
-  flags.moved = update && w_bits != fp32_bits(w_old);
-  flags.nonfinite = train && !is_finite(g);
-  if (update) {
-    e.param = kParamBf16 ? new_bf16 : w_bits;
-    if (kMaster == MasterForm::kFp32) e.master = w;
-    if (kMaster == MasterForm::kRemainder) e.remainder = new_remainder;
-    e.exp_avg = m;
-    e.exp_avg_sq = v;
-    if (kAmsgrad) e.max_exp_avg_sq = vmax;
-  }
-  return flags;
+  const float g = unscaled_grad(grad, o);
+  Weight before = load_weight<kParamBf16, kMaster>(e);
+  Moments after{before.w, e.exp_avg, e.exp_avg_sq, e.max_exp_avg_sq};
+  adamw_math<kAmsgrad>(g, s, o.l2_decay, after.w, after.m, after.v, after.vmax);
+  return store_and_flag<kParamBf16, kMaster, kStochastic, kAmsgrad>(e, before, after, g, train,
+                                                                   skip, random_bits);
 }
 
 // The same, drawing the random bits for global element `index` under (key_lo, key_hi).

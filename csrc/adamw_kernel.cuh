@@ -58,6 +58,7 @@ struct Variant {
   static constexpr bool kAmsgrad = (kFlags & kFlagAmsgrad) != 0;
   static constexpr bool kTrack = (kFlags & kFlagTrack) != 0;  // bitmaps or counters
   static constexpr bool kGradScale = (kFlags & kFlagGradScale) != 0;
+  static constexpr bool kL2Decay = (kFlags & kFlagL2Decay) != 0;
   static constexpr MasterForm kMaster =
       (kStore == StoreMode::kMasterNearest || kStore == StoreMode::kMasterStochastic)
           ? MasterForm::kFp32
@@ -215,8 +216,8 @@ __device__ __forceinline__ TensorContext load_tensor(const LaunchArgs& a, int64_
   c.element_offset = __ldg(&row->element_offset);
   c.first_tile = first_tile_of(a.rows, t);
   c.end_tile = first_tile_of(a.rows, t + 1);
-  const int64_t flags = __ldg(&row->flags);
-  const bool vector = (flags & kRowVectorAligned) != 0 && (flags & kRowBitmapAligned) != 0 &&
+  const int64_t layout = __ldg(&row->layout);
+  const bool vector = (layout & kLayoutVectorAligned) != 0 && (layout & kLayoutBitmapAligned) != 0 &&
                       (!V::kStochastic || (c.element_offset & 7) == 0);
   c.full_tiles = vector ? static_cast<Tile>(c.numel / kTileElements) : 0u;
   const int64_t scalar_row = __ldg(&row->scalar_row);
@@ -235,15 +236,16 @@ __device__ __forceinline__ TensorContext load_tensor(const LaunchArgs& a, int64_
 struct Counts {
   uint32_t changed, moved, nonfinite;  // this thread's, for the current tensor
 };
+static_assert(kCounters == 3, "Counts holds the counters of step_table.h, in their order");
 
 // One warp reduction and one atomic per warp and count. All 32 lanes call it.
 __device__ __forceinline__ void flush_counts(Counts& counts, unsigned long long* workspace) {
-  const uint32_t sums[3] = {__reduce_add_sync(kFullWarp, counts.changed),
+  const uint32_t sums[kCounters] = {__reduce_add_sync(kFullWarp, counts.changed),
                             __reduce_add_sync(kFullWarp, counts.moved),
                             __reduce_add_sync(kFullWarp, counts.nonfinite)};
   if ((threadIdx.x & 31) == 0) {
 #pragma unroll
-    for (int i = 0; i < 3; ++i) {
+    for (int i = 0; i < kCounters; ++i) {
       if (sums[i] != 0) atomicAdd(workspace + i, static_cast<unsigned long long>(sums[i]));
     }
   }
@@ -267,7 +269,7 @@ __device__ __forceinline__ void publish_counters(const LaunchArgs& a) {
   // which with thousands of tensors (3 entries each) was tens of microseconds in this one
   // block at the end of the launch.
   constexpr int kPublishBatch = 8;
-  const int64_t entries = 3 * a.num_tensors;
+  const int64_t entries = kCounters * a.num_tensors;
   for (int64_t base = 0; base < entries; base += int64_t{kPublishBatch} * blockDim.x) {
     unsigned long long total[kPublishBatch];
     int64_t* counters[kPublishBatch];
@@ -275,12 +277,12 @@ __device__ __forceinline__ void publish_counters(const LaunchArgs& a) {
     for (int k = 0; k < kPublishBatch; ++k) {
       const int64_t i = base + int64_t{k} * blockDim.x + threadIdx.x;
       total[k] = i < entries ? atomicExch(a.counter_workspace + i, 0ull) : 0ull;
-      counters[k] = i < entries ? reinterpret_cast<int64_t*>(a.rows[i / 3].counters) : nullptr;
+      counters[k] = i < entries ? reinterpret_cast<int64_t*>(a.rows[i / kCounters].counters) : nullptr;
     }
 #pragma unroll
     for (int k = 0; k < kPublishBatch; ++k) {
       const int64_t i = base + int64_t{k} * blockDim.x + threadIdx.x;
-      if (counters[k] != nullptr) counters[k][i % 3] = static_cast<int64_t>(total[k]);
+      if (counters[k] != nullptr) counters[k][i % kCounters] = static_cast<int64_t>(total[k]);
     }
   }
   if (threadIdx.x == 0) atomicExch(a.ticket, 0u);
@@ -590,7 +592,7 @@ __device__ __forceinline__ void walk(const LaunchArgs& a, int64_t t, Tile tile,
       element_tile<V, kSkip>(c, int64_t{tile - c.first_tile} * kTileElements + thread_first,
                              options, grad_flip, counts);
     }
-    if (count) flush_counts(counts, a.counter_workspace + 3 * t);
+    if (count) flush_counts(counts, a.counter_workspace + kCounters * t);
     if (tile >= block_end()) break;
     do {
       ++t;
@@ -608,7 +610,8 @@ __global__ void __launch_bounds__(kThreads, V::kMinBlocks) adamw_kernel(const La
   if (threadIdx.x == 0) shared_block_end = end;
   __syncthreads();
 
-  const GradOptions options{V::kGradScale ? *a.grad_scale : 1.0f, V::kGradScale, false};
+  const GradOptions options{V::kGradScale ? *a.grad_scale : 1.0f, V::kGradScale, false,
+                            V::kL2Decay};
   const uint32_t grad_flip = grad_sign_flip<V>(a.maximize);
   if (tile < end) {  // the same for the whole block
     const int64_t t = __ldg(a.tile_tensor + tile);
@@ -670,7 +673,7 @@ constexpr LaunchFn launcher_entry() {
 
 template <StoreMode kStore, int kParamBf16Flag, int... kRest>
 LaunchFn pick_launcher(int flags, std::integer_sequence<int, kRest...>) {
-  // Entries for the 32 combinations of the other five flags, this param dtype only.
+  // Entries for the 64 combinations of the other six flags, this param dtype only.
   static constexpr LaunchFn table[] = {launcher_entry<kStore, (kRest << 1) | kParamBf16Flag>()...};
   if (flags < 0 || flags >= kFlagCombinations || (flags & kFlagParamBf16) != kParamBf16Flag) {
     return nullptr;

@@ -4,10 +4,10 @@
 // The table is one int64 device buffer that rlvr_optim/cuda_backend.py builds (and caches
 // between steps) for a group of tensors of one dtype layout:
 //
-//   rows        (num_tensors + 1) x kRowInt64s: one TensorRow per tensor, then a sentinel
-//               row whose first_tile is the group's tile count
-//   workspace   3 x num_tensors: counter sums; zero between launches (the last block of a
-//               launch copies them to the counters and zeroes them again)
+//   rows        (num_tensors + 1) x kRowInt64s: one row of step_table.h per tensor, then a
+//               sentinel row whose first_tile is the group's tile count
+//   workspace   kCounters x num_tensors: counter sums; zero between launches (the last block
+//               of a launch copies them to the counters and zeroes them again)
 //   ticket      1: blocks that finished; zero between launches
 //   tile tensor ceil(total_tiles / 2): int32 per tile, the row of the tensor that tile
 //               belongs to (a block reads its first tensor there; no search)
@@ -18,6 +18,8 @@
 
 #include <cstdint>
 
+#include "step_table.h"
+
 namespace rlvr_optim {
 
 // Elements per tile: a tile belongs to one tensor; 256 threads take 8 consecutive elements
@@ -26,44 +28,21 @@ constexpr int kThreads = 256;
 constexpr int kElementsPerThread = 8;
 constexpr int64_t kTileElements = int64_t{kThreads} * kElementsPerThread;
 
-// One tensor. Addresses are device pointers, 0 when absent. Field order = kRowFields.
+// One tensor: the row of step_table.h as a struct, one int64 member per field, in order.
 struct TensorRow {
-  uint64_t param;              // fp32 or bf16
-  uint64_t grad;               // fp32 or bf16
-  uint64_t exp_avg;            // fp32 or bf16, as exp_avg_sq and max_exp_avg_sq
-  uint64_t exp_avg_sq;
-  uint64_t max_exp_avg_sq;     // amsgrad only
-  uint64_t master;             // fp32 master, or int16 remainder
-  uint64_t freeze_mask;        // packed bits, 1 = trained; 0: every element trained
-  uint64_t change_bitmap;      // packed bits
-  uint64_t cumulative_bitmap;  // packed bits, OR-ed
-  uint64_t counters;           // int64 [3]: bf16 changed, fp32 moved, non-finite grads
-  int64_t numel;
-  int64_t element_offset;      // global index of element 0 (stochastic rounding stream)
-  int64_t scalar_row;          // row of scalars [*, 8] and sr_keys [*, 2]
-  int64_t first_tile;          // tiles of the tensors before this one
-  int64_t flags;               // kRow* bits below
-  int64_t unused;              // pads the row to 128 bytes
+#define RLVR_ROW_MEMBER(name) int64_t name;
+  RLVR_ROW_FIELDS(RLVR_ROW_MEMBER)
+#undef RLVR_ROW_MEMBER
 };
-static_assert(sizeof(TensorRow) == 128, "TensorRow is 16 int64 fields");
-constexpr int kRowInt64s = 16;
-constexpr const char* kRowFields[kRowInt64s] = {
-    "param", "grad", "exp_avg", "exp_avg_sq", "max_exp_avg_sq", "master", "freeze_mask",
-    "change_bitmap", "cumulative_bitmap", "counters", "numel", "element_offset",
-    "scalar_row", "first_tile", "flags", "unused"};
-
-// Every element array (param, grad, states, master / remainder) is 16-byte aligned.
-constexpr int64_t kRowVectorAligned = 1;
-// The freeze mask and the change and cumulative bitmaps are 8-byte aligned (accessed as
-// 64-bit words on the vector path).
-constexpr int64_t kRowBitmapAligned = 2;
+static_assert(sizeof(TensorRow) == kRowInt64s * sizeof(int64_t), "TensorRow is the table's row");
+static_assert(sizeof(TensorRow) == 128, "a row is one 128-byte line");
 
 // Where the sections start, in int64s from the table's base.
 constexpr int64_t workspace_offset(int64_t num_tensors) {
   return (num_tensors + 1) * kRowInt64s;
 }
 constexpr int64_t ticket_offset(int64_t num_tensors) {
-  return workspace_offset(num_tensors) + 3 * num_tensors;
+  return workspace_offset(num_tensors) + kCounters * num_tensors;
 }
 constexpr int64_t tile_tensor_offset(int64_t num_tensors) {
   return ticket_offset(num_tensors) + 1;
@@ -98,11 +77,12 @@ enum class StoreMode : int {
 };
 constexpr int kStoreModes = 5;
 
-// A kernel variant: store mode x 6 flag bits. Every variant with an fp32 param and a store
-// mode other than kNearest is absent (the reference has no such mode).
+// A kernel variant: store mode x 7 flag bits. Every variant with an fp32 param and a store
+// mode other than kNearest is absent (the reference has no such mode). kFlagL2Decay: torch's
+// Adam weight decay (an L2 term in the gradient), else AdamW's.
 constexpr int kFlagParamBf16 = 1, kFlagGradBf16 = 2, kFlagStateBf16 = 4, kFlagAmsgrad = 8,
-              kFlagTrack = 16, kFlagGradScale = 32;
-constexpr int kFlagCombinations = 64;
+              kFlagTrack = 16, kFlagGradScale = 32, kFlagL2Decay = 64;
+constexpr int kFlagCombinations = 128;
 
 constexpr int variant_code(StoreMode store, int flags) {
   return static_cast<int>(store) * kFlagCombinations + flags;

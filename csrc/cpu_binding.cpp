@@ -20,7 +20,7 @@ namespace {
 
 // Bumped whenever the row layout or the arguments or results of step or read_gradients
 // change, so that a stale build is never used with a newer cpu_backend.py.
-constexpr int kAbiVersion = 3;
+constexpr int kAbiVersion = 5;
 
 using StepFn = bool (*)(const CpuStep&);
 
@@ -46,6 +46,7 @@ T* address(uintptr_t value) {
 
 void step(const std::string& isa, uintptr_t rows, int64_t num_tensors, uintptr_t scalars,
           uintptr_t sr_keys, uintptr_t grad_scale, uintptr_t found_inf, bool maximize,
+          bool l2_decay,
           int threads) {
   StepFn fn = nullptr;
   std::string names;
@@ -67,9 +68,10 @@ void step(const std::string& isa, uintptr_t rows, int64_t num_tensors, uintptr_t
   args.grad_scale = address<const float>(grad_scale);
   args.found_inf = address<const float>(found_inf);
   args.maximize = maximize;
+  args.l2_decay = l2_decay;
   args.threads = threads;
   for (int64_t t = 0; t < num_tensors; ++t) {
-    if ((args.rows[t * kCpuRowInt64s + kLayout] & kLayoutStochastic) != 0 && sr_keys == 0) {
+    if ((args.rows[t * kRowInt64s + kRow_layout] & kLayoutStochastic) != 0 && sr_keys == 0) {
       throw py::value_error("a stochastic row needs sr_keys");
     }
   }
@@ -302,12 +304,16 @@ bool same_items(py::handle a, py::handle b) {
 }  // namespace rlvr_optim
 
 PYBIND11_MODULE(_cpu, m) {
+  using namespace rlvr_optim;
   using namespace rlvr_optim::cpu;
   m.doc() = "rlvr_optim's CPU step, on raw host addresses (see csrc/cpu_step.h).";
   m.attr("ABI_VERSION") = kAbiVersion;
-  py::tuple fields(static_cast<size_t>(kCpuRowInt64s));
-  for (int i = 0; i < kCpuRowInt64s; ++i) fields[i] = py::str(kCpuRowFields[i]);
+  py::tuple fields(static_cast<size_t>(kRowInt64s));
+  for (int i = 0; i < kRowInt64s; ++i) fields[i] = py::str(kRowFields[i]);
   m.attr("ROW_FIELDS") = fields;
+  py::tuple counters(static_cast<size_t>(kCounters));
+  for (int i = 0; i < kCounters; ++i) counters[i] = py::str(kCounterNames[i]);
+  m.attr("COUNTER_NAMES") = counters;
   py::dict layout;
   layout["param_bf16"] = kLayoutParamBf16;
   layout["grad_bf16"] = kLayoutGradBf16;
@@ -317,13 +323,15 @@ PYBIND11_MODULE(_cpu, m) {
   layout["remainder"] = kLayoutRemainder;
   layout["stochastic"] = kLayoutStochastic;
   layout["track"] = kLayoutTrack;
+  layout["vector_aligned"] = kLayoutVectorAligned;
+  layout["bitmap_aligned"] = kLayoutBitmapAligned;
   m.attr("LAYOUT_BITS") = layout;
   py::tuple isas(usable_isas().size());
   for (size_t i = 0; i < usable_isas().size(); ++i) isas[i] = py::str(usable_isas()[i].name);
   m.attr("ISAS") = isas;
   m.def("step", &step, py::arg("isa"), py::arg("rows"), py::arg("num_tensors"),
         py::arg("scalars"), py::arg("sr_keys"), py::arg("grad_scale"), py::arg("found_inf"),
-        py::arg("maximize"), py::arg("threads"),
+        py::arg("maximize"), py::arg("l2_decay"), py::arg("threads"),
         "One AdamW step of a table of host tensors (rows: num_tensors x len(ROW_FIELDS) "
         "int64s) with the instruction set `isa` (one of ISAS) on `threads` OpenMP threads. "
         "Addresses are ints, 0 for absent.");

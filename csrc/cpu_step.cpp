@@ -78,8 +78,8 @@ T* address(int64_t value) {
 // Not inlined: in step_span it kept gcc 12 from vectorizing the element loop.
 [[gnu::noinline]] void publish(const int64_t* row, int64_t b, int64_t n, const uint32_t* changed,
                                const uint32_t* moved, const uint32_t* nonfinite, Counts& counts) {
-  uint8_t* change_bitmap = address<uint8_t>(row[kChangeBitmap]);
-  uint8_t* cumulative_bitmap = address<uint8_t>(row[kCumulativeBitmap]);
+  uint8_t* change_bitmap = address<uint8_t>(row[kRow_change_bitmap]);
+  uint8_t* cumulative_bitmap = address<uint8_t>(row[kRow_cumulative_bitmap]);
   for (int64_t k = 0; k < n; k += 8) {
     uint32_t byte = 0;
     for (int q = 0; q < 8; ++q) byte |= changed[k + q] << q;
@@ -105,30 +105,30 @@ void step_span(const int64_t* row, const CpuStep& a, int64_t begin, int64_t end,
   using P = Storage<kParamBf16>;
   using G = Storage<kGradBf16>;
   using S = Storage<kStateBf16>;
-  P* param = address<P>(row[kParam]);
-  const G* grad = address<const G>(row[kGrad]);
-  S* exp_avg = address<S>(row[kExpAvg]);
-  S* exp_avg_sq = address<S>(row[kExpAvgSq]);
-  S* max_exp_avg_sq = address<S>(row[kMaxExpAvgSq]);
-  float* master = address<float>(row[kMaster]);
-  int16_t* remainder = address<int16_t>(row[kMaster]);
-  const uint8_t* freeze_mask = address<const uint8_t>(row[kFreezeMask]);
+  P* param = address<P>(row[kRow_param]);
+  const G* grad = address<const G>(row[kRow_grad]);
+  S* exp_avg = address<S>(row[kRow_exp_avg]);
+  S* exp_avg_sq = address<S>(row[kRow_exp_avg_sq]);
+  S* max_exp_avg_sq = address<S>(row[kRow_max_exp_avg_sq]);
+  float* master = address<float>(row[kRow_master]);
+  int16_t* remainder = address<int16_t>(row[kRow_master]);
+  const uint8_t* freeze_mask = address<const uint8_t>(row[kRow_freeze_mask]);
 
-  const float* r = a.scalars + 8 * row[kScalarRow];
+  const float* r = a.scalars + 8 * row[kRow_scalar_row];
   const spec::StepScalars s{r[0], r[1], r[2], r[3], r[4], r[5], r[6], r[7]};
-  // kPlainGrad (no grad_scale, no maximize) as constants: gcc 12 does not vectorize a
-  // select on a loop-invariant flag, so the other case is a loop of its own.
+  // kPlainGrad (no grad_scale, no maximize, AdamW's decay) as constants: gcc 12 does not
+  // vectorize a select on a loop-invariant flag, so the other case is a loop of its own.
   const spec::GradOptions o =
-      kPlainGrad ? spec::GradOptions{1.0f, false, false}
+      kPlainGrad ? spec::GradOptions{1.0f, false, false, false}
                  : spec::GradOptions{a.grad_scale != nullptr ? *a.grad_scale : 1.0f,
-                                     a.grad_scale != nullptr, a.maximize};
+                                     a.grad_scale != nullptr, a.maximize, a.l2_decay};
   const bool skip = a.found_inf != nullptr && *a.found_inf != 0.0f;
   uint32_t key_lo = 0, key_hi = 0;
   if (kStochastic) {
-    key_lo = static_cast<uint32_t>(a.sr_keys[2 * row[kScalarRow]]);
-    key_hi = static_cast<uint32_t>(a.sr_keys[2 * row[kScalarRow] + 1]);
+    key_lo = static_cast<uint32_t>(a.sr_keys[2 * row[kRow_scalar_row]]);
+    key_hi = static_cast<uint32_t>(a.sr_keys[2 * row[kRow_scalar_row] + 1]);
   }
-  const uint64_t offset = static_cast<uint64_t>(row[kElementOffset]);
+  const uint64_t offset = static_cast<uint64_t>(row[kRow_element_offset]);
 
   // 32-bit flags, the width of the arithmetic: byte flags cost the loop a narrowing and
   // widening shuffle per vector.
@@ -215,18 +215,15 @@ void step_span(const int64_t* row, const CpuStep& a, int64_t begin, int64_t end,
 // non-finite gradient (nothing to count). Only the other groups canonicalize and count.
 // ---------------------------------------------------------------------------------------
 
-// Its helpers are forced inline: gcc 12 kept math() a call, its vectors passed in memory.
+// The loop's constants and helpers; the math is the header's eight-lane adamw_math. Forced
+// inline: gcc 12 kept such helpers calls, their vectors passed in memory.
 struct Fast {
-  __m256 lr_wd, beta1, one_minus_beta1, beta2, one_minus_beta2, bc2_sqrt, eps, step_size;
+  spec::StepScalars8 scalars;
   __m256 canonical_nan;
   __m256i round_bias, one, exponent;
 
   explicit Fast(const spec::StepScalars& s)
-      : lr_wd(_mm256_set1_ps(s.lr_wd)), beta1(_mm256_set1_ps(s.beta1)),
-        one_minus_beta1(_mm256_set1_ps(s.one_minus_beta1)), beta2(_mm256_set1_ps(s.beta2)),
-        one_minus_beta2(_mm256_set1_ps(s.one_minus_beta2)),
-        bc2_sqrt(_mm256_set1_ps(s.bc2_sqrt)), eps(_mm256_set1_ps(s.eps)),
-        step_size(_mm256_set1_ps(s.step_size)),
+      : scalars(s),
         canonical_nan(_mm256_castsi256_ps(_mm256_set1_epi32(int(spec::kCanonicalNanBits)))),
         round_bias(_mm256_set1_epi32(0x7FFF)), one(_mm256_set1_epi32(1)),
         exponent(_mm256_set1_epi32(0x7F800000)) {}
@@ -237,11 +234,7 @@ struct Fast {
 
   // adamw_math<false>, eight lanes, NaNs as the arithmetic leaves them (canonicalize()).
   [[gnu::always_inline]] void math(__m256 g, __m256& w, __m256& m, __m256& v) const {
-    w = _mm256_sub_ps(w, _mm256_mul_ps(lr_wd, w));
-    m = _mm256_add_ps(_mm256_mul_ps(beta1, m), _mm256_mul_ps(one_minus_beta1, g));
-    v = _mm256_add_ps(_mm256_mul_ps(beta2, v), _mm256_mul_ps(_mm256_mul_ps(one_minus_beta2, g), g));
-    const __m256 denom = _mm256_add_ps(_mm256_div_ps(_mm256_sqrt_ps(v), bc2_sqrt), eps);
-    w = _mm256_sub_ps(w, _mm256_div_ps(_mm256_mul_ps(step_size, m), denom));
+    spec::adamw_math(g, scalars, w, m, v);
   }
 
   // Whether lane k of a or b is a NaN: bit k (a) or bit 8 + k (b); nonzero in rare groups.
@@ -423,15 +416,15 @@ void fast_then_spec(const int64_t* row, const CpuStep& a, int64_t begin, int64_t
                     Counts& counts) {
   const bool skip = a.found_inf != nullptr && *a.found_inf != 0.0f;
   int64_t done = begin;
-  if (row[kFreezeMask] == 0 && !skip) {
-    const float* r = a.scalars + 8 * row[kScalarRow];
+  if (row[kRow_freeze_mask] == 0 && !skip) {
+    const float* r = a.scalars + 8 * row[kRow_scalar_row];
     const Fast k(spec::StepScalars{r[0], r[1], r[2], r[3], r[4], r[5], r[6], r[7]});
-    FastTrack t{address<uint8_t>(row[kChangeBitmap]), address<uint8_t>(row[kCumulativeBitmap])};
+    FastTrack t{address<uint8_t>(row[kRow_change_bitmap]), address<uint8_t>(row[kRow_cumulative_bitmap])};
     using T = std::conditional_t<kBf16, uint16_t, float>;
-    T* param = address<T>(row[kParam]);
-    const T* grad = address<const T>(row[kGrad]);
-    T* exp_avg = address<T>(row[kExpAvg]);
-    T* exp_avg_sq = address<T>(row[kExpAvgSq]);
+    T* param = address<T>(row[kRow_param]);
+    const T* grad = address<const T>(row[kRow_grad]);
+    T* exp_avg = address<T>(row[kRow_exp_avg]);
+    T* exp_avg_sq = address<T>(row[kRow_exp_avg_sq]);
     if constexpr (kBf16) {
       done = fast_span_bf16<kTrack>(param, grad, exp_avg, exp_avg_sq, k, begin, end, t);
     } else {
@@ -491,8 +484,8 @@ constexpr std::array<SpanFns, sizeof...(kCodes)> span_table(std::integer_sequenc
 }
 
 // The loops of every layout code (nullptr: none), 96 of the 256 codes.
-constexpr std::array<SpanFns, kLayoutCount> kSpanFns =
-    span_table(std::make_integer_sequence<int, kLayoutCount>{});
+constexpr std::array<SpanFns, kLayoutCodes> kSpanFns =
+    span_table(std::make_integer_sequence<int, kLayoutCodes>{});
 
 struct WorkItem {
   int64_t tensor, begin, end;
@@ -501,19 +494,19 @@ struct WorkItem {
 }  // namespace
 
 bool RLVR_CPU_JOIN(step_, RLVR_CPU_ISA)(const CpuStep& a) {
-  const bool plain = a.grad_scale == nullptr && !a.maximize;
+  const bool plain = a.grad_scale == nullptr && !a.maximize && !a.l2_decay;
   std::vector<SpanFn> fns(static_cast<size_t>(a.num_tensors));
   std::vector<WorkItem> items;
   int64_t elements = 0;
   for (int64_t t = 0; t < a.num_tensors; ++t) {
-    const int64_t* row = a.rows + t * kCpuRowInt64s;
-    const int64_t layout = row[kLayout];
-    if (layout < 0 || layout >= kLayoutCount || kSpanFns[layout].plain == nullptr) return false;
+    const int64_t* row = a.rows + t * kRowInt64s;
+    const int64_t layout = row[kRow_layout] & (kLayoutCodes - 1);  // without alignment bits
+    if (layout < 0 || kSpanFns[layout].plain == nullptr) return false;
     fns[t] = plain ? kSpanFns[layout].plain : kSpanFns[layout].general;
-    for (int64_t begin = 0; begin < row[kNumel]; begin += kSpan) {
-      items.push_back({t, begin, std::min(begin + kSpan, row[kNumel])});
+    for (int64_t begin = 0; begin < row[kRow_numel]; begin += kSpan) {
+      items.push_back({t, begin, std::min(begin + kSpan, row[kRow_numel])});
     }
-    elements += row[kNumel];
+    elements += row[kRow_numel];
   }
   std::vector<int64_t> totals(static_cast<size_t>(3 * a.num_tensors), 0);
   const int64_t count = static_cast<int64_t>(items.size());
@@ -522,7 +515,7 @@ bool RLVR_CPU_JOIN(step_, RLVR_CPU_ISA)(const CpuStep& a) {
   for (int64_t k = 0; k < count; ++k) {
     const WorkItem& item = items[k];
     Counts c;
-    fns[item.tensor](a.rows + item.tensor * kCpuRowInt64s, a, item.begin, item.end, c);
+    fns[item.tensor](a.rows + item.tensor * kRowInt64s, a, item.begin, item.end, c);
     int64_t* total = totals.data() + 3 * item.tensor;
 #pragma omp atomic
     total[0] += c.changed;
@@ -532,7 +525,7 @@ bool RLVR_CPU_JOIN(step_, RLVR_CPU_ISA)(const CpuStep& a) {
     total[2] += c.nonfinite;
   }
   for (int64_t t = 0; t < a.num_tensors; ++t) {
-    int64_t* counters = address<int64_t>(a.rows[t * kCpuRowInt64s + kCounters]);
+    int64_t* counters = address<int64_t>(a.rows[t * kRowInt64s + kRow_counters]);
     if (counters != nullptr) std::copy_n(totals.data() + 3 * t, 3, counters);
   }
   return true;

@@ -549,6 +549,7 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
 
 def run(
     presets=("r1-distill-qwen-1.5b", "many-small"),
+    *,
     device: str | torch.device | None = None,
     steps: int = 15,
     warmup: int = 3,

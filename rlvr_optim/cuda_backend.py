@@ -13,21 +13,12 @@ the counters itself).
 
 The extension is ``rlvr_optim._C`` when setup.py built it (nvcc found at install time);
 otherwise it is compiled on first use with nvcc (and ninja when present) into a cache
-folder (``$RLVR_OPTIM_CACHE``, default ``~/.cache/rlvr_optim``), for the GPU at hand.
+folder, for the GPU at hand (:mod:`rlvr_optim.extensions`).
 Nothing here touches CUDA before :func:`adamw` is called with CUDA tensors.
 """
 
 from __future__ import annotations
 
-import hashlib
-import importlib.util
-import os
-import shutil
-import subprocess
-import sys
-import sysconfig
-from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 from types import ModuleType
 from typing import NamedTuple
 
@@ -35,177 +26,36 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from ._cpu_build import _ninja_path
-from .plan import Planner
+from .checks import FLOATS, Policy, check_tensors
+from .extensions import CUDA, NVCC_FLAGS as _NVCC_FLAGS
+from .extensions import cache_root as _cache_root
+from .extensions import nvcc as _nvcc
+from .operands import Operands, StepInputs, call_operands
+from .plan import PlannedCall, Planner
 from .reference import check_arguments
+from .table import ROW, ROW_FIELDS
 
-__all__ = ["adamw", "load_extension", "unavailable_reason"]
-
-# What this file expects of the extension (csrc/adamw_launch.h, csrc/binding.cu).
-ABI_VERSION = 3
-ROW_FIELDS = (
-    "param", "grad", "exp_avg", "exp_avg_sq", "max_exp_avg_sq", "master", "freeze_mask",
-    "change_bitmap", "cumulative_bitmap", "counters", "numel", "element_offset",
-    "scalar_row", "first_tile", "flags", "unused",
-)
-_COL = {name: i for i, name in enumerate(ROW_FIELDS)}
-_NVCC_FLAGS = ["-O3", "-std=c++17", "-fmad=false", "-Xcompiler", "-fPIC",
-               "-Xcompiler", "-fvisibility=hidden"]
-_FLOATS = (torch.float32, torch.bfloat16)
-
-_extension: ModuleType | None = None
+__all__ = ["adamw", "load_extension", "planner", "prepare", "unavailable_reason"]
 
 
 # ---------------------------------------------------------------------------------------
-# The extension: built by setup.py, or compiled here on first use.
+# The extension (rlvr_optim.extensions.CUDA).
 # ---------------------------------------------------------------------------------------
-
-
-def _source_dir() -> Path | None:
-    """csrc/ beside the package (installed as package data) or in the source checkout."""
-    here = Path(__file__).resolve().parent
-    for folder in (here / "csrc", here.parent / "csrc"):
-        if (folder / "binding.cu").is_file():
-            return folder
-    return None
-
-
-def _nvcc() -> str | None:
-    for home in (os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH")):
-        if home and (Path(home) / "bin" / "nvcc").is_file():
-            return str(Path(home) / "bin" / "nvcc")
-    return shutil.which("nvcc")
-
-
-def _cache_root() -> Path:
-    if os.environ.get("RLVR_OPTIM_CACHE"):
-        return Path(os.environ["RLVR_OPTIM_CACHE"])
-    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "rlvr_optim"
-
-
-def _usable(module: ModuleType) -> bool:
-    return (getattr(module, "ABI_VERSION", None) == ABI_VERSION
-            and tuple(getattr(module, "ROW_FIELDS", ())) == ROW_FIELDS)
-
-
-def _prebuilt() -> ModuleType | None:
-    """The extension built by setup.py, if there is one of this version."""
-    try:
-        from . import _C
-    except ImportError:
-        return None
-    return _C if _usable(_C) else None
-
-
-def _build_blockers() -> list[str]:
-    blockers = []
-    if _source_dir() is None:
-        blockers.append("the csrc/ sources are not installed with the package")
-    if _nvcc() is None:
-        blockers.append("nvcc is not on PATH (nor in $CUDA_HOME/bin)")
-    if importlib.util.find_spec("pybind11") is None:
-        blockers.append("pybind11 is not installed (pip install pybind11)")
-    return blockers
-
-
-def is_built() -> bool:
-    """Whether the extension is loaded or was built at install time (no compile needed)."""
-    return _extension is not None or _prebuilt() is not None
-
-
-def unavailable_reason() -> str | None:
-    """Why ``backend="cuda"`` cannot run here, or None when it can. Touches no GPU."""
-    if is_built():
-        return None
-    blockers = _build_blockers()
-    if not blockers:
-        return None
-    return ("rlvr_optim._C was not built at install time (no nvcc then) and cannot be "
-            f"compiled now: {'; '.join(blockers)}")
-
-
-def _compile(folder: Path, sources: list[Path], archs: list[str]) -> Path:
-    """Compile the extension into folder; returns the shared object."""
-    import pybind11
-
-    nvcc = _nvcc()
-    gencode = [f"-gencode=arch=compute_{a},code=sm_{a}" for a in archs]
-    flags = [*_NVCC_FLAGS, *gencode, f"-I{pybind11.get_include()}",
-             f"-I{sysconfig.get_paths()['include']}"]
-    target = folder / f"_C{sysconfig.get_config_var('EXT_SUFFIX')}"
-    objects = [folder / f"{src.stem}.o" for src in sources]
-    ninja = shutil.which("ninja")
-    if ninja is not None:
-        lines = [
-            "ninja_required_version = 1.3",
-            f"nvcc = {nvcc}",
-            f"flags = {' '.join(flags)}",
-            "rule cu",
-            "  command = $nvcc -c $flags $in -o $out",
-            "  description = nvcc $in",
-            "rule link",
-            "  command = $nvcc -shared $in -o $out",
-        ]
-        lines += [f"build {_ninja_path(o)}: cu {_ninja_path(s)}" for s, o in zip(sources, objects)]
-        lines.append(f"build {_ninja_path(target)}: link {' '.join(_ninja_path(o) for o in objects)}")
-        (folder / "build.ninja").write_text("\n".join(lines) + "\n")
-        subprocess.run([ninja, "-C", str(folder)], check=True)
-    else:
-        commands = [[nvcc, "-c", *flags, str(s), "-o", str(o)] for s, o in zip(sources, objects)]
-        with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
-            for result in pool.map(subprocess.run, commands):
-                if result.returncode != 0:
-                    raise RuntimeError(f"nvcc failed: {' '.join(result.args)}")
-        subprocess.run([nvcc, "-shared", *map(str, objects), "-o", str(target)], check=True)
-    return target
-
-
-def _build_and_import() -> ModuleType:
-    blockers = _build_blockers()
-    if blockers:
-        raise RuntimeError(
-            "backend 'cuda' needs the extension rlvr_optim._C, which was not built at install "
-            f"time and cannot be compiled now: {'; '.join(blockers)}. Reinstall with nvcc on "
-            "PATH (pip install -e . builds it), or use backend='triton' or 'reference'."
-        )
-    archs = os.environ.get("RLVR_OPTIM_CUDA_ARCHS")
-    if archs:
-        arch_list = [a.strip() for a in archs.replace(",", ";").split(";") if a.strip()]
-    else:
-        major, minor = torch.cuda.get_device_capability()
-        arch_list = [f"{major}{minor}"]
-    src = _source_dir()
-    sources = sorted(src.glob("*.cu"))
-    digest = hashlib.sha256()
-    for path in sorted([*sources, *src.glob("*.cuh"), *src.glob("*.h")]):
-        digest.update(path.name.encode() + b"\0" + path.read_bytes())
-    digest.update(repr((arch_list, _NVCC_FLAGS, sys.version_info[:2], _nvcc())).encode())
-    folder = _cache_root() / "cuda_ext" / digest.hexdigest()[:16]
-    folder.mkdir(parents=True, exist_ok=True)
-    import fcntl
-
-    with open(folder / ".lock", "w") as lock:  # one build per folder across processes
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        target = folder / f"_C{sysconfig.get_config_var('EXT_SUFFIX')}"
-        if not target.is_file():
-            print(f"rlvr_optim: compiling the CUDA extension for sm_{', sm_'.join(arch_list)} "
-                  f"into {folder} (first use only; about a minute)", file=sys.stderr, flush=True)
-            _compile(folder, sources, arch_list)
-            print("rlvr_optim: CUDA extension compiled", file=sys.stderr, flush=True)
-        spec = importlib.util.spec_from_file_location("rlvr_optim._C", target)
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
-    if not _usable(module):
-        raise RuntimeError(f"{target} does not match this rlvr_optim; delete {folder}")
-    return module
 
 
 def load_extension() -> ModuleType:
     """rlvr_optim._C, compiling it first if setup.py did not build it."""
-    global _extension
-    if _extension is None:
-        _extension = _prebuilt() or _build_and_import()
-    return _extension
+    return CUDA.load()
+
+
+def is_built() -> bool:
+    """Whether the extension is loaded or was built at install time (no compile needed)."""
+    return CUDA.is_built()
+
+
+def unavailable_reason() -> str | None:
+    """Why ``backend="cuda"`` cannot run here, or None when it can. Touches no GPU."""
+    return CUDA.unavailable_reason()
 
 
 # ---------------------------------------------------------------------------------------
@@ -213,22 +63,15 @@ def load_extension() -> ModuleType:
 # ---------------------------------------------------------------------------------------
 
 
-def _check(name: str, t: Tensor, dtypes: tuple, numel: int, device: torch.device) -> None:
-    if not isinstance(t, Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-    if t.dtype not in dtypes:
-        allowed = ", ".join(str(d) for d in dtypes)
-        raise TypeError(f"{name} has dtype {t.dtype}; the CUDA backend takes {allowed}")
-    if t.numel() != numel:
-        raise ValueError(f"{name} has {t.numel()} elements, expected {numel}")
-    if t.device != device:
-        raise ValueError(f"{name} is on {t.device}, its param on {device}; move it to {device}")
-    if not t.is_contiguous():
+def _check_device(i: int, param: Tensor) -> None:
+    if param.device.type != "cuda":
         raise ValueError(
-            f"{name} is not contiguous (shape {tuple(t.shape)}, stride {tuple(t.stride())}); "
-            "the CUDA backend needs contiguous tensors: pass t.contiguous() (and copy the "
-            "result back), or use backend='reference'"
+            f"params[{i}] is on {param.device}: the CUDA backend runs CUDA tensors only; use "
+            "backend='reference' (or 'auto') for CPU tensors"
         )
+
+
+_POLICY = Policy("CUDA", _check_device, strict=True)
 
 
 def _one_element(name: str, t, device: torch.device) -> Tensor:
@@ -263,23 +106,27 @@ def _address(t: Tensor | None) -> int:
     return 0 if t is None else t.data_ptr()
 
 
-def _build_table(ext: ModuleType, columns: dict[str, list[int]], numels: list[int],
+def _build_table(ext: ModuleType, columns: dict[str, np.ndarray], numels: np.ndarray,
                  device: torch.device) -> _Table:
-    """The device table of one group (layout in csrc/adamw_launch.h)."""
+    """The device table of one group (layout in csrc/adamw_launch.h): the planner's
+    columns as rows of csrc/step_table.h, a sentinel row, the counter workspace and
+    ticket (zero), and each tile's tensor row."""
     count = len(numels)
     rows = np.zeros((count + 1, len(ROW_FIELDS)), dtype=np.int64)
     for name, values in columns.items():
-        rows[:count, _COL[name]] = values
+        if name in ROW:
+            rows[:count, ROW[name]] = values
     numel = np.asarray(numels, dtype=np.int64)
     tiles = -(-numel // ext.TILE_ELEMENTS)
     first_tile = np.concatenate([[0], np.cumsum(tiles)])
-    rows[:, _COL["first_tile"]] = first_tile
-    element_arrays = rows[:count, [_COL[k] for k in
-                                   ("param", "grad", "exp_avg", "exp_avg_sq", "max_exp_avg_sq", "master")]]
-    bitmaps = rows[:count, [_COL[k] for k in ("freeze_mask", "change_bitmap", "cumulative_bitmap")]]
-    rows[:count, _COL["flags"]] = (
-        np.where((element_arrays % 16 == 0).all(axis=1), ext.ROW_VECTOR_ALIGNED, 0)
-        | np.where((bitmaps % 8 == 0).all(axis=1), ext.ROW_BITMAP_ALIGNED, 0)
+    rows[:, ROW["first_tile"]] = first_tile
+    element_arrays = rows[:count, [ROW[k] for k in ("param", "grad", "exp_avg", "exp_avg_sq",
+                                                     "max_exp_avg_sq", "master")]]
+    bitmaps = rows[:count, [ROW[k] for k in ("freeze_mask", "change_bitmap",
+                                              "cumulative_bitmap")]]
+    rows[:count, ROW["layout"]] = (
+        np.where((element_arrays % 16 == 0).all(axis=1), ext.LAYOUT_VECTOR_ALIGNED, 0)
+        | np.where((bitmaps % 8 == 0).all(axis=1), ext.LAYOUT_BITMAP_ALIGNED, 0)
     )
     total_tiles = int(first_tile[-1])
     buffer = np.zeros(ext.table_int64s(count, total_tiles), dtype=np.int64)  # workspace, ticket 0
@@ -288,7 +135,7 @@ def _build_table(ext: ModuleType, columns: dict[str, list[int]], numels: list[in
     start = 2 * ext.tile_tensor_offset(count)
     buffer.view(np.int32)[start: start + total_tiles] = np.repeat(
         np.arange(count, dtype=np.int32), tiles)
-    counters = bool(np.any(rows[:count, _COL["counters"]] != 0))
+    counters = bool(np.any(rows[:count, ROW["counters"]] != 0))
     return _Table(torch.from_numpy(buffer).to(device), count, total_tiles, counters)
 
 
@@ -299,30 +146,20 @@ class _Launch(NamedTuple):
 
 
 def _encode(group, options: tuple) -> _Launch:
-    """A planner group as a ``TensorRow`` table (planner callback): the planner's columns
-    under the names of ``ROW_FIELDS`` (one "master" column holds the fp32 master or the
-    remainder, whichever the tensor has)."""
-    c = group.columns
-    columns = {name: c[name] for name in ("param", "grad", "exp_avg", "exp_avg_sq",
-                                          "max_exp_avg_sq", "freeze_mask", "change_bitmap",
-                                          "cumulative_bitmap", "numel", "element_offset")}
-    columns["master"] = np.where(c["master"] != 0, c["master"], c["remainder"])
-    columns["counters"] = c["counter"]
-    columns["scalar_row"] = c["row"]
-    table = _build_table(load_extension(), columns, c["numel"], group.device)
+    """A planner group as a table of ``TensorRow`` s (planner callback)."""
+    table = _build_table(load_extension(), group.columns, group.columns["numel"], group.device)
     return _Launch(group.key, group.device, table)
 
 
-def _static_key(ops: tuple, offset: int, options: tuple) -> tuple:
+def _static_key(ops: Operands, offset: int, options: tuple) -> tuple:
     """A tensor's layout but its grad's dtype (planner callback)."""
-    param, _, exp_avg, exp_avg_sq, vmax, master, remainder = ops[:7]
-    form = 1 if master is not None else 2 if remainder is not None else 0
-    return (param.dtype, exp_avg.dtype, exp_avg_sq.dtype,
-            None if vmax is None else vmax.dtype, form)
+    form = 1 if ops.master is not None else 2 if ops.remainder is not None else 0
+    return (ops.param.dtype, ops.exp_avg.dtype, ops.exp_avg_sq.dtype,
+            None if ops.max_exp_avg_sq is None else ops.max_exp_avg_sq.dtype, form)
 
 
 def _group_key(static: tuple, grad_dtype: torch.dtype, grad_address: int) -> tuple:
-    """The launch layout (planner callback); alignment is per row, in the table's flags."""
+    """The launch layout (planner callback); alignment is per row, in its layout field."""
     return (static[0], grad_dtype, *static[1:])
 
 
@@ -354,10 +191,11 @@ def adamw(
     element_offsets: list[int] | None = None,
     amsgrad: bool = False,
     maximize: bool = False,
+    decoupled_weight_decay: bool = True,
     grad_scale: Tensor | None = None,
     found_inf: Tensor | None = None,
 ) -> None:
-    """One AdamW step over a list of CUDA tensors, in place, one launch per dtype layout.
+    """One Adam step over a list of CUDA tensors, in place, one launch per dtype layout.
 
     Arguments and results as :func:`rlvr_optim.reference.adamw`. Every tensor is
     contiguous and on its param's GPU; params and states are float32 or bfloat16 (a
@@ -367,19 +205,42 @@ def adamw(
     and grads are recognized by identity alone, so give a state new storage as a new
     tensor object, never by assigning its ``.data`` between calls.
     """
-    check_arguments(params, scalars=scalars, max_exp_avg_sqs=max_exp_avg_sqs, masters=masters,
-                    remainders=remainders, rounding=rounding, sr_keys=sr_keys, amsgrad=amsgrad)
-    n = len(params)
-    if n == 0:
+    ops = call_operands(params, exp_avgs, exp_avg_sqs, max_exp_avg_sqs=max_exp_avg_sqs,
+                        masters=masters, remainders=remainders, freeze_masks=freeze_masks,
+                        change_bitmaps=change_bitmaps, cumulative_bitmaps=cumulative_bitmaps,
+                        counters=counters, amsgrad=amsgrad)
+    check_arguments(ops, scalars=scalars, rounding=rounding, sr_keys=sr_keys, amsgrad=amsgrad)
+    if not params:
         return
-    stochastic = rounding == "stochastic"
-    offsets = element_offsets if element_offsets is not None else [0] * n
-    statics = (params, exp_avgs, exp_avg_sqs, max_exp_avg_sqs if amsgrad else None, masters,
-               remainders, freeze_masks, change_bitmaps, cumulative_bitmaps, counters)
-    launches = planner.launches(statics, grads, offsets, ())
-    ext = load_extension()
-    track = change_bitmaps is not None or cumulative_bitmaps is not None or counters is not None
+    offsets = element_offsets if element_offsets is not None else [0] * len(params)
+    launches = planner.launches(ops, grads, offsets, ())
+    keys = sr_keys if rounding == "stochastic" else None
+    _run(launches, _tracks(ops), StepInputs(scalars, keys, maximize, decoupled_weight_decay,
+                                            grad_scale, found_inf))
 
+
+def _tracks(ops: Operands) -> bool:
+    return any(x is not None for x in (ops.change_bitmap, ops.cumulative_bitmap, ops.counter))
+
+
+def prepare(ops: Operands, *, element_offsets=None, rounding: str = "nearest",
+            amsgrad: bool = False) -> PlannedCall:
+    """:func:`adamw` over ``ops`` as a call ``(grads, StepInputs)`` kept by its caller:
+    checked when it first runs, then a pass over the grads per step
+    (:class:`rlvr_optim.plan.PlannedCall`)."""
+    offsets = [0] * ops.count if element_offsets is None else list(element_offsets)
+    track = _tracks(ops)
+
+    def run(launches, statics, offsets, grads, x: StepInputs) -> None:
+        _run(launches, track, x if rounding == "stochastic" else x._replace(sr_keys=None))
+
+    return PlannedCall(planner, run, ops, offsets, ())
+
+
+def _run(launches: list, track: bool, x: StepInputs) -> None:
+    """One kernel launch per planned launch (a table of one layout)."""
+    ext = load_extension()
+    stochastic = x.sr_keys is not None
     operands: dict[torch.device, tuple] = {}
     bf16 = torch.bfloat16
     for launch in launches:
@@ -392,89 +253,33 @@ def adamw(
         else:
             store = (2 if form == 1 else 0) + (1 if stochastic else 0)
         variant = ext.variant(store, param_dtype == bf16, grad_dtype == bf16, state_dtype == bf16,
-                              vmax_dtype is not None, track, grad_scale is not None)
+                              vmax_dtype is not None, track, x.grad_scale is not None,
+                              not x.decoupled_weight_decay)
         if device not in operands:  # on the device; the kernel reads them there
             operands[device] = (
-                scalars.to(device).contiguous(),
-                sr_keys.to(device).contiguous() if stochastic else None,
-                _one_element("grad_scale", grad_scale, device).to(torch.float32)
-                if grad_scale is not None else None,
-                _found_inf_operand(found_inf, device) if found_inf is not None else None,
+                x.scalars.to(device).contiguous(),
+                x.sr_keys.to(device).contiguous() if stochastic else None,
+                _one_element("grad_scale", x.grad_scale, device).to(torch.float32)
+                if x.grad_scale is not None else None,
+                _found_inf_operand(x.found_inf, device) if x.found_inf is not None else None,
             )
         scalars_dev, keys_dev, scale, skip = operands[device]
         table = launch.table
         ext.launch_adamw(
             variant, table.buffer.data_ptr(), table.num_tensors, table.total_tiles,
             table.counters, scalars_dev.data_ptr(), _address(keys_dev), _address(scale),
-            _address(skip), bool(maximize), device.index, _stream(device),
+            _address(skip), bool(x.maximize), device.index, _stream(device),
         )
-
-
-def _require_cuda(params: list[Tensor]) -> None:
-    for i, p in enumerate(params):
-        if not isinstance(p, Tensor) or p.device.type != "cuda":
-            where = p.device if isinstance(p, Tensor) else type(p).__name__
-            raise ValueError(
-                f"params[{i}] is on {where}: the CUDA backend runs CUDA tensors only; use "
-                "backend='reference' (or 'auto') for CPU tensors"
-            )
 
 
 def _stream(device: torch.device) -> int:
     return torch.cuda.current_stream(device).cuda_stream
 
 
-def _check_call(statics, grads, offsets, options) -> None:
+def _check_call(statics: Operands, grads, offsets, options) -> None:
     """Every check (planner callback): CUDA tensors, dtypes, sizes, devices, contiguity."""
-    (params, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, masters, remainders, freeze_masks,
-     change_bitmaps, cumulative_bitmaps, counters) = statics
-    _require_cuda(params)
-    optional = {
-        "max_exp_avg_sq": max_exp_avg_sqs,
-        "master": masters if masters is not None else remainders,
-        "freeze_mask": freeze_masks,
-        "change_bitmap": change_bitmaps,
-        "cumulative_bitmap": cumulative_bitmaps,
-        "counters": counters,
-    }
-    _check_tensors(params, grads, exp_avgs, exp_avg_sqs, optional, offsets, masters is not None)
+    check_tensors(statics, grads, offsets, _POLICY)
 
 
-def _check_tensors(params, grads, exp_avgs, exp_avg_sqs, optional, offsets, fp32_masters):
-    """Every per-tensor check: dtypes, sizes, devices, contiguity, options."""
-    for i, p in enumerate(params):
-        device = p.device
-        numel = p.numel()
-        nbytes = (numel + 7) // 8
-        _check(f"params[{i}]", p, _FLOATS, numel, device)
-        _check(f"grads[{i}]", grads[i], _FLOATS, numel, device)
-        _check(f"exp_avgs[{i}]", exp_avgs[i], _FLOATS, numel, device)
-        states = [(f"exp_avg_sqs[{i}]", exp_avg_sqs[i])]
-        if optional["max_exp_avg_sq"] is not None and optional["max_exp_avg_sq"][i] is not None:
-            states.append((f"max_exp_avg_sqs[{i}]", optional["max_exp_avg_sq"][i]))
-        for name, state in states:
-            _check(name, state, _FLOATS, numel, device)
-            if state.dtype != exp_avgs[i].dtype:
-                raise TypeError(
-                    f"{name} has dtype {state.dtype} but exp_avgs[{i}] {exp_avgs[i].dtype}: the "
-                    "CUDA backend needs one state dtype per tensor (rlvr_optim.AdamW keeps them "
-                    "equal); cast the states, or use backend='triton' or 'reference'"
-                )
-        master = optional["master"][i] if optional["master"] is not None else None
-        if master is not None:
-            kind = "masters" if fp32_masters else "remainders"
-            dtype = torch.float32 if fp32_masters else torch.int16
-            _check(f"{kind}[{i}]", master, (dtype,), numel, device)
-        for name in ("freeze_mask", "change_bitmap", "cumulative_bitmap"):
-            bitmap = optional[name][i] if optional[name] is not None else None
-            if bitmap is not None:
-                _check(f"{name}s[{i}]", bitmap, (torch.uint8,), nbytes, device)
-        counter = optional["counters"][i] if optional["counters"] is not None else None
-        if counter is not None:
-            _check(f"counters[{i}]", counter, (torch.int64,), 3, device)
-        if not 0 <= offsets[i] <= 2**63 - 1 - numel:
-            raise ValueError(f"element_offsets[{i}] must be >= 0 and fit in int64, got {offsets[i]}")
-
-
-planner = Planner(_check_call, _static_key, _group_key, _encode, frozenset(_FLOATS), _capturing)
+planner = Planner(_check_call, _static_key, _group_key, _encode, frozenset(FLOATS), _capturing)
 """The CUDA backend's kept calls and tables (:class:`rlvr_optim.plan.Planner`)."""

@@ -423,11 +423,12 @@ def refuse_folder_over_inputs(option: str, folder: PathLike, names: Iterable[str
 
 
 @contextlib.contextmanager
-def folder_lock(folder: PathLike) -> Iterator[None]:
+def folder_lock(folder: PathLike, *, wait: bool = False) -> Iterator[None]:
     """Hold an exclusive lock on ``folder`` (its ``.lock`` file) for the block.
 
-    Raises :class:`InputError` at once if another process holds it. The folder is created
-    if missing.
+    Raises :class:`InputError` at once if another process holds it, or with ``wait=True``
+    waits for it (a first-use extension build another process is running). The folder is
+    created if missing.
     """
     import fcntl  # noqa: PLC0415 - POSIX only; imported where a lock is taken
 
@@ -435,7 +436,7 @@ def folder_lock(folder: PathLike) -> Iterator[None]:
     os.makedirs(folder, exist_ok=True)
     with open(os.path.join(folder, ".lock"), "a+") as lock:
         try:
-            fcntl.flock(lock.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+            fcntl.flock(lock.fileno(), fcntl.LOCK_EX if wait else fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError as exc:
             if exc.errno in (errno.EAGAIN, errno.EACCES):
                 raise InputError(f"{folder} is being written by another rlvr-optim process; "

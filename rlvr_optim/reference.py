@@ -7,14 +7,15 @@ Per step t (1-based) the host side computes, in float64, rounded once to fp32
 (:func:`step_scalars`)::
 
     step_size = lr / (1 - beta1**t)      bc2_sqrt = sqrt(1 - beta2**t)
-    lr_wd     = lr * weight_decay        1 - beta1, 1 - beta2
+    decay     = 1 - lr * weight_decay    1 - beta1, 1 - beta2
 
 Per element, every operation is one correctly rounded fp32 operation (no fused
-multiply-add), in this order, which is the order of torch's fused AdamW::
+multiply-add), in this order, which is the order of torch's fused AdamW (the weight decay
+as its for-loop, foreach and CPU fused code apply it, see below)::
 
     g  = fp32(grad)            (g = g / grad_scale if given; g = -g if maximize)
     w  = master, or fp32(param), or the fp32 rebuilt from bf16 param + int16 remainder
-    w  = w - lr_wd * w
+    w  = w * decay             (AdamW; Adam: g = g + weight_decay * w instead)
     m  = beta1 * m + (1 - beta1) * g
     v  = beta2 * v + (1 - beta2) * g * g
     vmax = max(vmax, v)        (amsgrad only; the denominator then uses vmax)
@@ -23,6 +24,16 @@ multiply-add), in this order, which is the order of torch's fused AdamW::
 The square root is taken in float64 and rounded to fp32: CPU ``torch.sqrt`` in fp32 is
 not correctly rounded, while a float64 result rounded to fp32 is (53 >= 2 * 24 + 2 bits,
 so the double rounding is innocuous for +, -, *, / and sqrt).
+
+Weight decay multiplies w by ``decay = fp32(1 - lr * weight_decay)``, as
+``torch.optim.AdamW``'s for-loop and foreach code (``param.mul_(1 - lr * weight_decay)``)
+and its CPU fused kernel do. Rounding that factor to fp32 moves the decay by up to 3e-8
+of w per step (lr * weight_decay = 1e-5: 0.3% of the decay), and every torch path but the
+CUDA fused one, which decays in float64, does it. Decaying exactly instead (``w - lr_wd *
+w``, this package's order before) drifted from all three CPU paths by 2.2e-5 after 100
+fp32 steps of lr 1e-3, weight decay 1e-2 (2994 of 3119 elements differ), against 4.8e-7
+with this order, the same as with weight decay 0 (docs/numerics.md). With weight decay 0
+the factor is 1 and w is unchanged, infinities and -0 included, as torch skips the decay.
 
 Storing. States go back in their own dtype (fp32, or bf16 by round-to-nearest-even).
 A bf16 param is stored by round-to-nearest-even (``rounding="nearest"``) or by
@@ -78,10 +89,14 @@ step on the device (nothing is written but the counters), like torch's fused Ada
 
 from __future__ import annotations
 
+from typing import Callable, NamedTuple
+
 import torch
 from torch import Tensor
 
 from .bitmaps import pack, unpack
+from .operands import Operands, StepInputs, call_operands
+from .table import COUNTER_NAMES
 
 __all__ = [
     "COUNTER_NAMES",
@@ -89,7 +104,11 @@ __all__ = [
     "bf16_bits_to_fp32",
     "bf16_from_bits",
     "bf16_to_bits",
+    "adamw_math",
     "check_arguments",
+    "check_master_params",
+    "load_weight",
+    "store_and_flag",
     "fp32_bits",
     "fp32_from_bits",
     "fp32_to_bf16_bits_nearest",
@@ -104,11 +123,10 @@ __all__ = [
 
 MASK32 = 0xFFFFFFFF
 CANONICAL_NAN_BITS = 0x7FC00000
-COUNTER_NAMES = ("bf16_changed", "fp32_moved", "nonfinite_grads")
 SCALAR_COLUMNS = (
     "step_size",
     "bc2_sqrt",
-    "lr_wd",
+    "decay",
     "beta1",
     "one_minus_beta1",
     "beta2",
@@ -282,6 +300,8 @@ def step_scalars(
     beta2: float,
     weight_decay: float,
     eps: float,
+    *,
+    decoupled_weight_decay: bool = True,
 ) -> Tensor:
     """The per-tensor fp32 scalars of one step, computed in float64 and rounded once.
 
@@ -289,6 +309,8 @@ def step_scalars(
         steps: tensor [n] of 1-based step counts; the result lives on its device.
         lr, beta1, beta2, weight_decay, eps: the group's hyperparameters (lr may be a
             one-element tensor).
+        decoupled_weight_decay: True (AdamW): the ``decay`` column is ``1 - lr *
+            weight_decay``; False (Adam's L2 term): it is ``weight_decay``.
 
     Returns a float32 tensor [n, 8] whose columns are :data:`SCALAR_COLUMNS`.
     """
@@ -305,16 +327,20 @@ def step_scalars(
         lr64 = const(lr)
     step_size = lr64 / (1.0 - torch.pow(const(beta1), t))
     bc2_sqrt = torch.sqrt(1.0 - torch.pow(const(beta2), t))
-    lr_wd = (lr64 * float(weight_decay)).expand_as(t)
+    if decoupled_weight_decay:
+        decay = (1.0 - lr64 * float(weight_decay)).expand_as(t)
+    else:
+        decay = const(weight_decay).expand_as(t)
     constants = torch.stack(
         [const(beta1), const(1.0 - float(beta1)), const(beta2), const(1.0 - float(beta2)),
          const(eps)]
     ).expand(t.numel(), 5)
-    return torch.cat([torch.stack([step_size, bc2_sqrt, lr_wd], dim=1), constants], dim=1).float()
+    return torch.cat([torch.stack([step_size, bc2_sqrt, decay], dim=1), constants], dim=1).float()
 
 
 # ---------------------------------------------------------------------------------------
-# The step.
+# The step of one tensor, in three stages: load_weight, the optimizer's math (adamw_math),
+# store_and_flag. csrc/adamw_element.cuh and triton_kernels/adamw.py have the same three.
 # ---------------------------------------------------------------------------------------
 
 
@@ -341,34 +367,177 @@ def _store_state(dst: Tensor, value: Tensor, keep: Tensor) -> None:
         _write(dst, torch.where(keep, dst.reshape(-1), value))
 
 
-def check_arguments(
-    params: list[Tensor],
-    *,
-    scalars: Tensor,
-    max_exp_avg_sqs: list[Tensor] | None,
-    masters: list[Tensor | None] | None,
-    remainders: list[Tensor | None] | None,
-    rounding: str,
-    sr_keys: Tensor | None,
-    amsgrad: bool,
-) -> None:
-    """The call-level checks every backend's ``adamw`` makes before touching a tensor."""
-    n = len(params)
+class Weight(NamedTuple):
+    """A param's weight as :func:`load_weight` reads it (flat tensors)."""
+
+    image: Tensor  # the stored bf16 pattern (fp32 params: their nearest-even image), int64
+    value: Tensor  # the fp32 weight w
+    remainder: Tensor | None  # the int16 remainder as int64 (remainder form only)
+
+
+class Moments(NamedTuple):
+    """What :func:`adamw_math` returns: the new weight and states, fp32 (flat)."""
+
+    w: Tensor
+    m: Tensor
+    v: Tensor
+    vmax: Tensor | None  # amsgrad only
+
+
+def load_weight(param: Tensor, master: Tensor | None, remainder: Tensor | None) -> Weight:
+    """Stage 1: the fp32 weight before the step (from the master, the param and its
+    remainder, or the param) and the stored bf16 pattern it is compared with after it."""
+    if param.dtype == torch.bfloat16:
+        image = bf16_to_bits(param).reshape(-1)
+    else:
+        image = fp32_to_bf16_bits_nearest(fp32_bits(param).reshape(-1))
+    rem = None
+    if master is not None:
+        w = master.reshape(-1).clone()
+    elif remainder is not None:
+        rem = remainder.reshape(-1).to(torch.int64)
+        w = fp32_from_bits(join_remainder(image, rem))
+    elif param.dtype == torch.bfloat16:
+        w = bf16_bits_to_fp32(image)
+    else:
+        w = param.reshape(-1).clone()
+    return Weight(image, w, rem)
+
+
+def unscaled_grad(grad: Tensor, grad_scale: Tensor | None, maximize: bool) -> Tensor:
+    """The fp32 gradient the math sees: divided by ``grad_scale`` if given, negated under
+    ``maximize``."""
+    g = grad.reshape(-1).float()
+    if grad_scale is not None:
+        g = g / grad_scale.to(device=g.device, dtype=torch.float32).reshape(())
+    return -g if maximize else g
+
+
+def adamw_math(g: Tensor, w: Tensor, m: Tensor, v: Tensor, vmax: Tensor | None,
+               s: Tensor, decoupled: bool = True) -> Moments:
+    """Stage 2, the optimizer's math: one Adam step of fp32 values, each operation one
+    correctly rounded fp32 operation, in the order of torch's fused Adam; computed NaNs
+    canonical. ``s``: the tensor's row of :func:`step_scalars`; ``vmax`` only with amsgrad.
+    ``decoupled`` (AdamW): the weight decays by the ``decay`` column; else (Adam's L2 term)
+    ``decay`` times the weight is added to the gradient."""
+    step_size, bc2_sqrt, decay, beta1, omb1, beta2, omb2, eps = s.unbind()
+    if decoupled:
+        w = w * decay
+    else:
+        g = g + decay * w
+    m = _canonical_nan(beta1 * m + omb1 * g)
+    v = _canonical_nan(beta2 * v + omb2 * g * g)
+    if vmax is not None:
+        vmax = _canonical_nan(torch.maximum(vmax, v))
+        denom = _sqrt_rn(vmax) / bc2_sqrt + eps
+    else:
+        denom = _sqrt_rn(v) / bc2_sqrt + eps
+    w = _canonical_nan(w - step_size * m / denom)
+    return Moments(w, m, v, vmax)
+
+
+def store_weight(param: Tensor, w_bits: Tensor, remainder: bool,
+                 random16: Tensor | None) -> tuple[Tensor, Tensor | None]:
+    """The stored pattern of a new weight (fp32 bits ``w_bits``) in ``param``'s storage:
+    (bf16 image of it, remainder or None). fp32 params store w exactly (their image is the
+    nearest-even bf16); bf16 params round to nearest even, stochastically with
+    ``random16``, or split off the remainder. The one place that knows a storage format."""
+    if param.dtype != torch.bfloat16:
+        return fp32_to_bf16_bits_nearest(w_bits), None
+    if remainder:
+        return split_remainder(w_bits)
+    if random16 is not None:
+        return fp32_to_bf16_bits_stochastic(w_bits, random16), None
+    return fp32_to_bf16_bits_nearest(w_bits), None
+
+
+def store_and_flag(t: Operands, before: Weight, after: Moments, g: Tensor, train: Tensor,
+                   keep: Tensor, random16: Tensor | None) -> None:
+    """Stage 3: store the step's results into tensor ``t``'s operands (elements in ``keep``
+    keep their bits) and write its change bitmaps and counters."""
+    w_bits = fp32_bits(after.w)
+    image, rem_new = store_weight(t.param, w_bits, t.remainder is not None, random16)
+    changed = (image != before.image) & ~keep
+    moved = (w_bits != fp32_bits(before.value)) & ~keep
+    nonfinite = ~torch.isfinite(g) & train
+
+    _store_state(t.exp_avg, after.m, keep)
+    _store_state(t.exp_avg_sq, after.v, keep)
+    if t.max_exp_avg_sq is not None:
+        _store_state(t.max_exp_avg_sq, after.vmax, keep)
+    if t.master is not None:
+        _write(t.master, torch.where(keep, before.value, after.w))
+    if t.remainder is not None:
+        _write(t.remainder, torch.where(keep, before.remainder, rem_new).to(torch.int16))
+    if t.param.dtype == torch.bfloat16:
+        _write(t.param, bf16_from_bits(torch.where(keep, before.image, image)))
+    else:
+        _write(t.param, torch.where(keep, before.value, after.w))
+
+    if t.change_bitmap is not None:
+        t.change_bitmap.copy_(pack(changed))
+    if t.cumulative_bitmap is not None:
+        t.cumulative_bitmap.bitwise_or_(pack(changed))
+    if t.counter is not None:
+        t.counter.copy_(torch.stack([changed.sum(), moved.sum(), nonfinite.sum()]))
+
+
+class TensorStep(NamedTuple):
+    """What one tensor's step reads besides its operands and gradient."""
+
+    scalars: Tensor  # its row of step_scalars
+    sr_key: Tensor | None  # its row of stochastic_rounding_keys (stochastic rounding only)
+    element_offset: int
+    maximize: bool
+    decoupled_weight_decay: bool
+    grad_scale: Tensor | None
+    found_inf: Tensor | None
+
+
+def step_tensor(t: Operands, grad: Tensor, x: TensorStep) -> None:
+    """One tensor's step: which elements are updated, then the three stages."""
+    numel = t.param.numel()
+    device = t.param.device
+    train = torch.ones(numel, dtype=torch.bool, device=device)
+    if t.freeze_mask is not None:
+        train = unpack(t.freeze_mask, numel)
+    skip = torch.zeros((), dtype=torch.bool, device=device)
+    if x.found_inf is not None:
+        skip = x.found_inf.to(device).reshape(()) != 0
+    keep = ~train | skip
+
+    g = unscaled_grad(grad, x.grad_scale, x.maximize)
+    before = load_weight(t.param, t.master, t.remainder)
+    vmax = None if t.max_exp_avg_sq is None else t.max_exp_avg_sq.reshape(-1).float()
+    after = adamw_math(g, before.value, t.exp_avg.reshape(-1).float(),
+                       t.exp_avg_sq.reshape(-1).float(), vmax, x.scalars.to(device),
+                       x.decoupled_weight_decay)
+    random16 = None
+    if x.sr_key is not None and t.param.dtype == torch.bfloat16 and t.remainder is None:
+        random16 = _random16(x.sr_key.to(device), x.element_offset, numel, device)
+    store_and_flag(t, before, after, g, train, keep, random16)
+
+
+# ---------------------------------------------------------------------------------------
+# The call.
+# ---------------------------------------------------------------------------------------
+
+
+def check_arguments(ops: Operands, *, scalars: Tensor, rounding: str, sr_keys: Tensor | None,
+                    amsgrad: bool) -> None:
+    """The call-level checks every backend's ``adamw`` makes before touching a tensor (no
+    pass over the tensors: the backends check those once per plan)."""
+    n = ops.count
     if rounding not in ("nearest", "stochastic"):
         raise ValueError(f"rounding must be 'nearest' or 'stochastic', got {rounding!r}")
     if rounding == "stochastic" and sr_keys is None:
         raise ValueError("stochastic rounding needs sr_keys")
-    if masters is not None and remainders is not None:
+    if ops.master is not None and ops.remainder is not None:
         raise ValueError("pass masters or remainders, not both")
-    if remainders is not None and rounding != "nearest":
+    if ops.remainder is not None and rounding != "nearest":
         raise ValueError("the remainder form stores its bf16 half by nearest rounding only")
-    if amsgrad and max_exp_avg_sqs is None:
+    if amsgrad and ops.max_exp_avg_sq is None:
         raise ValueError("amsgrad needs max_exp_avg_sqs")
-    for kind, extras in (("masters", masters), ("remainders", remainders)):
-        for i, extra in enumerate(extras or ()):
-            if extra is not None and params[i].dtype != torch.bfloat16:
-                raise ValueError(f"{kind}[{i}] is given for a {params[i].dtype} param; "
-                                 "master weights and remainders need bf16 params")
     if not isinstance(scalars, Tensor) or scalars.dtype != torch.float32 or scalars.dim() != 2 \
             or scalars.shape[0] < n or scalars.shape[1] != len(SCALAR_COLUMNS):
         got = (scalars.dtype, tuple(scalars.shape)) if isinstance(scalars, Tensor) else scalars
@@ -385,6 +554,15 @@ def check_arguments(
             f"sr_keys must be an int64 [{n}, 2] tensor from "
             f"rlvr_optim.reference.stochastic_rounding_keys, got {got}"
         )
+
+
+def check_master_params(ops: Operands) -> None:
+    """Masters and remainders are given for bf16 params only (a per-tensor check)."""
+    for kind, extras in (("masters", ops.master), ("remainders", ops.remainder)):
+        for i, extra in enumerate(extras or ()):
+            if extra is not None and ops.param[i].dtype != torch.bfloat16:
+                raise ValueError(f"{kind}[{i}] is given for a {ops.param[i].dtype} param; "
+                                 "master weights and remainders need bf16 params")
 
 
 def adamw(
@@ -406,10 +584,11 @@ def adamw(
     element_offsets: list[int] | None = None,
     amsgrad: bool = False,
     maximize: bool = False,
+    decoupled_weight_decay: bool = True,
     grad_scale: Tensor | None = None,
     found_inf: Tensor | None = None,
 ) -> None:
-    """One AdamW step over a list of tensors, in place; the specification of every backend.
+    """One Adam step over a list of tensors, in place; the specification of every backend.
 
     Args:
         params: fp32 or bf16 tensors, updated in place.
@@ -430,116 +609,43 @@ def adamw(
         sr_keys: int64 [n, 2] keys from :func:`stochastic_rounding_keys` (stochastic only).
         element_offsets: global index of each tensor's element 0 (default 0).
         amsgrad, maximize: as in torch.optim.AdamW.
+        decoupled_weight_decay: True (AdamW): the weight decays by the scalars' ``decay``
+            column; False (torch's Adam with a nonzero weight decay): ``decay`` times the
+            weight is added to the gradient (see :func:`step_scalars`).
         grad_scale: optional one-element tensor dividing the gradients.
         found_inf: optional one-element tensor; nonzero skips the step.
     """
-    check_arguments(params, scalars=scalars, max_exp_avg_sqs=max_exp_avg_sqs, masters=masters,
-                    remainders=remainders, rounding=rounding, sr_keys=sr_keys, amsgrad=amsgrad)
-    for i, param in enumerate(params):
-        _step_one(
-            param,
-            grads[i],
-            exp_avgs[i],
-            exp_avg_sqs[i],
-            max_exp_avg_sqs[i] if amsgrad else None,
-            masters[i] if masters is not None else None,
-            remainders[i] if remainders is not None else None,
-            freeze_masks[i] if freeze_masks is not None else None,
-            change_bitmaps[i] if change_bitmaps is not None else None,
-            cumulative_bitmaps[i] if cumulative_bitmaps is not None else None,
-            counters[i] if counters is not None else None,
-            scalars[i],
-            sr_keys[i] if rounding == "stochastic" else None,
+    ops = call_operands(params, exp_avgs, exp_avg_sqs, max_exp_avg_sqs=max_exp_avg_sqs,
+                        masters=masters, remainders=remainders, freeze_masks=freeze_masks,
+                        change_bitmaps=change_bitmaps, cumulative_bitmaps=cumulative_bitmaps,
+                        counters=counters, amsgrad=amsgrad)
+    check_arguments(ops, scalars=scalars, rounding=rounding, sr_keys=sr_keys, amsgrad=amsgrad)
+    check_master_params(ops)
+    keys = sr_keys if rounding == "stochastic" else None
+    run(ops, grads, element_offsets,
+        StepInputs(scalars, keys, maximize, decoupled_weight_decay, grad_scale, found_inf))
+
+
+def run(ops: Operands, grads, element_offsets, x: StepInputs) -> None:
+    """The step of a checked call, tensor by tensor."""
+    for i in range(ops.count):
+        step_tensor(ops.at(i), grads[i], TensorStep(
+            x.scalars[i], x.sr_keys[i] if x.sr_keys is not None else None,
             element_offsets[i] if element_offsets is not None else 0,
-            maximize,
-            grad_scale,
-            found_inf,
-        )
+            x.maximize, x.decoupled_weight_decay, x.grad_scale, x.found_inf))
 
 
-def _step_one(
-    param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, master, remainder, freeze_mask,
-    change_bitmap, cumulative_bitmap, counter, s, sr_key, element_offset, maximize,
-    grad_scale, found_inf,
-) -> None:
-    numel = param.numel()
-    device = param.device
-    step_size, bc2_sqrt, lr_wd, beta1, omb1, beta2, omb2, eps = s.to(device).unbind()
-    bf16_param = param.dtype == torch.bfloat16
+def prepare(ops: Operands, *, element_offsets=None, rounding: str = "nearest",
+            amsgrad: bool = False) -> Callable:
+    """``adamw`` over ``ops`` as a call ``(grads, StepInputs)``, checked once (the
+    optimizer's kept plan calls it every step; every backend has ``prepare``)."""
+    if amsgrad and ops.max_exp_avg_sq is None:
+        raise ValueError("amsgrad needs max_exp_avg_sqs")
+    check_master_params(ops)
 
-    # Which elements keep their old values.
-    train = torch.ones(numel, dtype=torch.bool, device=device)
-    if freeze_mask is not None:
-        train = unpack(freeze_mask, numel)
-    skip = torch.zeros((), dtype=torch.bool, device=device)
-    if found_inf is not None:
-        skip = found_inf.to(device).reshape(()) != 0
-    keep = ~train | skip
+    def call(grads, x: StepInputs) -> None:
+        if rounding != "stochastic":
+            x = x._replace(sr_keys=None)
+        run(ops, grads, element_offsets, x)
 
-    g = grad.reshape(-1).float()
-    if grad_scale is not None:
-        g = g / grad_scale.to(device=device, dtype=torch.float32).reshape(())
-    if maximize:
-        g = -g
-
-    # w before the step, and the stored bf16 pattern before the step.
-    if bf16_param:
-        old_param_bits = bf16_to_bits(param).reshape(-1)
-    else:
-        old_param_bits = fp32_to_bf16_bits_nearest(fp32_bits(param).reshape(-1))
-    if master is not None:
-        w_old = master.reshape(-1).clone()
-    elif remainder is not None:
-        rem_old = remainder.reshape(-1).to(torch.int64)
-        w_old = fp32_from_bits(join_remainder(old_param_bits, rem_old))
-    elif bf16_param:
-        w_old = bf16_bits_to_fp32(old_param_bits)
-    else:
-        w_old = param.reshape(-1).clone()
-
-    w = w_old - lr_wd * w_old
-    m = _canonical_nan(beta1 * exp_avg.reshape(-1).float() + omb1 * g)
-    v = _canonical_nan(beta2 * exp_avg_sq.reshape(-1).float() + omb2 * g * g)
-    if max_exp_avg_sq is not None:
-        vmax = _canonical_nan(torch.maximum(max_exp_avg_sq.reshape(-1).float(), v))
-        denom = _sqrt_rn(vmax) / bc2_sqrt + eps
-    else:
-        denom = _sqrt_rn(v) / bc2_sqrt + eps
-    w = _canonical_nan(w - step_size * m / denom)
-
-    # New stored param pattern (bf16 pattern, or fp32 pattern for fp32 params).
-    w_bits = fp32_bits(w)
-    if not bf16_param:
-        new_param_bits = fp32_to_bf16_bits_nearest(w_bits)
-    elif remainder is not None:
-        new_param_bits, rem_new = split_remainder(w_bits)
-    elif sr_key is not None:
-        random16 = _random16(sr_key.to(device), element_offset, numel, device)
-        new_param_bits = fp32_to_bf16_bits_stochastic(w_bits, random16)
-    else:
-        new_param_bits = fp32_to_bf16_bits_nearest(w_bits)
-
-    changed = (new_param_bits != old_param_bits) & ~keep
-    moved = (w_bits != fp32_bits(w_old)) & ~keep
-    nonfinite = ~torch.isfinite(g) & train
-
-    # Write back; kept elements get their old values bit for bit.
-    _store_state(exp_avg, m, keep)
-    _store_state(exp_avg_sq, v, keep)
-    if max_exp_avg_sq is not None:
-        _store_state(max_exp_avg_sq, vmax, keep)
-    if master is not None:
-        _write(master, torch.where(keep, w_old, w))
-    if remainder is not None:
-        _write(remainder, torch.where(keep, rem_old, rem_new).to(torch.int16))
-    if bf16_param:
-        _write(param, bf16_from_bits(torch.where(keep, old_param_bits, new_param_bits)))
-    else:
-        _write(param, torch.where(keep, w_old, w))
-
-    if change_bitmap is not None:
-        change_bitmap.copy_(pack(changed))
-    if cumulative_bitmap is not None:
-        cumulative_bitmap.bitwise_or_(pack(changed))
-    if counter is not None:
-        counter.copy_(torch.stack([changed.sum(), moved.sum(), nonfinite.sum()]))
+    return call

@@ -2,13 +2,14 @@
 
 On any machine (each part skips cleanly when its compiler is missing):
 
-- the per-element header csrc/adamw_element.cuh, compiled for the host through
-  csrc/adamw_host.cpp (g++, or nvcc host code, with -ffp-contract=off) and called with
-  ctypes on CPU tensors, against the reference: every mode the reference allows, odd
-  sizes, several seeds, three steps, NaN/Inf grads, grad_scale and found_inf, rounding
-  edge patterns; Philox4x32-10 against the Random123 known answers and the reference;
+- the per-element header csrc/adamw_element.cuh on the host: the CPU extension's generic
+  build (rlvr_optim._cpu, every element through adamw_element, no intrinsics) against the
+  reference, every mode the reference allows, odd sizes, several seeds, three steps,
+  NaN/Inf grads, grad_scale and found_inf, rounding edge patterns. Its Philox4x32-10 is
+  checked through the stochastic rounding these steps do (the reference's Philox meets the
+  Random123 known answers, tests/test_reference_bits.py);
 - every csrc/*.cu compiled by nvcc for sm_80 and sm_90: ptxas reports no stack frame and
-  no spill for any kernel instantiation (all 192 variants per arch), and the objects link
+  no spill for any kernel instantiation (all 384 variants per arch), and the objects link
   into rlvr_optim._C, which imports without a GPU and agrees with cuda_backend.py;
 - cuda_backend's argument checks, signature and "cannot build" message.
 
@@ -24,7 +25,6 @@ Compiled artifacts are cached per source hash under ``$RLVR_OPTIM_CACHE`` (defau
 from __future__ import annotations
 
 import ast
-import ctypes
 import gc
 import hashlib
 import importlib.util
@@ -43,8 +43,9 @@ import numpy as np
 import pytest
 import torch
 
-from rlvr_optim import cuda_backend
+from rlvr_optim import cpu_backend, cuda_backend, extensions
 from rlvr_optim import reference as R
+from rlvr_optim.table import COUNTER_NAMES, LAYOUT_BITS, ROW_FIELDS
 from rlvr_optim.bitmaps import popcount
 
 from adamw_cases import BETAS, EPS, FEATURES, FORM_IDS, FORMS
@@ -60,8 +61,8 @@ CSRC = ROOT / "csrc"
 ARCHS = ("80", "90")
 STORE_MODES = ("nearest", "stochastic", "master_nearest", "master_stochastic", "remainder")
 # fp32 params: nearest only; bf16 params: every store mode; x 32 combinations of the other
-# flags (grad, state dtypes, amsgrad, tracking, grad_scale).
-KERNELS_PER_ARCH = 32 + 32 * 5
+# flags (grad, state dtypes, amsgrad, tracking, grad_scale); x AdamW's decay or Adam's L2.
+KERNELS_PER_ARCH = 2 * (32 + 32 * 5)
 
 SIZES = [1, 7, 8, 33, 4099, 2 * 2048 + 13]  # the last spans three tiles of the kernel
 SEEDS = [0, 1, 2]
@@ -89,35 +90,6 @@ def _cache(kind: str) -> Path:
 
 def _headers() -> list[Path]:
     return sorted([*CSRC.glob("*.cuh"), *CSRC.glob("*.h")])
-
-
-@pytest.fixture(scope="module")
-def host_lib():
-    """csrc/adamw_host.cpp as a shared library (the per-element header on the CPU)."""
-    source = CSRC / "adamw_host.cpp"
-    cxx = shutil.which("g++") or shutil.which("c++")
-    nvcc = shutil.which("nvcc")
-    if cxx is not None:
-        cmd = [cxx, "-O2", "-std=c++17", "-shared", "-fPIC", "-ffp-contract=off"]
-    elif nvcc is not None:
-        cmd = [nvcc, "-x", "cu", "-O2", "-std=c++17", "-shared", "-Xcompiler", "-fPIC,-ffp-contract=off"]
-    else:
-        pytest.skip("no C++ compiler (g++, c++) or nvcc to build the host library")
-    target = _cache("host") / f"adamw_host-{_digest([source, *_headers()], cmd)}.so"
-    if not target.is_file():
-        partial = target.with_suffix(f".{os.getpid()}.tmp")
-        subprocess.run([*cmd, str(source), "-o", str(partial)], check=True)
-        os.replace(partial, target)
-    lib = ctypes.CDLL(str(target))
-    ptr, i32, i64 = ctypes.c_void_p, ctypes.c_int, ctypes.c_int64
-    lib.rlvr_optim_host_adamw.argtypes = [i64] + [i32] * 7 + [ptr] * 13 + [i64] + [ptr] * 2
-    lib.rlvr_optim_host_adamw.restype = i32
-    lib.rlvr_optim_host_philox.argtypes = [ptr, ptr, ptr, i64]
-    lib.rlvr_optim_host_philox.restype = None
-    u32, u64 = ctypes.c_uint32, ctypes.c_uint64
-    lib.rlvr_optim_host_random16.argtypes = [u32, u32, u64, ptr, i64]
-    lib.rlvr_optim_host_random16.restype = None
-    return lib
 
 
 @pytest.fixture(scope="module")
@@ -179,7 +151,8 @@ def _variant_name(mangled: str) -> str:
     store, flags = int(m.group(1)), int(m.group(2))
     parts = [STORE_MODES[store], "bf16 param" if flags & 1 else "fp32 param",
              "bf16 grad" if flags & 2 else "fp32 grad", "bf16 states" if flags & 4 else "fp32 states"]
-    parts += [name for bit, name in ((8, "amsgrad"), (16, "tracking")) if flags & bit]
+    parts += [name for bit, name in ((8, "amsgrad"), (16, "tracking"), (32, "grad scale"),
+                                     (64, "L2 decay")) if flags & bit]
     return ", ".join(parts)
 
 
@@ -265,17 +238,19 @@ def linked_ext(nvcc_build):
 
 def test_extension_links_imports_without_gpu_and_matches_backend(linked_ext):
     ext = linked_ext
-    assert ext.ABI_VERSION == cuda_backend.ABI_VERSION
-    assert tuple(ext.ROW_FIELDS) == cuda_backend.ROW_FIELDS
+    assert ext.ABI_VERSION == extensions.CUDA.abi_version
+    assert tuple(ext.ROW_FIELDS) == ROW_FIELDS
+    assert tuple(ext.COUNTER_NAMES) == COUNTER_NAMES
     assert tuple(ext.STORE_MODES) == STORE_MODES
     assert ext.TILE_ELEMENTS % 256 == 0
     # rows + sentinel, workspace, ticket, then one int32 per tile (5 tiles: 3 int64s)
-    assert ext.tile_tensor_offset(3) == 4 * len(cuda_backend.ROW_FIELDS) + 3 * 3 + 1
+    assert ext.tile_tensor_offset(3) == 4 * len(ROW_FIELDS) + 3 * len(COUNTER_NAMES) + 1
     assert ext.table_int64s(3, 5) == ext.tile_tensor_offset(3) + 3
     assert ext.table_int64s(3, 6) == ext.tile_tensor_offset(3) + 3
     assert ext.table_int64s(3, 0) == ext.tile_tensor_offset(3)
-    flags = [(g, s, a, t, c) for g in (False, True) for s in (False, True)
-             for a in (False, True) for t in (False, True) for c in (False, True)]
+    flags = [(g, s, a, t, c, l2) for g in (False, True) for s in (False, True)
+             for a in (False, True) for t in (False, True) for c in (False, True)
+             for l2 in (False, True)]
     variants = {ext.variant(store, True, *f) for store in range(5) for f in flags}
     variants |= {ext.variant(0, False, *f) for f in flags}
     assert len(variants) == KERNELS_PER_ARCH
@@ -308,7 +283,8 @@ def test_extension_links_imports_without_gpu_and_matches_backend(linked_ext):
     col = {name: i for i, name in enumerate(ext.ROW_FIELDS)}
     assert rows[:, col["first_tile"]].tolist() == [0, 3, 3, 5]
     # 8194 and 65: not aligned; a freeze mask at +4 is not 8-byte aligned (no vector path).
-    assert rows[:3, col["flags"]].tolist() == [3, 1, 0]
+    vector, bitmap = LAYOUT_BITS["vector_aligned"], LAYOUT_BITS["bitmap_aligned"]
+    assert rows[:3, col["layout"]].tolist() == [vector | bitmap, vector, 0]
     assert rows[:3, col["scalar_row"]].tolist() == [4, 5, 6]
     assert rows[3].tolist()[: col["first_tile"]] == [0] * col["first_tile"]
     start = ext.tile_tensor_offset(3)
@@ -330,9 +306,9 @@ def test_tile_tensor_section_is_what_the_binary_search_found(linked_ext):
         n = len(numels)
         columns = {"param": [1 << 20] * n, "numel": numels}
         table = cuda_backend._build_table(ext, columns, numels, torch.device("cpu"))
-        width = len(cuda_backend.ROW_FIELDS)
+        width = len(ROW_FIELDS)
         rows = table.buffer[: (n + 1) * width].reshape(n + 1, width)
-        first = rows[:, cuda_backend.ROW_FIELDS.index("first_tile")].numpy()
+        first = rows[:, ROW_FIELDS.index("first_tile")].numpy()
         start = ext.tile_tensor_offset(n)
         got = table.buffer[start:].view(torch.int32)[: table.total_tiles].numpy()
         want = np.searchsorted(first[:n], np.arange(table.total_tiles), side="right") - 1
@@ -363,11 +339,12 @@ def test_host_path_checks_once_and_follows_moved_tensors(linked_ext, monkeypatch
     cached calls is named."""
     recorder = _RecordingExtension(linked_ext)
     monkeypatch.setattr(cuda_backend, "load_extension", lambda: recorder)
-    monkeypatch.setattr(cuda_backend, "_require_cuda", lambda params: None)
+    monkeypatch.setattr(cuda_backend, "_POLICY", cuda_backend._POLICY._replace(
+        check_device=lambda i, param: None))
     monkeypatch.setattr(cuda_backend, "_stream", lambda device: 0)
     planner = cuda_backend.planner
     planner.clear()
-    col = {name: i for i, name in enumerate(cuda_backend.ROW_FIELDS)}
+    col = {name: i for i, name in enumerate(ROW_FIELDS)}
     sizes = [3000, 17, 5]
     params = [torch.zeros(n, dtype=torch.bfloat16) for n in sizes]
     params[2] = params[2].float()  # a second layout: two launches
@@ -427,107 +404,44 @@ def test_setup_and_backend_compile_with_the_same_nvcc_flags():
 
 
 # ---------------------------------------------------------------------------------------
-# Philox through the C++ header.
+# Backends with the reference's signature: the header on the host, and the CUDA backend.
 # ---------------------------------------------------------------------------------------
 
 
-def _host_philox(lib, counters: np.ndarray, keys: np.ndarray) -> np.ndarray:
-    counters = np.ascontiguousarray(counters, dtype=np.uint32).reshape(-1, 4)
-    keys = np.ascontiguousarray(keys, dtype=np.uint32).reshape(-1, 2)
-    out = np.zeros_like(counters)
-    lib.rlvr_optim_host_philox(counters.ctypes.data, keys.ctypes.data, out.ctypes.data,
-                               counters.shape[0])
-    return out
+@pytest.fixture
+def header_on_host(monkeypatch):
+    """``adamw`` of the header compiled for the host: the CPU extension pinned to its
+    generic build, where every element goes through adamw_element (the AVX2 build has
+    loops of intrinsics for the default layouts). A call whose tensors the reference would
+    step instead (none of these tests make one) fails, so nothing passes by the reference."""
+    reason = cpu_backend.unavailable_reason()
+    if reason is not None:
+        pytest.skip(reason)
+    ext = cpu_backend.load_extension()
 
+    class Generic:
+        ISAS = ("generic",)
 
-def test_philox_known_answers(host_lib):
-    # Random123's kat_vectors for philox4x32_10: (counter, key) -> output.
-    vectors = [
-        ([0, 0, 0, 0], [0, 0], [0x6627E8D5, 0xE169C58D, 0xBC57AC4C, 0x9B00DBD8]),
-        ([0xFFFFFFFF] * 4, [0xFFFFFFFF] * 2, [0x408F276D, 0x41C83B0E, 0xA20BC7C6, 0x6D5451FD]),
-        ([0x243F6A88, 0x85A308D3, 0x13198A2E, 0x03707344], [0xA4093822, 0x299F31D0],
-         [0xD16CFE09, 0x94FDCCEB, 0x5001E420, 0x24126EA1]),
-    ]
-    for counter, key, expected in vectors:
-        assert _host_philox(host_lib, np.array(counter), np.array(key))[0].tolist() == expected
+        def __getattr__(self, name):
+            return getattr(ext, name)
 
+    monkeypatch.setattr(extensions.CPU, "module", Generic())
 
-def test_philox_matches_reference_on_random_words(host_lib):
-    rng = np.random.default_rng(5)
-    counters = rng.integers(0, 2**32, size=(1000, 4), dtype=np.uint64).astype(np.uint32)
-    keys = rng.integers(0, 2**32, size=(1000, 2), dtype=np.uint64).astype(np.uint32)
-    got = _host_philox(host_lib, counters, keys)
-    c = [torch.from_numpy(counters[:, i].astype(np.int64)) for i in range(4)]
-    k = [torch.from_numpy(keys[:, i].astype(np.int64)) for i in range(2)]
-    expected = torch.stack(R.philox4x32((k[0], k[1]), tuple(c)), dim=1).numpy()
-    np.testing.assert_array_equal(got.astype(np.int64), expected)
-
-
-@pytest.mark.parametrize("first,numel", [(0, 64), (5, 40), (2**35 - 13, 30), (2**40 + 7, 1)])
-def test_random16_matches_reference(host_lib, first, numel):
-    # One Philox call per 8 global indices, each index its own 16-bit half, from any first
-    # index (a shard need not start at a multiple of 8).
-    key = (0x8BADF00D, 0x0DDBA11)
-    out = np.zeros(numel, dtype=np.uint32)
-    host_lib.rlvr_optim_host_random16(key[0], key[1], first, out.ctypes.data, numel)
-    expected = R._random16(torch.tensor(key), first, numel, torch.device("cpu"))
-    np.testing.assert_array_equal(out.astype(np.int64), expected.numpy())
-    # Control: the low and high halves of one call differ (the mapping is not one half).
-    assert numel == 1 or len(set(out.tolist())) > numel // 2
-
-
-# ---------------------------------------------------------------------------------------
-# Backends with the reference's signature: the host library, and the CUDA backend.
-# ---------------------------------------------------------------------------------------
-
-
-def _address(t):
-    return None if t is None else t.data_ptr()
-
-
-def _host_backend(lib):
-    """reference.adamw's signature, one csrc/adamw_host.cpp call per tensor (CPU tensors)."""
-
-    def adamw(params, grads, exp_avgs, exp_avg_sqs, *, scalars, max_exp_avg_sqs=None,
-              masters=None, remainders=None, freeze_masks=None, change_bitmaps=None,
-              cumulative_bitmaps=None, counters=None, rounding="nearest", sr_keys=None,
-              element_offsets=None, amsgrad=False, maximize=False, grad_scale=None,
-              found_inf=None):
-        cpu = torch.device("cpu")
-        scale = grad_scale.to(torch.float32).reshape(1) if grad_scale is not None else None
-        skip = cuda_backend._found_inf_operand(found_inf, cpu) if found_inf is not None else None
-        bf16 = torch.bfloat16
-
-        def entry(values, i):
-            return values[i] if values is not None else None
-
-        for i, p in enumerate(params):
-            master, remainder = entry(masters, i), entry(remainders, i)
-            vmax = entry(max_exp_avg_sqs, i) if amsgrad else None
-            row = scalars[i].contiguous()
-            key = sr_keys[i].contiguous() if rounding == "stochastic" else None
-            status = lib.rlvr_optim_host_adamw(
-                p.numel(), p.dtype == bf16, grads[i].dtype == bf16, exp_avgs[i].dtype == bf16,
-                1 if master is not None else (2 if remainder is not None else 0),
-                rounding == "stochastic", vmax is not None, bool(maximize),
-                _address(p), _address(grads[i]), _address(exp_avgs[i]), _address(exp_avg_sqs[i]),
-                _address(vmax), _address(master), _address(remainder),
-                _address(entry(freeze_masks, i)), _address(entry(change_bitmaps, i)),
-                _address(entry(cumulative_bitmaps, i)), _address(entry(counters, i)),
-                _address(row), _address(key), int(element_offsets[i]) if element_offsets else 0,
-                _address(scale), _address(skip),
-            )
-            assert status == 0, "the host library rejected a mode the reference allows"
+    def adamw(*args, **kwargs):
+        cpu_backend.adamw(*args, **kwargs)
+        launches = cpu_backend.planner.calls[0].last[2]
+        assert not any(isinstance(launch, cpu_backend._ReferenceLaunch) for launch in launches), \
+            "the reference stepped a tensor"
 
     return adamw
 
 
 @pytest.fixture(params=["host", pytest.param("cuda", marks=pytest.mark.gpu)])
 def target(request):
-    """Where the code under test runs: the host build of the header, or the CUDA kernels."""
+    """Where the code under test runs: the header on the host, or the CUDA kernels."""
     if request.param == "host":
-        lib = request.getfixturevalue("host_lib")
-        return SimpleNamespace(adamw=_host_backend(lib), device=torch.device("cpu"))
+        adamw = request.getfixturevalue("header_on_host")
+        return SimpleNamespace(adamw=adamw, device=torch.device("cpu"))
     device = request.getfixturevalue("cuda_device")
     return SimpleNamespace(adamw=cuda_backend.adamw, device=device)
 
@@ -613,12 +527,14 @@ def test_matches_reference_bit_for_bit(target, form, state_dtype, features, nume
             steps = torch.tensor([step], device=device)
             found_inf = f.get("found_inf")
             kwargs = dict(
-                scalars=R.step_scalars(steps, lr, *BETAS, weight_decay, EPS),
+                scalars=R.step_scalars(steps, lr, *BETAS, weight_decay, EPS,
+                                       decoupled_weight_decay=not f.get("l2_decay", False)),
                 rounding=rounding, amsgrad=f.get("amsgrad", False),
                 sr_keys=(R.stochastic_rounding_keys(1000 + seed, steps, torch.tensor([17], device=device))
                          if rounding == "stochastic" else None),
                 element_offsets=[f["element_offset"]] if "element_offset" in f else None,
                 maximize=f.get("maximize", False),
+                decoupled_weight_decay=not f.get("l2_decay", False),
                 grad_scale=torch.tensor(scale, device=device) if scale else None,
                 found_inf=torch.tensor(found_inf[step - 1], device=device) if found_inf else None,
             )
@@ -729,7 +645,7 @@ def test_found_inf_values_and_dtypes(target, found_inf):
     assert int(got["counters"][2]) > 0  # non-finite grads are counted on a skipped step too
 
 
-def test_negative_control_wrong_element_offset_is_caught(host_lib):
+def test_negative_control_wrong_element_offset_is_caught(header_on_host):
     """The comparison can fail: another element offset draws other random bits."""
     numel = 2000
     gen = torch.Generator().manual_seed(1)
@@ -740,7 +656,7 @@ def test_negative_control_wrong_element_offset_is_caught(host_lib):
     kwargs = dict(scalars=R.step_scalars(steps, 1e-3, *BETAS, 0.0, EPS), rounding="stochastic",
                   sr_keys=R.stochastic_rounding_keys(0, steps, torch.tensor([0])))
     _call(R.adamw, [ref], [grad.clone()], element_offsets=[100], **kwargs)
-    _call(_host_backend(host_lib), [got], [grad.clone()], element_offsets=[101], **kwargs)
+    _call(header_on_host, [got], [grad.clone()], element_offsets=[101], **kwargs)
     _assert_same_bits("master", ref["master"], got["master"])
     with pytest.raises(AssertionError, match="param"):
         _assert_same_bits("param", ref["param"], got["param"])
@@ -779,9 +695,10 @@ def test_cpu_tensors_are_refused_with_a_pointer_to_the_reference():
 
 
 def test_no_way_to_build_gives_a_clear_error(monkeypatch):
-    monkeypatch.setattr(cuda_backend, "_extension", None)
-    monkeypatch.setattr(cuda_backend, "_prebuilt", lambda: None)
-    monkeypatch.setattr(cuda_backend, "_nvcc", lambda: None)
+    monkeypatch.setattr(extensions.CUDA, "module", None)
+    monkeypatch.setattr(extensions.CUDA, "failure", None)
+    monkeypatch.setattr(extensions.CUDA, "prebuilt", lambda: None)
+    monkeypatch.setattr(extensions, "nvcc", lambda: None)
     reason = cuda_backend.unavailable_reason()
     assert reason is not None and "nvcc" in reason
     with pytest.raises(RuntimeError, match="nvcc is not on PATH.*backend='triton' or 'reference'"):

@@ -346,3 +346,38 @@ def test_sigkill_during_an_unnamed_write_leaves_nothing(tmp_path):
     writer.wait(timeout=30)
     assert target.read_bytes() == b"old"
     assert _listing(tmp_path) == ["big.bin"]
+
+
+def test_folder_lock_with_wait_waits_for_the_holder(tmp_path):
+    """``wait=True`` (the extensions' first-use build): a second holder waits instead of
+    failing, and gets the lock when the first lets go."""
+    import threading
+
+    folder = tmp_path / "ext"
+    code = textwrap.dedent(f"""
+        import sys
+        from rlvr_optim import files
+        with files.folder_lock({str(folder)!r}):
+            print("locked", flush=True)
+            sys.stdin.readline()
+    """)
+    holder = subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.PIPE,
+                              stdout=subprocess.PIPE, text=True)
+    got = threading.Event()
+
+    def second():
+        with files.folder_lock(folder, wait=True):
+            got.set()
+
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        waiter = threading.Thread(target=second)
+        waiter.start()
+        assert not got.wait(0.5)  # still held
+        holder.stdin.write("go\n")
+        holder.stdin.flush()
+        waiter.join(60)
+        assert got.is_set()
+    finally:
+        holder.kill()
+        holder.wait()

@@ -471,7 +471,7 @@ def test_triton_counters_need_no_zeroing_across_work_items():
                  block_size=32, item_size=256)  # 4099 elements: 17 work items
         assert [c.tolist() for c in tri[3]] == [c.tolist() for c in ref[3]], step
         launch = TK.planner.calls[0].last[2][0]
-        assert not launch.table[:, TK._WORKSPACE:].any()
+        assert not launch.workspace.any()
 
 
 # ---------------------------------------------------------------------------------------
@@ -493,12 +493,15 @@ class _Recorder:
 
 @pytest.fixture
 def recorded_cuda(monkeypatch):
-    ext = cuda_backend._prebuilt()
+    from rlvr_optim import extensions
+
+    ext = extensions.CUDA.prebuilt()
     if ext is None:
         pytest.skip("no prebuilt rlvr_optim._C of this ABI to read the table layout from")
     recorder = _Recorder(ext)
     monkeypatch.setattr(cuda_backend, "load_extension", lambda: recorder)
-    monkeypatch.setattr(cuda_backend, "_require_cuda", lambda params: None)
+    monkeypatch.setattr(cuda_backend, "_POLICY", cuda_backend._POLICY._replace(
+        check_device=lambda i, param: None))
     monkeypatch.setattr(cuda_backend, "_stream", lambda device: 0)
     cuda_backend.planner.clear()
     yield recorder
@@ -566,7 +569,7 @@ def test_sr_keys_in_one_launch_equal_the_reference():
     interpreter): the same bits as the reference's tensor ops, for seeds and steps that
     use both 32-bit words."""
     pytest.importorskip("triton")
-    from rlvr_optim.optimizer import _sr_keys_function
+    from rlvr_optim.step_plan import _sr_keys_function
     from rlvr_optim.triton_kernels.sr_keys import stochastic_rounding_keys
 
     assert _sr_keys_function(torch.device("cpu")) is R.stochastic_rounding_keys

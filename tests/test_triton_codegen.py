@@ -46,7 +46,7 @@ def test_static_rows_cover_every_layout_the_default_included(sm90_rows):
     assert all(set(row) == keys and row["backend"] == "triton" for row in sm90_rows)
     assert {(r["mode"], r["tracking"]) for r in sm90_rows} == {
         (mode, track) for mode in codegen.STATIC_MODES for track in codegen.STATIC_TRACKING}
-    assert codegen.STATIC_MODES["default"]["EXP_AVG_BF16"]  # bf16 states
+    assert codegen.STATIC_MODES["default"]["STATE_BF16"]  # bf16 states
     for row in sm90_rows:
         assert row["registers"] > 0 and row["instructions_per_element"] > 0, row
         assert row["spill_bytes"] == 0, row

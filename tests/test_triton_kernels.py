@@ -61,6 +61,8 @@ FEATURES = {
         # Tensor k starts at 2**32 - 600 - 13 k: the larger ones cross the low Philox word.
         element_offset=2**32 - 600,
     ),
+    # torch's Adam: the weight decay an L2 term in the gradient.
+    "adam-l2-amsgrad-scale": dict(l2_decay=True, amsgrad=True, freeze=True, grad_scale=3.0),
 }
 
 
@@ -254,7 +256,9 @@ def test_matches_reference_bit_for_bit(form, state_dtype, features):
             grads = [_grad(gen, numel, param_dtype, scale or 1.0, k)
                      for numel, k in zip(SIZES, kinds)]
             steps = torch.arange(step, step + n, device=DEVICE)
-            scalars = R.step_scalars(steps, lr, *BETAS, weight_decay, EPS)
+            decoupled = not f.get("l2_decay", False)
+            scalars = R.step_scalars(steps, lr, *BETAS, weight_decay, EPS,
+                                     decoupled_weight_decay=decoupled)
             tensor_keys = torch.arange(n, device=DEVICE) + 17
             keys = R.stochastic_rounding_keys(1000 + seed, steps, tensor_keys)
             found_inf = f.get("found_inf")
@@ -262,6 +266,7 @@ def test_matches_reference_bit_for_bit(form, state_dtype, features):
                 scalars=scalars, amsgrad=amsgrad, master=master, rounding=rounding,
                 sr_keys=keys if rounding == "stochastic" else None,
                 element_offsets=offsets, maximize=f.get("maximize", False),
+                decoupled_weight_decay=decoupled,
                 grad_scale=torch.tensor(scale, device=DEVICE) if scale else None,
                 found_inf=torch.tensor(found_inf[step - 1], device=DEVICE) if found_inf else None,
             )
@@ -295,10 +300,10 @@ def test_tensor_list_with_mixed_dtypes_and_missing_entries(rounding, launch_shap
         for key in ("param", "exp_avg", "exp_avg_sq", "max_exp_avg_sq", "master"):
             if key in s:
                 s[key] = s[key].reshape(shape)
-        # Mixed state dtypes: exp_avg_sq in bf16 on some tensors only.
+        # Mixed state dtypes across tensors: bf16 states on some tensors only.
         if i == 2:
-            s["exp_avg_sq"] = s["exp_avg_sq"].bfloat16()
-            s["max_exp_avg_sq"] = s["max_exp_avg_sq"].bfloat16()
+            for key in ("exp_avg", "exp_avg_sq", "max_exp_avg_sq"):
+                s[key] = s[key].bfloat16()
         if i == 1:
             del s["change_bitmap"]  # per-entry None for an output
         ref.append(s)
@@ -327,15 +332,15 @@ def test_tensor_list_with_mixed_dtypes_and_missing_entries(rounding, launch_shap
 # ---------------------------------------------------------------------------------------
 
 # Layouts: param, grad and state dtypes, and which optional tensors are present.
-BF16, FP32, FP16 = torch.bfloat16, torch.float32, torch.float16
+BF16, FP32 = torch.bfloat16, torch.float32
 MIXED_LAYOUTS = {
     "A": dict(param=BF16, grad=BF16, m=FP32, v=FP32, master=True, freeze=True,
               change=True, cumulative=True, counters=True),
     "B": dict(param=BF16, grad=FP32, m=BF16, v=BF16, master=False, freeze=False,
               change=True, cumulative=False, counters=False),
-    "C": dict(param=FP32, grad=FP16, m=FP32, v=FP32, master=False, freeze=True,
+    "C": dict(param=FP32, grad=BF16, m=FP32, v=FP32, master=False, freeze=True,
               change=False, cumulative=True, counters=True),
-    "D": dict(param=BF16, grad=FP16, m=FP32, v=BF16, master=True, freeze=False,
+    "D": dict(param=BF16, grad=FP32, m=BF16, v=BF16, master=True, freeze=False,
               change=True, cumulative=False, counters=True),
 }
 # (numel, layout): every odd size, one crossing a block edge, zero-size tensors in a group.
@@ -788,6 +793,10 @@ def _one_tensor_call(**overrides):
     (dict(params=[torch.zeros(16, device=DEVICE)], masters=[torch.zeros(16, device=DEVICE)]),
      ValueError, "need bf16 params"),
     (dict(exp_avgs=[torch.zeros(16, dtype=torch.float16, device=DEVICE)]), TypeError, "float16"),
+    (dict(grads=[torch.zeros(16, dtype=torch.float16, device=DEVICE)]), TypeError,
+     r"grads\[0\] has dtype torch.float16; the Triton backend takes"),
+    (dict(exp_avg_sqs=[torch.zeros(16, dtype=torch.bfloat16, device=DEVICE)]), TypeError,
+     "one state dtype per tensor"),
     (dict(counters=[torch.zeros(3, dtype=torch.int32, device=DEVICE)]), TypeError, "counters"),
     (dict(change_bitmaps=[torch.zeros(3, dtype=torch.uint8, device=DEVICE)]), ValueError, "elements"),
     (dict(block_size=12), ValueError, "power of two"),

@@ -1,14 +1,16 @@
 """Fused AdamW step in Triton: each input read once, each output written once, bit for bit
 equal to :func:`rlvr_optim.reference.adamw`, in a handful of launches per step.
 
-Layout: :func:`_adamw_element` is the per-element arithmetic (registers only, in the order
-of the reference); the ``_*_bf16`` helpers are the bf16 conversions; :func:`_adamw_chunk`
-loads one chunk of a work item, calls them and stores; ``adamw_table_kernel`` steps a whole
-group of tensors of one layout in one launch of persistent programs, reading each tensor's
-pointers from a cached device table once per work item (a long run of one tensor), because
-launch overhead dominates models with many small tensors and per-chunk overhead dominates
-large ones. :func:`adamw` checks inputs, groups and launches. Every mode is a
-``tl.constexpr`` flag, so a launch compiles only the branches it uses.
+Layout: the step of one chunk is the reference's three stages, :func:`_load_weight`, the
+optimizer's math :func:`_adamw_math` (registers only, in the order of the reference) and
+:func:`_store_and_flag` (its storage format in :func:`_store_weight`), called by
+:func:`_adamw_chunk`, which loads and places one chunk of a work item; the ``_*_bf16``
+helpers are the bf16 conversions. ``adamw_table_kernel`` steps a whole group of tensors of
+one layout in one launch of persistent programs, reading each tensor's pointers from a
+cached device table (rows of :mod:`rlvr_optim.table`) once per work item (a long run of one
+tensor), because launch overhead dominates models with many small tensors and per-chunk
+overhead dominates large ones. :func:`adamw` checks inputs, groups and launches. Every mode
+is a ``tl.constexpr`` flag, so a launch compiles only the branches it uses.
 
 On CPU the kernels run under Triton's interpreter (``TRITON_INTERPRET=1``), where fp32
 arithmetic is numpy fp32 (IEEE, no contraction); on a GPU it is launched with
@@ -27,12 +29,16 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from rlvr_optim.plan import Planner
+from rlvr_optim.checks import FLOATS, Policy, check_tensors
+from rlvr_optim.operands import Operands, StepInputs, call_operands
+from rlvr_optim.plan import PlannedCall, Planner
 from rlvr_optim.reference import check_arguments
+from rlvr_optim.table import COUNTER_NAMES, ROW, ROW_FIELDS
 
 __all__ = [
     "adamw",
     "adamw_table_kernel",
+    "prepare",
     "planner",
     "DEFAULT_BLOCK_CPU",
     "DEFAULT_ITEM_CPU",
@@ -41,7 +47,6 @@ __all__ = [
     "DEFAULT_ITEM_GPU",
     "DEFAULT_STAGES_GPU",
     "DEFAULT_PROGRAMS_PER_SM",
-    "TABLE_COLUMNS",
 ]
 
 # Launch shape. Under the interpreter every Triton op is one numpy call, so large chunks
@@ -187,12 +192,13 @@ def _keep(update, new, old):
 
 
 @triton.jit
-def _load_state(ptr, offs, mask, IS_BF16: tl.constexpr):
-    """A state as loaded: fp32 values, or bf16 patterns (from an int16 view) as uint32."""
+def _load_state(ptr, at, IS_BF16: tl.constexpr):
+    """A state as loaded at a chunk's elements (:class:`_Place`): fp32 values, or bf16
+    patterns (from an int16 view) as uint32."""
     if IS_BF16:
-        raw = _load_bf16_bits(ptr, offs, mask)
+        raw = _load_bf16_bits(ptr, at.offs, at.in_range)
     else:
-        raw = tl.load(ptr + offs, mask=mask, other=0.0)
+        raw = tl.load(ptr + at.offs, mask=at.in_range, other=0.0)
     return raw
 
 
@@ -205,17 +211,16 @@ def _state_value(raw, IS_BF16: tl.constexpr):
 
 
 @triton.jit
-def _store_state(ptr, offs, value, raw, update, mask, IS_BF16: tl.constexpr,
-                 HW_BF16: tl.constexpr):
-    """Store fp32 ``value`` in an fp32 tensor, or a bf16 one (int16 view) by nearest-even,
-    a NaN as the canonical one of the dtype; where ``update`` is false store ``raw``, the
-    state as loaded, bit for bit (selected as bits: rounding a loaded bf16 NaN would quiet
-    it)."""
+def _store_state(ptr, at, value, raw, update, IS_BF16: tl.constexpr, HW_BF16: tl.constexpr):
+    """Store fp32 ``value`` at a chunk's elements (:class:`_Place`) of an fp32 tensor, or a
+    bf16 one (int16 view) by nearest-even, a NaN as the canonical one of the dtype; where
+    ``update`` is false store ``raw``, the state as loaded, bit for bit (selected as bits:
+    rounding a loaded bf16 NaN would quiet it)."""
     if IS_BF16:
         bits = _keep(update, _round_computed_bf16(value, HW_BF16), raw)
-        _store_bf16_bits(ptr, offs, bits, mask)
+        _store_bf16_bits(ptr, at.offs, bits, at.in_range)
     else:
-        tl.store(ptr + offs, _keep(update, _canonical_nan(value), raw), mask=mask)
+        tl.store(ptr + at.offs, _keep(update, _canonical_nan(value), raw), mask=at.in_range)
 
 
 @triton.jit
@@ -318,63 +323,233 @@ def _canonical_nan(x):
 
 
 # ---------------------------------------------------------------------------------------
-# The per-element step (reference.py, line by line).
+# The step of one chunk, in the reference's three stages: _load_weight, the optimizer's
+# math (_adamw_math), _store_and_flag. Arguments travel in named tuples: _Pointers (a work
+# item's operands), _Scalars (a row of step_scalars), _Place (where a chunk's elements and
+# bitmap bytes are) and _Layout (the launch's compile-time flags), so that each stage's
+# signature says what it reads.
 # ---------------------------------------------------------------------------------------
 
 
+class _Pointers(NamedTuple):
+    """A work item's operands, each pointer moved to the item's element 0 (bitmaps: its
+    byte); bf16 tensors as int16 pointers. Absent ones are never dereferenced."""
+
+    param: tl.tensor
+    grad: tl.tensor
+    exp_avg: tl.tensor
+    exp_avg_sq: tl.tensor
+    max_exp_avg_sq: tl.tensor
+    master: tl.tensor
+    remainder: tl.tensor
+    freeze_mask: tl.tensor
+    change_bitmap: tl.tensor
+    cumulative_bitmap: tl.tensor
+
+
+class _Scalars(NamedTuple):
+    """A tensor's row of :func:`rlvr_optim.reference.step_scalars`."""
+
+    step_size: tl.tensor
+    bc2_sqrt: tl.tensor
+    decay: tl.tensor
+    beta1: tl.tensor
+    one_minus_beta1: tl.tensor
+    beta2: tl.tensor
+    one_minus_beta2: tl.tensor
+    eps: tl.tensor
+
+
+class _Place(NamedTuple):
+    """Where a chunk's elements are: ``offs`` ([2, BLOCK // 8, 4], :func:`_chunk_offsets`)
+    from the item's element 0 and which are in the tensor; its rows of 8 (one bitmap byte
+    each): ``rows`` (0 .. BLOCK // 8 - 1), their bytes from the item's first and which are
+    in the tensor; the 8-byte bitmap word of each row (``WORDS`` chunks only)."""
+
+    offs: tl.tensor
+    in_range: tl.tensor
+    rows: tl.tensor
+    row_offs: tl.tensor
+    row_in_range: tl.tensor
+    word_offs: tl.tensor
+
+
+class _Layout(NamedTuple):
+    """The compile-time flags of a launch (``adamw_table_kernel``'s, of the same names)."""
+
+    PARAM_BF16: tl.constexpr
+    GRAD_BF16: tl.constexpr
+    STATE_BF16: tl.constexpr
+    HAS_MASTER: tl.constexpr
+    HAS_REMAINDER: tl.constexpr
+    STOCHASTIC: tl.constexpr
+    SR_ROW_CALLS: tl.constexpr
+    AMSGRAD: tl.constexpr
+    MAXIMIZE: tl.constexpr
+    L2_DECAY: tl.constexpr
+    HAS_FREEZE_MASK: tl.constexpr
+    HAS_CHANGE_BITMAP: tl.constexpr
+    HAS_CUMULATIVE_BITMAP: tl.constexpr
+    HAS_COUNTERS: tl.constexpr
+    HAS_GRAD_SCALE: tl.constexpr
+    HAS_FOUND_INF: tl.constexpr
+    HW_BF16: tl.constexpr
+    BLOCK: tl.constexpr
+    ALIGNED: tl.constexpr
+
+
 @triton.jit
-def _adamw_element(
-    grad, w, m, v, vmax, grad_scale,
-    step_size, bc2_sqrt, lr_wd, beta1, one_minus_beta1, beta2, one_minus_beta2, eps,
-    HAS_GRAD_SCALE: tl.constexpr, MAXIMIZE: tl.constexpr, AMSGRAD: tl.constexpr,
-):
-    """One AdamW step of fp32 registers; returns (g, w, m, v, vmax).
+def _load_weight(p, at, L):
+    """Stage 1 (reference.load_weight): (the stored bf16 pattern before the step, the fp32
+    weight before it, the param as loaded (fp32 params), the remainder as loaded
+    (remainder form))."""
+    param = 0.0
+    remainder = 0
+    if L.PARAM_BF16:
+        image = _load_bf16_bits(p.param, at.offs, at.in_range)
+    else:
+        param = tl.load(p.param + at.offs, mask=at.in_range, other=0.0)
+        image = _round_nearest_bf16(param.to(tl.uint32, bitcast=True))
+    if L.HAS_MASTER:
+        w = tl.load(p.master + at.offs, mask=at.in_range, other=0.0)
+    elif L.HAS_REMAINDER:
+        remainder = tl.load(p.remainder + at.offs, mask=at.in_range, other=0)
+        w = _join_remainder(image, remainder).to(tl.float32, bitcast=True)
+    elif L.PARAM_BF16:
+        w = _bf16_bits_to_fp32(image)
+    else:
+        w = param
+    return image, w, param, remainder
+
+
+@triton.jit
+def _unscaled_grad(grad, grad_scale, L):
+    """The fp32 gradient the math sees (reference.unscaled_grad)."""
+    g = grad
+    if L.HAS_GRAD_SCALE:
+        g = tl.div_rn(g, grad_scale)
+    if L.MAXIMIZE:
+        g = _negate(g)
+    return g
+
+
+@triton.jit
+def _adamw_math(g, w, m, v, vmax, s, AMSGRAD: tl.constexpr, L2_DECAY: tl.constexpr):
+    """Stage 2, the optimizer's math (reference.adamw_math), fp32 registers only; returns
+    (w, m, v, vmax). ``L2_DECAY`` (torch's Adam): ``s.decay`` times the weight is added to
+    the gradient instead of decaying the weight (AdamW).
 
     The reference makes every computed NaN canonical where it is computed; here only ``w``
     is (its bits are compared and stored as they are). A NaN in ``m``, ``v`` or ``vmax``
     reaches ``w`` as a NaN whatever its payload, and their stores make it canonical
     (:func:`_store_state`), where the bf16 rounding tests for NaN anyway: the same bits,
     one select per element and state fewer with bf16 states."""
-    g = grad
-    if HAS_GRAD_SCALE:
-        g = tl.div_rn(g, grad_scale)
-    if MAXIMIZE:
-        g = _negate(g)
-    w = w - lr_wd * w
-    m = beta1 * m + one_minus_beta1 * g
-    v = beta2 * v + one_minus_beta2 * g * g
+    if L2_DECAY:
+        g = g + s.decay * w
+    else:
+        w = w * s.decay
+    m = s.beta1 * m + s.one_minus_beta1 * g
+    v = s.beta2 * v + s.one_minus_beta2 * g * g
     if AMSGRAD:
         vmax = _maximum(vmax, v)
-        denom = tl.div_rn(tl.sqrt_rn(vmax), bc2_sqrt) + eps
+        denom = tl.div_rn(tl.sqrt_rn(vmax), s.bc2_sqrt) + s.eps
     else:
-        denom = tl.div_rn(tl.sqrt_rn(v), bc2_sqrt) + eps
-    w = _canonical_nan(w - tl.div_rn(step_size * m, denom))
-    return g, w, m, v, vmax
+        denom = tl.div_rn(tl.sqrt_rn(v), s.bc2_sqrt) + s.eps
+    w = _canonical_nan(w - tl.div_rn(s.step_size * m, denom))
+    return w, m, v, vmax
 
 
 @triton.jit
-def _adamw_chunk(
-    first, limit, index_base,
-    param_ptr, grad_ptr, exp_avg_ptr, exp_avg_sq_ptr, max_exp_avg_sq_ptr,
-    master_ptr, remainder_ptr, freeze_mask_ptr, change_bitmap_ptr, cumulative_bitmap_ptr,
-    skip, sr_key_ptr, grad_scale,
-    step_size, bc2_sqrt, lr_wd, beta1, one_minus_beta1, beta2, one_minus_beta2, eps,
-    FULL: tl.constexpr,
-    PARAM_BF16: tl.constexpr, GRAD_BF16: tl.constexpr, EXP_AVG_BF16: tl.constexpr,
-    EXP_AVG_SQ_BF16: tl.constexpr, MAX_EXP_AVG_SQ_BF16: tl.constexpr,
-    HAS_MASTER: tl.constexpr, HAS_REMAINDER: tl.constexpr, STOCHASTIC: tl.constexpr,
-    AMSGRAD: tl.constexpr, MAXIMIZE: tl.constexpr,
-    HAS_FREEZE_MASK: tl.constexpr, HAS_CHANGE_BITMAP: tl.constexpr,
-    HAS_CUMULATIVE_BITMAP: tl.constexpr, HAS_COUNTERS: tl.constexpr,
-    HAS_GRAD_SCALE: tl.constexpr, HAS_FOUND_INF: tl.constexpr, SR_ROW_CALLS: tl.constexpr,
-    HW_BF16: tl.constexpr, BLOCK: tl.constexpr, ALIGNED: tl.constexpr,
-):
+def _store_weight(w, w_bits, sr_key_ptr, index_base, at, L):
+    """The stored form of a new weight ``w`` (fp32 bits ``w_bits``; reference.store_weight):
+    (its bf16 image, the remainder (remainder form)); an fp32 param stores w itself, its
+    image is the nearest-even bf16. The one place that knows a storage format."""
+    remainder = 0
+    if not L.PARAM_BF16:
+        image = _round_computed_bf16(w, L.HW_BF16)
+    elif L.HAS_REMAINDER:
+        image, remainder = _split_remainder(w_bits)
+    elif L.STOCHASTIC:
+        random16 = _random16(sr_key_ptr, index_base, at.offs, at.row_offs, L.SR_ROW_CALLS)
+        image = _round_stochastic_bf16(w_bits, random16)
+    else:
+        image = _round_computed_bf16(w, L.HW_BF16)
+    return image, remainder
+
+
+@triton.jit
+def _store_and_flag(p, at, update, train, before, after, loaded, g, cumulative,
+                    sr_key_ptr, index_base, L, WORDS: tl.constexpr):
+    """Stage 3 (reference.store_and_flag): store the new weight and states (elements not
+    updated get back the bits they were loaded with), write the change bitmaps and return
+    the chunk's per-row counts ([BLOCK // 8] int32): bf16 changes, fp32 moves, non-finite
+    grads. ``before``: :func:`_load_weight`'s result; ``after``: the math's; ``loaded``:
+    (m, v, vmax) as loaded; ``cumulative``: the cumulative bitmap bytes (or words) as
+    loaded."""
+    image_old, w_old, param_old, remainder_old = before
+    w, m, v, vmax = after
+    m_old, v_old, vmax_old = loaded
+    w_bits = w.to(tl.uint32, bitcast=True)
+    image, remainder = _store_weight(w, w_bits, sr_key_ptr, index_base, at, L)
+    image = _keep(update, image, image_old)
+
+    # Write back; elements not updated keep their bits.
+    _store_state(p.exp_avg, at, m, m_old, update, L.STATE_BF16, L.HW_BF16)
+    _store_state(p.exp_avg_sq, at, v, v_old, update, L.STATE_BF16, L.HW_BF16)
+    if L.AMSGRAD:
+        _store_state(p.max_exp_avg_sq, at, vmax, vmax_old, update, L.STATE_BF16, L.HW_BF16)
+    if L.HAS_MASTER:
+        tl.store(p.master + at.offs, _keep(update, w, w_old), mask=at.in_range)
+    if L.HAS_REMAINDER:
+        tl.store(p.remainder + at.offs, _keep(update, remainder, remainder_old),
+                 mask=at.in_range)
+    if L.PARAM_BF16:
+        _store_bf16_bits(p.param, at.offs, image, at.in_range)
+    else:
+        tl.store(p.param + at.offs, _keep(update, w, param_old), mask=at.in_range)
+
+    # Not updated elements kept their pattern, so ``changed`` is 0 there; out-of-range ones
+    # are masked explicitly (their loads are zeros, which a step need not keep at zero).
+    changed = (image != image_old) & at.in_range
+    n_changed = tl.zeros(at.row_offs.shape, tl.int32)
+    n_moved = tl.zeros(at.row_offs.shape, tl.int32)
+    n_nonfinite = tl.zeros(at.row_offs.shape, tl.int32)
+    if L.HAS_CHANGE_BITMAP or L.HAS_CUMULATIVE_BITMAP or L.HAS_COUNTERS:
+        packed = _pack_bits(changed)
+        if WORDS and (L.HAS_CHANGE_BITMAP or L.HAS_CUMULATIVE_BITMAP):
+            words = _pack_words(packed)
+            if L.HAS_CHANGE_BITMAP:
+                tl.store(_as_words(p.change_bitmap) + at.word_offs, words)
+            if L.HAS_CUMULATIVE_BITMAP:
+                tl.store(_as_words(p.cumulative_bitmap) + at.word_offs, cumulative | words)
+        else:
+            if L.HAS_CHANGE_BITMAP:
+                tl.store(p.change_bitmap + at.row_offs, packed.to(tl.uint8),
+                         mask=at.row_in_range)
+            if L.HAS_CUMULATIVE_BITMAP:
+                tl.store(p.cumulative_bitmap + at.row_offs, cumulative | packed.to(tl.uint8),
+                         mask=at.row_in_range)
+        if L.HAS_COUNTERS:
+            n_changed = _popcount8(packed, L.HW_BF16)
+    if L.HAS_COUNTERS:
+        moved = (w_bits != w_old.to(tl.uint32, bitcast=True)) & update
+        g_exponent = g.to(tl.uint32, bitcast=True) & 0x7F800000
+        nonfinite = (g_exponent == 0x7F800000) & train
+        # Each count is the popcount of its rows' packed bits: one popc per row on a GPU.
+        n_moved = _popcount8(_pack_bits(moved), L.HW_BF16)
+        n_nonfinite = _popcount8(_pack_bits(nonfinite), L.HW_BF16)
+    return n_changed, n_moved, n_nonfinite
+
+
+@triton.jit
+def _adamw_chunk(p, s, first, limit, index_base, skip, sr_key_ptr, grad_scale,
+                 FULL: tl.constexpr, L):
     """One chunk of a work item: its ``BLOCK`` elements from element ``first`` (int32, a
-    multiple of ``BLOCK``) of the item's pointers, of which the first ``limit`` are in the
-    tensor, placed as :func:`_chunk_offsets` says (a row of 8 per bitmap byte);
-    ``index_base`` (int64) is the global index of the item's element 0. bf16 tensors come
-    as int16 pointers. Returns the chunk's per-row counts ([BLOCK // 8] int32): bf16
-    changes, fp32 moves, non-finite grads.
+    multiple of ``BLOCK``) of the item's pointers ``p`` (:class:`_Pointers`), of which the
+    first ``limit`` are in the tensor, placed as :func:`_chunk_offsets` says (a row of 8
+    per bitmap byte); ``s``: the tensor's :class:`_Scalars`; ``index_base`` (int64): the
+    global index of the item's element 0. Returns the chunk's per-row counts
+    (:func:`_store_and_flag`).
 
     ``FULL``: the caller knows all elements are in range. The masks are then constant true,
     which the compiler drops, so loads and stores can be vectors; a mask made from a
@@ -385,153 +560,110 @@ def _adamw_chunk(
     moves its bitmaps as 8-byte words (:func:`_pack_words`); a tail chunk moves bytes, so
     a bitmap's last byte is written alone and no byte beyond it is touched.
     """
-    offs = first + _chunk_offsets(BLOCK)
-    rows = tl.arange(0, BLOCK // 8)
+    offs = first + _chunk_offsets(L.BLOCK)
+    rows = tl.arange(0, L.BLOCK // 8)
     row_offs = first // 8 + rows
-    WORDS: tl.constexpr = FULL and ALIGNED and BLOCK >= 64
-    if WORDS:
-        word_offs = row_offs // 8  # each row's word: :func:`_pack_words`
+    WORDS: tl.constexpr = FULL and L.ALIGNED and L.BLOCK >= 64
+    word_offs = row_offs // 8  # each row's word: :func:`_pack_words`
     if FULL:
         in_range = tl.full(offs.shape, 1, tl.int1)
         row_in_range = tl.full(row_offs.shape, 1, tl.int1)
     else:
         in_range = offs < limit
         row_in_range = row_offs * 8 < limit
+    at = _Place(offs, in_range, rows, row_offs, row_in_range, word_offs)
 
     # Raw loads, all issued before any arithmetic: fp32 values, or bf16 patterns as uint32.
-    if GRAD_BF16:
-        grad = _bf16_bits_to_fp32(_load_bf16_bits(grad_ptr, offs, in_range))
+    if L.GRAD_BF16:
+        grad = _bf16_bits_to_fp32(_load_bf16_bits(p.grad, offs, in_range))
     else:
-        grad = tl.load(grad_ptr + offs, mask=in_range, other=0.0).to(tl.float32)
-    if PARAM_BF16:
-        old_param_bits = _load_bf16_bits(param_ptr, offs, in_range)
-    else:
-        param = tl.load(param_ptr + offs, mask=in_range, other=0.0)
-        old_param_bits = _round_nearest_bf16(param.to(tl.uint32, bitcast=True))
-    if HAS_MASTER:
-        w_old = tl.load(master_ptr + offs, mask=in_range, other=0.0)
-    elif HAS_REMAINDER:
-        remainder_old = tl.load(remainder_ptr + offs, mask=in_range, other=0)
-        w_old = _join_remainder(old_param_bits, remainder_old).to(tl.float32, bitcast=True)
-    elif PARAM_BF16:
-        w_old = _bf16_bits_to_fp32(old_param_bits)
-    else:
-        w_old = param
-    m_old = _load_state(exp_avg_ptr, offs, in_range, EXP_AVG_BF16)
-    v_old = _load_state(exp_avg_sq_ptr, offs, in_range, EXP_AVG_SQ_BF16)
+        grad = tl.load(p.grad + offs, mask=in_range, other=0.0)
+    before = _load_weight(p, at, L)
+    m_old = _load_state(p.exp_avg, at, L.STATE_BF16)
+    v_old = _load_state(p.exp_avg_sq, at, L.STATE_BF16)
     vmax_old = v_old
-    if AMSGRAD:
-        vmax_old = _load_state(max_exp_avg_sq_ptr, offs, in_range, MAX_EXP_AVG_SQ_BF16)
-    if HAS_CUMULATIVE_BITMAP:
+    if L.AMSGRAD:
+        vmax_old = _load_state(p.max_exp_avg_sq, at, L.STATE_BF16)
+    cumulative = 0
+    if L.HAS_CUMULATIVE_BITMAP:
         if WORDS:
-            cumulative = tl.load(_as_words(cumulative_bitmap_ptr) + word_offs)
+            cumulative = tl.load(_as_words(p.cumulative_bitmap) + word_offs)
         else:
-            cumulative = tl.load(cumulative_bitmap_ptr + row_offs, mask=row_in_range, other=0)
+            cumulative = tl.load(p.cumulative_bitmap + row_offs, mask=row_in_range, other=0)
 
     # Which elements are trained, and whether this step is applied at all.
-    if HAS_FREEZE_MASK:
+    if L.HAS_FREEZE_MASK:
         if WORDS:
-            mask_words = tl.load(_as_words(freeze_mask_ptr) + word_offs)
+            mask_words = tl.load(_as_words(p.freeze_mask) + word_offs)
             train = _unpack_bits(_word_bytes(mask_words, rows))
         else:
-            train = _unpack_bits(tl.load(freeze_mask_ptr + row_offs, mask=row_in_range, other=0))
+            train = _unpack_bits(tl.load(p.freeze_mask + row_offs, mask=row_in_range, other=0))
         train = train & in_range
     else:
         train = in_range
     update = train
-    if HAS_FOUND_INF:
+    if L.HAS_FOUND_INF:
         update = train & ~skip
 
-    g, w, m, v, vmax = _adamw_element(
-        grad, w_old,
-        _state_value(m_old, EXP_AVG_BF16), _state_value(v_old, EXP_AVG_SQ_BF16),
-        _state_value(vmax_old, MAX_EXP_AVG_SQ_BF16), grad_scale,
-        step_size, bc2_sqrt, lr_wd, beta1, one_minus_beta1, beta2, one_minus_beta2, eps,
-        HAS_GRAD_SCALE, MAXIMIZE, AMSGRAD,
-    )
-
-    # New stored param pattern.
-    w_bits = w.to(tl.uint32, bitcast=True)
-    if not PARAM_BF16:
-        new_param_bits = _round_computed_bf16(w, HW_BF16)
-    elif HAS_REMAINDER:
-        new_param_bits, remainder_new = _split_remainder(w_bits)
-    elif STOCHASTIC:
-        random16 = _random16(sr_key_ptr, index_base, offs, row_offs, SR_ROW_CALLS)
-        new_param_bits = _round_stochastic_bf16(w_bits, random16)
-    else:
-        new_param_bits = _round_computed_bf16(w, HW_BF16)
-    new_param_bits = _keep(update, new_param_bits, old_param_bits)
-
-    # Write back; elements not updated keep their bits.
-    _store_state(exp_avg_ptr, offs, m, m_old, update, in_range, EXP_AVG_BF16, HW_BF16)
-    _store_state(exp_avg_sq_ptr, offs, v, v_old, update, in_range, EXP_AVG_SQ_BF16, HW_BF16)
-    if AMSGRAD:
-        _store_state(max_exp_avg_sq_ptr, offs, vmax, vmax_old, update, in_range,
-                     MAX_EXP_AVG_SQ_BF16, HW_BF16)
-    if HAS_MASTER:
-        tl.store(master_ptr + offs, _keep(update, w, w_old), mask=in_range)
-    if HAS_REMAINDER:
-        tl.store(remainder_ptr + offs, _keep(update, remainder_new, remainder_old),
-                 mask=in_range)
-    if PARAM_BF16:
-        _store_bf16_bits(param_ptr, offs, new_param_bits, in_range)
-    else:
-        tl.store(param_ptr + offs, _keep(update, w, param), mask=in_range)
-
-    # Not updated elements kept their pattern, so ``changed`` is 0 there; out-of-range ones
-    # are masked explicitly (their loads are zeros, which a step need not keep at zero).
-    changed = (new_param_bits != old_param_bits) & in_range
-    n_changed = tl.zeros(row_offs.shape, tl.int32)
-    n_moved = tl.zeros(row_offs.shape, tl.int32)
-    n_nonfinite = tl.zeros(row_offs.shape, tl.int32)
-    if HAS_CHANGE_BITMAP or HAS_CUMULATIVE_BITMAP or HAS_COUNTERS:
-        packed = _pack_bits(changed)
-        if WORDS and (HAS_CHANGE_BITMAP or HAS_CUMULATIVE_BITMAP):
-            words = _pack_words(packed)
-            if HAS_CHANGE_BITMAP:
-                tl.store(_as_words(change_bitmap_ptr) + word_offs, words)
-            if HAS_CUMULATIVE_BITMAP:
-                tl.store(_as_words(cumulative_bitmap_ptr) + word_offs, cumulative | words)
-        else:
-            if HAS_CHANGE_BITMAP:
-                tl.store(change_bitmap_ptr + row_offs, packed.to(tl.uint8), mask=row_in_range)
-            if HAS_CUMULATIVE_BITMAP:
-                tl.store(cumulative_bitmap_ptr + row_offs, cumulative | packed.to(tl.uint8),
-                         mask=row_in_range)
-        if HAS_COUNTERS:
-            n_changed = _popcount8(packed, HW_BF16)
-    if HAS_COUNTERS:
-        moved = (w_bits != w_old.to(tl.uint32, bitcast=True)) & update
-        g_exponent = g.to(tl.uint32, bitcast=True) & 0x7F800000
-        nonfinite = (g_exponent == 0x7F800000) & train
-        # Each count is the popcount of its rows' packed bits: one popc per row on a GPU.
-        n_moved = _popcount8(_pack_bits(moved), HW_BF16)
-        n_nonfinite = _popcount8(_pack_bits(nonfinite), HW_BF16)
-    return n_changed, n_moved, n_nonfinite
-
-
-# Columns of the pointer table: one int64 row per tensor of a group, from the planner's
-# description (rlvr_optim.plan). Absent tensors hold 0 (their flag is off, so the kernel
-# never dereferences them). "row" is the tensor's index in the call: its row of ``scalars``
-# and of ``sr_keys``. The last four are the counter workspace, zero between launches: the
-# items of a tensor add their counts there, and the last one to finish moves them to the
-# counters, so the host never zeroes counters before a step.
-TABLE_COLUMNS = (
-    "param", "grad", "exp_avg", "exp_avg_sq", "max_exp_avg_sq", "master", "remainder",
-    "freeze_mask", "change_bitmap", "cumulative_bitmap", "counter",
-    "numel", "element_offset", "row",
-    "changed_sum", "moved_sum", "nonfinite_sum", "items_done",
-)
-_WIDTH = tl.constexpr(len(TABLE_COLUMNS))
-_WORKSPACE = TABLE_COLUMNS.index("changed_sum")
+    g = _unscaled_grad(grad, grad_scale, L)
+    after = _adamw_math(g, before[1], _state_value(m_old, L.STATE_BF16),
+                        _state_value(v_old, L.STATE_BF16), _state_value(vmax_old, L.STATE_BF16),
+                        s, L.AMSGRAD, L.L2_DECAY)
+    return _store_and_flag(p, at, update, train, before, after, (m_old, v_old, vmax_old), g,
+                           cumulative, sr_key_ptr, index_base, L, WORDS)
 
 
 @triton.jit
-def _table_pointer(entry, column, dtype: tl.constexpr, ALIGNED: tl.constexpr):
-    """Column ``column`` of a pointer-table row as a pointer to ``dtype``; ``ALIGNED``: the
-    host checked that it is a multiple of 16 bytes, which lets full chunks use vector
-    accesses (a pointer read from memory tells the compiler nothing)."""
+def _item(p, s, length, index_base, skip, sr_key_ptr, grad_scale, STAGES: tl.constexpr, L):
+    """A work item of ``length`` elements: its full chunks in a loop pipelined over
+    ``STAGES`` (``tl.range``), then its last, partial chunk (only a tensor's last item has
+    one), masked. Returns its per-row counts summed over the chunks (bf16 changes, fp32
+    moves, non-finite grads; int32 [BLOCK // 8]). The two calls compile the chunk twice,
+    with constant and with run-time masks: one call in a loop run at most once for the tail
+    cost 9 to 21 registers in the tracked modes (bench/static_report.py, Triton 3.9)."""
+    n_changed = tl.zeros([L.BLOCK // 8], tl.int32)
+    n_moved = tl.zeros([L.BLOCK // 8], tl.int32)
+    n_nonfinite = tl.zeros([L.BLOCK // 8], tl.int32)
+    full = length // L.BLOCK
+    for chunk in tl.range(0, full, num_stages=STAGES):
+        c = _adamw_chunk(p, s, chunk * L.BLOCK, length, index_base, skip, sr_key_ptr,
+                         grad_scale, True, L)
+        n_changed += c[0]
+        n_moved += c[1]
+        n_nonfinite += c[2]
+    if full * L.BLOCK < length:
+        c = _adamw_chunk(p, s, full * L.BLOCK, length, index_base, skip, sr_key_ptr,
+                         grad_scale, False, L)
+        n_changed += c[0]
+        n_moved += c[1]
+        n_nonfinite += c[2]
+    return n_changed, n_moved, n_nonfinite
+
+
+# Fields of a table row (csrc/step_table.h, read by rlvr_optim.table).
+_ROW_INT64S = tl.constexpr(len(ROW_FIELDS))
+_PARAM = tl.constexpr(ROW["param"])
+_GRAD = tl.constexpr(ROW["grad"])
+_EXP_AVG = tl.constexpr(ROW["exp_avg"])
+_EXP_AVG_SQ = tl.constexpr(ROW["exp_avg_sq"])
+_MAX_EXP_AVG_SQ = tl.constexpr(ROW["max_exp_avg_sq"])
+_MASTER = tl.constexpr(ROW["master"])
+_FREEZE_MASK = tl.constexpr(ROW["freeze_mask"])
+_CHANGE_BITMAP = tl.constexpr(ROW["change_bitmap"])
+_CUMULATIVE_BITMAP = tl.constexpr(ROW["cumulative_bitmap"])
+_COUNTERS = tl.constexpr(ROW["counters"])
+_NUMEL = tl.constexpr(ROW["numel"])
+_ELEMENT_OFFSET = tl.constexpr(ROW["element_offset"])
+_SCALAR_ROW = tl.constexpr(ROW["scalar_row"])
+# Per tensor in the workspace: the counter sums (in the order of COUNTER_NAMES) and a ticket.
+_WORKSPACE_INT64S = tl.constexpr(len(COUNTER_NAMES) + 1)
+
+
+@triton.jit
+def _table_pointer(entry, column: tl.constexpr, dtype: tl.constexpr, ALIGNED: tl.constexpr):
+    """Field ``column`` of a table row as a pointer to ``dtype``; ``ALIGNED``: the host
+    checked that it is a multiple of 16 bytes, which lets full chunks use vector accesses
+    (a pointer read from memory tells the compiler nothing)."""
     pointer = tl.load(entry + column).to(tl.pointer_type(dtype))
     if ALIGNED:
         pointer = tl.multiple_of(pointer, 16)
@@ -540,13 +672,12 @@ def _table_pointer(entry, column, dtype: tl.constexpr, ALIGNED: tl.constexpr):
 
 @triton.jit
 def adamw_table_kernel(
-    table_ptr, work_ptr, n_items, scalars_ptr, sr_keys_ptr, grad_scale_ptr, found_inf_ptr,
+    table_ptr, work_ptr, workspace_ptr, n_items, scalars_ptr, sr_keys_ptr, grad_scale_ptr,
+    found_inf_ptr,
     BLOCK: tl.constexpr, ITEM: tl.constexpr, STAGES: tl.constexpr, ALIGNED: tl.constexpr,
-    PARAM_BF16: tl.constexpr, GRAD_BF16: tl.constexpr, GRAD_FP16: tl.constexpr,
-    EXP_AVG_BF16: tl.constexpr, EXP_AVG_SQ_BF16: tl.constexpr,
-    MAX_EXP_AVG_SQ_BF16: tl.constexpr,
+    PARAM_BF16: tl.constexpr, GRAD_BF16: tl.constexpr, STATE_BF16: tl.constexpr,
     HAS_MASTER: tl.constexpr, HAS_REMAINDER: tl.constexpr, STOCHASTIC: tl.constexpr,
-    AMSGRAD: tl.constexpr, MAXIMIZE: tl.constexpr,
+    AMSGRAD: tl.constexpr, MAXIMIZE: tl.constexpr, L2_DECAY: tl.constexpr,
     HAS_FREEZE_MASK: tl.constexpr, HAS_CHANGE_BITMAP: tl.constexpr,
     HAS_CUMULATIVE_BITMAP: tl.constexpr, HAS_COUNTERS: tl.constexpr,
     HAS_GRAD_SCALE: tl.constexpr, HAS_FOUND_INF: tl.constexpr, SR_ROW_CALLS: tl.constexpr,
@@ -555,21 +686,29 @@ def adamw_table_kernel(
     """A group of tensors of one layout, stepped by persistent programs: program p takes
     work items p, p + programs, ... of the int32 work table [n_items, 2]. Item (t, k) is
     elements k * ITEM .. (k + 1) * ITEM - 1 of tensor t, whose pointers, numel, element
-    offset and call row are row t of the int64 pointer table (``TABLE_COLUMNS``), read once
-    per item. The item's full BLOCK-element chunks run in a loop pipelined over ``STAGES``
-    (``tl.range``), its last partial chunk (only a tensor's last item has one) masked after
-    it; counts add up in registers over the item and reach the counters through the table's
-    workspace columns, published by the tensor's last item.
+    offset and scalar row are row t of the table (fields of ``rlvr_optim.table.ROW``), read
+    once per item. The item's full BLOCK-element chunks run in a loop pipelined over
+    ``STAGES`` (``tl.range``), its last partial chunk (only a tensor's last item has one)
+    masked after it; counts add up in registers over the item and reach the counters
+    through the int64 workspace [tensors, 4] (three sums and a ticket per tensor, zero
+    between launches), published by the tensor's last item.
     ``scalars_ptr`` [calls, 8] and ``sr_keys_ptr`` [calls, 2] are the call's whole tensors,
     so the cached tables do not depend on the per-step scalars. ``ALIGNED``: every pointer
     of the group is a multiple of 16 bytes (full chunks then move bitmaps as 8-byte words).
+    ``STATE_BF16``: exp_avg, exp_avg_sq and max_exp_avg_sq are bf16 (else fp32).
+    ``L2_DECAY``: torch's Adam weight decay (an L2 term in the gradient), else AdamW's.
     ``SR_ROW_CALLS``: every tensor's element offset is a multiple of 8 (one Philox call per
     row, :func:`_random16`). ``HW_BF16``: compiled for a GPU, where computed values round
     to bf16 by the hardware conversion (:func:`_round_computed_bf16`) and set bits are
     counted by ``popc``. Offsets inside an item are int32 over the item's int64 base, so
     ITEM < 2**31."""
+    # Annotated: a tuple of constexprs assigned to a plain name loses them (triton 3.6-3.9).
+    L: tl.constexpr = _Layout(PARAM_BF16, GRAD_BF16, STATE_BF16, HAS_MASTER, HAS_REMAINDER,
+                              STOCHASTIC, SR_ROW_CALLS, AMSGRAD, MAXIMIZE, L2_DECAY,
+                              HAS_FREEZE_MASK,
+                              HAS_CHANGE_BITMAP, HAS_CUMULATIVE_BITMAP, HAS_COUNTERS,
+                              HAS_GRAD_SCALE, HAS_FOUND_INF, HW_BF16, BLOCK, ALIGNED)
     offs = _chunk_offsets(BLOCK)
-    rows = tl.arange(0, BLOCK // 8)
     grad_scale = 1.0
     if HAS_GRAD_SCALE:
         grad_scale = tl.load(grad_scale_ptr)
@@ -578,93 +717,52 @@ def adamw_table_kernel(
         # Compared as a tensor: the interpreter (triton 3.9) tags a scalar comparison with
         # its operands' dtype, so splatting it would turn it into a float.
         skip = tl.broadcast_to(tl.load(found_inf_ptr), offs.shape) != 0
+    state: tl.constexpr = tl.int16 if STATE_BF16 else tl.float32
     for item in range(tl.program_id(0), n_items, tl.num_programs(0)):
         t = tl.load(work_ptr + 2 * item).to(tl.int64)
         start = tl.load(work_ptr + 2 * item + 1).to(tl.int64) * ITEM
-        entry = table_ptr + t * _WIDTH
+        entry = table_ptr + t * _ROW_INT64S
         # Each pointer moved to the item's element 0 (bitmaps: its byte; ITEM % 8 == 0).
-        param_ptr = _table_pointer(
-            entry, 0, tl.int16 if PARAM_BF16 else tl.float32, ALIGNED) + start
-        grad_ptr = _table_pointer(
-            entry, 1, tl.int16 if GRAD_BF16 else tl.float16 if GRAD_FP16 else tl.float32,
-            ALIGNED) + start
-        exp_avg_ptr = _table_pointer(
-            entry, 2, tl.int16 if EXP_AVG_BF16 else tl.float32, ALIGNED) + start
-        exp_avg_sq_ptr = _table_pointer(
-            entry, 3, tl.int16 if EXP_AVG_SQ_BF16 else tl.float32, ALIGNED) + start
-        max_exp_avg_sq_ptr = _table_pointer(
-            entry, 4, tl.int16 if MAX_EXP_AVG_SQ_BF16 else tl.float32, ALIGNED) + start
-        master_ptr = _table_pointer(entry, 5, tl.float32, ALIGNED) + start
-        remainder_ptr = _table_pointer(entry, 6, tl.int16, ALIGNED) + start
-        freeze_mask_ptr = _table_pointer(entry, 7, tl.uint8, ALIGNED) + start // 8
-        change_bitmap_ptr = _table_pointer(entry, 8, tl.uint8, ALIGNED) + start // 8
-        cumulative_bitmap_ptr = _table_pointer(entry, 9, tl.uint8, ALIGNED) + start // 8
-        counter_ptr = tl.load(entry + 10).to(tl.pointer_type(tl.int64))
-        length = tl.minimum(tl.load(entry + 11) - start, ITEM).to(tl.int32)
-        index_base = tl.load(entry + 12) + start
-        row = tl.load(entry + 13)
+        p = _Pointers(
+            _table_pointer(entry, _PARAM, tl.int16 if PARAM_BF16 else tl.float32, ALIGNED)
+            + start,
+            _table_pointer(entry, _GRAD, tl.int16 if GRAD_BF16 else tl.float32, ALIGNED)
+            + start,
+            _table_pointer(entry, _EXP_AVG, state, ALIGNED) + start,
+            _table_pointer(entry, _EXP_AVG_SQ, state, ALIGNED) + start,
+            _table_pointer(entry, _MAX_EXP_AVG_SQ, state, ALIGNED) + start,
+            _table_pointer(entry, _MASTER, tl.float32, ALIGNED) + start,
+            _table_pointer(entry, _MASTER, tl.int16, ALIGNED) + start,
+            _table_pointer(entry, _FREEZE_MASK, tl.uint8, ALIGNED) + start // 8,
+            _table_pointer(entry, _CHANGE_BITMAP, tl.uint8, ALIGNED) + start // 8,
+            _table_pointer(entry, _CUMULATIVE_BITMAP, tl.uint8, ALIGNED) + start // 8,
+        )
+        counter_ptr = tl.load(entry + _COUNTERS).to(tl.pointer_type(tl.int64))
+        length = tl.minimum(tl.load(entry + _NUMEL) - start, ITEM).to(tl.int32)
+        index_base = tl.load(entry + _ELEMENT_OFFSET) + start
+        row = tl.load(entry + _SCALAR_ROW)
         sr_key_ptr = sr_keys_ptr  # None without stochastic rounding
         if STOCHASTIC:
             sr_key_ptr = sr_keys_ptr + 2 * row
-        scalars_row_ptr = scalars_ptr + 8 * row
-        step_size = tl.load(scalars_row_ptr + 0)
-        bc2_sqrt = tl.load(scalars_row_ptr + 1)
-        lr_wd = tl.load(scalars_row_ptr + 2)
-        beta1 = tl.load(scalars_row_ptr + 3)
-        one_minus_beta1 = tl.load(scalars_row_ptr + 4)
-        beta2 = tl.load(scalars_row_ptr + 5)
-        one_minus_beta2 = tl.load(scalars_row_ptr + 6)
-        eps = tl.load(scalars_row_ptr + 7)
+        r = scalars_ptr + 8 * row
+        s = _Scalars(tl.load(r + 0), tl.load(r + 1), tl.load(r + 2), tl.load(r + 3),
+                     tl.load(r + 4), tl.load(r + 5), tl.load(r + 6), tl.load(r + 7))
 
-        n_changed = tl.zeros(rows.shape, tl.int32)
-        n_moved = tl.zeros(rows.shape, tl.int32)
-        n_nonfinite = tl.zeros(rows.shape, tl.int32)
-        full = length // BLOCK
-        for chunk in tl.range(0, full, num_stages=STAGES):
-            counts = _adamw_chunk(
-                chunk * BLOCK, length, index_base,
-                param_ptr, grad_ptr, exp_avg_ptr, exp_avg_sq_ptr, max_exp_avg_sq_ptr,
-                master_ptr, remainder_ptr, freeze_mask_ptr, change_bitmap_ptr,
-                cumulative_bitmap_ptr, skip, sr_key_ptr, grad_scale,
-                step_size, bc2_sqrt, lr_wd, beta1, one_minus_beta1, beta2, one_minus_beta2,
-                eps, True,
-                PARAM_BF16, GRAD_BF16, EXP_AVG_BF16, EXP_AVG_SQ_BF16, MAX_EXP_AVG_SQ_BF16,
-                HAS_MASTER, HAS_REMAINDER, STOCHASTIC, AMSGRAD, MAXIMIZE,
-                HAS_FREEZE_MASK, HAS_CHANGE_BITMAP, HAS_CUMULATIVE_BITMAP, HAS_COUNTERS,
-                HAS_GRAD_SCALE, HAS_FOUND_INF, SR_ROW_CALLS, HW_BF16, BLOCK, ALIGNED,
-            )
-            n_changed += counts[0]
-            n_moved += counts[1]
-            n_nonfinite += counts[2]
-        if full * BLOCK < length:
-            counts = _adamw_chunk(
-                full * BLOCK, length, index_base,
-                param_ptr, grad_ptr, exp_avg_ptr, exp_avg_sq_ptr, max_exp_avg_sq_ptr,
-                master_ptr, remainder_ptr, freeze_mask_ptr, change_bitmap_ptr,
-                cumulative_bitmap_ptr, skip, sr_key_ptr, grad_scale,
-                step_size, bc2_sqrt, lr_wd, beta1, one_minus_beta1, beta2, one_minus_beta2,
-                eps, False,
-                PARAM_BF16, GRAD_BF16, EXP_AVG_BF16, EXP_AVG_SQ_BF16, MAX_EXP_AVG_SQ_BF16,
-                HAS_MASTER, HAS_REMAINDER, STOCHASTIC, AMSGRAD, MAXIMIZE,
-                HAS_FREEZE_MASK, HAS_CHANGE_BITMAP, HAS_CUMULATIVE_BITMAP, HAS_COUNTERS,
-                HAS_GRAD_SCALE, HAS_FOUND_INF, SR_ROW_CALLS, HW_BF16, BLOCK, ALIGNED,
-            )
-            n_changed += counts[0]
-            n_moved += counts[1]
-            n_nonfinite += counts[2]
+        counts = _item(p, s, length, index_base, skip, sr_key_ptr, grad_scale, STAGES, L)
         if HAS_COUNTERS:
             # Item sums fit in int32 (ITEM < 2**31). The item that finishes its tensor last
-            # (by the ticket in column 17) publishes the sums of columns 14..16 and leaves
-            # them and the ticket zero for the next launch.
-            tl.atomic_add(entry + 14, tl.sum(n_changed, axis=0).to(tl.int64), sem="relaxed")
-            tl.atomic_add(entry + 15, tl.sum(n_moved, axis=0).to(tl.int64), sem="relaxed")
-            tl.atomic_add(entry + 16, tl.sum(n_nonfinite, axis=0).to(tl.int64), sem="relaxed")
-            done = tl.atomic_add(entry + 17, 1, sem="acq_rel")
-            if done == tl.cdiv(tl.load(entry + 11), ITEM) - 1:
-                tl.store(counter_ptr + 0, tl.atomic_xchg(entry + 14, 0, sem="relaxed"))
-                tl.store(counter_ptr + 1, tl.atomic_xchg(entry + 15, 0, sem="relaxed"))
-                tl.store(counter_ptr + 2, tl.atomic_xchg(entry + 16, 0, sem="relaxed"))
-                tl.atomic_xchg(entry + 17, 0, sem="relaxed")
+            # (by the ticket, the workspace's fourth field) publishes the three sums and
+            # leaves them and the ticket zero for the next launch.
+            sums = workspace_ptr + _WORKSPACE_INT64S * t
+            tl.atomic_add(sums + 0, tl.sum(counts[0], axis=0).to(tl.int64), sem="relaxed")
+            tl.atomic_add(sums + 1, tl.sum(counts[1], axis=0).to(tl.int64), sem="relaxed")
+            tl.atomic_add(sums + 2, tl.sum(counts[2], axis=0).to(tl.int64), sem="relaxed")
+            done = tl.atomic_add(sums + 3, 1, sem="acq_rel")
+            if done == tl.cdiv(tl.load(entry + _NUMEL), ITEM) - 1:
+                tl.store(counter_ptr + 0, tl.atomic_xchg(sums + 0, 0, sem="relaxed"))
+                tl.store(counter_ptr + 1, tl.atomic_xchg(sums + 1, 0, sem="relaxed"))
+                tl.store(counter_ptr + 2, tl.atomic_xchg(sums + 2, 0, sem="relaxed"))
+                tl.atomic_xchg(sums + 3, 0, sem="relaxed")
 
 
 # ---------------------------------------------------------------------------------------
@@ -686,23 +784,16 @@ def _interpreting() -> bool:
 _INTERPRETING: bool | None = None
 
 
-def _check(name: str, t: Tensor, dtypes: tuple, numel: int, device: torch.device) -> None:
-    """One place for the per-tensor checks, with messages that name the tensor."""
-    if not isinstance(t, Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-    if t.dtype not in dtypes:
-        allowed = ", ".join(str(d) for d in dtypes)
-        raise TypeError(f"{name} has dtype {t.dtype}; the Triton backend takes {allowed}")
-    if t.numel() != numel:
-        raise ValueError(f"{name} has {t.numel()} elements, expected {numel}")
-    if t.device != device:
-        raise ValueError(f"{name} is on {t.device}, its param on {device}; move it to {device}")
-    if not t.is_contiguous():
-        raise ValueError(
-            f"{name} is not contiguous (shape {tuple(t.shape)}, stride {tuple(t.stride())}); "
-            "the Triton backend needs contiguous tensors: pass t.contiguous() (and copy the "
-            "result back), or use backend='reference'"
+def _check_device(i: int, param: Tensor) -> None:
+    if param.device.type == "cpu" and not _interpreting():
+        raise RuntimeError(
+            "the Triton backend got CPU tensors, but Triton is not in interpreter mode: "
+            "set TRITON_INTERPRET=1 before triton is first imported, move the tensors to "
+            "a GPU, or use backend='reference'"
         )
+
+
+_POLICY = Policy("Triton", _check_device, strict=True)
 
 
 def _one_element(name: str, t: Tensor, device: torch.device, dtype=None) -> Tensor:
@@ -722,36 +813,18 @@ def _found_inf_operand(found_inf: Tensor, device: torch.device) -> Tensor:
     return (t != 0).view(torch.uint8)
 
 
-class _Operands(NamedTuple):
-    """One tensor's operands, in the order of the first columns of ``TABLE_COLUMNS``."""
-
-    param: Tensor
-    grad: Tensor
-    exp_avg: Tensor
-    exp_avg_sq: Tensor
-    max_exp_avg_sq: Tensor | None
-    master: Tensor | None
-    remainder: Tensor | None
-    freeze_mask: Tensor | None
-    change_bitmap: Tensor | None
-    cumulative_bitmap: Tensor | None
-    counter: Tensor | None
-
-
 def _is_bf16(t: Tensor | None) -> bool:
     return t is not None and t.dtype == torch.bfloat16
 
 
-def _layout(ops: _Operands, rounding: str, offset: int) -> dict[str, bool]:
-    """The per-tensor compile-time flags but the grad's (:func:`_grad_flags`): dtypes,
-    which optional tensors are present, and whether stochastic rounding can draw one Philox
-    call per row (always true without it, so such tensors are not split off)."""
+def _layout(ops: Operands, rounding: str, offset: int) -> dict[str, bool]:
+    """The per-tensor compile-time flags but the grad's: dtypes, which optional tensors
+    are present, and whether stochastic rounding can draw one Philox call per row (always
+    true without it, so such tensors are not split off)."""
     stochastic = rounding == "stochastic" and _is_bf16(ops.param)
     return dict(
         PARAM_BF16=_is_bf16(ops.param),
-        EXP_AVG_BF16=_is_bf16(ops.exp_avg),
-        EXP_AVG_SQ_BF16=_is_bf16(ops.exp_avg_sq),
-        MAX_EXP_AVG_SQ_BF16=_is_bf16(ops.max_exp_avg_sq),
+        STATE_BF16=_is_bf16(ops.exp_avg),
         HAS_MASTER=ops.master is not None,
         HAS_REMAINDER=ops.remainder is not None,
         STOCHASTIC=stochastic,
@@ -763,15 +836,9 @@ def _layout(ops: _Operands, rounding: str, offset: int) -> dict[str, bool]:
     )
 
 
-def _grad_flags(dtype: torch.dtype) -> dict[str, bool]:
-    """The table kernel's compile-time flags of a grad dtype."""
-    return dict(GRAD_BF16=dtype == torch.bfloat16, GRAD_FP16=dtype == torch.float16)
-
-
-def _static_key(ops: tuple, offset: int, options: tuple) -> tuple:
+def _static_key(ops: Operands, offset: int, options: tuple) -> tuple:
     """A tensor's launch flags but the grad's, and whether its other pointers are 16-byte
-    aligned (planner callback; ``ops`` in the order of :data:`rlvr_optim.plan.OPERANDS`)."""
-    ops = _Operands(*ops)
+    aligned (planner callback)."""
     layout = tuple(sorted(_layout(ops, options[0], offset).items()))
     aligned = all(t.data_ptr() % 16 == 0 for t in ops if t is not None)
     return layout, aligned
@@ -781,7 +848,7 @@ def _group_key(static: tuple, grad_dtype: torch.dtype, grad_address: int) -> tup
     """The launch flags of a tensor with this grad (planner callback)."""
     layout, aligned = static
     return tuple(sorted((*layout, ("ALIGNED", aligned and grad_address % 16 == 0),
-                         *_grad_flags(grad_dtype).items())))
+                         ("GRAD_BF16", grad_dtype == torch.bfloat16))))
 
 
 def _work_table(numels: tuple[int, ...], item: int) -> Tensor:
@@ -809,7 +876,8 @@ class _Launch(NamedTuple):
     """One launch of ``adamw_table_kernel``: its layout flags and device tables."""
 
     flags: dict
-    table: Tensor  # int64 [tensors, _WIDTH], TABLE_COLUMNS
+    table: Tensor  # int64 [tensors, len(ROW_FIELDS)] (rlvr_optim.table)
+    workspace: Tensor  # int64 [tensors, counters + 1]: counter sums and a ticket, zero
     work: Tensor  # int32 [items, 2]
     block: int
     item: int
@@ -827,27 +895,24 @@ def _shape(device: torch.device, block_size: int | None, item_size: int | None
 
 
 def _encode(group, options: tuple) -> _Launch:
-    """The device tables of a planner group (planner callback): its columns as int64 rows
-    of ``TABLE_COLUMNS``, the counter workspace zero, and its work items."""
+    """The device tables of a planner group (planner callback): its columns as table rows,
+    a zero counter workspace, and its work items."""
     _, block_size, item_size = options
     block, item = _shape(group.device, block_size, item_size)
-    rows = np.zeros((len(group.rows), _WIDTH.value), dtype=np.int64)
-    for k, name in enumerate(TABLE_COLUMNS[:_WORKSPACE]):
-        rows[:, k] = group.columns[name]
+    count = len(group.rows)
+    rows = np.zeros((count, len(ROW_FIELDS)), dtype=np.int64)
+    for name, values in group.columns.items():
+        if name in ROW:
+            rows[:, ROW[name]] = values
     numels = tuple(group.columns["numel"].tolist())
+    workspace = torch.zeros(count, _WORKSPACE_INT64S.value, dtype=torch.int64)
     return _Launch(dict(group.key), _to_device(torch.from_numpy(rows), group.device),
+                   _to_device(workspace, group.device),
                    _to_device(_work_table(numels, item), group.device), block, item)
 
 
 def _capturing(device: torch.device) -> bool:
     return device.type == "cuda" and torch.cuda.is_current_stream_capturing()
-
-
-_BITMAP = (torch.uint8,)
-_FLOATS = (torch.float32, torch.bfloat16)
-_FLOAT_SET = frozenset(_FLOATS)
-_GRAD_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-_GRAD_SET = frozenset(_GRAD_DTYPES)
 
 
 def adamw(
@@ -869,6 +934,7 @@ def adamw(
     element_offsets: list[int] | None = None,
     amsgrad: bool = False,
     maximize: bool = False,
+    decoupled_weight_decay: bool = True,
     grad_scale: Tensor | None = None,
     found_inf: Tensor | None = None,
     block_size: int | None = None,
@@ -879,19 +945,22 @@ def adamw(
     """One AdamW step over a list of tensors, in place, in fused launches.
 
     Arguments and results as :func:`rlvr_optim.reference.adamw`; all tensors contiguous and
-    on one device per param (CPU tensors need ``TRITON_INTERPRET=1``). ``masters`` and
+    on one device per param (CPU tensors need ``TRITON_INTERPRET=1``), grads float32 or
+    bfloat16, a tensor's states all float32 or all bfloat16. ``masters`` and
     ``remainders`` need bf16 params; ``rounding`` only affects bf16 params.
 
-    Every tensor is checked before any is touched. The tables are planned and kept by
-    :data:`planner` (:class:`rlvr_optim.plan.Planner`): a call with the tensors of a recent
-    one, the params and grads at the same addresses, reuses its launches; new grad
-    addresses or dtypes check the grads and rebuild the tables. Tensors other than params
-    and grads are recognized by identity alone: give a state new storage as a new tensor
-    object, never by assigning its ``.data`` between calls.
+    Every tensor is checked before any is touched (:func:`rlvr_optim.checks.check_tensors`).
+    The tables are planned and kept by :data:`planner` (:class:`rlvr_optim.plan.Planner`):
+    a call with the tensors of a recent one, the params and grads at the same addresses,
+    reuses its launches; new grad addresses or dtypes check the grads and rebuild the
+    tables. Tensors other than params and grads are recognized by identity alone: give a
+    state new storage as a new tensor object, never by assigning its ``.data`` between
+    calls.
 
     One launch of ``adamw_table_kernel`` per group of tensors with the same device and
-    layout (dtypes, optional tensors, alignment): its int64 table of ``TABLE_COLUMNS``
-    rows, its work items, and no other host work; the kernel writes the counters itself.
+    layout (dtypes, optional tensors, alignment): its table of rows
+    (:mod:`rlvr_optim.table`), its work items, and no other host work; the kernel writes
+    the counters itself.
 
     Args:
         block_size: elements per chunk, a power of two >= 8 (default:
@@ -906,112 +975,103 @@ def adamw(
             :data:`DEFAULT_PROGRAMS_PER_SM` per SM on a GPU, one per work item under the
             interpreter); a launch never starts more programs than it has work items.
     """
-    check_arguments(params, scalars=scalars, max_exp_avg_sqs=max_exp_avg_sqs, masters=masters,
-                    remainders=remainders, rounding=rounding, sr_keys=sr_keys, amsgrad=amsgrad)
+    ops = call_operands(params, exp_avgs, exp_avg_sqs, max_exp_avg_sqs=max_exp_avg_sqs,
+                        masters=masters, remainders=remainders, freeze_masks=freeze_masks,
+                        change_bitmaps=change_bitmaps, cumulative_bitmaps=cumulative_bitmaps,
+                        counters=counters, amsgrad=amsgrad)
+    check_arguments(ops, scalars=scalars, rounding=rounding, sr_keys=sr_keys, amsgrad=amsgrad)
     if not params:
         return
+    shape = _launch_shape(block_size, item_size, num_warps, num_programs)
+    offsets = [0] * len(params) if element_offsets is None else element_offsets
+    launches = planner.launches(ops, grads, offsets, (rounding, block_size, item_size))
+    _run(launches, shape, StepInputs(scalars, sr_keys if rounding == "stochastic" else None,
+                                     maximize, decoupled_weight_decay, grad_scale, found_inf),
+         amsgrad)
+
+
+class _LaunchShape(NamedTuple):
+    """A call's launch shape (see :func:`adamw`); None: the default."""
+
+    block_size: int | None = None
+    item_size: int | None = None
+    num_warps: int | None = None
+    num_programs: int | None = None
+
+
+def _launch_shape(block_size, item_size, num_warps, num_programs) -> _LaunchShape:
+    """The launch shape of :func:`adamw`'s arguments, checked."""
     if block_size is not None and (block_size < 8 or block_size & (block_size - 1)):
         raise ValueError(f"block_size must be a power of two >= 8, got {block_size}")
     if num_warps is not None and (not 1 <= num_warps <= 32 or num_warps & (num_warps - 1)):
         raise ValueError(f"num_warps must be a power of two from 1 to 32, got {num_warps}")
-    warps = num_warps or DEFAULT_NUM_WARPS_GPU
     if item_size is not None and not 0 < item_size < 2**31:
         raise ValueError(f"item_size must be from 1 to 2**31 - 1, got {item_size}")
     if num_programs is not None and num_programs < 1:
         raise ValueError(f"num_programs must be at least 1, got {num_programs}")
-    statics = (params, exp_avgs, exp_avg_sqs, max_exp_avg_sqs if amsgrad else None, masters,
-               remainders, freeze_masks, change_bitmaps, cumulative_bitmaps, counters)
-    offsets = [0] * len(params) if element_offsets is None else element_offsets
-    launches = planner.launches(statics, grads, offsets, (rounding, block_size, item_size))
+    return _LaunchShape(block_size, item_size, num_warps, num_programs)
+
+
+def prepare(ops: Operands, *, element_offsets=None, rounding: str = "nearest",
+            amsgrad: bool = False) -> PlannedCall:
+    """:func:`adamw` over ``ops`` (at the default launch shape) as a call ``(grads,
+    StepInputs)`` kept by its caller: checked when it first runs, then a pass over the
+    grads per step (:class:`rlvr_optim.plan.PlannedCall`)."""
+    offsets = [0] * ops.count if element_offsets is None else element_offsets
+    shape = _LaunchShape()
+
+    def run(launches, statics, offsets, grads, x: StepInputs) -> None:
+        _run(launches, shape, x, amsgrad)
+
+    return PlannedCall(planner, run, ops, offsets, (rounding, None, None))
+
+
+def _run(launches: list, shape: _LaunchShape, x: StepInputs, amsgrad: bool) -> None:
+    """One launch of ``adamw_table_kernel`` per planned launch."""
     if not launches:
         return
     interpreting = _interpreting()
-    call_flags = dict(AMSGRAD=bool(amsgrad), MAXIMIZE=bool(maximize),
-                      HAS_GRAD_SCALE=grad_scale is not None, HAS_FOUND_INF=found_inf is not None)
+    call_flags = dict(AMSGRAD=bool(amsgrad), MAXIMIZE=bool(x.maximize),
+                      L2_DECAY=not x.decoupled_weight_decay,
+                      HAS_GRAD_SCALE=x.grad_scale is not None, HAS_FOUND_INF=x.found_inf is not None)
     # Per-call operands, moved once per device (not once per tensor).
     per_device: dict[torch.device, tuple] = {}
     for launch in launches:
         device = launch.table.device
         if device not in per_device:
-            programs = num_programs or (
+            programs = shape.num_programs or (
                 DEFAULT_PROGRAMS_PER_SM
                 * torch.cuda.get_device_properties(device).multi_processor_count
                 if device.type != "cpu" else 2**31 - 1)
             per_device[device] = (
                 programs,
-                _to_device(scalars, device).contiguous(),
-                _to_device(sr_keys, device).contiguous() if rounding == "stochastic" else None,
-                (_one_element("grad_scale", grad_scale, device, torch.float32)
-                 if grad_scale is not None else None),
-                _found_inf_operand(found_inf, device) if found_inf is not None else None,
+                _to_device(x.scalars, device).contiguous(),
+                _to_device(x.sr_keys, device).contiguous() if x.sr_keys is not None else None,
+                (_one_element("grad_scale", x.grad_scale, device, torch.float32)
+                 if x.grad_scale is not None else None),
+                _found_inf_operand(x.found_inf, device) if x.found_inf is not None else None,
             )
     for launch in launches:
         programs, *operands = per_device[launch.table.device]
         items = launch.work.shape[0]
         try:
             adamw_table_kernel[(min(items, programs),)](
-                launch.table, launch.work, items, *operands,
+                launch.table, launch.work, launch.workspace, items, *operands,
                 BLOCK=launch.block, ITEM=launch.item, STAGES=DEFAULT_STAGES_GPU,
                 HW_BF16=not interpreting, **launch.flags, **call_flags,
-                num_warps=warps, enable_fp_fusion=False,
+                num_warps=shape.num_warps or DEFAULT_NUM_WARPS_GPU, enable_fp_fusion=False,
             )
         except BaseException:
             # A kernel stopped part way (the interpreter runs it on the host) may leave its
-            # counter sums in the table; the next launch must start from zero.
-            launch.table[:, _WORKSPACE:].zero_()
+            # counter sums in the workspace; the next launch must start from zero.
+            launch.workspace.zero_()
             raise
 
 
-def _check_call(statics, grads, offsets, options) -> None:
+def _check_call(statics: Operands, grads, offsets, options) -> None:
     """Every per-tensor check (planner callback)."""
-    (params, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, masters, remainders, freeze_masks,
-     change_bitmaps, cumulative_bitmaps, counters) = statics
-    _check_all(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, masters, remainders,
-               freeze_masks, change_bitmaps, cumulative_bitmaps, counters, offsets,
-               max_exp_avg_sqs is not None, _interpreting())
+    check_tensors(statics, grads, offsets, _POLICY)
 
 
-def _check_all(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, masters, remainders,
-               freeze_masks, change_bitmaps, cumulative_bitmaps, counters, element_offsets,
-               amsgrad, interpreting) -> None:
-    """Check every tensor before touching any."""
-    for i, param in enumerate(params):
-        device = param.device
-        if device.type == "cpu" and not interpreting:
-            raise RuntimeError(
-                "the Triton backend got CPU tensors, but Triton is not in interpreter mode: "
-                "set TRITON_INTERPRET=1 before triton is first imported, move the tensors to "
-                "a GPU, or use backend='reference'"
-            )
-        numel = param.numel()
-        nbytes = (numel + 7) // 8
-        _check(f"params[{i}]", param, _FLOATS, numel, device)
-        _check(f"grads[{i}]", grads[i], _GRAD_DTYPES, numel, device)
-        _check(f"exp_avgs[{i}]", exp_avgs[i], _FLOATS, numel, device)
-        _check(f"exp_avg_sqs[{i}]", exp_avg_sqs[i], _FLOATS, numel, device)
-        max_exp_avg_sq = max_exp_avg_sqs[i] if amsgrad else None
-        if max_exp_avg_sq is not None:
-            _check(f"max_exp_avg_sqs[{i}]", max_exp_avg_sq, _FLOATS, numel, device)
-        master = masters[i] if masters is not None else None
-        remainder = remainders[i] if remainders is not None else None
-        if master is not None:
-            _check(f"masters[{i}]", master, (torch.float32,), numel, device)
-        if remainder is not None:
-            _check(f"remainders[{i}]", remainder, (torch.int16,), numel, device)
-        freeze_mask = freeze_masks[i] if freeze_masks is not None else None
-        change_bitmap = change_bitmaps[i] if change_bitmaps is not None else None
-        cumulative_bitmap = cumulative_bitmaps[i] if cumulative_bitmaps is not None else None
-        counter = counters[i] if counters is not None else None
-        for name, bitmap in (("freeze_masks", freeze_mask), ("change_bitmaps", change_bitmap),
-                             ("cumulative_bitmaps", cumulative_bitmap)):
-            if bitmap is not None:
-                _check(f"{name}[{i}]", bitmap, _BITMAP, nbytes, device)
-        if counter is not None:
-            _check(f"counters[{i}]", counter, (torch.int64,), 3, device)
-        offset = int(element_offsets[i]) if element_offsets is not None else 0
-        if not 0 <= offset <= 2**63 - 1 - numel:
-            raise ValueError(f"element_offsets[{i}] must be >= 0 and fit in int64, got {offset}")
-
-
-planner = Planner(_check_call, _static_key, _group_key, _encode, _GRAD_SET, _capturing)
+planner = Planner(_check_call, _static_key, _group_key, _encode, frozenset(FLOATS), _capturing)
 """The Triton backend's kept calls and launches (:class:`rlvr_optim.plan.Planner`)."""

@@ -24,12 +24,13 @@ import sys
 import tempfile
 
 _ARGUMENTS = {
-    "table_ptr": "*i64", "work_ptr": "*i32", "n_items": "i32", "scalars_ptr": "*fp32",
+    "table_ptr": "*i64", "work_ptr": "*i32", "workspace_ptr": "*i64", "n_items": "i32",
+    "scalars_ptr": "*fp32",
     "sr_keys_ptr": "*i64", "grad_scale_ptr": "*fp32", "found_inf_ptr": "*u8",
 }
 _FLAGS = (
-    "ALIGNED", "PARAM_BF16", "GRAD_BF16", "GRAD_FP16", "EXP_AVG_BF16", "EXP_AVG_SQ_BF16",
-    "MAX_EXP_AVG_SQ_BF16", "HAS_MASTER", "HAS_REMAINDER", "STOCHASTIC", "AMSGRAD", "MAXIMIZE",
+    "ALIGNED", "PARAM_BF16", "GRAD_BF16", "STATE_BF16", "HAS_MASTER", "HAS_REMAINDER",
+    "STOCHASTIC", "AMSGRAD", "MAXIMIZE", "L2_DECAY",
     "HAS_FREEZE_MASK", "HAS_CHANGE_BITMAP", "HAS_CUMULATIVE_BITMAP", "HAS_COUNTERS",
     "HAS_GRAD_SCALE", "HAS_FOUND_INF", "SR_ROW_CALLS", "HW_BF16",
 )
@@ -106,7 +107,7 @@ def resource_usage(cubin: bytes) -> dict:
 # The layouts bench/static_report.py reports for every backend, by its names: "default" is
 # what rlvr_optim.AdamW runs without options on bf16 params (bf16 states, nearest).
 _BF16 = dict(PARAM_BF16=True, GRAD_BF16=True)
-_BF16_STATES = dict(_BF16, EXP_AVG_BF16=True, EXP_AVG_SQ_BF16=True)
+_BF16_STATES = dict(_BF16, STATE_BF16=True)
 STATIC_MODES = {
     "default": _BF16_STATES,
     "stochastic": dict(_BF16_STATES, STOCHASTIC=True),

@@ -169,7 +169,7 @@ def run_minilm(config: MiniLMAblation, workspace: Workspace, budget: StepBudget,
             "trained_params": sum(p.numel() for n, p in base.named_parameters() if n in trained),
             "measured_params": sum(t.numel() for t in start.values())}
     results = [_run_one(config, spec, base, tokenizer, task, start, trained, accuracy, workspace,
-                        budget, bar) for spec in config.runs()]
+                        budget=budget, bar=bar) for spec in config.runs()]
     setup = [
         f"- Model: all-MiniLM-L6-v2 (BERT, 6 layers, hidden 384; {info['params']:,} parameters) "
         f"from `{model_dir}`, normalised mean pooling and a new linear head over "
@@ -198,7 +198,7 @@ def _copy(base: nn.Module, dtype: torch.dtype, device: torch.device) -> nn.Modul
 
 
 def _run_one(config: MiniLMAblation, spec: RunSpec, base: nn.Module, tokenizer, task: TopicTask,
-             start: dict[str, Tensor], trained: list[str], accuracy, workspace: Workspace,
+             start: dict[str, Tensor], trained: list[str], accuracy, workspace: Workspace, *,
              budget: StepBudget, bar) -> dict:
     done = workspace.finished(spec.name)
     if done is not None:
