@@ -24,7 +24,7 @@ pytest.importorskip("transformers")
 
 from rlvr_optim import analysis, bitmaps, cli  # noqa: E402
 from rlvr_optim.ablation import Arm, preset, run_ablation  # noqa: E402
-from rlvr_optim.ablation import cohorts, lm, lm_report, starts, stats  # noqa: E402
+from rlvr_optim.ablation import cohorts, curves, lm, lm_report, starts, stats  # noqa: E402
 from rlvr_optim.ablation.config import MASTER, NEAREST, STOCHASTIC  # noqa: E402
 from rlvr_optim.ablation.minilm import TOPICS, TopicTask, minilm_path  # noqa: E402
 from rlvr_optim.ablation.runs import derive_seed, load_checkpoint  # noqa: E402
@@ -557,12 +557,12 @@ def test_verdict_cannot_say_on_one_distribution_and_agrees_on_separated_ones():
 
 
 def test_matched_reading_interpolates_and_says_when_a_curve_never_reaches():
-    assert lm_report.at_matched([0.0, 1.0, 3.0], [1.0, 0.8, 0.4], 2.0) == pytest.approx(0.6)
-    assert lm_report.at_matched([0.0, 1.0], [1.0, 0.8], 5.0) is None
+    assert curves.at_matched([0.0, 1.0, 3.0], [1.0, 0.8, 0.4], 2.0) == pytest.approx(0.6)
+    assert curves.at_matched([0.0, 1.0], [1.0, 0.8], 5.0) is None
     # In log x between two positive points: 1e-3 -> 1e-1, target 1e-2 is half way.
-    assert lm_report.at_matched([0.0, 1e-3, 1e-1], [1.0, 0.5, 0.3], 1e-2,
+    assert curves.at_matched([0.0, 1e-3, 1e-1], [1.0, 0.5, 0.3], 1e-2,
                                 log_x=True) == pytest.approx(0.4)
-    assert lm_report.at_matched([0.0, 1.0, 2.0], [None, 0.9, 0.7], 0.5) is None
+    assert curves.at_matched([0.0, 1.0, 2.0], [None, 0.9, 0.7], 0.5) is None
     assert lm_report.quantile([3.0, 1.0, 2.0, 4.0], 0.5) == pytest.approx(2.5)
 
 

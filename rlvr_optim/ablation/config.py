@@ -12,7 +12,47 @@ from ..demo import MODES
 from ..errors import InputError
 
 __all__ = ["Arm", "FREEZE_ARMS", "HEADLINE_ARMS", "KINDS", "LMAblation", "MiniLMAblation",
-           "PAPER_LR_ARMS", "PRECISION_ARMS", "PRESETS", "RunSpec", "fingerprint", "preset"]
+           "PAPER_LR_ARMS", "PRECISION_ARMS", "PRESETS", "RunSpec", "StartSpec", "fingerprint",
+           "preset"]
+
+
+@dataclass(frozen=True)
+class StartSpec:
+    """What makes a start: model, task split, warm-up and the KL samples.
+
+    Fields (defaults: the committed starts):
+        digits: operand digits of the addition task.
+        hidden, layers, heads, intermediate: the model (:mod:`rlvr_optim.ablation.lm`).
+        held_out, split_seed: problems set aside for evaluation (:meth:`AdditionTask.split`);
+            the warm-up and every run train on the others.
+        steps, lr, batch: the warm-up (AdamW, linear ramp over the first 5% of steps, then a
+            cosine decay to 0, so the end does not hinge on the last batch).
+        reversed: share of warm-up answers written reversed.
+        noise: probability that a warm-up answer digit is replaced by a random digit.
+        kl_samples, temperature: sequences sampled from the start (held-out prompts) for the
+            fixed-sample KL, and the temperature they are drawn at.
+        seed: seeds the initial weights, the warm-up's data and the KL samples.
+    """
+
+    digits: int = 2
+    hidden: int = 32
+    layers: int = 2
+    heads: int = 2
+    intermediate: int = 96
+    held_out: int = 1024
+    split_seed: int = 0
+    steps: int = 3000
+    lr: float = 3e-3
+    batch: int = 64
+    reversed: float = 0.35
+    noise: float = 0.15
+    kl_samples: int = 128
+    temperature: float = 1.0
+    seed: int = 0
+
+    @property
+    def name(self) -> str:
+        return f"start-{self.seed}"
 
 
 @dataclass(frozen=True)
@@ -143,7 +183,7 @@ class LMAblation:
         held_out, split_seed: problems set aside for evaluation; no start or run trains on
             them.
         warmup_steps, warmup_lr, warmup_batch, warmup_reversed, warmup_noise: the warm-up of
-            each start (:class:`rlvr_optim.ablation.starts.StartSpec`).
+            each start (:class:`StartSpec`).
         starts: the starts' seeds (one warm-up each).
         steps: optimizer steps of every run (a multiple of ``updates``).
         prompts, group: prompts per rollout and samples per prompt (RL advantages are
@@ -231,9 +271,7 @@ class LMAblation:
                              f"({self.held_out})")
 
     def start_spec(self, seed: int):
-        """The :class:`~rlvr_optim.ablation.starts.StartSpec` of start ``seed``."""
-        from .starts import StartSpec
-
+        """The :class:`StartSpec` of start ``seed``."""
         return StartSpec(digits=self.digits, hidden=self.hidden, layers=self.layers,
                          heads=self.heads, intermediate=self.intermediate,
                          held_out=self.held_out, split_seed=self.split_seed,

@@ -13,6 +13,8 @@ from typing import Any, Mapping, Sequence
 
 from .. import analysis, files
 from .config import MASTER, NEAREST, STOCHASTIC, LMAblation
+from .curves import curve, read_at_gain, read_at_kl
+from .stats import t_quantile
 
 __all__ = ["draw_plots"]
 
@@ -34,10 +36,6 @@ def _median_band(columns: Sequence[Sequence[float]]) -> tuple[list, list, list]:
         lo.append(xs[0])
         hi.append(xs[-1])
     return med, lo, hi
-
-
-def _curve(run: Mapping, key: str) -> list:
-    return [run["curve_start"][key]] + list(run["series"][key])
 
 
 def _steps(run: Mapping) -> list[int]:
@@ -84,7 +82,7 @@ def _learning(plt, out: str, config: LMAblation, head: Any, paths: list[str]) ->
         for name, runs in head.named():
             mine = [r for r in runs if r["start"] == s]
             xs = _steps(mine[0])
-            med, lo, hi = _median_band(list(zip(*[_curve(r, "curve_sampled_accuracy")
+            med, lo, hi = _median_band(list(zip(*[curve(r, "curve_sampled_accuracy")
                                                   for r in mine])))
             ax.plot(xs, [100 * v for v in med], "-", color=COLORS[name], label=name, lw=1.8)
             ax.fill_between(xs, [100 * v for v in lo], [100 * v for v in hi],
@@ -129,8 +127,8 @@ def _sparsity_vs_kl(plt, out: str, head: Any, targets: Mapping | None,
     for ax, (name, runs) in zip(axes[0], named):
         starts = sorted({r["start"] for r in runs})
         for r in runs:
-            kl = _curve(r, "curve_kl")[1:]
-            un = _curve(r, "curve_unchanged")[1:]
+            kl = curve(r, "curve_kl")[1:]
+            un = curve(r, "curve_unchanged")[1:]
             ax.plot(kl, [100 * u for u in un], start_styles[starts.index(r["start"]) % 4],
                     color=COLORS[name], lw=0.9, alpha=0.7)
         if targets and targets.get("kl"):
@@ -152,8 +150,6 @@ def _sparsity_vs_kl(plt, out: str, head: Any, targets: Mapping | None,
 
 def _matched(plt, out: str, head: Any, targets: Mapping, paths: list[str]) -> None:
     """Each run's measures at the common KL (and gain): dots per run, mean and 95% interval."""
-    from .lm_report import read_at_gain, read_at_kl
-    from .stats import t_quantile
 
     measures = [("curve_unchanged", "bf16 weights unchanged (%)", 100.0),
                 ("curve_master_matched_lift", "fp32 master top-20% in principal,\n"
@@ -230,12 +226,12 @@ def _freezing(plt, out: str, config: LMAblation, head: Any, paths: list[str]) ->
     for name, runs in group:
         xs = _steps(runs[0])
         gains = [[v - r["curve_start"]["curve_sampled_accuracy"]
-                  for v in _curve(r, "curve_sampled_accuracy")] for r in runs]
+                  for v in curve(r, "curve_sampled_accuracy")] for r in runs]
         med, lo, hi = _median_band(list(zip(*gains)))
         axes[0].plot(xs, [100 * v for v in med], "-", color=COLORS[name], label=name, lw=1.6)
         axes[0].fill_between(xs, [100 * v for v in lo], [100 * v for v in hi],
                              color=COLORS[name], alpha=0.12, lw=0)
-        kl = list(zip(*[_curve(r, "curve_kl")[1:] for r in runs]))
+        kl = list(zip(*[curve(r, "curve_kl")[1:] for r in runs]))
         med, lo, hi = _median_band(kl)
         axes[1].plot(xs[1:], med, "-", color=COLORS[name], label=name, lw=1.6)
         axes[1].fill_between(xs[1:], lo, hi, color=COLORS[name], alpha=0.12, lw=0)

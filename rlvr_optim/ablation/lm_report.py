@@ -23,10 +23,11 @@ from .. import analysis, files
 from ..optimizer import format_table
 from . import stats
 from .config import MASTER, NEAREST, STOCHASTIC, LMAblation
+from .curves import at_matched, curve_gain, read_at_gain, read_at_kl
 from .report import PAPER_TABLE1
 from .task import AdditionTask
 
-__all__ = ["SPREAD_NOTE", "at_matched", "claims", "cpu_facts", "format_lm_summary",
+__all__ = ["SPREAD_NOTE", "claims", "cpu_facts", "format_lm_summary",
            "matched_targets", "spread", "write_lm_report"]
 
 SPREAD_NOTE = "mean ± std over runs (sample standard deviation, n - 1)"
@@ -74,30 +75,6 @@ def quantile(values: Sequence[float], q: float) -> float:
     return xs[lo] + (pos - lo) * (xs[hi] - xs[lo])
 
 
-def at_matched(xs: Sequence[float], ys: Sequence[float | None], target: float,
-               log_x: bool = False) -> float | None:
-    """``y`` where the curve ``x`` first reaches ``target``, interpolated, or None.
-
-    Linear interpolation between the two logged points around the crossing, in ``log x``
-    when ``log_x`` and both points are positive (KL spans decades). None when the curve
-    never reaches ``target`` or ``y`` is undefined at either point.
-    """
-    for i in range(1, len(xs)):
-        x0, x1 = xs[i - 1], xs[i]
-        if x1 >= target:
-            y0, y1 = ys[i - 1], ys[i]
-            if y1 is None or (y0 is None and x0 < target):
-                return None
-            if x0 >= target or x1 == x0:
-                return y0 if x0 >= target else y1
-            if log_x and x0 > 0:
-                t = (math.log(target) - math.log(x0)) / (math.log(x1) - math.log(x0))
-            else:
-                t = (target - x0) / (x1 - x0)
-            return y0 + t * (y1 - y0)
-    return None
-
-
 # --------------------------------------------------------------------------- runs and arms
 
 
@@ -118,15 +95,6 @@ def _find(arms: Mapping[str, list[dict]], **match: Any) -> list[dict] | None:
         if all(runs[0].get(k) == v for k, v in match.items()):
             return runs
     return None
-
-
-def _curve(run: Mapping, key: str) -> list:
-    return [run["curve_start"][key]] + list(run["series"][key])
-
-
-def _curve_gain(run: Mapping) -> list[float]:
-    start = run["curve_start"]["curve_sampled_accuracy"]
-    return [v - start for v in _curve(run, "curve_sampled_accuracy")]
 
 
 def _gain(run: Mapping) -> float:
@@ -265,8 +233,8 @@ def matched_targets(head: Headline) -> dict[str, float | None]:
     """
     named = head.named()
     kl = min(quantile([r["series"]["curve_kl"][-1] for r in runs], 0.2) for _, runs in named)
-    gains = [quantile([_curve_gain(r)[-1] for r in runs], 0.2) for _, runs in named
-             if quantile([_curve_gain(r)[-1] for r in runs], 0.5) > 0]
+    gains = [quantile([curve_gain(r)[-1] for r in runs], 0.2) for _, runs in named
+             if quantile([curve_gain(r)[-1] for r in runs], 0.5) > 0]
     gain = min(gains) if gains and min(gains) > 0 else None
     return {"kl": kl, "gain": gain}
 
@@ -279,19 +247,6 @@ MATCHED_MEASURES = (
     ("angle", "curve_angle", ".3f", "largest principal angle, top-k (deg)"),
     ("drift", "curve_drift", ".2e", "spectrum drift"),
 )
-
-
-def read_at_kl(run: Mapping, curve_key: str, target: float) -> float | None:
-    if curve_key == "gain":
-        ys: list = _curve_gain(run)
-    else:
-        ys = _curve(run, curve_key)
-    return at_matched(_curve(run, "curve_kl"), ys, target, log_x=True)
-
-
-def read_at_gain(run: Mapping, curve_key: str, target: float) -> float | None:
-    ys = _curve(run, curve_key)
-    return at_matched(_curve_gain(run), ys, target)
 
 
 # --------------------------------------------------------------------------- claims

@@ -33,7 +33,6 @@ import platform
 import sys
 import tempfile
 from collections import defaultdict
-from dataclasses import dataclass
 from typing import Any, Sequence
 
 import torch
@@ -43,6 +42,7 @@ from torch import Tensor
 from .. import files
 from ..errors import InputError
 from ..optimizer import AdamW
+from .config import StartSpec
 from .lm import LMShape, forward, generate, greedy, init_weights, weight_shapes
 from .runs import StepBudget, Workspace, derive_seed, drive
 from .task import AdditionTask
@@ -53,45 +53,6 @@ __all__ = ["STARTS_DIR", "StartSpec", "committed_spec", "correct_probability", "
 STARTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "starts")
 MANIFEST = "starts.json"
 COMMAND = "python -m rlvr_optim.ablation.starts"
-
-
-@dataclass(frozen=True)
-class StartSpec:
-    """What makes a start: model, task split, warm-up and the KL samples.
-
-    Fields (defaults: the committed starts):
-        digits: operand digits of the addition task.
-        hidden, layers, heads, intermediate: the model (:mod:`rlvr_optim.ablation.lm`).
-        held_out, split_seed: problems set aside for evaluation (:meth:`AdditionTask.split`);
-            the warm-up and every run train on the others.
-        steps, lr, batch: the warm-up (AdamW, linear ramp over the first 5% of steps, then a
-            cosine decay to 0, so the end does not hinge on the last batch).
-        reversed: share of warm-up answers written reversed.
-        noise: probability that a warm-up answer digit is replaced by a random digit.
-        kl_samples, temperature: sequences sampled from the start (held-out prompts) for the
-            fixed-sample KL, and the temperature they are drawn at.
-        seed: seeds the initial weights, the warm-up's data and the KL samples.
-    """
-
-    digits: int = 2
-    hidden: int = 32
-    layers: int = 2
-    heads: int = 2
-    intermediate: int = 96
-    held_out: int = 1024
-    split_seed: int = 0
-    steps: int = 3000
-    lr: float = 3e-3
-    batch: int = 64
-    reversed: float = 0.35
-    noise: float = 0.15
-    kl_samples: int = 128
-    temperature: float = 1.0
-    seed: int = 0
-
-    @property
-    def name(self) -> str:
-        return f"start-{self.seed}"
 
 
 def start_shape(spec: StartSpec, task: AdditionTask) -> LMShape:
