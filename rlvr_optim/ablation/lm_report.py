@@ -23,7 +23,7 @@ from .. import analysis, files
 from ..optimizer import format_table
 from . import stats
 from .config import MASTER, NEAREST, STOCHASTIC, LMAblation
-from .curves import at_matched, curve_gain, read_at_gain, read_at_kl
+from .curves import curve_gain, read_at_gain, read_at_kl
 from .report import PAPER_TABLE1
 from .task import AdditionTask
 
