@@ -489,19 +489,22 @@ struct Lanes {
 // x0 first, low half first: random16_of's order).
 [[gnu::always_inline]] inline void philox8(uint16_t* out, uint64_t first_call, uint32_t key_lo,
                                            uint32_t key_hi) {
-  alignas(32) uint32_t lo[8], hi[8];
-  for (int j = 0; j < 8; ++j) {
-    const uint64_t c = first_call + static_cast<uint64_t>(j);
-    lo[j] = static_cast<uint32_t>(c);
-    hi[j] = static_cast<uint32_t>(c >> 32);
-  }
+  // The counters' low and high words, built in registers (eight scalar stores read back
+  // as one vector stall store forwarding: a quarter of the draw's time, perf on Zen 3):
+  // low = low word + j, and the high word takes a carry where that addition wrapped.
+  const __m256i lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+  const __m256i sign = _mm256_set1_epi32(INT32_MIN);  // unsigned compare by signed one
+  const __m256i lo = _mm256_add_epi32(_mm256_set1_epi32(static_cast<int>(first_call)), lane);
+  const __m256i wrapped = _mm256_cmpgt_epi32(_mm256_xor_si256(lane, sign), _mm256_xor_si256(lo, sign));
+  const __m256i hi =
+      _mm256_sub_epi32(_mm256_set1_epi32(static_cast<int>(first_call >> 32)), wrapped);
   const __m256i round_a = _mm256_set1_epi32(static_cast<int>(spec::kPhiloxRoundA));
   const __m256i round_b = _mm256_set1_epi32(static_cast<int>(spec::kPhiloxRoundB));
   const __m256i key_a = _mm256_set1_epi32(static_cast<int>(spec::kPhiloxKeyA));
   const __m256i key_b = _mm256_set1_epi32(static_cast<int>(spec::kPhiloxKeyB));
   __m256i k0 = _mm256_set1_epi32(static_cast<int>(key_lo));
   __m256i k1 = _mm256_set1_epi32(static_cast<int>(key_hi));
-  __m256i x0 = load8x32(lo), x1 = load8x32(hi);
+  __m256i x0 = lo, x1 = hi;
   __m256i x2 = _mm256_setzero_si256(), x3 = _mm256_setzero_si256();
   for (int round = 0; round < spec::kPhiloxRounds; ++round) {
     __m256i hi_b, lo_b, hi_a, lo_a;
