@@ -119,12 +119,12 @@ void step_span(const int64_t* row, const CpuStep& a, int64_t begin, int64_t end,
 
   const float* r = a.scalars + 8 * row[kRow_scalar_row];
   const spec::StepScalars s{r[0], r[1], r[2], r[3], r[4], r[5], r[6], r[7]};
-  // kPlainGrad (no grad_scale, no maximize) as constants: gcc 12 does not vectorize a
-  // select on a loop-invariant flag, so the other case is a loop of its own.
+  // kPlainGrad (no grad_scale, no maximize, AdamW's decay) as constants: gcc 12 does not
+  // vectorize a select on a loop-invariant flag, so the other case is a loop of its own.
   const spec::GradOptions o =
-      kPlainGrad ? spec::GradOptions{1.0f, false, false}
+      kPlainGrad ? spec::GradOptions{1.0f, false, false, false}
                  : spec::GradOptions{a.grad_scale != nullptr ? *a.grad_scale : 1.0f,
-                                     a.grad_scale != nullptr, a.maximize};
+                                     a.grad_scale != nullptr, a.maximize, a.l2_decay};
   const bool skip = a.found_inf != nullptr && *a.found_inf != 0.0f;
   uint32_t key_lo = 0, key_hi = 0;
   if (kStochastic) {
@@ -200,15 +200,15 @@ void step_span(const int64_t* row, const CpuStep& a, int64_t begin, int64_t end,
 #if defined(__AVX2__)
 // ---------------------------------------------------------------------------------------
 // The default layouts written with AVX2 intrinsics: every stream bf16, or every stream
-// fp32; nearest rounding, no amsgrad or master, no grad_scale or maximize, no freeze mask,
-// no skipped step. The spec loop above, auto-vectorized, spends about 15 instructions per
+// fp32; nearest rounding, no amsgrad or master, no grad_scale, maximize or L2 decay, no
+// freeze mask, no skipped step. The spec loop above, auto-vectorized, spends about 15 instructions per
 // element on these (gcc 12: widening shuffles, a NaN test in every rounding, selects for
 // kept elements); this one 3 to 7 (csrc/README.md), so that the step is bound by memory
 // rather than by instructions. It computes what adamw_element computes, operation for
 // operation: the same fp32 operations in the same order, flags from the same comparisons.
-// Every other layout, and the default ones with a freeze mask, grad_scale, maximize or a
-// skipped step, run the eight-element loop further down (vector_span); a tensor's last
-// elements that do not fill a group run the spec loop.
+// Every other layout, and the default ones with a freeze mask, grad_scale, maximize, L2
+// decay or a skipped step, run the eight-element loop further down (vector_span); a
+// tensor's last elements that do not fill a group run the spec loop.
 //
 // NaNs are rare, and one test per group of 16 finds every group that needs them: a NaN
 // anywhere in the element's arithmetic (a stored param, m or v, a gradient) reaches the
@@ -239,7 +239,7 @@ struct Fast {
   // adamw_math<false>, eight lanes, NaNs as the arithmetic leaves them (canonical()).
   [[gnu::always_inline]] void math(__m256 g, __m256& w, __m256& m, __m256& v) const {
     __m256 no_vmax = v;
-    spec::adamw_math<false>(g, scalars, w, m, v, no_vmax);
+    spec::adamw_math<false>(g, scalars, false, w, m, v, no_vmax);
   }
 
   // Whether lane k of a or b is a NaN: bit k (a) or bit 8 + k (b); nonzero in rare groups.
@@ -421,8 +421,8 @@ int64_t fast_span_fp32(float* param, const float* grad, float* exp_avg, float* e
 // NaN param with its payload and counts non-finite gradients (an amsgrad maximum with a
 // NaN operand is a NaN, so it reaches the weight through the denominator). A frozen
 // element gets its stored bits back (one blend per output; every element when there is
-// no mask). grad_scale and maximize are uniform (a divide taken or not, a sign mask), a
-// skipped step (found_inf) only counts and clears. Stochastic rounding draws the random
+// no mask). grad_scale, maximize and Adam's L2 decay are uniform (a divide taken or not,
+// a sign mask, an add or a multiply), a skipped step (found_inf) only counts and clears. Stochastic rounding draws the random
 // bits of a block of groups first, eight Philox calls in the lanes of one set of vectors.
 // ---------------------------------------------------------------------------------------
 
@@ -571,7 +571,7 @@ int64_t vector_span(const int64_t* row, const CpuStep& a, int64_t begin, int64_t
 
   const float* r = a.scalars + 8 * row[kRow_scalar_row];
   const Fast k(spec::StepScalars{r[0], r[1], r[2], r[3], r[4], r[5], r[6], r[7]});
-  const bool scaled = a.grad_scale != nullptr;
+  const bool scaled = a.grad_scale != nullptr, l2_decay = a.l2_decay;
   const __m256 grad_scale = _mm256_set1_ps(scaled ? *a.grad_scale : 1.0f);
   // maximize negates g after the division (reference.unscaled_grad): a sign flip.
   const __m256 grad_sign = _mm256_castsi256_ps(_mm256_set1_epi32(a.maximize ? INT32_MIN : 0));
@@ -648,7 +648,7 @@ int64_t vector_span(const int64_t* row, const CpuStep& a, int64_t begin, int64_t
         vmax_old = S::load(max_exp_avg_sq + i);
         vmax = S::value(vmax_old);
       }
-      spec::adamw_math<kAmsgrad>(g, k.scalars, w, m, v, vmax);
+      spec::adamw_math<kAmsgrad>(g, k.scalars, l2_decay, w, m, v, vmax);
       const __m256i train = trained(i);
       const bool rare = __builtin_expect(
           _mm256_movemask_ps(_mm256_cmp_ps(w, w, _CMP_UNORD_Q)) != 0, 0);
@@ -712,7 +712,7 @@ int64_t vector_span(const int64_t* row, const CpuStep& a, int64_t begin, int64_t
 }
 
 // A row's span on AVX2: the default layouts' 16-element loop where it applies (no freeze
-// mask, step not skipped, neither grad_scale nor maximize: kPlain), the 8-element loop
+// mask, step not skipped, no grad_scale, maximize or L2 decay: kPlain), the 8-element loop
 // otherwise, then the spec loop over the few elements that do not fill a group.
 template <bool kParamBf16, bool kGradBf16, bool kStateBf16, MasterForm kForm, bool kStochastic,
           bool kAmsgrad, bool kTrack, bool kPlain>
@@ -751,7 +751,7 @@ void avx2_span(const int64_t* row, const CpuStep& a, int64_t begin, int64_t end,
 
 using SpanFn = void (*)(const int64_t*, const CpuStep&, int64_t, int64_t, Counts&);
 
-// The loops of one layout: without and with grad_scale or maximize.
+// The loops of one layout: without and with grad_scale, maximize or L2 decay.
 struct SpanFns {
   SpanFn plain, general;
 };
@@ -805,7 +805,7 @@ struct WorkItem {
 }  // namespace
 
 bool RLVR_CPU_JOIN(step_, RLVR_CPU_ISA)(const CpuStep& a) {
-  const bool plain = a.grad_scale == nullptr && !a.maximize;
+  const bool plain = a.grad_scale == nullptr && !a.maximize && !a.l2_decay;
   std::vector<SpanFn> fns(static_cast<size_t>(a.num_tensors));
   std::vector<WorkItem> items;
   int64_t elements = 0;

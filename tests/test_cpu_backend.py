@@ -10,7 +10,7 @@ import warnings
 import pytest
 import torch
 
-from rlvr_optim import AdamW, backends, cpu_backend
+from rlvr_optim import AdamW, backends, cpu_backend, extensions
 from rlvr_optim import reference as R
 
 from adamw_cases import BETAS, EPS, FEATURES, FORM_IDS, FORMS
@@ -51,7 +51,7 @@ def isa(request, ext, monkeypatch):
         def step(_isa, *args):
             return step(request.param, *args)
 
-    monkeypatch.setattr(cpu_backend, "_extension", Pinned())
+    monkeypatch.setattr(extensions.CPU, "module", Pinned())
     return request.param
 
 
@@ -120,12 +120,14 @@ def test_matches_reference_bit_for_bit(isa, form, state_dtype, features, numel):
             steps = torch.tensor([step])
             found_inf = f.get("found_inf")
             kwargs = dict(
-                scalars=R.step_scalars(steps, lr, *BETAS, weight_decay, EPS),
+                scalars=R.step_scalars(steps, lr, *BETAS, weight_decay, EPS,
+                                       decoupled_weight_decay=not f.get("l2_decay", False)),
                 rounding=rounding, amsgrad=f.get("amsgrad", False),
                 sr_keys=(R.stochastic_rounding_keys(1000 + seed, steps, torch.tensor([17]))
                          if rounding == "stochastic" else None),
                 element_offsets=[f["element_offset"]] if "element_offset" in f else None,
                 maximize=f.get("maximize", False),
+                decoupled_weight_decay=not f.get("l2_decay", False),
                 grad_scale=torch.tensor(scale) if scale else None,
                 found_inf=torch.tensor(found_inf[step - 1]) if found_inf else None,
             )
@@ -232,8 +234,12 @@ def _layout_state(gen, numel, param_dtype, grad_dtype, state_dtype, master, amsg
     return s, grad_dtype
 
 
+def _no_reference_step(*args, **kwargs):
+    raise AssertionError("the CPU backend stepped a tensor with the reference")
+
+
 @pytest.mark.parametrize("isa", ["avx2"], indirect=True)
-@pytest.mark.parametrize("grad_options", ["plain", "scale-maximize", "skip"])
+@pytest.mark.parametrize("grad_options", ["plain", "scale-maximize-l2", "skip"])
 @pytest.mark.parametrize("master, rounding", [
     (None, "nearest"), (None, "stochastic"), ("fp32", "nearest"), ("fp32", "stochastic"),
     ("remainder", "nearest")], ids=["nearest", "stochastic", "master", "master-sr", "remainder"])
@@ -260,16 +266,18 @@ def test_every_layout_in_one_call_on_random_patterns(isa, master, rounding, grad
                       amsgrad=True, rounding=rounding, element_offsets=offsets,
                       sr_keys=(R.stochastic_rounding_keys(11, steps, torch.arange(n) + 5)
                                if rounding == "stochastic" else None))
-        if grad_options == "scale-maximize":
-            kwargs.update(grad_scale=torch.tensor(0.37), maximize=True)
+        if grad_options == "scale-maximize-l2":  # rlvr_optim.Adam's L2 term as well
+            kwargs.update(grad_scale=torch.tensor(0.37), maximize=True,
+                          decoupled_weight_decay=False)
         elif grad_options == "skip":
             kwargs.update(grad_scale=torch.tensor(4.0), found_inf=torch.tensor(float(step == 2)))
         for states in (ref, got):
             for s in states:
                 _poison(s, gen)
         _call(R.adamw, ref, [g.clone() for g in grads], **kwargs)
-        _call(cpu_backend.adamw, got, [g.clone() for g in grads], **kwargs)
-        assert not cpu_backend._checked_calls[0].slow, "the reference stepped a tensor"
+        with pytest.MonkeyPatch.context() as mp:  # every tensor through the loops
+            mp.setattr(cpu_backend.reference, "step_tensor", _no_reference_step)
+            _call(cpu_backend.adamw, got, [g.clone() for g in grads], **kwargs)
         for k, (s_ref, s_got) in enumerate(zip(ref, got)):
             _compare(s_ref, s_got, f"{isa} step {step} tensor {k} {combos[k]}")
             if "counters" in s_ref:
@@ -349,15 +357,16 @@ def test_signature_is_the_reference_signature():
 
 
 def test_repeated_calls_check_once_and_follow_new_grads(ext, monkeypatch):
-    """A step with the tensors of the last call reuses its checks and table; new grad
-    objects (other addresses, other dtype) are read, never a stale address."""
+    """A step with the tensors of the last call reuses its checks; new grad objects
+    (other addresses, other dtype) get tables of their own, never a stale address."""
     gen = torch.Generator().manual_seed(2)
     ref = _make_state(gen, 100, torch.bfloat16, torch.float32, None, amsgrad=False,
                       freeze=False, track=True)
     got = {k: v.clone() for k, v in ref.items()}
-    built = []
-    monkeypatch.setattr(cpu_backend._Checked, "of",
-                        classmethod(lambda cls, *a: built.append(1) or _of(cls, *a)))
+    checked = []
+    check = cpu_backend.planner._check
+    monkeypatch.setattr(cpu_backend.planner, "_check",
+                        lambda *a: checked.append(1) or check(*a))
     for step, dtype in ((1, torch.bfloat16), (2, torch.bfloat16), (3, torch.float32)):
         grad = _grad(gen, 100, dtype)
         steps = torch.tensor([step])
@@ -365,10 +374,7 @@ def test_repeated_calls_check_once_and_follow_new_grads(ext, monkeypatch):
         _call(R.adamw, [ref], [grad.clone()], **kwargs)
         _call(cpu_backend.adamw, [got], [grad.clone()], **kwargs)
         _compare(ref, got, f"step {step}")
-    assert len(built) == 2  # the first call, and the grad dtype change
-
-
-_of = cpu_backend._Checked.of.__func__
+    assert len(checked) == 1  # the first call; the other grads pass the bulk checks
 
 
 @pytest.mark.parametrize("overrides, error, match", [
@@ -398,28 +404,28 @@ def test_auto_picks_the_cpu_backend_for_cpu_tensors(ext):
     p.grad = torch.randn(40).bfloat16()
     opt = AdamW([p], lr=1e-2)
     calls = []
-    original = cpu_backend.adamw
+    original = cpu_backend._run  # what the optimizer's kept plan calls (cpu_backend.prepare)
 
     def recording(*args, **kwargs):
         calls.append(1)
         return original(*args, **kwargs)
 
-    cpu_backend.adamw = recording
+    cpu_backend._run = recording
     try:
         opt.step()
     finally:
-        cpu_backend.adamw = original
+        cpu_backend._run = original
     assert calls == [1]
 
 
 def test_auto_falls_back_to_the_reference_with_one_warning(monkeypatch):
     """No prebuilt module and no compiler: ``auto`` warns once and runs the reference;
     ``cpu`` itself says why it is unavailable."""
-    monkeypatch.setattr(cpu_backend, "_extension", None)
-    monkeypatch.setattr(cpu_backend, "_failure", None)
+    monkeypatch.setattr(extensions.CPU, "module", None)
+    monkeypatch.setattr(extensions.CPU, "failure", None)
+    monkeypatch.setattr(extensions.CPU, "prebuilt", lambda: None)
     monkeypatch.setattr(cpu_backend, "_warned", False)
-    monkeypatch.setattr(cpu_backend, "_prebuilt", lambda: None)
-    monkeypatch.setattr(cpu_backend._cpu_build, "compiler", lambda: None)
+    monkeypatch.setattr(extensions, "cpu_compiler", lambda: None)
     with pytest.warns(RuntimeWarning, match="runs the reference"):
         assert backends.select("auto", torch.device("cpu")) is R
     with warnings.catch_warnings():
