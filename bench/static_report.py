@@ -2,6 +2,7 @@
 
     python bench/static_report.py [--json] [--arch 90] [--mode M ...] [--track off|step]
         [--backend cuda|triton ...] [--triton PATH ...] [--triton-version X.Y.Z ...]
+    python bench/static_report.py --all-variants [--arch 80|90] [--json]
 
 Per kernel (backend x Triton version x mode x tracking) it reports registers, spill bytes,
 SASS instructions per element of the steady-state loop, the narrowest and widest global
@@ -9,6 +10,9 @@ access on that loop's path and its narrowest load, programs resident per SM (wha
 registers, warps and shared memory of the compiled kernel let fit) beside those the
 launcher starts per SM, and whether the loop's loads overlap its math. DESIGN.md's
 performance model sets the budget these numbers are held to (tests/test_static_report.py).
+``--all-variants`` prints instead the registers, stack, spill and shared-memory bytes of
+each of the CUDA extension's 192 kernel variants, compiled one by one (the test suite
+checks a representative set, tests/test_csrc.py).
 
 Kernels are the ones ``rlvr_optim.AdamW`` launches: "default" is bf16 params with the
 default state dtype, which follows the param (bf16 states), and so are the master and
@@ -501,10 +505,12 @@ def cuda_threads() -> int:
     return int(found.group(1))
 
 
-def _compile_cuda(mode: str, tracking: str, arch: int, nvcc: str, cuobjdump: str,
-                  version: str) -> tuple[str, str]:
-    """(ptxas report, SASS) of one variant, cached by the hash of csrc/ and the command."""
-    store, flags = _variant(mode, tracking)
+def compile_variant(store: str, flags: int, arch: int, tools: tuple[str, str, str] | None = None
+                    ) -> tuple[str, str]:
+    """(ptxas report, SASS) of one CUDA kernel variant (a StoreMode name of
+    csrc/adamw_launch.h and its flag bits) alone in a cubin, cached by the hash of csrc/ and
+    the command. ``tools``: (nvcc, cuobjdump, nvcc's version) as :func:`cuda_tools` gives."""
+    nvcc, cuobjdump, version = tools or cuda_tools()
     source = _instantiation(store, flags)
     command = [nvcc, "-cubin", *_DEVICE_FLAGS, f"-arch=sm_{arch}", "-Xptxas", "-v",
                f"-I{CSRC}"]
@@ -522,7 +528,7 @@ def _compile_cuda(mode: str, tracking: str, arch: int, nvcc: str, cuobjdump: str
             done = subprocess.run([*command, str(unit), "-o", str(cubin)],
                                   capture_output=True, text=True)
             if done.returncode != 0:
-                raise RuntimeError(f"nvcc failed on {mode}/{tracking}:\n{done.stderr}")
+                raise RuntimeError(f"nvcc failed on {store}, flags {flags}:\n{done.stderr}")
             dump = subprocess.run([cuobjdump, "-sass", str(cubin)], capture_output=True,
                                   text=True, check=True)
             (Path(tmp) / "ptxas.txt").write_text(done.stdout + done.stderr)
@@ -530,6 +536,61 @@ def _compile_cuda(mode: str, tracking: str, arch: int, nvcc: str, cuobjdump: str
             os.replace(Path(tmp) / "kernel.sass", sass)
             os.replace(Path(tmp) / "ptxas.txt", report)
     return report.read_text(), sass.read_text()
+
+
+def cuda_tools() -> tuple[str, str, str]:
+    """(nvcc, cuobjdump, nvcc's version text); raises when a tool is missing."""
+    from rlvr_optim import cuda_backend
+
+    nvcc, cuobjdump = cuda_backend._nvcc(), cuobjdump_path()
+    if nvcc is None or cuobjdump is None:
+        raise RuntimeError("the CUDA rows need nvcc and cuobjdump (Triton bundles one; or "
+                           "pip install nvidia-cuda-cuobjdump)")
+    version = subprocess.run([nvcc, "--version"], capture_output=True, text=True).stdout
+    return nvcc, cuobjdump, version
+
+
+# Every kernel variant the extension instantiates: each store mode with every combination of
+# the other flag bits; fp32 params only with kNearest (Variant::kValid).
+STORE_MODES = ("kNearest", "kStochastic", "kMasterNearest", "kMasterStochastic", "kRemainder")
+FLAG_BITS = {"param_bf16": 1, "grad_bf16": 2, "state_bf16": 4, "amsgrad": 8, "track": 16,
+             "grad_scale": 32}
+
+
+def all_variants() -> list[tuple[str, int]]:
+    """(store mode, flags) of every variant of the extension (192)."""
+    return [(store, flags) for store in STORE_MODES for flags in range(64)
+            if flags & FLAG_BITS["param_bf16"] or store == "kNearest"]
+
+
+def variant_resources(report: str) -> dict:
+    """Registers, stack frame, spill and shared-memory bytes of a ptxas -v report of one
+    kernel."""
+    frame = re.search(r"(\d+) bytes stack frame", report)
+    spills, registers = _PTXAS.search(report), _REGISTERS.search(report)
+    if frame is None or spills is None or registers is None:
+        raise ValueError("no stack, spill or register line in the ptxas report")
+    smem = _SMEM.search(report)
+    return {"registers": int(registers.group(1)), "stack_bytes": int(frame.group(1)),
+            "spill_bytes": int(spills.group(1)) + int(spills.group(2)),
+            "shared_bytes": int(smem.group(1)) if smem else 0}
+
+
+def variant_rows(arch: int, variants=None) -> list[dict]:
+    """:func:`variant_resources` of each variant (default: :func:`all_variants`), compiled in
+    parallel: the check every variant gets, where the test suite compiles a few."""
+    tools = cuda_tools()
+    variants = all_variants() if variants is None else variants
+
+    def one(variant):
+        store, flags = variant
+        report, _ = compile_variant(store, flags, arch, tools)
+        named = [name for name, bit in FLAG_BITS.items() if flags & bit]
+        return {"arch": arch, "store": store, "flags": flags, "flag_names": named,
+                **variant_resources(report)}
+
+    with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
+        return list(pool.map(one, variants))
 
 
 def cuda_row(mode: str, tracking: str, report: str, sass: str, arch: int = 90,
@@ -551,18 +612,12 @@ def cuda_row(mode: str, tracking: str, report: str, sass: str, arch: int = 90,
 
 def cuda_rows(arch: int = 90, modes=tuple(MODES), trackings=TRACKINGS) -> list[dict]:
     """One row per (mode, tracking) of the CUDA kernel; raises when a tool is missing."""
-    from rlvr_optim import cuda_backend
-
-    nvcc, cuobjdump = cuda_backend._nvcc(), cuobjdump_path()
-    if nvcc is None or cuobjdump is None:
-        raise RuntimeError("the CUDA rows need nvcc and cuobjdump (Triton bundles one; or "
-                           "pip install nvidia-cuda-cuobjdump)")
-    version = subprocess.run([nvcc, "--version"], capture_output=True, text=True).stdout
+    tools = cuda_tools()
     threads = cuda_threads()
     cases = [(mode, tracking) for mode in modes for tracking in trackings]
 
     def one(case):
-        report, sass = _compile_cuda(*case, arch, nvcc, cuobjdump, version)
+        report, sass = compile_variant(*_variant(*case), arch, tools)
         return cuda_row(*case, report, sass, arch, threads)
 
     with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
@@ -780,10 +835,20 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--triton-version", action="append", default=[], metavar="X.Y.Z",
                         help="also compile with triton==X.Y.Z, installed into the cache first "
                         "if it is not there (pip install --target; repeatable)")
+    parser.add_argument("--all-variants", action="store_true",
+                        help="instead: registers, stack, spill and shared-memory bytes of every "
+                        "CUDA kernel variant the extension builds (192), compiled one by one")
     parser.add_argument("--only-this-triton", action="store_true",
                         help="Triton rows of the triton this Python imports only, compiled in "
                         "this process (how the report runs each Triton)")
     args = parser.parse_args(argv)
+    if args.all_variants:
+        rows = variant_rows(args.arch)
+        print(json.dumps(rows, indent=1) if args.json else "\n".join(
+            f"sm_{r['arch']} {r['store']:18} {'+'.join(r['flag_names']) or '-':52} "
+            f"{r['registers']:>3} registers, {r['stack_bytes']} B stack, "
+            f"{r['spill_bytes']} B spilled, {r['shared_bytes']} B shared" for r in rows))
+        return 0
     try:
         tritons = [triton_site(p) for p in args.triton]
         tritons += [install_triton(v) for v in args.triton_version]
