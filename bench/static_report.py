@@ -706,28 +706,45 @@ def _cached_sites() -> Path:
 def cached_triton_sites() -> list[Path]:
     """The Triton copies installed in the cache by :func:`install_triton`."""
     folder = _cached_sites()
-    return sorted(p for p in folder.glob("*") if (p / "triton" / "__init__.py").is_file()) \
-        if folder.is_dir() else []
+    return sorted(p for p in folder.glob("*") if not p.name.startswith(".")  # no temp folders
+                  and (p / "triton" / "__init__.py").is_file()) if folder.is_dir() else []
 
 
-def install_triton(version: str) -> Path:
+def install_triton(version: str, wait_s: float = 1800) -> Path:
     """``pip install --target`` of triton==``version`` (no dependencies) into the cache,
-    once; returns the folder. The folder appears whole or not at all."""
+    once; returns the folder. The folder appears whole or not at all, and processes that
+    ask at the same time (test shards) wait for the one that installs it."""
+    import time
+
     from rlvr_optim import files
+    from rlvr_optim.errors import InputError
 
     if not re.fullmatch(r"\d+(\.\d+)*", version):
         raise ValueError(f"a Triton version is numbers and dots, like 3.6.0; got {version!r}")
     target = _cached_sites() / version
-    if (target / "triton" / "__init__.py").is_file():
-        return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    with files.atomic_folder(target) as tmp:
-        done = subprocess.run(
-            [sys.executable, "-m", "pip", "install", "--quiet", "--disable-pip-version-check",
-             "--no-deps", "--target", str(tmp), f"triton=={version}"],
-            capture_output=True, text=True)
-        if done.returncode != 0:
-            raise RuntimeError(f"pip could not install triton=={version}:\n{done.stderr[-2000:]}")
+    deadline = time.monotonic() + wait_s
+    while not (target / "triton" / "__init__.py").is_file():
+        lock = files.folder_lock(target.parent)
+        try:
+            lock.__enter__()
+        except InputError:  # another process is installing it
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"waited {wait_s:.0f} s for another process to install "
+                                   f"triton=={version} into {target.parent}") from None
+            time.sleep(2)
+            continue
+        try:
+            if not (target / "triton" / "__init__.py").is_file():
+                with files.atomic_folder(target) as tmp:
+                    done = subprocess.run(
+                        [sys.executable, "-m", "pip", "install", "--quiet",
+                         "--disable-pip-version-check", "--no-deps", "--target", str(tmp),
+                         f"triton=={version}"], capture_output=True, text=True)
+                    if done.returncode != 0:
+                        raise RuntimeError(f"pip could not install triton=={version}:\n"
+                                           f"{done.stderr[-2000:]}")
+        finally:
+            lock.__exit__(None, None, None)
     return target
 
 

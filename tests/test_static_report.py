@@ -404,6 +404,26 @@ def _env_for(site: Path | None) -> dict:
     return env
 
 
+def test_install_triton_uses_the_cache_and_waits_for_another_installer(tmp_path, monkeypatch):
+    """A copy in the cache is used as it is; while another process holds the cache folder's
+    lock (installing), a caller waits for it, here until its patience ends."""
+    from rlvr_optim import files
+
+    monkeypatch.setenv("RLVR_OPTIM_CACHE", str(tmp_path))
+    sites = S._cached_sites()
+    (sites / "9.9.9" / "triton").mkdir(parents=True)
+    (sites / "9.9.9" / "triton" / "__init__.py").write_text("")
+    (sites / ".rlvr-optim-8.8.8.tmp" / "triton").mkdir(parents=True)  # an install under way
+    (sites / ".rlvr-optim-8.8.8.tmp" / "triton" / "__init__.py").write_text("")
+    assert S.install_triton("9.9.9") == sites / "9.9.9"
+    assert S.cached_triton_sites() == [sites / "9.9.9"]
+    with files.folder_lock(sites):
+        with pytest.raises(RuntimeError, match="waited 0 s for another process"):
+            S.install_triton("8.8.8", wait_s=0.1)
+    with pytest.raises(ValueError, match="numbers and dots"):
+        S.install_triton("3.6; rm -rf /")
+
+
 @pytest.mark.parametrize("version", TRITONS)
 def test_known_kernels_read_as_compiled(triton_sites, version):
     """tests/sass_controls.py's bf16 loop: 8 elements per thread load 16 bytes at once and
