@@ -455,12 +455,17 @@ def resident_per_sm(registers: int, threads: int, shared_bytes: int, arch: int) 
 
 
 def _row(backend, triton_version, mode, tracking, registers, spill_bytes, path, elements,
-         chunks, resident, launched, loads=None) -> dict:
-    """A report row from a kernel's numbers and its loop path (``path``: instructions)."""
+         chunks, resident, launched, executed: LoopPath | None = None) -> dict:
+    """A report row from a kernel's numbers and its loop path (``path``: instructions;
+    ``executed``: the CUDA path whose accesses are those the mode executes, else every
+    access of ``path`` counts)."""
     widths = [ins.global_bytes() for ins in path if ins.global_bytes()]
-    load_widths = [ins.global_bytes() for ins in path if ins.is_load]
-    if loads is not None:
-        load_widths = [path[i].global_bytes() for i in loads]
+    loads = None
+    if executed is not None:
+        widths = [b for b, _ in executed.accesses]
+        loads = _executed_loads(executed)
+    load_widths = [path[i].global_bytes() for i in loads] if loads is not None else \
+        [ins.global_bytes() for ins in path if ins.is_load]
     return {
         "backend": backend, "triton_version": triton_version, "mode": mode,
         "tracking": tracking, "registers": registers, "spill_bytes": spill_bytes,
@@ -607,7 +612,7 @@ def cuda_row(mode: str, tracking: str, report: str, sass: str, arch: int = 90,
     return _row("cuda", None, mode, tracking, int(registers.group(1)),
                 int(spills.group(1)) + int(spills.group(2)), path.code,
                 elements=8 * path.groups, chunks=path.groups,
-                resident=resident, launched=resident, loads=_executed_loads(path))
+                resident=resident, launched=resident, executed=path)
 
 
 def cuda_rows(arch: int = 90, modes=tuple(MODES), trackings=TRACKINGS) -> list[dict]:
