@@ -568,6 +568,17 @@ def test_full_chunks_load_16_bytes_at_a_time(report_rows, rid):
     assert row["narrowest_load_bytes"] == row["widest_access_bytes"] == 16, row
 
 
+@pytest.mark.parametrize("backend,version", [("cuda", None)] + [("triton", v) for v in TRITONS])
+def test_counts_respond_to_the_code_they_count(report_rows, backend, version):
+    """Negative controls of the instruction count: tracking adds work to the loop of every
+    layout, and so does stochastic rounding (Philox)."""
+    per = {(m, t): _row(report_rows, _row_id(backend, version, m, t))["instructions_per_element"]
+           for m in S.MODES for t in S.TRACKINGS}
+    for mode in S.MODES:
+        assert per[mode, "step"] > per[mode, "off"], mode
+    assert per["stochastic", "off"] > per["default", "off"] + 4
+
+
 @pytest.mark.parametrize("rid", _params("narrowest_access_bytes"))
 def test_no_global_access_narrower_than_8_bytes(report_rows, rid):
     """8 bytes: the change-bitmap word of 64 elements (8 threads' bytes)."""
