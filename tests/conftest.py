@@ -32,6 +32,7 @@ def _patch_language_once_per_launch() -> None:
     if patch is None or executor is None or scope_type is None:
         return
     launches: list[set] = []  # per running launch, the language modules it has patched
+    modules: dict[int, frozenset] = {}  # id of a module's globals -> its language modules
     run = executor.__call__
 
     def launch(self, *args, **kwargs):
@@ -42,8 +43,11 @@ def _patch_language_once_per_launch() -> None:
             launches.pop()
 
     def patch_once(fn):
-        langs = frozenset(id(v) for v in fn.__globals__.values()
-                          if v is interpreter.tl or v is interpreter.tl.core)
+        langs = modules.get(id(fn.__globals__))
+        if langs is None:
+            langs = modules[id(fn.__globals__)] = frozenset(
+                id(v) for v in fn.__globals__.values()
+                if v is interpreter.tl or v is interpreter.tl.core)
         if launches and langs in launches[-1]:
             return scope_type()  # nothing to undo
         scope = patch(fn)
