@@ -43,9 +43,10 @@ repeats, so its launched count is its resident one.
 Triton: the table kernel of ``rlvr_optim.triton_kernels`` compiled by
 ``codegen.compile_table_kernel`` at the GPU launch defaults; its loop is
 ``codegen.steady_state_loop`` without the slow-path stubs (``codegen.hot_path``), one chunk
-of ``DEFAULT_BLOCK_GPU / (32 * warps)`` elements per thread. ``adamw()`` launches
-``DEFAULT_PROGRAMS_PER_SM`` programs per SM (there is no function that returns the grid, so
-the report reads that constant). The rows come from every Triton it can import: the one
+of ``DEFAULT_BLOCK_GPU / (32 * warps)`` elements per thread. ``adamw()`` launches as many
+programs per SM as ``programs_per_sm`` of its compiled kernel says fit (or
+``DEFAULT_PROGRAMS_PER_SM`` where that is set); the report asks the same function, with the
+kernel's registers, warps and shared memory and the SM limits of the arch. The rows come from every Triton it can import: the one
 installed beside this Python, every copy installed in the cache by ``--triton-version``
 (``$RLVR_OPTIM_CACHE/static_report/triton/``, ``pip install --target``, no dependencies)
 and every folder named by ``--triton`` (a virtual environment, its site-packages, or a
@@ -650,13 +651,14 @@ def triton_row(mode: str, tracking: str, arch: int = 90) -> dict:
     warps = kernel.metadata.num_warps
     # static shared memory (cuobjdump) and the dynamic size the launcher passes
     shared = (usage["shared"] or 0) + kernel.metadata.shared
+    launched = K.DEFAULT_PROGRAMS_PER_SM or K.programs_per_sm(
+        usage["registers"], warps, kernel.metadata.shared, K.SM_LIMITS[divmod(arch, 10)])
     return _row("triton", triton.__version__, mode, tracking, usage["registers"],
                 codegen.spill_bytes(kernel.asm["ptx"], arch),
                 [Instruction.of(a, t) for a, t in loop],
                 elements=K.DEFAULT_BLOCK_GPU // (32 * warps), chunks=1,
                 resident=resident_per_sm(usage["registers"], 32 * warps, shared, arch),
-                # adamw() launches this many programs per SM (no function returns its grid)
-                launched=K.DEFAULT_PROGRAMS_PER_SM)
+                launched=launched)  # what adamw() launches per SM (K._programs)
 
 
 def triton_rows(arch: int = 90, modes=tuple(MODES), trackings=TRACKINGS) -> list[dict]:

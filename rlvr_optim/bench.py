@@ -312,12 +312,12 @@ _COMPARE = {
 
 
 # The Triton launch configurations ``--tune`` times (elements per chunk, warps, pipeline
-# stages, persistent programs per SM), default mode with per-step tracking. Every entry keeps
-# 8 consecutive elements per thread (chunk = 256 x warps), so a bitmap byte is one thread's;
-# what each compiles to: ``python -m rlvr_optim.triton_kernels.codegen``. Only a GPU run
-# can pick among them.
-TUNE_GRID = ((1024, 4, 2, 4), (1024, 4, 1, 4), (1024, 4, 3, 4), (1024, 4, 2, 2),
-             (1024, 4, 2, 8), (2048, 8, 2, 2), (2048, 8, 2, 4), (512, 2, 2, 8))
+# stages, persistent programs per SM; None: as many as fit, from the compiled kernel),
+# default mode with per-step tracking. Every entry keeps 8 consecutive elements per thread
+# (chunk = 256 x warps), so a bitmap byte is one thread's; what each compiles to:
+# ``python -m rlvr_optim.triton_kernels.codegen``. Only a GPU run can pick among them.
+TUNE_GRID = ((1024, 4, 2, None), (1024, 4, 1, None), (1024, 4, 3, None), (1024, 4, 2, 2),
+             (1024, 4, 2, 8), (2048, 8, 2, 2), (2048, 8, 2, None), (512, 2, 2, None))
 _TUNED = ("DEFAULT_BLOCK_GPU", "DEFAULT_NUM_WARPS_GPU", "DEFAULT_STAGES_GPU",
           "DEFAULT_PROGRAMS_PER_SM")
 
@@ -325,7 +325,8 @@ _TUNED = ("DEFAULT_BLOCK_GPU", "DEFAULT_NUM_WARPS_GPU", "DEFAULT_STAGES_GPU",
 def tune_label(config: tuple[int, ...]) -> str:
     """How a :data:`TUNE_GRID` entry is named in its row."""
     block, warps, stages, programs = config
-    return f"[BLOCK {block}, {warps} warps, {stages} stages, {programs} per SM]"
+    return (f"[BLOCK {block}, {warps} warps, {stages} stages, "
+            f"{'as many as fit' if programs is None else programs} per SM]")
 
 
 def _tuned(build: Callable, *config: int) -> Callable:

@@ -193,7 +193,9 @@ def _add_bench(subparsers) -> None:
                    help="change tracking of our rows, repeatable (default: off and step)")
     p.add_argument("--tune", action="store_true",
                    help="also time the Triton backend's default mode at each (block, warps, "
-                   "stages, programs per SM) of " + ", ".join("/".join(map(str, c)) for c in TUNE_GRID))
+                   "stages, programs per SM; 'fit': as many as fit) of "
+                   + ", ".join("/".join("fit" if v is None else str(v) for v in c)
+                               for c in TUNE_GRID))
     p.add_argument("--no-graph", action="store_true",
                    help="skip the CUDA-graph rows of our backends")
     p.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")

@@ -455,21 +455,11 @@ def _row_id(backend: str, version: str | None, mode: str, tracking: str) -> str:
 ROWS = [("cuda", None, m, t) for m in S.MODES for t in S.TRACKINGS] + [
     ("triton", v, m, t) for v in TRITONS for m in S.MODES for t in S.TRACKINGS]
 
-# What the report measured on the rows that miss a check today (issue #36: the Triton grid
-# assumes 4 programs per SM, its loop waits for every load at its head at 2 stages, and its
-# table kernel copies bf16 chunks 8 bytes at a time). Installed Triton: 3.9.0.
+# What the report measured on the rows that miss a check today (issue #36: the Triton loop
+# waits for every load at its head at 2 stages, and its table kernel copies bf16 chunks 8
+# bytes at a time). Installed Triton: 3.9.0.
 _TRITON_MODES = [m for m in S.MODES if m != "fp32"]
 KNOWN = {
-    "launched_per_sm": {
-        f"triton {v} {m} step": f"{regs} registers: 3 programs resident per SM, 4 launched"
-        for v, m, regs in [
-            ("3.9.0", "stochastic", 135), ("3.9.0", "stochastic-fp32-states", 138),
-            ("3.9.0", "master", 133), ("3.9.0", "master-stochastic", 144),
-            ("3.9.0", "remainder", 144),
-            ("3.6.0", "default", 150), ("3.6.0", "stochastic", 146),
-            ("3.6.0", "fp32-states", 146), ("3.6.0", "stochastic-fp32-states", 155),
-            ("3.6.0", "master", 168), ("3.6.0", "master-stochastic", 167),
-            ("3.6.0", "remainder", 166), ("3.6.0", "fp32", 166)]},
     "loads_overlap_math": {
         "cuda stochastic-fp32-states step": "not pipelined (Variant::kPipelined): each "
                                             "tile's loads are used at once",

@@ -21,6 +21,7 @@ bit operations: the interpreter's own fp32 -> bf16 cast truncates.
 
 from __future__ import annotations
 
+from contextlib import nullcontext
 from typing import NamedTuple
 
 import numpy as np
@@ -46,21 +47,25 @@ __all__ = [
     "DEFAULT_ITEM_GPU",
     "DEFAULT_STAGES_GPU",
     "DEFAULT_PROGRAMS_PER_SM",
+    "SmLimits",
+    "programs_per_sm",
+    "sm_limits",
 ]
 
 # Launch shape. Under the interpreter every Triton op is one numpy call, so large chunks
 # amortize the per-op Python cost. On a GPU: 8 elements per thread (a bitmap byte is one
 # thread's), chunks of 1024 elements at 4 warps as in the feasibility probe (DESIGN.md),
 # work items of 64 chunks so the table row and scalars are read once per 65536 elements,
-# two pipeline stages, four programs per SM. None of these is tuned on a GPU yet;
-# ``python -m rlvr_optim.triton_kernels.codegen --static`` prints what they compile to.
+# two pipeline stages, as many programs per SM as fit at once (:func:`programs_per_sm` of the
+# compiled kernel; a number here overrides it). None of these is tuned on a GPU yet;
+# ``python bench/static_report.py`` prints what they compile to.
 DEFAULT_BLOCK_CPU = 65536
 DEFAULT_ITEM_CPU = 2**20
 DEFAULT_BLOCK_GPU = 1024
 DEFAULT_NUM_WARPS_GPU = 4
 DEFAULT_ITEM_GPU = 65536
 DEFAULT_STAGES_GPU = 2
-DEFAULT_PROGRAMS_PER_SM = 4
+DEFAULT_PROGRAMS_PER_SM: int | None = None
 
 
 # ---------------------------------------------------------------------------------------
@@ -664,7 +669,7 @@ def _table_pointer(entry, column: tl.constexpr, dtype: tl.constexpr, ALIGNED: tl
     return pointer
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["n_items"])  # one compile for any number of items
 def adamw_table_kernel(
     table_ptr, work_ptr, workspace_ptr, n_items, scalars_ptr, sr_keys_ptr, grad_scale_ptr,
     found_inf_ptr,
@@ -903,6 +908,80 @@ def _encode(group, options: tuple) -> _Launch:
                    _to_device(_work_table(numels, item), group.device), block, item)
 
 
+class SmLimits(NamedTuple):
+    """What one streaming multiprocessor holds at once (CUDA C++ Programming Guide,
+    "Compute Capabilities", technical specifications)."""
+
+    registers: int  # 32-bit registers
+    threads: int
+    blocks: int
+    shared: int  # bytes of shared memory for blocks, the per-block reserve included
+    reserved_shared: int = 1024  # bytes the system keeps per block (sm_80 and later)
+
+
+# By compute capability; a device of another one is read from its properties, with the
+# smallest block limit of these.
+SM_LIMITS = {
+    (8, 0): SmLimits(65536, 2048, 32, 167936),
+    (8, 6): SmLimits(65536, 1536, 16, 102400),
+    (8, 7): SmLimits(65536, 2048, 16, 167936),
+    (8, 9): SmLimits(65536, 1536, 24, 102400),
+    (9, 0): SmLimits(65536, 2048, 32, 233472),
+}
+
+
+def programs_per_sm(registers: int, warps: int, shared: int, limits: SmLimits) -> int:
+    """Programs of ``warps`` warps, ``registers`` registers per thread and ``shared`` bytes
+    of shared memory that one SM holds at once, by the rules of the CUDA occupancy
+    calculator (cuda_occupancy.h): registers are given per warp in units of 256, in each of
+    the SM's four quarters of the register file separately (a warp lives in one quarter);
+    shared memory per block, its reserve added, in units of 128 bytes. At least 1 (a
+    kernel that does not fit is refused by its launch)."""
+    per_warp = -(-registers * 32 // 256) * 256
+    by_registers = (limits.registers // 4 // per_warp) * 4 // warps if per_warp else limits.blocks
+    by_threads = limits.threads // (32 * warps)
+    per_block = -(-(shared + limits.reserved_shared) // 128) * 128
+    by_shared = limits.shared // per_block
+    return max(1, min(by_registers, by_threads, by_shared, limits.blocks))
+
+
+def sm_limits(device: torch.device) -> tuple[int, SmLimits]:
+    """(SMs, per-SM limits) of a CUDA device."""
+    props = torch.cuda.get_device_properties(device)
+    known = SM_LIMITS.get((props.major, props.minor))
+    limits = known or SmLimits(
+        props.regs_per_multiprocessor, props.max_threads_per_multi_processor,
+        min(v.blocks for v in SM_LIMITS.values()), props.shared_memory_per_multiprocessor)
+    return props.multi_processor_count, limits
+
+
+_PROGRAMS: dict[tuple, int] = {}
+
+
+def _programs(device: torch.device, args: tuple, constexprs: dict, warps: int) -> int:
+    """Persistent programs of a launch on a GPU: as many per SM as fit at once
+    (:func:`programs_per_sm` of the compiled kernel's registers, warps and shared memory),
+    or :data:`DEFAULT_PROGRAMS_PER_SM` when set, times the SMs. Cached per launch
+    configuration: the device, the constexprs and which pointer arguments are 16-byte
+    aligned (what Triton specializes a compile on; ``n_items`` is not specialized)."""
+    aligned = tuple(a.data_ptr() % 16 == 0 for a in args if isinstance(a, Tensor))
+    key = (device, warps, DEFAULT_PROGRAMS_PER_SM, tuple(constexprs.items()), aligned)
+    programs = _PROGRAMS.get(key)
+    if programs is None:
+        sms, limits = sm_limits(device)
+        per_sm = DEFAULT_PROGRAMS_PER_SM
+        if per_sm is None:
+            on_device = torch.cuda.device(device) if device.type == "cuda" else nullcontext()
+            with on_device:
+                kernel = adamw_table_kernel.warmup(*args, grid=(1,), **constexprs,
+                                                   num_warps=warps, enable_fp_fusion=False)
+                kernel._init_handles()  # loads the module: registers known from here on
+            per_sm = programs_per_sm(kernel.n_regs, kernel.metadata.num_warps,
+                                     kernel.metadata.shared, limits)
+        programs = _PROGRAMS[key] = per_sm * sms
+    return programs
+
+
 def _capturing(device: torch.device) -> bool:
     return device.type == "cuda" and torch.cuda.is_current_stream_capturing()
 
@@ -962,9 +1041,10 @@ def adamw(
             interpreter, each at least one chunk).
         num_warps: warps per program on a GPU, a power of two from 1 to 32 (default
             :data:`DEFAULT_NUM_WARPS_GPU`).
-        num_programs: persistent programs per launch, at least 1 (default:
-            :data:`DEFAULT_PROGRAMS_PER_SM` per SM on a GPU, one per work item under the
-            interpreter); a launch never starts more programs than it has work items.
+        num_programs: persistent programs per launch, at least 1 (default on a GPU: as
+            many per SM as fit at once, :func:`programs_per_sm` of the compiled kernel, or
+            :data:`DEFAULT_PROGRAMS_PER_SM` per SM where set; under the interpreter one per
+            work item); a launch never starts more programs than it has work items.
     """
     ops = call_operands(params, exp_avgs, exp_avg_sqs, max_exp_avg_sqs=max_exp_avg_sqs,
                         masters=masters, remainders=remainders, freeze_masks=freeze_masks,
@@ -994,12 +1074,7 @@ def adamw(
     for launch in launches:
         device = launch.table.device
         if device not in per_device:
-            programs = num_programs or (
-                DEFAULT_PROGRAMS_PER_SM
-                * torch.cuda.get_device_properties(device).multi_processor_count
-                if device.type != "cpu" else 2**31 - 1)
             per_device[device] = (
-                programs,
                 _to_device(scalars, device).contiguous(),
                 _to_device(sr_keys, device).contiguous() if rounding == "stochastic" else None,
                 (_one_element("grad_scale", grad_scale, device, torch.float32)
@@ -1007,15 +1082,16 @@ def adamw(
                 _found_inf_operand(found_inf, device) if found_inf is not None else None,
             )
     for launch in launches:
-        programs, *operands = per_device[launch.table.device]
+        device = launch.table.device
         items = launch.work.shape[0]
+        args = (launch.table, launch.work, launch.workspace, items, *per_device[device])
+        constexprs = dict(BLOCK=launch.block, ITEM=launch.item, STAGES=DEFAULT_STAGES_GPU,
+                          HW_BF16=not interpreting, **launch.flags, **call_flags)
+        programs = num_programs or (items if interpreting
+                                    else _programs(device, args, constexprs, warps))
         try:
             adamw_table_kernel[(min(items, programs),)](
-                launch.table, launch.work, launch.workspace, items, *operands,
-                BLOCK=launch.block, ITEM=launch.item, STAGES=DEFAULT_STAGES_GPU,
-                HW_BF16=not interpreting, **launch.flags, **call_flags,
-                num_warps=warps, enable_fp_fusion=False,
-            )
+                *args, **constexprs, num_warps=warps, enable_fp_fusion=False)
         except BaseException:
             # A kernel stopped part way (the interpreter runs it on the host) may leave its
             # counter sums in the workspace; the next launch must start from zero.
