@@ -316,8 +316,8 @@ _COMPARE = {
 # default mode with per-step tracking. Every entry keeps 8 consecutive elements per thread
 # (chunk = 256 x warps), so a bitmap byte is one thread's; what each compiles to:
 # ``python -m rlvr_optim.triton_kernels.codegen``. Only a GPU run can pick among them.
-TUNE_GRID = ((1024, 4, 2, None), (1024, 4, 1, None), (1024, 4, 3, None), (1024, 4, 2, 2),
-             (1024, 4, 2, 8), (2048, 8, 2, 2), (2048, 8, 2, None), (512, 2, 2, None))
+TUNE_GRID = ((1024, 4, 3, None), (1024, 4, 2, None), (1024, 4, 4, None), (1024, 4, 3, 2),
+             (1024, 4, 3, 8), (2048, 8, 3, 2), (2048, 8, 3, None), (512, 2, 3, None))
 _TUNED = ("DEFAULT_BLOCK_GPU", "DEFAULT_NUM_WARPS_GPU", "DEFAULT_STAGES_GPU",
           "DEFAULT_PROGRAMS_PER_SM")
 

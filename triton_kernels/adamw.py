@@ -56,15 +56,17 @@ __all__ = [
 # amortize the per-op Python cost. On a GPU: 8 elements per thread (a bitmap byte is one
 # thread's), chunks of 1024 elements at 4 warps as in the feasibility probe (DESIGN.md),
 # work items of 64 chunks so the table row and scalars are read once per 65536 elements,
-# two pipeline stages, as many programs per SM as fit at once (:func:`programs_per_sm` of the
-# compiled kernel; a number here overrides it). None of these is tuned on a GPU yet;
-# ``python bench/static_report.py`` prints what they compile to.
+# three pipeline stages (the chunk loop copies chunk i + 2 while it computes chunk i; at two
+# the loop head waits for every copy, issued after the chunk's stores, so loads overlap no
+# math: bench/static_report.py, loads_overlap_math), as many programs per SM as fit at once
+# (:func:`programs_per_sm` of the compiled kernel; a number here overrides it). None of
+# these is tuned on a GPU yet; ``python bench/static_report.py`` prints what they compile to.
 DEFAULT_BLOCK_CPU = 65536
 DEFAULT_ITEM_CPU = 2**20
 DEFAULT_BLOCK_GPU = 1024
 DEFAULT_NUM_WARPS_GPU = 4
 DEFAULT_ITEM_GPU = 65536
-DEFAULT_STAGES_GPU = 2
+DEFAULT_STAGES_GPU = 3
 DEFAULT_PROGRAMS_PER_SM: int | None = None
 
 
