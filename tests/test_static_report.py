@@ -455,22 +455,11 @@ def _row_id(backend: str, version: str | None, mode: str, tracking: str) -> str:
 ROWS = [("cuda", None, m, t) for m in S.MODES for t in S.TRACKINGS] + [
     ("triton", v, m, t) for v in TRITONS for m in S.MODES for t in S.TRACKINGS]
 
-# What the report measured on the rows that miss a check today (issue #36: the Triton table
-# kernel copies bf16 chunks 8 bytes at a time, and at three stages 3.6 compiles its tracked
-# loops over budget). Installed Triton: 3.9.0.
-_TRITON_MODES = [m for m in S.MODES if m != "fp32"]
+# What the report measured on the rows that miss a check today. Installed Triton: 3.9.0.
 KNOWN = {
-    "spill_bytes": {"triton 3.9.0 fp32-states off": "28 bytes spilled"},
     "loads_overlap_math": {
         "cuda stochastic-fp32-states step": "not pipelined (Variant::kPipelined): each "
                                             "tile's loads are used at once"},
-    "instructions_per_element": {
-        "triton 3.6.0 default step": "95.5 instructions per element",
-        "triton 3.6.0 stochastic step": "120.1 instructions per element",
-        "triton 3.6.0 stochastic-fp32-states step": "114.5 instructions per element"},
-    "narrowest_load_bytes": {
-        f"triton {v} {m} {t}": "bf16 chunks copied 8 bytes at a time (LDGSTS.E.64)"
-        for v in ("3.9.0", "3.6.0") for m in _TRITON_MODES for t in S.TRACKINGS},
 }
 
 

