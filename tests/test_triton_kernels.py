@@ -891,6 +891,19 @@ def test_programs_per_sm_by_hand(registers, warps, shared, limits, programs):
     assert TK.programs_per_sm(registers, warps, shared, limits) == programs
 
 
+def test_sm_limits_by_compute_capability_else_from_the_device(monkeypatch):
+    from types import SimpleNamespace
+
+    h100 = SimpleNamespace(major=9, minor=0, multi_processor_count=132)
+    other = SimpleNamespace(major=12, minor=0, multi_processor_count=84,
+                            regs_per_multiprocessor=65536, max_threads_per_multi_processor=1536,
+                            shared_memory_per_multiprocessor=102400)
+    for props, expected in ((h100, (132, H100)),
+                            (other, (84, TK.SmLimits(65536, 1536, 16, 102400)))):
+        monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device, p=props: p)
+        assert TK.sm_limits(torch.device("cuda", 0)) == expected
+
+
 class _Compiled:
     """What ``warmup`` returns, as far as the grid reads it."""
 

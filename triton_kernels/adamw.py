@@ -963,7 +963,6 @@ class SmLimits(NamedTuple):
 SM_LIMITS = {
     (8, 0): SmLimits(65536, 2048, 32, 167936),
     (8, 6): SmLimits(65536, 1536, 16, 102400),
-    (8, 7): SmLimits(65536, 2048, 16, 167936),
     (8, 9): SmLimits(65536, 1536, 24, 102400),
     (9, 0): SmLimits(65536, 2048, 32, 233472),
 }
@@ -989,7 +988,7 @@ def sm_limits(device: torch.device) -> tuple[int, SmLimits]:
     props = torch.cuda.get_device_properties(device)
     known = SM_LIMITS.get((props.major, props.minor))
     limits = known or SmLimits(
-        props.regs_per_multiprocessor, props.max_threads_per_multi_processor,
+        getattr(props, "regs_per_multiprocessor", 65536), props.max_threads_per_multi_processor,
         min(v.blocks for v in SM_LIMITS.values()), props.shared_memory_per_multiprocessor)
     return props.multi_processor_count, limits
 
