@@ -11,7 +11,7 @@ registers, warps and shared memory of the compiled kernel let fit) beside those 
 launcher starts per SM, and whether the loop's loads overlap its math. DESIGN.md's
 performance model sets the budget these numbers are held to (tests/test_static_report.py).
 ``--all-variants`` prints instead the registers, stack, spill and shared-memory bytes of
-each of the CUDA extension's 192 kernel variants, compiled one by one (the test suite
+each of the CUDA extension's 384 kernel variants, compiled one by one (the test suite
 checks a representative set, tests/test_csrc.py).
 
 Kernels are the ones ``rlvr_optim.AdamW`` launches: "default" is bf16 params with the
@@ -560,12 +560,12 @@ def cuda_tools() -> tuple[str, str, str]:
 # the other flag bits; fp32 params only with kNearest (Variant::kValid).
 STORE_MODES = ("kNearest", "kStochastic", "kMasterNearest", "kMasterStochastic", "kRemainder")
 FLAG_BITS = {"param_bf16": 1, "grad_bf16": 2, "state_bf16": 4, "amsgrad": 8, "track": 16,
-             "grad_scale": 32}
+             "grad_scale": 32, "l2_decay": 64}
 
 
 def all_variants() -> list[tuple[str, int]]:
-    """(store mode, flags) of every variant of the extension (192)."""
-    return [(store, flags) for store in STORE_MODES for flags in range(64)
+    """(store mode, flags) of every variant of the extension (384)."""
+    return [(store, flags) for store in STORE_MODES for flags in range(2 * max(FLAG_BITS.values()))
             if flags & FLAG_BITS["param_bf16"] or store == "kNearest"]
 
 
@@ -861,7 +861,7 @@ def main(argv: list[str] | None = None) -> int:
                         "if it is not there (pip install --target; repeatable)")
     parser.add_argument("--all-variants", action="store_true",
                         help="instead: registers, stack, spill and shared-memory bytes of every "
-                        "CUDA kernel variant the extension builds (192), compiled one by one")
+                        "CUDA kernel variant the extension builds (384), compiled one by one")
     parser.add_argument("--only-this-triton", action="store_true",
                         help="Triton rows of the triton this Python imports only, compiled in "
                         "this process (how the report runs each Triton)")

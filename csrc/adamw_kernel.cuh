@@ -58,6 +58,7 @@ struct Variant {
   static constexpr bool kAmsgrad = (kFlags & kFlagAmsgrad) != 0;
   static constexpr bool kTrack = (kFlags & kFlagTrack) != 0;  // bitmaps or counters
   static constexpr bool kGradScale = (kFlags & kFlagGradScale) != 0;
+  static constexpr bool kL2Decay = (kFlags & kFlagL2Decay) != 0;
   static constexpr MasterForm kMaster =
       (kStore == StoreMode::kMasterNearest || kStore == StoreMode::kMasterStochastic)
           ? MasterForm::kFp32
@@ -609,7 +610,8 @@ __global__ void __launch_bounds__(kThreads, V::kMinBlocks) adamw_kernel(const La
   if (threadIdx.x == 0) shared_block_end = end;
   __syncthreads();
 
-  const GradOptions options{V::kGradScale ? *a.grad_scale : 1.0f, V::kGradScale, false};
+  const GradOptions options{V::kGradScale ? *a.grad_scale : 1.0f, V::kGradScale, false,
+                            V::kL2Decay};
   const uint32_t grad_flip = grad_sign_flip<V>(a.maximize);
   if (tile < end) {  // the same for the whole block
     const int64_t t = __ldg(a.tile_tensor + tile);
@@ -671,7 +673,7 @@ constexpr LaunchFn launcher_entry() {
 
 template <StoreMode kStore, int kParamBf16Flag, int... kRest>
 LaunchFn pick_launcher(int flags, std::integer_sequence<int, kRest...>) {
-  // Entries for the 32 combinations of the other five flags, this param dtype only.
+  // Entries for the 64 combinations of the other six flags, this param dtype only.
   static constexpr LaunchFn table[] = {launcher_entry<kStore, (kRest << 1) | kParamBf16Flag>()...};
   if (flags < 0 || flags >= kFlagCombinations || (flags & kFlagParamBf16) != kParamBf16Flag) {
     return nullptr;

@@ -77,11 +77,12 @@ enum class StoreMode : int {
 };
 constexpr int kStoreModes = 5;
 
-// A kernel variant: store mode x 6 flag bits. Every variant with an fp32 param and a store
-// mode other than kNearest is absent (the reference has no such mode).
+// A kernel variant: store mode x 7 flag bits. Every variant with an fp32 param and a store
+// mode other than kNearest is absent (the reference has no such mode). kFlagL2Decay: torch's
+// Adam weight decay (an L2 term in the gradient), else AdamW's.
 constexpr int kFlagParamBf16 = 1, kFlagGradBf16 = 2, kFlagStateBf16 = 4, kFlagAmsgrad = 8,
-              kFlagTrack = 16, kFlagGradScale = 32;
-constexpr int kFlagCombinations = 64;
+              kFlagTrack = 16, kFlagGradScale = 32, kFlagL2Decay = 64;
+constexpr int kFlagCombinations = 128;
 
 constexpr int variant_code(StoreMode store, int flags) {
   return static_cast<int>(store) * kFlagCombinations + flags;

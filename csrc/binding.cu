@@ -18,7 +18,7 @@ namespace {
 
 // Bumped whenever the table layout or launch_adamw's arguments change, so that a stale
 // build is never used with a newer cuda_backend.py.
-constexpr int kAbiVersion = 4;
+constexpr int kAbiVersion = 5;
 
 LaunchFn find_launcher(int variant) {
   if (variant < 0 || variant >= kStoreModes * kFlagCombinations) return nullptr;
@@ -41,13 +41,14 @@ LaunchFn find_launcher(int variant) {
 }
 
 int variant_of(int store, bool param_bf16, bool grad_bf16, bool state_bf16, bool amsgrad,
-               bool track, bool grad_scale) {
+               bool track, bool grad_scale, bool l2_decay) {
   if (store < 0 || store >= kStoreModes) {
     throw py::value_error("store mode must be in [0, " + std::to_string(kStoreModes) + ")");
   }
   const int flags = (param_bf16 ? kFlagParamBf16 : 0) | (grad_bf16 ? kFlagGradBf16 : 0) |
                     (state_bf16 ? kFlagStateBf16 : 0) | (amsgrad ? kFlagAmsgrad : 0) |
-                    (track ? kFlagTrack : 0) | (grad_scale ? kFlagGradScale : 0);
+                    (track ? kFlagTrack : 0) | (grad_scale ? kFlagGradScale : 0) |
+                    (l2_decay ? kFlagL2Decay : 0);
   const int variant = variant_code(static_cast<StoreMode>(store), flags);
   if (find_launcher(variant) == nullptr) {
     throw py::value_error("no kernel for this combination: fp32 params are stored by nearest "
@@ -186,6 +187,7 @@ PYBIND11_MODULE(_C, m) {
         "Where the table's int32 tile -> tensor section starts, in int64s from its base.");
   m.def("variant", &variant_of, py::arg("store"), py::arg("param_bf16"), py::arg("grad_bf16"),
         py::arg("state_bf16"), py::arg("amsgrad"), py::arg("track"), py::arg("grad_scale"),
+        py::arg("l2_decay") = false,
         "The kernel variant of a store mode (index into STORE_MODES), dtype and mode flags.");
   m.def("bf16_rounding_check", &bf16_rounding_check, py::arg("device"), py::arg("control") = false,
         "GPU check of the kernels' hardware bf16 rounding against the spec on all 2**32 fp32 "

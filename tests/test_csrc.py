@@ -10,7 +10,7 @@ On any machine (each part skips cleanly when its compiler is missing):
   Random123 known answers, tests/test_reference_bits.py);
 - a representative set of the kernel variants (CHECKED_VARIANTS), each compiled alone by
   nvcc for sm_80 and sm_90 as bench/static_report.py compiles it: ptxas reports no stack
-  frame, no spill and no more registers than the launch bounds allow (every one of the 192
+  frame, no spill and no more registers than the launch bounds allow (every one of the 384
   variants per arch: ``python bench/static_report.py --all-variants --arch 80|90``);
 - binding.cu linked with stand-in launchers into rlvr_optim._C, which imports without a
   GPU and agrees with cuda_backend.py (the real module is built and run on the GPU);
@@ -47,7 +47,7 @@ import numpy as np
 import pytest
 import torch
 
-from rlvr_optim import cpu_backend, cuda_backend
+from rlvr_optim import cpu_backend, cuda_backend, extensions
 from rlvr_optim import reference as R
 from rlvr_optim.table import COUNTER_NAMES, LAYOUT_BITS, ROW_FIELDS
 from rlvr_optim.bitmaps import popcount
@@ -68,8 +68,8 @@ sys.modules["static_report"] = S  # dataclasses look their module up there
 _spec.loader.exec_module(S)
 STORE_MODES = ("nearest", "stochastic", "master_nearest", "master_stochastic", "remainder")
 # fp32 params: nearest only; bf16 params: every store mode; x 32 combinations of the other
-# flags (grad, state dtypes, amsgrad, tracking, grad_scale).
-KERNELS_PER_ARCH = 32 + 32 * 5
+# flags (grad, state dtypes, amsgrad, tracking, grad_scale); x AdamW's decay or Adam's L2.
+KERNELS_PER_ARCH = 2 * (32 + 32 * 5)
 
 SIZES = [1, 7, 8, 33, 4099, 2 * 2048 + 13]  # the last spans three tiles of the kernel
 SEEDS = [0, 1, 2]
@@ -150,8 +150,8 @@ def _variant_name(mangled: str) -> str:
     store, flags = int(m.group(1)), int(m.group(2))
     parts = [STORE_MODES[store], "bf16 param" if flags & 1 else "fp32 param",
              "bf16 grad" if flags & 2 else "fp32 grad", "bf16 states" if flags & 4 else "fp32 states"]
-    parts += [name for bit, name in ((8, "amsgrad"), (16, "tracking"), (32, "grad_scale"))
-              if flags & bit]
+    parts += [name for bit, name in ((8, "amsgrad"), (16, "tracking"), (32, "grad scale"),
+                                     (64, "L2 decay")) if flags & bit]
     return ", ".join(parts)
 
 
@@ -296,7 +296,7 @@ def linked_ext():
 
 def test_extension_links_imports_without_gpu_and_matches_backend(linked_ext):
     ext = linked_ext
-    assert ext.ABI_VERSION == cuda_backend.ABI_VERSION
+    assert ext.ABI_VERSION == extensions.CUDA.abi_version
     assert tuple(ext.ROW_FIELDS) == ROW_FIELDS
     assert tuple(ext.COUNTER_NAMES) == COUNTER_NAMES
     assert tuple(ext.STORE_MODES) == STORE_MODES
@@ -306,8 +306,9 @@ def test_extension_links_imports_without_gpu_and_matches_backend(linked_ext):
     assert ext.table_int64s(3, 5) == ext.tile_tensor_offset(3) + 3
     assert ext.table_int64s(3, 6) == ext.tile_tensor_offset(3) + 3
     assert ext.table_int64s(3, 0) == ext.tile_tensor_offset(3)
-    flags = [(g, s, a, t, c) for g in (False, True) for s in (False, True)
-             for a in (False, True) for t in (False, True) for c in (False, True)]
+    flags = [(g, s, a, t, c, l2) for g in (False, True) for s in (False, True)
+             for a in (False, True) for t in (False, True) for c in (False, True)
+             for l2 in (False, True)]
     variants = {ext.variant(store, True, *f) for store in range(5) for f in flags}
     variants |= {ext.variant(0, False, *f) for f in flags}
     assert len(variants) == KERNELS_PER_ARCH
@@ -482,11 +483,13 @@ def header_on_host(monkeypatch):
         def __getattr__(self, name):
             return getattr(ext, name)
 
-    monkeypatch.setattr(cpu_backend, "_extension", Generic())
+    monkeypatch.setattr(extensions.CPU, "module", Generic())
 
     def adamw(*args, **kwargs):
         cpu_backend.adamw(*args, **kwargs)
-        assert not cpu_backend._checked_calls[0].slow, "the reference stepped a tensor"
+        launches = cpu_backend.planner.calls[0].last[2]
+        assert not any(isinstance(launch, cpu_backend._ReferenceLaunch) for launch in launches), \
+            "the reference stepped a tensor"
 
     return adamw
 
@@ -582,12 +585,14 @@ def test_matches_reference_bit_for_bit(target, form, state_dtype, features, nume
             steps = torch.tensor([step], device=device)
             found_inf = f.get("found_inf")
             kwargs = dict(
-                scalars=R.step_scalars(steps, lr, *BETAS, weight_decay, EPS),
+                scalars=R.step_scalars(steps, lr, *BETAS, weight_decay, EPS,
+                                       decoupled_weight_decay=not f.get("l2_decay", False)),
                 rounding=rounding, amsgrad=f.get("amsgrad", False),
                 sr_keys=(R.stochastic_rounding_keys(1000 + seed, steps, torch.tensor([17], device=device))
                          if rounding == "stochastic" else None),
                 element_offsets=[f["element_offset"]] if "element_offset" in f else None,
                 maximize=f.get("maximize", False),
+                decoupled_weight_decay=not f.get("l2_decay", False),
                 grad_scale=torch.tensor(scale, device=device) if scale else None,
                 found_inf=torch.tensor(found_inf[step - 1], device=device) if found_inf else None,
             )
@@ -748,9 +753,10 @@ def test_cpu_tensors_are_refused_with_a_pointer_to_the_reference():
 
 
 def test_no_way_to_build_gives_a_clear_error(monkeypatch):
-    monkeypatch.setattr(cuda_backend, "_extension", None)
-    monkeypatch.setattr(cuda_backend, "_prebuilt", lambda: None)
-    monkeypatch.setattr(cuda_backend, "_nvcc", lambda: None)
+    monkeypatch.setattr(extensions.CUDA, "module", None)
+    monkeypatch.setattr(extensions.CUDA, "failure", None)
+    monkeypatch.setattr(extensions.CUDA, "prebuilt", lambda: None)
+    monkeypatch.setattr(extensions, "nvcc", lambda: None)
     reason = cuda_backend.unavailable_reason()
     assert reason is not None and "nvcc" in reason
     with pytest.raises(RuntimeError, match="nvcc is not on PATH.*backend='triton' or 'reference'"):
