@@ -71,11 +71,11 @@ struct Variant {
   // and spilled at 128 (ptxas, sm_90), so they get one 256-thread block and up to 255.
   static constexpr int kMinBlocks = (kAmsgrad || kMaster != MasterForm::kNone) ? 1 : 2;
   // walk issues the next full tile's loads before this tile's math (a second set of load
-  // buffers) where that fits. At 128 registers, stochastic rounding with a grad scale
-  // spilled that way (ptxas, sm_80 and sm_90), so those variants load each tile before its
-  // math; with fp32 states and no grad scale it fits (122-128 registers, no spill, ptxas
-  // of CUDA 13.0 for sm_80 and sm_90; bench/static_report.py --all-variants).
-  static constexpr bool kPipelined = kMinBlocks == 1 || !kStochastic || !kGradScale;
+  // buffers) where that fits. At 128 registers, stochastic rounding with fp32 states or
+  // with a grad scale spilled that way (ptxas, sm_80 and sm_90), so those variants load
+  // each tile before its math.
+  static constexpr bool kPipelined =
+      kMinBlocks == 1 || !kStochastic || (kStateBf16 && !kGradScale);
 };
 
 // ---------------------------------------------------------------------------------------
