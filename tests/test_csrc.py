@@ -27,7 +27,6 @@ Compiled artifacts are cached per source hash under ``$RLVR_OPTIM_CACHE`` (defau
 
 from __future__ import annotations
 
-import ast
 import gc
 import hashlib
 import importlib.util
@@ -454,11 +453,12 @@ def test_host_path_checks_once_and_follows_moved_tensors(linked_ext, monkeypatch
 
 
 def test_setup_and_backend_compile_with_the_same_nvcc_flags():
-    tree = ast.parse((ROOT / "setup.py").read_text())
-    assigned = {node.targets[0].id: node.value for node in ast.walk(tree)
-                if isinstance(node, ast.Assign) and isinstance(node.targets[0], ast.Name)}
-    assert ast.literal_eval(assigned["NVCC_FLAGS"]) == cuda_backend._NVCC_FLAGS
-    assert "-fmad=false" in cuda_backend._NVCC_FLAGS
+    """Both take them from rlvr_optim/extensions.py (setup.py loads it by path as RECIPES)."""
+    from rlvr_optim import extensions
+
+    assert "[*RECIPES.NVCC_FLAGS," in (ROOT / "setup.py").read_text()
+    assert cuda_backend._NVCC_FLAGS is extensions.NVCC_FLAGS
+    assert "-fmad=false" in extensions.NVCC_FLAGS
 
 
 # ---------------------------------------------------------------------------------------
