@@ -189,14 +189,24 @@ def _demo(args: argparse.Namespace) -> int:
 def _add_bench(subparsers) -> None:
     from .bench import ANCHORS, DEFAULT_OUT, OUR_MODES, PRESETS, TUNE_GRID  # noqa: PLC0415
 
+    import textwrap  # noqa: PLC0415
+
+    description = textwrap.fill(
+        "Time rlvr_optim.AdamW steps beside what users run today, report GB/s and the share "
+        "of the copy bandwidth measured in the same run, print one line per finished row, "
+        "and write JSON, a markdown table and a PNG (log time axis) under OUT/<device>/. "
+        "--jsonl streams the run to a file as it goes, so a run cut short keeps its rows. "
+        "The reference backend is the specification, not a fast path: it is timed only when "
+        "named (--backend reference), or in cpu-tiny, which only keeps the harness working. "
+        "cpu-tiny timings are no results, and every output marks them so.", width=78)
+    # One name per line: some names hold commas ("torch fused, fp32 params").
+    names = "\n".join(["anchors (--anchor NAME):", *(f"  {a}" for a in ANCHORS), "",
+                       "our modes (--mode NAME):", *(f"  {m}" for m in OUR_MODES)])
     p = subparsers.add_parser(
         "bench",
         help="time optimizer steps beside torch/torchao/optimi anchors (GPU; CPU mode for tests)",
-        description="Time rlvr_optim.AdamW steps beside what users run today, report GB/s "
-        "and the share of the copy bandwidth measured in the same run, print one line per "
-        "finished row, and write JSON, a markdown table and a PNG under OUT/<device>/. "
-        "--jsonl streams the run to a file as it goes, so a run cut short keeps its rows. "
-        "CPU timings only keep the harness working: every output marks them so.",
+        description=description, epilog=names,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("--preset", action="append", choices=sorted(PRESETS),
                    help="shape preset, repeatable (default: r1-distill-qwen-1.5b and "
@@ -213,21 +223,24 @@ def _add_bench(subparsers) -> None:
                    "JSON object per finished row, flushed after each "
                    "(rlvr_optim.bench.render(PATH) renders it, complete or cut off)")
     p.add_argument("--backend", action="append", dest="backends", metavar="NAME",
-                   help="our backend to time, repeatable (default: the fused backends available; "
-                   "'none' times the anchors only)")
+                   help="our backend to time (cuda, triton, cpu, reference), repeatable "
+                   "(default: the fused backends available, and the reference in cpu-tiny "
+                   "only; 'none' times the anchors only)")
     p.add_argument("--anchor", action="append", dest="anchors", metavar="NAME",
                    choices=[*ANCHORS, "none"],
-                   help="anchor to time, repeatable (default: all; 'none': no anchors). "
-                   f"Names: {', '.join(ANCHORS)}")
+                   help="anchor to time, repeatable (default: all; 'none': no anchors; "
+                   "names below, one per line)")
     p.add_argument("--mode", action="append", dest="modes", metavar="NAME",
                    choices=[*OUR_MODES, "none"],
                    help="our mode to time, repeatable (default: all; 'none': no mode rows, "
-                   f"e.g. with --tune). Names: {', '.join(OUR_MODES)}")
+                   "e.g. with --tune; names below, one per line)")
     p.add_argument("--track", action="append", dest="tracks", choices=["off", "step", "cumulative"],
                    help="change tracking of our rows, repeatable (default: off and step)")
     p.add_argument("--tune", action="store_true",
                    help="also time the Triton backend's default mode at each (block, warps, "
-                   "stages, programs per SM) of " + ", ".join("/".join(map(str, c)) for c in TUNE_GRID))
+                   "stages, programs per SM; 'fit': as many as fit) of "
+                   + ", ".join("/".join("fit" if v is None else str(v) for v in c)
+                               for c in TUNE_GRID))
     p.add_argument("--no-graph", action="store_true",
                    help="skip the CUDA-graph rows of our backends")
     p.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
