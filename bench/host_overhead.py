@@ -39,19 +39,25 @@ BACKENDS = ("reference", "triton", "cuda")
 
 
 def _linked_extension():
-    from rlvr_optim import cuda_backend
+    """The CUDA extension, or else the newest module tests/test_csrc.py linked (binding.cu
+    with stand-in launchers) that is of this package's version; None when there is none."""
+    from rlvr_optim import cuda_backend, extensions
 
     try:
         return cuda_backend.load_extension()
     except Exception:  # noqa: BLE001 - fall back to a module the tests linked
-        pattern = os.path.join(cuda_backend._cache_root(), "test_csrc", "nvcc", "*", "_C*.so")
-        found = glob.glob(pattern)
-        if not found:
-            return None
-        spec = importlib.util.spec_from_file_location("rlvr_optim._C", found[0])
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
-        return module
+        root = os.path.join(extensions.cache_root(), "test_csrc")
+        found = glob.glob(os.path.join(root, "*", "*", "_C*.so"))
+        for path in sorted(found, key=os.path.getmtime, reverse=True):
+            spec = importlib.util.spec_from_file_location("rlvr_optim._C", path)
+            module = importlib.util.module_from_spec(spec)
+            try:
+                spec.loader.exec_module(module)
+            except ImportError:  # built against another torch
+                continue
+            if extensions.CUDA.usable(module):
+                return module
+        return None
 
 
 def _stub(backend: str) -> bool:

@@ -455,7 +455,7 @@ def resident_per_sm(registers: int, threads: int, shared_bytes: int, arch: int) 
     return min(by_registers, by_warps, by_shared, limit["blocks"])
 
 
-def _row(backend, triton_version, mode, tracking, registers, spill_bytes, path, elements,
+def _row(backend, triton_version, mode, tracking, registers, spill_bytes, path, *, elements,
          chunks, resident, launched, executed: LoopPath | None = None) -> dict:
     """A report row from a kernel's numbers and its loop path (``path``: instructions;
     ``executed``: the CUDA path whose accesses are those the mode executes, else every
