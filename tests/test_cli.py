@@ -432,8 +432,11 @@ def test_a_signal_mid_write_ends_quietly_and_leaves_no_half_output(pair, tmp_pat
         argv += ["--checkpoint-every", "1", "--stop-after", "3"]
     _earlier_output(command, out)
     before = snapshot(tmp_path)
+    # A shell that runs the suite in the background starts it with SIGINT ignored, and a
+    # child inherits that; the child gets the default disposition, as from a terminal.
     child = subprocess.Popen([sys.executable, "-c", _STOPPED_MID_WRITE.format(at=at, argv=argv)],
-                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                             preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
         for line in child.stdout:  # the tables come first
             if line.strip() == "writing":
