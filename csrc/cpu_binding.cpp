@@ -321,6 +321,8 @@ PYBIND11_MODULE(_cpu, m) {
   layout["remainder"] = kLayoutRemainder;
   layout["stochastic"] = kLayoutStochastic;
   layout["track"] = kLayoutTrack;
+  layout["param_fp16"] = kLayoutParamFp16;
+  layout["image_fp16"] = kLayoutImageFp16;
   layout["vector_aligned"] = kLayoutVectorAligned;
   layout["bitmap_aligned"] = kLayoutBitmapAligned;
   m.attr("LAYOUT_BITS") = layout;

@@ -224,12 +224,14 @@ def adamw(
     maximize: bool = False,
     grad_scale: Tensor | None = None,
     found_inf: Tensor | None = None,
+    change_dtype: torch.dtype = torch.bfloat16,
 ) -> None:
     """One AdamW step over a list of CPU tensors, in place, in one pass of OpenMP threads.
 
-    Arguments and results as :func:`rlvr_optim.reference.adamw`. Params are float32 or
-    bfloat16. Grads of another dtype are converted to float32 first, as the reference
-    does. A tensor whose param, states, master or bitmaps are not contiguous, or whose
+    Arguments and results as :func:`rlvr_optim.reference.adamw`. Params are float32,
+    bfloat16 or float16 (float16 params and float16 change images run the header's
+    element loop, not the hand-vectorized ones). Grads of another dtype than float32 or
+    bfloat16 are converted to float32 first, as the reference does. A tensor whose param, states, master or bitmaps are not contiguous, or whose
     exp_avg, exp_avg_sq and max_exp_avg_sq differ in dtype or are neither float32 nor
     bfloat16, is stepped by the reference (same bits, slower). A call with the tensors of a
     recent checked call checks only the grads; tensors other than params and grads are
@@ -240,15 +242,17 @@ def adamw(
                         masters=masters, remainders=remainders, freeze_masks=freeze_masks,
                         change_bitmaps=change_bitmaps, cumulative_bitmaps=cumulative_bitmaps,
                         counters=counters, amsgrad=amsgrad)
-    check_arguments(ops, scalars=scalars, rounding=rounding, sr_keys=sr_keys, amsgrad=amsgrad)
+    check_arguments(ops, scalars=scalars, rounding=rounding, sr_keys=sr_keys, amsgrad=amsgrad,
+                    change_dtype=change_dtype)
     n = len(params)
     if n == 0:
         return
     stochastic = rounding == "stochastic"
     offsets = [int(o) for o in element_offsets] if element_offsets is not None else [0] * n
-    checked = _checked_calls.find(ops, offsets, stochastic)
+    mode = (stochastic, change_dtype)
+    checked = _checked_calls.find(ops, offsets, mode)
     if checked is None or not checked.grads_fit(grads):
-        checked = _Checked.of(ops, offsets, grads, stochastic)
+        checked = _Checked.of(ops, offsets, grads, mode)
         _checked_calls.add(checked, ops)
     ext = load_extension()
 
@@ -274,7 +278,7 @@ def adamw(
     for i in checked.slow:  # the reference steps what the loops cannot read
         reference.step_tensor(ops.at(i), grads[i], reference.TensorStep(
             scalars_cpu[i], keys_cpu[i] if stochastic else None, offsets[i], maximize,
-            grad_scale, found_inf))
+            grad_scale, found_inf, change_dtype))
 
 
 class _Checked(CheckedCall):
@@ -284,10 +288,10 @@ class _Checked(CheckedCall):
     their table ``rows`` (grad field filled per call); ``slow``: those the reference steps;
     ``grad_fits``: per fast tensor, whether its grad is read as it is."""
 
-    def __init__(self, statics, offsets, stochastic, fast, slow, rows, grads):
+    def __init__(self, statics, offsets, mode, fast, slow, rows, grads):
         super().__init__(statics)
         self.offsets = offsets
-        self.stochastic = stochastic
+        self.mode = mode  # (stochastic, change_dtype)
         self.fast = fast
         self.slow = slow
         self.rows = rows
@@ -296,7 +300,7 @@ class _Checked(CheckedCall):
         self.grad_fits = [_grad_fits(grads[i]) for i in fast]
 
     @classmethod
-    def of(cls, ops: Operands, offsets, grads, stochastic) -> "_Checked":
+    def of(cls, ops: Operands, offsets, grads, mode) -> "_Checked":
         slow = check_tensors(ops, grads, offsets, _POLICY)
         fast = sorted(set(range(ops.count)) - set(slow))
         rows = np.zeros((len(fast), len(ROW_FIELDS)), dtype=np.int64)
@@ -311,11 +315,11 @@ class _Checked(CheckedCall):
             row[ROW["numel"]] = t.param.numel()
             row[ROW["element_offset"]] = offsets[i]
             row[ROW["scalar_row"]] = i
-            row[ROW["layout"]] = _layout(t, grads[i], stochastic)
-        return cls(ops, list(offsets), stochastic, fast, slow, rows, grads)
+            row[ROW["layout"]] = _layout(t, grads[i], *mode)
+        return cls(ops, list(offsets), mode, fast, slow, rows, grads)
 
-    def matches(self, statics, offsets, stochastic) -> bool:
-        return offsets == self.offsets and stochastic == self.stochastic \
+    def matches(self, statics, offsets, mode) -> bool:
+        return offsets == self.offsets and mode == self.mode \
             and self.same_tensors(statics)
 
     def grads_fit(self, grads) -> bool:
@@ -336,16 +340,18 @@ def _grad_fits(grad: Tensor) -> bool:
     return grad.dtype in FLOATS and grad.is_contiguous()
 
 
-def _layout(t: Operands, grad: Tensor, stochastic: bool) -> int:
+def _layout(t: Operands, grad: Tensor, stochastic: bool, change_dtype: torch.dtype) -> int:
     """The layout code of a tensor's row (csrc/step_table.h)."""
     bf16 = torch.bfloat16
-    bf16_param = t.param.dtype == bf16
+    param16 = t.param.dtype in reference.HALF_DTYPES
     on = {
-        "param_bf16": bf16_param, "grad_bf16": grad.dtype == bf16 and _grad_fits(grad),
+        "param_bf16": t.param.dtype == bf16, "param_fp16": t.param.dtype == torch.float16,
+        "image_fp16": not param16 and change_dtype == torch.float16,
+        "grad_bf16": grad.dtype == bf16 and _grad_fits(grad),
         "state_bf16": t.exp_avg.dtype == bf16, "amsgrad": t.max_exp_avg_sq is not None,
         "master_fp32": t.master is not None, "remainder": t.remainder is not None,
         # fp32 params are stored exactly and ignore rounding, as in the reference
-        "stochastic": stochastic and bf16_param,
+        "stochastic": stochastic and param16,
         "track": any(x is not None for x in (t.change_bitmap, t.cumulative_bitmap, t.counter)),
     }
     return sum(LAYOUT_BITS[name] for name, value in on.items() if value)
