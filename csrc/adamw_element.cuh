@@ -400,8 +400,9 @@ struct GradOptions {
 enum class MasterForm : int { kNone = 0, kFp32 = 1, kRemainder = 2 };
 
 // What one element holds, in registers. The param is its stored bit pattern (bf16 or
-// float16 pattern for 16-bit params, fp32 pattern for fp32 params); moments are fp32 values (the exact value
-// of a bf16 state, which the caller rounds back to nearest-even when it stores an update).
+// float16 pattern for 16-bit params, fp32 pattern for fp32 params); moments are fp32
+// values (the exact value of a bf16 state, which the caller rounds back to nearest-even
+// when it stores an update).
 struct Element {
   uint32_t param;
   float master;        // MasterForm::kFp32 only
