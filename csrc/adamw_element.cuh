@@ -189,8 +189,14 @@ RLVR_HD uint32_t join_remainder(uint32_t hi, int32_t remainder) {
 
 constexpr uint32_t kFp16QuietNan = 0x7E00u;
 
-// Exact fp32 value; a NaN keeps its sign and payload (no quieting), as the reference's.
+// Exact fp32 value; a NaN keeps its sign and payload (no quieting), as the reference's. On
+// the GPU the hardware conversion (exact) but for NaN patterns, which it would quiet.
 RLVR_HD float fp16_bits_to_fp32(uint32_t bits) {
+#if defined(__CUDA_ARCH__)
+  const float x = __half2float(__ushort_as_half(static_cast<unsigned short>(bits)));
+  const uint32_t nan = ((bits & 0x8000u) << 16) | 0x7F800000u | ((bits & 0x3FFu) << 13);
+  return (bits & 0x7FFFu) > 0x7C00u ? fp32_from_bits(nan) : x;
+#endif
   const uint32_t sign = (bits & 0x8000u) << 16;
   const uint32_t exponent = (bits >> 10) & 0x1Fu;
   const uint32_t mantissa = bits & 0x3FFu;
@@ -252,12 +258,28 @@ RLVR_HD uint32_t round_nearest_fp16(uint32_t bits) {
   return f.sign | (kept < 0x7C00u ? kept : 0x7C00u);
 }
 
-// Rounds the magnitude up with probability window / 2**16 (the same random bits as bf16's).
+// Rounds the magnitude up with probability window / 2**16 (the same random bits as bf16's):
+// up iff window + random16 carries, written as bf16's rule is, add below the kept LSB and
+// truncate, which needs no sticky bit. Normal range: the window's low 3 bits are zero, so
+// adding random16 >> 3 to the 13 discarded bits carries exactly when window + random16
+// does. Below it: the significand aligned so that its low 16 bits are the window.
 RLVR_HD uint32_t round_stochastic_fp16(uint32_t bits, uint32_t random16) {
   if (is_nan_bits(bits)) return fp16_nan(bits);
-  const Fp16Window f = fp16_window(bits);
-  const uint32_t kept = f.kept + ((f.window + random16) >> 16);
-  return f.sign | (kept < 0x7C00u ? kept : 0x7C00u);
+  const uint32_t sign = (bits >> 16) & 0x8000u;
+  const uint32_t magnitude = bits & 0x7FFFFFFFu;
+  const uint32_t exponent = magnitude >> 23;
+  uint32_t kept;
+  if (exponent >= 113u) {
+    kept = (magnitude - (112u << 23) + (random16 >> 3)) >> 13;
+  } else {
+    const uint32_t significand = exponent > 0u ? (magnitude & 0x7FFFFFu) | 0x800000u : magnitude;
+    const uint32_t shift = 126u - (exponent > 0u ? exponent : 1u);  // 14 .. 125
+    const uint32_t aligned =  // kept << 16 | window
+        shift <= 16u ? significand << (16u - shift)
+                     : (shift - 16u < 24u ? significand >> (shift - 16u) : 0u);
+    kept = (aligned + random16) >> 16;
+  }
+  return sign | (kept < 0x7C00u ? kept : 0x7C00u);
 }
 
 // The float16 pattern of a value the step computed (every NaN canonical): on the GPU the

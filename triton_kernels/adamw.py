@@ -135,9 +135,15 @@ def _join_remainder(hi, remainder):
 
 
 @triton.jit
-def _fp16_bits_to_fp32(bits):
-    """Exact fp32 value of float16 patterns; a NaN keeps its sign and payload unquieted
-    (no float conversion, whose NaN handling differs between numpy and GPUs)."""
+def _fp16_bits_to_fp32(bits, HW_BF16: tl.constexpr):
+    """Exact fp32 value of float16 patterns; a NaN keeps its sign and payload unquieted.
+    ``HW_BF16`` (compiled for a GPU): the hardware conversion (exact) with NaN lanes set
+    to that pattern, which it would quiet; else integer operations (numpy's conversion
+    handles NaNs its own way)."""
+    if HW_BF16:
+        x = bits.to(tl.uint16).to(tl.float16, bitcast=True).to(tl.float32)
+        nan = ((bits & 0x8000) << 16) | 0x7F800000 | ((bits & 0x3FF) << 13)
+        return tl.where((bits & 0x7FFF) > 0x7C00, nan.to(tl.float32, bitcast=True), x)
     sign = (bits & 0x8000) << 16
     exponent = (bits >> 10) & 0x1F
     mantissa = bits & 0x3FF
@@ -187,9 +193,22 @@ def _round_nearest_fp16(bits):
 
 @triton.jit
 def _round_stochastic_fp16(bits, random16):
-    """fp32 patterns -> float16 patterns, up with probability window / 2**16."""
-    sign, kept, window, _ = _fp16_window(bits)
-    rounded = sign | tl.minimum(kept + ((window + random16) >> 16), 0x7C00)
+    """fp32 patterns -> float16 patterns, up with probability window / 2**16: added below
+    the kept LSB and truncated, as ``round_stochastic_fp16`` of csrc/adamw_element.cuh (in
+    the normal range ``random16 >> 3`` beside the 13 discarded bits, whose window's low 3
+    bits are zero; below it the significand aligned so that its low 16 bits are the
+    window); every shift below 32."""
+    sign = (bits >> 16) & 0x8000
+    magnitude = bits & 0x7FFFFFFF
+    exponent = (magnitude >> 23).to(tl.int32)
+    normal = (magnitude - (112 << 23) + (random16 >> 3)) >> 13
+    significand = tl.where(exponent > 0, (magnitude & 0x7FFFFF) | 0x800000, magnitude)
+    shift = 126 - tl.maximum(exponent, 1)  # 14 .. 125 below the normal range
+    left = tl.minimum(tl.maximum(16 - shift, 0), 2).to(tl.uint32)
+    right = tl.minimum(tl.maximum(shift - 16, 0), 31).to(tl.uint32)  # >> 24+: zero
+    aligned = (significand << left) >> right  # kept << 16 | window
+    kept = tl.where(exponent >= 113, normal, (aligned + random16) >> 16)
+    rounded = sign | tl.minimum(kept, 0x7C00)
     return tl.where(_is_nan_bits(bits), _fp16_nan(bits), rounded)
 
 
@@ -224,9 +243,9 @@ def _round_computed_half(x, FP16: tl.constexpr, HW_BF16: tl.constexpr):
 
 
 @triton.jit
-def _half_bits_to_fp32(bits, FP16: tl.constexpr):
+def _half_bits_to_fp32(bits, FP16: tl.constexpr, HW_BF16: tl.constexpr):
     if FP16:
-        return _fp16_bits_to_fp32(bits)
+        return _fp16_bits_to_fp32(bits, HW_BF16)
     else:
         return _bf16_bits_to_fp32(bits)
 
@@ -521,7 +540,7 @@ def _load_weight(p, at, L):
         remainder = tl.load(p.remainder + at.offs, mask=at.in_range, other=0)
         w = _join_remainder(image, remainder).to(tl.float32, bitcast=True)
     elif L.PARAM_BF16 or L.PARAM_FP16:
-        w = _half_bits_to_fp32(image, FP16)
+        w = _half_bits_to_fp32(image, FP16, L.HW_BF16)
     else:
         w = param
     return image, w, param, remainder
