@@ -6,7 +6,7 @@ Per kernel (backend x mode x tracking) it reports registers, spill bytes, SASS
 instructions per element in the steady-state loop and the narrowest global access on that
 loop's path. DESIGN.md's performance model sets the budget these numbers are held to
 (tests/test_static_report.py): at most 90 instructions per element in the default mode and
-105 with stochastic rounding, no spills, no global access narrower than 8 bytes on full
+105 with stochastic rounding, for bf16 and float16 params alike, no spills, no global access narrower than 8 bytes on full
 chunks.
 
 CUDA: each kernel variant is instantiated alone in a generated ``.cu``, compiled with
@@ -48,17 +48,26 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 CSRC = ROOT / "csrc"
 
-# mode -> (store mode of csrc/adamw_launch.h, param bf16, grad bf16, states bf16). "default"
-# is what rlvr_optim.AdamW runs without options on bf16 params: bf16 states, nearest.
+# mode -> (store mode of csrc/adamw_launch.h, param 16-bit, grad 16-bit, states bf16,
+# 16-bit format: "bf16" or "fp16", that of a 16-bit param and grad or of an fp32 param's
+# change image). "default" is what rlvr_optim.AdamW runs without options on bf16 params:
+# bf16 states, nearest; the "fp16-" modes are the same layouts with float16 params and grads.
 MODES = {
-    "default": ("kNearest", True, True, True),
-    "stochastic": ("kStochastic", True, True, True),
-    "fp32-states": ("kNearest", True, True, False),
-    "stochastic-fp32-states": ("kStochastic", True, True, False),
-    "master": ("kMasterNearest", True, True, False),
-    "master-stochastic": ("kMasterStochastic", True, True, False),
-    "remainder": ("kRemainder", True, True, False),
-    "fp32": ("kNearest", False, False, False),
+    "default": ("kNearest", True, True, True, "bf16"),
+    "stochastic": ("kStochastic", True, True, True, "bf16"),
+    "fp32-states": ("kNearest", True, True, False, "bf16"),
+    "stochastic-fp32-states": ("kStochastic", True, True, False, "bf16"),
+    "master": ("kMasterNearest", True, True, False, "bf16"),
+    "master-stochastic": ("kMasterStochastic", True, True, False, "bf16"),
+    "remainder": ("kRemainder", True, True, False, "bf16"),
+    "fp32": ("kNearest", False, False, False, "bf16"),
+    "fp16": ("kNearest", True, True, True, "fp16"),
+    "fp16-stochastic": ("kStochastic", True, True, True, "fp16"),
+    "fp16-fp32-states": ("kNearest", True, True, False, "fp16"),
+    "fp16-stochastic-fp32-states": ("kStochastic", True, True, False, "fp16"),
+    "fp16-master": ("kMasterNearest", True, True, False, "fp16"),
+    "fp16-master-stochastic": ("kMasterStochastic", True, True, False, "fp16"),
+    "fp32-fp16-image": ("kNearest", False, False, False, "fp16"),
 }
 # "step": per-step change bitmap and counters (the variant with tracking compiled in);
 # "off": neither.
@@ -66,8 +75,9 @@ TRACKINGS = ("off", "step")
 KEYS = ("backend", "mode", "tracking", "registers", "spill_bytes", "instructions_per_element",
         "narrowest_access_bytes")
 
-# Flag bits of csrc/adamw_launch.h.
-_FLAG_PARAM_BF16, _FLAG_GRAD_BF16, _FLAG_STATE_BF16, _FLAG_TRACK = 1, 2, 4, 16
+# Flag bits and 16-bit formats of csrc/adamw_launch.h.
+_FLAG_PARAM16, _FLAG_GRAD16, _FLAG_STATE_BF16, _FLAG_TRACK = 1, 2, 4, 16
+_HALF_FORMATS = {"bf16": "kHalfBf16", "fp16": "kHalfFp16"}
 # The extension's device flags (cuda_backend._NVCC_FLAGS without the host-compiler ones).
 _DEVICE_FLAGS = ["-O3", "-std=c++17", "-fmad=false"]
 
@@ -239,9 +249,9 @@ def steady_state_path(code: list[Instruction]) -> LoopPath:
 
 def vector_loads_per_8(mode: str) -> int:
     """16-byte global loads of one thread's 8 elements on the vector path of a layout."""
-    store, param_bf16, grad_bf16, state_bf16 = MODES[mode]
-    per = {True: 1, False: 2}  # 16 bytes of bf16 or of fp32 per 8 elements
-    loads = per[param_bf16] + per[grad_bf16] + 2 * per[state_bf16]
+    store, param16, grad16, state_bf16, _ = MODES[mode]
+    per = {True: 1, False: 2}  # 16 bytes of 16-bit values or of fp32 per 8 elements
+    loads = per[param16] + per[grad16] + 2 * per[state_bf16]
     if store in ("kMasterNearest", "kMasterStochastic"):
         loads += 2
     elif store == "kRemainder":
@@ -257,17 +267,18 @@ _PTXAS = re.compile(r"(\d+) bytes spill stores, (\d+) bytes spill loads")
 _REGISTERS = re.compile(r"Used (\d+) registers")
 
 
-def _variant(mode: str, tracking: str) -> tuple[str, int]:
-    store, param_bf16, grad_bf16, state_bf16 = MODES[mode]
-    flags = ((_FLAG_PARAM_BF16 if param_bf16 else 0) | (_FLAG_GRAD_BF16 if grad_bf16 else 0)
+def _variant(mode: str, tracking: str) -> tuple[str, str, int]:
+    """(16-bit format constant, store mode, flags) of a mode's kernel variant."""
+    store, param16, grad16, state_bf16, half = MODES[mode]
+    flags = ((_FLAG_PARAM16 if param16 else 0) | (_FLAG_GRAD16 if grad16 else 0)
              | (_FLAG_STATE_BF16 if state_bf16 else 0) | (_FLAG_TRACK if tracking == "step" else 0))
-    return store, flags
+    return _HALF_FORMATS[half], store, flags
 
 
-def _instantiation(store: str, flags: int) -> str:
+def _instantiation(half: str, store: str, flags: int) -> str:
     return ('#include "adamw_kernel.cuh"\n'
             "namespace rlvr_optim {\n"
-            f"template __global__ void adamw_kernel<Variant<StoreMode::{store}, {flags}>>"
+            f"template __global__ void adamw_kernel<Variant<{half}, StoreMode::{store}, {flags}>>"
             "(const LaunchArgs);\n"
             "}\n")
 
@@ -275,8 +286,7 @@ def _instantiation(store: str, flags: int) -> str:
 def _compile_cuda(mode: str, tracking: str, arch: int, nvcc: str, cuobjdump: str,
                   version: str) -> tuple[str, str]:
     """(ptxas report, SASS) of one variant, cached by the hash of csrc/ and the command."""
-    store, flags = _variant(mode, tracking)
-    source = _instantiation(store, flags)
+    source = _instantiation(*_variant(mode, tracking))
     command = [nvcc, "-cubin", *_DEVICE_FLAGS, f"-arch=sm_{arch}", "-Xptxas", "-v",
                f"-I{CSRC}"]
     h = hashlib.sha256()

@@ -2,7 +2,7 @@
 of DESIGN.md's performance model checked on the report for sm_90.
 
 The budget (tracking "step"): at most 90 SASS instructions per element in the default mode
-and 105 with stochastic rounding, no spill bytes, no global access narrower than 8 bytes on
+and 105 with stochastic rounding (the same for float16 params: "fp16", "fp16-stochastic"), no spill bytes, no global access narrower than 8 bytes on
 the steady-state path. A (backend, mode) not yet within it is an xfail(strict=True) that
 names its number, so the test turns red the day it is fixed and the mark must go.
 
@@ -28,10 +28,21 @@ S = importlib.util.module_from_spec(_spec)
 sys.modules["static_report"] = S  # dataclasses look their module up there
 _spec.loader.exec_module(S)
 
-BUDGET = {"default": 90, "stochastic": 105, "stochastic-fp32-states": 105}
-# (backend, mode) over budget today, with the number the report gives (issue #12); none of
-# the CUDA rows is. The Triton rows skip until triton_kernels.codegen.static_rows exists.
-OVER_BUDGET: dict[tuple[str, str], float] = {}
+# float16 storage is held to the bf16 budgets of the same layouts (issue #37).
+BUDGET = {"default": 90, "stochastic": 105, "stochastic-fp32-states": 105,
+          "fp16": 90, "fp16-stochastic": 105, "fp16-stochastic-fp32-states": 105}
+# (backend, mode) over budget today: (the number the report gives, the issue that tracks
+# it). float16 (issue #37, nvcc 13.0 and Triton 3.9, sm_90): decoding a float16 param
+# exactly (its NaN payload kept) and rounding float16 subnormals stochastically take more
+# than bf16's shifts; bf16's rows on the same compilers: cuda 88.3 / 100.3, triton
+# 85.0 / 100.1 / 92.5.
+OVER_BUDGET: dict[tuple[str, str], tuple[float, str]] = {
+    ("cuda", "fp16"): (94.6, "issue #37"),
+    ("cuda", "fp16-stochastic"): (114.4, "issue #37"),
+    ("triton", "fp16"): (91.5, "issue #37"),
+    ("triton", "fp16-stochastic"): (130.0, "issue #37"),
+    ("triton", "fp16-stochastic-fp32-states"): (123.5, "issue #37"),
+}
 
 
 # ---------------------------------------------------------------------------------------
@@ -158,6 +169,9 @@ def test_vector_loads_per_8_follow_the_layout():
     assert S.vector_loads_per_8("master") == 8
     assert S.vector_loads_per_8("remainder") == 7
     assert S.vector_loads_per_8("fp32") == 8
+    assert S.vector_loads_per_8("fp16") == 4
+    assert S.vector_loads_per_8("fp16-master") == 8
+    assert S.vector_loads_per_8("fp32-fp16-image") == 8
 
 
 # ---------------------------------------------------------------------------------------
@@ -185,7 +199,7 @@ def budget_rows():
 def _case(backend, mode):
     over = OVER_BUDGET.get((backend, mode))
     marks = [] if over is None else [pytest.mark.xfail(
-        strict=True, reason=f"over budget: {over} instr/elem, issue #12")]
+        strict=True, reason=f"over budget: {over[0]} instr/elem, {over[1]}")]
     return pytest.param(backend, mode, marks=marks, id=f"{backend}-{mode}")
 
 
