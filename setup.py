@@ -29,27 +29,24 @@ from setuptools.command.build_ext import build_ext
 ROOT = Path(__file__).parent
 CUDA_SOURCES = sorted(str(p.relative_to(ROOT)) for p in (ROOT / "csrc").glob("*.cu"))
 DEFAULT_ARCHS = "80;90"
-# -fmad=false: no multiply-add contraction anywhere (the kernels also use __fmul_rn & co.),
-# so the fp32 arithmetic is the reference's, operation by operation.
-NVCC_FLAGS = ["-O3", "-std=c++17", "-fmad=false", "-Xcompiler", "-fPIC",
-              "-Xcompiler", "-fvisibility=hidden"]
 
 
-def _load_cpu_build():
-    """rlvr_optim/_cpu_build.py, loaded by path: importing the package would import torch."""
-    spec = importlib.util.spec_from_file_location("_cpu_build", ROOT / "rlvr_optim" / "_cpu_build.py")
+def _load_recipes():
+    """rlvr_optim/extensions.py, the compiler recipes of both extensions, loaded by path:
+    importing the package would import torch."""
+    spec = importlib.util.spec_from_file_location("_extensions", ROOT / "rlvr_optim" / "extensions.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
 
 
-CPU_BUILD = _load_cpu_build()
+RECIPES = _load_recipes()
 
 
 def want_cpu() -> bool:
     if os.environ.get("RLVR_OPTIM_SKIP_CPU_BUILD", "0") == "1":
         return False
-    return CPU_BUILD.compiler() is not None
+    return RECIPES.cpu_compiler() is not None
 
 
 def want_cuda() -> bool:
@@ -61,16 +58,12 @@ def want_cuda() -> bool:
 def gencode_flags(archs: str) -> list[str]:
     """-gencode flags: machine code for each arch, PTX for the last."""
     names = [a.strip() for a in archs.replace(",", ";").split(";") if a.strip()]
-    if not names or not all(a.isdigit() for a in names):
-        raise ValueError(f"RLVR_OPTIM_CUDA_ARCHS must list compute capabilities like '80;90', got {archs!r}")
-    flags = [f"-gencode=arch=compute_{a},code=sm_{a}" for a in names]
-    flags.append(f"-gencode=arch=compute_{names[-1]},code=compute_{names[-1]}")
-    return flags
+    return RECIPES.gencode_flags(names, ptx=True)
 
 
 class NvccBuildExt(build_ext):
     """Compile each .cu with nvcc (in parallel), link one shared object; no torch headers.
-    The CPU extension goes through rlvr_optim/_cpu_build.py."""
+    The flags and the CPU extension's commands are rlvr_optim/extensions.py's."""
 
     def build_extension(self, ext):
         if ext.name == "rlvr_optim._cpu":
@@ -85,7 +78,7 @@ class NvccBuildExt(build_ext):
         tmp = Path(self.build_temp) / "csrc"
         tmp.mkdir(parents=True, exist_ok=True)
         archs = os.environ.get("RLVR_OPTIM_CUDA_ARCHS", DEFAULT_ARCHS)
-        flags = [*NVCC_FLAGS, *gencode_flags(archs), f"-I{pybind11.get_include()}",
+        flags = [*RECIPES.NVCC_FLAGS, *gencode_flags(archs), f"-I{pybind11.get_include()}",
                  f"-I{sysconfig.get_paths()['include']}"]
         objects = [str(tmp / (Path(src).stem + ".o")) for src in ext.sources]
         compiles = [["nvcc", "-c", *flags, src, "-o", obj] for src, obj in zip(ext.sources, objects)]
@@ -104,10 +97,10 @@ class NvccBuildExt(build_ext):
         try:
             import pybind11
 
-            print(f"building rlvr_optim._cpu ({CPU_BUILD.compiler()} "
-                  f"{' '.join(CPU_BUILD.CXX_FLAGS)})")
-            CPU_BUILD.build(ROOT / "csrc", Path(self.build_temp).resolve() / "cpu", out.resolve(),
-                            pybind11.get_include())
+            print(f"building rlvr_optim._cpu ({RECIPES.cpu_compiler()} "
+                  f"{' '.join(RECIPES.CXX_FLAGS)})")
+            RECIPES.build_cpu(ROOT / "csrc", Path(self.build_temp).resolve() / "cpu",
+                              out.resolve(), pybind11.get_include())
         except Exception as exc:  # noqa: BLE001 - any failure leaves a pure-Python install
             warnings.warn(f"rlvr_optim._cpu was not built ({exc}); the CPU backend will be "
                           "compiled on first use, or backend='auto' runs the reference")
@@ -128,5 +121,5 @@ class NvccBuildExt(build_ext):
 
 ext_modules = [Extension("rlvr_optim._C", CUDA_SOURCES)] if want_cuda() else []
 if want_cpu():
-    ext_modules.append(Extension("rlvr_optim._cpu", [f"csrc/{name}" for name in CPU_BUILD.SOURCES[:2]]))
+    ext_modules.append(Extension("rlvr_optim._cpu", [f"csrc/{name}" for name in RECIPES.CPU_SOURCES[:2]]))
 setup(ext_modules=ext_modules, cmdclass={"build_ext": NvccBuildExt})

@@ -409,7 +409,7 @@ RLVR_HD uint32_t random16(uint32_t key_lo, uint32_t key_hi, uint64_t index) {
 
 // One row of reference.step_scalars, in the order of reference.SCALAR_COLUMNS.
 struct StepScalars {
-  float step_size, bc2_sqrt, lr_wd, beta1, one_minus_beta1, beta2, one_minus_beta2, eps;
+  float step_size, bc2_sqrt, decay, beta1, one_minus_beta1, beta2, one_minus_beta2, eps;
 };
 
 // Options that hold for a whole launch.
@@ -417,6 +417,7 @@ struct GradOptions {
   float grad_scale;  // divides the gradient when has_grad_scale
   bool has_grad_scale;
   bool maximize;
+  bool l2_decay;  // torch's Adam: the weight decay is an L2 term in the gradient
 };
 
 enum class MasterForm : int { kNone = 0, kFp32 = 1, kRemainder = 2 };
@@ -480,11 +481,19 @@ RLVR_HD float unscaled_grad(float grad, const GradOptions& o) {
   return g;
 }
 
-// Stage 2, the optimizer's math: the arithmetic of torch's fused AdamW, in its order; fp32
+// Stage 2, the optimizer's math: the arithmetic of torch's fused Adam, in its order; fp32
 // registers only. Computed NaNs become canonical where the reference makes them so.
+// `l2_decay` (torch's Adam; a constant in every instantiation but the CPU step's general
+// loop): s.decay times the weight is added to the gradient, else (AdamW) the weight decays
+// by the factor s.decay.
 template <bool kAmsgrad>
-RLVR_HD void adamw_math(float g, const StepScalars& s, float& w, float& m, float& v, float& vmax) {
-  w = sub_rn(w, mul_rn(s.lr_wd, w));
+RLVR_HD void adamw_math(float g, const StepScalars& s, bool l2_decay, float& w, float& m,
+                        float& v, float& vmax) {
+  if (l2_decay) {
+    g = add_rn(g, mul_rn(s.decay, w));
+  } else {
+    w = mul_rn(w, s.decay);
+  }
   m = canonical_nan(add_rn(mul_rn(s.beta1, m), mul_rn(s.one_minus_beta1, g)));
   v = canonical_nan(add_rn(mul_rn(s.beta2, v), mul_rn(mul_rn(s.one_minus_beta2, g), g)));
   float denom;
@@ -498,16 +507,16 @@ RLVR_HD void adamw_math(float g, const StepScalars& s, float& w, float& m, float
 }
 
 #if defined(RLVR_CPU_ISA) && defined(__AVX2__) && !defined(__CUDACC__)
-// adamw_math<false> on eight lanes, for the CPU backend's AVX2 loops (csrc/cpu_step.cpp,
-// which includes <immintrin.h> before this header): the same fp32 operations in the same
-// order, NaNs as the arithmetic leaves them (the caller makes them canonical where it
-// stores them).
+// adamw_math<false> of AdamW on eight lanes, for the CPU backend's AVX2 loops
+// (csrc/cpu_step.cpp, which includes <immintrin.h> before this header): the same fp32
+// operations in the same order, NaNs as the arithmetic leaves them (the caller makes them
+// canonical where it stores them).
 struct StepScalars8 {
-  __m256 step_size, bc2_sqrt, lr_wd, beta1, one_minus_beta1, beta2, one_minus_beta2, eps;
+  __m256 step_size, bc2_sqrt, decay, beta1, one_minus_beta1, beta2, one_minus_beta2, eps;
 
   explicit StepScalars8(const StepScalars& s)
       : step_size(_mm256_set1_ps(s.step_size)), bc2_sqrt(_mm256_set1_ps(s.bc2_sqrt)),
-        lr_wd(_mm256_set1_ps(s.lr_wd)), beta1(_mm256_set1_ps(s.beta1)),
+        decay(_mm256_set1_ps(s.decay)), beta1(_mm256_set1_ps(s.beta1)),
         one_minus_beta1(_mm256_set1_ps(s.one_minus_beta1)), beta2(_mm256_set1_ps(s.beta2)),
         one_minus_beta2(_mm256_set1_ps(s.one_minus_beta2)), eps(_mm256_set1_ps(s.eps)) {}
 };
@@ -515,7 +524,7 @@ struct StepScalars8 {
 // Forced inline: gcc 12 kept it a call, its vectors passed in memory.
 [[gnu::always_inline]] inline void adamw_math(__m256 g, const StepScalars8& s, __m256& w,
                                               __m256& m, __m256& v) {
-  w = _mm256_sub_ps(w, _mm256_mul_ps(s.lr_wd, w));
+  w = _mm256_mul_ps(w, s.decay);
   m = _mm256_add_ps(_mm256_mul_ps(s.beta1, m), _mm256_mul_ps(s.one_minus_beta1, g));
   v = _mm256_add_ps(_mm256_mul_ps(s.beta2, v),
                     _mm256_mul_ps(_mm256_mul_ps(s.one_minus_beta2, g), g));
@@ -589,7 +598,7 @@ RLVR_HD ElementFlags adamw_element_drawn(Element& e, float grad, const StepScala
   const float g = unscaled_grad(grad, o);
   Weight before = load_weight<kParam16, kMaster, kHalf>(e);
   Moments after{before.w, e.exp_avg, e.exp_avg_sq, e.max_exp_avg_sq};
-  adamw_math<kAmsgrad>(g, s, after.w, after.m, after.v, after.vmax);
+  adamw_math<kAmsgrad>(g, s, o.l2_decay, after.w, after.m, after.v, after.vmax);
   return store_and_flag<kParam16, kMaster, kStochastic, kAmsgrad, kHalf>(e, before, after, g,
                                                                         train, skip, random_bits);
 }

@@ -59,6 +59,7 @@ struct Variant {
   static constexpr bool kAmsgrad = (kFlags & kFlagAmsgrad) != 0;
   static constexpr bool kTrack = (kFlags & kFlagTrack) != 0;  // bitmaps or counters
   static constexpr bool kGradScale = (kFlags & kFlagGradScale) != 0;
+  static constexpr bool kL2Decay = (kFlags & kFlagL2Decay) != 0;
   static constexpr MasterForm kMaster =
       (kStore == StoreMode::kMasterNearest || kStore == StoreMode::kMasterStochastic)
           ? MasterForm::kFp32
@@ -622,7 +623,8 @@ __global__ void __launch_bounds__(kThreads, V::kMinBlocks) adamw_kernel(const La
   if (threadIdx.x == 0) shared_block_end = end;
   __syncthreads();
 
-  const GradOptions options{V::kGradScale ? *a.grad_scale : 1.0f, V::kGradScale, false};
+  const GradOptions options{V::kGradScale ? *a.grad_scale : 1.0f, V::kGradScale, false,
+                            V::kL2Decay};
   const uint32_t grad_flip = grad_sign_flip<V>(a.maximize);
   if (tile < end) {  // the same for the whole block
     const int64_t t = __ldg(a.tile_tensor + tile);
@@ -685,7 +687,7 @@ constexpr LaunchFn launcher_entry() {
 
 template <int kHalfFormat, StoreMode kStore, int kParam16Flag, int... kRest>
 LaunchFn pick_launcher(int flags, std::integer_sequence<int, kRest...>) {
-  // Entries for the 32 combinations of the other five flags, this param dtype only.
+  // Entries for the 64 combinations of the other six flags, this param dtype only.
   static constexpr LaunchFn table[] = {
       launcher_entry<kHalfFormat, kStore, (kRest << 1) | kParam16Flag>()...};
   if (flags < 0 || flags >= kFlagCombinations || (flags & kFlagParam16) != kParam16Flag) {

@@ -81,13 +81,14 @@ constexpr int kStoreModes = 5;
 // and of an fp32 param's change image. States are fp32 or bf16 in both.
 constexpr int kHalfBf16 = 0, kHalfFp16 = 1, kHalfFormats = 2;
 
-// A kernel variant: 16-bit format x store mode x 6 flag bits. kFlagParam16 / kFlagGrad16:
+// A kernel variant: 16-bit format x store mode x 7 flag bits. kFlagParam16 / kFlagGrad16:
 // the param / grad is in the variant's 16-bit format (else fp32). Every variant with an
 // fp32 param and a store mode other than kNearest is absent (the reference has no such
-// mode), and so is the remainder form in float16.
+// mode), and so is the remainder form in float16. kFlagL2Decay: torch's Adam weight decay
+// (an L2 term in the gradient), else AdamW's.
 constexpr int kFlagParam16 = 1, kFlagGrad16 = 2, kFlagStateBf16 = 4, kFlagAmsgrad = 8,
-              kFlagTrack = 16, kFlagGradScale = 32;
-constexpr int kFlagCombinations = 64;
+              kFlagTrack = 16, kFlagGradScale = 32, kFlagL2Decay = 64;
+constexpr int kFlagCombinations = 128;
 
 constexpr int variant_code(int half, StoreMode store, int flags) {
   return (half * kStoreModes + static_cast<int>(store)) * kFlagCombinations + flags;

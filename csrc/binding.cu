@@ -18,7 +18,7 @@ namespace {
 
 // Bumped whenever the table layout or launch_adamw's arguments change, so that a stale
 // build is never used with a newer cuda_backend.py.
-constexpr int kAbiVersion = 5;
+constexpr int kAbiVersion = 6;
 
 StoreMode store_of(int variant) {
   return static_cast<StoreMode>(variant / kFlagCombinations % kStoreModes);
@@ -48,13 +48,14 @@ LaunchFn find_launcher(int variant) {
 }
 
 int variant_of(int store, bool fp16, bool param16, bool grad16, bool state_bf16, bool amsgrad,
-               bool track, bool grad_scale) {
+               bool track, bool grad_scale, bool l2_decay) {
   if (store < 0 || store >= kStoreModes) {
     throw py::value_error("store mode must be in [0, " + std::to_string(kStoreModes) + ")");
   }
   const int flags = (param16 ? kFlagParam16 : 0) | (grad16 ? kFlagGrad16 : 0) |
                     (state_bf16 ? kFlagStateBf16 : 0) | (amsgrad ? kFlagAmsgrad : 0) |
-                    (track ? kFlagTrack : 0) | (grad_scale ? kFlagGradScale : 0);
+                    (track ? kFlagTrack : 0) | (grad_scale ? kFlagGradScale : 0) |
+                    (l2_decay ? kFlagL2Decay : 0);
   const int variant =
       variant_code(fp16 ? kHalfFp16 : kHalfBf16, static_cast<StoreMode>(store), flags);
   if (find_launcher(variant) == nullptr) {
@@ -218,7 +219,7 @@ PYBIND11_MODULE(_C, m) {
         "Where the table's int32 tile -> tensor section starts, in int64s from its base.");
   m.def("variant", &variant_of, py::arg("store"), py::arg("fp16"), py::arg("param16"),
         py::arg("grad16"), py::arg("state_bf16"), py::arg("amsgrad"), py::arg("track"),
-        py::arg("grad_scale"),
+        py::arg("grad_scale"), py::arg("l2_decay") = false,
         "The kernel variant of a store mode (index into STORE_MODES), 16-bit format (fp16: "
         "float16, else bf16; that of a 16-bit param and grad and of an fp32 param's change "
         "image), dtype and mode flags.");

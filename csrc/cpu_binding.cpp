@@ -29,7 +29,7 @@ namespace {
 
 // Bumped whenever the row layout or the arguments or results of step or read_gradients
 // change, so that a stale build is never used with a newer cpu_backend.py.
-constexpr int kAbiVersion = 4;
+constexpr int kAbiVersion = 5;
 
 using StepFn = bool (*)(const CpuStep&);
 
@@ -55,6 +55,7 @@ T* address(uintptr_t value) {
 
 void step(const std::string& isa, uintptr_t rows, int64_t num_tensors, uintptr_t scalars,
           uintptr_t sr_keys, uintptr_t grad_scale, uintptr_t found_inf, bool maximize,
+          bool l2_decay,
           int threads) {
   StepFn fn = nullptr;
   std::string names;
@@ -76,6 +77,7 @@ void step(const std::string& isa, uintptr_t rows, int64_t num_tensors, uintptr_t
   args.grad_scale = address<const float>(grad_scale);
   args.found_inf = address<const float>(found_inf);
   args.maximize = maximize;
+  args.l2_decay = l2_decay;
   args.threads = threads;
   for (int64_t t = 0; t < num_tensors; ++t) {
     if ((args.rows[t * kRowInt64s + kRow_layout] & kLayoutStochastic) != 0 && sr_keys == 0) {
@@ -357,7 +359,7 @@ PYBIND11_MODULE(_cpu, m) {
   m.attr("ISAS") = isas;
   m.def("step", &step, py::arg("isa"), py::arg("rows"), py::arg("num_tensors"),
         py::arg("scalars"), py::arg("sr_keys"), py::arg("grad_scale"), py::arg("found_inf"),
-        py::arg("maximize"), py::arg("threads"),
+        py::arg("maximize"), py::arg("l2_decay"), py::arg("threads"),
         "One AdamW step of a table of host tensors (rows: num_tensors x len(ROW_FIELDS) "
         "int64s) with the instruction set `isa` (one of ISAS) on `threads` OpenMP threads. "
         "Addresses are ints, 0 for absent.");

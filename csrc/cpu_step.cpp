@@ -117,12 +117,12 @@ void step_span(const int64_t* row, const CpuStep& a, int64_t begin, int64_t end,
 
   const float* r = a.scalars + 8 * row[kRow_scalar_row];
   const spec::StepScalars s{r[0], r[1], r[2], r[3], r[4], r[5], r[6], r[7]};
-  // kPlainGrad (no grad_scale, no maximize) as constants: gcc 12 does not vectorize a
-  // select on a loop-invariant flag, so the other case is a loop of its own.
+  // kPlainGrad (no grad_scale, no maximize, AdamW's decay) as constants: gcc 12 does not
+  // vectorize a select on a loop-invariant flag, so the other case is a loop of its own.
   const spec::GradOptions o =
-      kPlainGrad ? spec::GradOptions{1.0f, false, false}
+      kPlainGrad ? spec::GradOptions{1.0f, false, false, false}
                  : spec::GradOptions{a.grad_scale != nullptr ? *a.grad_scale : 1.0f,
-                                     a.grad_scale != nullptr, a.maximize};
+                                     a.grad_scale != nullptr, a.maximize, a.l2_decay};
   const bool skip = a.found_inf != nullptr && *a.found_inf != 0.0f;
   uint32_t key_lo = 0, key_hi = 0;
   if (kStochastic) {
@@ -509,7 +509,7 @@ struct WorkItem {
 }  // namespace
 
 bool RLVR_CPU_JOIN(step_, RLVR_CPU_ISA)(const CpuStep& a) {
-  const bool plain = a.grad_scale == nullptr && !a.maximize;
+  const bool plain = a.grad_scale == nullptr && !a.maximize && !a.l2_decay;
   std::vector<SpanFn> fns(static_cast<size_t>(a.num_tensors));
   std::vector<WorkItem> items;
   int64_t elements = 0;

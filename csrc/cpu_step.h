@@ -20,6 +20,7 @@ struct CpuStep {
   const float* grad_scale;  // one value, or null
   const float* found_inf;   // one value, nonzero skips the step; or null
   bool maximize;
+  bool l2_decay;            // torch's Adam weight decay (an L2 term), else AdamW's
   int threads;              // OpenMP threads
 };
 

@@ -1,4 +1,4 @@
-"""rlvr_optim: AdamW that shows and controls what bf16 storage does to each update.
+"""rlvr_optim: AdamW (and Adam) that show and control what bf16 storage does to each update.
 
 See README.md for the modes and ``rlvr_optim.reference`` for the exact numerics.
 """
@@ -6,10 +6,11 @@ See README.md for the modes and ``rlvr_optim.reference`` for the exact numerics.
 import importlib
 
 from . import bitmaps, distributed, patch, reference
-from .optimizer import AdamW, format_table
+from .optimizer import Adam, AdamW, format_table
 
 __all__ = [
-    "AdamW", "bitmaps", "distributed", "format_table", "integrations", "patch", "reference",
+    "Adam", "AdamW", "bitmaps", "distributed", "format_table", "integrations", "patch",
+    "reference",
 ]
 __version__ = "0.1.0"
 

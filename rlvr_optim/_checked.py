@@ -20,6 +20,8 @@ from typing import Callable, Sequence
 import torch
 from torch import Tensor
 
+from .extensions import CPU
+
 # torch's C++ loop `all(t.data_ptr() == p for t, p in zip(tensors, ptrs))` over the given
 # indices, which its CUDA graph trees run on their hot path; CUDA builds of torch have it
 # (the CPU wheels do not). The params' addresses are compared by the CPU extension's
@@ -36,9 +38,7 @@ def extension_function(name: str) -> Callable | bool:
     (never compiled here), else False; looked up once per name."""
     found = EXTENSION_FUNCTIONS.get(name)
     if found is None:
-        from . import cpu_backend  # noqa: PLC0415 - imports the extension's loader
-
-        module = cpu_backend._extension or cpu_backend._prebuilt()
+        module = CPU.module or CPU.prebuilt()
         found = EXTENSION_FUNCTIONS[name] = getattr(module, name, None) or False
     return found
 
@@ -64,6 +64,32 @@ def _frozen(lists: Sequence[Sequence | None]) -> bool:
     return all(x is None or type(x) is OperandList for x in lists)
 
 
+class Addresses:
+    """The storage addresses of a list of tensors, as taken, and the check that they are
+    still there: one pass of the CPU extension's ``addresses_equal`` over a byte key where
+    it is built, else torch's C++ loop where present, else a Python pass."""
+
+    __slots__ = ("pointers", "key", "_indices")
+
+    def __init__(self, tensors: Sequence[Tensor]):
+        self.pointers = list(map(Tensor.data_ptr, tensors))
+        self.key = array("Q", self.pointers).tobytes()  # for addresses_equal
+        self._indices = list(range(len(tensors)))  # for _pointers_equal
+
+    def unchanged(self, tensors: Sequence[Tensor]) -> bool:
+        """Every tensor of ``tensors`` (of the taken length) still at its address; False,
+        not an error, for a tensor without storage or a non-tensor."""
+        check = extension_function("addresses_equal")  # one C pass against a byte key
+        if check:
+            return check(tensors, self.key, Tensor.data_ptr)
+        try:
+            if _pointers_equal is not None and isinstance(tensors, list):
+                return _pointers_equal(tensors, self.pointers, self._indices)
+            return list(map(Tensor.data_ptr, tensors)) == self.pointers
+        except (RuntimeError, TypeError, IndexError):  # not a tensor, no storage
+            return False
+
+
 class CheckedCall:
     """Base of a backend's kept call: the identities of the operand lists it was checked
     with (every list but the grads), and the params' storage."""
@@ -73,24 +99,13 @@ class CheckedCall:
                       if _frozen(statics) else None)
         self.ids = _ids(statics) if self.lists is None else None
         params = statics[0]
-        self.param_ptrs = list(map(Tensor.data_ptr, params))
-        self.param_key = array("Q", self.param_ptrs).tobytes()  # for addresses_equal
+        self.param_addresses = Addresses(params)
         self.numels = list(map(Tensor.numel, params))
-        self._indices = list(range(len(params)))  # for _pointers_equal
         self._refs: list[weakref.ref] = []
 
     def _params_in_place(self, params: Sequence[Tensor]) -> bool:
-        """Every param of ``params`` (of the checked length) still at the address it was
-        checked with; False, not an error, for a param without storage or a non-tensor."""
-        check = extension_function("addresses_equal")  # one C pass against a byte key
-        if check:
-            return check(params, self.param_key, Tensor.data_ptr)
-        try:
-            if _pointers_equal is not None and isinstance(params, list):
-                return _pointers_equal(params, self.param_ptrs, self._indices)
-            return list(map(Tensor.data_ptr, params)) == self.param_ptrs
-        except (RuntimeError, TypeError, IndexError):  # not a tensor, no storage
-            return False
+        """Every param of ``params`` still at the address it was checked with."""
+        return self.param_addresses.unchanged(params)
 
     def same_tensors(self, statics: Sequence[Sequence | None]) -> bool:
         """The very tensor objects (a tensor replaced in a list, even by an equal one, is a
@@ -108,7 +123,7 @@ class CheckedCall:
         elif _ids(statics) != self.ids:
             return False
         params = statics[0]
-        if len(params) != len(self.param_ptrs) or not self._params_in_place(params):
+        if len(params) != len(self.numels) or not self._params_in_place(params):
             return False
         return self.lists is not None or list(map(Tensor.numel, params)) == self.numels
 

@@ -38,12 +38,13 @@ import torch
 from torch import Tensor
 from tqdm import tqdm
 
-from . import bitmaps
+from . import bitmaps, files
 from .errors import InputError
 
 __all__ = [
     "ABSOLUTE_TOLERANCE",
     "MASK_KINDS",
+    "SPARSITY_REPORT_FILES",
     "Checkpoint",
     "apply_freeze_masks",
     "bf16_bits",
@@ -89,6 +90,10 @@ __all__ = [
 ABSOLUTE_TOLERANCE = 1e-5
 
 MASK_KINDS = ("principal", "non_principal", "low_magnitude", "principal_or_low_magnitude", "random")
+# What write_sparsity_report may write into its folder (the plots need matplotlib, the
+# second one a geometry result).
+SPARSITY_REPORT_FILES = ("sparsity.md", "sparsity.json", "sparsity_per_layer.png",
+                         "overlap_vs_random.png")
 
 _FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 _CHUNK = 1 << 24
@@ -260,6 +265,8 @@ def _checkpoint_files(path: str) -> list[str]:
         raise InputError(f"{path}: expected a .safetensors, .bin, .pt or .pth file, or an HF "
                          "model folder")
     if not os.path.isdir(path):
+        if os.path.lexists(path):  # a symbolic link loop, or one to nothing: say which
+            os.stat(path)
         raise InputError(f"no checkpoint file or folder at {path}")
     for index in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):
         index_path = os.path.join(path, index)
@@ -278,22 +285,34 @@ def _checkpoint_files(path: str) -> list[str]:
 
 
 def _indexed_files(folder: str, index_path: str) -> list[str]:
-    """The shard files an HF ``*.index.json`` lists, each checked to exist."""
+    """The shard files an HF ``*.index.json`` lists, each checked to be a file of the
+    folder (a name that leads out of it, ``../x`` or ``/x``, is refused) and to exist."""
     try:
         with open(index_path, encoding="utf-8") as f:
             weight_map = json.load(f)["weight_map"]
+        if not isinstance(weight_map, dict) or not all(
+                isinstance(k, str) and isinstance(v, str) for k, v in weight_map.items()):
+            raise TypeError("weight_map is not an object of strings")
         names = list(dict.fromkeys(weight_map.values()))
     except (ValueError, KeyError, TypeError, AttributeError) as exc:
         raise InputError(f"{index_path} is not an HF weight index (a JSON object with a "
                          f"'weight_map' of tensor name -> file): {exc!r}") from None
     if not names:
         raise InputError(f"{index_path} lists no weight files")
-    files = [os.path.join(folder, n) for n in names]
-    missing = [f for f in files if not os.path.isfile(f)]
+    for name in names:
+        # Lexically, not by resolving links: HF's cache folders link each shard to a blob
+        # outside the folder, and that is fine; an index that names another folder is not.
+        inside = os.path.normpath(name)
+        if (not name or os.path.isabs(name) or inside == os.curdir
+                or inside.split(os.sep)[0] == os.pardir or "\0" in name):
+            raise InputError(f"{index_path} names the weight file {name!r}, which is not in "
+                             f"{folder}; an index may name only files of its own folder")
+    shards = [os.path.join(folder, n) for n in names]
+    missing = [f for f in shards if not os.path.isfile(f)]
     if missing:
         raise InputError(f"{index_path} lists {len(missing)} shard file(s) that {folder} lacks, "
                          f"e.g. {os.path.basename(missing[0])}")
-    return files
+    return shards
 
 
 def _common_tensors(base: Checkpoint, tuned: Checkpoint) -> tuple[list[str], list[dict]]:
@@ -938,16 +957,15 @@ def save_masks(directory: str | os.PathLike, masks: Mapping[str, Mapping],
                metadata: Mapping[str, str] | None = None) -> list[str]:
     """Write each kind of :func:`build_masks`' result to ``<directory>/<kind>.safetensors``.
 
-    Returns the paths written. The files are :func:`rlvr_optim.bitmaps.save_bitmaps` files.
+    Returns the paths written. The files are :func:`rlvr_optim.bitmaps.save_bitmaps` files,
+    added to the folder together or not at all (:func:`rlvr_optim.files.atomic_files`).
     """
-    os.makedirs(directory, exist_ok=True)
-    paths = []
-    for kind, entry in masks.items():
-        path = os.path.join(os.fspath(directory), f"{kind}.safetensors")
-        meta = {"mask_kind": kind, **(metadata or {})}
-        bitmaps.save_bitmaps(path, entry["bitmaps"], entry["numels"], metadata=meta)
-        paths.append(path)
-    return paths
+    names = [f"{kind}.safetensors" for kind in masks]
+    with files.atomic_files(directory) as temp:
+        for (kind, entry), name in zip(masks.items(), names):
+            meta = {"mask_kind": kind, **(metadata or {})}
+            bitmaps.save_bitmaps(temp / name, entry["bitmaps"], entry["numels"], metadata=meta)
+    return [os.path.join(os.fspath(directory), name) for name in names]
 
 
 def load_masks(path: str | os.PathLike) -> tuple[dict[str, Tensor], dict[str, int]]:
@@ -1042,11 +1060,20 @@ def write_sparsity_report(directory: str | os.PathLike, result: Mapping[str, Any
 
     A warning about skipped tensors heads the markdown; the JSON holds ``result`` whole
     (``sparsity.warning``, ``sparsity.skipped``). Plots need matplotlib (``pip install
-    rlvr_optim[ablation]``); without it they are skipped and the markdown says so. Returns
-    the paths written.
+    rlvr_optim[ablation]``); without it they are skipped and the markdown says so. The
+    files (:data:`SPARSITY_REPORT_FILES`) are added to the folder together or not at all
+    (:func:`rlvr_optim.files.atomic_files`). Returns the paths written.
     """
-    os.makedirs(directory, exist_ok=True)
     directory = os.fspath(directory)
+    with files.atomic_files(directory) as temp:
+        names = _write_sparsity_files(str(temp), result, geometry_result, jaccard_result, title)
+    return [os.path.join(directory, name) for name in names]
+
+
+def _write_sparsity_files(directory: str, result: Mapping[str, Any],
+                          geometry_result: Mapping[str, Any] | None,
+                          jaccard_result: Mapping[str, Any] | None, title: str) -> list[str]:
+    """Write :func:`write_sparsity_report`'s files into ``directory``; returns their names."""
     atol = result["atol"]
     cols = ["numel", "sparsity", "sparsity_atol"]
     heads = ["elements", "unchanged (bf16 bits)", f"unchanged (abs. tol. {atol:g})"]
@@ -1082,14 +1109,9 @@ def write_sparsity_report(directory: str | os.PathLike, result: Mapping[str, Any
     else:
         md += [""] + [f"![{os.path.basename(p)}]({os.path.basename(p)})" for p in plots]
         paths += plots
-    md_path = os.path.join(directory, "sparsity.md")
-    with open(md_path, "w", encoding="utf-8") as f:
-        f.write("\n".join(md) + "\n")
-    json_path = os.path.join(directory, "sparsity.json")
-    with open(json_path, "w", encoding="utf-8") as f:
-        json.dump(payload, f, indent=1)
-        f.write("\n")
-    return [md_path, json_path] + paths
+    files.write_text(os.path.join(directory, "sparsity.md"), "\n".join(md) + "\n")
+    files.write_json(os.path.join(directory, "sparsity.json"), payload, indent=1)
+    return ["sparsity.md", "sparsity.json"] + [os.path.basename(p) for p in paths]
 
 
 _MASK_LABELS = {"principal": "principal", "low_magnitude": "low-magnitude",
@@ -1184,8 +1206,10 @@ class FigureFolder:
     def save(self, fig, name: str) -> None:
         fig.tight_layout()
         path = os.path.join(self._out, name)
-        fig.savefig(path)
-        self.plt.close(fig)
+        try:
+            files.write_figure(path, fig)
+        finally:
+            self.plt.close(fig)
         self.paths.append(path)
 
 
@@ -1213,8 +1237,10 @@ def _sparsity_plots(directory: str, result: Mapping[str, Any],
         ax.grid(alpha=0.3)
         fig.tight_layout()
         path = os.path.join(directory, "sparsity_per_layer.png")
-        fig.savefig(path)
-        plt.close(fig)
+        try:
+            files.write_figure(path, fig)
+        finally:
+            plt.close(fig)
         paths.append(path)
     if geometry_result is not None and geometry_result["matrices"]:
         o = geometry_result["overall"]
@@ -1232,7 +1258,9 @@ def _sparsity_plots(directory: str, result: Mapping[str, Any],
         ax.legend()
         fig.tight_layout()
         path = os.path.join(directory, "overlap_vs_random.png")
-        fig.savefig(path)
-        plt.close(fig)
+        try:
+            files.write_figure(path, fig)
+        finally:
+            plt.close(fig)
         paths.append(path)
     return paths

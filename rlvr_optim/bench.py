@@ -32,7 +32,7 @@ from typing import Callable
 
 import torch
 
-from . import backends
+from . import backends, files
 from ._checked import extension_function
 from .errors import InputError, check_device
 
@@ -549,6 +549,7 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
 
 def run(
     presets=("r1-distill-qwen-1.5b", "many-small"),
+    *,
     device: str | torch.device | None = None,
     steps: int = 15,
     warmup: int = 3,
@@ -793,6 +794,9 @@ def load(path: str | os.PathLike) -> dict:
         text = path.read_text(encoding="utf-8")
     except OSError as exc:
         raise InputError(f"cannot read benchmark result {path}: {exc.strerror or exc}") from None
+    except UnicodeDecodeError:
+        raise InputError(f"{path} is not text, so not a benchmark result; pass a file that "
+                         "rlvr-optim bench wrote (.json, or .jsonl with --jsonl)") from None
     if path.suffix != ".jsonl":
         try:
             result = json.loads(text)
@@ -1000,8 +1004,10 @@ def render_plot(result: dict | str | os.PathLike, path: str | os.PathLike) -> No
         ax_s.invert_yaxis()
     fig.suptitle(plot_title(result))
     fig.tight_layout()
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
+    try:
+        files.write_figure(path, fig, dpi=90)
+    finally:
+        plt.close(fig)
 
 
 def render(path: str | os.PathLike) -> tuple[Path, ...]:
@@ -1013,21 +1019,23 @@ def render(path: str | os.PathLike) -> tuple[Path, ...]:
     written = []
     if path.suffix == ".jsonl":
         written.append(path.with_suffix(".json"))
-        written[-1].write_text(json.dumps(result, indent=1) + "\n")
+        files.write_json(written[-1], result, indent=1)
     md, png = path.with_suffix(".md"), path.with_suffix(".png")
-    md.write_text(render_markdown(result) + "\n")
+    files.write_text(md, render_markdown(result) + "\n")
     render_plot(result, png)
     return (*written, md, png)
 
 
 def save(result: dict, out_dir: str | os.PathLike) -> Path:
-    """Write a result as ``<out_dir>/<device>/<date>.json`` and render it; returns the JSON path."""
+    """Write a result as ``<out_dir>/<device>/<date>.json`` and render it; returns the JSON path.
+
+    The three files are added to the folder together or not at all
+    (:func:`rlvr_optim.files.atomic_files`)."""
     env = result["environment"]
     slug = "".join(c if c.isalnum() else "-" for c in env["device"].lower()).strip("-") or "cpu"
     folder = Path(out_dir) / slug
-    folder.mkdir(parents=True, exist_ok=True)
     stamp = env["date"].replace(":", "").replace("+0000", "Z")
-    path = folder / f"{stamp}.json"
-    path.write_text(json.dumps(result, indent=1) + "\n")
-    render(path)
-    return path
+    with files.atomic_files(folder) as temp:
+        files.write_json(temp / f"{stamp}.json", result, indent=1)
+        render(temp / f"{stamp}.json")
+    return folder / f"{stamp}.json"

@@ -19,6 +19,9 @@ from typing import Iterable, Mapping
 import torch
 from torch import Tensor
 
+from . import files
+from .errors import InputError
+
 __all__ = [
     "bitmap_bytes",
     "or_accumulate",
@@ -31,6 +34,7 @@ __all__ = [
     "summarize_by_module",
 ]
 
+_FORMAT = "rlvr_optim.bitmaps/1"
 _BYTE_POPCOUNT = torch.tensor([bin(i).count("1") for i in range(256)], dtype=torch.int64)
 
 
@@ -141,11 +145,10 @@ def save_bitmaps(
     """Save named bitmaps (change bitmaps or freeze masks) to a safetensors file.
 
     Each tensor's element count is stored in the metadata under ``numel.<name>`` so that
-    :func:`load_bitmaps` can check and unpack them.
+    :func:`load_bitmaps` can check and unpack them. The file is written atomically
+    (:func:`rlvr_optim.files.write_safetensors`).
     """
-    from safetensors.torch import save_file
-
-    meta = {"format": "rlvr_optim.bitmaps/1"}
+    meta = {"format": _FORMAT}
     meta.update(metadata or {})
     for name, bitmap in bitmaps.items():
         _check_bitmap(bitmap)
@@ -156,21 +159,47 @@ def save_bitmaps(
             )
         meta[f"numel.{name}"] = str(int(numels[name]))
     tensors = {name: b.detach().reshape(-1).contiguous().cpu() for name, b in bitmaps.items()}
-    save_file(tensors, os.fspath(path), metadata=meta)
+    files.write_safetensors(path, tensors, metadata=meta)
 
 
 def load_bitmaps(path: str | os.PathLike) -> tuple[dict[str, Tensor], dict[str, int], dict[str, str]]:
-    """Load a file written by :func:`save_bitmaps`: (bitmaps, numels, metadata)."""
-    from safetensors import safe_open
+    """Load a file written by :func:`save_bitmaps`: (bitmaps, numels, metadata).
 
-    with safe_open(os.fspath(path), framework="pt") as f:
-        meta = dict(f.metadata() or {})
-        if meta.get("format") != "rlvr_optim.bitmaps/1":
-            raise ValueError(f"{path} is not an rlvr_optim bitmap file (format={meta.get('format')!r})")
-        bitmaps = {name: f.get_tensor(name) for name in f.keys()}
-    numels = {name: int(meta[f"numel.{name}"]) for name in bitmaps}
-    for name, bitmap in bitmaps.items():
-        if bitmap.numel() != bitmap_bytes(numels[name]):
-            raise ValueError(f"{path}: bitmap {name!r} does not match its recorded size")
+    Every size is checked before a tensor is read: each bitmap must be a 1-D uint8 tensor
+    of ``ceil(numel / 8)`` bytes for the element count ``numel.<name>`` of the metadata
+    (a whole number; padding bits are ignored, as :func:`unpack` does). A file that is missing, not safetensors,
+    of another format or inconsistent raises :class:`~rlvr_optim.errors.InputError` (a
+    ``ValueError``) naming it.
+    """
+    from safetensors import SafetensorError, safe_open
+
+    path = os.fspath(path)
+    try:
+        with safe_open(path, framework="pt") as f:
+            meta = dict(f.metadata() or {})
+            if meta.get("format") != _FORMAT:
+                raise InputError(f"{path} is not an rlvr_optim bitmap file "
+                                 f"(format={meta.get('format')!r}); expected {_FORMAT!r}")
+            numels = {name: _recorded_numel(path, f, meta, name) for name in f.keys()}
+            bitmaps = {name: f.get_tensor(name) for name in numels}
+    except (SafetensorError, OSError) as exc:
+        reason = getattr(exc, "strerror", None) or str(exc)
+        raise InputError(f"{path} is not a readable safetensors file ({reason})") from None
     extra = {k: v for k, v in meta.items() if k != "format" and not k.startswith("numel.")}
     return bitmaps, numels, extra
+
+
+def _recorded_numel(path: str, handle, meta: Mapping[str, str], name: str) -> int:
+    """The element count recorded for bitmap ``name``, checked against its dtype and size."""
+    text = meta.get(f"numel.{name}")
+    if text is None or not (text.isascii() and text.isdigit()):
+        raise InputError(f"{path}: bitmap {name!r} has no element count (metadata "
+                         f"numel.{name} is {text!r}, expected a whole number)")
+    numel = int(text)
+    view = handle.get_slice(name)
+    shape, dtype = list(view.get_shape()), view.get_dtype()
+    if dtype != "U8" or len(shape) != 1 or shape[0] != bitmap_bytes(numel):
+        raise InputError(f"{path}: bitmap {name!r} does not match its recorded size: it is "
+                         f"{dtype} of shape {shape}, and {numel} elements need a 1-D U8 tensor "
+                         f"of {bitmap_bytes(numel)} bytes")
+    return numel

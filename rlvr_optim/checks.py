@@ -22,7 +22,7 @@ from .operands import Operands
 from .reference import master_param_error
 from .table import COUNTER_NAMES
 
-__all__ = ["FLOATS", "PARAMS", "STRICT_GRADS", "Policy", "check_tensors"]
+__all__ = ["FLOATS", "PARAMS", "STRICT_GRADS", "Policy", "check_tensors", "compiled_layout"]
 
 FLOATS = (torch.float32, torch.bfloat16)
 PARAMS = (torch.float32, torch.bfloat16, torch.float16)  # every fused backend steps these
@@ -62,6 +62,15 @@ def _check(name: str, t, dtypes: Sequence | None, numel: int, device: torch.devi
         )
 
 
+def compiled_layout(t: Operands) -> bool:
+    """Whether the compiled loops read tensor ``t`` (its :class:`Operands`) as it is: its
+    arrays contiguous, its states all float32 or all bfloat16. (A strict backend refuses
+    the others; the CPU backend steps them by the reference.)"""
+    dtypes = {s.dtype for s in (t.exp_avg, t.exp_avg_sq, t.max_exp_avg_sq) if s is not None}
+    return (len(dtypes) == 1 and dtypes <= set(FLOATS)
+            and all(x.is_contiguous() for x in t if x is not None))
+
+
 def _list_name(operand: str) -> str:
     return "counters" if operand == "counter" else f"{operand}s"
 
@@ -81,6 +90,11 @@ def check_tensors(ops: Operands, grads: Sequence, offsets: Sequence[int],
         param = t.param
         if not isinstance(param, Tensor):
             raise TypeError(f"params[{i}] must be a torch.Tensor, got {type(param).__name__}")
+        # What the spec refuses comes first, on every backend and device.
+        for kind, extra in (("masters", t.master), ("remainders", t.remainder)):
+            if extra is not None and param.dtype != torch.bfloat16:
+                raise ValueError(f"{kind}[{i}] is given for a {param.dtype} param; master "
+                                 "weights and remainders need bf16 params")
         policy.check_device(i, param)
         device, numel = param.device, param.numel()
         nbytes = (numel + 7) // 8
@@ -121,10 +135,6 @@ def check_tensors(ops: Operands, grads: Sequence, offsets: Sequence[int],
         offset = int(offsets[i])
         if not 0 <= offset <= 2**63 - 1 - numel:
             raise ValueError(f"element_offsets[{i}] must be >= 0 and fit in int64, got {offset}")
-        if not policy.strict:
-            arrays = [x for x in t if x is not None]
-            state_dtypes = {s.dtype for _, s in states}
-            if (len(state_dtypes) != 1 or not state_dtypes <= set(FLOATS)
-                    or not all(x.is_contiguous() for x in arrays)):
-                slow.append(i)
+        if not policy.strict and not compiled_layout(t):
+            slow.append(i)
     return slow

@@ -5,8 +5,12 @@ Each subcommand is a pair: ``_add_<name>(subparsers)`` declares its options and
 
 Bad input ends in one line on stderr, ``rlvr-optim <command>: error: ...``, and exit status
 2: option values are checked by argparse types, everything else raises
-:class:`~rlvr_optim.errors.InputError`, which :func:`main` alone catches. Commands check
-their inputs before they write, so a refused command leaves its ``--out``/``-o`` as it was.
+:class:`~rlvr_optim.errors.InputError`, which :func:`main` alone catches, with the OS errors
+of reading and writing files (a full disk, a read-only folder, a symlink loop). Commands
+check their inputs before they write and write every output through
+:mod:`rlvr_optim.files` (a temporary file beside it, renamed when complete), so a refused
+or failed command, or one stopped by Ctrl-C (exit 130) or SIGTERM (exit 143), leaves its
+``--out``/``-o`` as it was.
 Modules that take long to import (triton, transformers, matplotlib) are imported by the
 commands that use them, so ``--help`` costs about an ``import torch``.
 """
@@ -14,16 +18,25 @@ commands that use them, so ``--help`` costs about an ``import torch``.
 from __future__ import annotations
 
 import argparse
-import json
+import errno
 import math
 import os
 import sys
 from typing import Sequence
 
+from . import files
 from .demo import format_rows, run_demo
 from .errors import InputError, check_device
 
 __all__ = ["build_parser", "main"]
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with bad input reported as one line (argparse prints its usage block
+    first); every subcommand's parser is of this class too."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
 # argparse names a type function in its message when it raises ValueError ("invalid
@@ -33,6 +46,12 @@ __all__ = ["build_parser", "main"]
 def _positive_int(text: str) -> int:
     if not (text.strip().isdigit() and int(text) >= 1):
         raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}")
+    return int(text)
+
+
+def _non_negative_int(text: str) -> int:
+    if not text.strip().isdigit():
+        raise argparse.ArgumentTypeError(f"must be an integer >= 0, got {text!r}")
     return int(text)
 
 
@@ -76,12 +95,36 @@ def _check_output_file(option: str, path: str) -> None:
     if os.path.isdir(path):
         raise InputError(f"{option} {path} is a folder; give a file name")
     if not os.path.isdir(folder):
+        _check_reachable(option, path, folder)
         raise InputError(f"{option} {path}: folder {folder} does not exist; create it first")
 
 
 def _check_output_folder(option: str, path: str) -> None:
+    """Refuse an output folder that is a file or cannot be reached, before any work (a
+    missing folder is created, with its parents)."""
+    _check_reachable(option, path, os.path.abspath(path))
     if os.path.exists(path) and not os.path.isdir(path):
         raise InputError(f"{option} {path} is a file; give a folder (it is created if missing)")
+
+
+def _check_reachable(option: str, path: str, target: str) -> None:
+    """Raise InputError if ``target``, or the nearest of its parents that exists, exists in
+    name only (a symbolic link loop, a dangling link) or is a file where a folder must be."""
+    while not os.path.lexists(target) and os.path.dirname(target) != target:
+        missing, target = target, os.path.dirname(target)
+        if os.path.lexists(target) and not os.path.isdir(target):
+            if os.path.exists(target):
+                raise InputError(f"{option} {path}: {target} is a file, so {missing} cannot "
+                                 "be made; give another path")
+            break
+    if os.path.lexists(target) and not os.path.exists(target):
+        try:
+            os.stat(target)
+        except FileNotFoundError:
+            raise InputError(f"{option} {path}: {target} is a symbolic link to nothing "
+                             f"({os.readlink(target)})") from None
+        except OSError as exc:
+            raise InputError(f"{option} {path}: {target}: {exc.strerror}") from None
 
 
 def _add_demo(subparsers) -> None:
@@ -126,6 +169,7 @@ def _demo(args: argparse.Namespace) -> int:
         if given:
             raise InputError(f"{', '.join(given)} apply to --quick only (for the ablation's "
                              "settings use rlvr-optim ablate)")
+        _check_output_folder("--out", args.out)
         from .ablation import preset, run_for_cli  # noqa: PLC0415
 
         return run_for_cli(preset("tiny", seed=args.seed), args.out, resume=args.resume,
@@ -136,9 +180,7 @@ def _demo(args: argparse.Namespace) -> int:
                     progress=not args.no_progress, lr=1e-4 if args.lr is None else args.lr)
     print(format_rows(rows))
     if args.json is not None:
-        with open(args.json, "w", encoding="utf-8") as f:
-            json.dump(rows, f, indent=2)
-            f.write("\n")
+        files.write_json(args.json, rows, indent=2)
     return 0
 
 
@@ -159,7 +201,8 @@ def _add_bench(subparsers) -> None:
                    "many-small on a GPU, cpu-tiny on a CPU)")
     p.add_argument("--device", help="cuda (or cuda:N) or cpu (default: cuda if available)")
     p.add_argument("--steps", type=_positive_int, default=15, help="timed steps per row (default 15)")
-    p.add_argument("--warmup", type=int, default=3, help="untimed steps first (default 3)")
+    p.add_argument("--warmup", type=_non_negative_int, default=3,
+                   help="untimed steps first (default 3)")
     p.add_argument("--out", metavar="DIR",
                    help=f"results folder (default ./{DEFAULT_OUT} in the current directory; "
                    "with --jsonl and no --out only the JSONL file is written)")
@@ -193,6 +236,8 @@ def _bench(args: argparse.Namespace) -> int:
     """Run :func:`rlvr_optim.bench.run` (one line per row on stdout, rows streamed to
     ``--jsonl``), then save and render it under ``--out`` and print the markdown table."""
     check_device("--device", args.device)
+    if args.out is not None:
+        _check_output_folder("--out", args.out)
     from . import bench  # noqa: PLC0415
 
     chosen = None if args.backends is None else tuple(b for b in args.backends if b != "none")
@@ -219,8 +264,9 @@ def _add_patch(subparsers) -> None:
     p = subparsers.add_parser(
         "patch",
         help="make and apply sparse weight patches (changed indices + new values)",
-        description="Sparse weight sync: a patch holds one step's changed elements (gap-encoded "
-        "indices and new values) with checksums of the weights before and after, so it "
+        description="Sparse weight patches between checkpoints, in the delta format of "
+        "rlvr_optim.sync (TRL's sparse safetensors: per changed tensor <name>.indices and "
+        "<name>.values) with the state checksums of the weights before and after, so a patch "
         "applies only to its own base, in order.",
     )
     commands = p.add_subparsers(title="patch commands", metavar="ACTION", dest="patch_action",
@@ -232,36 +278,40 @@ def _add_patch(subparsers) -> None:
         "full checkpoint. BASE and NEW are what sparsity reads: HF model folders, safetensors "
         "files or torch state dicts. With --bitmaps (a file from "
         "rlvr_optim.bitmaps.save_bitmaps, e.g. the optimizer's change bitmaps of the step) "
-        "the changed elements come from the bitmaps, checked against BASE.",
+        "the changed elements come from the bitmaps, checked against BASE. The same inputs "
+        "give the same bytes.",
     )
     make.add_argument("base", help="checkpoint before the step")
     make.add_argument("new", help="checkpoint after the step")
-    make.add_argument("-o", "--output", required=True, help="patch file to write")
+    make.add_argument("-o", "--output", required=True,
+                      help="patch file to write (not one of the inputs)")
     make.add_argument("--sequence", type=int, required=True,
                       help="step number recorded in the patch")
     make.add_argument("--bitmaps", help="safetensors change bitmaps of the step (optional)")
     make.set_defaults(func=_patch)
     apply = commands.add_parser(
         "apply",
-        help="apply patches in order to a safetensors checkpoint",
-        description="Apply PATCH files in the order given to WEIGHTS and write the result to "
-        "OUTPUT. A patch made for other weights, out of order or corrupt is refused and "
-        "nothing is written.",
+        help="apply patches in order to a checkpoint",
+        description="Apply PATCH files in the order given to WEIGHTS (an HF model folder, a "
+        "safetensors file or a torch state dict, as patch make reads) and write the result "
+        "to OUTPUT as one safetensors file. A patch made for other weights, out of order or "
+        "corrupt is refused and nothing is written.",
     )
-    apply.add_argument("weights", help="safetensors weights the first patch was made from")
+    apply.add_argument("weights", help="checkpoint the first patch was made from")
     apply.add_argument("patches", nargs="+", metavar="PATCH", help="patch files, in order")
-    apply.add_argument("-o", "--output", required=True, help="safetensors file to write")
+    apply.add_argument("-o", "--output", required=True,
+                       help="safetensors file to write (not one of the inputs)")
     apply.set_defaults(func=_patch)
 
 
 def _patch(args: argparse.Namespace) -> int:
     """Run ``patch make`` / ``patch apply``."""
-    from safetensors.torch import save_file  # noqa: PLC0415
-
-    from . import analysis, bitmaps, patch  # noqa: PLC0415
+    from . import analysis, bitmaps, files, patch, sync  # noqa: PLC0415
 
     _check_output_file("-o", args.output)
     if args.patch_action == "make":
+        inputs = [args.base, args.new] + ([args.bitmaps] if args.bitmaps else [])
+        files.refuse_output_over_inputs("-o", args.output, inputs)
         base, new = analysis.load_state_dict(args.base), analysis.load_state_dict(args.new)
         changed = None
         if args.bitmaps is not None:
@@ -275,20 +325,35 @@ def _patch(args: argparse.Namespace) -> int:
                     raise InputError(f"--bitmaps {args.bitmaps}: bitmap {name!r} is for {n} "
                                      f"elements, the tensor has {new[name].numel()}")
         made = patch.make_patch(new, base=base, changed=changed, sequence=args.sequence)
-        size = made.save(args.output)
+        size = _written("-o", args.output, lambda: made.save(args.output))
         print(f"sequence {made.sequence}: {made.changed} of {made.numel} elements changed "
               f"({made.changed / max(made.numel, 1):.2%}); patch {size} bytes, full "
               f"checkpoint {made.full_bytes} bytes ({size / max(made.full_bytes, 1):.2%})")
         return 0
-    handle = analysis.open_safetensors(args.weights)
-    metadata = handle.metadata()
-    weights = {name: handle.get_tensor(name) for name in handle.keys()}
+    files.refuse_output_over_inputs("-o", args.output, [args.weights, *args.patches])
+    weights = analysis.load_state_dict(args.weights)
+    metadata = {"format": "pt"}
+    if os.path.isfile(args.weights) and args.weights.endswith(".safetensors"):
+        metadata = analysis.open_safetensors(args.weights).metadata() or metadata
     patches = [patch.load_patch(path) for path in args.patches]
-    checksum = patch.apply_patches(weights, patches)
-    save_file(weights, args.output, metadata=metadata)
+    for path, made in zip(args.patches, patches):  # in memory; nothing is written on error
+        try:
+            sync.apply_delta(weights, made)
+        except sync.DeltaError as exc:
+            raise InputError(f"{path}: {exc}") from None
+    _written("-o", args.output, lambda: sync.write_safetensors(args.output, weights, metadata))
     print(f"applied {len(patches)} patches (sequence {patches[0].sequence}.."
-          f"{patches[-1].sequence}); wrote {args.output} (checksum {checksum[:12]})")
+          f"{patches[-1].sequence}); wrote {args.output}")
     return 0
+
+
+def _written(option: str, path: str, write):
+    """Run ``write()``; an OS error (full disk, read-only folder) becomes one line."""
+    try:
+        return write()
+    except OSError as exc:
+        raise InputError(f"{option} {path}: cannot write ({exc.strerror or exc}); nothing "
+                         "was written there") from None
 
 
 def _add_sparsity(subparsers) -> None:
@@ -328,6 +393,9 @@ def _sparsity(args: argparse.Namespace) -> int:
     check_device("--device", args.device)
     if args.out is not None:
         _check_output_folder("--out", args.out)
+        inputs = [args.base, args.tuned] + ([args.compare] if args.compare else [])
+        files.refuse_folder_over_inputs("--out", args.out, analysis.SPARSITY_REPORT_FILES,
+                                        inputs)
     if args.device is not None and not args.geometry:
         print(f"rlvr-optim sparsity: warning: --device {args.device} is where --geometry runs "
               "its SVDs; without --geometry everything runs on the CPU", file=sys.stderr)
@@ -389,9 +457,14 @@ def _masks(args: argparse.Namespace) -> int:
     check_device("--device", args.device)
     _check_output_folder("--out", args.out)
     kinds = tuple(dict.fromkeys(args.kind)) if args.kind else analysis.MASK_KINDS
+    files.refuse_folder_over_inputs("--out", args.out, [f"{k}.safetensors" for k in kinds],
+                                    [args.base])
     masks = analysis.build_masks(args.base, kinds, alpha=args.alpha, rank=args.rank,
                                  random_like=args.random_like, seed=args.seed,
                                  device=args.device, progress=not args.no_progress)
+    if not masks[kinds[0]]["numels"]:
+        raise InputError(f"{args.base} holds no weight matrix (a 2-D tensor of at least 2 x 2), "
+                         "and masks are built per matrix; nothing written")
     meta = {"alpha": str(args.alpha), "rank": str(args.rank), "seed": str(args.seed),
             "random_like": args.random_like, "base": str(args.base)}
     paths = analysis.save_masks(args.out, masks, meta)
@@ -440,19 +513,27 @@ def _add_ablate(subparsers) -> None:
 def _ablate(args: argparse.Namespace) -> int:
     """Run :func:`rlvr_optim.ablation.run_ablation` on a preset with the given overrides."""
     check_device("--device", args.device)
+    out = args.out or f"ablation-{args.preset}"
+    _check_output_folder("--out", out)
     from .ablation import preset, run_for_cli  # noqa: PLC0415
 
     overrides = {k: v for k, v in (("steps", args.steps), ("lr", args.lr), ("seed", args.seed),
                                    ("device", args.device),
                                    ("checkpoint_every", args.checkpoint_every)) if v is not None}
-    config = preset(args.preset, **overrides)
-    return run_for_cli(config, args.out or f"ablation-{args.preset}", resume=args.resume,
-                       progress=not args.no_progress, stop_after=args.stop_after)
+    try:
+        config = preset(args.preset, **overrides)
+    except InputError:
+        raise
+    except ValueError as exc:  # a setting the preset's own checks refuse
+        given = " ".join(f"--{k.replace('_', '-')} {v}" for k, v in overrides.items())
+        raise InputError(f"{given or '--preset ' + args.preset}: {exc}") from None
+    return run_for_cli(config, out, resume=args.resume, progress=not args.no_progress,
+                       stop_after=args.stop_after)
 
 
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser with every subcommand."""
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="rlvr-optim",
         description="AdamW for RL post-training that shows what bf16 rounding does to each "
         "update.",
@@ -471,8 +552,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; returns the exit status.
 
     Status 2 for bad input, with one line on stderr: an option value argparse refuses, an
-    :class:`~rlvr_optim.errors.InputError` from the command, or no command at all (after the
-    help). Any other exception is a bug and propagates with its traceback.
+    :class:`~rlvr_optim.errors.InputError` from the command, an ``OSError`` reading or
+    writing a file (the line names the file and the reason), or no command at all (after
+    the help). Ctrl-C ends with status 130 and SIGTERM with 143, after the temporary
+    files of :mod:`rlvr_optim.files` are removed. Any other exception is a bug and
+    propagates with its traceback.
 
     Args:
         argv: arguments without the program name (default None: ``sys.argv[1:]``).
@@ -482,9 +566,29 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not hasattr(args, "func"):
         parser.print_help(sys.stderr)
         return 2
+    command = "rlvr-optim " + " ".join(
+        filter(None, (args.command, getattr(args, "patch_action", None))))
     try:
-        return args.func(args)
+        with files.raise_on_sigterm():
+            return args.func(args)
     except InputError as exc:
-        command = " ".join(filter(None, (args.command, getattr(args, "patch_action", None))))
-        print(f"rlvr-optim {command}: error: {exc}", file=sys.stderr)
+        print(f"{command}: error: {exc}", file=sys.stderr)
         return 2
+    except OSError as exc:
+        print(f"{command}: error: {_os_error_line(exc)}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"{command}: interrupted; no output was left half-written", file=sys.stderr)
+        return 130
+    except files.Terminated:
+        print(f"{command}: terminated; no output was left half-written", file=sys.stderr)
+        return 143
+
+
+def _os_error_line(exc: OSError) -> str:
+    """One line for an OS error: the file it names (both, for a rename) and the reason."""
+    reason = exc.strerror or (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        reason += "; free some space or write elsewhere (nothing was left half-written)"
+    names = [os.fspath(n) for n in (exc.filename, exc.filename2) if n is not None]
+    return f"{' -> '.join(names)}: {reason}" if names else reason

@@ -13,21 +13,12 @@ the counters itself).
 
 The extension is ``rlvr_optim._C`` when setup.py built it (nvcc found at install time);
 otherwise it is compiled on first use with nvcc (and ninja when present) into a cache
-folder (``$RLVR_OPTIM_CACHE``, default ``~/.cache/rlvr_optim``), for the GPU at hand.
+folder, for the GPU at hand (:mod:`rlvr_optim.extensions`).
 Nothing here touches CUDA before :func:`adamw` is called with CUDA tensors.
 """
 
 from __future__ import annotations
 
-import hashlib
-import importlib.util
-import os
-import shutil
-import subprocess
-import sys
-import sysconfig
-from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 from types import ModuleType
 from typing import NamedTuple
 
@@ -35,174 +26,36 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from ._cpu_build import _ninja_path
 from .checks import STRICT_GRADS, Policy, check_tensors
-from .operands import Operands, call_operands
-from .plan import Planner
+from .extensions import CUDA, NVCC_FLAGS as _NVCC_FLAGS
+from .extensions import cache_root as _cache_root
+from .extensions import nvcc as _nvcc
+from .operands import Operands, StepInputs, call_operands
+from .plan import PlannedCall, Planner
 from .reference import HALF_DTYPES, check_arguments, image_dtype
-from .table import COUNTER_NAMES, ROW, ROW_FIELDS
+from .table import ROW, ROW_FIELDS
 
-__all__ = ["adamw", "load_extension", "unavailable_reason"]
-
-# What this file expects of the extension (csrc/adamw_launch.h, csrc/binding.cu); the row
-# layout is csrc/step_table.h's (rlvr_optim.table).
-ABI_VERSION = 5
-_NVCC_FLAGS = ["-O3", "-std=c++17", "-fmad=false", "-Xcompiler", "-fPIC",
-               "-Xcompiler", "-fvisibility=hidden"]
-_extension: ModuleType | None = None
+__all__ = ["adamw", "load_extension", "planner", "prepare", "unavailable_reason"]
 
 
 # ---------------------------------------------------------------------------------------
-# The extension: built by setup.py, or compiled here on first use.
+# The extension (rlvr_optim.extensions.CUDA).
 # ---------------------------------------------------------------------------------------
-
-
-def _source_dir() -> Path | None:
-    """csrc/ beside the package (installed as package data) or in the source checkout."""
-    here = Path(__file__).resolve().parent
-    for folder in (here / "csrc", here.parent / "csrc"):
-        if (folder / "binding.cu").is_file():
-            return folder
-    return None
-
-
-def _nvcc() -> str | None:
-    for home in (os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH")):
-        if home and (Path(home) / "bin" / "nvcc").is_file():
-            return str(Path(home) / "bin" / "nvcc")
-    return shutil.which("nvcc")
-
-
-def _cache_root() -> Path:
-    if os.environ.get("RLVR_OPTIM_CACHE"):
-        return Path(os.environ["RLVR_OPTIM_CACHE"])
-    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "rlvr_optim"
-
-
-def _usable(module: ModuleType) -> bool:
-    return (getattr(module, "ABI_VERSION", None) == ABI_VERSION
-            and tuple(getattr(module, "ROW_FIELDS", ())) == ROW_FIELDS
-            and tuple(getattr(module, "COUNTER_NAMES", ())) == COUNTER_NAMES)
-
-
-def _prebuilt() -> ModuleType | None:
-    """The extension built by setup.py, if there is one of this version."""
-    try:
-        from . import _C
-    except ImportError:
-        return None
-    return _C if _usable(_C) else None
-
-
-def _build_blockers() -> list[str]:
-    blockers = []
-    if _source_dir() is None:
-        blockers.append("the csrc/ sources are not installed with the package")
-    if _nvcc() is None:
-        blockers.append("nvcc is not on PATH (nor in $CUDA_HOME/bin)")
-    if importlib.util.find_spec("pybind11") is None:
-        blockers.append("pybind11 is not installed (pip install pybind11)")
-    return blockers
-
-
-def is_built() -> bool:
-    """Whether the extension is loaded or was built at install time (no compile needed)."""
-    return _extension is not None or _prebuilt() is not None
-
-
-def unavailable_reason() -> str | None:
-    """Why ``backend="cuda"`` cannot run here, or None when it can. Touches no GPU."""
-    if is_built():
-        return None
-    blockers = _build_blockers()
-    if not blockers:
-        return None
-    return ("rlvr_optim._C was not built at install time (no nvcc then) and cannot be "
-            f"compiled now: {'; '.join(blockers)}")
-
-
-def _compile(folder: Path, sources: list[Path], archs: list[str]) -> Path:
-    """Compile the extension into folder; returns the shared object."""
-    import pybind11
-
-    nvcc = _nvcc()
-    gencode = [f"-gencode=arch=compute_{a},code=sm_{a}" for a in archs]
-    flags = [*_NVCC_FLAGS, *gencode, f"-I{pybind11.get_include()}",
-             f"-I{sysconfig.get_paths()['include']}"]
-    target = folder / f"_C{sysconfig.get_config_var('EXT_SUFFIX')}"
-    objects = [folder / f"{src.stem}.o" for src in sources]
-    ninja = shutil.which("ninja")
-    if ninja is not None:
-        lines = [
-            "ninja_required_version = 1.3",
-            f"nvcc = {nvcc}",
-            f"flags = {' '.join(flags)}",
-            "rule cu",
-            "  command = $nvcc -c $flags $in -o $out",
-            "  description = nvcc $in",
-            "rule link",
-            "  command = $nvcc -shared $in -o $out",
-        ]
-        lines += [f"build {_ninja_path(o)}: cu {_ninja_path(s)}" for s, o in zip(sources, objects)]
-        lines.append(f"build {_ninja_path(target)}: link {' '.join(_ninja_path(o) for o in objects)}")
-        (folder / "build.ninja").write_text("\n".join(lines) + "\n")
-        subprocess.run([ninja, "-C", str(folder)], check=True)
-    else:
-        commands = [[nvcc, "-c", *flags, str(s), "-o", str(o)] for s, o in zip(sources, objects)]
-        with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
-            for result in pool.map(subprocess.run, commands):
-                if result.returncode != 0:
-                    raise RuntimeError(f"nvcc failed: {' '.join(result.args)}")
-        subprocess.run([nvcc, "-shared", *map(str, objects), "-o", str(target)], check=True)
-    return target
-
-
-def _build_and_import() -> ModuleType:
-    blockers = _build_blockers()
-    if blockers:
-        raise RuntimeError(
-            "backend 'cuda' needs the extension rlvr_optim._C, which was not built at install "
-            f"time and cannot be compiled now: {'; '.join(blockers)}. Reinstall with nvcc on "
-            "PATH (pip install -e . builds it), or use backend='triton' or 'reference'."
-        )
-    archs = os.environ.get("RLVR_OPTIM_CUDA_ARCHS")
-    if archs:
-        arch_list = [a.strip() for a in archs.replace(",", ";").split(";") if a.strip()]
-    else:
-        major, minor = torch.cuda.get_device_capability()
-        arch_list = [f"{major}{minor}"]
-    src = _source_dir()
-    sources = sorted(src.glob("*.cu"))
-    digest = hashlib.sha256()
-    for path in sorted([*sources, *src.glob("*.cuh"), *src.glob("*.h")]):
-        digest.update(path.name.encode() + b"\0" + path.read_bytes())
-    digest.update(repr((arch_list, _NVCC_FLAGS, sys.version_info[:2], _nvcc())).encode())
-    folder = _cache_root() / "cuda_ext" / digest.hexdigest()[:16]
-    folder.mkdir(parents=True, exist_ok=True)
-    import fcntl
-
-    with open(folder / ".lock", "w") as lock:  # one build per folder across processes
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        target = folder / f"_C{sysconfig.get_config_var('EXT_SUFFIX')}"
-        if not target.is_file():
-            print(f"rlvr_optim: compiling the CUDA extension for sm_{', sm_'.join(arch_list)} "
-                  f"into {folder} (first use only; about a minute)", file=sys.stderr, flush=True)
-            _compile(folder, sources, arch_list)
-            print("rlvr_optim: CUDA extension compiled", file=sys.stderr, flush=True)
-        spec = importlib.util.spec_from_file_location("rlvr_optim._C", target)
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
-    if not _usable(module):
-        raise RuntimeError(f"{target} does not match this rlvr_optim; delete {folder}")
-    return module
 
 
 def load_extension() -> ModuleType:
     """rlvr_optim._C, compiling it first if setup.py did not build it."""
-    global _extension
-    if _extension is None:
-        _extension = _prebuilt() or _build_and_import()
-    return _extension
+    return CUDA.load()
+
+
+def is_built() -> bool:
+    """Whether the extension is loaded or was built at install time (no compile needed)."""
+    return CUDA.is_built()
+
+
+def unavailable_reason() -> str | None:
+    """Why ``backend="cuda"`` cannot run here, or None when it can. Touches no GPU."""
+    return CUDA.unavailable_reason()
 
 
 # ---------------------------------------------------------------------------------------
@@ -341,11 +194,12 @@ def adamw(
     element_offsets: list[int] | None = None,
     amsgrad: bool = False,
     maximize: bool = False,
+    decoupled_weight_decay: bool = True,
     grad_scale: Tensor | None = None,
     found_inf: Tensor | None = None,
     change_dtype: torch.dtype = torch.bfloat16,
 ) -> None:
-    """One AdamW step over a list of CUDA tensors, in place, one launch per dtype layout.
+    """One Adam step over a list of CUDA tensors, in place, one launch per dtype layout.
 
     Arguments and results as :func:`rlvr_optim.reference.adamw`. Every tensor is
     contiguous and on its param's GPU; params are float32, bfloat16 or float16, states
@@ -363,15 +217,37 @@ def adamw(
                         counters=counters, amsgrad=amsgrad)
     check_arguments(ops, scalars=scalars, rounding=rounding, sr_keys=sr_keys, amsgrad=amsgrad,
                     change_dtype=change_dtype)
-    n = len(params)
-    if n == 0:
+    if not params:
         return
-    stochastic = rounding == "stochastic"
-    offsets = element_offsets if element_offsets is not None else [0] * n
+    offsets = element_offsets if element_offsets is not None else [0] * len(params)
     launches = planner.launches(ops, grads, offsets, (change_dtype,))
-    ext = load_extension()
-    track = change_bitmaps is not None or cumulative_bitmaps is not None or counters is not None
+    keys = sr_keys if rounding == "stochastic" else None
+    _run(launches, _tracks(ops), StepInputs(scalars, keys, maximize, decoupled_weight_decay,
+                                            grad_scale, found_inf))
 
+
+def _tracks(ops: Operands) -> bool:
+    return any(x is not None for x in (ops.change_bitmap, ops.cumulative_bitmap, ops.counter))
+
+
+def prepare(ops: Operands, *, element_offsets=None, rounding: str = "nearest",
+            amsgrad: bool = False, change_dtype: torch.dtype = torch.bfloat16) -> PlannedCall:
+    """:func:`adamw` over ``ops`` as a call ``(grads, StepInputs)`` kept by its caller:
+    checked when it first runs, then a pass over the grads per step
+    (:class:`rlvr_optim.plan.PlannedCall`)."""
+    offsets = [0] * ops.count if element_offsets is None else list(element_offsets)
+    track = _tracks(ops)
+
+    def run(launches, statics, offsets, grads, x: StepInputs) -> None:
+        _run(launches, track, x if rounding == "stochastic" else x._replace(sr_keys=None))
+
+    return PlannedCall(planner, run, ops, offsets, (change_dtype,))
+
+
+def _run(launches: list, track: bool, x: StepInputs) -> None:
+    """One kernel launch per planned launch (a table of one layout)."""
+    ext = load_extension()
+    stochastic = x.sr_keys is not None
     operands: dict[torch.device, tuple] = {}
     bf16 = torch.bfloat16
     for launch in launches:
@@ -385,21 +261,22 @@ def adamw(
             store = (2 if form == 1 else 0) + (1 if stochastic else 0)
         variant = ext.variant(store, half == torch.float16, param_dtype in HALF_DTYPES,
                               grad_dtype in HALF_DTYPES, state_dtype == bf16,
-                              vmax_dtype is not None, track, grad_scale is not None)
+                              vmax_dtype is not None, track, x.grad_scale is not None,
+                              not x.decoupled_weight_decay)
         if device not in operands:  # on the device; the kernel reads them there
             operands[device] = (
-                scalars.to(device).contiguous(),
-                sr_keys.to(device).contiguous() if stochastic else None,
-                _one_element("grad_scale", grad_scale, device).to(torch.float32)
-                if grad_scale is not None else None,
-                _found_inf_operand(found_inf, device) if found_inf is not None else None,
+                x.scalars.to(device).contiguous(),
+                x.sr_keys.to(device).contiguous() if stochastic else None,
+                _one_element("grad_scale", x.grad_scale, device).to(torch.float32)
+                if x.grad_scale is not None else None,
+                _found_inf_operand(x.found_inf, device) if x.found_inf is not None else None,
             )
         scalars_dev, keys_dev, scale, skip = operands[device]
         table = launch.table
         ext.launch_adamw(
             variant, table.buffer.data_ptr(), table.num_tensors, table.total_tiles,
             table.counters, scalars_dev.data_ptr(), _address(keys_dev), _address(scale),
-            _address(skip), bool(maximize), device.index, _stream(device),
+            _address(skip), bool(x.maximize), device.index, _stream(device),
         )
 
 

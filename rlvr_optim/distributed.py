@@ -33,6 +33,8 @@ import torch
 from torch import Tensor
 
 from . import bitmaps
+from .table import COUNTER_NAMES
+from .tracking import change_log_from_rows, summary_rows
 
 __all__ = [
     "ShardLayout",
@@ -238,10 +240,10 @@ def sum_over_shards(params: list[Tensor], table: Tensor, group=None) -> Tensor:
 
 
 def _reduce_rows(optimizer, group) -> tuple[list[Tensor], Tensor]:
-    """Global [bf16 changed, fp32 moved, non-finite grads, cumulative changed] per param."""
+    """Global counters (COUNTER_NAMES) and cumulative changed elements, per param."""
     params = _tracked(optimizer)
     if not params:
-        return [], torch.zeros(0, 4, dtype=torch.int64)
+        return [], torch.zeros(0, len(COUNTER_NAMES) + 1, dtype=torch.int64)
     rows = []
     for p in params:
         counts = optimizer.change_counts(p)
@@ -263,7 +265,7 @@ def all_reduce_change_counts(optimizer, group=None) -> dict[Tensor, Tensor]:
             group the local counters are returned.
     """
     params, table = _reduce_rows(optimizer, group)
-    return {p: row[:3] for p, row in zip(params, table)}
+    return {p: row[:len(COUNTER_NAMES)] for p, row in zip(params, table)}
 
 
 def global_change_summary(optimizer, group=None) -> list[dict[str, Any]]:
@@ -271,18 +273,14 @@ def global_change_summary(optimizer, group=None) -> list[dict[str, Any]]:
     all-reduce, one host sync). ``cumulative_changed`` is present where tracked."""
     params, table = _reduce_rows(optimizer, group)
     names = optimizer._names()
-    rows = []
-    for p, values in zip(params, table.cpu().tolist()):
-        row = {"name": names[p], "numel": p.numel()}
-        row.update(zip(("bf16_changed", "fp32_moved", "nonfinite_grads"), values[:3]))
-        if optimizer.cumulative_bitmap(p) is not None:
-            row["cumulative_changed"] = values[3]
-        rows.append(row)
-    return rows
+    n = len(COUNTER_NAMES)
+    values = table.cpu().tolist()
+    cumulative = {i: row[n] for i, (p, row) in enumerate(zip(params, values))
+                  if optimizer.cumulative_bitmap(p) is not None}
+    return summary_rows([names[p] for p in params], [p.numel() for p in params],
+                        [row[:n] for row in values], cumulative)
 
 
 def global_change_log(optimizer, prefix: str = "rlvr_optim/", group=None) -> dict[str, float]:
     """``AdamW.change_log`` over the whole model on every rank (one all-reduce, one sync)."""
-    from .optimizer import change_log_from_rows
-
     return change_log_from_rows(global_change_summary(optimizer, group), prefix)

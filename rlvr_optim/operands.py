@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from typing import Any, NamedTuple, Sequence
 
-__all__ = ["OPERANDS", "Operands", "call_operands"]
+__all__ = ["OPERANDS", "Operands", "StepInputs", "call_operands"]
 
 
 class Operands(NamedTuple):
@@ -47,6 +47,18 @@ class Operands(NamedTuple):
         """The call restricted to tensors ``index`` (in that order)."""
         return Operands(*(None if values is None else [values[i] for i in index]
                           for values in self))
+
+
+class StepInputs(NamedTuple):
+    """What a step reads besides the operands and grads: the per-step scalars and the
+    call's options (the keyword arguments of a backend's ``adamw`` of the same names)."""
+
+    scalars: Any  # float32 [n, 8] of reference.step_scalars
+    sr_keys: Any = None  # int64 [n, 2] of reference.stochastic_rounding_keys (stochastic)
+    maximize: bool = False
+    decoupled_weight_decay: bool = True  # False: Adam's L2 term (scalars' decay column)
+    grad_scale: Any = None
+    found_inf: Any = None
 
 
 OPERANDS = ("param", "grad", *Operands._fields[1:])

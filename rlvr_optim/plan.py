@@ -12,9 +12,9 @@ as :class:`Group` s, one launch each:
   present, alignment) and the call rows of its tensors, in call order. Tensors without
   elements are in no group; the planner sets their counters (0) itself.
 
-Each backend encodes a group into the device table its kernel reads (Triton: int64 rows of
-``TABLE_COLUMNS`` plus a work table; CUDA: the 128-byte ``TensorRow`` of
-``csrc/adamw_launch.h``) and the planner keeps the encoded launches, so a steady-state
+Each backend encodes a group into the table its kernel reads (one int64 row per tensor of
+``csrc/step_table.h``, :mod:`rlvr_optim.table`; Triton adds a work table) and the planner
+keeps the encoded launches, so a steady-state
 step is one pass over the grads: their addresses and dtypes are compared with those the
 launches were built for (and the params' addresses with the checked ones), then the
 kept launches run. A table is rebuilt only when an address, the tensors or an option
@@ -50,8 +50,8 @@ from torch import Tensor
 from ._checked import CheckedCall, CheckedCalls, OperandList, extension_function
 from .operands import Operands
 
-__all__ = ["Gradients", "Group", "OperandList", "Planner", "ScalarRows", "read_gradients",
-           "same_items"]
+__all__ = ["Gradients", "Group", "OperandList", "PlannedCall", "Planner", "ScalarRows",
+           "read_gradients", "same_items"]
 
 _GRAD = attrgetter("grad")
 _DTYPE = attrgetter("dtype")
@@ -127,6 +127,8 @@ class Group(NamedTuple):
     device: torch.device
     rows: tuple[int, ...]
     columns: dict[str, np.ndarray]  # fields of rlvr_optim.table.ROW_FIELDS and "remainder"
+    grad_dtypes: tuple  # of each row's grad
+    grad_contiguous: tuple[bool, ...]  # of each row's grad (a lenient backend copies others)
 
 
 def _addresses(tensors, n: int) -> np.ndarray:
@@ -161,7 +163,7 @@ class _Call(CheckedCall):
         columns["element_offset"] = np.array(offsets, dtype=np.int64)
         columns["scalar_row"] = np.arange(n, dtype=np.int64)
         self.columns = columns
-        self.last = None  # (pointers, dtypes, launches) of the latest step
+        self.last = None  # (pointers, dtypes, launches, grad contiguity) of the latest step
         self.last_key = None  # its Gradients.key, when it had one
         self.launches: dict[tuple, list] = {}
 
@@ -206,10 +208,18 @@ class Planner:
         self.calls.clear()
         self.builds = 0
 
-    def launches(self, statics: tuple, grads: Sequence[Tensor], offsets: list[int],
+    def launches(self, statics: Operands, grads: Sequence[Tensor], offsets: list[int],
                  options: tuple) -> list:
-        """The encoded launches of this call (see the module docstring), in call order."""
+        """The encoded launches of this call (see the module docstring), in call order; a
+        call of a recent one's tensors is found among the kept ones (a few: see
+        :class:`PlannedCall` for a caller that keeps its own)."""
         call = self.calls.find(statics, offsets, options)
+        return self.launches_of(call, statics, grads, offsets, options)[0]
+
+    def launches_of(self, call: _Call | None, statics: Operands, grads: Sequence[Tensor],
+                    offsets: list[int], options: tuple) -> tuple[list, _Call]:
+        """The launches of ``call``, the checked call of these operands (None: check and
+        plan them now), and the call they belong to."""
         key = grads.key if isinstance(grads, Gradients) else None
         if key is not None and call is not None and call.last is not None \
                 and call.last_key == key:
@@ -228,7 +238,7 @@ class Planner:
         if not launches.pinned and self._capturing(call.devices[0]):
             self._pinned.append(launches)
             launches.pinned = True
-        return launches
+        return launches, call
 
     def _launches_slow(self, call: _Call | None, statics: tuple, grads: Sequence[Tensor],
                        offsets: list[int], options: tuple) -> tuple[list, _Call]:
@@ -242,6 +252,7 @@ class Planner:
                 dtypes = list(map(_DTYPE, grads))
             except (TypeError, RuntimeError, AttributeError):
                 pointers = dtypes = None
+        contiguous = None  # every grad contiguous: what _grads_fit accepts
         if call is None or pointers is None or not self._grads_fit(call, grads, pointers,
                                                                    dtypes):
             self._check(statics, grads, offsets, options)
@@ -250,10 +261,14 @@ class Planner:
             if pointers is None:  # the checks passed, so every grad has storage now
                 pointers = list(map(Tensor.data_ptr, grads))
                 dtypes = list(map(_DTYPE, grads))
+            contiguous = tuple(map(Tensor.is_contiguous, grads))
+            if all(contiguous):
+                contiguous = None
         last = call.last
-        if last is not None and last[0] == pointers and last[1] == dtypes:
+        if last is not None and last[0] == pointers and last[1] == dtypes \
+                and last[3] == contiguous:
             return last[2], call
-        return self._launches_for(call, pointers, dtypes), call
+        return self._launches_for(call, pointers, dtypes, contiguous), call
 
     def _new_call(self, statics: Operands, offsets, options) -> _Call:
         keys = [self._static_key(statics.at(i), offsets[i], options)
@@ -280,8 +295,9 @@ class Planner:
         except (AttributeError, TypeError):
             return False
 
-    def _launches_for(self, call: _Call, pointers: list[int], dtypes: list) -> list:
-        signature = (tuple(pointers), tuple(dtypes))
+    def _launches_for(self, call: _Call, pointers: list[int], dtypes: list,
+                      contiguous: tuple[bool, ...] | None) -> list:
+        signature = (tuple(pointers), tuple(dtypes), contiguous)
         launches = call.launches.get(signature)
         if launches is None:
             device = call.devices[0]
@@ -292,7 +308,8 @@ class Planner:
                     "run one step with the same tensors before capturing (warm-up), then capture"
                 )
             launches = _Launches(self._encode(group, call.options)
-                                 for group in self._groups(call, pointers, dtypes))
+                                 for group in self._groups(call, pointers, dtypes,
+                                                           contiguous))
             self.builds += 1
             kept = call.launches
             kept[signature] = launches
@@ -300,10 +317,11 @@ class Planner:
                 if len(kept) <= _MAX_GRAD_SIGNATURES:
                     break
                 del kept[old]
-        call.last = (pointers, dtypes, launches)
+        call.last = (pointers, dtypes, launches, contiguous)
         return launches
 
-    def _groups(self, call: _Call, pointers: list[int], dtypes: list) -> list[Group]:
+    def _groups(self, call: _Call, pointers: list[int], dtypes: list,
+                contiguous: tuple[bool, ...] | None) -> list[Group]:
         by_key: dict[tuple, list[int]] = {}
         for i, numel in enumerate(call.numels):
             if numel:
@@ -316,8 +334,47 @@ class Planner:
             index = np.array(rows, dtype=np.int64)
             columns = {name: values[index] for name, values in call.columns.items()}
             columns["grad"] = grad[index]
-            groups.append(Group(key, device, tuple(rows), columns))
+            groups.append(Group(key, device, tuple(rows), columns,
+                                tuple(dtypes[i] for i in rows),
+                                tuple(True if contiguous is None else contiguous[i]
+                                      for i in rows)))
         return groups
+
+
+class PlannedCall:
+    """A call of one set of operands planned by a backend's :class:`Planner` and kept by
+    its caller (the optimizer's plan of a param group), so that a step neither looks the
+    call up among the planner's few kept ones nor checks its tensors again: it compares
+    the grads' addresses and dtypes with the launches' (see the module docstring) and runs
+    the launches. Its caller checks that the params are where they were (and plans anew
+    when they are not): the optimizer's plan does. A call is a backend's
+    ``prepare(ops, ...)``: ``call(grads, StepInputs)``.
+
+    Args:
+        planner: the backend's planner.
+        run: ``run(launches, statics, offsets, grads, inputs)``: the backend's launches
+            of a step.
+        statics: the call's :class:`rlvr_optim.operands.Operands` (lists that do not
+            change: the optimizer's :class:`OperandList` s).
+        offsets: each tensor's global index of its element 0.
+        options: the backend's planner options of the call.
+    """
+
+    __slots__ = ("planner", "run", "statics", "offsets", "options", "call")
+
+    def __init__(self, planner: "Planner", run: Callable, statics: Operands,
+                 offsets: list[int], options: tuple):
+        self.planner = planner
+        self.run = run
+        self.statics = statics
+        self.offsets = list(offsets)
+        self.options = options
+        self.call: _Call | None = None
+
+    def __call__(self, grads: Sequence[Tensor], inputs) -> None:
+        launches, self.call = self.planner.launches_of(self.call, self.statics, grads,
+                                                       self.offsets, self.options)
+        self.run(launches, self.statics, self.offsets, grads, inputs)
 
 
 class _Launches(list):
@@ -334,7 +391,7 @@ class ScalarRows:
     """The per-tensor scalar rows of :func:`rlvr_optim.reference.step_scalars`, bit for bit,
     in five tensor ops per step into kept buffers.
 
-    The columns that depend on the hyperparameters alone (lr * weight_decay for a float lr,
+    The columns that depend on the hyperparameters alone (1 - lr * weight_decay for a float lr,
     betas, eps) are written when those change; each step computes the bias corrections
     from the device step counts and ``lr``, so no value comes from host memory (the step is
     capturable in a CUDA graph), and an ``lr`` changed between steps takes effect in the
@@ -356,10 +413,19 @@ class ScalarRows:
         self._one = torch.ones((), dtype=torch.float64, device=device)
         self._constants = None  # (beta1, beta2, eps) written into columns 3..7
         self._betas = None  # float64 [[beta1], [beta2]] on the device
-        self._lr = None  # (lr, weight_decay) of column 2, and the 0-d float64 lr
+        self._lr = None  # (lr, weight_decay, decoupled) of column 2, and the 0-d float64 lr
+
+    def _write_decay(self, lr64: Tensor, weight_decay: float, decoupled: bool) -> None:
+        """The decay column: 1 - lr * weight_decay (float64, rounded once), or Adam's
+        weight_decay (a fill: rounded once from the Python float)."""
+        if decoupled:
+            self.out[:, 2].copy_(1.0 - lr64 * weight_decay)
+        else:
+            self.out[:, 2].fill_(weight_decay)
 
     def __call__(self, steps: Tensor, lr: float | Tensor, beta1: float, beta2: float,
-                 weight_decay: float, eps: float) -> Tensor:
+                 weight_decay: float, eps: float, *, decoupled_weight_decay: bool = True
+                 ) -> Tensor:
         out = self.out
         device = out.device
         constants = (float(beta1), float(beta2), float(eps))
@@ -369,16 +435,17 @@ class ScalarRows:
             out[:, 3:].copy_(values.float().to(device).expand(out.shape[0], 5))
             self._betas = values[[0, 2]].view(2, 1).to(device)
             self._constants = constants
+        wd = float(weight_decay)
         if isinstance(lr, Tensor):
             lr64 = lr.to(device=device, dtype=torch.float64).reshape(())
-            out[:, 2].copy_(lr64 * float(weight_decay))
+            self._write_decay(lr64, wd, decoupled_weight_decay)
             self._lr = None
-        elif self._lr is not None and self._lr[0] == (float(lr), float(weight_decay)):
+        elif self._lr is not None and self._lr[0] == (float(lr), wd, decoupled_weight_decay):
             lr64 = self._lr[1]
         else:
             lr64 = torch.full((), float(lr), dtype=torch.float64, device=device)
-            out[:, 2].copy_(lr64 * float(weight_decay))
-            self._lr = ((float(lr), float(weight_decay)), lr64)
+            self._write_decay(lr64, wd, decoupled_weight_decay)
+            self._lr = ((float(lr), wd, decoupled_weight_decay), lr64)
         powers = self._powers
         torch.pow(self._betas, self._t.copy_(steps), out=powers)
         torch.sub(self._one, powers, out=powers)  # 1 - beta ** t

@@ -69,6 +69,8 @@ FEATURES = {
         other_grad_dtype=True,
     ),
     "untracked-amsgrad": dict(amsgrad=True, track=False, nonfinite=True),
+    # torch's Adam: the weight decay an L2 term in the gradient.
+    "adam-l2": dict(l2_decay=True, amsgrad=True, freeze=True, nonfinite=True, maximize=True),
 }
 
 

@@ -24,6 +24,7 @@ from rlvr_optim.ablation import lm, lm_report  # noqa: E402
 from rlvr_optim.ablation.cohorts import fixed_sample_kl, lm_shape  # noqa: E402
 from rlvr_optim.ablation.config import MASTER, NEAREST  # noqa: E402
 from rlvr_optim.ablation.minilm import TOPICS, TopicTask, minilm_path  # noqa: E402
+from rlvr_optim.ablation.runs import load_checkpoint  # noqa: E402
 from rlvr_optim.ablation.task import AdditionTask  # noqa: E402
 from rlvr_optim.errors import InputError  # noqa: E402
 
@@ -224,14 +225,13 @@ def test_resume_after_interruptions_ends_bit_identical(short, tmp_path):
     # repeated, so they must replay exactly.
     first = run_ablation(config, out, progress=False, stop_after=10)
     assert first["interrupted"] and not os.path.exists(os.path.join(out, "report.md"))
-    ckpt = torch.load(os.path.join(out, "checkpoints", "warmup", "checkpoint.pt"),
-                      weights_only=False)
+    ckpt = load_checkpoint(os.path.join(out, "checkpoints", "warmup", "checkpoint.safetensors"))
     assert ckpt["step"] == 8
     second = run_ablation(config, out, resume=True, progress=False,
                           stop_after=(config.warmup_steps - 8) + 3)
     assert second["interrupted"]
-    cohort = torch.load(os.path.join(out, "checkpoints", "cohort-rl-bf16-fp32-master-lr0.001",
-                                     "checkpoint.pt"), weights_only=False)
+    cohort = load_checkpoint(os.path.join(out, "checkpoints", "cohort-rl-bf16-fp32-master-lr0.001",
+                                          "checkpoint.safetensors"))
     assert cohort["step"] == 2
     final = run_ablation(config, out, resume=True, progress=False)
     assert not final["interrupted"]
@@ -251,7 +251,7 @@ def test_resume_refuses_checkpoints_of_other_settings(short, tmp_path):
     config, _, _ = short
     out = str(tmp_path / "other")
     run_ablation(config, out, progress=False, stop_after=3)
-    with pytest.raises(ValueError, match="other settings"):
+    with pytest.raises(InputError, match="other settings"):
         run_ablation(preset("tiny", **{**SHORT, "clip": 0.3}), out, resume=True, progress=False)
 
 
@@ -297,7 +297,7 @@ def test_cli_ablate_stops_and_leaves_a_checkpoint(tmp_path, capsys):
                        "--stop-after", "5", "--no-progress"])
     assert status == 0
     assert "continue with --resume" in capsys.readouterr().out
-    ckpt = torch.load(out / "checkpoints" / "warmup" / "checkpoint.pt", weights_only=False)
+    ckpt = load_checkpoint(out / "checkpoints" / "warmup" / "checkpoint.safetensors")
     assert ckpt["step"] == 4 and len(ckpt["series"]["loss"]) == 4
 
 

@@ -5,12 +5,20 @@ an option value out of range) must end in one line on stderr that names the file
 exit status 2, and nothing written where the command would have written its output.
 """
 
+import errno
 import json
+import os
+import pickle
+import signal
+import stat
 import subprocess
 import sys
+import textwrap
+from pathlib import Path
 
 import pytest
 import torch
+from file_faults import fill, leftovers, read_only, snapshot, tmpfs
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
@@ -180,7 +188,7 @@ def test_patch_make_reads_what_sparsity_reads(pair, tmp_path, capsys):
         out = tmp_path / f"p{i}.safetensors"
         assert main(["patch", "make", str(b), str(t), "-o", str(out), "--sequence", "3"]) == 0
         made = load_patch(out)
-        assert (made.base_checksum, made.checksum) == (expected.base_checksum, expected.checksum)
+        assert (made.base_sums, made.result_sums) == (expected.base_sums, expected.result_sums)
         assert made.indices.keys() == expected.indices.keys()
         assert all(torch.equal(made.indices[k], expected.indices[k]) for k in made.indices)
     assert "elements changed" in capsys.readouterr().out
@@ -190,33 +198,6 @@ def test_patch_make_reads_what_sparsity_reads(pair, tmp_path, capsys):
     status = main(["patch", "make", str(empty), str(tuned_folder), "-o", str(out),
                    "--sequence", "3"])
     _refused(capsys, status, "patch make", str(empty), "holds no .safetensors")
-    assert not out.exists()
-
-
-def _corrupt_indices(path):
-    """Rewrite a patch file with its first index stream cut inside a number."""
-    with safe_open(str(path), framework="pt") as f:
-        meta = f.metadata()
-        tensors = {k: f.get_tensor(k) for k in f.keys()}
-    name = next(k for k in tensors if k.endswith("::indices"))
-    tensors[name] = tensors[name].clone()
-    tensors[name][-1] |= 0x80
-    save_file(tensors, path, metadata=meta)
-    return name.removesuffix("::indices")
-
-
-@pytest.mark.parametrize("damage", ["truncated", "indices"])
-def test_patch_apply_names_a_damaged_patch_file(pair, tmp_path, capsys, damage):
-    patch_file = tmp_path / "step1.patch"
-    make_patch(load_file(pair[1]), base=load_file(pair[0]), sequence=1).save(patch_file)
-    if damage == "truncated":
-        patch_file.write_bytes(patch_file.read_bytes()[:-7])
-        reason = "not a readable patch file"
-    else:
-        reason = f"indices of {_corrupt_indices(patch_file)!r}: index data ends inside a number"
-    out = tmp_path / "applied.safetensors"
-    status = main(["patch", "apply", str(pair[0]), str(patch_file), "-o", str(out)])
-    _refused(capsys, status, "patch apply", str(patch_file), reason)
     assert not out.exists()
 
 
@@ -293,3 +274,437 @@ def test_an_unexpected_error_keeps_its_traceback(pair, monkeypatch):
     monkeypatch.setattr(analysis, "update_sparsity", broken)
     with pytest.raises(ZeroDivisionError, match="a bug"):
         main(["sparsity", *map(str, pair), "--no-progress"])
+
+
+# ============================================================ files: outputs that fail, inputs
+
+# What every case below checks (issue #32): status 2 and one line on stderr naming the file
+# or option and the reason (no traceback: main would raise it), and the folder of the test
+# as it was, byte for byte: inputs, earlier outputs, no temporary file, no half folder.
+
+FAST_BENCH = ["--preset", "cpu-tiny", "--steps", "1", "--warmup", "0", "--anchor", "none",
+              "--backend", "none", "--mode", "none", "--no-graph", "--no-progress"]
+WRITERS = ["sparsity", "masks", "demo", "ablate", "bench"]
+
+
+def _writing(command: str, pair, where: Path) -> tuple[list[str], Path]:
+    """The argv of ``command`` writing its output into the folder ``where``, and that output."""
+    if command == "sparsity":
+        out = where / "report"
+        return ["sparsity", *map(str, pair), "--out", str(out), "--no-progress"], out
+    if command == "masks":
+        out = where / "masks"
+        return ["masks", str(pair[0]), "--out", str(out), "--no-progress"], out
+    if command == "demo":
+        out = where / "rows.json"
+        return ["demo", "--quick", "--steps", "2", "--hidden", "8", "--no-progress",
+                "--json", str(out)], out
+    if command == "ablate":
+        out = where / "ablation"
+        return ["ablate", "--out", str(out), "--stop-after", "1", "--no-progress"], out
+    out = where / "results"
+    return ["bench", *FAST_BENCH, "--out", str(out)], out
+
+
+def _earlier_output(command: str, out: Path) -> None:
+    """What an earlier run of ``command`` left at ``out``, to be kept byte for byte."""
+    if command == "demo":
+        out.write_text('[{"mode": "earlier"}]\n')
+        return
+    out.mkdir()
+    name = {"sparsity": "sparsity.md", "masks": "principal.safetensors",
+            "ablate": "report.md", "bench": "earlier.json"}[command]
+    (out / name).write_text("earlier\n")
+    if command == "ablate":  # an earlier ablation's folder: its lock and its checkpoints
+        from rlvr_optim.ablation import preset
+        from rlvr_optim.ablation.config import fingerprint
+
+        (out / ".lock").write_text("")
+        (out / "checkpoints").mkdir()
+        (out / "checkpoints" / "fingerprint.txt").write_text(fingerprint(preset("tiny")) + "\n")
+
+
+def _left_as_it_was(capsys, status, command, root, before, *named) -> str:
+    line = _refused(capsys, status, command, *named)
+    assert leftovers(root) == []
+    assert snapshot(root) == before
+    return line
+
+
+@pytest.mark.parametrize("command", WRITERS)
+def test_an_output_in_a_read_only_folder_is_one_line(pair, tmp_path, capsys, command):
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    argv, out = _writing(command, pair, shared)
+    _earlier_output(command, out)
+    before = snapshot(tmp_path)
+    with read_only(shared):
+        status = main(argv)
+        _left_as_it_was(capsys, status, command, tmp_path, before, str(out))
+
+
+@pytest.mark.parametrize("command, free", [("sparsity", 8192), ("masks", 4096), ("demo", 0),
+                                           ("ablate", 0), ("bench", 8192)])
+def test_a_full_disk_is_one_line_and_keeps_the_earlier_output(pair, tmp_path, capsys, command,
+                                                              free):
+    with tmpfs(tmp_path / "disk", "1m") as disk:
+        argv, out = _writing(command, pair, disk)
+        _earlier_output(command, out)
+        fill(disk, leave=free)
+        before = snapshot(tmp_path)
+        status = main(argv)
+        _left_as_it_was(capsys, status, command, tmp_path, before, str(out),
+                        "No space left on device")
+
+
+def _fsync_fails(monkeypatch, at: int) -> None:
+    """The ``at``-th fsync of a written file fails as on a full disk."""
+    real, seen = os.fsync, []
+
+    def fsync(fd):
+        if stat.S_ISREG(os.fstat(fd).st_mode):
+            seen.append(fd)
+            if len(seen) == at:
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return real(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+
+
+@pytest.mark.parametrize("command, at", [("sparsity", 2), ("masks", 3), ("demo", 1),
+                                         ("ablate", 1), ("bench", 2)])
+def test_a_write_failing_midway_leaves_no_half_output(pair, tmp_path, capsys, monkeypatch,
+                                                      command, at):
+    """Runs everywhere (no mount needed): the ``at``-th file written fails with ENOSPC."""
+    argv, out = _writing(command, pair, tmp_path)
+    _earlier_output(command, out)
+    before = snapshot(tmp_path)
+    _fsync_fails(monkeypatch, at)
+    status = main(argv)
+    _left_as_it_was(capsys, status, command, tmp_path, before, str(out),
+                    "No space left on device")
+
+
+@pytest.mark.parametrize("command", WRITERS)
+def test_an_output_through_a_symlink_loop_is_refused_before_work(pair, tmp_path, capsys,
+                                                                 command):
+    loop = tmp_path / "loop"
+    loop.symlink_to(loop)
+    argv, _ = _writing(command, pair, loop)
+    before = snapshot(tmp_path)
+    status = main(argv)
+    line = _left_as_it_was(capsys, status, command, tmp_path, before, str(loop),
+                           "Too many levels of symbolic links")
+    assert capsys.readouterr().out == ""  # before any work: no table printed
+    assert line
+
+
+@pytest.mark.parametrize("command", WRITERS)
+def test_an_output_under_proc_is_one_line(pair, tmp_path, capsys, command):
+    argv, out = _writing(command, pair, Path("/proc/self"))
+    before = snapshot(tmp_path)
+    status = main(argv)
+    _left_as_it_was(capsys, status, command, tmp_path, before, str(out))
+
+
+_STOPPED_MID_WRITE = """
+import os, stat, sys, time
+from rlvr_optim import cli
+real, seen = os.fsync, []
+def fsync(fd):
+    if stat.S_ISREG(os.fstat(fd).st_mode):
+        seen.append(fd)
+        if len(seen) == {at}:
+            print("writing", flush=True)
+            time.sleep(120)
+    return real(fd)
+os.fsync = fsync
+sys.exit(cli.main({argv!r}))
+"""
+
+
+@pytest.mark.parametrize("sig, status", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+@pytest.mark.parametrize("command, at", [("sparsity", 2), ("demo", 1), ("ablate", 2)])
+def test_a_signal_mid_write_ends_quietly_and_leaves_no_half_output(pair, tmp_path, command, at,
+                                                                   sig, status):
+    argv, out = _writing(command, pair, tmp_path)
+    if command == "ablate":  # the second file written is its first checkpoint
+        argv += ["--checkpoint-every", "1", "--stop-after", "3"]
+    _earlier_output(command, out)
+    before = snapshot(tmp_path)
+    child = subprocess.Popen([sys.executable, "-c", _STOPPED_MID_WRITE.format(at=at, argv=argv)],
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        for line in child.stdout:  # the tables come first
+            if line.strip() == "writing":
+                break
+        else:
+            raise AssertionError(child.communicate()[1])
+        child.send_signal(sig)
+        _, err = child.communicate(timeout=120)
+    finally:
+        child.kill()
+    assert child.returncode == status
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and "no output was left half-written" in lines[0], err
+    assert leftovers(tmp_path) == []
+    after = snapshot(tmp_path)
+    if command == "ablate":  # its checkpoint folders may stand, empty: no file in them
+        after = {k: v for k, v in after.items() if not (k.startswith("ablation/checkpoints/")
+                                                       and v is None)}
+    assert after == before
+
+
+def test_ctrl_c_in_process_returns_130(pair, capsys, monkeypatch):
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(analysis, "update_sparsity", interrupted)
+    assert main(["sparsity", *map(str, pair), "--no-progress"]) == 130
+    assert capsys.readouterr().err == "rlvr-optim sparsity: interrupted; no output was left " \
+                                      "half-written\n"
+
+
+# ------------------------------------------------------------------ outputs over inputs
+
+
+def test_an_output_folder_that_would_replace_or_join_an_input_is_refused(pair, tmp_path, capsys):
+    hf = tmp_path / "hf"
+    hf.mkdir()
+    save_file(load_file(pair[0]), hf / "model.safetensors")
+    named = tmp_path / "principal.safetensors"  # a checkpoint that happens to bear a mask's name
+    named.write_bytes(pair[0].read_bytes())
+    before = snapshot(tmp_path)
+    cases = [(["masks", str(hf), "--out", str(hf)], "is the input folder"),
+             (["masks", str(hf), "--out", str(tmp_path / "sub" / ".." / "hf")],
+              "is the input folder"),
+             (["masks", str(named), "--out", str(tmp_path)], "is the input"),
+             (["sparsity", str(hf), str(pair[1]), "--out", str(hf)], "is the input folder")]
+    for argv, reason in cases:
+        status = main(argv + ["--no-progress"])
+        _left_as_it_was(capsys, status, argv[0], tmp_path, before, "--out", reason)
+    # A folder that only holds an input is fine: nothing of that name is written.
+    assert main(["masks", str(named), "--out", str(tmp_path), "--kind", "random",
+                 "--no-progress"]) == 0
+    assert named.read_bytes() == pair[0].read_bytes()
+
+
+# ------------------------------------------------------------------ refusals of single commands
+
+
+def test_argparse_errors_are_one_line_without_the_usage_block(capsys):
+    for argv in (["bench", "--warmup", "-1"], ["sparsity", "B"], ["masks", "B", "--out", "O",
+                                                                  "--alpha", "x"]):
+        with pytest.raises(SystemExit) as exc:
+            main(argv)
+        assert exc.value.code == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and "usage:" not in err, err
+        assert err.startswith(f"rlvr-optim {argv[0]}: error: ") and f"{argv[0]} --help" in err
+    with pytest.raises(SystemExit):
+        main(["bench", "--warmup", "-1"])
+    assert "argument --warmup: must be an integer >= 0, got '-1'" in capsys.readouterr().err
+
+
+def test_masks_of_a_checkpoint_without_a_matrix_are_refused(tmp_path, capsys):
+    base = tmp_path / "norms.safetensors"
+    save_file({"norm.weight": torch.ones(8), "tiny.weight": torch.ones(1, 5)}, base)
+    before = snapshot(tmp_path)
+    status = main(["masks", str(base), "--out", str(tmp_path / "masks"), "--no-progress"])
+    _left_as_it_was(capsys, status, "masks", tmp_path, before, str(base), "no weight matrix")
+
+
+@pytest.mark.parametrize("shard", ["../outside.safetensors", "/abs/model.safetensors",
+                                   "sub/../../outside.safetensors", "."])
+def test_an_hf_index_naming_a_file_outside_its_folder_is_refused(pair, tmp_path, capsys, shard):
+    (tmp_path / "outside.safetensors").write_bytes(pair[1].read_bytes())
+    folder = tmp_path / "hf"
+    folder.mkdir()
+    index = folder / "model.safetensors.index.json"
+    index.write_text(json.dumps({"weight_map": {n: shard for n in load_file(pair[1])}}))
+    before = snapshot(tmp_path)
+    status = main(["sparsity", str(pair[0]), str(folder), "--no-progress"])
+    _left_as_it_was(capsys, status, "sparsity", tmp_path, before, str(index), repr(shard),
+                    "not in")
+
+
+# ------------------------------------------------------------------ ablate
+
+
+def test_ablate_refusals_are_one_line(tmp_path, capsys):
+    out = tmp_path / "runs"
+    a_file = tmp_path / "a file"
+    a_file.write_text("keep")
+    before = snapshot(tmp_path)
+    status = main(["ablate", "--out", str(out), "--no-progress", "--steps", "3"])
+    _left_as_it_was(capsys, status, "ablate", tmp_path, before, "--steps 3",
+                    "must be multiples of updates (2)")
+    status = main(["ablate", "--out", str(a_file), "--no-progress"])
+    _left_as_it_was(capsys, status, "ablate", tmp_path, before, str(a_file), "is a file")
+
+
+def test_ablate_resume_refuses_a_folder_of_other_settings(tmp_path, capsys):
+    out = tmp_path / "runs"
+    _earlier_output("ablate", out)
+    (out / "checkpoints" / "fingerprint.txt").write_text("0123456789abcdef\n")
+    before = snapshot(tmp_path)
+    status = main(["ablate", "--out", str(out), "--resume", "--no-progress"])
+    _left_as_it_was(capsys, status, "ablate", tmp_path, before, "other settings",
+                    "0123456789abcdef")
+
+
+def test_a_second_ablate_on_a_locked_folder_is_refused(tmp_path, capsys):
+    out = tmp_path / "runs"
+    code = textwrap.dedent(f"""
+        import time
+        from rlvr_optim import files
+        with files.folder_lock({str(out)!r}):
+            print("locked", flush=True)
+            time.sleep(120)
+    """)
+    holder = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        before = snapshot(tmp_path)
+        status = main(["ablate", "--out", str(out), "--stop-after", "1", "--no-progress"])
+        _left_as_it_was(capsys, status, "ablate", tmp_path, before, str(out),
+                        "being written by another rlvr-optim process")
+    finally:
+        holder.kill()
+        holder.wait()
+
+
+def test_ablate_stop_after_says_what_a_resume_would_start_from(tmp_path, capsys):
+    out = tmp_path / "runs"
+    assert main(["ablate", "--out", str(out), "--stop-after", "5", "--no-progress"]) == 0
+    printed = capsys.readouterr().out
+    assert "before the first checkpoint" in printed and "--resume would start over" in printed
+    assert not list((out / "checkpoints").rglob("checkpoint.*"))
+    assert main(["ablate", "--out", str(out), "--stop-after", "5", "--checkpoint-every", "2",
+                 "--no-progress"]) == 0
+    printed = capsys.readouterr().out
+    assert f"continue with --resume from {out / 'checkpoints'}: warmup at step 4" in printed
+    assert (out / "checkpoints" / "warmup" / "checkpoint.safetensors").is_file()
+
+
+# ------------------------------------------------------------------ files are data, never code
+
+
+class _Planted:
+    """Unpickling this makes a folder, ``marker``: a reader that ran the pickle leaves it."""
+
+    def __init__(self, marker: str):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.mkdir, (self.marker,))
+
+
+def _plant(path: Path, marker: Path, kind: str) -> None:
+    """Write at ``path`` a pickle (raw, or in torch's zip format) that would make ``marker``."""
+    if kind == "raw":
+        path.write_bytes(pickle.dumps(_Planted(str(marker))))
+    else:
+        torch.save({"weight": _Planted(str(marker))}, path)
+
+
+def _planted_cases(pair, tmp_path: Path, marker: Path, kind: str):
+    """(command, argv) for every file a command reads, each a planted pickle."""
+    base, tuned = map(str, pair)
+    evil = {ext: tmp_path / f"evil.{ext}" for ext in ("bin", "pt", "pth", "safetensors",
+                                                      "jsonl")}
+    for path in evil.values():
+        _plant(path, marker, kind)
+    hf = tmp_path / "hf"
+    hf.mkdir()
+    _plant(hf / "pytorch_model.bin", marker, kind)
+    sharded = tmp_path / "sharded"
+    sharded.mkdir()
+    _plant(sharded / "pytorch_model-00001-of-00001.bin", marker, kind)
+    (sharded / "pytorch_model.bin.index.json").write_text(json.dumps(
+        {"weight_map": {"w": "pytorch_model-00001-of-00001.bin"}}))
+    out = str(tmp_path / "out")
+    cases = []
+    for checkpoint in (*[evil[e] for e in ("bin", "pt", "pth", "safetensors")], hf, sharded):
+        cases += [("sparsity", ["sparsity", base, str(checkpoint), "--out", out]),
+                  ("masks", ["masks", str(checkpoint), "--out", out]),
+                  ("patch make", ["patch", "make", str(checkpoint), tuned, "-o", out + ".p",
+                                  "--sequence", "1"])]
+    cases += [("sparsity", ["sparsity", base, tuned, "--compare", str(evil["pt"])]),
+              ("patch make", ["patch", "make", base, tuned, "-o", out + ".p", "--sequence", "1",
+                              "--bitmaps", str(evil["safetensors"])]),
+              ("patch apply", ["patch", "apply", str(evil["safetensors"]), base, "-o", out]),
+              ("patch apply", ["patch", "apply", base, str(evil["safetensors"]), "-o", out]),
+              ("patch apply", ["patch", "apply", base, str(evil["bin"]), "-o", out]),
+              ("bench", ["bench", *FAST_BENCH, "--jsonl", str(evil["jsonl"])])]
+    return cases
+
+
+@pytest.mark.parametrize("kind", ["raw", "torch"])
+def test_a_planted_pickle_never_runs_in_any_file_a_command_reads(pair, tmp_path, capsys, kind):
+    marker = tmp_path / "the pickle ran"
+    cases = _planted_cases(pair, tmp_path, marker, kind)
+    before = snapshot(tmp_path)
+    for command, argv in cases:
+        status = main(argv + (["--no-progress"] if command in ("sparsity", "masks") else []))
+        assert not marker.exists(), argv
+        _left_as_it_was(capsys, status, command, tmp_path, before)
+
+
+def test_the_planted_pickles_are_live(tmp_path):
+    """The control of the two tests above and below: read as pickles, the planted files do
+    make the marker, so a reader that unpickled them would be caught."""
+    marker = tmp_path / "the pickle ran"
+    _plant(tmp_path / "raw.bin", marker, "raw")
+    pickle.loads((tmp_path / "raw.bin").read_bytes())
+    assert marker.is_dir()
+    marker.rmdir()
+    _plant(tmp_path / "torch.pt", marker, "torch")
+    torch.load(tmp_path / "torch.pt", weights_only=False)
+    assert marker.is_dir()
+
+
+def test_an_input_through_a_symlink_loop_is_one_line(pair, tmp_path, capsys):
+    loop = tmp_path / "loop"
+    loop.symlink_to(loop)
+    before = snapshot(tmp_path)
+    for argv in (["sparsity", str(pair[0]), str(loop)], ["masks", str(loop), "--out",
+                                                          str(tmp_path / "masks")]):
+        status = main(argv + ["--no-progress"])
+        _left_as_it_was(capsys, status, argv[0], tmp_path, before, str(loop),
+                        "Too many levels of symbolic links")
+
+
+def _planted_ablation(tmp_path: Path, marker: Path, kind: str) -> list[tuple[Path, str]]:
+    """Ablation folders of the tiny preset's settings (so a resume reads on), each with one
+    file replaced by a planted pickle; with what the refusal names."""
+    from rlvr_optim.ablation import preset
+    from rlvr_optim.ablation.config import fingerprint
+
+    stamp = fingerprint(preset("tiny")) + "\n"
+    cases = []
+    for name in ("checkpoint.pt", "checkpoint.safetensors", "result.json", "start.safetensors",
+                 "fingerprint.txt"):
+        out = tmp_path / name.replace(".", "-")
+        warmup = out / "checkpoints" / "warmup"
+        warmup.mkdir(parents=True)
+        (out / ".lock").write_text("")
+        (out / "checkpoints" / "fingerprint.txt").write_text(stamp)
+        if name == "start.safetensors":  # read once the warm-up's result says it finished
+            (warmup / "result.json").write_text('{"name": "warmup"}\n')
+        target = out / "checkpoints" / name if name == "fingerprint.txt" else warmup / name
+        _plant(target, marker, kind)
+        cases.append((out, str(target) if name != "fingerprint.txt" else "other settings"))
+    return cases
+
+
+@pytest.mark.parametrize("kind", ["raw", "torch"])
+def test_a_planted_pickle_in_an_ablation_folder_never_runs_on_resume(tmp_path, capsys, kind):
+    marker = tmp_path / "the pickle ran"
+    cases = _planted_ablation(tmp_path, marker, kind)
+    before = snapshot(tmp_path)
+    for out, named in cases:
+        for command in ("ablate", "demo"):
+            status = main([command, "--out", str(out), "--resume", "--no-progress"])
+            assert not marker.exists(), out
+            _left_as_it_was(capsys, status, command, tmp_path, before, named)

@@ -9,7 +9,7 @@ import warnings
 import pytest
 import torch
 
-from rlvr_optim import AdamW, backends, cpu_backend
+from rlvr_optim import AdamW, backends, cpu_backend, extensions
 from rlvr_optim import reference as R
 
 from adamw_cases import BETAS, EPS, FEATURES, FORM_IDS, FORMS, other_grad_dtype
@@ -50,7 +50,7 @@ def isa(request, ext, monkeypatch):
         def step(_isa, *args):
             return step(request.param, *args)
 
-    monkeypatch.setattr(cpu_backend, "_extension", Pinned())
+    monkeypatch.setattr(extensions.CPU, "module", Pinned())
     return request.param
 
 
@@ -119,12 +119,14 @@ def test_matches_reference_bit_for_bit(isa, form, state_dtype, features, numel):
             steps = torch.tensor([step])
             found_inf = f.get("found_inf")
             kwargs = dict(
-                scalars=R.step_scalars(steps, lr, *BETAS, weight_decay, EPS),
+                scalars=R.step_scalars(steps, lr, *BETAS, weight_decay, EPS,
+                                       decoupled_weight_decay=not f.get("l2_decay", False)),
                 rounding=rounding, amsgrad=f.get("amsgrad", False),
                 sr_keys=(R.stochastic_rounding_keys(1000 + seed, steps, torch.tensor([17]))
                          if rounding == "stochastic" else None),
                 element_offsets=[f["element_offset"]] if "element_offset" in f else None,
                 maximize=f.get("maximize", False),
+                decoupled_weight_decay=not f.get("l2_decay", False),
                 grad_scale=torch.tensor(scale) if scale else None,
                 found_inf=torch.tensor(found_inf[step - 1]) if found_inf else None,
                 change_dtype=change_dtype,
@@ -271,15 +273,16 @@ def test_signature_is_the_reference_signature():
 
 
 def test_repeated_calls_check_once_and_follow_new_grads(ext, monkeypatch):
-    """A step with the tensors of the last call reuses its checks and table; new grad
-    objects (other addresses, other dtype) are read, never a stale address."""
+    """A step with the tensors of the last call reuses its checks; new grad objects
+    (other addresses, other dtype) get tables of their own, never a stale address."""
     gen = torch.Generator().manual_seed(2)
     ref = _make_state(gen, 100, torch.bfloat16, torch.float32, None, amsgrad=False,
                       freeze=False, track=True)
     got = {k: v.clone() for k, v in ref.items()}
-    built = []
-    monkeypatch.setattr(cpu_backend._Checked, "of",
-                        classmethod(lambda cls, *a: built.append(1) or _of(cls, *a)))
+    checked = []
+    check = cpu_backend.planner._check
+    monkeypatch.setattr(cpu_backend.planner, "_check",
+                        lambda *a: checked.append(1) or check(*a))
     for step, dtype in ((1, torch.bfloat16), (2, torch.bfloat16), (3, torch.float32)):
         grad = _grad(gen, 100, dtype)
         steps = torch.tensor([step])
@@ -287,10 +290,7 @@ def test_repeated_calls_check_once_and_follow_new_grads(ext, monkeypatch):
         _call(R.adamw, [ref], [grad.clone()], **kwargs)
         _call(cpu_backend.adamw, [got], [grad.clone()], **kwargs)
         _compare(ref, got, f"step {step}")
-    assert len(built) == 2  # the first call, and the grad dtype change
-
-
-_of = cpu_backend._Checked.of.__func__
+    assert len(checked) == 1  # the first call; the other grads pass the bulk checks
 
 
 @pytest.mark.parametrize("overrides, error, match", [
@@ -320,28 +320,28 @@ def test_auto_picks_the_cpu_backend_for_cpu_tensors(ext):
     p.grad = torch.randn(40).bfloat16()
     opt = AdamW([p], lr=1e-2)
     calls = []
-    original = cpu_backend.adamw
+    original = cpu_backend._run  # what the optimizer's kept plan calls (cpu_backend.prepare)
 
     def recording(*args, **kwargs):
         calls.append(1)
         return original(*args, **kwargs)
 
-    cpu_backend.adamw = recording
+    cpu_backend._run = recording
     try:
         opt.step()
     finally:
-        cpu_backend.adamw = original
+        cpu_backend._run = original
     assert calls == [1]
 
 
 def test_auto_falls_back_to_the_reference_with_one_warning(monkeypatch):
     """No prebuilt module and no compiler: ``auto`` warns once and runs the reference;
     ``cpu`` itself says why it is unavailable."""
-    monkeypatch.setattr(cpu_backend, "_extension", None)
-    monkeypatch.setattr(cpu_backend, "_failure", None)
+    monkeypatch.setattr(extensions.CPU, "module", None)
+    monkeypatch.setattr(extensions.CPU, "failure", None)
+    monkeypatch.setattr(extensions.CPU, "prebuilt", lambda: None)
     monkeypatch.setattr(cpu_backend, "_warned", False)
-    monkeypatch.setattr(cpu_backend, "_prebuilt", lambda: None)
-    monkeypatch.setattr(cpu_backend._cpu_build, "compiler", lambda: None)
+    monkeypatch.setattr(extensions, "cpu_compiler", lambda: None)
     with pytest.warns(RuntimeWarning, match="runs the reference"):
         assert backends.select("auto", torch.device("cpu")) is R
     with warnings.catch_warnings():

@@ -9,7 +9,7 @@ On any machine (each part skips cleanly when its compiler is missing):
   checked through the stochastic rounding these steps do (the reference's Philox meets the
   Random123 known answers, tests/test_reference_bits.py);
 - every csrc/*.cu compiled by nvcc for sm_80 and sm_90: ptxas reports no stack frame and
-  no spill for any kernel instantiation (all 192 variants per arch), and the objects link
+  no spill for any kernel instantiation (all 384 variants per arch), and the objects link
   into rlvr_optim._C, which imports without a GPU and agrees with cuda_backend.py;
 - cuda_backend's argument checks, signature and "cannot build" message.
 
@@ -43,7 +43,7 @@ import numpy as np
 import pytest
 import torch
 
-from rlvr_optim import cpu_backend, cuda_backend
+from rlvr_optim import cpu_backend, cuda_backend, extensions
 from rlvr_optim import reference as R
 from rlvr_optim.table import COUNTER_NAMES, LAYOUT_BITS, ROW_FIELDS
 from rlvr_optim.bitmaps import popcount
@@ -61,10 +61,10 @@ CSRC = ROOT / "csrc"
 ARCHS = ("80", "90")
 STORE_MODES = ("nearest", "stochastic", "master_nearest", "master_stochastic", "remainder")
 # Per 16-bit format, x 32 combinations of the other flags (grad, state dtypes, amsgrad,
-# tracking, grad_scale): bf16: fp32 params (nearest only, bf16 images) and bf16 params in
-# every store mode; float16: fp32 params with float16 images and float16 params in every
-# store mode but the remainder form.
-KERNELS_PER_ARCH = (32 + 32 * 5) + (32 + 32 * 4)
+# tracking, grad_scale), x AdamW's decay or Adam's L2: bf16: fp32 params (nearest only,
+# bf16 images) and bf16 params in every store mode; float16: fp32 params with float16
+# images and float16 params in every store mode but the remainder form.
+KERNELS_PER_ARCH = 2 * ((32 + 32 * 5) + (32 + 32 * 4))
 
 SIZES = [1, 7, 8, 33, 4099, 2 * 2048 + 13]  # the last spans three tiles of the kernel
 SEEDS = [0, 1, 2]
@@ -155,7 +155,8 @@ def _variant_name(mangled: str) -> str:
     parts = [STORE_MODES[store], f"{half} param" if flags & 1 else f"fp32 param ({half} image)",
              f"{half} grad" if flags & 2 else "fp32 grad",
              "bf16 states" if flags & 4 else "fp32 states"]
-    parts += [name for bit, name in ((8, "amsgrad"), (16, "tracking")) if flags & bit]
+    parts += [name for bit, name in ((8, "amsgrad"), (16, "tracking"), (32, "grad scale"),
+                                     (64, "L2 decay")) if flags & bit]
     return ", ".join(parts)
 
 
@@ -243,7 +244,7 @@ def linked_ext(nvcc_build):
 
 def test_extension_links_imports_without_gpu_and_matches_backend(linked_ext):
     ext = linked_ext
-    assert ext.ABI_VERSION == cuda_backend.ABI_VERSION
+    assert ext.ABI_VERSION == extensions.CUDA.abi_version
     assert tuple(ext.ROW_FIELDS) == ROW_FIELDS
     assert tuple(ext.COUNTER_NAMES) == COUNTER_NAMES
     assert tuple(ext.STORE_MODES) == STORE_MODES
@@ -253,8 +254,9 @@ def test_extension_links_imports_without_gpu_and_matches_backend(linked_ext):
     assert ext.table_int64s(3, 5) == ext.tile_tensor_offset(3) + 3
     assert ext.table_int64s(3, 6) == ext.tile_tensor_offset(3) + 3
     assert ext.table_int64s(3, 0) == ext.tile_tensor_offset(3)
-    flags = [(g, s, a, t, c) for g in (False, True) for s in (False, True)
-             for a in (False, True) for t in (False, True) for c in (False, True)]
+    flags = [(g, s, a, t, c, l2) for g in (False, True) for s in (False, True)
+             for a in (False, True) for t in (False, True) for c in (False, True)
+             for l2 in (False, True)]
     # bf16: 16-bit params in every store mode, fp32 params nearest; float16: the same but
     # the remainder form.
     variants = {ext.variant(store, False, True, *f) for store in range(5) for f in flags}
@@ -436,11 +438,13 @@ def header_on_host(monkeypatch):
         def __getattr__(self, name):
             return getattr(ext, name)
 
-    monkeypatch.setattr(cpu_backend, "_extension", Generic())
+    monkeypatch.setattr(extensions.CPU, "module", Generic())
 
     def adamw(*args, **kwargs):
         cpu_backend.adamw(*args, **kwargs)
-        assert not cpu_backend._checked_calls[0].slow, "the reference stepped a tensor"
+        launches = cpu_backend.planner.calls[0].last[2]
+        assert not any(isinstance(launch, cpu_backend._ReferenceLaunch) for launch in launches), \
+            "the reference stepped a tensor"
 
     return adamw
 
@@ -536,12 +540,14 @@ def test_matches_reference_bit_for_bit(target, form, state_dtype, features, nume
             steps = torch.tensor([step], device=device)
             found_inf = f.get("found_inf")
             kwargs = dict(
-                scalars=R.step_scalars(steps, lr, *BETAS, weight_decay, EPS),
+                scalars=R.step_scalars(steps, lr, *BETAS, weight_decay, EPS,
+                                       decoupled_weight_decay=not f.get("l2_decay", False)),
                 rounding=rounding, amsgrad=f.get("amsgrad", False),
                 sr_keys=(R.stochastic_rounding_keys(1000 + seed, steps, torch.tensor([17], device=device))
                          if rounding == "stochastic" else None),
                 element_offsets=[f["element_offset"]] if "element_offset" in f else None,
                 maximize=f.get("maximize", False),
+                decoupled_weight_decay=not f.get("l2_decay", False),
                 grad_scale=torch.tensor(scale, device=device) if scale else None,
                 found_inf=torch.tensor(found_inf[step - 1], device=device) if found_inf else None,
                 change_dtype=change_dtype,
@@ -743,9 +749,10 @@ def test_cpu_tensors_are_refused_with_a_pointer_to_the_reference():
 
 
 def test_no_way_to_build_gives_a_clear_error(monkeypatch):
-    monkeypatch.setattr(cuda_backend, "_extension", None)
-    monkeypatch.setattr(cuda_backend, "_prebuilt", lambda: None)
-    monkeypatch.setattr(cuda_backend, "_nvcc", lambda: None)
+    monkeypatch.setattr(extensions.CUDA, "module", None)
+    monkeypatch.setattr(extensions.CUDA, "failure", None)
+    monkeypatch.setattr(extensions.CUDA, "prebuilt", lambda: None)
+    monkeypatch.setattr(extensions, "nvcc", lambda: None)
     reason = cuda_backend.unavailable_reason()
     assert reason is not None and "nvcc" in reason
     with pytest.raises(RuntimeError, match="nvcc is not on PATH.*backend='triton' or 'reference'"):

@@ -10,16 +10,14 @@ same data, same seeds.
 from __future__ import annotations
 
 import os
-import socket
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
 from torch import nn
 
+import gloo_ranks
 from rlvr_optim import AdamW, bitmaps, distributed
 from rlvr_optim.reference import bf16_to_bits
 
@@ -246,41 +244,12 @@ def _worker(rank: str, world: str, port: str, out: str) -> int:
 # ------------------------------------------------------------------ the tests
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def ranks(tmp_path_factory):
     """What each of 2 gloo ranks saw, from one launch of two processes."""
     out = tmp_path_factory.mktemp("two_ranks")
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(Path(__file__).parents[1]))
-    port = _free_port()
-    logs = [open(out / f"rank{r}.log", "w") for r in range(WORLD)]
-    procs = [
-        subprocess.Popen([sys.executable, __file__, str(r), str(WORLD), str(port), str(out)],
-                         env=env, stdout=logs[r], stderr=subprocess.STDOUT)
-        for r in range(WORLD)
-    ]
-    deadline = time.monotonic() + TIMEOUT_S
-    try:
-        for proc in procs:
-            proc.wait(timeout=max(1.0, deadline - time.monotonic()))
-    except subprocess.TimeoutExpired:
-        pass
-    finally:
-        for proc in procs:
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait()
-        for log in logs:
-            log.close()
-    if any(proc.returncode != 0 for proc in procs):
-        text = "\n".join((out / f"rank{r}.log").read_text()[-3000:] for r in range(WORLD))
-        pytest.fail(f"2-rank run failed or timed out ({TIMEOUT_S} s):\n{text}")
-    return [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(WORLD)]
+    gloo_ranks.launch(__file__, WORLD, out, TIMEOUT_S)
+    return [torch.load(out / f"rank{r}.pt", weights_only=True) for r in range(WORLD)]
 
 
 @pytest.fixture(scope="module")

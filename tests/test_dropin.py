@@ -23,7 +23,7 @@ import pickle
 import pytest
 import torch
 
-from rlvr_optim import AdamW, bitmaps
+from rlvr_optim import Adam, AdamW, bitmaps
 
 ALL_DTYPES = (torch.float16, torch.float32, torch.bfloat16, torch.float64, torch.complex64)
 TORCH_CODE_DTYPES = (torch.float16, torch.float64, torch.complex64)
@@ -752,3 +752,92 @@ def test_grad_scale_and_found_inf_on_float16_params(fused):
         assert opt.state[p]["step"].item() == 2
         assert opt.change_counts(p).tolist() == [0, 0, p.numel()]
         assert not bitmaps.unpack(opt.change_bitmap(p), p.numel()).any()
+
+
+# ------------------------------------------------------------------ rlvr_optim.Adam
+
+
+def test_adam_signature_and_defaults_are_torch_adams():
+    import inspect
+
+    ours = inspect.signature(Adam.__init__).parameters
+    theirs = inspect.signature(torch.optim.Adam.__init__).parameters
+    assert list(ours)[: len(theirs)] == list(theirs)
+    for name, p in theirs.items():
+        assert ours[name].kind == p.kind and ours[name].default == p.default, name
+    opt = Adam([torch.zeros(3, requires_grad=True)])
+    assert isinstance(opt, torch.optim.Adam) and not isinstance(opt, torch.optim.AdamW)
+    assert opt.defaults["weight_decay"] == 0 and opt.defaults["decoupled_weight_decay"] is False
+
+
+@pytest.mark.parametrize("dtype", ALL_DTYPES)
+@pytest.mark.parametrize("kwargs", [dict(weight_decay=0.1),
+                                    dict(amsgrad=True, maximize=True, weight_decay=0.1),
+                                    dict(weight_decay=0.1, decoupled_weight_decay=True)])
+def test_adam_matches_torch_for_loop_adam(dtype, kwargs):
+    """The L2 term (``g + weight_decay * w``, two fp32 roundings) against torch's for-loop
+    Adam, whose CPU ``grad.add(param, alpha=weight_decay)`` is one fused multiply-add: held
+    to the float32 tolerances of ``assert_close`` like AdamW; torch's code for float16,
+    float64 and complex params, exactly."""
+    ours = make_params(dtype, 21)
+    theirs = twins(ours)
+    grads = grads_for(ours, 21, 5)
+    opt = Adam(ours, lr=1e-2, **kwargs)
+    ref = torch.optim.Adam(theirs, lr=1e-2, foreach=False, **kwargs)
+    run(opt, ours, grads)
+    run(ref, theirs, grads)
+    exact = None
+    if dtype == torch.bfloat16:
+        exact = [p.detach().double().requires_grad_() for p in make_params(dtype, 21)]
+        run(torch.optim.Adam(exact, foreach=False, lr=1e-2, **kwargs), exact,
+            [[g.double() for g in step] for step in grads])
+        exact = [p.detach() for p in exact]
+    if dtype in TORCH_CODE_DTYPES:  # torch's code: the same values, NaNs of float16 included
+        for a, b in zip(ours, theirs):
+            torch.testing.assert_close(a.detach(), b.detach(), rtol=0, atol=0, equal_nan=True)
+    else:
+        assert_matches_torch(ours, theirs, dtype, exact)
+    for a, b in zip(ours, theirs):
+        assert opt.state[a].keys() == ref.state[b].keys()
+
+
+def test_adam_with_decoupled_decay_is_adamw_bit_for_bit():
+    params = make_params(torch.bfloat16, 22)
+    twin = twins(params)
+    grads = grads_for(params, 22, 3)
+    adam = Adam(params, lr=1e-2, weight_decay=0.1, decoupled_weight_decay=True,
+                track_changes="step")
+    adamw = AdamW(twin, lr=1e-2, weight_decay=0.1, track_changes="step")
+    run(adam, params, grads)
+    run(adamw, twin, grads)
+    assert all(torch.equal(a.view(torch.int16), b.view(torch.int16)) for a, b in zip(params, twin))
+    assert_same_state(adam, params, adamw, twin)
+
+
+def test_adam_l2_term_differs_from_decoupled_decay():
+    """Negative control for the two tests above: the L2 term is not AdamW's decay."""
+    params = make_params(torch.float32, 23)
+    twin = twins(params)
+    grads = grads_for(params, 23, 3)
+    run(Adam(params, lr=1e-2, weight_decay=0.1), params, grads)
+    run(AdamW(twin, lr=1e-2, weight_decay=0.1), twin, grads)
+    assert any(not torch.equal(a, b) for a, b in zip(params, twin))
+
+
+def test_adam_state_dicts_interchange_with_torch_adam():
+    params = make_params(torch.float32, 24)
+    theirs = twins(params)
+    grads = grads_for(params, 24, 4)
+    ref = torch.optim.Adam(theirs, lr=1e-2, weight_decay=0.1, foreach=False)
+    run(ref, theirs, grads[:2])
+    ours = [t.detach().clone().requires_grad_() for t in theirs]
+    opt = Adam(ours, lr=1e-2, weight_decay=0.1)
+    opt.load_state_dict(ref.state_dict())
+    assert opt.param_groups[0]["decoupled_weight_decay"] is False
+    run(opt, ours, grads[2:])
+    run(ref, theirs, grads[2:])
+    assert_matches_torch(ours, theirs, torch.float32)
+    back = twins(ours)
+    ref2 = torch.optim.Adam(back, lr=1e-2, weight_decay=0.1, foreach=False)
+    ref2.load_state_dict(opt.state_dict())
+    assert_same_state(ref2, back, opt, ours)

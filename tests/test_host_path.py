@@ -493,7 +493,9 @@ class _Recorder:
 
 @pytest.fixture
 def recorded_cuda(monkeypatch):
-    ext = cuda_backend._prebuilt()
+    from rlvr_optim import extensions
+
+    ext = extensions.CUDA.prebuilt()
     if ext is None:
         pytest.skip("no prebuilt rlvr_optim._C of this ABI to read the table layout from")
     recorder = _Recorder(ext)
@@ -567,7 +569,7 @@ def test_sr_keys_in_one_launch_equal_the_reference():
     interpreter): the same bits as the reference's tensor ops, for seeds and steps that
     use both 32-bit words."""
     pytest.importorskip("triton")
-    from rlvr_optim.optimizer import _sr_keys_function
+    from rlvr_optim.step_plan import _sr_keys_function
     from rlvr_optim.triton_kernels.sr_keys import stochastic_rounding_keys
 
     assert _sr_keys_function(torch.device("cpu")) is R.stochastic_rounding_keys

@@ -515,7 +515,7 @@ def test_invalid_options(kwargs, message):
         (torch.float16, dict(rounding="stochastic"), "rounds the bf16 store"),
         (torch.float64, dict(master_weights="fp32"), "needs a bfloat16 param"),
         (torch.complex64, dict(master_weights="remainder"), "needs a bfloat16 param"),
-        (torch.float16, dict(state_dtype=torch.float32), "stepped by torch's AdamW code"),
+        (torch.float16, dict(state_dtype=torch.float32), "stepped by torch's Adam code"),
     ],
 )
 def test_param_that_does_not_fit_the_options_is_named(dtype, kwargs, message):
@@ -694,10 +694,185 @@ def test_triton_backend_gives_the_reference_bits_through_the_optimizer(mode):
 
 
 def test_unavailable_backend_names_the_reason_and_the_choices(monkeypatch):
-    from rlvr_optim import cuda_backend
+    from rlvr_optim import extensions
 
-    monkeypatch.setattr(cuda_backend, "is_built", lambda: False)
-    monkeypatch.setattr(cuda_backend, "_build_blockers", lambda: ["nvcc is not on PATH"])
+    monkeypatch.setattr(extensions.CUDA, "is_built", lambda: False)
+    monkeypatch.setattr(extensions.CUDA, "build_blockers", lambda: ["nvcc is not on PATH"])
     with pytest.raises(RuntimeError, match="backend 'cuda' is not available: .*nvcc is not on "
                        "PATH.*Available: 'auto', 'reference'"):
         AdamW([torch.randn(2, requires_grad=True)], backend="cuda")
+
+
+# ---------------------------------------------------------------------------------------
+# What torch refuses, refused alike: a param whose dtype or shape changed since its state
+# was made; options set through param_groups are taken as the constructor takes them.
+# ---------------------------------------------------------------------------------------
+
+
+def _stepped(dtype, **kwargs):
+    params = make_params(dtype, 3, sizes=(33, 8))
+    opt = AdamW(params, lr=1e-2, **kwargs)
+    run(opt, params, grad_stream(params, 3, 2))
+    return opt, params
+
+
+@pytest.mark.parametrize("old,new", [(torch.bfloat16, torch.float32),
+                                     (torch.float32, torch.bfloat16)])
+def test_a_param_whose_dtype_changed_is_refused_and_nothing_changes(old, new):
+    """model.to(dtype) after steps: torch refuses the next step (its moments are of the old
+    dtype); so do we, naming the param, instead of stepping with those moments."""
+    opt, params = _stepped(old)
+    for p in params:
+        p.data = p.data.to(new)
+    for p, g in zip(params, grad_stream(params, 4, 1)[0]):
+        p.grad = g
+    before = snapshot(opt, params)
+    with pytest.raises(ValueError, match=r"param group 0 param 0 is torch\.\w+ but its state "
+                                         r"'exp_avg' is .*dtype changed since its state"):
+        opt.step()
+    assert_same_snapshot(before, snapshot(opt, params))
+    # torch refuses the same step.
+    theirs = [p.detach().clone().to(old).requires_grad_() for p in params]
+    ref = torch.optim.AdamW(theirs, lr=1e-2, foreach=False)
+    run(ref, theirs, grad_stream(theirs, 3, 1))
+    for p in theirs:
+        p.data = p.data.to(new)
+        p.grad = torch.ones_like(p)
+    with pytest.raises(RuntimeError):
+        ref.step()
+
+
+def test_a_param_whose_shape_changed_is_refused_at_the_step_and_by_state_dict():
+    """p.data = p.data.view(other shape): refused when a step plans the group again (here:
+    grads at new addresses) and by state_dict(), whose dict could not be loaded."""
+    opt, params = _stepped(torch.bfloat16)
+    p = params[0]
+    p.data = p.data.view(3, 11)
+    with pytest.raises(ValueError, match=r"param group 0 param 0: state 'exp_avg' has shape "
+                                         r"\(33,\), expected \(3, 11\): the param's shape changed"):
+        opt.state_dict()
+    grads = [torch.randn(q.shape).bfloat16() for q in params]  # new addresses: a new plan
+    before = snapshot(opt, params)
+    for q, g in zip(params, grads):
+        q.grad = g
+    with pytest.raises(ValueError, match="the param's shape changed since its state was made"):
+        opt.step()
+    assert_same_snapshot(before, snapshot(opt, params))
+
+
+@pytest.mark.parametrize("value", [torch.bfloat16, "bf16", torch.float32])
+def test_state_dtype_set_in_param_groups_is_taken_as_the_constructor_takes_it(value):
+    params = make_params(torch.float32, 5, sizes=(33,))
+    theirs = [p.detach().clone().requires_grad_() for p in params]
+    opt = AdamW(params, lr=1e-2)
+    opt.param_groups[0]["state_dtype"] = value
+    ref = AdamW(theirs, lr=1e-2, state_dtype=value)
+    grads = grad_stream(params, 5, 2)
+    run(opt, params, grads)
+    run(ref, theirs, grads)
+    assert opt.param_groups[0]["state_dtype"] == ref.param_groups[0]["state_dtype"]
+    assert_same_snapshot(snapshot(ref, theirs), snapshot(opt, params))
+
+
+def test_a_bad_option_set_in_param_groups_is_refused_with_the_constructor_message():
+    params = make_params(torch.bfloat16, 5, sizes=(33,))
+    opt = AdamW(params, lr=1e-2)
+    opt.param_groups[0]["rounding"] = "upward"
+    for p in params:
+        p.grad = torch.ones_like(p)
+    before = snapshot(opt, params)
+    with pytest.raises(ValueError, match="rounding must be one of"):
+        opt.step()
+    assert_same_snapshot(before, snapshot(opt, params))
+
+
+@pytest.mark.parametrize("flags", [dict(fused=True), dict(foreach=True), dict()])
+def test_a_state_dict_handed_to_torch_keeps_the_flags_given(flags):
+    """torch's loader takes the saved group's foreach / fused: ours saves what was passed,
+    so torch's AdamW loading it runs the path the flags name (fused: its fused kernel)."""
+    params = make_params(torch.float32, 6, sizes=(33,))
+    opt = AdamW(params, lr=1e-2, **flags)
+    run(opt, params, grad_stream(params, 6, 2))
+    saved = opt.state_dict()
+    assert {k: saved["param_groups"][0][k] for k in ("fused", "foreach")} == \
+        {"fused": flags.get("fused"), "foreach": flags.get("foreach")}
+    theirs = [p.detach().clone().requires_grad_() for p in params]
+    ref = torch.optim.AdamW(theirs, lr=1e-2, **flags)
+    ref.load_state_dict(saved)
+    assert ref.param_groups[0]["fused"] == flags.get("fused")
+    run(ref, theirs, grad_stream(theirs, 7, 1))
+
+
+def test_handing_fp32_masters_to_torch_as_the_readme_says():
+    """torch's AdamW has no master weights: the README's hand-over makes the fp32 masters
+    the (fp32) params before torch loads the state, so no precision is dropped."""
+    params = make_params(torch.bfloat16, 8, sizes=(33, 8))
+    opt = AdamW(params, lr=1e-2, master_weights="fp32")
+    run(opt, params, grad_stream(params, 8, 2))
+    masters = [opt.state[p]["master"].clone() for p in params]
+    # The README's recipe.
+    saved = opt.state_dict()
+    for p, pid in zip(params, saved["param_groups"][0]["params"]):
+        p.data = saved["state"][pid].pop("master").to(p.device)
+    ref = torch.optim.AdamW(params, lr=1e-2)
+    ref.load_state_dict(saved)
+    assert all(torch.equal(p.detach(), m) for p, m in zip(params, masters))
+    assert all(ref.state[p]["exp_avg"].dtype == torch.float32 for p in params)
+    run(ref, params, grad_stream(params, 9, 1))
+
+
+# ---------------------------------------------------------------------------------------
+# rlvr_optim.Adam (L2 weight decay) through every backend: the reference's bits.
+# ---------------------------------------------------------------------------------------
+
+
+def _adam_backends():
+    out = ["cpu"]
+    try:
+        import triton  # noqa: F401, PLC0415
+    except ImportError:
+        pass
+    else:
+        out.append("triton")
+    return out
+
+
+@pytest.mark.parametrize("backend", _adam_backends())
+@pytest.mark.parametrize("mode", list(MODES))
+def test_adam_gives_the_reference_bits_through_every_backend(mode, backend):
+    """torch's Adam (L2 decay) as rlvr_optim.Adam: every mode with cumulative tracking and a
+    freeze mask, a fused backend against the reference, bit for bit (params, states,
+    bitmaps, counters)."""
+    from rlvr_optim import Adam, cpu_backend  # noqa: PLC0415
+
+    if backend == "cpu" and cpu_backend.unavailable_reason() is not None:
+        pytest.skip(cpu_backend.unavailable_reason())
+    kwargs = dict(MODES[mode], track_changes="cumulative", lr=1e-2, weight_decay=0.1)
+    ref = make_params(torch.bfloat16, 15)
+    fused = [p.detach().clone().requires_grad_() for p in ref]
+    grads = grad_stream(ref, 15, 3)
+    opt_ref = Adam(ref, backend="reference", **kwargs)
+    opt_fused = Adam(fused, backend=backend, **kwargs)
+    mask = torch.arange(fused[-1].numel()).reshape(fused[-1].shape) % 3 > 0
+    opt_fused.set_freeze_mask(fused[-1], mask)
+    opt_ref.set_freeze_mask(ref[-1], mask)
+    run(opt_ref, ref, grads)
+    run(opt_fused, fused, grads)
+    assert_same_snapshot(snapshot(opt_ref, ref), snapshot(opt_fused, fused))
+    # Negative control: AdamW's decay gives other bits from the same start.
+    other = make_params(torch.bfloat16, 15)
+    run(AdamW(other, backend="reference", **kwargs), other, grads)
+    assert any(not torch.equal(a.detach(), b.detach()) for a, b in zip(ref, other))
+
+
+def test_torch_loading_a_master_state_dict_drops_the_precision_as_the_readme_says():
+    """What the README warns of: without the hand-over, torch keeps ``master`` as an unused
+    key cast to the bf16 param's dtype."""
+    params = make_params(torch.bfloat16, 9, sizes=(33,))
+    opt = AdamW(params, lr=1e-2, master_weights="fp32")
+    run(opt, params, grad_stream(params, 9, 2))
+    theirs = [p.detach().clone().requires_grad_() for p in params]
+    ref = torch.optim.AdamW(theirs, lr=1e-2)
+    ref.load_state_dict(opt.state_dict())
+    assert ref.state[theirs[0]]["master"].dtype == torch.bfloat16
+    assert not torch.equal(ref.state[theirs[0]]["master"].float(), opt.state[params[0]]["master"])

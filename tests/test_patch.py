@@ -1,15 +1,28 @@
-"""Sparse weight patches: encoding, optimizer-driven chains, refusals, the CLI."""
+"""Patches between checkpoints (rlvr_optim.patch) and ``rlvr-optim patch make/apply``.
+
+A patch is a delta of rlvr_optim.sync with the state checksums of its base and result.
+The command line refuses, with one line on stderr and exit status 2, anything that would
+destroy an input or leave a half-written file, and leaves inputs and earlier outputs
+byte-identical and no temporary file behind.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from rlvr_optim import AdamW, bitmaps
+from rlvr_optim import AdamW, sync
 from rlvr_optim.cli import main
-from rlvr_optim.patch import (
-    PatchError, apply_patch, apply_patches, changes_from_optimizer, decode_indices,
-    encode_indices, load_patch, make_patch, weights_checksum,
-)
+from rlvr_optim.patch import DeltaError, apply_patches, load_patch, make_patch
+from rlvr_optim.sync import Delta
 
 
 def _bits(weights):
@@ -18,36 +31,6 @@ def _bits(weights):
 
 def _same(a, b):
     return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-
-
-# ------------------------------------------------------------------ index coding
-
-
-@pytest.mark.parametrize("seed", [0, 1])
-def test_gap_encoding_round_trips_and_uses_one_byte_for_short_gaps(seed):
-    g = torch.Generator().manual_seed(seed)
-    dense = torch.nonzero(torch.rand(5000, generator=g) < 0.3).reshape(-1)
-    sparse = torch.tensor([0, 1, 2, 200, 2**14 + 200, 2**40, 2**40 + 1, 2**62])
-    for indices in (dense, sparse, torch.zeros(0, dtype=torch.int64), torch.tensor([7])):
-        data = encode_indices(indices)
-        assert data.dtype == torch.uint8
-        assert torch.equal(decode_indices(data, indices.numel()), indices)
-    # Gaps below 128 take one byte each: 30% density gives gaps of ~3.
-    assert encode_indices(dense).numel() <= dense.numel() * 1.01
-    assert encode_indices(torch.tensor([0, 1, 2, 129])).tolist() == [0, 0, 0, 126]
-    assert encode_indices(torch.tensor([128])).tolist() == [0x80, 0x01]
-
-
-def test_bad_index_data_is_refused():
-    with pytest.raises(PatchError, match="ends inside a number"):
-        decode_indices(torch.tensor([0x80], dtype=torch.uint8))
-    with pytest.raises(PatchError, match="holds 2 indices, expected 3"):
-        decode_indices(torch.tensor([1, 2], dtype=torch.uint8), 3)
-    with pytest.raises(ValueError, match="strictly ascending"):
-        encode_indices(torch.tensor([3, 3]))
-
-
-# ------------------------------------------------------------------ a chain from the optimizer
 
 
 def _model():
@@ -64,179 +47,259 @@ def _weights(model):
 
 
 @pytest.fixture(scope="module")
-def chain():
-    """Base weights, 4 steps' patches made from the optimizer's bitmaps, final weights."""
+def run():
+    """Weights before and after each of 4 SR steps, and each step's bitmaps."""
     model = _model()
     opt = AdamW(model.named_parameters(), lr=2e-3, track_changes="step", rounding="stochastic")
     g = torch.Generator().manual_seed(1)
-    base = _weights(model)
-    checksum = weights_checksum(base)
-    patches, diffs = [], []
-    for step in range(1, 5):
-        before = _weights(model)
+    states, maps = [_weights(model)], []
+    for _ in range(4):
         model(torch.randn(8, 16, generator=g).bfloat16()).float().pow(2).mean().backward()
         opt.step()
         opt.zero_grad()
-        changed = changes_from_optimizer(opt, model.named_parameters())
-        patch = make_patch(_weights(model), changed=changed, base_checksum=checksum,
-                           sequence=step)
-        checksum = patch.checksum
-        patches.append(patch)
-        diffs.append(make_patch(_weights(model), base=before, sequence=step))
-    return {"base": base, "final": _weights(model), "patches": patches, "diffs": diffs}
+        states.append(_weights(model))
+        maps.append({n: opt.change_bitmap(p).clone() for n, p in model.named_parameters()})
+    return {"states": states, "bitmaps": maps}
 
 
-def test_patches_applied_in_order_give_bit_identical_weights(chain, tmp_path):
-    weights = {k: v.clone() for k, v in chain["base"].items()}
-    for i, patch in enumerate(chain["patches"]):
+def _patches(run):
+    s = run["states"]
+    return [make_patch(s[k + 1], base=s[k], sequence=k + 1) for k in range(4)]
+
+
+def test_patches_applied_in_order_give_bit_identical_weights(run, tmp_path):
+    weights = {k: v.clone() for k, v in run["states"][0].items()}
+    for i, patch in enumerate(_patches(run)):
         patch.save(tmp_path / f"{i}.safetensors")
-    loaded = [load_patch(tmp_path / f"{i}.safetensors") for i in range(4)]
-    for patch in loaded:
-        assert apply_patch(weights, patch) == patch.checksum
-    assert _same(_bits(weights), _bits(chain["final"]))
-    assert not _same(_bits(chain["base"]), _bits(chain["final"]))
+    apply_patches(weights, [load_patch(tmp_path / f"{i}.safetensors") for i in range(4)])
+    assert _same(_bits(weights), _bits(run["states"][4]))
+    assert not _same(_bits(run["states"][0]), _bits(run["states"][4]))
 
 
-def test_bitmap_patches_equal_snapshot_diffs(chain):
-    for from_bitmaps, from_diff in zip(chain["patches"], chain["diffs"]):
-        assert from_bitmaps.indices.keys() == from_diff.indices.keys()
-        for name in from_diff.indices:
-            assert torch.equal(from_bitmaps.indices[name], from_diff.indices[name])
-            assert torch.equal(from_bitmaps.values[name].view(torch.int16),
-                               from_diff.values[name].view(torch.int16))
-        assert from_bitmaps.checksum == from_diff.checksum
-        assert from_bitmaps.base_checksum == from_diff.base_checksum
+def test_bitmap_patches_equal_diff_patches_and_missed_changes_are_refused(run):
+    s = run["states"]
+    for k, diff in enumerate(_patches(run)):
+        from_bitmaps = make_patch(s[k + 1], base=s[k], sequence=k + 1, changed=run["bitmaps"][k])
+        assert from_bitmaps.to_bytes() == diff.to_bytes()
+    short = {n: torch.zeros_like(b) for n, b in run["bitmaps"][0].items()}
+    with pytest.raises(ValueError, match="elements differ from the base but their change bits"):
+        make_patch(s[1], base=s[0], sequence=1, changed=short)
 
 
-def test_patch_size_report(chain):
-    for patch in chain["patches"]:
+def test_patch_sizes(run):
+    for patch in _patches(run):
         report = patch.report()
-        assert report["full_bytes"] == 2 * report["numel"] == 2 * sum(
-            t.numel() for t in chain["base"].values())
+        assert report["full_bytes"] == 2 * report["numel"]
         assert 0 < report["changed"] < report["numel"]
-        # 2 value bytes + ~1 index byte per change, plus the header (names, checksums).
-        payload = report["patch_bytes"] - 2 * report["changed"]
-        assert report["changed"] <= payload <= 1.2 * report["changed"] + 2500
-        assert report["patch_to_full"] == report["patch_bytes"] / report["full_bytes"]
+        # 4 index bytes + 2 value bytes per change, plus the header (names, checksums).
+        assert 6 * report["changed"] < report["file_bytes"] < 6 * report["changed"] + 4000
 
 
-# ------------------------------------------------------------------ refusals
-
-
-def test_wrong_base_is_refused_and_weights_untouched(chain):
-    other = {k: v.clone() for k, v in chain["base"].items()}
-    other["0.bias"][3] = other["0.bias"][3] + 1
+def test_wrong_base_and_out_of_order_are_refused_with_weights_untouched(run):
+    p1, p2, p3, _ = _patches(run)
+    other = {k: v.clone() for k, v in run["states"][0].items()}
+    other["0.bias"][3] += 1
     before = _bits(other)
-    with pytest.raises(PatchError, match="applies to weights .* these weights are"):
-        apply_patch(other, chain["patches"][0])
+    with pytest.raises(DeltaError, match="applies to other weights: tensor '0.bias'"):
+        apply_patches(other, [p1])
     assert _same(_bits(other), before)
-
-
-def test_out_of_order_is_refused_and_weights_untouched(chain):
-    weights = {k: v.clone() for k, v in chain["base"].items()}
-    before = _bits(weights)
-    p1, p2, p3 = chain["patches"][:3]
-    with pytest.raises(PatchError, match=r"out of order: patch 1 \(sequence 1\)"):
+    weights = {k: v.clone() for k, v in run["states"][0].items()}
+    with pytest.raises(DeltaError, match=r"out of order: patch 1 \(sequence 1\)"):
         apply_patches(weights, [p2, p1])
-    with pytest.raises(PatchError, match="sequence 2 applies to weights"):
-        apply_patch(weights, p2)  # skips patch 1
-    assert _same(_bits(weights), before)
-    apply_patch(weights, p1)
-    after_one = _bits(weights)
-    with pytest.raises(PatchError, match="what sequence 1 produces \\(already applied\\)"):
-        apply_patch(weights, p1)
-    with pytest.raises(PatchError, match="sequence 3 applies"):
-        apply_patch(weights, p3)
-    assert _same(_bits(weights), after_one)
+    with pytest.raises(DeltaError, match="patch sequence 2 applies to other weights"):
+        apply_patches(weights, [p2])
+    apply_patches(weights, [p1])
+    with pytest.raises(DeltaError, match="patch sequence 1 applies to other weights"):
+        apply_patches(weights, [p1])  # already applied
+    assert _same(_bits(weights), _bits(run["states"][1]))
 
 
-def test_corrupt_patch_is_refused_and_weights_untouched(chain):
-    weights = {k: v.clone() for k, v in chain["base"].items()}
-    before = _bits(weights)
-    patch = chain["patches"][0]
-    name = next(iter(patch.values))
-    bad = make_patch(chain["final"], base=chain["base"], sequence=1)  # a different result
-    bad.checksum = patch.checksum
-    with pytest.raises(PatchError, match="a patch is corrupt"):
-        apply_patch(weights, bad)
-    shape_mismatch = {k: v.clone() for k, v in weights.items()}
-    shape_mismatch[name] = torch.zeros(3, dtype=torch.bfloat16)
-    with pytest.raises(PatchError, match=f"tensor {name!r} is 3 x"):
-        apply_patch(shape_mismatch, patch)
-    assert _same(_bits(weights), before)
-
-
-def test_bitmaps_that_miss_changes_are_refused(chain):
-    nothing = {k: torch.zeros(bitmaps.bitmap_bytes(v.numel()), dtype=torch.uint8)
-               for k, v in chain["base"].items()}
-    with pytest.raises(ValueError, match="change bits are 0"):
-        make_patch(chain["final"], base=chain["base"], changed=nothing, sequence=4)
-    with pytest.raises(ValueError, match="base_checksum"):
-        make_patch(chain["final"], changed=nothing, sequence=4)
-
-
-def test_fp32_weights_patch_by_diff():
-    g = torch.Generator().manual_seed(3)
-    base = {"w": torch.randn(37, generator=g), "b": torch.randn(2, 3, generator=g)}
-    new = {k: v.clone() for k, v in base.items()}
-    new["w"][[0, 5, 36]] += 1e-6
-    new["b"][1, 2] = float("nan")
-    patch = make_patch(new, base=base, sequence=9)
-    assert patch.changed == 4 and patch.full_bytes == 4 * 43
-    target = {k: v.clone() for k, v in base.items()}
-    apply_patch(target, patch)
-    assert all(torch.equal(target[k].view(torch.int32), new[k].view(torch.int32)) for k in new)
+def test_a_corrupt_last_patch_leaves_the_weights_untouched(run):
+    p1, p2, p3, _ = _patches(run)
+    name = next(iter(p3.values))
+    p3.values[name] = p3.values[name].clone()
+    p3.values[name][0] += 1
+    weights = {k: v.clone() for k, v in run["states"][0].items()}
+    with pytest.raises(DeltaError, match="the delta is corrupt"):
+        apply_patches(weights, [p1, p2, p3])
+    assert _same(_bits(weights), _bits(run["states"][0]))
 
 
 # ------------------------------------------------------------------ the command line
 
 
-def test_cli_make_and_apply(chain, tmp_path, capsys):
-    base, final = tmp_path / "base.safetensors", tmp_path / "final.safetensors"
-    save_file(chain["base"], base, metadata={"format": "pt"})
-    steps = [chain["base"]]
-    for i, patch in enumerate(chain["patches"]):  # rebuild each step's checkpoint
-        w = {k: v.clone() for k, v in steps[-1].items()}
-        apply_patch(w, patch)
-        steps.append(w)
-        save_file(w, tmp_path / f"step{i + 1}.safetensors")
-    save_file(chain["final"], final)
-    for i in range(1, 3):
-        bitmap_file = tmp_path / f"bitmaps{i}.safetensors"
-        changed = {k: bitmaps.pack(_bits(steps[i])[k] != _bits(steps[i - 1])[k])
-                   for k in steps[i]}
-        bitmaps.save_bitmaps(bitmap_file, changed, {k: v.numel() for k, v in steps[i].items()})
-        args = ["patch", "make", str(tmp_path / f"step{i - 1}.safetensors") if i > 1 else str(base),
-                str(tmp_path / f"step{i}.safetensors"), "-o", str(tmp_path / f"p{i}.safetensors"),
-                "--sequence", str(i)]
-        assert main(args + (["--bitmaps", str(bitmap_file)] if i == 2 else [])) == 0
-        out = capsys.readouterr().out
-        assert f"sequence {i}: {chain['patches'][i - 1].changed} of" in out
-        assert f"full checkpoint {chain['patches'][i - 1].full_bytes} bytes" in out
-    result = tmp_path / "out.safetensors"
-    assert main(["patch", "apply", str(base), str(tmp_path / "p1.safetensors"),
-                 str(tmp_path / "p2.safetensors"), "-o", str(result)]) == 0
-    assert _same(_bits(load_file(result)), _bits(steps[2]))
-
-    refused = tmp_path / "refused.safetensors"
-    assert main(["patch", "apply", str(base), str(tmp_path / "p2.safetensors"),
-                 str(tmp_path / "p1.safetensors"), "-o", str(refused)]) == 2
-    assert "out of order" in capsys.readouterr().err
-    assert main(["patch", "apply", str(final), str(tmp_path / "p1.safetensors"),
-                 "-o", str(refused)]) == 2
-    assert "applies to weights" in capsys.readouterr().err
-    assert not refused.exists()
+@pytest.fixture
+def files(run, tmp_path):
+    """BASE and NEW safetensors files, a patch from one to the other, in tmp_path."""
+    base, new = tmp_path / "base.safetensors", tmp_path / "new.safetensors"
+    save_file(run["states"][0], base, metadata={"format": "pt"})
+    save_file(run["states"][2], new, metadata={"format": "pt"})
+    patch = tmp_path / "p.safetensors"
+    assert main(["patch", "make", str(base), str(new), "-o", str(patch), "--sequence", "2"]) == 0
+    return base, new, patch
 
 
-def test_sparse_step_patch_is_a_fraction_of_the_checkpoint():
-    # 5% of 131k bf16 weights changed: 2 value bytes + 1 gap byte (mean gap 20 < 128)
-    # per change, so about 3 * 0.05 / 2 = 7.5% of the checkpoint, plus the header.
-    g = torch.Generator().manual_seed(4)
-    base = {"w": torch.randn(512, 256, generator=g).bfloat16()}
-    new = {"w": base["w"].clone()}
-    flat = new["w"].view(-1)
-    changed = torch.rand(flat.numel(), generator=g) < 0.05
-    flat[changed] = (flat[changed].float() * 1.01).bfloat16()
-    report = make_patch(new, base=base, sequence=1).report()
-    assert report["changed"] == int((_bits(new)["w"] != _bits(base)["w"]).sum())
-    assert 0.07 < report["patch_to_full"] < 0.08
+def _contents(folder):
+    return {p.name: p.read_bytes() if p.is_file() else None for p in Path(folder).iterdir()}
+
+
+def _refused(capsys, status, command, *needles):
+    captured = capsys.readouterr()
+    assert status == 2
+    lines = captured.err.strip().splitlines()
+    assert len(lines) == 1, captured.err
+    assert lines[0].startswith(f"rlvr-optim {command}: error: ")
+    for needle in needles:
+        assert needle in lines[0], (needle, lines[0])
+    assert "Traceback" not in captured.err
+
+
+def test_cli_make_and_apply_round_trip(files, run, tmp_path, capsys):
+    base, new, patch = files
+    assert main(["patch", "make", str(base), str(new), "-o", str(patch), "--sequence", "2"]) == 0
+    assert "441 of 676 elements changed" in capsys.readouterr().out
+    out = tmp_path / "out.safetensors"
+    assert main(["patch", "apply", str(base), str(patch), "-o", str(out)]) == 0
+    assert _same(_bits(load_file(out)), _bits(run["states"][2]))
+    made = load_patch(patch)
+    assert made.base_sums == sync.state_checksums(run["states"][0])
+    assert made.result_sums == sync.state_checksums(run["states"][2])
+
+
+def test_patch_make_refuses_an_output_that_is_an_input(files, tmp_path, capsys):
+    base, new, patch = files
+    (tmp_path / "sub").mkdir()
+    os.link(base, tmp_path / "hard.safetensors")
+    before = _contents(tmp_path)
+    for output in (base, new, tmp_path / "sub" / ".." / "base.safetensors",
+                   tmp_path / "hard.safetensors"):
+        status = main(["patch", "make", str(base), str(new), "-o", str(output), "--sequence", "2"])
+        _refused(capsys, status, "patch make", f"-o {output}", "would destroy it")
+        assert _contents(tmp_path) == before
+
+
+def test_patch_apply_refuses_an_output_that_is_an_input(files, tmp_path, capsys):
+    base, new, patch = files
+    before = _contents(tmp_path)
+    for output in (base, patch):
+        status = main(["patch", "apply", str(base), str(patch), "-o", str(output)])
+        _refused(capsys, status, "patch apply", f"-o {output}", "would destroy it")
+        assert _contents(tmp_path) == before
+
+
+def test_patch_apply_reads_what_patch_make_reads(files, run, tmp_path):
+    base, new, patch = files
+    folder = tmp_path / "base_hf"
+    folder.mkdir()
+    save_file(run["states"][0], folder / "model.safetensors")
+    torch_file = tmp_path / "base.bin"
+    torch.save(run["states"][0], torch_file)
+    for weights in (folder, torch_file):
+        out = tmp_path / f"out-{weights.name}.safetensors"
+        assert main(["patch", "apply", str(weights), str(patch), "-o", str(out)]) == 0
+        assert _same(_bits(load_file(out)), _bits(run["states"][2]))
+
+
+def test_a_full_disk_leaves_the_earlier_output_and_no_temporary_file(files, tmp_path, capsys,
+                                                                     monkeypatch):
+    base, new, patch = files
+    before = _contents(tmp_path)
+
+    def full(f, entries, metadata):
+        f.write(b"\0" * 4096)
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(sync, "_write_safetensors", full)
+    status = main(["patch", "make", str(base), str(new), "-o", str(patch), "--sequence", "2"])
+    _refused(capsys, status, "patch make", f"-o {patch}", "No space left on device")
+    out = tmp_path / "applied.safetensors"
+    status = main(["patch", "apply", str(base), str(patch), "-o", str(out)])
+    _refused(capsys, status, "patch apply", f"-o {out}", "No space left on device")
+    assert _contents(tmp_path) == before
+
+
+def test_the_same_patch_made_twice_gives_identical_bytes(files, tmp_path):
+    base, new, patch = files
+    again = tmp_path / "again.safetensors"
+    code = ("import sys; from rlvr_optim.cli import main; "
+            f"sys.exit(main(['patch', 'make', {str(base)!r}, {str(new)!r}, '-o', {str(again)!r}, "
+            "'--sequence', '2']))")
+    for seed in ("1", "2"):  # another process, another hash seed (dict and set order)
+        env = dict(os.environ, PYTHONHASHSEED=seed)
+        subprocess.run([sys.executable, "-c", code], env=env, check=True, capture_output=True,
+                       timeout=300)
+        assert again.read_bytes() == patch.read_bytes()
+
+
+def _rewrite_indices(path, change):
+    """Rewrite a patch file's first index tensor with ``change`` applied, header kept."""
+    data = bytearray(Path(path).read_bytes())
+    delta = Delta.from_bytes(bytes(data))
+    name = sorted(delta.indices)[0]
+    indices = delta.indices[name].clone()
+    change(indices)
+    header = int.from_bytes(data[:8], "little")
+    import json
+    entry = json.loads(data[8:8 + header])[name + ".indices"]
+    start, end = (8 + header + o for o in entry["data_offsets"])
+    data[start:end] = indices.numpy().tobytes()
+    Path(path).write_bytes(bytes(data))
+    return name
+
+
+@pytest.mark.parametrize("damage, reason", [
+    ("unsorted", "is not above index"), ("repeated", "is not above index"),
+    ("negative", "index 0 is negative"), ("out of range", "past the tensor's"),
+    ("truncated", "truncated"),
+])
+def test_patch_apply_names_a_damaged_patch_file(files, tmp_path, capsys, damage, reason):
+    base, new, patch = files
+
+    def middle(indices, value):
+        indices[indices.numel() // 2] = value
+
+    changes = {
+        "unsorted": lambda i: middle(i, int(i[0])),
+        "repeated": lambda i: middle(i, int(i[i.numel() // 2 - 1])),
+        "negative": lambda i: i.__setitem__(0, -5),
+        "out of range": lambda i: i.__setitem__(-1, 10**6),
+    }
+    if damage == "truncated":
+        patch.write_bytes(patch.read_bytes()[:-7])
+        needle = str(patch)
+    else:
+        name = _rewrite_indices(patch, changes[damage])
+        needle = f"indices of {name!r}"
+    before = _contents(tmp_path)
+    out = tmp_path / "applied.safetensors"
+    status = main(["patch", "apply", str(base), str(patch), "-o", str(out)])
+    _refused(capsys, status, "patch apply", str(patch), needle, reason)
+    assert _contents(tmp_path) == before
+
+
+def test_sigkill_during_patch_apply_leaves_no_temporary_file(files, tmp_path):
+    base, new, patch = files
+    out = tmp_path / "applied.safetensors"
+    out.write_bytes(b"earlier output")
+    before = _contents(tmp_path)
+    code = textwrap.dedent(f"""
+        import sys, time
+        from rlvr_optim import sync
+        from rlvr_optim.cli import main
+
+        def slow(f, entries, metadata):
+            f.write(b"x" * (4 << 20))
+            f.flush()
+            print("writing", flush=True)
+            time.sleep(60)
+
+        sync._write_safetensors = slow
+        main(["patch", "apply", {str(base)!r}, {str(patch)!r}, "-o", {str(out)!r}])
+    """)
+    writer = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    try:
+        assert writer.stdout.readline().strip() == "writing"
+    finally:
+        writer.kill()
+        writer.wait(timeout=60)
+    assert _contents(tmp_path) == before

@@ -774,7 +774,7 @@ def _expected_scalars(t, lr, beta1, beta2, wd, eps):
     return [
         np.float32(lr / (1.0 - beta1**t)),
         np.float32(math.sqrt(1.0 - beta2**t)),
-        np.float32(lr * wd),
+        np.float32(1.0 - lr * wd),
         np.float32(beta1),
         np.float32(1.0 - beta1),
         np.float32(beta2),

@@ -226,3 +226,36 @@ def test_triton_follows_a_grad_dtype_change_and_keeps_no_tensor_alive():
     del params, states, s, p
     gc.collect()
     assert watched() is None and len(TK.planner.calls) == 0
+
+
+def _many_groups(seed, count=40):
+    g = torch.Generator().manual_seed(seed)
+    params = [(torch.randn(16, generator=g) * 0.1).bfloat16().requires_grad_()
+              for _ in range(count)]
+    groups = [{"params": [p], "lr": (1e-3, 2e-3, 5e-3)[i % 3], "weight_decay": 0.01 * (i % 2)}
+              for i, p in enumerate(params)]
+    return params, groups
+
+
+@pytest.mark.parametrize("backend", ["reference", "cpu"])
+def test_many_groups_share_scalar_rows_and_follow_changes_bit_for_bit(backend):
+    """Groups of one param with a few distinct hyperparameters: the kept option checks and
+    the scalar rows shared between groups of equal step counts give the bits of a twin that
+    plans every step afresh, through lr and weight decay changes, a group that skips a
+    step (its step count falls behind the others), and a bad lr set in param_groups."""
+    cached, groups = _many_groups(3)
+    fresh, fresh_groups = _many_groups(3)
+    opt = AdamW(groups, backend=backend, track_changes="step")
+    opt_fresh = AdamW(fresh_groups, backend=backend, track_changes="step")
+    seed = iter(range(100))
+    for _ in range(2):
+        _step_both(cached, opt, fresh, opt_fresh, next(seed))
+    for o in (opt, opt_fresh):
+        o.param_groups[4]["lr"] = 7e-3
+        o.param_groups[5]["weight_decay"] = 0.5
+    _step_both(cached, opt, fresh, opt_fresh, next(seed), skip={7, 8})
+    _step_both(cached, opt, fresh, opt_fresh, next(seed))
+    assert opt.state[cached[7]]["step"].item() == opt.state[cached[6]]["step"].item() - 1
+    opt.param_groups[9]["lr"] = -1.0
+    with pytest.raises(ValueError, match="Invalid learning rate: -1.0"):
+        opt.step()

@@ -61,6 +61,8 @@ FEATURES = {
         # Tensor k starts at 2**32 - 600 - 13 k: the larger ones cross the low Philox word.
         element_offset=2**32 - 600,
     ),
+    # torch's Adam: the weight decay an L2 term in the gradient.
+    "adam-l2-amsgrad-scale": dict(l2_decay=True, amsgrad=True, freeze=True, grad_scale=3.0),
 }
 
 
@@ -254,7 +256,9 @@ def test_matches_reference_bit_for_bit(form, state_dtype, features):
             grads = [_grad(gen, numel, param_dtype, scale or 1.0, k)
                      for numel, k in zip(SIZES, kinds)]
             steps = torch.arange(step, step + n, device=DEVICE)
-            scalars = R.step_scalars(steps, lr, *BETAS, weight_decay, EPS)
+            decoupled = not f.get("l2_decay", False)
+            scalars = R.step_scalars(steps, lr, *BETAS, weight_decay, EPS,
+                                     decoupled_weight_decay=decoupled)
             tensor_keys = torch.arange(n, device=DEVICE) + 17
             keys = R.stochastic_rounding_keys(1000 + seed, steps, tensor_keys)
             found_inf = f.get("found_inf")
@@ -262,6 +266,7 @@ def test_matches_reference_bit_for_bit(form, state_dtype, features):
                 scalars=scalars, amsgrad=amsgrad, master=master, rounding=rounding,
                 sr_keys=keys if rounding == "stochastic" else None,
                 element_offsets=offsets, maximize=f.get("maximize", False),
+                decoupled_weight_decay=decoupled,
                 grad_scale=torch.tensor(scale, device=DEVICE) if scale else None,
                 found_inf=torch.tensor(found_inf[step - 1], device=DEVICE) if found_inf else None,
                 change_dtype=change_dtype,

@@ -30,14 +30,15 @@ import triton.language as tl
 from torch import Tensor
 
 from rlvr_optim.checks import STRICT_GRADS, Policy, check_tensors
-from rlvr_optim.operands import Operands, call_operands
-from rlvr_optim.plan import Planner
+from rlvr_optim.operands import Operands, StepInputs, call_operands
+from rlvr_optim.plan import PlannedCall, Planner
 from rlvr_optim.reference import check_arguments
 from rlvr_optim.table import COUNTER_NAMES, ROW, ROW_FIELDS
 
 __all__ = [
     "adamw",
     "adamw_table_kernel",
+    "prepare",
     "planner",
     "DEFAULT_BLOCK_CPU",
     "DEFAULT_ITEM_CPU",
@@ -472,7 +473,7 @@ class _Scalars(NamedTuple):
 
     step_size: tl.tensor
     bc2_sqrt: tl.tensor
-    lr_wd: tl.tensor
+    decay: tl.tensor
     beta1: tl.tensor
     one_minus_beta1: tl.tensor
     beta2: tl.tensor
@@ -509,6 +510,7 @@ class _Layout(NamedTuple):
     SR_ROW_CALLS: tl.constexpr
     AMSGRAD: tl.constexpr
     MAXIMIZE: tl.constexpr
+    L2_DECAY: tl.constexpr
     HAS_FREEZE_MASK: tl.constexpr
     HAS_CHANGE_BITMAP: tl.constexpr
     HAS_CUMULATIVE_BITMAP: tl.constexpr
@@ -558,16 +560,20 @@ def _unscaled_grad(grad, grad_scale, L):
 
 
 @triton.jit
-def _adamw_math(g, w, m, v, vmax, s, AMSGRAD: tl.constexpr):
+def _adamw_math(g, w, m, v, vmax, s, AMSGRAD: tl.constexpr, L2_DECAY: tl.constexpr):
     """Stage 2, the optimizer's math (reference.adamw_math), fp32 registers only; returns
-    (w, m, v, vmax).
+    (w, m, v, vmax). ``L2_DECAY`` (torch's Adam): ``s.decay`` times the weight is added to
+    the gradient instead of decaying the weight (AdamW).
 
     The reference makes every computed NaN canonical where it is computed; here only ``w``
     is (its bits are compared and stored as they are). A NaN in ``m``, ``v`` or ``vmax``
     reaches ``w`` as a NaN whatever its payload, and their stores make it canonical
     (:func:`_store_state`), where the bf16 rounding tests for NaN anyway: the same bits,
     one select per element and state fewer with bf16 states."""
-    w = w - s.lr_wd * w
+    if L2_DECAY:
+        g = g + s.decay * w
+    else:
+        w = w * s.decay
     m = s.beta1 * m + s.one_minus_beta1 * g
     v = s.beta2 * v + s.one_minus_beta2 * g * g
     if AMSGRAD:
@@ -733,7 +739,7 @@ def _adamw_chunk(p, s, first, limit, index_base, skip, sr_key_ptr, grad_scale,
     g = _unscaled_grad(grad, grad_scale, L)
     after = _adamw_math(g, before[1], _state_value(m_old, L.STATE_BF16),
                         _state_value(v_old, L.STATE_BF16), _state_value(vmax_old, L.STATE_BF16),
-                        s, L.AMSGRAD)
+                        s, L.AMSGRAD, L.L2_DECAY)
     return _store_and_flag(p, at, update, train, before, after, (m_old, v_old, vmax_old), g,
                            cumulative, sr_key_ptr, index_base, L, WORDS)
 
@@ -803,7 +809,7 @@ def adamw_table_kernel(
     PARAM_BF16: tl.constexpr, GRAD_BF16: tl.constexpr, STATE_BF16: tl.constexpr,
     PARAM_FP16: tl.constexpr, GRAD_FP16: tl.constexpr, IMAGE_FP16: tl.constexpr,
     HAS_MASTER: tl.constexpr, HAS_REMAINDER: tl.constexpr, STOCHASTIC: tl.constexpr,
-    AMSGRAD: tl.constexpr, MAXIMIZE: tl.constexpr,
+    AMSGRAD: tl.constexpr, MAXIMIZE: tl.constexpr, L2_DECAY: tl.constexpr,
     HAS_FREEZE_MASK: tl.constexpr, HAS_CHANGE_BITMAP: tl.constexpr,
     HAS_CUMULATIVE_BITMAP: tl.constexpr, HAS_COUNTERS: tl.constexpr,
     HAS_GRAD_SCALE: tl.constexpr, HAS_FOUND_INF: tl.constexpr, SR_ROW_CALLS: tl.constexpr,
@@ -824,6 +830,7 @@ def adamw_table_kernel(
     ``STATE_BF16``: exp_avg, exp_avg_sq and max_exp_avg_sq are bf16 (else fp32).
     ``PARAM_FP16`` / ``GRAD_FP16``: the param / grad is float16; ``IMAGE_FP16``: an fp32
     param's change image is its nearest-even float16 (else bf16).
+    ``L2_DECAY``: torch's Adam weight decay (an L2 term in the gradient), else AdamW's.
     ``SR_ROW_CALLS``: every tensor's element offset is a multiple of 8 (one Philox call per
     row, :func:`_random16`). ``HW_BF16``: compiled for a GPU, where computed values round
     to bf16 by the hardware conversion (:func:`_round_computed_bf16`) and set bits are
@@ -832,7 +839,8 @@ def adamw_table_kernel(
     # Annotated: a tuple of constexprs assigned to a plain name loses them (triton 3.6-3.9).
     L: tl.constexpr = _Layout(PARAM_BF16, PARAM_FP16, IMAGE_FP16, GRAD_BF16, GRAD_FP16,
                               STATE_BF16, HAS_MASTER, HAS_REMAINDER,
-                              STOCHASTIC, SR_ROW_CALLS, AMSGRAD, MAXIMIZE, HAS_FREEZE_MASK,
+                              STOCHASTIC, SR_ROW_CALLS, AMSGRAD, MAXIMIZE, L2_DECAY,
+                              HAS_FREEZE_MASK,
                               HAS_CHANGE_BITMAP, HAS_CUMULATIVE_BITMAP, HAS_COUNTERS,
                               HAS_GRAD_SCALE, HAS_FOUND_INF, HW_BF16, BLOCK, ALIGNED)
     offs = _chunk_offsets(BLOCK)
@@ -1066,6 +1074,7 @@ def adamw(
     element_offsets: list[int] | None = None,
     amsgrad: bool = False,
     maximize: bool = False,
+    decoupled_weight_decay: bool = True,
     grad_scale: Tensor | None = None,
     found_inf: Tensor | None = None,
     change_dtype: torch.dtype = torch.bfloat16,
@@ -1116,39 +1125,75 @@ def adamw(
                     change_dtype=change_dtype)
     if not params:
         return
+    shape = _launch_shape(block_size, item_size, num_warps, num_programs)
+    offsets = [0] * len(params) if element_offsets is None else element_offsets
+    launches = planner.launches(ops, grads, offsets,
+                                (rounding, block_size, item_size, change_dtype))
+    _run(launches, shape, StepInputs(scalars, sr_keys if rounding == "stochastic" else None,
+                                     maximize, decoupled_weight_decay, grad_scale, found_inf),
+         amsgrad)
+
+
+class _LaunchShape(NamedTuple):
+    """A call's launch shape (see :func:`adamw`); None: the default."""
+
+    block_size: int | None = None
+    item_size: int | None = None
+    num_warps: int | None = None
+    num_programs: int | None = None
+
+
+def _launch_shape(block_size, item_size, num_warps, num_programs) -> _LaunchShape:
+    """The launch shape of :func:`adamw`'s arguments, checked."""
     if block_size is not None and (block_size < 8 or block_size & (block_size - 1)):
         raise ValueError(f"block_size must be a power of two >= 8, got {block_size}")
     if num_warps is not None and (not 1 <= num_warps <= 32 or num_warps & (num_warps - 1)):
         raise ValueError(f"num_warps must be a power of two from 1 to 32, got {num_warps}")
-    warps = num_warps or DEFAULT_NUM_WARPS_GPU
     if item_size is not None and not 0 < item_size < 2**31:
         raise ValueError(f"item_size must be from 1 to 2**31 - 1, got {item_size}")
     if num_programs is not None and num_programs < 1:
         raise ValueError(f"num_programs must be at least 1, got {num_programs}")
-    offsets = [0] * len(params) if element_offsets is None else element_offsets
-    launches = planner.launches(ops, grads, offsets,
-                                (rounding, block_size, item_size, change_dtype))
+    return _LaunchShape(block_size, item_size, num_warps, num_programs)
+
+
+def prepare(ops: Operands, *, element_offsets=None, rounding: str = "nearest",
+            amsgrad: bool = False, change_dtype: torch.dtype = torch.bfloat16) -> PlannedCall:
+    """:func:`adamw` over ``ops`` (at the default launch shape) as a call ``(grads,
+    StepInputs)`` kept by its caller: checked when it first runs, then a pass over the
+    grads per step (:class:`rlvr_optim.plan.PlannedCall`)."""
+    offsets = [0] * ops.count if element_offsets is None else element_offsets
+    shape = _LaunchShape()
+
+    def run(launches, statics, offsets, grads, x: StepInputs) -> None:
+        _run(launches, shape, x, amsgrad)
+
+    return PlannedCall(planner, run, ops, offsets, (rounding, None, None, change_dtype))
+
+
+def _run(launches: list, shape: _LaunchShape, x: StepInputs, amsgrad: bool) -> None:
+    """One launch of ``adamw_table_kernel`` per planned launch."""
     if not launches:
         return
     interpreting = _interpreting()
-    call_flags = dict(AMSGRAD=bool(amsgrad), MAXIMIZE=bool(maximize),
-                      HAS_GRAD_SCALE=grad_scale is not None, HAS_FOUND_INF=found_inf is not None)
+    call_flags = dict(AMSGRAD=bool(amsgrad), MAXIMIZE=bool(x.maximize),
+                      L2_DECAY=not x.decoupled_weight_decay,
+                      HAS_GRAD_SCALE=x.grad_scale is not None, HAS_FOUND_INF=x.found_inf is not None)
     # Per-call operands, moved once per device (not once per tensor).
     per_device: dict[torch.device, tuple] = {}
     for launch in launches:
         device = launch.table.device
         if device not in per_device:
-            programs = num_programs or (
+            programs = shape.num_programs or (
                 DEFAULT_PROGRAMS_PER_SM
                 * torch.cuda.get_device_properties(device).multi_processor_count
                 if device.type != "cpu" else 2**31 - 1)
             per_device[device] = (
                 programs,
-                _to_device(scalars, device).contiguous(),
-                _to_device(sr_keys, device).contiguous() if rounding == "stochastic" else None,
-                (_one_element("grad_scale", grad_scale, device, torch.float32)
-                 if grad_scale is not None else None),
-                _found_inf_operand(found_inf, device) if found_inf is not None else None,
+                _to_device(x.scalars, device).contiguous(),
+                _to_device(x.sr_keys, device).contiguous() if x.sr_keys is not None else None,
+                (_one_element("grad_scale", x.grad_scale, device, torch.float32)
+                 if x.grad_scale is not None else None),
+                _found_inf_operand(x.found_inf, device) if x.found_inf is not None else None,
             )
     for launch in launches:
         programs, *operands = per_device[launch.table.device]
@@ -1158,7 +1203,7 @@ def adamw(
                 launch.table, launch.work, launch.workspace, items, *operands,
                 BLOCK=launch.block, ITEM=launch.item, STAGES=DEFAULT_STAGES_GPU,
                 HW_BF16=not interpreting, **launch.flags, **call_flags,
-                num_warps=warps, enable_fp_fusion=False,
+                num_warps=shape.num_warps or DEFAULT_NUM_WARPS_GPU, enable_fp_fusion=False,
             )
         except BaseException:
             # A kernel stopped part way (the interpreter runs it on the host) may leave its

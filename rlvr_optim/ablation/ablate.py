@@ -10,6 +10,7 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
+from .. import files
 from ..errors import InputError
 from ..optimizer import format_table
 from .config import LMAblation, MiniLMAblation, fingerprint
@@ -39,13 +40,24 @@ def run_ablation(config: LMAblation | MiniLMAblation, out: str, *, resume: bool 
 
     Returns ``{"interrupted", "wall_s", "warmup", "results", "files"}``; ``results`` holds one
     dict per run (``name, kind, mode, lr, seed, sparsity, accuracy, geometry, series, ...``;
-    LM runs also ``arm, label, data, kl_coef, freeze, master_geometry``).
+    LM runs also ``arm, label, data, kl_coef, freeze, master_geometry``); an interrupted run
+    also ``saved``, what a resume would start from (:meth:`Workspace.saved`).
+
+    ``out`` is locked while the ablation runs (:func:`rlvr_optim.files.folder_lock`): a
+    second ablation on it raises :class:`~rlvr_optim.errors.InputError`.
     """
     t0 = time.perf_counter()
     if config.device.startswith("cuda") and not torch.cuda.is_available():
         raise InputError(f"preset {config.name!r} runs on {config.device!r}, and torch sees no "
                            "CUDA device here; pass device='cpu' (--device cpu) to run it on the "
                            "CPU, slowly")
+    with files.folder_lock(out):
+        return _run_locked(config, out, resume, progress, stop_after, t0)
+
+
+def _run_locked(config: LMAblation | MiniLMAblation, out: str, resume: bool, progress: bool,
+                stop_after: int | None, t0: float) -> dict[str, Any]:
+    """:func:`run_ablation` once ``out`` is locked."""
     root = os.path.join(out, "checkpoints")
     workspace = Workspace(root, fingerprint(config), resume)
     budget = StepBudget(stop_after)
@@ -70,18 +82,19 @@ def run_ablation(config: LMAblation | MiniLMAblation, out: str, *, resume: bool 
                                            budget, bar)]
     except Interrupted:
         return {"interrupted": True, "wall_s": time.perf_counter() - t0, "warmup": None,
-                "results": [], "files": []}
+                "results": [], "files": [], "saved": workspace.saved()}
     finally:
         bar.close()
         torch.set_num_threads(threads)
     wall = time.perf_counter() - t0
-    if isinstance(config, MiniLMAblation):
-        files = write_report(out, config, results, warmup=warmup, wall_s=wall, root=root,
-                             title=title, setup=setup, model_label=label)
-    else:
-        files = write_lm_report(out, config, results, warmup=warmup, wall_s=wall)
+    with files.atomic_files(out) as temp:  # the report's files together, or none of them
+        if isinstance(config, MiniLMAblation):
+            written = write_report(str(temp), config, results, warmup=warmup, wall_s=wall,
+                                   root=root, title=title, setup=setup, model_label=label)
+        else:
+            written = write_lm_report(str(temp), config, results, warmup=warmup, wall_s=wall)
     return {"interrupted": False, "wall_s": wall, "warmup": warmup, "results": results,
-            "files": files}
+            "files": [os.path.join(out, os.path.basename(p)) for p in written]}
 
 
 def format_summary(summary: dict[str, Any], config: Any) -> str:
@@ -120,8 +133,13 @@ def run_for_cli(config: Any, out: str, *, resume: bool = False, progress: bool =
         raise InputError(f"{e}; pip install -e \".[ablation]\" (or \".[minilm]\" for the "
                          "minilm preset)") from None
     if summary["interrupted"]:
-        print(f"stopped after {stop_after} training steps; checkpoints are in "
-              f"{os.path.join(out, 'checkpoints')}, continue with --resume")
+        if summary["saved"]:
+            print(f"stopped after {stop_after} training steps; continue with --resume from "
+                  f"{os.path.join(out, 'checkpoints')}: {', '.join(summary['saved'])}")
+        else:
+            print(f"stopped after {stop_after} training steps, before the first checkpoint "
+                  f"(a run writes one every {config.checkpoint_every} steps, "
+                  "--checkpoint-every): nothing is saved, and --resume would start over")
         return 0
     print(format_summary(summary, config))
     print(f"\nreport: {os.path.join(out, 'report.md')} ({summary['wall_s']:.0f} s)")

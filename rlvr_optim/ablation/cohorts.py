@@ -20,10 +20,9 @@ from collections import defaultdict
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
-from .. import analysis, bitmaps
+from .. import analysis, bitmaps, files
 from ..demo import MODES
 from ..optimizer import AdamW
 from .config import Arm, LMAblation
@@ -120,9 +119,8 @@ def run_warmup(config: LMAblation, task: AdditionTask, workspace: Workspace, bud
     if done is not None and os.path.exists(start_path):
         bar.update(config.warmup_steps)
         # The model's order, not the file's (sorted): optimizer states are kept by position.
-        loaded = load_file(start_path)
-        return ({n: loaded[n] for n in weight_shapes(shape)}, done,
-                load_file(samples_path)["samples"])
+        loaded = workspace.read_tensors(start_path, weight_shapes(shape))
+        return (loaded, done, workspace.read_tensors(samples_path, ["samples"])["samples"])
     device = torch.device(config.device)
     weights = {n: t[None].to(device).requires_grad_() for n, t in
                init_weights(shape, config.seed).items()}
@@ -166,13 +164,13 @@ def run_warmup(config: LMAblation, task: AdditionTask, workspace: Workspace, bud
     drive(name, workspace, config.warmup_steps, config.checkpoint_every, budget, bar, state,
           step, save, load)
     start = {n: t.detach()[0].cpu().bfloat16().contiguous() for n, t in weights.items()}
-    save_file(start, start_path)
+    files.write_safetensors(start_path, start)
     start_dev = _stack(start, 1, torch.float32, device)
     prompts, _ = _problems(config, task, "kl-prompts", config.kl_samples)
     sample_gen = torch.Generator(device=device).manual_seed(derive_seed(config.seed, "kl-samples"))
     samples = generate(start_dev, prompts[None].to(device), task.answer_length, shape,
                        [sample_gen])[0].cpu()
-    save_file({"samples": samples.contiguous()}, samples_path)
+    files.write_safetensors(samples_path, {"samples": samples.contiguous()})
     fp32_acc, _ = _accuracy({n: t.detach() for n, t in weights.items()}, task, shape,
                             tuple(t.to(device) for t in
                                   _problems(config, task, "eval", config.eval_problems)))
@@ -369,13 +367,13 @@ def _measure(config: LMAblation, task: AdditionTask, shape: LMShape, runs: list[
         run_name = f"{arm.name}-seed{seed}"
         folder = workspace.folder(run_name)
         final = {n: t[a].cpu().contiguous() for n, t in detached.items()}
-        save_file(final, os.path.join(folder, "final.safetensors"))
+        files.write_safetensors(os.path.join(folder, "final.safetensors"), final)
         geometry = analysis.geometry(start, final, alpha=config.alpha, rank=config.rank,
                                      bins=config.bins, base_cache=workspace.base_cache)
         master_geometry = None
         if has_master:
             master = {n: opt.state[p]["master"][a].cpu().contiguous() for n, p in params.items()}
-            save_file(master, os.path.join(folder, "master.safetensors"))
+            files.write_safetensors(os.path.join(folder, "master.safetensors"), master)
             master_geometry = analysis.geometry(start, master, alpha=config.alpha,
                                                 rank=config.rank, bins=config.bins,
                                                 base_cache=workspace.base_cache)["overall"]

@@ -9,7 +9,6 @@ the checkpoint folder (``--resume``) without training again.
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import os
 import platform
@@ -17,7 +16,7 @@ from typing import Any, Callable, Mapping, Sequence
 
 import torch
 
-from .. import analysis
+from .. import analysis, files
 from ..optimizer import format_table
 from .config import MASTER, NEAREST, LMAblation
 from .report import PAPER_TABLE1
@@ -273,21 +272,16 @@ def write_lm_report(out: str, config: LMAblation, results: Sequence[dict], *,
            f"cohorts {train:.1f} s).", ""]
 
     md_path = os.path.join(out, "report.md")
-    with open(md_path, "w", encoding="utf-8") as f:
-        f.write("\n".join(md))
+    files.write_text(md_path, "\n".join(md))
     summary = {"preset": config.name, "config": dataclasses.asdict(config), "environment": env,
                "wall_s": wall_s, "paper_table1": PAPER_TABLE1, "spread": SPREAD_NOTE,
                "warmup": {k: v for k, v in warmup.items() if k != "series"},
                "runs": [{k: v for k, v in r.items() if k != "series"} for r in results]}
     res_path = os.path.join(out, "results.json")
-    with open(res_path, "w", encoding="utf-8") as f:
-        json.dump(summary, f, indent=1)
-        f.write("\n")
+    files.write_json(res_path, summary, indent=1)
     series = {"warmup": warmup["series"], **{r["name"]: r["series"] for r in results}}
     series_path = os.path.join(out, "series.json")
-    with open(series_path, "w", encoding="utf-8") as f:
-        json.dump(_rounded(series), f, separators=(",", ":"))
-        f.write("\n")
+    files.write_json(series_path, _rounded(series), separators=(",", ":"))
     return [md_path, res_path, series_path] + list(plots or [])
 
 

@@ -19,9 +19,9 @@ from collections import defaultdict
 from typing import Any
 
 import torch
-from safetensors.torch import save_file
 from torch import Tensor, nn
 
+from .. import files
 from ..demo import MODES
 from ..optimizer import AdamW
 from .config import MiniLMAblation, RunSpec
@@ -169,7 +169,7 @@ def run_minilm(config: MiniLMAblation, workspace: Workspace, budget: StepBudget,
             "trained_params": sum(p.numel() for n, p in base.named_parameters() if n in trained),
             "measured_params": sum(t.numel() for t in start.values())}
     results = [_run_one(config, spec, base, tokenizer, task, start, trained, accuracy, workspace,
-                        budget, bar) for spec in config.runs()]
+                        budget=budget, bar=bar) for spec in config.runs()]
     setup = [
         f"- Model: all-MiniLM-L6-v2 (BERT, 6 layers, hidden 384; {info['params']:,} parameters) "
         f"from `{model_dir}`, normalised mean pooling and a new linear head over "
@@ -198,7 +198,7 @@ def _copy(base: nn.Module, dtype: torch.dtype, device: torch.device) -> nn.Modul
 
 
 def _run_one(config: MiniLMAblation, spec: RunSpec, base: nn.Module, tokenizer, task: TopicTask,
-             start: dict[str, Tensor], trained: list[str], accuracy, workspace: Workspace,
+             start: dict[str, Tensor], trained: list[str], accuracy, workspace: Workspace, *,
              budget: StepBudget, bar) -> dict:
     done = workspace.finished(spec.name)
     if done is not None:
@@ -276,8 +276,8 @@ def _run_one(config: MiniLMAblation, spec: RunSpec, base: nn.Module, tokenizer, 
            step_fn, save, load)
     final = {_short(n): p.detach().cpu().clone() for n, p in measured}
     folder = workspace.folder(spec.name)
-    save_file({n: t.contiguous() for n, t in final.items()},
-              os.path.join(folder, "final.safetensors"))
+    files.write_safetensors(os.path.join(folder, "final.safetensors"),
+                            {n: t.contiguous() for n, t in final.items()})
     result = measure_run(config, spec, start, final, state, folder, workspace.base_cache)
     result["accuracy"] = accuracy(model.eval())
     workspace.save_result(spec.name, result)

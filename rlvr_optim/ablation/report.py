@@ -9,14 +9,13 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
-import json
 import os
 import platform
 from typing import Any, Mapping, Sequence
 
 import torch
 
-from .. import analysis, bitmaps
+from .. import analysis, bitmaps, files
 
 __all__ = ["PAPER_TABLE1", "jaccard_pairs", "write_report"]
 
@@ -246,8 +245,7 @@ def write_report(out: str, config: Any, results: Sequence[dict], *, warmup: dict
 
     paths = []
     md_path = os.path.join(out, "report.md")
-    with open(md_path, "w", encoding="utf-8") as f:
-        f.write("\n".join(md))
+    files.write_text(md_path, "\n".join(md))
     paths.append(md_path)
     summary = {
         "preset": config.name, "config": dataclasses.asdict(config), "environment": env,
@@ -257,16 +255,12 @@ def write_report(out: str, config: Any, results: Sequence[dict], *, warmup: dict
         "jaccard": jaccards,
     }
     res_path = os.path.join(out, "results.json")
-    with open(res_path, "w", encoding="utf-8") as f:
-        json.dump(summary, f, indent=1)
-        f.write("\n")
+    files.write_json(res_path, summary, indent=1)
     series = {r["name"]: r["series"] for r in results}
     if warmup:
         series = {"warmup": warmup["series"], **series}
     series_path = os.path.join(out, "series.json")
-    with open(series_path, "w", encoding="utf-8") as f:
-        json.dump(_rounded(series), f, separators=(",", ":"))
-        f.write("\n")
+    files.write_json(series_path, _rounded(series), separators=(",", ":"))
     return paths + [res_path, series_path] + list(plots or [])
 
 
