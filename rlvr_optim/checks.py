@@ -92,9 +92,9 @@ def check_tensors(ops: Operands, grads: Sequence, offsets: Sequence[int],
             raise TypeError(f"params[{i}] must be a torch.Tensor, got {type(param).__name__}")
         # What the spec refuses comes first, on every backend and device.
         for kind, extra in (("masters", t.master), ("remainders", t.remainder)):
-            if extra is not None and param.dtype != torch.bfloat16:
-                raise ValueError(f"{kind}[{i}] is given for a {param.dtype} param; master "
-                                 "weights and remainders need bf16 params")
+            error = master_param_error(kind, i, param.dtype) if extra is not None else None
+            if error:
+                raise ValueError(error)
         policy.check_device(i, param)
         device, numel = param.device, param.numel()
         nbytes = (numel + 7) // 8
@@ -119,12 +119,8 @@ def check_tensors(ops: Operands, grads: Sequence, offsets: Sequence[int],
             )
         for kind, extra, dtype in (("masters", t.master, torch.float32),
                                    ("remainders", t.remainder, torch.int16)):
-            if extra is None:
-                continue
-            error = master_param_error(kind, i, param.dtype)
-            if error:
-                raise ValueError(error)
-            _check(f"{kind}[{i}]", extra, (dtype,), numel, device, policy)
+            if extra is not None:
+                _check(f"{kind}[{i}]", extra, (dtype,), numel, device, policy)
         for name in _BITMAPS:
             bitmap = getattr(t, name)
             if bitmap is not None:

@@ -294,7 +294,7 @@ def test_repeated_calls_check_once_and_follow_new_grads(ext, monkeypatch):
 
 
 @pytest.mark.parametrize("overrides, error, match", [
-    (dict(params=[torch.zeros(8, dtype=torch.float16)]), TypeError, r"params\[0\].*float16"),
+    (dict(params=[torch.zeros(8, dtype=torch.float64)]), TypeError, r"params\[0\].*float64"),
     (dict(exp_avgs=[torch.zeros(9)]), ValueError, r"exp_avgs\[0\] has 9 elements"),
     (dict(counters=[torch.zeros(3, dtype=torch.int32)]), TypeError, r"counters\[0\]"),
     (dict(grads=[torch.zeros(8, dtype=torch.int64)]), TypeError, r"grads\[0\].*floating"),
