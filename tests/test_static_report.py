@@ -34,13 +34,12 @@ BUDGET = {"default": 90, "stochastic": 105, "stochastic-fp32-states": 105,
 # (backend, mode) over budget today: (the number the report gives, the issue that tracks
 # it). float16 (issue #37, nvcc 13.0 and Triton 3.9, sm_90): decoding a float16 param
 # exactly (its NaN payload kept) and rounding float16 subnormals stochastically take more
-# than bf16's shifts; bf16's rows on the same compilers: cuda 88.3 / 100.3, triton
-# 85.0 / 100.1 / 92.5.
+# than bf16's shifts (bf16's rows on the same compilers: cuda 88.3 / 100.3, triton
+# 84.1 / 99.0; triton fp16 nearest is 89.8, within).
 OVER_BUDGET: dict[tuple[str, str], tuple[float, str]] = {
     ("cuda", "fp16"): (94.6, "issue #37"),
     ("cuda", "fp16-stochastic"): (114.4, "issue #37"),
-    ("triton", "fp16"): (91.5, "issue #37"),
-    ("triton", "fp16-stochastic"): (130.0, "issue #37"),
+    ("triton", "fp16-stochastic"): (127.2, "issue #37"),
     ("triton", "fp16-stochastic-fp32-states"): (123.5, "issue #37"),
 }
 
