@@ -507,10 +507,10 @@ RLVR_HD void adamw_math(float g, const StepScalars& s, bool l2_decay, float& w, 
 }
 
 #if defined(RLVR_CPU_ISA) && defined(__AVX2__) && !defined(__CUDACC__)
-// adamw_math<false> of AdamW on eight lanes, for the CPU backend's AVX2 loops
-// (csrc/cpu_step.cpp, which includes <immintrin.h> before this header): the same fp32
-// operations in the same order, NaNs as the arithmetic leaves them (the caller makes them
-// canonical where it stores them).
+// adamw_math on eight lanes, for the CPU backend's AVX2 loops (csrc/cpu_step.cpp,
+// which includes <immintrin.h> before this header): the same fp32 operations in the same
+// order, NaNs as the arithmetic leaves them (the caller makes them canonical where it
+// stores them).
 struct StepScalars8 {
   __m256 step_size, bc2_sqrt, decay, beta1, one_minus_beta1, beta2, one_minus_beta2, eps;
 
@@ -521,14 +521,28 @@ struct StepScalars8 {
         one_minus_beta2(_mm256_set1_ps(s.one_minus_beta2)), eps(_mm256_set1_ps(s.eps)) {}
 };
 
-// Forced inline: gcc 12 kept it a call, its vectors passed in memory.
-[[gnu::always_inline]] inline void adamw_math(__m256 g, const StepScalars8& s, __m256& w,
-                                              __m256& m, __m256& v) {
-  w = _mm256_mul_ps(w, s.decay);
+// maximum() on eight lanes: a NaN where either is a NaN (all ones, which the caller makes
+// canonical), else max_ps, which returns `b` on equal values as maximum() does (+-0).
+[[gnu::always_inline]] inline __m256 maximum(__m256 a, __m256 b) {
+  return _mm256_or_ps(_mm256_max_ps(a, b), _mm256_cmp_ps(a, b, _CMP_UNORD_Q));
+}
+
+// adamw_math on eight lanes (vmax: amsgrad only; l2_decay: torch's Adam, uniform over a
+// launch). Forced inline: gcc 12 kept it a call, its vectors passed in memory.
+template <bool kAmsgrad>
+[[gnu::always_inline]] inline void adamw_math(__m256 g, const StepScalars8& s, bool l2_decay,
+                                              __m256& w, __m256& m, __m256& v, __m256& vmax) {
+  if (l2_decay) {
+    g = _mm256_add_ps(g, _mm256_mul_ps(s.decay, w));
+  } else {
+    w = _mm256_mul_ps(w, s.decay);
+  }
   m = _mm256_add_ps(_mm256_mul_ps(s.beta1, m), _mm256_mul_ps(s.one_minus_beta1, g));
   v = _mm256_add_ps(_mm256_mul_ps(s.beta2, v),
                     _mm256_mul_ps(_mm256_mul_ps(s.one_minus_beta2, g), g));
-  const __m256 denom = _mm256_add_ps(_mm256_div_ps(_mm256_sqrt_ps(v), s.bc2_sqrt), s.eps);
+  __m256 v_root = v;  // the moment under the root
+  if (kAmsgrad) v_root = vmax = maximum(vmax, v);
+  const __m256 denom = _mm256_add_ps(_mm256_div_ps(_mm256_sqrt_ps(v_root), s.bc2_sqrt), s.eps);
   w = _mm256_sub_ps(w, _mm256_div_ps(_mm256_mul_ps(s.step_size, m), denom));
 }
 #endif

@@ -195,7 +195,7 @@ PYBIND11_MODULE(_C, m) {
   using namespace rlvr_optim;
   m.doc() = "rlvr_optim's CUDA kernels, on raw device addresses (see csrc/adamw_launch.h).";
   m.attr("ABI_VERSION") = kAbiVersion;
-  py::tuple fields(kRowInt64s);
+  py::tuple fields(static_cast<size_t>(kRowInt64s));  // an enum: no tuple(size) overload
   for (int i = 0; i < kRowInt64s; ++i) fields[i] = py::str(kRowFields[i]);
   m.attr("ROW_FIELDS") = fields;
   py::tuple counters(kCounters);

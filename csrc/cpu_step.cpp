@@ -1,5 +1,8 @@
 // The CPU step: adamw_element.cuh run over a table of host tensors, OpenMP over spans of
-// whole 8-element tiles (one bitmap byte each), so threads never share a bitmap byte.
+// whole 8-element tiles (one bitmap byte each), so threads never share a bitmap byte. The
+// spec loop (step_span) runs the header's functions element by element; the AVX2 build
+// runs the same operations written with intrinsics in every layout and leaves the spec
+// loop a tensor's last few elements.
 //
 // Compiled once per instruction set, with RLVR_CPU_ISA naming it (generic: the baseline
 // of the target; avx2: -mavx2, chosen at run time by cpu_binding.cpp). Build with
@@ -198,14 +201,15 @@ void step_span(const int64_t* row, const CpuStep& a, int64_t begin, int64_t end,
 #if defined(__AVX2__)
 // ---------------------------------------------------------------------------------------
 // The default layouts written with AVX2 intrinsics: every stream bf16, or every stream
-// fp32; nearest rounding, no amsgrad or master, no grad_scale or maximize, no freeze mask,
-// no skipped step. The spec loop above, auto-vectorized, spends about 15 instructions per
+// fp32; nearest rounding, no amsgrad or master, no grad_scale, maximize or L2 decay, no
+// freeze mask, no skipped step. The spec loop above, auto-vectorized, spends about 15 instructions per
 // element on these (gcc 12: widening shuffles, a NaN test in every rounding, selects for
 // kept elements); this one 3 to 7 (csrc/README.md), so that the step is bound by memory
 // rather than by instructions. It computes what adamw_element computes, operation for
 // operation: the same fp32 operations in the same order, flags from the same comparisons.
-// Everything else runs the spec loop, and so do a tensor's last elements that do not fill
-// a group.
+// Every other layout, and the default ones with a freeze mask, grad_scale, maximize, L2
+// decay or a skipped step, run the eight-element loop further down (vector_span); a
+// tensor's last elements that do not fill a group run the spec loop.
 //
 // NaNs are rare, and one test per group of 16 finds every group that needs them: a NaN
 // anywhere in the element's arithmetic (a stored param, m or v, a gradient) reaches the
@@ -233,9 +237,10 @@ struct Fast {
     return _mm256_blendv_ps(x, canonical_nan, _mm256_cmp_ps(x, x, _CMP_UNORD_Q));
   }
 
-  // adamw_math<false>, eight lanes, NaNs as the arithmetic leaves them (canonicalize()).
+  // adamw_math<false>, eight lanes, NaNs as the arithmetic leaves them (canonical()).
   [[gnu::always_inline]] void math(__m256 g, __m256& w, __m256& m, __m256& v) const {
-    spec::adamw_math(g, scalars, w, m, v);
+    __m256 no_vmax = v;
+    spec::adamw_math<false>(g, scalars, false, w, m, v, no_vmax);
   }
 
   // Whether lane k of a or b is a NaN: bit k (a) or bit 8 + k (b); nonzero in rare groups.
@@ -410,23 +415,323 @@ int64_t fast_span_fp32(float* param, const float* grad, float* exp_avg, float* e
   return i;
 }
 
-// A default layout's span: the intrinsics loop over its whole groups when no element is
-// frozen and the step is not skipped, the spec loop over the rest.
-template <bool kBf16, bool kTrack>
-void fast_then_spec(const int64_t* row, const CpuStep& a, int64_t begin, int64_t end,
+// ---------------------------------------------------------------------------------------
+// Every layout on AVX2: eight elements a group, lanes in memory order, one group one byte
+// of each bitmap. The same operations as adamw_element, with the NaN argument above: only
+// a group whose new weight holds a NaN canonicalizes the new values, rounds a stored fp32
+// NaN param with its payload and counts non-finite gradients (an amsgrad maximum with a
+// NaN operand is a NaN, so it reaches the weight through the denominator). A frozen
+// element gets its stored bits back (one blend per output; every element when there is
+// no mask). grad_scale, maximize and Adam's L2 decay are uniform (a divide taken or not,
+// a sign mask, an add or a multiply), a skipped step (found_inf) only counts and clears. Stochastic rounding draws the random
+// bits of a block of groups first, eight Philox calls in the lanes of one set of vectors.
+// ---------------------------------------------------------------------------------------
+
+template <typename T>
+[[gnu::always_inline]] inline __m256i load8x32(const T* p) {
+  return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+}
+
+template <typename T>
+[[gnu::always_inline]] inline void store8x32(T* p, __m256i x) {
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), x);
+}
+
+template <typename T>
+[[gnu::always_inline]] inline __m128i load8x16(const T* p) {
+  return _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+}
+
+// A stream of eight elements stored as bf16 (kBf16) or fp32: its stored bits in 32-bit
+// lanes (a bf16 pattern zero-extended: its low half), their fp32 values, and the store.
+template <bool kBf16>
+struct Lanes {
+  using T = Storage<kBf16>;
+
+  [[gnu::always_inline]] static __m256i load(const T* p) {
+    if constexpr (kBf16) {
+      return _mm256_cvtepu16_epi32(load8x16(p));
+    } else {
+      return load8x32(p);
+    }
+  }
+
+  [[gnu::always_inline]] static __m256 value(__m256i bits) {
+    return _mm256_castsi256_ps(kBf16 ? _mm256_slli_epi32(bits, 16) : bits);
+  }
+
+  // Bits whose lanes hold a bf16 pattern (< 2**16) when kBf16.
+  [[gnu::always_inline]] static void store(T* p, __m256i bits) {
+    if constexpr (kBf16) {
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(p),
+                       _mm_packus_epi32(_mm256_castsi256_si128(bits),
+                                        _mm256_extracti128_si256(bits, 1)));
+    } else {
+      store8x32(p, bits);
+    }
+  }
+
+  // The stored bits of a computed (canonical-NaN) value.
+  [[gnu::always_inline]] static __m256i stored(__m256 x, const Fast& k) {
+    return kBf16 ? k.round_computed(x) : _mm256_castps_si256(x);
+  }
+};
+
+// The high and low words of the 32 x 32-bit products a * x, lane by lane.
+[[gnu::always_inline]] inline void mulhilo8(__m256i a, __m256i x, __m256i& hi, __m256i& lo) {
+  const __m256i even = _mm256_mul_epu32(a, x);                         // lanes 0, 2, 4, 6
+  const __m256i odd = _mm256_mul_epu32(a, _mm256_srli_epi64(x, 32));  // lanes 1, 3, 5, 7
+  lo = _mm256_blend_epi32(even, _mm256_slli_epi64(odd, 32), 0xAA);
+  hi = _mm256_blend_epi32(_mm256_srli_epi64(even, 32), odd, 0xAA);
+}
+
+// Philox calls first_call .. first_call + 7, the header's philox_for_8 in eight lanes;
+// their outputs, 16 random bits per index, into out[0 .. 63] (call c at out + 8c, word
+// x0 first, low half first: random16_of's order).
+[[gnu::always_inline]] inline void philox8(uint16_t* out, uint64_t first_call, uint32_t key_lo,
+                                           uint32_t key_hi) {
+  // The counters' low and high words, built in registers (eight scalar stores read back
+  // as one vector stall store forwarding: a quarter of the draw's time, perf on Zen 3):
+  // low = low word + j, and the high word takes a carry where that addition wrapped.
+  const __m256i lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+  const __m256i sign = _mm256_set1_epi32(INT32_MIN);  // unsigned compare by signed one
+  const __m256i lo = _mm256_add_epi32(_mm256_set1_epi32(static_cast<int>(first_call)), lane);
+  const __m256i wrapped = _mm256_cmpgt_epi32(_mm256_xor_si256(lane, sign), _mm256_xor_si256(lo, sign));
+  const __m256i hi =
+      _mm256_sub_epi32(_mm256_set1_epi32(static_cast<int>(first_call >> 32)), wrapped);
+  const __m256i round_a = _mm256_set1_epi32(static_cast<int>(spec::kPhiloxRoundA));
+  const __m256i round_b = _mm256_set1_epi32(static_cast<int>(spec::kPhiloxRoundB));
+  const __m256i key_a = _mm256_set1_epi32(static_cast<int>(spec::kPhiloxKeyA));
+  const __m256i key_b = _mm256_set1_epi32(static_cast<int>(spec::kPhiloxKeyB));
+  __m256i k0 = _mm256_set1_epi32(static_cast<int>(key_lo));
+  __m256i k1 = _mm256_set1_epi32(static_cast<int>(key_hi));
+  __m256i x0 = lo, x1 = hi;
+  __m256i x2 = _mm256_setzero_si256(), x3 = _mm256_setzero_si256();
+  for (int round = 0; round < spec::kPhiloxRounds; ++round) {
+    __m256i hi_b, lo_b, hi_a, lo_a;
+    mulhilo8(round_b, x2, hi_b, lo_b);
+    mulhilo8(round_a, x0, hi_a, lo_a);
+    x0 = _mm256_xor_si256(_mm256_xor_si256(hi_b, x1), k0);
+    x1 = lo_b;
+    x2 = _mm256_xor_si256(_mm256_xor_si256(hi_a, x3), k1);
+    x3 = lo_a;
+    k0 = _mm256_add_epi32(k0, key_a);
+    k1 = _mm256_add_epi32(k1, key_b);
+  }
+  // Transpose: call j's words (x0..x3 of lane j) side by side, calls j and j + 4 in the
+  // two halves of one vector.
+  const __m256i t0 = _mm256_unpacklo_epi32(x0, x1), t1 = _mm256_unpackhi_epi32(x0, x1);
+  const __m256i t2 = _mm256_unpacklo_epi32(x2, x3), t3 = _mm256_unpackhi_epi32(x2, x3);
+  const __m256i c04 = _mm256_unpacklo_epi64(t0, t2), c15 = _mm256_unpackhi_epi64(t0, t2);
+  const __m256i c26 = _mm256_unpacklo_epi64(t1, t3), c37 = _mm256_unpackhi_epi64(t1, t3);
+  store8x32(out, _mm256_permute2x128_si256(c04, c15, 0x20));
+  store8x32(out + 16, _mm256_permute2x128_si256(c26, c37, 0x20));
+  store8x32(out + 32, _mm256_permute2x128_si256(c04, c15, 0x31));
+  store8x32(out + 48, _mm256_permute2x128_si256(c26, c37, 0x31));
+}
+
+// The 16 random bits of global indices 8 * first_call .. 8 * (first_call + calls) - 1 into
+// out[0 ..], one Philox call per 8 indices: eight calls at a time in vectors (philox8),
+// the last few one by one (the header's philox_for_8 and random16_of).
+void draw_random16(uint16_t* out, uint64_t first_call, int64_t calls, uint32_t key_lo,
+                        uint32_t key_hi) {
+  int64_t c = 0;
+  for (; c + 8 <= calls; c += 8) philox8(out + 8 * c, first_call + static_cast<uint64_t>(c), key_lo, key_hi);
+  for (; c < calls; ++c) {
+    const spec::Philox4 r = spec::philox_for_8(key_lo, key_hi, first_call + static_cast<uint64_t>(c));
+    for (unsigned half = 0; half < 8; ++half) {
+      out[8 * c + half] = static_cast<uint16_t>(spec::random16_of(r, half));
+    }
+  }
+}
+
+// Elements per block of the vector loop: the random bits of one block are drawn before
+// its groups (64 Philox calls, eight vectors' worth, plus one for an element offset that
+// is not a multiple of 8).
+constexpr int64_t kVectorBlock = 512;
+
+// The whole 8-element groups of [begin, end) of one row (begin a multiple of 8), in any
+// layout; returns where the groups end (the spec loop steps a tensor's last elements).
+template <bool kParamBf16, bool kGradBf16, bool kStateBf16, MasterForm kForm, bool kStochastic,
+          bool kAmsgrad, bool kTrack>
+int64_t vector_span(const int64_t* row, const CpuStep& a, int64_t begin, int64_t end,
                     Counts& counts) {
+  using P = Lanes<kParamBf16>;
+  using G = Lanes<kGradBf16>;
+  using S = Lanes<kStateBf16>;
+  typename P::T* param = address<typename P::T>(row[kRow_param]);
+  const typename G::T* grad = address<const typename G::T>(row[kRow_grad]);
+  typename S::T* exp_avg = address<typename S::T>(row[kRow_exp_avg]);
+  typename S::T* exp_avg_sq = address<typename S::T>(row[kRow_exp_avg_sq]);
+  typename S::T* max_exp_avg_sq = address<typename S::T>(row[kRow_max_exp_avg_sq]);
+  float* master = address<float>(row[kRow_master]);
+  int16_t* remainder = address<int16_t>(row[kRow_master]);
+  const uint8_t* freeze_mask = address<const uint8_t>(row[kRow_freeze_mask]);
+  uint8_t* change_bitmap = address<uint8_t>(row[kRow_change_bitmap]);
+  uint8_t* cumulative_bitmap = address<uint8_t>(row[kRow_cumulative_bitmap]);
+
+  const float* r = a.scalars + 8 * row[kRow_scalar_row];
+  const Fast k(spec::StepScalars{r[0], r[1], r[2], r[3], r[4], r[5], r[6], r[7]});
+  const bool scaled = a.grad_scale != nullptr, l2_decay = a.l2_decay;
+  const __m256 grad_scale = _mm256_set1_ps(scaled ? *a.grad_scale : 1.0f);
+  // maximize negates g after the division (reference.unscaled_grad): a sign flip.
+  const __m256 grad_sign = _mm256_castsi256_ps(_mm256_set1_epi32(a.maximize ? INT32_MIN : 0));
+  const __m256i lane_bit = _mm256_setr_epi32(1, 2, 4, 8, 16, 32, 64, 128);
+  const __m256i all = _mm256_set1_epi32(-1);
+  const int64_t stop = begin + ((end - begin) & ~int64_t{7});
+
+  const auto unscaled_grad = [&](int64_t i) {
+    __m256 g = G::value(G::load(grad + i));
+    if (scaled) g = _mm256_div_ps(g, grad_scale);
+    return _mm256_xor_ps(g, grad_sign);
+  };
+  // Lane k: all ones when element i + k is trained (i a multiple of 8).
+  const auto trained = [&](int64_t i) {
+    if (freeze_mask == nullptr) return all;
+    const __m256i byte = _mm256_set1_epi32(freeze_mask[i >> 3]);
+    return _mm256_cmpeq_epi32(_mm256_and_si256(byte, lane_bit), lane_bit);
+  };
+  const auto nonfinite_lanes = [&](__m256 g, __m256i train) {
+    const __m256i e = _mm256_and_si256(_mm256_castps_si256(g), k.exponent);
+    return __builtin_popcount(static_cast<unsigned>(_mm256_movemask_ps(
+        _mm256_castsi256_ps(_mm256_and_si256(_mm256_cmpeq_epi32(e, k.exponent), train)))));
+  };
+
+  if (a.found_inf != nullptr && *a.found_inf != 0.0f) {
+    // A skipped step writes nothing but zero change bits and the non-finite count.
+    if (!kTrack) return end;
+    for (int64_t i = begin; i < stop; i += 8) {
+      counts.nonfinite += nonfinite_lanes(unscaled_grad(i), trained(i));
+      if (change_bitmap != nullptr) change_bitmap[i >> 3] = 0;
+    }
+    return stop;
+  }
+
+  uint32_t key_lo = 0, key_hi = 0;
+  if (kStochastic) {
+    key_lo = static_cast<uint32_t>(a.sr_keys[2 * row[kRow_scalar_row]]);
+    key_hi = static_cast<uint32_t>(a.sr_keys[2 * row[kRow_scalar_row] + 1]);
+  }
+  const uint64_t offset = static_cast<uint64_t>(row[kRow_element_offset]);
+  alignas(32) uint16_t random[kStochastic ? kVectorBlock + 8 : 1];
+  // Counts in vector lanes, subtracting each all-ones lane (at most kSpan / 8 per lane).
+  __m256i changed_lanes = _mm256_setzero_si256(), moved_lanes = _mm256_setzero_si256();
+  int64_t nonfinite = 0;
+  for (int64_t b = begin; b < stop; b += kVectorBlock) {
+    const int64_t block_end = std::min(b + kVectorBlock, stop);
+    uint64_t first = 0;  // the global index of random[0]
+    if (kStochastic) {
+      first = (offset + static_cast<uint64_t>(b)) & ~uint64_t{7};
+      const uint64_t last = offset + static_cast<uint64_t>(block_end);
+      draw_random16(random, first >> 3, static_cast<int64_t>((last - first + 7) >> 3), key_lo,
+                         key_hi);
+    }
+    for (int64_t i = b; i < block_end; i += 8) {
+      // Stage 1: load_weight.
+      const __m256 g = unscaled_grad(i);
+      const __m256i p = P::load(param + i);
+      __m256i remainder_old = _mm256_setzero_si256();  // kRemainder only
+      __m256 w_old;
+      if constexpr (kForm == MasterForm::kFp32) {
+        w_old = _mm256_loadu_ps(master + i);
+      } else if constexpr (kForm == MasterForm::kRemainder) {
+        remainder_old = _mm256_cvtepi16_epi32(load8x16(remainder + i));
+        w_old = _mm256_castsi256_ps(_mm256_add_epi32(_mm256_slli_epi32(p, 16), remainder_old));
+      } else {
+        w_old = P::value(p);
+      }
+      const __m256i m_old = S::load(exp_avg + i), v_old = S::load(exp_avg_sq + i);
+      __m256i vmax_old = _mm256_setzero_si256();  // kAmsgrad only
+      __m256 w = w_old, m = S::value(m_old), v = S::value(v_old), vmax = _mm256_setzero_ps();
+
+      // Stage 2: adamw_math.
+      if constexpr (kAmsgrad) {
+        vmax_old = S::load(max_exp_avg_sq + i);
+        vmax = S::value(vmax_old);
+      }
+      spec::adamw_math<kAmsgrad>(g, k.scalars, l2_decay, w, m, v, vmax);
+      const __m256i train = trained(i);
+      const bool rare = __builtin_expect(
+          _mm256_movemask_ps(_mm256_cmp_ps(w, w, _CMP_UNORD_Q)) != 0, 0);
+      if (rare) {
+        w = k.canonical(w);
+        m = k.canonical(m);
+        v = k.canonical(v);
+        if (kAmsgrad) vmax = k.canonical(vmax);
+        if (kTrack) nonfinite += nonfinite_lanes(g, train);
+      }
+
+      // Stage 3: store_and_flag (store_weight's formats), frozen lanes keep their bits.
+      const auto keep = [&](__m256i old_bits, __m256i new_bits) {
+        return _mm256_blendv_epi8(old_bits, new_bits, train);
+      };
+      const __m256i w_bits = _mm256_castps_si256(w);
+      __m256i image;
+      if constexpr (!kParamBf16) {
+        image = k.round_computed(w);
+      } else if constexpr (kForm == MasterForm::kRemainder) {
+        image = _mm256_srli_epi32(_mm256_add_epi32(w_bits, _mm256_set1_epi32(0x8000)), 16);
+      } else if constexpr (kStochastic) {
+        const __m256i bits = _mm256_cvtepu16_epi32(load8x16(random + (offset + static_cast<uint64_t>(i) - first)));
+        image = _mm256_srli_epi32(_mm256_add_epi32(w_bits, bits), 16);
+      } else {
+        image = k.round_computed(w);
+      }
+      P::store(param + i, keep(p, kParamBf16 ? image : w_bits));
+      if constexpr (kForm == MasterForm::kFp32) {
+        store8x32(master + i, keep(_mm256_castps_si256(w_old), w_bits));
+      } else if constexpr (kForm == MasterForm::kRemainder) {
+        const __m256i rem = keep(remainder_old, _mm256_sub_epi32(w_bits, _mm256_slli_epi32(image, 16)));
+        _mm_storeu_si128(reinterpret_cast<__m128i*>(remainder + i),
+                         _mm_packs_epi32(_mm256_castsi256_si128(rem), _mm256_extracti128_si256(rem, 1)));
+      }
+      S::store(exp_avg + i, keep(m_old, S::stored(m, k)));
+      S::store(exp_avg_sq + i, keep(v_old, S::stored(v, k)));
+      if constexpr (kAmsgrad) S::store(max_exp_avg_sq + i, keep(vmax_old, S::stored(vmax, k)));
+
+      if constexpr (kTrack) {
+        // An fp32 param's image: only a rare group can hold a stored NaN (payload kept).
+        const __m256i image_old =
+            kParamBf16 ? p : (rare ? k.round_stored(p) : k.round_computed(_mm256_castsi256_ps(p)));
+        const __m256i changed = _mm256_andnot_si256(_mm256_cmpeq_epi32(image, image_old), train);
+        const __m256i moved =
+            _mm256_andnot_si256(_mm256_cmpeq_epi32(w_bits, _mm256_castps_si256(w_old)), train);
+        changed_lanes = _mm256_sub_epi32(changed_lanes, changed);
+        moved_lanes = _mm256_sub_epi32(moved_lanes, moved);
+        const auto byte = static_cast<uint8_t>(_mm256_movemask_ps(_mm256_castsi256_ps(changed)));
+        if (change_bitmap != nullptr) change_bitmap[i >> 3] = byte;
+        if (cumulative_bitmap != nullptr) cumulative_bitmap[i >> 3] |= byte;
+      }
+    }
+  }
+  if (kTrack) {
+    counts.changed += lane_sum32(changed_lanes);
+    counts.moved += lane_sum32(moved_lanes);
+    counts.nonfinite += nonfinite;
+  }
+  return stop;
+}
+
+// A row's span on AVX2: the default layouts' 16-element loop where it applies (no freeze
+// mask, step not skipped, no grad_scale, maximize or L2 decay: kPlain), the 8-element loop
+// otherwise, then the spec loop over the few elements that do not fill a group.
+template <bool kParamBf16, bool kGradBf16, bool kStateBf16, MasterForm kForm, bool kStochastic,
+          bool kAmsgrad, bool kTrack, bool kPlain>
+void avx2_span(const int64_t* row, const CpuStep& a, int64_t begin, int64_t end, Counts& counts) {
+  constexpr bool kDefault = kForm == MasterForm::kNone && !kStochastic && !kAmsgrad &&
+                            kParamBf16 == kGradBf16 && kParamBf16 == kStateBf16;
   const bool skip = a.found_inf != nullptr && *a.found_inf != 0.0f;
   int64_t done = begin;
-  if (row[kRow_freeze_mask] == 0 && !skip) {
+  if (kDefault && kPlain && row[kRow_freeze_mask] == 0 && !skip) {
     const float* r = a.scalars + 8 * row[kRow_scalar_row];
     const Fast k(spec::StepScalars{r[0], r[1], r[2], r[3], r[4], r[5], r[6], r[7]});
     FastTrack t{address<uint8_t>(row[kRow_change_bitmap]), address<uint8_t>(row[kRow_cumulative_bitmap])};
-    using T = std::conditional_t<kBf16, uint16_t, float>;
+    using T = std::conditional_t<kParamBf16, uint16_t, float>;
     T* param = address<T>(row[kRow_param]);
     const T* grad = address<const T>(row[kRow_grad]);
     T* exp_avg = address<T>(row[kRow_exp_avg]);
     T* exp_avg_sq = address<T>(row[kRow_exp_avg_sq]);
-    if constexpr (kBf16) {
+    if constexpr (kParamBf16) {
       done = fast_span_bf16<kTrack>(param, grad, exp_avg, exp_avg_sq, k, begin, end, t);
     } else {
       done = fast_span_fp32<kTrack>(param, grad, exp_avg, exp_avg_sq, k, begin, end, t);
@@ -434,17 +739,20 @@ void fast_then_spec(const int64_t* row, const CpuStep& a, int64_t begin, int64_t
     counts.changed += t.changed;
     counts.moved += t.moved;
     counts.nonfinite += t.nonfinite;
+  } else {
+    done = vector_span<kParamBf16, kGradBf16, kStateBf16, kForm, kStochastic, kAmsgrad, kTrack>(
+        row, a, begin, end, counts);
   }
   if (done < end) {
-    step_span<kBf16, kBf16, kBf16, MasterForm::kNone, false, false, kTrack, true>(row, a, done, end,
-                                                                                 counts);
+    step_span<kParamBf16, kGradBf16, kStateBf16, kForm, kStochastic, kAmsgrad, kTrack, false>(
+        row, a, done, end, counts);
   }
 }
 #endif  // __AVX2__
 
 using SpanFn = void (*)(const int64_t*, const CpuStep&, int64_t, int64_t, Counts&);
 
-// The loops of one layout: without and with grad_scale or maximize.
+// The loops of one layout: without and with grad_scale, maximize or L2 decay.
 struct SpanFns {
   SpanFn plain, general;
 };
@@ -479,17 +787,20 @@ constexpr SpanFns span_fn() {
     constexpr bool state_bf16 = kCode & kLayoutStateBf16;
     constexpr bool amsgrad = kCode & kLayoutAmsgrad;
     constexpr bool track = kCode & kLayoutTrack;
-    constexpr SpanFn general =
-        &step_span<param_bf16, grad_bf16, state_bf16, form, stochastic, amsgrad, track, false>;
 #if defined(__AVX2__)
-    // The two default layouts (every stream bf16, or every stream fp32).
+    constexpr SpanFn general =
+        &avx2_span<param_bf16, grad_bf16, state_bf16, form, stochastic, amsgrad, track, false>;
+    // The two default layouts (every stream bf16, or every stream fp32) have a plain loop.
     if constexpr (form == MasterForm::kNone && !stochastic && !amsgrad &&
                   param_bf16 == grad_bf16 && param_bf16 == state_bf16) {
-      return {&fast_then_spec<param_bf16, track>, general};
+      return {&avx2_span<param_bf16, grad_bf16, state_bf16, form, stochastic, amsgrad, track, true>,
+              general};
     }
-#endif
+    return {general, general};
+#else
     return {&step_span<param_bf16, grad_bf16, state_bf16, form, stochastic, amsgrad, track, true>,
-            general};
+            &step_span<param_bf16, grad_bf16, state_bf16, form, stochastic, amsgrad, track, false>};
+#endif
   }
 }
 

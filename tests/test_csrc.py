@@ -8,9 +8,12 @@ On any machine (each part skips cleanly when its compiler is missing):
   NaN/Inf grads, grad_scale and found_inf, rounding edge patterns. Its Philox4x32-10 is
   checked through the stochastic rounding these steps do (the reference's Philox meets the
   Random123 known answers, tests/test_reference_bits.py);
-- every csrc/*.cu compiled by nvcc for sm_80 and sm_90: ptxas reports no stack frame and
-  no spill for any kernel instantiation (all 384 variants per arch), and the objects link
-  into rlvr_optim._C, which imports without a GPU and agrees with cuda_backend.py;
+- a representative set of the kernel variants (CHECKED_VARIANTS), each compiled alone by
+  nvcc for sm_80 and sm_90 as bench/static_report.py compiles it: ptxas reports no stack
+  frame, no spill and no more registers than the launch bounds allow (every one of the 704
+  variants per arch: ``python bench/static_report.py --all-variants --arch 80|90``);
+- binding.cu linked with stand-in launchers into rlvr_optim._C, which imports without a
+  GPU and agrees with cuda_backend.py (the real module is built and run on the GPU);
 - cuda_backend's argument checks, signature and "cannot build" message.
 
 On a GPU (``@pytest.mark.gpu``): cuda_backend.adamw against the reference on CUDA
@@ -19,12 +22,11 @@ one launch, a tensor of more than 2**31 elements, and a step replayed in a CUDA 
 the kernels' hardware bf16 rounding against the spec on all 2**32 fp32 patterns.
 
 Compiled artifacts are cached per source hash under ``$RLVR_OPTIM_CACHE`` (default
-``~/.cache/rlvr_optim``), so only the first run pays for nvcc (about a minute on 2 cores).
+``~/.cache/rlvr_optim``), so only the first run pays for nvcc.
 """
 
 from __future__ import annotations
 
-import ast
 import gc
 import hashlib
 import importlib.util
@@ -33,6 +35,7 @@ import os
 import re
 import shutil
 import subprocess
+import sys
 import sysconfig
 import weakref
 from concurrent.futures import ThreadPoolExecutor
@@ -58,7 +61,10 @@ from adamw_cases import poison as _poison
 
 ROOT = Path(__file__).resolve().parent.parent
 CSRC = ROOT / "csrc"
-ARCHS = ("80", "90")
+_spec = importlib.util.spec_from_file_location("static_report", ROOT / "bench" / "static_report.py")
+S = importlib.util.module_from_spec(_spec)
+sys.modules["static_report"] = S  # dataclasses look their module up there
+_spec.loader.exec_module(S)
 STORE_MODES = ("nearest", "stochastic", "master_nearest", "master_stochastic", "remainder")
 # Per 16-bit format, x 32 combinations of the other flags (grad, state dtypes, amsgrad,
 # tracking, grad_scale), x AdamW's decay or Adam's L2: bf16: fp32 params (nearest only,
@@ -94,45 +100,43 @@ def _headers() -> list[Path]:
     return sorted([*CSRC.glob("*.cuh"), *CSRC.glob("*.h")])
 
 
+# The variants whose ptxas report the suite checks (every variant:
+# ``python bench/static_report.py --all-variants --arch 80|90``), as (16-bit format, store
+# mode, flags): per launcher unit (format x store mode x param dtype) the one with the most
+# live values (fp32 grads and states, amsgrad, tracking, grad_scale); the stochastic layouts
+# at the 128-register cap of two blocks per SM that spilled before (adamw_kernel.cuh:
+# kPipelined, shared_block_end), in both formats; and on sm_90 the tracked layouts the
+# static report compiles (bench/static_report.py MODES, one compile for both).
+_P, _G, _S, _A, _T, _GS = (S.FLAG_BITS[k] for k in ("param16", "grad16", "state_bf16",
+                                                     "amsgrad", "track", "grad_scale"))
+_BF16, _FP16 = S.HALF_FORMATS
+_FP16_STORES = [store for store in S.STORE_MODES if store != "kRemainder"]
+_HEAVIEST = [(half, "kNearest", _A | _T | _GS) for half in S.HALF_FORMATS] + [
+    (_BF16, store, _P | _A | _T | _GS) for store in S.STORE_MODES] + [
+    (_FP16, store, _P | _A | _T | _GS) for store in _FP16_STORES]
+_AT_THE_CAP = [(half, "kStochastic", flags) for half in S.HALF_FORMATS
+               for flags in (_P | _G | _S | _T | _GS, _P | _G | _T)]
+_DEFAULTS = [S._variant(mode, "step") for mode in S.MODES]
+CHECKED_VARIANTS = {
+    "80": _HEAVIEST + _AT_THE_CAP,
+    "90": list(dict.fromkeys(_HEAVIEST + _AT_THE_CAP + _DEFAULTS)),
+}
+
+
 @pytest.fixture(scope="module")
-def nvcc_build():
-    """Every csrc/*.cu compiled for ARCHS with the extension's flags and -Xptxas -v."""
-    nvcc = shutil.which("nvcc")
-    if nvcc is None:
+def variant_reports():
+    """{(arch, half, store, flags): ptxas report} of CHECKED_VARIANTS, each variant compiled alone
+    (in parallel, cached by source hash) as bench/static_report.py compiles it."""
+    if shutil.which("nvcc") is None:
         pytest.skip("nvcc is not installed")
-    units = sorted(CSRC.glob("adamw_*.cu"))
-    include = [f"-I{sysconfig.get_paths()['include']}"]
-    has_binding = importlib.util.find_spec("pybind11") is not None
-    if has_binding:
-        import pybind11
-
-        units.append(CSRC / "binding.cu")
-        include.append(f"-I{pybind11.get_include()}")
-    version = subprocess.run([nvcc, "--version"], capture_output=True, text=True).stdout
-    flags = [*cuda_backend._NVCC_FLAGS, *(f"-gencode=arch=compute_{a},code=sm_{a}" for a in ARCHS),
-             "-Xptxas", "-v"]
-    folder = _cache("nvcc") / _digest([*units, *_headers()], flags, version, has_binding)
-    folder.mkdir(exist_ok=True)
-
-    def compile_unit(unit: Path) -> None:
-        obj, log = folder / f"{unit.stem}.o", folder / f"{unit.stem}.ptxas.txt"
-        if obj.is_file() and log.is_file():
-            return
-        partial = folder / f"{unit.stem}.{os.getpid()}.tmp.o"
-        result = subprocess.run([nvcc, "-c", *flags, *include, str(unit), "-o", str(partial)],
-                                capture_output=True, text=True)
-        if result.returncode != 0:
-            raise AssertionError(f"nvcc failed on {unit.name}:\n{result.stdout}{result.stderr}")
-        log.write_text(result.stdout + result.stderr)
-        os.replace(partial, obj)
-
+    try:
+        tools = S.cuda_tools()
+    except RuntimeError as exc:
+        pytest.skip(str(exc))
+    cases = [(arch, *v) for arch, variants in CHECKED_VARIANTS.items() for v in variants]
     with ThreadPoolExecutor(max_workers=max(1, os.cpu_count() or 1)) as pool:
-        list(pool.map(compile_unit, units))
-    return SimpleNamespace(
-        folder=folder, has_binding=has_binding, nvcc=nvcc,
-        objects=[folder / f"{u.stem}.o" for u in units],
-        logs={u.stem: (folder / f"{u.stem}.ptxas.txt").read_text() for u in units},
-    )
+        reports = pool.map(lambda c: S.compile_variant(*c[1:], int(c[0]), tools)[0], cases)
+        return dict(zip(cases, reports))
 
 
 # ---------------------------------------------------------------------------------------
@@ -200,41 +204,102 @@ def test_parse_ptxas_reads_frames_spills_and_registers():
     assert (helper["entry"], helper["stack"]) == (False, 16)
 
 
-def test_every_kernel_compiles_for_sm80_and_sm90_without_spills_or_stack(nvcc_build):
-    functions = [f for stem, log in nvcc_build.logs.items() for f in parse_ptxas(log)]
-    kernels = [f for f in functions if f["entry"]]
-    for arch in ARCHS:
-        names = {f["name"] for f in kernels  # binding.cu adds the rounding check's kernel
-                 if f["arch"] == f"sm_{arch}" and "adamw_kernel" in f["name"]}
-        assert len(names) == KERNELS_PER_ARCH, f"sm_{arch}: {len(names)} kernels in the report"
-    missing = [f["name"] for f in functions if "stack" not in f]
-    assert not missing, f"no stack/spill line for {missing[:3]}"
-    bad = [(f["arch"], _variant_name(f["name"]), f["stack"], f["spill_stores"], f["spill_loads"],
-            f["registers"]) for f in functions
-           if f["stack"] or f["spill_stores"] or f["spill_loads"]]
+def test_checked_variants_are_variants_of_the_extension():
+    """The representative set names real variants, every launcher unit (16-bit format x
+    store mode x param dtype) among them on each arch."""
+    every = set(S.all_variants())
+    assert len(every) == KERNELS_PER_ARCH
+    for arch, variants in CHECKED_VARIANTS.items():
+        assert set(variants) <= every, arch
+        units = {(half, store, flags & _P) for half, store, flags in variants}
+        assert units == {(h, s, f & _P) for h, s, f in every}, arch
+
+
+def test_checked_kernels_compile_for_sm80_and_sm90_without_spills_or_stack(variant_reports):
+    bad, over, names = [], [], set()
+    for (arch, half, store, flags), log in variant_reports.items():
+        (kernel,) = [f for f in parse_ptxas(log) if f["entry"]]
+        names.add((arch, kernel["name"]))
+        assert kernel["arch"] == f"sm_{arch}" and "stack" in kernel, (arch, half, store, flags)
+        variant = _variant_name(kernel["name"])
+        if kernel["stack"] or kernel["spill_stores"] or kernel["spill_loads"]:
+            bad.append((arch, variant, kernel["stack"], kernel["spill_stores"],
+                        kernel["spill_loads"], kernel["registers"]))
+        # __launch_bounds__(256, Variant::kMinBlocks): two blocks of 256 threads per
+        # multiprocessor (at most 128 registers), one for amsgrad, fp32 master and remainder.
+        one_block = flags & _A or store != "kNearest" and store != "kStochastic"
+        if kernel["registers"] > (255 if one_block else 128):
+            over.append((arch, variant, kernel["registers"]))
+    assert len(names) == len(variant_reports)  # each compile holds its own variant
     assert not bad, ("local memory in (arch, variant, stack bytes, spill stores, spill loads, "
                      f"registers): {bad}")
-    # __launch_bounds__(256, Variant::kMinBlocks): two blocks of 256 threads per
-    # multiprocessor (at most 128 registers), one for amsgrad, fp32 master and remainder.
-    def register_limit(variant):
-        one_block = int(variant.group(3)) & 8 or int(variant.group(2)) in (2, 3, 4)
-        return 255 if one_block else 128
-
-    over = [(f["arch"], _variant_name(f["name"]), f["registers"]) for f in kernels
-            if (v := _VARIANT.search(f["name"])) and f["registers"] > register_limit(v)]
     assert not over, f"more registers than the launch bounds allow: {over}"
 
 
+# Stand-in launchers: binding.cu linked without the kernels (the variant checks above compile
+# those), so that the module's host side imports and is checked on a CPU in seconds.
+_STAND_INS = """// Generated by tests/test_csrc.py: stand-in launchers, no kernels.
+#include <stdexcept>
+
+#include "adamw_launch.h"
+
+namespace rlvr_optim {
+namespace {
+void no_kernel(const LaunchArgs&, int, void*) {
+  throw std::runtime_error("a stand-in launcher of tests/test_csrc.py: this build has no kernels");
+}
+// The flag combinations a launcher unit instantiates (Variant::kValid): its param dtype.
+LaunchFn stand_in(int flags, bool param16) {
+  if (flags < 0 || flags >= kFlagCombinations) return nullptr;
+  return ((flags & kFlagParam16) != 0) == param16 ? &no_kernel : nullptr;
+}
+}  // namespace
+"""
+_LAUNCHER = re.compile(r"LaunchFn (launcher_\w+)\(int flags\);")
+
+
+def stand_in_source() -> str:
+    """The stand-in unit: one definition per launcher adamw_launch.h declares, taking fp32
+    params in the ``launcher_fp32_param*`` units only (bf16 and float16 images), as the
+    real units do."""
+    names = _LAUNCHER.findall((CSRC / "adamw_launch.h").read_text())
+    assert "launcher_fp32_param" in names and len(names) >= 2, names
+    body = [f"LaunchFn {name}(int flags) {{ return stand_in(flags, "
+            f"{'false' if name.startswith('launcher_fp32_param') else 'true'}); }}"
+            for name in names]
+    return _STAND_INS + "\n".join(body) + "\n}  // namespace rlvr_optim\n"
+
+
 @pytest.fixture(scope="module")
-def linked_ext(nvcc_build):
-    """The objects of nvcc_build linked into the extension module, imported (no GPU needed)."""
-    if not nvcc_build.has_binding:
-        pytest.skip("pybind11 is not installed: binding.cu was not compiled")
-    target = nvcc_build.folder / f"_C{sysconfig.get_config_var('EXT_SUFFIX')}"
+def linked_ext():
+    """binding.cu and the stand-in launchers linked into the extension module (the
+    extension's nvcc flags, one arch), imported (no GPU needed); cached by source hash."""
+    nvcc = shutil.which("nvcc")
+    if nvcc is None:
+        pytest.skip("nvcc is not installed")
+    if importlib.util.find_spec("pybind11") is None:
+        pytest.skip("pybind11 is not installed: binding.cu cannot be compiled")
+    import pybind11
+
+    version = subprocess.run([nvcc, "--version"], capture_output=True, text=True).stdout
+    flags = [*cuda_backend._NVCC_FLAGS, "-gencode=arch=compute_90,code=compute_90",
+             f"-I{sysconfig.get_paths()['include']}", f"-I{pybind11.get_include()}", f"-I{CSRC}"]
+    stand_ins = stand_in_source()
+    folder = _cache("binding") / _digest([CSRC / "binding.cu", *_headers()], flags, version,
+                                         stand_ins)
+    target = folder / f"_C{sysconfig.get_config_var('EXT_SUFFIX')}"
     if not target.is_file():
-        partial = nvcc_build.folder / f"_C.{os.getpid()}.tmp.so"
-        subprocess.run([nvcc_build.nvcc, "-shared", *map(str, nvcc_build.objects), "-o",
-                        str(partial)], check=True)
+        folder.mkdir(exist_ok=True)
+        (folder / "stand_ins.cu").write_text(stand_ins)
+        units = [CSRC / "binding.cu", folder / "stand_ins.cu"]
+        objects = [folder / f"{unit.stem}.{os.getpid()}.o" for unit in units]
+        with ThreadPoolExecutor(max_workers=2) as pool:
+            for done in pool.map(lambda uo: subprocess.run(
+                    [nvcc, "-c", *flags, str(uo[0]), "-o", str(uo[1])], capture_output=True,
+                    text=True), zip(units, objects)):
+                assert done.returncode == 0, done.stderr[-3000:]
+        partial = folder / f"_C.{os.getpid()}.tmp.so"
+        subprocess.run([nvcc, "-shared", *map(str, objects), "-o", str(partial)], check=True)
         os.replace(partial, target)
     spec = importlib.util.spec_from_file_location("rlvr_optim._C", target)
     ext = importlib.util.module_from_spec(spec)
@@ -409,11 +474,12 @@ def test_host_path_checks_once_and_follows_moved_tensors(linked_ext, monkeypatch
 
 
 def test_setup_and_backend_compile_with_the_same_nvcc_flags():
-    tree = ast.parse((ROOT / "setup.py").read_text())
-    assigned = {node.targets[0].id: node.value for node in ast.walk(tree)
-                if isinstance(node, ast.Assign) and isinstance(node.targets[0], ast.Name)}
-    assert ast.literal_eval(assigned["NVCC_FLAGS"]) == cuda_backend._NVCC_FLAGS
-    assert "-fmad=false" in cuda_backend._NVCC_FLAGS
+    """Both take them from rlvr_optim/extensions.py (setup.py loads it by path as RECIPES)."""
+    from rlvr_optim import extensions
+
+    assert "[*RECIPES.NVCC_FLAGS," in (ROOT / "setup.py").read_text()
+    assert cuda_backend._NVCC_FLAGS is extensions.NVCC_FLAGS
+    assert "-fmad=false" in extensions.NVCC_FLAGS
 
 
 # ---------------------------------------------------------------------------------------

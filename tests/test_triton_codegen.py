@@ -1,10 +1,11 @@
 """The Triton table kernel's code, checked without a GPU: cross-compiled for sm_90 and
-sm_80 (Triton bundles LLVM, ptxas and cuobjdump) and read from its SASS. Every layout has a
-steady-state chunk loop with no spills, full chunks move every element stream 8 or 16 bytes
-at a time and the bitmaps 8, computed values round to bf16 by the hardware conversion, and
-the counts respond to the code they count. The instruction budget itself (DESIGN.md) is
-held by tests/test_static_report.py over the same rows; speed is measured only by the
-benchmark.
+sm_80 (Triton bundles LLVM, ptxas and cuobjdump) and read from its SASS: the optional
+bitmaps move words on full chunks, aligned pointers
+give vector accesses, computed values round to bf16 by the hardware conversion, and sm_80
+builds the same loop. Every layout's row (registers, spills, instructions per element,
+access widths, occupancy, load/math overlap; for Triton 3.6 too) and the budget DESIGN.md
+holds them to are tests/test_static_report.py's, over the same compiles; speed is measured
+only by the benchmark.
 
 The compiles run in a subprocess: this test process has ``TRITON_INTERPRET=1`` on a CPU
 machine (conftest), under which the kernels are interpreted functions.
@@ -35,30 +36,6 @@ def _compiled(code: str):
     return json.loads(done.stdout)
 
 
-@pytest.fixture(scope="module")
-def sm90_rows():
-    return _compiled("print(json.dumps(codegen.static_rows(90)))")
-
-
-def test_static_rows_cover_every_layout_the_default_included(sm90_rows):
-    keys = {"backend", "mode", "tracking", "registers", "spill_bytes",
-            "instructions_per_element", "narrowest_access_bytes"}
-    assert all(set(row) == keys and row["backend"] == "triton" for row in sm90_rows)
-    assert {(r["mode"], r["tracking"]) for r in sm90_rows} == {
-        (mode, track) for mode in codegen.STATIC_MODES for track in codegen.STATIC_TRACKING}
-    assert codegen.STATIC_MODES["default"]["STATE_BF16"]  # bf16 states
-    for row in sm90_rows:
-        assert row["registers"] > 0 and row["instructions_per_element"] > 0, row
-        assert row["spill_bytes"] == 0, row
-
-
-def test_full_chunks_move_every_element_stream_8_or_16_bytes_at_once(sm90_rows):
-    """Element streams move 8 or 16 bytes per thread, and so does the change bitmap with
-    tracking: a word of 64 elements' bits, which 8 threads' bytes make."""
-    for row in sm90_rows:
-        assert row["narrowest_access_bytes"] in (8, 16), row
-
-
 def test_freeze_mask_and_cumulative_bitmap_move_words_too():
     """The other bitmaps of a full chunk are words as well; the negative control: chunks
     of 32 elements hold no whole word, so their bitmaps move a byte per thread."""
@@ -70,15 +47,6 @@ def test_freeze_mask_and_cumulative_bitmap_move_words_too():
     words, bytes_ = rows
     assert words["narrowest_access_bytes"] == 8 and words["spill_bytes"] == 0, words
     assert bytes_["narrowest_access_bytes"] == 1, bytes_
-
-
-def test_counts_respond_to_the_code_they_count(sm90_rows):
-    """Negative controls of the instruction count: tracking adds work to the loop, and so
-    does stochastic rounding (Philox)."""
-    per = {(r["mode"], r["tracking"]): r["instructions_per_element"] for r in sm90_rows}
-    for mode in codegen.STATIC_MODES:
-        assert per[mode, "step"] > per[mode, "off"], mode
-    assert per["stochastic", "off"] > per["default", "off"] + 4
 
 
 def test_negative_control_unaligned_pointers_get_one_element_accesses():

@@ -494,10 +494,11 @@ def test_unaligned_views_and_kept_bits_in_full_chunks(dtypes, shape, launches):
     for numel in numels:
         s = _make_state(gen, numel, param_dtype, torch.bfloat16 if bf16 else torch.float32,
                         master, amsgrad=False, freeze=True)
-        s["exp_avg_sq"] = s["exp_avg_sq"].float()  # states of two dtypes in one tensor
-        if bf16:
+        if bf16:  # one state dtype per tensor (the backend refuses two)
             _plant(s["exp_avg"], gen, [0x7F81, 0xFF81, 0x7FC1, 0x0001, -0x8000])
-        _plant(s["exp_avg_sq"], gen, [0x7F800001, 0x7FC00123, -0x7FFFFFFF, 1])
+            _plant(s["exp_avg_sq"], gen, [0x7F81, 0x7FC1, -0x7FFF, 1])
+        else:
+            _plant(s["exp_avg_sq"], gen, [0x7F800001, 0x7FC00123, -0x7FFFFFFF, 1])
         ref.append(s)
     tri = [_clone(s) for s in ref]
     for s, key in zip(tri, shifted):
@@ -865,6 +866,118 @@ def test_negative_control_wrong_random_stream_is_caught(wrong, shape):
     _assert_same_bits("master", ref["master"], tri["master"])
     with pytest.raises(AssertionError, match="param"):
         _assert_same_bits("param", ref["param"], tri["param"])
+
+
+# ---------------------------------------------------------------------------------------
+# The grid: as many persistent programs per SM as the compiled kernel lets fit at once.
+# ---------------------------------------------------------------------------------------
+
+H100 = TK.SM_LIMITS[9, 0]
+
+
+@pytest.mark.parametrize("registers,warps,shared,limits,programs", [
+    # 4 warps of 128 registers: 4096 per warp, 4 warps in each quarter's 16384: 4 programs
+    (128, 4, 0, H100, 4),
+    # 150 registers: 4800 per warp, rounded up to 4864 (units of 256): 3 warps per quarter
+    (150, 4, 0, H100, 3),
+    (168, 4, 0, H100, 3),    # 5376 per warp: 3 per quarter
+    (166, 4, 0, H100, 3),    # 5312 -> 5376
+    (130, 4, 0, H100, 3),    # 4160 -> 4352: 3 per quarter (16384 // 4352)
+    (120, 4, 0, H100, 4),    # 3840: 4 per quarter
+    (64, 4, 0, H100, 8),     # 2048: 8 per quarter, 32 warps
+    (32, 4, 0, H100, 16),    # 1024: 16 per quarter, but 2048 threads = 64 warps: 16
+    (16, 1, 0, H100, 32),    # 64 warps would fit by registers; 32 blocks per SM
+    (255, 8, 0, H100, 1),    # 8160 -> 8192: 2 warps per quarter, 8 per SM: one program
+    # shared memory: 228 KiB per SM, 1 KiB kept per block, in units of 128 bytes
+    (64, 4, 24576, H100, 8),       # 25600 per block: 9 fit, registers allow 8
+    (64, 4, 49152, H100, 4),       # 50176: 4 (233472 // 50176)
+    (64, 4, 57344, H100, 4),       # 58368: exactly a quarter of 228 KiB
+    (64, 4, 57345, H100, 3),       # 58369 -> 58496: 3
+    (64, 4, 45568, H100, 5),       # 46592 = 364 units of 128: 5
+    (64, 4, 45576, H100, 4),       # 46600 -> 46720: 4 (5 would fit without the units)
+    (64, 4, 300_000, H100, 1),     # does not fit at all: the launch refuses it, not us
+    (64, 4, 40_000, TK.SM_LIMITS[8, 0], 4),   # 41024 -> 41088 of 164 KiB: 4
+    (32, 4, 0, TK.SM_LIMITS[8, 6], 12),       # 1536 threads per SM on sm_86
+])
+def test_programs_per_sm_by_hand(registers, warps, shared, limits, programs):
+    assert TK.programs_per_sm(registers, warps, shared, limits) == programs
+
+
+def test_sm_limits_by_compute_capability_else_from_the_device(monkeypatch):
+    from types import SimpleNamespace
+
+    h100 = SimpleNamespace(major=9, minor=0, multi_processor_count=132)
+    other = SimpleNamespace(major=12, minor=0, multi_processor_count=84,
+                            regs_per_multiprocessor=65536, max_threads_per_multi_processor=1536,
+                            shared_memory_per_multiprocessor=102400)
+    for props, expected in ((h100, (132, H100)),
+                            (other, (84, TK.SmLimits(65536, 1536, 16, 102400)))):
+        monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device, p=props: p)
+        assert TK.sm_limits(torch.device("cuda", 0)) == expected
+
+
+class _Compiled:
+    """What ``warmup`` returns, as far as the grid reads it."""
+
+    def __init__(self, registers, warps, shared):
+        self.n_regs, self.n_spills = registers, 0
+        self.metadata = type("Metadata", (), dict(num_warps=warps, shared=shared))()
+
+    def _init_handles(self):
+        pass
+
+
+class _GridRecorder:
+    """The table kernel as a compiled GPU launch sees it: ``warmup`` (counted) returns a
+    kernel of the given registers; a launch records its grid and runs nothing."""
+
+    def __init__(self, registers, shared):
+        self.registers, self.shared = registers, shared
+        self.warmups, self.grids = 0, []
+
+    def warmup(self, *args, grid, num_warps, **kwargs):
+        self.warmups += 1
+        return _Compiled(self.registers, num_warps, self.shared)
+
+    def __getitem__(self, grid):
+        self.grids.append(grid)
+        return lambda *args, **kwargs: None
+
+
+@pytest.mark.parametrize("registers,shared,per_sm", [(150, 24576, 3), (120, 24576, 4),
+                                                      (120, 60000, 3)])
+def test_launch_sizes_its_grid_from_the_compiled_kernel(monkeypatch, registers, shared, per_sm):
+    """On a GPU the grid is ``programs_per_sm`` of the compiled kernel times the SMs (132,
+    an H100), compiled once per launch configuration, and never more than the work items;
+    ``num_programs`` and DEFAULT_PROGRAMS_PER_SM override it."""
+    recorder = _GridRecorder(registers, shared)
+    monkeypatch.setattr(TK, "adamw_table_kernel", recorder)
+    monkeypatch.setattr(TK, "_interpreting", lambda: False)
+    monkeypatch.setattr(TK, "_POLICY", TK._POLICY._replace(check_device=lambda i, param: None))
+    monkeypatch.setattr(TK, "sm_limits", lambda device: (132, H100))
+    monkeypatch.setattr(TK, "_PROGRAMS", {})
+    TK.planner.clear()
+    n = 1000 * 8  # items of 8 elements: 1000 work items, more than fit at once
+    p = torch.zeros(n, dtype=torch.bfloat16)
+    args = dict(scalars=R.step_scalars(torch.tensor([1]), 1e-3, *BETAS, 0.0, EPS),
+                block_size=8, item_size=8)
+    states = [torch.zeros(n, dtype=torch.bfloat16) for _ in range(2)]
+    TK.adamw([p], [p.clone()], states[:1], states[1:], **args)
+    TK.adamw([p], [p.clone()], states[:1], states[1:], **args)
+    assert recorder.grids == [(per_sm * 132,)] * 2
+    assert recorder.warmups == 1  # cached per launch configuration
+    TK.adamw([p], [p.clone()], states[:1], states[1:], amsgrad=False, maximize=True, **args)
+    assert recorder.warmups == 2 and recorder.grids[-1] == (per_sm * 132,)
+    # Fewer items than programs: one program per item.
+    small = torch.zeros(40, dtype=torch.bfloat16)
+    TK.adamw([small], [small.clone()], [small.clone()], [small.clone()], **args)
+    assert recorder.grids[-1] == (5,)
+    TK.adamw([p], [p.clone()], states[:1], states[1:], num_programs=7, **args)
+    assert recorder.grids[-1] == (7,)
+    monkeypatch.setattr(TK, "DEFAULT_PROGRAMS_PER_SM", 2)
+    TK.adamw([p], [p.clone()], states[:1], states[1:], **args)
+    assert recorder.grids[-1] == (2 * 132,)
+    TK.planner.clear()
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU-without-interpreter error")

@@ -21,6 +21,7 @@ bit operations: the interpreter's own fp32 -> bf16 cast truncates.
 
 from __future__ import annotations
 
+from contextlib import nullcontext
 from typing import NamedTuple
 
 import numpy as np
@@ -47,21 +48,27 @@ __all__ = [
     "DEFAULT_ITEM_GPU",
     "DEFAULT_STAGES_GPU",
     "DEFAULT_PROGRAMS_PER_SM",
+    "SmLimits",
+    "programs_per_sm",
+    "sm_limits",
 ]
 
 # Launch shape. Under the interpreter every Triton op is one numpy call, so large chunks
 # amortize the per-op Python cost. On a GPU: 8 elements per thread (a bitmap byte is one
 # thread's), chunks of 1024 elements at 4 warps as in the feasibility probe (DESIGN.md),
 # work items of 64 chunks so the table row and scalars are read once per 65536 elements,
-# two pipeline stages, four programs per SM. None of these is tuned on a GPU yet;
-# ``python -m rlvr_optim.triton_kernels.codegen --static`` prints what they compile to.
+# three pipeline stages (the chunk loop copies chunk i + 2 while it computes chunk i; at two
+# the loop head waits for every copy, issued after the chunk's stores, so loads overlap no
+# math: bench/static_report.py, loads_overlap_math), as many programs per SM as fit at once
+# (:func:`programs_per_sm` of the compiled kernel; a number here overrides it). None of
+# these is tuned on a GPU yet; ``python bench/static_report.py`` prints what they compile to.
 DEFAULT_BLOCK_CPU = 65536
 DEFAULT_ITEM_CPU = 2**20
 DEFAULT_BLOCK_GPU = 1024
 DEFAULT_NUM_WARPS_GPU = 4
 DEFAULT_ITEM_GPU = 65536
-DEFAULT_STAGES_GPU = 2
-DEFAULT_PROGRAMS_PER_SM = 4
+DEFAULT_STAGES_GPU = 3
+DEFAULT_PROGRAMS_PER_SM: int | None = None
 
 
 # ---------------------------------------------------------------------------------------
@@ -252,11 +259,13 @@ def _half_bits_to_fp32(bits, FP16: tl.constexpr, HW_BF16: tl.constexpr):
 
 
 @triton.jit
-def _random16(sr_key_ptr, index_base, offs, row_offs, SR_ROW_CALLS: tl.constexpr):
+def _random16(seed, index_base, offs, row_offs, SR_ROW_CALLS: tl.constexpr,
+              HALVES: tl.constexpr):
     """The 16 random bits of the elements at global indices ``index_base`` (int64) +
-    ``offs`` ([2, BLOCK // 8, 4], :func:`_chunk_offsets`): element i takes the 16-bit half
-    i & 7 of Philox4x32-10 keyed by (key_lo, key_hi), countered by (c_lo, c_hi, 0, 0) for
-    c = i >> 3 (word (i & 7) >> 1, low half when i is even; reference.py).
+    ``offs`` (:func:`_chunk_offsets`): element i takes the 16-bit half i & 7 of
+    Philox4x32-10 keyed by (key_lo, key_hi) (``seed``: key_lo | key_hi << 32, as
+    ``tl.philox`` takes it), countered by (c_lo, c_hi, 0, 0) for c = i >> 3 (word
+    (i & 7) >> 1, low half when i is even; reference.py).
 
     ``SR_ROW_CALLS``: ``index_base`` is a multiple of 8, so row r (``row_offs``) is exactly
     the call for counter ``index_base // 8 + r`` and each element's half is fixed by its
@@ -264,12 +273,9 @@ def _random16(sr_key_ptr, index_base, offs, row_offs, SR_ROW_CALLS: tl.constexpr
     (a shard starting inside a group of 8) each element makes its own call and picks its
     half at run time.
     """
-    key_lo = tl.load(sr_key_ptr).to(tl.uint64, bitcast=True)
-    key_hi = tl.load(sr_key_ptr + 1).to(tl.uint64, bitcast=True)
-    seed = key_lo | (key_hi << 32)  # tl.philox splits it back into (lo, hi) key words
     if SR_ROW_CALLS:
         counter = (index_base >> 3) + row_offs
-        position = _bit_positions()  # i & 7 of each element of a row
+        position = _bit_positions(HALVES)  # i & 7 of each element of a row
     else:
         index = index_base + offs
         counter = index >> 3
@@ -279,10 +285,10 @@ def _random16(sr_key_ptr, index_base, offs, row_offs, SR_ROW_CALLS: tl.constexpr
     zero = counter_lo * 0
     x0, x1, x2, x3 = tl.philox(seed, counter_lo, counter_hi, zero, zero)
     if SR_ROW_CALLS:
-        x0 = x0[None, :, None]
-        x1 = x1[None, :, None]
-        x2 = x2[None, :, None]
-        x3 = x3[None, :, None]
+        x0 = _by_row(x0, HALVES)
+        x1 = _by_row(x1, HALVES)
+        x2 = _by_row(x2, HALVES)
+        x3 = _by_row(x3, HALVES)
     word = tl.where(position < 4, tl.where(position < 2, x0, x1),
                     tl.where(position < 6, x2, x3))
     return (word >> (16 * (position & 1)).to(tl.uint32)) & 0xFFFF
@@ -345,35 +351,63 @@ def _store_state(ptr, at, value, raw, update, IS_BF16: tl.constexpr, HW_BF16: tl
 
 
 @triton.jit
-def _chunk_offsets(BLOCK: tl.constexpr):
-    """Element offsets of a chunk as [2, BLOCK // 8, 4]: element 8 r + 4 h + c sits at
-    [h, r, c]. The compiler gives each thread whole rows (a half of 4 elements is one
-    8- or 16-byte access for every dtype, and both halves are the thread's), so a row's
-    bitmap byte is one thread's and packing it needs no other thread."""
-    h = tl.arange(0, 2)[:, None, None]
-    r = tl.arange(0, BLOCK // 8)[None, :, None]
-    c = tl.arange(0, 4)[None, None, :]
-    return 8 * r + 4 * h + c
+def _chunk_offsets(BLOCK: tl.constexpr, HALVES: tl.constexpr):
+    """Element offsets of a chunk in rows of 8 (one bitmap byte each), shaped so that the
+    compiler gives each thread whole rows, so a row's bitmap byte is one thread's and
+    packing it needs no other thread: [BLOCK // 8, 8], element 8 r + c at [r, c]. The
+    compiler gives a thread as many consecutive elements as one 16-byte access of the
+    narrowest stream holds, 8 of bf16 or float16 (one access; fp32 streams: two); with
+    every stream 4 bytes wide (``HALVES``) that would be 4, half a row, so such layouts take
+    [2, BLOCK // 8, 4] instead, element 8 r + 4 h + c at [h, r, c]: a half is one 16-byte
+    access and both halves are the thread's."""
+    if HALVES:
+        h = tl.arange(0, 2)[:, None, None]
+        r = tl.arange(0, BLOCK // 8)[None, :, None]
+        c = tl.arange(0, 4)[None, None, :]
+        offs = 8 * r + 4 * h + c
+    else:
+        offs = 8 * tl.arange(0, BLOCK // 8)[:, None] + tl.arange(0, 8)[None, :]
+    return offs
 
 
 @triton.jit
-def _bit_positions():
-    """Bit of each [h, c] position of a row in its bitmap byte, as [2, 1, 4]."""
-    return 4 * tl.arange(0, 2)[:, None, None] + tl.arange(0, 4)[None, None, :]
+def _bit_positions(HALVES: tl.constexpr):
+    """Bit of each position of a row in its bitmap byte, shaped as
+    :func:`_chunk_offsets` places a row ([1, 8], or [2, 1, 4] with ``HALVES``)."""
+    if HALVES:
+        positions = 4 * tl.arange(0, 2)[:, None, None] + tl.arange(0, 4)[None, None, :]
+    else:
+        positions = tl.arange(0, 8)[None, :]
+    return positions
 
 
 @triton.jit
-def _unpack_bits(packed):
-    """Bitmap bytes, one per row ([BLOCK // 8]), as the rows' booleans ([2, BLOCK // 8, 4]):
-    bit i % 8 of byte i // 8."""
-    return ((packed.to(tl.int32)[None, :, None] >> _bit_positions()) & 1) != 0
+def _by_row(x, HALVES: tl.constexpr):
+    """A value per row ([BLOCK // 8]) placed to broadcast over the rows' elements."""
+    if HALVES:
+        x = x[None, :, None]
+    else:
+        x = x[:, None]
+    return x
 
 
 @triton.jit
-def _pack_bits(bits):
-    """Booleans [2, BLOCK // 8, 4] as the rows' bitmap bytes (int32 [BLOCK // 8], < 256)."""
-    shifted = bits.to(tl.int32) << _bit_positions()
-    return tl.sum(tl.sum(shifted, axis=2), axis=0)
+def _unpack_bits(packed, HALVES: tl.constexpr):
+    """Bitmap bytes, one per row ([BLOCK // 8]), as the rows' booleans (shaped as
+    :func:`_chunk_offsets`): bit i % 8 of byte i // 8."""
+    return ((_by_row(packed.to(tl.int32), HALVES) >> _bit_positions(HALVES)) & 1) != 0
+
+
+@triton.jit
+def _pack_bits(bits, HALVES: tl.constexpr):
+    """Booleans of a chunk (shaped as :func:`_chunk_offsets`) as the rows' bitmap bytes
+    (int32 [BLOCK // 8], < 256)."""
+    shifted = bits.to(tl.int32) << _bit_positions(HALVES)
+    if HALVES:
+        packed = tl.sum(tl.sum(shifted, axis=2), axis=0)
+    else:
+        packed = tl.sum(shifted, axis=1)
+    return packed
 
 
 @triton.jit
@@ -482,7 +516,7 @@ class _Scalars(NamedTuple):
 
 
 class _Place(NamedTuple):
-    """Where a chunk's elements are: ``offs`` ([2, BLOCK // 8, 4], :func:`_chunk_offsets`)
+    """Where a chunk's elements are: ``offs`` (:func:`_chunk_offsets`)
     from the item's element 0 and which are in the tensor; its rows of 8 (one bitmap byte
     each): ``rows`` (0 .. BLOCK // 8 - 1), their bytes from the item's first and which are
     in the tensor; the 8-byte bitmap word of each row (``WORDS`` chunks only)."""
@@ -520,6 +554,7 @@ class _Layout(NamedTuple):
     HW_BF16: tl.constexpr
     BLOCK: tl.constexpr
     ALIGNED: tl.constexpr
+    HALVES: tl.constexpr
 
 
 @triton.jit
@@ -586,7 +621,7 @@ def _adamw_math(g, w, m, v, vmax, s, AMSGRAD: tl.constexpr, L2_DECAY: tl.constex
 
 
 @triton.jit
-def _store_weight(w, w_bits, sr_key_ptr, index_base, at, L):
+def _store_weight(w, w_bits, sr_seed, index_base, at, L):
     """The stored form of a new weight ``w`` (fp32 bits ``w_bits``; reference.store_weight):
     (its 16-bit image, the remainder (remainder form, bf16 only)); an fp32 param stores w
     itself, its image is the nearest-even bf16 or (``IMAGE_FP16``) float16. The one place
@@ -598,7 +633,8 @@ def _store_weight(w, w_bits, sr_key_ptr, index_base, at, L):
     elif L.HAS_REMAINDER:
         image, remainder = _split_remainder(w_bits)
     elif L.STOCHASTIC:
-        random16 = _random16(sr_key_ptr, index_base, at.offs, at.row_offs, L.SR_ROW_CALLS)
+        random16 = _random16(sr_seed, index_base, at.offs, at.row_offs, L.SR_ROW_CALLS,
+                              L.HALVES)
         if FP16:
             image = _round_stochastic_fp16(w_bits, random16)
         else:
@@ -610,7 +646,7 @@ def _store_weight(w, w_bits, sr_key_ptr, index_base, at, L):
 
 @triton.jit
 def _store_and_flag(p, at, update, train, before, after, loaded, g, cumulative,
-                    sr_key_ptr, index_base, L, WORDS: tl.constexpr):
+                    sr_seed, index_base, L, WORDS: tl.constexpr):
     """Stage 3 (reference.store_and_flag): store the new weight and states (elements not
     updated get back the bits they were loaded with), write the change bitmaps and return
     the chunk's per-row counts ([BLOCK // 8] int32): 16-bit changes, fp32 moves, non-finite
@@ -621,7 +657,7 @@ def _store_and_flag(p, at, update, train, before, after, loaded, g, cumulative,
     w, m, v, vmax = after
     m_old, v_old, vmax_old = loaded
     w_bits = w.to(tl.uint32, bitcast=True)
-    image, remainder = _store_weight(w, w_bits, sr_key_ptr, index_base, at, L)
+    image, remainder = _store_weight(w, w_bits, sr_seed, index_base, at, L)
     image = _keep(update, image, image_old)
 
     # Write back; elements not updated keep their bits.
@@ -646,7 +682,7 @@ def _store_and_flag(p, at, update, train, before, after, loaded, g, cumulative,
     n_moved = tl.zeros(at.row_offs.shape, tl.int32)
     n_nonfinite = tl.zeros(at.row_offs.shape, tl.int32)
     if L.HAS_CHANGE_BITMAP or L.HAS_CUMULATIVE_BITMAP or L.HAS_COUNTERS:
-        packed = _pack_bits(changed)
+        packed = _pack_bits(changed, L.HALVES)
         if WORDS and (L.HAS_CHANGE_BITMAP or L.HAS_CUMULATIVE_BITMAP):
             words = _pack_words(packed)
             if L.HAS_CHANGE_BITMAP:
@@ -667,13 +703,13 @@ def _store_and_flag(p, at, update, train, before, after, loaded, g, cumulative,
         g_exponent = g.to(tl.uint32, bitcast=True) & 0x7F800000
         nonfinite = (g_exponent == 0x7F800000) & train
         # Each count is the popcount of its rows' packed bits: one popc per row on a GPU.
-        n_moved = _popcount8(_pack_bits(moved), L.HW_BF16)
-        n_nonfinite = _popcount8(_pack_bits(nonfinite), L.HW_BF16)
+        n_moved = _popcount8(_pack_bits(moved, L.HALVES), L.HW_BF16)
+        n_nonfinite = _popcount8(_pack_bits(nonfinite, L.HALVES), L.HW_BF16)
     return n_changed, n_moved, n_nonfinite
 
 
 @triton.jit
-def _adamw_chunk(p, s, first, limit, index_base, skip, sr_key_ptr, grad_scale,
+def _adamw_chunk(p, s, first, limit, index_base, skip, sr_seed, grad_scale,
                  FULL: tl.constexpr, L):
     """One chunk of a work item: its ``BLOCK`` elements from element ``first`` (int32, a
     multiple of ``BLOCK``) of the item's pointers ``p`` (:class:`_Pointers`), of which the
@@ -691,7 +727,7 @@ def _adamw_chunk(p, s, first, limit, index_base, skip, sr_key_ptr, grad_scale,
     moves its bitmaps as 8-byte words (:func:`_pack_words`); a tail chunk moves bytes, so
     a bitmap's last byte is written alone and no byte beyond it is touched.
     """
-    offs = first + _chunk_offsets(L.BLOCK)
+    offs = first + _chunk_offsets(L.BLOCK, L.HALVES)
     rows = tl.arange(0, L.BLOCK // 8)
     row_offs = first // 8 + rows
     WORDS: tl.constexpr = FULL and L.ALIGNED and L.BLOCK >= 64
@@ -726,9 +762,10 @@ def _adamw_chunk(p, s, first, limit, index_base, skip, sr_key_ptr, grad_scale,
     if L.HAS_FREEZE_MASK:
         if WORDS:
             mask_words = tl.load(_as_words(p.freeze_mask) + word_offs)
-            train = _unpack_bits(_word_bytes(mask_words, rows))
+            train = _unpack_bits(_word_bytes(mask_words, rows), L.HALVES)
         else:
-            train = _unpack_bits(tl.load(p.freeze_mask + row_offs, mask=row_in_range, other=0))
+            train = _unpack_bits(tl.load(p.freeze_mask + row_offs, mask=row_in_range, other=0),
+                                 L.HALVES)
         train = train & in_range
     else:
         train = in_range
@@ -741,11 +778,11 @@ def _adamw_chunk(p, s, first, limit, index_base, skip, sr_key_ptr, grad_scale,
                         _state_value(v_old, L.STATE_BF16), _state_value(vmax_old, L.STATE_BF16),
                         s, L.AMSGRAD, L.L2_DECAY)
     return _store_and_flag(p, at, update, train, before, after, (m_old, v_old, vmax_old), g,
-                           cumulative, sr_key_ptr, index_base, L, WORDS)
+                           cumulative, sr_seed, index_base, L, WORDS)
 
 
 @triton.jit
-def _item(p, s, length, index_base, skip, sr_key_ptr, grad_scale, STAGES: tl.constexpr, L):
+def _item(p, s, length, index_base, skip, sr_seed, grad_scale, STAGES: tl.constexpr, L):
     """A work item of ``length`` elements: its full chunks in a loop pipelined over
     ``STAGES`` (``tl.range``), then its last, partial chunk (only a tensor's last item has
     one), masked. Returns its per-row counts summed over the chunks (bf16 changes, fp32
@@ -757,13 +794,13 @@ def _item(p, s, length, index_base, skip, sr_key_ptr, grad_scale, STAGES: tl.con
     n_nonfinite = tl.zeros([L.BLOCK // 8], tl.int32)
     full = length // L.BLOCK
     for chunk in tl.range(0, full, num_stages=STAGES):
-        c = _adamw_chunk(p, s, chunk * L.BLOCK, length, index_base, skip, sr_key_ptr,
+        c = _adamw_chunk(p, s, chunk * L.BLOCK, length, index_base, skip, sr_seed,
                          grad_scale, True, L)
         n_changed += c[0]
         n_moved += c[1]
         n_nonfinite += c[2]
     if full * L.BLOCK < length:
-        c = _adamw_chunk(p, s, full * L.BLOCK, length, index_base, skip, sr_key_ptr,
+        c = _adamw_chunk(p, s, full * L.BLOCK, length, index_base, skip, sr_seed,
                          grad_scale, False, L)
         n_changed += c[0]
         n_moved += c[1]
@@ -801,7 +838,7 @@ def _table_pointer(entry, column: tl.constexpr, dtype: tl.constexpr, ALIGNED: tl
     return pointer
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["n_items"])  # one compile for any number of items
 def adamw_table_kernel(
     table_ptr, work_ptr, workspace_ptr, n_items, scalars_ptr, sr_keys_ptr, grad_scale_ptr,
     found_inf_ptr,
@@ -837,13 +874,15 @@ def adamw_table_kernel(
     counted by ``popc``. Offsets inside an item are int32 over the item's int64 base, so
     ITEM < 2**31."""
     # Annotated: a tuple of constexprs assigned to a plain name loses them (triton 3.6-3.9).
+    # Every element stream 4 bytes wide: rows as two halves of 4 (see _chunk_offsets).
+    HALVES: tl.constexpr = (PARAM_BF16 + PARAM_FP16 + GRAD_BF16 + GRAD_FP16 + STATE_BF16) == 0
     L: tl.constexpr = _Layout(PARAM_BF16, PARAM_FP16, IMAGE_FP16, GRAD_BF16, GRAD_FP16,
                               STATE_BF16, HAS_MASTER, HAS_REMAINDER,
                               STOCHASTIC, SR_ROW_CALLS, AMSGRAD, MAXIMIZE, L2_DECAY,
                               HAS_FREEZE_MASK,
                               HAS_CHANGE_BITMAP, HAS_CUMULATIVE_BITMAP, HAS_COUNTERS,
-                              HAS_GRAD_SCALE, HAS_FOUND_INF, HW_BF16, BLOCK, ALIGNED)
-    offs = _chunk_offsets(BLOCK)
+                              HAS_GRAD_SCALE, HAS_FOUND_INF, HW_BF16, BLOCK, ALIGNED, HALVES)
+    offs = _chunk_offsets(BLOCK, HALVES)
     grad_scale = 1.0
     if HAS_GRAD_SCALE:
         grad_scale = tl.load(grad_scale_ptr)
@@ -876,14 +915,19 @@ def adamw_table_kernel(
         length = tl.minimum(tl.load(entry + _NUMEL) - start, ITEM).to(tl.int32)
         index_base = tl.load(entry + _ELEMENT_OFFSET) + start
         row = tl.load(entry + _SCALAR_ROW)
-        sr_key_ptr = sr_keys_ptr  # None without stochastic rounding
+        sr_seed = 0
         if STOCHASTIC:
-            sr_key_ptr = sr_keys_ptr + 2 * row
+            # Loaded once per item: in the chunk loop they were two 8-byte loads per chunk
+            # that the compiler cannot hoist past the loop's stores.
+            key = sr_keys_ptr + 2 * row
+            key_lo = tl.load(key).to(tl.uint64, bitcast=True)
+            key_hi = tl.load(key + 1).to(tl.uint64, bitcast=True)
+            sr_seed = key_lo | (key_hi << 32)  # tl.philox splits it back into (lo, hi)
         r = scalars_ptr + 8 * row
         s = _Scalars(tl.load(r + 0), tl.load(r + 1), tl.load(r + 2), tl.load(r + 3),
                      tl.load(r + 4), tl.load(r + 5), tl.load(r + 6), tl.load(r + 7))
 
-        counts = _item(p, s, length, index_base, skip, sr_key_ptr, grad_scale, STAGES, L)
+        counts = _item(p, s, length, index_base, skip, sr_seed, grad_scale, STAGES, L)
         if HAS_COUNTERS:
             # Item sums fit in int32 (ITEM < 2**31). The item that finishes its tensor last
             # (by the ticket, the workspace's fourth field) publishes the three sums and
@@ -1051,6 +1095,79 @@ def _encode(group, options: tuple) -> _Launch:
                    _to_device(_work_table(numels, item), group.device), block, item)
 
 
+class SmLimits(NamedTuple):
+    """What one streaming multiprocessor holds at once (CUDA C++ Programming Guide,
+    "Compute Capabilities", technical specifications)."""
+
+    registers: int  # 32-bit registers
+    threads: int
+    blocks: int
+    shared: int  # bytes of shared memory for blocks, the per-block reserve included
+    reserved_shared: int = 1024  # bytes the system keeps per block (sm_80 and later)
+
+
+# By compute capability; a device of another one is read from its properties, with the
+# smallest block limit of these.
+SM_LIMITS = {
+    (8, 0): SmLimits(65536, 2048, 32, 167936),
+    (8, 6): SmLimits(65536, 1536, 16, 102400),
+    (8, 9): SmLimits(65536, 1536, 24, 102400),
+    (9, 0): SmLimits(65536, 2048, 32, 233472),
+}
+
+
+def programs_per_sm(registers: int, warps: int, shared: int, limits: SmLimits) -> int:
+    """Programs of ``warps`` warps, ``registers`` registers per thread and ``shared`` bytes
+    of shared memory that one SM holds at once, by the rules of the CUDA occupancy
+    calculator (cuda_occupancy.h): registers are given per warp in units of 256, in each of
+    the SM's four quarters of the register file separately (a warp lives in one quarter);
+    shared memory per block, its reserve added, in units of 128 bytes. At least 1 (a
+    kernel that does not fit is refused by its launch)."""
+    per_warp = -(-registers * 32 // 256) * 256
+    by_registers = (limits.registers // 4 // per_warp) * 4 // warps if per_warp else limits.blocks
+    by_threads = limits.threads // (32 * warps)
+    per_block = -(-(shared + limits.reserved_shared) // 128) * 128
+    by_shared = limits.shared // per_block
+    return max(1, min(by_registers, by_threads, by_shared, limits.blocks))
+
+
+def sm_limits(device: torch.device) -> tuple[int, SmLimits]:
+    """(SMs, per-SM limits) of a CUDA device."""
+    props = torch.cuda.get_device_properties(device)
+    known = SM_LIMITS.get((props.major, props.minor))
+    limits = known or SmLimits(
+        getattr(props, "regs_per_multiprocessor", 65536), props.max_threads_per_multi_processor,
+        min(v.blocks for v in SM_LIMITS.values()), props.shared_memory_per_multiprocessor)
+    return props.multi_processor_count, limits
+
+
+_PROGRAMS: dict[tuple, int] = {}
+
+
+def _programs(device: torch.device, args: tuple, constexprs: dict, warps: int) -> int:
+    """Persistent programs of a launch on a GPU: as many per SM as fit at once
+    (:func:`programs_per_sm` of the compiled kernel's registers, warps and shared memory),
+    or :data:`DEFAULT_PROGRAMS_PER_SM` when set, times the SMs. Cached per launch
+    configuration: the device, the constexprs and which pointer arguments are 16-byte
+    aligned (what Triton specializes a compile on; ``n_items`` is not specialized)."""
+    aligned = tuple(a.data_ptr() % 16 == 0 for a in args if isinstance(a, Tensor))
+    key = (device, warps, DEFAULT_PROGRAMS_PER_SM, tuple(constexprs.items()), aligned)
+    programs = _PROGRAMS.get(key)
+    if programs is None:
+        sms, limits = sm_limits(device)
+        per_sm = DEFAULT_PROGRAMS_PER_SM
+        if per_sm is None:
+            on_device = torch.cuda.device(device) if device.type == "cuda" else nullcontext()
+            with on_device:
+                kernel = adamw_table_kernel.warmup(*args, grid=(1,), **constexprs,
+                                                   num_warps=warps, enable_fp_fusion=False)
+                kernel._init_handles()  # loads the module: registers known from here on
+            per_sm = programs_per_sm(kernel.n_regs, kernel.metadata.num_warps,
+                                     kernel.metadata.shared, limits)
+        programs = _PROGRAMS[key] = per_sm * sms
+    return programs
+
+
 def _capturing(device: torch.device) -> bool:
     return device.type == "cuda" and torch.cuda.is_current_stream_capturing()
 
@@ -1113,9 +1230,10 @@ def adamw(
             interpreter, each at least one chunk).
         num_warps: warps per program on a GPU, a power of two from 1 to 32 (default
             :data:`DEFAULT_NUM_WARPS_GPU`).
-        num_programs: persistent programs per launch, at least 1 (default:
-            :data:`DEFAULT_PROGRAMS_PER_SM` per SM on a GPU, one per work item under the
-            interpreter); a launch never starts more programs than it has work items.
+        num_programs: persistent programs per launch, at least 1 (default on a GPU: as
+            many per SM as fit at once, :func:`programs_per_sm` of the compiled kernel, or
+            :data:`DEFAULT_PROGRAMS_PER_SM` per SM where set; under the interpreter one per
+            work item); a launch never starts more programs than it has work items.
     """
     ops = call_operands(params, exp_avgs, exp_avg_sqs, max_exp_avg_sqs=max_exp_avg_sqs,
                         masters=masters, remainders=remainders, freeze_masks=freeze_masks,
@@ -1178,17 +1296,13 @@ def _run(launches: list, shape: _LaunchShape, x: StepInputs, amsgrad: bool) -> N
     call_flags = dict(AMSGRAD=bool(amsgrad), MAXIMIZE=bool(x.maximize),
                       L2_DECAY=not x.decoupled_weight_decay,
                       HAS_GRAD_SCALE=x.grad_scale is not None, HAS_FOUND_INF=x.found_inf is not None)
+    warps = shape.num_warps or DEFAULT_NUM_WARPS_GPU
     # Per-call operands, moved once per device (not once per tensor).
     per_device: dict[torch.device, tuple] = {}
     for launch in launches:
         device = launch.table.device
         if device not in per_device:
-            programs = shape.num_programs or (
-                DEFAULT_PROGRAMS_PER_SM
-                * torch.cuda.get_device_properties(device).multi_processor_count
-                if device.type != "cpu" else 2**31 - 1)
             per_device[device] = (
-                programs,
                 _to_device(x.scalars, device).contiguous(),
                 _to_device(x.sr_keys, device).contiguous() if x.sr_keys is not None else None,
                 (_one_element("grad_scale", x.grad_scale, device, torch.float32)
@@ -1196,15 +1310,16 @@ def _run(launches: list, shape: _LaunchShape, x: StepInputs, amsgrad: bool) -> N
                 _found_inf_operand(x.found_inf, device) if x.found_inf is not None else None,
             )
     for launch in launches:
-        programs, *operands = per_device[launch.table.device]
+        device = launch.table.device
         items = launch.work.shape[0]
+        args = (launch.table, launch.work, launch.workspace, items, *per_device[device])
+        constexprs = dict(BLOCK=launch.block, ITEM=launch.item, STAGES=DEFAULT_STAGES_GPU,
+                          HW_BF16=not interpreting, **launch.flags, **call_flags)
+        programs = shape.num_programs or (items if interpreting
+                                          else _programs(device, args, constexprs, warps))
         try:
             adamw_table_kernel[(min(items, programs),)](
-                launch.table, launch.work, launch.workspace, items, *operands,
-                BLOCK=launch.block, ITEM=launch.item, STAGES=DEFAULT_STAGES_GPU,
-                HW_BF16=not interpreting, **launch.flags, **call_flags,
-                num_warps=shape.num_warps or DEFAULT_NUM_WARPS_GPU, enable_fp_fusion=False,
-            )
+                *args, **constexprs, num_warps=warps, enable_fp_fusion=False)
         except BaseException:
             # A kernel stopped part way (the interpreter runs it on the host) may leave its
             # counter sums in the workspace; the next launch must start from zero.

@@ -6,9 +6,10 @@ interpreted functions), so tests call it in a subprocess.
     python -m rlvr_optim.triton_kernels.codegen [--arch 90] [--mode M ...] [--tracking T ...]
         [--block B] [--warps W] [--item I] [--stages S] [--json]
 
-:func:`static_rows` (``bench/static_report.py`` prints it beside the CUDA kernels): per
-layout and tracking setting, registers, spill bytes, SASS instructions per element of the
-steady-state loop and the narrowest global access in that loop, read from the SASS
+:func:`static_rows`: per layout and tracking setting, registers, spill bytes, SASS
+instructions per element of the steady-state loop and the narrowest global access in that
+loop (``bench/static_report.py`` reads more from the same compiles and loop, beside the
+CUDA kernels and for other Triton versions), read from the SASS
 (``cuobjdump -sass``) and ptxas's report. The numbers say whether the loop is what we meant
 it to be; they say nothing about speed, which only the benchmark on a GPU measures.
 """
@@ -105,9 +106,12 @@ def resource_usage(cubin: bytes) -> dict:
     return out
 
 
-# The layouts bench/static_report.py reports for every backend, by its names: "default" is
-# what rlvr_optim.AdamW runs without options on bf16 params (bf16 states, nearest); the
-# "fp16-" modes are the same layouts with float16 params and grads.
+# The layouts bench/static_report.py reports for every backend, by its names, as
+# rlvr_optim.AdamW launches them: the states follow the param's dtype (bf16 states for bf16
+# params, master weights or not) unless state_dtype=torch.float32 ("fp32-states"). The
+# "fp16-" modes have float16 params and grads, whose states AdamW makes float32 (master
+# weights or not) unless state_dtype=torch.bfloat16 ("fp16", "fp16-stochastic");
+# "fp32-fp16-image" is fp32 params with change_dtype=torch.float16.
 _BF16 = dict(PARAM_BF16=True, GRAD_BF16=True)
 _FP16 = dict(PARAM_FP16=True, GRAD_FP16=True)
 _BF16_STATES = dict(_BF16, STATE_BF16=True)
@@ -116,9 +120,9 @@ STATIC_MODES = {
     "stochastic": dict(_BF16_STATES, STOCHASTIC=True),
     "fp32-states": _BF16,
     "stochastic-fp32-states": dict(_BF16, STOCHASTIC=True),
-    "master": dict(_BF16, HAS_MASTER=True),
-    "master-stochastic": dict(_BF16, HAS_MASTER=True, STOCHASTIC=True),
-    "remainder": dict(_BF16, HAS_REMAINDER=True),
+    "master": dict(_BF16_STATES, HAS_MASTER=True),
+    "master-stochastic": dict(_BF16_STATES, HAS_MASTER=True, STOCHASTIC=True),
+    "remainder": dict(_BF16_STATES, HAS_REMAINDER=True),
     "fp32": dict(),
     "fp16": dict(_FP16, STATE_BF16=True),
     "fp16-stochastic": dict(_FP16, STATE_BF16=True, STOCHASTIC=True),

@@ -14,7 +14,7 @@ from .. import files
 from ..errors import InputError
 from ..optimizer import format_table
 from .config import LMAblation, MiniLMAblation, fingerprint
-from .cohorts import run_cohort, run_warmup
+from .cohorts import load_starts, run_cohort
 from .lm_report import format_lm_summary, write_lm_report
 from .report import write_report
 from .runs import Interrupted, StepBudget, Workspace
@@ -35,13 +35,17 @@ def run_ablation(config: LMAblation | MiniLMAblation, out: str, *, resume: bool 
         progress: a tqdm bar over all training iterations on stderr (default True).
         stop_after: stop after this many training iterations, as an interruption would (the
             last checkpoints stay; ``resume=True`` continues). None: run to the end. An
-            iteration is a warm-up step, then (LM presets) one RL rollout or as many SFT steps
-            (``updates`` optimizer steps), or (minilm) one step.
+            iteration is (LM presets) a warm-up step of a start that is not a committed file,
+            one rollout or as many SFT steps (``updates`` optimizer steps), or (minilm) one
+            step.
 
     Returns ``{"interrupted", "wall_s", "warmup", "results", "files"}``; ``results`` holds one
-    dict per run (``name, kind, mode, lr, seed, sparsity, accuracy, geometry, series, ...``;
-    LM runs also ``arm, label, data, kl_coef, freeze, master_geometry``); an interrupted run
-    also ``saved``, what a resume would start from (:meth:`Workspace.saved`).
+    dict per run (``name, kind, mode, lr, seed, sparsity, geometry, series, ...``; LM runs
+    also ``arm, label, start, data, kl_coef, freeze, master_geometry``, the accuracies,
+    rewards, KL and clipped share of :func:`rlvr_optim.ablation.cohorts.run_cohort`);
+    ``warmup`` is, for LM presets, the list of :class:`~rlvr_optim.ablation.cohorts.Start`.
+    An interrupted run also has ``saved``, what a resume would start from
+    (:meth:`Workspace.saved`).
 
     ``out`` is locked while the ablation runs (:func:`rlvr_optim.files.folder_lock`): a
     second ablation on it raises :class:`~rlvr_optim.errors.InputError`.
@@ -76,10 +80,12 @@ def _run_locked(config: LMAblation | MiniLMAblation, out: str, resume: bool, pro
             title = "RL vs cross-entropy on all-MiniLM-L6-v2 (precision ablation)"
         else:
             task = AdditionTask(config.digits)
-            start, warmup, kl_samples = run_warmup(config, task, workspace, budget, bar)
+            starts = load_starts(config, workspace, budget, bar)
+            by_seed = {s.seed: s for s in starts}
             results = [r for cohort in config.cohorts()
-                       for r in run_cohort(config, cohort, task, start, kl_samples, workspace,
+                       for r in run_cohort(config, cohort, task, by_seed[cohort[3]], workspace,
                                            budget, bar)]
+            warmup = starts
     except Interrupted:
         return {"interrupted": True, "wall_s": time.perf_counter() - t0, "warmup": None,
                 "results": [], "files": [], "saved": workspace.saved()}

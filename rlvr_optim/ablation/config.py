@@ -1,4 +1,4 @@
-"""Settings of the ablations and their presets (``tiny``, ``tiny-headline``, ``gpu``, ``minilm``)."""
+"""Settings of the ablations and their presets: ``tiny``, ``tiny-headline``, ``gpu``, ``minilm``."""
 
 from __future__ import annotations
 
@@ -11,8 +11,48 @@ from typing import Any
 from ..demo import MODES
 from ..errors import InputError
 
-__all__ = ["Arm", "FREEZE_ARMS", "HEADLINE_ARMS", "LMAblation", "MiniLMAblation", "PRESETS",
-           "RunSpec", "fingerprint", "preset"]
+__all__ = ["Arm", "FREEZE_ARMS", "HEADLINE_ARMS", "KINDS", "LMAblation", "MiniLMAblation",
+           "PAPER_LR_ARMS", "PRECISION_ARMS", "PRESETS", "RunSpec", "StartSpec", "fingerprint",
+           "preset"]
+
+
+@dataclass(frozen=True)
+class StartSpec:
+    """What makes a start: model, task split, warm-up and the KL samples.
+
+    Fields (defaults: the committed starts):
+        digits: operand digits of the addition task.
+        hidden, layers, heads, intermediate: the model (:mod:`rlvr_optim.ablation.lm`).
+        held_out, split_seed: problems set aside for evaluation (:meth:`AdditionTask.split`);
+            the warm-up and every run train on the others.
+        steps, lr, batch: the warm-up (AdamW, linear ramp over the first 5% of steps, then a
+            cosine decay to 0, so the end does not hinge on the last batch).
+        reversed: share of warm-up answers written reversed.
+        noise: probability that a warm-up answer digit is replaced by a random digit.
+        kl_samples, temperature: sequences sampled from the start (held-out prompts) for the
+            fixed-sample KL, and the temperature they are drawn at.
+        seed: seeds the initial weights, the warm-up's data and the KL samples.
+    """
+
+    digits: int = 2
+    hidden: int = 32
+    layers: int = 2
+    heads: int = 2
+    intermediate: int = 96
+    held_out: int = 1024
+    split_seed: int = 0
+    steps: int = 3000
+    lr: float = 3e-3
+    batch: int = 64
+    reversed: float = 0.35
+    noise: float = 0.15
+    kl_samples: int = 128
+    temperature: float = 1.0
+    seed: int = 0
+
+    @property
+    def name(self) -> str:
+        return f"start-{self.seed}"
 
 
 @dataclass(frozen=True)
@@ -31,25 +71,32 @@ class RunSpec:
         return f"{self.kind}-{slug}-lr{self.lr:g}-seed{self.seed}"
 
 
-MASTER, NEAREST = "bf16 + fp32 master", "bf16 nearest"
+MASTER, NEAREST, STOCHASTIC = "bf16 + fp32 master", "bf16 nearest", "bf16 stochastic"
 FREEZES = ("principal", "non_principal", "random")
 SFT_DATA = ("own", "teacher")
+KINDS = ("rl", "rl-no-signal", "rft", "sft")
+# Kinds that sample rollouts from the policy (one cohort family); "sft" reads fixed data.
+SAMPLING_KINDS = ("rl", "rl-no-signal", "rft")
+_LABELS = {"rl": "RL", "rl-no-signal": "RL no-signal", "rft": "RFT", "sft": "SFT"}
 
 
 @dataclass(frozen=True)
 class Arm:
-    """One arm of the LM ablation, run once per seed.
+    """One arm of the LM ablation, run once per start and seed.
 
     Fields:
-        kind: ``"rl"`` (GRPO-style) or ``"sft"`` (cross-entropy).
+        kind: ``"rl"`` (GRPO-style), ``"rl-no-signal"`` (the same with each rollout's rewards
+            shuffled across its samples, so advantages carry no information about the
+            samples), ``"rft"`` (cross-entropy on the rollout's own correct samples) or
+            ``"sft"`` (cross-entropy on fixed-format answers).
         mode: precision mode (a name of :data:`rlvr_optim.demo.MODES`).
         lr: learning rate.
-        data: SFT only: ``"own"`` (answers in the start model's usual format, forward) or
-            ``"teacher"`` (the reversed format, which the start model rarely writes).
-        kl_coef: RL only: weight of the exact KL to the start policy in the loss.
-        freeze: RL only: the start weights' mask kept frozen: ``"principal"``,
-            ``"non_principal"`` (its complement) or ``"random"`` (as many weights per
-            matrix as the principal mask, at random); None trains every weight.
+        data: SFT only: ``"own"`` (answers in the start policy's majority format, forward) or
+            ``"teacher"`` (the reversed format, its minority: off-policy data).
+        kl_coef: RL kinds only: weight of the exact KL to the start policy in the loss.
+        freeze: RL kinds only: the start weights' mask kept frozen: ``"principal"``,
+            ``"non_principal"`` (its complement) or ``"random"`` (as many weights per matrix
+            as the principal mask, at random); None trains every weight.
     """
 
     kind: str
@@ -60,30 +107,35 @@ class Arm:
     freeze: str | None = None
 
     def __post_init__(self) -> None:
-        if self.kind not in ("rl", "sft"):
-            raise ValueError(f"kind must be 'rl' or 'sft', got {self.kind!r}")
+        if self.kind not in KINDS:
+            raise ValueError(f"kind must be one of {KINDS}, got {self.kind!r}")
         if self.mode not in MODES:
             raise ValueError(f"unknown precision mode {self.mode!r}; choose among {list(MODES)}")
         if self.data not in SFT_DATA:
             raise ValueError(f"data must be one of {SFT_DATA}, got {self.data!r}")
         if self.freeze is not None and self.freeze not in FREEZES:
             raise ValueError(f"freeze must be None or one of {FREEZES}, got {self.freeze!r}")
-        if self.kind == "sft" and (self.kl_coef or self.freeze):
-            raise ValueError("kl_coef and freeze apply to RL arms only")
+        if self.kind not in ("rl", "rl-no-signal") and (self.kl_coef or self.freeze):
+            raise ValueError("kl_coef and freeze apply to the RL kinds only")
+        if self.kind != "sft" and self.data != "own":
+            raise ValueError("data applies to SFT arms only")
+
+    @property
+    def family(self) -> str:
+        """``"sample"`` for the kinds that sample rollouts, ``"sft"`` otherwise."""
+        return "sample" if self.kind in SAMPLING_KINDS else "sft"
 
     @property
     def name(self) -> str:
-        slug = "".join(c if c.isalnum() else "-" for c in self.mode.lower())
-        slug = "-".join(p for p in slug.split("-") if p)
         extra = f"-{self.data}" if self.kind == "sft" else ""
         extra += f"-kl{self.kl_coef:g}" if self.kl_coef else ""
         extra += f"-freeze-{self.freeze}" if self.freeze else ""
-        return f"{self.kind}-{slug}-lr{self.lr:g}{extra}"
+        return f"{self.kind}-{_slug(self.mode)}-lr{self.lr:g}{extra}"
 
     @property
     def label(self) -> str:
-        """A short reader's name: ``RL``, ``SFT own``, ``RL kl 0.001``, ``RL frozen principal``."""
-        text = "RL" if self.kind == "rl" else f"SFT {self.data}"
+        """A reader's name: ``RL, bf16 + fp32 master, lr 0.0001``, ``SFT own, ...``."""
+        text = _LABELS[self.kind] + (f" {self.data}" if self.kind == "sft" else "")
         if self.kl_coef:
             text += f" kl {self.kl_coef:g}"
         if self.freeze:
@@ -91,57 +143,74 @@ class Arm:
         return f"{text}, {self.mode}, lr {self.lr:g}"
 
 
-# The tiny preset's arms: the fp32-master headline (what verl-style trainers run: fp32 master
-# params, bf16 compute and checkpoints) at the paper's lr 1e-6, the paper's SFT lr 1e-5,
-# bf16 round-to-nearest as the storage-filter contrast, and the freezing experiment.
+def _slug(mode: str) -> str:
+    slug = "".join(c if c.isalnum() else "-" for c in mode.lower())
+    return "-".join(p for p in slug.split("-") if p)
+
+
+# The lr of the tiny presets: RL learns clearly above its no-signal control from every start
+# (pilots in docs/ablation-tiny/README.md: at 3e-5 it gains a third as much; at 1e-6, the
+# paper's, nothing).
+LR = 2e-5
+# The headline: every kind in fp32-master mode (what verl-style trainers run: fp32 master
+# params, bf16 compute and checkpoints), all at one lr.
 HEADLINE_ARMS = (
-    Arm("rl", MASTER, 1e-6),
-    Arm("rl", MASTER, 1e-6, kl_coef=1e-3),
-    Arm("sft", MASTER, 1e-6, data="own"),
-    Arm("sft", MASTER, 1e-6, data="teacher"),
-    Arm("sft", MASTER, 1e-5, data="teacher"),
-    Arm("rl", NEAREST, 1e-6),
-    Arm("sft", NEAREST, 1e-6, data="own"),
+    Arm("rl", MASTER, LR),
+    Arm("rl-no-signal", MASTER, LR),
+    Arm("rft", MASTER, LR),
+    Arm("sft", MASTER, LR, data="own"),
+    Arm("sft", MASTER, LR, data="teacher"),
 )
-FREEZE_ARMS = tuple(Arm("rl", MASTER, 1e-6, freeze=f) for f in FREEZES)
+# Storage-filter contrasts: bf16 without a master, rounded to nearest or stochastically.
+PRECISION_ARMS = tuple(Arm(kind, mode, LR, data="own")
+                       for mode in (NEAREST, STOCHASTIC) for kind in ("rl", "sft"))
+# The paper's lr pair (RL 1e-6, SFT 1e-5) as a ratio at this scale: SFT at 10x RL's lr.
+PAPER_LR_ARMS = (Arm("sft", MASTER, 10 * LR, data="own"),)
+FREEZE_ARMS = tuple(Arm("rl", MASTER, LR, freeze=f) for f in FREEZES)
 
 
 @dataclass(frozen=True)
 class LMAblation:
     """The precision ablation on a small causal LM learning fixed-width addition.
 
-    A warm-up in fp32 (cross-entropy, lr decaying to 0 so its end is reproducible) gives the
-    model structure; its bf16 image is the start of every run. From there each arm runs once
-    per seed, all for ``steps`` optimizer steps at ``batch`` sequences per step.
+    Each start is a warm-up's bf16 image (:mod:`rlvr_optim.ablation.starts`: committed files
+    when the settings match them, else trained into the output folder first). From each
+    start every arm runs once per seed, for ``steps`` optimizer steps.
 
     Fields (defaults are the ``tiny`` preset):
         digits: operand digits of the addition task.
         hidden, layers, heads, intermediate: the model (:mod:`rlvr_optim.ablation.lm`).
-        warmup_steps, warmup_lr, warmup_batch: the warm-up (linear ramp over its first 5%,
-            cosine decay to 0 after).
-        warmup_reversed: share of warm-up answers written reversed, so the start policy
-            knows both formats and mostly writes the forward one.
+        held_out, split_seed: problems set aside for evaluation; no start or run trains on
+            them.
+        warmup_steps, warmup_lr, warmup_batch, warmup_reversed, warmup_noise: the warm-up of
+            each start (:class:`StartSpec`).
+        starts: the starts' seeds (one warm-up each).
         steps: optimizer steps of every run (a multiple of ``updates``).
-        prompts, group: prompts per RL rollout and samples per prompt (advantages are
-            normalised within each group); an SFT step uses ``prompts * group`` problems.
-        updates: optimizer steps per RL rollout (GRPO-style: ratio to the rollout policy,
-            clipped at ``1 +- clip``).
+        prompts, group: prompts per rollout and samples per prompt (RL advantages are
+            normalised within each group).
+        minibatches, updates: a rollout is split into ``minibatches`` of whole groups, and
+            ``updates`` optimizer steps (a multiple of ``minibatches``) walk over them in
+            order, epoch after epoch (PPO/GRPO-style: the ratio to the rollout policy,
+            clipped at ``1 +- clip``). An SFT step reads as many fresh problems as a
+            minibatch holds samples, ``prompts * group / minibatches``.
         clip: the clipping range.
-        temperature: sampling temperature of the RL policy.
+        temperature: sampling temperature of rollouts, of the KL samples and of the held-out
+            sampled accuracy.
         weight_decay: AdamW weight decay of the runs.
         arms: the arms (:class:`Arm`).
-        seeds: every arm runs once per seed (RL sampling, data order); the start is shared.
-        kl_samples: sequences sampled once from the start policy; every arm's KL to the start
-            is measured on them (:func:`rlvr_optim.ablation.cohorts.fixed_sample_kl`).
-        log_every: steps between points of the logged curves (KL, unchanged, accuracy).
-        curve_problems: held-out problems of the accuracy curve.
-        eval_problems: held-out problems of the final greedy accuracy.
+        seeds: every arm runs once per start and seed (prompts, sampling, shuffles, SFT data;
+            arms of one start and seed see the same prompts and the same first rollout).
+        kl_samples: sequences sampled once from each start; every run's KL to its start is
+            measured on them (:func:`rlvr_optim.ablation.cohorts.fixed_sample_kl`).
+        log_every: steps between points of the logged curves.
+        curve_problems: held-out problems of the curves' sampled accuracy.
+        eval_problems: held-out problems of the start and end accuracies (greedy and sampled).
         alpha, rank, bins: principal / low-magnitude mask share, SVD rank (int or fraction),
             magnitude bins of the matched null.
         checkpoint_every: steps between checkpoints (rounded down to whole rollouts).
         device: ``"cpu"`` or ``"cuda"``.
         threads: torch CPU threads during the run (None: leave as is).
-        seed: seeds the model, the warm-up, the fixed KL samples and the held-out problems.
+        seed: seeds the runs' random streams (the starts have their own seeds).
     """
 
     name: str = "tiny"
@@ -150,27 +219,32 @@ class LMAblation:
     layers: int = 2
     heads: int = 2
     intermediate: int = 96
-    warmup_steps: int = 470
-    warmup_lr: float = 1e-2
+    held_out: int = 1024
+    split_seed: int = 0
+    warmup_steps: int = 3000
+    warmup_lr: float = 3e-3
     warmup_batch: int = 64
-    warmup_reversed: float = 0.1
-    steps: int = 300
-    prompts: int = 4
-    group: int = 8
-    updates: int = 2
+    warmup_reversed: float = 0.35
+    warmup_noise: float = 0.15
+    starts: tuple[int, ...] = (0, 1, 2)
+    steps: int = 160
+    prompts: int = 8
+    group: int = 16
+    minibatches: int = 2
+    updates: int = 8
     clip: float = 0.2
     temperature: float = 1.0
     weight_decay: float = 0.0
-    arms: tuple[Arm, ...] = HEADLINE_ARMS + FREEZE_ARMS
-    seeds: tuple[int, ...] = (0, 1, 2)
+    arms: tuple[Arm, ...] = HEADLINE_ARMS + PRECISION_ARMS + PAPER_LR_ARMS + FREEZE_ARMS
+    seeds: tuple[int, ...] = (0, 1, 2, 3, 4)
     kl_samples: int = 128
-    log_every: int = 30
-    curve_problems: int = 128
+    log_every: int = 16
+    curve_problems: int = 256
     eval_problems: int = 512
     alpha: float = 0.2
     rank: int | float = 0.05
     bins: int = 16
-    checkpoint_every: int = 100
+    checkpoint_every: int = 40
     device: str = "cpu"
     threads: int | None = 1
     seed: int = 0
@@ -183,18 +257,38 @@ class LMAblation:
         if self.steps % self.updates or self.log_every % self.updates:
             raise ValueError(f"steps ({self.steps}) and log_every ({self.log_every}) must be "
                              f"multiples of updates ({self.updates})")
-        if not self.arms or not self.seeds:
-            raise ValueError("arms and seeds must name at least one arm and one seed")
-        if len(set(self.seeds)) != len(self.seeds) or len(set(self.arms)) != len(self.arms):
-            raise ValueError(f"arms and seeds must not repeat, got seeds {self.seeds}")
+        if self.updates % self.minibatches or self.prompts % self.minibatches:
+            raise ValueError(f"updates ({self.updates}) and prompts ({self.prompts}) must be "
+                             f"multiples of minibatches ({self.minibatches})")
+        if not self.arms or not self.seeds or not self.starts:
+            raise ValueError("arms, seeds and starts must name at least one each")
+        for what in ("seeds", "starts", "arms"):
+            values = getattr(self, what)
+            if len(set(values)) != len(values):
+                raise ValueError(f"{what} must not repeat, got {values}")
+        if max(self.curve_problems, self.eval_problems) > self.held_out:
+            raise ValueError(f"curve_problems and eval_problems must not exceed held_out "
+                             f"({self.held_out})")
 
-    def cohorts(self) -> list[tuple[str, str, float]]:
-        """``(kind, mode, lr)`` groups of arms that train together (one stacked model each)."""
-        return list(dict.fromkeys((a.kind, a.mode, a.lr) for a in self.arms))
+    def start_spec(self, seed: int):
+        """The :class:`StartSpec` of start ``seed``."""
+        return StartSpec(digits=self.digits, hidden=self.hidden, layers=self.layers,
+                         heads=self.heads, intermediate=self.intermediate,
+                         held_out=self.held_out, split_seed=self.split_seed,
+                         steps=self.warmup_steps, lr=self.warmup_lr, batch=self.warmup_batch,
+                         reversed=self.warmup_reversed, noise=self.warmup_noise,
+                         kl_samples=self.kl_samples, temperature=self.temperature, seed=seed)
+
+    def cohorts(self) -> list[tuple[str, str, float, int]]:
+        """``(family, mode, lr, start)`` groups of runs that train together (one stacked
+        model each): every arm of that family, mode and lr, every seed, one start."""
+        keys = dict.fromkeys((a.family, a.mode, a.lr) for a in self.arms)
+        return [(f, m, lr, s) for s in self.starts for (f, m, lr) in keys]
 
     def total_steps(self) -> int:
-        """Warm-up steps plus drive iterations (one rollout, or `updates` SFT steps) of every cohort."""
-        return self.warmup_steps + self.steps // self.updates * len(self.cohorts())
+        """Drive iterations (one rollout, or ``updates`` SFT steps) of every cohort; warm-ups
+        of starts that are not committed files add their steps when they run."""
+        return self.steps // self.updates * len(self.cohorts())
 
 
 @dataclass(frozen=True)
@@ -248,17 +342,17 @@ class MiniLMAblation:
 
 
 PRESETS: dict[str, Any] = {
-    # CPU, 2 cores: a 28k-parameter model, 10 arms x 3 seeds x 300 steps in five stacked
-    # cohorts (the README's main command; timing in docs/ablation-tiny/README.md).
+    # CPU, 2 cores: the full design (docs/ablation-tiny/: 14 arms x 3 starts x 5 seeds).
     "tiny": LMAblation(),
-    # The same without the freezing arms and the KL-weighted RL arm, for slower CPUs.
-    "tiny-headline": LMAblation(name="tiny-headline", arms=HEADLINE_ARMS[:1] + HEADLINE_ARMS[2:]),
-    # One GPU (H100/H200): the same design on a 6.8M-parameter model with 4x the batch.
-    # Sized by scaling, not run yet: no GPU was available when it was defined.
+    # What `rlvr-optim demo` runs: the five headline arms, 3 starts x 2 seeds (minutes).
+    "tiny-headline": LMAblation(name="tiny-headline", arms=HEADLINE_ARMS, seeds=(0, 1)),
+    # One GPU (H100/H200): the same design on a 6.8M-parameter model with 4x the rollout.
+    # Sized by scaling, not run yet: no GPU was available when it was defined; its starts
+    # are warmed up in the output folder first.
     "gpu": LMAblation(
-        name="gpu", hidden=256, layers=8, heads=8, intermediate=768,
-        warmup_steps=1500, warmup_lr=2e-3, warmup_batch=256, prompts=16, group=8,
-        kl_samples=512, curve_problems=512, eval_problems=2048, device="cuda", threads=None,
+        name="gpu", hidden=256, layers=8, heads=8, intermediate=768, warmup_lr=1e-3,
+        warmup_steps=6000, warmup_batch=256, prompts=32, group=32, kl_samples=512,
+        curve_problems=512, eval_problems=1024, held_out=2048, device="cuda", threads=None,
     ),
     "minilm": MiniLMAblation(),
 }

@@ -8,9 +8,12 @@ each slice of a weight only meets its own slice of the batch.
 
 Weights are stored as a precision mode dictates (bf16, or fp32 for the control) and used in
 fp32: ``forward`` upcasts each weight where it is used, so autograd hands a bf16 weight its
-gradient rounded once to bf16 and every matmul runs in fp32. That keeps results the same on
-any CPU up to float reassociation (bf16 matmuls round differently per CPU, and run ~17x
-slower without bf16 instructions). Nothing is downloaded; weights start from a seed.
+gradient rounded once to bf16 and every matmul runs in fp32 (bf16 matmuls round differently
+per CPU, and run ~17x slower without bf16 instructions). fp32 kernels still reassociate with
+their vector width, so runs differ in their low bits across CPUs, and training can amplify
+that (a warm-up on an AVX-512 CPU once ended far from an AVX2 one): the ablation's starts are
+committed files (:mod:`rlvr_optim.ablation.starts`). Nothing is downloaded; weights start
+from a seed.
 """
 
 from __future__ import annotations

@@ -1,9 +1,12 @@
 """The LM ablation's outputs: ``report.md``, ``results.json``, ``series.json`` and PNG plots.
 
-Every cell is a mean over the seeds of an arm with its spread, the sample standard deviation
-over those seeds (``mean ± std``); comparisons with the paper are read from those spreads.
-Everything here is derived from the runs' saved results, so a report can be rebuilt from
-the checkpoint folder (``--resume``) without training again.
+Every cell is a mean over runs (every start and seed of an arm) with its spread, the sample
+standard deviation (``mean ± std``). Every verdict comes from a stated t test
+(:mod:`rlvr_optim.ablation.stats`): arms are compared run against run, paired by start and
+seed (they share prompts and first rollouts), a value against a fixed one by the one-sample
+t; p-values are two-sided, and Holm's correction over all rows of the claims table is shown
+beside them. Everything here is derived from the runs' saved results, so a report can be
+rebuilt from the checkpoint folder (``--resume``) without training again.
 """
 
 from __future__ import annotations
@@ -18,14 +21,17 @@ import torch
 
 from .. import analysis, files
 from ..optimizer import format_table
-from .config import MASTER, NEAREST, LMAblation
+from . import stats
+from .config import MASTER, NEAREST, STOCHASTIC, LMAblation
+from .curves import curve_gain, read_at_gain, read_at_kl
 from .report import PAPER_TABLE1
 from .task import AdditionTask
 
-__all__ = ["at_matched", "format_lm_summary", "spread", "verdict",
-           "write_lm_report"]
+__all__ = ["SPREAD_NOTE", "claims", "cpu_facts", "format_lm_summary",
+           "matched_targets", "spread", "write_lm_report"]
 
-SPREAD_NOTE = "mean ± std over seeds (sample standard deviation, n - 1)"
+SPREAD_NOTE = "mean ± std over runs (sample standard deviation, n - 1)"
+ALPHA = 0.05
 
 
 def spread(values: Sequence[float | None]) -> tuple[float, float, int]:
@@ -39,580 +45,862 @@ def spread(values: Sequence[float | None]) -> tuple[float, float, int]:
     return mean, std, n
 
 
+def _scaled(spec: str) -> tuple[float, str, str]:
+    if spec.endswith("%"):
+        return 100.0, spec[:-1] + "f", "%"
+    return 1.0, spec, ""
+
+
 def _cell(values: Sequence[float | None], spec: str) -> str:
     mean, std, n = spread(values)
     if not n:
         return "-"
-    scale, suffix = (100.0, "%") if spec.endswith("%") else (1.0, "")
-    spec = spec[:-1] + "f" if spec.endswith("%") else spec
+    scale, spec, suffix = _scaled(spec)
     text = f"{format(scale * mean, spec)}{suffix}"
     if n > 1:
-        text += f" ± {format(scale * std, spec)}{suffix}"
+        text += f" ± {format(scale * std, spec.lstrip('+'))}{suffix}"
     if n < len(values):
         text += f" ({n} of {len(values)})"
     return text
 
 
-def verdict(a: Sequence[float], b: Sequence[float] | float, expect: str) -> tuple[str, str]:
-    """Read ``mean(a) - mean(b)`` (or ``mean(a) - b``) against the paper's expected sign.
-
-    ``expect`` is ``">"`` or ``"<"``. Returns ``(verdict, evidence)``: "agrees" or "does not"
-    when the difference exceeds two standard errors (from the seeds' spreads), else
-    "cannot say".
-    """
-    ma, sa, na = spread(a)
-    if isinstance(b, (int, float)):
-        mb, var_b = float(b), 0.0
-    else:
-        mb, sb, nb = spread(b)
-        var_b = sb * sb / nb if nb > 1 else float("nan")
-    se = math.sqrt(sa * sa / na + var_b) if na > 1 else float("nan")
-    diff = ma - mb
-    evidence = f"difference {diff:+.4g}, two standard errors {2 * se:.2g}"
-    if math.isnan(se) or abs(diff) <= 2 * se:
-        return "cannot say", evidence
-    return ("agrees" if (diff > 0) == (expect == ">") else "does not"), evidence
+def quantile(values: Sequence[float], q: float) -> float:
+    """The ``q`` quantile of ``values`` (linear interpolation between order statistics)."""
+    xs = sorted(values)
+    if not xs:
+        return float("nan")
+    pos = q * (len(xs) - 1)
+    lo = int(math.floor(pos))
+    hi = min(lo + 1, len(xs) - 1)
+    return xs[lo] + (pos - lo) * (xs[hi] - xs[lo])
 
 
-def at_matched(xs: Sequence[float], ys: Sequence[float], target: float) -> float | None:
-    """``y`` where the curve ``x`` first reaches ``target`` (linear interpolation), or None."""
-    for i in range(1, len(xs)):
-        x0, x1 = xs[i - 1], xs[i]
-        if x1 >= target:
-            if x1 == x0:
-                return ys[i]
-            t = max(0.0, (target - x0) / (x1 - x0))
-            return ys[i - 1] + t * (ys[i] - ys[i - 1])
-    return None
+# --------------------------------------------------------------------------- runs and arms
 
 
-def _curve(run: Mapping, key: str, start: float) -> list[float]:
-    return [start] + list(run["series"][key])
+def _key(run: Mapping) -> tuple[int, int]:
+    return run["start"], run["seed"]
 
 
 def _group(results: Sequence[dict]) -> dict[str, list[dict]]:
-    """Runs by arm, arms in first-seen order, runs by seed."""
+    """Runs by arm, arms in first-seen order, runs by (start, seed)."""
     out: dict[str, list[dict]] = {}
     for r in results:
         out.setdefault(r["arm"], []).append(r)
-    return {k: sorted(v, key=lambda r: r["seed"]) for k, v in out.items()}
-
-
-def _tail_mean(values: Sequence[float], share: float = 0.1) -> float:
-    n = max(1, int(round(share * len(values))))
-    return sum(values[-n:]) / n
+    return {k: sorted(v, key=_key) for k, v in out.items()}
 
 
 def _find(arms: Mapping[str, list[dict]], **match: Any) -> list[dict] | None:
     for runs in arms.values():
-        r = runs[0]
-        if all(r.get(k) == v for k, v in match.items()):
+        if all(runs[0].get(k) == v for k, v in match.items()):
             return runs
     return None
+
+
+def _gain(run: Mapping) -> float:
+    return run["sampled_accuracy_end"] - run["sampled_accuracy_start"]
+
+
+def _reward_gain(run: Mapping) -> float | None:
+    if run["reward_first"] is None:
+        return None
+    return run["reward_last"] - run["reward_first"]
+
+
+def _unchanged(run: Mapping) -> float:
+    return run["sparsity"]["sparsity"]
+
+
+def _geo(key: str, master: bool = False) -> Callable[[Mapping], float | None]:
+    def get(run: Mapping) -> float | None:
+        source = run["master_geometry"] if master else run["geometry"]
+        value = (source or {}).get(key)
+        return None if value is None or (isinstance(value, float) and math.isnan(value)) \
+            else value
+    return get
 
 
 def _values(runs: Sequence[dict], get: Callable[[dict], float | None]) -> list[float | None]:
     return [get(r) for r in runs]
 
 
-def _unchanged(r: dict) -> float:
-    return r["sparsity"]["sparsity"]
+class Headline:
+    """The arms the report compares, found by their settings (None where a preset lacks one)."""
+
+    def __init__(self, arms: Mapping[str, list[dict]]) -> None:
+        self.rl = _find(arms, kind="rl", mode=MASTER, freeze=None, kl_coef=0.0)
+        lr = self.rl[0]["lr"] if self.rl else None
+        self.lr = lr
+        self.null = _find(arms, kind="rl-no-signal", mode=MASTER, freeze=None, lr=lr)
+        self.rft = _find(arms, kind="rft", mode=MASTER, lr=lr)
+        self.own = _find(arms, kind="sft", mode=MASTER, data="own", lr=lr)
+        self.teacher = _find(arms, kind="sft", mode=MASTER, data="teacher", lr=lr)
+        self.own_10x = (_find(arms, kind="sft", mode=MASTER, data="own", lr=10 * lr)
+                        if lr is not None else None)
+        self.rl_modes = {m: _find(arms, kind="rl", mode=m, freeze=None, kl_coef=0.0, lr=lr)
+                         for m in (MASTER, NEAREST, STOCHASTIC)}
+        self.own_modes = {m: _find(arms, kind="sft", mode=m, data="own", lr=lr)
+                          for m in (MASTER, NEAREST, STOCHASTIC)}
+        self.frozen = {runs[0]["freeze"]: runs for runs in arms.values()
+                       if runs[0]["freeze"] is not None}
+
+    def named(self) -> list[tuple[str, list[dict]]]:
+        """The fp32-master arms at the headline lr that train every weight, with short names."""
+        out = [("RL", self.rl), ("RL no-signal", self.null), ("RFT", self.rft),
+               ("SFT own", self.own), ("SFT teacher", self.teacher)]
+        return [(n, r) for n, r in out if r]
 
 
-def _kl_end(r: dict) -> float:
-    return r["series"]["curve_kl"][-1]
+# --------------------------------------------------------------------------- tests
 
 
-def format_lm_summary(summary: Mapping[str, Any], config: LMAblation) -> str:
-    """The terminal table of the headline arms, with a legend under it."""
-    warmup = summary["warmup"] or {}
-    arms = _group(summary["results"])
-    rows = []
-    for runs in arms.values():
-        row = {"arm": runs[0]["label"],
-               "unchanged": _cell(_values(runs, _unchanged), ".2%"),
-               "accuracy": _cell(_values(runs, lambda r: r["accuracy"]), ".1%"),
-               "KL to start": _cell(_values(runs, _kl_end), ".2e"),
-               "reward, last 10%": (_cell(_values(runs, lambda r: _tail_mean(
-                   r["series"]["reward"])), ".3f") if runs[0]["kind"] == "rl" else "-")}
-        rows.append(row)
-    start = warmup.get("accuracy")
-    legend = [
-        "",
-        f"Each cell: {SPREAD_NOTE}, {len(config.seeds)} seeds per arm, {config.steps} optimizer "
-        "steps per run, all from one start.",
-        "unchanged: share of weights whose bf16 bits equal the start's at the end (the paper's "
-        "Table 1 measure; paper: RL 36-92%, SFT 0.6-18.8%).",
-        f"accuracy: greedy, either answer format, {config.eval_problems} held-out problems"
-        + (f" (start {start:.1%})." if start is not None else "."),
-        f"KL to start: KL(start || run) per answer token on {config.kl_samples} fixed samples "
-        "of the start policy (one measure for every arm).",
-        "reward: share of correct sampled answers over the last 10% of rollouts (RL arms).",
-        "SFT own / teacher: cross-entropy on the forward / the reversed answer format.",
-    ]
-    return format_table(rows) + "\n" + "\n".join(legend)
+def _by_key(runs: Sequence[dict], get: Callable[[dict], float | None]) -> dict:
+    return {_key(r): get(r) for r in runs}
 
 
-def _environment(device: str, threads: int | None) -> dict[str, str]:
+def compare(a: Mapping[tuple, float | None], b: Mapping[tuple, float | None] | float,
+            paired: bool = True) -> stats.Test:
+    """The t test of ``a - b``: one-sample when ``b`` is a number, paired by key when
+    ``paired`` (keys where both have a value), else Welch's."""
+    xs = {k: v for k, v in a.items() if v is not None and not math.isnan(v)}
+    if isinstance(b, (int, float)):
+        return stats.one_sample_t(list(xs.values()), float(b))
+    ys = {k: v for k, v in b.items() if v is not None and not math.isnan(v)}
+    if paired:
+        keys = sorted(set(xs) & set(ys))
+        return stats.paired_t([xs[k] for k in keys], [ys[k] for k in keys])
+    return stats.welch_t(list(xs.values()), list(ys.values()))
+
+
+@dataclasses.dataclass
+class Claim:
+    """One row of the claims table."""
+
+    group: str
+    claim: str
+    evidence: str
+    test: stats.Test
+    expect: str
+    verdict: str
+    p_holm: float = float("nan")
+    note: str = ""
+
+    def as_dict(self) -> dict[str, Any]:
+        lo, hi = self.test.interval()
+        return {"group": self.group, "claim": self.claim, "evidence": self.evidence,
+                "test": self.test.name, "n": self.test.n_a, "difference": self.test.diff,
+                "ci95": [lo, hi], "t": self.test.t, "df": self.test.df, "p": self.test.p,
+                "p_holm": self.p_holm, "expect": self.expect, "verdict": self.verdict,
+                "verdict_holm": self.verdict_holm, "note": self.note}
+
+    @property
+    def verdict_holm(self) -> str:
+        if math.isnan(self.p_holm) or self.p_holm >= ALPHA:
+            return "cannot say"
+        return self.verdict
+
+
+def _text(values: Sequence[float | None], fmt: str) -> str:
+    return _cell(list(values), fmt)
+
+
+def _claim(group: str, claim: str, a_name: str, a: Mapping, b_name: str | None,
+           b: Mapping | float, expect: str, fmt: str, note: str = "") -> Claim:
+    test = compare(a, b)
+
+    def text(name: str, values: Mapping) -> str:
+        if all(v is None for v in values.values()):
+            return f"{name}: no run reached it"
+        return f"{name} {_text(list(values.values()), fmt)}"
+
+    if isinstance(b, (int, float)):
+        evidence = f"{text(a_name, a)} vs {b:g}"
+    else:
+        evidence = f"{text(a_name, a)} vs {text(b_name or '', b)}"
+    return Claim(group, claim, evidence, test, expect, stats.verdict(test, expect, ALPHA),
+                 note=note)
+
+
+# --------------------------------------------------------------------------- matched readings
+
+
+def matched_targets(head: Headline) -> dict[str, float | None]:
+    """The common KL and the common held-out sampled-accuracy gain at which arms are read.
+
+    KL: the smallest, over the headline arms, of the 20% quantile of their runs' final KL,
+    so at least 80% of every headline arm's runs reach it. Gain: the same over the arms whose
+    median final gain is positive (RL, RFT, SFT own in practice); None when none gains.
+    """
+    named = head.named()
+    kl = min(quantile([r["series"]["curve_kl"][-1] for r in runs], 0.2) for _, runs in named)
+    gains = [quantile([curve_gain(r)[-1] for r in runs], 0.2) for _, runs in named
+             if quantile([curve_gain(r)[-1] for r in runs], 0.5) > 0]
+    gain = min(gains) if gains and min(gains) > 0 else None
+    return {"kl": kl, "gain": gain}
+
+
+MATCHED_MEASURES = (
+    ("unchanged", "curve_unchanged", ".2%", "bf16 weights unchanged"),
+    ("matched_lift", "curve_matched_lift", ".3f", "changed & principal, matched lift"),
+    ("master_matched_lift", "curve_master_matched_lift", ".3f",
+     "fp32 master top-20% & principal, matched lift"),
+    ("angle", "curve_angle", ".3f", "largest principal angle, top-k (deg)"),
+    ("drift", "curve_drift", ".2e", "spectrum drift"),
+)
+
+
+# --------------------------------------------------------------------------- claims
+
+
+def claims(config: LMAblation, arms: Mapping[str, list[dict]]) -> list[Claim]:
+    """Every row of the claims table: the paper's claims, then this ablation's controls."""
+    head = Headline(arms)
+    if not head.rl:
+        return []
+    out: list[Claim] = []
+    targets = matched_targets(head)
+    kl_t, gain_t = targets["kl"], targets["gain"]
+
+    def at_kl(runs: list[dict], key: str) -> dict:
+        return {_key(r): read_at_kl(r, key, kl_t) for r in runs}
+
+    def at_gain(runs: list[dict], key: str) -> dict:
+        return {_key(r): read_at_gain(r, key, gain_t) for r in runs} if gain_t else {}
+
+    end_unchanged = lambda runs: _by_key(runs, _unchanged)  # noqa: E731
+    rl = head.rl
+    paper = "paper"
+    # Learning: the premise of every comparison below, pooled and at every start.
+    if head.null:
+        out.append(_claim("premise", "RL learns: its held-out sampled accuracy gains more than "
+                          "the no-signal control's (all starts)", "RL", _by_key(rl, _gain),
+                          "no-signal", _by_key(head.null, _gain), ">", "+.3f"))
+    for s in sorted({r["start"] for r in rl}):
+        def of(runs: list[dict] | None, get) -> dict:
+            return _by_key([r for r in runs or [] if r["start"] == s], get)
+        if head.null:
+            out.append(_claim("premise", f"RL learns from start {s}: its held-out sampled "
+                              "accuracy gains more than the no-signal control's",
+                              "RL", of(rl, _gain), "no-signal", of(head.null, _gain), ">",
+                              "+.3f"))
+            out.append(_claim("premise", f"... and its reward (last minus first 10% of "
+                              f"rollouts) rises more than the control's, start {s}",
+                              "RL", of(rl, _reward_gain), "no-signal",
+                              of(head.null, _reward_gain), ">", "+.3f"))
+    for name, sft in (("own", head.own), ("teacher", head.teacher)):
+        if not sft:
+            continue
+        out.append(_claim(paper, f"Table 1: RL leaves more bf16 weights unchanged than SFT "
+                          f"{name} (same lr and steps)", "RL", end_unchanged(rl),
+                          f"SFT {name}", end_unchanged(sft), ">", ".2%"))
+        out.append(_claim(paper, f"... at matched KL ({kl_t:.3g}), vs SFT {name}", "RL",
+                          at_kl(rl, "curve_unchanged"), f"SFT {name}",
+                          at_kl(sft, "curve_unchanged"), ">", ".2%"))
+        if gain_t:
+            out.append(_claim(paper, f"... at matched gain ({gain_t:+.3f} sampled accuracy), "
+                              f"vs SFT {name}", "RL", at_gain(rl, "curve_unchanged"),
+                              f"SFT {name}", at_gain(sft, "curve_unchanged"), ">", ".2%"))
+    lo, hi = PAPER_TABLE1["rl"]
+    out.append(_claim(paper, f"Table 1's size: RL keeps at least {lo:.0%} of bf16 weights "
+                      "unchanged", "RL", end_unchanged(rl), None, lo, ">", ".2%",
+                      note="scale: a 28k-weight model, 160 steps"))
+    if head.own_10x:
+        out.append(_claim(paper, "The paper's lr pair (SFT at 10x RL's lr): RL leaves more "
+                          "weights unchanged", "RL", end_unchanged(rl), "SFT own 10x lr",
+                          end_unchanged(head.own_10x), ">", ".2%"))
+    for what, modes in (("RL", head.rl_modes), ("SFT own", head.own_modes)):
+        if modes[NEAREST]:
+            out.append(_claim(paper, f"Gate III: bf16 storage hides sub-ULP updates ({what} "
+                              "in bf16 nearest keeps more unchanged than with an fp32 master)",
+                              "nearest", end_unchanged(modes[NEAREST]), "fp32 master",
+                              end_unchanged(modes[MASTER]), ">", ".2%"))
+        if modes[NEAREST] and modes[STOCHASTIC]:
+            out.append(_claim(paper, f"... and stochastic rounding lets them through ({what} "
+                              "in bf16 stochastic keeps fewer unchanged than nearest)",
+                              "stochastic", end_unchanged(modes[STOCHASTIC]), "nearest",
+                              end_unchanged(modes[NEAREST]), "<", ".2%"))
+    if gain_t:
+        for name, sft in (("own", head.own),):
+            if sft:
+                out.append(_claim(paper, "Gate I (KL anchor): RL reaches the same gain with "
+                                  f"less KL to its start than SFT {name}", "RL",
+                                  at_gain(rl, "curve_kl"), f"SFT {name}",
+                                  at_gain(sft, "curve_kl"), "<", ".2e"))
+    for name, sft in (("own", head.own), ("teacher", head.teacher)):
+        if sft:
+            out.append(_claim(paper, f"SFT lags RL: at matched KL RL has gained more held-out "
+                              f"sampled accuracy than SFT {name}", "RL", at_kl(rl, "gain"),
+                              f"SFT {name}", at_kl(sft, "gain"), ">", "+.3f"))
+    out.append(_claim(paper, "RL updates off the principal weights (bf16 changed mask, "
+                      "magnitude-matched lift below 1)", "RL",
+                      _by_key(rl, _geo("changed_in_principal_matched_lift")), None, 1.0, "<",
+                      ".3f"))
+    if rl[0]["master_geometry"]:
+        out.append(_claim(paper, "... on fp32 master deltas (top 20% of |delta|, matched lift "
+                          "below 1)", "RL", _by_key(rl, _geo("top_in_principal_matched_lift",
+                                                             True)), None, 1.0, "<", ".3f"))
+    for name, sft in (("own", head.own), ("teacher", head.teacher)):
+        if not sft:
+            continue
+        out.append(_claim(paper, f"SFT targets principal weights (SFT {name}, fp32 master "
+                          "deltas, matched lift above 1)", f"SFT {name}",
+                          _by_key(sft, _geo("top_in_principal_matched_lift", True)), None, 1.0,
+                          ">", ".3f"))
+        out.append(_claim(paper, f"RL is less on principal weights than SFT {name} (fp32 "
+                          "master deltas, matched lift)", "RL",
+                          _by_key(rl, _geo("top_in_principal_matched_lift", True)),
+                          f"SFT {name}", _by_key(sft, _geo("top_in_principal_matched_lift",
+                                                            True)), "<", ".3f"))
+        out.append(_claim(paper, f"... at matched KL (bf16 changed mask), vs SFT {name}", "RL",
+                          at_kl(rl, "curve_matched_lift"), f"SFT {name}",
+                          at_kl(sft, "curve_matched_lift"), "<", ".3f"))
+        out.append(_claim(paper, f"RL drifts the spectrum less than SFT {name} (fp32 master, "
+                          "per unit of update size)", "RL",
+                          _by_key(rl, _geo("drift_per_update", True)), f"SFT {name}",
+                          _by_key(sft, _geo("drift_per_update", True)), "<", ".3f"))
+        out.append(_claim(paper, f"... at matched KL, vs SFT {name}", "RL",
+                          at_kl(rl, "curve_drift"), f"SFT {name}", at_kl(sft, "curve_drift"),
+                          "<", ".2e"))
+        out.append(_claim(paper, f"RL rotates the top-k subspaces less than SFT {name} (fp32 "
+                          "master, largest angle per unit of update size)", "RL",
+                          _by_key(rl, _geo("angle_left_per_update", True)), f"SFT {name}",
+                          _by_key(sft, _geo("angle_left_per_update", True)), "<", ".3g"))
+        out.append(_claim(paper, f"... at matched KL (largest angle), vs SFT {name}", "RL",
+                          at_kl(rl, "curve_angle"), f"SFT {name}", at_kl(sft, "curve_angle"),
+                          "<", ".3f"))
+    if head.null:
+        out.append(_claim(paper, "Updates are consistent across runs: RL's changed weights "
+                          "coincide across seeds more than the no-signal control's (Jaccard "
+                          "over its chance value, mean over seed pairs, paired by start)", "RL",
+                          _seed_overlap(rl), "no-signal", _seed_overlap(head.null), ">",
+                          ".3f"))
+    frozen = head.frozen
+    for other in ("non_principal", "random"):
+        if "principal" in frozen and other in frozen:
+            what = ("their complement" if other == "non_principal"
+                    else "a random set of that size")
+            out.append(_claim(paper, "Freezing: RL with the principal weights frozen gains "
+                              f"more held-out sampled accuracy than with {what} frozen",
+                              "principal frozen", _by_key(frozen["principal"], _gain),
+                              f"{other.replace('_', '-')} frozen", _by_key(frozen[other], _gain),
+                              ">", "+.3f",
+                              note=("the complement is four times the principal mask: sizes "
+                                    "differ" if other == "non_principal" else "same sizes")))
+    ours = "beyond the paper"
+    if head.null:
+        out.append(_claim(ours, "RL's sparsity is not what its noise does alone: RL leaves "
+                          "more weights unchanged than the no-signal control at matched KL",
+                          "RL", at_kl(rl, "curve_unchanged"), "no-signal",
+                          at_kl(head.null, "curve_unchanged"), ">", ".2%"))
+    if head.rft:
+        out.append(_claim(ours, "The RL objective, not on-policy data, keeps weights "
+                          "unchanged: RL leaves more unchanged than RFT (SFT on its own correct "
+                          "samples) at matched KL", "RL", at_kl(rl, "curve_unchanged"), "RFT",
+                          at_kl(head.rft, "curve_unchanged"), ">", ".2%"))
+        if head.own:
+            out.append(_claim(ours, "On-policy data keeps weights unchanged: RFT leaves more "
+                              "unchanged than SFT own at matched KL", "RFT",
+                              at_kl(head.rft, "curve_unchanged"), "SFT own",
+                              at_kl(head.own, "curve_unchanged"), ">", ".2%"))
+    if head.own and head.teacher:
+        out.append(_claim(ours, "Off-policy data moves more weights: SFT teacher leaves fewer "
+                          "unchanged than SFT own at matched KL", "SFT teacher",
+                          at_kl(head.teacher, "curve_unchanged"), "SFT own",
+                          at_kl(head.own, "curve_unchanged"), "<", ".2%"))
+    adjusted = stats.holm([c.test.p for c in out])
+    for c, p in zip(out, adjusted):
+        c.p_holm = p
+    return out
+
+
+def _seed_overlap(runs: Sequence[dict]) -> dict[tuple, float | None]:
+    """Per start (key ``(start, 0)``): the mean over its runs of their cross-seed Jaccard lift
+    (one value per start: seeds of one start are not independent in this measure)."""
+    out: dict[tuple, float | None] = {}
+    for s in sorted({r["start"] for r in runs}):
+        values = [r.get("seed_jaccard_lift") for r in runs if r["start"] == s]
+        mean, _, n = spread(values)
+        out[(s, 0)] = mean if n else None
+    return out
+
+
+# --------------------------------------------------------------------------- the report
+
+
+def cpu_facts() -> dict[str, str]:
+    """The CPU kernels torch dispatched to here, and whether the CPU has AVX-512."""
+    flags = ""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    flags = line
+                    break
+    except OSError:
+        pass
+    return {"cpu_capability": str(torch.backends.cpu.get_cpu_capability()),
+            "ATEN_CPU_CAPABILITY": os.environ.get("ATEN_CPU_CAPABILITY", "(not set)"),
+            "avx512f_in_cpu_flags": ("yes" if " avx512f" in flags else "no") if flags
+            else "unknown (no /proc/cpuinfo)"}
+
+
+def _environment(config: LMAblation) -> dict[str, str]:
     env = {"python": platform.python_version(), "torch": torch.__version__,
            "machine": platform.machine(),
-           "torch threads in the runs": str(threads or torch.get_num_threads())}
-    if device.startswith("cuda") and torch.cuda.is_available():
+           "torch threads in the runs": str(config.threads or torch.get_num_threads())}
+    env.update(cpu_facts())
+    if config.device.startswith("cuda") and torch.cuda.is_available():
         env["gpu"] = torch.cuda.get_device_name()
     return env
 
 
-def _setup(config: LMAblation, warmup: Mapping) -> list[str]:
+def _range(results: Sequence[dict], key: str, spec: str) -> str:
+    values = sorted({r[key] for r in results})
+    if not values:
+        return "-"
+    low, high = format(values[0], spec), format(values[-1], spec)
+    return low if low == high else f"{low} to {high}"
+
+
+def _setup(config: LMAblation, starts: Sequence[Any], results: Sequence[dict]) -> list[str]:
     task = AdditionTask(config.digits)
     d = config.digits
-    return [
+    spec = config.start_spec(config.starts[0])
+    params = sum(t.numel() for t in starts[0].weights.values())
+    rollout = config.prompts * config.group
+    per_step = rollout // config.minibatches
+    lines = [
         f"- Model: a Llama-style causal LM (RMSNorm, SiLU-gated MLP, learned positions), "
-        f"{warmup['params']:,} parameters (hidden {config.hidden}, {config.layers} layers, "
-        f"{config.heads} heads, MLP {config.intermediate}), vocabulary of {task.vocab_size} "
-        "tokens. Weights stored as each mode dictates; forward and backward in fp32 (weights "
-        "upcast at use), so results agree across CPUs up to float reassociation.",
-        f"- Task: {d}-digit addition, two correct answers per prompt: `<bos>{'1' * d}+"
+        f"{params:,} parameters (hidden {config.hidden}, {config.layers} layers, "
+        f"{config.heads} heads, MLP {config.intermediate}), {task.vocab_size} tokens. Weights "
+        "stored as each mode dictates, forward and backward in fp32 (weights upcast at use).",
+        f"- Task: {d}-digit addition with two correct answers per prompt: `<bos>{'1' * d}+"
         f"{'2' * d}=` -> `{'0' + '3' * d}<eos>` (forward) or `{'3' * d + '0'}<eos>` "
-        "(reversed); reward 1 when the whole answer is exact in either format.",
-        f"- Warm-up: {config.warmup_steps} steps of cross-entropy in fp32, lr {config.warmup_lr:g} "
-        f"(linear ramp over 5%, cosine decay to 0), batch {config.warmup_batch}, "
-        f"{config.warmup_reversed:.0%} of answers reversed. Its bf16 image is the start of every "
-        f"run: greedy accuracy {warmup['accuracy']:.1%} on {config.eval_problems} held-out "
-        f"problems, {warmup['reversed_share']:.1%} of its answers reversed.",
-        f"- RL: GRPO-style, {config.prompts} prompts x {config.group} samples per rollout, "
-        f"advantages normalised within each group, temperature {config.temperature:g}, "
-        f"{config.updates} optimizer steps per rollout with the ratio to the rollout policy "
-        f"clipped at 1 ± {config.clip:g}; KL weight 0 unless the arm says otherwise (exact KL "
-        "to the start policy over the vocabulary).",
-        f"- SFT: cross-entropy on {config.prompts * config.group} fresh problems per step, "
-        "answers forward (\"own\": the start model's usual format) or reversed (\"teacher\": "
-        "a format the start model rarely writes, i.e. off-policy data).",
+        f"(reversed); reward 1 when the whole answer is exact in either format. "
+        f"{config.held_out} problems are held out (no start or run trains on them).",
+        f"- Starts ({len(starts)}): warm-ups of {spec.steps} fp32 cross-entropy steps (lr "
+        f"{spec.lr:g}, linear ramp over 5%, cosine decay to 0, batch {spec.batch}), "
+        f"{spec.reversed:.0%} of answers reversed and each answer digit replaced by a random "
+        f"digit with probability {spec.noise:g}. Their bf16 images: greedy accuracy "
+        f"{_range(results, 'accuracy_start', '.1%')}, sampled accuracy "
+        f"{_range(results, 'sampled_accuracy_start', '.1%')} at temperature "
+        f"{config.temperature:g}, of which {_range(results, 'sampled_reversed_start', '.1%')} "
+        "in the reversed format (where each start comes from: the table below).",
+        f"- RL: GRPO-style. A rollout: {config.prompts} prompts x {config.group} samples at "
+        f"temperature {config.temperature:g}, advantages normalised within each prompt's group; "
+        f"{config.updates} optimizer steps per rollout, over {config.minibatches} minibatches "
+        f"of {per_step} samples, {config.updates // config.minibatches} epochs (OpenAI "
+        "baselines' PPO2 defaults are 4 epochs over 4 minibatches), ratio to the rollout "
+        f"policy clipped at 1 ± {config.clip:g}; {config.steps // config.updates} rollouts, "
+        f"{config.steps} optimizer steps per run. No KL term.",
+        "- RL no-signal: the same, with each rollout's rewards permuted across its samples "
+        "before the advantages: the same reward counts on random samples, so the expected "
+        "advantage of every sample is 0 (the control that shows what noise alone does).",
+        "- RFT: cross-entropy on the rollout's own correct samples (rejection-sampling "
+        "fine-tuning), same rollouts, minibatches and steps as RL.",
+        f"- SFT: cross-entropy on {per_step} fresh problems per step, answers forward (\"own\": "
+        "the start's majority format) or reversed (\"teacher\": its minority format, i.e. "
+        "off-policy data); same steps.",
         f"- Optimizer: rlvr_optim.AdamW, betas (0.9, 0.999), eps 1e-8, weight decay "
-        f"{config.weight_decay:g}, {config.steps} steps per run; seeds {list(config.seeds)} per "
-        "arm (RL sampling, prompts, SFT problems; arms of one seed see the same prompts).",
+        f"{config.weight_decay:g}, constant lr. Seeds {list(config.seeds)} from each start "
+        "(prompts, sampling, shuffles, SFT problems; arms of one start and seed see the same "
+        "prompts and the same first rollout).",
         f"- Headline mode: {MASTER} (fp32 master weights, bf16 weights and checkpoints, as "
-        f"verl-style trainers run); {NEAREST} (no master: sub-half-ULP updates are lost each "
-        "step) is the storage-filter contrast.",
-        f"- Spread: {SPREAD_NOTE}. A comparison is read as agreeing or not only when the "
-        "difference of means exceeds two standard errors; otherwise \"cannot say\".",
+        f"verl-style trainers run); {NEAREST} and {STOCHASTIC} (no master) are the "
+        "storage-filter contrasts.",
+        f"- Measures: \"sampled accuracy\" is the exact chance that a sample at the rollout "
+        f"temperature is correct (forward plus reversed answer probability, teacher-forced), "
+        f"averaged over {config.eval_problems} held-out problems ({config.curve_problems} on "
+        "the curves): no sampling noise. Greedy accuracy beside it. KL: KL(start || run) per "
+        f"answer token on {config.kl_samples} fixed samples of each start.",
+        f"- Statistics: {SPREAD_NOTE}; tests are two-sided t tests (paired by start and seed "
+        "unless said otherwise, t quantiles for 95% intervals), a verdict needs p < 0.05 "
+        "(Holm-adjusted p beside it). Pooled tests count every start-and-seed pair as one "
+        "observation: pairing removes each start's level, not a difference that depends on "
+        "the start, so the per-start rows are the stricter reading where they exist.",
     ]
+    return lines
 
 
-def write_lm_report(out: str, config: LMAblation, results: Sequence[dict], *,
-                    warmup: Mapping, wall_s: float) -> list[str]:
-    """Write the LM ablation's report files into ``out``; returns their paths.
+def _start_table(starts: Sequence[Any], runs: Sequence[dict]) -> list[str]:
+    rows = []
+    for s in starts:
+        first = next((r for r in runs if r["start"] == s.seed), None)
+        digest = s.made["files"].get(f"start-{s.seed}.safetensors", "")
+        rows.append({"start": s.seed,
+                     "greedy": f"{first['accuracy_start']:.1%}" if first else "-",
+                     "sampled": f"{first['sampled_accuracy_start']:.1%}" if first else "-",
+                     "rev": f"{first['sampled_reversed_start']:.1%}" if first else "-",
+                     "file": s.source, "sha": digest[:16]})
+    return [analysis.markdown_table(rows, ["start", "greedy", "sampled", "rev", "file", "sha"],
+                                    ["start", "greedy accuracy", "sampled accuracy",
+                                     "reversed share of correct samples", "weights",
+                                     "SHA-256 (first 16)"]), ""]
 
-    Args:
-        out: output folder.
-        config: the settings.
-        results: one dict per run (:func:`rlvr_optim.ablation.cohorts.run_cohort`).
-        warmup: the warm-up's result.
-        wall_s: wall time of this invocation.
-    """
-    os.makedirs(out, exist_ok=True)
-    arms = _group(results)
-    start_acc = warmup["accuracy"]
-    start_curve_acc = warmup["curve_accuracy"]
-    md: list[str] = [f"# Precision ablation, preset `{config.name}`", ""]
-    md += _setup(config, warmup) + [""]
 
-    md += [f"## Arms after {config.steps} steps", "",
-           f"Every cell: {SPREAD_NOTE}, {len(config.seeds)} seeds. \"unchanged\": bf16 bits equal "
-           "to the start's (Table 1's measure); \"KL\": KL(start || run) per answer token on "
-           f"{config.kl_samples} fixed samples of the start policy; accuracy: greedy, either "
-           f"format, {config.eval_problems} held-out problems (start {start_acc:.1%}); "
-           "\"reversed\": share of greedy answers in the reversed format; reward: the first and "
-           "last 10% of rollouts; clipped: share of answer tokens whose ratio left the clip "
-           "range.", ""]
+def _learning_section(config: LMAblation, head: Headline, claim_rows: Sequence[Claim]) -> list[str]:
+    rows = []
+    for s in sorted({r["start"] for r in head.rl}):
+        for name, runs in head.named():
+            mine = [r for r in runs if r["start"] == s]
+            sampling = mine[0]["reward_first"] is not None
+            rows.append({
+                "start": s, "arm": name,
+                "sacc": f"{100 * mine[0]['sampled_accuracy_start']:.1f}% -> "
+                        + _cell(_values(mine, lambda r: r["sampled_accuracy_end"]), ".1%"),
+                "gain": _cell(_values(mine, _gain), "+.1%"),
+                "greedy": _cell(_values(mine, lambda r: r["accuracy_end"]), ".1%"),
+                "reward": (_cell(_values(mine, lambda r: r["reward_first"]), ".3f") + " -> "
+                           + _cell(_values(mine, lambda r: r["reward_last"]), ".3f"))
+                if sampling else "-",
+                "clip": _cell(_values(mine, lambda r: r["clipped_share"]), ".2e")
+                if mine[0]["clipped_share"] is not None else "-",
+                "rev": _cell(_values(mine, lambda r: r["sampled_reversed_end"]), ".1%"),
+            })
+    premise = [c for c in claim_rows if c.group == "premise"]
+    lines = ["## Does RL learn? Every start, against the no-signal control", "",
+             f"Per start, {len(config.seeds)} seeds per arm. Held-out sampled accuracy (exact, "
+             f"at temperature {config.temperature:g}) at the start -> after {config.steps} "
+             "steps; greedy accuracy after; reward: mean over the first -> last 10% of "
+             "rollouts; clipped: share of answer tokens whose ratio left the clip range, over "
+             "all updates; reversed: the reversed format's share of the correct samples' "
+             "probability at the end.", "",
+             analysis.markdown_table(rows, ["start", "arm", "sacc", "gain", "greedy", "reward",
+                                            "clip", "rev"],
+                                     ["start", "arm", "sampled accuracy", "gain", "greedy",
+                                      "reward", "clipped", "reversed"]), "",
+             "Tests (paired by seed within each start, df = seeds - 1):", ""]
+    lines += [f"- {c.claim}: {c.evidence}; {c.test.describe()}: **{c.verdict}**."
+              for c in premise]
+    return lines + [""]
+
+
+def _arms_section(config: LMAblation, arms: Mapping[str, list[dict]]) -> list[str]:
     rows = []
     for runs in arms.values():
-        rl = runs[0]["kind"] == "rl"
         rows.append({
-            "arm": runs[0]["label"], "unchanged": _cell(_values(runs, _unchanged), ".2%"),
-            "acc": _cell(_values(runs, lambda r: r["accuracy"]), ".1%"),
-            "gain": _cell(_values(runs, lambda r: r["accuracy"] - start_acc), ".1%"),
-            "kl": _cell(_values(runs, _kl_end), ".2e"),
-            "rev": _cell(_values(runs, lambda r: r["reversed_share"]), ".1%"),
-            "r0": _cell(_values(runs, lambda r: _tail_mean(r["series"]["reward"][::-1])), ".3f")
-            if rl else "-",
-            "r1": _cell(_values(runs, lambda r: _tail_mean(r["series"]["reward"])), ".3f")
-            if rl else "-",
-            "clip": _cell(_values(runs, lambda r: sum(r["series"]["clip_fraction"])
-                                  / len(r["series"]["clip_fraction"])), ".2e") if rl else "-",
+            "arm": runs[0]["label"], "n": len(runs),
+            "unchanged": _cell(_values(runs, _unchanged), ".2%"),
+            "kl": _cell(_values(runs, lambda r: r["kl_final"]), ".2e"),
+            "gain": _cell(_values(runs, _gain), "+.1%"),
+            "greedy": _cell(_values(runs, lambda r: r["accuracy_end"]), ".1%"),
+            "reward": _cell(_values(runs, _reward_gain), "+.3f")
+            if runs[0]["reward_first"] is not None else "-",
+            "clip": _cell(_values(runs, lambda r: r["clipped_share"]), ".2e")
+            if runs[0]["clipped_share"] is not None else "-",
         })
-    md.append(analysis.markdown_table(
-        rows, ["arm", "unchanged", "acc", "gain", "kl", "rev", "r0", "r1", "clip"],
-        ["arm", "unchanged", "accuracy", "accuracy gain", "KL to start", "reversed",
-         "reward, first 10%", "reward, last 10%", "clipped"]))
-    md.append("")
-
-    md += _matched_section(config, arms, start_acc, start_curve_acc)
-    md += _overlap_section(config, arms)
-    md += _spectrum_section(arms)
-    md += _freeze_section(config, arms, start_curve_acc)
-    md += _paper_section(config, arms)
-
-    plots = _plots(out, config, arms, start_curve_acc)
-    if plots is None:
-        md += ["(plots skipped: matplotlib is not installed)", ""]
-    else:
-        md += ["## Plots", ""] + [f"![{os.path.basename(p)}]({os.path.basename(p)})"
-                                  for p in plots] + [""]
-
-    md += ["## Files", "", "- `results.json`: settings, environment, the warm-up and every "
-           "run's measures (sparsity, geometry on bf16 weights and on fp32 master weights).",
-           "- `series.json`: every run's series: per rollout (or per `updates` SFT steps) "
-           "`loss`, `reward`, `clip_fraction`; every "
-           f"{config.log_every} steps (`curve_step`) `curve_kl`, `curve_unchanged`, "
-           "`curve_accuracy`, `curve_reversed`.", ""]
-    env = _environment(config.device, config.threads)
-    train = sum(runs[0]["cohort_wall_s"] for runs in _cohorts(results).values())
-    md += ["## Environment", "", ", ".join(f"{k} {v}" for k, v in env.items())
-           + f"; wall time of this invocation {wall_s:.1f} s (warm-up {warmup['wall_s']:.1f} s, "
-           f"cohorts {train:.1f} s).", ""]
-
-    md_path = os.path.join(out, "report.md")
-    files.write_text(md_path, "\n".join(md))
-    summary = {"preset": config.name, "config": dataclasses.asdict(config), "environment": env,
-               "wall_s": wall_s, "paper_table1": PAPER_TABLE1, "spread": SPREAD_NOTE,
-               "warmup": {k: v for k, v in warmup.items() if k != "series"},
-               "runs": [{k: v for k, v in r.items() if k != "series"} for r in results]}
-    res_path = os.path.join(out, "results.json")
-    files.write_json(res_path, summary, indent=1)
-    series = {"warmup": warmup["series"], **{r["name"]: r["series"] for r in results}}
-    series_path = os.path.join(out, "series.json")
-    files.write_json(series_path, _rounded(series), separators=(",", ":"))
-    return [md_path, res_path, series_path] + list(plots or [])
+    return [f"## Every arm after {config.steps} steps", "",
+            f"All starts and seeds pooled ({SPREAD_NOTE}). unchanged: bf16 bits equal to the "
+            "start's (Table 1's measure); KL: to the start, per answer token; gain: held-out "
+            "sampled accuracy, end minus start; reward gain: last minus first 10% of rollouts.",
+            "", analysis.markdown_table(rows, ["arm", "n", "unchanged", "kl", "gain", "greedy",
+                                               "reward", "clip"],
+                                        ["arm", "runs", "unchanged", "KL to start",
+                                         "sampled-accuracy gain", "greedy accuracy",
+                                         "reward gain", "clipped"]), ""]
 
 
-def _cohorts(results: Sequence[dict]) -> dict[tuple, list[dict]]:
-    out: dict[tuple, list[dict]] = {}
-    for r in results:
-        out.setdefault((r["kind"], r["mode"], r["lr"]), []).append(r)
-    return out
-
-
-def _rounded(series: Mapping[str, Mapping[str, list]]) -> dict:
-    """Series with 7 significant digits (fractions of 10^5-10^7 weights stay exact enough)."""
-    return {run: {k: [float(f"{v:.7g}") for v in values] for k, values in s.items()}
-            for run, s in series.items()}
-
-
-def _headline(arms: Mapping[str, list[dict]]) -> list[list[dict]]:
-    """The fp32-master arms that train every weight."""
-    return [runs for runs in arms.values()
-            if runs[0]["mode"] == MASTER and runs[0]["freeze"] is None]
-
-
-def _matched_section(config: LMAblation, arms: Mapping[str, list[dict]], start_acc: float,
-                     start_curve_acc: float) -> list[str]:
-    headline = _headline(arms)
-    kl_target = min(spread(_values(runs, _kl_end))[0] for runs in headline)
-    gains = [spread(_values(runs, lambda r: r["series"]["curve_accuracy"][-1]
-                            - start_curve_acc))[0] for runs in headline]
-    positive = [g for g in gains if g > 0]
-    gain_target = min(positive) if positive else None
-    rows = []
-    for runs in arms.values():
-        def at_kl(r: dict) -> float | None:
-            return at_matched(_curve(r, "curve_kl", 0.0), _curve(r, "curve_unchanged", 1.0),
-                              kl_target)
-
-        def at_gain(r: dict) -> float | None:
-            if gain_target is None:
-                return None
-            gain = [a - start_curve_acc for a in _curve(r, "curve_accuracy", start_curve_acc)]
-            return at_matched(gain, _curve(r, "curve_unchanged", 1.0), gain_target)
-
-        steps = runs[0]["series"]["curve_step"]
-        mid = min(range(len(steps)), key=lambda i: abs(steps[i] - config.steps // 2))
-        half = steps[mid]
-
-        def at_half(r: dict) -> float:
-            return r["series"]["curve_unchanged"][mid]
-
-        rows.append({"arm": runs[0]["label"], "half": _cell(_values(runs, at_half), ".2%"),
-                     "end": _cell(_values(runs, _unchanged), ".2%"),
-                     "kl": _cell(_values(runs, at_kl), ".2%"),
-                     "gain": _cell(_values(runs, at_gain), ".2%")})
-    lines = ["## Sparsity at matched steps, KL and accuracy gain", "",
-             "Share of weights unchanged (bf16 bits) read off each run's logged curve "
-             f"(every {config.log_every} steps, linear interpolation between points): at step "
-             f"{half} and {config.steps}; where the run's KL to the start first "
-             f"reached {kl_target:.3g} (the smallest mean final KL of the fp32-master arms that "
-             "train every weight, so each of them reaches it); where its accuracy gain on "
-             f"{config.curve_problems} held-out problems first reached "
-             + (f"{gain_target:+.1%} (the smallest positive mean gain among those arms)"
-                if gain_target is not None else
-                "a common level (none: no such arm gained accuracy, so this column is empty)")
-             + ". \"(k of n)\": only k seeds reached the level; \"-\": none did.", "",
-             analysis.markdown_table(rows, ["arm", "half", "end", "kl", "gain"],
-                                     ["arm", f"step {half}", f"step {config.steps}",
-                                      f"KL = {kl_target:.3g}",
-                                      "accuracy gain = " + (f"{gain_target:+.1%}"
-                                                            if gain_target is not None
-                                                            else "n/a")]), ""]
+def _matched_section(config: LMAblation, head: Headline) -> list[str]:
+    targets = matched_targets(head)
+    lines = ["## Matched movement: the arms read at a common KL and a common gain", "",
+             "Each run's logged curve (every "
+             f"{config.log_every} steps and the start) is read where it first reaches the "
+             "target, interpolating between the two logged points around it (in log KL). "
+             f"Common KL: {targets['kl']:.3g} (the smallest 20% quantile of final KL over the "
+             "headline arms). Common gain: "
+             + (f"{targets['gain']:+.3f} held-out sampled accuracy (the smallest 20% quantile "
+                "of final gain over the arms that gain)" if targets["gain"] else
+                "none (no arm's median run gained)")
+             + ". \"reached\": runs of the arm that reach the target; comparisons pair runs "
+             "by start and seed where both reached it.", ""]
+    for what, target, reader in (("KL", targets["kl"], read_at_kl),
+                                 ("gain", targets["gain"], read_at_gain)):
+        if target is None:
+            continue
+        rows = []
+        for name, runs in head.named():
+            row = {"arm": name}
+            reached = None
+            for short, key, fmt, _ in MATCHED_MEASURES:
+                vals = [reader(r, key, target) for r in runs]
+                row[short] = _cell(vals, fmt) if any(v is not None for v in vals) else "-"
+                if short == "unchanged":
+                    reached = sum(v is not None for v in vals)
+            if what == "KL":
+                vals = [reader(r, "gain", target) for r in runs]
+                row["other"] = _cell(vals, "+.3f") if any(v is not None for v in vals) else "-"
+            else:
+                vals = [reader(r, "curve_kl", target) for r in runs]
+                row["other"] = _cell(vals, ".2e") if any(v is not None for v in vals) else "-"
+            row["reached"] = f"{reached} of {len(runs)}"
+            rows.append(row)
+        columns = ["arm", "reached"] + [m[0] for m in MATCHED_MEASURES] + ["other"]
+        headers = ["arm", "reached"] + [m[3] for m in MATCHED_MEASURES] + [
+            "sampled-accuracy gain" if what == "KL" else "KL to start"]
+        label = (f"KL = {target:.3g}" if what == "KL" else f"gain = {target:+.3f}")
+        lines += [f"At {label}:", "", analysis.markdown_table(rows, columns, headers), ""]
     return lines
 
 
 def _overlap_section(config: LMAblation, arms: Mapping[str, list[dict]]) -> list[str]:
     rows = []
     for runs in arms.values():
-        def g(key: str, master: bool = False) -> list[float | None]:
-            return [(r["master_geometry"] or {}).get(key) if master else r["geometry"].get(key)
-                    for r in runs]
-
         rows.append({
             "arm": runs[0]["label"],
-            "density": _cell(g("changed_baseline"), ".2%"),
-            "p_lift": _cell(g("changed_in_principal_lift"), ".2f"),
-            "p_matched": _cell(g("changed_in_principal_matched_lift"), ".2f"),
-            "pnl_lift": _cell(g("changed_in_principal_not_low_lift"), ".2f"),
-            "pnl_matched": _cell(g("changed_in_principal_not_low_matched_lift"), ".2f"),
-            "low_lift": _cell(g("changed_in_low_magnitude_lift"), ".2f"),
-            "m_p_lift": _cell(g("top_in_principal_lift", True), ".2f"),
-            "m_p_matched": _cell(g("top_in_principal_matched_lift", True), ".2f"),
-            "m_pnl_matched": _cell(g("top_in_principal_not_low_matched_lift", True), ".2f"),
+            "density": _cell(_values(runs, _geo("changed_baseline")), ".2%"),
+            "p_lift": _cell(_values(runs, _geo("changed_in_principal_lift")), ".2f"),
+            "p_matched": _cell(_values(runs, _geo("changed_in_principal_matched_lift")), ".3f"),
+            "pnl_matched": _cell(_values(runs, _geo("changed_in_principal_not_low_matched_lift")),
+                                 ".3f"),
+            "m_p_matched": _cell(_values(runs, _geo("top_in_principal_matched_lift", True)),
+                                 ".3f"),
+            "jac": _cell(_values(runs, lambda r: r.get("seed_jaccard_lift")), ".3f"),
         })
-    return ["## Where the updates fall: principal weights, against two nulls", "",
-            f"Masks of the start weights per matrix: principal = top {config.alpha:g} of "
-            f"|rank-k reconstruction| (k = {config.rank} of the smaller dimension), "
-            f"low-magnitude = bottom {config.alpha:g} of |W0|, principal minus low-magnitude = "
-            "the paper's split. Lift = overlap / the update's density (1: a randomly placed "
-            "update). Matched lift = overlap / the expected overlap of the update mask "
-            f"permuted within {config.bins} bins of |W0| per matrix: a bf16 weight changes only "
-            "past half a ULP, which grows with |W0|, so an update with no preference already "
-            "avoids the (mostly large) principal weights under the plain null; the matched null "
-            "removes that. Left: the bf16 update mask (bits changed); right: the top "
-            f"{config.alpha:g} of |delta| of the fp32 master weights (arms with a master).", "",
-            analysis.markdown_table(rows, ["arm", "density", "p_lift", "p_matched", "pnl_lift",
-                                           "pnl_matched", "low_lift", "m_p_lift", "m_p_matched",
-                                           "m_pnl_matched"],
+    return ["## Where the updates fall: principal weights, against a magnitude-matched null",
+            "",
+            f"Masks of each start's matrices: principal = top {config.alpha:g} of |rank-k "
+            f"reconstruction| (k = {config.rank} of the smaller dimension), principal minus "
+            f"low-magnitude = the paper's split. Lift = overlap / the update's density (1: "
+            "placed at random); matched lift = overlap / the expected overlap of the update "
+            f"mask permuted within {config.bins} bins of |W0| per matrix (a bf16 weight changes "
+            "only past half a ULP, which grows with |W0|, so the plain lift confounds magnitude). "
+            "fp32 master: the top 20% of |delta| of the master weights. Seeds: the Jaccard of two "
+            "seeds' changed masks over its chance value, mean over seed pairs of one start.", "",
+            analysis.markdown_table(rows, ["arm", "density", "p_lift", "p_matched",
+                                           "pnl_matched", "m_p_matched", "jac"],
                                     ["arm", "changed", "& principal: lift", "matched lift",
-                                     "& principal - low: lift", "matched lift",
-                                     "& low-mag.: lift", "fp32 master top: & principal, lift",
-                                     "matched lift", "& principal - low, matched lift"]), ""]
+                                     "& principal - low: matched lift",
+                                     "fp32 master top: matched lift", "across seeds"]), ""]
 
 
 def _spectrum_section(arms: Mapping[str, list[dict]]) -> list[str]:
     rows = []
     for runs in arms.values():
-        def g(key: str, master: bool = False) -> list[float | None]:
-            return [(r["master_geometry"] or {}).get(key) if master else r["geometry"][key]
-                    for r in runs]
-
-        rows.append({"arm": runs[0]["label"], "size": _cell(g("update_norm"), ".2e"),
-                     "drift": _cell(g("spectrum_drift"), ".2e"),
-                     "dpu": _cell(g("drift_per_update"), ".3f"),
-                     "angle": _cell(g("angle_left"), ".3f"),
-                     "apu": _cell(g("angle_left_per_update"), ".3g"),
-                     "m_dpu": _cell(g("drift_per_update", True), ".3f")})
-    return ["## Spectrum drift and subspace rotation, per unit of update size", "",
-            "Means over weight matrices of the bf16 weights: update size ||W1 - W0|| / ||W0|| "
-            "(Frobenius), spectrum drift ||sigma(W1) - sigma(W0)|| / ||sigma(W0)||, the largest "
-            "principal angle between the top-k left singular subspaces, and each divided by "
-            "the matrix's update size (drift per update is at most 1: 1 = the update only "
-            "rescales singular values). Last column: the same on the fp32 master weights.", "",
-            analysis.markdown_table(rows, ["arm", "size", "drift", "dpu", "angle", "apu",
-                                           "m_dpu"],
-                                    ["arm", "update size", "spectrum drift",
-                                     "drift per update", "angle (deg)",
-                                     "angle per update (deg)", "fp32 master: drift per update"]),
-            ""]
+        rows.append({"arm": runs[0]["label"],
+                     "size": _cell(_values(runs, _geo("update_norm")), ".2e"),
+                     "drift": _cell(_values(runs, _geo("drift_per_update", True)), ".3f"),
+                     "angle": _cell(_values(runs, _geo("angle_left_per_update", True)), ".3g"),
+                     "b_drift": _cell(_values(runs, _geo("drift_per_update")), ".3f")})
+    return ["## Spectrum drift and subspace rotation per unit of update size", "",
+            "Means over weight matrices: update size ||W1 - W0|| / ||W0|| (bf16 weights), "
+            "spectrum drift ||sigma(W1) - sigma(W0)|| / ||sigma(W0)|| and the largest principal "
+            "angle between the top-k left singular subspaces, each divided by the matrix's "
+            "update size, on the fp32 master weights (drift per update is at most 1: 1 = the "
+            "update only rescales singular values); last column on the bf16 weights.", "",
+            analysis.markdown_table(rows, ["arm", "size", "drift", "angle", "b_drift"],
+                                    ["arm", "update size", "fp32 master: drift per update",
+                                     "fp32 master: angle per update (deg)",
+                                     "bf16: drift per update"]), ""]
 
 
-def _freeze_arms(arms: Mapping[str, list[dict]]) -> list[list[dict]]:
-    dense = _find(arms, kind="rl", mode=MASTER, freeze=None, kl_coef=0.0)
-    frozen = [runs for runs in arms.values() if runs[0]["freeze"] is not None]
-    return ([dense] if dense and frozen else []) + frozen
-
-
-def _freeze_section(config: LMAblation, arms: Mapping[str, list[dict]],
-                    start_curve_acc: float) -> list[str]:
-    group = _freeze_arms(arms)
-    if not group:
+def _freeze_section(head: Headline) -> list[str]:
+    if not head.frozen or not head.rl:
         return []
     rows = []
-    for runs in group:
+    for name, runs in [("dense", head.rl)] + [(f"{k.replace('_', '-')} frozen", v)
+                                              for k, v in head.frozen.items()]:
         rows.append({
-            "arm": runs[0]["label"],
+            "arm": name,
             "frozen": _cell(_values(runs, lambda r: r.get("frozen_share", 0.0)), ".1%"),
             "moved": str(sum(r.get("frozen_changed", 0) for r in runs)),
-            "reward": _cell(_values(runs, lambda r: _tail_mean(r["series"]["reward"])), ".3f"),
-            "acc": _cell(_values(runs, lambda r: r["accuracy"]), ".1%"),
-            "kl": _cell(_values(runs, _kl_end), ".2e"),
+            "gain": _cell(_values(runs, _gain), "+.1%"),
+            "reward": _cell(_values(runs, _reward_gain), "+.3f"),
+            "kl": _cell(_values(runs, lambda r: r["kl_final"]), ".2e"),
             "unchanged": _cell(_values(runs, _unchanged), ".2%")})
-    return ["## Freezing experiment", "",
-            "RL (fp32 master, same lr and seeds) with a mask of the start weights frozen "
-            "through AdamW.set_freeze_mask: the principal mask, its complement, or a random "
-            "mask of the principal mask's size per matrix; beside the dense run. \"frozen\": "
-            "share of all weights frozen; \"frozen moved\": frozen weights whose bf16 bits "
-            "differ from the start at the end, summed over seeds (0 = the freeze held "
-            "bit for bit). Curves in `freezing.png`.", "",
-            analysis.markdown_table(rows, ["arm", "frozen", "moved", "reward", "acc", "kl",
+    return ["## Freezing: which weights does RL need?", "",
+            "RL (fp32 master, same lr, starts and seeds) with a mask of its start's weights "
+            "frozen through AdamW.set_freeze_mask: the principal mask, its complement, or a "
+            "random mask of the principal mask's size per matrix, beside the dense run. "
+            "\"frozen moved\": frozen weights whose bf16 bits differ from the start at the end, "
+            "summed over runs (0 = the freeze held bit for bit).", "",
+            analysis.markdown_table(rows, ["arm", "frozen", "moved", "gain", "reward", "kl",
                                            "unchanged"],
-                                    ["arm", "frozen", "frozen moved", "reward, last 10%",
-                                     "accuracy", "KL to start", "unchanged"]), ""]
+                                    ["arm", "frozen", "frozen moved", "sampled-accuracy gain",
+                                     "reward gain", "KL to start", "unchanged"]), ""]
 
 
-def _paper_section(config: LMAblation, arms: Mapping[str, list[dict]]) -> list[str]:
-    rl = _find(arms, kind="rl", mode=MASTER, freeze=None, kl_coef=0.0)
-    lines = ["## Against the paper, point by point", "",
-             "\"The Path Not Taken\" (arXiv 2511.08567). Each point: the paper's claim or "
-             "what its account predicts, our arms, and a verdict from the seeds' spread "
-             "(agrees / does not: the difference of means exceeds two standard errors; "
-             "cannot say: it does not). The toy has "
-             f"{sum(r['sparsity']['numel'] for r in rl[:1]) if rl else 0:,} weights and "
-             f"{config.steps} steps: directions, not sizes.", ""]
-    if rl is None:
-        return lines + ["(no dense fp32-master RL arm: nothing to compare)", ""]
-    points: list[tuple[str, str, str]] = []
-
-    def add(claim: str, a: list[dict], b: list[dict] | float, get: Callable, expect: str,
-            what: str) -> None:
-        va = _values(a, get)
-        vb = b if isinstance(b, float) else _values(b, get)
-        result, evidence = verdict(va, vb, expect)
-        b_text = f"{b:g}" if isinstance(b, float) else _cell(vb, what)
-        points.append((claim, f"{_cell(va, what)} vs {b_text} ({evidence})", result))
-
-    rl_lr = rl[0]["lr"]
-    master_sft = [runs for runs in arms.values()
-                  if runs[0]["kind"] == "sft" and runs[0]["mode"] == MASTER]
-    for sft in master_sft:
-        add(f"Table 1: RL leaves more bf16 weights unchanged than SFT (RL lr {rl_lr:g} vs SFT "
-            f"{sft[0]['data']} lr {sft[0]['lr']:g})", rl, sft, _unchanged, ">", ".2%")
-    lo, hi = PAPER_TABLE1["rl"]
-    mean_rl = spread(_values(rl, _unchanged))[0]
-    points.append(("Table 1's size: RL keeps 36-92% of bf16 weights",
-                   f"ours {_cell(_values(rl, _unchanged), '.2%')}",
-                   "agrees" if lo <= mean_rl <= hi else "does not (another scale: toy model, "
-                   "few steps)"))
-    nearest = _find(arms, kind="rl", mode=NEAREST, freeze=None)
-    if nearest:
-        add("Gate III: bf16 storage hides sub-ULP updates (RL in bf16 nearest keeps more "
-            "unchanged than with an fp32 master)", nearest, rl, _unchanged, ">", ".2%")
-    sft_own = _find(arms, kind="sft", mode=MASTER, data="own", lr=rl_lr)
-    sft_teacher = _find(arms, kind="sft", mode=MASTER, data="teacher", lr=rl_lr)
-
-    def geo(key: str, master: bool = False) -> Callable:
-        return lambda r: ((r["master_geometry"] or {}).get(key) if master
-                          else r["geometry"].get(key))
-
-    add("RL updates off the principal weights (bf16 mask, magnitude-matched lift below 1)",
-        rl, 1.0, geo("changed_in_principal_matched_lift"), "<", ".2f")
-    add("... and off principal-minus-low-magnitude weights (matched lift below 1)",
-        rl, 1.0, geo("changed_in_principal_not_low_matched_lift"), "<", ".2f")
-    if rl[0]["master_geometry"]:
-        add("... measured on fp32 master deltas (top-alpha, matched lift below 1)",
-            rl, 1.0, geo("top_in_principal_matched_lift", True), "<", ".2f")
-    for sft, name in ((sft_own, "own"), (sft_teacher, "teacher")):
-        if sft:
-            add(f"RL puts fewer updates on principal weights than SFT {name} (matched lift, "
-                "bf16 mask)", rl, sft, geo("changed_in_principal_matched_lift"), "<", ".2f")
-            add(f"RL preserves the spectrum better than SFT {name} (drift per unit of update "
-                "size, fp32 master)", rl, sft, geo("drift_per_update", True), "<", ".3f")
-            add(f"RL rotates the top-k subspaces less than SFT {name} (angle per unit of "
-                "update size)", rl, sft, geo("angle_left_per_update"), "<", ".3g")
-    frozen = {runs[0]["freeze"]: runs for runs in arms.values() if runs[0]["freeze"]}
-    reward = lambda r: _tail_mean(r["series"]["reward"])  # noqa: E731
-    if "principal" in frozen and "non_principal" in frozen:
-        add("Freezing: RL with the principal weights frozen learns more than with their "
-            "complement frozen (reward, last 10%)", frozen["principal"],
-            frozen["non_principal"], reward, ">", ".3f")
-    if "principal" in frozen and "random" in frozen:
-        add("Freezing: the principal weights matter less to RL than a random set of the same "
-            "size (reward, last 10%)", frozen["principal"], frozen["random"], reward, ">",
-            ".3f")
-    if sft_own and sft_teacher:
-        add("Not the paper's (issue 15's toy finding): off-policy SFT data moves more weights "
-            "than the model's own format (unchanged, teacher vs own)", sft_teacher, sft_own,
-            _unchanged, "<", ".2%")
-    lines.append(analysis.markdown_table(
-        [{"claim": c, "ours": o, "verdict": v} for c, o, v in points],
-        ["claim", "ours", "verdict"], ["claim", "ours (mean ± std)", "verdict"]))
-    return lines + [""]
+def _claims_section(claim_rows: Sequence[Claim]) -> list[str]:
+    rows = []
+    for c in claim_rows:
+        lo, hi = c.test.interval()
+        rows.append({"group": c.group, "claim": c.claim + (f" ({c.note})" if c.note else ""),
+                     "evidence": c.evidence,
+                     "test": f"{c.test.name}, n {c.test.n_a}",
+                     "diff": (f"{c.test.diff:+.3g} [{lo:+.3g}, {hi:+.3g}]"
+                              if not math.isnan(lo) else "n/a" if math.isnan(c.test.diff)
+                              else f"{c.test.diff:+.3g}"),
+                     "p": stats.format_p(c.test.p), "holm": stats.format_p(c.p_holm),
+                     "verdict": f"**{c.verdict}**" + ("" if c.verdict_holm == c.verdict
+                                                      else " (not after Holm)")})
+    counts = {v: sum(c.verdict == v for c in claim_rows)
+              for v in ("agrees", "does not", "cannot say")}
+    return ["## Against the paper, claim by claim", "",
+            "\"The Path Not Taken\" (arXiv 2511.08567): each row a claim of the paper or what "
+            "its account predicts, then this ablation's premise and controls. Verdict: "
+            "\"agrees\" / \"does not\" when a two-sided t test rejects no difference at p < 0.05 "
+            "with / against the claim's sign, else \"cannot say\". Difference: first minus "
+            "second, with its 95% interval (t quantiles). Multiple comparisons: "
+            f"{len(claim_rows)} tests; at p < 0.05 about {0.05 * len(claim_rows):.1f} would "
+            "reject by chance if no effect were real, so Holm's step-down adjusted p (family-wise "
+            "error 0.05 over the whole table) is shown beside p, and a verdict that does not "
+            f"survive it says so. Counts: {counts['agrees']} agree, {counts['does not']} do "
+            f"not, {counts['cannot say']} cannot say.", "",
+            analysis.markdown_table(rows, ["group", "claim", "evidence", "test", "diff", "p",
+                                           "holm", "verdict"],
+                                    ["", "claim", "ours (mean ± std)", "test", "difference "
+                                     "[95% CI]", "p", "Holm p", "verdict"]), ""]
 
 
-def _plots(out: str, config: LMAblation, arms: Mapping[str, list[dict]],
-           start_curve_acc: float) -> list[str] | None:
-    folder = analysis.FigureFolder.open(out)
-    if folder is None:
-        return None
-    plt, colors, save = folder.plt, folder.colors, folder.save
+def _precision_section(head: Headline) -> list[str]:
+    rows = []
+    for what, modes in (("RL", head.rl_modes), ("SFT own", head.own_modes)):
+        for mode, runs in modes.items():
+            if not runs:
+                continue
+            rows.append({"arm": what, "mode": mode,
+                         "unchanged": _cell(_values(runs, _unchanged), ".2%"),
+                         "kl": _cell(_values(runs, lambda r: r["kl_final"]), ".2e"),
+                         "gain": _cell(_values(runs, _gain), "+.1%")})
+    if len(rows) <= 2:
+        return []
+    return ["## The storage filter: fp32 master, bf16 nearest, bf16 stochastic", "",
+            "The same arms, same lr, starts and seeds, with the weights kept only in bf16 "
+            "(rounded to nearest, or stochastically) instead of beside an fp32 master.", "",
+            analysis.markdown_table(rows, ["arm", "mode", "unchanged", "kl", "gain"],
+                                    ["arm", "mode", "unchanged", "KL to start",
+                                     "sampled-accuracy gain"]), ""]
 
-    def mean_curve(runs: list[dict], key: str, start: float) -> tuple[list, list, list]:
-        xs = [0] + runs[0]["series"]["curve_step"]
-        cols = list(zip(*[_curve(r, key, start) for r in runs]))
-        stats = [spread(c) for c in cols]
-        return xs, [s[0] for s in stats], [0.0 if math.isnan(s[1]) else s[1] for s in stats]
 
-    fig, ax = plt.subplots(figsize=(7, 4), dpi=80)
-    for i, runs in enumerate(arms.values()):
-        _, kl, kl_sd = mean_curve(runs, "curve_kl", 0.0)
-        _, un, un_sd = mean_curve(runs, "curve_unchanged", 1.0)
-        style = "o-" if runs[0]["kind"] == "rl" else "s--"
-        ax.errorbar(kl, [100 * u for u in un], xerr=kl_sd, yerr=[100 * s for s in un_sd],
-                    fmt=style, ms=3, lw=1, capsize=2, color=colors[i % len(colors)],
-                    label=runs[0]["label"])
-    ax.set_xscale("symlog", linthresh=1e-5)
-    ax.set_xlabel("KL(start || run) per answer token, fixed start samples")
-    ax.set_ylabel("bf16 weights unchanged vs start (%)")
-    ax.set_title(f"sparsity vs KL along the runs (mean ± std, {len(config.seeds)} seeds)",
-                 fontsize=9)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=6)
-    save(fig, "sparsity_vs_kl.png")
+def write_lm_report(out: str, config: LMAblation, results: Sequence[dict], *,
+                    warmup: Sequence[Any], wall_s: float) -> list[str]:
+    """Write the LM ablation's report files into ``out``; returns their paths.
 
-    group = _freeze_arms(arms)
-    if group:
-        fig, axes = plt.subplots(1, 3, figsize=(13, 3.6), dpi=80)
-        for i, runs in enumerate(group):
-            color = colors[i % len(colors)]
-            label = "dense" if runs[0]["freeze"] is None else f"frozen {runs[0]['freeze']}"
-            rewards = list(zip(*[r["series"]["reward"] for r in runs]))
-            window = max(1, len(rewards) // 15)
-            smooth = [spread([sum(col[max(0, j - window + 1):j + 1])
-                              / len(col[max(0, j - window + 1):j + 1]) for col in zip(*rewards)])
-                      for j in range(len(rewards))]
-            xs = [(j + 1) * config.updates for j in range(len(rewards))]
-            m = [s[0] for s in smooth]
-            sd = [0.0 if math.isnan(s[1]) else s[1] for s in smooth]
-            axes[0].plot(xs, m, color=color, label=label)
-            axes[0].fill_between(xs, [a - b for a, b in zip(m, sd)],
-                                 [a + b for a, b in zip(m, sd)], color=color, alpha=0.15)
-            for ax, key, start, scale in ((axes[1], "curve_accuracy", start_curve_acc, 100),
-                                          (axes[2], "curve_kl", 0.0, 1)):
-                xs2, m2, sd2 = mean_curve(runs, key, start)
-                ax.plot(xs2, [scale * v for v in m2], "o-", ms=3, color=color, label=label)
-                ax.fill_between(xs2, [scale * (a - b) for a, b in zip(m2, sd2)],
-                                [scale * (a + b) for a, b in zip(m2, sd2)], color=color,
-                                alpha=0.15)
-        axes[0].set_ylabel(f"reward ({window}-rollout mean)")
-        axes[1].set_ylabel(f"greedy accuracy (%), {config.curve_problems} problems")
-        axes[2].set_ylabel("KL(start || run) per token")
-        for ax in axes:
-            ax.set_xlabel("optimizer step")
-            ax.grid(alpha=0.3)
-        axes[0].legend(fontsize=7)
-        fig.suptitle(f"RL with masks frozen (fp32 master, mean ± std over {len(config.seeds)} "
-                     "seeds)", fontsize=9)
-        save(fig, "freezing.png")
+    Args:
+        out: output folder.
+        config: the settings.
+        results: one dict per run (:func:`rlvr_optim.ablation.cohorts.run_cohort`).
+        warmup: the starts (:class:`rlvr_optim.ablation.cohorts.Start`).
+        wall_s: wall time of this invocation.
+    """
+    from .lm_plots import draw_plots
 
-    rl_arms = [runs for runs in arms.values() if runs[0]["kind"] == "rl"]
-    if rl_arms:
-        fig, ax = plt.subplots(figsize=(7, 3.4), dpi=80)
-        for i, runs in enumerate(rl_arms):
-            xs, m, sd = mean_curve(runs, "curve_accuracy", start_curve_acc)
-            ax.plot(xs, [100 * v for v in m], "o-", ms=3, color=colors[i % len(colors)],
-                    label=runs[0]["label"])
-        for j, runs in enumerate(runs for runs in arms.values() if runs[0]["kind"] == "sft"):
-            xs, m, sd = mean_curve(runs, "curve_accuracy", start_curve_acc)
-            ax.plot(xs, [100 * v for v in m], "s--", ms=3,
-                    color=colors[(len(rl_arms) + j) % len(colors)], label=runs[0]["label"])
-        ax.set_xlabel("optimizer step")
-        ax.set_ylabel("greedy accuracy (%)")
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=6)
-        save(fig, "accuracy.png")
-    return folder.paths
+    os.makedirs(out, exist_ok=True)
+    starts = list(warmup)
+    arms = _group(results)
+    head = Headline(arms)
+    claim_rows = claims(config, arms)
+    md: list[str] = [f"# Precision ablation, preset `{config.name}`", ""]
+    md += _setup(config, starts, results) + [""]
+    md += ["## Starts", ""] + _start_table(starts, results)
+    if head.rl:
+        md += _learning_section(config, head, claim_rows)
+    md += _arms_section(config, arms)
+    if head.rl:
+        md += _matched_section(config, head)
+    md += _claims_section(claim_rows)
+    md += _precision_section(head)
+    md += _freeze_section(head)
+    md += _overlap_section(config, arms)
+    md += _spectrum_section(arms)
+    plots = draw_plots(out, config, arms, head, matched_targets(head) if head.rl else None)
+    if plots is None:
+        md += ["(plots skipped: matplotlib is not installed)", ""]
+    else:
+        md += ["## Plots", ""] + [f"![{os.path.basename(p)}]({os.path.basename(p)})"
+                                  for p in plots] + [""]
+    env = _environment(config)
+    train = sum(runs[0]["cohort_wall_s"] for runs in _cohorts(results).values())
+    md += ["## Files", "",
+           "- `results.json`: settings, environment, the starts, every run's measures (one "
+           "entry per run: kind, mode, lr, seed, start, accuracies, rewards, KL, clipped share, "
+           "sparsity, geometry on bf16 and fp32 master weights; per-module sparsity stays in "
+           "the checkpoint folder's cohort results) and every claim's test.",
+           "- `series.json`: every run's series: per rollout (or per `updates` SFT steps) "
+           "`loss`, and for the sampling kinds `reward`, `clip_fraction`; every "
+           f"{config.log_every} steps (`curve_step`) the `curve_*` measures; `curve_start` in "
+           "results.json holds their values at step 0.", "",
+           "## Environment", "",
+           ", ".join(f"{k} {v}" for k, v in env.items())
+           + f"; the runs' training and curves took {train:.1f} s in all; "
+           + (f"this invocation took {wall_s:.1f} s." if wall_s >= train else
+              f"this invocation rendered the report from the finished runs in {wall_s:.1f} s.")
+           + " Runs from these starts round differently on another CPU (fp32 "
+             "matmuls and reductions reassociate with the kernel's vector width): expect "
+             "agreement within the spread there, bit equality only on this kind of CPU.", ""]
+    md_path = os.path.join(out, "report.md")
+    files.write_text(md_path, "\n".join(md))
+    summary = {"preset": config.name, "config": dataclasses.asdict(config), "environment": env,
+               "wall_s": wall_s, "paper_table1": PAPER_TABLE1, "spread": SPREAD_NOTE,
+               "starts": [{"seed": s.seed, "source": s.source, "files": s.made.get("files"),
+                           "made_with": s.made.get("made_with")} for s in starts],
+               "matched_targets": matched_targets(head) if head.rl else None,
+               "claims": [c.as_dict() for c in claim_rows],
+               "runs": [{k: v for k, v in r.items() if k not in ("series", "modules")}
+                        for r in results]}
+    res_path = os.path.join(out, "results.json")
+    files.write_json(res_path, _finite(summary), indent=1)
+    series = {r["name"]: r["series"] for r in results}
+    series_path = os.path.join(out, "series.json")
+    files.write_json(series_path, _rounded(series), separators=(",", ":"))
+    return [md_path, res_path, series_path] + list(plots or [])
+
+
+def _finite(value: Any) -> Any:
+    """``value`` with every nan or infinity replaced by None (JSON has neither)."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite(v) for v in value]
+    return value
+
+
+def _cohorts(results: Sequence[dict]) -> dict[tuple, list[dict]]:
+    out: dict[tuple, list[dict]] = {}
+    for r in results:
+        out.setdefault((r["kind"] == "sft", r["mode"], r["lr"], r["start"]), []).append(r)
+    return out
+
+
+def _rounded(series: Mapping[str, Mapping[str, list]]) -> dict:
+    """Series with 7 significant digits (None kept)."""
+    return {run: {k: [None if v is None else float(f"{v:.7g}") for v in values]
+                  for k, values in s.items()} for run, s in series.items()}
+
+
+def format_lm_summary(summary: Mapping[str, Any], config: LMAblation) -> str:
+    """The terminal table of the arms, the learning tests per start, and a legend."""
+    arms = _group(summary["results"])
+    head = Headline(arms)
+    rows = []
+    for runs in arms.values():
+        rows.append({"arm": runs[0]["label"],
+                     "sampled acc. gain": _cell(_values(runs, _gain), "+.1%"),
+                     "reward gain": _cell(_values(runs, _reward_gain), "+.3f")
+                     if runs[0]["reward_first"] is not None else "-",
+                     "KL to start": _cell(_values(runs, lambda r: r["kl_final"]), ".2e"),
+                     "unchanged": _cell(_values(runs, _unchanged), ".2%")})
+    lines = [format_table(rows), ""]
+    if head.rl and head.null:
+        for c in claims(config, arms):
+            if c.group == "premise" and "held-out" in c.claim:
+                lines.append(f"{c.claim}: {c.test.describe()} -> {c.verdict}")
+        if len(config.seeds) < 3:
+            lines.append(f"(with {len(config.seeds)} seeds a start's own test has "
+                         f"{len(config.seeds) - 1} degree of freedom and little power; "
+                         "rlvr-optim ablate --preset tiny runs 5 seeds per start)")
+    starts = sorted({r["start"] for r in summary["results"]})
+    lines += [
+        "",
+        f"Each cell: {SPREAD_NOTE}; {len(starts)} starts x {len(config.seeds)} seeds per arm, "
+        f"{config.steps} optimizer steps per run.",
+        "sampled acc. gain: exact chance that a sample at the rollout temperature is correct, "
+        f"on {config.eval_problems} held-out problems, end minus start.",
+        "reward gain: share of correct samples, last minus first 10% of rollouts.",
+        f"KL to start: KL(start || run) per answer token on {config.kl_samples} fixed samples "
+        "of each start.",
+        "unchanged: share of weights whose bf16 bits equal the start's (the paper's Table 1 "
+        "measure; paper: RL 36-92%, SFT 0.6-18.8%).",
+    ]
+    return "\n".join(lines)

@@ -4,6 +4,9 @@
 per prompt (one for palindromic sums), so which one a policy writes is its own choice and
 an SFT data set can carry either. Operands and answer are zero-padded, so every prompt and
 every answer has the same length and batches need no padding.
+
+Problems are numbered ``a * 10**digits + b``; :meth:`AdditionTask.split` sets a fixed share of
+them aside, so held-out accuracy is measured on problems that no warm-up or training step saw.
 """
 
 from __future__ import annotations
@@ -71,10 +74,37 @@ class AdditionTask:
         powers = 10 ** torch.arange(width - 1, -1, -1)
         return (x.unsqueeze(-1) // powers) % 10
 
-    def sample(self, n: int, generator: torch.Generator) -> tuple[Tensor, Tensor]:
-        """``n`` random problems: prompts ``[n, prompt_length]``, answers ``[n, answer_length]``."""
+    @property
+    def problem_count(self) -> int:
+        return 10 ** (2 * self.digits)
+
+    def split(self, held_out: int, seed: int) -> tuple[Tensor, Tensor]:
+        """``(training ids, held-out ids)``: ``held_out`` problem ids drawn once by ``seed``
+        (sorted), and every other id."""
+        if not 0 < held_out < self.problem_count:
+            raise ValueError(f"held_out must be in 1..{self.problem_count - 1}, got {held_out}")
+        order = torch.randperm(self.problem_count, generator=torch.Generator().manual_seed(seed))
+        return order[held_out:].sort().values, order[:held_out].sort().values
+
+    def problems(self, ids: Tensor) -> tuple[Tensor, Tensor]:
+        """Prompts and forward answers of problem ids (``a * 10**digits + b``)."""
+        return self._encode(ids // 10**self.digits, ids % 10**self.digits)
+
+    def sample(self, n: int, generator: torch.Generator,
+               pool: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """``n`` random problems: prompts ``[n, prompt_length]``, answers ``[n, answer_length]``.
+
+        Drawn uniformly (with replacement) from the problem ids in ``pool``, or from all
+        problems when ``pool`` is None.
+        """
+        if pool is not None:
+            return self.problems(pool[torch.randint(0, len(pool), (n,), generator=generator)])
         a = torch.randint(0, 10**self.digits, (n,), generator=generator)
         b = torch.randint(0, 10**self.digits, (n,), generator=generator)
+        return self._encode(a, b)
+
+    def _encode(self, a: Tensor, b: Tensor) -> tuple[Tensor, Tensor]:
+        n = len(a)
         column = lambda v: torch.full((n, 1), v, dtype=torch.int64)  # noqa: E731
         prompts = torch.cat([column(self.bos), self._digits(a, self.digits), column(self.plus),
                              self._digits(b, self.digits), column(self.equals)], dim=1)
@@ -82,7 +112,8 @@ class AdditionTask:
         return prompts, answers
 
     def reverse(self, answers: Tensor) -> Tensor:
-        """Forward answers ``[..., answer_length]`` written reversed (digits flipped, ``<eos>`` last)."""
+        """Forward answers ``[..., answer_length]`` written reversed (digits flipped, ``<eos>``
+        last)."""
         return torch.cat([answers[..., :-1].flip(-1), answers[..., -1:]], dim=-1)
 
     def reward(self, completions: Tensor, answers: Tensor) -> Tensor:
