@@ -9,16 +9,20 @@ SASS instructions per element of the steady-state loop, the narrowest and widest
 access on that loop's path and its narrowest load, programs resident per SM (what the
 registers, warps and shared memory of the compiled kernel let fit) beside those the
 launcher starts per SM, and whether the loop's loads overlap its math. DESIGN.md's
-performance model sets the budget these numbers are held to (tests/test_static_report.py).
-``--all-variants`` prints instead the registers, stack, spill and shared-memory bytes of
-each of the CUDA extension's 384 kernel variants, compiled one by one (the test suite
-checks a representative set, tests/test_csrc.py).
+performance model sets the budget these numbers are held to (tests/test_static_report.py),
+for bf16 and float16 params alike. ``--all-variants`` prints instead the registers, stack,
+spill and shared-memory bytes of each of the CUDA extension's 704 kernel variants (384 bf16,
+320 float16), compiled one by one (the test suite checks a representative set,
+tests/test_csrc.py).
 
 Kernels are the ones ``rlvr_optim.AdamW`` launches: "default" is bf16 params with the
 default state dtype, which follows the param (bf16 states), and so are the master and
-remainder rows; "fp32-states" rows are those of ``state_dtype=torch.float32``. Tracking
-"step" is a change bitmap and counters per step (no cumulative bitmap, no freeze mask);
-"off" is neither.
+remainder rows; "fp32-states" rows are those of ``state_dtype=torch.float32``. The "fp16-"
+rows have float16 params and grads, whose states AdamW makes float32 (master weights or
+not) unless ``state_dtype=torch.bfloat16`` ("fp16", "fp16-stochastic");
+"fp32-fp16-image" is fp32 params with ``change_dtype=torch.float16``. Tracking "step" is a
+change bitmap and counters per step (no cumulative bitmap, no freeze mask); "off" is
+neither.
 
 CUDA: each kernel variant is instantiated alone in a generated ``.cu``, compiled with
 ``nvcc -cubin`` (the extension's device flags, ``-Xptxas -v`` for registers, spills and
@@ -81,18 +85,27 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 CSRC = ROOT / "csrc"
 
-# mode -> (store mode of csrc/adamw_launch.h, param bf16, grad bf16, states bf16), as
-# rlvr_optim.AdamW launches it: states follow the param's dtype unless state_dtype says
-# otherwise, master weights or not.
+# mode -> (store mode of csrc/adamw_launch.h, param 16-bit, grad 16-bit, states bf16,
+# 16-bit format: "bf16" or "fp16", that of a 16-bit param and grad or of an fp32 param's
+# change image), as rlvr_optim.AdamW launches it: states follow a bf16 param's dtype unless
+# state_dtype says otherwise, master weights or not; a float16 param's are float32 unless
+# state_dtype=torch.bfloat16 ("fp16", "fp16-stochastic").
 MODES = {
-    "default": ("kNearest", True, True, True),
-    "stochastic": ("kStochastic", True, True, True),
-    "fp32-states": ("kNearest", True, True, False),
-    "stochastic-fp32-states": ("kStochastic", True, True, False),
-    "master": ("kMasterNearest", True, True, True),
-    "master-stochastic": ("kMasterStochastic", True, True, True),
-    "remainder": ("kRemainder", True, True, True),
-    "fp32": ("kNearest", False, False, False),
+    "default": ("kNearest", True, True, True, "bf16"),
+    "stochastic": ("kStochastic", True, True, True, "bf16"),
+    "fp32-states": ("kNearest", True, True, False, "bf16"),
+    "stochastic-fp32-states": ("kStochastic", True, True, False, "bf16"),
+    "master": ("kMasterNearest", True, True, True, "bf16"),
+    "master-stochastic": ("kMasterStochastic", True, True, True, "bf16"),
+    "remainder": ("kRemainder", True, True, True, "bf16"),
+    "fp32": ("kNearest", False, False, False, "bf16"),
+    "fp16": ("kNearest", True, True, True, "fp16"),
+    "fp16-stochastic": ("kStochastic", True, True, True, "fp16"),
+    "fp16-fp32-states": ("kNearest", True, True, False, "fp16"),
+    "fp16-stochastic-fp32-states": ("kStochastic", True, True, False, "fp16"),
+    "fp16-master": ("kMasterNearest", True, True, False, "fp16"),
+    "fp16-master-stochastic": ("kMasterStochastic", True, True, False, "fp16"),
+    "fp32-fp16-image": ("kNearest", False, False, False, "fp16"),
 }
 # "step": per-step change bitmap and counters (the variant with tracking compiled in);
 # "off": neither.
@@ -102,8 +115,9 @@ KEYS = ("backend", "triton_version", "mode", "tracking", "registers", "spill_byt
         "instructions_per_element", "narrowest_access_bytes", "narrowest_load_bytes",
         "widest_access_bytes", "resident_per_sm", "launched_per_sm", "loads_overlap_math")
 
-# Flag bits of csrc/adamw_launch.h.
-_FLAG_PARAM_BF16, _FLAG_GRAD_BF16, _FLAG_STATE_BF16, _FLAG_TRACK = 1, 2, 4, 16
+# Flag bits and 16-bit formats of csrc/adamw_launch.h.
+_FLAG_PARAM16, _FLAG_GRAD16, _FLAG_STATE_BF16, _FLAG_TRACK = 1, 2, 4, 16
+_HALF_FORMATS = {"bf16": "kHalfBf16", "fp16": "kHalfFp16"}
 # The extension's device flags (cuda_backend._NVCC_FLAGS without the host-compiler ones).
 _DEVICE_FLAGS = ["-O3", "-std=c++17", "-fmad=false"]
 
@@ -352,9 +366,9 @@ def executed_accesses(mode: str, tracking: str) -> Accesses:
     """Global accesses (bytes, is a load) of one thread's 8 elements on the vector path of
     a CUDA variant: 16-byte loads and stores of each stream, and with tracking "step" one
     8-byte store of the change bitmap (the word of 8 lanes' bytes, stored by one lane)."""
-    store, param_bf16, _, state_bf16 = MODES[mode]
-    per = {True: 1, False: 2}  # 16 bytes of bf16 or of fp32 per 8 elements
-    stores = per[param_bf16] + 2 * per[state_bf16]
+    store, param16, _, state_bf16, _ = MODES[mode]
+    per = {True: 1, False: 2}  # 16 bytes of 16-bit values or of fp32 per 8 elements
+    stores = per[param16] + 2 * per[state_bf16]
     if store in ("kMasterNearest", "kMasterStochastic"):
         stores += 2
     elif store == "kRemainder":
@@ -367,9 +381,9 @@ def executed_accesses(mode: str, tracking: str) -> Accesses:
 
 def vector_loads_per_8(mode: str) -> int:
     """16-byte global loads of one thread's 8 elements on the vector path of a layout."""
-    store, param_bf16, grad_bf16, state_bf16 = MODES[mode]
-    per = {True: 1, False: 2}  # 16 bytes of bf16 or of fp32 per 8 elements
-    loads = per[param_bf16] + per[grad_bf16] + 2 * per[state_bf16]
+    store, param16, grad16, state_bf16, _ = MODES[mode]
+    per = {True: 1, False: 2}  # 16 bytes of 16-bit values or of fp32 per 8 elements
+    loads = per[param16] + per[grad16] + 2 * per[state_bf16]
     if store in ("kMasterNearest", "kMasterStochastic"):
         loads += 2
     elif store == "kRemainder":
@@ -488,17 +502,18 @@ _SMEM = re.compile(r"(\d+) bytes smem")
 _THREADS = re.compile(r"constexpr int kThreads = (\d+);")
 
 
-def _variant(mode: str, tracking: str) -> tuple[str, int]:
-    store, param_bf16, grad_bf16, state_bf16 = MODES[mode]
-    flags = ((_FLAG_PARAM_BF16 if param_bf16 else 0) | (_FLAG_GRAD_BF16 if grad_bf16 else 0)
+def _variant(mode: str, tracking: str) -> tuple[str, str, int]:
+    """(16-bit format constant, store mode, flags) of a mode's kernel variant."""
+    store, param16, grad16, state_bf16, half = MODES[mode]
+    flags = ((_FLAG_PARAM16 if param16 else 0) | (_FLAG_GRAD16 if grad16 else 0)
              | (_FLAG_STATE_BF16 if state_bf16 else 0) | (_FLAG_TRACK if tracking == "step" else 0))
-    return store, flags
+    return _HALF_FORMATS[half], store, flags
 
 
-def _instantiation(store: str, flags: int) -> str:
+def _instantiation(half: str, store: str, flags: int) -> str:
     return ('#include "adamw_kernel.cuh"\n'
             "namespace rlvr_optim {\n"
-            f"template __global__ void adamw_kernel<Variant<StoreMode::{store}, {flags}>>"
+            f"template __global__ void adamw_kernel<Variant<{half}, StoreMode::{store}, {flags}>>"
             "(const LaunchArgs);\n"
             "}\n")
 
@@ -511,13 +526,14 @@ def cuda_threads() -> int:
     return int(found.group(1))
 
 
-def compile_variant(store: str, flags: int, arch: int, tools: tuple[str, str, str] | None = None
-                    ) -> tuple[str, str]:
-    """(ptxas report, SASS) of one CUDA kernel variant (a StoreMode name of
-    csrc/adamw_launch.h and its flag bits) alone in a cubin, cached by the hash of csrc/ and
-    the command. ``tools``: (nvcc, cuobjdump, nvcc's version) as :func:`cuda_tools` gives."""
+def compile_variant(half: str, store: str, flags: int, arch: int,
+                    tools: tuple[str, str, str] | None = None) -> tuple[str, str]:
+    """(ptxas report, SASS) of one CUDA kernel variant (a 16-bit format constant, a
+    StoreMode name of csrc/adamw_launch.h and its flag bits) alone in a cubin, cached by the
+    hash of csrc/ and the command. ``tools``: (nvcc, cuobjdump, nvcc's version) as
+    :func:`cuda_tools` gives."""
     nvcc, cuobjdump, version = tools or cuda_tools()
-    source = _instantiation(store, flags)
+    source = _instantiation(half, store, flags)
     command = [nvcc, "-cubin", *_DEVICE_FLAGS, f"-arch=sm_{arch}", "-Xptxas", "-v",
                f"-I{CSRC}"]
     h = hashlib.sha256()
@@ -534,7 +550,8 @@ def compile_variant(store: str, flags: int, arch: int, tools: tuple[str, str, st
             done = subprocess.run([*command, str(unit), "-o", str(cubin)],
                                   capture_output=True, text=True)
             if done.returncode != 0:
-                raise RuntimeError(f"nvcc failed on {store}, flags {flags}:\n{done.stderr}")
+                raise RuntimeError(f"nvcc failed on {half}, {store}, flags {flags}:\n"
+                                   f"{done.stderr}")
             dump = subprocess.run([cuobjdump, "-sass", str(cubin)], capture_output=True,
                                   text=True, check=True)
             (Path(tmp) / "ptxas.txt").write_text(done.stdout + done.stderr)
@@ -556,17 +573,22 @@ def cuda_tools() -> tuple[str, str, str]:
     return nvcc, cuobjdump, version
 
 
-# Every kernel variant the extension instantiates: each store mode with every combination of
-# the other flag bits; fp32 params only with kNearest (Variant::kValid).
+# Every kernel variant the extension instantiates: each 16-bit format and store mode with
+# every combination of the other flag bits; fp32 params only with kNearest, and no
+# remainder form in float16 (csrc/adamw_launch.h).
+HALF_FORMATS = tuple(_HALF_FORMATS.values())
 STORE_MODES = ("kNearest", "kStochastic", "kMasterNearest", "kMasterStochastic", "kRemainder")
-FLAG_BITS = {"param_bf16": 1, "grad_bf16": 2, "state_bf16": 4, "amsgrad": 8, "track": 16,
+FLAG_BITS = {"param16": 1, "grad16": 2, "state_bf16": 4, "amsgrad": 8, "track": 16,
              "grad_scale": 32, "l2_decay": 64}
 
 
-def all_variants() -> list[tuple[str, int]]:
-    """(store mode, flags) of every variant of the extension (384)."""
-    return [(store, flags) for store in STORE_MODES for flags in range(2 * max(FLAG_BITS.values()))
-            if flags & FLAG_BITS["param_bf16"] or store == "kNearest"]
+def all_variants() -> list[tuple[str, str, int]]:
+    """(16-bit format, store mode, flags) of every variant of the extension (704: 384 bf16,
+    320 float16)."""
+    return [(half, store, flags) for half in HALF_FORMATS for store in STORE_MODES
+            for flags in range(2 * max(FLAG_BITS.values()))
+            if (flags & FLAG_BITS["param16"] or store == "kNearest")
+            and not (half == "kHalfFp16" and store == "kRemainder")]
 
 
 def variant_resources(report: str) -> dict:
@@ -589,10 +611,10 @@ def variant_rows(arch: int, variants=None) -> list[dict]:
     variants = all_variants() if variants is None else variants
 
     def one(variant):
-        store, flags = variant
-        report, _ = compile_variant(store, flags, arch, tools)
+        half, store, flags = variant
+        report, _ = compile_variant(half, store, flags, arch, tools)
         named = [name for name, bit in FLAG_BITS.items() if flags & bit]
-        return {"arch": arch, "store": store, "flags": flags, "flag_names": named,
+        return {"arch": arch, "half": half, "store": store, "flags": flags, "flag_names": named,
                 **variant_resources(report)}
 
     with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
@@ -828,13 +850,13 @@ def report(arch: int = 90, modes=tuple(MODES), trackings=TRACKINGS, backends=BAC
 
 
 def _table(rows: list[dict]) -> str:
-    head = (f"{'backend':14} {'mode':23} {'track':5} {'regs':>4} {'spill':>5} {'instr/el':>8} "
+    head = (f"{'backend':14} {'mode':27} {'track':5} {'regs':>4} {'spill':>5} {'instr/el':>8} "
             f"{'access B':>8} {'load B':>6} {'res/SM':>6} {'run/SM':>6} {'overlap':>7}")
     lines = [head]
     for r in rows:
         name = r["backend"] + (f" {r['triton_version']}" if r["triton_version"] else "")
         lines.append(
-            f"{name:14} {r['mode']:23} {r['tracking']:5} {r['registers']:>4} "
+            f"{name:14} {r['mode']:27} {r['tracking']:5} {r['registers']:>4} "
             f"{r['spill_bytes']:>5} {r['instructions_per_element']:>8} "
             f"{str(r['narrowest_access_bytes']) + '-' + str(r['widest_access_bytes']):>8} "
             f"{r['narrowest_load_bytes']:>6} {r['resident_per_sm']:>6} {r['launched_per_sm']:>6} "
@@ -861,7 +883,7 @@ def main(argv: list[str] | None = None) -> int:
                         "if it is not there (pip install --target; repeatable)")
     parser.add_argument("--all-variants", action="store_true",
                         help="instead: registers, stack, spill and shared-memory bytes of every "
-                        "CUDA kernel variant the extension builds (384), compiled one by one")
+                        "CUDA kernel variant the extension builds (704), compiled one by one")
     parser.add_argument("--only-this-triton", action="store_true",
                         help="Triton rows of the triton this Python imports only, compiled in "
                         "this process (how the report runs each Triton)")
@@ -869,7 +891,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.all_variants:
         rows = variant_rows(args.arch)
         print(json.dumps(rows, indent=1) if args.json else "\n".join(
-            f"sm_{r['arch']} {r['store']:18} {'+'.join(r['flag_names']) or '-':52} "
+            f"sm_{r['arch']} {r['half']:9} {r['store']:18} {'+'.join(r['flag_names']) or '-':52} "
             f"{r['registers']:>3} registers, {r['stack_bytes']} B stack, "
             f"{r['spill_bytes']} B spilled, {r['shared_bytes']} B shared" for r in rows))
         return 0

@@ -3,5 +3,5 @@
 #include "adamw_kernel.cuh"
 
 namespace rlvr_optim {
-RLVR_OPTIM_DEFINE_LAUNCHER(launcher_bf16_nearest, StoreMode::kNearest, 1)
+RLVR_OPTIM_DEFINE_LAUNCHER(launcher_bf16_nearest, kHalfBf16, StoreMode::kNearest, 1)
 }  // namespace rlvr_optim

@@ -3,5 +3,5 @@
 #include "adamw_kernel.cuh"
 
 namespace rlvr_optim {
-RLVR_OPTIM_DEFINE_LAUNCHER(launcher_bf16_stochastic, StoreMode::kStochastic, 1)
+RLVR_OPTIM_DEFINE_LAUNCHER(launcher_bf16_stochastic, kHalfBf16, StoreMode::kStochastic, 1)
 }  // namespace rlvr_optim

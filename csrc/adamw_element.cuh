@@ -14,7 +14,8 @@
 // double rounding is innocuous). bf16 conversions are integer operations on the fp32
 // bit pattern, exactly the reference's formulas, except that on the GPU a computed value
 // is rounded to nearest by the hardware conversion, which gives the same bits on every
-// value the step computes (round_nearest_bf16_computed).
+// value the step computes (round_nearest_bf16_computed). float16 params, and fp32 params
+// whose change image is float16, take the same path with the float16 formulas (Half).
 #pragma once
 
 #include <cmath>
@@ -23,6 +24,7 @@
 
 #if defined(__CUDACC__)
 #include <cuda_bf16.h>
+#include <cuda_fp16.h>
 #endif
 
 // Forced inline on the host too: the CPU step's loops vectorize only when every stage is
@@ -181,6 +183,143 @@ RLVR_HD uint32_t join_remainder(uint32_t hi, int32_t remainder) {
   return (hi << 16) + static_cast<uint32_t>(remainder);
 }
 
+// ---------------------------------------------------------------------------------------
+// float16 patterns (reference.py, "float16 storage"), in the low 16 bits of a uint32_t.
+// ---------------------------------------------------------------------------------------
+
+constexpr uint32_t kFp16QuietNan = 0x7E00u;
+
+// Exact fp32 value; a NaN keeps its sign and payload (no quieting), as the reference's. On
+// the GPU the hardware conversion (exact) but for NaN patterns, which it would quiet.
+RLVR_HD float fp16_bits_to_fp32(uint32_t bits) {
+#if defined(__CUDA_ARCH__)
+  const float x = __half2float(__ushort_as_half(static_cast<unsigned short>(bits)));
+  const uint32_t nan = ((bits & 0x8000u) << 16) | 0x7F800000u | ((bits & 0x3FFu) << 13);
+  return (bits & 0x7FFFu) > 0x7C00u ? fp32_from_bits(nan) : x;
+#endif
+  const uint32_t sign = (bits & 0x8000u) << 16;
+  const uint32_t exponent = (bits >> 10) & 0x1Fu;
+  const uint32_t mantissa = bits & 0x3FFu;
+  uint32_t magnitude;
+  if (exponent == 31u) {
+    magnitude = 0x7F800000u | (mantissa << 13);
+  } else if (exponent == 0u) {
+    magnitude = fp32_bits(mul_rn(static_cast<float>(mantissa), 0x1p-24f));  // exact
+  } else {
+    magnitude = ((exponent + 112u) << 23) | (mantissa << 13);
+  }
+  return fp32_from_bits(sign | magnitude);
+}
+
+// An fp32 pattern on its way to float16 (reference._fp16_window): the float16 magnitude
+// with the discarded bits cut off (0x7C00 and up for magnitudes of 2**16 and more), the
+// 16 discarded bits just below its LSB, and whether any discarded bit beyond them is set.
+struct Fp16Window {
+  uint32_t sign, kept, window, sticky;
+};
+
+RLVR_HD Fp16Window fp16_window(uint32_t bits) {
+  Fp16Window f;
+  f.sign = (bits >> 16) & 0x8000u;
+  const uint32_t magnitude = bits & 0x7FFFFFFFu;
+  const uint32_t exponent = magnitude >> 23;
+  if (exponent >= 113u) {  // normal float16 range: rebased by 112 exponents, 13 bits go
+    const uint32_t rebased = magnitude - (112u << 23);
+    f.kept = rebased >> 13;
+    f.window = (rebased << 3) & 0xFFFFu;
+    f.sticky = 0u;
+  } else {  // float16 subnormals: the significand shifted right by 14 .. 40 bits
+    const uint32_t significand = exponent > 0u ? (magnitude & 0x7FFFFFu) | 0x800000u : magnitude;
+    const uint32_t e = exponent > 0u ? exponent : 1u;
+    const uint32_t shift = 126u - e < 40u ? 126u - e : 40u;
+    f.kept = significand >> (shift < 24u ? shift : 24u);  // significand < 2**24
+    if (shift <= 16u) {
+      f.window = (significand << (16u - shift)) & 0xFFFFu;
+      f.sticky = 0u;
+    } else {  // the low shift - 16 bits (1 .. 24) are beyond the window
+      f.window = (significand >> (shift - 16u)) & 0xFFFFu;
+      f.sticky = (significand << (48u - shift)) != 0u ? 1u : 0u;
+    }
+  }
+  return f;
+}
+
+// A NaN's float16 quiet NaN: its sign and top 9 payload bits, as torch's cast.
+RLVR_HD uint32_t fp16_nan(uint32_t bits) {
+  return ((bits >> 16) & 0x8000u) | kFp16QuietNan | ((bits >> 13) & 0x3FFu);
+}
+
+// Nearest with ties to even, as torch's cast: +-inf past the largest float16, NaN -> a
+// quiet NaN (fp16_nan).
+RLVR_HD uint32_t round_nearest_fp16(uint32_t bits) {
+  if (is_nan_bits(bits)) return fp16_nan(bits);
+  const Fp16Window f = fp16_window(bits);
+  const uint32_t kept = f.kept + ((f.window + 0x7FFFu + ((f.kept & 1u) | f.sticky)) >> 16);
+  return f.sign | (kept < 0x7C00u ? kept : 0x7C00u);
+}
+
+// Rounds the magnitude up with probability window / 2**16 (the same random bits as bf16's):
+// up iff window + random16 carries, written as bf16's rule is, add below the kept LSB and
+// truncate, which needs no sticky bit. Normal range: the window's low 3 bits are zero, so
+// adding random16 >> 3 to the 13 discarded bits carries exactly when window + random16
+// does. Below it: the significand aligned so that its low 16 bits are the window.
+RLVR_HD uint32_t round_stochastic_fp16(uint32_t bits, uint32_t random16) {
+  if (is_nan_bits(bits)) return fp16_nan(bits);
+  const uint32_t sign = (bits >> 16) & 0x8000u;
+  const uint32_t magnitude = bits & 0x7FFFFFFFu;
+  const uint32_t exponent = magnitude >> 23;
+  uint32_t kept;
+  if (exponent >= 113u) {
+    kept = (magnitude - (112u << 23) + (random16 >> 3)) >> 13;
+  } else {
+    const uint32_t significand = exponent > 0u ? (magnitude & 0x7FFFFFu) | 0x800000u : magnitude;
+    const uint32_t shift = 126u - (exponent > 0u ? exponent : 1u);  // 14 .. 125
+    const uint32_t aligned =  // kept << 16 | window
+        shift <= 16u ? significand << (16u - shift)
+                     : (shift - 16u < 24u ? significand >> (shift - 16u) : 0u);
+    kept = (aligned + random16) >> 16;
+  }
+  return sign | (kept < 0x7C00u ? kept : 0x7C00u);
+}
+
+// The float16 pattern of a value the step computed (every NaN canonical): on the GPU the
+// hardware conversion (cvt.rn.f16.f32) with NaN lanes set to 0x7E00 (the canonical NaN's
+// image), elsewhere the integer formula; they agree on every non-NaN pattern (a GPU test
+// checks all 2**32).
+RLVR_HD uint32_t round_nearest_fp16_computed(float x) {
+#if defined(__CUDA_ARCH__)
+  const uint32_t bits = static_cast<uint32_t>(__half_as_ushort(__float2half_rn(x)));
+  return x != x ? kFp16QuietNan : bits;
+#else
+  return round_nearest_fp16(fp32_bits(x));
+#endif
+}
+
+// The 16-bit format of a tensor: the one its 16-bit param is stored in, or, for an fp32
+// param, the one whose nearest-even image its change flag compares (change_dtype).
+enum class Half : int { kBf16 = 0, kFp16 = 1 };
+
+template <Half kHalf>
+RLVR_HD float half_bits_to_fp32(uint32_t bits) {
+  return kHalf == Half::kBf16 ? bf16_bits_to_fp32(bits) : fp16_bits_to_fp32(bits);
+}
+
+template <Half kHalf>
+RLVR_HD uint32_t round_nearest_half(uint32_t bits) {
+  return kHalf == Half::kBf16 ? round_nearest_bf16(bits) : round_nearest_fp16(bits);
+}
+
+template <Half kHalf>
+RLVR_HD uint32_t round_nearest_half_computed(float x) {
+  return kHalf == Half::kBf16 ? round_nearest_bf16_computed(x) : round_nearest_fp16_computed(x);
+}
+
+template <Half kHalf>
+RLVR_HD uint32_t round_stochastic_half(uint32_t bits, uint32_t random16) {
+  return kHalf == Half::kBf16 ? round_stochastic_bf16(bits, random16)
+                              : round_stochastic_fp16(bits, random16);
+}
+
 // IEEE negation, a sign-bit flip, NaN included (as torch's `-x`; PTX leaves neg.f32 of a
 // NaN unspecified).
 RLVR_HD float negate(float x) { return fp32_from_bits(fp32_bits(x) ^ 0x80000000u); }
@@ -283,9 +422,10 @@ struct GradOptions {
 
 enum class MasterForm : int { kNone = 0, kFp32 = 1, kRemainder = 2 };
 
-// What one element holds, in registers. The param is its stored bit pattern (bf16 pattern
-// for bf16 params, fp32 pattern for fp32 params); moments are fp32 values (the exact value
-// of a bf16 state, which the caller rounds back to nearest-even when it stores an update).
+// What one element holds, in registers. The param is its stored bit pattern (bf16 or
+// float16 pattern for 16-bit params, fp32 pattern for fp32 params); moments are fp32
+// values (the exact value of a bf16 state, which the caller rounds back to nearest-even
+// when it stores an update).
 struct Element {
   uint32_t param;
   float master;        // MasterForm::kFp32 only
@@ -297,14 +437,14 @@ struct Element {
 
 // What the step did to one element (reference: changed, moved, nonfinite).
 struct ElementFlags {
-  bool changed;    // stored bf16 bits differ (fp32 params: their nearest-even images)
+  bool changed;    // stored 16-bit bits differ (fp32 params: their nearest-even images)
   bool moved;      // fp32 bits of w differ
   bool nonfinite;  // the unscaled gradient is not finite (trained elements, skipped steps too)
 };
 
 // A param's weight before the step (reference.Weight).
 struct Weight {
-  uint32_t image;  // the stored bf16 pattern (fp32 params: their nearest-even image)
+  uint32_t image;  // the stored 16-bit pattern (fp32 params: their nearest-even image)
   float w;         // the fp32 weight
 };
 
@@ -314,17 +454,19 @@ struct Moments {
 };
 
 // Stage 1: the fp32 weight before the step (from the master, the param and its
-// remainder, or the param) and the stored bf16 pattern it is compared with after it.
-template <bool kParamBf16, MasterForm kMaster>
+// remainder, or the param) and the stored 16-bit pattern it is compared with after it.
+// kParam16: the param is stored in kHalf (bf16 or float16), else it is fp32 and its image
+// is its nearest-even kHalf pattern.
+template <bool kParam16, MasterForm kMaster, Half kHalf = Half::kBf16>
 RLVR_HD Weight load_weight(const Element& e) {
   Weight before;
-  before.image = kParamBf16 ? e.param : round_nearest_bf16(e.param);
+  before.image = kParam16 ? e.param : round_nearest_half<kHalf>(e.param);
   if (kMaster == MasterForm::kFp32) {
     before.w = e.master;
   } else if (kMaster == MasterForm::kRemainder) {
     before.w = fp32_from_bits(join_remainder(e.param, e.remainder));
-  } else if (kParamBf16) {
-    before.w = bf16_bits_to_fp32(e.param);
+  } else if (kParam16) {
+    before.w = half_bits_to_fp32<kHalf>(e.param);
   } else {
     before.w = fp32_from_bits(e.param);
   }
@@ -405,44 +547,45 @@ template <bool kAmsgrad>
 }
 #endif
 
-// The stored form of a new weight (reference.store_weight): its bf16 image and, in the
-// remainder form, the remainder. fp32 params store w itself; their image is the
-// nearest-even bf16. The one place that knows a storage format.
+// The stored form of a new weight (reference.store_weight): its 16-bit image and, in the
+// remainder form (bf16 only), the remainder. fp32 params store w itself; their image is
+// the nearest-even kHalf pattern. The one place that knows a storage format.
 struct StoredWeight {
   uint32_t image;
   int32_t remainder;  // MasterForm::kRemainder only
 };
 
-template <bool kParamBf16, MasterForm kMaster, bool kStochastic>
+template <bool kParam16, MasterForm kMaster, bool kStochastic, Half kHalf = Half::kBf16>
 RLVR_HD StoredWeight store_weight(float w, uint32_t random_bits) {
   const uint32_t w_bits = fp32_bits(w);
   StoredWeight out{0u, 0};
-  if (!kParamBf16) {
-    out.image = round_nearest_bf16_computed(w);
+  if (!kParam16) {
+    out.image = round_nearest_half_computed<kHalf>(w);
   } else if (kMaster == MasterForm::kRemainder) {
     split_remainder(w_bits, out.image, out.remainder);
   } else if (kStochastic) {
-    out.image = round_stochastic_bf16(w_bits, random_bits);
+    out.image = round_stochastic_half<kHalf>(w_bits, random_bits);
   } else {
-    out.image = round_nearest_bf16_computed(w);
+    out.image = round_nearest_half_computed<kHalf>(w);
   }
   return out;
 }
 
 // Stage 3: the element's new fields (an element that is not updated keeps every field bit
 // for bit) and its flags.
-template <bool kParamBf16, MasterForm kMaster, bool kStochastic, bool kAmsgrad>
+template <bool kParam16, MasterForm kMaster, bool kStochastic, bool kAmsgrad,
+          Half kHalf = Half::kBf16>
 RLVR_HD ElementFlags store_and_flag(Element& e, Weight before, Moments after, float g,
                                     bool train, bool skip, uint32_t random_bits) {
   const uint32_t w_bits = fp32_bits(after.w);
-  StoredWeight stored = store_weight<kParamBf16, kMaster, kStochastic>(after.w, random_bits);
+  StoredWeight stored = store_weight<kParam16, kMaster, kStochastic, kHalf>(after.w, random_bits);
   const bool update = train && !skip;
   ElementFlags flags;
   flags.changed = update && stored.image != before.image;
   flags.moved = update && w_bits != fp32_bits(before.w);
   flags.nonfinite = train && !is_finite(g);
   if (update) {
-    e.param = kParamBf16 ? stored.image : w_bits;
+    e.param = kParam16 ? stored.image : w_bits;
     if (kMaster == MasterForm::kFp32) e.master = after.w;
     if (kMaster == MasterForm::kRemainder) e.remainder = stored.remainder;
     e.exp_avg = after.m;
@@ -454,29 +597,33 @@ RLVR_HD ElementFlags store_and_flag(Element& e, Weight before, Moments after, fl
 
 // One element's step, in place, given its 16 random bits of stochastic rounding (ignored
 // unless kStochastic; see random16). `train` is its freeze-mask bit, `skip` the launch's
-// found_inf.
-template <bool kParamBf16, MasterForm kMaster, bool kStochastic, bool kAmsgrad>
+// found_inf. kParam16 and kHalf: see load_weight.
+template <bool kParam16, MasterForm kMaster, bool kStochastic, bool kAmsgrad,
+          Half kHalf = Half::kBf16>
 RLVR_HD ElementFlags adamw_element_drawn(Element& e, float grad, const StepScalars& s,
                                          const GradOptions& o, bool train, bool skip,
                                          uint32_t random_bits) {
-  static_assert(kParamBf16 || (kMaster == MasterForm::kNone && !kStochastic),
+  static_assert(kParam16 || (kMaster == MasterForm::kNone && !kStochastic),
                 "fp32 params have no master, no remainder and no stochastic store");
   static_assert(!(kStochastic && kMaster == MasterForm::kRemainder),
                 "the remainder form stores its bf16 half by nearest rounding only");
+  static_assert(kMaster != MasterForm::kRemainder || kHalf == Half::kBf16,
+                "the remainder form exists for bf16 params only");
   const float g = unscaled_grad(grad, o);
-  Weight before = load_weight<kParamBf16, kMaster>(e);
+  Weight before = load_weight<kParam16, kMaster, kHalf>(e);
   Moments after{before.w, e.exp_avg, e.exp_avg_sq, e.max_exp_avg_sq};
   adamw_math<kAmsgrad>(g, s, o.l2_decay, after.w, after.m, after.v, after.vmax);
-  return store_and_flag<kParamBf16, kMaster, kStochastic, kAmsgrad>(e, before, after, g, train,
-                                                                   skip, random_bits);
+  return store_and_flag<kParam16, kMaster, kStochastic, kAmsgrad, kHalf>(e, before, after, g,
+                                                                        train, skip, random_bits);
 }
 
 // The same, drawing the random bits for global element `index` under (key_lo, key_hi).
-template <bool kParamBf16, MasterForm kMaster, bool kStochastic, bool kAmsgrad>
+template <bool kParam16, MasterForm kMaster, bool kStochastic, bool kAmsgrad,
+          Half kHalf = Half::kBf16>
 RLVR_HD ElementFlags adamw_element(Element& e, float grad, const StepScalars& s,
                                    const GradOptions& o, bool train, bool skip,
                                    uint32_t key_lo, uint32_t key_hi, uint64_t index) {
-  return adamw_element_drawn<kParamBf16, kMaster, kStochastic, kAmsgrad>(
+  return adamw_element_drawn<kParam16, kMaster, kStochastic, kAmsgrad, kHalf>(
       e, grad, s, o, train, skip, kStochastic ? random16(key_lo, key_hi, index) : 0u);
 }
 

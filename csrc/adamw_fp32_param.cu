@@ -3,5 +3,5 @@
 #include "adamw_kernel.cuh"
 
 namespace rlvr_optim {
-RLVR_OPTIM_DEFINE_LAUNCHER(launcher_fp32_param, StoreMode::kNearest, 0)
+RLVR_OPTIM_DEFINE_LAUNCHER(launcher_fp32_param, kHalfBf16, StoreMode::kNearest, 0)
 }  // namespace rlvr_optim

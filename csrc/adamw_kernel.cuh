@@ -50,10 +50,11 @@ namespace rlvr_optim {
 constexpr int kMaxDevices = 64;
 constexpr unsigned kFullWarp = 0xFFFFFFFFu;
 
-template <StoreMode kStore, int kFlags>
+template <int kHalfFormat, StoreMode kStore, int kFlags>
 struct Variant {
-  static constexpr bool kParamBf16 = (kFlags & kFlagParamBf16) != 0;
-  static constexpr bool kGradBf16 = (kFlags & kFlagGradBf16) != 0;
+  static constexpr Half kHalf = kHalfFormat == kHalfFp16 ? Half::kFp16 : Half::kBf16;
+  static constexpr bool kParam16 = (kFlags & kFlagParam16) != 0;  // in kHalf, else fp32
+  static constexpr bool kGrad16 = (kFlags & kFlagGrad16) != 0;    // in kHalf, else fp32
   static constexpr bool kStateBf16 = (kFlags & kFlagStateBf16) != 0;
   static constexpr bool kAmsgrad = (kFlags & kFlagAmsgrad) != 0;
   static constexpr bool kTrack = (kFlags & kFlagTrack) != 0;  // bitmaps or counters
@@ -65,17 +66,19 @@ struct Variant {
           : (kStore == StoreMode::kRemainder ? MasterForm::kRemainder : MasterForm::kNone);
   static constexpr bool kStochastic =
       kStore == StoreMode::kStochastic || kStore == StoreMode::kMasterStochastic;
-  static constexpr bool kValid = kParamBf16 || kStore == StoreMode::kNearest;
+  static constexpr bool kValid = (kParam16 || kStore == StoreMode::kNearest) &&
+                                 (kHalf == Half::kBf16 || kStore != StoreMode::kRemainder);
   // Resident blocks per SM that __launch_bounds__ asks for: 2 (at most 128 registers) where
   // the element loop fits them; amsgrad and master forms carry 8 more words per element
   // and spilled at 128 (ptxas, sm_90), so they get one 256-thread block and up to 255.
   static constexpr int kMinBlocks = (kAmsgrad || kMaster != MasterForm::kNone) ? 1 : 2;
   // walk issues the next full tile's loads before this tile's math (a second set of load
   // buffers) where that fits. At 128 registers, stochastic rounding with fp32 states or
-  // with a grad scale spilled that way (ptxas, sm_80 and sm_90), so those variants load
+  // with a grad scale spilled that way (ptxas, sm_80 and sm_90), and so did float16
+  // stochastic rounding with bf16 states and tracking (sm_90), so those variants load
   // each tile before its math.
   static constexpr bool kPipelined =
-      kMinBlocks == 1 || !kStochastic || (kStateBf16 && !kGradScale);
+      kMinBlocks == 1 || !kStochastic || (kStateBf16 && !kGradScale && kHalf == Half::kBf16);
 };
 
 // ---------------------------------------------------------------------------------------
@@ -159,6 +162,16 @@ __device__ __forceinline__ void store8_elements(void* base, int64_t first, uint3
 template <bool kBf16>
 __device__ __forceinline__ float stored_value(uint32_t bits) {
   return kBf16 ? bf16_bits_to_fp32(bits) : fp32_from_bits(bits);
+}
+
+// fp32 value of a gradient pattern: fp32, or 16-bit in the variant's format. A float16
+// gradient goes through the hardware conversion (exact; which NaN it gives does not
+// matter: a NaN gradient reaches only outputs the spec makes canonical, and its count).
+template <class V>
+__device__ __forceinline__ float grad_value(uint32_t bits) {
+  if (!V::kGrad16) return fp32_from_bits(bits);
+  if (V::kHalf == Half::kBf16) return bf16_bits_to_fp32(bits);
+  return __half2float(__ushort_as_half(static_cast<unsigned short>(bits)));
 }
 
 template <bool kBf16>
@@ -323,8 +336,8 @@ __device__ __forceinline__ uint32_t step8(const TensorContext& c, Elements8& x, 
     e.exp_avg_sq = stored_value<V::kStateBf16>(x.exp_avg_sq[k]);
     e.max_exp_avg_sq = V::kAmsgrad ? stored_value<V::kStateBf16>(x.max_exp_avg_sq[k]) : 0.0f;
     const ElementFlags f =
-        adamw_element_drawn<V::kParamBf16, V::kMaster, V::kStochastic, V::kAmsgrad>(
-            e, stored_value<V::kGradBf16>(x.grad[k]), c.scalars, options, (train >> k) & 1u,
+        adamw_element_drawn<V::kParam16, V::kMaster, V::kStochastic, V::kAmsgrad, V::kHalf>(
+            e, grad_value<V>(x.grad[k]), c.scalars, options, (train >> k) & 1u,
             kSkip, V::kStochastic ? random16(k) : 0u);
     // e holds its old fields where it was not updated.
     x.param[k] = e.param;
@@ -361,10 +374,10 @@ __device__ __forceinline__ void state_patterns(const float (&value)[8], uint32_t
   }
 }
 
-// The sign bits of the gradient words that maximize flips (bf16 grads: two per word).
+// The sign bits of the gradient words that maximize flips (16-bit grads: two per word).
 template <class V>
 __device__ __forceinline__ uint32_t grad_sign_flip(bool maximize) {
-  return maximize ? (V::kGradBf16 ? 0x80008000u : 0x80000000u) : 0u;
+  return maximize ? (V::kGrad16 ? 0x80008000u : 0x80000000u) : 0u;
 }
 
 // step8 and the state patterns of the vector path.
@@ -388,7 +401,7 @@ __device__ __forceinline__ uint32_t vector_math(const TensorContext& c, Elements
 // of 8 lanes. walk issues the next tile's loads before this tile's math.
 template <class V>
 struct Loaded8 {
-  static constexpr int kGrad = V::kGradBf16 ? 1 : 2, kParam = V::kParamBf16 ? 1 : 2,
+  static constexpr int kGrad = V::kGrad16 ? 1 : 2, kParam = V::kParam16 ? 1 : 2,
                        kState = V::kStateBf16 ? 1 : 2,
                        kMaster = V::kMaster == MasterForm::kRemainder ? 1 : 2;
   uint4 grad[kGrad], param[kParam], exp_avg[kState], exp_avg_sq[kState],
@@ -451,7 +464,7 @@ __device__ __forceinline__ void vector_tile(const TensorContext& c, int64_t firs
       train == 0xFFu ? vector_math<V, kSkip>(c, x, 0xFFu, options, moved, nonfinite, draw16)
                      : vector_math<V, kSkip>(c, x, train, options, moved, nonfinite, draw16);
   if (!kSkip) {
-    store8_vector<V::kParamBf16>(c.param, first, x.param);
+    store8_vector<V::kParam16>(c.param, first, x.param);
     store8_vector<V::kStateBf16>(c.exp_avg, first, x.exp_avg);
     store8_vector<V::kStateBf16>(c.exp_avg_sq, first, x.exp_avg_sq);
     if (V::kAmsgrad) store8_vector<V::kStateBf16>(c.max_exp_avg_sq, first, x.max_exp_avg_sq);
@@ -493,9 +506,9 @@ __device__ __forceinline__ void element_tile(const TensorContext& c, int64_t fir
   const int n = left >= 8 ? 8 : (left > 0 ? static_cast<int>(left) : 0);
   if (n == 0) return;
   Elements8 x = {};
-  load8_elements<V::kGradBf16>(c.grad, first, n, x.grad);
+  load8_elements<V::kGrad16>(c.grad, first, n, x.grad);
   if (!kSkip) {
-    load8_elements<V::kParamBf16>(c.param, first, n, x.param);
+    load8_elements<V::kParam16>(c.param, first, n, x.param);
     load8_elements<V::kStateBf16>(c.exp_avg, first, n, x.exp_avg);
     load8_elements<V::kStateBf16>(c.exp_avg_sq, first, n, x.exp_avg_sq);
     if (V::kAmsgrad) load8_elements<V::kStateBf16>(c.max_exp_avg_sq, first, n, x.max_exp_avg_sq);
@@ -506,7 +519,7 @@ __device__ __forceinline__ void element_tile(const TensorContext& c, int64_t fir
   uint32_t train = (1u << n) - 1u;
   if (c.freeze_mask != nullptr) train &= c.freeze_mask[first >> 3];
 #pragma unroll
-  for (int k = 0; k < 8; ++k) x.grad[k] ^= V::kGradBf16 ? (grad_flip & 0xFFFFu) : grad_flip;
+  for (int k = 0; k < 8; ++k) x.grad[k] ^= V::kGrad16 ? (grad_flip & 0xFFFFu) : grad_flip;
 
   uint32_t moved, nonfinite;
   States8 states;
@@ -521,7 +534,7 @@ __device__ __forceinline__ void element_tile(const TensorContext& c, int64_t fir
       x.exp_avg_sq[k] = stored_bits<V::kStateBf16>(states.exp_avg_sq[k]);
       x.max_exp_avg_sq[k] = stored_bits<V::kStateBf16>(states.max_exp_avg_sq[k]);
     }
-    store8_elements<V::kParamBf16>(c.param, first, train, x.param);
+    store8_elements<V::kParam16>(c.param, first, train, x.param);
     store8_elements<V::kStateBf16>(c.exp_avg, first, train, x.exp_avg);
     store8_elements<V::kStateBf16>(c.exp_avg_sq, first, train, x.exp_avg_sq);
     if (V::kAmsgrad) store8_elements<V::kStateBf16>(c.max_exp_avg_sq, first, train, x.max_exp_avg_sq);
@@ -661,29 +674,31 @@ void launch(const LaunchArgs& a, int device, void* stream) {
   check_cuda(cudaGetLastError(), "launching the AdamW kernel");
 }
 
-// The launchers of one store mode, indexed by flag combination (null where invalid).
-template <StoreMode kStore, int kFlags>
+// The launchers of one 16-bit format and store mode, indexed by flag combination (null
+// where invalid).
+template <int kHalfFormat, StoreMode kStore, int kFlags>
 constexpr LaunchFn launcher_entry() {
-  if constexpr (Variant<kStore, kFlags>::kValid) {
-    return &launch<Variant<kStore, kFlags>>;
+  if constexpr (Variant<kHalfFormat, kStore, kFlags>::kValid) {
+    return &launch<Variant<kHalfFormat, kStore, kFlags>>;
   } else {
     return nullptr;
   }
 }
 
-template <StoreMode kStore, int kParamBf16Flag, int... kRest>
+template <int kHalfFormat, StoreMode kStore, int kParam16Flag, int... kRest>
 LaunchFn pick_launcher(int flags, std::integer_sequence<int, kRest...>) {
   // Entries for the 64 combinations of the other six flags, this param dtype only.
-  static constexpr LaunchFn table[] = {launcher_entry<kStore, (kRest << 1) | kParamBf16Flag>()...};
-  if (flags < 0 || flags >= kFlagCombinations || (flags & kFlagParamBf16) != kParamBf16Flag) {
+  static constexpr LaunchFn table[] = {
+      launcher_entry<kHalfFormat, kStore, (kRest << 1) | kParam16Flag>()...};
+  if (flags < 0 || flags >= kFlagCombinations || (flags & kFlagParam16) != kParam16Flag) {
     return nullptr;
   }
   return table[flags >> 1];
 }
 
-#define RLVR_OPTIM_DEFINE_LAUNCHER(name, store, param_bf16_flag)                           \
+#define RLVR_OPTIM_DEFINE_LAUNCHER(name, half, store, param16_flag)                        \
   LaunchFn name(int flags) {                                                               \
-    return pick_launcher<store, param_bf16_flag>(                                          \
+    return pick_launcher<half, store, param16_flag>(                                       \
         flags, std::make_integer_sequence<int, kFlagCombinations / 2>{});                  \
   }
 

@@ -67,25 +67,31 @@ struct LaunchArgs {
   bool maximize;
 };
 
-// How the param is stored (the master form and the rounding of the bf16 param).
+// How the param is stored (the master form and the rounding of the 16-bit param).
 enum class StoreMode : int {
-  kNearest = 0,           // bf16 or fp32 param, no master
-  kStochastic = 1,        // bf16 param, no master
-  kMasterNearest = 2,     // bf16 param from an fp32 master
+  kNearest = 0,           // 16-bit or fp32 param, no master
+  kStochastic = 1,        // 16-bit param, no master
+  kMasterNearest = 2,     // 16-bit param from an fp32 master
   kMasterStochastic = 3,
   kRemainder = 4,         // bf16 param + int16 remainder
 };
 constexpr int kStoreModes = 5;
 
-// A kernel variant: store mode x 7 flag bits. Every variant with an fp32 param and a store
-// mode other than kNearest is absent (the reference has no such mode). kFlagL2Decay: torch's
-// Adam weight decay (an L2 term in the gradient), else AdamW's.
-constexpr int kFlagParamBf16 = 1, kFlagGradBf16 = 2, kFlagStateBf16 = 4, kFlagAmsgrad = 8,
+// The variant's 16-bit format (adamw_element.cuh's Half): that of a 16-bit param and grad,
+// and of an fp32 param's change image. States are fp32 or bf16 in both.
+constexpr int kHalfBf16 = 0, kHalfFp16 = 1, kHalfFormats = 2;
+
+// A kernel variant: 16-bit format x store mode x 7 flag bits. kFlagParam16 / kFlagGrad16:
+// the param / grad is in the variant's 16-bit format (else fp32). Every variant with an
+// fp32 param and a store mode other than kNearest is absent (the reference has no such
+// mode), and so is the remainder form in float16. kFlagL2Decay: torch's Adam weight decay
+// (an L2 term in the gradient), else AdamW's.
+constexpr int kFlagParam16 = 1, kFlagGrad16 = 2, kFlagStateBf16 = 4, kFlagAmsgrad = 8,
               kFlagTrack = 16, kFlagGradScale = 32, kFlagL2Decay = 64;
 constexpr int kFlagCombinations = 128;
 
-constexpr int variant_code(StoreMode store, int flags) {
-  return static_cast<int>(store) * kFlagCombinations + flags;
+constexpr int variant_code(int half, StoreMode store, int flags) {
+  return (half * kStoreModes + static_cast<int>(store)) * kFlagCombinations + flags;
 }
 
 using LaunchFn = void (*)(const LaunchArgs& args, int device, void* stream);
@@ -98,5 +104,10 @@ LaunchFn launcher_bf16_stochastic(int flags);
 LaunchFn launcher_master_nearest(int flags);
 LaunchFn launcher_master_stochastic(int flags);
 LaunchFn launcher_remainder(int flags);
+LaunchFn launcher_fp32_param_fp16_image(int flags);
+LaunchFn launcher_fp16_nearest(int flags);
+LaunchFn launcher_fp16_stochastic(int flags);
+LaunchFn launcher_fp16_master_nearest(int flags);
+LaunchFn launcher_fp16_master_stochastic(int flags);
 
 }  // namespace rlvr_optim

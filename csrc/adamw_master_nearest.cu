@@ -3,5 +3,5 @@
 #include "adamw_kernel.cuh"
 
 namespace rlvr_optim {
-RLVR_OPTIM_DEFINE_LAUNCHER(launcher_master_nearest, StoreMode::kMasterNearest, 1)
+RLVR_OPTIM_DEFINE_LAUNCHER(launcher_master_nearest, kHalfBf16, StoreMode::kMasterNearest, 1)
 }  // namespace rlvr_optim

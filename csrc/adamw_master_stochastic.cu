@@ -3,5 +3,5 @@
 #include "adamw_kernel.cuh"
 
 namespace rlvr_optim {
-RLVR_OPTIM_DEFINE_LAUNCHER(launcher_master_stochastic, StoreMode::kMasterStochastic, 1)
+RLVR_OPTIM_DEFINE_LAUNCHER(launcher_master_stochastic, kHalfBf16, StoreMode::kMasterStochastic, 1)
 }  // namespace rlvr_optim

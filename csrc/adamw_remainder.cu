@@ -3,5 +3,5 @@
 #include "adamw_kernel.cuh"
 
 namespace rlvr_optim {
-RLVR_OPTIM_DEFINE_LAUNCHER(launcher_remainder, StoreMode::kRemainder, 1)
+RLVR_OPTIM_DEFINE_LAUNCHER(launcher_remainder, kHalfBf16, StoreMode::kRemainder, 1)
 }  // namespace rlvr_optim

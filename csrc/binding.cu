@@ -18,41 +18,50 @@ namespace {
 
 // Bumped whenever the table layout or launch_adamw's arguments change, so that a stale
 // build is never used with a newer cuda_backend.py.
-constexpr int kAbiVersion = 5;
+constexpr int kAbiVersion = 6;
+
+StoreMode store_of(int variant) {
+  return static_cast<StoreMode>(variant / kFlagCombinations % kStoreModes);
+}
 
 LaunchFn find_launcher(int variant) {
-  if (variant < 0 || variant >= kStoreModes * kFlagCombinations) return nullptr;
-  const StoreMode store = static_cast<StoreMode>(variant / kFlagCombinations);
+  if (variant < 0 || variant >= kHalfFormats * kStoreModes * kFlagCombinations) return nullptr;
+  const bool fp16 = variant / (kStoreModes * kFlagCombinations) == kHalfFp16;
   const int flags = variant % kFlagCombinations;
-  const bool param_bf16 = (flags & kFlagParamBf16) != 0;
-  switch (store) {
+  const bool param16 = (flags & kFlagParam16) != 0;
+  switch (store_of(variant)) {
     case StoreMode::kNearest:
-      return param_bf16 ? launcher_bf16_nearest(flags) : launcher_fp32_param(flags);
+      if (fp16) {
+        return param16 ? launcher_fp16_nearest(flags) : launcher_fp32_param_fp16_image(flags);
+      }
+      return param16 ? launcher_bf16_nearest(flags) : launcher_fp32_param(flags);
     case StoreMode::kStochastic:
-      return launcher_bf16_stochastic(flags);
+      return fp16 ? launcher_fp16_stochastic(flags) : launcher_bf16_stochastic(flags);
     case StoreMode::kMasterNearest:
-      return launcher_master_nearest(flags);
+      return fp16 ? launcher_fp16_master_nearest(flags) : launcher_master_nearest(flags);
     case StoreMode::kMasterStochastic:
-      return launcher_master_stochastic(flags);
+      return fp16 ? launcher_fp16_master_stochastic(flags) : launcher_master_stochastic(flags);
     case StoreMode::kRemainder:
-      return launcher_remainder(flags);
+      return fp16 ? nullptr : launcher_remainder(flags);
   }
   return nullptr;
 }
 
-int variant_of(int store, bool param_bf16, bool grad_bf16, bool state_bf16, bool amsgrad,
+int variant_of(int store, bool fp16, bool param16, bool grad16, bool state_bf16, bool amsgrad,
                bool track, bool grad_scale, bool l2_decay) {
   if (store < 0 || store >= kStoreModes) {
     throw py::value_error("store mode must be in [0, " + std::to_string(kStoreModes) + ")");
   }
-  const int flags = (param_bf16 ? kFlagParamBf16 : 0) | (grad_bf16 ? kFlagGradBf16 : 0) |
+  const int flags = (param16 ? kFlagParam16 : 0) | (grad16 ? kFlagGrad16 : 0) |
                     (state_bf16 ? kFlagStateBf16 : 0) | (amsgrad ? kFlagAmsgrad : 0) |
                     (track ? kFlagTrack : 0) | (grad_scale ? kFlagGradScale : 0) |
                     (l2_decay ? kFlagL2Decay : 0);
-  const int variant = variant_code(static_cast<StoreMode>(store), flags);
+  const int variant =
+      variant_code(fp16 ? kHalfFp16 : kHalfBf16, static_cast<StoreMode>(store), flags);
   if (find_launcher(variant) == nullptr) {
     throw py::value_error("no kernel for this combination: fp32 params are stored by nearest "
-                          "rounding, without master or remainder");
+                          "rounding, without master or remainder, and the remainder form "
+                          "needs bf16 params");
   }
   return variant;
 }
@@ -78,8 +87,8 @@ void launch_adamw(int variant, uintptr_t table, int64_t num_tensors, int64_t tot
   if ((variant % kFlagCombinations & kFlagGradScale) != 0 && grad_scale == 0) {
     throw py::value_error("this kernel variant divides by grad_scale: pass its address");
   }
-  if (((variant / kFlagCombinations) == static_cast<int>(StoreMode::kStochastic) ||
-       (variant / kFlagCombinations) == static_cast<int>(StoreMode::kMasterStochastic)) &&
+  if ((store_of(variant) == StoreMode::kStochastic ||
+       store_of(variant) == StoreMode::kMasterStochastic) &&
       sr_keys == 0) {
     throw py::value_error("stochastic rounding needs sr_keys");
   }
@@ -131,7 +140,26 @@ __global__ void bf16_rounding_check_kernel(unsigned long long* mismatches, unsig
   if (bad != 0) atomicAdd(mismatches, bad);
 }
 
-py::tuple bf16_rounding_check(int device, bool control) {
+// The same for float16 (round_nearest_fp16_computed, cvt.rn.f16.f32): a NaN pattern must
+// give 0x7E00, any other round_nearest_fp16's bits; `control`: truncation toward zero.
+__global__ void fp16_rounding_check_kernel(unsigned long long* mismatches, unsigned* first_bad,
+                                           bool control) {
+  unsigned long long bad = 0;
+  const uint64_t stride = uint64_t{gridDim.x} * blockDim.x;
+  for (uint64_t i = uint64_t{blockIdx.x} * blockDim.x + threadIdx.x; i < (uint64_t{1} << 32);
+       i += stride) {
+    const uint32_t bits = static_cast<uint32_t>(i);
+    const uint32_t expected = control ? round_stochastic_fp16(bits, 0u)
+                              : is_nan_bits(bits) ? kFp16QuietNan : round_nearest_fp16(bits);
+    if (round_nearest_fp16_computed(fp32_from_bits(bits)) != expected) {
+      ++bad;
+      atomicMin(first_bad, bits);
+    }
+  }
+  if (bad != 0) atomicAdd(mismatches, bad);
+}
+
+py::tuple rounding_check(int device, bool fp16, bool control) {
   auto check = [](cudaError_t status, const char* what) {
     if (status != cudaSuccess) {
       throw std::runtime_error(std::string("rlvr_optim._C: ") + what + ": " +
@@ -145,7 +173,11 @@ py::tuple bf16_rounding_check(int device, bool control) {
   check(cudaMalloc(&first_bad, sizeof *first_bad), "cudaMalloc");
   check(cudaMemset(mismatches, 0, sizeof *mismatches), "cudaMemset");
   check(cudaMemset(first_bad, 0xFF, sizeof *first_bad), "cudaMemset");
-  bf16_rounding_check_kernel<<<1024, 256>>>(mismatches, first_bad, control);
+  if (fp16) {
+    fp16_rounding_check_kernel<<<1024, 256>>>(mismatches, first_bad, control);
+  } else {
+    bf16_rounding_check_kernel<<<1024, 256>>>(mismatches, first_bad, control);
+  }
   check(cudaGetLastError(), "launching the rounding check");
   unsigned long long count = 0;
   unsigned first = 0;
@@ -185,14 +217,22 @@ PYBIND11_MODULE(_C, m) {
         [](int64_t num_tensors) { return tile_tensor_offset(num_tensors); },
         py::arg("num_tensors"),
         "Where the table's int32 tile -> tensor section starts, in int64s from its base.");
-  m.def("variant", &variant_of, py::arg("store"), py::arg("param_bf16"), py::arg("grad_bf16"),
-        py::arg("state_bf16"), py::arg("amsgrad"), py::arg("track"), py::arg("grad_scale"),
-        py::arg("l2_decay") = false,
-        "The kernel variant of a store mode (index into STORE_MODES), dtype and mode flags.");
-  m.def("bf16_rounding_check", &bf16_rounding_check, py::arg("device"), py::arg("control") = false,
+  m.def("variant", &variant_of, py::arg("store"), py::arg("fp16"), py::arg("param16"),
+        py::arg("grad16"), py::arg("state_bf16"), py::arg("amsgrad"), py::arg("track"),
+        py::arg("grad_scale"), py::arg("l2_decay") = false,
+        "The kernel variant of a store mode (index into STORE_MODES), 16-bit format (fp16: "
+        "float16, else bf16; that of a 16-bit param and grad and of an fp32 param's change "
+        "image), dtype and mode flags.");
+  m.def("bf16_rounding_check",
+        [](int device, bool control) { return rounding_check(device, false, control); },
+        py::arg("device"), py::arg("control") = false,
         "GPU check of the kernels' hardware bf16 rounding against the spec on all 2**32 fp32 "
         "patterns: (mismatches, first mismatching pattern). control=True compares with "
         "truncation instead, which must mismatch.");
+  m.def("fp16_rounding_check",
+        [](int device, bool control) { return rounding_check(device, true, control); },
+        py::arg("device"), py::arg("control") = false,
+        "The same check for the kernels' hardware float16 rounding (cvt.rn.f16.f32).");
   m.def("launch_adamw", &launch_adamw, py::arg("variant"), py::arg("table"),
         py::arg("num_tensors"), py::arg("total_tiles"), py::arg("counters"), py::arg("scalars"),
         py::arg("sr_keys"), py::arg("grad_scale"), py::arg("found_inf"), py::arg("maximize"),

@@ -2,15 +2,24 @@
 // sizes (Python ints), so it builds with a C++17 compiler and pybind11 alone, without
 // torch's headers; rlvr_optim/cpu_backend.py turns tensors into those ints. Beside it, the
 // fused backends' per-step passes over Python objects: the grads' reader (read_gradients),
-// the params' address check (addresses_equal) and the params' identity (same_items).
+// the params' address check (addresses_equal) and the params' identity (same_items); and
+// the header's float16 rounding over a range of fp32 patterns (fp16_nearest_patterns), which
+// tests compare with torch's cast on all 2**32 of them.
 #include <pybind11/pybind11.h>
 
+#include <cmath>
 #include <cstdint>
 #include <cstring>
 #include <string>
 #include <vector>
 
 #include "cpu_step.h"
+
+// The header's inline functions in a namespace of this object's own, as cpu_step.cpp does
+// per instruction set: the linker keeps one copy of an inline function of a given name.
+namespace isa_binding {
+#include "adamw_element.cuh"
+}  // namespace isa_binding
 
 namespace py = pybind11;
 
@@ -299,6 +308,23 @@ bool same_items(py::handle a, py::handle b) {
          std::memcmp(x.data(), y.data(), static_cast<size_t>(x.size()) * sizeof(PyObject*)) == 0;
 }
 
+// round_nearest_fp16 (the spec's integer formula, adamw_element.cuh) of the fp32 patterns
+// first, first + 1, ..., first + count - 1, as uint16s at `out`, on `threads` OpenMP threads.
+void fp16_nearest_patterns(uintptr_t out, uint64_t first, int64_t count, int threads) {
+  if (out == 0 || count < 0 || first + static_cast<uint64_t>(count) > (uint64_t{1} << 32) ||
+      threads < 1) {
+    throw py::value_error("fp16_nearest_patterns needs an address, count >= 0, "
+                          "first + count <= 2**32 and threads >= 1");
+  }
+  uint16_t* dst = address<uint16_t>(out);
+  py::gil_scoped_release release;
+#pragma omp parallel for num_threads(threads) schedule(static)
+  for (int64_t i = 0; i < count; ++i) {
+    dst[i] = static_cast<uint16_t>(
+        isa_binding::rlvr_optim::round_nearest_fp16(static_cast<uint32_t>(first + i)));
+  }
+}
+
 }  // namespace
 }  // namespace cpu
 }  // namespace rlvr_optim
@@ -323,6 +349,8 @@ PYBIND11_MODULE(_cpu, m) {
   layout["remainder"] = kLayoutRemainder;
   layout["stochastic"] = kLayoutStochastic;
   layout["track"] = kLayoutTrack;
+  layout["param_fp16"] = kLayoutParamFp16;
+  layout["image_fp16"] = kLayoutImageFp16;
   layout["vector_aligned"] = kLayoutVectorAligned;
   layout["bitmap_aligned"] = kLayoutBitmapAligned;
   m.attr("LAYOUT_BITS") = layout;
@@ -344,4 +372,8 @@ PYBIND11_MODULE(_cpu, m) {
         "False for another length, a non-tensor or no storage.");
   m.def("same_items", &same_items, py::arg("a"), py::arg("b"),
         "Whether sequences a and b hold the very same objects in the same order.");
+  m.def("fp16_nearest_patterns", &fp16_nearest_patterns, py::arg("out"), py::arg("first"),
+        py::arg("count"), py::arg("threads"),
+        "Writes the spec's nearest-even float16 pattern of each fp32 pattern first .. first + "
+        "count - 1 (as uint16) to the address out, on `threads` OpenMP threads.");
 }

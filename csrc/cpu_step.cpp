@@ -101,11 +101,12 @@ T* address(int64_t value) {
   counts.nonfinite += f;
 }
 
-// Elements [begin, end) of one row; begin is a multiple of 8.
-template <bool kParamBf16, bool kGradBf16, bool kStateBf16, MasterForm kForm, bool kStochastic,
-          bool kAmsgrad, bool kTrack, bool kPlainGrad>
+// Elements [begin, end) of one row; begin is a multiple of 8. kParam16: the param is
+// stored in 16 bits of format kHalf (else fp32, its change image kHalf).
+template <bool kParam16, bool kGradBf16, bool kStateBf16, MasterForm kForm, bool kStochastic,
+          bool kAmsgrad, bool kTrack, bool kPlainGrad, spec::Half kHalf = spec::Half::kBf16>
 void step_span(const int64_t* row, const CpuStep& a, int64_t begin, int64_t end, Counts& counts) {
-  using P = Storage<kParamBf16>;
+  using P = Storage<kParam16>;
   using G = Storage<kGradBf16>;
   using S = Storage<kStateBf16>;
   P* param = address<P>(row[kRow_param]);
@@ -171,7 +172,7 @@ void step_span(const int64_t* row, const CpuStep& a, int64_t begin, int64_t end,
       // Not const: gcc 12 keeps a const struct in memory (no scalar replacement), which
       // kept the tracking loop from vectorizing (6x the untracked step's time).
       spec::ElementFlags f =
-          spec::adamw_element<kParamBf16, kForm, kStochastic, kAmsgrad>(
+          spec::adamw_element<kParam16, kForm, kStochastic, kAmsgrad, kHalf>(
               e, g, s, o, train[j] != 0, skip, key_lo, key_hi, offset + static_cast<uint64_t>(i));
 
       param[i] = static_cast<P>(e.param);
@@ -759,12 +760,26 @@ struct SpanFns {
 template <int kCode>
 constexpr SpanFns span_fn() {
   constexpr bool param_bf16 = kCode & kLayoutParamBf16;
+  constexpr bool param_fp16 = kCode & kLayoutParamFp16;
+  constexpr bool image_fp16 = kCode & kLayoutImageFp16;
+  constexpr bool param16 = param_bf16 || param_fp16;
   constexpr bool fp32_master = kCode & kLayoutMasterFp32;
   constexpr bool remainder = kCode & kLayoutRemainder;
   constexpr bool stochastic = kCode & kLayoutStochastic;
-  if constexpr ((fp32_master && remainder) || (!param_bf16 && (fp32_master || remainder || stochastic)) ||
-                (stochastic && remainder)) {
+  if constexpr ((fp32_master && remainder) || (!param16 && (fp32_master || remainder || stochastic)) ||
+                (stochastic && remainder) || (param_bf16 && param_fp16) ||
+                (param16 && image_fp16) || (param_fp16 && remainder)) {
     return {nullptr, nullptr};
+  } else if constexpr (param_fp16 || image_fp16) {
+    // float16 params and fp16 images: the spec loop (bit-exact, not tuned for speed).
+    constexpr MasterForm form = fp32_master ? MasterForm::kFp32 : MasterForm::kNone;
+    constexpr bool grad_bf16 = kCode & kLayoutGradBf16;
+    constexpr bool state_bf16 = kCode & kLayoutStateBf16;
+    constexpr bool amsgrad = kCode & kLayoutAmsgrad;
+    constexpr bool track = kCode & kLayoutTrack;
+    constexpr spec::Half half = spec::Half::kFp16;
+    return {&step_span<param16, grad_bf16, state_bf16, form, stochastic, amsgrad, track, true, half>,
+            &step_span<param16, grad_bf16, state_bf16, form, stochastic, amsgrad, track, false, half>};
   } else {
     constexpr MasterForm form =
         fp32_master ? MasterForm::kFp32 : (remainder ? MasterForm::kRemainder : MasterForm::kNone);
@@ -794,7 +809,7 @@ constexpr std::array<SpanFns, sizeof...(kCodes)> span_table(std::integer_sequenc
   return {span_fn<kCodes>()...};
 }
 
-// The loops of every layout code (nullptr: none), 96 of the 256 codes.
+// The loops of every layout code (nullptr: none), 176 of the 1024 codes.
 constexpr std::array<SpanFns, kLayoutCodes> kSpanFns =
     span_table(std::make_integer_sequence<int, kLayoutCodes>{});
 

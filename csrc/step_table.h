@@ -11,8 +11,8 @@
 
 // The fields of a row, in order.
 #define RLVR_ROW_FIELDS(X)                                                                   \
-  X(param)             /* fp32 or bf16 */                                                    \
-  X(grad)              /* fp32 or bf16 */                                                    \
+  X(param)             /* fp32, bf16 or float16 */                                           \
+  X(grad)              /* fp32 or bf16 (float16: Triton and CUDA) */                         \
   X(exp_avg)           /* fp32 or bf16, as exp_avg_sq and max_exp_avg_sq */                  \
   X(exp_avg_sq)                                                                              \
   X(max_exp_avg_sq)    /* amsgrad only */                                                    \
@@ -30,7 +30,7 @@
 
 // The per-tensor counters a step writes, in order.
 #define RLVR_COUNTERS(X)                                                                     \
-  X(bf16_changed)      /* elements whose stored bf16 bits changed */                         \
+  X(bf16_changed)      /* elements whose stored 16-bit bits (bf16 or float16) changed */     \
   X(fp32_moved)        /* elements whose fp32 value moved */                                 \
   X(nonfinite_grads)   /* non-finite gradient elements (after unscaling), trained ones */
 
@@ -64,10 +64,12 @@ constexpr int64_t kLayoutMasterFp32 = 16;
 constexpr int64_t kLayoutRemainder = 32;
 constexpr int64_t kLayoutStochastic = 64;
 constexpr int64_t kLayoutTrack = 128;  // any of the change bitmap, cumulative bitmap, counters
-constexpr int kLayoutCodes = 256;      // the codes of the bits above
+constexpr int64_t kLayoutParamFp16 = 256;  // a float16 param (its change image: itself)
+constexpr int64_t kLayoutImageFp16 = 512;  // an fp32 param whose change image is float16
+constexpr int kLayoutCodes = 1024;     // the codes of the bits above
 // Every element array (param, grad, states, master / remainder) is 16-byte aligned.
-constexpr int64_t kLayoutVectorAligned = 256;
+constexpr int64_t kLayoutVectorAligned = 1024;
 // The freeze mask and the change and cumulative bitmaps are 8-byte aligned.
-constexpr int64_t kLayoutBitmapAligned = 512;
+constexpr int64_t kLayoutBitmapAligned = 2048;
 
 }  // namespace rlvr_optim

@@ -4,8 +4,9 @@
 naming the tensor and the fix. The backends run it when they build a plan of a call (not
 in every step: a kept plan checks only what can change between steps, see
 :mod:`rlvr_optim.plan`). A :class:`Policy` says what differs between backends: which
-devices it runs, and whether it is *strict* (the GPU backends: contiguous tensors, float32
-or bfloat16 grads and states, one state dtype per tensor, else an error) or steps such
+devices it runs, and whether it is *strict* (the GPU backends: contiguous tensors, float32,
+bfloat16 or float16 grads, float32 or bfloat16 states, one state dtype per tensor, else an
+error) or steps such
 tensors another way (the CPU backend: the reference steps them, or their grads are
 converted; :func:`check_tensors` returns their indices).
 """
@@ -18,11 +19,14 @@ import torch
 from torch import Tensor
 
 from .operands import Operands
+from .reference import master_param_error
 from .table import COUNTER_NAMES
 
-__all__ = ["FLOATS", "Policy", "check_tensors", "compiled_layout"]
+__all__ = ["FLOATS", "PARAMS", "STRICT_GRADS", "Policy", "check_tensors", "compiled_layout"]
 
 FLOATS = (torch.float32, torch.bfloat16)
+PARAMS = (torch.float32, torch.bfloat16, torch.float16)  # every fused backend steps these
+STRICT_GRADS = PARAMS  # grads the GPU backends read
 _STATES = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq")
 _BITMAPS = ("freeze_mask", "change_bitmap", "cumulative_bitmap")
 
@@ -88,15 +92,16 @@ def check_tensors(ops: Operands, grads: Sequence, offsets: Sequence[int],
             raise TypeError(f"params[{i}] must be a torch.Tensor, got {type(param).__name__}")
         # What the spec refuses comes first, on every backend and device.
         for kind, extra in (("masters", t.master), ("remainders", t.remainder)):
-            if extra is not None and param.dtype != torch.bfloat16:
-                raise ValueError(f"{kind}[{i}] is given for a {param.dtype} param; master "
-                                 "weights and remainders need bf16 params")
+            error = master_param_error(kind, i, param.dtype) if extra is not None else None
+            if error:
+                raise ValueError(error)
         policy.check_device(i, param)
         device, numel = param.device, param.numel()
         nbytes = (numel + 7) // 8
-        _check(f"params[{i}]", param, FLOATS, numel, device, policy)
+        _check(f"params[{i}]", param, PARAMS, numel, device, policy)
         grad = grads[i]
-        _check(f"grads[{i}]", grad, FLOATS if policy.strict else None, numel, device, policy)
+        _check(f"grads[{i}]", grad, STRICT_GRADS if policy.strict else None, numel, device,
+               policy)
         if not grad.is_floating_point() or grad.is_complex():
             raise TypeError(f"grads[{i}] has dtype {grad.dtype}; a gradient must be a real "
                             "floating-point tensor")

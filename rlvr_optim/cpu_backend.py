@@ -15,6 +15,7 @@ neither works, and says so once.
 
 from __future__ import annotations
 
+import functools
 import warnings
 from types import ModuleType
 from typing import NamedTuple
@@ -108,12 +109,15 @@ def _static_key(ops: Operands, offset: int, options: tuple) -> int | None:
     if not compiled_layout(ops):
         return None
     bf16 = torch.bfloat16
+    param16 = ops.param.dtype in reference.HALF_DTYPES
     on = {
         "param_bf16": ops.param.dtype == bf16, "state_bf16": ops.exp_avg.dtype == bf16,
+        "param_fp16": ops.param.dtype == torch.float16,
+        "image_fp16": not param16 and options[1] == torch.float16,
         "amsgrad": ops.max_exp_avg_sq is not None, "master_fp32": ops.master is not None,
         "remainder": ops.remainder is not None,
         # fp32 params are stored exactly and ignore rounding, as in the reference
-        "stochastic": options[0] == "stochastic" and ops.param.dtype == bf16,
+        "stochastic": options[0] == "stochastic" and param16,
         "track": any(x is not None for x in (ops.change_bitmap, ops.cumulative_bitmap,
                                              ops.counter)),
     }
@@ -193,12 +197,14 @@ def adamw(
     decoupled_weight_decay: bool = True,
     grad_scale: Tensor | None = None,
     found_inf: Tensor | None = None,
+    change_dtype: torch.dtype = torch.bfloat16,
 ) -> None:
     """One Adam step over a list of CPU tensors, in place, in one pass of OpenMP threads.
 
-    Arguments and results as :func:`rlvr_optim.reference.adamw`. Params are float32 or
-    bfloat16. Grads of another dtype are converted to float32 first, as the reference
-    does. A tensor whose param, states, master or bitmaps are not contiguous, or whose
+    Arguments and results as :func:`rlvr_optim.reference.adamw`. Params are float32,
+    bfloat16 or float16 (float16 params and float16 change images run the header's
+    element loop, not the hand-vectorized ones). Grads of another dtype than float32 or
+    bfloat16 are converted to float32 first, as the reference does. A tensor whose param, states, master or bitmaps are not contiguous, or whose
     exp_avg, exp_avg_sq and max_exp_avg_sq differ in dtype or are neither float32 nor
     bfloat16, is stepped by the reference (same bits, slower). A call with the tensors of a
     recent checked call checks only the grads; tensors other than params and grads are
@@ -209,27 +215,32 @@ def adamw(
                         masters=masters, remainders=remainders, freeze_masks=freeze_masks,
                         change_bitmaps=change_bitmaps, cumulative_bitmaps=cumulative_bitmaps,
                         counters=counters, amsgrad=amsgrad)
-    check_arguments(ops, scalars=scalars, rounding=rounding, sr_keys=sr_keys, amsgrad=amsgrad)
+    check_arguments(ops, scalars=scalars, rounding=rounding, sr_keys=sr_keys, amsgrad=amsgrad,
+                    change_dtype=change_dtype)
     if not params:
         return
     offsets = [0] * len(params) if element_offsets is None else [int(o) for o in element_offsets]
-    launches = planner.launches(ops, grads, offsets, (rounding,))
+    launches = planner.launches(ops, grads, offsets, (rounding, change_dtype))
     keys = sr_keys if rounding == "stochastic" else None
     _run(launches, ops, offsets, grads,
-         StepInputs(scalars, keys, maximize, decoupled_weight_decay, grad_scale, found_inf))
+         StepInputs(scalars, keys, maximize, decoupled_weight_decay, grad_scale, found_inf),
+         change_dtype)
 
 
 def prepare(ops: Operands, *, element_offsets=None, rounding: str = "nearest",
-            amsgrad: bool = False) -> PlannedCall:
+            amsgrad: bool = False, change_dtype: torch.dtype = torch.bfloat16) -> PlannedCall:
     """:func:`adamw` over ``ops`` as a call ``(grads, StepInputs)`` kept by its caller:
     checked when it first runs, then a pass over the grads per step
     (:class:`rlvr_optim.plan.PlannedCall`)."""
     offsets = [0] * ops.count if element_offsets is None else list(element_offsets)
-    return PlannedCall(planner, _run, ops, offsets, (rounding,))
+    return PlannedCall(planner, functools.partial(_run, change_dtype=change_dtype), ops,
+                       offsets, (rounding, change_dtype))
 
 
-def _run(launches: list, ops: Operands, offsets: list[int], grads, x: StepInputs) -> None:
-    """The launches of a step: the extension's step per table, the reference for the rest."""
+def _run(launches: list, ops: Operands, offsets: list[int], grads, x: StepInputs,
+         change_dtype: torch.dtype = torch.bfloat16) -> None:
+    """The launches of a step: the extension's step per table, the reference for the rest
+    (``change_dtype``: the image of fp32 params' change flags, as in the reference)."""
     scalars = _host(x.scalars)
     keys = _host(x.sr_keys) if x.sr_keys is not None else None
     scale = skip = None
@@ -243,7 +254,8 @@ def _run(launches: list, ops: Operands, offsets: list[int], grads, x: StepInputs
             for i in launch.index:
                 reference.step_tensor(ops.at(i), grads[i], reference.TensorStep(
                     scalars[i], keys[i] if keys is not None else None, offsets[i],
-                    x.maximize, x.decoupled_weight_decay, x.grad_scale, x.found_inf))
+                    x.maximize, x.decoupled_weight_decay, x.grad_scale, x.found_inf,
+                    change_dtype))
             continue
         rows = launch.rows
         # Grads the loops cannot read as they are become float32 copies, kept alive until

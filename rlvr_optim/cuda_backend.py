@@ -26,13 +26,13 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from .checks import FLOATS, Policy, check_tensors
+from .checks import STRICT_GRADS, Policy, check_tensors
 from .extensions import CUDA, NVCC_FLAGS as _NVCC_FLAGS
 from .extensions import cache_root as _cache_root
 from .extensions import nvcc as _nvcc
 from .operands import Operands, StepInputs, call_operands
 from .plan import PlannedCall, Planner
-from .reference import check_arguments
+from .reference import HALF_DTYPES, check_arguments, image_dtype
 from .table import ROW, ROW_FIELDS
 
 __all__ = ["adamw", "load_extension", "planner", "prepare", "unavailable_reason"]
@@ -140,7 +140,8 @@ def _build_table(ext: ModuleType, columns: dict[str, np.ndarray], numels: np.nda
 
 
 class _Launch(NamedTuple):
-    layout: tuple  # (param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq dtypes, master form)
+    # (param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq dtypes, master form, image dtype)
+    layout: tuple
     device: torch.device
     table: _Table
 
@@ -152,10 +153,12 @@ def _encode(group, options: tuple) -> _Launch:
 
 
 def _static_key(ops: Operands, offset: int, options: tuple) -> tuple:
-    """A tensor's layout but its grad's dtype (planner callback)."""
+    """A tensor's layout but its grad's dtype (planner callback); ``options``:
+    ``(change_dtype,)``."""
     form = 1 if ops.master is not None else 2 if ops.remainder is not None else 0
     return (ops.param.dtype, ops.exp_avg.dtype, ops.exp_avg_sq.dtype,
-            None if ops.max_exp_avg_sq is None else ops.max_exp_avg_sq.dtype, form)
+            None if ops.max_exp_avg_sq is None else ops.max_exp_avg_sq.dtype, form,
+            image_dtype(ops.param.dtype, options[0]))
 
 
 def _group_key(static: tuple, grad_dtype: torch.dtype, grad_address: int) -> tuple:
@@ -194,13 +197,16 @@ def adamw(
     decoupled_weight_decay: bool = True,
     grad_scale: Tensor | None = None,
     found_inf: Tensor | None = None,
+    change_dtype: torch.dtype = torch.bfloat16,
 ) -> None:
     """One Adam step over a list of CUDA tensors, in place, one launch per dtype layout.
 
     Arguments and results as :func:`rlvr_optim.reference.adamw`. Every tensor is
-    contiguous and on its param's GPU; params and states are float32 or bfloat16 (a
-    tensor's exp_avg, exp_avg_sq and max_exp_avg_sq share one dtype), grads float32 or
-    bfloat16; ``masters`` and ``remainders`` need bf16 params. A call with the tensors of a
+    contiguous and on its param's GPU; params are float32, bfloat16 or float16, states
+    float32 or bfloat16 (a tensor's exp_avg, exp_avg_sq and max_exp_avg_sq share one
+    dtype), grads float32 or the 16-bit format of their tensor (its param's, or an fp32
+    param's ``change_dtype``); ``masters`` need bf16 or float16 params, ``remainders`` bf16
+    params. A call with the tensors of a
     recent one reuses its checks and tables (:data:`planner`); tensors other than params
     and grads are recognized by identity alone, so give a state new storage as a new
     tensor object, never by assigning its ``.data`` between calls.
@@ -209,11 +215,12 @@ def adamw(
                         masters=masters, remainders=remainders, freeze_masks=freeze_masks,
                         change_bitmaps=change_bitmaps, cumulative_bitmaps=cumulative_bitmaps,
                         counters=counters, amsgrad=amsgrad)
-    check_arguments(ops, scalars=scalars, rounding=rounding, sr_keys=sr_keys, amsgrad=amsgrad)
+    check_arguments(ops, scalars=scalars, rounding=rounding, sr_keys=sr_keys, amsgrad=amsgrad,
+                    change_dtype=change_dtype)
     if not params:
         return
     offsets = element_offsets if element_offsets is not None else [0] * len(params)
-    launches = planner.launches(ops, grads, offsets, ())
+    launches = planner.launches(ops, grads, offsets, (change_dtype,))
     keys = sr_keys if rounding == "stochastic" else None
     _run(launches, _tracks(ops), StepInputs(scalars, keys, maximize, decoupled_weight_decay,
                                             grad_scale, found_inf))
@@ -224,7 +231,7 @@ def _tracks(ops: Operands) -> bool:
 
 
 def prepare(ops: Operands, *, element_offsets=None, rounding: str = "nearest",
-            amsgrad: bool = False) -> PlannedCall:
+            amsgrad: bool = False, change_dtype: torch.dtype = torch.bfloat16) -> PlannedCall:
     """:func:`adamw` over ``ops`` as a call ``(grads, StepInputs)`` kept by its caller:
     checked when it first runs, then a pass over the grads per step
     (:class:`rlvr_optim.plan.PlannedCall`)."""
@@ -234,7 +241,7 @@ def prepare(ops: Operands, *, element_offsets=None, rounding: str = "nearest",
     def run(launches, statics, offsets, grads, x: StepInputs) -> None:
         _run(launches, track, x if rounding == "stochastic" else x._replace(sr_keys=None))
 
-    return PlannedCall(planner, run, ops, offsets, ())
+    return PlannedCall(planner, run, ops, offsets, (change_dtype,))
 
 
 def _run(launches: list, track: bool, x: StepInputs) -> None:
@@ -244,15 +251,16 @@ def _run(launches: list, track: bool, x: StepInputs) -> None:
     operands: dict[torch.device, tuple] = {}
     bf16 = torch.bfloat16
     for launch in launches:
-        param_dtype, grad_dtype, state_dtype, _, vmax_dtype, form = launch.layout
+        param_dtype, grad_dtype, state_dtype, _, vmax_dtype, form, half = launch.layout
         device = launch.device
-        if param_dtype != bf16:
+        if param_dtype not in HALF_DTYPES:
             store = 0  # fp32 params: nearest-even images only, as in the reference
         elif form == 2:
             store = 4  # remainder
         else:
             store = (2 if form == 1 else 0) + (1 if stochastic else 0)
-        variant = ext.variant(store, param_dtype == bf16, grad_dtype == bf16, state_dtype == bf16,
+        variant = ext.variant(store, half == torch.float16, param_dtype in HALF_DTYPES,
+                              grad_dtype in HALF_DTYPES, state_dtype == bf16,
                               vmax_dtype is not None, track, x.grad_scale is not None,
                               not x.decoupled_weight_decay)
         if device not in operands:  # on the device; the kernel reads them there
@@ -277,9 +285,18 @@ def _stream(device: torch.device) -> int:
 
 
 def _check_call(statics: Operands, grads, offsets, options) -> None:
-    """Every check (planner callback): CUDA tensors, dtypes, sizes, devices, contiguity."""
+    """Every check (planner callback): CUDA tensors, dtypes, sizes, devices, contiguity; a
+    16-bit grad in its tensor's 16-bit format (the kernels read one per launch)."""
     check_tensors(statics, grads, offsets, _POLICY)
+    for i, grad in enumerate(grads):
+        half = image_dtype(statics.param[i].dtype, options[0])
+        if grad.dtype in HALF_DTYPES and grad.dtype != half:
+            raise TypeError(
+                f"grads[{i}] is {grad.dtype} but its tensor's 16-bit format is {half} (its "
+                f"param is {statics.param[i].dtype}); the CUDA backend reads a 16-bit grad "
+                f"in that format only: pass grads[{i}].to({half}) or .float()")
 
 
-planner = Planner(_check_call, _static_key, _group_key, _encode, frozenset(FLOATS), _capturing)
+planner = Planner(_check_call, _static_key, _group_key, _encode, frozenset(STRICT_GRADS),
+                  _capturing)
 """The CUDA backend's kept calls and tables (:class:`rlvr_optim.plan.Planner`)."""

@@ -372,7 +372,7 @@ CPU = Extension(
 """``rlvr_optim._cpu``, the CPU backend's extension (csrc/cpu_binding.cpp)."""
 
 CUDA = Extension(
-    "_C", 5, ("binding.cu", "step_table.h"), _cuda_hashed,
+    "_C", 6, ("binding.cu", "step_table.h"), _cuda_hashed,
     blockers=lambda: [] if nvcc() else ["nvcc is not on PATH (nor in $CUDA_HOME/bin)"],
     build=lambda src, folder, target, include: build_cuda(
         src, folder, target, include, gencode_flags(_cuda_archs())),

@@ -28,24 +28,33 @@ __all__ = ["Adam", "AdamW", "RoundingAdam", "change_log_from_rows", "format_tabl
 _OPTIONS_DOC = """
     Keyword-only options (each may also be set per param group, except ``freeze_masks``
     and ``backend``; a value set later in ``param_groups`` is taken as here):
-        rounding: how a bf16 param is stored: ``"nearest"`` (round to nearest even,
-            default) or ``"stochastic"`` (unbiased; needs bf16 params).
-        master_weights: ``None`` (default), ``"fp32"`` (fp32 copy, bf16 params only) or
-            ``"remainder"`` (int16 remainder beside the bf16 param that rebuilds the exact
-            fp32 value; the bf16 half is rounded to nearest, ties away from zero).
-        state_dtype: dtype of exp_avg / exp_avg_sq: ``None`` (the param's, as torch),
-            ``torch.float32`` or ``torch.bfloat16``.
+        rounding: how a bf16 or float16 param is stored: ``"nearest"`` (round to nearest
+            even, default) or ``"stochastic"`` (unbiased; needs bf16 or float16 params).
+        master_weights: ``None`` (default), ``"fp32"`` (fp32 copy, bf16 or float16 params
+            only) or ``"remainder"`` (int16 remainder beside the bf16 param that rebuilds
+            the exact fp32 value; the bf16 half is rounded to nearest, ties away from zero;
+            bf16 params only).
+        state_dtype: dtype of exp_avg / exp_avg_sq: ``None`` (the param's, as torch;
+            float32 for float16 params that the fused backends step), ``torch.float32`` or
+            ``torch.bfloat16``.
         track_changes: ``"off"`` (default), ``"step"`` (per-step change bitmap and
-            counters) or ``"cumulative"`` (also the OR of all steps' bitmaps). For float16,
-            float64 and complex params a bit says that the stored value changed: its own
+            counters) or ``"cumulative"`` (also the OR of all steps' bitmaps). For
+            float16 params ``rounding="stochastic"``, ``master_weights`` or ``state_dtype``
+            sends them through the fused backends (docs/fp16.md), tracking alone does not.
+            For float16 params stepped by torch's code, float64 and complex params a bit
+            says that the stored value changed: its own
             bits (either part of a complex element) differ after the step, so ``bf16
             changed`` and ``fp32 moved`` both count those elements. They are found by
             comparing against a copy taken before the step (one copy of each such param
             per step), not inside a kernel.
         seed: seed of the stochastic rounding stream (default 0).
+        change_dtype: ``torch.bfloat16`` (default) or ``torch.float16``: the nearest-even
+            image an fp32 param's change bitmap and counters compare (float16 for trainers
+            that keep fp32 weights and serve float16); 16-bit params compare their own bits.
         freeze_masks: ``{param: mask}``; see :meth:`set_freeze_mask`.
         backend: ``"auto"`` (default), ``"reference"``, ``"cpu"``, ``"triton"`` or ``"cuda"``;
-            it steps the float32 and bfloat16 params.
+            it steps the float32 and bfloat16 params, and the float16 params of groups that
+            set one of the options above.
 
     DTensor params (FSDP2 ``fully_shard``: ``Shard(0)`` or ``Replicate()`` on a 1-D mesh)
     step on their local shards, with stochastic rounding keyed by each element's global
@@ -63,12 +72,16 @@ class RoundingAdam:
     bases: groups with rlvr_optim's options, state, the step, state dicts and results.
 
     float32 and bfloat16 params go through this package's fused backends, for which
-    ``foreach`` and ``fused`` change nothing. Params that no bf16 mode concerns (float16,
-    float64, complex) and every param of a ``differentiable=True`` group are stepped by
+    ``foreach`` and ``fused`` change nothing, and so do float16 params in groups that set
+    ``rounding="stochastic"``, ``master_weights`` or ``state_dtype`` (their moments are
+    then float32 unless ``state_dtype`` says bfloat16). Other params
+    (float64, complex, float16 in groups without those options) and every param of a
+    ``differentiable=True`` group are stepped by
     torch's own Adam code with the group's options (``foreach``, ``fused``, ``capturable``,
     ...), so they behave as under torch's class, autograd included; their states have
-    torch's keys and dtypes. For them ``rounding="stochastic"``, ``master_weights`` (both
-    need a bf16 store), ``state_dtype`` and freeze masks raise; a differentiable group also
+    torch's keys and dtypes. For float64 and complex params ``rounding="stochastic"``,
+    ``master_weights`` (both need a 16-bit store), ``state_dtype`` and freeze masks raise
+    (and for float16 params with default options, freeze masks); a differentiable group also
     refuses ``track_changes`` and a ``backend`` other than ``"auto"``. With a
     ``GradScaler`` and without ``fused=True`` their step reads ``found_inf`` on the host
     (one sync), as the scaler itself does for torch's for-loop code.
@@ -302,8 +315,10 @@ class RoundingAdam:
         return change_log_from_rows(self.change_summary(), prefix)
 
 
-def _options(rounding, master_weights, state_dtype, track_changes, seed) -> dict[str, Any]:
-    return dict(zip(OPTION_NAMES, (rounding, master_weights, state_dtype, track_changes, seed)))
+def _options(rounding, master_weights, state_dtype, track_changes, seed,
+             change_dtype) -> dict[str, Any]:
+    return dict(zip(OPTION_NAMES, (rounding, master_weights, state_dtype, track_changes, seed,
+                                   change_dtype)))
 
 
 class AdamW(RoundingAdam, torch.optim.AdamW):
@@ -334,6 +349,7 @@ class AdamW(RoundingAdam, torch.optim.AdamW):
         state_dtype: torch.dtype | str | None = None,
         track_changes: str | bool | None = "off",
         seed: int = 0,
+        change_dtype: torch.dtype | str = torch.bfloat16,
         freeze_masks: Mapping[Tensor, Tensor] | None = None,
         backend: str = "auto",
     ) -> None:
@@ -344,7 +360,8 @@ class AdamW(RoundingAdam, torch.optim.AdamW):
                 fused=fused)
 
         self._set_up(init, backend,
-                     _options(rounding, master_weights, state_dtype, track_changes, seed),
+                     _options(rounding, master_weights, state_dtype, track_changes, seed,
+                              change_dtype),
                      freeze_masks, differentiable)
 
 
@@ -379,6 +396,7 @@ class Adam(RoundingAdam, torch.optim.Adam):
         state_dtype: torch.dtype | str | None = None,
         track_changes: str | bool | None = "off",
         seed: int = 0,
+        change_dtype: torch.dtype | str = torch.bfloat16,
         freeze_masks: Mapping[Tensor, Tensor] | None = None,
         backend: str = "auto",
     ) -> None:
@@ -389,5 +407,6 @@ class Adam(RoundingAdam, torch.optim.Adam):
                 fused=fused, decoupled_weight_decay=decoupled_weight_decay)
 
         self._set_up(init, backend,
-                     _options(rounding, master_weights, state_dtype, track_changes, seed),
+                     _options(rounding, master_weights, state_dtype, track_changes, seed,
+                              change_dtype),
                      freeze_masks, differentiable)

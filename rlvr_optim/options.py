@@ -12,7 +12,7 @@ from torch import Tensor
 
 from . import distributed
 
-__all__ = ["MASTER_WEIGHTS", "PARAM_DTYPES", "ROUNDINGS", "TRACK_CHANGES",
+__all__ = ["FUSED_GRAD_DTYPES", "MASTER_WEIGHTS", "PARAM_DTYPES", "ROUNDINGS", "TRACK_CHANGES", "asks_for_kernels",
            "check_differentiable", "check_hyperparameters", "check_param_options",
            "follows_torch", "normalize_options", "normalize_group"]
 
@@ -21,6 +21,9 @@ MASTER_WEIGHTS = (None, "fp32", "remainder")
 TRACK_CHANGES = ("off", "step", "cumulative")
 PARAM_DTYPES = (torch.float32, torch.bfloat16)
 PARAM_DTYPE_SET = frozenset(PARAM_DTYPES)
+FUSED_GRAD_DTYPES = frozenset((torch.float32, torch.bfloat16, torch.float16))
+"""Gradient dtypes the fused backends read (float16: of float16 params, see
+:func:`follows_torch`)."""
 _STATE_DTYPES = {
     None: None,
     "float32": "float32",
@@ -30,7 +33,19 @@ _STATE_DTYPES = {
     "bf16": "bfloat16",
     torch.bfloat16: "bfloat16",
 }
-OPTION_NAMES = ("rounding", "master_weights", "state_dtype", "track_changes", "seed")
+# The 16-bit image an fp32 param's change flags compare (float16: for trainers that keep
+# fp32 weights and serve float16).
+_CHANGE_DTYPES = {
+    "bfloat16": "bfloat16",
+    "bf16": "bfloat16",
+    torch.bfloat16: "bfloat16",
+    "float16": "float16",
+    "fp16": "float16",
+    "half": "float16",
+    torch.float16: "float16",
+}
+OPTION_NAMES = ("rounding", "master_weights", "state_dtype", "track_changes", "seed",
+                "change_dtype")
 """rlvr_optim's per-group options (beside torch's)."""
 # What a differentiable group must leave at the default: torch's code steps it, and
 # autograd through a bf16 rounding mode, a master copy or a bitmap is not defined.
@@ -72,6 +87,13 @@ def normalize_options(options: dict[str, Any]) -> dict[str, Any]:
             f"got {options['state_dtype']!r}"
         ) from None
     options["track_changes"] = _normalize_track_changes(options["track_changes"])
+    try:
+        options["change_dtype"] = _CHANGE_DTYPES[options["change_dtype"]]
+    except (KeyError, TypeError):
+        raise ValueError(
+            "change_dtype must be torch.bfloat16 or torch.float16 (the 16-bit image whose "
+            f"bits an fp32 param's change bitmap compares), got {options['change_dtype']!r}"
+        ) from None
     seed = options["seed"]
     if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**64:
         raise ValueError(f"seed must be an int in [0, 2**64), got {seed!r}")
@@ -89,10 +111,25 @@ def normalize_group(group: dict[str, Any]) -> tuple:
     return tuple(options.values())
 
 
+def asks_for_kernels(group: Mapping[str, Any]) -> bool:
+    """Whether a group sets an option that changes how a param is stepped and only the
+    fused backends have (stochastic rounding, master weights, a state dtype): its float16
+    params then go through them. Change tracking alone does not: it observes, and leaves
+    torch's float16 results as they are."""
+    return (group["rounding"] != "nearest" or group["master_weights"] is not None
+            or group["state_dtype"] is not None)
+
+
 def follows_torch(p: Tensor, group: Mapping[str, Any]) -> bool:
-    """Whether ``p`` is stepped by torch's own Adam code: no bf16 mode concerns its dtype
-    (float16, float64, complex), or its group asks for autograd through the step."""
-    return group["differentiable"] or p.dtype not in PARAM_DTYPE_SET
+    """Whether ``p`` is stepped by torch's own Adam code: its group asks for autograd
+    through the step, or no mode of ours concerns its dtype: float64, complex, and float16
+    unless the group asks for the fused backends (:func:`asks_for_kernels`), so that
+    float16 params with default options stay torch's."""
+    if group["differentiable"]:
+        return True
+    if p.dtype in PARAM_DTYPE_SET:
+        return False
+    return not (p.dtype == torch.float16 and asks_for_kernels(group))
 
 
 def check_differentiable(group: Mapping[str, Any]) -> None:
@@ -129,15 +166,23 @@ def check_hyperparameters(group: Mapping[str, Any]) -> None:
 
 def check_param_options(p: Tensor, group: Mapping[str, Any], name: str) -> None:
     """Errors for a param whose dtype does not fit its group's options."""
-    if group["master_weights"] is not None and p.dtype != torch.bfloat16:
+    half = p.dtype in (torch.bfloat16, torch.float16)
+    if group["master_weights"] == "remainder" and p.dtype == torch.float16:
+        raise ValueError(
+            f"param {name}: master_weights='remainder' rebuilds fp32 as (bf16 bits << 16) + "
+            "an int16, which holds for bfloat16 (the top half of fp32) only; use "
+            "master_weights='fp32' for float16 params"
+        )
+    if group["master_weights"] is not None and not half:
         raise ValueError(
             f"param {name}: master_weights={group['master_weights']!r} needs a bfloat16 "
-            f"param, this one is {p.dtype}"
+            f"param (or, for 'fp32', a float16 one), this one is {p.dtype}"
         )
-    if group["rounding"] == "stochastic" and p.dtype != torch.bfloat16:
+    if group["rounding"] == "stochastic" and not half:
         raise ValueError(
-            f"param {name}: rounding='stochastic' rounds the bf16 store of a param, but this "
-            f"param is {p.dtype} and has none; make it bfloat16 or use rounding='nearest'"
+            f"param {name}: rounding='stochastic' rounds the 16-bit store of a param, but "
+            f"this param is {p.dtype} and has none; make it bfloat16 or float16 or use "
+            "rounding='nearest'"
         )
     if group["state_dtype"] is not None and follows_torch(p, group):
         raise ValueError(

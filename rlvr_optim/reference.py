@@ -36,7 +36,7 @@ with this order, the same as with weight decay 0 (docs/numerics.md). With weight
 the factor is 1 and w is unchanged, infinities and -0 included, as torch skips the decay.
 
 Storing. States go back in their own dtype (fp32, or bf16 by round-to-nearest-even).
-A bf16 param is stored by round-to-nearest-even (``rounding="nearest"``) or by
+A bf16 (or float16, below) param is stored by round-to-nearest-even (``rounding="nearest"``) or by
 stochastic rounding (``rounding="stochastic"``). All bf16 conversions are integer bit
 operations on the fp32 pattern, so every backend (the Triton interpreter included, whose
 own casts truncate) gets the same bits:
@@ -48,13 +48,37 @@ own casts truncate) gets the same bits:
 * NaN becomes the quiet NaN ``(bits >> 16) | 0x0040`` under both; +-Inf stays +-Inf
   (its low half is zero).
 
-NaN results are canonical: every NaN that the step computes (w, m, v, vmax) is stored as
-the quiet NaN 0x7FC00000 (bf16: 0x7FC0). Which NaN an fp32 operation returns when both
-operands are NaN, or what ``-x`` does to a NaN's sign, differs between CPU vector and
-scalar paths and between CPU and GPU; without this rule no two backends could agree bit
-for bit once a gradient is NaN.
+float16 storage. A float16 param (and an fp32 param's image under
+``change_dtype=torch.float16``) follows the same two rules, written on a 16-bit *window*:
+the first 16 bits the rounding discards, just below the kept float16 LSB (zeros where
+fewer are discarded), and *sticky*, whether any discarded bit beyond the window is set.
+In the normal float16 range (magnitude >= 2**-14) the kept bits are the fp32 pattern
+rebased by 112 exponents and shifted right by 13, so 13 bits are discarded; below it
+(float16 subnormals, multiples of 2**-24) the 24-bit significand is shifted right by
+``126 - exponent`` bits, 14 or more (all of them from 40 on). Then:
 
-Master weights. ``"fp32"`` keeps an fp32 copy and stores the bf16 param from it.
+* nearest-even: up iff ``window + 0x7FFF + (lsb | sticky)`` carries out of 16 bits;
+* stochastic: up iff ``window + r`` carries, ``r`` the element's same 16 random bits as
+  for bf16, so the magnitude rounds up with probability window / 2**16: exactly unbiased
+  wherever at most 16 bits are discarded (every normal float16 and the subnormals from
+  2**-17 up); below 2**-17 the expectation is low by less than 2**-16 float16 ULP
+  (2**-40), for want of more random bits;
+* a kept pattern plus its carry of 0x7C00 or more is +-inf (overflow, as torch's cast),
+  +-Inf stays +-Inf, and NaN becomes the quiet NaN ``sign | 0x7E00 | ((bits >> 13) &
+  0x3FF)`` under both (sign and top payload bits kept, as torch's cast and as bf16).
+
+float16 -> fp32 is exact: an integer shift and rebias (subnormals as m * 2**-24); a NaN
+keeps its sign and payload, unquieted, as a bf16 NaN's shift does. The remainder form
+does not exist for float16 (fp32 is not a float16 pattern and a 16-bit remainder); an
+fp32 master does.
+
+NaN results are canonical: every NaN that the step computes (w, m, v, vmax) is stored as
+the quiet NaN 0x7FC00000 (bf16: 0x7FC0, float16: 0x7E00). Which NaN an fp32 operation
+returns when both operands are NaN, or what ``-x`` does to a NaN's sign, differs between
+CPU vector and scalar paths and between CPU and GPU; without this rule no two backends
+could agree bit for bit once a gradient is NaN.
+
+Master weights. ``"fp32"`` keeps an fp32 copy and stores the bf16 (or float16) param from it.
 ``"remainder"`` keeps only an int16 per element beside the bf16 param such that
 ``fp32_bits = (param_bits << 16) + remainder`` exactly. That needs the bf16 half rounded
 to nearest with ties *away from zero* (``(bits + 0x8000) >> 16``): the remainder is then
@@ -77,9 +101,10 @@ or sharding; a shard may start at any index, not only at a multiple of 8.
 Freeze masks (packed bitmaps, bit 1 = trained): a frozen element keeps its param, states
 and master bit for bit, and contributes nothing to bitmaps or counters.
 
-Change tracking. ``change_bitmap`` bit i = the stored bf16 bits of element i differ
-after the step (for fp32 params: their nearest-even bf16 images differ). Counters, per
-tensor, int64: ``[bf16 changed, fp32 moved, non-finite grads]``, where "fp32 moved" compares
+Change tracking. ``change_bitmap`` bit i = the stored 16-bit (bf16 or float16) bits of
+element i differ after the step (for fp32 params: their nearest-even images in
+``change_dtype``, bf16 by default, differ). Counters, per tensor, int64: ``[16-bit image
+changed (named bf16_changed), fp32 moved, non-finite grads]``, where "fp32 moved" compares
 the fp32 bit patterns of w before and after (master, param or rebuilt value) and
 non-finite grads are counted over trained elements after unscaling.
 
@@ -113,6 +138,19 @@ __all__ = [
     "fp32_from_bits",
     "fp32_to_bf16_bits_nearest",
     "fp32_to_bf16_bits_stochastic",
+    "fp16_bits_to_fp32",
+    "fp16_from_bits",
+    "fp16_to_bits",
+    "fp32_to_fp16_bits_nearest",
+    "fp32_to_fp16_bits_stochastic",
+    "HALF_DTYPES",
+    "half_bits_to_fp32",
+    "half_from_bits",
+    "half_to_bits",
+    "image_dtype",
+    "master_param_error",
+    "round_nearest",
+    "round_stochastic",
     "philox4x32",
     "split_remainder",
     "join_remainder",
@@ -123,6 +161,7 @@ __all__ = [
 
 MASK32 = 0xFFFFFFFF
 CANONICAL_NAN_BITS = 0x7FC00000
+FP16_QUIET_NAN = 0x7E00
 SCALAR_COLUMNS = (
     "step_size",
     "bc2_sqrt",
@@ -207,6 +246,127 @@ def split_remainder(bits: Tensor) -> tuple[Tensor, Tensor]:
 def join_remainder(hi: Tensor, remainder: Tensor) -> Tensor:
     """Exact fp32 patterns from bf16 patterns and signed remainders (inverse of split)."""
     return ((hi << 16) + remainder) & MASK32
+
+
+# ---------------------------------------------------------------------------------------
+# float16 patterns. The same rounding rules as bf16, written on a 16-bit window of
+# discarded bits (see "float16 storage" in the module docstring and docs/fp16.md).
+# ---------------------------------------------------------------------------------------
+
+
+def fp16_to_bits(x: Tensor) -> Tensor:
+    """Unsigned bit pattern of a float16 tensor, as int64."""
+    return x.contiguous().view(torch.int16).to(torch.int64) & 0xFFFF
+
+
+def fp16_from_bits(bits: Tensor) -> Tensor:
+    """float16 tensor from unsigned 16-bit patterns held in int64."""
+    signed = torch.where(bits >= 2**15, bits - 2**16, bits)
+    return signed.to(torch.int16).view(torch.float16)
+
+
+def fp16_bits_to_fp32(bits: Tensor) -> Tensor:
+    """Exact fp32 value of float16 patterns; a NaN keeps its sign and payload (shifted
+    into the top of the fp32 mantissa, as a bf16 NaN's is), with no quieting."""
+    sign = (bits & 0x8000) << 16
+    exponent = (bits >> 10) & 0x1F
+    mantissa = bits & 0x3FF
+    normal = ((exponent + (127 - 15)) << 23) | (mantissa << 13)
+    subnormal = fp32_bits(mantissa.to(torch.float32) * 2.0**-24)  # exact: m < 2**10
+    special = 0x7F800000 | (mantissa << 13)
+    magnitude = torch.where(exponent == 31, special, torch.where(exponent == 0, subnormal, normal))
+    return fp32_from_bits(sign | magnitude)
+
+
+def _fp16_window(bits: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """(sign, kept, window, sticky) of fp32 patterns on the way to float16.
+
+    ``kept`` is the float16 magnitude pattern with the discarded bits cut off (above 0x7C00
+    for magnitudes of 2**16 and up); ``window`` the first 16 discarded bits, just below
+    the kept LSB (zeros where fewer than 16 bits are discarded); ``sticky`` whether any
+    discarded bit beyond the window is set. Normal float16 range (exponent >= -14): the
+    fp32 pattern rebased by 112 exponents, 13 bits discarded. Below 2**-14 (float16
+    subnormals, multiples of 2**-24): the 24-bit significand shifted right by
+    ``126 - exponent`` bits (14 or more; fp32 subnormals count as exponent 1 without the
+    implicit bit), computed here on the significand widened by 16 zero bits.
+    """
+    sign = (bits >> 16) & 0x8000
+    magnitude = bits & 0x7FFFFFFF
+    exponent = magnitude >> 23
+    rebased = magnitude - (112 << 23)
+    normal = exponent >= 113
+    significand = torch.where(exponent > 0, (magnitude & 0x7FFFFF) | 0x800000, magnitude)
+    shift = (126 - exponent.clamp(min=1)).clamp(max=40)  # 14 .. 40: all bits gone at 40
+    widened = significand << 16
+    kept = torch.where(normal, rebased >> 13, widened >> (shift + 16))
+    window = torch.where(normal, (rebased << 3) & 0xFFFF, (widened >> shift) & 0xFFFF)
+    sticky = ~normal & ((widened & ((1 << shift) - 1)) != 0)
+    return sign, kept, window, sticky.to(torch.int64)
+
+
+def _fp16_nan(bits: Tensor) -> Tensor:
+    """The float16 quiet NaN of an fp32 NaN pattern: its sign, the quiet NaN ``0x7E00`` and
+    the top 9 bits of its payload, ``sign | 0x7E00 | ((bits >> 13) & 0x3FF)``, as torch's
+    own fp32 -> float16 cast makes it (and bf16's ``(bits >> 16) | 0x0040`` does)."""
+    return ((bits >> 16) & 0x8000) | FP16_QUIET_NAN | ((bits >> 13) & 0x3FF)
+
+
+def fp32_to_fp16_bits_nearest(bits: Tensor) -> Tensor:
+    """Round fp32 patterns to float16 patterns, nearest with ties to even, as torch's cast:
+    up iff ``window + 0x7FFF + (lsb | sticky)`` carries out of 16 bits; magnitudes that
+    round to 2**16 or more become +-inf; NaN stays a quiet NaN (:func:`_fp16_nan`)."""
+    sign, kept, window, sticky = _fp16_window(bits)
+    up = (window + 0x7FFF + ((kept & 1) | sticky)) >> 16
+    rounded = sign | (kept + up).clamp(max=0x7C00)
+    return torch.where(_is_nan_bits(bits), _fp16_nan(bits), rounded)
+
+
+def fp32_to_fp16_bits_stochastic(bits: Tensor, random16: Tensor) -> Tensor:
+    """Round fp32 patterns to float16 patterns stochastically with 16 random bits each: up
+    iff ``window + random16`` carries out of 16 bits (probability window / 2**16)."""
+    sign, kept, window, _ = _fp16_window(bits)
+    rounded = sign | (kept + ((window + random16) >> 16)).clamp(max=0x7C00)
+    return torch.where(_is_nan_bits(bits), _fp16_nan(bits), rounded)
+
+
+# By storage dtype: the 16-bit formats a param is stored in, or an fp32 param's change
+# image is taken in.
+HALF_DTYPES = (torch.bfloat16, torch.float16)
+
+
+def half_to_bits(x: Tensor) -> Tensor:
+    """Unsigned bit pattern of a bf16 or float16 tensor, as int64."""
+    return x.contiguous().view(torch.int16).to(torch.int64) & 0xFFFF
+
+
+def half_from_bits(bits: Tensor, dtype: torch.dtype) -> Tensor:
+    """A ``dtype`` (bf16 or float16) tensor from unsigned 16-bit patterns."""
+    return bf16_from_bits(bits) if dtype == torch.bfloat16 else fp16_from_bits(bits)
+
+
+def half_bits_to_fp32(bits: Tensor, dtype: torch.dtype) -> Tensor:
+    """Exact fp32 value of ``dtype`` (bf16 or float16) patterns."""
+    return bf16_bits_to_fp32(bits) if dtype == torch.bfloat16 else fp16_bits_to_fp32(bits)
+
+
+def round_nearest(bits: Tensor, dtype: torch.dtype) -> Tensor:
+    """fp32 patterns to ``dtype`` (bf16 or float16) patterns, nearest even."""
+    if dtype == torch.bfloat16:
+        return fp32_to_bf16_bits_nearest(bits)
+    return fp32_to_fp16_bits_nearest(bits)
+
+
+def round_stochastic(bits: Tensor, random16: Tensor, dtype: torch.dtype) -> Tensor:
+    """fp32 patterns to ``dtype`` (bf16 or float16) patterns, stochastically."""
+    if dtype == torch.bfloat16:
+        return fp32_to_bf16_bits_stochastic(bits, random16)
+    return fp32_to_fp16_bits_stochastic(bits, random16)
+
+
+def image_dtype(param_dtype: torch.dtype, change_dtype: torch.dtype) -> torch.dtype:
+    """The 16-bit format whose bits a param's change flag compares: a bf16 or float16
+    param's own dtype, an fp32 param's ``change_dtype``."""
+    return param_dtype if param_dtype in HALF_DTYPES else change_dtype
 
 
 # ---------------------------------------------------------------------------------------
@@ -370,7 +530,7 @@ def _store_state(dst: Tensor, value: Tensor, keep: Tensor) -> None:
 class Weight(NamedTuple):
     """A param's weight as :func:`load_weight` reads it (flat tensors)."""
 
-    image: Tensor  # the stored bf16 pattern (fp32 params: their nearest-even image), int64
+    image: Tensor  # the stored 16-bit pattern (fp32 params: their nearest-even image), int64
     value: Tensor  # the fp32 weight w
     remainder: Tensor | None  # the int16 remainder as int64 (remainder form only)
 
@@ -384,21 +544,24 @@ class Moments(NamedTuple):
     vmax: Tensor | None  # amsgrad only
 
 
-def load_weight(param: Tensor, master: Tensor | None, remainder: Tensor | None) -> Weight:
+def load_weight(param: Tensor, master: Tensor | None, remainder: Tensor | None,
+                change_dtype: torch.dtype = torch.bfloat16) -> Weight:
     """Stage 1: the fp32 weight before the step (from the master, the param and its
-    remainder, or the param) and the stored bf16 pattern it is compared with after it."""
-    if param.dtype == torch.bfloat16:
-        image = bf16_to_bits(param).reshape(-1)
+    remainder, or the param) and the stored 16-bit pattern it is compared with after it
+    (an fp32 param's: its nearest-even ``change_dtype`` image)."""
+    half = image_dtype(param.dtype, change_dtype)
+    if param.dtype in HALF_DTYPES:
+        image = half_to_bits(param).reshape(-1)
     else:
-        image = fp32_to_bf16_bits_nearest(fp32_bits(param).reshape(-1))
+        image = round_nearest(fp32_bits(param).reshape(-1), half)
     rem = None
     if master is not None:
         w = master.reshape(-1).clone()
     elif remainder is not None:
         rem = remainder.reshape(-1).to(torch.int64)
         w = fp32_from_bits(join_remainder(image, rem))
-    elif param.dtype == torch.bfloat16:
-        w = bf16_bits_to_fp32(image)
+    elif param.dtype in HALF_DTYPES:
+        w = half_bits_to_fp32(image, half)
     else:
         w = param.reshape(-1).clone()
     return Weight(image, w, rem)
@@ -436,27 +599,31 @@ def adamw_math(g: Tensor, w: Tensor, m: Tensor, v: Tensor, vmax: Tensor | None,
     return Moments(w, m, v, vmax)
 
 
-def store_weight(param: Tensor, w_bits: Tensor, remainder: bool,
-                 random16: Tensor | None) -> tuple[Tensor, Tensor | None]:
+def store_weight(param: Tensor, w_bits: Tensor, remainder: bool, random16: Tensor | None,
+                 change_dtype: torch.dtype = torch.bfloat16) -> tuple[Tensor, Tensor | None]:
     """The stored pattern of a new weight (fp32 bits ``w_bits``) in ``param``'s storage:
-    (bf16 image of it, remainder or None). fp32 params store w exactly (their image is the
-    nearest-even bf16); bf16 params round to nearest even, stochastically with
-    ``random16``, or split off the remainder. The one place that knows a storage format."""
-    if param.dtype != torch.bfloat16:
-        return fp32_to_bf16_bits_nearest(w_bits), None
+    (its 16-bit image, remainder or None). fp32 params store w exactly (their image is the
+    nearest-even ``change_dtype``); bf16 and float16 params round to nearest even or
+    stochastically with ``random16``; bf16 params may split off the remainder instead. The
+    one place that knows a storage format."""
+    half = image_dtype(param.dtype, change_dtype)
+    if param.dtype not in HALF_DTYPES:
+        return round_nearest(w_bits, half), None
     if remainder:
         return split_remainder(w_bits)
     if random16 is not None:
-        return fp32_to_bf16_bits_stochastic(w_bits, random16), None
-    return fp32_to_bf16_bits_nearest(w_bits), None
+        return round_stochastic(w_bits, random16, half), None
+    return round_nearest(w_bits, half), None
 
 
 def store_and_flag(t: Operands, before: Weight, after: Moments, g: Tensor, train: Tensor,
-                   keep: Tensor, random16: Tensor | None) -> None:
+                   keep: Tensor, random16: Tensor | None,
+                   change_dtype: torch.dtype = torch.bfloat16) -> None:
     """Stage 3: store the step's results into tensor ``t``'s operands (elements in ``keep``
     keep their bits) and write its change bitmaps and counters."""
     w_bits = fp32_bits(after.w)
-    image, rem_new = store_weight(t.param, w_bits, t.remainder is not None, random16)
+    image, rem_new = store_weight(t.param, w_bits, t.remainder is not None, random16,
+                                  change_dtype)
     changed = (image != before.image) & ~keep
     moved = (w_bits != fp32_bits(before.value)) & ~keep
     nonfinite = ~torch.isfinite(g) & train
@@ -469,8 +636,8 @@ def store_and_flag(t: Operands, before: Weight, after: Moments, g: Tensor, train
         _write(t.master, torch.where(keep, before.value, after.w))
     if t.remainder is not None:
         _write(t.remainder, torch.where(keep, before.remainder, rem_new).to(torch.int16))
-    if t.param.dtype == torch.bfloat16:
-        _write(t.param, bf16_from_bits(torch.where(keep, before.image, image)))
+    if t.param.dtype in HALF_DTYPES:
+        _write(t.param, half_from_bits(torch.where(keep, before.image, image), t.param.dtype))
     else:
         _write(t.param, torch.where(keep, before.value, after.w))
 
@@ -492,6 +659,7 @@ class TensorStep(NamedTuple):
     decoupled_weight_decay: bool
     grad_scale: Tensor | None
     found_inf: Tensor | None
+    change_dtype: torch.dtype = torch.bfloat16  # an fp32 param's change image
 
 
 def step_tensor(t: Operands, grad: Tensor, x: TensorStep) -> None:
@@ -507,15 +675,15 @@ def step_tensor(t: Operands, grad: Tensor, x: TensorStep) -> None:
     keep = ~train | skip
 
     g = unscaled_grad(grad, x.grad_scale, x.maximize)
-    before = load_weight(t.param, t.master, t.remainder)
+    before = load_weight(t.param, t.master, t.remainder, x.change_dtype)
     vmax = None if t.max_exp_avg_sq is None else t.max_exp_avg_sq.reshape(-1).float()
     after = adamw_math(g, before.value, t.exp_avg.reshape(-1).float(),
                        t.exp_avg_sq.reshape(-1).float(), vmax, x.scalars.to(device),
                        x.decoupled_weight_decay)
     random16 = None
-    if x.sr_key is not None and t.param.dtype == torch.bfloat16 and t.remainder is None:
+    if x.sr_key is not None and t.param.dtype in HALF_DTYPES and t.remainder is None:
         random16 = _random16(x.sr_key.to(device), x.element_offset, numel, device)
-    store_and_flag(t, before, after, g, train, keep, random16)
+    store_and_flag(t, before, after, g, train, keep, random16, x.change_dtype)
 
 
 # ---------------------------------------------------------------------------------------
@@ -524,12 +692,15 @@ def step_tensor(t: Operands, grad: Tensor, x: TensorStep) -> None:
 
 
 def check_arguments(ops: Operands, *, scalars: Tensor, rounding: str, sr_keys: Tensor | None,
-                    amsgrad: bool) -> None:
+                    amsgrad: bool, change_dtype: torch.dtype = torch.bfloat16) -> None:
     """The call-level checks every backend's ``adamw`` makes before touching a tensor (no
     pass over the tensors: the backends check those once per plan)."""
     n = ops.count
     if rounding not in ("nearest", "stochastic"):
         raise ValueError(f"rounding must be 'nearest' or 'stochastic', got {rounding!r}")
+    if change_dtype not in HALF_DTYPES:
+        raise ValueError("change_dtype must be torch.bfloat16 or torch.float16 (the image an "
+                         f"fp32 param's change bitmap compares), got {change_dtype!r}")
     if rounding == "stochastic" and sr_keys is None:
         raise ValueError("stochastic rounding needs sr_keys")
     if ops.master is not None and ops.remainder is not None:
@@ -556,13 +727,30 @@ def check_arguments(ops: Operands, *, scalars: Tensor, rounding: str, sr_keys: T
         )
 
 
+def master_param_error(kind: str, i: int, dtype: torch.dtype) -> str | None:
+    """Why ``masters[i]`` or ``remainders[i]`` (``kind``) cannot go with a ``dtype`` param,
+    or None: masters need a bf16 or float16 param, remainders a bf16 one."""
+    if kind == "masters" and dtype not in HALF_DTYPES:
+        return (f"masters[{i}] is given for a {dtype} param; fp32 master weights need bf16 "
+                "or float16 params")
+    if kind == "remainders" and dtype != torch.bfloat16:
+        if dtype == torch.float16:
+            return (f"remainders[{i}] is given for a float16 param; the remainder form "
+                    "rebuilds fp32 as (bf16 bits << 16) + remainder, which holds for bf16 "
+                    "(the high half of fp32) only: use an fp32 master for float16 params")
+        return f"remainders[{i}] is given for a {dtype} param; remainders need bf16 params"
+    return None
+
+
 def check_master_params(ops: Operands) -> None:
-    """Masters and remainders are given for bf16 params only (a per-tensor check)."""
+    """Masters are given for bf16 or float16 params only, remainders for bf16 params only
+    (a per-tensor check)."""
     for kind, extras in (("masters", ops.master), ("remainders", ops.remainder)):
         for i, extra in enumerate(extras or ()):
-            if extra is not None and ops.param[i].dtype != torch.bfloat16:
-                raise ValueError(f"{kind}[{i}] is given for a {ops.param[i].dtype} param; "
-                                 "master weights and remainders need bf16 params")
+            if extra is not None:
+                error = master_param_error(kind, i, ops.param[i].dtype)
+                if error:
+                    raise ValueError(error)
 
 
 def adamw(
@@ -587,25 +775,26 @@ def adamw(
     decoupled_weight_decay: bool = True,
     grad_scale: Tensor | None = None,
     found_inf: Tensor | None = None,
+    change_dtype: torch.dtype = torch.bfloat16,
 ) -> None:
     """One Adam step over a list of tensors, in place; the specification of every backend.
 
     Args:
-        params: fp32 or bf16 tensors, updated in place.
+        params: fp32, bf16 or float16 tensors, updated in place.
         grads: their gradients (same shapes).
         exp_avgs, exp_avg_sqs: first and second moments, fp32 or bf16, updated in place.
         scalars: float32 [n, 8] from :func:`step_scalars` (one row per tensor).
         max_exp_avg_sqs: amsgrad maxima (required iff ``amsgrad``).
-        masters: fp32 master weights (bf16 params only; None entries allowed); param =
-            rounded master.
+        masters: fp32 master weights (bf16 and float16 params only; None entries allowed);
+            param = rounded master.
         remainders: int16 remainders of the compact master form (bf16 params only; None
             entries allowed).
         freeze_masks: per tensor a packed uint8 bitmap (bit 1 = trained) or None.
         change_bitmaps: per tensor a uint8 [ceil(numel / 8)] output bitmap, or None list.
         cumulative_bitmaps: per tensor a uint8 bitmap OR-ed with this step's changes.
         counters: per tensor an int64 [3] output, see :data:`COUNTER_NAMES`.
-        rounding: ``"nearest"`` or ``"stochastic"``: how a bf16 param is stored; fp32
-            params are stored exactly and ignore it.
+        rounding: ``"nearest"`` or ``"stochastic"``: how a bf16 or float16 param is
+            stored; fp32 params are stored exactly and ignore it.
         sr_keys: int64 [n, 2] keys from :func:`stochastic_rounding_keys` (stochastic only).
         element_offsets: global index of each tensor's element 0 (default 0).
         amsgrad, maximize: as in torch.optim.AdamW.
@@ -614,38 +803,47 @@ def adamw(
             weight is added to the gradient (see :func:`step_scalars`).
         grad_scale: optional one-element tensor dividing the gradients.
         found_inf: optional one-element tensor; nonzero skips the step.
+        change_dtype: ``torch.bfloat16`` (default) or ``torch.float16``: the nearest-even
+            image whose bits an fp32 param's change bitmap and counter compare (a 16-bit
+            param compares its own stored bits).
     """
     ops = call_operands(params, exp_avgs, exp_avg_sqs, max_exp_avg_sqs=max_exp_avg_sqs,
                         masters=masters, remainders=remainders, freeze_masks=freeze_masks,
                         change_bitmaps=change_bitmaps, cumulative_bitmaps=cumulative_bitmaps,
                         counters=counters, amsgrad=amsgrad)
-    check_arguments(ops, scalars=scalars, rounding=rounding, sr_keys=sr_keys, amsgrad=amsgrad)
+    check_arguments(ops, scalars=scalars, rounding=rounding, sr_keys=sr_keys, amsgrad=amsgrad,
+                    change_dtype=change_dtype)
     check_master_params(ops)
     keys = sr_keys if rounding == "stochastic" else None
     run(ops, grads, element_offsets,
-        StepInputs(scalars, keys, maximize, decoupled_weight_decay, grad_scale, found_inf))
+        StepInputs(scalars, keys, maximize, decoupled_weight_decay, grad_scale, found_inf),
+        change_dtype)
 
 
-def run(ops: Operands, grads, element_offsets, x: StepInputs) -> None:
-    """The step of a checked call, tensor by tensor."""
+def run(ops: Operands, grads, element_offsets, x: StepInputs,
+        change_dtype: torch.dtype = torch.bfloat16) -> None:
+    """The step of a checked call, tensor by tensor (``change_dtype``: see :func:`adamw`)."""
     for i in range(ops.count):
         step_tensor(ops.at(i), grads[i], TensorStep(
             x.scalars[i], x.sr_keys[i] if x.sr_keys is not None else None,
             element_offsets[i] if element_offsets is not None else 0,
-            x.maximize, x.decoupled_weight_decay, x.grad_scale, x.found_inf))
+            x.maximize, x.decoupled_weight_decay, x.grad_scale, x.found_inf, change_dtype))
 
 
 def prepare(ops: Operands, *, element_offsets=None, rounding: str = "nearest",
-            amsgrad: bool = False) -> Callable:
+            amsgrad: bool = False, change_dtype: torch.dtype = torch.bfloat16) -> Callable:
     """``adamw`` over ``ops`` as a call ``(grads, StepInputs)``, checked once (the
     optimizer's kept plan calls it every step; every backend has ``prepare``)."""
     if amsgrad and ops.max_exp_avg_sq is None:
         raise ValueError("amsgrad needs max_exp_avg_sqs")
+    if change_dtype not in HALF_DTYPES:
+        raise ValueError("change_dtype must be torch.bfloat16 or torch.float16 (the image an "
+                         f"fp32 param's change bitmap compares), got {change_dtype!r}")
     check_master_params(ops)
 
     def call(grads, x: StepInputs) -> None:
         if rounding != "stochastic":
             x = x._replace(sr_keys=None)
-        run(ops, grads, element_offsets, x)
+        run(ops, grads, element_offsets, x, change_dtype)
 
     return call

@@ -23,9 +23,15 @@ TRACKING_KEYS = ("change_bitmap", "cumulative_bitmap", "change_counts")
 
 
 def state_dtype(p: Tensor, group: Mapping[str, Any]) -> torch.dtype:
-    """The dtype of a param's moments: the group's ``state_dtype``, else the param's."""
+    """The dtype of a param's moments: the group's ``state_dtype``, else the param's; a
+    float16 param that the fused backends step keeps float32 moments (they keep no float16
+    states)."""
     name = group["state_dtype"]
-    return p.dtype if name is None else getattr(torch, name)
+    if name is not None:
+        return getattr(torch, name)
+    if p.dtype == torch.float16 and not follows_torch(p, group):
+        return torch.float32
+    return p.dtype
 
 
 def per_shard_shapes(p: Tensor) -> tuple[torch.Size, torch.Size]:
@@ -109,8 +115,10 @@ def check_state(p: Tensor, group: Mapping[str, Any], state: Mapping, name: str,
                 "shape, or clear its state (optimizer.state[param].clear()) to start it anew"
             )
         if key in MOMENT_KEYS:
+            # A float16 param's torch-made (float16) moments are cast when its group
+            # turns to the fused backends (float32 moments), as an option change casts.
             if (group["state_dtype"] is None and initialized and not loading
-                    and value.dtype != p.dtype):
+                    and value.dtype not in (p.dtype, dtype)):
                 raise ValueError(
                     f"param {name} is {p.dtype} but its state {key!r} is {value.dtype}: the "
                     "param's dtype changed since its state was made (as by model.to(dtype)), "

@@ -18,7 +18,7 @@ from torch import Tensor
 
 from . import backends, distributed, reference
 from .operands import Operands, StepInputs
-from .options import (OPTION_NAMES, PARAM_DTYPE_SET, PARAM_DTYPES, check_differentiable,
+from .options import (OPTION_NAMES, FUSED_GRAD_DTYPES, PARAM_DTYPE_SET, check_differentiable,
                       check_hyperparameters, check_param_options, follows_torch,
                       normalize_group)
 from ._checked import Addresses
@@ -47,7 +47,7 @@ class GroupPlan:
 
     __slots__ = ("options", "params", "addresses", "shapes", "states", "step_buffer",
                  "steps_on_device", "prepared", "whole_group", "scalar_rows", "sr_keys", "keys",
-                 "grads_seen")
+                 "grads_seen", "grad_dtypes")
 
     def __init__(self, options: tuple, params: list[Tensor], states: list[dict],
                  step_buffer: Tensor | None, prepared: Callable, keys: Tensor | None,
@@ -67,6 +67,9 @@ class GroupPlan:
         self.sr_keys = _sr_keys_function(states[0]["step"].device)
         self.keys = keys  # the params' stochastic rounding keys (a device tensor), or None
         self.grads_seen = None  # Gradients.key of the latest grads whose dtypes passed
+        # The gradient dtypes a kept plan takes (float16 where it has float16 params).
+        self.grad_dtypes = (FUSED_GRAD_DTYPES if any(p.dtype == torch.float16 for p in params)
+                            else PARAM_DTYPE_SET)
 
 
 def options_key(opt, group: dict[str, Any]) -> tuple:
@@ -108,7 +111,8 @@ def _cached(opt, group_index: int, options: tuple, on_device: bool):
     params with gradients, in the same order, at the same addresses (a param whose
     ``.data`` was replaced, as ``model.to(dtype)`` does, is checked again: a dtype that
     changed since its state was made is refused there), and every gradient a dense
-    float32/bfloat16 tensor (anything else goes through the full checks, which name the
+    float32/bfloat16 tensor, or float16 in a plan with float16 params (anything else goes
+    through the full checks, which name the
     param). Grads at new addresses are checked for the params' shapes, so a param viewed
     in another shape is refused too. A plan holds only params of the fused backends, so a
     group that also has params for torch's code (float16, float64, complex) with
@@ -130,7 +134,7 @@ def _cached(opt, group_index: int, options: tuple, on_device: bool):
         if grads is None:
             return None
         if grads.key is None or grads.key != plan.grads_seen:
-            if not set(grads.dtypes) <= PARAM_DTYPE_SET \
+            if not set(grads.dtypes) <= plan.grad_dtypes \
                     or [g.shape for g in grads] != plan.shapes:
                 return None
             plan.grads_seen = grads.key
@@ -139,7 +143,7 @@ def _cached(opt, group_index: int, options: tuple, on_device: bool):
     if not same_items(with_grad, plan.params) or not plan.addresses.unchanged(plan.params):
         return None
     grads = [p.grad for p in with_grad]
-    if not {g.dtype for g in grads} <= PARAM_DTYPE_SET or any(g.is_sparse for g in grads) \
+    if not {g.dtype for g in grads} <= plan.grad_dtypes or any(g.is_sparse for g in grads) \
             or [g.shape for g in grads] != plan.shapes:
         return None
     return plan, grads
@@ -173,7 +177,8 @@ def gather(opt, group_index: int, on_device: bool = False) -> dict | None:
                 f"param {name}: gradient dtype {grad.dtype} differs from the param's "
                 f"{p.dtype}, which torch's Adam code (stepping this param) needs"
             )
-        if not torch_code and grad.dtype not in PARAM_DTYPES:
+        if not torch_code and grad.dtype not in PARAM_DTYPE_SET and not (
+                grad.dtype == torch.float16 == p.dtype):
             raise ValueError(f"param {name}: gradient dtype {grad.dtype} is not supported")
         if distributed.is_dtensor(p) and (
             not distributed.is_dtensor(grad) or tuple(grad.placements) != tuple(p.placements)
@@ -279,7 +284,8 @@ def make(opt, job: dict, on_device: bool) -> GroupPlan:
     backend = backends.select(opt.backend, params[0].device)
     prepared = backend.prepare(
         ops, element_offsets=[0 if lay is None else lay.element_offset for lay in layouts],
-        rounding=group["rounding"], amsgrad=group["amsgrad"])
+        rounding=group["rounding"], amsgrad=group["amsgrad"],
+        change_dtype=getattr(torch, group["change_dtype"]))
     plan = GroupPlan(job["options"], params, states, step_buffer, prepared, keys,
                      whole_group=len(params) == len(group["params"]))
     if plain:

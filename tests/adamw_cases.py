@@ -3,23 +3,59 @@ the host), tests/test_cpu_backend.py (the CPU extension) and, for its forms,
 tests/test_triton_kernels.py run against the reference, so that every compiled backend
 meets the same cases. Not a test module; the tests import it from their own folder."""
 
+import numpy as np
 import torch
 
 BETAS = (0.9, 0.999)
 EPS = 1e-8
 
-# (param dtype, master form, rounding): every combination the reference accepts (rounding
-# only affects bf16 params).
+# (param dtype, master form, rounding, change_dtype): every combination the reference
+# accepts (rounding only affects 16-bit params, change_dtype only fp32 params).
+FP16 = torch.float16
 FORMS = [
-    (torch.float32, None, "nearest"),
-    (torch.float32, None, "stochastic"),
-    (torch.bfloat16, None, "nearest"),
-    (torch.bfloat16, None, "stochastic"),
-    (torch.bfloat16, "fp32", "nearest"),
-    (torch.bfloat16, "fp32", "stochastic"),
-    (torch.bfloat16, "remainder", "nearest"),
+    (torch.float32, None, "nearest", torch.bfloat16),
+    (torch.float32, None, "stochastic", torch.bfloat16),
+    (torch.bfloat16, None, "nearest", torch.bfloat16),
+    (torch.bfloat16, None, "stochastic", torch.bfloat16),
+    (torch.bfloat16, "fp32", "nearest", torch.bfloat16),
+    (torch.bfloat16, "fp32", "stochastic", torch.bfloat16),
+    (torch.bfloat16, "remainder", "nearest", torch.bfloat16),
+    (torch.float32, None, "nearest", FP16),
+    (FP16, None, "nearest", torch.bfloat16),
+    (FP16, None, "stochastic", torch.bfloat16),
+    (FP16, "fp32", "nearest", torch.bfloat16),
+    (FP16, "fp32", "stochastic", FP16),
 ]
-FORM_IDS = ["fp32", "fp32-sr", "bf16", "bf16-sr", "master", "master-sr", "remainder"]
+FORM_IDS = ["fp32", "fp32-sr", "bf16", "bf16-sr", "master", "master-sr", "remainder",
+            "fp32-image16", "fp16", "fp16-sr", "fp16-master", "fp16-master-sr"]
+
+
+def other_grad_dtype(param_dtype, change_dtype):
+    """A grad dtype other than the param's that every backend reads: fp32 beside a 16-bit
+    param, the 16-bit format of its change image beside an fp32 param."""
+    return change_dtype if param_dtype == torch.float32 else torch.float32
+
+def fp16_edge_patterns() -> np.ndarray:
+    """fp32 patterns at the float16 rounding edges (uint32): both signs; fp32 exponents of
+    zero and the fp32 subnormals, of float16's subnormal range (2**-25 .. 2**-15: 14 to 24
+    discarded bits), its normal range's ends and overflow (2**15 .. 2**16), and 1.0;
+    mantissas at, around and between ties with even and odd kept LSB; specials (inf, NaN,
+    65504, 65520)."""
+    exponents = np.array([0, 1, *range(101, 115), 0x7F, 141, 142, 143, 0xFE], dtype=np.uint64)
+    mantissas = [0, 1, 0x7FFFFF]
+    for k in (13, 14, 16, 17, 24):  # discarded bits: the tie is bit k - 1
+        tie = 1 << (k - 1)
+        for lsb in (0, 1 << k):
+            mantissas += [lsb | tie, lsb | (tie - 1), lsb | (tie + 1)]
+    mantissas = np.array(mantissas, dtype=np.uint64) & 0x7FFFFF
+    sign = np.array([0, 0x80000000], dtype=np.uint64)
+    grid = (sign[:, None, None] | (exponents << 23)[None, :, None]
+            | mantissas[None, None, :]).reshape(-1)
+    specials = np.array([0x7F800000, 0xFF800000, 0x7FC00000, 0xFF812345, 0x477FE000,
+                         0x477FF000, 0xC77FF000, 0x477FEFFF, 0x387FE000, 0x33000000],
+                        dtype=np.uint64)
+    return np.concatenate([grid, specials]).astype(np.uint32)
+
 
 FEATURES = {
     "plain": {},
@@ -79,8 +115,9 @@ def call(adamw, states, grads, **kwargs):
 
 
 def bits(t):
-    """A float tensor's bit patterns (bf16 as int16, fp32 as int32); other tensors as they are."""
-    if t.dtype == torch.bfloat16:
+    """A float tensor's bit patterns (bf16 and float16 as int16, fp32 as int32); other
+    tensors as they are."""
+    if t.dtype in (torch.bfloat16, torch.float16):
         return t.view(torch.int16)
     if t.dtype == torch.float32:
         return t.view(torch.int32)

@@ -32,7 +32,7 @@ def _backend_functions():
     (dict(remainders=[torch.zeros(16, dtype=torch.int16)], rounding="stochastic",
           sr_keys=torch.zeros(1, 2, dtype=torch.int64)), "nearest"),
     (dict(amsgrad=True), "max_exp_avg_sqs"),
-    (dict(masters=[torch.zeros(16)], params=[torch.zeros(16)]), "need bf16 params"),
+    (dict(masters=[torch.zeros(16)], params=[torch.zeros(16)]), "need bf16 or float16 params"),
     (dict(scalars=torch.zeros(1, 7)), "scalars must be a float32"),
     (dict(rounding="stochastic", sr_keys=torch.zeros(1, 3, dtype=torch.int64)), "sr_keys must be"),
 ])

@@ -13,7 +13,7 @@ import torch
 from rlvr_optim import AdamW, backends, cpu_backend, extensions
 from rlvr_optim import reference as R
 
-from adamw_cases import BETAS, EPS, FEATURES, FORM_IDS, FORMS
+from adamw_cases import BETAS, EPS, FEATURES, FORM_IDS, FORMS, other_grad_dtype
 from adamw_cases import assert_same_bits as _assert_same_bits
 from adamw_cases import bits as _bits
 from adamw_cases import compare as _compare
@@ -100,12 +100,12 @@ def _make_state(gen, numel, param_dtype, state_dtype, master, *, amsgrad, freeze
 @pytest.mark.parametrize("state_dtype", [torch.float32, torch.bfloat16], ids=["m-fp32", "m-bf16"])
 @pytest.mark.parametrize("form", FORMS, ids=FORM_IDS)
 def test_matches_reference_bit_for_bit(isa, form, state_dtype, features, numel):
-    param_dtype, master, rounding = form
+    param_dtype, master, rounding, change_dtype = form
     f = FEATURES[features]
     track = f.get("track", True)
     grad_dtype = param_dtype
     if f.get("other_grad_dtype"):
-        grad_dtype = torch.float32 if param_dtype == torch.bfloat16 else torch.bfloat16
+        grad_dtype = other_grad_dtype(param_dtype, change_dtype)
     changed_total = 0
     for seed in SEEDS:
         gen = torch.Generator().manual_seed(seed * 7919 + numel)
@@ -130,6 +130,7 @@ def test_matches_reference_bit_for_bit(isa, form, state_dtype, features, numel):
                 decoupled_weight_decay=not f.get("l2_decay", False),
                 grad_scale=torch.tensor(scale) if scale else None,
                 found_inf=torch.tensor(found_inf[step - 1]) if found_inf else None,
+                change_dtype=change_dtype,
             )
             _poison(ref, gen)
             _poison(got, gen)
@@ -139,7 +140,7 @@ def test_matches_reference_bit_for_bit(isa, form, state_dtype, features, numel):
             if track:
                 changed_total += int(ref["counters"][0])
     if numel >= 33 and track:
-        assert changed_total > 0  # the comparison saw bf16 changes
+        assert changed_total > 0  # the comparison saw 16-bit changes
 
 
 def _random_patterns(gen, t, share):
@@ -378,7 +379,7 @@ def test_repeated_calls_check_once_and_follow_new_grads(ext, monkeypatch):
 
 
 @pytest.mark.parametrize("overrides, error, match", [
-    (dict(params=[torch.zeros(8, dtype=torch.float16)]), TypeError, r"params\[0\].*float16"),
+    (dict(params=[torch.zeros(8, dtype=torch.float64)]), TypeError, r"params\[0\].*float64"),
     (dict(exp_avgs=[torch.zeros(9)]), ValueError, r"exp_avgs\[0\] has 9 elements"),
     (dict(counters=[torch.zeros(3, dtype=torch.int32)]), TypeError, r"counters\[0\]"),
     (dict(grads=[torch.zeros(8, dtype=torch.int64)]), TypeError, r"grads\[0\].*floating"),

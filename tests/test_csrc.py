@@ -10,7 +10,7 @@ On any machine (each part skips cleanly when its compiler is missing):
   Random123 known answers, tests/test_reference_bits.py);
 - a representative set of the kernel variants (CHECKED_VARIANTS), each compiled alone by
   nvcc for sm_80 and sm_90 as bench/static_report.py compiles it: ptxas reports no stack
-  frame, no spill and no more registers than the launch bounds allow (every one of the 384
+  frame, no spill and no more registers than the launch bounds allow (every one of the 704
   variants per arch: ``python bench/static_report.py --all-variants --arch 80|90``);
 - binding.cu linked with stand-in launchers into rlvr_optim._C, which imports without a
   GPU and agrees with cuda_backend.py (the real module is built and run on the GPU);
@@ -51,7 +51,7 @@ from rlvr_optim import reference as R
 from rlvr_optim.table import COUNTER_NAMES, LAYOUT_BITS, ROW_FIELDS
 from rlvr_optim.bitmaps import popcount
 
-from adamw_cases import BETAS, EPS, FEATURES, FORM_IDS, FORMS
+from adamw_cases import BETAS, EPS, FEATURES, FORM_IDS, FORMS, fp16_edge_patterns, other_grad_dtype
 from adamw_cases import assert_same_bits as _assert_same_bits
 from adamw_cases import bits as _bits
 from adamw_cases import compare as _compare
@@ -66,9 +66,11 @@ S = importlib.util.module_from_spec(_spec)
 sys.modules["static_report"] = S  # dataclasses look their module up there
 _spec.loader.exec_module(S)
 STORE_MODES = ("nearest", "stochastic", "master_nearest", "master_stochastic", "remainder")
-# fp32 params: nearest only; bf16 params: every store mode; x 32 combinations of the other
-# flags (grad, state dtypes, amsgrad, tracking, grad_scale); x AdamW's decay or Adam's L2.
-KERNELS_PER_ARCH = 2 * (32 + 32 * 5)
+# Per 16-bit format, x 32 combinations of the other flags (grad, state dtypes, amsgrad,
+# tracking, grad_scale), x AdamW's decay or Adam's L2: bf16: fp32 params (nearest only,
+# bf16 images) and bf16 params in every store mode; float16: fp32 params with float16
+# images and float16 params in every store mode but the remainder form.
+KERNELS_PER_ARCH = 2 * ((32 + 32 * 5) + (32 + 32 * 4))
 
 SIZES = [1, 7, 8, 33, 4099, 2 * 2048 + 13]  # the last spans three tiles of the kernel
 SEEDS = [0, 1, 2]
@@ -99,16 +101,22 @@ def _headers() -> list[Path]:
 
 
 # The variants whose ptxas report the suite checks (every variant:
-# ``python bench/static_report.py --all-variants --arch 80|90``): per launcher unit the one
-# with the most live values (fp32 grads and states, amsgrad, tracking, grad_scale); the
-# stochastic layouts at the 128-register cap of two blocks per SM that spilled before
-# (adamw_kernel.cuh: kPipelined, shared_block_end); and on sm_90 the tracked layouts AdamW
-# launches by default, which bench/static_report.py compiles too (one compile for both).
-_P, _G, _S, _A, _T, _GS = (S.FLAG_BITS[k] for k in ("param_bf16", "grad_bf16", "state_bf16",
+# ``python bench/static_report.py --all-variants --arch 80|90``), as (16-bit format, store
+# mode, flags): per launcher unit (format x store mode x param dtype) the one with the most
+# live values (fp32 grads and states, amsgrad, tracking, grad_scale); the stochastic layouts
+# at the 128-register cap of two blocks per SM that spilled before (adamw_kernel.cuh:
+# kPipelined, shared_block_end), in both formats; and on sm_90 the tracked layouts the
+# static report compiles (bench/static_report.py MODES, one compile for both).
+_P, _G, _S, _A, _T, _GS = (S.FLAG_BITS[k] for k in ("param16", "grad16", "state_bf16",
                                                      "amsgrad", "track", "grad_scale"))
-_HEAVIEST = [("kNearest", _A | _T | _GS)] + [(store, _P | _A | _T | _GS) for store in S.STORE_MODES]
-_AT_THE_CAP = [("kStochastic", _P | _G | _S | _T | _GS), ("kStochastic", _P | _G | _T)]
-_DEFAULTS = [("kNearest", _T)] + [(store, _P | _G | _S | _T) for store in S.STORE_MODES]
+_BF16, _FP16 = S.HALF_FORMATS
+_FP16_STORES = [store for store in S.STORE_MODES if store != "kRemainder"]
+_HEAVIEST = [(half, "kNearest", _A | _T | _GS) for half in S.HALF_FORMATS] + [
+    (_BF16, store, _P | _A | _T | _GS) for store in S.STORE_MODES] + [
+    (_FP16, store, _P | _A | _T | _GS) for store in _FP16_STORES]
+_AT_THE_CAP = [(half, "kStochastic", flags) for half in S.HALF_FORMATS
+               for flags in (_P | _G | _S | _T | _GS, _P | _G | _T)]
+_DEFAULTS = [S._variant(mode, "step") for mode in S.MODES]
 CHECKED_VARIANTS = {
     "80": _HEAVIEST + _AT_THE_CAP,
     "90": list(dict.fromkeys(_HEAVIEST + _AT_THE_CAP + _DEFAULTS)),
@@ -117,7 +125,7 @@ CHECKED_VARIANTS = {
 
 @pytest.fixture(scope="module")
 def variant_reports():
-    """{(arch, store, flags): ptxas report} of CHECKED_VARIANTS, each variant compiled alone
+    """{(arch, half, store, flags): ptxas report} of CHECKED_VARIANTS, each variant compiled alone
     (in parallel, cached by source hash) as bench/static_report.py compiles it."""
     if shutil.which("nvcc") is None:
         pytest.skip("nvcc is not installed")
@@ -127,7 +135,7 @@ def variant_reports():
         pytest.skip(str(exc))
     cases = [(arch, *v) for arch, variants in CHECKED_VARIANTS.items() for v in variants]
     with ThreadPoolExecutor(max_workers=max(1, os.cpu_count() or 1)) as pool:
-        reports = pool.map(lambda c: S.compile_variant(c[1], c[2], int(c[0]), tools)[0], cases)
+        reports = pool.map(lambda c: S.compile_variant(*c[1:], int(c[0]), tools)[0], cases)
         return dict(zip(cases, reports))
 
 
@@ -139,16 +147,18 @@ _ENTRY = re.compile(r"Compiling entry function '([^']+)' for '(sm_\d+)'")
 _PROPERTIES = re.compile(r"Function properties for (\S+)")
 _FRAME = re.compile(r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads")
 _USED = re.compile(r"Used (\d+) registers")
-_VARIANT = re.compile(r"StoreModeE(\d)ELi(\d+)E")
+# Variant<half format, StoreMode, flags> in a mangled kernel name.
+_VARIANT = re.compile(r"VariantILi(\d)EL\w*?StoreModeE(\d)ELi(\d+)E")
 
 
 def _variant_name(mangled: str) -> str:
     m = _VARIANT.search(mangled)
     if m is None:
         return mangled
-    store, flags = int(m.group(1)), int(m.group(2))
-    parts = [STORE_MODES[store], "bf16 param" if flags & 1 else "fp32 param",
-             "bf16 grad" if flags & 2 else "fp32 grad", "bf16 states" if flags & 4 else "fp32 states"]
+    half, store, flags = ("bf16", "fp16")[int(m.group(1))], int(m.group(2)), int(m.group(3))
+    parts = [STORE_MODES[store], f"{half} param" if flags & 1 else f"fp32 param ({half} image)",
+             f"{half} grad" if flags & 2 else "fp32 grad",
+             "bf16 states" if flags & 4 else "fp32 states"]
     parts += [name for bit, name in ((8, "amsgrad"), (16, "tracking"), (32, "grad scale"),
                                      (64, "L2 decay")) if flags & bit]
     return ", ".join(parts)
@@ -176,8 +186,8 @@ def parse_ptxas(log: str) -> list[dict]:
 def test_parse_ptxas_reads_frames_spills_and_registers():
     log = (
         "ptxas info    : Compiling entry function '_ZN10rlvr_optim12adamw_kernelINS_7Variant"
-        "ILNS_9StoreModeE3ELi27EEEEEvNS_10LaunchArgsE' for 'sm_80'\n"
-        "ptxas info    : Function properties for _ZN10rlvr_optim12adamw_kernelINS_7VariantILNS"
+        "ILi0ELNS_9StoreModeE3ELi27EEEEEvNS_10LaunchArgsE' for 'sm_80'\n"
+        "ptxas info    : Function properties for _ZN10rlvr_optim12adamw_kernelINS_7VariantILi0ELNS"
         "_9StoreModeE3ELi27EEEEEvNS_10LaunchArgsE\n"
         "    8 bytes stack frame, 4 bytes spill stores, 12 bytes spill loads\n"
         "ptxas info    : Used 128 registers, used 1 barriers, 8 bytes cumulative stack size\n"
@@ -189,26 +199,28 @@ def test_parse_ptxas_reads_frames_spills_and_registers():
             kernel["registers"]) == ("sm_80", 8, 4, 12, 128)
     assert _variant_name(kernel["name"]) == (
         "master_stochastic, bf16 param, bf16 grad, fp32 states, amsgrad, tracking")
+    assert _variant_name(kernel["name"].replace("VariantILi0E", "VariantILi1E")) == (
+        "master_stochastic, fp16 param, fp16 grad, fp32 states, amsgrad, tracking")
     assert (helper["entry"], helper["stack"]) == (False, 16)
 
 
 def test_checked_variants_are_variants_of_the_extension():
-    """The representative set names real variants, every launcher unit (store mode x
-    param dtype) among them on each arch."""
+    """The representative set names real variants, every launcher unit (16-bit format x
+    store mode x param dtype) among them on each arch."""
     every = set(S.all_variants())
     assert len(every) == KERNELS_PER_ARCH
     for arch, variants in CHECKED_VARIANTS.items():
         assert set(variants) <= every, arch
-        units = {(store, flags & _P) for store, flags in variants}
-        assert units == {(store, p) for store, p in {(s, f & _P) for s, f in every}}, arch
+        units = {(half, store, flags & _P) for half, store, flags in variants}
+        assert units == {(h, s, f & _P) for h, s, f in every}, arch
 
 
 def test_checked_kernels_compile_for_sm80_and_sm90_without_spills_or_stack(variant_reports):
     bad, over, names = [], [], set()
-    for (arch, store, flags), log in variant_reports.items():
+    for (arch, half, store, flags), log in variant_reports.items():
         (kernel,) = [f for f in parse_ptxas(log) if f["entry"]]
         names.add((arch, kernel["name"]))
-        assert kernel["arch"] == f"sm_{arch}" and "stack" in kernel, (arch, store, flags)
+        assert kernel["arch"] == f"sm_{arch}" and "stack" in kernel, (arch, half, store, flags)
         variant = _variant_name(kernel["name"])
         if kernel["stack"] or kernel["spill_stores"] or kernel["spill_loads"]:
             bad.append((arch, variant, kernel["stack"], kernel["spill_stores"],
@@ -237,9 +249,9 @@ void no_kernel(const LaunchArgs&, int, void*) {
   throw std::runtime_error("a stand-in launcher of tests/test_csrc.py: this build has no kernels");
 }
 // The flag combinations a launcher unit instantiates (Variant::kValid): its param dtype.
-LaunchFn stand_in(int flags, bool param_bf16) {
+LaunchFn stand_in(int flags, bool param16) {
   if (flags < 0 || flags >= kFlagCombinations) return nullptr;
-  return ((flags & kFlagParamBf16) != 0) == param_bf16 ? &no_kernel : nullptr;
+  return ((flags & kFlagParam16) != 0) == param16 ? &no_kernel : nullptr;
 }
 }  // namespace
 """
@@ -248,11 +260,13 @@ _LAUNCHER = re.compile(r"LaunchFn (launcher_\w+)\(int flags\);")
 
 def stand_in_source() -> str:
     """The stand-in unit: one definition per launcher adamw_launch.h declares, taking fp32
-    params in launcher_fp32_param only, as the real units do."""
+    params in the ``launcher_fp32_param*`` units only (bf16 and float16 images), as the
+    real units do."""
     names = _LAUNCHER.findall((CSRC / "adamw_launch.h").read_text())
     assert "launcher_fp32_param" in names and len(names) >= 2, names
     body = [f"LaunchFn {name}(int flags) {{ return stand_in(flags, "
-            f"{'false' if name == 'launcher_fp32_param' else 'true'}); }}" for name in names]
+            f"{'false' if name.startswith('launcher_fp32_param') else 'true'}); }}"
+            for name in names]
     return _STAND_INS + "\n".join(body) + "\n}  // namespace rlvr_optim\n"
 
 
@@ -308,20 +322,27 @@ def test_extension_links_imports_without_gpu_and_matches_backend(linked_ext):
     flags = [(g, s, a, t, c, l2) for g in (False, True) for s in (False, True)
              for a in (False, True) for t in (False, True) for c in (False, True)
              for l2 in (False, True)]
-    variants = {ext.variant(store, True, *f) for store in range(5) for f in flags}
-    variants |= {ext.variant(0, False, *f) for f in flags}
+    # bf16: 16-bit params in every store mode, fp32 params nearest; float16: the same but
+    # the remainder form.
+    variants = {ext.variant(store, False, True, *f) for store in range(5) for f in flags}
+    variants |= {ext.variant(0, False, False, *f) for f in flags}
+    variants |= {ext.variant(store, True, True, *f) for store in range(4) for f in flags}
+    variants |= {ext.variant(0, True, False, *f) for f in flags}
     assert len(variants) == KERNELS_PER_ARCH
     for store in range(1, 5):
-        with pytest.raises(ValueError, match="fp32 params"):
-            ext.variant(store, False, False, False, False, False, False)
+        for fp16 in (False, True):
+            with pytest.raises(ValueError, match="fp32 params"):
+                ext.variant(store, fp16, False, False, False, False, False, False)
+    with pytest.raises(ValueError, match="remainder form needs bf16"):
+        ext.variant(4, True, True, False, False, False, False, False)
     with pytest.raises(ValueError, match="store mode"):
-        ext.variant(5, True, False, False, False, False, False)
+        ext.variant(5, False, True, False, False, False, False, False)
     # A grad_scale variant launched without a grad_scale is refused before any launch.
-    scaled = ext.variant(0, True, True, True, False, False, True)
+    scaled = ext.variant(0, False, True, True, True, False, False, True)
     with pytest.raises(ValueError, match="divides by grad_scale"):
         ext.launch_adamw(scaled, 1 << 20, 1, 1, False, 1 << 20, 0, 0, 0, False, 0, 0)
     # Tile indices are 32-bit in the kernel: a launch of 2**32 tiles is refused.
-    plain = ext.variant(0, True, True, True, False, False, False)
+    plain = ext.variant(0, False, True, True, True, False, False, False)
     with pytest.raises(ValueError, match=r"fewer than 2\*\*32 tiles .* got 4294967296"):
         ext.launch_adamw(plain, 1 << 20, 1, 1 << 32, False, 1 << 20, 0, 0, 0, False, 0, 0)
 
@@ -565,13 +586,13 @@ def _clone(state):
 @pytest.mark.parametrize("state_dtype", [torch.float32, torch.bfloat16], ids=["m-fp32", "m-bf16"])
 @pytest.mark.parametrize("form", FORMS, ids=FORM_IDS)
 def test_matches_reference_bit_for_bit(target, form, state_dtype, features, numel):
-    param_dtype, master, rounding = form
+    param_dtype, master, rounding, change_dtype = form
     f = FEATURES[features]
     device = target.device
     track = f.get("track", True)
     grad_dtype = param_dtype
     if f.get("other_grad_dtype"):
-        grad_dtype = torch.float32 if param_dtype == torch.bfloat16 else torch.bfloat16
+        grad_dtype = other_grad_dtype(param_dtype, change_dtype)
     changed_total = 0
     for seed in SEEDS:
         gen = torch.Generator().manual_seed(seed * 7919 + numel)
@@ -595,6 +616,7 @@ def test_matches_reference_bit_for_bit(target, form, state_dtype, features, nume
                 decoupled_weight_decay=not f.get("l2_decay", False),
                 grad_scale=torch.tensor(scale, device=device) if scale else None,
                 found_inf=torch.tensor(found_inf[step - 1], device=device) if found_inf else None,
+                change_dtype=change_dtype,
             )
             _poison(ref, gen)
             _poison(got, gen)
@@ -604,7 +626,7 @@ def test_matches_reference_bit_for_bit(target, form, state_dtype, features, nume
             if track:
                 changed_total += int(ref["counters"][0])
     if numel >= 33 and track:
-        assert changed_total > 0  # the comparison saw bf16 changes
+        assert changed_total > 0  # the comparison saw 16-bit changes
 
 
 # ---------------------------------------------------------------------------------------
@@ -629,31 +651,41 @@ def _edge_fp32_patterns() -> np.ndarray:
     return np.concatenate([grid, specials, randoms]).astype(np.uint32)
 
 
-@pytest.mark.parametrize("master,rounding", [("fp32", "nearest"), ("fp32", "stochastic"),
-                                             ("remainder", "nearest"), (None, "nearest"),
-                                             (None, "stochastic")])
-def test_rounding_edge_patterns(target, master, rounding):
+@pytest.mark.parametrize("master,rounding,half", [
+    ("fp32", "nearest", "bf16"), ("fp32", "stochastic", "bf16"), ("remainder", "nearest", "bf16"),
+    (None, "nearest", "bf16"), (None, "stochastic", "bf16"),
+    ("fp32", "nearest", "fp16"), ("fp32", "stochastic", "fp16"), (None, "nearest", "fp16"),
+    (None, "stochastic", "fp16")])
+def test_rounding_edge_patterns(target, master, rounding, half):
+    """``half``: the 16-bit format (bf16 or float16) of the param, or of an fp32 param's
+    change image; float16 cases take float16's edges (subnormals, overflow, ties)."""
     device = target.device
-    patterns = _edge_fp32_patterns()
+    fp16 = half == "fp16"
+    patterns = fp16_edge_patterns() if fp16 else _edge_fp32_patterns()
     numel = patterns.size
     w = torch.from_numpy(patterns.view(np.float32).copy()).to(device)
     gen = torch.Generator().manual_seed(9)
-    param_dtype = torch.bfloat16 if master is not None or rounding == "stochastic" else torch.float32
+    param16 = torch.float16 if fp16 else torch.bfloat16
+    param_dtype = param16 if master is not None or rounding == "stochastic" else torch.float32
     ref = _make_state(gen, numel, param_dtype, torch.float32, master, device=device)
+    w_bits = torch.from_numpy(patterns.astype(np.int64))
     if master == "fp32":
         ref["master"] = w.clone()
     elif master == "remainder":
-        ref["param"] = R.bf16_from_bits(torch.from_numpy(patterns.astype(np.int64) >> 16)).to(device)
+        ref["param"] = R.bf16_from_bits(w_bits >> 16).to(device)
         edges = torch.tensor([-(2**15), -1, 0, 1, 2**15 - 1, -(2**14)], dtype=torch.int16)
         ref["remainder"] = edges.repeat(numel // 6 + 1)[:numel].to(device)
     elif param_dtype == torch.float32:
         ref["param"] = w.clone()  # fp32 params: the change bit compares nearest-even images
+    elif fp16:  # stored float16 params at every edge (NaN payloads, subnormals, inf)
+        ref["param"] = R.fp16_from_bits(R.fp32_to_fp16_bits_nearest(w_bits)).to(device)
     else:
-        ref["param"] = R.bf16_from_bits(torch.from_numpy(patterns.astype(np.int64) >> 16)).to(device)
+        ref["param"] = R.bf16_from_bits(w_bits >> 16).to(device)
     got = _clone(ref)
     steps = torch.tensor([1], device=device)
     kwargs = dict(scalars=R.step_scalars(steps, 0.0, *BETAS, 0.0, EPS), rounding=rounding,
-                  sr_keys=R.stochastic_rounding_keys(4, steps, torch.tensor([2], device=device)))
+                  sr_keys=R.stochastic_rounding_keys(4, steps, torch.tensor([2], device=device)),
+                  change_dtype=torch.float16 if fp16 else torch.bfloat16)
     grad = _grad(gen, numel, param_dtype, device)
     _poison(ref, gen)
     _poison(got, gen)
@@ -662,6 +694,36 @@ def test_rounding_edge_patterns(target, master, rounding):
     _compare(ref, got, "edge patterns")
     if master == "fp32":
         assert int(ref["counters"][0]) > numel // 2  # the edges reached the param store
+
+
+def test_fp16_nearest_formula_equals_torch_cast_on_all_fp32_patterns():
+    """The header's float16 nearest-even formula (round_nearest_fp16, the spec's integer
+    formula: reference.fp32_to_fp16_bits_nearest agrees with it in every step test) equals
+    torch's cast on every one of the 2**32 fp32 patterns, NaNs included (torch keeps the
+    sign and top payload bits of a NaN, quieted, as the spec does); in chunks of 2**24
+    patterns, the formula on OpenMP threads in the CPU extension. Negative control: the same
+    comparison with truncation (the stochastic formula with zero random bits) fails."""
+    reason = cpu_backend.unavailable_reason()
+    if reason is not None:
+        pytest.skip(reason)
+    ext = cpu_backend.load_extension()
+    threads = max(1, torch.get_num_threads())
+    chunk = 1 << 24
+    formula = torch.empty(chunk, dtype=torch.int16)
+    for start in range(-(2**31), 2**31, chunk):  # int32 patterns: all 2**32, signed
+        patterns = torch.arange(start, start + chunk, dtype=torch.int32)
+        cast = patterns.view(torch.float32).half().view(torch.int16)
+        ext.fp16_nearest_patterns(formula.data_ptr(), start & 0xFFFFFFFF, chunk, threads)
+        if not torch.equal(cast, formula):
+            bad = int((cast != formula).nonzero()[0])
+            raise AssertionError(
+                f"fp32 {(start + bad) & 0xFFFFFFFF:#010x}: formula "
+                f"{int(formula[bad]) & 0xFFFF:#06x}, torch {int(cast[bad]) & 0xFFFF:#06x}")
+    # The control, on 2**16 ordinary values from 1.0 up.
+    patterns = torch.arange(0x3F800000, 0x3F810000, dtype=torch.int32)
+    truncated = R.fp32_to_fp16_bits_stochastic(patterns.to(torch.int64), torch.tensor([0]))
+    cast = patterns.view(torch.float32).half().view(torch.int16).to(torch.int64) & 0xFFFF
+    assert not torch.equal(cast, truncated)
 
 
 # ---------------------------------------------------------------------------------------
@@ -858,6 +920,19 @@ def test_hardware_bf16_rounding_equals_spec_on_all_fp32_patterns(cuda_device):
     assert mismatches == 0, f"{mismatches} patterns differ, first {first:#010x}"
     # Negative control: against truncation the same comparison fails.
     control, _ = ext.bf16_rounding_check(index, control=True)
+    assert control > 2**30
+
+
+@pytest.mark.gpu
+def test_hardware_fp16_rounding_equals_spec_on_all_fp32_patterns(cuda_device):
+    # The kernels round computed values to float16 with cvt.rn.f16.f32 and set NaN lanes to
+    # 0x7E00; the spec is the integer formula (round_nearest_fp16).
+    ext = cuda_backend.load_extension()
+    index = cuda_device.index if cuda_device.index is not None else torch.cuda.current_device()
+    mismatches, first = ext.fp16_rounding_check(index)
+    assert mismatches == 0, f"{mismatches} patterns differ, first {first:#010x}"
+    # Negative control: against truncation the same comparison fails.
+    control, _ = ext.fp16_rounding_check(index, control=True)
     assert control > 2**30
 
 

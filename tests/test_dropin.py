@@ -236,7 +236,7 @@ def test_complex_param_steps_like_its_real_view_in_torch():
 def test_bf16_only_options_are_refused_for_other_dtypes_with_the_param_named():
     model = torch.nn.Module()
     model.w = torch.nn.Parameter(torch.randn(3, dtype=torch.complex64))
-    with pytest.raises(ValueError, match="param 'w': rounding='stochastic' rounds the bf16"):
+    with pytest.raises(ValueError, match="param 'w': rounding='stochastic' rounds the 16-bit"):
         AdamW(model.named_parameters(), rounding="stochastic")
     p = torch.randn(4, dtype=torch.float64, requires_grad=True)
     opt = AdamW([p])

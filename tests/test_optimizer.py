@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from rlvr_optim import AdamW, bitmaps
-from rlvr_optim.reference import bf16_to_bits, fp32_bits, fp32_to_bf16_bits_nearest
+from rlvr_optim.reference import bf16_to_bits, fp16_to_bits, fp32_bits, fp32_to_bf16_bits_nearest
 
 SIZES = (1, 7, 8, 33, 4099)
 SEEDS = (0, 1, 2)
@@ -42,7 +42,9 @@ def run(opt, params, grads):
 
 
 def bits_of(t):
-    return bf16_to_bits(t) if t.dtype == torch.bfloat16 else fp32_bits(t)
+    if t.dtype in (torch.bfloat16, torch.float16):
+        return bf16_to_bits(t) if t.dtype == torch.bfloat16 else fp16_to_bits(t)
+    return fp32_bits(t)
 
 
 def snapshot(opt, params):
@@ -509,13 +511,14 @@ def test_invalid_options(kwargs, message):
 @pytest.mark.parametrize(
     "dtype, kwargs, message",
     [
-        (torch.float32, dict(rounding="stochastic"), "rounding='stochastic' rounds the bf16 store"),
+        (torch.float32, dict(rounding="stochastic"), "rounding='stochastic' rounds the 16-bit store"),
         (torch.float32, dict(master_weights="remainder"), "needs a bfloat16 param"),
         (torch.float32, dict(master_weights="fp32"), "needs a bfloat16 param"),
-        (torch.float16, dict(rounding="stochastic"), "rounds the bf16 store"),
+        (torch.float64, dict(rounding="stochastic"), "rounds the 16-bit store"),
+        (torch.float16, dict(master_weights="remainder"), "master_weights='fp32' for float16"),
         (torch.float64, dict(master_weights="fp32"), "needs a bfloat16 param"),
         (torch.complex64, dict(master_weights="remainder"), "needs a bfloat16 param"),
-        (torch.float16, dict(state_dtype=torch.float32), "stepped by torch's Adam code"),
+        (torch.float64, dict(state_dtype=torch.float32), "stepped by torch's Adam code"),
     ],
 )
 def test_param_that_does_not_fit_the_options_is_named(dtype, kwargs, message):
@@ -648,7 +651,7 @@ def test_bad_param_group_is_refused_and_not_added():
         ({"params": [torch.randn(2, requires_grad=True)], "rounding": "up"}, "rounding must be"),
         ({"params": [torch.randn(2, requires_grad=True)], "lr": -0.5}, "Invalid learning rate"),
         ({"params": [torch.randn(2, requires_grad=True)], "rounding": "stochastic"},
-         "^param 0 of the new group: rounding='stochastic' rounds the bf16 store"),
+         "^param 0 of the new group: rounding='stochastic' rounds the 16-bit store"),
     ):
         with pytest.raises(ValueError, match=message):
             opt.add_param_group(group)
@@ -876,3 +879,100 @@ def test_torch_loading_a_master_state_dict_drops_the_precision_as_the_readme_say
     ref.load_state_dict(opt.state_dict())
     assert ref.state[theirs[0]]["master"].dtype == torch.bfloat16
     assert not torch.equal(ref.state[theirs[0]]["master"].float(), opt.state[params[0]]["master"])
+
+
+# ---------------------------------------------------------------------------------------
+# float16 params: through the fused backends when a group asks for one of our modes.
+# ---------------------------------------------------------------------------------------
+
+FP16_MODES = {
+    "fp32_states": dict(state_dtype=torch.float32, track_changes="cumulative"),
+    "stochastic": dict(rounding="stochastic", track_changes="step"),
+    "fp32_master": dict(master_weights="fp32", track_changes="step"),
+    "fp32_master_sr_bf16_states": dict(master_weights="fp32", rounding="stochastic",
+                                       state_dtype=torch.bfloat16, track_changes="step"),
+}
+
+
+@pytest.mark.parametrize("backend", _adam_backends())
+@pytest.mark.parametrize("mode", list(FP16_MODES))
+def test_fp16_params_take_the_fused_backends_bit_for_bit(mode, backend):
+    """float16 params (float16 grads) in a group with one of our modes: a fused backend
+    against the reference through the optimizer, bit for bit (params, states, master,
+    bitmaps, counters), a freeze mask on one param; moments float32 unless state_dtype
+    says bfloat16; changes counted on the stored float16 bits."""
+    from rlvr_optim import cpu_backend  # noqa: PLC0415
+
+    if backend == "cpu" and cpu_backend.unavailable_reason() is not None:
+        pytest.skip(cpu_backend.unavailable_reason())
+    kwargs = dict(FP16_MODES[mode], lr=1e-2, weight_decay=0.1)
+    ref = make_params(torch.float16, 21)
+    fused = [p.detach().clone().requires_grad_() for p in ref]
+    grads = grad_stream(ref, 21, 3)
+    opt_ref = AdamW(ref, backend="reference", **kwargs)
+    opt_fused = AdamW(fused, backend=backend, **kwargs)
+    mask = torch.arange(fused[-1].numel()).reshape(fused[-1].shape) % 3 > 0
+    opt_fused.set_freeze_mask(fused[-1], mask)
+    opt_ref.set_freeze_mask(ref[-1], mask)
+    before = [p.detach().clone() for p in fused]
+    run(opt_ref, ref, grads)
+    run(opt_fused, fused, grads)
+    assert_same_snapshot(snapshot(opt_ref, ref), snapshot(opt_fused, fused))
+    state = opt_fused.state[fused[0]]
+    moments = kwargs.get("state_dtype", torch.float32)
+    assert state["exp_avg"].dtype == state["exp_avg_sq"].dtype == moments
+    assert all(p.dtype == torch.float16 for p in fused)
+    if mode == "fp32_master":
+        for p in fused:
+            assert torch.equal(fp16_to_bits(p.detach()),
+                               fp16_to_bits(opt_fused.state[p]["master"].half()))
+    changed = sum(int(opt_fused.change_counts(p)[0]) for p in fused)
+    assert changed > 0
+    assert any(not torch.equal(a, b.detach()) for a, b in zip(before, fused))
+
+
+def test_fp16_params_with_default_options_stay_torch_s():
+    """No mode of ours asked for (change tracking only observes): torch's own code steps
+    float16 params (float16 states, torch's bits)."""
+    ours = make_params(torch.float16, 22)
+    theirs = [p.detach().clone().requires_grad_() for p in ours]
+    grads = grad_stream(ours, 22, 3)
+    run(AdamW(ours, lr=1e-2, track_changes="step"), ours, grads)
+    opt = torch.optim.AdamW(theirs, lr=1e-2)
+    run(opt, theirs, grads)
+    for a, b in zip(ours, theirs):
+        assert torch.equal(fp16_to_bits(a.detach()), fp16_to_bits(b.detach()))
+    opt_ours = AdamW(make_params(torch.float16, 23), lr=1e-2)
+    p = opt_ours.param_groups[0]["params"][0]
+    p.grad = torch.ones_like(p)
+    opt_ours.step()
+    assert opt_ours.state[p]["exp_avg"].dtype == torch.float16
+
+
+def test_fp16_remainder_is_refused_with_the_fix():
+    p = torch.zeros(4, dtype=torch.float16, requires_grad=True)
+    with pytest.raises(ValueError, match="master_weights='fp32' for float16"):
+        AdamW([p], master_weights="remainder")
+
+
+def test_change_dtype_fp16_compares_float16_images_of_fp32_params():
+    """fp32 params, change_dtype=torch.float16: a change bit is set iff the float16 image
+    (torch's cast) of the weight changed; the default bf16 images give fewer changes on
+    the same step (the negative control: float16's filter is 8x finer)."""
+    bits = {}
+    for change_dtype in (torch.float16, torch.bfloat16):
+        params = make_params(torch.float32, 6)
+        opt = AdamW(params, lr=1e-4, track_changes="step", change_dtype=change_dtype)
+        grads = grad_stream(params, 6, 2)
+        for step_grads in grads:
+            before = [p.detach().to(change_dtype).view(torch.int16).clone() for p in params]
+            for p, g in zip(params, step_grads):
+                p.grad = g
+            opt.step()
+            for i, p in enumerate(params):
+                changed = (p.detach().to(change_dtype).view(torch.int16) != before[i]).reshape(-1)
+                assert torch.equal(bitmaps.unpack(opt.change_bitmap(p), p.numel()), changed)
+                assert int(opt.change_counts(p)[0]) == int(changed.sum())
+        bits[change_dtype] = sum(int(opt.change_counts(p)[0]) for p in params)
+        assert opt.param_groups[0]["change_dtype"] == str(change_dtype).split(".")[1]
+    assert bits[torch.float16] > bits[torch.bfloat16] > 0

@@ -1,7 +1,8 @@
 """Tests of the bit-level building blocks of rlvr_optim.reference.
 
-bf16 conversions against torch's own cast and direct integer formulas, the remainder
-split, Philox4x32-10 against Triton's ``tl.randint4x`` (run by the interpreter on CPU) and
+bf16 and float16 conversions against torch's own casts and direct integer formulas (float16
+stochastic rounding: exact share over all 16-bit draws, statistics with a negative
+control), the remainder split, Philox4x32-10 against Triton's ``tl.randint4x`` (run by the interpreter on CPU) and
 the Random123 known-answer vectors, the per-element stochastic-rounding draw (8 elements per
 Philox call) and its statistics, the stochastic-rounding key derivation and the host scalars.
 """
@@ -476,19 +477,26 @@ def test_random16_shard_offset_invariance(base):
 
 
 def _sr_statistics_failures(rounded: torch.Tensor, value_bits: int) -> list[str]:
-    """What is wrong with bf16 patterns from rounding one fp32 value at many indices.
+    """What is wrong with bf16 patterns from rounding one fp32 value at many indices
+    (:func:`_share_failures` with the bf16 neighbours and share of ``value_bits``)."""
+    floor = value_bits >> 16
+    return _share_failures(rounded, floor, floor + 1, (value_bits & 0xFFFF) / 65536)
 
-    Checks, at 5 sigma: both neighbours only; the share rounded up is (low half) / 2**16
-    (unbiased); within each group of 8 elements (one Philox call) the up/down choices are
-    independent: the number of groups whose 8 choices agree is binomial.
+
+def _share_failures(rounded: torch.Tensor, floor: int, ceil: int, p: float) -> list[str]:
+    """What is wrong with 16-bit patterns from rounding one value at many indices, whose
+    neighbours are the patterns ``floor`` (smaller magnitude) and ``ceil``.
+
+    Checks, at 5 sigma: both neighbours only; the share rounded up is ``p`` (unbiased:
+    ``p`` is where the value lies between its neighbours); within each group of 8 elements
+    (one Philox call) the up/down choices are independent: the number of groups whose 8
+    choices agree is binomial.
     """
-    floor, ceil = value_bits >> 16, (value_bits >> 16) + 1
     if not bool(((rounded == floor) | (rounded == ceil)).all()):
         return ["not a neighbour"]
     failures = []
     up = (rounded == ceil).double()
     n = up.numel()
-    p = (value_bits & 0xFFFF) / 65536
     if abs(up.mean().item() - p) > 5 * math.sqrt(p * (1 - p) / n):
         failures.append(f"share rounded up {up.mean().item():.5f}, expected {p:.5f}")
     groups = up.reshape(-1, 8).sum(dim=1)
@@ -513,6 +521,191 @@ def test_sr_statistics_with_negative_controls(value_bits):
     shared = r16.reshape(-1, 8)[:, :1].expand(-1, 8).reshape(-1)
     failures = _sr_statistics_failures(R.fp32_to_bf16_bits_stochastic(bits, shared), value_bits)
     assert any("groups of 8" in f for f in failures), failures
+
+
+# ---------------------------------------------------------------------------------------
+# float16: fp32 -> float16 nearest even and stochastic, float16 -> fp32
+# ---------------------------------------------------------------------------------------
+
+
+def _torch_fp16_bits(x: torch.Tensor) -> np.ndarray:
+    """float16 bit patterns of torch's own fp32 -> float16 cast (nearest even)."""
+    return x.half().view(torch.int16).numpy().view(np.uint16).astype(np.int64)
+
+
+def _fp16_value(bits: int) -> float:
+    """The value of a float16 pattern, by torch's float16 -> float64 conversion."""
+    return float(torch.tensor([bits - 2**16 if bits >= 2**15 else bits],
+                              dtype=torch.int16).view(torch.float16).double()[0])
+
+
+def _fp32_value(bits: int) -> float:
+    return float(_u32_to_fp32(np.array([bits]))[0])
+
+
+def _fp16_edge_patterns(seed: int) -> np.ndarray:
+    """Every sign and fp32 exponent, with mantissas at and around the float16 rounding
+    boundary for each count of discarded bits (13 in the normal float16 range, 14 .. 24
+    below it, all of them further down), even and odd kept LSB, and random mantissas."""
+    rng = np.random.default_rng([seed, 16])
+    mantissas = [0, 1, 0x400000, 0x7FFFFF]
+    for k in range(13, 25):  # k discarded bits: the tie is bit k - 1
+        tie = 1 << (k - 1)
+        for lsb in (0, 1 << k):
+            mantissas += [lsb | tie, lsb | (tie - 1), lsb | (tie + 1), lsb | ((1 << k) - 1)]
+    mantissas = np.array(mantissas, dtype=np.uint64) & 0x7FFFFF
+    mantissas = np.concatenate([mantissas, rng.integers(0, 1 << 23, size=64, dtype=np.uint64)])
+    sign = np.array([0, 0x80000000], dtype=np.uint64)[:, None, None]
+    exponent = (np.arange(256, dtype=np.uint64) << 23)[None, :, None]
+    patterns = (sign | exponent | mantissas[None, None, :]).reshape(-1)
+    return np.concatenate([patterns, np.array(list(FP16_NEAREST), dtype=np.uint64)]).astype(np.uint32)
+
+
+# fp32 pattern -> float16 pattern by nearest even (torch's cast agrees, checked below).
+FP16_NEAREST = {
+    0x3F800000: 0x3C00,  # 1.0
+    0x3F801000: 0x3C00,  # 1 + 2**-11: tie, even LSB: down
+    0x3F803000: 0x3C02,  # 1 + 3 * 2**-11: tie, odd LSB: up
+    0x3F801001: 0x3C01,  # just above the tie
+    0xBF803000: 0xBC02,
+    0x477FE000: 0x7BFF,  # 65504, the largest float16
+    0x477FEFFF: 0x7BFF,  # just below the tie with 65536
+    0x477FF000: 0x7C00,  # the tie rounds to even: +inf
+    0xC77FF000: 0xFC00,
+    0x47800000: 0x7C00,  # 2**16 and up: +inf
+    0x7F7FFFFF: 0x7C00,
+    0x7F800000: 0x7C00,
+    0xFF800000: 0xFC00,
+    0x38800000: 0x0400,  # 2**-14, the smallest normal float16
+    0x387FC000: 0x03FF,  # the largest subnormal
+    0x387FE000: 0x0400,  # tie between it and 2**-14, odd LSB: up
+    0x33800000: 0x0001,  # 2**-24, the smallest subnormal
+    0x33000000: 0x0000,  # 2**-25: tie with 0, even: down
+    0x33000001: 0x0001,  # just above it (24 discarded bits, sticky)
+    0x33C00000: 0x0002,  # 1.5 * 2**-24: tie, odd LSB: up
+    0x32FFFFFF: 0x0000,
+    0x00000001: 0x0000,  # fp32 subnormals: +0
+    0x80000001: 0x8000,
+    0x00000000: 0x0000,
+    0x80000000: 0x8000,
+}
+
+
+@pytest.mark.parametrize("seed", SEEDS)
+def test_fp16_nearest_matches_torch_cast(seed):
+    """NaN included: the spec keeps torch's quiet NaN with the sign and top payload bits."""
+    u = np.concatenate([_random_patterns(seed, 100_000), _fp16_edge_patterns(seed),
+                        _nan_patterns()])
+    got = R.fp32_to_fp16_bits_nearest(_bits64(u)).numpy()
+    expected = _torch_fp16_bits(_u32_to_fp32(u))
+    bad = np.nonzero(got != expected)[0]
+    assert bad.size == 0, (
+        f"{bad.size} mismatches, first: fp32 {u[bad[0]]:#010x} -> got {got[bad[0]]:#06x}, "
+        f"torch {expected[bad[0]]:#06x}")
+    assert np.unique((u.astype(np.int64) >> 23) & 0x1FF).size == 512  # every sign and exponent
+
+
+def test_fp16_nearest_known_values():
+    u = np.array(list(FP16_NEAREST), dtype=np.uint32)
+    got = R.fp32_to_fp16_bits_nearest(_bits64(u)).tolist()
+    assert got == list(FP16_NEAREST.values())
+    assert got == _torch_fp16_bits(_u32_to_fp32(u)).tolist()
+
+
+def test_fp16_nan_is_quiet_nan_with_sign_and_payload():
+    u = _nan_patterns()
+    r = torch.arange(65536, dtype=torch.int64)
+    expected = ((u.astype(np.int64) >> 16) & 0x8000) | 0x7E00 | ((u.astype(np.int64) >> 13) & 0x3FF)
+    assert R.fp32_to_fp16_bits_nearest(_bits64(u)).tolist() == expected.tolist()
+    for v, e in zip(u.tolist(), expected.tolist()):
+        out = R.fp32_to_fp16_bits_stochastic(torch.full((65536,), v, dtype=torch.int64), r)
+        assert bool((out == e).all()), f"{v:#010x}"
+    # The step's canonical NaN becomes float16's canonical quiet NaN.
+    assert R.fp32_to_fp16_bits_nearest(torch.tensor([R.CANONICAL_NAN_BITS])).item() == 0x7E00
+
+
+def test_fp16_to_fp32_is_exact_on_every_pattern():
+    bits = torch.arange(65536, dtype=torch.int64)
+    got = R.fp32_bits(R.fp16_bits_to_fp32(bits))
+    torch_cast = R.fp32_bits(R.fp16_from_bits(bits).float())
+    nan = ((bits & 0x7C00) == 0x7C00) & ((bits & 0x3FF) != 0)
+    assert torch.equal(got[~nan], torch_cast[~nan])
+    # A NaN keeps its sign and payload, unquieted (a bf16 NaN's shift does the same).
+    assert torch.equal(got[nan], ((bits[nan] & 0x8000) << 16) | 0x7F800000 | ((bits[nan] & 0x3FF) << 13))
+    # And back: every float16 pattern is its own nearest image (NaNs: the quiet ones).
+    back = R.fp32_to_fp16_bits_nearest(got)
+    assert torch.equal(back[~nan], bits[~nan])
+    assert torch.equal(back[nan], bits[nan] | 0x200)
+
+
+# (fp32 pattern, discarded bits): where the value lies between its float16 neighbours.
+FP16_SR_VALUES = [
+    (0x3F800000, 13),  # exact
+    (0x3F800001, 13),
+    (0x3F801000, 13),  # halfway
+    (0xBF80ABCD, 13),
+    (0x477FE001, 13),  # just above 65504: the neighbour above is +inf
+    (0x387FE000, 14),  # largest subnormal .. 2**-14
+    (0x37ABCDEF, 15),  # subnormal: 15 discarded bits, all in the window
+    (0x37000001, 16),  # 2**-17 (+): 16 discarded bits
+    (0x36ABCDEF, 17),  # below 2**-17: one bit beyond the window
+    (0xB3000001, 24),  # about -2**-25
+    (0x00000001, 40),  # fp32 subnormal: every bit discarded
+]
+
+
+@pytest.mark.parametrize("value_bits,discarded", FP16_SR_VALUES)
+def test_fp16_stochastic_exhaustive_over_random_bits(value_bits, discarded):
+    """Over all 2**16 random draws: both float16 neighbours only, and the number rounded up
+    is where the value lies between them times 2**16: exact (unbiased) with at most 16
+    discarded bits, below it by less than one draw (the spec's bound) with more."""
+    r = torch.arange(65536, dtype=torch.int64)
+    out = R.fp32_to_fp16_bits_stochastic(torch.full((65536,), value_bits, dtype=torch.int64), r)
+    truncated = R.fp32_to_fp16_bits_stochastic(torch.tensor([value_bits]), torch.tensor([0])).item()
+    floor, ceil = truncated, truncated + 1  # sign-magnitude: +1 is the next magnitude
+    assert bool(((out == floor) | (out == ceil)).all())
+    n_up = int((out == ceil).sum())
+    # The rounded-up draws are the top n_up values of r.
+    assert bool((out[65536 - n_up:] == ceil).all()) and bool((out[:65536 - n_up] == floor).all())
+    x, lo, hi = abs(_fp32_value(value_bits)), abs(_fp16_value(floor)), abs(_fp16_value(ceil))
+    assert lo <= x <= hi and (lo < hi)
+    if math.isinf(hi):  # above the largest float16: up means +-inf, as for the window
+        assert n_up == (value_bits & 0x1FFF) << 3
+        return
+    share = (x - lo) / (hi - lo) * 65536  # exact in float64: few significant bits
+    if discarded <= 16:
+        assert n_up == share, (n_up, share)
+    else:
+        assert n_up <= share < n_up + 1, (n_up, share)
+
+
+def test_fp16_stochastic_overflow_and_inf():
+    r = torch.arange(65536, dtype=torch.int64)
+    for v, e in ((0x47800000, 0x7C00), (0xC7800000, 0xFC00), (0x7F7FFFFF, 0x7C00),
+                 (0x7F800000, 0x7C00), (0xFF800000, 0xFC00)):
+        out = R.fp32_to_fp16_bits_stochastic(torch.full((65536,), v, dtype=torch.int64), r)
+        assert bool((out == e).all()), f"{v:#010x}"
+
+
+@pytest.mark.parametrize("value_bits", [0x3F801000, 0xBF80ABCD, 0x37ABCDEF, 0x42C83000])
+def test_fp16_sr_statistics_with_negative_controls(value_bits):
+    """With the element draws of the spec's Philox stream: the share rounded up is where
+    the value lies between its float16 neighbours (unbiased), groups of 8 independent; the
+    negative control, nearest rounding, fails the same test."""
+    n = 2**17
+    key = torch.tensor([0x0F1E2D3C, 0x4B5A6978], dtype=torch.int64)
+    bits = torch.full((n,), value_bits, dtype=torch.int64)
+    r16 = R._random16(key, 2**33 + 3, n, torch.device("cpu"))
+    floor = R.fp32_to_fp16_bits_stochastic(bits[:1], torch.tensor([0])).item()
+    x, lo, hi = abs(_fp32_value(value_bits)), abs(_fp16_value(floor)), abs(_fp16_value(floor + 1))
+    p = (x - lo) / (hi - lo)
+    assert 0.0 < p < 1.0
+    stochastic = R.fp32_to_fp16_bits_stochastic(bits, r16)
+    assert _share_failures(stochastic, floor, floor + 1, p) == []
+    mean = R.fp16_bits_to_fp32(stochastic).double().abs().mean().item()
+    assert abs(mean - x) < 5 * (hi - lo) * math.sqrt(p * (1 - p) / n)
+    nearest = R.fp32_to_fp16_bits_nearest(bits)
+    assert any("share rounded up" in f for f in _share_failures(nearest, floor, floor + 1, p))
 
 
 # ---------------------------------------------------------------------------------------

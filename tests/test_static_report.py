@@ -4,10 +4,11 @@ report for sm_90: CUDA, the installed Triton and the GPU machine's Triton (3.6.0
 
 The budget: no spill bytes; no more programs launched per SM than fit there; on tracking
 "step" loads that overlap the math, and at most 90 SASS instructions per element in the
-default mode and 105 with stochastic rounding; full chunks load 16 bytes per access and
-touch nothing narrower than 8 (the change-bitmap word). A row not yet within it is an
-xfail(strict=True) that names what the report measured, so the test turns red the day it
-is fixed and the mark must go (issue #36).
+default mode and 105 with stochastic rounding (the same for float16 params: "fp16",
+"fp16-stochastic"); full chunks load 16 bytes per access and touch nothing narrower than 8
+(the change-bitmap word). A row not yet within it is an xfail(strict=True) that names what
+the report measured and the issue that tracks it, so the test turns red the day it is
+fixed and the mark must go.
 
 The report runs in a subprocess without TRITON_INTERPRET (Triton's compiler is needed for
 its rows); triton==3.6.0 is installed once into the cache (``pip install --target``), and
@@ -36,7 +37,9 @@ _spec.loader.exec_module(S)
 
 # The Triton the GPU machine runs (DESIGN.md, performance model), beside the installed one.
 GPU_MACHINE_TRITON = "3.6.0"
-BUDGET = {"default": 90, "stochastic": 105, "stochastic-fp32-states": 105}
+# float16 storage is held to the bf16 budgets of the same layouts (issue #37).
+BUDGET = {"default": 90, "stochastic": 105, "stochastic-fp32-states": 105,
+          "fp16": 90, "fp16-stochastic": 105, "fp16-stochastic-fp32-states": 105}
 
 
 def _without_interpreter() -> dict:
@@ -250,26 +253,39 @@ def test_layout_accesses_follow_the_modes():
     assert S.vector_loads_per_8("master") == 6  # bf16 states, as AdamW launches it
     assert S.vector_loads_per_8("remainder") == 5
     assert S.vector_loads_per_8("fp32") == 8
+    assert S.vector_loads_per_8("fp16") == 4
+    assert S.vector_loads_per_8("fp16-master") == 8  # float16 params: fp32 states
+    assert S.vector_loads_per_8("fp32-fp16-image") == 8
     assert S.executed_accesses("default", "off") == Counter({(16, True): 4, (16, False): 3})
     assert S.executed_accesses("master", "step") == Counter(
         {(16, True): 6, (16, False): 5, (8, False): 1})
     assert S.executed_accesses("fp32", "step")[(16, False)] == 6
+    assert S.executed_accesses("fp16", "step") == S.executed_accesses("default", "step")
 
 
 def test_the_backends_report_the_same_layouts():
     """Each mode is the same layout for CUDA (MODES) and Triton (codegen.STATIC_MODES),
-    and it is what AdamW launches: bf16 params get bf16 states unless asked otherwise."""
+    and it is what AdamW launches: bf16 params get bf16 states unless asked otherwise,
+    float16 params fp32 states unless asked otherwise."""
     from rlvr_optim.triton_kernels import codegen
 
     assert list(codegen.STATIC_MODES) == list(S.MODES)
-    for mode, (store, param_bf16, grad_bf16, state_bf16) in S.MODES.items():
+    for mode, (store, param16, grad16, state_bf16, half) in S.MODES.items():
         flags = codegen.STATIC_MODES[mode]
+        fp16 = half == "fp16"
         assert (flags.get("PARAM_BF16", False), flags.get("GRAD_BF16", False),
-                flags.get("STATE_BF16", False)) == (param_bf16, grad_bf16, state_bf16), mode
+                flags.get("STATE_BF16", False)) == (param16 and not fp16, grad16 and not fp16,
+                                                    state_bf16), mode
+        assert (flags.get("PARAM_FP16", False), flags.get("GRAD_FP16", False)) == (
+            param16 and fp16, grad16 and fp16), mode
+        assert flags.get("IMAGE_FP16", False) == (fp16 and not param16), mode
         assert flags.get("STOCHASTIC", False) == ("Stochastic" in store), mode
         assert flags.get("HAS_MASTER", False) == store.startswith("kMaster"), mode
         assert flags.get("HAS_REMAINDER", False) == (store == "kRemainder"), mode
-        assert state_bf16 == (param_bf16 and "fp32-states" not in mode), mode
+        if fp16:
+            assert state_bf16 == (mode in ("fp16", "fp16-stochastic")), mode
+        else:
+            assert state_bf16 == (param16 and "fp32-states" not in mode), mode
     assert codegen.STATIC_TRACKING["step"] == dict(HAS_CHANGE_BITMAP=True, HAS_COUNTERS=True)
 
 
@@ -454,11 +470,27 @@ def _row_id(backend: str, version: str | None, mode: str, tracking: str) -> str:
 ROWS = [("cuda", None, m, t) for m in S.MODES for t in S.TRACKINGS] + [
     ("triton", v, m, t) for v in TRITONS for m in S.MODES for t in S.TRACKINGS]
 
-# What the report measured on the rows that miss a check today. Installed Triton: 3.9.0.
+# What the report measured on the rows that miss a check today, and the issue that tracks
+# each (sm_90, nvcc 13.0; installed Triton: 3.9.0). float16 (issue #37): decoding a float16
+# exactly (its NaN payload kept) and rounding float16 subnormals stochastically take more
+# than bf16's shifts (bf16 on the same compilers, tracking "step": cuda 86.6 / 98.6, triton
+# 3.9.0 83.1 / 94.9 / 100.9 with fp32 states, triton 3.6.0 82.4 / 92.8 / 99.2); the CUDA
+# float16 stochastic tiles are not pipelined, as they spilled pipelined (Variant::kPipelined).
+_NOT_PIPELINED = "not pipelined (Variant::kPipelined): each tile's loads are used at once"
 KNOWN = {
     "loads_overlap_math": {
-        "cuda stochastic-fp32-states step": "not pipelined (Variant::kPipelined): each "
-                                            "tile's loads are used at once"},
+        "cuda stochastic-fp32-states step": f"{_NOT_PIPELINED} (issue #36)",
+        "cuda fp16-stochastic step": f"{_NOT_PIPELINED} (issue #37)",
+        "cuda fp16-stochastic-fp32-states step": f"{_NOT_PIPELINED} (issue #37)",
+    },
+    "instructions_per_element": {
+        "cuda fp16 step": "93.1 instr/elem (issue #37)",
+        "cuda fp16-stochastic step": "112.6 instr/elem (issue #37)",
+        "triton 3.9.0 fp16-stochastic step": "126.2 instr/elem (issue #37)",
+        "triton 3.9.0 fp16-stochastic-fp32-states step": "131.8 instr/elem (issue #37)",
+        "triton 3.6.0 fp16-stochastic step": "122.4 instr/elem (issue #37)",
+        "triton 3.6.0 fp16-stochastic-fp32-states step": "128.4 instr/elem (issue #37)",
+    },
 }
 
 
@@ -476,7 +508,7 @@ def _params(check: str):
         rid = _row_id(*row)
         known = KNOWN.get(check, {}).get(rid)
         marks = [] if known is None else [pytest.mark.xfail(
-            strict=True, reason=f"{check}: {known} (issue #36)")]
+            strict=True, reason=f"{check}: {known}")]
         params.append(pytest.param(rid, marks=marks, id=rid.replace(" ", "-")))
     return params
 
@@ -554,6 +586,7 @@ def test_counts_respond_to_the_code_they_count(report_rows, backend, version):
     for mode in S.MODES:
         assert per[mode, "step"] > per[mode, "off"], mode
     assert per["stochastic", "off"] > per["default", "off"] + 4
+    assert per["fp16-stochastic", "off"] > per["fp16", "off"] + 4
 
 
 @pytest.mark.parametrize("rid", _params("narrowest_access_bytes"))

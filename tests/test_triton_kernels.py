@@ -21,7 +21,7 @@ triton = pytest.importorskip("triton")
 from rlvr_optim import reference as R  # noqa: E402
 from rlvr_optim.bitmaps import bitmap_bytes  # noqa: E402
 from rlvr_optim.triton_kernels import adamw as TK  # noqa: E402
-from adamw_cases import BETAS, EPS, FORM_IDS, FORMS  # noqa: E402
+from adamw_cases import BETAS, EPS, FORM_IDS, FORMS, fp16_edge_patterns  # noqa: E402
 
 pytestmark = [
     # numpy warns about inf / inf and NaN arithmetic inside the interpreter; it is intended.
@@ -47,8 +47,8 @@ SHAPES = {
 # cost per chunk bounds it.)
 SEED_SHAPE = {0: "one-item", 1: "items", 2: "one-item"}
 
-# FORMS (param dtype, master form, rounding) come from adamw_cases. Rounding is ignored for
-# fp32 params by the reference ("bf16 param store"), and must be here too.
+# FORMS (param dtype, master form, rounding, change_dtype) come from adamw_cases. Rounding
+# is ignored for fp32 params by the reference, and must be here too.
 
 # Options layered on every form; each case uses change + cumulative bitmaps and counters.
 FEATURES = {
@@ -234,7 +234,7 @@ def launches(monkeypatch):
 def test_matches_reference_bit_for_bit(form, state_dtype, features):
     """Every size in one call (one group for the table launch), each tensor with its own
     row of scalars (its own step count) and its own SR key and element offset."""
-    param_dtype, master, rounding = form
+    param_dtype, master, rounding, change_dtype = form
     f = FEATURES[features]
     amsgrad = f.get("amsgrad", False)
     n = len(SIZES)
@@ -269,6 +269,7 @@ def test_matches_reference_bit_for_bit(form, state_dtype, features):
                 decoupled_weight_decay=decoupled,
                 grad_scale=torch.tensor(scale, device=DEVICE) if scale else None,
                 found_inf=torch.tensor(found_inf[step - 1], device=DEVICE) if found_inf else None,
+                change_dtype=change_dtype,
             )
             for s in ref + tri:
                 _poison(s, gen)
@@ -277,7 +278,7 @@ def test_matches_reference_bit_for_bit(form, state_dtype, features):
             for k, (r, t) in enumerate(zip(ref, tri)):
                 _compare(r, t, f"{shape}, seed {seed}, step {step}, numel {SIZES[k]}")
             changed = [c + int(s["counters"][0]) for c, s in zip(changed, ref)]
-    # The comparison saw bf16 changes, not only untouched tensors.
+    # The comparison saw 16-bit changes, not only untouched tensors.
     assert all(c > 0 for c, numel in zip(changed, SIZES) if numel >= 33), changed
 
 
@@ -680,18 +681,23 @@ def _edge_fp32_patterns() -> np.ndarray:
     return np.concatenate([grid, specials, randoms]).astype(np.uint32)
 
 
-@pytest.mark.parametrize("master,rounding", [("fp32", "nearest"), ("fp32", "stochastic"),
-                                             ("remainder", "nearest"), (None, "nearest")])
+@pytest.mark.parametrize("master,rounding,half", [
+    ("fp32", "nearest", "bf16"), ("fp32", "stochastic", "bf16"), ("remainder", "nearest", "bf16"),
+    (None, "nearest", "bf16"), ("fp32", "nearest", "fp16"), ("fp32", "stochastic", "fp16"),
+    (None, "nearest", "fp16")])
 @pytest.mark.parametrize("shape", list(SHAPES))
-def test_rounding_edge_patterns(master, rounding, shape):
-    patterns = _edge_fp32_patterns()
+def test_rounding_edge_patterns(master, rounding, half, shape):
+    """``half``: the 16-bit format of the param (or of an fp32 param's change image);
+    float16 cases take float16's edges (subnormals, overflow, ties)."""
+    fp16 = half == "fp16"
+    patterns = fp16_edge_patterns() if fp16 else _edge_fp32_patterns()
     numel = patterns.size
     w = torch.from_numpy(patterns.view(np.float32).copy()).to(DEVICE)
     gen = torch.Generator().manual_seed(9)
     if master is None:
         param_dtype = torch.float32  # fp32 params: the change bit compares nearest-even images
     else:
-        param_dtype = torch.bfloat16
+        param_dtype = torch.float16 if fp16 else torch.bfloat16
     ref = _make_state(gen, numel, param_dtype, torch.float32, master, amsgrad=False, freeze=False)
     if master == "fp32":
         ref["master"] = w.clone()
@@ -708,7 +714,8 @@ def test_rounding_edge_patterns(master, rounding, shape):
     kwargs = dict(scalars=R.step_scalars(steps, 0.0, *BETAS, 0.0, EPS), amsgrad=False,
                   master=master, rounding=rounding,
                   sr_keys=R.stochastic_rounding_keys(4, steps, torch.tensor([2], device=DEVICE)),
-                  element_offsets=None, maximize=False, grad_scale=None, found_inf=None)
+                  element_offsets=None, maximize=False, grad_scale=None, found_inf=None,
+                  change_dtype=torch.float16 if fp16 else torch.bfloat16)
     _poison(ref, gen)
     _poison(tri, gen)
     _step(R.adamw, [ref], [grad.clone()], **kwargs)
@@ -792,10 +799,10 @@ def _one_tensor_call(**overrides):
     (dict(exp_avgs=[torch.zeros(32, device=DEVICE)[::2]]), ValueError, r"exp_avgs\[0\] is not contiguous"),
     (dict(params=[torch.zeros(4, 4, device=DEVICE).t().contiguous().t()]), ValueError, "contiguous"),
     (dict(params=[torch.zeros(16, device=DEVICE)], masters=[torch.zeros(16, device=DEVICE)]),
-     ValueError, "need bf16 params"),
+     ValueError, "need bf16 or float16 params"),
     (dict(exp_avgs=[torch.zeros(16, dtype=torch.float16, device=DEVICE)]), TypeError, "float16"),
-    (dict(grads=[torch.zeros(16, dtype=torch.float16, device=DEVICE)]), TypeError,
-     r"grads\[0\] has dtype torch.float16; the Triton backend takes"),
+    (dict(grads=[torch.zeros(16, dtype=torch.float64, device=DEVICE)]), TypeError,
+     r"grads\[0\] has dtype torch.float64; the Triton backend takes"),
     (dict(exp_avg_sqs=[torch.zeros(16, dtype=torch.bfloat16, device=DEVICE)]), TypeError,
      "one state dtype per tensor"),
     (dict(counters=[torch.zeros(3, dtype=torch.int32, device=DEVICE)]), TypeError, "counters"),

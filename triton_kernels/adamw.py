@@ -30,7 +30,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from rlvr_optim.checks import FLOATS, Policy, check_tensors
+from rlvr_optim.checks import STRICT_GRADS, Policy, check_tensors
 from rlvr_optim.operands import Operands, StepInputs, call_operands
 from rlvr_optim.plan import PlannedCall, Planner
 from rlvr_optim.reference import check_arguments
@@ -137,6 +137,127 @@ def _join_remainder(hi, remainder):
     return (hi << 16) + remainder.to(tl.int32).to(tl.uint32, bitcast=True)
 
 
+# ---------------------------------------------------------------------------------------
+# float16 bit patterns (reference.py, "float16 storage"), uint32 tensors as above.
+# ---------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _fp16_bits_to_fp32(bits, HW_BF16: tl.constexpr):
+    """Exact fp32 value of float16 patterns; a NaN keeps its sign and payload unquieted.
+    ``HW_BF16`` (compiled for a GPU): the hardware conversion (exact) with NaN lanes set
+    to that pattern, which it would quiet; else integer operations (numpy's conversion
+    handles NaNs its own way)."""
+    if HW_BF16:
+        x = bits.to(tl.uint16).to(tl.float16, bitcast=True).to(tl.float32)
+        nan = ((bits & 0x8000) << 16) | 0x7F800000 | ((bits & 0x3FF) << 13)
+        return tl.where((bits & 0x7FFF) > 0x7C00, nan.to(tl.float32, bitcast=True), x)
+    sign = (bits & 0x8000) << 16
+    exponent = (bits >> 10) & 0x1F
+    mantissa = bits & 0x3FF
+    normal = ((exponent + 112) << 23) | (mantissa << 13)
+    subnormal = (mantissa.to(tl.float32) * 5.9604644775390625e-08).to(tl.uint32, bitcast=True)
+    special = 0x7F800000 | (mantissa << 13)
+    magnitude = tl.where(exponent == 31, special, tl.where(exponent == 0, subnormal, normal))
+    return (sign | magnitude).to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _fp16_window(bits):
+    """(sign, kept, window, sticky) of fp32 patterns on the way to float16, as
+    ``reference._fp16_window``, in 32-bit operations with every shift below 32: the
+    significand (implicit bit included) shifted right by ``max(126 - exponent, 13)`` bits,
+    capped at 40, above the float16 exponent ``exponent - 113`` (normal range only)."""
+    sign = (bits >> 16) & 0x8000
+    magnitude = bits & 0x7FFFFFFF
+    exponent = (magnitude >> 23).to(tl.int32)
+    significand = tl.where(exponent > 0, (magnitude & 0x7FFFFF) | 0x800000, magnitude)
+    shift = tl.minimum(tl.maximum(126 - tl.maximum(exponent, 1), 13), 40).to(tl.uint32)
+    above = (tl.maximum(exponent - 113, 0).to(tl.uint32)) << 10
+    kept = above + (significand >> tl.minimum(shift, 24))
+    short = shift <= 16  # all discarded bits are in the window
+    window = tl.where(short, significand << (16 - tl.minimum(shift, 16)),
+                      significand >> (tl.maximum(shift, 16) - 16)) & 0xFFFF
+    sticky = tl.where(short, 0, ((significand << (48 - tl.maximum(shift, 17))) != 0).to(tl.uint32))
+    return sign, kept, window, sticky
+
+
+@triton.jit
+def _fp16_nan(bits):
+    """The float16 quiet NaN of fp32 NaN patterns: sign | 0x7E00 | top 9 payload bits, as
+    torch's cast."""
+    return ((bits >> 16) & 0x8000) | 0x7E00 | ((bits >> 13) & 0x3FF)
+
+
+@triton.jit
+def _round_nearest_fp16(bits):
+    """fp32 patterns -> float16 patterns, nearest even as torch's cast (+-inf past the
+    largest float16, NaN -> :func:`_fp16_nan`)."""
+    sign, kept, window, sticky = _fp16_window(bits)
+    kept = kept + ((window + 0x7FFF + ((kept & 1) | sticky)) >> 16)
+    rounded = sign | tl.minimum(kept, 0x7C00)
+    return tl.where(_is_nan_bits(bits), _fp16_nan(bits), rounded)
+
+
+@triton.jit
+def _round_stochastic_fp16(bits, random16):
+    """fp32 patterns -> float16 patterns, up with probability window / 2**16: added below
+    the kept LSB and truncated, as ``round_stochastic_fp16`` of csrc/adamw_element.cuh (in
+    the normal range ``random16 >> 3`` beside the 13 discarded bits, whose window's low 3
+    bits are zero; below it the significand aligned so that its low 16 bits are the
+    window); every shift below 32."""
+    sign = (bits >> 16) & 0x8000
+    magnitude = bits & 0x7FFFFFFF
+    exponent = (magnitude >> 23).to(tl.int32)
+    normal = (magnitude - (112 << 23) + (random16 >> 3)) >> 13
+    significand = tl.where(exponent > 0, (magnitude & 0x7FFFFF) | 0x800000, magnitude)
+    shift = 126 - tl.maximum(exponent, 1)  # 14 .. 125 below the normal range
+    left = tl.minimum(tl.maximum(16 - shift, 0), 2).to(tl.uint32)
+    right = tl.minimum(tl.maximum(shift - 16, 0), 31).to(tl.uint32)  # >> 24+: zero
+    aligned = (significand << left) >> right  # kept << 16 | window
+    kept = tl.where(exponent >= 113, normal, (aligned + random16) >> 16)
+    rounded = sign | tl.minimum(kept, 0x7C00)
+    return tl.where(_is_nan_bits(bits), _fp16_nan(bits), rounded)
+
+
+@triton.jit
+def _round_computed_fp16(x, HW_BF16: tl.constexpr):
+    """A computed fp32 value -> its float16 pattern, nearest even, any NaN as 0x7E00 (the
+    image of the canonical NaN). ``HW_BF16`` (compiled for a GPU): by the hardware
+    conversion (``cvt.rn.f16.f32``), else the integer formula."""
+    if HW_BF16:
+        bits = x.to(tl.float16).to(tl.uint16, bitcast=True).to(tl.uint32)
+    else:
+        bits = _round_nearest_fp16(x.to(tl.uint32, bitcast=True))
+    return tl.where(x != x, 0x7E00, bits)
+
+
+@triton.jit
+def _round_nearest_half(bits, FP16: tl.constexpr):
+    """fp32 patterns (any, stored ones included) -> their nearest-even bf16 or float16
+    (``FP16``) patterns."""
+    if FP16:
+        return _round_nearest_fp16(bits)
+    else:
+        return _round_nearest_bf16(bits)
+
+
+@triton.jit
+def _round_computed_half(x, FP16: tl.constexpr, HW_BF16: tl.constexpr):
+    if FP16:
+        return _round_computed_fp16(x, HW_BF16)
+    else:
+        return _round_computed_bf16(x, HW_BF16)
+
+
+@triton.jit
+def _half_bits_to_fp32(bits, FP16: tl.constexpr, HW_BF16: tl.constexpr):
+    if FP16:
+        return _fp16_bits_to_fp32(bits, HW_BF16)
+    else:
+        return _bf16_bits_to_fp32(bits)
+
+
 @triton.jit
 def _random16(seed, index_base, offs, row_offs, SR_ROW_CALLS: tl.constexpr,
               HALVES: tl.constexpr):
@@ -235,8 +356,8 @@ def _chunk_offsets(BLOCK: tl.constexpr, HALVES: tl.constexpr):
     compiler gives each thread whole rows, so a row's bitmap byte is one thread's and
     packing it needs no other thread: [BLOCK // 8, 8], element 8 r + c at [r, c]. The
     compiler gives a thread as many consecutive elements as one 16-byte access of the
-    narrowest stream holds, 8 of bf16 (one access; fp32 streams: two); with every stream
-    4 bytes wide (``HALVES``) that would be 4, half a row, so such layouts take
+    narrowest stream holds, 8 of bf16 or float16 (one access; fp32 streams: two); with
+    every stream 4 bytes wide (``HALVES``) that would be 4, half a row, so such layouts take
     [2, BLOCK // 8, 4] instead, element 8 r + 4 h + c at [h, r, c]: a half is one 16-byte
     access and both halves are the thread's."""
     if HALVES:
@@ -412,7 +533,10 @@ class _Layout(NamedTuple):
     """The compile-time flags of a launch (``adamw_table_kernel``'s, of the same names)."""
 
     PARAM_BF16: tl.constexpr
+    PARAM_FP16: tl.constexpr
+    IMAGE_FP16: tl.constexpr
     GRAD_BF16: tl.constexpr
+    GRAD_FP16: tl.constexpr
     STATE_BF16: tl.constexpr
     HAS_MASTER: tl.constexpr
     HAS_REMAINDER: tl.constexpr
@@ -435,23 +559,25 @@ class _Layout(NamedTuple):
 
 @triton.jit
 def _load_weight(p, at, L):
-    """Stage 1 (reference.load_weight): (the stored bf16 pattern before the step, the fp32
-    weight before it, the param as loaded (fp32 params), the remainder as loaded
-    (remainder form))."""
+    """Stage 1 (reference.load_weight): (the stored 16-bit pattern before the step (fp32
+    params: their nearest-even bf16 or, ``IMAGE_FP16``, float16 image), the fp32 weight
+    before it, the param as loaded (fp32 params), the remainder as loaded (remainder
+    form))."""
     param = 0.0
     remainder = 0
-    if L.PARAM_BF16:
+    FP16: tl.constexpr = L.PARAM_FP16 or L.IMAGE_FP16
+    if L.PARAM_BF16 or L.PARAM_FP16:
         image = _load_bf16_bits(p.param, at.offs, at.in_range)
     else:
         param = tl.load(p.param + at.offs, mask=at.in_range, other=0.0)
-        image = _round_nearest_bf16(param.to(tl.uint32, bitcast=True))
+        image = _round_nearest_half(param.to(tl.uint32, bitcast=True), FP16)
     if L.HAS_MASTER:
         w = tl.load(p.master + at.offs, mask=at.in_range, other=0.0)
     elif L.HAS_REMAINDER:
         remainder = tl.load(p.remainder + at.offs, mask=at.in_range, other=0)
         w = _join_remainder(image, remainder).to(tl.float32, bitcast=True)
-    elif L.PARAM_BF16:
-        w = _bf16_bits_to_fp32(image)
+    elif L.PARAM_BF16 or L.PARAM_FP16:
+        w = _half_bits_to_fp32(image, FP16, L.HW_BF16)
     else:
         w = param
     return image, w, param, remainder
@@ -497,19 +623,24 @@ def _adamw_math(g, w, m, v, vmax, s, AMSGRAD: tl.constexpr, L2_DECAY: tl.constex
 @triton.jit
 def _store_weight(w, w_bits, sr_seed, index_base, at, L):
     """The stored form of a new weight ``w`` (fp32 bits ``w_bits``; reference.store_weight):
-    (its bf16 image, the remainder (remainder form)); an fp32 param stores w itself, its
-    image is the nearest-even bf16. The one place that knows a storage format."""
+    (its 16-bit image, the remainder (remainder form, bf16 only)); an fp32 param stores w
+    itself, its image is the nearest-even bf16 or (``IMAGE_FP16``) float16. The one place
+    that knows a storage format."""
     remainder = 0
-    if not L.PARAM_BF16:
-        image = _round_computed_bf16(w, L.HW_BF16)
+    FP16: tl.constexpr = L.PARAM_FP16 or L.IMAGE_FP16
+    if not (L.PARAM_BF16 or L.PARAM_FP16):
+        image = _round_computed_half(w, FP16, L.HW_BF16)
     elif L.HAS_REMAINDER:
         image, remainder = _split_remainder(w_bits)
     elif L.STOCHASTIC:
         random16 = _random16(sr_seed, index_base, at.offs, at.row_offs, L.SR_ROW_CALLS,
                               L.HALVES)
-        image = _round_stochastic_bf16(w_bits, random16)
+        if FP16:
+            image = _round_stochastic_fp16(w_bits, random16)
+        else:
+            image = _round_stochastic_bf16(w_bits, random16)
     else:
-        image = _round_computed_bf16(w, L.HW_BF16)
+        image = _round_computed_half(w, FP16, L.HW_BF16)
     return image, remainder
 
 
@@ -518,7 +649,7 @@ def _store_and_flag(p, at, update, train, before, after, loaded, g, cumulative,
                     sr_seed, index_base, L, WORDS: tl.constexpr):
     """Stage 3 (reference.store_and_flag): store the new weight and states (elements not
     updated get back the bits they were loaded with), write the change bitmaps and return
-    the chunk's per-row counts ([BLOCK // 8] int32): bf16 changes, fp32 moves, non-finite
+    the chunk's per-row counts ([BLOCK // 8] int32): 16-bit changes, fp32 moves, non-finite
     grads. ``before``: :func:`_load_weight`'s result; ``after``: the math's; ``loaded``:
     (m, v, vmax) as loaded; ``cumulative``: the cumulative bitmap bytes (or words) as
     loaded."""
@@ -539,7 +670,7 @@ def _store_and_flag(p, at, update, train, before, after, loaded, g, cumulative,
     if L.HAS_REMAINDER:
         tl.store(p.remainder + at.offs, _keep(update, remainder, remainder_old),
                  mask=at.in_range)
-    if L.PARAM_BF16:
+    if L.PARAM_BF16 or L.PARAM_FP16:
         _store_bf16_bits(p.param, at.offs, image, at.in_range)
     else:
         tl.store(p.param + at.offs, _keep(update, w, param_old), mask=at.in_range)
@@ -612,8 +743,8 @@ def _adamw_chunk(p, s, first, limit, index_base, skip, sr_seed, grad_scale,
     # Raw loads, all issued before any arithmetic: fp32 values, or bf16 patterns as uint32.
     if L.GRAD_BF16:
         grad = _bf16_bits_to_fp32(_load_bf16_bits(p.grad, offs, in_range))
-    else:
-        grad = tl.load(p.grad + offs, mask=in_range, other=0.0)
+    else:  # fp32, or float16 (exact; a NaN's payload does not reach any output)
+        grad = tl.load(p.grad + offs, mask=in_range, other=0.0).to(tl.float32)
     before = _load_weight(p, at, L)
     m_old = _load_state(p.exp_avg, at, L.STATE_BF16)
     v_old = _load_state(p.exp_avg_sq, at, L.STATE_BF16)
@@ -713,6 +844,7 @@ def adamw_table_kernel(
     found_inf_ptr,
     BLOCK: tl.constexpr, ITEM: tl.constexpr, STAGES: tl.constexpr, ALIGNED: tl.constexpr,
     PARAM_BF16: tl.constexpr, GRAD_BF16: tl.constexpr, STATE_BF16: tl.constexpr,
+    PARAM_FP16: tl.constexpr, GRAD_FP16: tl.constexpr, IMAGE_FP16: tl.constexpr,
     HAS_MASTER: tl.constexpr, HAS_REMAINDER: tl.constexpr, STOCHASTIC: tl.constexpr,
     AMSGRAD: tl.constexpr, MAXIMIZE: tl.constexpr, L2_DECAY: tl.constexpr,
     HAS_FREEZE_MASK: tl.constexpr, HAS_CHANGE_BITMAP: tl.constexpr,
@@ -733,6 +865,8 @@ def adamw_table_kernel(
     so the cached tables do not depend on the per-step scalars. ``ALIGNED``: every pointer
     of the group is a multiple of 16 bytes (full chunks then move bitmaps as 8-byte words).
     ``STATE_BF16``: exp_avg, exp_avg_sq and max_exp_avg_sq are bf16 (else fp32).
+    ``PARAM_FP16`` / ``GRAD_FP16``: the param / grad is float16; ``IMAGE_FP16``: an fp32
+    param's change image is its nearest-even float16 (else bf16).
     ``L2_DECAY``: torch's Adam weight decay (an L2 term in the gradient), else AdamW's.
     ``SR_ROW_CALLS``: every tensor's element offset is a multiple of 8 (one Philox call per
     row, :func:`_random16`). ``HW_BF16``: compiled for a GPU, where computed values round
@@ -741,8 +875,9 @@ def adamw_table_kernel(
     ITEM < 2**31."""
     # Annotated: a tuple of constexprs assigned to a plain name loses them (triton 3.6-3.9).
     # Every element stream 4 bytes wide: rows as two halves of 4 (see _chunk_offsets).
-    HALVES: tl.constexpr = (PARAM_BF16 + GRAD_BF16 + STATE_BF16) == 0
-    L: tl.constexpr = _Layout(PARAM_BF16, GRAD_BF16, STATE_BF16, HAS_MASTER, HAS_REMAINDER,
+    HALVES: tl.constexpr = (PARAM_BF16 + PARAM_FP16 + GRAD_BF16 + GRAD_FP16 + STATE_BF16) == 0
+    L: tl.constexpr = _Layout(PARAM_BF16, PARAM_FP16, IMAGE_FP16, GRAD_BF16, GRAD_FP16,
+                              STATE_BF16, HAS_MASTER, HAS_REMAINDER,
                               STOCHASTIC, SR_ROW_CALLS, AMSGRAD, MAXIMIZE, L2_DECAY,
                               HAS_FREEZE_MASK,
                               HAS_CHANGE_BITMAP, HAS_CUMULATIVE_BITMAP, HAS_COUNTERS,
@@ -757,16 +892,16 @@ def adamw_table_kernel(
         # its operands' dtype, so splatting it would turn it into a float.
         skip = tl.broadcast_to(tl.load(found_inf_ptr), offs.shape) != 0
     state: tl.constexpr = tl.int16 if STATE_BF16 else tl.float32
+    grad: tl.constexpr = tl.int16 if GRAD_BF16 else (tl.float16 if GRAD_FP16 else tl.float32)
     for item in range(tl.program_id(0), n_items, tl.num_programs(0)):
         t = tl.load(work_ptr + 2 * item).to(tl.int64)
         start = tl.load(work_ptr + 2 * item + 1).to(tl.int64) * ITEM
         entry = table_ptr + t * _ROW_INT64S
         # Each pointer moved to the item's element 0 (bitmaps: its byte; ITEM % 8 == 0).
         p = _Pointers(
-            _table_pointer(entry, _PARAM, tl.int16 if PARAM_BF16 else tl.float32, ALIGNED)
-            + start,
-            _table_pointer(entry, _GRAD, tl.int16 if GRAD_BF16 else tl.float32, ALIGNED)
-            + start,
+            _table_pointer(entry, _PARAM, tl.int16 if PARAM_BF16 or PARAM_FP16 else tl.float32,
+                           ALIGNED) + start,
+            _table_pointer(entry, _GRAD, grad, ALIGNED) + start,
             _table_pointer(entry, _EXP_AVG, state, ALIGNED) + start,
             _table_pointer(entry, _EXP_AVG_SQ, state, ALIGNED) + start,
             _table_pointer(entry, _MAX_EXP_AVG_SQ, state, ALIGNED) + start,
@@ -861,13 +996,17 @@ def _is_bf16(t: Tensor | None) -> bool:
     return t is not None and t.dtype == torch.bfloat16
 
 
-def _layout(ops: Operands, rounding: str, offset: int) -> dict[str, bool]:
+def _layout(ops: Operands, rounding: str, offset: int, change_dtype: torch.dtype
+            ) -> dict[str, bool]:
     """The per-tensor compile-time flags but the grad's: dtypes, which optional tensors
     are present, and whether stochastic rounding can draw one Philox call per row (always
     true without it, so such tensors are not split off)."""
-    stochastic = rounding == "stochastic" and _is_bf16(ops.param)
+    param16 = ops.param.dtype in (torch.bfloat16, torch.float16)
+    stochastic = rounding == "stochastic" and param16
     return dict(
         PARAM_BF16=_is_bf16(ops.param),
+        PARAM_FP16=ops.param.dtype == torch.float16,
+        IMAGE_FP16=not param16 and change_dtype == torch.float16,
         STATE_BF16=_is_bf16(ops.exp_avg),
         HAS_MASTER=ops.master is not None,
         HAS_REMAINDER=ops.remainder is not None,
@@ -883,7 +1022,7 @@ def _layout(ops: Operands, rounding: str, offset: int) -> dict[str, bool]:
 def _static_key(ops: Operands, offset: int, options: tuple) -> tuple:
     """A tensor's launch flags but the grad's, and whether its other pointers are 16-byte
     aligned (planner callback)."""
-    layout = tuple(sorted(_layout(ops, options[0], offset).items()))
+    layout = tuple(sorted(_layout(ops, options[0], offset, options[3]).items()))
     aligned = all(t.data_ptr() % 16 == 0 for t in ops if t is not None)
     return layout, aligned
 
@@ -892,7 +1031,8 @@ def _group_key(static: tuple, grad_dtype: torch.dtype, grad_address: int) -> tup
     """The launch flags of a tensor with this grad (planner callback)."""
     layout, aligned = static
     return tuple(sorted((*layout, ("ALIGNED", aligned and grad_address % 16 == 0),
-                         ("GRAD_BF16", grad_dtype == torch.bfloat16))))
+                         ("GRAD_BF16", grad_dtype == torch.bfloat16),
+                         ("GRAD_FP16", grad_dtype == torch.float16))))
 
 
 def _work_table(numels: tuple[int, ...], item: int) -> Tensor:
@@ -941,7 +1081,7 @@ def _shape(device: torch.device, block_size: int | None, item_size: int | None
 def _encode(group, options: tuple) -> _Launch:
     """The device tables of a planner group (planner callback): its columns as table rows,
     a zero counter workspace, and its work items."""
-    _, block_size, item_size = options
+    _, block_size, item_size, _ = options
     block, item = _shape(group.device, block_size, item_size)
     count = len(group.rows)
     rows = np.zeros((count, len(ROW_FIELDS)), dtype=np.int64)
@@ -1054,6 +1194,7 @@ def adamw(
     decoupled_weight_decay: bool = True,
     grad_scale: Tensor | None = None,
     found_inf: Tensor | None = None,
+    change_dtype: torch.dtype = torch.bfloat16,
     block_size: int | None = None,
     item_size: int | None = None,
     num_warps: int | None = None,
@@ -1062,9 +1203,10 @@ def adamw(
     """One AdamW step over a list of tensors, in place, in fused launches.
 
     Arguments and results as :func:`rlvr_optim.reference.adamw`; all tensors contiguous and
-    on one device per param (CPU tensors need ``TRITON_INTERPRET=1``), grads float32 or
-    bfloat16, a tensor's states all float32 or all bfloat16. ``masters`` and
-    ``remainders`` need bf16 params; ``rounding`` only affects bf16 params.
+    on one device per param (CPU tensors need ``TRITON_INTERPRET=1``), params and grads
+    float32, bfloat16 or float16, a tensor's states all float32 or all bfloat16.
+    ``masters`` need bf16 or float16 params, ``remainders`` bf16 params; ``rounding`` only
+    affects 16-bit params.
 
     Every tensor is checked before any is touched (:func:`rlvr_optim.checks.check_tensors`).
     The tables are planned and kept by :data:`planner` (:class:`rlvr_optim.plan.Planner`):
@@ -1097,12 +1239,14 @@ def adamw(
                         masters=masters, remainders=remainders, freeze_masks=freeze_masks,
                         change_bitmaps=change_bitmaps, cumulative_bitmaps=cumulative_bitmaps,
                         counters=counters, amsgrad=amsgrad)
-    check_arguments(ops, scalars=scalars, rounding=rounding, sr_keys=sr_keys, amsgrad=amsgrad)
+    check_arguments(ops, scalars=scalars, rounding=rounding, sr_keys=sr_keys, amsgrad=amsgrad,
+                    change_dtype=change_dtype)
     if not params:
         return
     shape = _launch_shape(block_size, item_size, num_warps, num_programs)
     offsets = [0] * len(params) if element_offsets is None else element_offsets
-    launches = planner.launches(ops, grads, offsets, (rounding, block_size, item_size))
+    launches = planner.launches(ops, grads, offsets,
+                                (rounding, block_size, item_size, change_dtype))
     _run(launches, shape, StepInputs(scalars, sr_keys if rounding == "stochastic" else None,
                                      maximize, decoupled_weight_decay, grad_scale, found_inf),
          amsgrad)
@@ -1131,7 +1275,7 @@ def _launch_shape(block_size, item_size, num_warps, num_programs) -> _LaunchShap
 
 
 def prepare(ops: Operands, *, element_offsets=None, rounding: str = "nearest",
-            amsgrad: bool = False) -> PlannedCall:
+            amsgrad: bool = False, change_dtype: torch.dtype = torch.bfloat16) -> PlannedCall:
     """:func:`adamw` over ``ops`` (at the default launch shape) as a call ``(grads,
     StepInputs)`` kept by its caller: checked when it first runs, then a pass over the
     grads per step (:class:`rlvr_optim.plan.PlannedCall`)."""
@@ -1141,7 +1285,7 @@ def prepare(ops: Operands, *, element_offsets=None, rounding: str = "nearest",
     def run(launches, statics, offsets, grads, x: StepInputs) -> None:
         _run(launches, shape, x, amsgrad)
 
-    return PlannedCall(planner, run, ops, offsets, (rounding, None, None))
+    return PlannedCall(planner, run, ops, offsets, (rounding, None, None, change_dtype))
 
 
 def _run(launches: list, shape: _LaunchShape, x: StepInputs, amsgrad: bool) -> None:
@@ -1188,5 +1332,6 @@ def _check_call(statics: Operands, grads, offsets, options) -> None:
     check_tensors(statics, grads, offsets, _POLICY)
 
 
-planner = Planner(_check_call, _static_key, _group_key, _encode, frozenset(FLOATS), _capturing)
+planner = Planner(_check_call, _static_key, _group_key, _encode, frozenset(STRICT_GRADS),
+                  _capturing)
 """The Triton backend's kept calls and launches (:class:`rlvr_optim.plan.Planner`)."""

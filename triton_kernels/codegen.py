@@ -30,7 +30,8 @@ _ARGUMENTS = {
     "sr_keys_ptr": "*i64", "grad_scale_ptr": "*fp32", "found_inf_ptr": "*u8",
 }
 _FLAGS = (
-    "ALIGNED", "PARAM_BF16", "GRAD_BF16", "STATE_BF16", "HAS_MASTER", "HAS_REMAINDER",
+    "ALIGNED", "PARAM_BF16", "GRAD_BF16", "STATE_BF16", "PARAM_FP16", "GRAD_FP16", "IMAGE_FP16",
+    "HAS_MASTER", "HAS_REMAINDER",
     "STOCHASTIC", "AMSGRAD", "MAXIMIZE", "L2_DECAY",
     "HAS_FREEZE_MASK", "HAS_CHANGE_BITMAP", "HAS_CUMULATIVE_BITMAP", "HAS_COUNTERS",
     "HAS_GRAD_SCALE", "HAS_FOUND_INF", "SR_ROW_CALLS", "HW_BF16",
@@ -107,8 +108,12 @@ def resource_usage(cubin: bytes) -> dict:
 
 # The layouts bench/static_report.py reports for every backend, by its names, as
 # rlvr_optim.AdamW launches them: the states follow the param's dtype (bf16 states for bf16
-# params, master weights or not) unless state_dtype=torch.float32 ("fp32-states").
+# params, master weights or not) unless state_dtype=torch.float32 ("fp32-states"). The
+# "fp16-" modes have float16 params and grads, whose states AdamW makes float32 (master
+# weights or not) unless state_dtype=torch.bfloat16 ("fp16", "fp16-stochastic");
+# "fp32-fp16-image" is fp32 params with change_dtype=torch.float16.
 _BF16 = dict(PARAM_BF16=True, GRAD_BF16=True)
+_FP16 = dict(PARAM_FP16=True, GRAD_FP16=True)
 _BF16_STATES = dict(_BF16, STATE_BF16=True)
 STATIC_MODES = {
     "default": _BF16_STATES,
@@ -119,6 +124,13 @@ STATIC_MODES = {
     "master-stochastic": dict(_BF16_STATES, HAS_MASTER=True, STOCHASTIC=True),
     "remainder": dict(_BF16_STATES, HAS_REMAINDER=True),
     "fp32": dict(),
+    "fp16": dict(_FP16, STATE_BF16=True),
+    "fp16-stochastic": dict(_FP16, STATE_BF16=True, STOCHASTIC=True),
+    "fp16-fp32-states": _FP16,
+    "fp16-stochastic-fp32-states": dict(_FP16, STOCHASTIC=True),
+    "fp16-master": dict(_FP16, HAS_MASTER=True),
+    "fp16-master-stochastic": dict(_FP16, HAS_MASTER=True, STOCHASTIC=True),
+    "fp32-fp16-image": dict(IMAGE_FP16=True),
 }
 """Layouts :func:`static_rows` compiles (others flags off)."""
 STATIC_TRACKING = {
