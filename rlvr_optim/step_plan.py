@@ -303,9 +303,10 @@ def _scalar_memo(plan: GroupPlan, steps: Tensor, hyper: tuple, decoupled: bool) 
     hyperparameters (host tensors, a float lr): the rows are a function of those alone, so
     500 groups of one param with a few distinct learning rates compute a few rows per step
     instead of 500 (each is five tensor ops). None where that does not apply: device step
-    counts (a step never reads them on the host), a tensor lr, large groups."""
-    if steps.device.type != "cpu" or steps.numel() > _MEMO_TENSORS \
-            or isinstance(hyper[0], Tensor):
+    counts (a step never reads them on the host), rows of the plan's own ScalarRows (not
+    reference.step_scalars, so not to be shared), a tensor lr, large groups."""
+    if plan.scalar_rows is not None or steps.device.type != "cpu" \
+            or steps.numel() > _MEMO_TENSORS or isinstance(hyper[0], Tensor):
         return None
     key = (tuple(steps.tolist()), decoupled)
     memo = _scalar_memos.get(key)

@@ -213,19 +213,20 @@ class LMAblation:
         seed: seeds the runs' random streams (the starts have their own seeds).
     """
 
+    # The model, split and warm-up default to the committed starts' (StartSpec's).
     name: str = "tiny"
-    digits: int = 2
-    hidden: int = 32
-    layers: int = 2
-    heads: int = 2
-    intermediate: int = 96
-    held_out: int = 1024
-    split_seed: int = 0
-    warmup_steps: int = 3000
-    warmup_lr: float = 3e-3
-    warmup_batch: int = 64
-    warmup_reversed: float = 0.35
-    warmup_noise: float = 0.15
+    digits: int = StartSpec.digits
+    hidden: int = StartSpec.hidden
+    layers: int = StartSpec.layers
+    heads: int = StartSpec.heads
+    intermediate: int = StartSpec.intermediate
+    held_out: int = StartSpec.held_out
+    split_seed: int = StartSpec.split_seed
+    warmup_steps: int = StartSpec.steps
+    warmup_lr: float = StartSpec.lr
+    warmup_batch: int = StartSpec.batch
+    warmup_reversed: float = StartSpec.reversed
+    warmup_noise: float = StartSpec.noise
     starts: tuple[int, ...] = (0, 1, 2)
     steps: int = 160
     prompts: int = 8
@@ -233,11 +234,11 @@ class LMAblation:
     minibatches: int = 2
     updates: int = 8
     clip: float = 0.2
-    temperature: float = 1.0
+    temperature: float = StartSpec.temperature
     weight_decay: float = 0.0
     arms: tuple[Arm, ...] = HEADLINE_ARMS + PRECISION_ARMS + PAPER_LR_ARMS + FREEZE_ARMS
     seeds: tuple[int, ...] = (0, 1, 2, 3, 4)
-    kl_samples: int = 128
+    kl_samples: int = StartSpec.kl_samples
     log_every: int = 16
     curve_problems: int = 256
     eval_problems: int = 512
