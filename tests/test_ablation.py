@@ -794,6 +794,8 @@ def test_cli_ablate_stops_and_leaves_a_checkpoint(tmp_path, capsys):
     cohort = out / "checkpoints" / "cohort-sample-bf16-fp32-master-lr2e-05-start0"
     ckpt = load_checkpoint(cohort / "checkpoint.safetensors")   # after both rollouts
     assert ckpt["step"] == 2 and len(ckpt["series"]["loss"]) == 2
+    # The headline design compares no storage modes: no per-step copy of the bits.
+    assert "step_unchanged" not in ckpt["series"]
     assert not (out / "checkpoints" / "starts").exists()      # the committed starts served
 
 

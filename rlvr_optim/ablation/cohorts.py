@@ -28,7 +28,7 @@ from torch import Tensor
 
 from .. import analysis, bitmaps, files
 from ..optimizer import AdamW
-from .config import MODES, Arm, LMAblation, storage_dtype
+from .config import MASTER, MODES, Arm, LMAblation, storage_dtype
 from .lm import LMShape, forward, generate, kl_to_reference
 from .runs import StepBudget, Workspace, derive_seed, drive
 from .starts import (STARTS_DIR, correct_probability, greedy_accuracy, load_start, make_start,
@@ -299,9 +299,11 @@ def run_cohort(config: LMAblation, cohort: tuple[str, str, float, int], task: Ad
                start: Start, workspace: Workspace, budget: StepBudget, bar) -> list[dict]:
     """Every run (arm x seed) of one ``(family, mode, lr, start)``; one result per run.
 
-    Logged per iteration and run: ``loss``; ``step_unchanged`` (the share of weights whose
-    stored bits, bf16 or float16 (:func:`~rlvr_optim.ablation.config.storage_dtype`), are
-    identical before and after a step, mean over the iteration's steps); for the sampling
+    Logged per iteration and run: ``loss``; in designs that compare storage modes (an arm
+    not in fp32-master mode), ``step_unchanged`` (the share of weights whose stored bits,
+    bf16 or float16 (:func:`~rlvr_optim.ablation.config.storage_dtype`), are identical
+    before and after a step, mean over the iteration's steps; a copy of the bits per step,
+    which the headline design does without); for the sampling
     kinds ``reward`` (share of the rollout's samples that are correct) and ``clip_fraction``
     (share of answer tokens whose ratio left ``1 +- clip``, over the iteration's updates).
     Every ``log_every`` steps and at the end (``curve_step``): ``curve_kl``
@@ -393,15 +395,23 @@ def run_cohort(config: LMAblation, cohort: tuple[str, str, float, int], task: Ad
             clipped.append(clip_share)
         return {"reward": rewards.mean(1).tolist(),
                 "loss": torch.stack(losses).mean(0).tolist(),
-                "clip_fraction": torch.stack(clipped).mean(0).tolist(),
-                "step_unchanged": torch.stack(kept).mean(0).tolist()}
+                "clip_fraction": torch.stack(clipped).mean(0).tolist(), **kept_share(kept)}
 
-    def tracked_step() -> Tensor:
+    per_step = any(arm.mode != MASTER for arm in config.arms)
+
+    def tracked_step() -> Tensor | None:
         """``opt.step()``; returns per run the share of weights whose stored bits it left
-        identical (a copy of the bits before it: 2 bytes per weight)."""
+        identical (a copy of the bits before it: 2 bytes per weight), or None where the
+        design does not log it."""
+        if not per_step:
+            opt.step()
+            return None
         before = stored_bits(params, image)
         opt.step()
         return unchanged_fraction(params, before, image)
+
+    def kept_share(kept: list[Tensor | None]) -> dict[str, Any]:
+        return {"step_unchanged": torch.stack(kept).mean(0).tolist()} if per_step else {}
 
     sft_gens = gens("sft")
 
@@ -417,8 +427,7 @@ def run_cohort(config: LMAblation, cohort: tuple[str, str, float, int], task: Ad
             loss.sum().backward()
             kept.append(tracked_step())
             losses.append(loss.detach())
-        return {"loss": torch.stack(losses).mean(0).tolist(),
-                "step_unchanged": torch.stack(kept).mean(0).tolist()}
+        return {"loss": torch.stack(losses).mean(0).tolist(), **kept_share(kept)}
 
     def curve_point() -> dict[str, Any]:
         detached = {n: p.detach() for n, p in params.items()}
