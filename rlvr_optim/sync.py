@@ -853,6 +853,7 @@ class DeltaTracker:
         self.anchor_sequence = 0
         self._blind: set[str] = set()  # params stepped without a change bitmap
         self._reimaged: set[str] = set()  # fp32 params stepped under another change_dtype
+        self._groups = optimizer.param_groups  # the list the slots' groups come from
         self._start_sums = [_device_state_sum(self._synced_local(s).reshape(-1), s.offset)
                             if s.emits else None for s in self._slots]
         self._hook = optimizer.register_step_post_hook(self._after_step)
@@ -897,6 +898,11 @@ class DeltaTracker:
 
     @torch.no_grad()
     def _after_step(self, optimizer, args, kwargs) -> None:
+        if optimizer.param_groups is not self._groups:  # load_state_dict made new groups
+            self._groups = optimizer.param_groups
+            groups = {id(p): g for g in self._groups for p in g["params"]}
+            for slot in self._slots:
+                slot.group = groups.get(id(slot.param), slot.group)
         for slot in self._slots:
             step = optimizer.state.get(slot.param, {}).get("step")
             if step is None:

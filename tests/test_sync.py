@@ -260,6 +260,21 @@ def test_changing_change_dtype_stops_collect_until_an_anchor():
     assert _equal(receiver, params)
 
 
+def test_a_loaded_state_dict_with_another_change_dtype_is_noticed():
+    params, opt, tracker = _fp16_run("fp32, change_dtype float16", 2)
+    g = torch.Generator().manual_seed(14)
+    _grads(params, 1, g)
+    opt.step()
+    tracker.collect()
+    saved = opt.state_dict()
+    saved["param_groups"][0]["change_dtype"] = "bfloat16"
+    opt.load_state_dict(saved)                  # new group dicts, another change_dtype
+    _grads(params, 2, g)
+    opt.step()
+    with pytest.raises(RuntimeError, match="change_dtype=bfloat16"):
+        tracker.collect()
+
+
 def test_synced_values_round_fp32_to_either_image_as_torch_casts():
     t = torch.tensor([1.0 + 2**-12, 1.0 + 3 * 2**-12, 70000.0, -1e-7, float("-inf"), 2**-20,
                       float("nan")])
