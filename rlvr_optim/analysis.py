@@ -521,7 +521,7 @@ def update_sparsity(base: Any, tuned: Any, *, atol: float = ABSOLUTE_TOLERANCE,
     blocks), ``overall`` (one row), each row with ``sparsity = unchanged / numel`` and
     ``sparsity_atol``; ``compared`` (what each tensor was compared on: rows ``bits, how,
     tensors, numel``, ``how`` "own bits" or "images of <dtype>"), ``image_dtype``
-    (``"bf16"`` or ``"fp16"``), ``bits`` (``"bf16"``, ``"fp16"`` or ``"16-bit"`` when
+    (``"bf16"`` or ``"fp16"``), ``bits`` (``"bf16"``, ``"fp16"`` or ``"bf16/fp16"`` when
     both were used); ``skipped`` (tensors missing on one side or of different shapes),
     ``warning`` (a line that counts and names the skipped tensors, None when there are
     none) and ``atol``.
@@ -563,7 +563,7 @@ def update_sparsity(base: Any, tuned: Any, *, atol: float = ABSOLUTE_TOLERANCE,
     bits = {c["bits"] for c in compared}
     return {"tensors": rows, "modules": modules, "layers": layers, "overall": overall[0],
             "compared": compared, "image_dtype": _SHORT[image_dtype],
-            "bits": bits.pop() if len(bits) == 1 else "16-bit",
+            "bits": bits.pop() if len(bits) == 1 else "bf16/fp16",
             "skipped": skipped, "warning": _skipped_warning(skipped, len(rows)), "atol": atol}
 
 

@@ -257,6 +257,9 @@ def test_bf16_pairs_keep_their_bits_and_mixed_pairs_take_the_image():
     mixed = analysis.update_sparsity({"w": w0}, {"w": w0.half()}, image_dtype=torch.float16)
     assert mixed["overall"]["unchanged"] == 2
     assert mixed["compared"][0]["how"] == "images of bfloat16 / float16"
+    both = analysis.update_sparsity({"a": w0, "b": w0.half()}, {"a": w0, "b": w0.half()})
+    assert both["bits"] == "bf16/fp16" and "unchanged (bf16/fp16 bits)" in \
+        analysis.format_sparsity(both)
 
 
 # --------------------------------------------------------------------------- masks
