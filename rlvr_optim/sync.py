@@ -18,10 +18,15 @@ Receiver::
 
 **What a delta holds.** Per changed tensor, the flat indices of its changed elements
 (ascending; int32, int64 for tensors of 2^31 elements or more) and their new values in
-the synced dtype: bf16 for bf16 params, the bf16 (round-to-nearest-even) image for fp32
-params (what the change bitmap describes, and what an inference engine holds), the
-param's own dtype for float16/float64 params. Plus, for every tracked tensor (changed or
-not), its shape and dtype. An *anchor* holds every element of every tensor instead.
+the synced dtype: the param's own dtype for bf16, float16 and float64 params, and for fp32
+params the round-to-nearest-even image that their change bitmap describes, in their
+group's ``change_dtype``: bf16 by default, float16 with ``change_dtype=torch.float16``
+(what an inference engine serving that dtype holds). Plus, for every tracked tensor
+(changed or not), its shape and synced dtype; a receiver holds each tensor in that dtype.
+An *anchor* holds every element of every tensor instead. The image and the bitmap must
+speak of the same format: a tracker reads each fp32 param's ``change_dtype`` when it is
+made and at each :meth:`DeltaTracker.anchor`, and refuses to :meth:`~DeltaTracker.collect`
+a window in which the optimizer stepped the param under another ``change_dtype``.
 
 **Integrity, at the cost of the delta.** A delta names its *chain* (the tracker: random per
 tracker, or given) and its *sequence* (1, 2, ... per ``collect()``/``anchor()``); it
@@ -61,9 +66,15 @@ huggingface/trl#5417), so TRL's reader applies our deltas:
 * in both, one more key, ``rlvr_optim``: a JSON object with ``format``
   (``rlvr_optim.delta/1``), ``chain`` (null for patches between two checkpoints),
   ``anchor``, ``part`` (``[rank, world]`` or null), ``tensors`` (name -> ``[shape, dtype]``
-  of every tensor described), ``sums`` (name -> 16 hex digits, the payload checksum of each
+  of every tensor described, the dtype its values are sent in: ``"bfloat16"``,
+  ``"float16"``, ...), ``sums`` (name -> 16 hex digits, the payload checksum of each
   tensor in the file), ``base`` and ``result`` (name -> state checksum of the weights
   before and after, or null when unknown).
+
+float16 images of fp32 params (``change_dtype=torch.float16``) did not change the format:
+the table has always named each tensor's synced dtype (float16 params were sent as float16
+from the start), and the payload is safetensors' ``F16``; so it stays version 1, and a
+reader of version 1 applies them to float16 weights.
 
 Files are written byte for byte the same from the same delta: JSON with sorted keys,
 tensors in name order, the header padded to 8 bytes with spaces. Reading never runs code
@@ -89,7 +100,7 @@ from torch import Tensor
 
 from . import bitmaps, distributed, files
 from .errors import InputError
-from .reference import bf16_from_bits, fp32_bits, fp32_to_bf16_bits_nearest
+from .reference import HALF_DTYPES, fp32_bits, half_from_bits, round_nearest
 
 __all__ = [
     "FORMAT",
@@ -100,6 +111,7 @@ __all__ = [
     "merge_deltas",
     "position",
     "state_checksums",
+    "synced_dtype",
     "synced_values",
 ]
 
@@ -247,14 +259,24 @@ def _device_state_sum(flat: Tensor, offset: int = 0) -> Tensor:
     return _fold(low, high)
 
 
-def synced_values(t: Tensor) -> Tensor:
-    """What a delta sends of tensor ``t``: ``t`` itself, or for float32 the bf16 tensor of
-    its round-to-nearest-even images (the values the change bitmap of an fp32 param
-    describes; NaN stays a quiet NaN as in the optimizer)."""
+def synced_values(t: Tensor, change_dtype: torch.dtype = torch.bfloat16) -> Tensor:
+    """What a delta sends of tensor ``t``: ``t`` itself, or for float32 the
+    ``change_dtype`` tensor (bf16 by default, or float16) of its round-to-nearest-even
+    images: the values the change bitmap of an fp32 param with that ``change_dtype``
+    describes (the spec's integer rounding, :func:`rlvr_optim.reference.round_nearest`;
+    NaN stays a quiet NaN as in the optimizer)."""
     t = t.detach()
     if t.dtype != torch.float32:
         return t
-    return bf16_from_bits(fp32_to_bf16_bits_nearest(fp32_bits(t)))
+    if change_dtype not in HALF_DTYPES:
+        raise ValueError(f"change_dtype must be torch.bfloat16 or torch.float16, got "
+                         f"{change_dtype!r}")
+    return half_from_bits(round_nearest(fp32_bits(t), change_dtype), change_dtype)
+
+
+def synced_dtype(param_dtype: torch.dtype, change_dtype: torch.dtype) -> torch.dtype:
+    """The dtype a delta sends a param of ``param_dtype`` in (see :func:`synced_values`)."""
+    return change_dtype if param_dtype == torch.float32 else param_dtype
 
 
 def state_checksums(weights: Mapping[str, Tensor]) -> dict[str, int]:
@@ -756,6 +778,8 @@ class _Slot:
     seen: float | Tensor  # the step count at the last look (a device tensor on device steps)
     offset: int  # global flat index of the local shard's element 0
     emits: bool  # False for the copies of a replicated DTensor on ranks other than 0
+    group: dict  # the param's optimizer group (its change_dtype says what the bitmap means)
+    image: torch.dtype  # the dtype the delta sends it in (synced_dtype)
 
 
 class DeltaTracker:
@@ -769,14 +793,17 @@ class DeltaTracker:
 
     Args:
         optimizer: an ``rlvr_optim.AdamW`` (or a wrapper with ``.optimizer``) whose groups of
-            the tracked params have ``track_changes="step"`` or ``"cumulative"``.
+            the tracked params have ``track_changes="step"`` or ``"cumulative"``. An fp32
+            param is sent as the image its group's ``change_dtype`` names (bf16 or float16),
+            the image its change bitmap compares.
         named_params: ``(name, param)`` pairs, e.g. ``model.named_parameters()``.
         chain: this tracker's chain id (default: 16 random hex digits; under FSDP2 rank 0's,
             so that every rank's deltas name one chain).
         label: a free label written into the files (TRL's ``base_model_id``).
 
     The weights must change only through ``optimizer.step()`` while tracked; after loading
-    other weights into the model, send an :meth:`anchor`.
+    other weights into the model, or changing an fp32 param's ``change_dtype``, send an
+    :meth:`anchor`.
     """
 
     def __init__(self, optimizer, named_params: Iterable[tuple[str, Tensor]], *,
@@ -800,7 +827,7 @@ class DeltaTracker:
                                  "optimizer with track_changes='step' (or 'cumulative')")
             if any(s.name == name for s in self._slots):
                 raise ValueError(f"param name {name!r} is given twice")
-            self._slots.append(self._slot(name, p))
+            self._slots.append(self._slot(name, p, group))
         # One buffer per device holds every window, so that collect() compacts them in place
         # (a concatenation would copy them: a 16th of the bf16 weights).
         self._buffers: dict[torch.device, tuple[Tensor, list[_Slot]]] = {}
@@ -825,11 +852,13 @@ class DeltaTracker:
         self.sequence = 0
         self.anchor_sequence = 0
         self._blind: set[str] = set()  # params stepped without a change bitmap
+        self._reimaged: set[str] = set()  # fp32 params stepped under another change_dtype
+        self._groups = optimizer.param_groups  # the list the slots' groups come from
         self._start_sums = [_device_state_sum(self._synced_local(s).reshape(-1), s.offset)
                             if s.emits else None for s in self._slots]
         self._hook = optimizer.register_step_post_hook(self._after_step)
 
-    def _slot(self, name: str, p: Tensor) -> _Slot:
+    def _slot(self, name: str, p: Tensor, group: dict) -> _Slot:
         layout = distributed.shard_layout(p, name)
         local = distributed.local_tensor(p)
         if layout is not None:
@@ -846,6 +875,7 @@ class DeltaTracker:
             seen=seen,
             offset=0 if layout is None else layout.element_offset,
             emits=layout is None or layout.sharded or layout.rank == 0,
+            group=group, image=synced_dtype(p.dtype, _change_dtype(group)),
         )
 
     def _new_chain(self) -> str:
@@ -862,12 +892,17 @@ class DeltaTracker:
 
     @staticmethod
     def _synced_local(slot: _Slot) -> Tensor:
-        return synced_values(distributed.local_tensor(slot.param))
+        return synced_values(distributed.local_tensor(slot.param), slot.image)
 
     # ---------------------------------------------------------------- the hook
 
     @torch.no_grad()
     def _after_step(self, optimizer, args, kwargs) -> None:
+        if optimizer.param_groups is not self._groups:  # load_state_dict made new groups
+            self._groups = optimizer.param_groups
+            groups = {id(p): g for g in self._groups for p in g["params"]}
+            for slot in self._slots:
+                slot.group = groups.get(id(slot.param), slot.group)
         for slot in self._slots:
             step = optimizer.state.get(slot.param, {}).get("step")
             if step is None:
@@ -876,6 +911,8 @@ class DeltaTracker:
             if bitmap is None:  # its group's track_changes was set to "off"
                 self._blind.add(slot.name)
                 continue
+            if synced_dtype(slot.param.dtype, _change_dtype(slot.group)) != slot.image:
+                self._reimaged.add(slot.name)  # the bitmap now speaks of another image
             if isinstance(step, Tensor) and step.device.type != "cpu":
                 # A device step count (capturable, fused, GradScaler): compare on the device.
                 if not isinstance(slot.seen, Tensor):
@@ -903,8 +940,7 @@ class DeltaTracker:
                       anchor_sequence=self.anchor_sequence, label=self.label)
         for slot in self._slots:
             delta.shapes[slot.name] = tuple(slot.param.shape)
-            delta.dtypes[slot.name] = (torch.bfloat16 if slot.param.dtype == torch.float32
-                                       else slot.param.dtype)
+            delta.dtypes[slot.name] = slot.image
         return delta
 
     @torch.no_grad()
@@ -923,6 +959,14 @@ class DeltaTracker:
                 f"param {sorted(self._blind)[0]!r} was stepped while its group had "
                 "track_changes='off', so this tracker cannot know what changed; turn tracking "
                 "back on and send an anchor() (the next collect() then works again)")
+        if self._reimaged:
+            name = sorted(self._reimaged)[0]
+            slot = next(s for s in self._slots if s.name == name)
+            raise RuntimeError(
+                f"param {name!r} was stepped with change_dtype={slot.group['change_dtype']}, "
+                f"and this tracker sends it as {_dtype_name(slot.image)} images, so its change "
+                "bitmap no longer says which of them changed; send an anchor() (it takes the "
+                "new change_dtype; the next collect() then works again)")
         delta = self._new_delta(anchor=False)
         found = []
         for buffer, slots in self._buffers.values():
@@ -935,7 +979,7 @@ class DeltaTracker:
                 values = local.reshape(-1).index_select(0, local_indices)
             else:  # take() reads the elements in place; reshape() would copy the tensor
                 values = torch.take(local, local_indices.to(torch.int64))
-            values = synced_values(values)
+            values = synced_values(values, slot.image)
             indices = local_indices.to(_index_dtype(slot.param.numel()))
             if slot.offset:
                 indices = indices + slot.offset
@@ -958,8 +1002,11 @@ class DeltaTracker:
         """Every element of the tracked weights as they are now (a full checkpoint, with
         its state checksums), and clear the window: the next :meth:`collect` holds what
         changes after it. Under FSDP2 each rank's anchor holds its shard."""
+        for slot in self._slots:
+            slot.image = synced_dtype(slot.param.dtype, _change_dtype(slot.group))
         delta = self._new_delta(anchor=True)
         self._blind.clear()
+        self._reimaged.clear()
         for buffer, _ in self._buffers.values():
             buffer.zero_()
         for slot in self._slots:
@@ -972,6 +1019,12 @@ class DeltaTracker:
                     dtype=_index_dtype(slot.param.numel()))
             delta.values[slot.name] = values
         return delta
+
+
+def _change_dtype(group: Mapping[str, Any]) -> torch.dtype:
+    """A group's ``change_dtype`` (stored by name: ``"bfloat16"`` or ``"float16"``)."""
+    value = group.get("change_dtype", torch.bfloat16)
+    return value if isinstance(value, torch.dtype) else getattr(torch, value)
 
 
 # Row v: the 8 bits of byte value v, least significant first (the bitmap's bit order).

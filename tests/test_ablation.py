@@ -22,10 +22,11 @@ from safetensors.torch import load_file
 
 pytest.importorskip("transformers")
 
-from rlvr_optim import analysis, bitmaps, cli  # noqa: E402
+from rlvr_optim import AdamW, analysis, bitmaps, cli  # noqa: E402
 from rlvr_optim.ablation import Arm, preset, run_ablation  # noqa: E402
 from rlvr_optim.ablation import cohorts, curves, lm, lm_report, starts, stats  # noqa: E402
-from rlvr_optim.ablation.config import MASTER, NEAREST, STOCHASTIC  # noqa: E402
+from rlvr_optim.ablation.config import (FP16_MASTER, FP16_NEAREST, MASTER, MODES,  # noqa: E402
+                                        NEAREST, STOCHASTIC, storage_dtype)
 from rlvr_optim.ablation.minilm import TOPICS, TopicTask, minilm_path  # noqa: E402
 from rlvr_optim.ablation.runs import derive_seed, load_checkpoint  # noqa: E402
 from rlvr_optim.ablation.task import AdditionTask  # noqa: E402
@@ -69,6 +70,21 @@ def _final(out, run, what="final"):
 
 def _start(out, seed):
     return load_file(str(out / "checkpoints" / "starts" / f"start-{seed}.safetensors"))
+
+
+# The float16 storage arms beside their bf16 twins: one start, two seeds (a paired test
+# with df 1), the RL premise arm that the report's claims need.
+FP16_ARMS = (Arm("rl", MASTER, LR), Arm("rl", NEAREST, LR), Arm("rl", FP16_NEAREST, LR),
+             Arm("sft", MASTER, LR, data="own"), Arm("sft", FP16_MASTER, LR, data="own"))
+
+
+@pytest.fixture(scope="module")
+def short_fp16(tmp_path_factory):
+    config = preset("tiny-fp16", **{**SHORT, "arms": FP16_ARMS, "starts": (0,),
+                                    "seeds": (0, 1)})
+    out = tmp_path_factory.mktemp("ablation-fp16")
+    summary = run_ablation(config, str(out), progress=False)
+    return config, out, summary
 
 
 def test_task_has_two_correct_formats():
@@ -635,6 +651,127 @@ def test_presets_hold_the_designs_the_report_describes():
     assert set(headline.arms) < set(tiny.arms) and headline.starts == tiny.starts
 
 
+def test_fp16_modes_store_float16_through_the_fused_kernels_with_bf16_moments():
+    from rlvr_optim.options import follows_torch
+
+    for mode, master in ((FP16_NEAREST, None), (FP16_MASTER, "fp32")):
+        dtype, options = MODES[mode]
+        assert dtype == torch.float16 and storage_dtype(mode) == torch.float16
+        p = torch.nn.Parameter(torch.randn(37).half())
+        opt = AdamW([p], lr=1e-3, **options)
+        assert not follows_torch(p, opt.param_groups[0]), mode
+        p.grad = torch.randn(37).half()
+        opt.step()
+        state = opt.state[p]
+        assert p.dtype == torch.float16 and state["exp_avg"].dtype == torch.bfloat16
+        assert ("master" in state) == (master == "fp32")
+    # The bf16 twins keep bf16 moments too: the arms differ in the storage format alone.
+    p = torch.nn.Parameter(torch.randn(5).bfloat16())
+    opt = AdamW([p], lr=1e-3, **MODES[NEAREST][1])
+    p.grad = torch.randn(5).bfloat16()
+    opt.step()
+    assert opt.state[p]["exp_avg"].dtype == torch.bfloat16
+    assert storage_dtype(NEAREST) == torch.bfloat16
+    assert storage_dtype("fp32 (bf16 images)") == torch.bfloat16
+
+
+def test_fp16_arms_are_opt_in():
+    fp16 = preset("tiny-fp16")
+    modes = {(a.kind, a.mode) for a in fp16.arms}
+    for mode in (MASTER, NEAREST, FP16_NEAREST, FP16_MASTER):
+        assert ("rl", mode) in modes and ("sft", mode) in modes
+    assert ("rl-no-signal", MASTER) in modes
+    assert {a.lr for a in fp16.arms} == {preset("tiny").arms[0].lr}
+    assert fp16.starts == preset("tiny").starts
+    for name in ("tiny", "tiny-headline", "gpu"):   # the default designs are as they were
+        assert not {a.mode for a in preset(name).arms} & {FP16_NEAREST, FP16_MASTER}
+    with pytest.raises(ValueError, match="unknown precision mode"):
+        preset("minilm", modes=(FP16_NEAREST,))
+
+
+def test_fp16_arms_step_float16_weights_and_count_their_bits(short_fp16):
+    config, out, summary = short_fp16
+    assert not summary["interrupted"]
+    runs = _runs(out)
+    assert {r["mode"] for r in runs} == {MASTER, NEAREST, FP16_NEAREST, FP16_MASTER}
+    for run in runs:
+        fp16 = run["mode"] in (FP16_NEAREST, FP16_MASTER)
+        start, final = _start(out, run["start"]), _final(out, run)
+        image = torch.float16 if fp16 else torch.bfloat16
+        assert run["storage_bits"] == ("fp16" if fp16 else "bf16")
+        assert {t.dtype for t in final.values()} == {image}
+        if run["mode"] in (MASTER, FP16_MASTER):
+            assert {t.dtype for t in _final(out, run, "master").values()} == {torch.float32}
+        # Independently: stored bits against the start's image in the storage format.
+        same = sum(int((start[n].float().to(image).view(torch.int16)
+                        == final[n].view(torch.int16)).sum()) for n in start)
+        numel = sum(t.numel() for t in start.values())
+        assert run["sparsity"]["unchanged"] == same, run["name"]
+        assert run["series"]["curve_unchanged"][-1] == pytest.approx(same / numel, rel=1e-6)
+        steps = run["series"]["step_unchanged"]
+        assert len(steps) == config.steps // config.updates
+        assert all(0.0 <= v <= 1.0 for v in steps)
+        assert run["step_unchanged"] == pytest.approx(sum(steps) / len(steps), rel=1e-6)
+        assert same / numel <= max(steps) + 1e-9  # a weight kept over the run was kept each step
+
+
+def test_step_unchanged_counts_the_stored_bits_a_step_left():
+    params = {"w": torch.full((2, 8), 1.0, dtype=torch.float16)}
+    before = cohorts.stored_bits(params, torch.float16)
+    params["w"][1, :3] = 1.0 + 2**-10           # one float16 ULP, in run 1 only
+    assert cohorts.unchanged_fraction(params, before, torch.float16).tolist() == [1.0, 5 / 8]
+    # The control: the bf16 images of the same weights do not show a move below half a bf16
+    # ULP (2**-8 at 1.0), so counted on bf16 bits every weight stays.
+    bf16_before = cohorts.stored_bits({"w": torch.ones(2, 8)}, torch.bfloat16)
+    assert cohorts.unchanged_fraction(params, bf16_before, torch.bfloat16).tolist() == [1.0, 1.0]
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_out_of_reach_predicts_which_weights_a_first_nearest_step_leaves(dtype):
+    assert lm_report.out_of_reach({"w": torch.ones(4)}, torch.bfloat16, 1e-3) == 1.0
+    assert lm_report.out_of_reach({"w": torch.ones(4)}, torch.float16, 1e-3) == 0.0
+    g = torch.Generator().manual_seed(0)
+    w = (torch.randn(4099, generator=g) * torch.rand(4099, generator=g) * 0.2).to(dtype)
+    lr = 2e-5
+    predicted = lm_report.out_of_reach({"w": w}, dtype, lr)
+    p = torch.nn.Parameter(w.clone())
+    opt = AdamW([p], lr=lr, weight_decay=0.0, **({"state_dtype": torch.float32}
+                                                  if dtype == torch.float16 else {}))
+    p.grad = torch.randn(4099, generator=g).to(dtype)
+    opt.step()                                    # Adam's first step: lr * sign(grad)
+    kept = float((p.detach().view(torch.int16) == w.view(torch.int16)).double().mean())
+    assert 0.2 < predicted < 0.95
+    assert kept == pytest.approx(predicted, abs=0.01)
+
+
+def test_report_has_the_fp16_rows_and_their_tests(short_fp16):
+    config, out, _ = short_fp16
+    report = (out / "report.md").read_text()
+    section = report.split("## The storage filter:")[1].split("\n## ")[0]
+    runs = _runs(out)
+    for arm, mode in (("RL", NEAREST), ("RL", FP16_NEAREST), ("SFT own", MASTER),
+                      ("SFT own", FP16_MASTER)):
+        kind = "rl" if arm == "RL" else "sft"
+        mine = [r for r in runs if r["kind"] == kind and r["mode"] == mode]
+        steps = [r["step_unchanged"] for r in mine]
+        cell = (f"| {arm} | {mode} | {100 * statistics.mean(steps):.2f}% ± "
+                f"{100 * statistics.stdev(steps):.2f}% |")
+        assert cell in section, cell
+    claims = [c for c in json.loads((out / "results.json").read_text())["claims"]
+              if c["group"] == lm_report.FP16_GROUP]
+    texts = [c["claim"] for c in claims]
+    assert any("RL step leaves fewer weights bit-identical in float16 than in bf16 (nearest)"
+               in t for t in texts)
+    assert any("SFT own step leaves fewer weights bit-identical in float16 than in bf16 (fp32 "
+               "master)" in t for t in texts)
+    for c in claims:
+        assert c["n"] == 2 and c["verdict"] in ("agrees", "does not", "cannot say")
+        assert c["claim"] in section and f"**{c['verdict']}**" in section
+    assert "against the expectation" in section.lower()
+    if analysis.load_pyplot() is not None:
+        assert (out / "precision.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
 def test_cli_demo_runs_the_tiny_headline_preset_by_default(monkeypatch, tmp_path, capsys):
     from rlvr_optim.ablation import ablate
 
@@ -675,6 +812,8 @@ def test_cli_ablate_stops_and_leaves_a_checkpoint(tmp_path, capsys):
     cohort = out / "checkpoints" / "cohort-sample-bf16-fp32-master-lr2e-05-start0"
     ckpt = load_checkpoint(cohort / "checkpoint.safetensors")   # after both rollouts
     assert ckpt["step"] == 2 and len(ckpt["series"]["loss"]) == 2
+    # The headline design compares no storage modes: no per-step copy of the bits.
+    assert "step_unchanged" not in ckpt["series"]
     assert not (out / "checkpoints" / "starts").exists()      # the committed starts served
 
 

@@ -209,6 +209,59 @@ def test_fp32_tensors_are_compared_on_bf16_images():
     assert analysis.unchanged_bitwise(w0, w1).tolist() == [True, False, True]
 
 
+def _below_bf16_pair(dtype, n=64, k=5, seed=0):
+    """Weights in [1, 2) and a copy with ``k`` of them moved one float16 ULP (2**-10):
+    below half a bf16 ULP (2**-8 here), so bf16 images do not show it."""
+    g = torch.Generator().manual_seed(seed)
+    w0 = (1 + torch.rand(n, generator=g)).half()
+    bits = w0.clone().view(torch.int16)
+    moved = torch.randperm(n, generator=g)[:k]
+    bits[moved] += 1
+    w1 = bits.view(torch.float16)
+    return w0.to(dtype), w1.to(dtype), moved
+
+
+def test_float16_checkpoints_are_compared_on_their_own_bits():
+    w0, w1, moved = _below_bf16_pair(torch.float16)
+    changed = ~analysis.unchanged_bitwise(w0, w1)
+    assert sorted(torch.nonzero(changed).reshape(-1).tolist()) == sorted(moved.tolist())
+    result = analysis.update_sparsity({"w": w0}, {"w": w1})
+    assert result["overall"]["unchanged"] == 64 - 5
+    assert result["bits"] == "fp16" and result["tensors"][0]["bits"] == "fp16"
+    assert result["compared"] == [{"bits": "fp16", "how": "own bits", "tensors": 1, "numel": 64}]
+    # Negative control: the bf16 images of the same values, as float16 pairs were compared
+    # before, show none of these moves.
+    assert not bool((~analysis.unchanged_bitwise(w0.float(), w1.float())).any())
+
+
+@pytest.mark.parametrize("image, counted", [(torch.bfloat16, 0), (torch.float16, 5)])
+def test_fp32_checkpoints_are_compared_on_the_image_asked_for(image, counted):
+    w0, w1, _ = _below_bf16_pair(torch.float32)
+    result = analysis.update_sparsity({"w": w0}, {"w": w1}, image_dtype=image)
+    assert result["overall"]["unchanged"] == 64 - counted
+    short = {torch.bfloat16: "bf16", torch.float16: "fp16"}[image]
+    assert result["image_dtype"] == short
+    assert result["compared"] == [{"bits": short, "how": "images of float32", "tensors": 1,
+                                   "numel": 64}]
+    with pytest.raises(ValueError, match="image_dtype"):
+        analysis.update_sparsity({"w": w0}, {"w": w1}, image_dtype=torch.float32)
+
+
+def test_bf16_pairs_keep_their_bits_and_mixed_pairs_take_the_image():
+    w0 = torch.tensor([1.0, 1.5]).bfloat16()
+    assert analysis.compared_dtype(torch.bfloat16, torch.bfloat16, torch.float16) == \
+        torch.bfloat16
+    assert analysis.compared_dtype(torch.float16, torch.bfloat16) == torch.bfloat16
+    assert analysis.compared_dtype(torch.float16, torch.bfloat16, torch.float16) == \
+        torch.float16
+    mixed = analysis.update_sparsity({"w": w0}, {"w": w0.half()}, image_dtype=torch.float16)
+    assert mixed["overall"]["unchanged"] == 2
+    assert mixed["compared"][0]["how"] == "images of bfloat16 / float16"
+    both = analysis.update_sparsity({"a": w0, "b": w0.half()}, {"a": w0, "b": w0.half()})
+    assert both["bits"] == "bf16/fp16" and "unchanged (bf16/fp16 bits)" in \
+        analysis.format_sparsity(both)
+
+
 # --------------------------------------------------------------------------- masks
 
 
@@ -417,6 +470,30 @@ def test_cli_sparsity_prints_tables_and_writes_consistent_files(tmp_path, capsys
     assert expected in (out / "sparsity.md").read_text()
     assert data["geometry"]["overall"]["matrices"] == 5
     assert 0.0 <= data["jaccard"]["overall"]["jaccard"] < 1.0
+
+
+@pytest.mark.parametrize("dtype, options, unchanged, line", [
+    (torch.float16, [], 59, "compared on: fp16 own bits (1 tensors, 64 elements)"),
+    (torch.float32, ["--image-dtype", "fp16"], 59, "compared on: fp16 images of float32"),
+    (torch.float32, [], 64, "compared on: bf16 images of float32"),  # the control
+])
+def test_cli_sparsity_counts_float16_moves_below_bf16_resolution(tmp_path, capsys, dtype,
+                                                                 options, unchanged, line):
+    w0, w1, _ = _below_bf16_pair(dtype)
+    save_file({"w": w0}, str(tmp_path / "base.safetensors"))
+    save_file({"w": w1}, str(tmp_path / "tuned.safetensors"))
+    out = tmp_path / "report"
+    assert cli.main(["sparsity", str(tmp_path / "base.safetensors"),
+                     str(tmp_path / "tuned.safetensors"), *options, "--out", str(out),
+                     "--no-progress"]) == 0
+    printed = capsys.readouterr().out
+    assert line in printed
+    bits = "fp16" if unchanged < 64 else "bf16"
+    assert f"unchanged ({bits} bits)" in printed and f"{unchanged / 64:.2%}" in printed
+    data = json.loads((out / "sparsity.json").read_text())["sparsity"]
+    assert data["overall"]["unchanged"] == unchanged
+    assert data["image_dtype"] == ("fp16" if options else "bf16")
+    assert line.replace("compared on:", "Compared on:") in (out / "sparsity.md").read_text()
 
 
 def test_cli_sparsity_warns_first_about_skipped_tensors_and_records_them(tmp_path, capsys):

@@ -256,6 +256,8 @@ def test_sparsity_says_that_device_is_unused_without_geometry(pair, capsys):
     (["demo", "--quick", "--steps", "0"], "argument --steps: must be a positive integer, got '0'"),
     (["demo", "--quick", "--steps", "x"], "argument --steps: must be a positive integer, got 'x'"),
     (["sparsity", "B", "T", "--atol", "-1"], "argument --atol: must be a number >= 0, got '-1'"),
+    (["sparsity", "B", "T", "--image-dtype", "fp32", "--out", "O"],
+     "argument --image-dtype: must be bf16 or fp16, got 'fp32'"),
 ])
 def test_bad_option_values_name_the_option_and_the_value(tmp_path, capsys, argv, message):
     argv = [str(tmp_path / a) if a in ("B", "T", "O") else a for a in argv]

@@ -130,6 +130,150 @@ def test_fp32_params_send_bf16_images_and_keep_fp32_moves_out():
     assert delta.changed < moved  # fp32 moved more elements than bf16 images changed
 
 
+# float16: float16 params (their own bits, whichever code steps them) and fp32 params whose
+# change_dtype is float16 (their float16 images). Each mode: param dtype, options.
+FP16_MODES = {
+    "float16, torch's step": (torch.float16, dict()),
+    "float16 + fp32 master": (torch.float16, dict(master_weights="fp32")),
+    "float16 stochastic": (torch.float16, dict(rounding="stochastic", seed=3,
+                                               state_dtype=torch.bfloat16)),
+    "fp32, change_dtype float16": (torch.float32, dict(change_dtype=torch.float16)),
+}
+
+
+def _fp16_run(mode, steps, *, lr=2e-4, image=None):
+    """Params of ``mode``, an optimizer and a tracker over them (``image``: force the dtype
+    the tracker sends fp32 params in, as a tracker blind to ``change_dtype`` would)."""
+    dtype, options = FP16_MODES[mode]
+    g = torch.Generator().manual_seed(11)
+    params = {n: torch.nn.Parameter((torch.randn(s, generator=g) * 0.05).to(dtype))
+              for n, s in SHAPES.items()}
+    opt = AdamW(list(params.items()), lr=lr, weight_decay=0.01, track_changes="step", **options)
+    tracker = DeltaTracker(opt, params.items())
+    if image is not None:
+        for slot in tracker._slots:
+            slot.image = image
+    return params, opt, tracker
+
+
+def _fp16_images(params):
+    return {n: sync.synced_values(p, torch.float16).clone() for n, p in params.items()}
+
+
+@pytest.mark.parametrize("mode", list(FP16_MODES))
+def test_float16_receivers_hold_the_images_the_bitmaps_speak_of(mode):
+    params, opt, tracker = _fp16_run(mode, 12)
+    receiver = _fp16_images(params)
+    g = torch.Generator().manual_seed(12)
+    finer = 0  # elements whose float16 image changed in a step and whose bf16 image did not
+    payloads = set()  # safetensors dtypes of the files' values
+    for step in range(1, 13):
+        before = _fp16_images(params)
+        before_bf16 = {n: p.detach().float().bfloat16() for n, p in params.items()}
+        _grads(params, step, g)
+        opt.step()
+        data = tracker.collect().to_bytes()
+        delta = Delta.from_bytes(data)
+        assert set(delta.dtypes.values()) == {torch.float16}
+        payloads |= _payload_dtypes(data)
+        now = _fp16_images(params)
+        for name in params:
+            diff = torch.nonzero(_bits(now[name]).reshape(-1) != _bits(before[name]).reshape(-1))
+            got = delta.indices.get(name, torch.zeros(0, dtype=torch.int32)).long()
+            assert torch.equal(got, diff.reshape(-1)), (mode, step, name)
+            bf16_same = _bits(params[name].detach().float().bfloat16()) == \
+                _bits(before_bf16[name])
+            finer += int((bf16_same.reshape(-1)[diff.reshape(-1)]).sum())
+        apply_delta(receiver, delta)
+        assert _equal(receiver, now), (mode, step)
+    assert finer > 0  # the run moved weights that a bf16 image would not have shown
+    assert payloads == {"F16"}
+
+
+def _payload_dtypes(data):
+    """The safetensors dtypes of a delta file's ``.values`` tensors, read from its header."""
+    header = json.loads(data[8:8 + int.from_bytes(data[:8], "little")])
+    return {v["dtype"] for k, v in header.items() if k.endswith(".values")}
+
+
+def test_fp32_images_other_than_the_bitmaps_lose_changes(monkeypatch):
+    """The negative control: a tracker that sends fp32 params as float16 images whatever
+    their change_dtype (as the tracker sent bf16 images before float16) follows bitmaps of
+    bf16 images when change_dtype is left at bf16, misses every float16 change that no bf16
+    image showed, and its receiver drifts from the weights. (The other way round, bf16
+    images picked by float16 bitmaps, loses a change only where a bf16 image moves while
+    the float16 one does not, which steps this size do not reach.)"""
+    monkeypatch.setattr(sync, "synced_dtype", lambda dtype, change: (
+        torch.float16 if dtype == torch.float32 else dtype))
+
+    def run(options):
+        g = torch.Generator().manual_seed(11)
+        params = {n: torch.nn.Parameter(torch.randn(s, generator=g) * 0.05)
+                  for n, s in SHAPES.items()}
+        opt = AdamW(list(params.items()), lr=2e-4, track_changes="step", **options)
+        tracker = DeltaTracker(opt, params.items())
+        receiver = _fp16_images(params)
+        g = torch.Generator().manual_seed(12)
+        for step in range(1, 4):
+            _grads(params, step, g)
+            opt.step()
+            apply_delta(receiver, tracker.collect())
+        return _equal(receiver, _fp16_images(params))
+
+    assert run(dict(change_dtype=torch.float16))
+    assert not run(dict())
+
+
+def test_changing_change_dtype_stops_collect_until_an_anchor():
+    params, opt, tracker = _fp16_run("fp32, change_dtype float16", 2)
+    g = torch.Generator().manual_seed(13)
+    _grads(params, 1, g)
+    opt.step()
+    first = tracker.collect()
+    assert set(first.dtypes.values()) == {torch.float16}
+    opt.param_groups[0]["change_dtype"] = "bfloat16"
+    _grads(params, 2, g)
+    opt.step()
+    with pytest.raises(RuntimeError, match="change_dtype=bfloat16.*float16 images.*anchor"):
+        tracker.collect()
+    anchor = tracker.anchor()
+    assert set(anchor.dtypes.values()) == {torch.bfloat16}
+    receiver = {n: torch.zeros_like(p, dtype=torch.bfloat16) for n, p in params.items()}
+    apply_delta(receiver, anchor)
+    _grads(params, 3, g)
+    opt.step()
+    apply_delta(receiver, tracker.collect())
+    assert _equal(receiver, params)
+
+
+def test_a_loaded_state_dict_with_another_change_dtype_is_noticed():
+    params, opt, tracker = _fp16_run("fp32, change_dtype float16", 2)
+    g = torch.Generator().manual_seed(14)
+    _grads(params, 1, g)
+    opt.step()
+    tracker.collect()
+    saved = opt.state_dict()
+    saved["param_groups"][0]["change_dtype"] = "bfloat16"
+    opt.load_state_dict(saved)                  # new group dicts, another change_dtype
+    _grads(params, 2, g)
+    opt.step()
+    with pytest.raises(RuntimeError, match="change_dtype=bfloat16"):
+        tracker.collect()
+
+
+def test_synced_values_round_fp32_to_either_image_as_torch_casts():
+    t = torch.tensor([1.0 + 2**-12, 1.0 + 3 * 2**-12, 70000.0, -1e-7, float("-inf"), 2**-20,
+                      float("nan")])
+    # torch's CPU cast to bf16 writes NaN as 0xFFFF; the spec (and the optimizer) 0x7FC0.
+    assert torch.equal(sync.synced_values(t[:-1]).view(torch.int16),
+                       t[:-1].bfloat16().view(torch.int16))
+    assert int(sync.synced_values(t[-1:]).view(torch.int16)) == 0x7FC0
+    assert torch.equal(sync.synced_values(t, torch.float16).view(torch.int16),
+                       t.half().view(torch.int16))
+    with pytest.raises(ValueError, match="change_dtype"):
+        sync.synced_values(t, torch.float32)
+
+
 def test_two_trackers_on_one_optimizer_keep_their_own_windows():
     params = _params("nearest")
     opt = _optimizer("nearest", params)

@@ -27,9 +27,8 @@ import torch
 from torch import Tensor
 
 from .. import analysis, bitmaps, files
-from ..demo import MODES
 from ..optimizer import AdamW
-from .config import Arm, LMAblation
+from .config import MASTER, MODES, Arm, LMAblation, storage_dtype
 from .lm import LMShape, forward, generate, kl_to_reference
 from .runs import StepBudget, Workspace, derive_seed, drive
 from .starts import (STARTS_DIR, correct_probability, greedy_accuracy, load_start, make_start,
@@ -122,17 +121,25 @@ def fixed_sample_kl(weights: dict[str, Tensor], samples: Tensor, start_logp: Ten
 
 
 @torch.no_grad()
-def unchanged_fraction(params: dict[str, Tensor], start_bits: dict[str, Tensor]) -> Tensor:
-    """Per run ``[A]``: share of weights whose bf16 bits equal the start's.
+def unchanged_fraction(params: dict[str, Tensor], start_bits: dict[str, Tensor],
+                       image: torch.dtype = torch.bfloat16) -> Tensor:
+    """Per run ``[A]``: share of weights whose ``image`` bits (bf16 or float16: the
+    storage format, :func:`~rlvr_optim.ablation.config.storage_dtype`) equal the start's.
 
     ``start_bits`` holds each weight's start bits, ``[...]`` (one start) or ``[A, ...]``."""
     same = total = 0
     for name, p in params.items():
         bits = start_bits[name]
         bits = bits if bits.dim() == p.dim() else bits[None]
-        same = same + (analysis.bf16_bits(p) == bits).reshape(p.shape[0], -1).sum(1)
+        same = same + (analysis.image_bits(p, image) == bits).reshape(p.shape[0], -1).sum(1)
         total += p[0].numel()
     return same.double() / total
+
+
+@torch.no_grad()
+def stored_bits(params: dict[str, Tensor], image: torch.dtype) -> dict[str, Tensor]:
+    """A copy of every weight's ``image`` bits (taken before a step)."""
+    return {n: analysis.image_bits(p.detach(), image).clone() for n, p in params.items()}
 
 
 def group_advantages(rewards: Tensor, group: int) -> Tensor:
@@ -258,15 +265,17 @@ def _matched_null(update: Tensor, mask: Tensor, bins: Tensor, nbins: int) -> flo
 
 
 def curve_geometry(config: LMAblation, start: Start, bf16: dict[str, Tensor],
-                    master: dict[str, Tensor] | None) -> dict[str, float | None]:
-    """The :data:`CURVE_GEOMETRY` measures of one run's weights (bf16, and the fp32 master
-    when there is one): the few that matched comparisons read, not all of ``geometry``."""
+                    master: dict[str, Tensor] | None,
+                    image: torch.dtype = torch.bfloat16) -> dict[str, float | None]:
+    """The :data:`CURVE_GEOMETRY` measures of one run's weights (``bf16``: the stored
+    weights, bf16 or float16 (``image``); and the fp32 master when there is one): the few
+    that matched comparisons read, not all of ``geometry``."""
     facts = _curve_facts(config, start)
     inter = null = inter_m = null_m = 0.0
     angles, drifts = [], []
     for name, f in facts.items():
         w0 = start.weights[name]
-        changed = ~analysis.unchanged_bitwise(w0, bf16[name])
+        changed = ~analysis.unchanged_bitwise(w0, bf16[name], image)
         inter += float((changed & f["principal"]).sum())
         null += _matched_null(changed, f["principal"], f["bins"], config.bins)
         spectral = master[name] if master is not None else bf16[name]
@@ -290,11 +299,16 @@ def run_cohort(config: LMAblation, cohort: tuple[str, str, float, int], task: Ad
                start: Start, workspace: Workspace, budget: StepBudget, bar) -> list[dict]:
     """Every run (arm x seed) of one ``(family, mode, lr, start)``; one result per run.
 
-    Logged per iteration and run: ``loss``; for the sampling kinds ``reward`` (share of the
-    rollout's samples that are correct) and ``clip_fraction`` (share of answer tokens whose
-    ratio left ``1 +- clip``, over the iteration's updates). Every ``log_every`` steps and
-    at the end (``curve_step``): ``curve_kl`` (:func:`fixed_sample_kl`), ``curve_unchanged``
-    (bf16 bits equal to the start), ``curve_sampled_accuracy`` and ``curve_sampled_reversed``
+    Logged per iteration and run: ``loss``; in designs that compare storage modes (an arm
+    not in fp32-master mode), ``step_unchanged`` (the share of weights whose stored bits,
+    bf16 or float16 (:func:`~rlvr_optim.ablation.config.storage_dtype`), are identical
+    before and after a step, mean over the iteration's steps; a copy of the bits per step,
+    which the headline design does without); for the sampling
+    kinds ``reward`` (share of the rollout's samples that are correct) and ``clip_fraction``
+    (share of answer tokens whose ratio left ``1 +- clip``, over the iteration's updates).
+    Every ``log_every`` steps and at the end (``curve_step``): ``curve_kl``
+    (:func:`fixed_sample_kl`), ``curve_unchanged`` (stored bits equal to the start's image
+    in that format), ``curve_sampled_accuracy`` and ``curve_sampled_reversed``
     (exact chance that a sample at the rollout temperature is correct, and the reversed
     format's part of it, on ``curve_problems`` held-out problems) and the geometry of
     :data:`CURVE_GEOMETRY`.
@@ -310,11 +324,14 @@ def run_cohort(config: LMAblation, cohort: tuple[str, str, float, int], task: Ad
         return done["runs"]
     device = torch.device(config.device)
     dtype, options = MODES[mode]
+    image = storage_dtype(mode)
     shape = lm_shape(config, task)
     n_runs = len(runs)
     params = {n: t.requires_grad_() for n, t in _stack(start.weights, n_runs, dtype,
                                                        device).items()}
-    start_bits = {n: analysis.bf16_bits(t).to(device) for n, t in start.weights.items()}
+    # A float16 run starts from the float16 image of the (bf16) start: its changes are
+    # counted against that.
+    start_bits = {n: analysis.image_bits(t, image).to(device) for n, t in start.weights.items()}
     opt = AdamW(list(params.items()), lr=lr, weight_decay=config.weight_decay,
                 seed=derive_seed(config.seed, name, "rounding"), **options)
     trained = freeze_masks(config, start, runs)
@@ -360,7 +377,7 @@ def run_cohort(config: LMAblation, cohort: tuple[str, str, float, int], task: Ad
             old = _answer_logp(params, seq, shape, p_len, config.temperature).gather(-1, taken)
             ref = (_answer_logp(start_ref, seq, shape, p_len, config.temperature)
                    if bool(kl_coefs.any()) else None)
-        losses, clipped = [], []
+        losses, clipped, kept = [], [], []
         size = config.prompts // config.minibatches * config.group
         for update in range(config.updates):
             part = slice(update % config.minibatches * size,
@@ -373,17 +390,33 @@ def run_cohort(config: LMAblation, cohort: tuple[str, str, float, int], task: Ad
                 loss = loss + kl_coefs * kl_to_reference(logp, ref[:, part]).mean(dim=(1, 2))
             opt.zero_grad(set_to_none=True)
             loss.sum().backward()
-            opt.step()
+            kept.append(tracked_step())
             losses.append(loss.detach())
             clipped.append(clip_share)
         return {"reward": rewards.mean(1).tolist(),
                 "loss": torch.stack(losses).mean(0).tolist(),
-                "clip_fraction": torch.stack(clipped).mean(0).tolist()}
+                "clip_fraction": torch.stack(clipped).mean(0).tolist(), **kept_share(kept)}
+
+    per_step = any(arm.mode != MASTER for arm in config.arms)
+
+    def tracked_step() -> Tensor | None:
+        """``opt.step()``; returns per run the share of weights whose stored bits it left
+        identical (a copy of the bits before it: 2 bytes per weight), or None where the
+        design does not log it."""
+        if not per_step:
+            opt.step()
+            return None
+        before = stored_bits(params, image)
+        opt.step()
+        return unchanged_fraction(params, before, image)
+
+    def kept_share(kept: list[Tensor | None]) -> dict[str, Any]:
+        return {"step_unchanged": torch.stack(kept).mean(0).tolist()} if per_step else {}
 
     sft_gens = gens("sft")
 
     def sft_iteration() -> dict[str, Any]:
-        losses = []
+        losses, kept = [], []
         for _ in range(config.updates):
             prompts, answers = draw(sft_gens, batch // config.minibatches)
             answers = torch.where(teacher[:, None, None], task.reverse(answers), answers)
@@ -392,9 +425,9 @@ def run_cohort(config: LMAblation, cohort: tuple[str, str, float, int], task: Ad
             loss = -logp.gather(-1, answers[..., None]).mean(dim=(1, 2, 3))
             opt.zero_grad(set_to_none=True)
             loss.sum().backward()
-            opt.step()
+            kept.append(tracked_step())
             losses.append(loss.detach())
-        return {"loss": torch.stack(losses).mean(0).tolist()}
+        return {"loss": torch.stack(losses).mean(0).tolist(), **kept_share(kept)}
 
     def curve_point() -> dict[str, Any]:
         detached = {n: p.detach() for n, p in params.items()}
@@ -403,14 +436,15 @@ def run_cohort(config: LMAblation, cohort: tuple[str, str, float, int], task: Ad
         point: dict[str, Any] = {
             "curve_kl": fixed_sample_kl(detached, kl_samples, start_logp, shape, p_len,
                                         config.temperature).tolist(),
-            "curve_unchanged": unchanged_fraction(detached, start_bits).tolist(),
+            "curve_unchanged": unchanged_fraction(detached, start_bits, image).tolist(),
             "curve_sampled_accuracy": correct.mean(1).tolist(),
             "curve_sampled_reversed": (reversed_part.sum(1) / correct.sum(1)).tolist(),
         }
         geometry = [curve_geometry(config, start,
                                     {n: t[a].cpu() for n, t in detached.items()},
                                     {n: opt.state[p]["master"][a].cpu()
-                                     for n, p in params.items()} if has_master else None)
+                                     for n, p in params.items()} if has_master else None,
+                                    image)
                     for a in range(n_runs)]
         for key in CURVE_GEOMETRY:
             point[key] = [g[key] for g in geometry]
@@ -468,6 +502,12 @@ def _slug(mode: str) -> str:
     return "-".join(p for p in slug.split("-") if p)
 
 
+def _mean_if_whole(values: list[float], iterations: int) -> float | None:
+    """The mean of a per-iteration series, or None when it misses iterations (a run resumed
+    from checkpoints of a version that did not log it)."""
+    return sum(values) / len(values) if values and len(values) == iterations else None
+
+
 def _tail_mean(values: list[float], share: float = 0.1) -> float:
     n = max(1, int(round(share * len(values))))
     return sum(values[-n:]) / n
@@ -476,8 +516,11 @@ def _tail_mean(values: list[float], share: float = 0.1) -> float:
 def _measure(config: LMAblation, task: AdditionTask, shape: LMShape, start: Start,
              runs: list[tuple[Arm, int]], params: dict[str, Tensor], opt: AdamW,
              trained: dict[str, Tensor], state: dict, workspace: Workspace) -> list[dict]:
-    """End-of-run measures per run; writes each run's ``final.safetensors`` (bf16 weights) and,
-    with an fp32 master, ``master.safetensors``. ``trained``: the cohort's freeze masks."""
+    """End-of-run measures per run; writes each run's ``final.safetensors`` (its stored
+    weights: bf16, float16, or fp32 for the control) and, with an fp32 master,
+    ``master.safetensors``. ``trained``: the cohort's freeze masks. Changed and unchanged
+    weights are counted on the stored bits (float16 runs: against the start's float16
+    image)."""
     detached = {n: p.detach() for n, p in params.items()}
     device = next(iter(detached.values())).device
     _, held_ids = task.split(config.held_out, config.split_seed)
@@ -487,6 +530,7 @@ def _measure(config: LMAblation, task: AdditionTask, shape: LMShape, start: Star
                                                  temperature=config.temperature)
     start_facts = start_measures(config, task, shape, start, problems)
     has_master = opt.param_groups[0]["master_weights"] == "fp32"
+    image = storage_dtype(runs[0][0].mode)
     kw = dict(alpha=config.alpha, rank=config.rank, bins=config.bins,
               base_cache=start.base_cache)
     results = []
@@ -497,19 +541,20 @@ def _measure(config: LMAblation, task: AdditionTask, shape: LMShape, start: Star
         final = {n: t[a].cpu().contiguous() for n, t in detached.items()}
         finals.append(final)
         files.write_safetensors(os.path.join(folder, "final.safetensors"), final)
-        geometry = analysis.geometry(start.weights, final, **kw)
+        geometry = analysis.geometry(start.weights, final, image_dtype=image, **kw)
         master_geometry = None
         if has_master:
             master = {n: opt.state[p]["master"][a].cpu().contiguous() for n, p in params.items()}
             files.write_safetensors(os.path.join(folder, "master.safetensors"), master)
-            master_geometry = analysis.geometry(start.weights, master, **kw)["overall"]
-        sparsity = analysis.update_sparsity(start.weights, final)
+            master_geometry = analysis.geometry(start.weights, master, image_dtype=image,
+                                                **kw)["overall"]
+        sparsity = analysis.update_sparsity(start.weights, final, image_dtype=image)
         frozen = frozen_changed = 0
         for pname, mask in trained.items():
             held = ~mask[a]
             frozen += int(held.sum())
             frozen_changed += int((held & ~analysis.unchanged_bitwise(
-                start.weights[pname], final[pname])).sum())
+                start.weights[pname], final[pname], image)).sum())
         series = {k: [v[a] for v in values] for k, values in state["series"].items()
                   if k != "curve_step"}
         series["curve_step"] = list(state["series"]["curve_step"])
@@ -531,11 +576,14 @@ def _measure(config: LMAblation, task: AdditionTask, shape: LMShape, start: Star
                               if arm.kind in ("rl", "rl-no-signal") else None),
             "kl_final": series["curve_kl"][-1],
             "sparsity": sparsity["overall"], "modules": sparsity["modules"],
+            "storage_bits": sparsity["bits"],
+            "step_unchanged": _mean_if_whole(series.get("step_unchanged", []),
+                                             len(series["loss"])),
             "geometry": geometry["overall"], "master_geometry": master_geometry,
             "frozen_share": frozen / sparsity["overall"]["numel"],
             "frozen_changed": frozen_changed,
         })
-    _seed_overlap(runs, start, finals, results)
+    _seed_overlap(runs, start, finals, results, image)
     return results
 
 
@@ -554,12 +602,12 @@ def start_measures(config: LMAblation, task: AdditionTask, shape: LMShape, start
 
 
 def _seed_overlap(runs: list[tuple[Arm, int]], start: Start, finals: list[dict[str, Tensor]],
-                  results: list[dict]) -> None:
+                  results: list[dict], image: torch.dtype = torch.bfloat16) -> None:
     """Per run, how far its changed weights coincide with those of the same arm's other seeds
     (same start): the mean over the other seeds of the Jaccard index of the two bf16 update
     masks, and of the same divided by the Jaccard two independent masks of those densities
     would have (1: no more overlap than chance)."""
-    changed = [{n: ~analysis.unchanged_bitwise(start.weights[n], f[n]) for n in f}
+    changed = [{n: ~analysis.unchanged_bitwise(start.weights[n], f[n], image) for n in f}
                for f in finals]
     numel = sum(t.numel() for t in start.weights.values())
     by_arm: dict[str, list[int]] = defaultdict(list)

@@ -1,4 +1,5 @@
-"""Settings of the ablations and their presets: ``tiny``, ``tiny-headline``, ``gpu``, ``minilm``."""
+"""Settings of the ablations and their presets: ``tiny``, ``tiny-headline``, ``tiny-fp16``,
+``gpu``, ``minilm``."""
 
 from __future__ import annotations
 
@@ -8,12 +9,33 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
-from ..demo import MODES
+import torch
+
+from ..demo import MODES as DEMO_MODES
 from ..errors import InputError
 
-__all__ = ["Arm", "FREEZE_ARMS", "HEADLINE_ARMS", "KINDS", "LMAblation", "MiniLMAblation",
-           "PAPER_LR_ARMS", "PRECISION_ARMS", "PRESETS", "RunSpec", "StartSpec", "fingerprint",
-           "preset"]
+__all__ = ["Arm", "FP16_ARMS", "FREEZE_ARMS", "HEADLINE_ARMS", "KINDS", "LMAblation", "MODES",
+           "MiniLMAblation", "PAPER_LR_ARMS", "PRECISION_ARMS", "PRESETS", "RunSpec",
+           "STORAGE_MODES", "StartSpec", "fingerprint", "preset", "storage_dtype"]
+
+FP16_NEAREST, FP16_MASTER = "fp16 nearest", "fp16 + fp32 master"
+# The LM ablation's precision modes: the demo's (bf16 and the fp32 control) and two float16
+# storage filters. The float16 arms keep bf16 moments, as the bf16 arms do (a bf16 param's
+# states take its dtype), so a float16 arm and its bf16 twin differ in the weight's storage
+# format alone; state_dtype also sends float16 params through the fused kernels, whose
+# change bitmaps and rounding are the spec's (docs/fp16.md).
+MODES: dict[str, tuple[torch.dtype, dict[str, Any]]] = {
+    **DEMO_MODES,
+    FP16_NEAREST: (torch.float16, {"state_dtype": torch.bfloat16}),
+    FP16_MASTER: (torch.float16, {"master_weights": "fp32", "state_dtype": torch.bfloat16}),
+}
+
+
+def storage_dtype(mode: str) -> torch.dtype:
+    """The 16-bit format whose bits say whether a weight of ``mode`` changed: its own for
+    bf16 and float16 params, bf16 images for the fp32 control."""
+    dtype = MODES[mode][0]
+    return dtype if dtype in (torch.bfloat16, torch.float16) else torch.bfloat16
 
 
 @dataclass(frozen=True)
@@ -89,7 +111,8 @@ class Arm:
             shuffled across its samples, so advantages carry no information about the
             samples), ``"rft"`` (cross-entropy on the rollout's own correct samples) or
             ``"sft"`` (cross-entropy on fixed-format answers).
-        mode: precision mode (a name of :data:`rlvr_optim.demo.MODES`).
+        mode: precision mode (a name of :data:`MODES`: the demo's, ``"fp16 nearest"`` or
+            ``"fp16 + fp32 master"``).
         lr: learning rate.
         data: SFT only: ``"own"`` (answers in the start policy's majority format, forward) or
             ``"teacher"`` (the reversed format, its minority: off-policy data).
@@ -167,6 +190,16 @@ PRECISION_ARMS = tuple(Arm(kind, mode, LR, data="own")
 # The paper's lr pair (RL 1e-6, SFT 1e-5) as a ratio at this scale: SFT at 10x RL's lr.
 PAPER_LR_ARMS = (Arm("sft", MASTER, 10 * LR, data="own"),)
 FREEZE_ARMS = tuple(Arm("rl", MASTER, LR, freeze=f) for f in FREEZES)
+# The float16 storage filter (8x finer than bf16's), without and with an fp32 master.
+FP16_ARMS = tuple(Arm(kind, mode, LR, data="own")
+                  for mode in (FP16_NEAREST, FP16_MASTER) for kind in ("rl", "sft"))
+# The storage modes the report's precision section and plot compare, in this order.
+STORAGE_MODES = (MASTER, NEAREST, STOCHASTIC, FP16_NEAREST, FP16_MASTER)
+# The tiny-fp16 design: each storage filter for RL and SFT own, and the RL premise (RL and
+# its no-signal control in fp32-master mode), from the same starts at the same lr.
+FP16_DESIGN_ARMS = (Arm("rl", MASTER, LR), Arm("rl-no-signal", MASTER, LR),
+                    Arm("sft", MASTER, LR, data="own"), Arm("rl", NEAREST, LR),
+                    Arm("sft", NEAREST, LR, data="own")) + FP16_ARMS
 
 
 @dataclass(frozen=True)
@@ -331,8 +364,9 @@ class MiniLMAblation:
 
     def __post_init__(self) -> None:
         for mode in self.modes:
-            if mode not in MODES:
-                raise ValueError(f"unknown precision mode {mode!r}; choose among {list(MODES)}")
+            if mode not in DEMO_MODES:
+                raise ValueError(f"unknown precision mode {mode!r}; choose among "
+                                 f"{list(DEMO_MODES)}")
 
     def runs(self) -> list[RunSpec]:
         return [RunSpec(kind, mode, self.lr, self.seed) for mode in self.modes
@@ -347,6 +381,10 @@ PRESETS: dict[str, Any] = {
     "tiny": LMAblation(),
     # What `rlvr-optim demo` runs: the five headline arms, 3 starts x 2 seeds (minutes).
     "tiny-headline": LMAblation(name="tiny-headline", arms=HEADLINE_ARMS, seeds=(0, 1)),
+    # Opt-in: the float16 storage filter beside bf16's (fp32 master, bf16 nearest, fp16
+    # nearest, fp16 + fp32 master; RL and SFT own; RL's no-signal control), 3 starts x 3
+    # seeds. Not in tiny: it would add 4 cohorts to each start's 7.
+    "tiny-fp16": LMAblation(name="tiny-fp16", arms=FP16_DESIGN_ARMS, seeds=(0, 1, 2)),
     # One GPU (H100/H200): the same design on a 6.8M-parameter model with 4x the rollout.
     # Sized by scaling, not run yet: no GPU was available when it was defined; its starts
     # are warmed up in the output folder first.

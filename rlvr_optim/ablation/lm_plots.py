@@ -12,7 +12,11 @@ import os
 from typing import Any, Mapping, Sequence
 
 from .. import analysis, files
-from .config import MASTER, NEAREST, STOCHASTIC, LMAblation
+from .config import (FP16_MASTER, FP16_NEAREST, MASTER, NEAREST, STOCHASTIC, STORAGE_MODES,
+                     LMAblation)
+
+_MODE_LABELS = {MASTER: "fp32 master", NEAREST: "nearest", STOCHASTIC: "stochastic",
+                FP16_NEAREST: "fp16 nearest", FP16_MASTER: "fp16 + master"}
 from .curves import curve, read_at_gain, read_at_kl
 from .stats import t_quantile
 
@@ -197,22 +201,24 @@ def _precision(plt, out: str, head: Any, paths: list[str]) -> None:
     groups = [("RL", head.rl_modes), ("SFT own", head.own_modes)]
     if sum(1 for _, modes in groups for r in modes.values() if r) <= 2:
         return
-    fig, ax = plt.subplots(figsize=(6.4, 3.4), dpi=90)
+    shown = sum(1 for _, modes in groups for r in modes.values() if r)
+    fig, ax = plt.subplots(figsize=(max(6.4, 1.1 * shown), 3.4), dpi=90)
     labels = []
     x = 0
     for name, modes in groups:
-        for mode in (MASTER, NEAREST, STOCHASTIC):
+        for mode in STORAGE_MODES:
             runs = modes.get(mode)
             if not runs:
                 continue
             vals = [100 * r["sparsity"]["sparsity"] for r in runs]
             ax.plot([x + 0.3 * ((m % 5) - 2) / 4 for m in range(len(vals))], vals, "o", ms=3,
                     color=COLORS[name], alpha=0.7)
-            labels.append(f"{name}\n{mode.replace('bf16 ', '').replace('+ ', '')}")
+            labels.append(f"{name}\n{_MODE_LABELS[mode]}")
             x += 1
     ax.set_xticks(range(len(labels)))
     ax.set_xticklabels(labels)
-    ax.set_ylabel("bf16 weights unchanged (%)")
+    fp16 = any(modes.get(m) for _, modes in groups for m in (FP16_NEAREST, FP16_MASTER))
+    ax.set_ylabel("stored bits unchanged (%)" if fp16 else "bf16 weights unchanged (%)")
     ax.set_title("The storage filter (Gate III): one dot per run", fontsize=FONT)
     ax.grid(alpha=0.3, axis="y")
     _save(plt, fig, out, "precision.png", paths)

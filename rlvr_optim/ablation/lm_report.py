@@ -22,13 +22,14 @@ import torch
 from .. import analysis, files
 from ..optimizer import format_table
 from . import stats
-from .config import MASTER, NEAREST, STOCHASTIC, LMAblation
+from .config import (FP16_MASTER, FP16_NEAREST, MASTER, NEAREST, STOCHASTIC, STORAGE_MODES,
+                     LMAblation)
 from .curves import curve_gain, read_at_gain, read_at_kl
 from .report import PAPER_TABLE1
 from .task import AdditionTask
 
 __all__ = ["SPREAD_NOTE", "claims", "cpu_facts", "format_lm_summary",
-           "matched_targets", "spread", "write_lm_report"]
+           "matched_targets", "out_of_reach", "spread", "write_lm_report"]
 
 SPREAD_NOTE = "mean ± std over runs (sample standard deviation, n - 1)"
 ALPHA = 0.05
@@ -111,6 +112,13 @@ def _unchanged(run: Mapping) -> float:
     return run["sparsity"]["sparsity"]
 
 
+def _step_unchanged(run: Mapping) -> float | None:
+    """Mean over the run's steps of the share of weights a step left bit-identical (None for
+    runs made before it was logged)."""
+    return run.get("step_unchanged")
+
+
+
 def _geo(key: str, master: bool = False) -> Callable[[Mapping], float | None]:
     def get(run: Mapping) -> float | None:
         source = run["master_geometry"] if master else run["geometry"]
@@ -138,9 +146,9 @@ class Headline:
         self.own_10x = (_find(arms, kind="sft", mode=MASTER, data="own", lr=10 * lr)
                         if lr is not None else None)
         self.rl_modes = {m: _find(arms, kind="rl", mode=m, freeze=None, kl_coef=0.0, lr=lr)
-                         for m in (MASTER, NEAREST, STOCHASTIC)}
+                         for m in STORAGE_MODES}
         self.own_modes = {m: _find(arms, kind="sft", mode=m, data="own", lr=lr)
-                          for m in (MASTER, NEAREST, STOCHASTIC)}
+                          for m in STORAGE_MODES}
         self.frozen = {runs[0]["freeze"]: runs for runs in arms.values()
                        if runs[0]["freeze"] is not None}
 
@@ -319,6 +327,7 @@ def claims(config: LMAblation, arms: Mapping[str, list[dict]]) -> list[Claim]:
                               "in bf16 stochastic keeps fewer unchanged than nearest)",
                               "stochastic", end_unchanged(modes[STOCHASTIC]), "nearest",
                               end_unchanged(modes[NEAREST]), "<", ".2%"))
+    out += _fp16_claims(head)
     if gain_t:
         for name, sft in (("own", head.own),):
             if sft:
@@ -410,6 +419,43 @@ def claims(config: LMAblation, arms: Mapping[str, list[dict]]) -> list[Claim]:
     adjusted = stats.holm([c.test.p for c in out])
     for c, p in zip(out, adjusted):
         c.p_holm = p
+    return out
+
+
+FP16_GROUP = "float16 filter"
+
+
+def _fp16_claims(head: Headline) -> list[Claim]:
+    """What the float16 storage filter (8x finer than bf16's) changes, where the preset has
+    float16 arms: per-step and end-of-run bit identity against the bf16 twins, the master's
+    effect, and whether RL stays sparser than SFT under the finer filter (the paper's
+    Table 1 with float16 checkpoints)."""
+    out: list[Claim] = []
+    per_step = lambda runs: _by_key(runs, _step_unchanged)  # noqa: E731
+    end = lambda runs: _by_key(runs, _unchanged)  # noqa: E731
+    for what, modes in (("RL", head.rl_modes), ("SFT own", head.own_modes)):
+        for fp16, bf16, label in ((FP16_NEAREST, NEAREST, "nearest"),
+                                  (FP16_MASTER, MASTER, "fp32 master")):
+            if not (modes[fp16] and modes[bf16]):
+                continue
+            out.append(_claim(FP16_GROUP, f"The finer filter lets more updates through: a "
+                              f"{what} step leaves fewer weights bit-identical in float16 than "
+                              f"in bf16 ({label})", "fp16", per_step(modes[fp16]), "bf16",
+                              per_step(modes[bf16]), "<", ".2%"))
+            out.append(_claim(FP16_GROUP, f"... and after the run fewer {what} weights are "
+                              f"unchanged from the start in float16 than in bf16 ({label})",
+                              "fp16", end(modes[fp16]), "bf16", end(modes[bf16]), "<", ".2%"))
+        if modes[FP16_NEAREST] and modes[FP16_MASTER]:
+            out.append(_claim(FP16_GROUP, f"Gate III in float16: {what} in fp16 nearest keeps "
+                              "more weights unchanged than with an fp32 master",
+                              "fp16 nearest", end(modes[FP16_NEAREST]), "fp16 + master",
+                              end(modes[FP16_MASTER]), ">", ".2%"))
+    for mode in (FP16_NEAREST, FP16_MASTER):
+        rl, own = head.rl_modes[mode], head.own_modes[mode]
+        if rl and own:
+            out.append(_claim(FP16_GROUP, f"Table 1 in float16: RL leaves more weights unchanged "
+                              f"than SFT own ({mode})", "RL", end(rl), "SFT own", end(own), ">",
+                              ".2%"))
     return out
 
 
@@ -507,7 +553,11 @@ def _setup(config: LMAblation, starts: Sequence[Any], results: Sequence[dict]) -
         "prompts and the same first rollout).",
         f"- Headline mode: {MASTER} (fp32 master weights, bf16 weights and checkpoints, as "
         f"verl-style trainers run); {NEAREST} and {STOCHASTIC} (no master) are the "
-        "storage-filter contrasts.",
+        "storage-filter contrasts."
+        + (f" {FP16_NEAREST} and {FP16_MASTER}: float16 weights (the start's float16 image), "
+           "rounded to nearest, without and with an fp32 master, bf16 moments as in the bf16 "
+           "modes; their changes are counted on their float16 bits."
+           if any(r["mode"] in (FP16_NEAREST, FP16_MASTER) for r in results) else ""),
         f"- Measures: \"sampled accuracy\" is the exact chance that a sample at the rollout "
         f"temperature is correct (forward plus reversed answer probability, teacher-forced), "
         f"averaged over {config.eval_problems} held-out problems ({config.curve_problems} on "
@@ -751,24 +801,72 @@ def _claims_section(claim_rows: Sequence[Claim]) -> list[str]:
                                      "[95% CI]", "p", "Holm p", "verdict"]), ""]
 
 
-def _precision_section(head: Headline) -> list[str]:
+def out_of_reach(weights: Mapping[str, torch.Tensor], dtype: torch.dtype, lr: float) -> float:
+    """Share of ``weights`` whose half ULP, stored in ``dtype`` (bf16 or float16), exceeds
+    ``lr``: Adam moves a weight by about ``lr`` a step (exactly ``lr`` at the first), so
+    rounded to nearest these stay put whatever the gradient says (a magnitude-only
+    prediction of the nearest modes' unchanged share)."""
+    x = torch.cat([t.reshape(-1) for t in weights.values()]).to(dtype).float().abs()
+    mantissa, lowest = (7, -126) if dtype == torch.bfloat16 else (10, -14)
+    exponent = torch.floor(torch.log2(x.clamp(min=2.0 ** lowest))).clamp(min=lowest)
+    return float((torch.pow(2.0, exponent - mantissa - 1) > lr).double().mean())
+
+
+def _precision_section(head: Headline, claim_rows: Sequence[Claim] = (),
+                       starts: Sequence[Any] = ()) -> list[str]:
     rows = []
     for what, modes in (("RL", head.rl_modes), ("SFT own", head.own_modes)):
         for mode, runs in modes.items():
             if not runs:
                 continue
-            rows.append({"arm": what, "mode": mode,
+            reach = "-"
+            if mode in (NEAREST, FP16_NEAREST) and starts:
+                dtype = torch.float16 if mode == FP16_NEAREST else torch.bfloat16
+                reach = _cell([out_of_reach(s.weights, dtype, runs[0]["lr"]) for s in starts
+                               if any(r["start"] == s.seed for r in runs)], ".2%")
+            rows.append({"arm": what, "mode": mode, "reach": reach,
+                         "step": _cell(_values(runs, _step_unchanged), ".2%"),
                          "unchanged": _cell(_values(runs, _unchanged), ".2%"),
                          "kl": _cell(_values(runs, lambda r: r["kl_final"]), ".2e"),
                          "gain": _cell(_values(runs, _gain), "+.1%")})
     if len(rows) <= 2:
         return []
-    return ["## The storage filter: fp32 master, bf16 nearest, bf16 stochastic", "",
-            "The same arms, same lr, starts and seeds, with the weights kept only in bf16 "
-            "(rounded to nearest, or stochastically) instead of beside an fp32 master.", "",
-            analysis.markdown_table(rows, ["arm", "mode", "unchanged", "kl", "gain"],
-                                    ["arm", "mode", "unchanged", "KL to start",
-                                     "sampled-accuracy gain"]), ""]
+    present = [m for m in STORAGE_MODES if head.rl_modes[m] or head.own_modes[m]]
+    fp16 = [m for m in present if m in (FP16_NEAREST, FP16_MASTER)]
+    lines = [f"## The storage filter: {', '.join(present)}", "",
+             "The same arms, same lr, starts and seeds, with the weights kept only in bf16 "
+             "(rounded to nearest, or stochastically) instead of beside an fp32 master"
+             + (", or stored in float16 (8x finer: a float16 weight moves once its update "
+                "reaches about 2**-12 of its magnitude, a bf16 one 2**-9), without and with an "
+                "fp32 master" if fp16 else "")
+             + ". Bit-identical per step: the share of weights whose stored bits (bf16, or "
+             "float16 for the float16 modes) a step left as they were, mean over the run's "
+             "steps; unchanged: stored bits equal to the start's (float16 modes: to the "
+             "start's float16 image) after the run; out of reach (nearest modes): the share "
+             "of the start's weights whose half ULP in that format exceeds the lr, which an "
+             "Adam step of about lr cannot cross, mean over starts: where unchanged is close "
+             "to it, the weights' magnitudes and the lr decide which weights stay, not the "
+             "objective.", "",
+             analysis.markdown_table(rows, ["arm", "mode", "step", "unchanged", "reach", "kl",
+                                            "gain"],
+                                     ["arm", "mode", "bit-identical per step", "unchanged",
+                                      "out of reach", "KL to start", "sampled-accuracy gain"]),
+             ""]
+    tested = [c for c in claim_rows if c.group == FP16_GROUP]
+    if tested:
+        lines += ["What the finer filter changes, test by test (paired by start and seed; every "
+                  "verdict as it came out, those against the paper's account included; the "
+                  "claims table above has them with Holm's correction):", ""]
+        lines += [f"- {c.claim}: {c.evidence}; {c.test.describe()}: **{c.verdict}**"
+                  + ("" if c.verdict_holm == c.verdict else " (not after Holm)") + "."
+                  for c in tested]
+        against = [c for c in tested if c.verdict == "does not"]
+        lines += ["", (f"Against the expectation: {len(against)} of {len(tested)} rows ("
+                       + "; ".join(c.claim for c in against) + ")." if against else
+                       f"No row went against the expectation at p < 0.05; "
+                       f"{sum(c.verdict == 'cannot say' for c in tested)} of {len(tested)} "
+                       "cannot say."), ""]
+    return lines
 
 
 def write_lm_report(out: str, config: LMAblation, results: Sequence[dict], *,
@@ -798,7 +896,7 @@ def write_lm_report(out: str, config: LMAblation, results: Sequence[dict], *,
     if head.rl:
         md += _matched_section(config, head)
     md += _claims_section(claim_rows)
-    md += _precision_section(head)
+    md += _precision_section(head, claim_rows, starts)
     md += _freeze_section(head)
     md += _overlap_section(config, arms)
     md += _spectrum_section(arms)
@@ -903,4 +1001,7 @@ def format_lm_summary(summary: Mapping[str, Any], config: LMAblation) -> str:
         "unchanged: share of weights whose bf16 bits equal the start's (the paper's Table 1 "
         "measure; paper: RL 36-92%, SFT 0.6-18.8%).",
     ]
+    if any(r["mode"] in (FP16_NEAREST, FP16_MASTER) for r in summary["results"]):
+        lines.append("fp16 arms: their float16 bits against the start's float16 image (the "
+                     "report's storage-filter section has the per-step shares and tests).")
     return "\n".join(lines)
