@@ -4,7 +4,8 @@
 // fused backends' per-step passes over Python objects: the grads' reader (read_gradients),
 // the params' address check (addresses_equal) and the params' identity (same_items); and
 // the header's float16 rounding over a range of fp32 patterns (fp16_nearest_patterns), which
-// tests compare with torch's cast on all 2**32 of them.
+// tests compare with torch's cast on all 2**32 of them; for tests too, each instruction
+// set's float16 conversions (fp16_loop_conversions) and which loop steps a layout (loop_of).
 #include <pybind11/pybind11.h>
 
 #include <cmath>
