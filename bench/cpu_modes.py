@@ -4,7 +4,7 @@ about GPU speed), not a test.
 
 The model: 14.0e6 elements in 27 tensors (an 8192 x 512 embedding, three transformer layers
 of width 512 with a 4x MLP and two norms each, a final norm and a 768 x 512 head), bf16
-params and grads (fp32 for the ``fp32 params`` mode). Every mode has its own copy of the
+params and grads (fp32 for the ``fp32 params`` modes, float16 for the ``fp16`` ones). Every mode has its own copy of the
 model's params (the same values) and its own optimizer over them, and its anchor is torch's
 fused AdamW over that copy with the options torch has (amsgrad, maximize, grad_scale / found_inf); modes torch
 has no counterpart for (stochastic rounding, masters, remainders, freeze masks, change
@@ -18,7 +18,11 @@ the per-round ratios (each from one round, seconds apart) with their min and max
 average (``os.getloadavg``) is recorded before and after.
 
     python bench/cpu_modes.py [--threads 2] [--rounds 15] [--mode NAME ...] [--note TEXT]
-                              [--out DIR]
+                              [--cpu-time] [--out DIR]
+
+``--cpu-time`` times each step by the process's CPU time (``time.process_time``) instead
+of the wall clock: with one thread, what the step itself costs, less exposed to a loaded
+machine's preemptions (with more threads it sums theirs).
 
 ``--out DIR`` writes ``DIR/cpu_modes.json`` (every number, the environment) and
 ``DIR/cpu_modes.md`` (the table); without it the table is printed only. ``--note`` adds a
@@ -73,6 +77,28 @@ MODES: dict[str, tuple[dict, dict, torch.dtype, bool, bool]] = {
     "grad_scale + found_inf": ({}, {}, torch.bfloat16, False, True),
     "fp32 params, amsgrad + track step": ({"amsgrad": True, "track_changes": "step"},
                                           {"amsgrad": True}, torch.float32, False, False),
+    # float16 params (and grads): the options that send them through the fused backends
+    # (docs/fp16.md); the anchor is torch fused over the same float16 params (its states
+    # float16, ours fp32 unless state_dtype says bf16).
+    "fp16 stochastic": ({"rounding": "stochastic"}, {}, torch.float16, False, False),
+    "fp16 fp32 states": ({"state_dtype": torch.float32}, {}, torch.float16, False, False),
+    "fp16 bf16 states": ({"state_dtype": torch.bfloat16}, {}, torch.float16, False, False),
+    "fp16 fp32 master": ({"master_weights": "fp32"}, {}, torch.float16, False, False),
+    "fp16 stochastic + fp32 master + cumulative": (
+        {"rounding": "stochastic", "master_weights": "fp32", "track_changes": "cumulative"}, {},
+        torch.float16, False, False),
+    "fp16 stochastic + bf16 states + track step": (
+        {"rounding": "stochastic", "state_dtype": torch.bfloat16, "track_changes": "step"}, {},
+        torch.float16, False, False),
+    "fp16 freeze mask + track step": ({"state_dtype": torch.float32, "track_changes": "step"},
+                                      {}, torch.float16, True, False),
+    "fp16 amsgrad": ({"state_dtype": torch.float32, "amsgrad": True}, {"amsgrad": True},
+                     torch.float16, False, False),
+    "fp16 grad_scale + found_inf": ({"state_dtype": torch.float32}, {}, torch.float16, False,
+                                    True),
+    "fp32 params, fp16 change image + track step": (
+        {"change_dtype": torch.float16, "track_changes": "step"}, {}, torch.float32, False,
+        False),
 }
 
 LR, WEIGHT_DECAY = 1e-4, 0.01
@@ -88,6 +114,9 @@ def _params(dtype: torch.dtype, seed: int) -> list[torch.Tensor]:
     return out
 
 
+CLOCK = time.perf_counter  # main() sets time.process_time for --cpu-time
+
+
 class Timed:
     """One optimizer to step, and its step times."""
 
@@ -98,9 +127,9 @@ class Timed:
             opt.found_inf = torch.tensor(0.0)
 
     def step(self) -> float:
-        start = time.perf_counter()
+        start = CLOCK()
         self.opt.step()
-        return time.perf_counter() - start
+        return CLOCK() - start
 
 
 def build(modes: list[str]) -> list[tuple[str, Timed, Timed]]:
@@ -203,7 +232,8 @@ def render(env: dict, res: dict) -> str:
         f"CPU-backend results: {env['cpu']} ({env['logical_cpus']} logical CPUs, shared), "
         f"{env['threads']} threads, extension ISA {env['cpu_extension_isa']}, torch "
         f"{env['torch']}, commit {env['commit']}. Model: {env['elements']:,} elements in "
-        f"{env['tensors']} tensors. {env['rounds']} interleaved rounds; median (min-max). "
+        f"{env['tensors']} tensors. {env['rounds']} interleaved rounds, {env.get('clock', 'wall')} clock; "
+        "median (min-max). "
         f"Load average before {res['load_before'][0]:.2f}, after {res['load_after'][0]:.2f} "
         "(1-minute).",
         "",
@@ -227,14 +257,19 @@ def main(argv=None) -> int:
     parser.add_argument("--mode", action="append", choices=list(MODES),
                         help="a mode to time (repeatable; default: all)")
     parser.add_argument("--note", help="a line of context for the table and the JSON")
+    parser.add_argument("--cpu-time", action="store_true",
+                        help="time steps by the process's CPU time (one thread), not wall time")
     parser.add_argument("--out", type=Path, help="folder for cpu_modes.json and cpu_modes.md")
     args = parser.parse_args(argv)
     if args.threads < 1 or args.rounds < 1:
         print("cpu_modes.py: --threads and --rounds must be at least 1", file=sys.stderr)
         return 2
     torch.set_num_threads(args.threads)
+    global CLOCK
+    CLOCK = time.process_time if args.cpu_time else time.perf_counter
     modes = args.mode or list(MODES)
     env = environment(args.threads, args.rounds, args.note)
+    env["clock"] = "process CPU time" if args.cpu_time else "wall"
     res = run(modes, args.rounds, args.warmup)
     table = render(env, res)
     print(table, end="")

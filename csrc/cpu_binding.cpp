@@ -4,7 +4,8 @@
 // fused backends' per-step passes over Python objects: the grads' reader (read_gradients),
 // the params' address check (addresses_equal) and the params' identity (same_items); and
 // the header's float16 rounding over a range of fp32 patterns (fp16_nearest_patterns), which
-// tests compare with torch's cast on all 2**32 of them.
+// tests compare with torch's cast on all 2**32 of them; for tests too, each instruction
+// set's float16 conversions (fp16_loop_conversions) and which loop steps a layout (loop_of).
 #include <pybind11/pybind11.h>
 
 #include <cmath>
@@ -36,15 +37,22 @@ using StepFn = bool (*)(const CpuStep&);
 struct Isa {
   const char* name;
   StepFn fn;
+  void (*fp16_round)(uint16_t*, uint64_t, int64_t, const uint16_t*);
+  void (*fp16_values)(const uint16_t*, float*, int64_t);
+  const char* (*loop_of)(int64_t);
 };
 
 // The instruction sets compiled in and supported by this CPU, best first.
 std::vector<Isa> usable_isas() {
   std::vector<Isa> out;
 #if defined(RLVR_CPU_HAVE_AVX2)
-  if (__builtin_cpu_supports("avx2")) out.push_back({"avx2", &step_avx2});
+  if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("f16c")) {
+    out.push_back({"avx2", &step_avx2, &fp16_round_avx2, &fp16_values_avx2,
+                   &loop_of_avx2});
+  }
 #endif
-  out.push_back({"generic", &step_generic});
+  out.push_back({"generic", &step_generic, &fp16_round_generic, &fp16_values_generic,
+                  &loop_of_generic});
   return out;
 }
 
@@ -53,19 +61,20 @@ T* address(uintptr_t value) {
   return reinterpret_cast<T*>(value);
 }
 
+Isa usable_isa(const std::string& isa) {
+  std::string names;
+  for (const Isa& candidate : usable_isas()) {
+    if (isa == candidate.name) return candidate;
+    names += (names.empty() ? "" : ", ") + std::string(candidate.name);
+  }
+  throw py::value_error("isa '" + isa + "' is not usable here; choose one of " + names);
+}
+
 void step(const std::string& isa, uintptr_t rows, int64_t num_tensors, uintptr_t scalars,
           uintptr_t sr_keys, uintptr_t grad_scale, uintptr_t found_inf, bool maximize,
           bool l2_decay,
           int threads) {
-  StepFn fn = nullptr;
-  std::string names;
-  for (const Isa& candidate : usable_isas()) {
-    if (isa == candidate.name) fn = candidate.fn;
-    names += (names.empty() ? "" : ", ") + std::string(candidate.name);
-  }
-  if (fn == nullptr) {
-    throw py::value_error("isa '" + isa + "' is not usable here; choose one of " + names);
-  }
+  const StepFn fn = usable_isa(isa).fn;
   if (num_tensors < 0 || (num_tensors > 0 && (rows == 0 || scalars == 0)) || threads < 1) {
     throw py::value_error("step needs rows and scalars for num_tensors >= 0, and threads >= 1");
   }
@@ -325,6 +334,27 @@ void fp16_nearest_patterns(uintptr_t out, uint64_t first, int64_t count, int thr
   }
 }
 
+// The float16 conversions of instruction set `isa`'s loops (cpu_step.h): fp32 patterns
+// first .. first + count - 1 rounded into the uint16s at `out` (nearest even; stochastic
+// with the uint16 at random16 + 2k for pattern k when random16 is not 0), or, with
+// values=true, the fp32 values of the count uint16 patterns at `first` (an address) into
+// `out`.
+void fp16_loop_conversions(const std::string& isa, uintptr_t out, uint64_t first, int64_t count,
+                           uintptr_t random16, bool values) {
+  const Isa& chosen = usable_isa(isa);
+  if (out == 0 || count < 0 || (values && first == 0) ||
+      (!values && first + static_cast<uint64_t>(count) > (uint64_t{1} << 32))) {
+    throw py::value_error("fp16_loop_conversions needs an address, count >= 0, and "
+                          "first + count <= 2**32 (or an input address, with values)");
+  }
+  py::gil_scoped_release release;
+  if (values) {
+    chosen.fp16_values(address<const uint16_t>(first), address<float>(out), count);
+  } else {
+    chosen.fp16_round(address<uint16_t>(out), first, count, address<const uint16_t>(random16));
+  }
+}
+
 }  // namespace
 }  // namespace cpu
 }  // namespace rlvr_optim
@@ -351,6 +381,7 @@ PYBIND11_MODULE(_cpu, m) {
   layout["track"] = kLayoutTrack;
   layout["param_fp16"] = kLayoutParamFp16;
   layout["image_fp16"] = kLayoutImageFp16;
+  layout["grad_fp16"] = kLayoutGradFp16;
   layout["vector_aligned"] = kLayoutVectorAligned;
   layout["bitmap_aligned"] = kLayoutBitmapAligned;
   m.attr("LAYOUT_BITS") = layout;
@@ -372,6 +403,18 @@ PYBIND11_MODULE(_cpu, m) {
         "False for another length, a non-tensor or no storage.");
   m.def("same_items", &same_items, py::arg("a"), py::arg("b"),
         "Whether sequences a and b hold the very same objects in the same order.");
+  m.def("loop_of", [](const std::string& isa, int64_t layout) {
+          return std::string(usable_isa(isa).loop_of(layout));
+        }, py::arg("isa"), py::arg("layout"),
+        "The loop of instruction set isa that steps the whole 8-element groups of a row of "
+        "this layout code: 'step_span' (the spec loop), 'vector_span', 'fast_span, "
+        "vector_span' or 'none'.");
+  m.def("fp16_loop_conversions", &fp16_loop_conversions, py::arg("isa"), py::arg("out"),
+        py::arg("first"), py::arg("count"), py::arg("random16"), py::arg("values"),
+        "The float16 conversions of one instruction set's loops, for tests: fp32 patterns "
+        "first .. first + count - 1 rounded to float16 (nearest even, or stochastic with the "
+        "uint16s at address random16 when it is not 0) into the uint16s at address out; with "
+        "values=True the fp32 values of the count float16 patterns at address first.");
   m.def("fp16_nearest_patterns", &fp16_nearest_patterns, py::arg("out"), py::arg("first"),
         py::arg("count"), py::arg("threads"),
         "Writes the spec's nearest-even float16 pattern of each fp32 pattern first .. first + "

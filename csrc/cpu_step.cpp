@@ -63,6 +63,24 @@ float value_of(uint32_t bits) {
   return kBf16 ? spec::bf16_bits_to_fp32(bits) : spec::fp32_from_bits(bits);
 }
 
+// The storage format of a stream the loops read: fp32, bf16 or float16 bits. Params take
+// their 16-bit format from kParam16 and spec::Half, states are fp32 or bf16, grads any.
+enum class Format : int { kFp32, kBf16, kFp16 };
+
+template <Format kFormat>
+using Stored = std::conditional_t<kFormat == Format::kFp32, uint32_t, uint16_t>;
+
+template <Format kFormat>
+float format_value(uint32_t bits) {
+  if constexpr (kFormat == Format::kBf16) {
+    return spec::bf16_bits_to_fp32(bits);
+  } else if constexpr (kFormat == Format::kFp16) {
+    return spec::fp16_bits_to_fp32(bits);
+  } else {
+    return spec::fp32_from_bits(bits);
+  }
+}
+
 // A state's new stored bits; a kept element keeps its bits (a bf16 NaN's payload too,
 // which rounding its fp32 value again would quiet).
 template <bool kBf16>
@@ -103,11 +121,11 @@ T* address(int64_t value) {
 
 // Elements [begin, end) of one row; begin is a multiple of 8. kParam16: the param is
 // stored in 16 bits of format kHalf (else fp32, its change image kHalf).
-template <bool kParam16, bool kGradBf16, bool kStateBf16, MasterForm kForm, bool kStochastic,
-          bool kAmsgrad, bool kTrack, bool kPlainGrad, spec::Half kHalf = spec::Half::kBf16>
+template <bool kParam16, Format kGrad, bool kStateBf16, MasterForm kForm, bool kStochastic,
+          bool kAmsgrad, bool kTrack, bool kPlainGrad, spec::Half kHalf>
 void step_span(const int64_t* row, const CpuStep& a, int64_t begin, int64_t end, Counts& counts) {
   using P = Storage<kParam16>;
-  using G = Storage<kGradBf16>;
+  using G = Stored<kGrad>;
   using S = Storage<kStateBf16>;
   P* param = address<P>(row[kRow_param]);
   const G* grad = address<const G>(row[kRow_grad]);
@@ -167,7 +185,7 @@ void step_span(const int64_t* row, const CpuStep& a, int64_t begin, int64_t end,
         vmax_bits = max_exp_avg_sq[i];
         e.max_exp_avg_sq = value_of<kStateBf16>(vmax_bits);
       }
-      const float g = value_of<kGradBf16>(grad[i]);
+      const float g = format_value<kGrad>(grad[i]);
 
       // Not const: gcc 12 keeps a const struct in memory (no scalar replacement), which
       // kept the tracking loop from vectorizing (6x the untracked step's time).
@@ -442,27 +460,152 @@ template <typename T>
   return _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
 }
 
-// A stream of eight elements stored as bf16 (kBf16) or fp32: its stored bits in 32-bit
-// lanes (a bf16 pattern zero-extended: its low half), their fp32 values, and the store.
-template <bool kBf16>
+// float16 conversions on eight lanes. Values and nearest-even rounding by F16C (the avx2
+// build has -mf16c; cpu_binding.cpp uses it only where the CPU has both): vcvtps2ph with
+// _MM_FROUND_TO_NEAREST_INT gives the header's round_nearest_fp16 bit for bit on all
+// 2**32 fp32 patterns, NaN payloads, subnormals and overflow to inf included, whatever
+// MXCSR's flush-to-zero bits (tests/test_cpu_backend.py checks all of them, also under
+// torch.set_flush_denormal(True)). vcvtph2ps gives fp16_bits_to_fp32's exact value of
+// every pattern but signalling NaNs, which it quiets; no output depends on that: a NaN
+// param or grad makes the new weight a NaN, so its group stores canonical NaNs, and
+// frozen elements and change flags keep and compare stored bits, never converted ones.
+// Stochastic rounding has no instruction: integer operations, as the spec's formula.
+
+// The fp32 values of eight float16 patterns in memory.
+[[gnu::always_inline]] inline __m256 fp16_value8(const uint16_t* p) {
+  return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+}
+
+// round_nearest_fp16 of eight fp32 values (any patterns), in the low halves of the lanes.
+[[gnu::always_inline]] inline __m256i round_nearest_fp16_8(__m256 x) {
+  return _mm256_cvtepu16_epi32(_mm256_cvtps_ph(x, _MM_FROUND_TO_NEAREST_INT));
+}
+
+// The float16 quiet NaN of NaN lanes (spec::fp16_nan) over `rounded`, and the sign.
+[[gnu::always_inline]] inline __m256i fp16_finish(__m256i bits, __m256i magnitude,
+                                                  __m256i rounded) {
+  const __m256i sign = _mm256_and_si256(_mm256_srli_epi32(bits, 16), _mm256_set1_epi32(0x8000));
+  const __m256i finite = _mm256_min_epu32(rounded, _mm256_set1_epi32(0x7C00));  // overflow: inf
+  const __m256i nan = _mm256_cmpgt_epi32(magnitude, _mm256_set1_epi32(0x7F800000));
+  const __m256i quiet = _mm256_or_si256(
+      _mm256_set1_epi32(spec::kFp16QuietNan),
+      _mm256_and_si256(_mm256_srli_epi32(bits, 13), _mm256_set1_epi32(0x3FF)));
+  return _mm256_or_si256(sign, _mm256_blendv_epi8(finite, quiet, nan));
+}
+
+// Nearest with ties to even: in the normal range the magnitude rebased by 112 exponents
+// drops 13 bits; below it the significand drops 126 - exponent bits, at most 26 (half an
+// ULP is then above every significand: zero, as for fp32 subnormals, whose implicit bit
+// set here changes nothing). Dropping d bits: add 2**(d-1) - 1 and the kept LSB, shift.
+[[gnu::always_inline]] inline __m256i round_nearest_fp16_8(__m256i bits) {
+  const __m256i magnitude = _mm256_and_si256(bits, _mm256_set1_epi32(0x7FFFFFFF));
+  const __m256i exponent = _mm256_srli_epi32(magnitude, 23);
+  const __m256i normal = _mm256_cmpgt_epi32(exponent, _mm256_set1_epi32(112));
+  const __m256i value = _mm256_blendv_epi8(
+      _mm256_or_si256(_mm256_and_si256(magnitude, _mm256_set1_epi32(0x7FFFFF)),
+                      _mm256_set1_epi32(0x800000)),
+      _mm256_sub_epi32(magnitude, _mm256_set1_epi32(112 << 23)), normal);
+  const __m256i drop = _mm256_blendv_epi8(
+      _mm256_min_epi32(_mm256_sub_epi32(_mm256_set1_epi32(126), exponent), _mm256_set1_epi32(26)),
+      _mm256_set1_epi32(13), normal);
+  const __m256i lsb = _mm256_and_si256(_mm256_srlv_epi32(value, drop), _mm256_set1_epi32(1));
+  const __m256i half_less_one =  // 2**(drop - 1) - 1
+      _mm256_srlv_epi32(_mm256_set1_epi32(-1), _mm256_sub_epi32(_mm256_set1_epi32(33), drop));
+  const __m256i rounded =
+      _mm256_srlv_epi32(_mm256_add_epi32(_mm256_add_epi32(value, half_less_one), lsb), drop);
+  return fp16_finish(bits, magnitude, rounded);
+}
+
+// Stochastic rounding with 16 random bits per lane (spec::round_stochastic_fp16): in the
+// normal range random16 >> 3 added below the 13 dropped bits; below it the significand
+// aligned so that its low 16 bits are the window (variable shifts give zero for counts of
+// 32 and more, as the spec's zero for shifts past the significand).
+[[gnu::always_inline]] inline __m256i round_stochastic_fp16_8(__m256i bits, __m256i random16) {
+  const __m256i magnitude = _mm256_and_si256(bits, _mm256_set1_epi32(0x7FFFFFFF));
+  const __m256i exponent = _mm256_srli_epi32(magnitude, 23);
+  const __m256i normal = _mm256_cmpgt_epi32(exponent, _mm256_set1_epi32(112));
+  const __m256i kept_normal = _mm256_srli_epi32(
+      _mm256_add_epi32(_mm256_sub_epi32(magnitude, _mm256_set1_epi32(112 << 23)),
+                       _mm256_srli_epi32(random16, 3)), 13);
+  const __m256i significand = _mm256_or_si256(
+      _mm256_and_si256(magnitude, _mm256_set1_epi32(0x7FFFFF)), _mm256_set1_epi32(0x800000));
+  const __m256i shift = _mm256_sub_epi32(  // 14 .. 125 below the normal range
+      _mm256_set1_epi32(126), _mm256_max_epi32(exponent, _mm256_set1_epi32(1)));
+  const __m256i zero = _mm256_setzero_si256();
+  const __m256i left = _mm256_max_epi32(_mm256_sub_epi32(_mm256_set1_epi32(16), shift), zero);
+  const __m256i right = _mm256_max_epi32(_mm256_sub_epi32(shift, _mm256_set1_epi32(16)), zero);
+  const __m256i aligned = _mm256_srlv_epi32(_mm256_sllv_epi32(significand, left), right);
+  const __m256i kept_small = _mm256_srli_epi32(_mm256_add_epi32(aligned, random16), 16);
+  return fp16_finish(bits, magnitude, _mm256_blendv_epi8(kept_small, kept_normal, normal));
+}
+
+// round_stochastic_fp16_8 of values the step computed (NaNs only where `rare`). Where
+// every lane is at least float16's smallest normal (2**-14) in magnitude and none is a
+// NaN, the normal range's formula alone, on the signed pattern: subtracting 112
+// exponents borrows nothing from the sign and adding random16 >> 3 carries nothing into
+// it, so after the shift by 13 the sign sits in bit 18 above the kept bits. Other groups
+// (zeros, float16 subnormals, NaNs; about 2% of groups for weights of scale 0.02) take
+// the general formula. Half the time of an fp16 stochastic step went to the general
+// formula in every group (perf on Zen 3: its constants did not fit in registers).
+[[gnu::always_inline]] inline __m256i round_stochastic_fp16_computed8(__m256i bits,
+                                                                      __m256i random16,
+                                                                      bool rare) {
+  const __m256i doubled = _mm256_slli_epi32(bits, 1);  // the magnitude, one bit up
+  const __m256i smallest = _mm256_set1_epi32(113 << 24);
+  const bool normal = _mm256_movemask_epi8(_mm256_cmpeq_epi32(
+                          _mm256_max_epu32(doubled, smallest), doubled)) == -1;
+  if (__builtin_expect(rare || !normal, 0)) return round_stochastic_fp16_8(bits, random16);
+  const __m256i shifted = _mm256_srli_epi32(
+      _mm256_add_epi32(_mm256_sub_epi32(bits, _mm256_set1_epi32(112 << 23)),
+                       _mm256_srli_epi32(random16, 3)), 13);
+  const __m256i kept = _mm256_min_epu32(_mm256_and_si256(shifted, _mm256_set1_epi32(0x3FFFF)),
+                                        _mm256_set1_epi32(0x7C00));  // overflow: inf
+  return _mm256_or_si256(
+      kept, _mm256_srli_epi32(_mm256_and_si256(shifted, _mm256_set1_epi32(0x40000)), 3));
+}
+
+// A stream of eight elements stored as fp32, bf16 or float16: its stored bits in 32-bit
+// lanes (a 16-bit pattern zero-extended: its low half), their fp32 values, and the store.
+template <Format kFormat>
 struct Lanes {
-  using T = Storage<kBf16>;
+  using T = Stored<kFormat>;
+  static constexpr bool kHalf16 = kFormat != Format::kFp32;
 
   [[gnu::always_inline]] static __m256i load(const T* p) {
-    if constexpr (kBf16) {
+    if constexpr (kHalf16) {
       return _mm256_cvtepu16_epi32(load8x16(p));
     } else {
       return load8x32(p);
     }
   }
 
+  // The fp32 values of stored bits (fp32 and bf16: a shift at most).
   [[gnu::always_inline]] static __m256 value(__m256i bits) {
-    return _mm256_castsi256_ps(kBf16 ? _mm256_slli_epi32(bits, 16) : bits);
+    static_assert(kFormat != Format::kFp16, "float16 values: value_at");
+    return _mm256_castsi256_ps(kFormat == Format::kBf16 ? _mm256_slli_epi32(bits, 16) : bits);
   }
 
-  // Bits whose lanes hold a bf16 pattern (< 2**16) when kBf16.
+  // The fp32 values of the eight elements at p, whose stored bits are `bits` (float16:
+  // converted from memory, one instruction).
+  [[gnu::always_inline]] static __m256 value_at(const T* p, __m256i bits) {
+    if constexpr (kFormat == Format::kFp16) {
+      return fp16_value8(p);
+    } else {
+      return value(bits);
+    }
+  }
+
+  [[gnu::always_inline]] static __m256 load_value(const T* p) {
+    if constexpr (kFormat == Format::kFp16) {
+      return fp16_value8(p);
+    } else {
+      return value(load(p));
+    }
+  }
+
+  // Bits whose lanes hold a 16-bit pattern (< 2**16) when kHalf16.
   [[gnu::always_inline]] static void store(T* p, __m256i bits) {
-    if constexpr (kBf16) {
+    if constexpr (kHalf16) {
       _mm_storeu_si128(reinterpret_cast<__m128i*>(p),
                        _mm_packus_epi32(_mm256_castsi256_si128(bits),
                                         _mm256_extracti128_si256(bits, 1)));
@@ -471,9 +614,13 @@ struct Lanes {
     }
   }
 
-  // The stored bits of a computed (canonical-NaN) value.
+  // The stored bits (nearest even) of a computed (canonical-NaN) value.
   [[gnu::always_inline]] static __m256i stored(__m256 x, const Fast& k) {
-    return kBf16 ? k.round_computed(x) : _mm256_castps_si256(x);
+    if constexpr (kFormat == Format::kFp16) {
+      return round_nearest_fp16_8(x);
+    } else {
+      return kFormat == Format::kBf16 ? k.round_computed(x) : _mm256_castps_si256(x);
+    }
   }
 };
 
@@ -550,15 +697,32 @@ void draw_random16(uint16_t* out, uint64_t first_call, int64_t calls, uint32_t k
 // is not a multiple of 8).
 constexpr int64_t kVectorBlock = 512;
 
+// The param's storage format: kParam16 and kHalf as in step_span.
+template <bool kParam16, spec::Half kHalf>
+constexpr Format kParamFormat =
+    !kParam16 ? Format::kFp32 : (kHalf == spec::Half::kFp16 ? Format::kFp16 : Format::kBf16);
+
+// The nearest-even kHalf pattern of fp32 patterns: `computed` ones (canonical NaNs only,
+// unless `any_nan`) or any stored pattern (a NaN keeps its sign and payload).
+template <spec::Half kHalf>
+[[gnu::always_inline]] inline __m256i round_nearest_half8(__m256i bits, const Fast& k,
+                                                          bool any_nan) {
+  if constexpr (kHalf == spec::Half::kFp16) {
+    return round_nearest_fp16_8(_mm256_castsi256_ps(bits));  // every NaN case alike
+  } else {
+    return any_nan ? k.round_stored(bits) : k.round_computed(_mm256_castsi256_ps(bits));
+  }
+}
+
 // The whole 8-element groups of [begin, end) of one row (begin a multiple of 8), in any
 // layout; returns where the groups end (the spec loop steps a tensor's last elements).
-template <bool kParamBf16, bool kGradBf16, bool kStateBf16, MasterForm kForm, bool kStochastic,
-          bool kAmsgrad, bool kTrack>
+template <bool kParam16, Format kGrad, bool kStateBf16, MasterForm kForm, bool kStochastic,
+          bool kAmsgrad, bool kTrack, spec::Half kHalf>
 int64_t vector_span(const int64_t* row, const CpuStep& a, int64_t begin, int64_t end,
                     Counts& counts) {
-  using P = Lanes<kParamBf16>;
-  using G = Lanes<kGradBf16>;
-  using S = Lanes<kStateBf16>;
+  using P = Lanes<kParamFormat<kParam16, kHalf>>;
+  using G = Lanes<kGrad>;
+  using S = Lanes<kStateBf16 ? Format::kBf16 : Format::kFp32>;
   typename P::T* param = address<typename P::T>(row[kRow_param]);
   const typename G::T* grad = address<const typename G::T>(row[kRow_grad]);
   typename S::T* exp_avg = address<typename S::T>(row[kRow_exp_avg]);
@@ -581,7 +745,7 @@ int64_t vector_span(const int64_t* row, const CpuStep& a, int64_t begin, int64_t
   const int64_t stop = begin + ((end - begin) & ~int64_t{7});
 
   const auto unscaled_grad = [&](int64_t i) {
-    __m256 g = G::value(G::load(grad + i));
+    __m256 g = G::load_value(grad + i);
     if (scaled) g = _mm256_div_ps(g, grad_scale);
     return _mm256_xor_ps(g, grad_sign);
   };
@@ -638,7 +802,7 @@ int64_t vector_span(const int64_t* row, const CpuStep& a, int64_t begin, int64_t
         remainder_old = _mm256_cvtepi16_epi32(load8x16(remainder + i));
         w_old = _mm256_castsi256_ps(_mm256_add_epi32(_mm256_slli_epi32(p, 16), remainder_old));
       } else {
-        w_old = P::value(p);
+        w_old = P::value_at(param + i, p);
       }
       const __m256i m_old = S::load(exp_avg + i), v_old = S::load(exp_avg_sq + i);
       __m256i vmax_old = _mm256_setzero_si256();  // kAmsgrad only
@@ -667,17 +831,19 @@ int64_t vector_span(const int64_t* row, const CpuStep& a, int64_t begin, int64_t
       };
       const __m256i w_bits = _mm256_castps_si256(w);
       __m256i image;
-      if constexpr (!kParamBf16) {
-        image = k.round_computed(w);
-      } else if constexpr (kForm == MasterForm::kRemainder) {
+      if constexpr (kForm == MasterForm::kRemainder) {
         image = _mm256_srli_epi32(_mm256_add_epi32(w_bits, _mm256_set1_epi32(0x8000)), 16);
-      } else if constexpr (kStochastic) {
+      } else if constexpr (kParam16 && kStochastic) {
         const __m256i bits = _mm256_cvtepu16_epi32(load8x16(random + (offset + static_cast<uint64_t>(i) - first)));
-        image = _mm256_srli_epi32(_mm256_add_epi32(w_bits, bits), 16);
+        if constexpr (kHalf == spec::Half::kFp16) {
+          image = round_stochastic_fp16_computed8(w_bits, bits, rare);
+        } else {
+          image = _mm256_srli_epi32(_mm256_add_epi32(w_bits, bits), 16);
+        }
       } else {
-        image = k.round_computed(w);
+        image = round_nearest_half8<kHalf>(w_bits, k, false);
       }
-      P::store(param + i, keep(p, kParamBf16 ? image : w_bits));
+      P::store(param + i, keep(p, kParam16 ? image : w_bits));
       if constexpr (kForm == MasterForm::kFp32) {
         store8x32(master + i, keep(_mm256_castps_si256(w_old), w_bits));
       } else if constexpr (kForm == MasterForm::kRemainder) {
@@ -691,8 +857,7 @@ int64_t vector_span(const int64_t* row, const CpuStep& a, int64_t begin, int64_t
 
       if constexpr (kTrack) {
         // An fp32 param's image: only a rare group can hold a stored NaN (payload kept).
-        const __m256i image_old =
-            kParamBf16 ? p : (rare ? k.round_stored(p) : k.round_computed(_mm256_castsi256_ps(p)));
+        const __m256i image_old = kParam16 ? p : round_nearest_half8<kHalf>(p, k, rare);
         const __m256i changed = _mm256_andnot_si256(_mm256_cmpeq_epi32(image, image_old), train);
         const __m256i moved =
             _mm256_andnot_si256(_mm256_cmpeq_epi32(w_bits, _mm256_castps_si256(w_old)), train);
@@ -712,26 +877,34 @@ int64_t vector_span(const int64_t* row, const CpuStep& a, int64_t begin, int64_t
   return stop;
 }
 
+// The two default layouts (every stream bf16, or every stream fp32; nearest rounding, no
+// amsgrad or master), which have loops of their own (fast_span_*) on AVX2.
+template <bool kParam16, Format kGrad, bool kStateBf16, MasterForm kForm, bool kStochastic,
+          bool kAmsgrad, spec::Half kHalf>
+constexpr bool kDefaultLayout =
+    kForm == MasterForm::kNone && !kStochastic && !kAmsgrad && kHalf == spec::Half::kBf16 &&
+    (kParam16 ? kGrad == Format::kBf16 && kStateBf16 : kGrad == Format::kFp32 && !kStateBf16);
+
 // A row's span on AVX2: the default layouts' 16-element loop where it applies (no freeze
 // mask, step not skipped, no grad_scale, maximize or L2 decay: kPlain), the 8-element loop
 // otherwise, then the spec loop over the few elements that do not fill a group.
-template <bool kParamBf16, bool kGradBf16, bool kStateBf16, MasterForm kForm, bool kStochastic,
-          bool kAmsgrad, bool kTrack, bool kPlain>
+template <bool kParam16, Format kGrad, bool kStateBf16, MasterForm kForm, bool kStochastic,
+          bool kAmsgrad, bool kTrack, bool kPlain, spec::Half kHalf>
 void avx2_span(const int64_t* row, const CpuStep& a, int64_t begin, int64_t end, Counts& counts) {
-  constexpr bool kDefault = kForm == MasterForm::kNone && !kStochastic && !kAmsgrad &&
-                            kParamBf16 == kGradBf16 && kParamBf16 == kStateBf16;
+  constexpr bool kDefault =
+      kDefaultLayout<kParam16, kGrad, kStateBf16, kForm, kStochastic, kAmsgrad, kHalf>;
   const bool skip = a.found_inf != nullptr && *a.found_inf != 0.0f;
   int64_t done = begin;
   if (kDefault && kPlain && row[kRow_freeze_mask] == 0 && !skip) {
     const float* r = a.scalars + 8 * row[kRow_scalar_row];
     const Fast k(spec::StepScalars{r[0], r[1], r[2], r[3], r[4], r[5], r[6], r[7]});
     FastTrack t{address<uint8_t>(row[kRow_change_bitmap]), address<uint8_t>(row[kRow_cumulative_bitmap])};
-    using T = std::conditional_t<kParamBf16, uint16_t, float>;
+    using T = std::conditional_t<kParam16, uint16_t, float>;
     T* param = address<T>(row[kRow_param]);
     const T* grad = address<const T>(row[kRow_grad]);
     T* exp_avg = address<T>(row[kRow_exp_avg]);
     T* exp_avg_sq = address<T>(row[kRow_exp_avg_sq]);
-    if constexpr (kParamBf16) {
+    if constexpr (kParam16) {
       done = fast_span_bf16<kTrack>(param, grad, exp_avg, exp_avg_sq, k, begin, end, t);
     } else {
       done = fast_span_fp32<kTrack>(param, grad, exp_avg, exp_avg_sq, k, begin, end, t);
@@ -740,11 +913,11 @@ void avx2_span(const int64_t* row, const CpuStep& a, int64_t begin, int64_t end,
     counts.moved += t.moved;
     counts.nonfinite += t.nonfinite;
   } else {
-    done = vector_span<kParamBf16, kGradBf16, kStateBf16, kForm, kStochastic, kAmsgrad, kTrack>(
+    done = vector_span<kParam16, kGrad, kStateBf16, kForm, kStochastic, kAmsgrad, kTrack, kHalf>(
         row, a, begin, end, counts);
   }
   if (done < end) {
-    step_span<kParamBf16, kGradBf16, kStateBf16, kForm, kStochastic, kAmsgrad, kTrack, false>(
+    step_span<kParam16, kGrad, kStateBf16, kForm, kStochastic, kAmsgrad, kTrack, false, kHalf>(
         row, a, done, end, counts);
   }
 }
@@ -752,9 +925,11 @@ void avx2_span(const int64_t* row, const CpuStep& a, int64_t begin, int64_t end,
 
 using SpanFn = void (*)(const int64_t*, const CpuStep&, int64_t, int64_t, Counts&);
 
-// The loops of one layout: without and with grad_scale, maximize or L2 decay.
+// The loops of one layout: without and with grad_scale, maximize or L2 decay, and the
+// name of the loop that steps its whole 8-element groups (loop_of, for tests).
 struct SpanFns {
   SpanFn plain, general;
+  const char* loop;
 };
 
 template <int kCode>
@@ -766,40 +941,34 @@ constexpr SpanFns span_fn() {
   constexpr bool fp32_master = kCode & kLayoutMasterFp32;
   constexpr bool remainder = kCode & kLayoutRemainder;
   constexpr bool stochastic = kCode & kLayoutStochastic;
+  constexpr bool grad_bf16 = kCode & kLayoutGradBf16;
+  constexpr bool grad_fp16 = kCode & kLayoutGradFp16;
   if constexpr ((fp32_master && remainder) || (!param16 && (fp32_master || remainder || stochastic)) ||
                 (stochastic && remainder) || (param_bf16 && param_fp16) ||
-                (param16 && image_fp16) || (param_fp16 && remainder)) {
-    return {nullptr, nullptr};
-  } else if constexpr (param_fp16 || image_fp16) {
-    // float16 params and fp16 images: the spec loop (bit-exact, not tuned for speed).
-    constexpr MasterForm form = fp32_master ? MasterForm::kFp32 : MasterForm::kNone;
-    constexpr bool grad_bf16 = kCode & kLayoutGradBf16;
-    constexpr bool state_bf16 = kCode & kLayoutStateBf16;
-    constexpr bool amsgrad = kCode & kLayoutAmsgrad;
-    constexpr bool track = kCode & kLayoutTrack;
-    constexpr spec::Half half = spec::Half::kFp16;
-    return {&step_span<param16, grad_bf16, state_bf16, form, stochastic, amsgrad, track, true, half>,
-            &step_span<param16, grad_bf16, state_bf16, form, stochastic, amsgrad, track, false, half>};
+                (param16 && image_fp16) || (param_fp16 && remainder) ||
+                (grad_fp16 && (grad_bf16 || !param_fp16))) {
+    return {nullptr, nullptr, "none"};
   } else {
+    // float16 grads beside float16 params only (cpu_backend.py makes other ones fp32).
+    constexpr Format grad = grad_fp16 ? Format::kFp16 : (grad_bf16 ? Format::kBf16 : Format::kFp32);
+    constexpr spec::Half half = param_fp16 || image_fp16 ? spec::Half::kFp16 : spec::Half::kBf16;
     constexpr MasterForm form =
         fp32_master ? MasterForm::kFp32 : (remainder ? MasterForm::kRemainder : MasterForm::kNone);
-    constexpr bool grad_bf16 = kCode & kLayoutGradBf16;
     constexpr bool state_bf16 = kCode & kLayoutStateBf16;
     constexpr bool amsgrad = kCode & kLayoutAmsgrad;
     constexpr bool track = kCode & kLayoutTrack;
 #if defined(__AVX2__)
     constexpr SpanFn general =
-        &avx2_span<param_bf16, grad_bf16, state_bf16, form, stochastic, amsgrad, track, false>;
-    // The two default layouts (every stream bf16, or every stream fp32) have a plain loop.
-    if constexpr (form == MasterForm::kNone && !stochastic && !amsgrad &&
-                  param_bf16 == grad_bf16 && param_bf16 == state_bf16) {
-      return {&avx2_span<param_bf16, grad_bf16, state_bf16, form, stochastic, amsgrad, track, true>,
-              general};
+        &avx2_span<param16, grad, state_bf16, form, stochastic, amsgrad, track, false, half>;
+    if constexpr (kDefaultLayout<param16, grad, state_bf16, form, stochastic, amsgrad, half>) {
+      return {&avx2_span<param16, grad, state_bf16, form, stochastic, amsgrad, track, true, half>,
+              general, "fast_span, vector_span"};
     }
-    return {general, general};
+    return {general, general, "vector_span"};
 #else
-    return {&step_span<param_bf16, grad_bf16, state_bf16, form, stochastic, amsgrad, track, true>,
-            &step_span<param_bf16, grad_bf16, state_bf16, form, stochastic, amsgrad, track, false>};
+    return {&step_span<param16, grad, state_bf16, form, stochastic, amsgrad, track, true, half>,
+            &step_span<param16, grad, state_bf16, form, stochastic, amsgrad, track, false, half>,
+            "step_span"};
 #endif
   }
 }
@@ -809,7 +978,7 @@ constexpr std::array<SpanFns, sizeof...(kCodes)> span_table(std::integer_sequenc
   return {span_fn<kCodes>()...};
 }
 
-// The loops of every layout code (nullptr: none), 176 of the 1024 codes.
+// The loops of every layout code (nullptr: none), 208 of the 2048 codes.
 constexpr std::array<SpanFns, kLayoutCodes> kSpanFns =
     span_table(std::make_integer_sequence<int, kLayoutCodes>{});
 
@@ -818,6 +987,43 @@ struct WorkItem {
 };
 
 }  // namespace
+
+const char* RLVR_CPU_JOIN(loop_of_, RLVR_CPU_ISA)(int64_t layout) {
+  return kSpanFns[static_cast<size_t>(layout & (kLayoutCodes - 1))].loop;
+}
+
+void RLVR_CPU_JOIN(fp16_round_, RLVR_CPU_ISA)(uint16_t* out, uint64_t first, int64_t count,
+                                               const uint16_t* random16) {
+  int64_t k = 0;
+#if defined(__AVX2__)
+  const __m256i lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+  for (; k + 8 <= count; k += 8) {
+    const __m256i bits =
+        _mm256_add_epi32(_mm256_set1_epi32(static_cast<int>(first + static_cast<uint64_t>(k))), lane);
+    const __m256i image =
+        random16 == nullptr
+            ? round_nearest_fp16_8(_mm256_castsi256_ps(bits))
+            : round_stochastic_fp16_computed8(  // a NaN takes the general formula, as in the loop
+                  bits, _mm256_cvtepu16_epi32(load8x16(random16 + k)),
+                  _mm256_movemask_ps(_mm256_cmp_ps(_mm256_castsi256_ps(bits),
+                                                   _mm256_castsi256_ps(bits), _CMP_UNORD_Q)) != 0);
+    Lanes<Format::kFp16>::store(out + k, image);
+  }
+#endif
+  for (; k < count; ++k) {
+    const auto bits = static_cast<uint32_t>(first + static_cast<uint64_t>(k));
+    out[k] = static_cast<uint16_t>(random16 == nullptr ? spec::round_nearest_fp16(bits)
+                                                       : spec::round_stochastic_fp16(bits, random16[k]));
+  }
+}
+
+void RLVR_CPU_JOIN(fp16_values_, RLVR_CPU_ISA)(const uint16_t* in, float* out, int64_t count) {
+  int64_t k = 0;
+#if defined(__AVX2__)
+  for (; k + 8 <= count; k += 8) _mm256_storeu_ps(out + k, fp16_value8(in + k));
+#endif
+  for (; k < count; ++k) out[k] = spec::fp16_bits_to_fp32(in[k]);
+}
 
 bool RLVR_CPU_JOIN(step_, RLVR_CPU_ISA)(const CpuStep& a) {
   const bool plain = a.grad_scale == nullptr && !a.maximize && !a.l2_decay;

@@ -12,7 +12,7 @@
 // The fields of a row, in order.
 #define RLVR_ROW_FIELDS(X)                                                                   \
   X(param)             /* fp32, bf16 or float16 */                                           \
-  X(grad)              /* fp32 or bf16 (float16: Triton and CUDA) */                         \
+  X(grad)              /* fp32, bf16 or float16 (CPU: float16 beside float16 params) */      \
   X(exp_avg)           /* fp32 or bf16, as exp_avg_sq and max_exp_avg_sq */                  \
   X(exp_avg_sq)                                                                              \
   X(max_exp_avg_sq)    /* amsgrad only */                                                    \
@@ -66,10 +66,11 @@ constexpr int64_t kLayoutStochastic = 64;
 constexpr int64_t kLayoutTrack = 128;  // any of the change bitmap, cumulative bitmap, counters
 constexpr int64_t kLayoutParamFp16 = 256;  // a float16 param (its change image: itself)
 constexpr int64_t kLayoutImageFp16 = 512;  // an fp32 param whose change image is float16
-constexpr int kLayoutCodes = 1024;     // the codes of the bits above
+constexpr int64_t kLayoutGradFp16 = 1024;  // a float16 grad (CPU: beside float16 params)
+constexpr int kLayoutCodes = 2048;     // the codes of the bits above
 // Every element array (param, grad, states, master / remainder) is 16-byte aligned.
-constexpr int64_t kLayoutVectorAligned = 1024;
+constexpr int64_t kLayoutVectorAligned = 2048;
 // The freeze mask and the change and cumulative bitmaps are 8-byte aligned.
-constexpr int64_t kLayoutBitmapAligned = 2048;
+constexpr int64_t kLayoutBitmapAligned = 4096;
 
 }  // namespace rlvr_optim

@@ -148,8 +148,9 @@ class _ReferenceLaunch(NamedTuple):
 
 def _encode(group, options: tuple) -> _Launch | _ReferenceLaunch:
     """A planner group as table rows (planner callback): the group's layout bits and each
-    row's grad bits; a grad the loops cannot read as it is (another dtype, or not
-    contiguous) is read from a float32 copy made in each step."""
+    row's grad bits; a grad the loops cannot read as it is (another dtype, a float16 grad
+    beside a param that is not float16, or not contiguous) is read from a float32 copy
+    made in each step."""
     if group.key is None:
         return _ReferenceLaunch(group.rows)
     rows = np.zeros((len(group.rows), len(ROW_FIELDS)), dtype=np.int64)
@@ -158,8 +159,11 @@ def _encode(group, options: tuple) -> _Launch | _ReferenceLaunch:
             rows[:, ROW[name]] = values
     rows[:, ROW["layout"]] = group.key
     staged = []
+    param_fp16 = bool(group.key & LAYOUT_BITS["param_fp16"])
     for k, (dtype, contiguous) in enumerate(zip(group.grad_dtypes, group.grad_contiguous)):
-        if dtype not in FLOATS or not contiguous:
+        if dtype == torch.float16 and param_fp16 and contiguous:
+            rows[k, ROW["layout"]] |= LAYOUT_BITS["grad_fp16"]
+        elif dtype not in FLOATS or not contiguous:
             staged.append(k)
         elif dtype == torch.bfloat16:
             rows[k, ROW["layout"]] |= LAYOUT_BITS["grad_bf16"]
@@ -202,9 +206,8 @@ def adamw(
     """One Adam step over a list of CPU tensors, in place, in one pass of OpenMP threads.
 
     Arguments and results as :func:`rlvr_optim.reference.adamw`. Params are float32,
-    bfloat16 or float16 (float16 params and float16 change images run the header's
-    element loop, not the hand-vectorized ones). Grads of another dtype than float32 or
-    bfloat16 are converted to float32 first, as the reference does. A tensor whose param,
+    bfloat16 or float16. Grads of another dtype than float32 or bfloat16 (or float16
+    beside a float16 param) are converted to float32 first, as the reference does. A tensor whose param,
     states, master or bitmaps are not contiguous, or whose exp_avg, exp_avg_sq and
     max_exp_avg_sq differ in dtype or are neither float32 nor bfloat16, is stepped by the
     reference (same bits, slower). A call with the tensors of a
@@ -282,5 +285,6 @@ def _address(t: Tensor | None) -> int:
     return 0 if t is None else t.data_ptr()
 
 
-planner = Planner(_check_call, _static_key, _group_key, _encode, frozenset(FLOATS), _capturing)
+planner = Planner(_check_call, _static_key, _group_key, _encode,
+                  frozenset((*FLOATS, torch.float16)), _capturing)
 """The CPU backend's kept calls and tables (:class:`rlvr_optim.plan.Planner`)."""

@@ -12,7 +12,7 @@ backend, ``csrc/cpu_*.cpp``) and ``rlvr_optim._C`` (the CUDA backend, ``csrc/*.c
   and :data:`CUDA` are the two.
 
 ``csrc/cpu_step.cpp`` is compiled once per instruction set (on x86-64: the baseline and
-``-mavx2``, picked at run time by the CPU's flags; elsewhere: the baseline only), then
+``-mavx2 -mf16c``, picked at run time by the CPU's flags; elsewhere: the baseline only), then
 linked with ``csrc/cpu_binding.cpp``. Each ``csrc/*.cu`` is compiled by nvcc (in parallel)
 and linked into one module.
 """
@@ -74,7 +74,7 @@ def cpu_isas() -> list[tuple[str, list[str]]]:
     """(name, extra flags) of each instruction set cpu_step.cpp is compiled for."""
     out = [("generic", [])]
     if platform.machine().lower() in ("x86_64", "amd64"):
-        out.append(("avx2", ["-mavx2"]))
+        out.append(("avx2", ["-mavx2", "-mf16c"]))
     return out
 
 

@@ -7,13 +7,14 @@ import inspect
 import itertools
 import warnings
 
+import numpy as np
 import pytest
 import torch
 
 from rlvr_optim import AdamW, backends, cpu_backend, extensions
 from rlvr_optim import reference as R
 
-from adamw_cases import BETAS, EPS, FEATURES, FORM_IDS, FORMS, other_grad_dtype
+from adamw_cases import BETAS, EPS, FEATURES, FORM_IDS, FORMS, fp16_edge_patterns, other_grad_dtype
 from adamw_cases import assert_same_bits as _assert_same_bits
 from adamw_cases import bits as _bits
 from adamw_cases import compare as _compare
@@ -435,3 +436,200 @@ def test_auto_falls_back_to_the_reference_with_one_warning(monkeypatch):
     assert "no C++ compiler" in backends.unavailable_reason("cpu")
     with pytest.raises(RuntimeError, match="backend 'cpu' is not available.*C\\+\\+ compiler"):
         backends.check_backend("cpu")
+
+
+# ---------------------------------------------------------------------------------------
+# float16 in the AVX2 loops: which loop steps them, their conversions on every pattern,
+# every float16 layout in one call, and float16's rounding edges through the whole step.
+# ---------------------------------------------------------------------------------------
+
+_FP16_BITS = ("param_fp16", "image_fp16", "grad_fp16")
+
+
+def _layout_codes(ext, *names):
+    """Every layout code (without alignment bits) that sets one of the bits ``names``."""
+    bits = ext.LAYOUT_BITS
+    codes = 2 * max(v for k, v in bits.items() if not k.endswith("aligned"))
+    return [c for c in range(codes) if any(c & bits[n] for n in names)]
+
+
+def test_fp16_layouts_have_the_vector_loop(ext):
+    """Every float16 layout with a loop (float16 params with fp32, bf16 or float16 grads,
+    fp32 params with float16 change images) steps its 8-element groups in the AVX2 build's
+    vector loop, the generic build's in the spec loop; the default bf16 layout (a control)
+    in its own loop."""
+    if "avx2" not in ext.ISAS:
+        pytest.skip("the avx2 build is not usable on this CPU")
+    bits = ext.LAYOUT_BITS
+    loops = {c: ext.loop_of("avx2", c) for c in _layout_codes(ext, *_FP16_BITS)}
+    with_loop = [c for c, loop in loops.items() if loop != "none"]
+    assert set(loops.values()) == {"vector_span", "none"}
+    assert {ext.loop_of("generic", c) for c in with_loop} == {"step_span"}
+    # float16 params: 3 grad dtypes x 2 state dtypes x amsgrad x master x rounding x
+    # tracking; fp32 params with float16 images: 2 grad dtypes x 2 x amsgrad x tracking.
+    assert len(with_loop) == 96 + 16
+    fp16_grad = bits["param_fp16"] | bits["grad_fp16"] | bits["stochastic"] | bits["master_fp32"]
+    assert loops[fp16_grad] == "vector_span"
+    assert loops[fp16_grad | bits["grad_bf16"]] == "none"  # not both grad dtypes
+    default_bf16 = bits["param_bf16"] | bits["grad_bf16"] | bits["state_bf16"]
+    assert ext.loop_of("avx2", default_bf16) == "fast_span, vector_span"
+
+
+def _fp16_ranges():
+    """(first, count) runs of fp32 patterns at float16's edges, both signs: fp32 zero and
+    subnormals, float16's subnormal range and its neighbours, 1.0, the top of the normal
+    range and overflow, inf and NaNs; each run starts below an exponent's first pattern."""
+    runs = []
+    for sign in (0, 0x80000000):
+        for exponent in (0, 1, *range(101, 115), 0x7F, 141, 142, 143, 0xFF):
+            first = (sign | exponent << 23) + 3
+            runs.append((first - 2**12 if first >= 2**12 else first, 2**16))
+        runs.append((sign | 0x7FFF0000, 2**16))  # the last NaNs: quiet, every payload
+    return runs
+
+
+def test_fp16_conversions_of_the_avx2_loops_equal_the_spec(ext):
+    """The AVX2 loops' float16 conversions (F16C for values and nearest rounding, integer
+    operations for stochastic rounding) against the header's (the spec's formulas):
+    nearest on all 2**32 fp32 patterns, values on all 2**16 float16 patterns (equal bits,
+    or both NaN: vcvtph2ps quiets signalling NaNs, which no output shows, see
+    cpu_step.cpp), stochastic on runs of patterns at every edge with random bits; the runs
+    and values again with flush-to-zero and denormals-are-zero set, to which neither F16C
+    conversion is subject."""
+    if "avx2" not in ext.ISAS:
+        pytest.skip("the avx2 build is not usable on this CPU")
+    threads = max(1, torch.get_num_threads())
+    chunk = 1 << 24
+    spec, loop = torch.empty(chunk, dtype=torch.int16), torch.empty(chunk, dtype=torch.int16)
+    for first in range(0, 2**32, chunk):
+        ext.fp16_nearest_patterns(spec.data_ptr(), first, chunk, threads)
+        ext.fp16_loop_conversions("avx2", loop.data_ptr(), first, chunk, 0, False)
+        if not torch.equal(spec, loop):
+            bad = int((spec != loop).nonzero()[0])
+            raise AssertionError(f"fp32 {first + bad:#010x}: avx2 {int(loop[bad]) & 0xFFFF:#06x}, "
+                                 f"spec {int(spec[bad]) & 0xFFFF:#06x}")
+    gen = torch.Generator().manual_seed(12)
+    halves = torch.arange(2**16, dtype=torch.int32).to(torch.int16)
+    flush = torch.set_flush_denormal(False)  # whether this CPU can set the flags
+    for flush_denormal in (False, True) if flush else (False,):
+        torch.set_flush_denormal(flush_denormal)
+        try:
+            values = {}
+            for isa in ("generic", "avx2"):
+                values[isa] = torch.empty(2**16, dtype=torch.float32)
+                ext.fp16_loop_conversions(isa, values[isa].data_ptr(), halves.data_ptr(), 2**16,
+                                          0, True)
+            nan = values["generic"].isnan()
+            assert torch.equal(values["avx2"].isnan(), nan)
+            assert torch.equal(values["avx2"][~nan].view(torch.int32),
+                               values["generic"][~nan].view(torch.int32))
+            for first, count in _fp16_ranges():
+                random16 = torch.randint(-(2**15), 2**15, (count,), generator=gen,
+                                         dtype=torch.int16)
+                for random in (0, random16.data_ptr()):
+                    out = {}
+                    for isa in ("generic", "avx2"):
+                        out[isa] = torch.empty(count, dtype=torch.int16)
+                        ext.fp16_loop_conversions(isa, out[isa].data_ptr(), first, count,
+                                                  random, False)
+                    assert torch.equal(out["avx2"], out["generic"]), (
+                        f"run {first:#010x} random {bool(random)} flush {flush_denormal}")
+        finally:
+            torch.set_flush_denormal(False)
+
+
+@pytest.mark.parametrize("isa", ["avx2"], indirect=True)
+@pytest.mark.parametrize("grad_options", ["plain", "scale-maximize-l2", "skip"])
+@pytest.mark.parametrize("master, rounding", [
+    (None, "nearest"), (None, "stochastic"), ("fp32", "nearest"), ("fp32", "stochastic")],
+    ids=["nearest", "stochastic", "master", "master-sr"])
+def test_fp16_layouts_in_one_call_on_random_patterns(isa, master, rounding, grad_options):
+    """test_every_layout_in_one_call_on_random_patterns for float16: float16 params with
+    float16 or fp32 grads, and fp32 params whose change image is float16 (change_dtype
+    float16), in every state dtype, amsgrad or not, frozen or not, tracked or not."""
+    gen = torch.Generator().manual_seed(len(grad_options) * 13 + len(rounding) + 5 * len(master or ""))
+    fp16, fp32, bf16 = torch.float16, torch.float32, torch.bfloat16
+    flags = list(itertools.product(*[[False, True]] * 3))
+    combos = [(fp16, g, s, *f) for g in (fp16, fp32) for s in (fp32, bf16) for f in flags]
+    combos += [(fp32, fp32, s, *f) for s in (fp32, bf16) for f in flags]
+    ref = []
+    for k, (param, grad, state, amsgrad, freeze, track) in enumerate(combos):
+        tracking = _TRACKED[k % len(_TRACKED)] if track else ()
+        numel = _LAYOUT_SIZES[k % len(_LAYOUT_SIZES)] if k != 5 else _LAYOUT_LARGE
+        s = _make_state(gen, numel, param, state, master if param == fp16 else None,
+                        amsgrad=amsgrad, freeze=freeze, track=True)
+        for key in ("change_bitmap", "cumulative_bitmap", "counters"):
+            if key not in tracking:
+                s.pop(key)
+        for key in ("param", "exp_avg", "exp_avg_sq", "max_exp_avg_sq", "master"):
+            if key in s:
+                s[key] = _random_patterns(gen, s[key], 0.03)
+        ref.append(s)
+    got = [{key: v.clone() for key, v in s.items()} for s in ref]
+    n = len(ref)
+    offsets = [_LAYOUT_OFFSETS[k % len(_LAYOUT_OFFSETS)] for k in range(n)]
+    changed = 0
+    for step in range(1, STEPS + 1):
+        steps = torch.full((n,), step)
+        grads = [_random_patterns(gen, _grad(gen, s["param"].numel(), c[1], nonfinite=True), 0.02)
+                 for s, c in zip(ref, combos)]
+        kwargs = dict(scalars=R.step_scalars(steps, [1e-2, 3e-3, 1.0][step - 1], *BETAS, 0.1, EPS),
+                      amsgrad=True, rounding=rounding, element_offsets=offsets,
+                      change_dtype=fp16,
+                      sr_keys=(R.stochastic_rounding_keys(11, steps, torch.arange(n) + 5)
+                               if rounding == "stochastic" else None))
+        if grad_options == "scale-maximize-l2":
+            kwargs.update(grad_scale=torch.tensor(0.37), maximize=True,
+                          decoupled_weight_decay=False)
+        elif grad_options == "skip":
+            kwargs.update(grad_scale=torch.tensor(4.0), found_inf=torch.tensor(float(step == 2)))
+        for states in (ref, got):
+            for s in states:
+                _poison(s, gen)
+        _call(R.adamw, ref, [g.clone() for g in grads], **kwargs)
+        with pytest.MonkeyPatch.context() as mp:  # every tensor through the loops
+            mp.setattr(cpu_backend.reference, "step_tensor", _no_reference_step)
+            _call(cpu_backend.adamw, got, [g.clone() for g in grads], **kwargs)
+        for k, (s_ref, s_got) in enumerate(zip(ref, got)):
+            _compare(s_ref, s_got, f"{isa} step {step} tensor {k} {combos[k]}")
+            if "counters" in s_ref:
+                changed += int(s_ref["counters"][0])
+    assert changed > 0  # the comparison saw float16 changes
+
+
+@pytest.mark.parametrize("master, rounding, param", [
+    ("fp32", "nearest", torch.float16), ("fp32", "stochastic", torch.float16),
+    (None, "nearest", torch.float32), (None, "stochastic", torch.float16)],
+    ids=["master", "master-sr", "fp32-image16", "fp16-sr"])
+def test_fp16_rounding_edges_through_the_step(isa, master, rounding, param):
+    """float16's rounding edges (subnormal results, overflow to inf, ties with even and odd
+    kept LSB, NaN payloads: adamw_cases.fp16_edge_patterns) as the weight a step stores:
+    with lr = 0 the weight stays what the master or fp32 param holds, so the stored
+    float16 param (or an fp32 param's float16 change image) is its rounding."""
+    patterns = fp16_edge_patterns()
+    numel = patterns.size
+    gen = torch.Generator().manual_seed(21)
+    ref = _make_state(gen, numel, param, torch.float32, master, amsgrad=False, freeze=False,
+                      track=True)
+    w = torch.from_numpy(patterns.view(np.float32).copy())
+    if master == "fp32":
+        ref["master"] = w.clone()
+    elif param == torch.float32:
+        ref["param"] = w.clone()
+    else:  # stored float16 params at every edge
+        ref["param"] = R.fp16_from_bits(R.fp32_to_fp16_bits_nearest(torch.from_numpy(
+            patterns.astype(np.int64))))
+    got = {k: v.clone() for k, v in ref.items()}
+    for step in (1, 2):
+        steps = torch.tensor([step])
+        kwargs = dict(scalars=R.step_scalars(steps, 0.0, *BETAS, 0.0, EPS), rounding=rounding,
+                      sr_keys=R.stochastic_rounding_keys(4, steps, torch.tensor([2])),
+                      element_offsets=[5], change_dtype=torch.float16)
+        grad = _grad(gen, numel, param, nonfinite=step == 2)
+        _poison(ref, gen)
+        _poison(got, gen)
+        _call(R.adamw, [ref], [grad.clone()], **kwargs)
+        _call(cpu_backend.adamw, [got], [grad.clone()], **kwargs)
+        _compare(ref, got, f"{isa} edge patterns step {step}")
+        if master == "fp32" and step == 1:
+            assert int(ref["counters"][0]) > numel // 2  # the edges reached the param store
