@@ -706,19 +706,23 @@ def _store_and_flag(p, at, update, train, before, after, loaded, g, cumulative,
         if L.HAS_COUNTERS:
             n_changed = _popcount8(packed, L.HW_BF16)
     if L.HAS_COUNTERS:
-        moved = w_bits != w_old.to(tl.uint32, bitcast=True)
-        if L.PARAM_FP16 and not L.HAS_MASTER:
-            # The spec's w is the canonical NaN wherever it is a NaN (and so wherever the
-            # decoded weight before was one); it moved unless the weight before was that
-            # NaN too, whose float16 pattern is the canonical NaN's image: there it moved
-            # exactly where the pattern changed. Elsewhere neither is a NaN and the decoded
-            # bits are exact (:func:`_fp16_bits_to_fp32`). Neither NaN's bits are read.
-            moved = tl.where(w != w, changed, moved)
-        moved = moved & update
+        moved = (w_bits != w_old.to(tl.uint32, bitcast=True)) & update
+        EXACT_BITS: tl.constexpr = not (L.PARAM_FP16 and not L.HAS_MASTER)
+        if not EXACT_BITS:
+            # Where the new w is a NaN the spec's is the canonical one, and the weight before
+            # (decoded from the stored float16) moved unless it was that NaN too, whose
+            # pattern is the canonical NaN's image: it moved exactly where the pattern
+            # changed. Elsewhere neither is a NaN, the decoded bits are exact
+            # (:func:`_fp16_bits_to_fp32`), and a changed pattern means moved bits. So
+            # moved = changed | (bits differ & w is no NaN), the OR on the packed rows.
+            moved = moved & (w == w)
         g_exponent = g.to(tl.uint32, bitcast=True) & 0x7F800000
         nonfinite = (g_exponent == 0x7F800000) & train
         # Each count is the popcount of its rows' packed bits: one popc per row on a GPU.
-        n_moved = _popcount8(_pack_bits(moved, L.HALVES), L.HW_BF16)
+        moved_rows = _pack_bits(moved, L.HALVES)
+        if not EXACT_BITS:
+            moved_rows = moved_rows | packed
+        n_moved = _popcount8(moved_rows, L.HW_BF16)
         n_nonfinite = _popcount8(_pack_bits(nonfinite, L.HALVES), L.HW_BF16)
     return n_changed, n_moved, n_nonfinite
 
