@@ -17,6 +17,7 @@ import pytest
 import torch
 
 triton = pytest.importorskip("triton")
+tl = triton.language
 
 from rlvr_optim import reference as R  # noqa: E402
 from rlvr_optim.bitmaps import bitmap_bytes  # noqa: E402
@@ -724,6 +725,43 @@ def test_rounding_edge_patterns(master, rounding, half, shape):
     if master == "fp32":
         # The edge patterns did reach the param store: the param is now their rounding.
         assert int(ref["counters"][0]) > numel // 2
+
+
+@triton.jit
+def _fp16_stochastic_probe(w_ptr, r_ptr, out_ptr, N: tl.constexpr):
+    offs = tl.program_id(0) * N + tl.arange(0, N)
+    r = tl.load(r_ptr + offs).to(tl.uint32)
+    out = TK._round_stochastic_fp16(tl.load(w_ptr + offs), r)
+    tl.store(out_ptr + offs, out.to(tl.int32))
+
+
+def test_fp16_stochastic_rounding_formula_on_every_exponent_and_extreme_draws():
+    """The kernel's float16 stochastic rounding (one aligned word, a truncating conversion
+    below 2**-14) against reference.fp32_to_fp16_bits_stochastic on every fp32 exponent of
+    both signs (mantissas from the float16 edges and at random) with draws 0, 0xFFFF and
+    random; a NaN is the canonical one's image, as the step makes every computed NaN."""
+    rng = np.random.default_rng(37)
+    exponents = np.arange(256, dtype=np.uint32)
+    mantissas = np.unique(np.concatenate([fp16_edge_patterns() & 0x7FFFFF,
+                                          rng.integers(0, 2**23, 64, dtype=np.uint32)]))
+    patterns = ((exponents[:, None] << 23) | mantissas[None, :]).reshape(-1)
+    patterns = np.concatenate([patterns, patterns | 0x80000000])
+    n = 1 << int(np.ceil(np.log2(patterns.size)))
+    patterns = np.resize(patterns, n)
+    bits = torch.from_numpy(patterns.astype(np.int64))
+    spec_bits = torch.where(R._is_nan_bits(bits), torch.tensor(0x7FC00000), bits)
+    for draws in (np.zeros(n, np.int64), np.full(n, 0xFFFF, np.int64),
+                  rng.integers(0, 2**16, n, dtype=np.int64)):
+        out = torch.zeros(n, dtype=torch.int32, device=DEVICE)
+        with np.errstate(invalid="ignore", over="ignore"):
+            _fp16_stochastic_probe[(n // 1024,)](
+                torch.from_numpy(patterns.view(np.float32).copy()).to(DEVICE),
+                torch.from_numpy(draws.astype(np.int32)).to(DEVICE), out, N=1024)
+        expected = R.fp32_to_fp16_bits_stochastic(spec_bits, torch.from_numpy(draws))
+        got = out.cpu().to(torch.int64) & 0xFFFF
+        bad = (got != expected).nonzero().flatten()[:4].tolist()
+        assert not bad, [(hex(patterns[i]), int(draws[i]), hex(got[i]), hex(expected[i]))
+                         for i in bad]
 
 
 # ---------------------------------------------------------------------------------------

@@ -144,14 +144,13 @@ def _join_remainder(hi, remainder):
 
 @triton.jit
 def _fp16_bits_to_fp32(bits, HW_BF16: tl.constexpr):
-    """Exact fp32 value of float16 patterns; a NaN keeps its sign and payload unquieted.
-    ``HW_BF16`` (compiled for a GPU): the hardware conversion (exact) with NaN lanes set
-    to that pattern, which it would quiet; else integer operations (numpy's conversion
-    handles NaNs its own way)."""
+    """The fp32 value of float16 patterns: exact but for a NaN's payload. ``HW_BF16``
+    (compiled for a GPU): the hardware conversion, exact on every other pattern (it may
+    quiet a NaN); else integer operations that keep a NaN's sign and payload unquieted
+    (numpy's conversion handles NaNs its own way). Only the step's math and the "moved"
+    count read the result, and neither depends on a NaN's bits (:func:`_store_and_flag`)."""
     if HW_BF16:
-        x = bits.to(tl.uint16).to(tl.float16, bitcast=True).to(tl.float32)
-        nan = ((bits & 0x8000) << 16) | 0x7F800000 | ((bits & 0x3FF) << 13)
-        return tl.where((bits & 0x7FFF) > 0x7C00, nan.to(tl.float32, bitcast=True), x)
+        return bits.to(tl.uint16).to(tl.float16, bitcast=True).to(tl.float32)
     sign = (bits & 0x8000) << 16
     exponent = (bits >> 10) & 0x1F
     mantissa = bits & 0x3FF
@@ -200,24 +199,26 @@ def _round_nearest_fp16(bits):
 
 
 @triton.jit
-def _round_stochastic_fp16(bits, random16):
-    """fp32 patterns -> float16 patterns, up with probability window / 2**16: added below
-    the kept LSB and truncated, as ``round_stochastic_fp16`` of csrc/adamw_element.cuh (in
-    the normal range ``random16 >> 3`` beside the 13 discarded bits, whose window's low 3
-    bits are zero; below it the significand aligned so that its low 16 bits are the
-    window); every shift below 32."""
-    sign = (bits >> 16) & 0x8000
+def _round_stochastic_fp16(w, random16):
+    """A computed fp32 value -> its float16 pattern, rounded up with probability window /
+    2**16 (reference.fp32_to_fp16_bits_stochastic), any NaN as 0x7E00 (the image of the
+    canonical NaN the spec makes of every computed NaN, so ``w`` need not be canonical).
+
+    One word ``aligned`` holds the kept magnitude above its 16-bit window (kept << 16 |
+    window) and the sign on top, so that adding ``random16`` carries into the kept LSB
+    exactly when the spec rounds up, and ``>> 16`` is the result. Normal float16 range: the
+    pattern rebased by 112 exponents and shifted left by 3, which is ``(m << 3) +
+    0x40000000`` modulo 2**32, magnitudes from 2**16 clamped to 2**16 (0x7C00, +-inf);
+    below 2**-14: ``floor(|w| * 2**40)`` by the truncating conversion, exact (a power of two
+    scaling, < 2**26), the spec's ``significand << 16 >> shift`` with every bit past the
+    window dropped. Out of its range that conversion overflows; its lanes are not selected
+    (the interpreter's numpy warns, :func:`_run` silences it)."""
+    bits = w.to(tl.uint32, bitcast=True)
     magnitude = bits & 0x7FFFFFFF
-    exponent = (magnitude >> 23).to(tl.int32)
-    normal = (magnitude - (112 << 23) + (random16 >> 3)) >> 13
-    significand = tl.where(exponent > 0, (magnitude & 0x7FFFFF) | 0x800000, magnitude)
-    shift = 126 - tl.maximum(exponent, 1)  # 14 .. 125 below the normal range
-    left = tl.minimum(tl.maximum(16 - shift, 0), 2).to(tl.uint32)
-    right = tl.minimum(tl.maximum(shift - 16, 0), 31).to(tl.uint32)  # >> 24+: zero
-    aligned = (significand << left) >> right  # kept << 16 | window
-    kept = tl.where(exponent >= 113, normal, (aligned + random16) >> 16)
-    rounded = sign | tl.minimum(kept, 0x7C00)
-    return tl.where(_is_nan_bits(bits), _fp16_nan(bits), rounded)
+    normal = (tl.minimum(magnitude, 0x47800000) << 3) + 0x40000000
+    subnormal = (tl.abs(w) * 1099511627776.0).to(tl.uint32)
+    aligned = tl.where(magnitude < 0x38800000, subnormal, normal) | (bits & 0x80000000)
+    return tl.where(w != w, 0x7E00, (aligned + random16) >> 16)
 
 
 @triton.jit
@@ -595,16 +596,20 @@ def _unscaled_grad(grad, grad_scale, L):
 
 
 @triton.jit
-def _adamw_math(g, w, m, v, vmax, s, AMSGRAD: tl.constexpr, L2_DECAY: tl.constexpr):
+def _adamw_math(g, w, m, v, vmax, s, AMSGRAD: tl.constexpr, L2_DECAY: tl.constexpr,
+                CANONICAL_W: tl.constexpr):
     """Stage 2, the optimizer's math (reference.adamw_math), fp32 registers only; returns
     (w, m, v, vmax). ``L2_DECAY`` (torch's Adam): ``s.decay`` times the weight is added to
     the gradient instead of decaying the weight (AdamW).
 
     The reference makes every computed NaN canonical where it is computed; here only ``w``
-    is (its bits are compared and stored as they are). A NaN in ``m``, ``v`` or ``vmax``
-    reaches ``w`` as a NaN whatever its payload, and their stores make it canonical
-    (:func:`_store_state`), where the bf16 rounding tests for NaN anyway: the same bits,
-    one select per element and state fewer with bf16 states."""
+    is, and only where ``CANONICAL_W`` (its bits are compared and stored as they are). A
+    NaN in ``m``, ``v`` or ``vmax`` reaches ``w`` as a NaN whatever its payload, and their
+    stores make it canonical (:func:`_store_state`), where the bf16 rounding tests for NaN
+    anyway: the same bits, one select per element and state fewer with bf16 states. A
+    float16 param without a master stores no fp32 bits: its roundings map any NaN to the
+    canonical one's image and its "moved" count tests ``w`` for NaN
+    (:func:`_store_and_flag`), so ``w`` stays as computed."""
     if L2_DECAY:
         g = g + s.decay * w
     else:
@@ -616,7 +621,9 @@ def _adamw_math(g, w, m, v, vmax, s, AMSGRAD: tl.constexpr, L2_DECAY: tl.constex
         denom = tl.div_rn(tl.sqrt_rn(vmax), s.bc2_sqrt) + s.eps
     else:
         denom = tl.div_rn(tl.sqrt_rn(v), s.bc2_sqrt) + s.eps
-    w = _canonical_nan(w - tl.div_rn(s.step_size * m, denom))
+    w = w - tl.div_rn(s.step_size * m, denom)
+    if CANONICAL_W:
+        w = _canonical_nan(w)
     return w, m, v, vmax
 
 
@@ -636,7 +643,7 @@ def _store_weight(w, w_bits, sr_seed, index_base, at, L):
         random16 = _random16(sr_seed, index_base, at.offs, at.row_offs, L.SR_ROW_CALLS,
                               L.HALVES)
         if FP16:
-            image = _round_stochastic_fp16(w_bits, random16)
+            image = _round_stochastic_fp16(w, random16)
         else:
             image = _round_stochastic_bf16(w_bits, random16)
     else:
@@ -700,10 +707,22 @@ def _store_and_flag(p, at, update, train, before, after, loaded, g, cumulative,
             n_changed = _popcount8(packed, L.HW_BF16)
     if L.HAS_COUNTERS:
         moved = (w_bits != w_old.to(tl.uint32, bitcast=True)) & update
+        EXACT_BITS: tl.constexpr = not (L.PARAM_FP16 and not L.HAS_MASTER)
+        if not EXACT_BITS:
+            # Where the new w is a NaN the spec's is the canonical one, and the weight before
+            # (decoded from the stored float16) moved unless it was that NaN too, whose
+            # pattern is the canonical NaN's image: it moved exactly where the pattern
+            # changed. Elsewhere neither is a NaN, the decoded bits are exact
+            # (:func:`_fp16_bits_to_fp32`), and a changed pattern means moved bits. So
+            # moved = changed | (bits differ & w is no NaN), the OR on the packed rows.
+            moved = moved & (w == w)
         g_exponent = g.to(tl.uint32, bitcast=True) & 0x7F800000
         nonfinite = (g_exponent == 0x7F800000) & train
         # Each count is the popcount of its rows' packed bits: one popc per row on a GPU.
-        n_moved = _popcount8(_pack_bits(moved, L.HALVES), L.HW_BF16)
+        moved_rows = _pack_bits(moved, L.HALVES)
+        if not EXACT_BITS:
+            moved_rows = moved_rows | packed
+        n_moved = _popcount8(moved_rows, L.HW_BF16)
         n_nonfinite = _popcount8(_pack_bits(nonfinite, L.HALVES), L.HW_BF16)
     return n_changed, n_moved, n_nonfinite
 
@@ -776,7 +795,7 @@ def _adamw_chunk(p, s, first, limit, index_base, skip, sr_seed, grad_scale,
     g = _unscaled_grad(grad, grad_scale, L)
     after = _adamw_math(g, before[1], _state_value(m_old, L.STATE_BF16),
                         _state_value(v_old, L.STATE_BF16), _state_value(vmax_old, L.STATE_BF16),
-                        s, L.AMSGRAD, L.L2_DECAY)
+                        s, L.AMSGRAD, L.L2_DECAY, not (L.PARAM_FP16 and not L.HAS_MASTER))
     return _store_and_flag(p, at, update, train, before, after, (m_old, v_old, vmax_old), g,
                            cumulative, sr_seed, index_base, L, WORDS)
 
@@ -1318,8 +1337,11 @@ def _run(launches: list, shape: _LaunchShape, x: StepInputs, amsgrad: bool) -> N
         programs = shape.num_programs or (items if interpreting
                                           else _programs(device, args, constexprs, warps))
         try:
-            adamw_table_kernel[(min(items, programs),)](
-                *args, **constexprs, num_warps=warps, enable_fp_fusion=False)
+            # The interpreter's numpy warns of float -> int conversions out of range, which
+            # the float16 stochastic rounding computes on lanes it does not select.
+            with np.errstate(invalid="ignore", over="ignore") if interpreting else nullcontext():
+                adamw_table_kernel[(min(items, programs),)](
+                    *args, **constexprs, num_warps=warps, enable_fp_fusion=False)
         except BaseException:
             # A kernel stopped part way (the interpreter runs it on the host) may leave its
             # counter sums in the workspace; the next launch must start from zero.
