@@ -2,6 +2,12 @@
 
 The variable must be set before any Triton kernel module is imported.
 
+Without ``-m``, tests marked ``exhaustive`` are left out: the cases of a cross product
+beyond the covering design the default run keeps (tests/adamw_cases.py ``matrix``);
+``pytest -m exhaustive`` runs them, ``RLVR_OPTIM_EXHAUSTIVE=1`` keeps them in a run
+without ``-m``. An explicit ``-m`` expression is taken as it is (``-m gpu`` runs every
+GPU case).
+
 ``--shard I/N`` keeps every N-th collected test starting at the I-th (0-based), so that N
 processes run a suite side by side: bench/gpu_check.sh runs the GPU tests that way, because
 compiling the Triton variants, one process at a time, would dominate its time budget.
@@ -66,6 +72,11 @@ if os.environ.get("TRITON_INTERPRET") == "1":
 def pytest_addoption(parser):
     parser.addoption("--shard", default=None, metavar="I/N",
                      help="run only the tests whose collection index is I modulo N")
+
+
+def pytest_configure(config):
+    if not config.option.markexpr and os.environ.get("RLVR_OPTIM_EXHAUSTIVE", "0") != "1":
+        config.option.markexpr = "not exhaustive"
 
 
 def _parse_shard(text: str) -> tuple[int, int]:
