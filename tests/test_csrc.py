@@ -577,7 +577,9 @@ def _clone(state):
 
 
 # ---------------------------------------------------------------------------------------
-# The matrix: every form x state dtype x feature set x size, several seeds, three steps.
+# The matrix: every form x state dtype x feature set, sizes by a covering design (every
+# size on every form, state dtype and feature set; the rest: -m exhaustive), several seeds,
+# three steps.
 # ---------------------------------------------------------------------------------------
 
 

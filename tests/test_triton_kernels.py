@@ -224,7 +224,8 @@ def launches(monkeypatch):
 
 
 # ---------------------------------------------------------------------------------------
-# The matrix: every form x state dtype x feature set x size, several seeds, three steps.
+# The matrix: every form x feature set, the state dtypes alternating (the other half: -m
+# exhaustive); every size in each call, several seeds, three steps.
 # ---------------------------------------------------------------------------------------
 
 
