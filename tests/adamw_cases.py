@@ -4,6 +4,7 @@ tests/test_triton_kernels.py run against the reference, so that every compiled b
 meets the same cases. Not a test module; the tests import it from their own folder."""
 
 import numpy as np
+import pytest
 import torch
 
 BETAS = (0.9, 0.999)
@@ -72,6 +73,47 @@ FEATURES = {
     # torch's Adam: the weight decay an L2 term in the gradient.
     "adam-l2": dict(l2_decay=True, amsgrad=True, freeze=True, nonfinite=True, maximize=True),
 }
+
+
+STATE_DTYPES = [torch.float32, torch.bfloat16]
+STATE_IDS = ["m-fp32", "m-bf16"]
+
+
+def matrix(sizes, *, sizes_per_case=1, shift=0):
+    """The bit-exactness matrix, (form, state dtype, feature set, numel), as pytest params:
+    the whole cross product, of which the default run keeps a covering design and
+    ``pytest -m exhaustive`` runs the rest (tests/conftest.py). Kept: every form x state
+    dtype x feature set, each with ``sizes_per_case`` of ``sizes``, rotated so that every
+    form, every state dtype and every feature set meets every size (``shift`` turns the
+    rotation, so that two backends that share code keep different cases)."""
+    n = len(sizes)
+    params = []
+    for i, (form, form_id) in enumerate(zip(FORMS, FORM_IDS)):
+        for s, (state_dtype, state_id) in enumerate(zip(STATE_DTYPES, STATE_IDS)):
+            for f, features in enumerate(FEATURES):
+                first = i + len(FEATURES) * s + f + shift
+                kept = {(first + k * n // sizes_per_case) % n for k in range(sizes_per_case)}
+                for j, numel in enumerate(sizes):
+                    params.append(pytest.param(
+                        form, state_dtype, features, numel,
+                        id=f"{form_id}-{state_id}-{features}-{numel}",
+                        marks=() if j in kept else pytest.mark.exhaustive))
+    return params
+
+
+def layouts(features_sets=FEATURES):
+    """(form, state dtype, feature set of ``features_sets``) as pytest params, for a matrix that runs every size
+    in one call: the whole cross product, of which the default run keeps every form x
+    feature set once, with the state dtypes alternating so that every form and every
+    feature set meets both; ``pytest -m exhaustive`` runs the other half."""
+    params = []
+    for i, (form, form_id) in enumerate(zip(FORMS, FORM_IDS)):
+        for s, (state_dtype, state_id) in enumerate(zip(STATE_DTYPES, STATE_IDS)):
+            for f, features in enumerate(features_sets):
+                params.append(pytest.param(
+                    form, state_dtype, features, id=f"{form_id}-{state_id}-{features}",
+                    marks=() if (i + f) % len(STATE_DTYPES) == s else pytest.mark.exhaustive))
+    return params
 
 
 def poison(state, gen):

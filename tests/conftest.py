@@ -2,12 +2,21 @@
 
 The variable must be set before any Triton kernel module is imported.
 
+Without ``-m``, tests marked ``exhaustive`` are left out: the cases of a cross product
+beyond the covering design the default run keeps (tests/adamw_cases.py ``matrix``);
+``pytest -m exhaustive`` runs them, ``RLVR_OPTIM_EXHAUSTIVE=1`` keeps them in a run
+without ``-m``. An explicit ``-m`` expression is taken as it is (``-m gpu`` runs every
+GPU case).
+
 ``--shard I/N`` keeps every N-th collected test starting at the I-th (0-based), so that N
 processes run a suite side by side: bench/gpu_check.sh runs the GPU tests that way, because
 compiling the Triton variants, one process at a time, would dominate its time budget.
 """
 
+import fcntl
+import json
 import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -68,6 +77,11 @@ def pytest_addoption(parser):
                      help="run only the tests whose collection index is I modulo N")
 
 
+def pytest_configure(config):
+    if not config.option.markexpr and os.environ.get("RLVR_OPTIM_EXHAUSTIVE", "0") != "1":
+        config.option.markexpr = "not exhaustive"
+
+
 def _parse_shard(text: str) -> tuple[int, int]:
     try:
         index, count = (int(x) for x in text.split("/"))
@@ -78,8 +92,16 @@ def _parse_shard(text: str) -> tuple[int, int]:
     return index, count
 
 
+# Fixtures that compile for minutes (nvcc, Triton's compiler, a Triton install): the tests
+# that use them run first, so that the compiles overlap the rest of the suite on every
+# worker instead of ending the run alone.
+COMPILING_FIXTURES = ("report_rows", "triton_sites", "variant_reports", "linked_ext")
+
+
 @pytest.hookimpl(trylast=True)  # after -m and -k have deselected
 def pytest_collection_modifyitems(config, items):
+    items.sort(key=lambda item: not any(name in getattr(item, "fixturenames", ())
+                                        for name in COMPILING_FIXTURES))
     shard = config.getoption("--shard")
     if shard is None:
         return
@@ -89,6 +111,35 @@ def pytest_collection_modifyitems(config, items):
     if dropped:
         config.hook.pytest_deselected(items=dropped)
     items[:] = keep
+
+
+@pytest.fixture(scope="session")
+def once_per_run(tmp_path_factory):
+    """``once(name, make)``: the JSON value ``make()`` returns, made by one process of this
+    test run; pytest-xdist's other workers wait for it and read it. A module fixture that
+    compiles (the static report) otherwise runs in every worker its tests are sent to, all
+    at once. The value lives in this run's temporary folder (the workers share its parent),
+    never beyond the run; a ``make()`` that raises leaves nothing, so a waiting worker makes
+    it again and meets the same failure."""
+    base = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        base = base.parent  # .../pytest-N, this run's; popen-gwK is the worker's own
+    from rlvr_optim import files
+
+    def once(name: str, make):
+        path = Path(base) / f"once-{name}.json"
+        with open(Path(base) / f"once-{name}.lock", "a+") as lock:
+            fcntl.flock(lock.fileno(), fcntl.LOCK_EX)
+            try:
+                if path.is_file():
+                    return json.loads(path.read_text())
+                value = make()
+                files.write_json(path, value)
+                return value
+            finally:
+                fcntl.flock(lock.fileno(), fcntl.LOCK_UN)
+
+    return once
 
 
 @pytest.fixture

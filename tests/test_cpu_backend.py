@@ -14,7 +14,7 @@ import torch
 from rlvr_optim import AdamW, backends, cpu_backend, extensions
 from rlvr_optim import reference as R
 
-from adamw_cases import BETAS, EPS, FEATURES, FORM_IDS, FORMS, fp16_edge_patterns, other_grad_dtype
+from adamw_cases import (BETAS, EPS, FEATURES, fp16_edge_patterns, matrix, other_grad_dtype)
 from adamw_cases import assert_same_bits as _assert_same_bits
 from adamw_cases import bits as _bits
 from adamw_cases import compare as _compare
@@ -96,10 +96,7 @@ def _make_state(gen, numel, param_dtype, state_dtype, master, *, amsgrad, freeze
     return s
 
 
-@pytest.mark.parametrize("numel", SIZES)
-@pytest.mark.parametrize("features", list(FEATURES))
-@pytest.mark.parametrize("state_dtype", [torch.float32, torch.bfloat16], ids=["m-fp32", "m-bf16"])
-@pytest.mark.parametrize("form", FORMS, ids=FORM_IDS)
+@pytest.mark.parametrize("form,state_dtype,features,numel", matrix(SIZES))
 def test_matches_reference_bit_for_bit(isa, form, state_dtype, features, numel):
     param_dtype, master, rounding, change_dtype = form
     f = FEATURES[features]

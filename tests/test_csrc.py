@@ -51,7 +51,7 @@ from rlvr_optim import reference as R
 from rlvr_optim.table import COUNTER_NAMES, LAYOUT_BITS, ROW_FIELDS
 from rlvr_optim.bitmaps import popcount
 
-from adamw_cases import BETAS, EPS, FEATURES, FORM_IDS, FORMS, fp16_edge_patterns, other_grad_dtype
+from adamw_cases import BETAS, EPS, FEATURES, FORM_IDS, FORMS, fp16_edge_patterns, matrix, other_grad_dtype
 from adamw_cases import assert_same_bits as _assert_same_bits
 from adamw_cases import bits as _bits
 from adamw_cases import compare as _compare
@@ -577,14 +577,13 @@ def _clone(state):
 
 
 # ---------------------------------------------------------------------------------------
-# The matrix: every form x state dtype x feature set x size, several seeds, three steps.
+# The matrix: every form x state dtype x feature set, sizes by a covering design (every
+# size on every form, state dtype and feature set; the rest: -m exhaustive), several seeds,
+# three steps.
 # ---------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("numel", SIZES)
-@pytest.mark.parametrize("features", list(FEATURES))
-@pytest.mark.parametrize("state_dtype", [torch.float32, torch.bfloat16], ids=["m-fp32", "m-bf16"])
-@pytest.mark.parametrize("form", FORMS, ids=FORM_IDS)
+@pytest.mark.parametrize("form,state_dtype,features,numel", matrix(SIZES, shift=3))
 def test_matches_reference_bit_for_bit(target, form, state_dtype, features, numel):
     param_dtype, master, rounding, change_dtype = form
     f = FEATURES[features]

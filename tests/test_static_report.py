@@ -519,19 +519,23 @@ def test_known_failures_name_rows_that_are_checked():
 
 
 @pytest.fixture(scope="module")
-def report_rows(triton_sites) -> dict[str, dict]:
+def report_rows(triton_sites, once_per_run) -> dict[str, dict]:
     """{row id: row} of the whole report, every Triton of TRITONS and CUDA when nvcc and
-    cuobjdump are there."""
+    cuobjdump are there; made once per test run (tests/conftest.py ``once_per_run``)."""
     backends = ["triton"]
     if shutil.which("nvcc") is not None and S.cuobjdump_path() is not None:
         backends.append("cuda")
     command = [sys.executable, str(ROOT / "bench" / "static_report.py"), "--json",
                *(f"--backend={b}" for b in backends),
                *(f"--triton={site}" for site in triton_sites.values() if site is not None)]
-    done = subprocess.run(command, capture_output=True, text=True, env=_without_interpreter(),
-                          cwd=ROOT)
-    assert done.returncode == 0, done.stderr[-3000:]
-    rows = json.loads(done.stdout)
+
+    def make():
+        done = subprocess.run(command, capture_output=True, text=True,
+                              env=_without_interpreter(), cwd=ROOT)
+        assert done.returncode == 0, done.stderr[-3000:]
+        return json.loads(done.stdout)
+
+    rows = once_per_run("static-report", make)
     for row in rows:
         assert set(row) == set(S.KEYS), row
     return {_row_id(r["backend"], r["triton_version"], r["mode"], r["tracking"]): r

@@ -22,7 +22,7 @@ tl = triton.language
 from rlvr_optim import reference as R  # noqa: E402
 from rlvr_optim.bitmaps import bitmap_bytes  # noqa: E402
 from rlvr_optim.triton_kernels import adamw as TK  # noqa: E402
-from adamw_cases import BETAS, EPS, FORM_IDS, FORMS, fp16_edge_patterns  # noqa: E402
+from adamw_cases import BETAS, EPS, fp16_edge_patterns, layouts  # noqa: E402
 
 pytestmark = [
     # numpy warns about inf / inf and NaN arithmetic inside the interpreter; it is intended.
@@ -225,13 +225,12 @@ def launches(monkeypatch):
 
 
 # ---------------------------------------------------------------------------------------
-# The matrix: every form x state dtype x feature set x size, several seeds, three steps.
+# The matrix: every form x feature set, the state dtypes alternating (the other half: -m
+# exhaustive); every size in each call, several seeds, three steps.
 # ---------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("features", list(FEATURES))
-@pytest.mark.parametrize("state_dtype", [torch.float32, torch.bfloat16], ids=["m-fp32", "m-bf16"])
-@pytest.mark.parametrize("form", FORMS, ids=FORM_IDS)
+@pytest.mark.parametrize("form,state_dtype,features", layouts(FEATURES))
 def test_matches_reference_bit_for_bit(form, state_dtype, features):
     """Every size in one call (one group for the table launch), each tensor with its own
     row of scalars (its own step count) and its own SR key and element offset."""
