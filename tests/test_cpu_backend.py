@@ -14,7 +14,7 @@ import torch
 from rlvr_optim import AdamW, backends, cpu_backend, extensions
 from rlvr_optim import reference as R
 
-from adamw_cases import (BETAS, EPS, FEATURES, fp16_edge_patterns, matrix, other_grad_dtype)
+from adamw_cases import BETAS, EPS, FEATURES, fp16_edge_patterns, matrix, other_grad_dtype
 from adamw_cases import assert_same_bits as _assert_same_bits
 from adamw_cases import bits as _bits
 from adamw_cases import compare as _compare
