@@ -36,6 +36,40 @@ def other_grad_dtype(param_dtype, change_dtype):
     param, the 16-bit format of its change image beside an fp32 param."""
     return change_dtype if param_dtype == torch.float32 else torch.float32
 
+# Which fp32 patterns the all-patterns rounding tests sweep: "sample" in the default run,
+# "all" (every one of the 2**32) in the exhaustive one.
+PATTERN_SWEEPS = ["sample", pytest.param("all", marks=pytest.mark.exhaustive)]
+
+
+def fp32_pattern_runs(which: str) -> list[tuple[int, int]]:
+    """(first, count) runs of consecutive fp32 bit patterns (unsigned). ``"all"``: the
+    2**32 patterns in runs of 2**24. ``"sample"`` (12.8M patterns, 0.3% of them): for each
+    sign and each of the 256 exponents, 2**13 patterns at the lowest mantissas, around the
+    middle one and at the highest, so every value of the 13 bits fp32 -> float16 rounding
+    drops meets every exponent (zeros, subnormals, Inf and NaNs included); and for the
+    exponents whose float16 result is subnormal or at its edge (101 to 113, where more bits
+    are dropped), 2**13 patterns around each power of two from 2**13 to 2**22 of the
+    mantissa, where a tie sits when that many bits are dropped."""
+    if which == "all":
+        return [(first, 1 << 24) for first in range(0, 2**32, 1 << 24)]
+    if which != "sample":
+        raise ValueError(f"which: 'all' or 'sample', got {which!r}")
+    runs = []
+    for sign in (0, 1 << 31):
+        for exponent in range(256):
+            base = sign | exponent << 23
+            starts = [0, (1 << 22) - (1 << 12), (1 << 23) - (1 << 13)]
+            if 101 <= exponent <= 113:
+                starts += [(1 << k) - (1 << 12) for k in range(13, 23)]
+            for start in sorted(starts):  # overlapping runs merged
+                last = runs[-1] if runs and runs[-1][0] >= sign else None  # one sign
+                if last is not None and last[0] + last[1] >= base + start:
+                    runs[-1] = (last[0], base + start + (1 << 13) - last[0])
+                else:
+                    runs.append((base + start, 1 << 13))
+    return runs
+
+
 def fp16_edge_patterns() -> np.ndarray:
     """fp32 patterns at the float16 rounding edges (uint32): both signs; fp32 exponents of
     zero and the fp32 subnormals, of float16's subnormal range (2**-25 .. 2**-15: 14 to 24
@@ -102,10 +136,11 @@ def matrix(sizes, *, sizes_per_case=1, shift=0):
 
 
 def layouts(features_sets=FEATURES):
-    """(form, state dtype, feature set of ``features_sets``) as pytest params, for a matrix that runs every size
-    in one call: the whole cross product, of which the default run keeps every form x
-    feature set once, with the state dtypes alternating so that every form and every
-    feature set meets both; ``pytest -m exhaustive`` runs the other half."""
+    """(form, state dtype, feature set of ``features_sets``) as pytest params, for a
+    matrix that runs every size in one call: the whole cross product, of which the default
+    run keeps every form x feature set once, with the state dtypes alternating so that
+    every form and every feature set meets both; ``pytest -m exhaustive`` runs the other
+    half."""
     params = []
     for i, (form, form_id) in enumerate(zip(FORMS, FORM_IDS)):
         for s, (state_dtype, state_id) in enumerate(zip(STATE_DTYPES, STATE_IDS)):

@@ -14,7 +14,8 @@ import torch
 from rlvr_optim import AdamW, backends, cpu_backend, extensions
 from rlvr_optim import reference as R
 
-from adamw_cases import BETAS, EPS, FEATURES, fp16_edge_patterns, matrix, other_grad_dtype
+from adamw_cases import (BETAS, EPS, FEATURES, PATTERN_SWEEPS, fp16_edge_patterns,
+                         fp32_pattern_runs, matrix, other_grad_dtype)
 from adamw_cases import assert_same_bits as _assert_same_bits
 from adamw_cases import bits as _bits
 from adamw_cases import compare as _compare
@@ -485,10 +486,12 @@ def _fp16_ranges():
     return runs
 
 
-def test_fp16_conversions_of_the_avx2_loops_equal_the_spec(ext):
+@pytest.mark.parametrize("which", PATTERN_SWEEPS)
+def test_fp16_conversions_of_the_avx2_loops_equal_the_spec(ext, which):
     """The AVX2 loops' float16 conversions (F16C for values and nearest rounding, integer
     operations for stochastic rounding) against the header's (the spec's formulas):
-    nearest on all 2**32 fp32 patterns, values on all 2**16 float16 patterns (equal bits,
+    nearest on all 2**32 fp32 patterns (``all``, the exhaustive run; the default run
+    sweeps ``sample``, adamw_cases.fp32_pattern_runs), values on all 2**16 float16 patterns (equal bits,
     or both NaN: vcvtph2ps quiets signalling NaNs, which no output shows, see
     cpu_step.cpp), stochastic on runs of patterns at every edge with random bits; the runs
     and values again with flush-to-zero and denormals-are-zero set, to which neither F16C
@@ -496,11 +499,10 @@ def test_fp16_conversions_of_the_avx2_loops_equal_the_spec(ext):
     if "avx2" not in ext.ISAS:
         pytest.skip("the avx2 build is not usable on this CPU")
     threads = max(1, torch.get_num_threads())
-    chunk = 1 << 24
-    spec, loop = torch.empty(chunk, dtype=torch.int16), torch.empty(chunk, dtype=torch.int16)
-    for first in range(0, 2**32, chunk):
-        ext.fp16_nearest_patterns(spec.data_ptr(), first, chunk, threads)
-        ext.fp16_loop_conversions("avx2", loop.data_ptr(), first, chunk, 0, False)
+    for first, count in fp32_pattern_runs(which):
+        spec, loop = torch.empty(count, dtype=torch.int16), torch.empty(count, dtype=torch.int16)
+        ext.fp16_nearest_patterns(spec.data_ptr(), first, count, threads)
+        ext.fp16_loop_conversions("avx2", loop.data_ptr(), first, count, 0, False)
         if not torch.equal(spec, loop):
             bad = int((spec != loop).nonzero()[0])
             raise AssertionError(f"fp32 {first + bad:#010x}: avx2 {int(loop[bad]) & 0xFFFF:#06x}, "

@@ -51,7 +51,8 @@ from rlvr_optim import reference as R
 from rlvr_optim.table import COUNTER_NAMES, LAYOUT_BITS, ROW_FIELDS
 from rlvr_optim.bitmaps import popcount
 
-from adamw_cases import BETAS, EPS, FEATURES, FORM_IDS, FORMS, fp16_edge_patterns, matrix, other_grad_dtype
+from adamw_cases import (BETAS, EPS, FEATURES, FORM_IDS, FORMS, PATTERN_SWEEPS, fp16_edge_patterns,
+                         fp32_pattern_runs, matrix, other_grad_dtype)
 from adamw_cases import assert_same_bits as _assert_same_bits
 from adamw_cases import bits as _bits
 from adamw_cases import compare as _compare
@@ -695,28 +696,31 @@ def test_rounding_edge_patterns(target, master, rounding, half):
         assert int(ref["counters"][0]) > numel // 2  # the edges reached the param store
 
 
-def test_fp16_nearest_formula_equals_torch_cast_on_all_fp32_patterns():
+@pytest.mark.parametrize("which", PATTERN_SWEEPS)
+def test_fp16_nearest_formula_equals_torch_cast_on_all_fp32_patterns(which):
     """The header's float16 nearest-even formula (round_nearest_fp16, the spec's integer
     formula: reference.fp32_to_fp16_bits_nearest agrees with it in every step test) equals
-    torch's cast on every one of the 2**32 fp32 patterns, NaNs included (torch keeps the
-    sign and top payload bits of a NaN, quieted, as the spec does); in chunks of 2**24
-    patterns, the formula on OpenMP threads in the CPU extension. Negative control: the same
-    comparison with truncation (the stochastic formula with zero random bits) fails."""
+    torch's cast on every one of the 2**32 fp32 patterns (``all``, the exhaustive run; the
+    default run sweeps ``sample``: every dropped-bit value at every exponent, see
+    adamw_cases.fp32_pattern_runs), NaNs included (torch keeps the sign and top payload
+    bits of a NaN, quieted, as the spec does); the formula on OpenMP threads in the CPU
+    extension. Negative control: the same comparison with truncation (the stochastic
+    formula with zero random bits) fails."""
     reason = cpu_backend.unavailable_reason()
     if reason is not None:
         pytest.skip(reason)
     ext = cpu_backend.load_extension()
     threads = max(1, torch.get_num_threads())
-    chunk = 1 << 24
-    formula = torch.empty(chunk, dtype=torch.int16)
-    for start in range(-(2**31), 2**31, chunk):  # int32 patterns: all 2**32, signed
-        patterns = torch.arange(start, start + chunk, dtype=torch.int32)
+    for first, count in fp32_pattern_runs(which):
+        signed = first - 2**32 if first >= 2**31 else first  # runs never cross 2**31
+        patterns = torch.arange(signed, signed + count, dtype=torch.int32)
         cast = patterns.view(torch.float32).half().view(torch.int16)
-        ext.fp16_nearest_patterns(formula.data_ptr(), start & 0xFFFFFFFF, chunk, threads)
+        formula = torch.empty(count, dtype=torch.int16)
+        ext.fp16_nearest_patterns(formula.data_ptr(), first, count, threads)
         if not torch.equal(cast, formula):
             bad = int((cast != formula).nonzero()[0])
             raise AssertionError(
-                f"fp32 {(start + bad) & 0xFFFFFFFF:#010x}: formula "
+                f"fp32 {first + bad:#010x}: formula "
                 f"{int(formula[bad]) & 0xFFFF:#06x}, torch {int(cast[bad]) & 0xFFFF:#06x}")
     # The control, on 2**16 ordinary values from 1.0 up.
     patterns = torch.arange(0x3F800000, 0x3F810000, dtype=torch.int32)
