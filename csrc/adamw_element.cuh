@@ -211,6 +211,19 @@ RLVR_HD float fp16_bits_to_fp32(uint32_t bits) {
   return fp32_from_bits(sign | magnitude);
 }
 
+// The fp32 value of a float16 pattern for the step's arithmetic: exact, but a NaN pattern
+// gives some NaN, not its own bits. On the GPU the hardware conversion alone (one
+// instruction, where keeping a NaN's bits took several more per element); on the host
+// the canonical NaN, so that the host tests hold store_and_flag to the contract that no
+// flag depends on which NaN it is (see kNanByImage there).
+RLVR_HD float fp16_value(uint32_t bits) {
+#if defined(__CUDA_ARCH__)
+  return __half2float(__ushort_as_half(static_cast<unsigned short>(bits)));
+#else
+  return (bits & 0x7FFFu) > 0x7C00u ? fp32_from_bits(0x7FC00000u) : fp16_bits_to_fp32(bits);
+#endif
+}
+
 // An fp32 pattern on its way to float16 (reference._fp16_window): the float16 magnitude
 // with the discarded bits cut off (0x7C00 and up for magnitudes of 2**16 and more), the
 // 16 discarded bits just below its LSB, and whether any discarded bit beyond them is set.
@@ -465,6 +478,8 @@ RLVR_HD Weight load_weight(const Element& e) {
     before.w = e.master;
   } else if (kMaster == MasterForm::kRemainder) {
     before.w = fp32_from_bits(join_remainder(e.param, e.remainder));
+  } else if (kParam16 && kHalf == Half::kFp16) {
+    before.w = fp16_value(e.param);  // a NaN is not the pattern's own (store_and_flag)
   } else if (kParam16) {
     before.w = half_bits_to_fp32<kHalf>(e.param);
   } else {
@@ -582,7 +597,16 @@ RLVR_HD ElementFlags store_and_flag(Element& e, Weight before, Moments after, fl
   const bool update = train && !skip;
   ElementFlags flags;
   flags.changed = update && stored.image != before.image;
-  flags.moved = update && w_bits != fp32_bits(before.w);
+  // A float16 param without a master has its weight from fp16_value, a NaN of unknown
+  // bits where the param is a NaN pattern. A NaN weight steps to the canonical NaN
+  // (adamw_math), the exact value of the pattern kFp16QuietNan and of no other, so it
+  // moved unless it was that pattern.
+  constexpr bool kNanByImage = kParam16 && kMaster == MasterForm::kNone && kHalf == Half::kFp16;
+  const bool differs =
+      kNanByImage ? (before.image != kFp16QuietNan) &
+                        ((w_bits != fp32_bits(before.w)) | (before.w != before.w))
+                  : w_bits != fp32_bits(before.w);
+  flags.moved = update && differs;
   flags.nonfinite = train && !is_finite(g);
   if (update) {
     e.param = kParam16 ? stored.image : w_bits;
