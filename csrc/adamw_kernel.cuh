@@ -315,9 +315,45 @@ struct States8 {
   float exp_avg[8], exp_avg_sq[8], max_exp_avg_sq[8];
 };
 
-// Steps the 8 elements: param and master patterns in place, states into `out` (elements
-// not in `train`, or all under kSkip, keep what they hold). Returns the change bits and
-// the move and non-finite bits. random16(k) gives element k's stochastic-rounding bits.
+// Steps element k of the 8: its param and master patterns in place, its states into m, v
+// and vmax (the stored values kept where it is not in `train`, or under kSkip); returns
+// its flags. random16(k) gives its stochastic-rounding bits.
+template <class V, bool kSkip, class Random>
+__device__ __forceinline__ ElementFlags step1(const TensorContext& c, Elements8& x, int k,
+                                              uint32_t train, const GradOptions& options,
+                                              const Random& random16, float& m, float& v,
+                                              float& vmax) {
+  Element e;
+  e.param = x.param[k];
+  e.master = fp32_from_bits(x.master[k]);
+  e.remainder = static_cast<int32_t>(static_cast<int16_t>(x.master[k]));
+  e.exp_avg = stored_value<V::kStateBf16>(x.exp_avg[k]);
+  e.exp_avg_sq = stored_value<V::kStateBf16>(x.exp_avg_sq[k]);
+  e.max_exp_avg_sq = V::kAmsgrad ? stored_value<V::kStateBf16>(x.max_exp_avg_sq[k]) : 0.0f;
+  const ElementFlags f =
+      adamw_element_drawn<V::kParam16, V::kMaster, V::kStochastic, V::kAmsgrad, V::kHalf>(
+          e, grad_value<V>(x.grad[k]), c.scalars, options, (train >> k) & 1u,
+          kSkip, V::kStochastic ? random16(k) : 0u);
+  // e holds its old fields where it was not updated.
+  x.param[k] = e.param;
+  if (V::kMaster == MasterForm::kFp32) x.master[k] = fp32_bits(e.master);
+  if (V::kMaster == MasterForm::kRemainder) x.master[k] = static_cast<uint32_t>(e.remainder) & 0xFFFFu;
+  m = e.exp_avg;
+  v = e.exp_avg_sq;
+  vmax = e.max_exp_avg_sq;
+  return f;
+}
+
+// The flag bits of element k.
+__device__ __forceinline__ void add_flags(const ElementFlags& f, int k, uint32_t& changed,
+                                          uint32_t& moved, uint32_t& nonfinite) {
+  changed |= static_cast<uint32_t>(f.changed) << k;
+  moved |= static_cast<uint32_t>(f.moved) << k;
+  nonfinite |= static_cast<uint32_t>(f.nonfinite) << k;
+}
+
+// Steps the 8 elements (step1), states into `out`. Returns the change bits and the move
+// and non-finite bits.
 template <class V, bool kSkip, class Random>
 __device__ __forceinline__ uint32_t step8(const TensorContext& c, Elements8& x, States8& out,
                                           uint32_t train, const GradOptions& options,
@@ -328,49 +364,27 @@ __device__ __forceinline__ uint32_t step8(const TensorContext& c, Elements8& x, 
   nonfinite = 0;
 #pragma unroll
   for (int k = 0; k < 8; ++k) {
-    Element e;
-    e.param = x.param[k];
-    e.master = fp32_from_bits(x.master[k]);
-    e.remainder = static_cast<int32_t>(static_cast<int16_t>(x.master[k]));
-    e.exp_avg = stored_value<V::kStateBf16>(x.exp_avg[k]);
-    e.exp_avg_sq = stored_value<V::kStateBf16>(x.exp_avg_sq[k]);
-    e.max_exp_avg_sq = V::kAmsgrad ? stored_value<V::kStateBf16>(x.max_exp_avg_sq[k]) : 0.0f;
-    const ElementFlags f =
-        adamw_element_drawn<V::kParam16, V::kMaster, V::kStochastic, V::kAmsgrad, V::kHalf>(
-            e, grad_value<V>(x.grad[k]), c.scalars, options, (train >> k) & 1u,
-            kSkip, V::kStochastic ? random16(k) : 0u);
-    // e holds its old fields where it was not updated.
-    x.param[k] = e.param;
-    if (V::kMaster == MasterForm::kFp32) x.master[k] = fp32_bits(e.master);
-    if (V::kMaster == MasterForm::kRemainder) x.master[k] = static_cast<uint32_t>(e.remainder) & 0xFFFFu;
-    out.exp_avg[k] = e.exp_avg;
-    out.exp_avg_sq[k] = e.exp_avg_sq;
-    out.max_exp_avg_sq[k] = e.max_exp_avg_sq;
-    changed |= static_cast<uint32_t>(f.changed) << k;
-    moved |= static_cast<uint32_t>(f.moved) << k;
-    nonfinite |= static_cast<uint32_t>(f.nonfinite) << k;
+    const ElementFlags f = step1<V, kSkip>(c, x, k, train, options, random16, out.exp_avg[k],
+                                           out.exp_avg_sq[k], out.max_exp_avg_sq[k]);
+    add_flags(f, k, changed, moved, nonfinite);
   }
   return changed;
 }
 
-// Patterns of the states after the step, for the vector store of one state array: bf16 by
-// hardware pairs (cvt.rn.bf16x2), where an element that was not updated gets its loaded
-// bits back (a kept bf16 NaN keeps its payload, which the conversion would not).
+// Patterns of elements 2j and 2j + 1 of one state array after the step, for its vector
+// store: bf16 by a hardware pair (cvt.rn.bf16x2), where an element that was not updated
+// gets its loaded bits back (a kept bf16 NaN keeps its payload, which the conversion would
+// not).
 template <bool kBf16>
-__device__ __forceinline__ void state_patterns(const float (&value)[8], uint32_t update,
-                                               uint32_t (&bits)[8]) {
+__device__ __forceinline__ void state_pair(float lo, float hi, int j, uint32_t update,
+                                           uint32_t (&bits)[8]) {
   if (kBf16) {
-#pragma unroll
-    for (int j = 0; j < 4; ++j) {
-      const uint32_t pair = round_nearest_bf16x2_computed(value[2 * j], value[2 * j + 1]);
-      const uint32_t lo = (update >> (2 * j)) & 1u ? pair & 0xFFFFu : bits[2 * j];
-      const uint32_t hi = (update >> (2 * j + 1)) & 1u ? pair >> 16 : bits[2 * j + 1];
-      bits[2 * j] = lo;
-      bits[2 * j + 1] = hi;
-    }
+    const uint32_t pair = round_nearest_bf16x2_computed(lo, hi);
+    bits[2 * j] = (update >> (2 * j)) & 1u ? pair & 0xFFFFu : bits[2 * j];
+    bits[2 * j + 1] = (update >> (2 * j + 1)) & 1u ? pair >> 16 : bits[2 * j + 1];
   } else {
-#pragma unroll
-    for (int k = 0; k < 8; ++k) bits[k] = fp32_bits(value[k]);
+    bits[2 * j] = fp32_bits(lo);
+    bits[2 * j + 1] = fp32_bits(hi);
   }
 }
 
@@ -380,18 +394,34 @@ __device__ __forceinline__ uint32_t grad_sign_flip(bool maximize) {
   return maximize ? (V::kGrad16 ? 0x80008000u : 0x80000000u) : 0u;
 }
 
-// step8 and the state patterns of the vector path.
+// The 8 elements of the vector path, two at a time: each pair's states go to their stored
+// patterns (state_pair) as soon as they are computed, so that at most two elements' fp32
+// states are live. (Patterns made after all 8 elements held 16 or 24 fp32 states at once;
+// at the 128-register cap ptxas recomputed m and v from their inputs instead and parked
+// NaN predicates in registers for the later conversion: bench/static_report.py counted
+// 3 to 5 instructions per element more, sm_90.) Returns what step8 returns.
 template <class V, bool kSkip, class Random>
 __device__ __forceinline__ uint32_t vector_math(const TensorContext& c, Elements8& x,
                                                 uint32_t train, const GradOptions& options,
                                                 uint32_t& moved, uint32_t& nonfinite,
                                                 const Random& random16) {
-  States8 states;
-  const uint32_t changed = step8<V, kSkip>(c, x, states, train, options, moved, nonfinite, random16);
-  if (!kSkip) {
-    state_patterns<V::kStateBf16>(states.exp_avg, train, x.exp_avg);
-    state_patterns<V::kStateBf16>(states.exp_avg_sq, train, x.exp_avg_sq);
-    if (V::kAmsgrad) state_patterns<V::kStateBf16>(states.max_exp_avg_sq, train, x.max_exp_avg_sq);
+  uint32_t changed = 0;
+  moved = 0;
+  nonfinite = 0;
+#pragma unroll
+  for (int j = 0; j < 4; ++j) {
+    float m[2], v[2], vmax[2];
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      const ElementFlags f =
+          step1<V, kSkip>(c, x, 2 * j + h, train, options, random16, m[h], v[h], vmax[h]);
+      add_flags(f, 2 * j + h, changed, moved, nonfinite);
+    }
+    if (!kSkip) {
+      state_pair<V::kStateBf16>(m[0], m[1], j, train, x.exp_avg);
+      state_pair<V::kStateBf16>(v[0], v[1], j, train, x.exp_avg_sq);
+      if (V::kAmsgrad) state_pair<V::kStateBf16>(vmax[0], vmax[1], j, train, x.max_exp_avg_sq);
+    }
   }
   return changed;
 }

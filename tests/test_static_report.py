@@ -484,7 +484,6 @@ KNOWN = {
         "cuda fp16-stochastic-fp32-states step": f"{_NOT_PIPELINED} (issue #37)",
     },
     "instructions_per_element": {
-        "cuda fp16-stochastic step": "108.9 instr/elem (issue #37)",
         "triton 3.9.0 fp16-stochastic step": "126.2 instr/elem (issue #37)",
         "triton 3.9.0 fp16-stochastic-fp32-states step": "131.8 instr/elem (issue #37)",
         "triton 3.6.0 fp16-stochastic step": "122.4 instr/elem (issue #37)",
