@@ -308,6 +308,22 @@ RLVR_HD uint32_t round_nearest_fp16_computed(float x) {
 #endif
 }
 
+// round_stochastic_fp16 of a value the step computed (every NaN canonical), without
+// branches: below the normal range the aligned significand (its low 16 bits the window)
+// is floor(|x| * 2**40), which the exact product by a power of two and a truncating
+// conversion give (|x| < 2**-14: the product is below 2**26); the canonical NaN's image
+// is kFp16QuietNan. The same formula on the host and the GPU.
+RLVR_HD uint32_t round_stochastic_fp16_computed(float x, uint32_t random16) {
+  const uint32_t bits = fp32_bits(x);
+  const uint32_t magnitude = bits & 0x7FFFFFFFu;
+  const uint32_t normal = (magnitude - (112u << 23) + (random16 >> 3)) >> 13;
+  const uint32_t aligned = static_cast<uint32_t>(mul_rn(fabsf(x), 0x1p40f));
+  const uint32_t subnormal = (aligned + random16) >> 16;
+  uint32_t kept = magnitude >= (113u << 23) ? normal : subnormal;
+  kept = kept < 0x7C00u ? kept : 0x7C00u;
+  return x != x ? kFp16QuietNan : ((bits >> 16) & 0x8000u) | kept;
+}
+
 // The 16-bit format of a tensor: the one its 16-bit param is stored in, or, for an fp32
 // param, the one whose nearest-even image its change flag compares (change_dtype).
 enum class Half : int { kBf16 = 0, kFp16 = 1 };
@@ -578,6 +594,8 @@ RLVR_HD StoredWeight store_weight(float w, uint32_t random_bits) {
     out.image = round_nearest_half_computed<kHalf>(w);
   } else if (kMaster == MasterForm::kRemainder) {
     split_remainder(w_bits, out.image, out.remainder);
+  } else if (kStochastic && kHalf == Half::kFp16) {
+    out.image = round_stochastic_fp16_computed(w, random_bits);
   } else if (kStochastic) {
     out.image = round_stochastic_half<kHalf>(w_bits, random_bits);
   } else {

@@ -17,8 +17,9 @@
 // that a thread's 8 elements share one Philox call; its last, partial tile and every tile
 // of a tensor that is not so aligned take the element-wise path. The vector path is
 // software pipelined in registers: a thread issues the next tile's loads before this
-// tile's math, so that its loads are in flight while it computes (Variant::kPipelined says
-// where the second set of buffers fits). On the vector path the bytes of 8 lanes are
+// tile's math, so that its loads are in flight while it computes (in every variant: the
+// second set of buffers fits beside the math, bench/static_report.py --all-variants
+// reports no spill). On the vector path the bytes of 8 lanes are
 // gathered by three xor-shuffles into the 64-bit word a little-endian ballot would give,
 // stored by the first lane of the eight. Counts accumulate per thread over a tensor and go
 // to a per-tensor workspace with one warp reduction and one atomic per warp and tensor;
@@ -72,13 +73,6 @@ struct Variant {
   // the element loop fits them; amsgrad and master forms carry 8 more words per element
   // and spilled at 128 (ptxas, sm_90), so they get one 256-thread block and up to 255.
   static constexpr int kMinBlocks = (kAmsgrad || kMaster != MasterForm::kNone) ? 1 : 2;
-  // walk issues the next full tile's loads before this tile's math (a second set of load
-  // buffers) where that fits. At 128 registers, stochastic rounding with fp32 states or
-  // with a grad scale spilled that way (ptxas, sm_80 and sm_90), and so did float16
-  // stochastic rounding with bf16 states and tracking (sm_90), so those variants load
-  // each tile before its math.
-  static constexpr bool kPipelined =
-      kMinBlocks == 1 || !kStochastic || (kStateBf16 && !kGradScale && kHalf == Half::kBf16);
 };
 
 // ---------------------------------------------------------------------------------------
@@ -310,11 +304,6 @@ struct Elements8 {
   uint32_t param[8], grad[8], exp_avg[8], exp_avg_sq[8], max_exp_avg_sq[8], master[8];
 };
 
-// The states after the step, as fp32 values: updated, or the stored value kept.
-struct States8 {
-  float exp_avg[8], exp_avg_sq[8], max_exp_avg_sq[8];
-};
-
 // Steps element k of the 8: its param and master patterns in place, its states into m, v
 // and vmax (the stored values kept where it is not in `train`, or under kSkip); returns
 // its flags. random16(k) gives its stochastic-rounding bits.
@@ -344,31 +333,14 @@ __device__ __forceinline__ ElementFlags step1(const TensorContext& c, Elements8&
   return f;
 }
 
-// The flag bits of element k.
+// Element k's flags: its change bit into `changed` (the bitmap's byte), its move and
+// non-finite flags straight into the thread's counts (a predicated add each, where a bit
+// of a mask cost a select and a bit insert per element and a popcount per 8).
 __device__ __forceinline__ void add_flags(const ElementFlags& f, int k, uint32_t& changed,
-                                          uint32_t& moved, uint32_t& nonfinite) {
+                                          Counts& counts) {
   changed |= static_cast<uint32_t>(f.changed) << k;
-  moved |= static_cast<uint32_t>(f.moved) << k;
-  nonfinite |= static_cast<uint32_t>(f.nonfinite) << k;
-}
-
-// Steps the 8 elements (step1), states into `out`. Returns the change bits and the move
-// and non-finite bits.
-template <class V, bool kSkip, class Random>
-__device__ __forceinline__ uint32_t step8(const TensorContext& c, Elements8& x, States8& out,
-                                          uint32_t train, const GradOptions& options,
-                                          uint32_t& moved, uint32_t& nonfinite,
-                                          const Random& random16) {
-  uint32_t changed = 0;
-  moved = 0;
-  nonfinite = 0;
-#pragma unroll
-  for (int k = 0; k < 8; ++k) {
-    const ElementFlags f = step1<V, kSkip>(c, x, k, train, options, random16, out.exp_avg[k],
-                                           out.exp_avg_sq[k], out.max_exp_avg_sq[k]);
-    add_flags(f, k, changed, moved, nonfinite);
-  }
-  return changed;
+  counts.moved += f.moved ? 1u : 0u;
+  counts.nonfinite += f.nonfinite ? 1u : 0u;
 }
 
 // Patterns of elements 2j and 2j + 1 of one state array after the step, for its vector
@@ -399,15 +371,13 @@ __device__ __forceinline__ uint32_t grad_sign_flip(bool maximize) {
 // states are live. (Patterns made after all 8 elements held 16 or 24 fp32 states at once;
 // at the 128-register cap ptxas recomputed m and v from their inputs instead and parked
 // NaN predicates in registers for the later conversion: bench/static_report.py counted
-// 3 to 5 instructions per element more, sm_90.) Returns what step8 returns.
+// 3 to 5 instructions per element more, sm_90.) Returns the change bits; the move and
+// non-finite flags go to `counts`.
 template <class V, bool kSkip, class Random>
 __device__ __forceinline__ uint32_t vector_math(const TensorContext& c, Elements8& x,
                                                 uint32_t train, const GradOptions& options,
-                                                uint32_t& moved, uint32_t& nonfinite,
-                                                const Random& random16) {
+                                                Counts& counts, const Random& random16) {
   uint32_t changed = 0;
-  moved = 0;
-  nonfinite = 0;
 #pragma unroll
   for (int j = 0; j < 4; ++j) {
     float m[2], v[2], vmax[2];
@@ -415,7 +385,7 @@ __device__ __forceinline__ uint32_t vector_math(const TensorContext& c, Elements
     for (int h = 0; h < 2; ++h) {
       const ElementFlags f =
           step1<V, kSkip>(c, x, 2 * j + h, train, options, random16, m[h], v[h], vmax[h]);
-      add_flags(f, 2 * j + h, changed, moved, nonfinite);
+      if (V::kTrack) add_flags(f, 2 * j + h, changed, counts);
     }
     if (!kSkip) {
       state_pair<V::kStateBf16>(m[0], m[1], j, train, x.exp_avg);
@@ -486,13 +456,12 @@ __device__ __forceinline__ void vector_tile(const TensorContext& c, int64_t firs
   // The freeze-mask byte of this thread, from the 8 bytes of its group of 8 lanes.
   const uint32_t train = ((lane & 4) ? l.mask.y : l.mask.x) >> (8 * (lane & 3)) & 0xFFu;
 
-  uint32_t moved, nonfinite;
   const auto draw16 = [&](int k) { return random16_of(draw, k); };
   // Every element trained (no freeze mask, or a byte of ones) is the common case: an
   // instantiation with the constant mask has no per-element selects.
   const uint32_t changed =
-      train == 0xFFu ? vector_math<V, kSkip>(c, x, 0xFFu, options, moved, nonfinite, draw16)
-                     : vector_math<V, kSkip>(c, x, train, options, moved, nonfinite, draw16);
+      train == 0xFFu ? vector_math<V, kSkip>(c, x, 0xFFu, options, counts, draw16)
+                     : vector_math<V, kSkip>(c, x, train, options, counts, draw16);
   if (!kSkip) {
     store8_vector<V::kParam16>(c.param, first, x.param);
     store8_vector<V::kStateBf16>(c.exp_avg, first, x.exp_avg);
@@ -504,8 +473,6 @@ __device__ __forceinline__ void vector_tile(const TensorContext& c, int64_t firs
   }
   if (V::kTrack) {
     counts.changed += __popc(changed);
-    counts.moved += __popc(moved);
-    counts.nonfinite += __popc(nonfinite);
     if (c.change_bitmap != nullptr || c.cumulative_bitmap != nullptr) {
       // Lanes 8q .. 8q + 7 hold bytes 8q .. 8q + 7 of the tile's bitmap.
       uint32_t word = changed << (8 * (lane & 3));
@@ -551,19 +518,35 @@ __device__ __forceinline__ void element_tile(const TensorContext& c, int64_t fir
 #pragma unroll
   for (int k = 0; k < 8; ++k) x.grad[k] ^= V::kGrad16 ? (grad_flip & 0xFFFFu) : grad_flip;
 
-  uint32_t moved, nonfinite;
-  States8 states;
+  // The 8 elements' Philox counters are index >> 3 and the next one (index is a multiple
+  // of 8 only on the vector path): two calls, element k taking half (index & 7) + k of
+  // the pair.
   const uint64_t index = static_cast<uint64_t>(c.element_offset + first);
-  const uint32_t changed = step8<V, kSkip>(
-      c, x, states, train, options, moved, nonfinite,
-      [&](int k) { return random16(c.key_lo, c.key_hi, index + k); });
-  if (!kSkip) {  // only updated elements are stored
+  Philox4 low{}, high{};
+  if (V::kStochastic && !kSkip) {
+    low = philox_for_8(c.key_lo, c.key_hi, index >> 3);
+    high = philox_for_8(c.key_lo, c.key_hi, (index >> 3) + 1);
+  }
+  const auto draw16 = [&](int k) {
+    const unsigned half = static_cast<unsigned>(index & 7) + k;
+    const bool next = half >= 8;  // word by word: a choice of struct went to the stack
+    const Philox4 r{next ? high.x0 : low.x0, next ? high.x1 : low.x1, next ? high.x2 : low.x2,
+                    next ? high.x3 : low.x3};
+    return random16_of(r, half & 7);
+  };
+  // Each element's states to their stored patterns as soon as they are computed (see
+  // vector_math).
+  uint32_t changed = 0;
 #pragma unroll
-    for (int k = 0; k < 8; ++k) {
-      x.exp_avg[k] = stored_bits<V::kStateBf16>(states.exp_avg[k]);
-      x.exp_avg_sq[k] = stored_bits<V::kStateBf16>(states.exp_avg_sq[k]);
-      x.max_exp_avg_sq[k] = stored_bits<V::kStateBf16>(states.max_exp_avg_sq[k]);
-    }
+  for (int k = 0; k < 8; ++k) {
+    float m, v, vmax;
+    const ElementFlags f = step1<V, kSkip>(c, x, k, train, options, draw16, m, v, vmax);
+    if (V::kTrack) add_flags(f, k, changed, counts);
+    x.exp_avg[k] = stored_bits<V::kStateBf16>(m);
+    x.exp_avg_sq[k] = stored_bits<V::kStateBf16>(v);
+    x.max_exp_avg_sq[k] = stored_bits<V::kStateBf16>(vmax);
+  }
+  if (!kSkip) {  // only updated elements are stored
     store8_elements<V::kParam16>(c.param, first, train, x.param);
     store8_elements<V::kStateBf16>(c.exp_avg, first, train, x.exp_avg);
     store8_elements<V::kStateBf16>(c.exp_avg_sq, first, train, x.exp_avg_sq);
@@ -574,8 +557,6 @@ __device__ __forceinline__ void element_tile(const TensorContext& c, int64_t fir
   }
   if (V::kTrack) {
     counts.changed += __popc(changed);
-    counts.moved += __popc(moved);
-    counts.nonfinite += __popc(nonfinite);
     if (c.change_bitmap != nullptr) c.change_bitmap[first >> 3] = static_cast<uint8_t>(changed);
     if (c.cumulative_bitmap != nullptr && changed != 0) {
       c.cumulative_bitmap[first >> 3] |= static_cast<uint8_t>(changed);
@@ -603,15 +584,7 @@ __device__ __forceinline__ void walk(const LaunchArgs& a, int64_t t, Tile tile,
     const Tile vector_end = c.first_tile + c.full_tiles < last ? c.first_tile + c.full_tiles : last;
     const int64_t thread_first = int64_t{threadIdx.x} * kElementsPerThread;
     Counts counts{0, 0, 0};
-    if (!V::kPipelined) {
-      for (; tile < vector_end; ++tile) {
-        const int64_t first = int64_t{tile - c.first_tile} * kTileElements + thread_first;
-        Loaded8<V> now;
-        vector_loads<V, kSkip>(c, first, now);
-        vector_tile<V, kSkip>(c, first, now, draw_for<V, kSkip>(c, first), options, grad_flip,
-                              counts);
-      }
-    } else if (tile < vector_end) {
+    if (tile < vector_end) {
       // Software pipelined: the next tile's loads are issued before this tile's math, into
       // the other of two buffers (unrolled by two, so that no buffer is copied), and after
       // this tile's Philox call, whose temporaries are then dead.
