@@ -17,9 +17,9 @@
 // that a thread's 8 elements share one Philox call; its last, partial tile and every tile
 // of a tensor that is not so aligned take the element-wise path. The vector path is
 // software pipelined in registers: a thread issues the next tile's loads before this
-// tile's math, so that its loads are in flight while it computes (in every variant: the
-// second set of buffers fits beside the math, bench/static_report.py --all-variants
-// reports no spill). On the vector path the bytes of 8 lanes are
+// tile's math, so that its loads are in flight while it computes (every variant; with the
+// second set of buffers none spills: bench/static_report.py --all-variants). On the
+// vector path the bytes of 8 lanes are
 // gathered by three xor-shuffles into the 64-bit word a little-endian ballot would give,
 // stored by the first lane of the eight. Counts accumulate per thread over a tensor and go
 // to a per-tensor workspace with one warp reduction and one atomic per warp and tensor;
