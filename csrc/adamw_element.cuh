@@ -211,6 +211,19 @@ RLVR_HD float fp16_bits_to_fp32(uint32_t bits) {
   return fp32_from_bits(sign | magnitude);
 }
 
+// The fp32 value of a float16 pattern for the step's arithmetic: exact, but a NaN pattern
+// gives some NaN, not its own bits. On the GPU the hardware conversion alone (one
+// instruction, where keeping a NaN's bits took several more per element); on the host
+// the canonical NaN, so that the host tests hold store_and_flag to the contract that no
+// flag depends on which NaN it is (see kNanByImage there).
+RLVR_HD float fp16_value(uint32_t bits) {
+#if defined(__CUDA_ARCH__)
+  return __half2float(__ushort_as_half(static_cast<unsigned short>(bits)));
+#else
+  return (bits & 0x7FFFu) > 0x7C00u ? fp32_from_bits(0x7FC00000u) : fp16_bits_to_fp32(bits);
+#endif
+}
+
 // An fp32 pattern on its way to float16 (reference._fp16_window): the float16 magnitude
 // with the discarded bits cut off (0x7C00 and up for magnitudes of 2**16 and more), the
 // 16 discarded bits just below its LSB, and whether any discarded bit beyond them is set.
@@ -293,6 +306,22 @@ RLVR_HD uint32_t round_nearest_fp16_computed(float x) {
 #else
   return round_nearest_fp16(fp32_bits(x));
 #endif
+}
+
+// round_stochastic_fp16 of a value the step computed (every NaN canonical), without
+// branches: below the normal range the aligned significand (its low 16 bits the window)
+// is floor(|x| * 2**40), which the exact product by a power of two and a truncating
+// conversion give (|x| < 2**-14: the product is below 2**26); the canonical NaN's image
+// is kFp16QuietNan. The same formula on the host and the GPU.
+RLVR_HD uint32_t round_stochastic_fp16_computed(float x, uint32_t random16) {
+  const uint32_t bits = fp32_bits(x);
+  const uint32_t magnitude = bits & 0x7FFFFFFFu;
+  const uint32_t normal = (magnitude - (112u << 23) + (random16 >> 3)) >> 13;
+  const uint32_t aligned = static_cast<uint32_t>(mul_rn(fabsf(x), 0x1p40f));
+  const uint32_t subnormal = (aligned + random16) >> 16;
+  uint32_t kept = magnitude >= (113u << 23) ? normal : subnormal;
+  kept = kept < 0x7C00u ? kept : 0x7C00u;
+  return x != x ? kFp16QuietNan : ((bits >> 16) & 0x8000u) | kept;
 }
 
 // The 16-bit format of a tensor: the one its 16-bit param is stored in, or, for an fp32
@@ -465,6 +494,8 @@ RLVR_HD Weight load_weight(const Element& e) {
     before.w = e.master;
   } else if (kMaster == MasterForm::kRemainder) {
     before.w = fp32_from_bits(join_remainder(e.param, e.remainder));
+  } else if (kParam16 && kHalf == Half::kFp16) {
+    before.w = fp16_value(e.param);  // a NaN is not the pattern's own (store_and_flag)
   } else if (kParam16) {
     before.w = half_bits_to_fp32<kHalf>(e.param);
   } else {
@@ -563,6 +594,8 @@ RLVR_HD StoredWeight store_weight(float w, uint32_t random_bits) {
     out.image = round_nearest_half_computed<kHalf>(w);
   } else if (kMaster == MasterForm::kRemainder) {
     split_remainder(w_bits, out.image, out.remainder);
+  } else if (kStochastic && kHalf == Half::kFp16) {
+    out.image = round_stochastic_fp16_computed(w, random_bits);
   } else if (kStochastic) {
     out.image = round_stochastic_half<kHalf>(w_bits, random_bits);
   } else {
@@ -582,7 +615,16 @@ RLVR_HD ElementFlags store_and_flag(Element& e, Weight before, Moments after, fl
   const bool update = train && !skip;
   ElementFlags flags;
   flags.changed = update && stored.image != before.image;
-  flags.moved = update && w_bits != fp32_bits(before.w);
+  // A float16 param without a master has its weight from fp16_value, a NaN of unknown
+  // bits where the param is a NaN pattern. A NaN weight steps to the canonical NaN
+  // (adamw_math), the exact value of the pattern kFp16QuietNan and of no other, so it
+  // moved unless it was that pattern.
+  constexpr bool kNanByImage = kParam16 && kMaster == MasterForm::kNone && kHalf == Half::kFp16;
+  const bool differs =
+      kNanByImage ? (before.image != kFp16QuietNan) &
+                        ((w_bits != fp32_bits(before.w)) | (before.w != before.w))
+                  : w_bits != fp32_bits(before.w);
+  flags.moved = update && differs;
   flags.nonfinite = train && !is_finite(g);
   if (update) {
     e.param = kParam16 ? stored.image : w_bits;

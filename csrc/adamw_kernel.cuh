@@ -17,8 +17,9 @@
 // that a thread's 8 elements share one Philox call; its last, partial tile and every tile
 // of a tensor that is not so aligned take the element-wise path. The vector path is
 // software pipelined in registers: a thread issues the next tile's loads before this
-// tile's math, so that its loads are in flight while it computes (Variant::kPipelined says
-// where the second set of buffers fits). On the vector path the bytes of 8 lanes are
+// tile's math, so that its loads are in flight while it computes (every variant; with the
+// second set of buffers none spills: bench/static_report.py --all-variants). On the
+// vector path the bytes of 8 lanes are
 // gathered by three xor-shuffles into the 64-bit word a little-endian ballot would give,
 // stored by the first lane of the eight. Counts accumulate per thread over a tensor and go
 // to a per-tensor workspace with one warp reduction and one atomic per warp and tensor;
@@ -72,13 +73,6 @@ struct Variant {
   // the element loop fits them; amsgrad and master forms carry 8 more words per element
   // and spilled at 128 (ptxas, sm_90), so they get one 256-thread block and up to 255.
   static constexpr int kMinBlocks = (kAmsgrad || kMaster != MasterForm::kNone) ? 1 : 2;
-  // walk issues the next full tile's loads before this tile's math (a second set of load
-  // buffers) where that fits. At 128 registers, stochastic rounding with fp32 states or
-  // with a grad scale spilled that way (ptxas, sm_80 and sm_90), and so did float16
-  // stochastic rounding with bf16 states and tracking (sm_90), so those variants load
-  // each tile before its math.
-  static constexpr bool kPipelined =
-      kMinBlocks == 1 || !kStochastic || (kStateBf16 && !kGradScale && kHalf == Half::kBf16);
 };
 
 // ---------------------------------------------------------------------------------------
@@ -310,67 +304,59 @@ struct Elements8 {
   uint32_t param[8], grad[8], exp_avg[8], exp_avg_sq[8], max_exp_avg_sq[8], master[8];
 };
 
-// The states after the step, as fp32 values: updated, or the stored value kept.
-struct States8 {
-  float exp_avg[8], exp_avg_sq[8], max_exp_avg_sq[8];
-};
-
-// Steps the 8 elements: param and master patterns in place, states into `out` (elements
-// not in `train`, or all under kSkip, keep what they hold). Returns the change bits and
-// the move and non-finite bits. random16(k) gives element k's stochastic-rounding bits.
+// Steps element k of the 8: its param and master patterns in place, its states into m, v
+// and vmax (the stored values kept where it is not in `train`, or under kSkip); returns
+// its flags. random16(k) gives its stochastic-rounding bits.
 template <class V, bool kSkip, class Random>
-__device__ __forceinline__ uint32_t step8(const TensorContext& c, Elements8& x, States8& out,
-                                          uint32_t train, const GradOptions& options,
-                                          uint32_t& moved, uint32_t& nonfinite,
-                                          const Random& random16) {
-  uint32_t changed = 0;
-  moved = 0;
-  nonfinite = 0;
-#pragma unroll
-  for (int k = 0; k < 8; ++k) {
-    Element e;
-    e.param = x.param[k];
-    e.master = fp32_from_bits(x.master[k]);
-    e.remainder = static_cast<int32_t>(static_cast<int16_t>(x.master[k]));
-    e.exp_avg = stored_value<V::kStateBf16>(x.exp_avg[k]);
-    e.exp_avg_sq = stored_value<V::kStateBf16>(x.exp_avg_sq[k]);
-    e.max_exp_avg_sq = V::kAmsgrad ? stored_value<V::kStateBf16>(x.max_exp_avg_sq[k]) : 0.0f;
-    const ElementFlags f =
-        adamw_element_drawn<V::kParam16, V::kMaster, V::kStochastic, V::kAmsgrad, V::kHalf>(
-            e, grad_value<V>(x.grad[k]), c.scalars, options, (train >> k) & 1u,
-            kSkip, V::kStochastic ? random16(k) : 0u);
-    // e holds its old fields where it was not updated.
-    x.param[k] = e.param;
-    if (V::kMaster == MasterForm::kFp32) x.master[k] = fp32_bits(e.master);
-    if (V::kMaster == MasterForm::kRemainder) x.master[k] = static_cast<uint32_t>(e.remainder) & 0xFFFFu;
-    out.exp_avg[k] = e.exp_avg;
-    out.exp_avg_sq[k] = e.exp_avg_sq;
-    out.max_exp_avg_sq[k] = e.max_exp_avg_sq;
-    changed |= static_cast<uint32_t>(f.changed) << k;
-    moved |= static_cast<uint32_t>(f.moved) << k;
-    nonfinite |= static_cast<uint32_t>(f.nonfinite) << k;
-  }
-  return changed;
+__device__ __forceinline__ ElementFlags step1(const TensorContext& c, Elements8& x, int k,
+                                              uint32_t train, const GradOptions& options,
+                                              const Random& random16, float& m, float& v,
+                                              float& vmax) {
+  Element e;
+  e.param = x.param[k];
+  e.master = fp32_from_bits(x.master[k]);
+  e.remainder = static_cast<int32_t>(static_cast<int16_t>(x.master[k]));
+  e.exp_avg = stored_value<V::kStateBf16>(x.exp_avg[k]);
+  e.exp_avg_sq = stored_value<V::kStateBf16>(x.exp_avg_sq[k]);
+  e.max_exp_avg_sq = V::kAmsgrad ? stored_value<V::kStateBf16>(x.max_exp_avg_sq[k]) : 0.0f;
+  const ElementFlags f =
+      adamw_element_drawn<V::kParam16, V::kMaster, V::kStochastic, V::kAmsgrad, V::kHalf>(
+          e, grad_value<V>(x.grad[k]), c.scalars, options, (train >> k) & 1u,
+          kSkip, V::kStochastic ? random16(k) : 0u);
+  // e holds its old fields where it was not updated.
+  x.param[k] = e.param;
+  if (V::kMaster == MasterForm::kFp32) x.master[k] = fp32_bits(e.master);
+  if (V::kMaster == MasterForm::kRemainder) x.master[k] = static_cast<uint32_t>(e.remainder) & 0xFFFFu;
+  m = e.exp_avg;
+  v = e.exp_avg_sq;
+  vmax = e.max_exp_avg_sq;
+  return f;
 }
 
-// Patterns of the states after the step, for the vector store of one state array: bf16 by
-// hardware pairs (cvt.rn.bf16x2), where an element that was not updated gets its loaded
-// bits back (a kept bf16 NaN keeps its payload, which the conversion would not).
+// Element k's flags: its change bit into `changed` (the bitmap's byte), its move and
+// non-finite flags straight into the thread's counts (a predicated add each, where a bit
+// of a mask cost a select and a bit insert per element and a popcount per 8).
+__device__ __forceinline__ void add_flags(const ElementFlags& f, int k, uint32_t& changed,
+                                          Counts& counts) {
+  changed |= static_cast<uint32_t>(f.changed) << k;
+  counts.moved += f.moved ? 1u : 0u;
+  counts.nonfinite += f.nonfinite ? 1u : 0u;
+}
+
+// Patterns of elements 2j and 2j + 1 of one state array after the step, for its vector
+// store: bf16 by a hardware pair (cvt.rn.bf16x2), where an element that was not updated
+// gets its loaded bits back (a kept bf16 NaN keeps its payload, which the conversion would
+// not).
 template <bool kBf16>
-__device__ __forceinline__ void state_patterns(const float (&value)[8], uint32_t update,
-                                               uint32_t (&bits)[8]) {
+__device__ __forceinline__ void state_pair(float lo, float hi, int j, uint32_t update,
+                                           uint32_t (&bits)[8]) {
   if (kBf16) {
-#pragma unroll
-    for (int j = 0; j < 4; ++j) {
-      const uint32_t pair = round_nearest_bf16x2_computed(value[2 * j], value[2 * j + 1]);
-      const uint32_t lo = (update >> (2 * j)) & 1u ? pair & 0xFFFFu : bits[2 * j];
-      const uint32_t hi = (update >> (2 * j + 1)) & 1u ? pair >> 16 : bits[2 * j + 1];
-      bits[2 * j] = lo;
-      bits[2 * j + 1] = hi;
-    }
+    const uint32_t pair = round_nearest_bf16x2_computed(lo, hi);
+    bits[2 * j] = (update >> (2 * j)) & 1u ? pair & 0xFFFFu : bits[2 * j];
+    bits[2 * j + 1] = (update >> (2 * j + 1)) & 1u ? pair >> 16 : bits[2 * j + 1];
   } else {
-#pragma unroll
-    for (int k = 0; k < 8; ++k) bits[k] = fp32_bits(value[k]);
+    bits[2 * j] = fp32_bits(lo);
+    bits[2 * j + 1] = fp32_bits(hi);
   }
 }
 
@@ -380,18 +366,32 @@ __device__ __forceinline__ uint32_t grad_sign_flip(bool maximize) {
   return maximize ? (V::kGrad16 ? 0x80008000u : 0x80000000u) : 0u;
 }
 
-// step8 and the state patterns of the vector path.
+// The 8 elements of the vector path, two at a time: each pair's states go to their stored
+// patterns (state_pair) as soon as they are computed, so that at most two elements' fp32
+// states are live. (Patterns made after all 8 elements held 16 or 24 fp32 states at once;
+// at the 128-register cap ptxas recomputed m and v from their inputs instead and parked
+// NaN predicates in registers for the later conversion: bench/static_report.py counted
+// 3 to 5 instructions per element more, sm_90.) Returns the change bits; the move and
+// non-finite flags go to `counts`.
 template <class V, bool kSkip, class Random>
 __device__ __forceinline__ uint32_t vector_math(const TensorContext& c, Elements8& x,
                                                 uint32_t train, const GradOptions& options,
-                                                uint32_t& moved, uint32_t& nonfinite,
-                                                const Random& random16) {
-  States8 states;
-  const uint32_t changed = step8<V, kSkip>(c, x, states, train, options, moved, nonfinite, random16);
-  if (!kSkip) {
-    state_patterns<V::kStateBf16>(states.exp_avg, train, x.exp_avg);
-    state_patterns<V::kStateBf16>(states.exp_avg_sq, train, x.exp_avg_sq);
-    if (V::kAmsgrad) state_patterns<V::kStateBf16>(states.max_exp_avg_sq, train, x.max_exp_avg_sq);
+                                                Counts& counts, const Random& random16) {
+  uint32_t changed = 0;
+#pragma unroll
+  for (int j = 0; j < 4; ++j) {
+    float m[2], v[2], vmax[2];
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      const ElementFlags f =
+          step1<V, kSkip>(c, x, 2 * j + h, train, options, random16, m[h], v[h], vmax[h]);
+      if (V::kTrack) add_flags(f, 2 * j + h, changed, counts);
+    }
+    if (!kSkip) {
+      state_pair<V::kStateBf16>(m[0], m[1], j, train, x.exp_avg);
+      state_pair<V::kStateBf16>(v[0], v[1], j, train, x.exp_avg_sq);
+      if (V::kAmsgrad) state_pair<V::kStateBf16>(vmax[0], vmax[1], j, train, x.max_exp_avg_sq);
+    }
   }
   return changed;
 }
@@ -456,13 +456,12 @@ __device__ __forceinline__ void vector_tile(const TensorContext& c, int64_t firs
   // The freeze-mask byte of this thread, from the 8 bytes of its group of 8 lanes.
   const uint32_t train = ((lane & 4) ? l.mask.y : l.mask.x) >> (8 * (lane & 3)) & 0xFFu;
 
-  uint32_t moved, nonfinite;
   const auto draw16 = [&](int k) { return random16_of(draw, k); };
   // Every element trained (no freeze mask, or a byte of ones) is the common case: an
   // instantiation with the constant mask has no per-element selects.
   const uint32_t changed =
-      train == 0xFFu ? vector_math<V, kSkip>(c, x, 0xFFu, options, moved, nonfinite, draw16)
-                     : vector_math<V, kSkip>(c, x, train, options, moved, nonfinite, draw16);
+      train == 0xFFu ? vector_math<V, kSkip>(c, x, 0xFFu, options, counts, draw16)
+                     : vector_math<V, kSkip>(c, x, train, options, counts, draw16);
   if (!kSkip) {
     store8_vector<V::kParam16>(c.param, first, x.param);
     store8_vector<V::kStateBf16>(c.exp_avg, first, x.exp_avg);
@@ -474,8 +473,6 @@ __device__ __forceinline__ void vector_tile(const TensorContext& c, int64_t firs
   }
   if (V::kTrack) {
     counts.changed += __popc(changed);
-    counts.moved += __popc(moved);
-    counts.nonfinite += __popc(nonfinite);
     if (c.change_bitmap != nullptr || c.cumulative_bitmap != nullptr) {
       // Lanes 8q .. 8q + 7 hold bytes 8q .. 8q + 7 of the tile's bitmap.
       uint32_t word = changed << (8 * (lane & 3));
@@ -521,19 +518,35 @@ __device__ __forceinline__ void element_tile(const TensorContext& c, int64_t fir
 #pragma unroll
   for (int k = 0; k < 8; ++k) x.grad[k] ^= V::kGrad16 ? (grad_flip & 0xFFFFu) : grad_flip;
 
-  uint32_t moved, nonfinite;
-  States8 states;
+  // The 8 elements' Philox counters are index >> 3 and the next one (index is a multiple
+  // of 8 only on the vector path): two calls, element k taking half (index & 7) + k of
+  // the pair.
   const uint64_t index = static_cast<uint64_t>(c.element_offset + first);
-  const uint32_t changed = step8<V, kSkip>(
-      c, x, states, train, options, moved, nonfinite,
-      [&](int k) { return random16(c.key_lo, c.key_hi, index + k); });
-  if (!kSkip) {  // only updated elements are stored
+  Philox4 low{}, high{};
+  if (V::kStochastic && !kSkip) {
+    low = philox_for_8(c.key_lo, c.key_hi, index >> 3);
+    high = philox_for_8(c.key_lo, c.key_hi, (index >> 3) + 1);
+  }
+  const auto draw16 = [&](int k) {
+    const unsigned half = static_cast<unsigned>(index & 7) + k;
+    const bool next = half >= 8;  // word by word: a choice of struct went to the stack
+    const Philox4 r{next ? high.x0 : low.x0, next ? high.x1 : low.x1, next ? high.x2 : low.x2,
+                    next ? high.x3 : low.x3};
+    return random16_of(r, half & 7);
+  };
+  // Each element's states to their stored patterns as soon as they are computed (see
+  // vector_math).
+  uint32_t changed = 0;
 #pragma unroll
-    for (int k = 0; k < 8; ++k) {
-      x.exp_avg[k] = stored_bits<V::kStateBf16>(states.exp_avg[k]);
-      x.exp_avg_sq[k] = stored_bits<V::kStateBf16>(states.exp_avg_sq[k]);
-      x.max_exp_avg_sq[k] = stored_bits<V::kStateBf16>(states.max_exp_avg_sq[k]);
-    }
+  for (int k = 0; k < 8; ++k) {
+    float m, v, vmax;
+    const ElementFlags f = step1<V, kSkip>(c, x, k, train, options, draw16, m, v, vmax);
+    if (V::kTrack) add_flags(f, k, changed, counts);
+    x.exp_avg[k] = stored_bits<V::kStateBf16>(m);
+    x.exp_avg_sq[k] = stored_bits<V::kStateBf16>(v);
+    x.max_exp_avg_sq[k] = stored_bits<V::kStateBf16>(vmax);
+  }
+  if (!kSkip) {  // only updated elements are stored
     store8_elements<V::kParam16>(c.param, first, train, x.param);
     store8_elements<V::kStateBf16>(c.exp_avg, first, train, x.exp_avg);
     store8_elements<V::kStateBf16>(c.exp_avg_sq, first, train, x.exp_avg_sq);
@@ -544,8 +557,6 @@ __device__ __forceinline__ void element_tile(const TensorContext& c, int64_t fir
   }
   if (V::kTrack) {
     counts.changed += __popc(changed);
-    counts.moved += __popc(moved);
-    counts.nonfinite += __popc(nonfinite);
     if (c.change_bitmap != nullptr) c.change_bitmap[first >> 3] = static_cast<uint8_t>(changed);
     if (c.cumulative_bitmap != nullptr && changed != 0) {
       c.cumulative_bitmap[first >> 3] |= static_cast<uint8_t>(changed);
@@ -573,15 +584,7 @@ __device__ __forceinline__ void walk(const LaunchArgs& a, int64_t t, Tile tile,
     const Tile vector_end = c.first_tile + c.full_tiles < last ? c.first_tile + c.full_tiles : last;
     const int64_t thread_first = int64_t{threadIdx.x} * kElementsPerThread;
     Counts counts{0, 0, 0};
-    if (!V::kPipelined) {
-      for (; tile < vector_end; ++tile) {
-        const int64_t first = int64_t{tile - c.first_tile} * kTileElements + thread_first;
-        Loaded8<V> now;
-        vector_loads<V, kSkip>(c, first, now);
-        vector_tile<V, kSkip>(c, first, now, draw_for<V, kSkip>(c, first), options, grad_flip,
-                              counts);
-      }
-    } else if (tile < vector_end) {
+    if (tile < vector_end) {
       // Software pipelined: the next tile's loads are issued before this tile's math, into
       // the other of two buffers (unrolled by two, so that no buffer is copied), and after
       // this tile's Philox call, whose temporaries are then dead.

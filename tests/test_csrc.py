@@ -105,8 +105,8 @@ def _headers() -> list[Path]:
 # ``python bench/static_report.py --all-variants --arch 80|90``), as (16-bit format, store
 # mode, flags): per launcher unit (format x store mode x param dtype) the one with the most
 # live values (fp32 grads and states, amsgrad, tracking, grad_scale); the stochastic layouts
-# at the 128-register cap of two blocks per SM that spilled before (adamw_kernel.cuh:
-# kPipelined, shared_block_end), in both formats; and on sm_90 the tracked layouts the
+# at the 128-register cap of two blocks per SM that spilled before (adamw_kernel.cuh: the
+# pipelined vector loop, shared_block_end), in both formats; and on sm_90 the tracked layouts the
 # static report compiles (bench/static_report.py MODES, one compile for both).
 _P, _G, _S, _A, _T, _GS = (S.FLAG_BITS[k] for k in ("param16", "grad16", "state_bf16",
                                                      "amsgrad", "track", "grad_scale"))

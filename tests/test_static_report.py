@@ -470,24 +470,10 @@ def _row_id(backend: str, version: str | None, mode: str, tracking: str) -> str:
 ROWS = [("cuda", None, m, t) for m in S.MODES for t in S.TRACKINGS] + [
     ("triton", v, m, t) for v in TRITONS for m in S.MODES for t in S.TRACKINGS]
 
-# What the report measured on the rows that miss a check today, and the issue that tracks
-# each (sm_90, nvcc 13.0; installed Triton: 3.9.0). float16 (issue #37): decoding a float16
-# exactly (its NaN payload kept) and rounding float16 subnormals stochastically take more
-# than bf16's shifts (bf16 on the same compilers, tracking "step": cuda 86.6 / 98.6, triton
-# 3.9.0 83.1 / 94.9 / 100.9 with fp32 states, triton 3.6.0 82.4 / 92.8 / 99.2); the CUDA
-# float16 stochastic tiles are not pipelined, as they spilled pipelined (Variant::kPipelined).
-_NOT_PIPELINED = "not pipelined (Variant::kPipelined): each tile's loads are used at once"
-KNOWN = {
-    "loads_overlap_math": {
-        "cuda stochastic-fp32-states step": f"{_NOT_PIPELINED} (issue #36)",
-        "cuda fp16-stochastic step": f"{_NOT_PIPELINED} (issue #37)",
-        "cuda fp16-stochastic-fp32-states step": f"{_NOT_PIPELINED} (issue #37)",
-    },
-    "instructions_per_element": {
-        "cuda fp16 step": "93.1 instr/elem (issue #37)",
-        "cuda fp16-stochastic step": "112.6 instr/elem (issue #37)",
-    },
-}
+# Rows that miss a check today, as {check: {row id: what the report measured (issue)}}:
+# each becomes a strict xfail. None now: every row of CUDA and of both Tritons is within
+# the budget (sm_90, nvcc 13.0, Triton 3.9.0 and 3.6.0).
+KNOWN: dict[str, dict[str, str]] = {}
 
 
 CHECKED = {
