@@ -484,6 +484,16 @@ CHECKED = {
 }
 
 
+# The untracked ("off") rows the default run compiles: the negative controls' modes (the
+# tracked "step" rows, every budget and the heaviest variants, are all compiled). The
+# other "off" rows are checked in the exhaustive run (``pytest -m exhaustive``).
+CONTROL_MODES = ("default", "stochastic", "fp16", "fp16-stochastic")
+
+
+def _exhaustive_row(row) -> bool:
+    return row[3] == "off" and row[2] not in CONTROL_MODES
+
+
 def _params(check: str):
     params = []
     for row in CHECKED[check]:
@@ -491,6 +501,8 @@ def _params(check: str):
         known = KNOWN.get(check, {}).get(rid)
         marks = [] if known is None else [pytest.mark.xfail(
             strict=True, reason=f"{check}: {known}")]
+        if _exhaustive_row(row):
+            marks.append(pytest.mark.exhaustive)
         params.append(pytest.param(rid, marks=marks, id=rid.replace(" ", "-")))
     return params
 
@@ -504,24 +516,40 @@ def test_known_failures_name_rows_that_are_checked():
                 (check, rid)
 
 
+def _needs_every_row(session) -> bool:
+    """Whether a test of this run checks an "off" row outside CONTROL_MODES."""
+    return any(item.module.__name__ == __name__ and " off" in str(getattr(
+        getattr(item, "callspec", None), "params", {}).get("rid", "")) and not any(
+        f" {mode} off" in item.callspec.params["rid"] for mode in CONTROL_MODES)
+        for item in session.items)
+
+
 @pytest.fixture(scope="module")
-def report_rows(triton_sites, once_per_run) -> dict[str, dict]:
-    """{row id: row} of the whole report, every Triton of TRITONS and CUDA when nvcc and
-    cuobjdump are there; made once per test run (tests/conftest.py ``once_per_run``)."""
+def report_rows(request, triton_sites, once_per_run) -> dict[str, dict]:
+    """{row id: row} of the report, every Triton of TRITONS and CUDA when nvcc and
+    cuobjdump are there: every row when a test of the run checks one outside the default
+    selection (``_exhaustive_row``), else the tracked rows and the controls' untracked
+    ones; made once per test run (tests/conftest.py ``once_per_run``)."""
     backends = ["triton"]
     if shutil.which("nvcc") is not None and S.cuobjdump_path() is not None:
         backends.append("cuda")
     command = [sys.executable, str(ROOT / "bench" / "static_report.py"), "--json",
                *(f"--backend={b}" for b in backends),
                *(f"--triton={site}" for site in triton_sites.values() if site is not None)]
+    every = _needs_every_row(request.session)
+    selections = [[]] if every else [["--track=step"], [
+        "--track=off", *(f"--mode={m}" for m in CONTROL_MODES)]]
 
     def make():
-        done = subprocess.run(command, capture_output=True, text=True,
-                              env=_without_interpreter(), cwd=ROOT)
-        assert done.returncode == 0, done.stderr[-3000:]
-        return json.loads(done.stdout)
+        rows = []
+        for selection in selections:
+            done = subprocess.run(command + selection, capture_output=True, text=True,
+                                  env=_without_interpreter(), cwd=ROOT)
+            assert done.returncode == 0, done.stderr[-3000:]
+            rows += json.loads(done.stdout)
+        return rows
 
-    rows = once_per_run("static-report", make)
+    rows = once_per_run("static-report" + ("-every-row" if every else ""), make)
     for row in rows:
         assert set(row) == set(S.KEYS), row
     return {_row_id(r["backend"], r["triton_version"], r["mode"], r["tracking"]): r
@@ -567,9 +595,12 @@ def test_full_chunks_load_16_bytes_at_a_time(report_rows, rid):
 def test_counts_respond_to_the_code_they_count(report_rows, backend, version):
     """Negative controls of the instruction count: tracking adds work to the loop of every
     layout, and so does stochastic rounding (Philox)."""
+    modes = [m for m in S.MODES if _row_id(backend, version, m, "off") in report_rows]
+    assert set(CONTROL_MODES) <= set(modes) or not any(
+        r.startswith(backend) for r in report_rows)  # no CUDA rows: _row skips
     per = {(m, t): _row(report_rows, _row_id(backend, version, m, t))["instructions_per_element"]
-           for m in S.MODES for t in S.TRACKINGS}
-    for mode in S.MODES:
+           for m in modes for t in S.TRACKINGS}
+    for mode in modes:  # CONTROL_MODES, every mode in the exhaustive run
         assert per[mode, "step"] > per[mode, "off"], mode
     assert per["stochastic", "off"] > per["default", "off"] + 4
     assert per["fp16-stochastic", "off"] > per["fp16", "off"] + 4
