@@ -238,22 +238,11 @@ def _no_reference_step(*args, **kwargs):
     raise AssertionError("the CPU backend stepped a tensor with the reference")
 
 
-@pytest.mark.parametrize("isa", ["avx2"], indirect=True)
-@pytest.mark.parametrize("grad_options", ["plain", "scale-maximize-l2", "skip"])
-@pytest.mark.parametrize("master, rounding", [
-    (None, "nearest"), (None, "stochastic"), ("fp32", "nearest"), ("fp32", "stochastic"),
-    ("remainder", "nearest")], ids=["nearest", "stochastic", "master", "master-sr", "remainder"])
-def test_every_layout_in_one_call_on_random_patterns(isa, master, rounding, grad_options):
-    gen = torch.Generator().manual_seed(len(grad_options) * 101 + len(rounding) + 7 * len(master or ""))
-    dtypes = [torch.bfloat16, torch.float32]
-    combos = list(itertools.product(dtypes, dtypes, dtypes, *[[False, True]] * 3))
-    ref, grad_dtypes = [], []
-    for k, (param, grad, state, amsgrad, freeze, track) in enumerate(combos):
-        tracking = _TRACKED[k % len(_TRACKED)] if track else ()
-        numel = _LAYOUT_SIZES[k % len(_LAYOUT_SIZES)] if k != 15 else _LAYOUT_LARGE
-        s, g = _layout_state(gen, numel, param, grad, state, master, amsgrad, freeze, tracking)
-        ref.append(s)
-        grad_dtypes.append(g)
+def _step_layouts_against_the_reference(isa, gen, ref, grad_dtypes, combos, rounding,
+                                        grad_options, change_dtype) -> int:
+    """STEPS steps of the states ``ref`` (and of copies, through the CPU loops only: a
+    tensor the loops do not take fails) on random grads of ``grad_dtypes``, compared after
+    each step; the number of stored values the steps changed (the reference's counters)."""
     got = [{key: v.clone() for key, v in s.items()} for s in ref]
     n = len(ref)
     offsets = [_LAYOUT_OFFSETS[k % len(_LAYOUT_OFFSETS)] for k in range(n)]
@@ -264,6 +253,7 @@ def test_every_layout_in_one_call_on_random_patterns(isa, master, rounding, grad
                  for s, g in zip(ref, grad_dtypes)]
         kwargs = dict(scalars=R.step_scalars(steps, [1e-2, 3e-3, 1.0][step - 1], *BETAS, 0.1, EPS),
                       amsgrad=True, rounding=rounding, element_offsets=offsets,
+                      change_dtype=change_dtype,
                       sr_keys=(R.stochastic_rounding_keys(11, steps, torch.arange(n) + 5)
                                if rounding == "stochastic" else None))
         if grad_options == "scale-maximize-l2":  # rlvr_optim.Adam's L2 term as well
@@ -282,6 +272,27 @@ def test_every_layout_in_one_call_on_random_patterns(isa, master, rounding, grad
             _compare(s_ref, s_got, f"{isa} step {step} tensor {k} {combos[k]}")
             if "counters" in s_ref:
                 changed += int(s_ref["counters"][0])
+    return changed
+
+
+@pytest.mark.parametrize("isa", ["avx2"], indirect=True)
+@pytest.mark.parametrize("grad_options", ["plain", "scale-maximize-l2", "skip"])
+@pytest.mark.parametrize("master, rounding", [
+    (None, "nearest"), (None, "stochastic"), ("fp32", "nearest"), ("fp32", "stochastic"),
+    ("remainder", "nearest")], ids=["nearest", "stochastic", "master", "master-sr", "remainder"])
+def test_every_layout_in_one_call_on_random_patterns(isa, master, rounding, grad_options):
+    gen = torch.Generator().manual_seed(len(grad_options) * 101 + len(rounding) + 7 * len(master or ""))
+    dtypes = [torch.bfloat16, torch.float32]
+    combos = list(itertools.product(dtypes, dtypes, dtypes, *[[False, True]] * 3))
+    ref, grad_dtypes = [], []
+    for k, (param, grad, state, amsgrad, freeze, track) in enumerate(combos):
+        tracking = _TRACKED[k % len(_TRACKED)] if track else ()
+        numel = _LAYOUT_SIZES[k % len(_LAYOUT_SIZES)] if k != 15 else _LAYOUT_LARGE
+        s, g = _layout_state(gen, numel, param, grad, state, master, amsgrad, freeze, tracking)
+        ref.append(s)
+        grad_dtypes.append(g)
+    changed = _step_layouts_against_the_reference(
+        isa, gen, ref, grad_dtypes, combos, rounding, grad_options, torch.bfloat16)
     assert changed > 0  # the comparison saw bf16 changes
 
 
@@ -564,35 +575,8 @@ def test_fp16_layouts_in_one_call_on_random_patterns(isa, master, rounding, grad
             if key in s:
                 s[key] = _random_patterns(gen, s[key], 0.03)
         ref.append(s)
-    got = [{key: v.clone() for key, v in s.items()} for s in ref]
-    n = len(ref)
-    offsets = [_LAYOUT_OFFSETS[k % len(_LAYOUT_OFFSETS)] for k in range(n)]
-    changed = 0
-    for step in range(1, STEPS + 1):
-        steps = torch.full((n,), step)
-        grads = [_random_patterns(gen, _grad(gen, s["param"].numel(), c[1], nonfinite=True), 0.02)
-                 for s, c in zip(ref, combos)]
-        kwargs = dict(scalars=R.step_scalars(steps, [1e-2, 3e-3, 1.0][step - 1], *BETAS, 0.1, EPS),
-                      amsgrad=True, rounding=rounding, element_offsets=offsets,
-                      change_dtype=fp16,
-                      sr_keys=(R.stochastic_rounding_keys(11, steps, torch.arange(n) + 5)
-                               if rounding == "stochastic" else None))
-        if grad_options == "scale-maximize-l2":
-            kwargs.update(grad_scale=torch.tensor(0.37), maximize=True,
-                          decoupled_weight_decay=False)
-        elif grad_options == "skip":
-            kwargs.update(grad_scale=torch.tensor(4.0), found_inf=torch.tensor(float(step == 2)))
-        for states in (ref, got):
-            for s in states:
-                _poison(s, gen)
-        _call(R.adamw, ref, [g.clone() for g in grads], **kwargs)
-        with pytest.MonkeyPatch.context() as mp:  # every tensor through the loops
-            mp.setattr(cpu_backend.reference, "step_tensor", _no_reference_step)
-            _call(cpu_backend.adamw, got, [g.clone() for g in grads], **kwargs)
-        for k, (s_ref, s_got) in enumerate(zip(ref, got)):
-            _compare(s_ref, s_got, f"{isa} step {step} tensor {k} {combos[k]}")
-            if "counters" in s_ref:
-                changed += int(s_ref["counters"][0])
+    changed = _step_layouts_against_the_reference(
+        isa, gen, ref, [c[1] for c in combos], combos, rounding, grad_options, fp16)
     assert changed > 0  # the comparison saw float16 changes
 
 
