@@ -219,9 +219,9 @@ _TRACKED = [("change_bitmap", "cumulative_bitmap", "counters"), ("cumulative_bit
 
 def _layout_state(gen, numel, param_dtype, grad_dtype, state_dtype, master, amsgrad, freeze,
                   tracking):
-    s = _make_state(gen, numel, param_dtype, state_dtype,
-                    master if param_dtype == torch.bfloat16 else None, amsgrad=amsgrad,
-                    freeze=freeze, track=True)
+    sixteen = param_dtype in (torch.bfloat16, torch.float16)  # a master needs a 16-bit param
+    s = _make_state(gen, numel, param_dtype, state_dtype, master if sixteen else None,
+                    amsgrad=amsgrad, freeze=freeze, track=True)
     for key in ("change_bitmap", "cumulative_bitmap", "counters"):
         if key not in tracking:
             s.pop(key)
@@ -566,15 +566,8 @@ def test_fp16_layouts_in_one_call_on_random_patterns(isa, master, rounding, grad
     for k, (param, grad, state, amsgrad, freeze, track) in enumerate(combos):
         tracking = _TRACKED[k % len(_TRACKED)] if track else ()
         numel = _LAYOUT_SIZES[k % len(_LAYOUT_SIZES)] if k != 5 else _LAYOUT_LARGE
-        s = _make_state(gen, numel, param, state, master if param == fp16 else None,
-                        amsgrad=amsgrad, freeze=freeze, track=True)
-        for key in ("change_bitmap", "cumulative_bitmap", "counters"):
-            if key not in tracking:
-                s.pop(key)
-        for key in ("param", "exp_avg", "exp_avg_sq", "max_exp_avg_sq", "master"):
-            if key in s:
-                s[key] = _random_patterns(gen, s[key], 0.03)
-        ref.append(s)
+        ref.append(_layout_state(gen, numel, param, grad, state, master, amsgrad, freeze,
+                                 tracking)[0])
     changed = _step_layouts_against_the_reference(
         isa, gen, ref, [c[1] for c in combos], combos, rounding, grad_options, fp16)
     assert changed > 0  # the comparison saw float16 changes
