@@ -298,15 +298,16 @@ _MEMO_TENSORS = 64
 _scalar_memos: dict = {}
 
 
-def _scalar_memo(plan: GroupPlan, steps: Tensor, hyper: tuple, decoupled: bool) -> dict | None:
+def _scalar_memo(steps: Tensor, hyper: tuple, decoupled: bool) -> dict | None:
     """Scalar rows already computed in this step for groups of the same step counts and
     hyperparameters (host tensors, a float lr): the rows are a function of those alone, so
     500 groups of one param with a few distinct learning rates compute a few rows per step
-    instead of 500 (each is five tensor ops). None where that does not apply: device step
-    counts (a step never reads them on the host), rows of the plan's own ScalarRows (not
-    reference.step_scalars, so not to be shared), a tensor lr, large groups."""
-    if plan.scalar_rows is not None or steps.device.type != "cpu" \
-            or steps.numel() > _MEMO_TENSORS or isinstance(hyper[0], Tensor):
+    instead of 500 (each is five tensor ops). The rows may come from a plan's ScalarRows or
+    from reference.step_scalars: they are the same bits (test_host_path), and the memo keeps
+    a copy, never a plan's buffer. None where that does not apply: device step counts (a
+    step never reads them on the host), a tensor lr, groups of more than _MEMO_TENSORS."""
+    if steps.device.type != "cpu" or steps.numel() > _MEMO_TENSORS \
+            or isinstance(hyper[0], Tensor):
         return None
     key = (tuple(steps.tolist()), decoupled)
     memo = _scalar_memos.get(key)
@@ -339,7 +340,7 @@ def launch(group: Mapping[str, Any], plan: GroupPlan, grads: list[Tensor] | None
     decoupled = group["decoupled_weight_decay"] or group["weight_decay"] == 0
     step_scalars = plan.scalar_rows or reference.step_scalars
     hyper = (group["lr"], float(beta1), float(beta2), group["weight_decay"], group["eps"])
-    memo = _scalar_memo(plan, step_vec, hyper, decoupled)
+    memo = _scalar_memo(step_vec, hyper, decoupled)
     # repr: -0.0 and 0.0 (equal as keys) give other bits.
     hyper_key = tuple(map(repr, hyper)) if memo is not None else None
     scalars = memo.get(hyper_key) if memo is not None else None

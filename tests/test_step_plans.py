@@ -243,6 +243,9 @@ def test_many_groups_share_scalar_rows_and_follow_changes_bit_for_bit(backend):
     the scalar rows shared between groups of equal step counts give the bits of a twin that
     plans every step afresh, through lr and weight decay changes, a group that skips a
     step (its step count falls behind the others), and a bad lr set in param_groups."""
+    from rlvr_optim import step_plan
+
+    step_plan._scalar_memos.clear()
     cached, groups = _many_groups(3)
     fresh, fresh_groups = _many_groups(3)
     opt = AdamW(groups, backend=backend, track_changes="step")
@@ -256,6 +259,10 @@ def test_many_groups_share_scalar_rows_and_follow_changes_bit_for_bit(backend):
     _step_both(cached, opt, fresh, opt_fresh, next(seed), skip={7, 8})
     _step_both(cached, opt, fresh, opt_fresh, next(seed))
     assert opt.state[cached[7]]["step"].item() == opt.state[cached[6]]["step"].item() - 1
+    # The rows were shared: at most the 3 x 2 (lr, weight decay) pairs and the two changed
+    # groups' rows per step count, for the 40 groups.
+    assert step_plan._scalar_memos and all(
+        1 <= len(rows) <= 8 for rows in step_plan._scalar_memos.values())
     opt.param_groups[9]["lr"] = -1.0
     with pytest.raises(ValueError, match="Invalid learning rate: -1.0"):
         opt.step()
