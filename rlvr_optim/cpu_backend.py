@@ -207,11 +207,11 @@ def adamw(
 
     Arguments and results as :func:`rlvr_optim.reference.adamw`. Params are float32,
     bfloat16 or float16. Grads of another dtype than float32 or bfloat16 (or float16
-    beside a float16 param) are converted to float32 first, as the reference does. A tensor whose param,
-    states, master or bitmaps are not contiguous, or whose exp_avg, exp_avg_sq and
-    max_exp_avg_sq differ in dtype or are neither float32 nor bfloat16, is stepped by the
-    reference (same bits, slower). A call with the tensors of a
-    recent checked call checks only the grads; tensors other than params and grads are
+    beside a float16 param) are converted to float32 first, as the reference does. A
+    tensor whose param, states, master or bitmaps are not contiguous, or whose exp_avg,
+    exp_avg_sq and max_exp_avg_sq differ in dtype or are neither float32 nor bfloat16, is
+    stepped by the reference (same bits, slower). A call with the tensors of a recent
+    checked call checks only the grads; tensors other than params and grads are
     recognized by identity alone, so give a state new storage as a new tensor object,
     never by assigning its ``.data`` between calls.
     """
