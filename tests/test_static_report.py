@@ -517,11 +517,10 @@ def test_known_failures_name_rows_that_are_checked():
 
 
 def _needs_every_row(session) -> bool:
-    """Whether a test of this run checks an "off" row outside CONTROL_MODES."""
-    return any(item.module.__name__ == __name__ and " off" in str(getattr(
-        getattr(item, "callspec", None), "params", {}).get("rid", "")) and not any(
-        f" {mode} off" in item.callspec.params["rid"] for mode in CONTROL_MODES)
-        for item in session.items)
+    """Whether a test of this run checks a row outside the default selection."""
+    outside = {_row_id(*row) for row in ROWS if _exhaustive_row(row)}
+    return any(item.module.__name__ == __name__ and hasattr(item, "callspec")
+               and item.callspec.params.get("rid") in outside for item in session.items)
 
 
 @pytest.fixture(scope="module")
