@@ -36,6 +36,12 @@ def ext():
     return cpu_backend.load_extension()
 
 
+# OpenMP threads of the backend's calls in the tests that pin an instruction set: work
+# items run side by side (the largest size is four of them) even where the test run gives
+# torch one intra-op thread (tests/conftest.py, under pytest-xdist).
+BACKEND_THREADS = 3
+
+
 @pytest.fixture(params=["avx2", "generic"])
 def isa(request, ext, monkeypatch):
     """Runs the backend with one instruction set's build (the best one is the default)."""
@@ -51,7 +57,8 @@ def isa(request, ext, monkeypatch):
 
         @staticmethod
         def step(_isa, *args):
-            return step(request.param, *args)
+            # the last argument is the OpenMP team: at least BACKEND_THREADS
+            return step(request.param, *args[:-1], max(args[-1], BACKEND_THREADS))
 
     monkeypatch.setattr(extensions.CPU, "module", Pinned())
     return request.param
