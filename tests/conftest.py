@@ -41,6 +41,8 @@ def _threads_per_worker() -> int | None:
 
 if _threads_per_worker() is not None:
     torch.set_num_threads(_threads_per_worker())
+    # the processes tests start (the CLI, bench/gpu_check.sh) too, unless asked otherwise
+    os.environ.setdefault("OMP_NUM_THREADS", str(_threads_per_worker()))
 
 
 def _patch_language_once_per_launch() -> None:
