@@ -834,22 +834,25 @@ int64_t vector_span(const int64_t* row, const CpuStep& a, int64_t begin, int64_t
   __m256i changed_lanes = _mm256_setzero_si256(), moved_lanes = _mm256_setzero_si256();
   int64_t nonfinite = 0;
 
-  // Two passes over each block of groups. compute: loads, adamw_math, the new states
-  // stored, the new weights' fp32 bits into a block buffer; a short loop whose time is
-  // the divider's (sqrt, two divides per group). store: the weights' stored forms
-  // (rounding with the block's random bits), frozen lanes' old bits, change flags;
-  // integer work. One loop doing both was slower (perf on Zen 3: fewer groups' divides
+  // Two passes over each block of groups. compute: loads, adamw_math, the new fp32
+  // states stored (bf16 ones, and the new weights, as fp32 bits into block buffers); a
+  // short loop whose time is the divider's (sqrt, two divides per group). store: the
+  // weights' stored forms (rounding with the block's random bits), the bf16 states'
+  // rounding, frozen lanes' old bits, change flags: integer work. (Rounding bf16 states
+  // here rather than in compute: 0.90-0.97x the time of the bf16-state modes.) One loop doing both was slower (perf on Zen 3: fewer groups' divides
   // in flight); running a block's stores inside the next block's compute loop was slower
   // still (bench/results/cpu/2026-12-08/cpu_modes/README.md).
   struct Block {
     int64_t begin = 0, end = 0;
     uint64_t first = 0;  // the global index of random[0]
     alignas(32) uint32_t w[kVectorBlock];
+    alignas(32) uint32_t m[kStateBf16 ? kVectorBlock : 1], v[kStateBf16 ? kVectorBlock : 1];
     alignas(32) uint16_t random[kStochastic ? kVectorBlock + 8 : 1];
   };
   Block x;
 
-  const auto compute = [&](int64_t i, uint32_t* w_out) {
+  const auto compute = [&](int64_t i, Block& x) {
+    const int64_t j = i - x.begin;
     // Stage 1: load_weight.
     const __m256 g = unscaled_grad(i);
     __m256 w_old;
@@ -884,10 +887,15 @@ int64_t vector_span(const int64_t* row, const CpuStep& a, int64_t begin, int64_t
     const auto keep = [&](__m256i old_bits, __m256i new_bits) {
       return _mm256_blendv_epi8(old_bits, new_bits, train);
     };
-    S::store(exp_avg + i, keep(m_old, S::stored(m, k)));
-    S::store(exp_avg_sq + i, keep(v_old, S::stored(v, k)));
+    if constexpr (kStateBf16) {  // rounded in the store pass
+      store8x32(x.m + j, _mm256_castps_si256(m));
+      store8x32(x.v + j, _mm256_castps_si256(v));
+    } else {
+      S::store(exp_avg + i, keep(m_old, S::stored(m, k)));
+      S::store(exp_avg_sq + i, keep(v_old, S::stored(v, k)));
+    }
     if constexpr (kAmsgrad) S::store(max_exp_avg_sq + i, keep(vmax_old, S::stored(vmax, k)));
-    store8x32(w_out, _mm256_castps_si256(w));
+    store8x32(x.w + j, _mm256_castps_si256(w));
   };
 
   // Stage 3, the weight (store_weight's formats) and the change flags of group i of
@@ -903,6 +911,13 @@ int64_t vector_span(const int64_t* row, const CpuStep& a, int64_t begin, int64_t
     const auto keep = [&](__m256i old_bits, __m256i new_bits) {
       return _mm256_blendv_epi8(old_bits, new_bits, train);
     };
+    if constexpr (kStateBf16) {
+      const int64_t j = i - x.begin;
+      S::store(exp_avg + i, keep(S::load(exp_avg + i),
+                                 S::stored(_mm256_castsi256_ps(load8x32(x.m + j)), k)));
+      S::store(exp_avg_sq + i, keep(S::load(exp_avg_sq + i),
+                                    S::stored(_mm256_castsi256_ps(load8x32(x.v + j)), k)));
+    }
     __m256i image;
     if constexpr (kForm == MasterForm::kRemainder) {
       image = _mm256_srli_epi32(_mm256_add_epi32(w_bits, _mm256_set1_epi32(0x8000)), 16);
@@ -961,7 +976,7 @@ int64_t vector_span(const int64_t* row, const CpuStep& a, int64_t begin, int64_t
       draw_random16(x.random, x.first >> 3, static_cast<int64_t>((last - x.first + 7) >> 3),
                     key_lo, key_hi);
     }
-    for (int64_t i = x.begin; i < x.end; i += 8) compute(i, x.w + (i - x.begin));
+    for (int64_t i = x.begin; i < x.end; i += 8) compute(i, x);
     for (int64_t i = x.begin; i < x.end; i += 8) store(i, x);
   }
   if (kTrack) {
