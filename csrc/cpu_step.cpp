@@ -337,9 +337,9 @@ struct FastTrack {
 // (0-3, 8-11) and (4-7, 12-15); packing the two halves back (packus) restores memory
 // order, so no lane crosses. Stochastic rounding draws the random bits of 512 elements
 // at a time (draw_random16) and unpacks them against zeros in the same order; it costs
-// the loop fewer instructions than nearest rounding, so the draw is what it adds (with
-// the 8-element loop instead, 1.5x torch fused at 2 threads, 2026-12-08 table). Returns
-// the first element it did not step.
+// the loop fewer instructions than nearest rounding, so the draw is what it adds (2
+// threads: 1.16x torch fused, against 1.46x with the 8-element loop;
+// bench/results/cpu/2026-12-08/cpu_modes). Returns the first element it did not step.
 template <bool kTrack, bool kStochastic>
 int64_t fast_span_bf16(uint16_t* param, const uint16_t* grad, uint16_t* exp_avg, uint16_t* exp_avg_sq,
                        const Fast& k, const Draw& draw, int64_t begin, int64_t end,
