@@ -50,6 +50,10 @@ constexpr int64_t kBlock = 256;
 // work item costs far more than taking it, small enough to balance 2-64 threads over a
 // model of a few big tensors.
 constexpr int64_t kSpan = 1 << 15;
+// Elements per block of the AVX2 loops: the random bits of one block are drawn before
+// its groups (64 Philox calls, eight vectors' worth, plus one for an element offset that
+// is not a multiple of 8).
+constexpr int64_t kVectorBlock = 512;
 
 struct Counts {
   int64_t changed = 0, moved = 0, nonfinite = 0;
@@ -218,9 +222,9 @@ void step_span(const int64_t* row, const CpuStep& a, int64_t begin, int64_t end,
 
 #if defined(__AVX2__)
 // ---------------------------------------------------------------------------------------
-// The default layouts written with AVX2 intrinsics: every stream bf16, or every stream
-// fp32; nearest rounding, no amsgrad or master, no grad_scale, maximize or L2 decay, no
-// freeze mask, no skipped step. The spec loop above, auto-vectorized, spends about 15 instructions per
+// The default layouts written with AVX2 intrinsics: every stream bf16 (nearest or
+// stochastic rounding), or every stream fp32 (nearest); no amsgrad or master, no
+// grad_scale, maximize or L2 decay, no freeze mask, no skipped step. The spec loop above, auto-vectorized, spends about 15 instructions per
 // element on these (gcc 12: widening shuffles, a NaN test in every rounding, selects for
 // kept elements); this one 3 to 7 (csrc/README.md), so that the step is bound by memory
 // rather than by instructions. It computes what adamw_element computes, operation for
@@ -297,6 +301,15 @@ struct Fast {
       static_cast<unsigned>(_mm256_movemask_ps(_mm256_castsi256_ps(_mm256_cmpeq_epi32(e, exponent)))));
 }
 
+// A row's stochastic rounding stream: its element offset and Philox key.
+struct Draw {
+  uint64_t offset = 0;
+  uint32_t key_lo = 0, key_hi = 0;
+};
+
+void draw_random16(uint16_t* out, uint64_t first_call, int64_t calls, uint32_t key_lo,
+                   uint32_t key_hi);
+
 // A span's tracking outputs. `moved` is kept as lanes of a vector that subtracts each
 // comparison's all-ones lanes (one instruction per group) and is summed once; a span has
 // at most kSpan elements, so no lane reaches 2**31.
@@ -322,15 +335,31 @@ struct FastTrack {
 // bf16 param, grad and states, 16 elements a group. Unpacking a 16-element vector
 // against zeros puts element k's pattern in the high half of lane k's word, in the order
 // (0-3, 8-11) and (4-7, 12-15); packing the two halves back (packus) restores memory
-// order, so no lane crosses. Returns the first element it did not step.
-template <bool kTrack>
+// order, so no lane crosses. Stochastic rounding draws the random bits of 512 elements
+// at a time (draw_random16) and unpacks them against zeros in the same order; it costs
+// the loop fewer instructions than nearest rounding, so the draw is what it adds (2
+// threads: 1.16x torch fused, against 1.46x with the 8-element loop;
+// bench/results/cpu/2026-12-08/cpu_modes). Returns the first element it did not step.
+template <bool kTrack, bool kStochastic>
 int64_t fast_span_bf16(uint16_t* param, const uint16_t* grad, uint16_t* exp_avg, uint16_t* exp_avg_sq,
-                       const Fast& k, int64_t begin, int64_t end, FastTrack& out) {
+                       const Fast& k, const Draw& draw, int64_t begin, int64_t end,
+                       FastTrack& out) {
   FastTrack t = out;  // a local: stores through the uint8_t bitmaps may alias `out`
   const __m256i zero = _mm256_setzero_si256();
   __m256i same_w = zero;  // minus the count, per lane
-  int64_t i = begin;
+  alignas(32) uint16_t random[kStochastic ? kVectorBlock + 8 : 1];
+  int64_t random_shift = 0;  // element i's random bits at random[i + random_shift]
+  int64_t i = begin, block_end = begin;
   for (; i + 16 <= end; i += 16) {
+    if (kStochastic && i >= block_end) {
+      // The next block's bits; random16 of element i at random[offset + i - first].
+      block_end = std::min(i + kVectorBlock, end);
+      const uint64_t first = (draw.offset + static_cast<uint64_t>(i)) & ~uint64_t{7};
+      const uint64_t last = draw.offset + static_cast<uint64_t>(block_end);
+      draw_random16(random, first >> 3, static_cast<int64_t>((last - first + 7) >> 3),
+                    draw.key_lo, draw.key_hi);
+      random_shift = static_cast<int64_t>(draw.offset - first);
+    }
     const __m256i p = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(param + i));
     const __m256i g = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(grad + i));
     const __m256i m = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(exp_avg + i));
@@ -356,8 +385,19 @@ int64_t fast_span_bf16(uint16_t* param, const uint16_t* grad, uint16_t* exp_avg,
       }
       if (kTrack) t.nonfinite += nonfinite_lanes(g32[0], k.exponent) + nonfinite_lanes(g32[1], k.exponent);
     }
-    const __m256i new_p =
-        _mm256_packus_epi32(k.round_computed(out[0][0]), k.round_computed(out[1][0]));
+    __m256i new_p;
+    if constexpr (kStochastic) {
+      // round_stochastic_bf16: the bits below the kept 16 plus random16, in the lane order
+      // of the widened vectors (unpacking the random bits against zeros).
+      const __m256i r = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(random + (i + random_shift)));
+      new_p = _mm256_packus_epi32(
+          _mm256_srli_epi32(_mm256_add_epi32(_mm256_castps_si256(out[0][0]),
+                                             _mm256_unpacklo_epi16(r, zero)), 16),
+          _mm256_srli_epi32(_mm256_add_epi32(_mm256_castps_si256(out[1][0]),
+                                             _mm256_unpackhi_epi16(r, zero)), 16));
+    } else {
+      new_p = _mm256_packus_epi32(k.round_computed(out[0][0]), k.round_computed(out[1][0]));
+    }
     _mm256_storeu_si256(reinterpret_cast<__m256i*>(param + i), new_p);
     _mm256_storeu_si256(reinterpret_cast<__m256i*>(exp_avg + i),
                         _mm256_packus_epi32(k.round_computed(out[0][1]),
@@ -441,8 +481,8 @@ int64_t fast_span_fp32(float* param, const float* grad, float* exp_avg, float* e
 // NaN operand is a NaN, so it reaches the weight through the denominator). A frozen
 // element gets its stored bits back (one blend per output; every element when there is
 // no mask). grad_scale, maximize and Adam's L2 decay are uniform (a divide taken or not,
-// a sign mask, an add or a multiply), a skipped step (found_inf) only counts and clears. Stochastic rounding draws the random
-// bits of a block of groups first, eight Philox calls in the lanes of one set of vectors.
+// a sign mask, an add or a multiply), a skipped step (found_inf) only counts and clears.
+// Stochastic rounding draws the random bits of a block of groups first (philox8).
 // ---------------------------------------------------------------------------------------
 
 template <typename T>
@@ -540,28 +580,29 @@ template <typename T>
 }
 
 // round_stochastic_fp16_8 of values the step computed (NaNs only where `rare`). Where
-// every lane is at least float16's smallest normal (2**-14) in magnitude and none is a
-// NaN, the normal range's formula alone, on the signed pattern: subtracting 112
-// exponents borrows nothing from the sign and adding random16 >> 3 carries nothing into
-// it, so after the shift by 13 the sign sits in bit 18 above the kept bits. Other groups
-// (zeros, float16 subnormals, NaNs; about 2% of groups for weights of scale 0.02) take
-// the general formula. Half the time of an fp16 stochastic step went to the general
-// formula in every group (perf on Zen 3: its constants did not fit in registers).
+// every lane's magnitude is in [2**-14, 2**15) (float16's normal range, less its top
+// binade) and none is a NaN, the normal range's formula is: random16 >> 3 added to the
+// fp32 pattern (a carry may raise the exponent), then the 13 bits below a float16
+// significand dropped, which is vcvtps2ph rounding toward zero (exact on these values,
+// whatever MXCSR says: the rounding mode is the instruction's, inputs and outputs are
+// normal). The top binade could carry to 2**16, where the formula gives inf and the
+// instruction float16's largest finite value, so it takes the general formula with zeros,
+// float16 subnormals and NaNs (about 2% of groups for weights of scale 0.02). Half the
+// time of an fp16 stochastic step went to the general formula in every group (perf on
+// Zen 3: its constants did not fit in registers); the integer form of the normal range's
+// formula took 9 instructions and a pack where this takes 4.
 [[gnu::always_inline]] inline __m256i round_stochastic_fp16_computed8(__m256i bits,
                                                                       __m256i random16,
                                                                       bool rare) {
-  const __m256i doubled = _mm256_slli_epi32(bits, 1);  // the magnitude, one bit up
-  const __m256i smallest = _mm256_set1_epi32(113 << 24);
-  const bool normal = _mm256_movemask_epi8(_mm256_cmpeq_epi32(
-                          _mm256_max_epu32(doubled, smallest), doubled)) == -1;
+  // Magnitudes one bit up, less 2**-14's: below (142 - 113) << 24 unsigned when in range.
+  const __m256i above = _mm256_sub_epi32(_mm256_slli_epi32(bits, 1), _mm256_set1_epi32(113 << 24));
+  const __m256i top = _mm256_set1_epi32((142 - 113) << 24);
+  const bool normal = _mm256_movemask_epi8(_mm256_cmpgt_epi32(
+                          _mm256_xor_si256(top, _mm256_set1_epi32(INT32_MIN)),
+                          _mm256_xor_si256(above, _mm256_set1_epi32(INT32_MIN)))) == -1;
   if (__builtin_expect(rare || !normal, 0)) return round_stochastic_fp16_8(bits, random16);
-  const __m256i shifted = _mm256_srli_epi32(
-      _mm256_add_epi32(_mm256_sub_epi32(bits, _mm256_set1_epi32(112 << 23)),
-                       _mm256_srli_epi32(random16, 3)), 13);
-  const __m256i kept = _mm256_min_epu32(_mm256_and_si256(shifted, _mm256_set1_epi32(0x3FFFF)),
-                                        _mm256_set1_epi32(0x7C00));  // overflow: inf
-  return _mm256_or_si256(
-      kept, _mm256_srli_epi32(_mm256_and_si256(shifted, _mm256_set1_epi32(0x40000)), 3));
+  const __m256 biased = _mm256_castsi256_ps(_mm256_add_epi32(bits, _mm256_srli_epi32(random16, 3)));
+  return _mm256_cvtepu16_epi32(_mm256_cvtps_ph(biased, _MM_FROUND_TO_ZERO));
 }
 
 // A stream of eight elements stored as fp32, bf16 or float16: its stored bits in 32-bit
@@ -624,66 +665,82 @@ struct Lanes {
   }
 };
 
-// The high and low words of the 32 x 32-bit products a * x, lane by lane.
-[[gnu::always_inline]] inline void mulhilo8(__m256i a, __m256i x, __m256i& hi, __m256i& lo) {
-  const __m256i even = _mm256_mul_epu32(a, x);                         // lanes 0, 2, 4, 6
-  const __m256i odd = _mm256_mul_epu32(a, _mm256_srli_epi64(x, 32));  // lanes 1, 3, 5, 7
-  lo = _mm256_blend_epi32(even, _mm256_slli_epi64(odd, 32), 0xAA);
-  hi = _mm256_blend_epi32(_mm256_srli_epi64(even, 32), odd, 0xAA);
-}
+// The round keys of one Philox key, broadcast: round r xors k0[r] into word x0 and k1[r]
+// into x2 (the header's k0 and k1 after r additions of kPhiloxKeyA and kPhiloxKeyB).
+struct PhiloxKeys {
+  __m256i k0[spec::kPhiloxRounds], k1[spec::kPhiloxRounds];
 
-// Philox calls first_call .. first_call + 7, the header's philox_for_8 in eight lanes;
-// their outputs, 16 random bits per index, into out[0 .. 63] (call c at out + 8c, word
-// x0 first, low half first: random16_of's order).
-[[gnu::always_inline]] inline void philox8(uint16_t* out, uint64_t first_call, uint32_t key_lo,
-                                           uint32_t key_hi) {
-  // The counters' low and high words, built in registers (eight scalar stores read back
-  // as one vector stall store forwarding: a quarter of the draw's time, perf on Zen 3):
-  // low = low word + j, and the high word takes a carry where that addition wrapped.
-  const __m256i lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
-  const __m256i sign = _mm256_set1_epi32(INT32_MIN);  // unsigned compare by signed one
-  const __m256i lo = _mm256_add_epi32(_mm256_set1_epi32(static_cast<int>(first_call)), lane);
-  const __m256i wrapped = _mm256_cmpgt_epi32(_mm256_xor_si256(lane, sign), _mm256_xor_si256(lo, sign));
-  const __m256i hi =
-      _mm256_sub_epi32(_mm256_set1_epi32(static_cast<int>(first_call >> 32)), wrapped);
-  const __m256i round_a = _mm256_set1_epi32(static_cast<int>(spec::kPhiloxRoundA));
-  const __m256i round_b = _mm256_set1_epi32(static_cast<int>(spec::kPhiloxRoundB));
-  const __m256i key_a = _mm256_set1_epi32(static_cast<int>(spec::kPhiloxKeyA));
-  const __m256i key_b = _mm256_set1_epi32(static_cast<int>(spec::kPhiloxKeyB));
-  __m256i k0 = _mm256_set1_epi32(static_cast<int>(key_lo));
-  __m256i k1 = _mm256_set1_epi32(static_cast<int>(key_hi));
-  __m256i x0 = lo, x1 = hi;
-  __m256i x2 = _mm256_setzero_si256(), x3 = _mm256_setzero_si256();
-  for (int round = 0; round < spec::kPhiloxRounds; ++round) {
-    __m256i hi_b, lo_b, hi_a, lo_a;
-    mulhilo8(round_b, x2, hi_b, lo_b);
-    mulhilo8(round_a, x0, hi_a, lo_a);
-    x0 = _mm256_xor_si256(_mm256_xor_si256(hi_b, x1), k0);
-    x1 = lo_b;
-    x2 = _mm256_xor_si256(_mm256_xor_si256(hi_a, x3), k1);
-    x3 = lo_a;
-    k0 = _mm256_add_epi32(k0, key_a);
-    k1 = _mm256_add_epi32(k1, key_b);
+  PhiloxKeys(uint32_t key_lo, uint32_t key_hi) {
+    for (int r = 0; r < spec::kPhiloxRounds; ++r) {
+      k0[r] = _mm256_set1_epi32(static_cast<int>(key_lo));
+      k1[r] = _mm256_set1_epi32(static_cast<int>(key_hi));
+      key_lo += spec::kPhiloxKeyA;
+      key_hi += spec::kPhiloxKeyB;
+    }
   }
-  // Transpose: call j's words (x0..x3 of lane j) side by side, calls j and j + 4 in the
-  // two halves of one vector.
-  const __m256i t0 = _mm256_unpacklo_epi32(x0, x1), t1 = _mm256_unpackhi_epi32(x0, x1);
-  const __m256i t2 = _mm256_unpacklo_epi32(x2, x3), t3 = _mm256_unpackhi_epi32(x2, x3);
-  const __m256i c04 = _mm256_unpacklo_epi64(t0, t2), c15 = _mm256_unpackhi_epi64(t0, t2);
-  const __m256i c26 = _mm256_unpacklo_epi64(t1, t3), c37 = _mm256_unpackhi_epi64(t1, t3);
-  store8x32(out, _mm256_permute2x128_si256(c04, c15, 0x20));
-  store8x32(out + 16, _mm256_permute2x128_si256(c26, c37, 0x20));
-  store8x32(out + 32, _mm256_permute2x128_si256(c04, c15, 0x31));
-  store8x32(out + 48, _mm256_permute2x128_si256(c26, c37, 0x31));
+};
+
+// Four Philox calls, one per 64-bit lane: each word in the low half of its lane. The
+// high halves carry whatever the products and xors leave there; vpmuludq reads only the
+// low halves, so no instruction clears them (the stores pick the low halves).
+struct Philox4Lanes {
+  __m256i x0, x1, x2, x3;
+
+  // Calls first_call + 0 .. 3: counter low and high words, x2 = x3 = 0.
+  explicit Philox4Lanes(uint64_t first_call) {
+    const __m256i counter = _mm256_add_epi64(_mm256_set1_epi64x(static_cast<int64_t>(first_call)),
+                                             _mm256_setr_epi64x(0, 1, 2, 3));
+    x0 = counter;
+    x1 = _mm256_srli_epi64(counter, 32);
+    x2 = x3 = _mm256_setzero_si256();
+  }
+
+  // philox4x32_10's round r: the 64-bit product's high word shifted down, its low word
+  // left in place.
+  [[gnu::always_inline]] void round(const PhiloxKeys& keys, int r) {
+    const __m256i product_b = _mm256_mul_epu32(x2, _mm256_set1_epi32(static_cast<int>(spec::kPhiloxRoundB)));
+    const __m256i product_a = _mm256_mul_epu32(x0, _mm256_set1_epi32(static_cast<int>(spec::kPhiloxRoundA)));
+    x0 = _mm256_xor_si256(_mm256_srli_epi64(product_b, 32), _mm256_xor_si256(x1, keys.k0[r]));
+    x1 = product_b;
+    x2 = _mm256_xor_si256(_mm256_srli_epi64(product_a, 32), _mm256_xor_si256(x3, keys.k1[r]));
+    x3 = product_a;
+  }
+
+  // The 128 bits of each call (x0 .. x3, low word first) to out + 8 * lane: calls 0 and
+  // 1 in one 32-byte store, 2 and 3 in the next.
+  [[gnu::always_inline]] void store(uint16_t* out) const {
+    const __m256i x01 = _mm256_blend_epi32(x0, _mm256_slli_epi64(x1, 32), 0xAA);
+    const __m256i x23 = _mm256_blend_epi32(x2, _mm256_slli_epi64(x3, 32), 0xAA);
+    const __m256i calls02 = _mm256_unpacklo_epi64(x01, x23), calls13 = _mm256_unpackhi_epi64(x01, x23);
+    store8x32(out, _mm256_permute2x128_si256(calls02, calls13, 0x20));
+    store8x32(out + 16, _mm256_permute2x128_si256(calls02, calls13, 0x31));
+  }
+};
+
+// Philox calls first_call .. first_call + 7, the header's philox_for_8 in the 64-bit lanes
+// of two independent sets of vectors (two chains of rounds in flight); their outputs, 16
+// random bits per index, into out[0 .. 63] (call c at out + 8c, word x0 first, low half
+// first: random16_of's order). 16 vector instructions a round for the eight calls,
+// against 20 with the calls in 32-bit lanes (the even and odd lanes' products blended
+// back together every round).
+[[gnu::always_inline]] inline void philox8(uint16_t* out, uint64_t first_call, const PhiloxKeys& keys) {
+  Philox4Lanes a(first_call), b(first_call + 4);
+  for (int r = 0; r < spec::kPhiloxRounds; ++r) {
+    a.round(keys, r);
+    b.round(keys, r);
+  }
+  a.store(out);
+  b.store(out + 32);
 }
 
 // The 16 random bits of global indices 8 * first_call .. 8 * (first_call + calls) - 1 into
 // out[0 ..], one Philox call per 8 indices: eight calls at a time in vectors (philox8),
 // the last few one by one (the header's philox_for_8 and random16_of).
 void draw_random16(uint16_t* out, uint64_t first_call, int64_t calls, uint32_t key_lo,
-                        uint32_t key_hi) {
+                   uint32_t key_hi) {
+  const PhiloxKeys keys(key_lo, key_hi);
   int64_t c = 0;
-  for (; c + 8 <= calls; c += 8) philox8(out + 8 * c, first_call + static_cast<uint64_t>(c), key_lo, key_hi);
+  for (; c + 8 <= calls; c += 8) philox8(out + 8 * c, first_call + static_cast<uint64_t>(c), keys);
   for (; c < calls; ++c) {
     const spec::Philox4 r = spec::philox_for_8(key_lo, key_hi, first_call + static_cast<uint64_t>(c));
     for (unsigned half = 0; half < 8; ++half) {
@@ -692,10 +749,6 @@ void draw_random16(uint16_t* out, uint64_t first_call, int64_t calls, uint32_t k
   }
 }
 
-// Elements per block of the vector loop: the random bits of one block are drawn before
-// its groups (64 Philox calls, eight vectors' worth, plus one for an element offset that
-// is not a multiple of 8).
-constexpr int64_t kVectorBlock = 512;
 
 // The param's storage format: kParam16 and kHalf as in step_span.
 template <bool kParam16, spec::Half kHalf>
@@ -777,97 +830,154 @@ int64_t vector_span(const int64_t* row, const CpuStep& a, int64_t begin, int64_t
     key_hi = static_cast<uint32_t>(a.sr_keys[2 * row[kRow_scalar_row] + 1]);
   }
   const uint64_t offset = static_cast<uint64_t>(row[kRow_element_offset]);
-  alignas(32) uint16_t random[kStochastic ? kVectorBlock + 8 : 1];
   // Counts in vector lanes, subtracting each all-ones lane (at most kSpan / 8 per lane).
   __m256i changed_lanes = _mm256_setzero_si256(), moved_lanes = _mm256_setzero_si256();
   int64_t nonfinite = 0;
-  for (int64_t b = begin; b < stop; b += kVectorBlock) {
-    const int64_t block_end = std::min(b + kVectorBlock, stop);
+
+  // Two passes over each block of groups. compute: loads, adamw_math, the new fp32
+  // states stored (bf16 ones, and the new weights, as fp32 bits into block buffers); a
+  // short loop whose time is the divider's (sqrt, two divides per group). store: the
+  // weights' stored forms (rounding with the block's random bits), the bf16 states'
+  // rounding, frozen lanes' old bits, change flags: integer work. (Rounding bf16 states
+  // here rather than in compute: 0.90-0.97x the time of the bf16-state modes.) One loop doing both was slower (perf on Zen 3: fewer groups' divides
+  // in flight); running a block's stores inside the next block's compute loop was slower
+  // still (bench/results/cpu/2026-12-08/cpu_modes/README.md).
+  struct Block {
+    int64_t begin = 0, end = 0;
     uint64_t first = 0;  // the global index of random[0]
-    if (kStochastic) {
-      first = (offset + static_cast<uint64_t>(b)) & ~uint64_t{7};
-      const uint64_t last = offset + static_cast<uint64_t>(block_end);
-      draw_random16(random, first >> 3, static_cast<int64_t>((last - first + 7) >> 3), key_lo,
-                         key_hi);
+    alignas(32) uint32_t w[kVectorBlock];
+    alignas(32) uint32_t m[kStateBf16 ? kVectorBlock : 1], v[kStateBf16 ? kVectorBlock : 1];
+    alignas(32) uint16_t random[kStochastic ? kVectorBlock + 8 : 1];
+  };
+  Block x;
+
+  const auto compute = [&](int64_t i, Block& x) {
+    const int64_t j = i - x.begin;
+    // Stage 1: load_weight.
+    const __m256 g = unscaled_grad(i);
+    __m256 w_old;
+    if constexpr (kForm == MasterForm::kFp32) {
+      w_old = _mm256_loadu_ps(master + i);
+    } else if constexpr (kForm == MasterForm::kRemainder) {
+      const __m256i remainder_old = _mm256_cvtepi16_epi32(load8x16(remainder + i));
+      w_old = _mm256_castsi256_ps(
+          _mm256_add_epi32(_mm256_slli_epi32(P::load(param + i), 16), remainder_old));
+    } else {
+      w_old = P::load_value(param + i);
     }
-    for (int64_t i = b; i < block_end; i += 8) {
-      // Stage 1: load_weight.
-      const __m256 g = unscaled_grad(i);
-      const __m256i p = P::load(param + i);
-      __m256i remainder_old = _mm256_setzero_si256();  // kRemainder only
-      __m256 w_old;
-      if constexpr (kForm == MasterForm::kFp32) {
-        w_old = _mm256_loadu_ps(master + i);
-      } else if constexpr (kForm == MasterForm::kRemainder) {
-        remainder_old = _mm256_cvtepi16_epi32(load8x16(remainder + i));
-        w_old = _mm256_castsi256_ps(_mm256_add_epi32(_mm256_slli_epi32(p, 16), remainder_old));
-      } else {
-        w_old = P::value_at(param + i, p);
-      }
-      const __m256i m_old = S::load(exp_avg + i), v_old = S::load(exp_avg_sq + i);
-      __m256i vmax_old = _mm256_setzero_si256();  // kAmsgrad only
-      __m256 w = w_old, m = S::value(m_old), v = S::value(v_old), vmax = _mm256_setzero_ps();
+    const __m256i m_old = S::load(exp_avg + i), v_old = S::load(exp_avg_sq + i);
+    __m256i vmax_old = _mm256_setzero_si256();  // kAmsgrad only
+    __m256 w = w_old, m = S::value(m_old), v = S::value(v_old), vmax = _mm256_setzero_ps();
 
-      // Stage 2: adamw_math.
-      if constexpr (kAmsgrad) {
-        vmax_old = S::load(max_exp_avg_sq + i);
-        vmax = S::value(vmax_old);
-      }
-      spec::adamw_math<kAmsgrad>(g, k.scalars, l2_decay, w, m, v, vmax);
-      const __m256i train = trained(i);
-      const bool rare = __builtin_expect(
-          _mm256_movemask_ps(_mm256_cmp_ps(w, w, _CMP_UNORD_Q)) != 0, 0);
-      if (rare) {
-        w = k.canonical(w);
-        m = k.canonical(m);
-        v = k.canonical(v);
-        if (kAmsgrad) vmax = k.canonical(vmax);
-        if (kTrack) nonfinite += nonfinite_lanes(g, train);
-      }
-
-      // Stage 3: store_and_flag (store_weight's formats), frozen lanes keep their bits.
-      const auto keep = [&](__m256i old_bits, __m256i new_bits) {
-        return _mm256_blendv_epi8(old_bits, new_bits, train);
-      };
-      const __m256i w_bits = _mm256_castps_si256(w);
-      __m256i image;
-      if constexpr (kForm == MasterForm::kRemainder) {
-        image = _mm256_srli_epi32(_mm256_add_epi32(w_bits, _mm256_set1_epi32(0x8000)), 16);
-      } else if constexpr (kParam16 && kStochastic) {
-        const __m256i bits = _mm256_cvtepu16_epi32(load8x16(random + (offset + static_cast<uint64_t>(i) - first)));
-        if constexpr (kHalf == spec::Half::kFp16) {
-          image = round_stochastic_fp16_computed8(w_bits, bits, rare);
-        } else {
-          image = _mm256_srli_epi32(_mm256_add_epi32(w_bits, bits), 16);
-        }
-      } else {
-        image = round_nearest_half8<kHalf>(w_bits, k, false);
-      }
-      P::store(param + i, keep(p, kParam16 ? image : w_bits));
-      if constexpr (kForm == MasterForm::kFp32) {
-        store8x32(master + i, keep(_mm256_castps_si256(w_old), w_bits));
-      } else if constexpr (kForm == MasterForm::kRemainder) {
-        const __m256i rem = keep(remainder_old, _mm256_sub_epi32(w_bits, _mm256_slli_epi32(image, 16)));
-        _mm_storeu_si128(reinterpret_cast<__m128i*>(remainder + i),
-                         _mm_packs_epi32(_mm256_castsi256_si128(rem), _mm256_extracti128_si256(rem, 1)));
-      }
+    // Stage 2: adamw_math.
+    if constexpr (kAmsgrad) {
+      vmax_old = S::load(max_exp_avg_sq + i);
+      vmax = S::value(vmax_old);
+    }
+    spec::adamw_math<kAmsgrad>(g, k.scalars, l2_decay, w, m, v, vmax);
+    const __m256i train = trained(i);
+    if (__builtin_expect(_mm256_movemask_ps(_mm256_cmp_ps(w, w, _CMP_UNORD_Q)) != 0, 0)) {
+      w = k.canonical(w);
+      m = k.canonical(m);
+      v = k.canonical(v);
+      if (kAmsgrad) vmax = k.canonical(vmax);
+      if (kTrack) nonfinite += nonfinite_lanes(g, train);
+    }
+    // Stage 3, the states (frozen lanes keep their bits); the weight waits in w_out.
+    const auto keep = [&](__m256i old_bits, __m256i new_bits) {
+      return _mm256_blendv_epi8(old_bits, new_bits, train);
+    };
+    if constexpr (kStateBf16) {  // rounded in the store pass
+      store8x32(x.m + j, _mm256_castps_si256(m));
+      store8x32(x.v + j, _mm256_castps_si256(v));
+    } else {
       S::store(exp_avg + i, keep(m_old, S::stored(m, k)));
       S::store(exp_avg_sq + i, keep(v_old, S::stored(v, k)));
-      if constexpr (kAmsgrad) S::store(max_exp_avg_sq + i, keep(vmax_old, S::stored(vmax, k)));
-
-      if constexpr (kTrack) {
-        // An fp32 param's image: only a rare group can hold a stored NaN (payload kept).
-        const __m256i image_old = kParam16 ? p : round_nearest_half8<kHalf>(p, k, rare);
-        const __m256i changed = _mm256_andnot_si256(_mm256_cmpeq_epi32(image, image_old), train);
-        const __m256i moved =
-            _mm256_andnot_si256(_mm256_cmpeq_epi32(w_bits, _mm256_castps_si256(w_old)), train);
-        changed_lanes = _mm256_sub_epi32(changed_lanes, changed);
-        moved_lanes = _mm256_sub_epi32(moved_lanes, moved);
-        const auto byte = static_cast<uint8_t>(_mm256_movemask_ps(_mm256_castsi256_ps(changed)));
-        if (change_bitmap != nullptr) change_bitmap[i >> 3] = byte;
-        if (cumulative_bitmap != nullptr) cumulative_bitmap[i >> 3] |= byte;
-      }
     }
+    if constexpr (kAmsgrad) S::store(max_exp_avg_sq + i, keep(vmax_old, S::stored(vmax, k)));
+    store8x32(x.w + j, _mm256_castps_si256(w));
+  };
+
+  // Stage 3, the weight (store_weight's formats) and the change flags of group i of
+  // block x; frozen lanes keep their bits.
+  const auto store = [&](int64_t i, const Block& x) {
+    const __m256i w_bits = load8x32(x.w + (i - x.begin));
+    // A NaN among the new weights: the group's other inputs may hold NaNs too.
+    const bool rare = __builtin_expect(
+        _mm256_movemask_ps(_mm256_cmp_ps(_mm256_castsi256_ps(w_bits),
+                                         _mm256_castsi256_ps(w_bits), _CMP_UNORD_Q)) != 0, 0);
+    const __m256i p = P::load(param + i);
+    const __m256i train = trained(i);
+    const auto keep = [&](__m256i old_bits, __m256i new_bits) {
+      return _mm256_blendv_epi8(old_bits, new_bits, train);
+    };
+    if constexpr (kStateBf16) {
+      const int64_t j = i - x.begin;
+      S::store(exp_avg + i, keep(S::load(exp_avg + i),
+                                 S::stored(_mm256_castsi256_ps(load8x32(x.m + j)), k)));
+      S::store(exp_avg_sq + i, keep(S::load(exp_avg_sq + i),
+                                    S::stored(_mm256_castsi256_ps(load8x32(x.v + j)), k)));
+    }
+    __m256i image;
+    if constexpr (kForm == MasterForm::kRemainder) {
+      image = _mm256_srli_epi32(_mm256_add_epi32(w_bits, _mm256_set1_epi32(0x8000)), 16);
+    } else if constexpr (kParam16 && kStochastic) {
+      const __m256i bits =
+          _mm256_cvtepu16_epi32(load8x16(x.random + (offset + static_cast<uint64_t>(i) - x.first)));
+      if constexpr (kHalf == spec::Half::kFp16) {
+        image = round_stochastic_fp16_computed8(w_bits, bits, rare);
+      } else {
+        image = _mm256_srli_epi32(_mm256_add_epi32(w_bits, bits), 16);
+      }
+    } else {
+      image = round_nearest_half8<kHalf>(w_bits, k, false);
+    }
+    // The old weight (tracked only, but for the master) is read before the param is
+    // stored: a float16 param's value is converted from memory.
+    __m256i w_old_bits = _mm256_setzero_si256();
+    __m256i remainder_old = _mm256_setzero_si256();  // kRemainder only
+    if constexpr (kForm == MasterForm::kFp32) {
+      w_old_bits = load8x32(master + i);
+    } else if constexpr (kForm == MasterForm::kRemainder) {
+      remainder_old = _mm256_cvtepi16_epi32(load8x16(remainder + i));
+      w_old_bits = _mm256_add_epi32(_mm256_slli_epi32(p, 16), remainder_old);
+    } else if constexpr (kTrack) {
+      w_old_bits = _mm256_castps_si256(P::value_at(param + i, p));
+    }
+    P::store(param + i, keep(p, kParam16 ? image : w_bits));
+    if constexpr (kForm == MasterForm::kFp32) {
+      store8x32(master + i, keep(w_old_bits, w_bits));
+    } else if constexpr (kForm == MasterForm::kRemainder) {
+      const __m256i rem =
+          keep(remainder_old, _mm256_sub_epi32(w_bits, _mm256_slli_epi32(image, 16)));
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(remainder + i),
+                       _mm_packs_epi32(_mm256_castsi256_si128(rem), _mm256_extracti128_si256(rem, 1)));
+    }
+
+    if constexpr (kTrack) {
+      // An fp32 param's image: only a rare group can hold a stored NaN (payload kept).
+      const __m256i image_old = kParam16 ? p : round_nearest_half8<kHalf>(p, k, rare);
+      const __m256i changed = _mm256_andnot_si256(_mm256_cmpeq_epi32(image, image_old), train);
+      const __m256i moved = _mm256_andnot_si256(_mm256_cmpeq_epi32(w_bits, w_old_bits), train);
+      changed_lanes = _mm256_sub_epi32(changed_lanes, changed);
+      moved_lanes = _mm256_sub_epi32(moved_lanes, moved);
+      const auto byte = static_cast<uint8_t>(_mm256_movemask_ps(_mm256_castsi256_ps(changed)));
+      if (change_bitmap != nullptr) change_bitmap[i >> 3] = byte;
+      if (cumulative_bitmap != nullptr) cumulative_bitmap[i >> 3] |= byte;
+    }
+  };
+
+  for (int64_t b = begin; b < stop; b += kVectorBlock) {
+    x.begin = b;
+    x.end = std::min(b + kVectorBlock, stop);
+    if (kStochastic) {
+      x.first = (offset + static_cast<uint64_t>(b)) & ~uint64_t{7};
+      const uint64_t last = offset + static_cast<uint64_t>(x.end);
+      draw_random16(x.random, x.first >> 3, static_cast<int64_t>((last - x.first + 7) >> 3),
+                    key_lo, key_hi);
+    }
+    for (int64_t i = x.begin; i < x.end; i += 8) compute(i, x);
+    for (int64_t i = x.begin; i < x.end; i += 8) store(i, x);
   }
   if (kTrack) {
     counts.changed += lane_sum32(changed_lanes);
@@ -877,13 +987,15 @@ int64_t vector_span(const int64_t* row, const CpuStep& a, int64_t begin, int64_t
   return stop;
 }
 
-// The two default layouts (every stream bf16, or every stream fp32; nearest rounding, no
-// amsgrad or master), which have loops of their own (fast_span_*) on AVX2.
+// The two default layouts (every stream bf16, nearest or stochastic rounding; or every
+// stream fp32, nearest; no amsgrad or master), which have loops of their own
+// (fast_span_*) on AVX2.
 template <bool kParam16, Format kGrad, bool kStateBf16, MasterForm kForm, bool kStochastic,
           bool kAmsgrad, spec::Half kHalf>
 constexpr bool kDefaultLayout =
-    kForm == MasterForm::kNone && !kStochastic && !kAmsgrad && kHalf == spec::Half::kBf16 &&
-    (kParam16 ? kGrad == Format::kBf16 && kStateBf16 : kGrad == Format::kFp32 && !kStateBf16);
+    kForm == MasterForm::kNone && !kAmsgrad && kHalf == spec::Half::kBf16 &&
+    (kParam16 ? kGrad == Format::kBf16 && kStateBf16
+              : kGrad == Format::kFp32 && !kStateBf16 && !kStochastic);
 
 // A row's span on AVX2: the default layouts' 16-element loop where it applies (no freeze
 // mask, step not skipped, no grad_scale, maximize or L2 decay: kPlain), the 8-element loop
@@ -905,7 +1017,14 @@ void avx2_span(const int64_t* row, const CpuStep& a, int64_t begin, int64_t end,
     T* exp_avg = address<T>(row[kRow_exp_avg]);
     T* exp_avg_sq = address<T>(row[kRow_exp_avg_sq]);
     if constexpr (kParam16) {
-      done = fast_span_bf16<kTrack>(param, grad, exp_avg, exp_avg_sq, k, begin, end, t);
+      Draw draw;
+      if (kStochastic) {
+        draw.offset = static_cast<uint64_t>(row[kRow_element_offset]);
+        draw.key_lo = static_cast<uint32_t>(a.sr_keys[2 * row[kRow_scalar_row]]);
+        draw.key_hi = static_cast<uint32_t>(a.sr_keys[2 * row[kRow_scalar_row] + 1]);
+      }
+      done = fast_span_bf16<kTrack, kStochastic>(param, grad, exp_avg, exp_avg_sq, k, draw,
+                                                 begin, end, t);
     } else {
       done = fast_span_fp32<kTrack>(param, grad, exp_avg, exp_avg_sq, k, begin, end, t);
     }

@@ -173,14 +173,21 @@ _EDGE_NANS = {
 }
 
 
-# The default layouts (every stream bf16, or every stream fp32; nearest rounding, no
-# freeze mask, no amsgrad, no grad_scale or maximize) have a loop of their own on AVX2;
-# sizes around its 16- and 8-element groups and the spec loop that finishes a tensor.
-@pytest.mark.parametrize("numel", [15, 16, 17, 31, 4099, 3 * (1 << 15) + 13])
+# The default layouts (every stream bf16, or every stream fp32; nearest rounding, or
+# stochastic for bf16; no freeze mask, no amsgrad, no grad_scale or maximize) have a loop
+# of their own on AVX2; sizes around its 16- and 8-element groups, its 512-element blocks
+# of random bits and the spec loop that finishes a tensor. Under stochastic rounding an
+# element offset that is not a multiple of 8 (a group's bits then come from two Philox
+# calls), one whose Philox counters cross 2**32, and two keys.
+@pytest.mark.parametrize("numel", [15, 16, 17, 31, 513, 4099, 3 * (1 << 15) + 13])
 @pytest.mark.parametrize("track", [True, False], ids=["track", "untracked"])
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
-def test_default_layouts_match_reference_on_every_bit_pattern(isa, dtype, track, numel):
+@pytest.mark.parametrize("dtype, rounding", [
+    (torch.bfloat16, "nearest"), (torch.bfloat16, "stochastic"), (torch.float32, "nearest")],
+    ids=["bf16", "bf16-sr", "fp32"])
+def test_default_layouts_match_reference_on_every_bit_pattern(isa, dtype, rounding, track,
+                                                              numel):
     gen = torch.Generator().manual_seed(numel * 31 + (dtype == torch.float32))
+    offset = [5, 2**35 - 8 * 20 - 3][numel % 2] if rounding == "stochastic" else 0
     ref = _make_state(gen, numel, dtype, dtype, None, amsgrad=False, freeze=False, track=track)
     for key in ("param", "exp_avg", "exp_avg_sq"):
         ref[key] = _random_patterns(gen, ref[key], 0.1)
@@ -197,7 +204,10 @@ def test_default_layouts_match_reference_on_every_bit_pattern(isa, dtype, track,
         grad[[3, 11]] = torch.tensor([float("inf"), float("nan")], dtype=dtype)
         steps = torch.tensor([step])
         kwargs = dict(scalars=R.step_scalars(steps, [1e-2, 1.0][step % 2], *BETAS, 0.1, EPS),
-                      found_inf=None if found_inf is None else torch.tensor(found_inf))
+                      found_inf=None if found_inf is None else torch.tensor(found_inf),
+                      rounding=rounding, element_offsets=[offset],
+                      sr_keys=(R.stochastic_rounding_keys(3 + numel % 2, steps, torch.tensor([9]))
+                               if rounding == "stochastic" else None))
         _poison(ref, gen)
         _poison(got, gen)
         _call(R.adamw, [ref], [grad.clone()], **kwargs)
@@ -489,6 +499,7 @@ def test_fp16_layouts_have_the_vector_loop(ext):
     assert loops[fp16_grad | bits["grad_bf16"]] == "none"  # not both grad dtypes
     default_bf16 = bits["param_bf16"] | bits["grad_bf16"] | bits["state_bf16"]
     assert ext.loop_of("avx2", default_bf16) == "fast_span, vector_span"
+    assert ext.loop_of("avx2", default_bf16 | bits["stochastic"]) == "fast_span, vector_span"
 
 
 def _fp16_ranges():
