@@ -224,9 +224,9 @@ void step_span(const int64_t* row, const CpuStep& a, int64_t begin, int64_t end,
 // ---------------------------------------------------------------------------------------
 // The default layouts written with AVX2 intrinsics: every stream bf16 (nearest or
 // stochastic rounding), or every stream fp32 (nearest); no amsgrad or master, no
-// grad_scale, maximize or L2 decay, no freeze mask, no skipped step. The spec loop above, auto-vectorized, spends about 15 instructions per
-// element on these (gcc 12: widening shuffles, a NaN test in every rounding, selects for
-// kept elements); this one 3 to 7 (csrc/README.md), so that the step is bound by memory
+// grad_scale, maximize or L2 decay, no freeze mask, no skipped step. The spec loop above,
+// auto-vectorized, spends about 15 instructions per element on these (gcc 12: widening
+// shuffles, a NaN test in every rounding, selects for kept elements); this one 3 to 7 (csrc/README.md), so that the step is bound by memory
 // rather than by instructions. It computes what adamw_element computes, operation for
 // operation: the same fp32 operations in the same order, flags from the same comparisons.
 // Every other layout, and the default ones with a freeze mask, grad_scale, maximize, L2
@@ -301,14 +301,32 @@ struct Fast {
       static_cast<unsigned>(_mm256_movemask_ps(_mm256_castsi256_ps(_mm256_cmpeq_epi32(e, exponent)))));
 }
 
-// A row's stochastic rounding stream: its element offset and Philox key.
+void draw_random16(uint16_t* out, uint64_t first_call, int64_t calls, uint32_t key_lo,
+                   uint32_t key_hi);
+
+// A row's stochastic rounding stream (its element offset and Philox key; all zero when
+// the row rounds to nearest), drawn a block of the AVX2 loops at a time.
 struct Draw {
   uint64_t offset = 0;
   uint32_t key_lo = 0, key_hi = 0;
-};
 
-void draw_random16(uint16_t* out, uint64_t first_call, int64_t calls, uint32_t key_lo,
-                   uint32_t key_hi);
+  Draw(const int64_t* row, const CpuStep& a, bool stochastic) {
+    if (!stochastic) return;
+    offset = static_cast<uint64_t>(row[kRow_element_offset]);
+    key_lo = static_cast<uint32_t>(a.sr_keys[2 * row[kRow_scalar_row]]);
+    key_hi = static_cast<uint32_t>(a.sr_keys[2 * row[kRow_scalar_row] + 1]);
+  }
+
+  // The random16 of elements [begin, end) of the row (end - begin <= kVectorBlock) into
+  // out, from the whole Philox call holding `begin`'s: element i's bits are at
+  // out[offset + i - first]; returns first, the global index of out[0].
+  uint64_t fill(uint16_t* out, int64_t begin, int64_t end) const {
+    const uint64_t first = (offset + static_cast<uint64_t>(begin)) & ~uint64_t{7};
+    const uint64_t last = offset + static_cast<uint64_t>(end);
+    draw_random16(out, first >> 3, static_cast<int64_t>((last - first + 7) >> 3), key_lo, key_hi);
+    return first;
+  }
+};
 
 // A span's tracking outputs. `moved` is kept as lanes of a vector that subtracts each
 // comparison's all-ones lanes (one instruction per group) and is summed once; a span has
@@ -351,14 +369,9 @@ int64_t fast_span_bf16(uint16_t* param, const uint16_t* grad, uint16_t* exp_avg,
   int64_t random_shift = 0;  // element i's random bits at random[i + random_shift]
   int64_t i = begin, block_end = begin;
   for (; i + 16 <= end; i += 16) {
-    if (kStochastic && i >= block_end) {
-      // The next block's bits; random16 of element i at random[offset + i - first].
+    if (kStochastic && i >= block_end) {  // the next block's bits
       block_end = std::min(i + kVectorBlock, end);
-      const uint64_t first = (draw.offset + static_cast<uint64_t>(i)) & ~uint64_t{7};
-      const uint64_t last = draw.offset + static_cast<uint64_t>(block_end);
-      draw_random16(random, first >> 3, static_cast<int64_t>((last - first + 7) >> 3),
-                    draw.key_lo, draw.key_hi);
-      random_shift = static_cast<int64_t>(draw.offset - first);
+      random_shift = static_cast<int64_t>(draw.offset - draw.fill(random, i, block_end));
     }
     const __m256i p = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(param + i));
     const __m256i g = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(grad + i));
@@ -824,12 +837,7 @@ int64_t vector_span(const int64_t* row, const CpuStep& a, int64_t begin, int64_t
     return stop;
   }
 
-  uint32_t key_lo = 0, key_hi = 0;
-  if (kStochastic) {
-    key_lo = static_cast<uint32_t>(a.sr_keys[2 * row[kRow_scalar_row]]);
-    key_hi = static_cast<uint32_t>(a.sr_keys[2 * row[kRow_scalar_row] + 1]);
-  }
-  const uint64_t offset = static_cast<uint64_t>(row[kRow_element_offset]);
+  const Draw draw(row, a, kStochastic);
   // Counts in vector lanes, subtracting each all-ones lane (at most kSpan / 8 per lane).
   __m256i changed_lanes = _mm256_setzero_si256(), moved_lanes = _mm256_setzero_si256();
   int64_t nonfinite = 0;
@@ -839,9 +847,10 @@ int64_t vector_span(const int64_t* row, const CpuStep& a, int64_t begin, int64_t
   // short loop whose time is the divider's (sqrt, two divides per group). store: the
   // weights' stored forms (rounding with the block's random bits), the bf16 states'
   // rounding, frozen lanes' old bits, change flags: integer work. (Rounding bf16 states
-  // here rather than in compute: 0.90-0.97x the time of the bf16-state modes.) One loop doing both was slower (perf on Zen 3: fewer groups' divides
-  // in flight); running a block's stores inside the next block's compute loop was slower
-  // still (bench/results/cpu/2026-12-08/cpu_modes/README.md).
+  // here rather than in compute: 0.90-0.97x the time of the bf16-state modes.) One loop
+  // doing both was slower (perf on Zen 3: fewer groups' divides in flight); running a
+  // block's stores inside the next block's compute loop was slower still
+  // (bench/results/cpu/2026-12-08/cpu_modes/README.md).
   struct Block {
     int64_t begin = 0, end = 0;
     uint64_t first = 0;  // the global index of random[0]
@@ -923,7 +932,7 @@ int64_t vector_span(const int64_t* row, const CpuStep& a, int64_t begin, int64_t
       image = _mm256_srli_epi32(_mm256_add_epi32(w_bits, _mm256_set1_epi32(0x8000)), 16);
     } else if constexpr (kParam16 && kStochastic) {
       const __m256i bits =
-          _mm256_cvtepu16_epi32(load8x16(x.random + (offset + static_cast<uint64_t>(i) - x.first)));
+          _mm256_cvtepu16_epi32(load8x16(x.random + (draw.offset + static_cast<uint64_t>(i) - x.first)));
       if constexpr (kHalf == spec::Half::kFp16) {
         image = round_stochastic_fp16_computed8(w_bits, bits, rare);
       } else {
@@ -970,12 +979,7 @@ int64_t vector_span(const int64_t* row, const CpuStep& a, int64_t begin, int64_t
   for (int64_t b = begin; b < stop; b += kVectorBlock) {
     x.begin = b;
     x.end = std::min(b + kVectorBlock, stop);
-    if (kStochastic) {
-      x.first = (offset + static_cast<uint64_t>(b)) & ~uint64_t{7};
-      const uint64_t last = offset + static_cast<uint64_t>(x.end);
-      draw_random16(x.random, x.first >> 3, static_cast<int64_t>((last - x.first + 7) >> 3),
-                    key_lo, key_hi);
-    }
+    if (kStochastic) x.first = draw.fill(x.random, x.begin, x.end);
     for (int64_t i = x.begin; i < x.end; i += 8) compute(i, x);
     for (int64_t i = x.begin; i < x.end; i += 8) store(i, x);
   }
@@ -1017,14 +1021,8 @@ void avx2_span(const int64_t* row, const CpuStep& a, int64_t begin, int64_t end,
     T* exp_avg = address<T>(row[kRow_exp_avg]);
     T* exp_avg_sq = address<T>(row[kRow_exp_avg_sq]);
     if constexpr (kParam16) {
-      Draw draw;
-      if (kStochastic) {
-        draw.offset = static_cast<uint64_t>(row[kRow_element_offset]);
-        draw.key_lo = static_cast<uint32_t>(a.sr_keys[2 * row[kRow_scalar_row]]);
-        draw.key_hi = static_cast<uint32_t>(a.sr_keys[2 * row[kRow_scalar_row] + 1]);
-      }
-      done = fast_span_bf16<kTrack, kStochastic>(param, grad, exp_avg, exp_avg_sq, k, draw,
-                                                 begin, end, t);
+      done = fast_span_bf16<kTrack, kStochastic>(param, grad, exp_avg, exp_avg_sq, k,
+                                                 Draw(row, a, kStochastic), begin, end, t);
     } else {
       done = fast_span_fp32<kTrack>(param, grad, exp_avg, exp_avg_sq, k, begin, end, t);
     }

@@ -39,10 +39,11 @@ def _threads_per_worker() -> int | None:
     return max(1, (cores or 1) // max(1, int(workers)))
 
 
-if _threads_per_worker() is not None:
-    torch.set_num_threads(_threads_per_worker())
+_WORKER_THREADS = _threads_per_worker()
+if _WORKER_THREADS is not None:
+    torch.set_num_threads(_WORKER_THREADS)
     # the processes tests start (the CLI, bench/gpu_check.sh) too, unless asked otherwise
-    os.environ.setdefault("OMP_NUM_THREADS", str(_threads_per_worker()))
+    os.environ.setdefault("OMP_NUM_THREADS", str(_WORKER_THREADS))
 
 
 def _patch_language_once_per_launch() -> None:
